@@ -1,0 +1,82 @@
+"""eventcore-trio: Trio-native event sourcing with a gap-free, poll-based projector system.
+
+The names here are the whole public surface of the core: event values, positions, filters,
+the error tree, the backend protocols and the in-memory store. The PostgreSQL backend lives in
+`eventcore_trio.postgres` (``open_postgres_store`` is re-exported here), the backend contract
+suite in `eventcore_trio.testing`.
+"""
+
+from ._errors import AuthenticationFailed as AuthenticationFailed
+from ._errors import CheckpointConflict as CheckpointConflict
+from ._errors import ClusterMismatch as ClusterMismatch
+from ._errors import ConfigurationError as ConfigurationError
+from ._errors import DatabaseError as DatabaseError
+from ._errors import DatabaseNotFound as DatabaseNotFound
+from ._errors import DuplicateEventId as DuplicateEventId
+from ._errors import EventCoreError as EventCoreError
+from ._errors import EventDecodeError as EventDecodeError
+from ._errors import EventEncodeError as EventEncodeError
+from ._errors import InvalidArgument as InvalidArgument
+from ._errors import LeadershipLost as LeadershipLost
+from ._errors import LeadershipUnavailable as LeadershipUnavailable
+from ._errors import SchemaVersionError as SchemaVersionError
+from ._errors import StoreClosed as StoreClosed
+from ._errors import StoreConnectionError as StoreConnectionError
+from ._errors import UnsupportedServer as UnsupportedServer
+from ._errors import VersionConflict as VersionConflict
+from ._events import AppendResult as AppendResult
+from ._events import NewEvent as NewEvent
+from ._events import RecordedEvent as RecordedEvent
+from ._events import StreamAppend as StreamAppend
+from ._filters import EventFilter as EventFilter
+from ._filters import glob_to_regex as glob_to_regex
+from ._positions import Position as Position
+from ._protocols import CheckpointStore as CheckpointStore
+from ._protocols import EventReader as EventReader
+from ._protocols import EventStore as EventStore
+from ._protocols import Leadership as Leadership
+from ._protocols import ProjectorCoordinator as ProjectorCoordinator
+from ._protocols import Store as Store
+from ._util import fixup_module_metadata
+from ._version import __version__ as __version__
+from .memory import open_memory_store as open_memory_store
+from .postgres import open_postgres_store as open_postgres_store
+
+__all__ = [
+    "AppendResult",
+    "AuthenticationFailed",
+    "CheckpointConflict",
+    "CheckpointStore",
+    "ClusterMismatch",
+    "ConfigurationError",
+    "DatabaseError",
+    "DatabaseNotFound",
+    "DuplicateEventId",
+    "EventCoreError",
+    "EventDecodeError",
+    "EventEncodeError",
+    "EventFilter",
+    "EventReader",
+    "EventStore",
+    "InvalidArgument",
+    "Leadership",
+    "LeadershipLost",
+    "LeadershipUnavailable",
+    "NewEvent",
+    "Position",
+    "ProjectorCoordinator",
+    "RecordedEvent",
+    "SchemaVersionError",
+    "Store",
+    "StoreClosed",
+    "StoreConnectionError",
+    "StreamAppend",
+    "UnsupportedServer",
+    "VersionConflict",
+    "glob_to_regex",
+    "open_memory_store",
+    "open_postgres_store",
+]
+
+fixup_module_metadata(__name__, globals())
+del fixup_module_metadata

@@ -1,0 +1,30 @@
+"""Structured-concurrency helpers shared by the backends and the projection layer."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+
+@asynccontextmanager
+async def background(fn: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
+    """Run *fn* in a task for the duration of the block, then cancel it.
+
+    A nursery would wrap an exception raised by the block in an ExceptionGroup; since *fn*
+    reports through state and never raises on purpose, a group holding a single exception is
+    unwrapped so callers see the block's own exception, as with any other context manager.
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fn)
+            try:
+                yield
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1:
+            exc = group.exceptions[0]
+            raise exc from exc.__cause__
+        raise

@@ -1,0 +1,230 @@
+"""A throwaway PostgreSQL server for the demo, the test suite and the benchmarks.
+
+It runs the binaries bundled by the ``pgserver`` package (PostgreSQL 16, the ``embedded``
+extra) or a system installation (for example Debian's ``/usr/lib/postgresql/15/bin``) in a
+temporary data directory, listening on a free loopback port. PostgreSQL refuses to run as root,
+so when this process is root the server runs as the ``postgres`` user if it exists, else as an
+``eventcore`` system user created for the purpose.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Final, final
+
+from ._errors import ConfigurationError
+
+# Throwaway servers trade durability for speed: nothing here outlives the process.
+FAST_SETTINGS: Final[Mapping[str, str]] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
+_DEFAULT_SETTINGS: Final[Mapping[str, str]] = {
+    "max_connections": "200",
+    "shared_buffers": "128MB",
+    "log_min_messages": "warning",
+}
+
+
+def bundled_bindir() -> Path | None:
+    """The bin directory of the ``pgserver`` package's PostgreSQL, if it is installed."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+    return path if (path / "postgres").exists() else None
+
+
+def system_bindirs() -> dict[int, Path]:
+    """System PostgreSQL installations by major version (Debian/Ubuntu layout)."""
+    found: dict[int, Path] = {}
+    for candidate in Path("/usr/lib/postgresql").glob("*/bin"):
+        if candidate.parent.name.isdigit() and (candidate / "postgres").exists():
+            found[int(candidate.parent.name)] = candidate
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _server_user() -> pwd.struct_passwd | None:
+    if os.geteuid() != 0:
+        return None
+    for name in ("postgres", "eventcore"):
+        with contextlib.suppress(KeyError):
+            return pwd.getpwnam(name)
+    subprocess.run(
+        ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "eventcore"],
+        check=True,
+        capture_output=True,
+    )
+    return pwd.getpwnam("eventcore")
+
+
+def _make_traversable(path: Path) -> None:
+    # When root runs the server as another user, that user must reach the binaries; a venv
+    # inside a 0700 home directory would hide them.
+    for parent in [path, *path.parents]:
+        mode = parent.stat().st_mode
+        if mode & 0o005 != 0o005:
+            parent.chmod(mode | 0o005)
+
+
+@final
+class EmbeddedPostgres:
+    """A PostgreSQL server in a temporary directory; start, stop, restart, kill, clean up.
+
+    Args:
+        bindir: the PostgreSQL bin directory; default: pgserver's bundled server, else the
+            newest system installation.
+        settings: extra server settings (``-c name=value``).
+
+    Use it as a context manager, or call `start` and `cleanup`.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self, bindir: Path | None = None, *, settings: Mapping[str, str] | None = None
+    ) -> None:
+        if bindir is None:
+            bindir = bundled_bindir()
+        if bindir is None:
+            system = system_bindirs()
+            bindir = system[max(system)] if system else None
+        if bindir is None:
+            raise ConfigurationError(
+                "no PostgreSQL server binaries found: install the 'embedded' extra "
+                "(pip install 'eventcore-trio[embedded]') or a system PostgreSQL, or pass a DSN"
+            )
+        self.bindir = bindir
+        self.settings = {**_DEFAULT_SETTINGS, **(settings or {})}
+        self.port = _free_port()
+        self._user = _server_user()
+        self._root = Path(tempfile.mkdtemp(prefix="eventcore-pg-"))
+        self.data_dir = self._root / "data"
+        self._log = self._root / "server.log"
+        self._initialised = False
+        if self._user is not None:
+            _make_traversable(self.bindir)
+            _make_traversable(self._root)
+            os.chown(self._root, self._user.pw_uid, self._user.pw_gid)
+
+    @property
+    def dsn(self) -> str:
+        """A DSN for the ``postgres`` database as the ``postgres`` superuser (trust auth)."""
+        return self.dsn_for("postgres")
+
+    def dsn_for(self, database: str) -> str:
+        """A DSN for *database* on this server."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+
+    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            list(args),
+            check=check,
+            capture_output=True,
+            text=True,
+            user=None if self._user is None else self._user.pw_uid,
+            group=None if self._user is None else self._user.pw_gid,
+            cwd=self._root,
+        )
+
+    @property
+    def version(self) -> int:
+        """The server's major version."""
+        out = self._run(str(self.bindir / "postgres"), "--version").stdout
+        match = re.search(r"(\d+)(?:\.\d+)?", out)
+        assert match is not None, out
+        return int(match[1])
+
+    def start(self) -> None:
+        """Initialise the data directory if needed and start the server; waits until ready."""
+        if not self._initialised:
+            self._run(
+                str(self.bindir / "initdb"),
+                "-D", str(self.data_dir),
+                "-U", "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            )
+            self._initialised = True
+        options = [f"-p {self.port}", "-c listen_addresses=127.0.0.1", f"-k {self._root}"]
+        options += [f"-c {name}={value}" for name, value in self.settings.items()]
+        try:
+            self._run(
+                str(self.bindir / "pg_ctl"),
+                "-D", str(self.data_dir),
+                "-l", str(self._log),
+                "-o", " ".join(options),
+                "-w", "-t", "60",
+                "start",
+            )
+        except subprocess.CalledProcessError as exc:
+            log = self._log.read_text() if self._log.exists() else ""
+            raise RuntimeError(f"PostgreSQL failed to start: {exc.stderr}\n{log}") from exc
+
+    def stop(self, mode: str = "fast") -> None:
+        """Stop the server (``pg_ctl stop -m mode``) and wait for it."""
+        self._run(
+            str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop",
+            check=False,
+        )
+
+    def restart(self) -> None:
+        """Stop and start again on the same port and data directory."""
+        self.stop()
+        self.start()
+
+    @property
+    def postmaster_pid(self) -> int | None:
+        """The server's process id, or None when it is not running."""
+        try:
+            first = (self.data_dir / "postmaster.pid").read_text().splitlines()[0]
+        except (FileNotFoundError, IndexError):
+            return None
+        return int(first)
+
+    def kill(self) -> None:
+        """SIGKILL the postmaster, as a crash would, and wait for its children to go."""
+        pid = self.postmaster_pid
+        if pid is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+
+    def cleanup(self) -> None:
+        """Stop the server (immediately) and delete its directory."""
+        self.stop("immediate")
+        shutil.rmtree(self._root, ignore_errors=True)
+
+    def __enter__(self) -> EmbeddedPostgres:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.cleanup()

@@ -1,0 +1,234 @@
+"""The exception tree: every error the library raises derives from `EventCoreError`.
+
+Where a builtin exception fits, an error subclasses it too, so ``except ValueError`` keeps
+working for callers that do not know this library. Each error carries the facts it reports as
+attributes, and its message says what was wrong and what to do about it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._positions import Position
+
+
+class EventCoreError(Exception):
+    """Base class of every error raised by eventcore-trio.
+
+    .. versionadded:: 0.1
+    """
+
+
+class ConfigurationError(EventCoreError, ValueError):
+    """A store, projector or option was configured with an invalid value.
+
+    The message names the option, what was expected and what was received.
+
+    .. versionadded:: 0.1
+    """
+
+
+class InvalidArgument(EventCoreError, ValueError):
+    """An argument to a store call was invalid; nothing was read or written.
+
+    Raised for empty, over-long or control-character stream ids and names, negative expected
+    versions, malformed positions and unknown filter syntax.
+
+    .. versionadded:: 0.1
+    """
+
+
+class EventEncodeError(InvalidArgument, TypeError):
+    """Event data or metadata cannot be stored as JSON; nothing was written.
+
+    Data and metadata must be JSON objects: mappings with string keys whose values are
+    ``str``, ``int``, finite ``float``, ``bool``, ``None``, lists or mappings of the same, and
+    strings must not contain NUL characters (PostgreSQL's ``jsonb`` rejects them).
+
+    .. versionadded:: 0.1
+    """
+
+
+class EventDecodeError(EventCoreError, ValueError):
+    """A stored event could not be decoded into a `RecordedEvent`.
+
+    Attributes:
+        position: where the undecodable event is stored, when known.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, message: str, *, position: Position | None = None) -> None:
+        super().__init__(message)
+        self.position = position
+
+
+class VersionConflict(EventCoreError):
+    """A stream's version differed from the expected version; the whole append was refused.
+
+    Nothing of the append was written, on any stream. Re-read the stream, decide again and
+    retry, or pass ``expected_version=None`` if the write does not depend on what was read.
+
+    Attributes:
+        stream_id: the stream whose version did not match.
+        expected: the expected version given by the caller (0 = the stream must not exist).
+        actual: the stream's version when the append was checked (0 = it does not exist).
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id!r} is at version {actual}, but the append expected version "
+            f"{expected}; nothing was written. Re-read the stream and retry the decision."
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+    def __reduce__(self) -> tuple[type[VersionConflict], tuple[str, int, int]]:
+        return (type(self), (self.stream_id, self.expected, self.actual))
+
+
+class DuplicateEventId(EventCoreError):
+    """An appended event reused an ``event_id`` that is already stored; nothing was written.
+
+    Event ids are unique across the store, which makes retried appends idempotent: when this is
+    raised for a retry of an append whose outcome was unknown, the first attempt was committed.
+
+    Attributes:
+        event_id: the duplicated id, as a string, when the backend reports it.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, message: str, *, event_id: str | None = None) -> None:
+        super().__init__(message)
+        self.event_id = event_id
+
+
+class CheckpointConflict(EventCoreError):
+    """A checkpoint save would have moved a checkpoint backwards; nothing was changed.
+
+    Checkpoints only move forwards. This means another instance of the projector saved a later
+    position meanwhile, or the caller is replaying from an old position: reload the checkpoint
+    (or reset the projection explicitly) instead of overwriting it.
+
+    Attributes:
+        name: the checkpoint (subscription) name.
+        attempted: the position the caller tried to save.
+        current: the position stored now.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, name: str, attempted: Position, current: Position | None) -> None:
+        super().__init__(
+            f"checkpoint {name!r} is at {current}; saving {attempted} would move it backwards, "
+            "so nothing was changed. Reload the checkpoint, or reset the projection to rebuild it."
+        )
+        self.name = name
+        self.attempted = attempted
+        self.current = current
+
+
+class ClusterMismatch(EventCoreError):
+    """A checkpoint was written against a different PostgreSQL cluster than the one connected.
+
+    Positions are tied to the cluster's transaction ids, which a logical dump and restore
+    resets. Continuing could skip events, so the store refuses; reset the projection to rebuild
+    it from the beginning on this cluster.
+
+    .. versionadded:: 0.1
+    """
+
+
+class LeadershipUnavailable(EventCoreError):
+    """Another session already leads this name; `try_acquire` does not wait.
+
+    Attributes:
+        name: the projector (leadership) name.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"projector {name!r} is led by another session (another process, or another task "
+            "in this one). Stop that instance, or run as a standby with "
+            "ProjectionConfig(wait_for_leadership=True) to take over when it stops."
+        )
+        self.name = name
+
+    def __reduce__(self) -> tuple[type[LeadershipUnavailable], tuple[str]]:
+        return (type(self), (self.name,))
+
+
+class LeadershipLost(EventCoreError):
+    """The session that held a leadership lock ended; this instance must stop committing.
+
+    Raised when work is attempted under a leadership whose lock connection died or was
+    terminated. Another instance may already lead. Acquire leadership again to continue.
+
+    .. versionadded:: 0.1
+    """
+
+
+class StoreClosed(EventCoreError, RuntimeError):
+    """The store was used after its ``async with`` block ended.
+
+    .. versionadded:: 0.1
+    """
+
+
+class StoreConnectionError(EventCoreError, ConnectionError):
+    """The database could not be reached, or the connection broke during a call.
+
+    The outcome of a write interrupted this way is unknown: retry it with the same event ids,
+    and a `DuplicateEventId` tells you the first attempt was committed.
+
+    .. versionadded:: 0.1
+    """
+
+
+class AuthenticationFailed(StoreConnectionError):
+    """The database refused the credentials in the DSN.
+
+    .. versionadded:: 0.1
+    """
+
+
+class DatabaseNotFound(StoreConnectionError):
+    """The database named in the DSN does not exist on the server.
+
+    .. versionadded:: 0.1
+    """
+
+
+class UnsupportedServer(EventCoreError):
+    """The PostgreSQL server is older than the minimum version this library supports.
+
+    .. versionadded:: 0.1
+    """
+
+
+class SchemaVersionError(EventCoreError):
+    """The database schema is missing or was written by a newer version of this library.
+
+    .. versionadded:: 0.1
+    """
+
+
+class DatabaseError(EventCoreError):
+    """The database refused a statement for a reason this library does not translate further.
+
+    Attributes:
+        sqlstate: the PostgreSQL error code, e.g. ``"42P01"``, when there is one.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate

@@ -1,0 +1,183 @@
+"""Event values: what callers append and what stores give back."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import Any, final
+
+import attrs
+
+from ._errors import InvalidArgument
+from ._positions import Position
+from ._validation import (
+    MAX_EVENT_TYPE_LENGTH,
+    check_expected_version,
+    check_identifier,
+    check_stream_id,
+)
+
+_EMPTY: Mapping[str, Any] = MappingProxyType({})
+
+
+def _check_event_type(_: object, __: object, value: object) -> None:
+    check_identifier("event type", value, max_length=MAX_EVENT_TYPE_LENGTH)
+
+
+def _check_mapping(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, Mapping):
+        raise InvalidArgument(
+            f"NewEvent.{attribute.name} must be a mapping (a JSON object), "
+            f"got {type(value).__name__}: {value!r:.80}"
+        )
+
+
+def _check_event_id(_: object, __: object, value: object) -> None:
+    if value is not None and not isinstance(value, uuid.UUID):
+        raise InvalidArgument(
+            f"NewEvent.event_id must be a uuid.UUID or None, got {type(value).__name__}: {value!r}"
+        )
+
+
+@final
+@attrs.frozen
+class NewEvent:
+    """An event to append: a type name, a JSON object of data, and optional metadata.
+
+    Args:
+        type: the event type, e.g. ``"AccountOpened"`` (1-255 characters, no control characters).
+        data: a JSON object (a mapping with string keys and JSON values).
+        metadata: a JSON object of metadata such as correlation and causation ids.
+        event_id: a unique id; the store generates one when None. Passing your own makes a
+            retried append idempotent (a duplicate raises `DuplicateEventId`).
+
+    Raises:
+        InvalidArgument: a field has the wrong type or an invalid value. Whether data and
+            metadata are JSON-serialisable is checked by ``append`` (raising
+            `EventEncodeError`) before anything is written.
+
+    .. versionadded:: 0.1
+    """
+
+    type: str = attrs.field(validator=_check_event_type)
+    data: Mapping[str, Any] = attrs.field(validator=_check_mapping)
+    metadata: Mapping[str, Any] = attrs.field(
+        default=_EMPTY, validator=_check_mapping, kw_only=True
+    )
+    event_id: uuid.UUID | None = attrs.field(default=None, validator=_check_event_id, kw_only=True)
+
+
+@final
+@attrs.frozen(kw_only=True)
+class RecordedEvent:
+    """An event as stored: its identity, its place in its stream and in the store, its payload.
+
+    Attributes:
+        event_id: the event's unique id.
+        stream_id: the stream it belongs to.
+        stream_version: its version within the stream; 1 is the stream's first event.
+        position: its place in the store's global, commit-safe order.
+        type: the event type name.
+        data: the decoded JSON data.
+        metadata: the decoded JSON metadata.
+        recorded_at: when it was stored (timezone-aware, UTC).
+
+    .. versionadded:: 0.1
+    """
+
+    event_id: uuid.UUID
+    stream_id: str
+    stream_version: int
+    position: Position
+    type: str
+    data: dict[str, Any]
+    metadata: dict[str, Any]
+    recorded_at: dt.datetime
+
+
+def _to_event_tuple(value: Sequence[NewEvent] | NewEvent) -> tuple[NewEvent, ...]:
+    if isinstance(value, NewEvent):
+        raise InvalidArgument("events must be a sequence of NewEvent; wrap a single event: [event]")
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence | tuple | list):
+        raise InvalidArgument(
+            f"events must be a sequence of NewEvent, got {type(value).__name__}"
+        )
+    events = tuple(value)
+    for index, event in enumerate(events):
+        if not isinstance(event, NewEvent):
+            raise InvalidArgument(
+                f"events[{index}] must be a NewEvent, got {type(event).__name__}: {event!r:.80}"
+            )
+    return events
+
+
+def _check_stream_id_field(_: object, __: object, value: object) -> None:
+    check_stream_id(value)
+
+
+def _check_expected_field(_: object, __: object, value: object) -> None:
+    check_expected_version(value)
+
+
+@final
+@attrs.frozen
+class StreamAppend:
+    """One stream's part of an atomic multi-stream append (`append_atomic`).
+
+    Args:
+        stream_id: the stream to append to.
+        events: the events to append, possibly none: a `StreamAppend` with no events and an
+            expected version makes the stream a read-only participant whose version is still
+            checked, so a decision based on it fails if it changed meanwhile.
+        expected_version: None (any version), 0 (the stream must not exist yet) or n (the stream
+            has exactly n events).
+
+    .. versionadded:: 0.1
+    """
+
+    stream_id: str = attrs.field(validator=_check_stream_id_field)
+    events: tuple[NewEvent, ...] = attrs.field(converter=_to_event_tuple)
+    expected_version: int | None = attrs.field(
+        default=None, validator=_check_expected_field, kw_only=True
+    )
+
+
+@final
+@attrs.frozen
+class AppendResult:
+    """What an append wrote.
+
+    Attributes:
+        position: the position of the last event written, or None when the append wrote no
+            event (only read-only participants).
+        stream_versions: each listed stream's version after the append.
+
+    .. versionadded:: 0.1
+    """
+
+    position: Position | None
+    stream_versions: Mapping[str, int]
+
+
+def prepare_appends(appends: Sequence[StreamAppend]) -> tuple[StreamAppend, ...]:
+    """Validate an `append_atomic` request: a non-empty list of distinct streams."""
+    if isinstance(appends, StreamAppend) or not isinstance(appends, Sequence):
+        raise InvalidArgument("append_atomic() takes a list of StreamAppend")
+    result = tuple(appends)
+    if not result:
+        raise InvalidArgument("append_atomic() needs at least one StreamAppend")
+    seen: set[str] = set()
+    for index, item in enumerate(result):
+        if not isinstance(item, StreamAppend):
+            raise InvalidArgument(
+                f"appends[{index}] must be a StreamAppend, got {type(item).__name__}"
+            )
+        if item.stream_id in seen:
+            raise InvalidArgument(
+                f"stream {item.stream_id!r} is listed twice in one append_atomic(); "
+                "merge its events into one StreamAppend"
+            )
+        seen.add(item.stream_id)
+    return result

@@ -1,0 +1,112 @@
+"""Checks applied at the public boundary, before anything reaches a backend."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Mapping
+from typing import Any, Final
+
+from ._errors import EventEncodeError, InvalidArgument
+
+MAX_STREAM_ID_LENGTH: Final = 255
+MAX_NAME_LENGTH: Final = 120
+MAX_EVENT_TYPE_LENGTH: Final = 255
+
+
+def _has_control_character(text: str) -> bool:
+    # Category "C*" covers control (NUL included), format, surrogate and unassigned code points:
+    # none of them belongs in an identifier, and NUL cannot be stored in PostgreSQL text at all.
+    return any(unicodedata.category(ch)[0] == "C" for ch in text)
+
+
+def check_identifier(kind: str, value: object, *, max_length: int) -> str:
+    """Return *value* if it is a valid identifier of the given kind, else raise InvalidArgument."""
+    if not isinstance(value, str):
+        raise InvalidArgument(f"{kind} must be a str, got {type(value).__name__}: {value!r}")
+    if not value:
+        raise InvalidArgument(f"{kind} must not be empty")
+    if len(value) > max_length:
+        raise InvalidArgument(
+            f"{kind} is {len(value)} characters long; the maximum is {max_length}: {value[:40]!r}…"
+        )
+    if value != value.strip():
+        raise InvalidArgument(f"{kind} must not start or end with whitespace: {value!r}")
+    if _has_control_character(value):
+        raise InvalidArgument(
+            f"{kind} must not contain control or unassigned characters: {value!r}"
+        )
+    return value
+
+
+def check_stream_id(value: object) -> str:
+    """Validate a stream id."""
+    return check_identifier("stream_id", value, max_length=MAX_STREAM_ID_LENGTH)
+
+
+def check_name(value: object, kind: str = "name") -> str:
+    """Validate a projector, checkpoint or leadership name."""
+    return check_identifier(kind, value, max_length=MAX_NAME_LENGTH)
+
+
+def check_expected_version(value: object, *, field: str = "expected_version") -> int | None:
+    """Validate an expected version: None (any), 0 (must not exist) or n >= 1 (exactly n)."""
+    if value is None:
+        return None
+    if type(value) is not int:
+        raise InvalidArgument(
+            f"{field} must be None, 0 or a positive int, got {type(value).__name__}: {value!r}"
+        )
+    if value < 0:
+        raise InvalidArgument(
+            f"{field} must be None (any version), 0 (stream must not exist) or the stream's "
+            f"event count; got {value}"
+        )
+    return value
+
+
+def check_version_cursor(value: object, *, field: str = "after_version") -> int:
+    """Validate a stream-version cursor (0 = from the start)."""
+    if type(value) is not int or value < 0:
+        raise InvalidArgument(f"{field} must be an int >= 0, got {value!r}")
+    return value
+
+
+def check_limit(value: object) -> int:
+    """Validate a page size."""
+    if type(value) is not int or value < 1:
+        raise InvalidArgument(f"limit must be an int >= 1, got {value!r}")
+    return value
+
+
+_ENCODER: Final = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, check_circular=True, separators=(",", ":")
+)
+
+
+def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
+    """Encode event data or metadata as compact JSON text, or raise EventEncodeError."""
+    if not isinstance(value, Mapping):
+        raise EventEncodeError(f"event {kind} must be a mapping, got {type(value).__name__}")
+    if not isinstance(value, dict):
+        value = dict(value)
+    try:
+        text = _ENCODER.encode(value)
+    except (TypeError, ValueError) as exc:
+        raise EventEncodeError(
+            f"event {kind} is not JSON-serialisable ({exc}); convert it to JSON types "
+            "(str, int, finite float, bool, None, list, dict) before appending"
+        ) from exc
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EventEncodeError(
+            f"event {kind} contains text that is not valid Unicode ({exc.reason}: a lone "
+            "surrogate?); fix the string before appending"
+        ) from exc
+    if "\\u0000" in text:
+        raise EventEncodeError(
+            f"event {kind} contains a NUL character, which PostgreSQL cannot store in JSON; "
+            "remove it or encode the value (e.g. base64)"
+        )
+    return text

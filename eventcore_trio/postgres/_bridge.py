@@ -1,0 +1,276 @@
+"""The one place where asyncio, asyncpg and trio-asyncio live.
+
+Everything above this module is plain Trio. Each method here is one crossing into asyncio:
+one unit of work (a statement, a connect, a close), with asyncpg's errors translated into the
+library's tree on the way back, chained with ``raise ... from``. A crossing costs tens of
+microseconds, so callers shape their work as one statement per call wherever they can.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, ParamSpec, TypeVar, final
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from .._errors import (
+    AuthenticationFailed,
+    DatabaseError,
+    DatabaseNotFound,
+    DuplicateEventId,
+    EventCoreError,
+    StoreConnectionError,
+    VersionConflict,
+)
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+# SQLSTATE raised by the append function for an expected-version mismatch; its DETAIL is a
+# JSON object {"stream_id", "expected", "actual"}. Class "EV" is not used by PostgreSQL.
+VERSION_CONFLICT_SQLSTATE: Final = "EV001"
+
+Record = Mapping[str, Any]
+
+
+_CONNECTION_SQLSTATE_CLASSES: Final = ("08", "57", "53")
+
+
+def translate_error(exc: BaseException) -> BaseException:
+    """Map an asyncpg, asyncio or OS error onto the library's error tree."""
+    if isinstance(exc, EventCoreError):
+        return exc
+    if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
+        return AuthenticationFailed(
+            f"PostgreSQL refused the credentials: {exc}. Check the user and password in the DSN."
+        )
+    if isinstance(exc, asyncpg.InvalidCatalogNameError):
+        return DatabaseNotFound(
+            f"{exc}. Create it (createdb NAME) or fix the database name in the DSN."
+        )
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate = getattr(exc, "sqlstate", None) or ""
+        if sqlstate == VERSION_CONFLICT_SQLSTATE:
+            detail = json.loads(getattr(exc, "detail", None) or "{}")
+            return VersionConflict(detail["stream_id"], detail["expected"], detail["actual"])
+        if isinstance(exc, asyncpg.UniqueViolationError) and "event_id" in (
+            getattr(exc, "constraint_name", None) or ""
+        ):
+            return DuplicateEventId(
+                f"an appended event reuses a stored event id ({getattr(exc, 'detail', '')}); "
+                "nothing was written",
+            )
+        if sqlstate[:2] in _CONNECTION_SQLSTATE_CLASSES:
+            return StoreConnectionError(
+                f"the PostgreSQL session ended or the server is unavailable: {exc} "
+                f"(SQLSTATE {sqlstate}). The call did not complete; retry when the server is back."
+            )
+        return DatabaseError(f"PostgreSQL error {sqlstate}: {exc}", sqlstate=sqlstate)
+    if isinstance(
+        exc,
+        OSError
+        | asyncio.TimeoutError
+        | asyncpg.InterfaceError
+        | asyncpg.exceptions.ConnectionDoesNotExistError,
+    ):
+        return StoreConnectionError(
+            f"cannot talk to PostgreSQL: {exc or type(exc).__name__}. Check that the server "
+            "is running and reachable at the DSN's host and port; the call did not complete."
+        )
+    return exc
+
+
+async def _cross(fn: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any:
+    try:
+        return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+        raise translate_error(exc) from exc
+
+
+@asynccontextmanager
+async def asyncio_loop() -> AsyncIterator[None]:
+    """Make sure a trio-asyncio loop runs for the duration of the block.
+
+    Inside an application that already runs ``trio_asyncio.open_loop()`` this reuses its loop;
+    inside a plain ``trio.run`` it opens one.
+    """
+    if trio_asyncio.current_loop.get() is not None:
+        yield
+        return
+    async with trio_asyncio.open_loop():
+        yield
+
+
+def _server_settings(application_name: str, extra: Mapping[str, str]) -> dict[str, str]:
+    # PostgreSQL truncates application_name to 63 bytes; cut on a character boundary ourselves.
+    name = application_name.encode("utf-8")[:63].decode("utf-8", "ignore")
+    return {"application_name": name, **extra}
+
+
+@final
+class Connection:
+    """A single asyncpg connection, callable from Trio.
+
+    Not safe for concurrent use: callers serialise their use of one connection.
+    """
+
+    def __init__(self, raw: asyncpg.Connection) -> None:
+        self._raw = raw
+
+    @property
+    def backend_pid(self) -> int:
+        """The server process id of this session (for pg_stat_activity and tests)."""
+        return int(self._raw.get_server_pid())
+
+    def is_closed(self) -> bool:
+        """Whether asyncpg knows the connection to be closed."""
+        return bool(self._raw.is_closed())
+
+    def add_termination_listener(self, callback: Callable[[], None]) -> None:
+        """Call *callback* (in the Trio thread) as soon as the connection closes."""
+        self._raw.add_termination_listener(lambda _connection: callback())
+
+    async def fetch(self, sql: str, *args: object) -> list[Record]:
+        """Run *sql* and return all rows; one crossing."""
+        return await _cross(self._raw.fetch, sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, sql: str, *args: object) -> Record | None:
+        """Run *sql* and return the first row; one crossing."""
+        return await _cross(self._raw.fetchrow, sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """Run *sql* and return the first column of the first row; one crossing."""
+        return await _cross(self._raw.fetchval, sql, *args)
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run *sql* (several statements when there are no arguments); one crossing."""
+        return await _cross(self._raw.execute, sql, *args)  # type: ignore[no-any-return]
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
+        """Run *sql* once per argument tuple, pipelined; one crossing."""
+        await _cross(self._raw.executemany, sql, args)
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Connection]:
+        """Run the block in a transaction: commit on success, roll back on any exception.
+
+        The rollback runs shielded, with a timeout, so cancellation cannot leave the session
+        inside an open transaction; if even that fails the connection is terminated.
+        """
+        tx = self._raw.transaction()
+        await _cross(tx.start)
+        try:
+            yield self
+        except BaseException:
+            with trio.move_on_after(5, shield=True):
+                try:
+                    await _cross(tx.rollback)
+                except StoreConnectionError:
+                    pass
+            if not self.is_closed() and self._raw.is_in_transaction():
+                self.terminate()
+            raise
+        else:
+            await _cross(tx.commit)
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Close gracefully, shielded from cancellation; terminate if that takes too long."""
+        with trio.move_on_after(timeout, shield=True):
+            try:
+                await _cross(self._raw.close)
+            except StoreConnectionError:
+                pass
+        if not self.is_closed():
+            self.terminate()
+
+    def terminate(self) -> None:
+        """Close the socket at once, without telling the server (a session ends on its side)."""
+        self._raw.terminate()
+
+
+async def connect(
+    dsn: str,
+    *,
+    application_name: str,
+    timeout: float,
+    server_settings: Mapping[str, str] | None = None,
+) -> Connection:
+    """Open a dedicated connection (never from a pool); one crossing."""
+    raw = await _cross(
+        asyncpg.connect,
+        dsn,
+        timeout=timeout,
+        server_settings=_server_settings(application_name, server_settings or {}),
+    )
+    return Connection(raw)
+
+
+@final
+class Pool:
+    """An asyncpg connection pool, callable from Trio; each call acquires and releases."""
+
+    def __init__(self, raw: asyncpg.Pool) -> None:
+        self._raw = raw
+
+    async def fetch(self, sql: str, *args: object) -> list[Record]:
+        """Run *sql* on a pooled connection and return all rows; one crossing."""
+        return await _cross(self._raw.fetch, sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, sql: str, *args: object) -> Record | None:
+        """Run *sql* on a pooled connection and return the first row; one crossing."""
+        return await _cross(self._raw.fetchrow, sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """Run *sql* on a pooled connection and return one value; one crossing."""
+        return await _cross(self._raw.fetchval, sql, *args)
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run *sql* on a pooled connection; one crossing."""
+        return await _cross(self._raw.execute, sql, *args)  # type: ignore[no-any-return]
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        """Hold one pooled connection for the block (for multi-statement work)."""
+        raw = await _cross(self._raw.acquire)
+        try:
+            yield Connection(raw)
+        finally:
+            with trio.move_on_after(5, shield=True) as scope:
+                await _cross(self._raw.release, raw)
+            if scope.cancelled_caught:
+                raw.terminate()
+
+
+@asynccontextmanager
+async def open_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    application_name: str,
+    timeout: float,
+) -> AsyncIterator[Pool]:
+    """Open a connection pool for the block; it is closed (shielded, bounded) on exit."""
+    raw = await _cross(
+        asyncpg.create_pool,
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=timeout,
+        server_settings=_server_settings(application_name, {}),
+    )
+    try:
+        yield Pool(raw)
+    finally:
+        with trio.move_on_after(5, shield=True) as scope:
+            try:
+                await _cross(raw.close)
+            except StoreConnectionError:
+                pass
+        if scope.cancelled_caught:
+            raw.terminate()

@@ -1,0 +1,33 @@
+"""Advisory-lock keys: stable, documented, namespaced.
+
+A key is the first 8 bytes of ``BLAKE2b(b"eventcore-trio\\x00" + kind + b"\\x00" + schema +
+b"\\x00" + name)``, read as a signed big-endian 64-bit integer, and is passed to the single-argument
+(bigint) advisory-lock functions. It depends on nothing but its inputs: not on Python's
+``hash()`` (salted per process), the platform or the library version, so every process on every
+machine computes the same key. The kind (``projector`` or ``migration``) and the schema keep
+the store's own locks apart from each other and from a second store in the same database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+
+def lock_key(kind: Literal["projector", "migration"], schema: str, name: str) -> int:
+    """Return the advisory-lock key for *name* of *kind* in *schema*."""
+    material = b"\x00".join(
+        [b"eventcore-trio", kind.encode(), schema.encode(), name.encode("utf-8")]
+    )
+    digest = hashlib.blake2b(material, digest_size=8).digest()
+    return int.from_bytes(digest, "big", signed=True)
+
+
+def projector_lock_key(schema: str, name: str) -> int:
+    """The key that a projector's leader holds for as long as it leads."""
+    return lock_key("projector", schema, name)
+
+
+def migration_lock_key(schema: str) -> int:
+    """The transaction-level key that serialises migrations of *schema*."""
+    return lock_key("migration", schema, "")

@@ -1,0 +1,227 @@
+"""The PostgreSQL schema, its versioned migrations, and how they are applied.
+
+Migrations run in one transaction under a transaction-level advisory lock, so several
+processes may migrate at once: one applies, the others wait and then find nothing to do.
+A database whose schema is newer than this library is refused, never downgraded.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Final
+
+from .._errors import ConfigurationError, SchemaVersionError
+from .._version import __version__
+from ._bridge import Pool
+from ._keys import migration_lock_key
+
+MINIMUM_SERVER_VERSION_NUM: Final = 130000
+"""PostgreSQL 13: the first version with ``xid8``, ``pg_current_xact_id()`` and
+``pg_snapshot_xmin()``, on which the gap-free read rests, and core ``gen_random_uuid()``."""
+
+_SCHEMA_NAME: Final = re.compile(r"\A[a-z_][a-z0-9_]{0,62}\Z")
+
+
+def check_schema_name(schema: object) -> str:
+    """Validate the schema option: a plain lower-case SQL identifier, used unquoted-safe."""
+    if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
+        raise ConfigurationError(
+            f"schema must be a lower-case SQL identifier (letters, digits, '_', at most 63 "
+            f"characters, not starting with a digit), got {schema!r}"
+        )
+    return schema
+
+
+def notify_channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel on which the store announces committed appends."""
+    return f"eventcore_{schema}"
+
+
+# Each migration is a template over {s} (the quoted schema) and {channel}. Never edit a
+# migration once released: add a new one.
+_MIGRATIONS: Final[tuple[str, ...]] = (
+    # 1: streams, events, subscriptions, the append function, immutability triggers.
+    """
+    CREATE TABLE {s}.streams (
+        stream_id text COLLATE "C" PRIMARY KEY,
+        -- Number of events in the stream; 0 for a stream that was only checked, never written.
+        version bigint NOT NULL CHECK (version >= 0)
+    );
+
+    CREATE TABLE {s}.events (
+        -- The writing transaction's id (xid8 as bigint). Readers only read rows whose tx is
+        -- below the xmin of their snapshot: every such transaction has ended, so no row with a
+        -- smaller (tx, position) can appear later. See docs/postgres.md, "gap-free reads".
+        tx bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
+        position bigint GENERATED ALWAYS AS IDENTITY,
+        stream_id text COLLATE "C" NOT NULL,
+        stream_version bigint NOT NULL CHECK (stream_version >= 1),
+        event_id uuid NOT NULL,
+        type text COLLATE "C" NOT NULL,
+        data jsonb NOT NULL,
+        metadata jsonb NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now(),
+        CONSTRAINT events_pkey PRIMARY KEY (tx, position),
+        CONSTRAINT events_stream_version_key UNIQUE (stream_id, stream_version),
+        CONSTRAINT events_event_id_key UNIQUE (event_id)
+    );
+    -- read_events with an event-type filter walks this index in (tx, position) order per type.
+    CREATE INDEX events_type_tx_position_idx ON {s}.events (type, tx, position);
+
+    CREATE TABLE {s}.subscriptions (
+        subscription_name text COLLATE "C" PRIMARY KEY,
+        tx bigint NOT NULL,
+        position bigint NOT NULL,
+        -- pg_control_system().system_identifier of the cluster the position belongs to.
+        system_identifier text,
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+
+    CREATE FUNCTION {s}.refuse_event_change() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN
+        RAISE EXCEPTION USING
+            ERRCODE = 'EV002',
+            MESSAGE = 'events are immutable: UPDATE, DELETE and TRUNCATE are refused',
+            HINT = 'append a compensating event instead';
+    END
+    $fn$;
+    CREATE TRIGGER events_immutable BEFORE UPDATE OR DELETE ON {s}.events
+        FOR EACH ROW EXECUTE FUNCTION {s}.refuse_event_change();
+    CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON {s}.events
+        FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_event_change();
+
+    -- One call appends to any number of streams atomically. p_streams must be distinct and
+    -- sorted: locking stream rows in one global order is what keeps concurrent multi-stream
+    -- appends from deadlocking.
+    CREATE FUNCTION {s}.append_events(
+        p_streams text[],
+        p_expected bigint[],
+        p_event_stream int[],
+        p_event_id uuid[],
+        p_type text[],
+        p_data jsonb[],
+        p_metadata jsonb[]
+    ) RETURNS TABLE (last_tx bigint, last_position bigint, versions bigint[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_versions bigint[] := '{{}}';
+        v_version bigint;
+        v_added bigint;
+        v_tx bigint;
+        v_position bigint;
+    BEGIN
+        FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
+            SELECT s.version INTO v_version FROM {s}.streams s
+                WHERE s.stream_id = p_streams[i] FOR UPDATE;
+            IF NOT FOUND THEN
+                -- A concurrent creator makes this wait for its commit, then do nothing.
+                INSERT INTO {s}.streams (stream_id, version) VALUES (p_streams[i], 0)
+                    ON CONFLICT DO NOTHING;
+                SELECT s.version INTO v_version FROM {s}.streams s
+                    WHERE s.stream_id = p_streams[i] FOR UPDATE;
+            END IF;
+            IF p_expected[i] IS NOT NULL AND p_expected[i] <> v_version THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = 'EV001',
+                    MESSAGE = format('stream %s is at version %s, expected %s',
+                                     p_streams[i], v_version, p_expected[i]),
+                    DETAIL = json_build_object('stream_id', p_streams[i],
+                                               'expected', p_expected[i],
+                                               'actual', v_version)::text;
+            END IF;
+            v_versions := v_versions || v_version;
+        END LOOP;
+
+        IF coalesce(array_length(p_type, 1), 0) = 0 THEN
+            RETURN QUERY SELECT NULL::bigint, NULL::bigint, v_versions;
+            RETURN;
+        END IF;
+
+        WITH inserted AS (
+            INSERT INTO {s}.events (stream_id, stream_version, event_id, type, data, metadata)
+            SELECT p_streams[e.si],
+                   v_versions[e.si] + row_number() OVER (PARTITION BY e.si ORDER BY e.ord),
+                   coalesce(e.id, gen_random_uuid()), e.type, e.data, e.meta
+            FROM unnest(p_event_stream, p_event_id, p_type, p_data, p_metadata)
+                 WITH ORDINALITY AS e(si, id, type, data, meta, ord)
+            ORDER BY e.ord
+            RETURNING tx, position
+        )
+        SELECT max(inserted.tx), max(inserted.position) INTO v_tx, v_position FROM inserted;
+
+        FOR i IN 1 .. array_length(p_streams, 1) LOOP
+            SELECT count(*) INTO v_added FROM unnest(p_event_stream) AS x(si) WHERE x.si = i;
+            IF v_added > 0 THEN
+                UPDATE {s}.streams SET version = version + v_added WHERE stream_id = p_streams[i];
+                v_versions[i] := v_versions[i] + v_added;
+            END IF;
+        END LOOP;
+
+        -- Delivered at commit, never for a rolled-back append; identical payloads within one
+        -- transaction are folded by PostgreSQL.
+        PERFORM pg_notify('{channel}', '');
+        RETURN QUERY SELECT v_tx, v_position, v_versions;
+    END
+    $fn$;
+    """,
+)
+
+LATEST_SCHEMA_VERSION: Final = len(_MIGRATIONS)
+
+
+def _render(template: str, schema: str) -> str:
+    return template.format(s=f'"{schema}"', channel=notify_channel(schema))
+
+
+async def migrate(pool: Pool, schema: str) -> int:
+    """Bring *schema* up to the latest version; return the number of migrations applied."""
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", migration_lock_key(schema))
+        await conn.execute(
+            f'CREATE SCHEMA IF NOT EXISTS "{schema}";'
+            f'CREATE TABLE IF NOT EXISTS "{schema}".schema_migrations ('
+            "    version int PRIMARY KEY,"
+            "    library_version text NOT NULL,"
+            "    applied_at timestamptz NOT NULL DEFAULT now())"
+        )
+        current = await conn.fetchval(
+            f'SELECT coalesce(max(version), 0) FROM "{schema}".schema_migrations'
+        )
+        _check_not_newer(schema, current)
+        for version in range(current + 1, LATEST_SCHEMA_VERSION + 1):
+            await conn.execute(_render(_MIGRATIONS[version - 1], schema))
+            await conn.execute(
+                f'INSERT INTO "{schema}".schema_migrations (version, library_version) '
+                "VALUES ($1, $2)",
+                version,
+                __version__,
+            )
+        return LATEST_SCHEMA_VERSION - int(current)
+
+
+async def check_schema(pool: Pool, schema: str) -> None:
+    """Refuse to run against a schema that is missing, outdated or newer than this library."""
+    current = await pool.fetchval(
+        "SELECT CASE WHEN to_regclass($1) IS NULL THEN NULL ELSE 1 END",
+        f'"{schema}".schema_migrations',
+    )
+    if current is not None:
+        current = await pool.fetchval(
+            f'SELECT coalesce(max(version), 0) FROM "{schema}".schema_migrations'
+        )
+    if current is None or current < LATEST_SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"schema {schema!r} is at version {current or 0}, this library needs "
+            f"{LATEST_SCHEMA_VERSION}: run `eventcore-trio migrate` or open the store with "
+            "migrate=True"
+        )
+    _check_not_newer(schema, current)
+
+
+def _check_not_newer(schema: str, current: int) -> None:
+    if current > LATEST_SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"schema {schema!r} is at version {current}, newer than this library "
+            f"({__version__}) understands (up to {LATEST_SCHEMA_VERSION}); upgrade "
+            "eventcore-trio in this process instead of running an old version against it"
+        )

@@ -1,0 +1,28 @@
+"""Test support: the backend contract suite, its harnesses, and a throwaway PostgreSQL.
+
+Needs the ``testing`` extra (pytest, pytest-trio, hypothesis). To check a backend, subclass
+`StoreContract` and provide a ``harness`` fixture returning a `BackendHarness`.
+"""
+
+from .._embedded import FAST_SETTINGS as FAST_SETTINGS
+from .._embedded import EmbeddedPostgres as EmbeddedPostgres
+from .._util import fixup_module_metadata
+from ._contract import StoreContract as StoreContract
+from ._contract import events as events
+from ._contract import read_all as read_all
+from ._harness import BackendHarness as BackendHarness
+from ._harness import MemoryHarness as MemoryHarness
+from ._harness import PostgresHarness as PostgresHarness
+
+__all__ = [
+    "FAST_SETTINGS",
+    "BackendHarness",
+    "EmbeddedPostgres",
+    "MemoryHarness",
+    "PostgresHarness",
+    "StoreContract",
+    "events",
+    "read_all",
+]
+
+fixup_module_metadata(__name__, globals())

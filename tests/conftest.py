@@ -1,0 +1,56 @@
+"""Shared fixtures: the PostgreSQL servers the suite runs against.
+
+With ``EVENTCORE_TEST_DSN`` set, every PostgreSQL test runs against that server. Otherwise the
+suite starts its own throwaway servers: the one bundled by pgserver (PostgreSQL 16) and every
+system installation it finds (Debian's PostgreSQL 15 on CI), so each test of the backend runs
+once per server version.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from eventcore_trio._embedded import bundled_bindir, system_bindirs
+from eventcore_trio.testing import FAST_SETTINGS, EmbeddedPostgres
+
+
+def _server_params() -> list[str]:
+    if os.environ.get("EVENTCORE_TEST_DSN"):
+        return ["external"]
+    params = ["bundled"] if bundled_bindir() is not None else []
+    params += [f"system-{version}" for version in sorted(system_bindirs())]
+    if not params:
+        raise RuntimeError(
+            "no PostgreSQL to test against: install the dev dependencies (pgserver), a system "
+            "PostgreSQL, or set EVENTCORE_TEST_DSN"
+        )
+    return params
+
+
+@pytest.fixture(scope="session", params=_server_params())
+def postgres_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedPostgres | str]:
+    """A running PostgreSQL: an EmbeddedPostgres the suite owns, or an external DSN."""
+    if request.param == "external":
+        yield os.environ["EVENTCORE_TEST_DSN"]
+        return
+    bindir: Path | None
+    if request.param == "bundled":
+        bindir = bundled_bindir()
+    else:
+        bindir = system_bindirs()[int(request.param.removeprefix("system-"))]
+    server = EmbeddedPostgres(bindir, settings=FAST_SETTINGS)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.fixture
+def postgres_dsn(postgres_server: EmbeddedPostgres | str) -> str:
+    """The DSN of the PostgreSQL server under test."""
+    return postgres_server if isinstance(postgres_server, str) else postgres_server.dsn
