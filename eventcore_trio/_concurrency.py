@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from typing import NoReturn
 
 import trio
 
@@ -24,7 +25,18 @@ async def background(fn: Callable[[], Awaitable[None]]) -> AsyncIterator[None]:
             finally:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
-        if len(group.exceptions) == 1:
-            exc = group.exceptions[0]
-            raise exc from exc.__cause__
-        raise
+        raise_single(group)
+
+
+def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Re-raise the only exception inside (nested) single-member groups, else the group.
+
+    For context managers that run tasks only as plumbing: the exception that reaches the
+    caller is the one their block raised, not a group of one.
+    """
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if exc is group:
+        raise group
+    raise exc from exc.__cause__

@@ -159,8 +159,10 @@ class EmbeddedPostgres:
         if not self._initialised:
             self._run(
                 str(self.bindir / "initdb"),
-                "-D", str(self.data_dir),
-                "-U", "postgres",
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
                 "--auth=trust",
                 "--encoding=UTF8",
                 "--no-sync",
@@ -171,10 +173,15 @@ class EmbeddedPostgres:
         try:
             self._run(
                 str(self.bindir / "pg_ctl"),
-                "-D", str(self.data_dir),
-                "-l", str(self._log),
-                "-o", " ".join(options),
-                "-w", "-t", "60",
+                "-D",
+                str(self.data_dir),
+                "-l",
+                str(self._log),
+                "-o",
+                " ".join(options),
+                "-w",
+                "-t",
+                "60",
                 "start",
             )
         except subprocess.CalledProcessError as exc:
@@ -184,7 +191,13 @@ class EmbeddedPostgres:
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``pg_ctl stop -m mode``) and wait for it."""
         self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data_dir),
+            "-m",
+            mode,
+            "-w",
+            "stop",
             check=False,
         )
 

@@ -22,11 +22,11 @@ from ._validation import (
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
 
 
-def _check_event_type(_: object, __: object, value: object) -> None:
+def _check_event_type(_: Any, __: Any, value: Any) -> None:
     check_identifier("event type", value, max_length=MAX_EVENT_TYPE_LENGTH)
 
 
-def _check_mapping(_: object, attribute: attrs.Attribute[Any], value: object) -> None:
+def _check_mapping(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
     if not isinstance(value, Mapping):
         raise InvalidArgument(
             f"NewEvent.{attribute.name} must be a mapping (a JSON object), "
@@ -34,7 +34,7 @@ def _check_mapping(_: object, attribute: attrs.Attribute[Any], value: object) ->
         )
 
 
-def _check_event_id(_: object, __: object, value: object) -> None:
+def _check_event_id(_: Any, __: Any, value: Any) -> None:
     if value is not None and not isinstance(value, uuid.UUID):
         raise InvalidArgument(
             f"NewEvent.event_id must be a uuid.UUID or None, got {type(value).__name__}: {value!r}"
@@ -100,10 +100,8 @@ class RecordedEvent:
 def _to_event_tuple(value: Sequence[NewEvent] | NewEvent) -> tuple[NewEvent, ...]:
     if isinstance(value, NewEvent):
         raise InvalidArgument("events must be a sequence of NewEvent; wrap a single event: [event]")
-    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence | tuple | list):
-        raise InvalidArgument(
-            f"events must be a sequence of NewEvent, got {type(value).__name__}"
-        )
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
+        raise InvalidArgument(f"events must be a sequence of NewEvent, got {type(value).__name__}")
     events = tuple(value)
     for index, event in enumerate(events):
         if not isinstance(event, NewEvent):
@@ -113,11 +111,11 @@ def _to_event_tuple(value: Sequence[NewEvent] | NewEvent) -> tuple[NewEvent, ...
     return events
 
 
-def _check_stream_id_field(_: object, __: object, value: object) -> None:
+def _check_stream_id_field(_: Any, __: Any, value: Any) -> None:
     check_stream_id(value)
 
 
-def _check_expected_field(_: object, __: object, value: object) -> None:
+def _check_expected_field(_: Any, __: Any, value: Any) -> None:
     check_expected_version(value)
 
 
@@ -163,7 +161,8 @@ class AppendResult:
 
 def prepare_appends(appends: Sequence[StreamAppend]) -> tuple[StreamAppend, ...]:
     """Validate an `append_atomic` request: a non-empty list of distinct streams."""
-    if isinstance(appends, StreamAppend) or not isinstance(appends, Sequence):
+    candidate: object = appends
+    if isinstance(candidate, StreamAppend) or not isinstance(candidate, Sequence):
         raise InvalidArgument("append_atomic() takes a list of StreamAppend")
     result = tuple(appends)
     if not result:

@@ -114,7 +114,9 @@ class MemoryStore:
 
     def _check_open(self) -> None:
         if self._closed:
-            raise StoreClosed("this MemoryStore was closed; open a new one with open_memory_store()")
+            raise StoreClosed(
+                "this MemoryStore was closed; open a new one with open_memory_store()"
+            )
 
     async def append(
         self,
@@ -126,7 +128,7 @@ class MemoryStore:
         """Append *events* to one stream, all or none (see `EventStore.append`)."""
         request = StreamAppend(
             check_stream_id(stream_id),
-            events,  # type: ignore[arg-type]  # the converter validates and freezes it
+            events,  # the converter validates and freezes it
             expected_version=check_expected_version(expected_version),
         )
         return await self.append_atomic([request])

@@ -9,7 +9,9 @@ microseconds, so callers shape their work as one statement per call wherever the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, ParamSpec, TypeVar, final
@@ -18,6 +20,7 @@ import asyncpg
 import trio
 import trio_asyncio
 
+from .._concurrency import raise_single
 from .._errors import (
     AuthenticationFailed,
     DatabaseError,
@@ -45,7 +48,9 @@ def translate_error(exc: BaseException) -> BaseException:
     """Map an asyncpg, asyncio or OS error onto the library's error tree."""
     if isinstance(exc, EventCoreError):
         return exc
-    if isinstance(exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError):
+    if isinstance(
+        exc, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+    ):
         return AuthenticationFailed(
             f"PostgreSQL refused the credentials: {exc}. Check the user and password in the DSN."
         )
@@ -88,7 +93,7 @@ def translate_error(exc: BaseException) -> BaseException:
 async def _cross(fn: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any:
     try:
         return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, asyncio.TimeoutError) as exc:
+    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
         raise translate_error(exc) from exc
 
 
@@ -102,8 +107,12 @@ async def asyncio_loop() -> AsyncIterator[None]:
     if trio_asyncio.current_loop.get() is not None:
         yield
         return
-    async with trio_asyncio.open_loop():
-        yield
+    try:
+        async with trio_asyncio.open_loop():
+            yield
+    except BaseExceptionGroup as group:
+        # The loop's nurseries wrap the block's own exception; callers want it bare.
+        raise_single(group)
 
 
 def _server_settings(application_name: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -156,6 +165,27 @@ class Connection:
         await _cross(self._raw.executemany, sql, args)
 
     @asynccontextmanager
+    async def listen(self, channel: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
+        """LISTEN on *channel* for the block; yields a channel of notification payloads.
+
+        Notifications arrive only while this connection lives; callers that must not miss
+        progress poll as well (a lost connection loses its notifications).
+        """
+        send, receive = trio.open_memory_channel[str](math.inf)
+
+        def on_notification(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            send.send_nowait(payload)
+
+        await _cross(self._raw.add_listener, channel, on_notification)
+        try:
+            yield receive
+        finally:
+            with trio.move_on_after(5, shield=True), contextlib.suppress(StoreConnectionError):
+                if not self.is_closed():
+                    await _cross(self._raw.remove_listener, channel, on_notification)
+            send.close()
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         """Run the block in a transaction: commit on success, roll back on any exception.
 
@@ -167,24 +197,18 @@ class Connection:
         try:
             yield self
         except BaseException:
-            with trio.move_on_after(5, shield=True):
-                try:
-                    await _cross(tx.rollback)
-                except StoreConnectionError:
-                    pass
+            with trio.move_on_after(5, shield=True), contextlib.suppress(StoreConnectionError):
+                await _cross(tx.rollback)
             if not self.is_closed() and self._raw.is_in_transaction():
                 self.terminate()
             raise
         else:
             await _cross(tx.commit)
 
-    async def close(self, timeout: float = 5.0) -> None:
-        """Close gracefully, shielded from cancellation; terminate if that takes too long."""
-        with trio.move_on_after(timeout, shield=True):
-            try:
-                await _cross(self._raw.close)
-            except StoreConnectionError:
-                pass
+    async def close(self, grace: float = 5.0) -> None:
+        """Close gracefully, shielded from cancellation; terminate after *grace* seconds."""
+        with trio.move_on_after(grace, shield=True), contextlib.suppress(StoreConnectionError):
+            await _cross(self._raw.close)
         if not self.is_closed():
             self.terminate()
 
@@ -197,14 +221,14 @@ async def connect(
     dsn: str,
     *,
     application_name: str,
-    timeout: float,
+    connect_timeout: float,
     server_settings: Mapping[str, str] | None = None,
 ) -> Connection:
     """Open a dedicated connection (never from a pool); one crossing."""
     raw = await _cross(
         asyncpg.connect,
         dsn,
-        timeout=timeout,
+        timeout=connect_timeout,
         server_settings=_server_settings(application_name, server_settings or {}),
     )
     return Connection(raw)
@@ -253,7 +277,7 @@ async def open_pool(
     min_size: int,
     max_size: int,
     application_name: str,
-    timeout: float,
+    connect_timeout: float,
 ) -> AsyncIterator[Pool]:
     """Open a connection pool for the block; it is closed (shielded, bounded) on exit."""
     raw = await _cross(
@@ -261,16 +285,13 @@ async def open_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        timeout=timeout,
+        timeout=connect_timeout,
         server_settings=_server_settings(application_name, {}),
     )
     try:
         yield Pool(raw)
     finally:
-        with trio.move_on_after(5, shield=True) as scope:
-            try:
-                await _cross(raw.close)
-            except StoreConnectionError:
-                pass
+        with trio.move_on_after(5, shield=True) as scope, contextlib.suppress(StoreConnectionError):
+            await _cross(raw.close)
         if scope.cancelled_caught:
             raw.terminate()

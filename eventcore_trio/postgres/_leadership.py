@@ -121,7 +121,7 @@ async def acquire_leadership(
     connection = await connect(
         dsn,
         application_name=application_name,
-        timeout=connect_timeout,
+        connect_timeout=connect_timeout,
         server_settings=KEEPALIVE_SETTINGS,
     )
     leadership: PostgresLeadership | None = None

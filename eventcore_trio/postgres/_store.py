@@ -149,7 +149,7 @@ class PostgresStore:
         """
         request = StreamAppend(
             check_stream_id(stream_id),
-            events,  # type: ignore[arg-type]  # the converter validates and freezes it
+            events,  # the converter validates and freezes it
             expected_version=check_expected_version(expected_version),
         )
         return await self.append_atomic([request])
@@ -178,7 +178,9 @@ class PostgresStore:
             self._sql_append, streams, expected, event_stream, event_ids, types, data, metadata
         )
         assert row is not None
-        position = None if row["last_tx"] is None else Position(row["last_tx"], row["last_position"])
+        position = (
+            None if row["last_tx"] is None else Position(row["last_tx"], row["last_position"])
+        )
         return AppendResult(position, dict(zip(streams, row["versions"], strict=True)))
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
@@ -391,13 +393,16 @@ async def open_postgres_store(
         )
     if not isinstance(connect_timeout, int | float) or connect_timeout <= 0:
         raise ConfigurationError(f"connect_timeout must be > 0 seconds, got {connect_timeout!r}")
-    async with _bridge.asyncio_loop(), _bridge.open_pool(
-        dsn,
-        min_size=min_pool_size,
-        max_size=max_pool_size,
-        application_name=application_name,
-        timeout=connect_timeout,
-    ) as pool:
+    async with (
+        _bridge.asyncio_loop(),
+        _bridge.open_pool(
+            dsn,
+            min_size=min_pool_size,
+            max_size=max_pool_size,
+            application_name=application_name,
+            connect_timeout=connect_timeout,
+        ) as pool,
+    ):
         version = int(await pool.fetchval("SELECT current_setting('server_version_num')"))
         if version < MINIMUM_SERVER_VERSION_NUM:
             raise UnsupportedServer(

@@ -19,13 +19,13 @@ from __future__ import annotations
 import fnmatch
 import math
 import uuid
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
 
 import hypothesis
 import pytest
 import trio
+import trio.lowlevel
 from hypothesis import strategies as st
 
 from .._errors import (
@@ -392,7 +392,7 @@ class StoreContract:
                 elif finished:
                     return
                 else:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reader)
@@ -424,7 +424,8 @@ class StoreContract:
         """Saving a later position overwrites the checkpoint; saving the same one is accepted."""
         first = (await store.append("s", events("A"))).position
         second = (await store.append("s", events("B"))).position
-        assert first is not None and second is not None
+        assert first is not None
+        assert second is not None
         await store.save_checkpoint("p", first)
         await store.save_checkpoint("p", second)
         await store.save_checkpoint("p", second)
@@ -434,7 +435,8 @@ class StoreContract:
         """Saving an earlier position raises CheckpointConflict and changes nothing."""
         first = (await store.append("s", events("A"))).position
         second = (await store.append("s", events("B"))).position
-        assert first is not None and second is not None
+        assert first is not None
+        assert second is not None
         await store.save_checkpoint("p", second)
         with pytest.raises(CheckpointConflict) as info:
             await store.save_checkpoint("p", first)
@@ -445,7 +447,8 @@ class StoreContract:
         """Each name has its own checkpoint."""
         first = (await store.append("s", events("A"))).position
         second = (await store.append("s", events("B"))).position
-        assert first is not None and second is not None
+        assert first is not None
+        assert second is not None
         await store.save_checkpoint("p", second)
         await store.save_checkpoint("q", first)
         assert await store.load_checkpoint("p") == second
@@ -511,9 +514,7 @@ class StoreContract:
         async with store.try_acquire("proj") as again:
             assert again.is_held
 
-    async def test_lost_leadership_is_reported(
-        self, store: Store, harness: BackendHarness
-    ) -> None:
+    async def test_lost_leadership_is_reported(self, store: Store, harness: BackendHarness) -> None:
         """When the lock's session ends from outside, the leader learns it and the name frees."""
         async with store.try_acquire("proj") as leadership:
             await harness.end_leadership_session(store, leadership)
@@ -572,7 +573,7 @@ class StoreContract:
 
     async def test_bad_arguments_are_refused(self, store: Store) -> None:
         """Wrong types and malformed requests raise InvalidArgument before any I/O."""
-        bad_calls = [
+        bad_calls: list[Callable[[], Awaitable[object]]] = [
             lambda: store.append("s", NewEvent("A", {})),  # type: ignore[arg-type]
             lambda: store.append("s", ["not an event"]),  # type: ignore[list-item]
             lambda: store.append(42, events("A")),  # type: ignore[arg-type]

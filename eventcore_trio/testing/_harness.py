@@ -12,8 +12,7 @@ from .._protocols import Leadership, Store
 from .._validation import encode_json_object
 from ..memory import MemoryStore, open_memory_store
 from ..memory._store import MemoryLeadership
-from ..postgres import PostgresLeadership, PostgresStore, open_postgres_store
-from ..postgres import _bridge
+from ..postgres import PostgresLeadership, PostgresStore, _bridge, open_postgres_store
 
 
 class BackendHarness(Protocol):
@@ -120,7 +119,7 @@ class PostgresHarness:
         """Run the append function in an open transaction on a dedicated connection."""
         assert isinstance(store, PostgresStore)
         connection = await _bridge.connect(
-            self.dsn, application_name="eventcore-trio test late commit", timeout=10
+            self.dsn, application_name="eventcore-trio test late commit", connect_timeout=10
         )
         try:
             async with connection.transaction():
@@ -137,4 +136,3 @@ class PostgresHarness:
                 yield
         finally:
             await connection.close()
-

@@ -1,0 +1,367 @@
+"""PostgreSQL-specific behaviour of the event store: visibility, schema, errors, NOTIFY."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+import trio
+import trio_asyncio
+
+from eventcore_trio import (
+    AuthenticationFailed,
+    ConfigurationError,
+    DatabaseError,
+    DatabaseNotFound,
+    EventFilter,
+    NewEvent,
+    RecordedEvent,
+    SchemaVersionError,
+    StoreClosed,
+    StoreConnectionError,
+    StreamAppend,
+    open_postgres_store,
+)
+from eventcore_trio.postgres import LATEST_SCHEMA_VERSION, PostgresStore, _bridge
+from eventcore_trio.testing import PostgresHarness, events, read_all
+
+
+class _Rollback(Exception):
+    pass
+
+
+class TestGapFreeReads:
+    """read_events never skips a committed event, whatever the commit order."""
+
+    async def test_random_commit_delays_and_rollbacks_never_skip(
+        self, store: PostgresStore, postgres_dsn: str
+    ) -> None:
+        """Writers that commit late or roll back at random never make a polling reader skip."""
+        rng = random.Random(20261127)
+        writers, appends_per_writer = 6, 30
+        committed: set[uuid.UUID] = set()
+        rolled_back: set[uuid.UUID] = set()
+        seen: list[RecordedEvent] = []
+        writers_done = trio.Event()
+
+        async def writer(w: int) -> None:
+            connection = await _bridge.connect(
+                postgres_dsn, application_name="late-writer", connect_timeout=10
+            )
+            try:
+                for n in range(appends_per_writer):
+                    ids = [uuid.uuid4() for _ in range(rng.randint(1, 3))]
+                    rollback = rng.random() < 0.2
+                    try:
+                        async with connection.transaction():
+                            await connection.fetchrow(
+                                store._sql_append,
+                                [f"w{w}"],
+                                [None],
+                                [1] * len(ids),
+                                ids,
+                                ["E"] * len(ids),
+                                ['{"n": %d}' % n] * len(ids),
+                                ["{}"] * len(ids),
+                            )
+                            # The position is drawn; hold the commit back a while.
+                            await trio.sleep(rng.random() * 0.02)
+                            if rollback:
+                                raise _Rollback
+                    except _Rollback:
+                        rolled_back.update(ids)
+                    else:
+                        committed.update(ids)
+            finally:
+                await connection.close()
+
+        async def reader() -> None:
+            cursor = None
+            while True:
+                finished = writers_done.is_set()
+                page = await store.read_events(cursor, limit=5)
+                seen.extend(page)
+                if page:
+                    cursor = page[-1].position
+                elif finished:
+                    return
+                else:
+                    await trio.sleep(0.001)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader)
+            async with trio.open_nursery() as writing:
+                for w in range(writers):
+                    writing.start_soon(writer, w)
+            writers_done.set()
+
+        seen_ids = [e.event_id for e in seen]
+        assert len(seen_ids) == len(set(seen_ids)), "an event was read twice"
+        assert set(seen_ids) == committed, "a committed event was skipped"
+        assert not set(seen_ids) & rolled_back
+        assert [e.position for e in seen] == sorted(e.position for e in seen)
+        assert rolled_back, "the scenario should include rollbacks"
+
+    async def test_open_transaction_holds_readers_back(
+        self, store: PostgresStore, harness: PostgresHarness
+    ) -> None:
+        """Events committed after an open append are invisible until that append ends."""
+        await store.append("a", events("Before"))
+        async with harness.hold_commit(store, "late", events("Late")):
+            await store.append("b", events("After"))
+            assert [e.type for e in await read_all(store)] == ["Before"]
+        assert [e.type for e in await read_all(store)] == ["Before", "Late", "After"]
+
+
+class TestAppend:
+    """Appends on PostgreSQL."""
+
+    async def test_crossing_multi_stream_appends_do_not_deadlock(
+        self, store: PostgresStore
+    ) -> None:
+        """Concurrent atomic appends over the same streams in any order all succeed."""
+        streams = [f"acc-{n}" for n in range(4)]
+
+        async def transfer(n: int) -> None:
+            rng = random.Random(n)
+            for _ in range(10):
+                chosen = rng.sample(streams, 3)
+                await store.append_atomic([StreamAppend(s, events("T")) for s in chosen])
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for n in range(8):
+                    nursery.start_soon(transfer, n)
+        total = 0
+        for stream in streams:
+            total += len(await store.read_stream(stream))
+        assert total == 8 * 10 * 3
+
+    async def test_events_are_immutable(self, store: PostgresStore) -> None:
+        """The database refuses UPDATE, DELETE and TRUNCATE on the events table."""
+        await store.append("s", events("A"))
+        for statement in (
+            f'UPDATE "{store.schema}".events SET type = \'B\'',
+            f'DELETE FROM "{store.schema}".events',
+            f'TRUNCATE "{store.schema}".events',
+        ):
+            with pytest.raises(DatabaseError, match="immutable"):
+                await store._pool.execute(statement)
+        assert [e.type for e in await read_all(store)] == ["A"]
+
+    async def test_notify_on_commit_only(self, store: PostgresStore, postgres_dsn: str) -> None:
+        """A committed append notifies listeners; a rolled-back one does not."""
+        listener = await _bridge.connect(
+            postgres_dsn, application_name="listener", connect_timeout=10
+        )
+        try:
+            async with listener.listen(store.notify_channel) as notifications:
+                writer = await _bridge.connect(
+                    postgres_dsn, application_name="writer", connect_timeout=10
+                )
+                try:
+                    with pytest.raises(_Rollback):
+                        async with writer.transaction():
+                            await writer.fetchrow(
+                                store._sql_append, ["s"], [None], [1], [None], ["E"], ["{}"], ["{}"]
+                            )
+                            raise _Rollback
+                finally:
+                    await writer.close()
+                await store.append("s", events("E"))
+                with trio.fail_after(5):
+                    await notifications.receive()
+                # Only the committed append notified: nothing else is queued.
+                await store.append("t", events("E"))
+                with trio.fail_after(5):
+                    await notifications.receive()
+                with pytest.raises(trio.WouldBlock):
+                    notifications.receive_nowait()
+        finally:
+            await listener.close()
+
+    async def test_large_append_is_one_statement(self, store: PostgresStore) -> None:
+        """A thousand events append in one call and read back in order."""
+        batch = [NewEvent("E", {"n": n}) for n in range(1000)]
+        result = await store.append("big", batch, expected_version=0)
+        assert result.stream_versions == {"big": 1000}
+        stream = await store.read_stream("big")
+        assert [e.data["n"] for e in stream] == list(range(1000))
+
+
+class TestIndexes:
+    """read_events with each filter is served by an index."""
+
+    @pytest.mark.parametrize(
+        "event_filter",
+        [
+            None,
+            EventFilter(event_types=["T3"]),
+            EventFilter(stream_prefix="s-1"),
+            EventFilter(stream_pattern="s-1*"),
+        ],
+        ids=["none", "types", "prefix", "pattern"],
+    )
+    async def test_read_plans_use_an_index(
+        self, store: PostgresStore, event_filter: EventFilter | None
+    ) -> None:
+        """EXPLAIN of the read query shows an index scan, not a sequential scan."""
+        for n in range(20):
+            await store.append_atomic(
+                [StreamAppend(f"s-{n}-{k}", events(*[f"T{k}"] * 50)) for k in range(10)]
+            )
+        await store._pool.execute(f'ANALYZE "{store.schema}".events')
+        captured: list[str] = []
+        original = store._pool.fetch
+
+        async def explain(sql: str, *args: object) -> list[_bridge.Record]:
+            captured.extend(
+                r[0] for r in await original("EXPLAIN " + sql, *args)
+            )
+            return await original(sql, *args)
+
+        store._pool.fetch = explain  # type: ignore[method-assign]
+        await store.read_events(None, limit=100, filter=event_filter)
+        plan = "\n".join(captured)
+        assert "Index" in plan, plan
+        assert "Seq Scan" not in plan, plan
+
+
+class TestOpening:
+    """open_postgres_store: options, errors, migrations."""
+
+    async def test_inside_an_existing_trio_asyncio_loop(self, postgres_dsn: str) -> None:
+        """An application that already runs trio_asyncio.open_loop() can open a store."""
+        async with trio_asyncio.open_loop(), open_postgres_store(
+            postgres_dsn, schema=f"t_{uuid.uuid4().hex[:12]}"
+        ) as store:
+            await store.append("s", events("A"))
+            assert len(await store.read_stream("s")) == 1
+
+    async def test_concurrent_migrations(self, postgres_dsn: str) -> None:
+        """Several stores migrating one fresh schema at once all succeed, once."""
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        opened = 0
+
+        async def open_one() -> None:
+            nonlocal opened
+            async with open_postgres_store(postgres_dsn, schema=schema, max_pool_size=1):
+                opened += 1
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(6):
+                nursery.start_soon(open_one)
+        assert opened == 6
+        async with open_postgres_store(postgres_dsn, schema=schema) as store:
+            versions = await store._pool.fetch(
+                f'SELECT version FROM "{schema}".schema_migrations ORDER BY version'
+            )
+        assert [r["version"] for r in versions] == list(range(1, LATEST_SCHEMA_VERSION + 1))
+
+    async def test_migrate_false_refuses_missing_schema(self, postgres_dsn: str) -> None:
+        """Without migrate, a missing schema raises SchemaVersionError saying what to run."""
+        with pytest.raises(SchemaVersionError, match="eventcore-trio migrate"):
+            async with open_postgres_store(
+                postgres_dsn, schema=f"t_{uuid.uuid4().hex[:12]}", migrate=False
+            ):
+                pytest.fail("opened a store without a schema")
+
+    async def test_migrate_false_accepts_current_schema(self, harness: PostgresHarness) -> None:
+        """Without migrate, a current schema opens normally."""
+        async with harness.open_store():
+            pass
+        async with open_postgres_store(harness.dsn, schema=harness.schema, migrate=False) as s:
+            assert await s.read_events(None, limit=1) == []
+
+    async def test_newer_schema_is_refused(self, harness: PostgresHarness) -> None:
+        """A schema written by a newer library version is refused, and left untouched."""
+        async with harness.open_store() as store:
+            await store.append("s", events("A"))
+            await store._pool.execute(
+                f'INSERT INTO "{store.schema}".schema_migrations VALUES (999, \'9.9\')'
+            )
+        for migrate in (True, False):
+            with pytest.raises(SchemaVersionError, match="newer"):
+                async with open_postgres_store(
+                    harness.dsn, schema=harness.schema, migrate=migrate
+                ):
+                    pytest.fail("opened a newer schema")
+        async with _bridge.asyncio_loop():
+            connection = await _bridge.connect(
+                harness.dsn, application_name="check", connect_timeout=10
+            )
+            try:
+                count = await connection.fetchval(
+                    f'SELECT count(*) FROM "{harness.schema}".events'
+                )
+                newest = await connection.fetchval(
+                    f'SELECT max(version) FROM "{harness.schema}".schema_migrations'
+                )
+            finally:
+                await connection.close()
+        assert (count, newest) == (1, 999)
+
+    @pytest.mark.parametrize(
+        ("kwargs", "message"),
+        [
+            ({"schema": "Bad-Schema"}, "schema"),
+            ({"schema": 'x"; DROP TABLE y; --'}, "schema"),
+            ({"min_pool_size": 0}, "min_pool_size"),
+            ({"max_pool_size": "2"}, "max_pool_size"),
+            ({"min_pool_size": 5, "max_pool_size": 2}, "must not exceed"),
+            ({"connect_timeout": 0}, "connect_timeout"),
+        ],
+    )
+    async def test_invalid_options(
+        self, postgres_dsn: str, kwargs: dict[str, object], message: str
+    ) -> None:
+        """Invalid options raise ConfigurationError naming the option."""
+        with pytest.raises(ConfigurationError, match=message):
+            async with open_postgres_store(postgres_dsn, **kwargs):  # type: ignore[arg-type]
+                pytest.fail("opened with an invalid option")
+
+    async def test_no_dsn(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Without a DSN or EVENTCORE_DSN, the error says how to give one."""
+        monkeypatch.delenv("EVENTCORE_DSN", raising=False)
+        with pytest.raises(ConfigurationError, match="EVENTCORE_DSN"):
+            async with open_postgres_store():
+                pytest.fail("opened without a DSN")
+
+    async def test_dsn_from_environment(
+        self, monkeypatch: pytest.MonkeyPatch, postgres_dsn: str
+    ) -> None:
+        """EVENTCORE_DSN is used when no DSN is passed."""
+        monkeypatch.setenv("EVENTCORE_DSN", postgres_dsn)
+        async with open_postgres_store(schema=f"t_{uuid.uuid4().hex[:12]}") as store:
+            assert await store.read_events(None, limit=1) == []
+
+    async def test_unreachable_server(self) -> None:
+        """A server that is not listening raises StoreConnectionError."""
+        with trio.socket.socket() as sock:
+            await sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        with pytest.raises(StoreConnectionError, match="reachable"):
+            async with open_postgres_store(f"postgresql://postgres@127.0.0.1:{port}/postgres"):
+                pytest.fail("connected to nothing")
+
+    async def test_unknown_role(self, postgres_dsn: str) -> None:
+        """A role the server does not know raises AuthenticationFailed."""
+        dsn = postgres_dsn.replace("postgres@", "no_such_role@")
+        with pytest.raises(AuthenticationFailed, match="DSN"):
+            async with open_postgres_store(dsn):
+                pytest.fail("connected as an unknown role")
+
+    async def test_missing_database(self, postgres_dsn: str) -> None:
+        """A database that does not exist raises DatabaseNotFound."""
+        dsn = postgres_dsn.rsplit("/", 1)[0] + "/no_such_database"
+        with pytest.raises(DatabaseNotFound, match="createdb"):
+            async with open_postgres_store(dsn):
+                pytest.fail("connected to a missing database")
+
+    async def test_closed_store_refuses_calls(self, harness: PostgresHarness) -> None:
+        """A store used after its block raises StoreClosed."""
+        async with harness.open_store() as store:
+            pass
+        with pytest.raises(StoreClosed):
+            await store.read_events(None, limit=1)

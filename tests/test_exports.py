@@ -1,0 +1,124 @@
+"""Tests of the public surface: every public name is exported once, documented and public."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import inspect
+import pkgutil
+from pathlib import Path
+
+import pytest
+
+import eventcore_trio
+
+PUBLIC_MODULES = [
+    "eventcore_trio",
+    "eventcore_trio.memory",
+    "eventcore_trio.postgres",
+    "eventcore_trio.testing",
+]
+PACKAGE_DIR = Path(eventcore_trio.__file__).parent
+
+
+def _public_objects() -> list[tuple[str, str, object]]:
+    found = []
+    for module_name in PUBLIC_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            found.append((module_name, name, getattr(module, name)))
+    return found
+
+
+class TestExports:
+    """The public namespaces."""
+
+    @pytest.mark.parametrize(("module", "name", "obj"), _public_objects())
+    def test_public_object_has_docstring_and_public_module(
+        self, module: str, name: str, obj: object
+    ) -> None:
+        """Every exported class and function has a docstring and a public __module__."""
+        if not (inspect.isclass(obj) or callable(obj)):
+            return
+        assert inspect.getdoc(obj), f"{module}.{name} has no docstring"
+        owner = getattr(obj, "__module__", "")
+        assert not any(part.startswith("_") for part in owner.split(".")), owner
+
+    def test_each_name_is_defined_in_exactly_one_public_home(self) -> None:
+        """A class or function reports one public module, and that module exports it."""
+        for module_name, name, obj in _public_objects():
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                home = importlib.import_module(obj.__module__)
+                assert getattr(home, name, None) is obj, (module_name, name, obj.__module__)
+
+    @pytest.mark.parametrize(("module", "name", "obj"), _public_objects())
+    def test_public_methods_have_docstrings(self, module: str, name: str, obj: object) -> None:
+        """Every public method of an exported class is documented."""
+        if not inspect.isclass(obj) or issubclass(obj, BaseException):
+            return
+        for attr, value in vars(obj).items():
+            if attr.startswith("_") or attr.startswith("test_"):
+                continue
+            if callable(value) or isinstance(value, property):
+                assert inspect.getdoc(value), f"{module}.{name}.{attr} has no docstring"
+
+    def test_errors_form_one_tree(self) -> None:
+        """Every exported exception derives from EventCoreError."""
+        for _, name, obj in _public_objects():
+            if inspect.isclass(obj) and issubclass(obj, BaseException):
+                assert issubclass(obj, eventcore_trio.EventCoreError), name
+
+
+def _imports_of(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+    # The package that relative imports start from: the module's own package.
+    package = parts[:-1]
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package[: len(package) - node.level + 1]
+                module = ".".join([*base, node.module] if node.module else base)
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def _modules() -> list[Path]:
+    return sorted(PACKAGE_DIR.rglob("*.py"))
+
+
+class TestLayers:
+    """Dependencies point one way, and asyncio stays in the bridge."""
+
+    ASYNCIO_MODULES = ("asyncio", "asyncpg", "trio_asyncio")
+
+    @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE_DIR)))
+    def test_asyncio_only_in_the_bridge(self, path: Path) -> None:
+        """Only postgres/_bridge.py imports asyncio, asyncpg or trio_asyncio."""
+        if path.relative_to(PACKAGE_DIR).as_posix() == "postgres/_bridge.py":
+            return
+        for name in _imports_of(path):
+            assert name.split(".")[0] not in self.ASYNCIO_MODULES, (path, name)
+
+    @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE_DIR)))
+    def test_backends_never_import_projection_or_each_other(self, path: Path) -> None:
+        """memory/ and postgres/ import only the core, never projection/ or another backend."""
+        relative = path.relative_to(PACKAGE_DIR).parts
+        if relative[0] not in ("memory", "postgres"):
+            return
+        forbidden = {"projection", "testing", "cli", *({"memory", "postgres"} - {relative[0]})}
+        for name in _imports_of(path):
+            parts = name.split(".")
+            if parts[0] == "eventcore_trio" and len(parts) > 1:
+                assert parts[1] not in forbidden, (path, name)
+
+    def test_every_module_imports(self) -> None:
+        """Every module of the package imports cleanly."""
+        for info in pkgutil.walk_packages([str(PACKAGE_DIR)], prefix="eventcore_trio."):
+            importlib.import_module(info.name)
