@@ -1,0 +1,20 @@
+"""A leader in its own process, for tests that kill it: acquire, report, then wait forever.
+
+Usage: python leader_process.py DSN SCHEMA NAME
+"""
+
+import sys
+
+import trio
+
+from eventcore_trio import open_postgres_store
+
+
+async def main(dsn: str, schema: str, name: str) -> None:
+    async with open_postgres_store(dsn, schema=schema) as store, store.try_acquire(name) as lead:
+        print(f"acquired {lead.backend_pid}", flush=True)
+        await trio.sleep_forever()
+
+
+if __name__ == "__main__":
+    trio.run(main, *sys.argv[1:4])

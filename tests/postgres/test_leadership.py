@@ -1,0 +1,170 @@
+"""Leadership on PostgreSQL: dedicated sessions, keepalives, crashes and cancellation."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from eventcore_trio import LeadershipLost, LeadershipUnavailable
+from eventcore_trio.postgres import PostgresLeadership, PostgresStore, projector_lock_key
+from eventcore_trio.postgres._leadership import KEEPALIVE_SETTINGS
+from eventcore_trio.testing import PostgresHarness
+
+LEADER_SCRIPT = Path(__file__).with_name("leader_process.py")
+
+
+async def _lock_holders(store: PostgresStore, name: str) -> list[int]:
+    key = projector_lock_key(store.schema, name)
+    rows = await store._pool.fetch(
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+        "AND ((classid::bigint << 32) | objid::bigint) = ($1::bigint & x'ffffffffffffffff'::bigint)",
+        key,
+    )
+    return [r["pid"] for r in rows]
+
+
+async def _sessions_named(store: PostgresStore, application_name: str) -> int:
+    return int(
+        await store._pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
+            application_name,
+        )
+    )
+
+
+class TestLockKey:
+    """The lock key derivation."""
+
+    def test_key_is_stable(self) -> None:
+        """The documented derivation gives the same key in every process and version."""
+        assert projector_lock_key("eventcore", "balances") == projector_lock_key(
+            "eventcore", "balances"
+        )
+        # Golden value: changing the derivation would split leadership across versions.
+        assert projector_lock_key("eventcore", "balances") == -972409962845981126
+
+    def test_keys_are_namespaced(self) -> None:
+        """Schemas and names give different keys."""
+        keys = {
+            projector_lock_key("eventcore", "a"),
+            projector_lock_key("eventcore", "b"),
+            projector_lock_key("other", "a"),
+        }
+        assert len(keys) == 3
+
+
+class TestDedicatedSession:
+    """The lock lives on a connection of its own."""
+
+    async def test_lock_is_held_by_a_session_outside_the_pool(self, store: PostgresStore) -> None:
+        """The advisory lock's holder is the dedicated session, not any pooled one."""
+        pool_pids = {
+            r["pid"]
+            for r in await store._pool.fetch(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'eventcore-trio'"
+            )
+        }
+        async with store.try_acquire("proj") as leadership:
+            assert isinstance(leadership, PostgresLeadership)
+            holders = await _lock_holders(store, "proj")
+            assert holders == [leadership.backend_pid]
+            assert leadership.backend_pid not in pool_pids
+            # Pool traffic does not disturb the lock.
+            for _ in range(10):
+                await store.read_events(None, limit=1)
+            assert await _lock_holders(store, "proj") == [leadership.backend_pid]
+        assert await _lock_holders(store, "proj") == []
+
+    async def test_keepalives_are_set_on_the_lock_session(self, store: PostgresStore) -> None:
+        """Server-side TCP keepalives are configured on the lock-holding session."""
+        async with store.try_acquire("proj") as leadership:
+            assert isinstance(leadership, PostgresLeadership)
+            async with leadership._use() as connection:
+                for setting, value in KEEPALIVE_SETTINGS.items():
+                    shown = await connection.fetchval(f"SHOW {setting}")
+                    assert shown.rstrip("s") == value, setting
+
+    async def test_exit_closes_the_connection(self, store: PostgresStore) -> None:
+        """Leaving the block closes the dedicated session."""
+        async with store.try_acquire("proj"):
+            assert await _sessions_named(store, "eventcore-trio leader proj") == 1
+        assert await _sessions_named(store, "eventcore-trio leader proj") == 0
+
+    async def test_refused_attempt_closes_its_connection(self, store: PostgresStore) -> None:
+        """A try that finds the name taken does not leave a session behind."""
+        async with store.try_acquire("proj"):
+            for _ in range(3):
+                with pytest.raises(LeadershipUnavailable):
+                    async with store.try_acquire("proj"):
+                        pytest.fail("two leaders")
+            assert await _sessions_named(store, "eventcore-trio leader proj") == 1
+
+    async def test_cancellation_closes_the_connection(self, store: PostgresStore) -> None:
+        """Cancelling the leading task releases the lock and closes the session."""
+        acquired = trio.Event()
+
+        async def lead() -> None:
+            async with store.try_acquire("proj"):
+                acquired.set()
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lead)
+            await acquired.wait()
+            nursery.cancel_scope.cancel()
+        assert await _lock_holders(store, "proj") == []
+        assert await _sessions_named(store, "eventcore-trio leader proj") == 0
+
+    async def test_work_after_loss_is_fenced(
+        self, store: PostgresStore, harness: PostgresHarness
+    ) -> None:
+        """Once the session is gone, work on the lock connection raises LeadershipLost."""
+        async with store.try_acquire("proj") as leadership:
+            assert isinstance(leadership, PostgresLeadership)
+            await harness.end_leadership_session(store, leadership)
+            with trio.fail_after(5):
+                await leadership.wait_lost()
+            with pytest.raises(LeadershipLost, match="proj"):
+                async with leadership._use():
+                    pytest.fail("ran work without the lock")
+
+
+class TestCrashedLeader:
+    """A leader process that dies frees its lock."""
+
+    @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+    async def test_killed_process_releases_the_lock(
+        self, store: PostgresStore, harness: PostgresHarness, sig: signal.Signals
+    ) -> None:
+        """After the leading process is killed, another process can take the lock."""
+        process = subprocess.Popen(
+            [sys.executable, str(LEADER_SCRIPT), harness.dsn, harness.schema, "proj"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert process.stdout is not None
+            line = await trio.to_thread.run_sync(process.stdout.readline)
+            assert line.startswith("acquired"), line
+            leader_pid = int(line.split()[1])
+            assert await _lock_holders(store, "proj") == [leader_pid]
+            with pytest.raises(LeadershipUnavailable):
+                async with store.try_acquire("proj"):
+                    pytest.fail("two leaders")
+            process.send_signal(sig)
+            await trio.to_thread.run_sync(process.wait)
+            with trio.fail_after(10):
+                while await _lock_holders(store, "proj"):
+                    await trio.sleep(0.05)
+            async with store.try_acquire("proj") as leadership:
+                assert leadership.is_held
+        finally:
+            process.kill()
+            process.wait()
+            assert process.stdout is not None
+            process.stdout.close()
