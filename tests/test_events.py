@@ -28,7 +28,9 @@ class TestNewEvent:
             (("x" * 256, {}), {}, "maximum is 255"),
         ],
     )
-    def test_invalid_fields(self, args: tuple[object, ...], kwargs: dict[str, object], message: str) -> None:
+    def test_invalid_fields(
+        self, args: tuple[object, ...], kwargs: dict[str, object], message: str
+    ) -> None:
         """Each invalid field raises InvalidArgument saying what was expected."""
         with pytest.raises(InvalidArgument, match=message):
             NewEvent(*args, **kwargs)  # type: ignore[arg-type]
@@ -64,7 +66,9 @@ class TestStreamAppend:
             ("s", [], "1"),
         ],
     )
-    def test_invalid_requests(self, stream_id: object, events: object, expected_version: object) -> None:
+    def test_invalid_requests(
+        self, stream_id: object, events: object, expected_version: object
+    ) -> None:
         """Bad ids, event lists and versions raise InvalidArgument."""
         with pytest.raises(InvalidArgument):
             StreamAppend(stream_id, events, expected_version=expected_version)  # type: ignore[arg-type]

@@ -57,7 +57,7 @@ class TestExports:
         if not inspect.isclass(obj) or issubclass(obj, BaseException):
             return
         for attr, value in vars(obj).items():
-            if attr.startswith("_") or attr.startswith("test_"):
+            if attr.startswith(("_", "test_")):
                 continue
             if callable(value) or isinstance(value, property):
                 assert inspect.getdoc(value), f"{module}.{name}.{attr} has no docstring"

@@ -72,7 +72,7 @@ class TestEventFilter:
     def test_single_string_is_refused(self) -> None:
         """A bare string for event_types is a mistake; the error shows the fix."""
         with pytest.raises(InvalidArgument, match=r"event_types=\['Opened'\]"):
-            EventFilter(event_types="Opened")  # type: ignore[arg-type]
+            EventFilter(event_types="Opened")
 
     @pytest.mark.parametrize(
         "kwargs",

@@ -21,8 +21,8 @@ LEADER_SCRIPT = Path(__file__).with_name("leader_process.py")
 async def _lock_holders(store: PostgresStore, name: str) -> list[int]:
     key = projector_lock_key(store.schema, name)
     rows = await store._pool.fetch(
-        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
-        "AND ((classid::bigint << 32) | objid::bigint) = ($1::bigint & x'ffffffffffffffff'::bigint)",
+        "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
+        "AND ((classid::bigint << 32) | objid::bigint) = $1::bigint",
         key,
     )
     return [r["pid"] for r in rows]
@@ -142,14 +142,19 @@ class TestCrashedLeader:
         self, store: PostgresStore, harness: PostgresHarness, sig: signal.Signals
     ) -> None:
         """After the leading process is killed, another process can take the lock."""
-        process = subprocess.Popen(
+        process = await trio.lowlevel.open_process(
             [sys.executable, str(LEADER_SCRIPT), harness.dsn, harness.schema, "proj"],
             stdout=subprocess.PIPE,
-            text=True,
         )
         try:
             assert process.stdout is not None
-            line = await trio.to_thread.run_sync(process.stdout.readline)
+            output = b""
+            with trio.fail_after(30):
+                while not output.endswith(b"\n"):
+                    chunk = await process.stdout.receive_some()
+                    assert chunk, "the leader process exited early"
+                    output += chunk
+            line = output.decode()
             assert line.startswith("acquired"), line
             leader_pid = int(line.split()[1])
             assert await _lock_holders(store, "proj") == [leader_pid]
@@ -157,14 +162,15 @@ class TestCrashedLeader:
                 async with store.try_acquire("proj"):
                     pytest.fail("two leaders")
             process.send_signal(sig)
-            await trio.to_thread.run_sync(process.wait)
+            await process.wait()
+            # No event tells us when the server has reaped the session: poll pg_locks.
             with trio.fail_after(10):
-                while await _lock_holders(store, "proj"):
+                while await _lock_holders(store, "proj"):  # noqa: ASYNC110
                     await trio.sleep(0.05)
             async with store.try_acquire("proj") as leadership:
                 assert leadership.is_held
         finally:
             process.kill()
-            process.wait()
+            await process.wait()
             assert process.stdout is not None
-            process.stdout.close()
+            await process.stdout.aclose()

@@ -62,7 +62,7 @@ class TestGapFreeReads:
                                 [1] * len(ids),
                                 ids,
                                 ["E"] * len(ids),
-                                ['{"n": %d}' % n] * len(ids),
+                                [f'{{"n": {n}}}'] * len(ids),
                                 ["{}"] * len(ids),
                             )
                             # The position is drawn; hold the commit back a while.
@@ -142,7 +142,7 @@ class TestAppend:
         """The database refuses UPDATE, DELETE and TRUNCATE on the events table."""
         await store.append("s", events("A"))
         for statement in (
-            f'UPDATE "{store.schema}".events SET type = \'B\'',
+            f"UPDATE \"{store.schema}\".events SET type = 'B'",
             f'DELETE FROM "{store.schema}".events',
             f'TRUNCATE "{store.schema}".events',
         ):
@@ -160,13 +160,17 @@ class TestAppend:
                 writer = await _bridge.connect(
                     postgres_dsn, application_name="writer", connect_timeout=10
                 )
+
+                async def rolled_back_append() -> None:
+                    async with writer.transaction():
+                        await writer.fetchrow(
+                            store._sql_append, ["s"], [None], [1], [None], ["E"], ["{}"], ["{}"]
+                        )
+                        raise _Rollback
+
                 try:
                     with pytest.raises(_Rollback):
-                        async with writer.transaction():
-                            await writer.fetchrow(
-                                store._sql_append, ["s"], [None], [1], [None], ["E"], ["{}"], ["{}"]
-                            )
-                            raise _Rollback
+                        await rolled_back_append()
                 finally:
                     await writer.close()
                 await store.append("s", events("E"))
@@ -216,9 +220,7 @@ class TestIndexes:
         original = store._pool.fetch
 
         async def explain(sql: str, *args: object) -> list[_bridge.Record]:
-            captured.extend(
-                r[0] for r in await original("EXPLAIN " + sql, *args)
-            )
+            captured.extend(r["QUERY PLAN"] for r in await original("EXPLAIN " + sql, *args))
             return await original(sql, *args)
 
         store._pool.fetch = explain  # type: ignore[method-assign]
@@ -233,9 +235,10 @@ class TestOpening:
 
     async def test_inside_an_existing_trio_asyncio_loop(self, postgres_dsn: str) -> None:
         """An application that already runs trio_asyncio.open_loop() can open a store."""
-        async with trio_asyncio.open_loop(), open_postgres_store(
-            postgres_dsn, schema=f"t_{uuid.uuid4().hex[:12]}"
-        ) as store:
+        async with (
+            trio_asyncio.open_loop(),
+            open_postgres_store(postgres_dsn, schema=f"t_{uuid.uuid4().hex[:12]}") as store,
+        ):
             await store.append("s", events("A"))
             assert len(await store.read_stream("s")) == 1
 
@@ -279,22 +282,18 @@ class TestOpening:
         async with harness.open_store() as store:
             await store.append("s", events("A"))
             await store._pool.execute(
-                f'INSERT INTO "{store.schema}".schema_migrations VALUES (999, \'9.9\')'
+                f"INSERT INTO \"{store.schema}\".schema_migrations VALUES (999, '9.9')"
             )
         for migrate in (True, False):
             with pytest.raises(SchemaVersionError, match="newer"):
-                async with open_postgres_store(
-                    harness.dsn, schema=harness.schema, migrate=migrate
-                ):
+                async with open_postgres_store(harness.dsn, schema=harness.schema, migrate=migrate):
                     pytest.fail("opened a newer schema")
         async with _bridge.asyncio_loop():
             connection = await _bridge.connect(
                 harness.dsn, application_name="check", connect_timeout=10
             )
             try:
-                count = await connection.fetchval(
-                    f'SELECT count(*) FROM "{harness.schema}".events'
-                )
+                count = await connection.fetchval(f'SELECT count(*) FROM "{harness.schema}".events')
                 newest = await connection.fetchval(
                     f'SELECT max(version) FROM "{harness.schema}".schema_migrations'
                 )
