@@ -40,3 +40,20 @@ def raise_single(group: BaseExceptionGroup[BaseException]) -> NoReturn:
     if exc is group:
         raise group
     raise exc from exc.__cause__
+
+
+@asynccontextmanager
+async def service_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery for background services of a resource, cancelled when the block ends.
+
+    Services report through state and do not raise on purpose, so the block's own exception
+    reaches the caller unwrapped (see `background`).
+    """
+    try:
+        async with trio.open_nursery() as nursery:
+            try:
+                yield nursery
+            finally:
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise_single(group)

@@ -165,6 +165,41 @@ class LeadershipUnavailable(EventCoreError):
         return (type(self), (self.name,))
 
 
+class ProjectionRunning(LeadershipUnavailable):
+    """An operation needs a projection to be stopped, but an instance is running it.
+
+    Raised by ``reset_projection`` when another session leads the projection: stop its
+    hosts first, or pass ``wait=True`` to wait until it stops.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, name: str) -> None:
+        EventCoreError.__init__(
+            self,
+            f"projection {name!r} is running in another session; stop its hosts first, or pass "
+            "wait=True to wait until it stops",
+        )
+        self.name = name
+
+
+class ProjectionNotFound(EventCoreError, LookupError):
+    """No projection of that name has ever run against this store.
+
+    .. versionadded:: 0.1
+    """
+
+
+class DatabaseNotAvailable(ConfigurationError):
+    """``ctx.db`` was used with a store that has no database (the in-memory store).
+
+    Use `open_postgres_store` for projections that write through ``ctx.db``, or keep the
+    read model in the projector itself when running on the memory store.
+
+    .. versionadded:: 0.1
+    """
+
+
 class LeadershipLost(EventCoreError):
     """The session that held a leadership lock ended; this instance must stop committing.
 

@@ -180,3 +180,37 @@ def prepare_appends(appends: Sequence[StreamAppend]) -> tuple[StreamAppend, ...]
             )
         seen.add(item.stream_id)
     return result
+
+
+@final
+@attrs.frozen(kw_only=True)
+class UndecodableEvent:
+    """A stored event whose data or metadata could not be decoded.
+
+    Readers that ask for them (``read_events(..., undecodable="include")``, as the projection
+    runtime does) get this in place of a `RecordedEvent`, so a bad row reaches the projector's
+    ``on_error`` instead of stalling the projection or vanishing.
+
+    Attributes:
+        event_id: the event's id.
+        stream_id: its stream.
+        stream_version: its version within the stream.
+        position: its place in the global order.
+        type: its type name.
+        raw_data: the stored data, as text.
+        raw_metadata: the stored metadata, as text.
+        recorded_at: when it was stored.
+        error: why it could not be decoded.
+
+    .. versionadded:: 0.1
+    """
+
+    event_id: uuid.UUID
+    stream_id: str
+    stream_version: int
+    position: Position
+    type: str
+    raw_data: str
+    raw_metadata: str
+    recorded_at: dt.datetime
+    error: str

@@ -7,13 +7,15 @@ commits whole or not at all.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, overload, runtime_checkable
 
-from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
+from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from ._filters import EventFilter
 from ._positions import Position
+from ._status import DeadLetter, ProjectionState, ProjectionStatus
 
 
 @runtime_checkable
@@ -70,13 +72,34 @@ class EventReader(Protocol):
     .. versionadded:: 0.1
     """
 
+    @overload
     async def read_events(
         self,
         after: Position | None,
         *,
         limit: int,
         filter: EventFilter | None = None,
-    ) -> list[RecordedEvent]:
+        undecodable: Literal["raise"] = "raise",
+    ) -> list[RecordedEvent]: ...
+
+    @overload
+    async def read_events(
+        self,
+        after: Position | None,
+        *,
+        limit: int,
+        filter: EventFilter | None = None,
+        undecodable: Literal["include"],
+    ) -> list[RecordedEvent | UndecodableEvent]: ...
+
+    async def read_events(
+        self,
+        after: Position | None,
+        *,
+        limit: int,
+        filter: EventFilter | None = None,
+        undecodable: Literal["raise", "include"] = "raise",
+    ) -> list[RecordedEvent] | list[RecordedEvent | UndecodableEvent]:
         """Return up to *limit* events strictly after *after*, in position order.
 
         The cursor is exclusive: passing the last returned position continues where the page
@@ -84,6 +107,22 @@ class EventReader(Protocol):
         matching events are visible. No committed event is ever skipped: an event whose
         transaction commits after a reader passed its neighbours still comes later in the
         order (see the docs on gap-free reads).
+
+        Args:
+            undecodable: ``"raise"`` raises `EventDecodeError` at a stored event that does not
+                decode; ``"include"`` returns it as an `UndecodableEvent` in its place.
+        """
+        ...
+
+    async def last_position(self, filter: EventFilter | None = None) -> Position | None:
+        """The position of the last event visible to readers (matching *filter*), or None."""
+        ...
+
+    async def wait_for_events(self) -> None:
+        """Return when new events may have been committed (a hint: wake-ups can be spurious).
+
+        Never returns on its own if nothing is appended: bound it with a cancel scope, e.g.
+        ``with trio.move_on_after(poll_interval): await store.wait_for_events()``.
         """
         ...
 
@@ -111,8 +150,77 @@ class CheckpointStore(Protocol):
 
 
 @runtime_checkable
+class Database(Protocol):
+    """A projector's database transaction (``ctx.db``), callable from Trio.
+
+    Everything run through it commits in the same transaction as the projector's checkpoint,
+    or not at all. Arguments are positional (``$1``, ``$2``, … in the SQL).
+
+    .. versionadded:: 0.1
+    """
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run a statement; return its status tag (e.g. ``"INSERT 0 1"``)."""
+        ...
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
+        """Run a statement once per argument tuple (pipelined)."""
+        ...
+
+    async def fetch(self, sql: str, *args: object) -> list[Mapping[str, Any]]:
+        """Run a query and return every row."""
+        ...
+
+    async def fetchrow(self, sql: str, *args: object) -> Mapping[str, Any] | None:
+        """Run a query and return its first row, or None."""
+        ...
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """Run a query and return the first column of its first row."""
+        ...
+
+
+@runtime_checkable
+class ProjectionBatch(Protocol):
+    """One transaction on the leader's own session, opened by `Leadership.open_batch`.
+
+    The projector's writes through `db`, recorded dead letters and the checkpoint commit
+    together when the batch's block ends without an exception, and not at all otherwise.
+
+    .. versionadded:: 0.1
+    """
+
+    @property
+    def db(self) -> Database:
+        """The transaction, for the projector's own writes.
+
+        Raises:
+            DatabaseNotAvailable: the store has no database (the in-memory store).
+        """
+        ...
+
+    async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
+        """Move the checkpoint from *expected* to *position*, at commit (compare-and-set).
+
+        Raises:
+            CheckpointConflict: the stored checkpoint is not *expected* (another writer).
+        """
+        ...
+
+    async def record_dead_letter(
+        self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
+    ) -> None:
+        """Record *event* as skipped because of *error*."""
+        ...
+
+    async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
+        """Mark a dead letter as replayed."""
+        ...
+
+
+@runtime_checkable
 class Leadership(Protocol):
-    """Proof that this session leads a name, valid until `lost` is set.
+    """Proof that this session leads a name, valid until it is lost or released.
 
     .. versionadded:: 0.1
     """
@@ -129,6 +237,24 @@ class Leadership(Protocol):
 
     async def wait_lost(self) -> None:
         """Return once the lock is lost (its session ended) or released."""
+        ...
+
+    def open_batch(self) -> AbstractAsyncContextManager[ProjectionBatch]:
+        """Open a transaction on the lock-holding session (fencing: a dead session cannot commit).
+
+        Raises:
+            LeadershipLost: the lock is already lost.
+        """
+        ...
+
+    async def report(
+        self,
+        state: ProjectionState,
+        *,
+        error: str | None = None,
+        filter: EventFilter | None = None,
+    ) -> None:
+        """Record this leader's state (and its filter, for lag) for `projection_status`."""
         ...
 
 
@@ -149,9 +275,47 @@ class ProjectorCoordinator(Protocol):
         """
         ...
 
+    def wait_acquire(
+        self, name: str, *, on_standby: Callable[[], None] | None = None
+    ) -> AbstractAsyncContextManager[Leadership]:
+        """Take leadership of *name*, waiting as a standby while another session leads.
+
+        Takeover is immediate when the leader's session ends (on PostgreSQL the standby blocks
+        in ``pg_advisory_lock``, which the server grants at once). *on_standby* is called once
+        if the name is taken when the call starts. Cancel the call to stop waiting.
+        """
+        ...
+
 
 @runtime_checkable
-class Store(EventStore, EventReader, CheckpointStore, ProjectorCoordinator, Protocol):
+class ProjectionAdmin(Protocol):
+    """Operators' view of projections: status, reset and dead letters.
+
+    .. versionadded:: 0.1
+    """
+
+    async def projection_status(self) -> list[ProjectionStatus]:
+        """One record per projection that has run against this store, by name."""
+        ...
+
+    async def reset_projection(self, name: str, *, wait: bool = False) -> None:
+        """Forget *name*'s checkpoint and dead letters, so its next run rebuilds from the start.
+
+        Raises:
+            ProjectionRunning: an instance runs it and *wait* is False.
+            ProjectionNotFound: no projection of that name has run here.
+        """
+        ...
+
+    async def dead_letters(self, name: str) -> list[DeadLetter]:
+        """The events *name* skipped and that have not been replayed, in position order."""
+        ...
+
+
+@runtime_checkable
+class Store(
+    EventStore, EventReader, CheckpointStore, ProjectorCoordinator, ProjectionAdmin, Protocol
+):
     """A backend providing all four capabilities, as the memory and PostgreSQL stores do.
 
     .. versionadded:: 0.1

@@ -1,29 +1,46 @@
-"""The in-memory backend: all four protocols in pure Trio, for tests, examples and embedding."""
+"""The in-memory backend: every protocol in pure Trio, for tests, examples and embedding."""
 
 from __future__ import annotations
 
 import bisect
 import datetime as dt
 import json
+import os
+import socket
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import final
+from typing import Literal, final, overload
 
 import attrs
 import trio
 
 from .._errors import (
     CheckpointConflict,
+    DatabaseNotAvailable,
     DuplicateEventId,
+    EventDecodeError,
     InvalidArgument,
+    LeadershipLost,
     LeadershipUnavailable,
+    ProjectionNotFound,
+    ProjectionRunning,
     StoreClosed,
     VersionConflict,
 )
-from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, prepare_appends
+from .._events import (
+    AppendResult,
+    NewEvent,
+    RecordedEvent,
+    StreamAppend,
+    UndecodableEvent,
+    prepare_appends,
+)
 from .._filters import EventFilter
 from .._positions import Position
+from .._protocols import Database
+from .._status import DeadLetter, LeaderInfo, ProjectionState, ProjectionStatus
 from .._validation import (
     check_expected_version,
     check_limit,
@@ -32,6 +49,10 @@ from .._validation import (
     check_version_cursor,
     encode_json_object,
 )
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 @attrs.frozen
@@ -48,27 +69,135 @@ class _StoredEvent:
     metadata_json: str
     recorded_at: dt.datetime
 
-    def to_recorded(self) -> RecordedEvent:
+    def decode(self) -> RecordedEvent | UndecodableEvent:
+        try:
+            data = json.loads(self.data_json)
+            metadata = json.loads(self.metadata_json)
+            if not isinstance(data, dict) or not isinstance(metadata, dict):
+                raise ValueError("data and metadata must be JSON objects")
+        except ValueError as exc:
+            return UndecodableEvent(
+                event_id=self.event_id,
+                stream_id=self.stream_id,
+                stream_version=self.stream_version,
+                position=self.position,
+                type=self.type,
+                raw_data=self.data_json,
+                raw_metadata=self.metadata_json,
+                recorded_at=self.recorded_at,
+                error=str(exc),
+            )
         return RecordedEvent(
             event_id=self.event_id,
             stream_id=self.stream_id,
             stream_version=self.stream_version,
             position=self.position,
             type=self.type,
-            data=json.loads(self.data_json),
-            metadata=json.loads(self.metadata_json),
+            data=data,
+            metadata=metadata,
             recorded_at=self.recorded_at,
         )
 
+    def to_recorded(self) -> RecordedEvent:
+        decoded = self.decode()
+        if isinstance(decoded, UndecodableEvent):
+            raise EventDecodeError(
+                f"event at {self.position} cannot be decoded: {decoded.error}",
+                position=self.position,
+            )
+        return decoded
+
+
+@attrs.define
+class _Projection:
+    # What projection_status reports for one name; updated by leaders through report().
+    state: ProjectionState = ProjectionState.STOPPED
+    filter: EventFilter | None = None
+    last_error: str | None = None
+    leader: LeaderInfo | None = None
+    updated_at: dt.datetime | None = None
+
 
 @final
-class MemoryLeadership:
-    """Leadership of a name in a `MemoryStore`; obtained only from `MemoryStore.try_acquire`.
+class MemoryBatch:
+    """A staged transaction of a `MemoryLeadership`; applied whole when its block ends.
 
     .. versionadded:: 0.1
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, store: MemoryStore, leadership: MemoryLeadership) -> None:
+        self._store = store
+        self._leadership = leadership
+        self._checkpoint: tuple[Position | None, Position] | None = None
+        self._dead_letters: list[DeadLetter] = []
+        self._resolved: set[uuid.UUID] = set()
+
+    @property
+    def db(self) -> Database:
+        """Not available on the memory store.
+
+        Raises:
+            DatabaseNotAvailable: always.
+        """
+        raise DatabaseNotAvailable(
+            "the in-memory store has no database, so ctx.db is unavailable: use "
+            "open_postgres_store() for projections that write through ctx.db, or keep the read "
+            "model in the projector object"
+        )
+
+    async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
+        """Stage moving the checkpoint from *expected* to *position*."""
+        await trio.lowlevel.checkpoint()
+        self._checkpoint = (expected, position)
+
+    async def record_dead_letter(
+        self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
+    ) -> None:
+        """Stage a dead letter for *event*."""
+        await trio.lowlevel.checkpoint()
+        self._dead_letters.append(
+            DeadLetter(
+                id=uuid.uuid4(),
+                projection=self._leadership.name,
+                event=event,
+                error_type=f"{type(error).__module__}.{type(error).__qualname__}",
+                error_message=str(error),
+                retries=retries,
+                recorded_at=_now(),
+            )
+        )
+
+    async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
+        """Stage removing a replayed dead letter."""
+        await trio.lowlevel.checkpoint()
+        self._resolved.add(dead_letter_id)
+
+    def _commit(self) -> None:
+        # Synchronous: the whole batch becomes visible at once, or (on an error) nothing.
+        store, name = self._store, self._leadership.name
+        if not self._leadership.is_held:
+            raise LeadershipLost(f"leadership of {name!r} was lost; the batch was not committed")
+        if self._checkpoint is not None:
+            expected, position = self._checkpoint
+            current = store._checkpoints.get(name)
+            if current != expected:
+                raise CheckpointConflict(name, position, current)
+            store._checkpoints[name] = position
+        letters = store._dead_letters.setdefault(name, [])
+        letters[:] = [d for d in letters if d.id not in self._resolved]
+        letters.extend(self._dead_letters)
+        store._projection(name).updated_at = _now()
+
+
+@final
+class MemoryLeadership:
+    """Leadership of a name in a `MemoryStore`; obtained only from its ``*_acquire`` methods.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, store: MemoryStore, name: str) -> None:
+        self._store = store
         self._name = name
         # Set once: when the leadership is released or revoked. Never cleared.
         self._lost = trio.Event()
@@ -87,14 +216,51 @@ class MemoryLeadership:
         """Return once the leadership is released or revoked."""
         await self._lost.wait()
 
+    @asynccontextmanager
+    async def open_batch(self) -> AsyncIterator[MemoryBatch]:
+        """Stage a batch; it is applied when the block ends without an exception.
+
+        Raises:
+            LeadershipLost: the leadership was lost before or during the batch.
+        """
+        if not self.is_held:
+            raise LeadershipLost(f"leadership of {self._name!r} was lost")
+        batch = MemoryBatch(self._store, self)
+        yield batch
+        await trio.lowlevel.checkpoint()
+        batch._commit()
+
+    async def report(
+        self,
+        state: ProjectionState,
+        *,
+        error: str | None = None,
+        filter: EventFilter | None = None,
+    ) -> None:
+        """Record this leader's state for `MemoryStore.projection_status`."""
+        await trio.lowlevel.checkpoint()
+        if not self.is_held:
+            raise LeadershipLost(f"leadership of {self._name!r} was lost")
+        record = self._store._projection(self._name)
+        record.state = state
+        record.last_error = error
+        if filter is not None:
+            record.filter = filter
+        record.leader = (
+            LeaderInfo(pid=os.getpid(), host=socket.gethostname(), application_name="memory")
+            if state is ProjectionState.RUNNING
+            else None
+        )
+        record.updated_at = _now()
+
 
 @final
 class MemoryStore:
-    """An event store, event reader, checkpoint store and coordinator held in memory.
+    """An event store, reader, checkpoint store, coordinator and admin held in memory.
 
     Obtain one with `open_memory_store`. It has the same semantics as the PostgreSQL store,
     checked by the same contract suite, but it is process-local and lost when closed; its
-    leadership is exclusive among tasks of one process only.
+    leadership is exclusive among the tasks of one process only.
 
     .. versionadded:: 0.1
     """
@@ -108,6 +274,11 @@ class MemoryStore:
         self._event_ids: set[uuid.UUID] = set()
         self._checkpoints: dict[str, Position] = {}
         self._leaders: dict[str, MemoryLeadership] = {}
+        self._waiting: Counter[str] = Counter()
+        self._projections: dict[str, _Projection] = {}
+        self._dead_letters: dict[str, list[DeadLetter]] = {}
+        # Set (and replaced) on every append, for wait_for_events.
+        self._appended = trio.Event()
         # Ordinal of the last append ("transaction"); the commit part of every position.
         self._commit = 0
         self._closed = False
@@ -117,6 +288,11 @@ class MemoryStore:
             raise StoreClosed(
                 "this MemoryStore was closed; open a new one with open_memory_store()"
             )
+
+    def _projection(self, name: str) -> _Projection:
+        return self._projections.setdefault(name, _Projection())
+
+    # -- EventStore ---------------------------------------------------------------------
 
     async def append(
         self,
@@ -165,29 +341,35 @@ class MemoryStore:
                 None, {r.stream_id: len(self._streams.get(r.stream_id, ())) for r in requests}
             )
         self._commit += 1
-        now = dt.datetime.now(dt.UTC)
+        now = _now()
         versions: dict[str, int] = {}
         position: Position | None = None
         for request, batch in zip(requests, encoded, strict=True):
             stream = self._streams.setdefault(request.stream_id, [])
             for event, data_json, metadata_json in batch:
                 position = Position(self._commit, len(self._log) + 1)
-                stored = _StoredEvent(
-                    event_id=event.event_id or uuid.uuid4(),
-                    stream_id=request.stream_id,
-                    stream_version=len(stream) + 1,
-                    position=position,
-                    type=event.type,
-                    data_json=data_json,
-                    metadata_json=metadata_json,
-                    recorded_at=now,
+                self._store(
+                    _StoredEvent(
+                        event_id=event.event_id or uuid.uuid4(),
+                        stream_id=request.stream_id,
+                        stream_version=len(stream) + 1,
+                        position=position,
+                        type=event.type,
+                        data_json=data_json,
+                        metadata_json=metadata_json,
+                        recorded_at=now,
+                    )
                 )
-                stream.append(stored)
-                self._log.append(stored)
-                self._positions.append(position)
-                self._event_ids.add(stored.event_id)
             versions[request.stream_id] = len(stream)
+        self._appended.set()
+        self._appended = trio.Event()
         return AppendResult(position, versions)
+
+    def _store(self, stored: _StoredEvent) -> None:
+        self._streams.setdefault(stored.stream_id, []).append(stored)
+        self._log.append(stored)
+        self._positions.append(stored.position)
+        self._event_ids.add(stored.event_id)
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
         """Return a stream's events after *after_version* (see `EventStore.read_stream`)."""
@@ -198,29 +380,64 @@ class MemoryStore:
         stream = self._streams.get(stream_id, [])
         return [e.to_recorded() for e in stream[after_version:]]
 
+    # -- EventReader --------------------------------------------------------------------
+
+    @overload
     async def read_events(
         self,
         after: Position | None,
         *,
         limit: int,
         filter: EventFilter | None = None,
-    ) -> list[RecordedEvent]:
+        undecodable: Literal["raise"] = "raise",
+    ) -> list[RecordedEvent]: ...
+
+    @overload
+    async def read_events(
+        self,
+        after: Position | None,
+        *,
+        limit: int,
+        filter: EventFilter | None = None,
+        undecodable: Literal["include"],
+    ) -> list[RecordedEvent | UndecodableEvent]: ...
+
+    async def read_events(
+        self,
+        after: Position | None,
+        *,
+        limit: int,
+        filter: EventFilter | None = None,
+        undecodable: Literal["raise", "include"] = "raise",
+    ) -> list[RecordedEvent] | list[RecordedEvent | UndecodableEvent]:
         """Return up to *limit* events after *after* (see `EventReader.read_events`)."""
-        if after is not None and not isinstance(after, Position):
-            raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
-        check_limit(limit)
-        if filter is not None and not isinstance(filter, EventFilter):
-            raise InvalidArgument(f"filter must be an EventFilter, got {type(filter).__name__}")
+        _check_read_arguments(after, limit, filter, undecodable)
         await trio.lowlevel.checkpoint()
         self._check_open()
         start = 0 if after is None else bisect.bisect_right(self._positions, after)
-        page: list[RecordedEvent] = []
+        page: list[RecordedEvent | UndecodableEvent] = []
         for stored in self._log[start:]:
             if filter is None or filter.matches(stored.stream_id, stored.type):
-                page.append(stored.to_recorded())
+                page.append(stored.to_recorded() if undecodable == "raise" else stored.decode())
                 if len(page) == limit:
                     break
         return page
+
+    async def last_position(self, filter: EventFilter | None = None) -> Position | None:
+        """The position of the last stored event matching *filter*, or None."""
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        for stored in reversed(self._log):
+            if filter is None or filter.matches(stored.stream_id, stored.type):
+                return stored.position
+        return None
+
+    async def wait_for_events(self) -> None:
+        """Return after the next append (see `EventReader.wait_for_events`)."""
+        self._check_open()
+        await self._appended.wait()
+
+    # -- CheckpointStore ----------------------------------------------------------------
 
     async def load_checkpoint(self, name: str) -> Position | None:
         """Return the saved position for *name* (see `CheckpointStore.load_checkpoint`)."""
@@ -240,6 +457,9 @@ class MemoryStore:
         if current is not None and position < current:
             raise CheckpointConflict(name, position, current)
         self._checkpoints[name] = position
+        self._projection(name).updated_at = _now()
+
+    # -- ProjectorCoordinator -----------------------------------------------------------
 
     @asynccontextmanager
     async def try_acquire(self, name: str) -> AsyncIterator[MemoryLeadership]:
@@ -253,7 +473,32 @@ class MemoryStore:
         self._check_open()
         if name in self._leaders:
             raise LeadershipUnavailable(name)
-        leadership = MemoryLeadership(name)
+        async with self._lead(name) as leadership:
+            yield leadership
+
+    @asynccontextmanager
+    async def wait_acquire(
+        self, name: str, *, on_standby: Callable[[], None] | None = None
+    ) -> AsyncIterator[MemoryLeadership]:
+        """Lead *name* for the block, first waiting while another task leads it."""
+        check_name(name)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if name in self._leaders:
+            if on_standby is not None:
+                on_standby()
+            self._waiting[name] += 1
+            try:
+                while (current := self._leaders.get(name)) is not None:
+                    await current.wait_lost()
+            finally:
+                self._waiting[name] -= 1
+        async with self._lead(name) as leadership:
+            yield leadership
+
+    @asynccontextmanager
+    async def _lead(self, name: str) -> AsyncIterator[MemoryLeadership]:
+        leadership = MemoryLeadership(self, name)
         self._leaders[name] = leadership
         try:
             yield leadership
@@ -264,6 +509,9 @@ class MemoryStore:
     def _release(self, leadership: MemoryLeadership) -> None:
         if self._leaders.get(leadership.name) is leadership:
             del self._leaders[leadership.name]
+            record = self._projections.get(leadership.name)
+            if record is not None:
+                record.leader = None
         leadership._lost.set()
 
     def _revoke_leadership(self, name: str) -> None:
@@ -271,6 +519,106 @@ class MemoryStore:
         leadership = self._leaders.get(name)
         if leadership is not None:
             self._release(leadership)
+
+    def _store_undecodable(self, stream_id: str) -> Position:
+        # Test hook: store a row whose data is not a JSON object, as a foreign writer could.
+        self._commit += 1
+        position = Position(self._commit, len(self._log) + 1)
+        self._store(
+            _StoredEvent(
+                event_id=uuid.uuid4(),
+                stream_id=stream_id,
+                stream_version=len(self._streams.get(stream_id, ())) + 1,
+                position=position,
+                type="Undecodable",
+                data_json="[1, 2, 3]",
+                metadata_json="{}",
+                recorded_at=_now(),
+            )
+        )
+        self._appended.set()
+        self._appended = trio.Event()
+        return position
+
+    # -- ProjectionAdmin ----------------------------------------------------------------
+
+    async def projection_status(self) -> list[ProjectionStatus]:
+        """One record per projection that has run or checkpointed here, by name."""
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        now = _now()
+        result = []
+        for name in sorted(self._projections.keys() | self._checkpoints.keys()):
+            record = self._projection(name)
+            checkpoint = self._checkpoints.get(name)
+            start = 0 if checkpoint is None else bisect.bisect_right(self._positions, checkpoint)
+            pending = [
+                e
+                for e in self._log[start:]
+                if record.filter is None or record.filter.matches(e.stream_id, e.type)
+            ]
+            leading = name in self._leaders
+            if leading:
+                state = ProjectionState.RUNNING
+            elif self._waiting[name]:
+                state = ProjectionState.STANDBY
+            elif record.state is ProjectionState.FAILED:
+                state = ProjectionState.FAILED
+            else:
+                state = ProjectionState.STOPPED
+            result.append(
+                ProjectionStatus(
+                    name=name,
+                    checkpoint=checkpoint,
+                    lag_events=len(pending),
+                    lag_seconds=(now - pending[0].recorded_at).total_seconds() if pending else 0.0,
+                    leader=record.leader if leading else None,
+                    standbys=self._waiting[name],
+                    state=state,
+                    last_error=record.last_error,
+                    updated_at=record.updated_at,
+                    dead_letters=len(self._dead_letters.get(name, ())),
+                )
+            )
+        return result
+
+    async def reset_projection(self, name: str, *, wait: bool = False) -> None:
+        """Forget *name*'s checkpoint and dead letters (see `ProjectionAdmin`)."""
+        check_name(name)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        if name not in self._projections and name not in self._checkpoints:
+            raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
+        if name in self._leaders and not wait:
+            raise ProjectionRunning(name)
+        async with self.wait_acquire(name):
+            self._checkpoints.pop(name, None)
+            self._dead_letters.pop(name, None)
+            record = self._projection(name)
+            record.state, record.last_error, record.updated_at = (
+                ProjectionState.STOPPED,
+                None,
+                _now(),
+            )
+
+    async def dead_letters(self, name: str) -> list[DeadLetter]:
+        """The events *name* skipped and that were not replayed, in position order."""
+        check_name(name)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        return sorted(self._dead_letters.get(name, ()), key=lambda d: d.position)
+
+
+def _check_read_arguments(
+    after: object, limit: object, filter: object, undecodable: object
+) -> None:
+    if after is not None and not isinstance(after, Position):
+        raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
+    check_limit(limit)
+    if filter is not None and not isinstance(filter, EventFilter):
+        raise InvalidArgument(f"filter must be an EventFilter, got {type(filter).__name__}")
+    if undecodable not in ("raise", "include"):
+        raise InvalidArgument(f"undecodable must be 'raise' or 'include', got {undecodable!r}")
 
 
 @asynccontextmanager

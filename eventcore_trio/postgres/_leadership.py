@@ -1,23 +1,39 @@
 """Leadership on PostgreSQL: a session advisory lock on a dedicated connection.
 
-Connection lifetime = lock lifetime. The lock is a *session* lock taken with
-``pg_try_advisory_lock`` on a connection opened for it alone (never a pooled one, which could
-hand the session, and so the lock, to unrelated work). The lock ends exactly when the session
-ends: on release, on a crash of this process (the server notices the closed socket), on
-``pg_terminate_backend``, and, when the host vanishes from the network, once the server-side
-TCP keepalives below give up (about 15 s).
+Connection lifetime = lock lifetime. The lock is a *session* lock taken on a connection opened
+for it alone (never a pooled one, which could hand the session, and so the lock, to unrelated
+work). The lock ends exactly when the session ends: on release, on a crash of this process
+(the server notices the closed socket), on ``pg_terminate_backend``, and, when the host
+vanishes from the network, once the server-side TCP keepalives below give up (about 15 s).
+
+Batches run on this same session, which is what fences a deposed leader: a session that has
+lost its lock is a dead session, and a dead session cannot commit.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Final, final
 
+import attrs
 import trio
 
 from .._concurrency import background
-from .._errors import LeadershipLost, LeadershipUnavailable, StoreConnectionError
+from .._errors import (
+    CheckpointConflict,
+    LeadershipLost,
+    LeadershipUnavailable,
+    StoreConnectionError,
+)
+from .._events import RecordedEvent, UndecodableEvent
+from .._filters import EventFilter
+from .._positions import Position, position_parts
+from .._status import ProjectionState
 from ._bridge import Connection, connect
 
 # Server-side TCP keepalives on the lock connection: idle 5 s, then 3 probes 3 s apart. A
@@ -33,21 +49,149 @@ PING_INTERVAL: Final = 0.5
 PING_TIMEOUT: Final = 1.0
 
 
-@final
-class PostgresLeadership:
-    """Leadership of a name, held as a session advisory lock on a dedicated connection.
+@attrs.frozen
+class LeadershipContext:
+    """What a leadership needs from its store: where the tables are, which cluster it is."""
 
-    Obtained only from ``PostgresStore.try_acquire``. `is_held` turns False, and `wait_lost`
-    returns, within about a second of the session ending for any reason.
+    schema: str
+    system_identifier: str | None
+
+    @property
+    def subscriptions(self) -> str:
+        return f'"{self.schema}".subscriptions'
+
+    @property
+    def dead_letters(self) -> str:
+        return f'"{self.schema}".dead_letters'
+
+
+def filter_to_json(event_filter: EventFilter | None) -> str | None:
+    """The filter as stored in ``subscriptions.filter`` (read back by projection_status)."""
+    if event_filter is None:
+        return None
+    return json.dumps(
+        {
+            "event_types": None
+            if event_filter.event_types is None
+            else sorted(event_filter.event_types),
+            "stream_prefix": event_filter.stream_prefix,
+            "stream_pattern": event_filter.stream_pattern,
+        }
+    )
+
+
+@final
+class PostgresBatch:
+    """A transaction on the leader's session; obtained from `PostgresLeadership.open_batch`.
 
     .. versionadded:: 0.1
     """
 
-    def __init__(self, name: str, key: int, connection: Connection) -> None:
+    def __init__(self, connection: Connection, name: str, context: LeadershipContext) -> None:
+        self._connection = connection
+        self._name = name
+        self._context = context
+
+    @property
+    def db(self) -> Connection:
+        """The transaction, for the projector's own writes (``ctx.db``)."""
+        return self._connection
+
+    async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
+        """Move the checkpoint from *expected* to *position* in this transaction (CAS).
+
+        Raises:
+            CheckpointConflict: the stored checkpoint is not *expected*.
+        """
+        tx, seq = position_parts(position)
+        expected_tx, expected_seq = (None, None) if expected is None else position_parts(expected)
+        # One statement: insert the row, or move it only from exactly the expected position.
+        # A second writer (a deposed leader, an operator) makes this return no row.
+        saved = await self._connection.fetchval(
+            f"INSERT INTO {self._context.subscriptions} AS c "
+            "(subscription_name, tx, position, system_identifier, updated_at) "
+            "VALUES ($1, $2, $3, $4, now()) "
+            "ON CONFLICT (subscription_name) DO UPDATE "
+            "SET tx = excluded.tx, position = excluded.position, "
+            "system_identifier = excluded.system_identifier, updated_at = now() "
+            "WHERE c.tx IS NOT DISTINCT FROM $5::bigint "
+            "AND c.position IS NOT DISTINCT FROM $6::bigint "
+            "RETURNING 1",
+            self._name,
+            tx,
+            seq,
+            self._context.system_identifier,
+            expected_tx,
+            expected_seq,
+        )
+        if saved is None:
+            row = await self._connection.fetchrow(
+                f"SELECT tx, position FROM {self._context.subscriptions} "
+                "WHERE subscription_name = $1",
+                self._name,
+            )
+            current = None
+            if row is not None and row["tx"] is not None:
+                current = Position(row["tx"], row["position"])
+            raise CheckpointConflict(self._name, position, current)
+
+    async def record_dead_letter(
+        self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
+    ) -> None:
+        """Record *event* as skipped, in this transaction."""
+        tx, seq = position_parts(event.position)
+        if isinstance(event, RecordedEvent):
+            data, metadata, decode_error = json.dumps(event.data), json.dumps(event.metadata), None
+        else:
+            data, metadata, decode_error = event.raw_data, event.raw_metadata, event.error
+        await self._connection.execute(
+            f"INSERT INTO {self._context.dead_letters} (subscription_name, tx, position, "
+            "event_id, stream_id, stream_version, type, data, metadata, decode_error, "
+            "event_recorded_at, error_type, error_message, retries) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            self._name,
+            tx,
+            seq,
+            event.event_id,
+            event.stream_id,
+            event.stream_version,
+            event.type,
+            data,
+            metadata,
+            decode_error,
+            event.recorded_at,
+            f"{type(error).__module__}.{type(error).__qualname__}",
+            str(error),
+            retries,
+        )
+
+    async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
+        """Delete a replayed dead letter, in this transaction."""
+        await self._connection.execute(
+            f"DELETE FROM {self._context.dead_letters} WHERE id = $1 AND subscription_name = $2",
+            dead_letter_id,
+            self._name,
+        )
+
+
+@final
+class PostgresLeadership:
+    """Leadership of a name, held as a session advisory lock on a dedicated connection.
+
+    Obtained only from ``PostgresStore.try_acquire`` and ``wait_acquire``. `is_held` turns
+    False, and `wait_lost` returns, within about a second of the session ending.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self, name: str, key: int, connection: Connection, context: LeadershipContext
+    ) -> None:
         self._name = name
         self._key = key
-        # The lock-holding session; closing it releases the lock. Owned by try_acquire.
+        # The lock-holding session; closing it releases the lock. Owned by acquire_leadership.
         self._connection = connection
+        self._context = context
         # Serialises use of the connection between the keepalive and work done under the lock.
         self._connection_lock = trio.Lock()
         # Set once, when the lock is known to be lost or has been released. Never cleared.
@@ -60,7 +204,7 @@ class PostgresLeadership:
 
     @property
     def lock_key(self) -> int:
-        """The bigint advisory-lock key held (see `eventcore_trio.postgres` for its derivation)."""
+        """The bigint advisory-lock key held (see `projector_lock_key`)."""
         return self._key
 
     @property
@@ -76,6 +220,53 @@ class PostgresLeadership:
     async def wait_lost(self) -> None:
         """Return once the lock is lost (the session ended) or released."""
         await self._lost.wait()
+
+    @asynccontextmanager
+    async def open_batch(self) -> AsyncIterator[PostgresBatch]:
+        """Open a transaction on the lock-holding session; commit when the block ends.
+
+        Raises:
+            LeadershipLost: the lock was lost before the batch or while it ran (the
+                transaction did not commit).
+        """
+        async with self._use() as connection:
+            try:
+                async with connection.transaction():
+                    yield PostgresBatch(connection, self._name, self._context)
+            except StoreConnectionError as exc:
+                self._mark_lost()
+                raise LeadershipLost(
+                    f"the lock session of {self._name!r} ended during a batch; the batch did "
+                    "not commit and another instance may lead now"
+                ) from exc
+
+    async def report(
+        self,
+        state: ProjectionState,
+        *,
+        error: str | None = None,
+        filter: EventFilter | None = None,
+    ) -> None:
+        """Record this leader's state, identity and filter in ``subscriptions``."""
+        running = state is ProjectionState.RUNNING
+        async with self._use() as connection:
+            await connection.execute(
+                f"INSERT INTO {self._context.subscriptions} AS c (subscription_name, state, "
+                "last_error, filter, leader_pid, leader_host, leader_application, updated_at) "
+                "VALUES ($1, $2, $3, $4::jsonb, $5, $6, current_setting('application_name'), "
+                "now()) "
+                "ON CONFLICT (subscription_name) DO UPDATE SET state = excluded.state, "
+                "last_error = excluded.last_error, "
+                "filter = coalesce(excluded.filter, c.filter), "
+                "leader_pid = excluded.leader_pid, leader_host = excluded.leader_host, "
+                "leader_application = excluded.leader_application, updated_at = now()",
+                self._name,
+                state.value if state is not ProjectionState.STANDBY else "stopped",
+                error,
+                filter_to_json(filter),
+                os.getpid() if running else None,
+                socket.gethostname() if running else None,
+            )
 
     @asynccontextmanager
     async def _use(self) -> AsyncIterator[Connection]:
@@ -114,10 +305,13 @@ async def acquire_leadership(
     *,
     name: str,
     key: int,
+    context: LeadershipContext,
     application_name: str,
     connect_timeout: float,
+    wait: bool,
+    on_standby: Callable[[], None] | None = None,
 ) -> AsyncIterator[PostgresLeadership]:
-    """Open a dedicated connection, try the lock once, and hold it for the block."""
+    """Open a dedicated connection, take the lock (or wait for it), hold it for the block."""
     connection = await connect(
         dsn,
         application_name=application_name,
@@ -128,8 +322,14 @@ async def acquire_leadership(
     try:
         acquired = await connection.fetchval("SELECT pg_try_advisory_lock($1)", key)
         if not acquired:
-            raise LeadershipUnavailable(name)
-        leadership = PostgresLeadership(name, key, connection)
+            if not wait:
+                raise LeadershipUnavailable(name)
+            if on_standby is not None:
+                on_standby()
+            # Standby: block in the server until the leader's session ends, which grants the
+            # lock at once (fast failover). Cancellation cancels the query.
+            await connection.execute("SELECT pg_advisory_lock($1)", key)
+        leadership = PostgresLeadership(name, key, connection, context)
         connection.add_termination_listener(leadership._mark_lost)
         async with background(leadership._keepalive):
             yield leadership

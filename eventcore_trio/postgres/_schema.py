@@ -164,6 +164,43 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     END
     $fn$;
     """,
+    # 2: projection state for status, reset and dead letters.
+    """
+    ALTER TABLE {s}.subscriptions
+        ALTER COLUMN tx DROP NOT NULL,
+        ALTER COLUMN position DROP NOT NULL,
+        -- The projector's filter as JSON, so status can count lag in matching events.
+        ADD COLUMN filter jsonb,
+        ADD COLUMN state text NOT NULL DEFAULT 'stopped'
+            CHECK (state IN ('running', 'failed', 'stopped')),
+        ADD COLUMN leader_pid integer,
+        ADD COLUMN leader_host text,
+        ADD COLUMN leader_application text,
+        ADD COLUMN last_error text,
+        ADD CONSTRAINT subscriptions_position_pair CHECK ((tx IS NULL) = (position IS NULL));
+
+    CREATE TABLE {s}.dead_letters (
+        id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+        subscription_name text COLLATE "C" NOT NULL,
+        tx bigint NOT NULL,
+        position bigint NOT NULL,
+        event_id uuid NOT NULL,
+        stream_id text COLLATE "C" NOT NULL,
+        stream_version bigint NOT NULL,
+        type text COLLATE "C" NOT NULL,
+        -- Kept as text: an undecodable event is stored exactly as it was read.
+        data text NOT NULL,
+        metadata text NOT NULL,
+        decode_error text,
+        event_recorded_at timestamptz NOT NULL,
+        error_type text NOT NULL,
+        error_message text NOT NULL,
+        retries integer NOT NULL,
+        recorded_at timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE INDEX dead_letters_subscription_idx
+        ON {s}.dead_letters (subscription_name, tx, position);
+    """,
 )
 
 LATEST_SCHEMA_VERSION: Final = len(_MIGRATIONS)

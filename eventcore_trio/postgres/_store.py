@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Final, final
+from typing import Any, Final, Literal, final, overload
 
+import trio
+
+from .._concurrency import service_nursery
 from .._errors import (
     CheckpointConflict,
     ClusterMismatch,
@@ -15,12 +19,30 @@ from .._errors import (
     DatabaseError,
     EventDecodeError,
     InvalidArgument,
+    LeadershipUnavailable,
+    ProjectionNotFound,
+    ProjectionRunning,
     StoreClosed,
+    StoreConnectionError,
     UnsupportedServer,
 )
-from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, prepare_appends
+from .._events import (
+    AppendResult,
+    NewEvent,
+    RecordedEvent,
+    StreamAppend,
+    UndecodableEvent,
+    prepare_appends,
+)
 from .._filters import EventFilter
 from .._positions import Position, position_parts
+from .._status import (
+    DeadLetter,
+    LeaderInfo,
+    OpenTransaction,
+    ProjectionState,
+    ProjectionStatus,
+)
 from .._validation import (
     check_expected_version,
     check_limit,
@@ -31,7 +53,7 @@ from .._validation import (
 )
 from . import _bridge
 from ._keys import projector_lock_key
-from ._leadership import PostgresLeadership, acquire_leadership
+from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._schema import (
     MINIMUM_SERVER_VERSION_NUM,
     check_schema,
@@ -60,12 +82,41 @@ def _next_prefix(prefix: str) -> str | None:
     return None
 
 
+def _filter_clauses(event_filter: EventFilter | None, args: list[object]) -> list[str]:
+    # Filters become WHERE clauses, so they apply before the LIMIT; parameters are appended
+    # to *args* and numbered after what is already there.
+    clauses: list[str] = []
+    if event_filter is None:
+        return clauses
+    if event_filter.event_types is not None:
+        args.append(sorted(event_filter.event_types))
+        clauses.append(f"type = ANY(${len(args)}::text[])")
+    if event_filter.stream_prefix is not None:
+        args.append(event_filter.stream_prefix)
+        clauses.append(f"stream_id >= ${len(args)}")
+        upper = _next_prefix(event_filter.stream_prefix)
+        if upper is not None:
+            args.append(upper)
+            clauses.append(f"stream_id < ${len(args)}")
+    if event_filter.stream_regex is not None:
+        args.append(event_filter.stream_regex)
+        clauses.append(f"stream_id ~ ${len(args)}")
+    return clauses
+
+
+# Gap-free visibility: only rows of transactions below the snapshot's xmin, all of which have
+# ended. A transaction that drew its position early but commits late has a tx at or above
+# today's xmin, so it is read later, never skipped. See docs/postgres.md ("Gap-free reads").
+_VISIBLE: Final = "tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+
+
 @final
 class PostgresStore:
     """An event store on PostgreSQL; obtain one with `open_postgres_store`.
 
     Appends, reads and checkpoints use a connection pool, one statement per call; each
-    leadership uses a dedicated connection of its own.
+    leadership uses a dedicated connection of its own, and `wait_for_events` one shared
+    LISTEN connection, opened on first use.
 
     .. versionadded:: 0.1
     """
@@ -74,6 +125,7 @@ class PostgresStore:
         self,
         *,
         pool: _bridge.Pool,
+        nursery: trio.Nursery,
         dsn: str,
         schema: str,
         system_identifier: str | None,
@@ -82,6 +134,8 @@ class PostgresStore:
         connect_timeout: float,
     ) -> None:
         self._pool = pool
+        # Runs the LISTEN service; cancelled when the store closes.
+        self._nursery = nursery
         self._dsn = dsn
         self._schema = schema
         self._system_identifier = system_identifier
@@ -89,7 +143,13 @@ class PostgresStore:
         self._application_name = application_name
         self._connect_timeout = connect_timeout
         self._closed = False
+        # Set and replaced whenever a notification (or a listener reconnect) says that new
+        # events may be visible. The listener starts with the first wait_for_events().
+        self._appended = trio.Event()
+        self._listening = False
+        self._leadership_context = LeadershipContext(schema, system_identifier)
         s = f'"{schema}"'
+        self._events_table = f"{s}.events"
         self._sql_append = f"SELECT * FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7)"
         self._sql_read_stream = (
             f"SELECT {_EVENT_COLUMNS} FROM {s}.events "
@@ -108,10 +168,9 @@ class PostgresStore:
             "ON CONFLICT (subscription_name) DO UPDATE "
             "SET tx = excluded.tx, position = excluded.position, "
             "system_identifier = excluded.system_identifier, updated_at = now() "
-            "WHERE (c.tx, c.position) <= (excluded.tx, excluded.position) "
+            "WHERE c.tx IS NULL OR (c.tx, c.position) <= (excluded.tx, excluded.position) "
             "RETURNING 1"
         )
-        self._events_table = f"{s}.events"
 
     @property
     def schema(self) -> str:
@@ -193,50 +252,120 @@ class PostgresStore:
 
     # -- EventReader --------------------------------------------------------------------
 
+    @overload
     async def read_events(
         self,
         after: Position | None,
         *,
         limit: int,
         filter: EventFilter | None = None,
-    ) -> list[RecordedEvent]:
-        """Return up to *limit* events after *after* (see `EventReader.read_events`)."""
+        undecodable: Literal["raise"] = "raise",
+    ) -> list[RecordedEvent]: ...
+
+    @overload
+    async def read_events(
+        self,
+        after: Position | None,
+        *,
+        limit: int,
+        filter: EventFilter | None = None,
+        undecodable: Literal["include"],
+    ) -> list[RecordedEvent | UndecodableEvent]: ...
+
+    async def read_events(
+        self,
+        after: Position | None,
+        *,
+        limit: int,
+        filter: EventFilter | None = None,
+        undecodable: Literal["raise", "include"] = "raise",
+    ) -> list[RecordedEvent] | list[RecordedEvent | UndecodableEvent]:
+        """Return up to *limit* events after *after* (see `EventReader.read_events`).
+
+        One statement: the filter and the gap-free visibility rule are WHERE clauses, walked
+        along the ``(tx, position)`` primary key.
+        """
         if after is not None and not isinstance(after, Position):
             raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
         check_limit(limit)
         if filter is not None and not isinstance(filter, EventFilter):
             raise InvalidArgument(f"filter must be an EventFilter, got {type(filter).__name__}")
+        if undecodable not in ("raise", "include"):
+            raise InvalidArgument(f"undecodable must be 'raise' or 'include', got {undecodable!r}")
         self._check_open()
         tx, seq = (0, 0) if after is None else position_parts(after)
-        # Gap-free read: only rows of transactions below the snapshot's xmin, all of which
-        # have ended, in (tx, position) order. A transaction that drew its position early but
-        # commits late has a tx at or above today's xmin, so it is read later, never skipped.
-        # See docs/postgres.md ("Gap-free reads") and DESIGN.md section 4.1.
         args: list[object] = [tx, seq, limit]
-        clauses = [
-            "(tx, position) > ($1, $2)",
-            "tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint",
-        ]
-        if filter is not None:
-            if filter.event_types is not None:
-                args.append(sorted(filter.event_types))
-                clauses.append(f"type = ANY(${len(args)}::text[])")
-            if filter.stream_prefix is not None:
-                args.append(filter.stream_prefix)
-                clauses.append(f"stream_id >= ${len(args)}")
-                upper = _next_prefix(filter.stream_prefix)
-                if upper is not None:
-                    args.append(upper)
-                    clauses.append(f"stream_id < ${len(args)}")
-            if filter.stream_regex is not None:
-                args.append(filter.stream_regex)
-                clauses.append(f"stream_id ~ ${len(args)}")
+        clauses = ["(tx, position) > ($1, $2)", _VISIBLE, *_filter_clauses(filter, args)]
         sql = (
             f"SELECT {_EVENT_COLUMNS} FROM {self._events_table} "
             f"WHERE {' AND '.join(clauses)} ORDER BY tx, position LIMIT $3"
         )
         rows = await self._pool.fetch(sql, *args)
-        return [_to_recorded(row) for row in rows]
+        if undecodable == "raise":
+            return [_to_recorded(row) for row in rows]
+        return [_to_recorded_or_undecodable(row) for row in rows]
+
+    async def last_position(self, filter: EventFilter | None = None) -> Position | None:
+        """The position of the last visible event matching *filter*, or None."""
+        self._check_open()
+        args: list[object] = []
+        clauses = [_VISIBLE, *_filter_clauses(filter, args)]
+        row = await self._pool.fetchrow(
+            f"SELECT tx, position FROM {self._events_table} WHERE {' AND '.join(clauses)} "
+            "ORDER BY tx DESC, position DESC LIMIT 1",
+            *args,
+        )
+        return None if row is None else Position(row["tx"], row["position"])
+
+    async def wait_for_events(self) -> None:
+        """Return when a NOTIFY says an append committed (see `EventReader.wait_for_events`).
+
+        The first call starts one LISTEN connection for the store, which reconnects with
+        backoff if it is lost; a (re)connect also wakes waiters, since notifications may have
+        been missed meanwhile. Bound each wait with a cancel scope and poll as well.
+        """
+        self._check_open()
+        if not self._listening:
+            self._listening = True
+            self._nursery.start_soon(self._listen)
+        await self._appended.wait()
+
+    def _wake(self) -> None:
+        self._appended.set()
+        self._appended = trio.Event()
+
+    async def _listen(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                connection = await _bridge.connect(
+                    self._dsn,
+                    application_name=f"{self._application_name} listener",
+                    connect_timeout=self._connect_timeout,
+                )
+                try:
+                    lost = trio.Event()
+                    connection.add_termination_listener(lost.set)
+                    async with connection.listen(self.notify_channel) as notifications:
+                        self._wake()
+                        backoff = 0.1
+                        async with trio.open_nursery() as nursery:
+
+                            async def relay() -> None:
+                                async for _ in notifications:
+                                    self._wake()
+
+                            nursery.start_soon(relay)
+                            await lost.wait()
+                            nursery.cancel_scope.cancel()
+                finally:
+                    await connection.close()
+            except StoreConnectionError:
+                pass
+            # Lost or never made: wake pollers (they re-read anyway) and try again later.
+            self._wake()
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 5.0)
 
     # -- CheckpointStore ----------------------------------------------------------------
 
@@ -250,7 +379,7 @@ class PostgresStore:
         check_name(name)
         self._check_open()
         row = await self._pool.fetchrow(self._sql_load_checkpoint, name)
-        if row is None:
+        if row is None or row["tx"] is None:
             return None
         saved_on = row["system_identifier"]
         if saved_on is not None and self._system_identifier not in (None, saved_on):
@@ -293,31 +422,251 @@ class PostgresStore:
             LeadershipUnavailable: another session holds the lock.
             StoreConnectionError: the server cannot be reached.
         """
+        async with self._acquire(name, wait=False) as leadership:
+            yield leadership
+
+    @asynccontextmanager
+    async def wait_acquire(
+        self, name: str, *, on_standby: Callable[[], None] | None = None
+    ) -> AsyncIterator[PostgresLeadership]:
+        """Lead *name* for the block, first standing by while another session leads.
+
+        The standby blocks in ``pg_advisory_lock`` on its dedicated connection, so the server
+        hands it the lock the moment the leader's session ends. Cancel to stop waiting.
+
+        Raises:
+            StoreConnectionError: the server cannot be reached, or the session was lost while
+                standing by.
+        """
+        async with self._acquire(name, wait=True, on_standby=on_standby) as leadership:
+            yield leadership
+
+    @asynccontextmanager
+    async def _acquire(
+        self, name: str, *, wait: bool, on_standby: Callable[[], None] | None = None
+    ) -> AsyncIterator[PostgresLeadership]:
         check_name(name)
         self._check_open()
         async with acquire_leadership(
             self._dsn,
             name=name,
             key=projector_lock_key(self._schema, name),
+            context=self._leadership_context,
             application_name=f"{self._application_name} leader {name}",
             connect_timeout=self._connect_timeout,
+            wait=wait,
+            on_standby=on_standby,
         ) as leadership:
             yield leadership
 
+    # -- ProjectionAdmin ----------------------------------------------------------------
 
-def _to_recorded(row: _bridge.Record) -> RecordedEvent:
+    async def projection_status(self) -> list[ProjectionStatus]:
+        """One record per projection that has run or checkpointed here (see `ProjectionAdmin`).
+
+        Lag counts visible events after the checkpoint that match the projector's filter, so
+        it costs a range scan per projection: an operator's call, not a hot path.
+        """
+        self._check_open()
+        s = f'"{self._schema}"'
+        rows = await self._pool.fetch(
+            "SELECT c.subscription_name, c.tx, c.position, c.filter::text AS filter, c.state, "
+            "c.leader_pid, c.leader_host, c.leader_application, c.last_error, c.updated_at, "
+            f"(SELECT count(*) FROM {s}.dead_letters d "
+            " WHERE d.subscription_name = c.subscription_name) AS dead_letters "
+            f"FROM {s}.subscriptions c ORDER BY c.subscription_name"
+        )
+        locks = await self._pool.fetch(
+            "SELECT ((classid::bigint << 32) | objid::bigint) AS key, granted, count(*) AS n "
+            "FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+            "GROUP BY 1, 2"
+        )
+        holders = {(r["key"], r["granted"]): int(r["n"]) for r in locks}
+        held_back_by = await self._oldest_open_transaction()
+        now = dt.datetime.now(dt.UTC)
+        result = []
+        for row in rows:
+            name = row["subscription_name"]
+            key = projector_lock_key(self._schema, name)
+            checkpoint = None if row["tx"] is None else Position(row["tx"], row["position"])
+            event_filter = _filter_from_json(row["filter"])
+            lag_events, oldest = await self._lag(checkpoint, event_filter)
+            leading = holders.get((key, True), 0) > 0
+            standbys = holders.get((key, False), 0)
+            if leading:
+                state = ProjectionState.RUNNING
+            elif standbys:
+                state = ProjectionState.STANDBY
+            elif row["state"] == "failed":
+                state = ProjectionState.FAILED
+            else:
+                state = ProjectionState.STOPPED
+            leader = None
+            if leading and row["leader_pid"] is not None:
+                leader = LeaderInfo(
+                    pid=row["leader_pid"],
+                    host=row["leader_host"],
+                    application_name=row["leader_application"],
+                )
+            result.append(
+                ProjectionStatus(
+                    name=name,
+                    checkpoint=checkpoint,
+                    lag_events=lag_events,
+                    lag_seconds=0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()),
+                    leader=leader,
+                    standbys=standbys,
+                    state=state,
+                    last_error=row["last_error"],
+                    updated_at=row["updated_at"],
+                    dead_letters=int(row["dead_letters"]),
+                    held_back_by=held_back_by,
+                )
+            )
+        return result
+
+    async def _lag(
+        self, checkpoint: Position | None, event_filter: EventFilter | None
+    ) -> tuple[int, dt.datetime | None]:
+        tx, seq = (0, 0) if checkpoint is None else position_parts(checkpoint)
+        args: list[object] = [tx, seq]
+        clauses = ["(tx, position) > ($1, $2)", _VISIBLE, *_filter_clauses(event_filter, args)]
+        row = await self._pool.fetchrow(
+            f"SELECT count(*) AS n, min(recorded_at) AS oldest FROM {self._events_table} "
+            f"WHERE {' AND '.join(clauses)}",
+            *args,
+        )
+        assert row is not None
+        return int(row["n"]), row["oldest"]
+
+    async def _oldest_open_transaction(self) -> OpenTransaction | None:
+        # The transaction whose id is the cluster's snapshot xmin holds every reader back.
+        row = await self._pool.fetchrow(
+            "SELECT pid, application_name, state, xact_start, left(query, 200) AS query "
+            "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+            "ORDER BY age(backend_xid) DESC LIMIT 1"
+        )
+        if row is None:
+            return None
+        return OpenTransaction(
+            pid=row["pid"],
+            application_name=row["application_name"] or "",
+            state=row["state"] or "",
+            started_at=row["xact_start"],
+            query=row["query"] or "",
+        )
+
+    async def reset_projection(self, name: str, *, wait: bool = False) -> None:
+        """Forget *name*'s checkpoint and dead letters, so its next run rebuilds from scratch.
+
+        Takes the projection's leadership for the reset, so it never races a running
+        instance.
+
+        Raises:
+            ProjectionRunning: another session leads it and *wait* is False.
+            ProjectionNotFound: no projection of that name has run against this store.
+        """
+        check_name(name)
+        self._check_open()
+        s = f'"{self._schema}"'
+        exists = await self._pool.fetchval(
+            f"SELECT 1 FROM {s}.subscriptions WHERE subscription_name = $1", name
+        )
+        if exists is None:
+            raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
+        try:
+            async with (
+                self._acquire(name, wait=wait) as leadership,
+                leadership._use() as conn,
+                conn.transaction(),
+            ):
+                await conn.execute(
+                    f"UPDATE {s}.subscriptions SET tx = NULL, position = NULL, "
+                    "state = 'stopped', last_error = NULL, updated_at = now() "
+                    "WHERE subscription_name = $1",
+                    name,
+                )
+                await conn.execute(
+                    f"DELETE FROM {s}.dead_letters WHERE subscription_name = $1", name
+                )
+        except LeadershipUnavailable as exc:
+            raise ProjectionRunning(name) from exc
+
+    async def dead_letters(self, name: str) -> list[DeadLetter]:
+        """The events *name* skipped and that were not replayed, in position order."""
+        check_name(name)
+        self._check_open()
+        rows = await self._pool.fetch(
+            f'SELECT * FROM "{self._schema}".dead_letters WHERE subscription_name = $1 '
+            "ORDER BY tx, position",
+            name,
+        )
+        return [_to_dead_letter(row) for row in rows]
+
+
+def _filter_from_json(text: str | None) -> EventFilter | None:
+    if text is None:
+        return None
+    fields: dict[str, Any] = json.loads(text)
+    return EventFilter(**fields)
+
+
+def _to_dead_letter(row: _bridge.Record) -> DeadLetter:
+    position = Position(row["tx"], row["position"])
+    event: RecordedEvent | UndecodableEvent
+    if row["decode_error"] is None:
+        event = RecordedEvent(
+            event_id=row["event_id"],
+            stream_id=row["stream_id"],
+            stream_version=row["stream_version"],
+            position=position,
+            type=row["type"],
+            data=json.loads(row["data"]),
+            metadata=json.loads(row["metadata"]),
+            recorded_at=row["event_recorded_at"],
+        )
+    else:
+        event = UndecodableEvent(
+            event_id=row["event_id"],
+            stream_id=row["stream_id"],
+            stream_version=row["stream_version"],
+            position=position,
+            type=row["type"],
+            raw_data=row["data"],
+            raw_metadata=row["metadata"],
+            recorded_at=row["event_recorded_at"],
+            error=row["decode_error"],
+        )
+    return DeadLetter(
+        id=row["id"],
+        projection=row["subscription_name"],
+        event=event,
+        error_type=row["error_type"],
+        error_message=row["error_message"],
+        retries=row["retries"],
+        recorded_at=row["recorded_at"],
+    )
+
+
+def _decode_row(row: _bridge.Record) -> RecordedEvent | UndecodableEvent:
     position = Position(row["tx"], row["position"])
     try:
         data = json.loads(row["data"])
         metadata = json.loads(row["metadata"])
+        if not isinstance(data, dict) or not isinstance(metadata, dict):
+            raise ValueError("data and metadata must be JSON objects")
     except ValueError as exc:
-        raise EventDecodeError(
-            f"event at {position} has undecodable JSON: {exc}", position=position
-        ) from exc
-    if not isinstance(data, dict) or not isinstance(metadata, dict):
-        raise EventDecodeError(
-            f"event at {position} has data or metadata that is not a JSON object",
+        return UndecodableEvent(
+            event_id=row["event_id"],
+            stream_id=row["stream_id"],
+            stream_version=row["stream_version"],
             position=position,
+            type=row["type"],
+            raw_data=row["data"],
+            raw_metadata=row["metadata"],
+            recorded_at=row["recorded_at"],
+            error=str(exc),
         )
     return RecordedEvent(
         event_id=row["event_id"],
@@ -329,6 +678,21 @@ def _to_recorded(row: _bridge.Record) -> RecordedEvent:
         metadata=metadata,
         recorded_at=row["recorded_at"],
     )
+
+
+def _to_recorded_or_undecodable(row: _bridge.Record) -> RecordedEvent | UndecodableEvent:
+    return _decode_row(row)
+
+
+def _to_recorded(row: _bridge.Record) -> RecordedEvent:
+    decoded = _decode_row(row)
+    if isinstance(decoded, UndecodableEvent):
+        raise EventDecodeError(
+            f"event at {decoded.position} cannot be decoded: {decoded.error}; read it with "
+            "undecodable='include' to handle it",
+            position=decoded.position,
+        )
+    return decoded
 
 
 def _check_positive(option: str, value: object) -> None:
@@ -402,6 +766,7 @@ async def open_postgres_store(
             application_name=application_name,
             connect_timeout=connect_timeout,
         ) as pool,
+        service_nursery() as nursery,
     ):
         version = int(await pool.fetchval("SELECT current_setting('server_version_num')"))
         if version < MINIMUM_SERVER_VERSION_NUM:
@@ -416,6 +781,7 @@ async def open_postgres_store(
             await check_schema(pool, schema)
         store = PostgresStore(
             pool=pool,
+            nursery=nursery,
             dsn=dsn,
             schema=schema,
             system_identifier=system_identifier,

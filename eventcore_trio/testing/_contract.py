@@ -583,7 +583,7 @@ class StoreContract:
             ),
             lambda: store.read_stream("s", after_version=-1),
             lambda: store.read_events(None, limit=0),
-            lambda: store.read_events("1:2", limit=1),  # type: ignore[arg-type]
+            lambda: store.read_events("1:2", limit=1),  # type: ignore[call-overload]
             lambda: store.save_checkpoint("p", "1:2"),  # type: ignore[arg-type]
             lambda: store.load_checkpoint(""),
         ]

@@ -1,0 +1,122 @@
+"""Values describing projections at rest: status records, leaders, dead letters."""
+
+from __future__ import annotations
+
+import datetime as dt
+import enum
+import uuid
+from typing import final
+
+import attrs
+
+from ._events import RecordedEvent, UndecodableEvent
+from ._positions import Position
+
+
+class ProjectionState(enum.Enum):
+    """What a projection is doing, as seen by `projection_status`.
+
+    .. versionadded:: 0.1
+    """
+
+    #: A leader holds the projection's lock and applies events.
+    RUNNING = "running"
+    #: Nobody leads, but at least one instance waits to take over.
+    STANDBY = "standby"
+    #: The last leader stopped on a fatal error (see ``last_error``).
+    FAILED = "failed"
+    #: Nobody leads or waits.
+    STOPPED = "stopped"
+
+
+@final
+@attrs.frozen(kw_only=True)
+class LeaderInfo:
+    """Who leads a projection: the operating-system process and its database session.
+
+    .. versionadded:: 0.1
+    """
+
+    pid: int
+    host: str
+    application_name: str
+
+
+@final
+@attrs.frozen(kw_only=True)
+class OpenTransaction:
+    """The oldest open transaction holding every reader back (PostgreSQL only).
+
+    .. versionadded:: 0.1
+    """
+
+    pid: int
+    application_name: str
+    state: str
+    started_at: dt.datetime | None
+    query: str
+
+
+@final
+@attrs.frozen(kw_only=True)
+class ProjectionStatus:
+    """One projection's progress, leader and health.
+
+    Attributes:
+        name: the projector name.
+        checkpoint: the last position applied, or None before the first batch.
+        lag_events: matching events after the checkpoint (visible to readers).
+        lag_seconds: age of the oldest unprocessed matching event; 0 when caught up.
+        leader: who leads now, or None.
+        standbys: how many instances wait to take over.
+        state: running, standby, failed or stopped.
+        last_error: the last fatal error's message, or None.
+        updated_at: when the projection last changed (checkpoint or state).
+        dead_letters: how many skipped events await replay.
+        held_back_by: the oldest open transaction that delays what readers see, if any.
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+    checkpoint: Position | None
+    lag_events: int
+    lag_seconds: float
+    leader: LeaderInfo | None
+    standbys: int
+    state: ProjectionState
+    last_error: str | None
+    updated_at: dt.datetime | None
+    dead_letters: int
+    held_back_by: OpenTransaction | None = None
+
+
+@final
+@attrs.frozen(kw_only=True)
+class DeadLetter:
+    """An event a projector skipped (`FailureStrategy.SKIP`), kept for inspection and replay.
+
+    Attributes:
+        id: the dead letter's id.
+        projection: the projector that skipped it.
+        event: the skipped event (undecodable events included).
+        error_type: the exception's qualified class name.
+        error_message: the exception's message.
+        retries: how many retries preceded the skip.
+        recorded_at: when it was recorded.
+
+    .. versionadded:: 0.1
+    """
+
+    id: uuid.UUID
+    projection: str
+    event: RecordedEvent | UndecodableEvent
+    error_type: str
+    error_message: str
+    retries: int
+    recorded_at: dt.datetime
+
+    @property
+    def position(self) -> Position:
+        """The skipped event's position."""
+        return self.event.position
