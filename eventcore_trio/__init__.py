@@ -11,6 +11,7 @@ from ._errors import CheckpointConflict as CheckpointConflict
 from ._errors import ClusterMismatch as ClusterMismatch
 from ._errors import ConfigurationError as ConfigurationError
 from ._errors import DatabaseError as DatabaseError
+from ._errors import DatabaseNotAvailable as DatabaseNotAvailable
 from ._errors import DatabaseNotFound as DatabaseNotFound
 from ._errors import DuplicateEventId as DuplicateEventId
 from ._errors import EventCoreError as EventCoreError
@@ -19,6 +20,9 @@ from ._errors import EventEncodeError as EventEncodeError
 from ._errors import InvalidArgument as InvalidArgument
 from ._errors import LeadershipLost as LeadershipLost
 from ._errors import LeadershipUnavailable as LeadershipUnavailable
+from ._errors import ProjectionFailed as ProjectionFailed
+from ._errors import ProjectionNotFound as ProjectionNotFound
+from ._errors import ProjectionRunning as ProjectionRunning
 from ._errors import SchemaVersionError as SchemaVersionError
 from ._errors import StoreClosed as StoreClosed
 from ._errors import StoreConnectionError as StoreConnectionError
@@ -28,21 +32,63 @@ from ._events import AppendResult as AppendResult
 from ._events import NewEvent as NewEvent
 from ._events import RecordedEvent as RecordedEvent
 from ._events import StreamAppend as StreamAppend
+from ._events import UndecodableEvent as UndecodableEvent
 from ._filters import EventFilter as EventFilter
 from ._filters import glob_to_regex as glob_to_regex
 from ._positions import Position as Position
 from ._protocols import CheckpointStore as CheckpointStore
+from ._protocols import Database as Database
 from ._protocols import EventReader as EventReader
 from ._protocols import EventStore as EventStore
 from ._protocols import Leadership as Leadership
+from ._protocols import ProjectionAdmin as ProjectionAdmin
+from ._protocols import ProjectionBatch as ProjectionBatch
 from ._protocols import ProjectorCoordinator as ProjectorCoordinator
 from ._protocols import Store as Store
+from ._status import DeadLetter as DeadLetter
+from ._status import LeaderInfo as LeaderInfo
+from ._status import OpenTransaction as OpenTransaction
+from ._status import ProjectionState as ProjectionState
+from ._status import ProjectionStatus as ProjectionStatus
 from ._util import fixup_module_metadata
 from ._version import __version__ as __version__
 from .memory import open_memory_store as open_memory_store
 from .postgres import open_postgres_store as open_postgres_store
+from .projection import Failure as Failure
+from .projection import FailureStrategy as FailureStrategy
+from .projection import ProjectionConfig as ProjectionConfig
+from .projection import ProjectionContext as ProjectionContext
+from .projection import ProjectionResult as ProjectionResult
+from .projection import Projector as Projector
+from .projection import projector as projector
+from .projection import replay_dead_letters as replay_dead_letters
+from .projection import run_projection as run_projection
+from .projection import run_projections as run_projections
 
 __all__ = [
+    "run_projections",
+    "run_projection",
+    "replay_dead_letters",
+    "projector",
+    "Projector",
+    "ProjectionResult",
+    "ProjectionContext",
+    "ProjectionConfig",
+    "FailureStrategy",
+    "Failure",
+    "ProjectionBatch",
+    "ProjectionAdmin",
+    "Database",
+    "UndecodableEvent",
+    "ProjectionStatus",
+    "ProjectionState",
+    "OpenTransaction",
+    "LeaderInfo",
+    "DeadLetter",
+    "ProjectionRunning",
+    "ProjectionNotFound",
+    "ProjectionFailed",
+    "DatabaseNotAvailable",
     "AppendResult",
     "AuthenticationFailed",
     "CheckpointConflict",

@@ -165,6 +165,37 @@ class LeadershipUnavailable(EventCoreError):
         return (type(self), (self.name,))
 
 
+class ProjectionFailed(EventCoreError):
+    """A projector stopped on an error its ``on_error`` treated as fatal (the default).
+
+    The failing event's batch was rolled back: the checkpoint stays before the failing event,
+    so the next run starts with it. The cause is chained (``__cause__``).
+
+    Attributes:
+        projector: the projector's name.
+        position: the failing event's position, when an event failed.
+        event: the failing event (a `RecordedEvent` or `UndecodableEvent`), if any.
+        retries: how many retries preceded the failure.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        projector: str,
+        position: Position | None = None,
+        event: object = None,
+        retries: int = 0,
+    ) -> None:
+        super().__init__(message)
+        self.projector = projector
+        self.position = position
+        self.event = event
+        self.retries = retries
+
+
 class ProjectionRunning(LeadershipUnavailable):
     """An operation needs a projection to be stopped, but an instance is running it.
 

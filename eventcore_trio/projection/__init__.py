@@ -1,0 +1,32 @@
+"""The projection runtime: projectors, `run_projection`, the host and their values."""
+
+from .._util import fixup_module_metadata
+from ._config import ProjectionConfig as ProjectionConfig
+from ._host import run_projections as run_projections
+from ._pipeline import ProjectionResult as ProjectionResult
+from ._projector import Failure as Failure
+from ._projector import FailureStrategy as FailureStrategy
+from ._projector import FunctionProjector as FunctionProjector
+from ._projector import ProjectionContext as ProjectionContext
+from ._projector import Projector as Projector
+from ._projector import projector as projector
+from ._runner import ReplayResult as ReplayResult
+from ._runner import replay_dead_letters as replay_dead_letters
+from ._runner import run_projection as run_projection
+
+__all__ = [
+    "Failure",
+    "FailureStrategy",
+    "FunctionProjector",
+    "ProjectionConfig",
+    "ProjectionContext",
+    "ProjectionResult",
+    "Projector",
+    "ReplayResult",
+    "projector",
+    "replay_dead_letters",
+    "run_projection",
+    "run_projections",
+]
+
+fixup_module_metadata(__name__, globals())

@@ -1,0 +1,264 @@
+"""Projectors: async functions (or classes) that the runtime feeds events to."""
+
+from __future__ import annotations
+
+import enum
+import inspect
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Protocol, final, runtime_checkable
+
+import attrs
+
+from .._errors import InvalidArgument
+from .._events import RecordedEvent, UndecodableEvent
+from .._filters import EventFilter
+from .._positions import Position
+from .._protocols import Database, ProjectionBatch, Store
+from .._validation import check_name
+
+
+class FailureStrategy(enum.Enum):
+    """What the runtime does with an event that a projector failed on.
+
+    .. versionadded:: 0.1
+    """
+
+    #: Stop with `ProjectionFailed`; the batch rolls back and the checkpoint stays before the
+    #: failing event, so the next run starts with it. The default.
+    FATAL = "fatal"
+    #: Record the event and the error as a dead letter (durable, listable, replayable), move
+    #: the checkpoint past it, and continue.
+    SKIP = "skip"
+    #: Roll back, wait (exponential backoff with a cap), and try the event again; after
+    #: ``ProjectionConfig.max_retries`` retries the failure is fatal.
+    RETRY = "retry"
+
+
+@final
+@attrs.frozen(kw_only=True)
+class Failure:
+    """What ``on_error`` is told about a failure.
+
+    Attributes:
+        error: the exception: the projector's own, or `EventDecodeError` for a stored event
+            that does not decode.
+        event: the failing event; an `UndecodableEvent` when it does not decode.
+        position: the failing event's position.
+        retries: how many times this event has been retried already.
+
+    .. versionadded:: 0.1
+    """
+
+    error: BaseException
+    event: RecordedEvent | UndecodableEvent
+    position: Position
+    retries: int
+
+
+@final
+class ProjectionContext:
+    """What a projector's handler gets besides the event; created only by the runtime.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, *, batch: ProjectionBatch, store: Store, projector: str) -> None:
+        self._batch = batch
+        self._store = store
+        self._projector = projector
+        self._position: Position | None = None
+
+    @property
+    def db(self) -> Database:
+        """The projector's transaction (PostgreSQL), committed with the checkpoint or not at all.
+
+        ``execute``, ``executemany``, ``fetch``, ``fetchrow`` and ``fetchval`` are Trio
+        calls; each is one round trip on the leader's own session.
+
+        Raises:
+            DatabaseNotAvailable: the store has no database (the in-memory store).
+        """
+        return self._batch.db
+
+    @property
+    def store(self) -> Store:
+        """The store the projection reads from (for reads; writes through `db` are atomic)."""
+        return self._store
+
+    @property
+    def position(self) -> Position | None:
+        """The position of the event being applied (the last one, in a batch hook)."""
+        return self._position
+
+    @property
+    def projector(self) -> str:
+        """The name of the projector being run."""
+        return self._projector
+
+
+Handler = Callable[[RecordedEvent, ProjectionContext], Awaitable[None]]
+ErrorHandler = Callable[[Failure], FailureStrategy]
+BatchHandler = Callable[[Sequence[RecordedEvent], ProjectionContext], Awaitable[None]]
+
+
+@runtime_checkable
+class Projector(Protocol):
+    """What the runtime runs: a name, a filter and an async ``apply``.
+
+    Optional members are honoured when present: ``on_error(failure) -> FailureStrategy``
+    (default: FATAL) and ``async apply_batch(events, ctx)``, which receives each batch whole
+    instead of one event at a time.
+
+    .. versionadded:: 0.1
+    """
+
+    @property
+    def name(self) -> str:
+        """The name: it keys the checkpoint and the leadership lock."""
+        ...
+
+    @property
+    def filter(self) -> EventFilter:
+        """Which events to apply; pushed into the store's query."""
+        ...
+
+    async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
+        """Apply one event."""
+        ...
+
+
+@final
+@attrs.frozen
+class FunctionProjector:
+    """A projector made from an async function by `projector`; call it like the function.
+
+    Attributes:
+        name: the projector's name.
+        filter: its event filter.
+        handler: the decorated function.
+
+    .. versionadded:: 0.1
+    """
+
+    name: str
+    filter: EventFilter
+    handler: Handler
+    _on_error: ErrorHandler | None = attrs.field(default=None, alias="on_error")
+
+    async def __call__(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
+        """Call the handler, exactly as the undecorated function."""
+        await self.handler(event, ctx)
+
+    async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
+        """Apply one event: call the handler."""
+        await self.handler(event, ctx)
+
+    def on_error(self, failure: Failure) -> FailureStrategy:
+        """The strategy for *failure*: the given ``on_error``, else FATAL."""
+        if self._on_error is None:
+            return FailureStrategy.FATAL
+        return self._on_error(failure)
+
+
+def projector(
+    name: str,
+    *,
+    event_types: Iterable[str] | None = None,
+    stream_prefix: str | None = None,
+    stream_pattern: str | None = None,
+    on_error: ErrorHandler | None = None,
+) -> Callable[[Handler], FunctionProjector]:
+    """Make an async function ``handler(event, ctx)`` into a `Projector`.
+
+    Example::
+
+        @projector("balances", event_types=["Deposited", "Withdrawn"])
+        async def balances(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            await ctx.db.execute("...", event.stream_id, event.data["amount"])
+
+    Args:
+        name: the projector's name (1-120 characters, no control characters); it keys the
+            checkpoint and the leadership lock, so renaming it starts a new projection.
+        event_types: only these event types; None for all.
+        stream_prefix: only streams whose id starts with this literal prefix.
+        stream_pattern: only streams whose id matches this glob.
+        on_error: called with a `Failure`; returns a `FailureStrategy` (default: FATAL).
+
+    Raises:
+        InvalidArgument: an invalid name or filter, or a handler that is not an async
+            function.
+
+    .. versionadded:: 0.1
+    """
+    check_name(name, "projector name")
+    event_filter = EventFilter(
+        event_types=event_types, stream_prefix=stream_prefix, stream_pattern=stream_pattern
+    )
+    if on_error is not None and not callable(on_error):
+        raise InvalidArgument(f"on_error must be callable, got {type(on_error).__name__}")
+
+    def decorate(handler: Handler) -> FunctionProjector:
+        if not inspect.iscoroutinefunction(handler):
+            raise InvalidArgument(
+                f"@projector({name!r}) needs an async function `async def "
+                f"handler(event, ctx)`, got {handler!r}"
+            )
+        return FunctionProjector(name, event_filter, handler, on_error=on_error)
+
+    return decorate
+
+
+@attrs.frozen
+class ResolvedProjector:
+    """A projector checked and normalised for the runtime (internal)."""
+
+    name: str
+    filter: EventFilter
+    apply: Handler
+    apply_batch: BatchHandler | None
+    on_error: ErrorHandler
+
+
+def _default_on_error(_: Failure) -> FailureStrategy:
+    return FailureStrategy.FATAL
+
+
+def resolve(candidate: object) -> ResolvedProjector:
+    """Check that *candidate* is a usable projector and normalise its optional members."""
+    name = getattr(candidate, "name", None)
+    if not isinstance(name, str):
+        raise InvalidArgument(
+            f"{candidate!r} is not a projector: it needs a `name` (str), a `filter` "
+            "(EventFilter) and `async apply(event, ctx)`; or decorate an async function "
+            "with @projector(name)"
+        )
+    check_name(name, "projector name")
+    event_filter = getattr(candidate, "filter", None)
+    if event_filter is None:
+        event_filter = EventFilter()
+    if not isinstance(event_filter, EventFilter):
+        raise InvalidArgument(
+            f"projector {name!r} has a filter of type {type(event_filter).__name__}; "
+            "it must be an EventFilter"
+        )
+    apply = getattr(candidate, "apply", None)
+    if not inspect.iscoroutinefunction(apply):
+        raise InvalidArgument(f"projector {name!r} needs an `async def apply(event, ctx)`")
+    apply_batch = getattr(candidate, "apply_batch", None)
+    if apply_batch is not None and not inspect.iscoroutinefunction(apply_batch):
+        raise InvalidArgument(f"projector {name!r}: apply_batch must be an async method")
+    on_error = getattr(candidate, "on_error", None)
+    if on_error is not None and not callable(on_error):
+        raise InvalidArgument(f"projector {name!r}: on_error must be callable")
+    return ResolvedProjector(
+        name=name,
+        filter=event_filter,
+        apply=apply,
+        apply_batch=apply_batch,
+        on_error=on_error or _default_on_error,
+    )
+
+
+def describe_handler(fn: Any) -> str:
+    """A short name for a handler, for logs."""
+    return getattr(fn, "__qualname__", repr(fn))

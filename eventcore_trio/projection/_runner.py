@@ -1,0 +1,311 @@
+"""`run_projection`: the Trio shell around the pure pipeline.
+
+The shell takes leadership, then loops: ask the pipeline for an effect, perform it, report the
+outcome. It runs inside a cancel scope that a watcher cancels the moment the leadership is
+lost, so in-flight work stops within about a second and nothing more commits (the batch's
+transaction is on the lock-holding session, which is gone).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from .._concurrency import background
+from .._errors import (
+    EventCoreError,
+    InvalidArgument,
+    LeadershipLost,
+    ProjectionFailed,
+    StoreConnectionError,
+)
+from .._events import RecordedEvent
+from .._protocols import Leadership, Store
+from .._status import ProjectionState
+from ._config import ProjectionConfig
+from ._pipeline import (
+    ApplyBatch,
+    BatchCommitted,
+    BatchFailed,
+    CheckpointLoaded,
+    Done,
+    Effect,
+    Fail,
+    FindTarget,
+    LoadCheckpoint,
+    PageRead,
+    ProjectionPipeline,
+    ProjectionResult,
+    ReadFailed,
+    ReadPage,
+    Result,
+    Sleep,
+    Slept,
+    TargetFound,
+    WaitForEvents,
+    Woken,
+)
+from ._projector import ProjectionContext, ResolvedProjector, resolve
+
+logger = logging.getLogger("eventcore_trio.projection")
+
+
+class _HandlerFailed(Exception):
+    def __init__(self, index: int | None, error: Exception) -> None:
+        super().__init__(index, error)
+        self.index = index
+        self.error = error
+
+
+async def _apply_batch(
+    projector: ResolvedProjector, store: Store, leadership: Leadership, effect: ApplyBatch
+) -> Result:
+    try:
+        async with leadership.open_batch() as batch:
+            ctx = ProjectionContext(batch=batch, store=store, projector=projector.name)
+            if effect.events:
+                await _run_handlers(projector, ctx, effect.events)
+            if effect.dead_letter is not None:
+                failure = effect.dead_letter
+                await batch.record_dead_letter(
+                    failure.event, failure.error, retries=failure.retries
+                )
+            await batch.save_checkpoint(effect.expected, effect.checkpoint)
+    except _HandlerFailed as failed:
+        return BatchFailed(failed.index, failed.error)
+    return BatchCommitted()
+
+
+async def _run_handlers(
+    projector: ResolvedProjector, ctx: ProjectionContext, events: Sequence[RecordedEvent]
+) -> None:
+    if projector.apply_batch is not None and len(events) > 1:
+        ctx._position = events[-1].position
+        try:
+            await projector.apply_batch(events, ctx)
+        except Exception as exc:
+            raise _HandlerFailed(None, exc) from exc
+        return
+    for index, event in enumerate(events):
+        ctx._position = event.position
+        try:
+            if projector.apply_batch is not None:
+                await projector.apply_batch([event], ctx)
+            else:
+                await projector.apply(event, ctx)
+        except Exception as exc:
+            raise _HandlerFailed(index, exc) from exc
+
+
+async def _perform(
+    effect: Effect,
+    projector: ResolvedProjector,
+    store: Store,
+    leadership: Leadership,
+    config: ProjectionConfig,
+) -> Result:
+    match effect:
+        case LoadCheckpoint():
+            return CheckpointLoaded(await store.load_checkpoint(projector.name))
+        case FindTarget():
+            return TargetFound(await store.last_position(projector.filter))
+        case ReadPage(after, limit):
+            try:
+                page = await store.read_events(
+                    after, limit=limit, filter=projector.filter, undecodable="include"
+                )
+            except StoreConnectionError as exc:
+                logger.warning("projector %s: read failed: %s", projector.name, exc)
+                return ReadFailed(exc)
+            return PageRead(tuple(page))
+        case ApplyBatch():
+            return await _apply_batch(projector, store, leadership, effect)
+        case Sleep(seconds, reason):
+            logger.info("projector %s: sleeping %.2fs (%s)", projector.name, seconds, reason)
+            await trio.sleep(seconds)
+            return Slept()
+        case WaitForEvents(timeout):
+            with trio.move_on_after(timeout):
+                if config.use_notifications:
+                    await store.wait_for_events()
+                else:
+                    await trio.sleep_forever()
+            return Woken()
+    raise AssertionError(effect)  # pragma: no cover
+
+
+async def _drive(
+    projector: ResolvedProjector,
+    store: Store,
+    leadership: Leadership,
+    config: ProjectionConfig,
+) -> ProjectionResult:
+    pipeline = ProjectionPipeline(config=config, on_error=projector.on_error)
+    effect = pipeline.start()
+    while True:
+        if isinstance(effect, Done):
+            return effect.result
+        if isinstance(effect, Fail):
+            failure = effect.failure
+            raise ProjectionFailed(
+                f"projector {projector.name!r} stopped: {effect.message}: "
+                f"{type(effect.error).__name__}: {effect.error}",
+                projector=projector.name,
+                position=None if failure is None else failure.position,
+                event=None if failure is None else failure.event,
+                retries=0 if failure is None else failure.retries,
+            ) from effect.error
+        effect = pipeline.resume(await _perform(effect, projector, store, leadership, config))
+
+
+async def _cancel_when_lost(leadership: Leadership, scope: trio.CancelScope) -> None:
+    await leadership.wait_lost()
+    scope.cancel()
+
+
+async def run_led(
+    projector: ResolvedProjector,
+    store: Store,
+    leadership: Leadership,
+    config: ProjectionConfig,
+    *,
+    on_running: Callable[[], None] | None = None,
+) -> ProjectionResult:
+    """Run *projector* under an already acquired *leadership* (the host's entry point)."""
+    await leadership.report(ProjectionState.RUNNING, filter=projector.filter)
+    logger.info("projector %s: leading", projector.name)
+    if on_running is not None:
+        on_running()
+    with trio.CancelScope() as scope:
+        async with background(partial(_cancel_when_lost, leadership, scope)):
+            try:
+                return await _drive(projector, store, leadership, config)
+            except ProjectionFailed as exc:
+                logger.error("projector %s: %s", projector.name, exc)
+                with (
+                    trio.move_on_after(5, shield=True),
+                    contextlib.suppress(EventCoreError),
+                ):
+                    await leadership.report(ProjectionState.FAILED, error=str(exc))
+                raise
+    raise LeadershipLost(
+        f"projector {projector.name!r} lost its leadership (its lock session ended); its "
+        "in-flight batch was cancelled and did not commit. Another instance may lead now."
+    )
+
+
+async def run_projection(
+    projector: object,
+    store: Store,
+    config: ProjectionConfig | None = None,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> ProjectionResult:
+    """Run one projector: take leadership, then apply events in transactional batches.
+
+    Loads the checkpoint, reads pages with the projector's filter pushed into the store, and
+    for each batch applies the events and moves the checkpoint in one transaction
+    (compare-and-set). With ``continuous=False`` (the default) it processes every event
+    visible when it started, across all pages, and returns; with ``continuous=True`` it
+    follows new events, woken by the store's notifications and polling every
+    ``poll_interval``, until cancelled.
+
+    Usable with ``await nursery.start(run_projection, ...)``, which returns once the run
+    leads (or, with ``wait_for_leadership=True``, stands by).
+
+    Args:
+        projector: a `Projector` (``@projector`` function or a class instance).
+        store: the store to read from and checkpoint in.
+        config: a `ProjectionConfig`; defaults apply when None.
+
+    Returns:
+        What a catch-up run did (a continuous run only ends by cancellation or error).
+
+    Raises:
+        LeadershipUnavailable: another instance leads and ``wait_for_leadership`` is False.
+        ProjectionFailed: an event failed fatally; the cause is chained.
+        LeadershipLost: the lock was lost mid-run; nothing more was committed.
+        InvalidArgument: *projector* is not a projector.
+
+    This is a checkpoint; cancelling it rolls back the batch in flight and releases the lock.
+
+    .. versionadded:: 0.1
+    """
+    resolved = resolve(projector)
+    if config is None:
+        config = ProjectionConfig()
+    elif not isinstance(config, ProjectionConfig):
+        raise InvalidArgument(f"config must be a ProjectionConfig, got {type(config).__name__}")
+    started = False
+
+    def ready() -> None:
+        nonlocal started
+        if not started:
+            started = True
+            task_status.started()
+
+    acquire: Any = (
+        store.wait_acquire(resolved.name, on_standby=ready)
+        if config.wait_for_leadership
+        else store.try_acquire(resolved.name)
+    )
+    async with acquire as leadership:
+        return await run_led(resolved, store, leadership, config, on_running=ready)
+
+
+@attrs.frozen(kw_only=True)
+class ReplayResult:
+    """What `replay_dead_letters` did.
+
+    Attributes:
+        replayed: dead letters applied successfully (and removed).
+        failed: dead letters whose replay failed again (kept).
+
+    .. versionadded:: 0.1
+    """
+
+    replayed: int
+    failed: int
+
+
+async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
+    """Apply a projector's dead letters again, each in its own transaction.
+
+    A dead letter whose event now applies is removed in the same transaction; one that fails
+    again (or is still undecodable) is kept. Takes the projector's leadership for the replay,
+    so stop the projector's hosts first.
+
+    Raises:
+        LeadershipUnavailable: the projector is running elsewhere.
+
+    .. versionadded:: 0.1
+    """
+    resolved = resolve(projector)
+    replayed = failed = 0
+    async with store.try_acquire(resolved.name) as leadership:
+        for letter in await store.dead_letters(resolved.name):
+            if not isinstance(letter.event, RecordedEvent):
+                failed += 1
+                continue
+            try:
+                async with leadership.open_batch() as batch:
+                    ctx = ProjectionContext(batch=batch, store=store, projector=resolved.name)
+                    await _run_handlers(resolved, ctx, [letter.event])
+                    await batch.resolve_dead_letter(letter.id)
+            except _HandlerFailed as exc:
+                logger.warning(
+                    "projector %s: replay of %s failed again: %s",
+                    resolved.name,
+                    letter.position,
+                    exc.error,
+                )
+                failed += 1
+            else:
+                replayed += 1
+    return ReplayResult(replayed=replayed, failed=failed)
