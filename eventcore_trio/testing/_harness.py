@@ -45,6 +45,10 @@ class BackendHarness(Protocol):
         """
         ...
 
+    async def store_undecodable(self, store: Store, stream_id: str) -> None:
+        """Store an event whose data is not a JSON object, as a foreign writer could."""
+        ...
+
 
 @final
 class MemoryHarness:
@@ -83,6 +87,11 @@ class MemoryHarness:
         yield
         await store.append(stream_id, events)
 
+    async def store_undecodable(self, store: Store, stream_id: str) -> None:
+        """Store an event whose data is a JSON array."""
+        assert isinstance(store, MemoryStore)
+        store._store_undecodable(stream_id)
+
 
 @final
 class PostgresHarness:
@@ -111,6 +120,16 @@ class PostgresHarness:
             "SELECT pg_terminate_backend($1)", leadership.backend_pid
         )
         assert terminated, "the lock-holding session was already gone"
+
+    async def store_undecodable(self, store: Store, stream_id: str) -> None:
+        """Insert an event whose data is a JSON array, bypassing the append function."""
+        assert isinstance(store, PostgresStore)
+        await store._pool.execute(
+            f'INSERT INTO "{store.schema}".events '
+            "(stream_id, stream_version, event_id, type, data, metadata) "
+            "VALUES ($1, 1, gen_random_uuid(), 'Undecodable', '[1, 2, 3]', '{}')",
+            stream_id,
+        )
 
     @asynccontextmanager
     async def hold_commit(

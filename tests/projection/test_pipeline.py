@@ -1,0 +1,318 @@
+"""The pure projection pipeline, driven by hand: feed it results, check the next effect."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+from eventcore_trio import (
+    EventDecodeError,
+    Position,
+    RecordedEvent,
+    StoreConnectionError,
+    UndecodableEvent,
+)
+from eventcore_trio.projection import Failure, FailureStrategy, ProjectionConfig
+from eventcore_trio.projection._pipeline import (
+    ApplyBatch,
+    BatchCommitted,
+    BatchFailed,
+    CheckpointLoaded,
+    Done,
+    Effect,
+    Fail,
+    FindTarget,
+    LoadCheckpoint,
+    PageRead,
+    PipelineMisuse,
+    ProjectionPipeline,
+    ReadFailed,
+    ReadPage,
+    Sleep,
+    Slept,
+    TargetFound,
+    WaitForEvents,
+    Woken,
+)
+
+NOW = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+
+
+def event(n: int) -> RecordedEvent:
+    return RecordedEvent(
+        event_id=uuid.UUID(int=n),
+        stream_id="s",
+        stream_version=n,
+        position=Position(n, n),
+        type="E",
+        data={"n": n},
+        metadata={},
+        recorded_at=NOW,
+    )
+
+
+def undecodable(n: int) -> UndecodableEvent:
+    return UndecodableEvent(
+        event_id=uuid.UUID(int=n),
+        stream_id="s",
+        stream_version=n,
+        position=Position(n, n),
+        type="E",
+        raw_data="[1]",
+        raw_metadata="{}",
+        recorded_at=NOW,
+        error="not an object",
+    )
+
+
+def pipeline(
+    on_error: Callable[[Failure], FailureStrategy] = lambda f: FailureStrategy.FATAL,
+    **config: object,
+) -> ProjectionPipeline:
+    return ProjectionPipeline(config=ProjectionConfig(**config), on_error=on_error)  # type: ignore[arg-type]
+
+
+def catch_up_to(p: ProjectionPipeline, checkpoint: int | None, target: int | None) -> Effect:
+    assert p.start() == LoadCheckpoint()
+    loaded = None if checkpoint is None else Position(checkpoint, checkpoint)
+    assert p.resume(CheckpointLoaded(loaded)) == FindTarget()
+    return p.resume(TargetFound(None if target is None else Position(target, target)))
+
+
+def positions(effect: Effect) -> list[int]:
+    assert isinstance(effect, ApplyBatch)
+    return [e.stream_version for e in effect.events]
+
+
+class TestCatchUp:
+    """Catch-up mode reads every page up to the target, then stops."""
+
+    def test_nothing_to_do(self) -> None:
+        """With no events at all, the run is done at once."""
+        effect = catch_up_to(pipeline(), None, None)
+        assert isinstance(effect, Done)
+        assert effect.result.events_applied == 0
+
+    def test_already_caught_up(self) -> None:
+        """A checkpoint at the target needs no read."""
+        effect = catch_up_to(pipeline(), 5, 5)
+        assert isinstance(effect, Done)
+
+    def test_pages_batches_and_checkpoints(self) -> None:
+        """Across several pages, each batch is one page from the checkpoint, in order."""
+        p = pipeline(batch_size=3)
+        effect = catch_up_to(p, None, 7)
+        assert effect == ReadPage(after=None, limit=3)
+        effect = p.resume(PageRead((event(1), event(2), event(3))))
+        assert positions(effect) == [1, 2, 3]
+        assert effect == ApplyBatch(effect.events, None, Position(3, 3))  # type: ignore[union-attr]
+        assert p.resume(BatchCommitted()) == ReadPage(after=Position(3, 3), limit=3)
+        effect = p.resume(PageRead((event(4), event(5), event(6))))
+        assert positions(effect) == [4, 5, 6]
+        assert p.resume(BatchCommitted()) == ReadPage(after=Position(6, 6), limit=3)
+        effect = p.resume(PageRead((event(7), event(8))))
+        assert positions(effect) == [7], "events past the target are not part of this run"
+        done = p.resume(BatchCommitted())
+        assert isinstance(done, Done)
+        assert done.result.events_applied == 7
+        assert done.result.checkpoint == Position(7, 7)
+
+    def test_batch_size_comes_from_config(self) -> None:
+        """The page limit is the configured batch size, not a constant."""
+        for size in (1, 17, 1000):
+            p = pipeline(batch_size=size)
+            assert catch_up_to(p, None, 99) == ReadPage(after=None, limit=size)
+
+    def test_short_page_before_target_ends_when_empty(self) -> None:
+        """An empty page ends a catch-up run even if the target was not reached."""
+        p = pipeline()
+        catch_up_to(p, None, 9)
+        assert isinstance(p.resume(PageRead(())), Done)
+
+
+class TestContinuous:
+    """Continuous mode never finishes by itself."""
+
+    def test_idle_waits_for_events_then_reads_again(self) -> None:
+        """When caught up it waits (bounded by poll_interval), then reads from the checkpoint."""
+        p = pipeline(continuous=True, poll_interval=2.5, batch_size=10)
+        assert p.start() == LoadCheckpoint()
+        assert p.resume(CheckpointLoaded(Position(4, 4))) == ReadPage(Position(4, 4), 10)
+        assert p.resume(PageRead(())) == WaitForEvents(timeout=2.5)
+        assert p.resume(Woken()) == ReadPage(Position(4, 4), 10)
+        effect = p.resume(PageRead((event(5),)))
+        assert positions(effect) == [5]
+        assert p.resume(BatchCommitted()) == ReadPage(Position(5, 5), 10)
+
+
+class TestFailures:
+    """on_error decides what happens to a failing event."""
+
+    def test_fatal_fails_after_committing_the_good_prefix(self) -> None:
+        """Events before the failing one commit; the run then fails on it."""
+        p = pipeline(batch_size=5)
+        catch_up_to(p, None, 5)
+        p.resume(PageRead(tuple(event(n) for n in range(1, 6))))
+        boom = ValueError("boom")
+        prefix = p.resume(BatchFailed(2, boom))
+        assert positions(prefix) == [1, 2]
+        failed = p.resume(BatchCommitted())
+        assert isinstance(failed, Fail)
+        assert failed.error is boom
+        assert failed.failure is not None
+        assert failed.failure.position == Position(3, 3)
+        assert p.checkpoint == Position(2, 2)
+
+    def test_skip_records_a_dead_letter_and_continues(self) -> None:
+        """SKIP moves the checkpoint past the event with a dead letter, then goes on."""
+        p = pipeline(lambda f: FailureStrategy.SKIP, batch_size=5)
+        catch_up_to(p, None, 3)
+        p.resume(PageRead((event(1), event(2), event(3))))
+        effect = p.resume(BatchFailed(0, KeyError("k")))
+        assert isinstance(effect, ApplyBatch)
+        assert effect.events == ()
+        assert effect.dead_letter is not None
+        assert effect.dead_letter.position == Position(1, 1)
+        assert effect.checkpoint == Position(1, 1)
+        assert positions(p.resume(BatchCommitted())) == [2, 3]
+        done = p.resume(BatchCommitted())
+        assert isinstance(done, Done)
+        assert (done.result.events_applied, done.result.dead_letters) == (2, 1)
+
+    def test_retry_backs_off_then_succeeds(self) -> None:
+        """RETRY sleeps with exponential backoff and applies the event again."""
+        seen: list[int] = []
+
+        def on_error(failure: Failure) -> FailureStrategy:
+            seen.append(failure.retries)
+            return FailureStrategy.RETRY
+
+        p = pipeline(on_error, retry_initial_backoff=0.5, retry_max_backoff=1.5, max_retries=5)
+        catch_up_to(p, None, 2)
+        p.resume(PageRead((event(1), event(2))))
+        delays = []
+        for _ in range(3):
+            sleep = p.resume(BatchFailed(0, OSError("flaky")))
+            assert isinstance(sleep, Sleep)
+            delays.append(sleep.seconds)
+            assert positions(p.resume(Slept())) == [1, 2]
+        assert delays == [0.5, 1.0, 1.5]
+        assert seen == [0, 1, 2]
+        assert isinstance(p.resume(BatchCommitted()), Done)
+
+    def test_retry_gives_up_after_max_retries(self) -> None:
+        """After max_retries retries the failure is fatal."""
+        p = pipeline(lambda f: FailureStrategy.RETRY, max_retries=2)
+        catch_up_to(p, None, 1)
+        p.resume(PageRead((event(1),)))
+        for _ in range(2):
+            assert isinstance(p.resume(BatchFailed(0, OSError())), Sleep)
+            p.resume(Slept())
+        failed = p.resume(BatchFailed(0, OSError("still")))
+        assert isinstance(failed, Fail)
+        assert failed.failure is not None
+        assert failed.failure.retries == 2
+
+    def test_invalid_strategy_is_fatal(self) -> None:
+        """An on_error that returns something else stops the run with a clear message."""
+        p = pipeline(lambda f: "skip")  # type: ignore[arg-type, return-value]
+        catch_up_to(p, None, 1)
+        p.resume(PageRead((event(1),)))
+        failed = p.resume(BatchFailed(0, OSError()))
+        assert isinstance(failed, Fail)
+        assert "not a FailureStrategy" in failed.message
+
+    def test_batch_hook_failure_is_isolated_event_by_event(self) -> None:
+        """A failing batch hook is retried one event at a time to find the culprit."""
+        p = pipeline(lambda f: FailureStrategy.SKIP, batch_size=4)
+        catch_up_to(p, None, 4)
+        p.resume(PageRead(tuple(event(n) for n in range(1, 5))))
+        assert positions(p.resume(BatchFailed(None, ValueError()))) == [1]
+        assert positions(p.resume(BatchCommitted())) == [2]
+        skip = p.resume(BatchFailed(None, ValueError("culprit")))
+        assert isinstance(skip, ApplyBatch)
+        assert skip.dead_letter is not None
+        assert skip.dead_letter.position == Position(2, 2)
+        assert positions(p.resume(BatchCommitted())) == [3]
+        assert positions(p.resume(BatchCommitted())) == [4]
+        assert isinstance(p.resume(BatchCommitted()), Done)
+
+
+class TestUndecodable:
+    """Stored events that do not decode reach on_error, never a silent drop or a stall."""
+
+    def test_page_of_undecodable_events(self) -> None:
+        """Each undecodable event is offered to on_error; SKIP dead-letters them one by one."""
+        failures: list[Failure] = []
+
+        def on_error(failure: Failure) -> FailureStrategy:
+            failures.append(failure)
+            return FailureStrategy.SKIP
+
+        p = pipeline(on_error, batch_size=3)
+        catch_up_to(p, None, 3)
+        effect = p.resume(PageRead((undecodable(1), undecodable(2), undecodable(3))))
+        for n in (1, 2, 3):
+            assert isinstance(effect, ApplyBatch)
+            assert effect.events == ()
+            assert effect.checkpoint == Position(n, n)
+            effect = p.resume(BatchCommitted())
+        assert isinstance(effect, Done)
+        assert all(isinstance(f.error, EventDecodeError) for f in failures)
+        assert [f.position for f in failures] == [Position(n, n) for n in (1, 2, 3)]
+
+    def test_undecodable_splits_a_batch(self) -> None:
+        """Good events before an undecodable one are applied first; it then fails the run."""
+        p = pipeline(batch_size=5)
+        catch_up_to(p, None, 3)
+        effect = p.resume(PageRead((event(1), undecodable(2), event(3))))
+        assert positions(effect) == [1]
+        failed = p.resume(BatchCommitted())
+        assert isinstance(failed, Fail)
+        assert isinstance(failed.error, EventDecodeError)
+
+
+class TestReads:
+    """Failed reads back off, then give up."""
+
+    def test_read_failures_back_off_and_recover(self) -> None:
+        """A failed read sleeps with growing delays; a good read resets the count."""
+        p = pipeline(read_initial_backoff=0.2, read_max_backoff=0.5, max_read_failures=5)
+        catch_up_to(p, None, 1)
+        delays = []
+        for _ in range(3):
+            sleep = p.resume(ReadFailed(StoreConnectionError("down")))
+            assert isinstance(sleep, Sleep)
+            delays.append(sleep.seconds)
+            assert p.resume(Slept()) == ReadPage(after=None, limit=500)
+        assert delays == [0.2, 0.4, 0.5]
+        assert positions(p.resume(PageRead((event(1),)))) == [1]
+
+    def test_too_many_read_failures_fail_the_run(self) -> None:
+        """max_read_failures consecutive failures end the run."""
+        p = pipeline(max_read_failures=2)
+        catch_up_to(p, None, 1)
+        p.resume(ReadFailed(StoreConnectionError("down")))
+        p.resume(Slept())
+        assert isinstance(p.resume(ReadFailed(StoreConnectionError("down"))), Fail)
+
+
+class TestMisuse:
+    """Calling the pipeline out of order is a loud error."""
+
+    def test_wrong_result_for_phase(self) -> None:
+        """A result the current phase does not expect raises PipelineMisuse."""
+        p = pipeline()
+        p.start()
+        with pytest.raises(PipelineMisuse, match="CheckpointLoaded"):
+            p.resume(BatchCommitted())
+
+    def test_start_twice(self) -> None:
+        """start() may be called once."""
+        p = pipeline()
+        p.start()
+        with pytest.raises(PipelineMisuse):
+            p.start()
