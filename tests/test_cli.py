@@ -73,9 +73,16 @@ class _DroppingStore:
         return getattr(self._inner, name)
 
     async def read_events(
-        self, after: Position | None, *, limit: int, filter: EventFilter | None = None
-    ) -> list[RecordedEvent]:
-        page = await self._inner.read_events(after, limit=limit, filter=filter)
+        self,
+        after: Position | None,
+        *,
+        limit: int,
+        filter: EventFilter | None = None,
+        undecodable: Any = "raise",
+    ) -> Any:
+        page: list[RecordedEvent] = await self._inner.read_events(
+            after, limit=limit, filter=filter, undecodable=undecodable
+        )
         if not self._dropped and len(page) > 30:
             self._dropped = True
             return page[:10] + page[11:]

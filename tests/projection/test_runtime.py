@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 import pytest
 import trio
@@ -35,6 +35,8 @@ from eventcore_trio.projection import (
 )
 from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
 
+from ..helpers import eventually
+
 
 def numbered(n: int, *, kind: str = "E") -> list[NewEvent]:
     return [NewEvent(kind, {"n": i}) for i in range(n)]
@@ -65,6 +67,14 @@ class Recorder:
         self.fail_on = fail_on or set()
         self.remaining_failures = failures_before_success
         self.strategy = strategy
+        # Replaced after every change, so waiters can await the next one.
+        self._changed = trio.Event()
+
+    async def wait_until(self, predicate: Callable[[Recorder], bool], within: float = 10) -> None:
+        """Wait until *predicate(self)* holds (it is checked after every applied event)."""
+        with trio.fail_after(within):
+            while not predicate(self):
+                await self._changed.wait()
 
     async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
         n = event.data["n"]
@@ -72,6 +82,8 @@ class Recorder:
             self.remaining_failures -= 1
             raise ValueError(f"cannot apply {n}")
         self.seen.setdefault(event.position, n)
+        self._changed.set()
+        self._changed = trio.Event()
 
     @property
     def applied(self) -> list[int]:
@@ -241,20 +253,18 @@ class RuntimeContract:
 
         store.try_acquire = spy  # type: ignore[assignment, method-assign]
         async with trio.open_nursery() as nursery:
-            failures: list[BaseException] = []
+            lost = trio.Event()
 
             async def run() -> None:
-                try:
+                with pytest.raises(LeadershipLost):
                     await run_projection(Stuck(), store, ProjectionConfig(batch_size=10))
-                except LeadershipLost as exc:
-                    failures.append(exc)
+                lost.set()
 
             nursery.start_soon(run)
             await entered.wait()
             await harness.end_leadership_session(store, leaderships[0])  # type: ignore[arg-type]
             with trio.fail_after(5):
-                while not failures:
-                    await trio.sleep(0.01)
+                await lost.wait()
         assert await store.load_checkpoint("stuck") is None
 
     async def test_continuous_wakes_on_new_events(self, store: Store) -> None:
@@ -264,9 +274,7 @@ class RuntimeContract:
         async with trio.open_nursery() as nursery:
             await nursery.start(run_projection, recorder, store, config)
             await store.append("s", numbered(1))
-            with trio.fail_after(10):
-                while recorder.applied != [0]:
-                    await trio.sleep(0.01)
+            await recorder.wait_until(lambda r: r.applied == [0])
             nursery.cancel_scope.cancel()
 
     async def test_host_runs_projectors_and_releases_on_cancel(self, store: Store) -> None:
@@ -275,9 +283,8 @@ class RuntimeContract:
         await store.append("s", numbered(3) + numbered(2, kind="X"))
         async with trio.open_nursery() as nursery:
             await nursery.start(run_projections, store, [first, second])
-            with trio.fail_after(10):
-                while len(first.applied) < 5 or len(second.applied) < 2:
-                    await trio.sleep(0.01)
+            await first.wait_until(lambda r: len(r.applied) == 5)
+            await second.wait_until(lambda r: len(r.applied) == 2)
             running = {s.name: s.state for s in await store.projection_status()}
             assert running == {"first": ProjectionState.RUNNING, "second": ProjectionState.RUNNING}
             nursery.cancel_scope.cancel()
@@ -293,9 +300,7 @@ class RuntimeContract:
             async with trio.open_nursery() as outer:
                 async with trio.open_nursery() as leading:
                     await leading.start(run_projections, one, [leader])
-                    with trio.fail_after(10):
-                        while len(leader.applied) < 2:
-                            await trio.sleep(0.01)
+                    await leader.wait_until(lambda r: len(r.applied) == 2)
                     await outer.start(run_projections, two, [standby])
                     status = {s.name: s for s in await one.projection_status()}["p"]
                     assert status.state is ProjectionState.RUNNING
@@ -304,9 +309,7 @@ class RuntimeContract:
                     assert status.leader.pid == os.getpid()
                     leading.cancel_scope.cancel()
                 await one.append("s", numbered(1, kind="E"))
-                with trio.fail_after(10):
-                    while standby.applied != [0]:
-                        await trio.sleep(0.01)
+                await standby.wait_until(lambda r: r.applied == [0])
                 outer.cancel_scope.cancel()
         assert leader.applied == [0, 1]
 
@@ -320,9 +323,7 @@ class RuntimeContract:
         await store.append("s", numbered(3))
         async with trio.open_nursery() as nursery:
             await nursery.start(run_projections, store, [flaky, steady], config)
-            with trio.fail_after(10):
-                while flaky.applied[-1:] != [2]:
-                    await trio.sleep(0.01)
+            await flaky.wait_until(lambda r: r.applied[-1:] == [2])
             assert steady.applied == [0, 1, 2]
             nursery.cancel_scope.cancel()
         assert flaky.applied == [0, 1, 2]
@@ -357,7 +358,12 @@ class RuntimeContract:
                     reset_done.set()
 
                 nursery.start_soon(reset)
-                await trio.sleep(0.2)
+
+                async def reset_stands_by() -> bool:
+                    status = {s.name: s for s in await store.projection_status()}
+                    return status["recorder"].standbys == 1
+
+                await eventually(reset_stands_by)
                 assert not reset_done.is_set()
             with trio.fail_after(10):
                 await reset_done.wait()
