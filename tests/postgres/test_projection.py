@@ -1,0 +1,365 @@
+"""The projection runtime on PostgreSQL: exactly-once through ctx.db, fencing, failover."""
+
+from __future__ import annotations
+
+import datetime as dt
+import signal
+import statistics
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from eventcore_trio import EventFilter, NewEvent, ProjectionFailed, RecordedEvent
+from eventcore_trio.postgres import PostgresStore, _bridge, projector_lock_key
+from eventcore_trio.projection import (
+    ProjectionConfig,
+    ProjectionContext,
+    projector,
+    run_projection,
+    run_projections,
+)
+from eventcore_trio.testing import PostgresHarness, read_all
+
+from ..helpers import eventually
+
+HOST_SCRIPT = Path(__file__).with_name("host_process.py")
+
+
+async def _create_app_schema(store: PostgresStore) -> str:
+    app = f"app_{uuid.uuid4().hex[:10]}"
+    await store._pool.execute(
+        f'CREATE SCHEMA "{app}"; '
+        f'CREATE TABLE "{app}".applied (id bigserial PRIMARY KEY, event_id uuid NOT NULL, '
+        "tx bigint NOT NULL, seq bigint NOT NULL, applied_by int NOT NULL, "
+        "applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
+    )
+    return app
+
+
+async def _verify_exactly_once(store: PostgresStore, app: str) -> int:
+    """Every Deposited event applied exactly once, in order; returns how many."""
+    deposits = [e for e in await read_all(store, page_size=1000) if e.type == "Deposited"]
+    rows = await store._pool.fetch(f'SELECT event_id, tx, seq FROM "{app}".applied ORDER BY id')
+    applied = [r["event_id"] for r in rows]
+    assert len(applied) == len(set(applied)), "an event was applied twice"
+    assert applied == [e.event_id for e in deposits], "an event was lost or reordered"
+    order = [(r["tx"], r["seq"]) for r in rows]
+    assert order == sorted(order), "commits went backwards"
+    return len(applied)
+
+
+class TestTransactional:
+    """What a projector writes through ctx.db commits with its checkpoint."""
+
+    async def test_fatal_mid_run_leaves_read_model_matching_checkpoint(
+        self, store: PostgresStore
+    ) -> None:
+        """After a fatal failure, the read model holds exactly the events up to the checkpoint."""
+        app = await _create_app_schema(store)
+        for n in range(120):
+            await store.append(f"acc-{n % 5}", [NewEvent("Deposited", {"n": n})])
+
+        @projector("ledger")
+        async def ledger(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            await ctx.db.execute(
+                f'INSERT INTO "{app}".applied (event_id, tx, seq, applied_by) '
+                "VALUES ($1, 0, $2, 0)",
+                event.event_id,
+                event.data["n"],
+            )
+            if event.data["n"] == 77:
+                raise RuntimeError("disk full")
+
+        with pytest.raises(ProjectionFailed):
+            await run_projection(ledger, store, ProjectionConfig(batch_size=10))
+        checkpoint = await store.load_checkpoint("ledger")
+        applied = await store._pool.fetch(f'SELECT seq FROM "{app}".applied ORDER BY seq')
+        assert [r["seq"] for r in applied] == list(range(77))
+        events = await read_all(store)
+        assert checkpoint == events[76].position
+
+    async def test_status_reports_the_transaction_holding_readers_back(
+        self, store: PostgresStore, postgres_dsn: str
+    ) -> None:
+        """An open writing transaction shows up in status as what holds progress back."""
+        await store.append("s", [NewEvent("Deposited", {})])
+
+        @projector("noop")
+        async def noop(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            pass
+
+        await run_projection(noop, store)
+        blocker = await _bridge.connect(
+            postgres_dsn, application_name="blocker", connect_timeout=10
+        )
+        try:
+            async with blocker.transaction():
+                await blocker.execute("SELECT pg_current_xact_id()")
+                status = {s.name: s for s in await store.projection_status()}["noop"]
+                assert status.held_back_by is not None
+                assert status.held_back_by.application_name == "blocker"
+                assert status.held_back_by.pid == blocker.backend_pid
+        finally:
+            await blocker.close()
+
+
+class TestNotifications:
+    """Continuous runs are woken by NOTIFY and survive losing it."""
+
+    async def test_progress_continues_when_the_listener_is_killed(
+        self, store: PostgresStore
+    ) -> None:
+        """With the LISTEN session terminated, polling still delivers every event."""
+        applied: list[int] = []
+        changed = trio.Event()
+
+        @projector("follower")
+        async def follower(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            nonlocal changed
+            applied.append(event.data["n"])
+            changed.set()
+            changed = trio.Event()
+
+        async def wait_for(count: int) -> None:
+            with trio.fail_after(10):
+                while len(applied) < count:
+                    await changed.wait()
+
+        config = ProjectionConfig(continuous=True, poll_interval=0.3)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_projection, follower, store, config)
+            await store.append("s", [NewEvent("E", {"n": 0})])
+            await wait_for(1)
+
+            async def listener_pids() -> list[int]:
+                rows = await store._pool.fetch(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = "
+                    "'eventcore-trio listener'"
+                )
+                return [r["pid"] for r in rows]
+
+            killed = await listener_pids()
+            assert len(killed) == 1
+            await store._pool.execute("SELECT pg_terminate_backend($1)", killed[0])
+            for n in range(1, 4):
+                await store.append("s", [NewEvent("E", {"n": n})])
+            await wait_for(4)
+
+            async def listener_back() -> bool:
+                pids = await listener_pids()
+                return len(pids) == 1 and pids != killed
+
+            await eventually(listener_back)
+            nursery.cancel_scope.cancel()
+        assert applied == [0, 1, 2, 3]
+
+
+class TestHostShutdown:
+    """Cancelling a host leaves nothing behind in the database."""
+
+    async def test_cancel_releases_locks_and_closes_sessions(self, store: PostgresStore) -> None:
+        """After cancellation, no advisory lock and no leader session remains."""
+
+        def make(name: str) -> object:
+            @projector(name)
+            async def handler(event: RecordedEvent, ctx: ProjectionContext) -> None:
+                pass
+
+            return handler
+
+        names = ["one", "two", "three"]
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_projections, store, [make(n) for n in names])
+            sessions = await store._pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+                "'eventcore-trio leader %'"
+            )
+            assert sessions == 3
+            nursery.cancel_scope.cancel()
+        keys = [projector_lock_key(store.schema, n) for n in names]
+        locks = await store._pool.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+            "AND ((classid::bigint << 32) | objid::bigint) = ANY($1::bigint[])",
+            keys,
+        )
+        sessions = await store._pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
+            "'eventcore-trio leader %'"
+        )
+        assert (locks, sessions) == (0, 0)
+
+
+@asynccontextmanager
+async def _host(
+    harness: PostgresHarness, app: str, logfile: Path, slow: float = 0.0
+) -> AsyncIterator[trio.Process]:
+    process = await trio.lowlevel.open_process(
+        [
+            sys.executable,
+            str(HOST_SCRIPT),
+            harness.dsn,
+            harness.schema,
+            app,
+            str(logfile),
+            str(slow),
+        ],
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        output = b""
+        with trio.fail_after(30):
+            while b"ready" not in output:
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"host exited early; see {logfile}"
+                output += chunk
+        yield process
+    finally:
+        process.kill()
+        with trio.CancelScope(shield=True):
+            await process.wait()
+            await process.stdout.aclose()
+
+
+async def _run_host(
+    harness: PostgresHarness,
+    app: str,
+    logfile: Path,
+    slow: float = 0.0,
+    *,
+    task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    async with _host(harness, app, logfile, slow) as process:
+        task_status.started(process)
+        await trio.sleep_forever()
+
+
+async def _leader_pid(store: PostgresStore) -> int | None:
+    status = {s.name: s for s in await store.projection_status()}.get("ledger")
+    return None if status is None or status.leader is None else status.leader.pid
+
+
+async def _first_applied_after(
+    store: PostgresStore, app: str, since: dt.datetime, not_by: int
+) -> dt.datetime | None:
+    first: dt.datetime | None = await store._pool.fetchval(
+        f'SELECT min(applied_at) FROM "{app}".applied WHERE applied_at > $1 AND applied_by <> $2',
+        since,
+        not_by,
+    )
+    return first
+
+
+async def _taken_over(store: PostgresStore, app: str, since: dt.datetime, not_by: int) -> bool:
+    return await _first_applied_after(store, app, since, not_by) is not None
+
+
+async def _caught_up(store: PostgresStore) -> bool:
+    checkpoint = await store.load_checkpoint("ledger")
+    last = await store.last_position(EventFilter(event_types=["Deposited"]))
+    return checkpoint is not None and last is not None and checkpoint >= last
+
+
+class TestFailover:
+    """Leaders in real processes die; standbys take over; every event lands exactly once."""
+
+    async def test_kill_9_leaders_repeatedly(
+        self, store: PostgresStore, harness: PostgresHarness, tmp_path: Path
+    ) -> None:
+        """SIGKILL the leading host four times under load: exactly once, in order, fast."""
+        app = await _create_app_schema(store)
+        logfile = tmp_path / "hosts.log"
+        takeovers: list[float] = []
+        async with trio.open_nursery() as nursery:
+            hosts = [await nursery.start(_run_host, harness, app, logfile) for _ in range(2)]
+            writing = trio.CancelScope()
+
+            async def writer() -> None:
+                with writing:
+                    n = 0
+                    while True:
+                        await store.append(
+                            f"acc-{n % 10}",
+                            [NewEvent("Deposited", {"n": n}), NewEvent("Noted", {"n": n})],
+                        )
+                        n += 1
+                        await trio.sleep(0.005)
+
+            nursery.start_soon(writer)
+            for _ in range(4):
+
+                async def has_leader() -> bool:
+                    return await _leader_pid(store) is not None
+
+                await eventually(has_leader)
+                leader = await _leader_pid(store)
+                assert leader is not None
+                killed_at = await store._pool.fetchval("SELECT clock_timestamp()")
+                victim = next(h for h in hosts if h.pid == leader)
+                victim.send_signal(signal.SIGKILL)
+                hosts.remove(victim)
+
+                await eventually(partial(_taken_over, store, app, killed_at, leader))
+                first_after = await _first_applied_after(store, app, killed_at, leader)
+                assert first_after is not None
+                takeovers.append((first_after - killed_at).total_seconds() * 1000)
+                hosts.append(await nursery.start(_run_host, harness, app, logfile))
+            writing.cancel()
+            await eventually(lambda: _caught_up(store), within=30)
+            nursery.cancel_scope.cancel()
+        applied = await _verify_exactly_once(store, app)
+        assert applied > 0
+        print(
+            f"\nfailover after kill -9: {len(takeovers)} takeovers, "
+            f"p50 {statistics.median(takeovers):.0f} ms, max {max(takeovers):.0f} ms, "
+            f"{applied} events applied exactly once"
+        )
+
+    async def test_terminated_lock_session_during_slow_batch(
+        self, store: PostgresStore, harness: PostgresHarness, tmp_path: Path
+    ) -> None:
+        """pg_terminate_backend on the leader mid-batch: no commit, it stands by, exact result."""
+        app = await _create_app_schema(store)
+        logfile = tmp_path / "hosts.log"
+        for n in range(40):
+            await store.append(f"acc-{n % 4}", [NewEvent("Deposited", {"n": n})])
+        async with trio.open_nursery() as nursery:
+            for _ in range(2):
+                await nursery.start(_run_host, harness, app, logfile, 0.05)
+
+            async def mid_batch() -> bool:
+                count = await store._pool.fetchval(f'SELECT count(*) FROM "{app}".applied')
+                return bool(count) and await _leader_pid(store) is not None
+
+            await eventually(mid_batch, within=30)
+            leader = await _leader_pid(store)
+            before = await store.load_checkpoint("ledger")
+            lock_pid = await store._pool.fetchval(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
+                "AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1",
+                projector_lock_key(store.schema, "ledger"),
+            )
+            await store._pool.execute("SELECT pg_terminate_backend($1)", lock_pid)
+
+            async def deposed_leader_stands_by() -> bool:
+                text = logfile.read_text() if logfile.exists() else ""
+                return any(
+                    f" {leader} " in line and "standing by again" in line
+                    for line in text.splitlines()
+                )
+
+            await eventually(deposed_leader_stands_by)
+            await eventually(lambda: _caught_up(store), within=60)
+            nursery.cancel_scope.cancel()
+        after = await store.load_checkpoint("ledger")
+        assert before is not None
+        assert after is not None
+        assert after > before
+        assert await _verify_exactly_once(store, app) == 40
