@@ -16,6 +16,7 @@ PUBLIC_MODULES = [
     "eventcore_trio",
     "eventcore_trio.memory",
     "eventcore_trio.postgres",
+    "eventcore_trio.projection",
     "eventcore_trio.testing",
 ]
 PACKAGE_DIR = Path(eventcore_trio.__file__).parent
@@ -117,6 +118,21 @@ class TestLayers:
             parts = name.split(".")
             if parts[0] == "eventcore_trio" and len(parts) > 1:
                 assert parts[1] not in forbidden, (path, name)
+
+    @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE_DIR)))
+    def test_projection_never_imports_a_backend(self, path: Path) -> None:
+        """projection/ depends on the protocols only, never on memory/ or postgres/."""
+        if path.relative_to(PACKAGE_DIR).parts[0] != "projection":
+            return
+        for name in _imports_of(path):
+            parts = name.split(".")
+            if parts[0] == "eventcore_trio" and len(parts) > 1:
+                assert parts[1] not in {"memory", "postgres", "testing", "cli"}, (path, name)
+
+    def test_pipeline_is_pure(self) -> None:
+        """The pipeline imports no trio, no database driver and no clock."""
+        names = {n.split(".")[0] for n in _imports_of(PACKAGE_DIR / "projection/_pipeline.py")}
+        assert not names & {"trio", "asyncpg", "asyncio", "time", "datetime", "trio_asyncio"}
 
     def test_every_module_imports(self) -> None:
         """Every module of the package imports cleanly."""

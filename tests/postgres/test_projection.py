@@ -363,3 +363,43 @@ class TestFailover:
         assert after is not None
         assert after > before
         assert await _verify_exactly_once(store, app) == 40
+
+
+class TestCancellation:
+    """Cancelling a run at any moment leaves the read model and the checkpoint in step."""
+
+    async def test_cancel_at_many_moments(self, store: PostgresStore) -> None:
+        """After each cancellation: lock released, session closed, model matches checkpoint."""
+        app = await _create_app_schema(store)
+        for n in range(150):
+            await store.append(f"acc-{n % 3}", [NewEvent("Deposited", {"n": n})])
+        events = await read_all(store)
+
+        @projector("ledger")
+        async def ledger(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            await ctx.db.execute(
+                f'INSERT INTO "{app}".applied (event_id, tx, seq, applied_by) '
+                "VALUES ($1, 0, $2, 0)",
+                event.event_id,
+                event.data["n"],
+            )
+
+        config = ProjectionConfig(batch_size=7)
+        for delay in (0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.03, 0.05, 0.08):
+            with trio.move_on_after(delay):
+                await run_projection(ledger, store, config)
+            checkpoint = await store.load_checkpoint("ledger")
+            expected = sum(1 for e in events if checkpoint is not None and e.position <= checkpoint)
+            assert await store._pool.fetchval(f'SELECT count(*) FROM "{app}".applied') == expected
+            assert (
+                await store._pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'eventcore-trio leader ledger'"
+                )
+                == 0
+            )
+            async with store.try_acquire("ledger") as leadership:
+                assert leadership.is_held
+        await run_projection(ledger, store, config)
+        rows = await store._pool.fetch(f'SELECT seq FROM "{app}".applied ORDER BY id')
+        assert [r["seq"] for r in rows] == list(range(150))
