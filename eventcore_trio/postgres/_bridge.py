@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import math
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -97,6 +98,17 @@ async def _cross(fn: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any
         raise translate_error(exc) from exc
 
 
+logger = logging.getLogger("eventcore_trio.postgres")
+
+
+def _log_orphan_error(_loop: object, context: dict[str, Any]) -> None:
+    logger.debug(
+        "asyncio reported an error no caller awaited: %s",
+        context.get("message", "unhandled error"),
+        exc_info=context.get("exception"),
+    )
+
+
 @asynccontextmanager
 async def asyncio_loop() -> AsyncIterator[None]:
     """Make sure a trio-asyncio loop runs for the duration of the block.
@@ -108,7 +120,12 @@ async def asyncio_loop() -> AsyncIterator[None]:
         yield
         return
     try:
-        async with trio_asyncio.open_loop():
+        async with trio_asyncio.open_loop() as loop:
+            # trio-asyncio's default handler re-raises every error that asyncio reports
+            # without a caller to give it to ("Future exception was never retrieved", e.g.
+            # from a connect that was cancelled half-way), which would tear the whole loop,
+            # and the store, down. Such errors belong in the log.
+            loop.set_exception_handler(_log_orphan_error)
             yield
     except BaseExceptionGroup as group:
         # The loop's nurseries wrap the block's own exception; callers want it bare.

@@ -233,12 +233,18 @@ class PostgresLeadership:
             try:
                 async with connection.transaction():
                     yield PostgresBatch(connection, self._name, self._context)
-            except StoreConnectionError as exc:
-                self._mark_lost()
-                raise LeadershipLost(
-                    f"the lock session of {self._name!r} ended during a batch; the batch did "
-                    "not commit and another instance may lead now"
-                ) from exc
+            except Exception as exc:
+                # Whatever failed (a statement through ctx.db, the projector, the commit):
+                # if the session is gone, the lock is gone too, and that is what the caller
+                # must hear. transaction() has tried to roll back, and closed the connection
+                # if even that failed, so is_closed() is reliable here.
+                if connection.is_closed():
+                    self._mark_lost()
+                    raise LeadershipLost(
+                        f"the lock session of {self._name!r} ended during a batch; the batch "
+                        "did not commit and another instance may lead now"
+                    ) from exc
+                raise
 
     async def report(
         self,

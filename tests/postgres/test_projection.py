@@ -16,7 +16,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from eventcore_trio import EventFilter, NewEvent, ProjectionFailed, RecordedEvent
+from eventcore_trio import (
+    EventFilter,
+    LeadershipLost,
+    NewEvent,
+    ProjectionFailed,
+    ProjectionState,
+    RecordedEvent,
+)
 from eventcore_trio.postgres import PostgresStore, _bridge, projector_lock_key
 from eventcore_trio.projection import (
     ProjectionConfig,
@@ -403,3 +410,50 @@ class TestCancellation:
         await run_projection(ledger, store, config)
         rows = await store._pool.fetch(f'SELECT seq FROM "{app}".applied ORDER BY id')
         assert [r["seq"] for r in rows] == list(range(150))
+
+
+class TestFencing:
+    """A session that ends under a statement is a lost lock, not a projector failure."""
+
+    async def test_terminated_during_a_ctx_db_statement(self, store: PostgresStore) -> None:
+        """Killing the lock session under a running ctx.db query raises LeadershipLost."""
+        await store.append("s", [NewEvent("E", {})])
+        in_query = trio.Event()
+
+        @projector("sleepy")
+        async def sleepy(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            in_query.set()
+            # Shielded, so the error reaches the handler before the runtime's cancellation:
+            # the runtime must still see a lost lock, not a failing projector.
+            with trio.CancelScope(shield=True):
+                await ctx.db.execute("SELECT pg_sleep(30)")
+
+        async with trio.open_nursery() as nursery:
+            lost = trio.Event()
+
+            async def run() -> None:
+                with pytest.raises(LeadershipLost):
+                    await run_projection(sleepy, store)
+                lost.set()
+
+            nursery.start_soon(run)
+            await in_query.wait()
+
+            async def query_running() -> bool:
+                return bool(
+                    await store._pool.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
+                        "AND state = 'active'"
+                    )
+                )
+
+            await eventually(query_running)
+            await store._pool.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'eventcore-trio leader sleepy'"
+            )
+            with trio.fail_after(5):
+                await lost.wait()
+        assert await store.load_checkpoint("sleepy") is None
+        status = {s.name: s for s in await store.projection_status()}["sleepy"]
+        assert status.state is not ProjectionState.FAILED

@@ -364,3 +364,27 @@ class TestOpening:
             pass
         with pytest.raises(StoreClosed):
             await store.read_events(None, limit=1)
+
+
+class TestAsyncioErrors:
+    """Errors that asyncio reports with nobody awaiting them do not bring the store down."""
+
+    async def test_orphan_asyncio_error_is_logged_not_raised(
+        self, harness: PostgresHarness, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """An unretrieved asyncio exception (as a cancelled connect leaves) is only logged."""
+        caplog.set_level("DEBUG", logger="eventcore_trio.postgres")
+        # Bounded: without the handler, the loop's crash leaves the store hanging.
+        with trio.fail_after(20):
+            await self._provoke(harness)
+        assert any("no caller awaited" in r.getMessage() for r in caplog.records)
+
+    @staticmethod
+    async def _provoke(harness: PostgresHarness) -> None:
+        async with harness.open_store() as store:
+            loop = trio_asyncio.current_loop.get()
+            loop.call_exception_handler(
+                {"message": "Future exception was never retrieved", "exception": OSError("x")}
+            )
+            await store.append("s", events("StillWorks"))
+            assert [e.type for e in await store.read_stream("s")] == ["StillWorks"]
