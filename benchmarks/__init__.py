@@ -1,0 +1,1 @@
+"""The eventcore-trio benchmark harness: ``python -m benchmarks --help``."""

@@ -1,0 +1,376 @@
+"""Runs each benchmark next to its baseline, prints a table, writes JSON and a chart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from eventcore_trio import open_postgres_store
+from eventcore_trio.testing import EmbeddedPostgres
+
+from . import _failover, _ours
+
+NAMES = (
+    "append_single_sequential",
+    "append_single_concurrent",
+    "append_batch_100",
+    "catch_up_noop",
+    "catch_up_transactional",
+    "catch_up_parallel_4",
+    "latency_notify_p50_ms",
+    "latency_notify_p99_ms",
+    "latency_poll_p50_ms",
+    "failover_ms_p50",
+    "failover_ms_p99",
+)
+
+
+@dataclass
+class Result:
+    """One line of the results."""
+
+    name: str
+    unit: str
+    ours: float
+    baseline: float | None
+    ratio: float | None
+    better: str
+
+
+@dataclass
+class Sizes:
+    """How much work each benchmark does."""
+
+    appends: int
+    concurrent_appends: int
+    batch_events: int
+    events: int
+    latency_pings: int
+    poll_pings: int
+    kills: int
+
+    @classmethod
+    def for_mode(cls, quick: bool, events: int | None) -> Sizes:
+        if quick:
+            return cls(1_000, 1_600, 10_000, events or 20_000, 60, 20, 3)
+        return cls(5_000, 8_000, 50_000, events or 100_000, 300, 50, 10)
+
+
+@dataclass
+class Context:
+    dsn: str
+    run: str
+    sizes: Sizes
+    schemas: list[str]
+    catch_up_schema: str | None = None
+
+    def schema(self, name: str) -> str:
+        schema = f"bench_{self.run}_{name}"[:63]
+        self.schemas.append(schema)
+        return schema
+
+
+def _throughput(name: str, ours: float, baseline: float) -> Result:
+    return Result(name, "events/s", ours, baseline, ours / baseline, "higher")
+
+
+def _percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def raw(function: str, *args: Any) -> Any:
+    """Run a baseline function in a plain-asyncio process; return its JSON result."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks._raw", function, json.dumps(args)],
+        capture_output=True,
+        text=True,
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"baseline {function} failed:\n{completed.stderr}")
+    return json.loads(completed.stdout)
+
+
+def bench_append_single_sequential(ctx: Context) -> list[Result]:
+    schema = ctx.schema("append_seq_raw")
+    raw("create_raw_schema", ctx.dsn, schema)
+    baseline = raw("append_single_sequential", ctx.dsn, schema, ctx.sizes.appends)
+    ours = trio.run(
+        _ours.append_single_sequential, ctx.dsn, ctx.schema("append_seq"), ctx.sizes.appends
+    )
+    return [_throughput("append_single_sequential", ours, baseline)]
+
+
+def bench_append_single_concurrent(ctx: Context) -> list[Result]:
+    schema = ctx.schema("append_conc_raw")
+    raw("create_raw_schema", ctx.dsn, schema)
+    n = ctx.sizes.concurrent_appends
+    baseline = raw("append_single_concurrent", ctx.dsn, schema, n, 8)
+    ours = trio.run(_ours.append_single_concurrent, ctx.dsn, ctx.schema("append_conc"), n, 8)
+    return [_throughput("append_single_concurrent", ours, baseline)]
+
+
+def bench_append_batch_100(ctx: Context) -> list[Result]:
+    schema = ctx.schema("append_batch_raw")
+    raw("create_raw_schema", ctx.dsn, schema)
+    n = ctx.sizes.batch_events
+    baseline = raw("append_batch", ctx.dsn, schema, n, 100)
+    ours = trio.run(_ours.append_batch, ctx.dsn, ctx.schema("append_batch"), n, 100)
+    return [_throughput("append_batch_100", ours, baseline)]
+
+
+def _catch_up_data(ctx: Context) -> str:
+    # One events table shared by every catch-up benchmark, ours and baseline alike.
+    if ctx.catch_up_schema is None:
+        schema = ctx.schema("catch_up")
+        trio.run(_ours.load_events, ctx.dsn, schema, ctx.sizes.events)
+        raw("prepare_catch_up", ctx.dsn, schema)
+        raw("catch_up", ctx.dsn, schema, ["warm-up"], 1000)  # warm the cache for both sides
+        ctx.catch_up_schema = schema
+    return ctx.catch_up_schema
+
+
+def catch_up_pair(ctx: Context, batch_size: int, tag: str) -> tuple[float, float]:
+    """(ours, baseline) events/s for one no-op catch-up at *batch_size*."""
+    schema = _catch_up_data(ctx)
+    baseline = raw("catch_up", ctx.dsn, schema, [f"raw-{tag}"], batch_size)
+    ours = trio.run(_ours.catch_up, ctx.dsn, schema, [f"ours-{tag}"], batch_size)
+    return ours, baseline
+
+
+def bench_catch_up_noop(ctx: Context) -> list[Result]:
+    ours, baseline = catch_up_pair(ctx, 500, "noop")
+    return [_throughput("catch_up_noop", ours, baseline)]
+
+
+def bench_catch_up_transactional(ctx: Context) -> list[Result]:
+    schema = _catch_up_data(ctx)
+    baseline = raw("catch_up", ctx.dsn, schema, ["raw-tx"], 500, True)
+    ours = trio.run(lambda: _ours.catch_up(ctx.dsn, schema, ["ours-tx"], 500, transactional=True))
+    return [_throughput("catch_up_transactional", ours, baseline)]
+
+
+def bench_catch_up_parallel_4(ctx: Context) -> list[Result]:
+    schema = _catch_up_data(ctx)
+    baseline = raw("catch_up", ctx.dsn, schema, [f"raw-par-{i}" for i in range(4)], 500)
+    ours = trio.run(_ours.catch_up, ctx.dsn, schema, [f"ours-par-{i}" for i in range(4)], 500)
+    return [_throughput("catch_up_parallel_4", ours, baseline)]
+
+
+def bench_latency(ctx: Context) -> list[Result]:
+    n = ctx.sizes.latency_pings
+    schema = ctx.schema("latency_raw")
+    raw("create_raw_schema", ctx.dsn, schema)
+    base = raw("latency", ctx.dsn, schema, f"{schema}_ch", n, 0.01, True, 1.0)
+    ours = trio.run(
+        lambda: _ours.latency(
+            ctx.dsn, ctx.schema("latency"), n, 0.01, notify=True, poll_interval=1.0
+        )
+    )
+    p50 = (statistics.median(ours), statistics.median(base))
+    p99 = (_percentile(ours, 0.99), _percentile(base, 0.99))
+    return [
+        Result("latency_notify_p50_ms", "ms", p50[0], p50[1], p50[0] / p50[1], "lower"),
+        Result("latency_notify_p99_ms", "ms", p99[0], p99[1], p99[0] / p99[1], "lower"),
+    ]
+
+
+POLL_INTERVAL = 0.2
+
+
+def bench_latency_poll(ctx: Context) -> list[Result]:
+    n = ctx.sizes.poll_pings
+    schema = ctx.schema("poll_raw")
+    raw("create_raw_schema", ctx.dsn, schema)
+    base = raw("latency", ctx.dsn, schema, f"{schema}_ch", n, 0.05, False, POLL_INTERVAL)
+    ours = trio.run(
+        lambda: _ours.latency(
+            ctx.dsn, ctx.schema("poll"), n, 0.05, notify=False, poll_interval=POLL_INTERVAL
+        )
+    )
+    ours_p50, base_p50 = statistics.median(ours), statistics.median(base)
+    return [Result("latency_poll_p50_ms", "ms", ours_p50, base_p50, ours_p50 / base_p50, "lower")]
+
+
+def bench_failover(ctx: Context) -> list[Result]:
+    takeovers = trio.run(_failover.failover, ctx.dsn, ctx.schema("failover"), ctx.sizes.kills)
+    return [
+        Result("failover_ms_p50", "ms", statistics.median(takeovers), None, None, "lower"),
+        Result("failover_ms_p99", "ms", _percentile(takeovers, 0.99), None, None, "lower"),
+    ]
+
+
+BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
+    (("append_single_sequential",), bench_append_single_sequential),
+    (("append_single_concurrent",), bench_append_single_concurrent),
+    (("append_batch_100",), bench_append_batch_100),
+    (("catch_up_noop",), bench_catch_up_noop),
+    (("catch_up_transactional",), bench_catch_up_transactional),
+    (("catch_up_parallel_4",), bench_catch_up_parallel_4),
+    (("latency_notify_p50_ms", "latency_notify_p99_ms"), bench_latency),
+    (("latency_poll_p50_ms",), bench_latency_poll),
+    (("failover_ms_p50", "failover_ms_p99"), bench_failover),
+]
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "system": platform.platform()}
+
+
+async def _server_version(dsn: str) -> str:
+    async with open_postgres_store(dsn, schema="bench_meta") as store:
+        return str(await store._pool.fetchval("SHOW server_version"))
+
+
+async def _drop(dsn: str, schemas: list[str]) -> None:
+    async with open_postgres_store(dsn, schema="bench_meta") as store:
+        for schema in [*schemas, "bench_meta"]:
+            await store._pool.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+
+
+def catch_up_chart(ctx: Context, path: Path) -> None:
+    """Plot catch-up throughput against batch size, ours and baseline, into *path*."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [50, 100, 250, 500, 1000, 2000]
+    points = [catch_up_pair(ctx, size, f"chart-{size}") for size in sizes]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(sizes, [p[0] for p in points], marker="o", label="eventcore-trio (run_projection)")
+    ax.plot(sizes, [p[1] for p in points], marker="s", label="raw asyncpg on asyncio (by hand)")
+    ax.set_xscale("log")
+    ax.set_xlabel("batch size (events per page and transaction)")
+    ax.set_ylabel("events/s")
+    ax.set_title(f"No-op catch-up over {ctx.sizes.events:,} events")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"chart written to {path}")
+
+
+def _format(value: float | None, unit: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.1f}" if unit == "ms" else f"{value:,.0f}"
+
+
+def print_table(results: list[Result]) -> None:
+    print()
+    header = f"{'benchmark':28} {'unit':9} {'ours':>12} {'baseline':>12} {'ratio':>7}  better"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        print(
+            f"{r.name:28} {r.unit:9} {_format(r.ours, r.unit):>12} "
+            f"{_format(r.baseline, r.unit):>12} {ratio:>7}  {r.better}"
+        )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description="Benchmark eventcore-trio next to hand-written asyncpg on asyncio, in the "
+        "same run on the same server.",
+    )
+    parser.add_argument(
+        "--dsn",
+        default=os.environ.get("EVENTCORE_DSN"),
+        help="PostgreSQL to run against (default: EVENTCORE_DSN, else an embedded server)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes (under two minutes)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=f"run only these results (repeatable or comma-separated): {', '.join(NAMES)}",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write results as JSON")
+    parser.add_argument("--events", type=int, help="events for the catch-up benchmarks")
+    parser.add_argument("--chart", type=Path, metavar="PNG", help="plot catch-up vs batch size")
+    args = parser.parse_args(argv)
+    only = {n for item in args.only for n in item.split(",") if n}
+    unknown = only - set(NAMES)
+    if unknown:
+        parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
+    selected = [(names, fn) for names, fn in BENCHMARKS if not only or set(names) & only]
+    sizes = Sizes.for_mode(args.quick, args.events)
+    server: EmbeddedPostgres | None = None
+    dsn = args.dsn
+    if dsn is None:
+        server = EmbeddedPostgres()
+        server.start()
+        dsn = server.dsn
+    ctx = Context(dsn=dsn, run=uuid.uuid4().hex[:6], sizes=sizes, schemas=[])
+    results: list[Result] = []
+    try:
+        version = trio.run(_server_version, dsn)
+        print(
+            f"eventcore-trio benchmarks: PostgreSQL {version}, {machine()['cpu']}, "
+            f"{os.cpu_count()} cores, {'quick' if args.quick else 'full'} run"
+        )
+        started = time.perf_counter()
+        for index, (names, fn) in enumerate(selected, start=1):
+            print(f"[{index}/{len(selected)}] {', '.join(names)} …", end="", flush=True)
+            step = time.perf_counter()
+            produced = [r for r in fn(ctx) if not only or r.name in only]
+            results.extend(produced)
+            summary = "; ".join(
+                f"{r.name} ours {_format(r.ours, r.unit)} vs {_format(r.baseline, r.unit)} {r.unit}"
+                for r in produced
+            )
+            print(f" {time.perf_counter() - step:.1f}s: {summary}", flush=True)
+        if args.chart is not None:
+            catch_up_chart(ctx, args.chart)
+        print_table(results)
+        print(f"\ntotal {time.perf_counter() - started:.0f}s")
+        if args.json is not None:
+            document = {
+                "machine": machine(),
+                "python": sys.version.split()[0],
+                "postgres_version": version,
+                "events": sizes.events,
+                "mode": "quick" if args.quick else "full",
+                "results": [asdict(r) for r in results],
+            }
+            args.json.write_text(json.dumps(document, indent=2) + "\n")
+            print(f"results written to {args.json}")
+    finally:
+        if server is not None:
+            server.cleanup()
+        else:
+            trio.run(_drop, dsn, ctx.schemas)
+    expected = {n for names, _ in selected for n in names if not only or n in only}
+    missing = expected - {r.name for r in results}
+    bad = [
+        r.name for r in results if not r.ours > 0 or (r.baseline is not None and not r.baseline > 0)
+    ]
+    if missing or bad:
+        print(f"missing results: {sorted(missing)}; non-positive: {bad}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,284 @@
+"""The baselines: the same SQL work written by hand with asyncpg on plain asyncio.
+
+They run in a process of their own (``python -m benchmarks._raw FUNCTION JSON_ARGS``) that never
+imports trio or trio-asyncio, whose import would install its event-loop policy and patch
+asyncio's loop lookup: the baseline is plain asyncio, as a user without us would run it.
+
+Each function is what a careful user would write without eventcore-trio: a transaction with
+a version check for a single append, one unnest() statement for a batch, a hand-rolled
+catch-up loop that decodes rows and saves a checkpoint per page, a LISTEN loop. They run on
+the same server, in the same run, against the same rows as our side.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import asyncpg
+
+RAW_SCHEMA_SQL = """
+CREATE SCHEMA "{s}";
+CREATE TABLE "{s}".streams (stream_id text COLLATE "C" PRIMARY KEY, version bigint NOT NULL);
+CREATE TABLE "{s}".events (
+    tx bigint NOT NULL DEFAULT (pg_current_xact_id()::text::bigint),
+    position bigint GENERATED ALWAYS AS IDENTITY,
+    stream_id text COLLATE "C" NOT NULL,
+    stream_version bigint NOT NULL,
+    event_id uuid NOT NULL DEFAULT gen_random_uuid(),
+    type text COLLATE "C" NOT NULL,
+    data jsonb NOT NULL,
+    metadata jsonb NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (tx, position),
+    UNIQUE (stream_id, stream_version),
+    UNIQUE (event_id)
+);
+CREATE TABLE "{s}".checkpoints (name text PRIMARY KEY, tx bigint, position bigint);
+"""
+
+
+async def create_raw_schema(dsn: str, schema: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(RAW_SCHEMA_SQL.format(s=schema))
+    finally:
+        await conn.close()
+
+
+async def append_single_sequential(dsn: str, schema: str, count: int) -> float:
+    """One event per append, version-checked in a transaction; returns events/s."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        payload = json.dumps({"amount": 1})
+        started = time.perf_counter()
+        for n in range(count):
+            await _append_one(conn, schema, "stream-0", n, payload)
+        return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
+async def _append_one(
+    conn: asyncpg.Connection, schema: str, stream: str, expected: int, payload: str
+) -> None:
+    # The natural hand-written append: lock the stream row, check, insert, bump, commit.
+    async with conn.transaction():
+        version = await conn.fetchval(
+            f'SELECT version FROM "{schema}".streams WHERE stream_id = $1 FOR UPDATE', stream
+        )
+        if version is None:
+            await conn.execute(
+                f'INSERT INTO "{schema}".streams VALUES ($1, 0) ON CONFLICT DO NOTHING', stream
+            )
+            version = 0
+        if version != expected:
+            raise RuntimeError(f"conflict on {stream}: {version} != {expected}")
+        await conn.execute(
+            f'INSERT INTO "{schema}".events (stream_id, stream_version, type, data, metadata) '
+            "VALUES ($1, $2, 'Deposited', $3, '{}')",
+            stream,
+            version + 1,
+            payload,
+        )
+        await conn.execute(
+            f'UPDATE "{schema}".streams SET version = $2 WHERE stream_id = $1', stream, version + 1
+        )
+
+
+async def append_single_concurrent(dsn: str, schema: str, count: int, tasks: int) -> float:
+    """The same from *tasks* concurrent tasks on distinct streams; returns events/s."""
+    pool = await asyncpg.create_pool(dsn, min_size=tasks, max_size=tasks)
+    try:
+        payload = json.dumps({"amount": 1})
+        per_task = count // tasks
+
+        async def worker(w: int) -> None:
+            async with pool.acquire() as conn:
+                for n in range(per_task):
+                    await _append_one(conn, schema, f"stream-{w}", n, payload)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(tasks)))
+        return per_task * tasks / (time.perf_counter() - started)
+    finally:
+        await pool.close()
+
+
+async def append_batch(dsn: str, schema: str, count: int, size: int) -> float:
+    """*size* events per append with the fastest single statement (unnest); events/s."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        payloads = [json.dumps({"amount": n}) for n in range(size)]
+        sql = (
+            f'INSERT INTO "{schema}".events (stream_id, stream_version, type, data, metadata) '
+            "SELECT $1, v, 'Deposited', d, '{}' FROM unnest($2::bigint[], $3::jsonb[]) AS u(v, d)"
+        )
+        started = time.perf_counter()
+        for batch in range(count // size):
+            base = batch * size
+            # The unique (stream_id, stream_version) constraint is the concurrency check.
+            await conn.execute(sql, "stream-0", list(range(base + 1, base + size + 1)), payloads)
+        return (count // size) * size / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
+_READ = (
+    "SELECT tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at "
+    'FROM "{s}".events WHERE (tx, position) > ($1, $2) '
+    "AND tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint "
+    "ORDER BY tx, position LIMIT $3"
+)
+
+
+async def _noop(event: dict[str, Any]) -> None:
+    return None
+
+
+async def _catch_up_on(
+    conn: asyncpg.Connection, schema: str, name: str, batch_size: int, upsert: bool
+) -> int:
+    read = _READ.format(s=schema)
+    save = (
+        f'INSERT INTO "{schema}".checkpoints VALUES ($1, $2, $3) ON CONFLICT (name) '
+        "DO UPDATE SET tx = excluded.tx, position = excluded.position"
+    )
+    upsert_sql = (
+        f'INSERT INTO "{schema}".balances (account, total) VALUES ($1, $2) '
+        "ON CONFLICT (account) DO UPDATE SET total = balances.total + excluded.total"
+    )
+    tx, position, total = 0, 0, 0
+    while True:
+        rows = await conn.fetch(read, tx, position, batch_size)
+        if not rows:
+            return total
+        async with conn.transaction():
+            for row in rows:
+                event = {
+                    "event_id": row["event_id"],
+                    "stream_id": row["stream_id"],
+                    "stream_version": row["stream_version"],
+                    "position": (row["tx"], row["position"]),
+                    "type": row["type"],
+                    "data": json.loads(row["data"]),
+                    "metadata": json.loads(row["metadata"]),
+                    "recorded_at": row["recorded_at"],
+                }
+                if upsert:
+                    await conn.execute(upsert_sql, event["stream_id"], event["data"]["amount"])
+                else:
+                    await _noop(event)
+            tx, position = rows[-1]["tx"], rows[-1]["position"]
+            await conn.execute(save, name, tx, position)
+        total += len(rows)
+
+
+async def catch_up(
+    dsn: str, schema: str, names: list[str], batch_size: int, upsert: bool = False
+) -> float:
+    """Catch up one reader per name, concurrently, by hand: read a page, decode each row,
+    apply, save the checkpoint in the page's transaction. Returns total events/s."""
+    conns = [await asyncpg.connect(dsn) for _ in names]
+    try:
+        started = time.perf_counter()
+        counts = await asyncio.gather(
+            *(
+                _catch_up_on(c, schema, n, batch_size, upsert)
+                for c, n in zip(conns, names, strict=True)
+            )
+        )
+        return sum(counts) / (time.perf_counter() - started)
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def prepare_catch_up(dsn: str, schema: str) -> None:
+    """Add the baseline's checkpoint table and the upsert target to the catch-up schema."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            f'CREATE TABLE IF NOT EXISTS "{schema}".balances (account text PRIMARY KEY, '
+            "total bigint NOT NULL); "
+            f'CREATE TABLE IF NOT EXISTS "{schema}".checkpoints '
+            "(name text PRIMARY KEY, tx bigint, position bigint)"
+        )
+    finally:
+        await conn.close()
+
+
+async def latency(
+    dsn: str,
+    schema: str,
+    channel: str,
+    count: int,
+    interval: float,
+    notify: bool,
+    poll_interval: float,
+) -> list[float]:
+    """Append one event at a time; a LISTEN (or polling) reader applies it; latencies in ms."""
+    writer = await asyncpg.connect(dsn)
+    reader = await asyncpg.connect(dsn)
+    listener = await asyncpg.connect(dsn)
+    try:
+        start_tx, start_pos = 0, 0
+        last = await reader.fetchrow(
+            f'SELECT tx, position FROM "{schema}".events ORDER BY tx DESC, position DESC LIMIT 1'
+        )
+        if last is not None:
+            start_tx, start_pos = last["tx"], last["position"]
+        sent: dict[str, float] = {}
+        latencies: list[float] = []
+        wake = asyncio.Event()
+        if notify:
+            await listener.add_listener(channel, lambda *_: wake.set())
+        read = _READ.format(s=schema)
+
+        async def consume() -> None:
+            tx, position = start_tx, start_pos
+            while len(latencies) < count:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(wake.wait(), poll_interval)
+                wake.clear()
+                while True:
+                    rows = await reader.fetch(read, tx, position, 500)
+                    for row in rows:
+                        key = json.loads(row["data"])["key"]
+                        if key in sent:
+                            latencies.append((time.perf_counter() - sent[key]) * 1000)
+                    if not rows:
+                        break
+                    tx, position = rows[-1]["tx"], rows[-1]["position"]
+
+        consumer = asyncio.create_task(consume())
+        for n in range(count):
+            key = f"k{n}"
+            sent[key] = time.perf_counter()
+            async with writer.transaction():
+                await writer.execute(
+                    f'INSERT INTO "{schema}".events (stream_id, stream_version, type, data, '
+                    "metadata) VALUES ($1, $2, 'Ping', $3, '{}')",
+                    "latency",
+                    n + 1,
+                    json.dumps({"key": key}),
+                )
+                if notify:
+                    await writer.execute(f"SELECT pg_notify('{channel}', '')")
+            await asyncio.sleep(interval)
+        await asyncio.wait_for(consumer, 60)
+        return latencies
+    finally:
+        for conn in (writer, reader, listener):
+            await conn.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    function = globals()[sys.argv[1]]
+    arguments = json.loads(sys.argv[2])
+    print(json.dumps(asyncio.run(function(*arguments))))
