@@ -21,7 +21,7 @@ def _check_component(_: object, attribute: attrs.Attribute[int], value: int) -> 
 
 
 @final
-@attrs.frozen(order=True, repr=False)
+@attrs.frozen(eq=False, order=False, repr=False)
 class Position:
     """An opaque, totally ordered, hashable place in a store's global event order.
 
@@ -39,6 +39,36 @@ class Position:
     _commit: int = attrs.field(validator=_check_component)
     # The event's ordinal within the store, increasing within a transaction.
     _sequence: int = attrs.field(validator=_check_component)
+
+    # Comparisons are hand-written: readers compare positions for every event they see, and
+    # attrs' generic tuple-building versions cost several times more.
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Position:
+            return NotImplemented
+        return self._commit == other._commit and self._sequence == other._sequence
+
+    def __hash__(self) -> int:
+        return hash((self._commit, self._sequence))
+
+    def __lt__(self, other: Position) -> bool:
+        if type(other) is not Position:
+            return NotImplemented
+        return (self._commit, self._sequence) < (other._commit, other._sequence)
+
+    def __le__(self, other: Position) -> bool:
+        if type(other) is not Position:
+            return NotImplemented
+        return (self._commit, self._sequence) <= (other._commit, other._sequence)
+
+    def __gt__(self, other: Position) -> bool:
+        if type(other) is not Position:
+            return NotImplemented
+        return (self._commit, self._sequence) > (other._commit, other._sequence)
+
+    def __ge__(self, other: Position) -> bool:
+        if type(other) is not Position:
+            return NotImplemented
+        return (self._commit, self._sequence) >= (other._commit, other._sequence)
 
     def __str__(self) -> str:
         return f"{self._commit}:{self._sequence}"
@@ -61,6 +91,18 @@ class Position:
                 f"{text!r} is not a position; positions look like '1234:56' (use str(position))"
             )
         return cls(int(match[1]), int(match[2]))
+
+
+_new = object.__new__
+_set = object.__setattr__
+
+
+def trusted_position(commit: int, sequence: int) -> Position:
+    """Backend helper: a position from values the database produced, without re-validating."""
+    position: Position = _new(Position)
+    _set(position, "_commit", commit)
+    _set(position, "_sequence", sequence)
+    return position
 
 
 def position_parts(position: Position) -> tuple[int, int]:

@@ -202,6 +202,25 @@ class Connection:
                     await _cross(self._raw.remove_listener, channel, on_notification)
             send.close()
 
+    async def begin(self) -> None:
+        """Start a transaction (one round trip); end it with `commit` or `rollback`."""
+        await _cross(self._raw.execute, "BEGIN")
+
+    async def commit(self) -> None:
+        """Commit the open transaction."""
+        await _cross(self._raw.execute, "COMMIT")
+
+    async def rollback(self) -> None:
+        """Roll back the open transaction, shielded from cancellation and bounded.
+
+        If the rollback cannot complete (the session is gone or hangs) the connection is
+        terminated, so it is never left inside an open transaction; `is_closed` then tells.
+        """
+        with trio.move_on_after(5, shield=True), contextlib.suppress(StoreConnectionError):
+            await _cross(self._raw.execute, "ROLLBACK")
+        if not self.is_closed() and self._raw.is_in_transaction():
+            self.terminate()
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Connection]:
         """Run the block in a transaction: commit on success, roll back on any exception.
@@ -209,18 +228,14 @@ class Connection:
         The rollback runs shielded, with a timeout, so cancellation cannot leave the session
         inside an open transaction; if even that fails the connection is terminated.
         """
-        tx = self._raw.transaction()
-        await _cross(tx.start)
+        await self.begin()
         try:
             yield self
         except BaseException:
-            with trio.move_on_after(5, shield=True), contextlib.suppress(StoreConnectionError):
-                await _cross(tx.rollback)
-            if not self.is_closed() and self._raw.is_in_transaction():
-                self.terminate()
+            await self.rollback()
             raise
         else:
-            await _cross(tx.commit)
+            await self.commit()
 
     async def close(self, grace: float = 5.0) -> None:
         """Close gracefully, shielded from cancellation; terminate after *grace* seconds."""
@@ -287,6 +302,14 @@ class Pool:
                 raw.terminate()
 
 
+async def _keep_session(_connection: asyncpg.Connection) -> None:
+    # asyncpg's default reset runs "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
+    # RESET ALL" on every release: a round trip per pooled call. Pooled sessions here never
+    # change session state (no SET, no LISTEN, no session locks: those live on dedicated
+    # connections), and an open transaction is still rolled back by asyncpg before this runs.
+    return None
+
+
 @asynccontextmanager
 async def open_pool(
     dsn: str,
@@ -304,6 +327,7 @@ async def open_pool(
         max_size=max_size,
         timeout=connect_timeout,
         server_settings=_server_settings(application_name, {}),
+        reset=_keep_session,
     )
     try:
         yield Pool(raw)

@@ -16,9 +16,9 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from typing import Final, final
+from typing import Any, Final, final
 
 import attrs
 import trio
@@ -34,7 +34,7 @@ from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._positions import Position, position_parts
 from .._status import ProjectionState
-from ._bridge import Connection, connect
+from ._bridge import Connection, Record, connect
 
 # Server-side TCP keepalives on the lock connection: idle 5 s, then 3 probes 3 s apart. A
 # leader whose machine drops off the network loses its lock after about 14 s.
@@ -81,8 +81,41 @@ def filter_to_json(event_filter: EventFilter | None) -> str | None:
 
 
 @final
+class _BatchDatabase:
+    """``ctx.db``: the batch's transaction, begun lazily by the first statement."""
+
+    def __init__(self, batch: PostgresBatch) -> None:
+        self._batch = batch
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run a statement in the batch's transaction."""
+        return await (await self._batch._in_transaction()).execute(sql, *args)
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
+        """Run a statement once per argument tuple in the batch's transaction."""
+        await (await self._batch._in_transaction()).executemany(sql, args)
+
+    async def fetch(self, sql: str, *args: object) -> list[Record]:
+        """Run a query in the batch's transaction and return every row."""
+        return await (await self._batch._in_transaction()).fetch(sql, *args)
+
+    async def fetchrow(self, sql: str, *args: object) -> Record | None:
+        """Run a query in the batch's transaction and return its first row."""
+        return await (await self._batch._in_transaction()).fetchrow(sql, *args)
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """Run a query in the batch's transaction and return one value."""
+        return await (await self._batch._in_transaction()).fetchval(sql, *args)
+
+
+@final
 class PostgresBatch:
     """A transaction on the leader's session; obtained from `PostgresLeadership.open_batch`.
+
+    The transaction begins with the first statement that needs it: a batch whose projector
+    writes nothing through ``ctx.db`` commits its checkpoint as one autocommit statement, one
+    round trip, and holds no transaction id while its handlers run (so it holds no reader
+    back). Everything still commits when the batch's block ends, or not at all.
 
     .. versionadded:: 0.1
     """
@@ -91,18 +124,37 @@ class PostgresBatch:
         self._connection = connection
         self._name = name
         self._context = context
+        # True once BEGIN has run; then COMMIT or ROLLBACK ends the batch.
+        self._begun = False
+        # The checkpoint move requested by save_checkpoint, applied at commit when no
+        # transaction was needed.
+        self._pending_checkpoint: tuple[Position | None, Position] | None = None
+        self._db = _BatchDatabase(self)
 
     @property
-    def db(self) -> Connection:
+    def db(self) -> _BatchDatabase:
         """The transaction, for the projector's own writes (``ctx.db``)."""
+        return self._db
+
+    async def _in_transaction(self) -> Connection:
+        if not self._begun:
+            await self._connection.begin()
+            self._begun = True
         return self._connection
 
     async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
-        """Move the checkpoint from *expected* to *position* in this transaction (CAS).
+        """Move the checkpoint from *expected* to *position* when the batch commits (CAS).
 
         Raises:
-            CheckpointConflict: the stored checkpoint is not *expected*.
+            CheckpointConflict: the stored checkpoint is not *expected* (at once inside a
+                transaction, else when the block ends).
         """
+        if self._begun:
+            await self._write_checkpoint(expected, position)
+        else:
+            self._pending_checkpoint = (expected, position)
+
+    async def _write_checkpoint(self, expected: Position | None, position: Position) -> None:
         tx, seq = position_parts(position)
         expected_tx, expected_seq = (None, None) if expected is None else position_parts(expected)
         # One statement: insert the row, or move it only from exactly the expected position.
@@ -144,7 +196,8 @@ class PostgresBatch:
             data, metadata, decode_error = json.dumps(event.data), json.dumps(event.metadata), None
         else:
             data, metadata, decode_error = event.raw_data, event.raw_metadata, event.error
-        await self._connection.execute(
+        connection = await self._in_transaction()
+        await connection.execute(
             f"INSERT INTO {self._context.dead_letters} (subscription_name, tx, position, "
             "event_id, stream_id, stream_version, type, data, metadata, decode_error, "
             "event_recorded_at, error_type, error_message, retries) "
@@ -167,11 +220,22 @@ class PostgresBatch:
 
     async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
         """Delete a replayed dead letter, in this transaction."""
-        await self._connection.execute(
+        connection = await self._in_transaction()
+        await connection.execute(
             f"DELETE FROM {self._context.dead_letters} WHERE id = $1 AND subscription_name = $2",
             dead_letter_id,
             self._name,
         )
+
+    async def _commit(self) -> None:
+        if self._begun:
+            await self._connection.commit()
+        elif self._pending_checkpoint is not None:
+            await self._write_checkpoint(*self._pending_checkpoint)
+
+    async def _rollback(self) -> None:
+        if self._begun:
+            await self._connection.rollback()
 
 
 @final
@@ -230,15 +294,20 @@ class PostgresLeadership:
                 transaction did not commit).
         """
         async with self._use() as connection:
+            batch = PostgresBatch(connection, self._name, self._context)
             try:
-                async with connection.transaction():
-                    yield PostgresBatch(connection, self._name, self._context)
+                try:
+                    yield batch
+                except BaseException:
+                    await batch._rollback()
+                    raise
+                await batch._commit()
             except Exception as exc:
                 # Whatever failed (a statement through ctx.db, the projector, the commit):
                 # if the session is gone, the lock is gone too, and that is what the caller
-                # must hear. transaction() has tried to roll back, and closed the connection
-                # if even that failed, so is_closed() is reliable here.
-                if connection.is_closed():
+                # must hear. The rollback closes the connection when it cannot complete, and
+                # a commit on a dead session fails, so is_closed() is reliable here.
+                if connection.is_closed() or isinstance(exc, StoreConnectionError):
                     self._mark_lost()
                     raise LeadershipLost(
                         f"the lock session of {self._name!r} ended during a batch; the batch "

@@ -35,7 +35,7 @@ from .._events import (
     prepare_appends,
 )
 from .._filters import EventFilter
-from .._positions import Position, position_parts
+from .._positions import Position, position_parts, trusted_position
 from .._status import (
     DeadLetter,
     LeaderInfo,
@@ -649,34 +649,45 @@ def _to_dead_letter(row: _bridge.Record) -> DeadLetter:
     )
 
 
-def _decode_row(row: _bridge.Record) -> RecordedEvent | UndecodableEvent:
-    position = Position(row["tx"], row["position"])
+def _decode_object(text: str) -> Any:
+    # Most metadata (and much data) is the empty object: skip the JSON parser for it.
+    return {} if text == "{}" else _json_loads(text)
+
+
+_json_loads = json.loads
+
+
+def _decode_row(row: Any) -> RecordedEvent | UndecodableEvent:
+    # Columns by index, in _EVENT_COLUMNS order (an asyncpg Record is also a sequence):
+    # this runs once per event read.
+    tx, seq, stream_id, stream_version, event_id, event_type, raw_data, raw_metadata, at = row
+    position = trusted_position(tx, seq)
     try:
-        data = json.loads(row["data"])
-        metadata = json.loads(row["metadata"])
-        if not isinstance(data, dict) or not isinstance(metadata, dict):
+        data = _decode_object(raw_data)
+        metadata = _decode_object(raw_metadata)
+        if type(data) is not dict or type(metadata) is not dict:
             raise ValueError("data and metadata must be JSON objects")
     except ValueError as exc:
         return UndecodableEvent(
-            event_id=row["event_id"],
-            stream_id=row["stream_id"],
-            stream_version=row["stream_version"],
+            event_id=event_id,
+            stream_id=stream_id,
+            stream_version=stream_version,
             position=position,
-            type=row["type"],
-            raw_data=row["data"],
-            raw_metadata=row["metadata"],
-            recorded_at=row["recorded_at"],
+            type=event_type,
+            raw_data=raw_data,
+            raw_metadata=raw_metadata,
+            recorded_at=at,
             error=str(exc),
         )
     return RecordedEvent(
-        event_id=row["event_id"],
-        stream_id=row["stream_id"],
-        stream_version=row["stream_version"],
+        event_id=event_id,
+        stream_id=stream_id,
+        stream_version=stream_version,
         position=position,
-        type=row["type"],
+        type=event_type,
         data=data,
         metadata=metadata,
-        recorded_at=row["recorded_at"],
+        recorded_at=at,
     )
 
 

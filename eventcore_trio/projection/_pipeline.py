@@ -9,6 +9,7 @@ this module, so every path is unit-tested by hand (tests/projection/test_pipelin
 
 from __future__ import annotations
 
+import bisect
 import enum
 from collections.abc import Callable
 from typing import final
@@ -277,8 +278,17 @@ class ProjectionPipeline:
                 return self._next()
             case PageRead(events):
                 self._read_failures = 0
-                if not self._config.continuous and self._target is not None:
-                    events = tuple(e for e in events if e.position <= self._target)
+                target = self._target
+                continuous = self._config.continuous
+                if (
+                    not continuous
+                    and target is not None
+                    and events
+                    and events[-1].position > target
+                ):
+                    # Only the tail can lie past the target: cut it off by bisection.
+                    positions = [e.position for e in events]
+                    events = events[: bisect.bisect_right(positions, target)]
                 if not events:
                     return self._idle()
                 self._pending = list(events)
