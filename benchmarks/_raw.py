@@ -37,6 +37,8 @@ CREATE TABLE "{s}".events (
     UNIQUE (stream_id, stream_version),
     UNIQUE (event_id)
 );
+-- The same indexes as eventcore-trio's events table, so inserts maintain the same trees.
+CREATE INDEX ON "{s}".events (type, tx, position);
 CREATE TABLE "{s}".checkpoints (name text PRIMARY KEY, tx bigint, position bigint);
 """
 

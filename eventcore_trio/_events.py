@@ -27,7 +27,7 @@ def _check_event_type(_: Any, __: Any, value: Any) -> None:
 
 
 def _check_mapping(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
-    if not isinstance(value, Mapping):
+    if type(value) is not dict and not isinstance(value, Mapping):
         raise InvalidArgument(
             f"NewEvent.{attribute.name} must be a mapping (a JSON object), "
             f"got {type(value).__name__}: {value!r:.80}"

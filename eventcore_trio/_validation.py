@@ -86,10 +86,13 @@ _ENCODER: Final = json.JSONEncoder(
 
 def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
     """Encode event data or metadata as compact JSON text, or raise EventEncodeError."""
-    if not isinstance(value, Mapping):
-        raise EventEncodeError(f"event {kind} must be a mapping, got {type(value).__name__}")
-    if not isinstance(value, dict):
+    # type() first: isinstance() against the Mapping ABC is slow, and this runs per event.
+    if type(value) is not dict:
+        if not isinstance(value, Mapping):
+            raise EventEncodeError(f"event {kind} must be a mapping, got {type(value).__name__}")
         value = dict(value)
+    if not value:
+        return "{}"
     try:
         text = _ENCODER.encode(value)
     except (TypeError, ValueError) as exc:

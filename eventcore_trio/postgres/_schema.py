@@ -201,6 +201,80 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     CREATE INDEX dead_letters_subscription_idx
         ON {s}.dead_letters (subscription_name, tx, position);
     """,
+    # 3: a leaner append: versions come from per-event offsets the client sends (no window
+    # function), stream versions move in one UPDATE, the last position is the sequence's
+    # currval (no RETURNING to aggregate), and the caller adds the counts to the returned
+    # base versions. Same contract as migration 1's function.
+    """
+    DROP FUNCTION {s}.append_events(text[], bigint[], int[], uuid[], text[], jsonb[], jsonb[]);
+
+    -- p_streams must be distinct and sorted: locking stream rows in one global order is what
+    -- keeps concurrent multi-stream appends from deadlocking. Events come grouped by stream,
+    -- in order; p_event_stream is each event's 1-based stream index, p_offset its 1-based
+    -- position within its stream's part, p_counts each stream's number of new events.
+    CREATE FUNCTION {s}.append_events(
+        p_streams text[],
+        p_expected bigint[],
+        p_counts int[],
+        p_event_stream int[],
+        p_offset int[],
+        p_event_id uuid[],
+        p_type text[],
+        p_data jsonb[],
+        p_metadata jsonb[]
+    ) RETURNS TABLE (last_tx bigint, last_position bigint, versions bigint[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_versions bigint[] := '{{}}';
+        v_version bigint;
+    BEGIN
+        FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
+            SELECT s.version INTO v_version FROM {s}.streams s
+                WHERE s.stream_id = p_streams[i] FOR UPDATE;
+            IF NOT FOUND THEN
+                -- A concurrent creator makes this wait for its commit, then do nothing.
+                INSERT INTO {s}.streams (stream_id, version) VALUES (p_streams[i], 0)
+                    ON CONFLICT DO NOTHING;
+                SELECT s.version INTO v_version FROM {s}.streams s
+                    WHERE s.stream_id = p_streams[i] FOR UPDATE;
+            END IF;
+            IF p_expected[i] IS NOT NULL AND p_expected[i] <> v_version THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = 'EV001',
+                    MESSAGE = format('stream %s is at version %s, expected %s',
+                                     p_streams[i], v_version, p_expected[i]),
+                    DETAIL = json_build_object('stream_id', p_streams[i],
+                                               'expected', p_expected[i],
+                                               'actual', v_version)::text;
+            END IF;
+            v_versions := v_versions || v_version;
+        END LOOP;
+
+        IF coalesce(array_length(p_type, 1), 0) = 0 THEN
+            RETURN QUERY SELECT NULL::bigint, NULL::bigint, v_versions;
+            RETURN;
+        END IF;
+
+        INSERT INTO {s}.events (stream_id, stream_version, event_id, type, data, metadata)
+        SELECT p_streams[e.si], v_versions[e.si] + e.off, coalesce(e.id, gen_random_uuid()),
+               e.type, e.data, e.meta
+        FROM unnest(p_event_stream, p_offset, p_event_id, p_type, p_data, p_metadata)
+             WITH ORDINALITY AS e(si, off, id, type, data, meta, ord)
+        ORDER BY e.ord;
+
+        UPDATE {s}.streams AS s SET version = s.version + c.n
+        FROM unnest(p_streams, p_counts) AS c(stream_id, n)
+        WHERE s.stream_id = c.stream_id AND c.n > 0;
+
+        -- Delivered at commit, never for a rolled-back append; identical payloads within one
+        -- transaction are folded by PostgreSQL.
+        PERFORM pg_notify('{channel}', '');
+        RETURN QUERY SELECT pg_current_xact_id()::text::bigint,
+                            currval('{s}.events_position_seq'::regclass),
+                            v_versions;
+    END
+    $fn$;
+    """,
 )
 
 LATEST_SCHEMA_VERSION: Final = len(_MIGRATIONS)

@@ -150,7 +150,7 @@ class PostgresStore:
         self._leadership_context = LeadershipContext(schema, system_identifier)
         s = f'"{schema}"'
         self._events_table = f"{s}.events"
-        self._sql_append = f"SELECT * FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7)"
+        self._sql_append = f"SELECT * FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"
         self._sql_read_stream = (
             f"SELECT {_EVENT_COLUMNS} FROM {s}.events "
             "WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
@@ -215,10 +215,29 @@ class PostgresStore:
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
         """Append to several streams in one transaction (see `EventStore.append_atomic`)."""
+        sql, args = self._append_statement(appends)
+        self._check_open()
+        row = await self._pool.fetchrow(sql, *args)
+        assert row is not None
+        position = (
+            None if row["last_tx"] is None else Position(row["last_tx"], row["last_position"])
+        )
+        streams, counts = args[0], args[2]
+        versions = {
+            stream: base + count
+            for stream, base, count in zip(streams, row["versions"], counts, strict=True)
+        }
+        return AppendResult(position, versions)
+
+    def _append_statement(self, appends: Sequence[StreamAppend]) -> tuple[str, list[Any]]:
+        # Validate and encode everything before any I/O; returns the one statement's SQL and
+        # arguments (also used by the test harness to hold an append's commit back).
         requests = sorted(prepare_appends(appends), key=lambda a: a.stream_id)
         streams: list[str] = []
         expected: list[int | None] = []
+        counts: list[int] = []
         event_stream: list[int] = []
+        offsets: list[int] = []
         event_ids: list[object] = []
         types: list[str] = []
         data: list[str] = []
@@ -226,21 +245,16 @@ class PostgresStore:
         for index, request in enumerate(requests, start=1):
             streams.append(request.stream_id)
             expected.append(request.expected_version)
-            for event in request.events:
+            counts.append(len(request.events))
+            for offset, event in enumerate(request.events, start=1):
                 event_stream.append(index)
+                offsets.append(offset)
                 event_ids.append(event.event_id)
                 types.append(event.type)
                 data.append(encode_json_object("data", event.data))
                 metadata.append(encode_json_object("metadata", event.metadata))
-        self._check_open()
-        row = await self._pool.fetchrow(
-            self._sql_append, streams, expected, event_stream, event_ids, types, data, metadata
-        )
-        assert row is not None
-        position = (
-            None if row["last_tx"] is None else Position(row["last_tx"], row["last_position"])
-        )
-        return AppendResult(position, dict(zip(streams, row["versions"], strict=True)))
+        args = [streams, expected, counts, event_stream, offsets, event_ids, types, data, metadata]
+        return self._sql_append, args
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
         """Return a stream's events after *after_version* (see `EventStore.read_stream`)."""

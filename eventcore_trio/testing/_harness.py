@@ -7,9 +7,8 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Protocol, final
 
-from .._events import NewEvent
+from .._events import NewEvent, StreamAppend
 from .._protocols import Leadership, Store
-from .._validation import encode_json_object
 from ..memory import MemoryStore, open_memory_store
 from ..memory._store import MemoryLeadership
 from ..postgres import PostgresLeadership, PostgresStore, _bridge, open_postgres_store
@@ -142,16 +141,8 @@ class PostgresHarness:
         )
         try:
             async with connection.transaction():
-                await connection.fetchrow(
-                    store._sql_append,
-                    [stream_id],
-                    [None],
-                    [1] * len(events),
-                    [e.event_id for e in events],
-                    [e.type for e in events],
-                    [encode_json_object("data", e.data) for e in events],
-                    [encode_json_object("metadata", e.metadata) for e in events],
-                )
+                sql, args = store._append_statement([StreamAppend(stream_id, events)])
+                await connection.fetchrow(sql, *args)
                 yield
         finally:
             await connection.close()

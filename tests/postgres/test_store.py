@@ -55,16 +55,15 @@ class TestGapFreeReads:
                     rollback = rng.random() < 0.2
                     try:
                         async with connection.transaction():
-                            await connection.fetchrow(
-                                store._sql_append,
-                                [f"w{w}"],
-                                [None],
-                                [1] * len(ids),
-                                ids,
-                                ["E"] * len(ids),
-                                [f'{{"n": {n}}}'] * len(ids),
-                                ["{}"] * len(ids),
+                            sql, args = store._append_statement(
+                                [
+                                    StreamAppend(
+                                        f"w{w}",
+                                        [NewEvent("E", {"n": n}, event_id=i) for i in ids],
+                                    )
+                                ]
                             )
+                            await connection.fetchrow(sql, *args)
                             # The position is drawn; hold the commit back a while.
                             await trio.sleep(rng.random() * 0.02)
                             if rollback:
@@ -163,9 +162,8 @@ class TestAppend:
 
                 async def rolled_back_append() -> None:
                     async with writer.transaction():
-                        await writer.fetchrow(
-                            store._sql_append, ["s"], [None], [1], [None], ["E"], ["{}"], ["{}"]
-                        )
+                        sql, args = store._append_statement([StreamAppend("s", events("E"))])
+                        await writer.fetchrow(sql, *args)
                         raise _Rollback
 
                 try:
