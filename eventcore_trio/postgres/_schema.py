@@ -211,7 +211,8 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     -- p_streams must be distinct and sorted: locking stream rows in one global order is what
     -- keeps concurrent multi-stream appends from deadlocking. Events come grouped by stream,
     -- in order; p_event_stream is each event's 1-based stream index, p_offset its 1-based
-    -- position within its stream's part, p_counts each stream's number of new events.
+    -- position within its stream's part (both NULL for one stream), p_counts each stream's
+    -- number of new events.
     CREATE FUNCTION {s}.append_events(
         p_streams text[],
         p_expected bigint[],
@@ -255,11 +256,16 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
             RETURN;
         END IF;
 
+        -- The client sends NULL instead of arrays that carry nothing: stream indexes and
+        -- offsets for a single-stream append, ids when none were given, metadata when every
+        -- event's is empty. unnest() pads a NULL array with NULLs, hence the coalesces.
         INSERT INTO {s}.events (stream_id, stream_version, event_id, type, data, metadata)
-        SELECT p_streams[e.si], v_versions[e.si] + e.off, coalesce(e.id, gen_random_uuid()),
-               e.type, e.data, e.meta
-        FROM unnest(p_event_stream, p_offset, p_event_id, p_type, p_data, p_metadata)
-             WITH ORDINALITY AS e(si, off, id, type, data, meta, ord)
+        SELECT p_streams[coalesce(e.si, 1)],
+               v_versions[coalesce(e.si, 1)] + coalesce(e.off, e.ord),
+               coalesce(e.id, gen_random_uuid()), e.type, e.data,
+               coalesce(e.meta, '{{}}'::jsonb)
+        FROM unnest(p_type, p_data, p_metadata, p_event_id, p_event_stream, p_offset)
+             WITH ORDINALITY AS e(type, data, meta, id, si, off, ord)
         ORDER BY e.ord;
 
         UPDATE {s}.streams AS s SET version = s.version + c.n
