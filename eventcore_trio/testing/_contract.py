@@ -454,6 +454,24 @@ class StoreContract:
         assert await store.load_checkpoint("p") == second
         assert await store.load_checkpoint("q") == first
 
+    async def test_batch_checkpoint_is_compare_and_set(self, store: Store) -> None:
+        """A batch moves the checkpoint only from the position it expects; a stale writer fails."""
+        first = (await store.append("s", events("A"))).position
+        second = (await store.append("s", events("B"))).position
+        assert first is not None
+        assert second is not None
+        async with store.try_acquire("p") as leadership:
+            async with leadership.open_batch() as batch:
+                await batch.save_checkpoint(None, first)
+            with pytest.raises(CheckpointConflict) as info:
+                async with leadership.open_batch() as batch:
+                    await batch.save_checkpoint(None, second)  # stale: expects no checkpoint
+            assert info.value.current == first
+            assert await store.load_checkpoint("p") == first
+            async with leadership.open_batch() as batch:
+                await batch.save_checkpoint(first, second)
+        assert await store.load_checkpoint("p") == second
+
     # -- leadership --------------------------------------------------------------------
 
     async def test_leadership_acquired_and_exclusive(self, store: Store) -> None:

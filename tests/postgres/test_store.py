@@ -11,6 +11,7 @@ import trio_asyncio
 
 from eventcore_trio import (
     AuthenticationFailed,
+    ClusterMismatch,
     ConfigurationError,
     DatabaseError,
     DatabaseNotFound,
@@ -386,3 +387,20 @@ class TestAsyncioErrors:
             )
             await store.append("s", events("StillWorks"))
             assert [e.type for e in await store.read_stream("s")] == ["StillWorks"]
+
+
+class TestClusterIdentity:
+    """A checkpoint from another cluster is refused, never silently reused."""
+
+    async def test_checkpoint_from_another_cluster(self, store: PostgresStore) -> None:
+        """After a restore onto another cluster, load_checkpoint raises ClusterMismatch."""
+        position = (await store.append("s", events("A"))).position
+        assert position is not None
+        await store.save_checkpoint("p", position)
+        assert await store.load_checkpoint("p") == position
+        await store._pool.execute(
+            f'UPDATE "{store.schema}".subscriptions SET system_identifier = $1',
+            "1234567890",
+        )
+        with pytest.raises(ClusterMismatch, match="Reset the projection"):
+            await store.load_checkpoint("p")
