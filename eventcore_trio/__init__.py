@@ -23,6 +23,7 @@ from ._errors import LeadershipUnavailable as LeadershipUnavailable
 from ._errors import ProjectionFailed as ProjectionFailed
 from ._errors import ProjectionNotFound as ProjectionNotFound
 from ._errors import ProjectionRunning as ProjectionRunning
+from ._errors import RetriesExhausted as RetriesExhausted
 from ._errors import SchemaVersionError as SchemaVersionError
 from ._errors import StoreClosed as StoreClosed
 from ._errors import StoreConnectionError as StoreConnectionError
@@ -52,6 +53,12 @@ from ._status import ProjectionState as ProjectionState
 from ._status import ProjectionStatus as ProjectionStatus
 from ._util import fixup_module_metadata
 from ._version import __version__ as __version__
+from .commands import Command as Command
+from .commands import EventRegistry as EventRegistry
+from .commands import ExecutionResult as ExecutionResult
+from .commands import RetryPolicy as RetryPolicy
+from .commands import caused_by as caused_by
+from .commands import execute as execute
 from .memory import open_memory_store as open_memory_store
 from .postgres import open_postgres_store as open_postgres_store
 from .projection import Failure as Failure
@@ -66,6 +73,13 @@ from .projection import run_projection as run_projection
 from .projection import run_projections as run_projections
 
 __all__ = [
+    "execute",
+    "caused_by",
+    "RetryPolicy",
+    "ExecutionResult",
+    "EventRegistry",
+    "Command",
+    "RetriesExhausted",
     "run_projections",
     "run_projection",
     "replay_dead_letters",

@@ -196,6 +196,23 @@ class ProjectionFailed(EventCoreError):
         self.retries = retries
 
 
+class RetriesExhausted(EventCoreError):
+    """A command kept meeting version conflicts and ran out of attempts; nothing was written.
+
+    Attributes:
+        attempts: how many times the command was read, decided and appended.
+
+    The last `VersionConflict` is chained as the cause. Retry later, raise
+    ``RetryPolicy.max_attempts``, or reduce contention on the streams involved.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, message: str, *, attempts: int) -> None:
+        super().__init__(message)
+        self.attempts = attempts
+
+
 class ProjectionRunning(LeadershipUnavailable):
     """An operation needs a projection to be stopped, but an instance is running it.
 

@@ -15,6 +15,7 @@ import eventcore_trio
 PUBLIC_MODULES = [
     "eventcore_trio",
     "eventcore_trio.memory",
+    "eventcore_trio.commands",
     "eventcore_trio.postgres",
     "eventcore_trio.projection",
     "eventcore_trio.testing",
@@ -121,8 +122,8 @@ class TestLayers:
 
     @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE_DIR)))
     def test_projection_never_imports_a_backend(self, path: Path) -> None:
-        """projection/ depends on the protocols only, never on memory/ or postgres/."""
-        if path.relative_to(PACKAGE_DIR).parts[0] != "projection":
+        """projection/ and commands/ depend on the protocols only, never on a backend."""
+        if path.relative_to(PACKAGE_DIR).parts[0] not in ("projection", "commands"):
             return
         for name in _imports_of(path):
             parts = name.split(".")

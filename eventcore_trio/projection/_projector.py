@@ -14,6 +14,7 @@ from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._positions import Position
 from .._protocols import Database, ProjectionBatch, Store
+from .._typed import EventRegistry
 from .._validation import check_name
 
 
@@ -67,6 +68,7 @@ class ProjectionContext:
         self._store = store
         self._projector = projector
         self._position: Position | None = None
+        self._event: RecordedEvent | None = None
 
     @property
     def db(self) -> Database:
@@ -95,8 +97,15 @@ class ProjectionContext:
         """The name of the projector being run."""
         return self._projector
 
+    @property
+    def event(self) -> RecordedEvent | None:
+        """The recorded event being applied (its metadata, id, stream), also when the handler
+        receives a typed event decoded from it."""
+        return self._event
 
-Handler = Callable[[RecordedEvent, ProjectionContext], Awaitable[None]]
+
+# The event is a RecordedEvent, or the typed object decoded from it with a registry.
+Handler = Callable[[Any, ProjectionContext], Awaitable[None]]
 ErrorHandler = Callable[[Failure], FailureStrategy]
 BatchHandler = Callable[[Sequence[RecordedEvent], ProjectionContext], Awaitable[None]]
 
@@ -136,6 +145,7 @@ class FunctionProjector:
         name: the projector's name.
         filter: its event filter.
         handler: the decorated function.
+        registry: the `EventRegistry` its events are decoded with, if any.
 
     .. versionadded:: 0.1
     """
@@ -144,6 +154,7 @@ class FunctionProjector:
     filter: EventFilter
     handler: Handler
     _on_error: ErrorHandler | None = attrs.field(default=None, alias="on_error")
+    registry: EventRegistry | None = attrs.field(default=None, kw_only=True)
 
     async def __call__(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
         """Call the handler, exactly as the undecorated function."""
@@ -167,6 +178,7 @@ def projector(
     stream_prefix: str | None = None,
     stream_pattern: str | None = None,
     on_error: ErrorHandler | None = None,
+    registry: EventRegistry | None = None,
 ) -> Callable[[Handler], FunctionProjector]:
     """Make an async function ``handler(event, ctx)`` into a `Projector`.
 
@@ -183,6 +195,9 @@ def projector(
         stream_prefix: only streams whose id starts with this literal prefix.
         stream_pattern: only streams whose id matches this glob.
         on_error: called with a `Failure`; returns a `FailureStrategy` (default: FATAL).
+        registry: decode each event with this `EventRegistry` and pass the typed object to
+            the handler (``ctx.event`` keeps the recorded event); an unregistered type or
+            data that does not fit its class reaches ``on_error`` as `EventDecodeError`.
 
     Raises:
         InvalidArgument: an invalid name or filter, or a handler that is not an async
@@ -203,7 +218,7 @@ def projector(
                 f"@projector({name!r}) needs an async function `async def "
                 f"handler(event, ctx)`, got {handler!r}"
             )
-        return FunctionProjector(name, event_filter, handler, on_error=on_error)
+        return FunctionProjector(name, event_filter, handler, on_error=on_error, registry=registry)
 
     return decorate
 
@@ -217,6 +232,7 @@ class ResolvedProjector:
     apply: Handler
     apply_batch: BatchHandler | None
     on_error: ErrorHandler
+    decode: Callable[[RecordedEvent], Any] | None = None
 
 
 def _default_on_error(_: Failure) -> FailureStrategy:
@@ -253,9 +269,13 @@ def resolve(candidate: object) -> ResolvedProjector:
     if isinstance(candidate, FunctionProjector):
         # Call the decorated function itself: one coroutine frame less per event.
         apply = candidate.handler
+    registry = getattr(candidate, "registry", None)
+    if registry is not None and not isinstance(registry, EventRegistry):
+        raise InvalidArgument(f"projector {name!r}: registry must be an EventRegistry")
     return ResolvedProjector(
         name=name,
         filter=event_filter,
+        decode=None if registry is None else registry.decode,
         apply=apply,
         apply_batch=apply_batch,
         on_error=on_error or _default_on_error,

@@ -85,20 +85,25 @@ async def _apply_batch(
 async def _run_handlers(
     projector: ResolvedProjector, ctx: ProjectionContext, events: Sequence[RecordedEvent]
 ) -> None:
+    decode = projector.decode
     if projector.apply_batch is not None and len(events) > 1:
         ctx._position = events[-1].position
+        ctx._event = events[-1]
         try:
-            await projector.apply_batch(events, ctx)
+            payload: Sequence[Any] = events if decode is None else [decode(e) for e in events]
+            await projector.apply_batch(payload, ctx)
         except Exception as exc:
             raise _HandlerFailed(None, exc) from exc
         return
     for index, event in enumerate(events):
         ctx._position = event.position
+        ctx._event = event
         try:
+            item: Any = event if decode is None else decode(event)
             if projector.apply_batch is not None:
-                await projector.apply_batch([event], ctx)
+                await projector.apply_batch([item], ctx)
             else:
-                await projector.apply(event, ctx)
+                await projector.apply(item, ctx)
         except Exception as exc:
             raise _HandlerFailed(index, exc) from exc
 

@@ -1,0 +1,398 @@
+"""execute(): multi-stream decisions, retries, domain errors and causal metadata."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from eventcore_trio import (
+    ConfigurationError,
+    EventDecodeError,
+    EventRegistry,
+    InvalidArgument,
+    NewEvent,
+    RecordedEvent,
+    RetriesExhausted,
+    RetryPolicy,
+    Store,
+    StreamAppend,
+    caused_by,
+    execute,
+)
+from eventcore_trio.projection import ProjectionContext, projector, run_projection
+from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
+
+from .bank import (
+    AccountOpened,
+    InsufficientFunds,
+    MoneyDeposited,
+    OpenAccount,
+    Transfer,
+    balance_after,
+    registry,
+)
+
+ROOT = Path(__file__).parent.parent.parent
+FAST = RetryPolicy(max_attempts=100, initial_backoff=0.001, max_backoff=0.02)
+
+
+async def balances(store: Store, accounts: Sequence[str]) -> dict[str, int]:
+    result = {}
+    for account in accounts:
+        balance = 0
+        for event in await store.read_stream(account):
+            balance = balance_after(balance, event)
+        result[account] = balance
+    return result
+
+
+@attrs.frozen
+class Approve:
+    """Writes an approval that depends on a limit stream it only reads."""
+
+    limits: str
+    requests: str
+
+    def streams(self) -> Sequence[str]:
+        return [self.limits]
+
+    def initial_state(self) -> int:
+        return 0
+
+    def evolve(self, state: int, event: RecordedEvent) -> int:
+        return int(event.data["limit"])
+
+    def decide(self, state: int) -> Mapping[str, Sequence[Any]]:
+        return {self.requests: [NewEvent("Approved", {"under_limit": state})]}
+
+
+class ExecuteContract:
+    """execute() on every backend."""
+
+    @pytest.fixture
+    async def store(self, harness: BackendHarness) -> AsyncIterator[Store]:
+        async with harness.open_store() as store:
+            yield store
+
+    async def test_transfer_writes_both_streams_atomically(self, store: Store) -> None:
+        """A decision over two streams appends to both, typed events encoded."""
+        for account in ("a", "b"):
+            await execute(store, OpenAccount(account, 100), registry=registry)
+        result = await execute(store, Transfer("a", "b", 30), registry=registry)
+        assert result.attempts == 1
+        assert result.append is not None
+        assert result.append.stream_versions == {"a": 2, "b": 2}
+        assert await balances(store, ["a", "b"]) == {"a": 70, "b": 130}
+        deposited = (await store.read_stream("b"))[-1]
+        assert registry.decode(deposited) == MoneyDeposited(30, "a")
+
+    async def test_domain_errors_are_never_retried(self, store: Store) -> None:
+        """A domain error from decide propagates at once; nothing is written."""
+        await execute(store, OpenAccount("a", 10), registry=registry)
+        await execute(store, OpenAccount("b", 0), registry=registry)
+        calls = 0
+
+        class Counting(Transfer):
+            def decide(self, state: dict[str, int]) -> Mapping[str, Sequence[Any]]:
+                nonlocal calls
+                calls += 1
+                return super().decide(state)
+
+        with pytest.raises(InsufficientFunds):
+            await execute(store, Counting("a", "b", 50), registry=registry, retry=FAST)
+        assert calls == 1
+        assert len(await store.read_stream("a")) == 1
+
+    async def test_stale_read_only_participant_is_retried(self, store: Store) -> None:
+        """A stream read but not written that changes before the append makes it retry."""
+        await store.append("limits", [NewEvent("LimitSet", {"limit": 5})])
+        original = store.append_atomic
+        interfered = False
+
+        async def interfering(appends: Sequence[StreamAppend]) -> Any:
+            nonlocal interfered
+            if not interfered:
+                interfered = True  # a concurrent writer changes the limit first
+                await original([StreamAppend("limits", [NewEvent("LimitSet", {"limit": 9})])])
+            return await original(appends)
+
+        store.append_atomic = interfering  # type: ignore[method-assign]
+        result = await execute(store, Approve("limits", "requests"), retry=FAST)
+        assert result.attempts == 2
+        approved = await store.read_stream("requests")
+        assert [e.data for e in approved] == [{"under_limit": 9}]
+
+    async def test_retries_are_bounded(self, store: Store) -> None:
+        """A command that always meets a conflict gives up after max_attempts."""
+        original = store.append_atomic
+        attempts = 0
+
+        async def always_conflicting(appends: Sequence[StreamAppend]) -> Any:
+            nonlocal attempts
+            attempts += 1
+            # Another writer moves the limit first (through the unpatched append).
+            await original([StreamAppend("limits", [NewEvent("LimitSet", {"limit": attempts})])])
+            return await original(appends)
+
+        await store.append("limits", [NewEvent("LimitSet", {"limit": 0})])
+        store.append_atomic = always_conflicting  # type: ignore[method-assign]
+        policy = RetryPolicy(max_attempts=4, initial_backoff=0.001)
+        with pytest.raises(RetriesExhausted) as info:
+            await execute(store, Approve("limits", "requests"), retry=policy)
+        assert info.value.attempts == 4
+        assert attempts == 4
+        assert await store.read_stream("requests") == []
+
+    async def test_concurrent_transfers_conserve_money(self, store: Store) -> None:
+        """Many concurrent transfers: total conserved, nothing overdrawn, conflicts retried."""
+        accounts = [f"acc-{n}" for n in range(5)]
+        for account in accounts:
+            await execute(store, OpenAccount(account, 100), registry=registry)
+        outcomes = {"done": 0, "refused": 0, "retried": 0}
+
+        async def worker(seed: int) -> None:
+            rng = random.Random(seed)
+            for _ in range(15):
+                source, target = rng.sample(accounts, 2)
+                try:
+                    result = await execute(
+                        store,
+                        Transfer(source, target, rng.randint(1, 60)),
+                        registry=registry,
+                        retry=FAST,
+                    )
+                except InsufficientFunds:
+                    outcomes["refused"] += 1
+                else:
+                    outcomes["done"] += 1
+                    outcomes["retried"] += result.attempts > 1
+
+        async with trio.open_nursery() as nursery:
+            for seed in range(8):
+                nursery.start_soon(worker, seed)
+        final = await balances(store, accounts)
+        assert sum(final.values()) == 500
+        assert min(final.values()) >= 0
+        assert outcomes["done"] + outcomes["refused"] == 8 * 15
+        writes = 0
+        for account in accounts:
+            writes += len(await store.read_stream(account)) - 1
+        assert writes == 2 * outcomes["done"]
+
+    async def test_metadata_follows_the_causal_chain(self, store: Store) -> None:
+        """Correlation and causation ids flow from a command through a projector's reaction."""
+        await execute(store, OpenAccount("a", 50), registry=registry)
+        await execute(store, OpenAccount("b", 0), registry=registry)
+        result = await execute(
+            store, Transfer("a", "b", 20), registry=registry, metadata={"user": "ada"}
+        )
+        deposited = (await store.read_stream("b"))[-1]
+        assert deposited.metadata["user"] == "ada"
+        assert deposited.metadata["correlation_id"] == result.correlation_id
+        assert deposited.metadata["causation_id"] == result.correlation_id
+
+        @projector("notifier", event_types=["MoneyDeposited"], registry=registry)
+        async def notifier(event: MoneyDeposited, ctx: ProjectionContext) -> None:
+            assert ctx.event is not None
+            await store.append(
+                f"notifications-{ctx.event.stream_id}",
+                [NewEvent("Notified", {"amount": event.amount}, metadata=caused_by(ctx.event))],
+            )
+
+        await run_projection(notifier, store)
+        (notified,) = await store.read_stream("notifications-b")
+        assert notified.metadata["correlation_id"] == result.correlation_id
+        assert notified.metadata["causation_id"] == str(deposited.event_id)
+
+        @attrs.frozen
+        class Thank:
+            def streams(self) -> Sequence[str]:
+                return []
+
+            def initial_state(self) -> None:
+                return None
+
+            def evolve(self, state: None, event: RecordedEvent) -> None:
+                return None
+
+            def decide(self, state: None) -> Mapping[str, Sequence[Any]]:
+                return {"thanks": [NewEvent("Thanked", {})]}
+
+        reaction = await execute(store, Thank(), caused_by_event=notified)
+        (thanked,) = await store.read_stream("thanks")
+        assert reaction.correlation_id == result.correlation_id
+        assert thanked.metadata["causation_id"] == str(notified.event_id)
+
+    async def test_typed_projector_sends_unknown_types_to_on_error(self, store: Store) -> None:
+        """A projector with a registry gets typed events; an unregistered type is a failure."""
+        await execute(store, OpenAccount("a", 5), registry=registry)
+        await store.append("a", [NewEvent("Unregistered", {})])
+        # Keyed by event id: effects outside ctx.db are at-least-once (a failed batch's good
+        # prefix is applied again), so count each event once.
+        seen: dict[object, object] = {}
+        failures: list[BaseException] = []
+
+        from eventcore_trio import FailureStrategy
+
+        def skip(failure: Any) -> FailureStrategy:
+            failures.append(failure.error)
+            return FailureStrategy.SKIP
+
+        @projector("typed", registry=registry, on_error=skip)
+        async def typed(event: object, ctx: ProjectionContext) -> None:
+            assert ctx.event is not None
+            seen[ctx.event.event_id] = event
+
+        await run_projection(typed, store)
+        assert list(seen.values()) == [AccountOpened(5)]
+        assert len(failures) == 1
+        assert isinstance(failures[0], EventDecodeError)
+        assert "not registered" in str(failures[0])
+
+    async def test_invalid_commands_are_refused(self, store: Store) -> None:
+        """Objects that are not commands, and untyped outputs without a registry, are refused."""
+        with pytest.raises(InvalidArgument, match="not a command"):
+            await execute(store, object())  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="registry"):
+            await execute(store, OpenAccount("a", 1))
+
+
+class TestMemoryExecute(ExecuteContract):
+    """execute() on the in-memory store."""
+
+    @pytest.fixture
+    def harness(self) -> BackendHarness:
+        return MemoryHarness()
+
+
+class TestPostgresExecute(ExecuteContract):
+    """execute() on PostgreSQL, including writers in other processes."""
+
+    @pytest.fixture
+    def harness(self, postgres_dsn: str) -> BackendHarness:
+        return PostgresHarness(postgres_dsn)
+
+    async def test_transfers_from_several_processes(
+        self, store: Store, harness: PostgresHarness
+    ) -> None:
+        """Three processes and local tasks transfer at once: money is conserved exactly."""
+        accounts = [f"acc-{n}" for n in range(4)]
+        for account in accounts:
+            await execute(store, OpenAccount(account, 100), registry=registry)
+
+        async def run_process(seed: int) -> list[int]:
+            completed = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.commands.transfer_process",
+                    harness.dsn,
+                    harness.schema,
+                    str(seed),
+                    "25",
+                    *accounts,
+                ],
+                capture_stdout=True,
+                cwd=ROOT,
+            )
+            return [int(x) for x in completed.stdout.split()]
+
+        reports: list[list[int]] = []
+
+        async def collect(seed: int) -> None:
+            reports.append(await run_process(seed))
+
+        async def local() -> None:
+            rng = random.Random(99)
+            for _ in range(25):
+                source, target = rng.sample(accounts, 2)
+                with contextlib.suppress(InsufficientFunds):
+                    await execute(
+                        store,
+                        Transfer(source, target, rng.randint(1, 40)),
+                        registry=registry,
+                        retry=FAST,
+                    )
+
+        async with trio.open_nursery() as nursery:
+            for seed in (1, 2, 3):
+                nursery.start_soon(collect, seed)
+            nursery.start_soon(local)
+        final = await balances(store, accounts)
+        assert sum(final.values()) == 400
+        assert min(final.values()) >= 0
+        assert len(reports) == 3
+        for done, refused, exhausted, _retried in reports:
+            assert done + refused + exhausted == 25
+
+
+class TestRetryPolicy:
+    """RetryPolicy's backoff and validation."""
+
+    def test_backoff_doubles_up_to_the_cap(self) -> None:
+        """Without jitter the delay doubles per failed attempt, capped at max_backoff."""
+        policy = RetryPolicy(initial_backoff=0.01, max_backoff=0.05, jitter=False)
+        assert [policy.backoff(n) for n in range(1, 6)] == [0.01, 0.02, 0.04, 0.05, 0.05]
+
+    def test_jitter_stays_under_the_cap(self) -> None:
+        """With jitter every delay lies between zero and the cap."""
+        policy = RetryPolicy(initial_backoff=0.01, max_backoff=0.05)
+        rng = random.Random(1)
+        delays = [policy.backoff(3, rng) for _ in range(200)]
+        assert all(0 <= d <= 0.04 for d in delays)
+        assert len(set(delays)) > 100
+
+    @pytest.mark.parametrize(
+        "kwargs", [{"max_attempts": 0}, {"initial_backoff": -1}, {"max_backoff": "1"}]
+    )
+    def test_invalid_policy(self, kwargs: dict[str, object]) -> None:
+        """Invalid settings raise ConfigurationError."""
+        with pytest.raises(ConfigurationError):
+            RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+class TestRegistry:
+    """EventRegistry."""
+
+    def test_round_trip(self) -> None:
+        """A registered object encodes to a NewEvent and decodes back."""
+        local = EventRegistry()
+
+        @local.register("Thing")
+        @attrs.frozen
+        class Thing:
+            name: str
+            count: int
+
+        event = local.new_event(Thing("x", 2), metadata={"k": "v"})
+        assert (event.type, dict(event.data), dict(event.metadata)) == (
+            "Thing",
+            {"name": "x", "count": 2},
+            {"k": "v"},
+        )
+
+    def test_registration_errors(self) -> None:
+        """Non-attrs classes and duplicate names or classes are refused."""
+        local = EventRegistry()
+
+        @local.register("A")
+        @attrs.frozen
+        class A:
+            x: int
+
+        with pytest.raises(ConfigurationError, match="already registered"):
+            local.register("A")(attrs.frozen(type("B", (), {"__annotations__": {"y": "int"}})))
+        with pytest.raises(ConfigurationError, match="already registered"):
+            local.register("Other")(A)
+        with pytest.raises(ConfigurationError, match="not an attrs class"):
+            local.register("Plain")(type("Plain", (), {}))
+        with pytest.raises(InvalidArgument):
+            local.new_event(object())
