@@ -35,6 +35,7 @@ NAMES = (
     "latency_poll_p50_ms",
     "failover_ms_p50",
     "failover_ms_p99",
+    "execute_transfer",
 )
 
 
@@ -61,12 +62,13 @@ class Sizes:
     latency_pings: int
     poll_pings: int
     kills: int
+    transfers: int
 
     @classmethod
     def for_mode(cls, quick: bool, events: int | None) -> Sizes:
         if quick:
-            return cls(1_000, 1_600, 10_000, events or 20_000, 60, 20, 3)
-        return cls(5_000, 8_000, 50_000, events or 100_000, 300, 50, 10)
+            return cls(1_000, 1_600, 10_000, events or 20_000, 60, 20, 3, 300)
+        return cls(5_000, 8_000, 50_000, events or 100_000, 300, 50, 10, 2_000)
 
 
 @dataclass
@@ -213,6 +215,16 @@ def bench_failover(ctx: Context) -> list[Result]:
     ]
 
 
+def bench_execute_transfer(ctx: Context) -> list[Result]:
+    schema = ctx.schema("transfer_raw")
+    raw("create_raw_schema", ctx.dsn, schema)
+    baseline = raw("execute_transfer", ctx.dsn, schema, ctx.sizes.transfers, 100)
+    ours = trio.run(
+        _ours.execute_transfer, ctx.dsn, ctx.schema("transfer"), ctx.sizes.transfers, 100
+    )
+    return [Result("execute_transfer", "commands/s", ours, baseline, ours / baseline, "higher")]
+
+
 BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("append_single_sequential",), bench_append_single_sequential),
     (("append_single_concurrent",), bench_append_single_concurrent),
@@ -223,6 +235,7 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("latency_notify_p50_ms", "latency_notify_p99_ms"), bench_latency),
     (("latency_poll_p50_ms",), bench_latency_poll),
     (("failover_ms_p50", "failover_ms_p99"), bench_failover),
+    (("execute_transfer",), bench_execute_transfer),
 ]
 
 

@@ -278,6 +278,65 @@ async def latency(
             await conn.close()
 
 
+async def execute_transfer(dsn: str, schema: str, count: int, accounts: int) -> float:
+    """Transfers by hand: read both streams, fold, decide, then a version-checked two-stream
+    append in one transaction (locks in stream order); retries a conflict. Commands/s."""
+    import random
+
+    conn = await asyncpg.connect(dsn)
+    try:
+        names = [f"acc-{n:03d}" for n in range(accounts)]
+        async with conn.transaction():
+            for name in names:
+                await conn.execute(f'INSERT INTO "{schema}".streams VALUES ($1, 1)', name)
+                await conn.execute(
+                    f'INSERT INTO "{schema}".events (stream_id, stream_version, type, data, '
+                    "metadata) VALUES ($1, 1, 'AccountOpened', '{\"initial\": 1000}', '{}')",
+                    name,
+                )
+        read = (
+            f'SELECT type, data FROM "{schema}".events WHERE stream_id = $1 ORDER BY stream_version'
+        )
+        lock = f'SELECT version FROM "{schema}".streams WHERE stream_id = $1 FOR UPDATE'
+        insert = (
+            f'INSERT INTO "{schema}".events (stream_id, stream_version, type, data, metadata) '
+            "VALUES ($1, $2, $3, $4, '{}')"
+        )
+        bump = f'UPDATE "{schema}".streams SET version = $2 WHERE stream_id = $1'
+        rng = random.Random(7)
+        started = time.perf_counter()
+        for _ in range(count):
+            source, target = rng.sample(names, 2)
+            amount = rng.randint(1, 50)
+            versions, balance = {}, 0
+            for stream in (source, target):
+                rows = await conn.fetch(read, stream)
+                versions[stream] = len(rows)
+                if stream == source:
+                    for row in rows:
+                        data = json.loads(row["data"])
+                        if row["type"] == "AccountOpened":
+                            balance = data["initial"]
+                        elif row["type"] == "MoneyWithdrawn":
+                            balance -= data["amount"]
+                        else:
+                            balance += data["amount"]
+            if balance < amount:
+                continue
+            async with conn.transaction():
+                for stream in sorted((source, target)):
+                    if await conn.fetchval(lock, stream) != versions[stream]:
+                        raise RuntimeError("conflict (cannot happen single-threaded)")
+                payload = json.dumps({"amount": amount})
+                await conn.execute(insert, source, versions[source] + 1, "MoneyWithdrawn", payload)
+                await conn.execute(insert, target, versions[target] + 1, "MoneyDeposited", payload)
+                await conn.execute(bump, source, versions[source] + 1)
+                await conn.execute(bump, target, versions[target] + 1)
+        return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
 if __name__ == "__main__":
     import sys
 
