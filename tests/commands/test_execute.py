@@ -257,6 +257,40 @@ class ExecuteContract:
         assert isinstance(failures[0], EventDecodeError)
         assert "not registered" in str(failures[0])
 
+    async def test_streams_discovered_from_state_are_read_and_checked(self, store: Store) -> None:
+        """more_streams() adds streams found in what was read; they are folded and checked."""
+        await store.append("order-1", [NewEvent("Placed", {"customer": "customer-7"})])
+        await store.append("customer-7", [NewEvent("CreditLimit", {"limit": 3})])
+
+        @attrs.frozen
+        class Ship:
+            def streams(self) -> Sequence[str]:
+                return ["order-1"]
+
+            def more_streams(self, state: dict[str, Any]) -> Sequence[str]:
+                return [state["customer"]] if "customer" in state else []
+
+            def initial_state(self) -> dict[str, Any]:
+                return {}
+
+            def evolve(self, state: dict[str, Any], event: RecordedEvent) -> dict[str, Any]:
+                return {**state, **event.data}
+
+            def decide(self, state: dict[str, Any]) -> Mapping[str, Sequence[Any]]:
+                return {"order-1": [NewEvent("Shipped", {"limit_seen": state["limit"]})]}
+
+        original = store.append_atomic
+        seen: list[list[tuple[str, int | None]]] = []
+
+        async def recording(appends: Sequence[StreamAppend]) -> Any:
+            seen.append([(a.stream_id, a.expected_version) for a in appends])
+            return await original(appends)
+
+        store.append_atomic = recording  # type: ignore[method-assign]
+        await execute(store, Ship())
+        assert sorted(seen[0]) == [("customer-7", 1), ("order-1", 1)]
+        assert (await store.read_stream("order-1"))[-1].data == {"limit_seen": 3}
+
     async def test_invalid_commands_are_refused(self, store: Store) -> None:
         """Objects that are not commands, and untyped outputs without a registry, are refused."""
         with pytest.raises(InvalidArgument, match="not a command"):
