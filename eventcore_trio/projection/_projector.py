@@ -280,8 +280,3 @@ def resolve(candidate: object) -> ResolvedProjector:
         apply_batch=apply_batch,
         on_error=on_error or _default_on_error,
     )
-
-
-def describe_handler(fn: Any) -> str:
-    """A short name for a handler, for logs."""
-    return getattr(fn, "__qualname__", repr(fn))
