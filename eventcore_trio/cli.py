@@ -1,19 +1,31 @@
 """The ``eventcore-trio`` command.
 
-Exit codes: 0 success, 1 the command ran and found a problem (a failed verification),
-2 bad usage or configuration, 3 the database could not be reached.
+Exit codes: 0 success, 1 the command ran and found a problem (a failed verification, a
+projection that is not found), 2 bad usage or configuration, 3 the database could not be
+reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
+import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
-from ._errors import ConfigurationError, EventCoreError, StoreConnectionError
+from ._errors import (
+    ConfigurationError,
+    EventCoreError,
+    ProjectionNotFound,
+    ProjectionRunning,
+    StoreConnectionError,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -21,12 +33,16 @@ EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
 
 
-def _add_dsn(parser: argparse.ArgumentParser) -> None:
+def _add_dsn(parser: argparse.ArgumentParser, *, schema: bool = True) -> None:
     parser.add_argument(
         "--dsn",
         default=os.environ.get("EVENTCORE_DSN"),
         help="PostgreSQL DSN (default: the EVENTCORE_DSN environment variable)",
     )
+    if schema:
+        parser.add_argument(
+            "--schema", default="eventcore", help="the store's schema (default: eventcore)"
+        )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -42,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Concurrent transfers between accounts, a projection of balances, and a "
         "verification against the event streams. Exits 0 only if the verification holds.",
     )
-    _add_dsn(demo)
+    _add_dsn(demo, schema=False)
     demo.add_argument("--memory", action="store_true", help="use the in-memory store")
     demo.add_argument(
         "--transfers", type=int, default=150, help="transfers per writer (default: 150)"
@@ -54,8 +70,90 @@ def _parser() -> argparse.ArgumentParser:
         description="Create or upgrade the event store schema; safe to run concurrently.",
     )
     _add_dsn(migrate)
-    migrate.add_argument("--schema", default="eventcore", help="schema name (default: eventcore)")
+
+    status = commands.add_parser(
+        "status",
+        help="show every projection: state, leader, checkpoint, lag, errors",
+        description="One line per projection; what holds every reader back, if anything.",
+    )
+    _add_dsn(status)
+    status.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    reset = commands.add_parser(
+        "reset",
+        help="make a projection rebuild from the beginning",
+        description="Forget a projection's checkpoint and dead letters; its next run "
+        "rebuilds it. Refused while it runs, unless --wait.",
+    )
+    _add_dsn(reset)
+    reset.add_argument("name", help="the projection's name")
+    reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    reset.add_argument(
+        "--wait", action="store_true", help="wait for a running instance to stop, then reset"
+    )
+
+    run = commands.add_parser(
+        "run",
+        help="host the projectors a module defines (like an ASGI server hosts an app)",
+        description="Import MODULE:ATTR (a projector, a list of projectors, or a function "
+        "returning them) and run them until SIGINT or SIGTERM.",
+    )
+    _add_dsn(run)
+    run.add_argument("target", metavar="MODULE:ATTR", help="where the projectors are")
+
+    letters = commands.add_parser(
+        "dead-letters", help="list or replay the events a projection skipped"
+    )
+    letter_commands = letters.add_subparsers(dest="letters_command", required=True)
+    listing = letter_commands.add_parser("list", help="list a projection's dead letters")
+    _add_dsn(listing)
+    listing.add_argument("name", help="the projection's name")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    replay = letter_commands.add_parser(
+        "replay", help="apply a projection's dead letters again (stop its hosts first)"
+    )
+    _add_dsn(replay)
+    replay.add_argument("name", help="the projection's name")
+    replay.add_argument(
+        "--projectors", required=True, metavar="MODULE:ATTR", help="where the projector is"
+    )
     return parser
+
+
+def load_projectors(target: str) -> list[Any]:
+    """Import ``MODULE:ATTR`` and return the projectors it names.
+
+    ATTR may be a projector, a list or tuple of them, or a function returning either.
+
+    Raises:
+        ConfigurationError: the target cannot be imported or names nothing usable.
+    """
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        raise ConfigurationError(f"expected MODULE:ATTR, got {target!r}")
+    sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    finally:
+        sys.path.pop(0)
+    try:
+        value = getattr(module, attribute)
+    except AttributeError as exc:
+        raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from exc
+    if callable(value) and not hasattr(value, "name"):
+        value = value()
+    projectors = list(value) if isinstance(value, list | tuple) else [value]
+    if not projectors:
+        raise ConfigurationError(f"{target} names no projectors")
+    return projectors
+
+
+def _require_dsn(dsn: str | None) -> str:
+    if not dsn:
+        raise ConfigurationError("no database given: pass --dsn or set EVENTCORE_DSN")
+    return dsn
 
 
 async def _migrate(dsn: str, schema: str) -> None:
@@ -65,26 +163,173 @@ async def _migrate(dsn: str, schema: str) -> None:
         print(f"schema {schema!r} is at version {LATEST_SCHEMA_VERSION}")
 
 
+async def _status(dsn: str, schema: str, as_json: bool) -> None:
+    from .postgres import open_postgres_store
+
+    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
+        records = await store.projection_status()
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "name": r.name,
+                        "state": r.state.value,
+                        "checkpoint": None if r.checkpoint is None else str(r.checkpoint),
+                        "lag_events": r.lag_events,
+                        "lag_seconds": r.lag_seconds,
+                        "leader": None
+                        if r.leader is None
+                        else {
+                            "pid": r.leader.pid,
+                            "host": r.leader.host,
+                            "application_name": r.leader.application_name,
+                        },
+                        "standbys": r.standbys,
+                        "dead_letters": r.dead_letters,
+                        "last_error": r.last_error,
+                        "updated_at": None if r.updated_at is None else r.updated_at.isoformat(),
+                    }
+                    for r in records
+                ],
+                indent=2,
+            )
+        )
+        return
+    header = (
+        f"{'projection':24} {'state':8} {'leader':22} {'checkpoint':18} "
+        f"{'lag':>8} {'lag s':>7} {'dead':>5}"
+    )
+    print(header)
+    for r in records:
+        leader = "-" if r.leader is None else f"{r.leader.pid}@{r.leader.host}"
+        print(
+            f"{r.name:24} {r.state.value:8} {leader:22} {r.checkpoint or '-'!s:18} "
+            f"{r.lag_events:>8} {r.lag_seconds:>7.1f} {r.dead_letters:>5}"
+        )
+        if r.last_error:
+            print(f"    last error: {r.last_error}")
+    if not records:
+        print("(no projection has run against this store)")
+    held = records[0].held_back_by if records else None
+    if held is not None:
+        print(
+            f"reads held back by transaction of pid {held.pid} ({held.application_name!r}, "
+            f"{held.state}, since {held.started_at}): {held.query}"
+        )
+
+
+async def _reset(dsn: str, schema: str, name: str, wait: bool) -> None:
+    from .postgres import open_postgres_store
+
+    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
+        await store.reset_projection(name, wait=wait)
+    print(f"projection {name!r} reset: its next run rebuilds it from the beginning")
+
+
+async def _run(dsn: str, schema: str, projectors: list[Any]) -> None:
+    from .postgres import open_postgres_store
+    from .projection import run_projections
+
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with open_postgres_store(dsn, schema=schema) as store, trio.open_nursery() as nursery:
+            await nursery.start(run_projections, store, projectors)
+            names = ", ".join(p.name for p in projectors)
+            print(f"hosting {names}; SIGINT or SIGTERM stops", flush=True)
+            async for received in signals:
+                print(f"received {signal.Signals(received).name}; stopping", flush=True)
+                nursery.cancel_scope.cancel()
+                break
+
+
+async def _list_letters(dsn: str, schema: str, name: str, as_json: bool) -> None:
+    from .postgres import open_postgres_store
+
+    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
+        letters = await store.dead_letters(name)
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": str(d.id),
+                        "position": str(d.position),
+                        "stream_id": d.event.stream_id,
+                        "type": d.event.type,
+                        "error_type": d.error_type,
+                        "error_message": d.error_message,
+                        "retries": d.retries,
+                        "recorded_at": d.recorded_at.isoformat(),
+                    }
+                    for d in letters
+                ],
+                indent=2,
+            )
+        )
+        return
+    for d in letters:
+        print(
+            f"{d.position}  {d.event.stream_id}  {d.event.type}  {d.error_type}: {d.error_message}"
+        )
+    print(f"{len(letters)} dead letter(s) for {name!r}")
+
+
+async def _replay_letters(dsn: str, schema: str, name: str, target: str) -> None:
+    from .postgres import open_postgres_store
+    from .projection import replay_dead_letters
+
+    chosen = [p for p in load_projectors(target) if getattr(p, "name", None) == name]
+    if not chosen:
+        raise ConfigurationError(f"{target} defines no projector named {name!r}")
+    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
+        result = await replay_dead_letters(chosen[0], store)
+    print(f"replayed {result.replayed}, failed again {result.failed}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
     args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "demo":
             from ._demo import demo_main
 
             return demo_main(args.dsn, memory=args.memory, scale=args.transfers)
+        dsn = _require_dsn(args.dsn)
         if args.command == "migrate":
-            if not args.dsn:
-                raise ConfigurationError("no database given: pass --dsn or set EVENTCORE_DSN")
-            trio.run(_migrate, args.dsn, args.schema)
-            return EXIT_OK
+            trio.run(_migrate, dsn, args.schema)
+        elif args.command == "status":
+            trio.run(_status, dsn, args.schema, args.json)
+        elif args.command == "reset":
+            if not args.yes:
+                if not sys.stdin.isatty():
+                    raise ConfigurationError(
+                        f"resetting {args.name!r} makes it rebuild from the beginning; "
+                        "confirm with --yes"
+                    )
+                answer = input(f"Reset projection {args.name!r} (it will rebuild)? [y/N] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    print("not reset")
+                    return EXIT_FAILED
+            trio.run(_reset, dsn, args.schema, args.name, args.wait)
+        elif args.command == "run":
+            projectors = load_projectors(args.target)
+            trio.run(_run, dsn, args.schema, projectors)
+        elif args.command == "dead-letters":
+            if args.letters_command == "list":
+                trio.run(_list_letters, dsn, args.schema, args.name, args.json)
+            else:
+                trio.run(_replay_letters, dsn, args.schema, args.name, args.projectors)
+        return EXIT_OK
     except StoreConnectionError as exc:
         print(f"eventcore-trio: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
+    except (ProjectionNotFound, ProjectionRunning) as exc:
+        print(f"eventcore-trio: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except (ConfigurationError, EventCoreError) as exc:
         print(f"eventcore-trio: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    raise AssertionError(f"unhandled command {args.command!r}")  # pragma: no cover
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from eventcore_trio import EventFilter, Position, RecordedEvent, Store, open_memory_store
 from eventcore_trio._demo import run_demo
-from eventcore_trio.cli import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
+from eventcore_trio.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
 
 
 class TestCommandLine:
@@ -52,7 +54,17 @@ class TestCommandLine:
 
     def test_help_runs_as_a_program(self) -> None:
         """The installed entry point answers --help for every command."""
-        for args in ([], ["demo"], ["migrate"]):
+        for args in (
+            [],
+            ["demo"],
+            ["migrate"],
+            ["status"],
+            ["reset"],
+            ["run"],
+            ["dead-letters"],
+            ["dead-letters", "list"],
+            ["dead-letters", "replay"],
+        ):
             result = subprocess.run(
                 [sys.executable, "-m", "eventcore_trio.cli", *args, "--help"],
                 capture_output=True,
@@ -60,6 +72,107 @@ class TestCommandLine:
                 check=True,
             )
             assert "usage: eventcore-trio" in result.stdout
+
+
+class TestOperatorCommands:
+    """status, reset, run and dead-letters against a real PostgreSQL."""
+
+    @staticmethod
+    def _fresh(dsn: str) -> list[str]:
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        assert main(["migrate", "--dsn", dsn, "--schema", schema]) == EXIT_OK
+        return ["--dsn", dsn, "--schema", schema]
+
+    def test_status_reset_and_dead_letters(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A run shows in status; dead letters list and replay; reset needs confirmation."""
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+        from eventcore_trio.projection import run_projection
+
+        from . import cli_projectors
+
+        where = self._fresh(postgres_dsn)
+        schema = where[-1]
+
+        async def prepare() -> None:
+            async with open_postgres_store(postgres_dsn, schema=schema) as store:
+                await store.append("s", [NewEvent("E", {}), NewEvent("E", {"bad": True})])
+                await run_projection(cli_projectors.picky, store)
+
+        trio.run(prepare)
+        capsys.readouterr()
+        assert main(["status", *where]) == EXIT_OK
+        table = capsys.readouterr().out
+        assert "picky" in table
+        assert "stopped" in table
+        assert main(["status", "--json", *where]) == EXIT_OK
+        (record,) = json.loads(capsys.readouterr().out)
+        assert (record["name"], record["dead_letters"], record["lag_events"]) == ("picky", 1, 0)
+
+        assert main(["dead-letters", "list", "picky", *where]) == EXIT_OK
+        assert "bad event" in capsys.readouterr().out
+        cli_projectors.ACCEPT_ALL["value"] = True
+        try:
+            code = main(
+                [
+                    "dead-letters",
+                    "replay",
+                    "picky",
+                    "--projectors",
+                    "tests.cli_projectors:ALL",
+                    *where,
+                ]
+            )
+        finally:
+            cli_projectors.ACCEPT_ALL["value"] = False
+        assert code == EXIT_OK
+        assert "replayed 1, failed again 0" in capsys.readouterr().out
+
+        assert main(["reset", "picky", *where]) == EXIT_USAGE  # stdin is not a terminal
+        assert "--yes" in capsys.readouterr().err
+        assert main(["reset", "picky", "--yes", *where]) == EXIT_OK
+        assert main(["reset", "nobody", "--yes", *where]) == EXIT_FAILED
+        assert "rebuilds it from the beginning" in capsys.readouterr().out
+        assert main(["status", "--json", *where]) == EXIT_OK
+        (record,) = json.loads(capsys.readouterr().out)
+        assert record["checkpoint"] is None
+
+    def test_run_hosts_until_sigterm(self, postgres_dsn: str) -> None:
+        """run MODULE:ATTR hosts the projectors and stops cleanly on SIGTERM."""
+        import signal
+
+        where = self._fresh(postgres_dsn)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "eventcore_trio.cli", "run", "tests.cli_projectors:ALL", *where],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            assert line.startswith("hosting counter, picky"), line
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == EXIT_OK
+            assert "stopping" in process.stdout.read()
+        finally:
+            process.kill()
+            process.wait()
+            assert process.stdout is not None
+            assert process.stderr is not None
+            process.stdout.close()
+            process.stderr.close()
+
+    def test_run_with_a_bad_target(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A target that cannot be imported exits 2 with the reason."""
+        assert main(["run", "no_such_module:ALL", "--dsn", postgres_dsn]) == EXIT_USAGE
+        assert "cannot import" in capsys.readouterr().err
 
 
 class _DroppingStore:

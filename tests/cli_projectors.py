@@ -1,0 +1,26 @@
+"""Projectors for the command-line tests (``eventcore-trio run tests.cli_projectors:ALL``)."""
+
+from eventcore_trio import RecordedEvent
+from eventcore_trio.projection import Failure, FailureStrategy, ProjectionContext, projector
+
+# Set by tests to make "picky" accept everything on replay.
+ACCEPT_ALL = {"value": False}
+
+
+def _skip(failure: Failure) -> FailureStrategy:
+    return FailureStrategy.SKIP
+
+
+@projector("counter")
+async def counter(event: RecordedEvent, ctx: ProjectionContext) -> None:
+    await ctx.db.execute("CREATE TABLE IF NOT EXISTS cli_counted (event_id uuid PRIMARY KEY)")
+    await ctx.db.execute("INSERT INTO cli_counted VALUES ($1)", event.event_id)
+
+
+@projector("picky", on_error=_skip)
+async def picky(event: RecordedEvent, ctx: ProjectionContext) -> None:
+    if event.data.get("bad") and not ACCEPT_ALL["value"]:
+        raise ValueError("bad event")
+
+
+ALL = [counter, picky]
