@@ -198,37 +198,31 @@ async def run_demo(
     return report
 
 
-def demo_main(dsn: str | None, *, memory: bool, scale: int) -> int:
-    """Run the demo on a DSN, an embedded PostgreSQL, or the memory store; return exit code."""
+def demo_main(dsn: str | None, *, memory: bool, scale: int, duration: float) -> int:
+    """Run the demo on a DSN, an embedded PostgreSQL, or the memory store; return exit code.
+
+    On PostgreSQL it is the failover demo (three host processes, a killed leader); on the
+    memory store, the single-process version of the same bank.
+    """
+    from ._failover_demo import run_failover_demo
     from .memory import open_memory_store
-    from .postgres import open_postgres_store
 
     def out(line: str) -> None:
         print(line, flush=True)
 
+    live = sys.stdout.isatty()
     if memory:
-        out("store: in-memory")
+        out("store: in-memory (single process; use PostgreSQL for the failover demo)")
         report = trio.run(lambda: run_demo(open_memory_store, transfers_per_writer=scale, out=out))
         return 0 if report.ok else 1
     if dsn is not None:
-        out("store: PostgreSQL at the given DSN (schema eventcore_demo)")
-        report = trio.run(
-            lambda: run_demo(
-                lambda: open_postgres_store(dsn, schema="eventcore_demo"),
-                transfers_per_writer=scale,
-                out=out,
-            )
-        )
-        return 0 if report.ok else 1
+        out("store: PostgreSQL at the given DSN (a temporary schema, dropped afterwards)")
+        ok = trio.run(lambda: run_failover_demo(dsn, duration=duration, out=out, live=live))
+        return 0 if ok else 1
     from ._embedded import EmbeddedPostgres
 
     out("starting an embedded PostgreSQL (no installation needed)…")
     with EmbeddedPostgres() as server:
         out(f"store: embedded PostgreSQL {server.version} at {server.dsn}")
-        report = trio.run(
-            lambda: run_demo(
-                lambda: open_postgres_store(server.dsn), transfers_per_writer=scale, out=out
-            )
-        )
-    sys.stdout.flush()
-    return 0 if report.ok else 1
+        ok = trio.run(lambda: run_failover_demo(server.dsn, duration=duration, out=out, live=live))
+    return 0 if ok else 1

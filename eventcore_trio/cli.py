@@ -55,13 +55,23 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run the bank-account demo (embedded PostgreSQL unless --dsn or --memory)",
-        description="Concurrent transfers between accounts, a projection of balances, and a "
-        "verification against the event streams. Exits 0 only if the verification holds.",
+        description="Concurrent transfers as commands; three projector host processes compete "
+        "for leadership and the leader is killed part-way; then the read model is verified "
+        "against the event streams. Exits 0 only if the verification holds.",
     )
     _add_dsn(demo, schema=False)
     demo.add_argument("--memory", action="store_true", help="use the in-memory store")
     demo.add_argument(
-        "--transfers", type=int, default=150, help="transfers per writer (default: 150)"
+        "--duration",
+        type=float,
+        default=30.0,
+        help="seconds of transfers on PostgreSQL (default: 30); the leader dies part-way",
+    )
+    demo.add_argument(
+        "--transfers",
+        type=int,
+        default=150,
+        help="transfers per writer with --memory (default: 150)",
     )
 
     migrate = commands.add_parser(
@@ -294,7 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "demo":
             from ._demo import demo_main
 
-            return demo_main(args.dsn, memory=args.memory, scale=args.transfers)
+            return demo_main(
+                args.dsn, memory=args.memory, scale=args.transfers, duration=args.duration
+            )
         dsn = _require_dsn(args.dsn)
         if args.command == "migrate":
             trio.run(_migrate, dsn, args.schema)

@@ -27,9 +27,11 @@ class TestCommandLine:
         assert "VERIFIED" in capsys.readouterr().out
 
     def test_demo_on_postgres(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
-        """The demo verifies against a real PostgreSQL given by --dsn."""
-        assert main(["demo", "--dsn", postgres_dsn, "--transfers", "20"]) == EXIT_OK
-        assert "VERIFIED" in capsys.readouterr().out
+        """The failover demo kills a leader and still verifies, on a PostgreSQL given by --dsn."""
+        assert main(["demo", "--dsn", postgres_dsn, "--duration", "4"]) == EXIT_OK
+        output = capsys.readouterr().out
+        assert "VERIFIED" in output
+        assert "killed the leader of 'balances'" in output
 
     def test_migrate(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         """migrate creates the schema and says which version it is at."""

@@ -1,0 +1,72 @@
+"""A projector host for the demo: ``python -m eventcore_trio._demo_host DSN SCHEMA APP``.
+
+Hosts two transactional projectors over the bank-account events; each applied event is also
+recorded with the host's pid, so the demo can show who applied what and prove nothing was
+applied twice. Prints "ready" once running or standing by; stops cleanly on SIGTERM.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import trio
+
+from ._events import RecordedEvent
+from .postgres import open_postgres_store
+from .projection import ProjectionConfig, ProjectionContext, projector, run_projections
+
+BANK_EVENTS = ("AccountOpened", "MoneyWithdrawn", "MoneyDeposited")
+
+
+def make_projectors(app: str) -> list[Any]:
+    """The demo's projectors, writing their read models into schema *app* through ctx.db."""
+
+    @projector("balances", event_types=BANK_EVENTS, stream_prefix="account-")
+    async def balances(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        if event.type == "AccountOpened":
+            delta = int(event.data["initial"])
+        elif event.type == "MoneyWithdrawn":
+            delta = -int(event.data["amount"])
+        else:
+            delta = int(event.data["amount"])
+        await ctx.db.execute(
+            f'INSERT INTO "{app}".balances (account, balance) VALUES ($1, $2) '
+            "ON CONFLICT (account) DO UPDATE SET balance = balances.balance + excluded.balance",
+            event.stream_id,
+            delta,
+        )
+        await ctx.db.execute(
+            f'INSERT INTO "{app}".applied (event_id, applied_by) VALUES ($1, $2)',
+            event.event_id,
+            os.getpid(),
+        )
+
+    @projector("transfers", event_types=["MoneyDeposited"])
+    async def transfers(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        await ctx.db.execute(
+            f'UPDATE "{app}".totals SET transfers = transfers + 1, moved = moved + $1',
+            int(event.data["amount"]),
+        )
+
+    return [balances, transfers]
+
+
+async def main(dsn: str, schema: str, app: str) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with (
+            open_postgres_store(dsn, schema=schema, application_name="eventcore-demo") as store,
+            trio.open_nursery() as nursery,
+        ):
+            config = ProjectionConfig(batch_size=100, poll_interval=0.5)
+            await nursery.start(run_projections, store, make_projectors(app), config)
+            print("ready", flush=True)
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
+
+
+if __name__ == "__main__":
+    trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3])
