@@ -46,7 +46,7 @@ def _check_event_id(_: Any, __: Any, value: Any) -> None:
 class NewEvent:
     """An event to append: a type name, a JSON object of data, and optional metadata.
 
-    Args:
+    Attributes:
         type: the event type, e.g. ``"AccountOpened"`` (1-255 characters, no control characters).
         data: a JSON object (a mapping with string keys and JSON values).
         metadata: a JSON object of metadata such as correlation and causation ids.
@@ -124,7 +124,7 @@ def _check_expected_field(_: Any, __: Any, value: Any) -> None:
 class StreamAppend:
     """One stream's part of an atomic multi-stream append (`append_atomic`).
 
-    Args:
+    Attributes:
         stream_id: the stream to append to.
         events: the events to append, possibly none: a `StreamAppend` with no events and an
             expected version makes the stream a read-only participant whose version is still

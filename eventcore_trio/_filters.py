@@ -119,7 +119,7 @@ class EventFilter:
 
     All given criteria must hold. An empty filter (the default) matches every event.
 
-    Args:
+    Attributes:
         event_types: event type names to include, or None for all types.
         stream_prefix: a literal prefix of stream ids (``_`` and ``%`` are not wildcards).
         stream_pattern: a glob over the whole stream id (see `glob_to_regex`): ``*`` matches

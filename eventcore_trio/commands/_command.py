@@ -70,7 +70,7 @@ def _seconds(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
 class RetryPolicy:
     """How `execute` retries a command that met a version conflict.
 
-    Args:
+    Attributes:
         max_attempts: attempts in all, the first included (default 10).
         initial_backoff: the delay cap before the second attempt, in seconds (default 0.005);
             doubled for each further attempt.

@@ -43,7 +43,7 @@ def _flag(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
 class ProjectionConfig:
     """How `run_projection` and `run_projections` run a projector.
 
-    Args:
+    Attributes:
         continuous: False (default): process every event visible when the run starts, across
             all pages, then return. True: keep following new events until cancelled.
         batch_size: events per page and per transaction (default 500). Larger batches mean
