@@ -11,6 +11,7 @@ import trio
 from .._errors import InvalidArgument, LeadershipLost
 from .._protocols import Store
 from ._config import ProjectionConfig
+from ._metrics import METRICS
 from ._projector import ResolvedProjector, resolve
 from ._runner import run_led
 
@@ -27,9 +28,19 @@ async def _supervise(
     # a backoff. A lost lock is not a failure: go straight back to standing by.
     failures = 0
     while True:
+        stood_by = False
+
+        def standing_by() -> None:
+            nonlocal stood_by
+            stood_by = True
+            ready.set()
+
         try:
-            async with store.wait_acquire(projector.name, on_standby=ready.set) as leadership:
+            async with store.wait_acquire(projector.name, on_standby=standing_by) as leadership:
                 failures = 0
+                if stood_by:
+                    METRICS.failover(projector.name)
+                    logger.info("projector %s: took over after standing by", projector.name)
                 await run_led(projector, store, leadership, config, on_running=ready.set)
         except LeadershipLost as exc:
             logger.warning("projector %s: %s; standing by again", projector.name, exc)

@@ -9,7 +9,9 @@ transaction is on the lock-holding session, which is gone).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from typing import Any
@@ -29,6 +31,7 @@ from .._events import RecordedEvent
 from .._protocols import Leadership, Store
 from .._status import ProjectionState
 from ._config import ProjectionConfig
+from ._metrics import METRICS
 from ._pipeline import (
     ApplyBatch,
     BatchCommitted,
@@ -66,6 +69,7 @@ class _HandlerFailed(Exception):
 async def _apply_batch(
     projector: ResolvedProjector, store: Store, leadership: Leadership, effect: ApplyBatch
 ) -> Result:
+    started = time.perf_counter()
     try:
         async with leadership.open_batch() as batch:
             ctx = ProjectionContext(batch=batch, store=store, projector=projector.name)
@@ -79,6 +83,12 @@ async def _apply_batch(
             await batch.save_checkpoint(effect.expected, effect.checkpoint)
     except _HandlerFailed as failed:
         return BatchFailed(failed.index, failed.error)
+    lag = None
+    if effect.events:
+        lag = (dt.datetime.now(dt.UTC) - effect.events[-1].recorded_at).total_seconds()
+    METRICS.batch(projector.name, len(effect.events), time.perf_counter() - started, lag)
+    if effect.dead_letter is not None:
+        METRICS.dead_letter(projector.name)
     return BatchCommitted()
 
 
