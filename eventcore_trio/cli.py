@@ -93,13 +93,16 @@ def _parser() -> argparse.ArgumentParser:
         "reset",
         help="make a projection rebuild from the beginning",
         description="Forget a projection's checkpoint and dead letters; its next run "
-        "rebuilds it. Refused while it runs, unless --wait.",
+        "rebuilds it. Refused while it runs: stop its hosts first. With --wait, stay and show "
+        "the rebuild's progress once hosts run it again.",
     )
     _add_dsn(reset)
     reset.add_argument("name", help="the projection's name")
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     reset.add_argument(
-        "--wait", action="store_true", help="wait for a running instance to stop, then reset"
+        "--wait",
+        action="store_true",
+        help="then follow the rebuild (run by your hosts) with a progress bar until caught up",
     )
 
     run = commands.add_parser(
@@ -229,12 +232,36 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
         )
 
 
-async def _reset(dsn: str, schema: str, name: str, wait: bool) -> None:
+async def _reset(dsn: str, schema: str, name: str, follow: bool) -> None:
     from .postgres import open_postgres_store
 
     async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
-        await store.reset_projection(name, wait=wait)
-    print(f"projection {name!r} reset: its next run rebuilds it from the beginning")
+        await store.reset_projection(name)
+        print(f"projection {name!r} reset: its next run rebuilds it from the beginning", flush=True)
+        if not follow:
+            return
+        print("waiting for a host to rebuild it (start your hosts; Ctrl-C stops waiting)…")
+        total: int | None = None
+        live = sys.stdout.isatty()
+        last_line = 0.0
+        while True:
+            record = next(r for r in await store.projection_status() if r.name == name)
+            if total is None or record.lag_events > total:
+                total = record.lag_events
+            done = total - record.lag_events
+            if record.checkpoint is not None and record.lag_events == 0:
+                print(f"\rrebuilt: {total:,} events applied{' ' * 30}", flush=True)
+                return
+            fraction = done / total if total else 0.0
+            bar = "#" * int(fraction * 30)
+            line = f"[{bar:<30}] {fraction:6.1%}  {done:,}/{total:,} events  ({record.state.value})"
+            now = trio.current_time()
+            if live:
+                print(f"\r{line}", end="", flush=True)
+            elif now - last_line >= 2:
+                print(line, flush=True)
+                last_line = now
+            await trio.sleep(0.2)
 
 
 async def _run(dsn: str, schema: str, projectors: list[Any]) -> None:

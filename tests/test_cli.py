@@ -169,6 +169,66 @@ class TestOperatorCommands:
             process.stdout.close()
             process.stderr.close()
 
+    def test_reset_wait_follows_the_rebuild(self, postgres_dsn: str) -> None:
+        """reset --wait stays until hosts have rebuilt the projection, then exits 0."""
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+        from eventcore_trio.projection import run_projection
+
+        from . import cli_projectors
+
+        where = self._fresh(postgres_dsn)
+
+        async def prepare() -> None:
+            async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
+                await store.append("s", [NewEvent("E", {}) for _ in range(50)])
+                await run_projection(cli_projectors.picky, store)
+
+        trio.run(prepare)
+        root = Path(__file__).parent.parent
+        reset = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "eventcore_trio.cli",
+                "reset",
+                "picky",
+                "--yes",
+                "--wait",
+                *where,
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=root,
+        )
+        host = None
+        try:
+            assert reset.stdout is not None
+            assert "reset" in reset.stdout.readline()
+            # Only now start a host, which rebuilds the projection from the beginning.
+            host = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "eventcore_trio.cli",
+                    "run",
+                    "tests.cli_projectors:ALL",
+                    *where,
+                ],
+                stdout=subprocess.DEVNULL,
+                cwd=root,
+            )
+            assert reset.wait(timeout=60) == EXIT_OK
+            assert "rebuilt: 50 events applied" in reset.stdout.read()
+        finally:
+            for process in (reset, host):
+                if process is not None:
+                    process.kill()
+                    process.wait()
+            assert reset.stdout is not None
+            reset.stdout.close()
+
     def test_run_with_a_bad_target(
         self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
     ) -> None:
