@@ -114,6 +114,14 @@ def _parser() -> argparse.ArgumentParser:
     _add_dsn(run)
     run.add_argument("target", metavar="MODULE:ATTR", help="where the projectors are")
 
+    bench = commands.add_parser(
+        "bench",
+        help="run the benchmark harness (from a clone: python -m benchmarks)",
+        description="Runs `python -m benchmarks` with the remaining arguments; see its --help.",
+        add_help=False,
+    )
+    bench.add_argument("rest", nargs=argparse.REMAINDER)
+
     letters = commands.add_parser(
         "dead-letters", help="list or replay the events a projection skipped"
     )
@@ -323,8 +331,25 @@ async def _replay_letters(dsn: str, schema: str, name: str, target: str) -> None
     print(f"replayed {result.replayed}, failed again {result.failed}")
 
 
+def _bench(rest: list[str]) -> int:
+    # The harness lives in the repository (benchmarks/), not in the installed package.
+    import subprocess
+
+    if not os.path.isfile(os.path.join("benchmarks", "_harness.py")):
+        print(
+            "eventcore-trio: the benchmark harness is not here: run this from a clone of the "
+            "eventcore-trio repository",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    return subprocess.call([sys.executable, "-m", "benchmarks", *rest])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:

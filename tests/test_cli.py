@@ -54,6 +54,28 @@ class TestCommandLine:
         assert code == EXIT_UNREACHABLE
         assert "Traceback" not in capsys.readouterr().err
 
+    def test_bench_runs_the_harness(self) -> None:
+        """bench passes its arguments to the benchmark harness (here: --help)."""
+        result = subprocess.run(
+            [sys.executable, "-m", "eventcore_trio.cli", "bench", "--help"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent.parent,
+        )
+        assert result.returncode == 0
+        assert "python -m benchmarks" in result.stdout
+
+    def test_bench_outside_a_clone(self, tmp_path: Path) -> None:
+        """Outside a clone, bench says where it can run."""
+        result = subprocess.run(
+            [sys.executable, "-m", "eventcore_trio.cli", "bench"],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+        )
+        assert result.returncode == EXIT_USAGE
+        assert "clone" in result.stderr
+
     def test_help_runs_as_a_program(self) -> None:
         """The installed entry point answers --help for every command."""
         for args in (
