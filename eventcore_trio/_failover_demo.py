@@ -132,9 +132,10 @@ async def _writer(
 
 
 def _render(stats: _Stats, elapsed: float) -> list[str]:
+    rate = 2 * stats.transfers / elapsed if elapsed > 0 else 0.0
     lines = [
-        f"{elapsed:5.1f}s  transfers {stats.transfers}  refused {stats.refused}  "
-        f"conflicts retried {stats.retried}"
+        f"{elapsed:5.1f}s  transfers {stats.transfers} ({rate:,.0f} events/s)  "
+        f"refused {stats.refused}  conflicts retried {stats.retried}"
     ]
     for record in stats.status:
         leader = "-" if record.leader is None else f"pid {record.leader.pid}"
