@@ -132,7 +132,7 @@ async def _writer(
 
 
 def _render(stats: _Stats, elapsed: float) -> list[str]:
-    rate = 2 * stats.transfers / elapsed if elapsed > 0 else 0.0
+    rate = 2 * stats.transfers / elapsed if elapsed >= 1 else 0.0
     lines = [
         f"{elapsed:5.1f}s  transfers {stats.transfers} ({rate:,.0f} events/s)  "
         f"refused {stats.refused}  conflicts retried {stats.retried}"
