@@ -103,7 +103,9 @@ def _to_event_types(value: Iterable[str] | None) -> frozenset[str] | None:
 
 def _check_prefix(_: object, __: object, value: str | None) -> None:
     if value is not None:
-        check_identifier("stream_prefix", value, max_length=MAX_STREAM_ID_LENGTH)
+        check_identifier(
+            "stream_prefix", value, max_length=MAX_STREAM_ID_LENGTH, trailing_whitespace=True
+        )
 
 
 def _check_pattern(instance: EventFilter, _: object, value: str | None) -> None:

@@ -20,8 +20,14 @@ def _has_control_character(text: str) -> bool:
     return any(unicodedata.category(ch)[0] == "C" for ch in text)
 
 
-def check_identifier(kind: str, value: object, *, max_length: int) -> str:
-    """Return *value* if it is a valid identifier of the given kind, else raise InvalidArgument."""
+def check_identifier(
+    kind: str, value: object, *, max_length: int, trailing_whitespace: bool = False
+) -> str:
+    """Return *value* if it is a valid identifier of the given kind, else raise InvalidArgument.
+
+    With *trailing_whitespace* (for prefixes, which may end inside an id) only leading
+    whitespace is refused.
+    """
     if not isinstance(value, str):
         raise InvalidArgument(f"{kind} must be a str, got {type(value).__name__}: {value!r}")
     if not value:
@@ -30,7 +36,7 @@ def check_identifier(kind: str, value: object, *, max_length: int) -> str:
         raise InvalidArgument(
             f"{kind} is {len(value)} characters long; the maximum is {max_length}: {value[:40]!r}…"
         )
-    if value != value.strip():
+    if value != (value.lstrip() if trailing_whitespace else value.strip()):
         raise InvalidArgument(f"{kind} must not start or end with whitespace: {value!r}")
     if _has_control_character(value):
         raise InvalidArgument(

@@ -613,6 +613,54 @@ class StoreContract:
                 pytest.fail("acquired an invalid name")
         assert await read_all(store) == []
 
+    @_hypothesis
+    @hypothesis.given(
+        stream_id=st.text(min_size=0, max_size=300),
+        name=st.text(min_size=0, max_size=130),
+    )
+    async def test_property_any_text_is_refused_or_round_trips(
+        self, harness: BackendHarness, stream_id: str, name: str
+    ) -> None:
+        """Any string as a stream id or a name (quotes, SQL, NUL included) is refused with
+        InvalidArgument before any I/O, or stored and read back exactly."""
+        async with harness.open_store() as store:
+            await self._check_text(store, stream_id, name)
+
+    @staticmethod
+    async def _check_text(store: Store, stream_id: str, name: str) -> None:
+        before = len(await read_all(store))
+        try:
+            result = await store.append(stream_id, events("E"))
+        except InvalidArgument:
+            assert len(await read_all(store)) == before
+        else:
+            # Examples share the harness's database, so the stream may hold earlier events.
+            stored = (await store.read_stream(stream_id))[-1]
+            assert (stored.stream_id, stored.position) == (stream_id, result.position)
+        try:
+            position = (await store.append("named", events("N"))).position
+            assert position is not None
+            await store.save_checkpoint(name, position)
+        except InvalidArgument:
+            return
+        assert await store.load_checkpoint(name) == position
+
+    async def test_sql_metacharacters_are_data(self, store: Store) -> None:
+        """Quotes, semicolons and SQL in ids, names, types and data are stored as plain data."""
+        hostile = "x'); DROP TABLE events; --\"%_*"
+        await store.append(hostile, [NewEvent(hostile, {hostile: hostile})], expected_version=0)
+        (event,) = await store.read_stream(hostile)
+        assert (event.stream_id, event.type, event.data) == (hostile, hostile, {hostile: hostile})
+        assert [e.stream_id for e in await read_all(store)] == [hostile]
+        await store.save_checkpoint(hostile, event.position)
+        assert await store.load_checkpoint(hostile) == event.position
+        async with store.try_acquire(hostile) as leadership:
+            assert leadership.is_held
+        page = await store.read_events(
+            None, limit=10, filter=EventFilter(stream_prefix=hostile[:5], event_types=[hostile])
+        )
+        assert len(page) == 1
+
     # -- cancellation ------------------------------------------------------------------
 
     async def test_cancelled_append_is_all_or_nothing(self, store: Store) -> None:
