@@ -4,37 +4,21 @@ from __future__ import annotations
 
 import datetime as dt
 import signal
-import subprocess
 import sys
 
 import trio
 
 from eventcore_trio import NewEvent, open_postgres_store
 from eventcore_trio.postgres import PostgresStore
+from eventcore_trio.testing import run_ready_process
 
 
 async def _host(
     dsn: str, schema: str, *, task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED
 ) -> None:
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "benchmarks._host_process", dsn, schema], stdout=subprocess.PIPE
+    await run_ready_process(
+        [sys.executable, "-m", "benchmarks._host_process", dsn, schema], task_status=task_status
     )
-    assert process.stdout is not None
-    try:
-        output = b""
-        with trio.fail_after(60):
-            while b"ready" not in output:
-                chunk = await process.stdout.receive_some()
-                if not chunk:
-                    raise RuntimeError("a benchmark host process exited during startup")
-                output += chunk
-        task_status.started(process)
-        await process.wait()
-    finally:
-        process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            await process.stdout.aclose()
 
 
 async def _leader(store: PostgresStore) -> int | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import random
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -23,6 +22,7 @@ import trio
 
 from ._errors import RetriesExhausted
 from ._events import NewEvent, RecordedEvent, StreamAppend
+from ._processes import run_ready_process
 from ._status import ProjectionStatus
 from .commands import execute
 from .postgres import PostgresStore, open_postgres_store
@@ -82,30 +82,11 @@ async def _host(
     *,
     task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    process = await trio.lowlevel.open_process(
+    await run_ready_process(
         [sys.executable, "-m", "eventcore_trio._demo_host", dsn, schema, app],
-        stdout=subprocess.PIPE,
+        stop_grace=10,
+        task_status=task_status,
     )
-    assert process.stdout is not None
-    try:
-        output = b""
-        with trio.fail_after(60):
-            while b"ready" not in output:
-                chunk = await process.stdout.receive_some()
-                if not chunk:
-                    raise RuntimeError("a demo host process exited during startup")
-                output += chunk
-        task_status.started(process)
-        await process.wait()
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.send_signal(signal.SIGTERM)
-                with trio.move_on_after(10):
-                    await process.wait()
-                process.kill()
-            await process.wait()
-            await process.stdout.aclose()
 
 
 def _leader(status: list[ProjectionStatus], name: str) -> int | None:

@@ -6,6 +6,7 @@ Needs the ``testing`` extra (pytest, pytest-trio, hypothesis). To check a backen
 
 from .._embedded import FAST_SETTINGS as FAST_SETTINGS
 from .._embedded import EmbeddedPostgres as EmbeddedPostgres
+from .._processes import run_ready_process as run_ready_process
 from .._util import fixup_module_metadata
 from ._contract import StoreContract as StoreContract
 from ._contract import events as events
@@ -23,6 +24,7 @@ __all__ = [
     "StoreContract",
     "events",
     "read_all",
+    "run_ready_process",
 ]
 
 fixup_module_metadata(__name__, globals())

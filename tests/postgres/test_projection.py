@@ -5,11 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import signal
 import statistics
-import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 
@@ -32,7 +29,7 @@ from eventcore_trio.projection import (
     run_projection,
     run_projections,
 )
-from eventcore_trio.testing import PostgresHarness, read_all
+from eventcore_trio.testing import PostgresHarness, read_all, run_ready_process
 
 from ..helpers import eventually
 
@@ -203,38 +200,6 @@ class TestHostShutdown:
         assert (locks, sessions) == (0, 0)
 
 
-@asynccontextmanager
-async def _host(
-    harness: PostgresHarness, app: str, logfile: Path, slow: float = 0.0
-) -> AsyncIterator[trio.Process]:
-    process = await trio.lowlevel.open_process(
-        [
-            sys.executable,
-            str(HOST_SCRIPT),
-            harness.dsn,
-            harness.schema,
-            app,
-            str(logfile),
-            str(slow),
-        ],
-        stdout=subprocess.PIPE,
-    )
-    assert process.stdout is not None
-    try:
-        output = b""
-        with trio.fail_after(30):
-            while b"ready" not in output:
-                chunk = await process.stdout.receive_some()
-                assert chunk, f"host exited early; see {logfile}"
-                output += chunk
-        yield process
-    finally:
-        process.kill()
-        with trio.CancelScope(shield=True):
-            await process.wait()
-            await process.stdout.aclose()
-
-
 async def _run_host(
     harness: PostgresHarness,
     app: str,
@@ -243,9 +208,8 @@ async def _run_host(
     *,
     task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    async with _host(harness, app, logfile, slow) as process:
-        task_status.started(process)
-        await trio.sleep_forever()
+    argv = [sys.executable, str(HOST_SCRIPT), harness.dsn, harness.schema, app, str(logfile)]
+    await run_ready_process([*argv, str(slow)], startup_limit=30, task_status=task_status)
 
 
 async def _leader_pid(store: PostgresStore) -> int | None:

@@ -1,0 +1,51 @@
+"""Child processes that announce readiness on stdout: demo hosts, benchmark and test hosts."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Sequence
+
+import trio
+
+
+async def run_ready_process(
+    argv: Sequence[str],
+    *,
+    ready: bytes = b"ready",
+    startup_limit: float = 60,
+    stop_grace: float = 0,
+    task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run *argv* until it exits or this task is cancelled; for ``nursery.start``.
+
+    ``nursery.start`` returns the `trio.Process` once its stdout has shown *ready* (within
+    *startup_limit* seconds). On cancellation the process gets SIGTERM and *stop_grace*
+    seconds to exit cleanly (0: none), then SIGKILL; it is always reaped and its pipe closed,
+    shielded from cancellation.
+
+    Raises:
+        RuntimeError: the process exited before it was ready.
+        trio.TooSlowError: it was not ready within *startup_limit*.
+    """
+    process = await trio.lowlevel.open_process(list(argv), stdout=subprocess.PIPE)
+    assert process.stdout is not None
+    try:
+        output = b""
+        with trio.fail_after(startup_limit):
+            while ready not in output:
+                chunk = await process.stdout.receive_some()
+                if not chunk:
+                    raise RuntimeError(f"{argv[:3]} exited before it was ready")
+                output += chunk
+        task_status.started(process)
+        await process.wait()
+    finally:
+        with trio.CancelScope(shield=True):
+            if process.returncode is None and stop_grace > 0:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(stop_grace):
+                    await process.wait()
+            process.kill()
+            await process.wait()
+            await process.stdout.aclose()
