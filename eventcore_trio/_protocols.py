@@ -282,7 +282,9 @@ class ProjectorCoordinator(Protocol):
 
         Takeover is immediate when the leader's session ends (on PostgreSQL the standby blocks
         in ``pg_advisory_lock``, which the server grants at once). *on_standby* is called once
-        if the name is taken when the call starts. Cancel the call to stop waiting.
+        if the name is taken when the call starts, just before the wait begins (on PostgreSQL
+        the waiting lock request reaches the server a moment later). Cancel the call to stop
+        waiting.
         """
         ...
 

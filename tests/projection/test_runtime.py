@@ -302,6 +302,14 @@ class RuntimeContract:
                     await leading.start(run_projections, one, [leader])
                     await leader.wait_until(lambda r: len(r.applied) == 2)
                     await outer.start(run_projections, two, [standby])
+
+                    # start() returns as the standby begins to wait; on PostgreSQL its lock
+                    # request reaches the server a moment later.
+                    async def standing_by() -> bool:
+                        status = {s.name: s for s in await one.projection_status()}["p"]
+                        return status.standbys == 1
+
+                    await eventually(standing_by)
                     status = {s.name: s for s in await one.projection_status()}["p"]
                     assert status.state is ProjectionState.RUNNING
                     assert status.standbys == 1
