@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import subprocess
 from collections.abc import Sequence
+from typing import IO
 
 import trio
 
@@ -15,6 +16,7 @@ async def run_ready_process(
     ready: bytes = b"ready",
     startup_limit: float = 60,
     stop_grace: float = 0,
+    stderr: int | IO[bytes] | None = None,
     task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run *argv* until it exits or this task is cancelled; for ``nursery.start``.
@@ -22,13 +24,13 @@ async def run_ready_process(
     ``nursery.start`` returns the `trio.Process` once its stdout has shown *ready* (within
     *startup_limit* seconds). On cancellation the process gets SIGTERM and *stop_grace*
     seconds to exit cleanly (0: none), then SIGKILL; it is always reaped and its pipe closed,
-    shielded from cancellation.
+    shielded from cancellation. Its stderr goes to *stderr* (default: this process's).
 
     Raises:
         RuntimeError: the process exited before it was ready.
         trio.TooSlowError: it was not ready within *startup_limit*.
     """
-    process = await trio.lowlevel.open_process(list(argv), stdout=subprocess.PIPE)
+    process = await trio.lowlevel.open_process(list(argv), stdout=subprocess.PIPE, stderr=stderr)
     assert process.stdout is not None
     try:
         output = b""

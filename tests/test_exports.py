@@ -19,6 +19,7 @@ PUBLIC_MODULES = [
     "eventcore_trio.postgres",
     "eventcore_trio.projection",
     "eventcore_trio.testing",
+    "eventcore_trio.torture",
 ]
 PACKAGE_DIR = Path(eventcore_trio.__file__).parent
 

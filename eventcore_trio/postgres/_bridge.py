@@ -77,6 +77,14 @@ def translate_error(exc: BaseException) -> BaseException:
                 f"(SQLSTATE {sqlstate}). The call did not complete; retry when the server is back."
             )
         return DatabaseError(f"PostgreSQL error {sqlstate}: {exc}", sqlstate=sqlstate)
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # Seen when the server ends a session (pg_terminate_backend, shutdown) between two
+        # statements: asyncpg has read the FATAL message but not yet the closed socket, so the
+        # next statement meets "another operation is in progress". The statement was not sent.
+        return StoreConnectionError(
+            f"the PostgreSQL session is ending and cannot take a statement ({exc}); the call "
+            "did not run. Retry on a new connection."
+        )
     if isinstance(
         exc,
         OSError
@@ -94,7 +102,13 @@ def translate_error(exc: BaseException) -> BaseException:
 async def _cross(fn: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any:
     try:
         return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
-    except (TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+    except (
+        TimeoutError,
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.exceptions.InternalClientError,
+        OSError,
+    ) as exc:
         raise translate_error(exc) from exc
 
 
@@ -155,7 +169,12 @@ class Connection:
 
     def is_closed(self) -> bool:
         """Whether asyncpg knows the connection to be closed."""
-        return bool(self._raw.is_closed())
+        try:
+            return bool(self._raw.is_closed())
+        except asyncpg.InterfaceError:
+            # A pooled connection whose session ended has already been handed back to its
+            # pool, which detaches it: every call on it raises. It is closed.
+            return True
 
     def add_termination_listener(self, callback: Callable[[], None]) -> None:
         """Call *callback* (in the Trio thread) as soon as the connection closes."""
@@ -246,7 +265,8 @@ class Connection:
 
     def terminate(self) -> None:
         """Close the socket at once, without telling the server (a session ends on its side)."""
-        self._raw.terminate()
+        if not self.is_closed():
+            self._raw.terminate()
 
 
 async def connect(

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import attrs
 import trio
 
-from .._errors import InvalidArgument, LeadershipLost
+from .._errors import InvalidArgument, LeadershipLost, StoreConnectionError
 from .._protocols import Store
 from ._config import ProjectionConfig
 from ._metrics import METRICS
@@ -45,6 +45,19 @@ async def _supervise(
         except LeadershipLost as exc:
             logger.warning("projector %s: %s; standing by again", projector.name, exc)
             continue
+        except StoreConnectionError as exc:
+            # The database went away (restart, network): not the projector's fault, so no
+            # traceback; reconnect on the same capped backoff.
+            failures += 1
+            delay = config.restart_backoff(failures)
+            logger.warning(
+                "projector %s: cannot reach PostgreSQL (%s); reconnecting in %.1fs",
+                projector.name,
+                exc,
+                delay,
+            )
+            ready.set()
+            await trio.sleep(delay)
         except Exception as exc:
             # Any error, ours or the projector's: this projector restarts; the others go on.
             failures += 1
@@ -74,7 +87,9 @@ async def run_projections(
     that leader's session ends (within a second: the standby blocks in the database, it does
     not poll). A projector that fails restarts with exponential backoff
     (``restart_initial_backoff`` to ``restart_max_backoff``) without disturbing the others;
-    one that loses its lock goes back to standing by. Runs are always continuous and always
+    one that loses its lock goes back to standing by. When PostgreSQL cannot be reached (a
+    restart, a network cut) each task reconnects on the same capped backoff and resumes from
+    its checkpoint, with no operator action. Runs are always continuous and always
     wait for leadership, whatever *config* says.
 
     ``await nursery.start(run_projections, store, projectors)`` returns once every projector

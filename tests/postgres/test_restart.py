@@ -2,27 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import trio
 
 from eventcore_trio import StoreConnectionError, open_postgres_store
-from eventcore_trio._embedded import bundled_bindir
 from eventcore_trio.testing import EmbeddedPostgres, events, read_all
-
-
-@pytest.fixture
-def own_server(postgres_server: EmbeddedPostgres | str) -> Iterator[EmbeddedPostgres]:
-    """A durable server of the version under test that this test alone may stop and crash."""
-    bindir = postgres_server.bindir if isinstance(postgres_server, EmbeddedPostgres) else None
-    # Durable settings: a crash must not lose committed data, as it would with fsync off.
-    server = EmbeddedPostgres(bindir or bundled_bindir())
-    server.start()
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 async def _until_it_works(store_call: object) -> int:

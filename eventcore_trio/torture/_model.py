@@ -1,0 +1,94 @@
+"""What the torture run projects: a ledger per account, plus a record of every application.
+
+The read model (`ledger`) is what a user's projection would write. The `applied` table is
+the evidence: one row per event applied, with the host process, the lock session and the
+batch's transaction and server-clock interval, all committed in the batch's transaction. So an
+event applied twice is two rows, an event never applied is none, and two leaders at once are
+two batches from different sessions whose intervals overlap. A trigger on the checkpoint table
+records every move backwards.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Final, final
+
+import attrs
+
+from .._events import RecordedEvent
+from .._filters import EventFilter
+from ..projection import ProjectionContext
+
+PROJECTOR_NAME: Final = "ledger"
+STREAM_PREFIX: Final = "acct-"
+EVENT_TYPE: Final = "Posted"
+LEDGER_FILTER: Final = EventFilter(event_types=[EVENT_TYPE], stream_prefix=STREAM_PREFIX)
+
+
+def app_schema_sql(store_schema: str, app: str) -> str:
+    """DDL for the torture run's read model and evidence tables, in schema *app*."""
+    return f"""
+    CREATE SCHEMA "{app}";
+    CREATE TABLE "{app}".ledger (
+        stream_id text PRIMARY KEY, total bigint NOT NULL, events bigint NOT NULL);
+    CREATE TABLE "{app}".applied (
+        event_id uuid NOT NULL, host_pid int NOT NULL, backend_pid int NOT NULL,
+        xact bigint NOT NULL, started timestamptz NOT NULL, finished timestamptz NOT NULL);
+    CREATE TABLE "{app}".checkpoint_regressions (
+        subscription_name text NOT NULL, old_tx bigint NOT NULL, old_position bigint NOT NULL,
+        new_tx bigint NOT NULL, new_position bigint NOT NULL,
+        at timestamptz NOT NULL DEFAULT clock_timestamp());
+    CREATE FUNCTION "{app}".note_regression() RETURNS trigger LANGUAGE plpgsql AS $fn$
+    BEGIN
+        IF (NEW.tx, NEW.position) < (OLD.tx, OLD.position) THEN
+            INSERT INTO "{app}".checkpoint_regressions
+                (subscription_name, old_tx, old_position, new_tx, new_position)
+            VALUES (NEW.subscription_name, OLD.tx, OLD.position, NEW.tx, NEW.position);
+        END IF;
+        RETURN NEW;
+    END $fn$;
+    CREATE TRIGGER torture_regressions BEFORE UPDATE ON "{store_schema}".subscriptions
+        FOR EACH ROW EXECUTE FUNCTION "{app}".note_regression();
+    """
+
+
+@final
+@attrs.frozen
+class LedgerProjector:
+    """The transactional projection the torture hosts run: totals per account, with evidence."""
+
+    app: str
+    name: str = PROJECTOR_NAME
+    filter: EventFilter = LEDGER_FILTER
+
+    async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
+        """Apply one event (the runtime isolates a failed batch event by event)."""
+        await self.apply_batch([event], ctx)
+
+    async def apply_batch(self, events: Sequence[RecordedEvent], ctx: ProjectionContext) -> None:
+        """Apply a whole batch in two statements on the leader's session."""
+        totals: dict[str, int] = defaultdict(int)
+        counts: dict[str, int] = defaultdict(int)
+        for event in events:
+            totals[event.stream_id] += int(event.data["amount"])
+            counts[event.stream_id] += 1
+        streams = sorted(totals)
+        await ctx.db.execute(
+            f'INSERT INTO "{self.app}".ledger AS l (stream_id, total, events) '
+            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) "
+            "ON CONFLICT (stream_id) DO UPDATE "
+            "SET total = l.total + excluded.total, events = l.events + excluded.events",
+            streams,
+            [totals[s] for s in streams],
+            [counts[s] for s in streams],
+        )
+        await ctx.db.execute(
+            f'INSERT INTO "{self.app}".applied '
+            "(event_id, host_pid, backend_pid, xact, started, finished) "
+            "SELECT e, $2, pg_backend_pid(), pg_current_xact_id()::text::bigint, now(), "
+            "clock_timestamp() FROM unnest($1::uuid[]) AS e",
+            [event.event_id for event in events],
+            os.getpid(),
+        )

@@ -1,0 +1,256 @@
+"""What a torture run found: the faults it injected and the verification's counts."""
+
+from __future__ import annotations
+
+import enum
+import statistics
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, final
+
+import attrs
+
+
+class FaultKind(enum.Enum):
+    """The faults a torture run injects.
+
+    .. versionadded:: 0.1
+    """
+
+    #: SIGKILL the host process that leads the projection (a crash).
+    SIGKILL_LEADER = "sigkill-leader"
+    #: SIGTERM the leading host process (a graceful shutdown, as in a deploy).
+    SIGTERM_LEADER = "sigterm-leader"
+    #: ``pg_terminate_backend`` of the session that holds the projection's lock.
+    TERMINATE_LOCK_SESSION = "terminate-lock-session"
+    #: ``pg_terminate_backend`` of every pooled and listening session of hosts and writers.
+    TERMINATE_POOL_SESSIONS = "terminate-pool-sessions"
+    #: Reset every connection between the leading host and the server at once.
+    NETWORK_DROP = "network-drop"
+    #: Cut the leading host off (no bytes either way, new connections hang), then reset.
+    NETWORK_STALL = "network-stall"
+    #: Restart the server with a fast shutdown (only when the run owns the server).
+    DB_RESTART = "db-restart"
+    #: Stop the server with an immediate shutdown, a crash as far as the data goes, and
+    #: start it again: it recovers from its WAL (only when the run owns the server).
+    DB_CRASH = "db-crash"
+
+
+#: Faults after which another session takes the lock: these give the failover figures.
+LEADER_FAULTS = frozenset(
+    {
+        FaultKind.SIGKILL_LEADER,
+        FaultKind.SIGTERM_LEADER,
+        FaultKind.TERMINATE_LOCK_SESSION,
+        FaultKind.NETWORK_DROP,
+    }
+)
+DB_FAULTS = frozenset({FaultKind.DB_RESTART, FaultKind.DB_CRASH})
+
+
+@final
+@attrs.frozen(kw_only=True)
+class FaultRecord:
+    """One injected fault and how the system came back from it.
+
+    Attributes:
+        kind: what was done.
+        at: seconds since the run started.
+        target: what it was done to, for people ("host-2 (pid 4242)", "the server").
+        outage_ms: how long the fault itself lasted (a stall, a server restart); 0 for
+            instant faults.
+        failover_ms: from the fault to another session holding the projection's lock, for
+            faults that end the leader's session; None otherwise.
+        recovery_ms: from the end of the fault to the projection applying an event appended
+            after it; None if it did not recover within the run's limit.
+
+    .. versionadded:: 0.1
+    """
+
+    kind: FaultKind
+    at: float
+    target: str
+    outage_ms: float = 0.0
+    failover_ms: float | None = None
+    recovery_ms: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """This record as JSON-ready values."""
+        return {
+            "kind": self.kind.value,
+            "at": round(self.at, 3),
+            "target": self.target,
+            "outage_ms": round(self.outage_ms, 1),
+            "failover_ms": _round(self.failover_ms),
+            "recovery_ms": _round(self.recovery_ms),
+        }
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The *q*-th percentile (0-100) by linear interpolation; None for no values."""
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))]
+
+
+@final
+@attrs.frozen(kw_only=True)
+class TortureReport:
+    """The outcome of `run_torture`: what was done, and what the verification found.
+
+    `ok` is True only when every safety count is zero and every fault was recovered from.
+
+    Attributes:
+        seed: the seed that chose the writers' choices and the fault schedule.
+        duration_s: how long faults were injected, in seconds.
+        server: the server's version string.
+        events: events in the log that the projection had to apply.
+        appended: appends the writers were told had committed.
+        rolled_back: transactions the writers rolled back (their events must not appear).
+        unknown_outcome: appends cut off mid-commit, which may or may not have committed.
+        faults: every fault injected, in order.
+        lost: events acknowledged to a writer but missing from the log, plus events in the
+            log the projection never applied.
+        duplicated: extra applications of events applied more than once.
+        phantoms: events of rolled-back transactions that appear in the log.
+        checkpoint_regressions: times a checkpoint was saved behind the previous one.
+        double_leaders: pairs of committed batches from different lock sessions whose
+            transactions overlapped in time.
+        ledger_mismatches: accounts whose projected total differs from a fold of the log.
+        host_crashes: host processes that exited without being told to.
+        unrecovered: faults after which the projection did not resume within the limit.
+
+    .. versionadded:: 0.1
+    """
+
+    seed: int
+    duration_s: float
+    server: str
+    events: int
+    appended: int
+    rolled_back: int
+    unknown_outcome: int
+    faults: tuple[FaultRecord, ...]
+    lost: int
+    duplicated: int
+    phantoms: int
+    checkpoint_regressions: int
+    double_leaders: int
+    ledger_mismatches: int
+    host_crashes: int
+    unrecovered: int
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing was lost, duplicated or regressed and every fault recovered."""
+        return not (
+            self.lost
+            or self.duplicated
+            or self.phantoms
+            or self.checkpoint_regressions
+            or self.double_leaders
+            or self.ledger_mismatches
+            or self.host_crashes
+            or self.unrecovered
+        )
+
+    @property
+    def failover_ms(self) -> list[float]:
+        """Failover times of the faults that end the leader's session, in order."""
+        return [
+            f.failover_ms
+            for f in self.faults
+            if f.kind in LEADER_FAULTS and f.failover_ms is not None
+        ]
+
+    @property
+    def db_restart_recovery_ms(self) -> list[float]:
+        """Per server restart or crash: from the server being back to the projection resuming."""
+        return [f.recovery_ms for f in self.faults if f.kind in DB_FAULTS and f.recovery_ms]
+
+    @property
+    def recovered_after_db_restart(self) -> bool | None:
+        """True if the projection resumed after every server restart; None if there was none."""
+        restarts = [f for f in self.faults if f.kind in DB_FAULTS]
+        if not restarts:
+            return None
+        return all(f.recovery_ms is not None for f in restarts)
+
+    def to_json(self) -> dict[str, Any]:
+        """The report as one JSON-ready object (the shape of ``torture --json``)."""
+        counts = Counter(f.kind.value for f in self.faults)
+        recovery = [f.recovery_ms for f in self.faults if f.recovery_ms is not None]
+        return {
+            "ok": self.ok,
+            "seed": self.seed,
+            "duration_s": round(self.duration_s, 1),
+            "server": self.server,
+            "events": self.events,
+            "appended": self.appended,
+            "rolled_back": self.rolled_back,
+            "unknown_outcome": self.unknown_outcome,
+            "faults": len(self.faults),
+            "faults_by_kind": dict(sorted(counts.items())),
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "phantoms": self.phantoms,
+            "checkpoint_regressions": self.checkpoint_regressions,
+            "double_leaders": self.double_leaders,
+            "ledger_mismatches": self.ledger_mismatches,
+            "host_crashes": self.host_crashes,
+            "unrecovered": self.unrecovered,
+            "failover_ms_p50": _round(percentile(self.failover_ms, 50)),
+            "failover_ms_p99": _round(percentile(self.failover_ms, 99)),
+            "recovery_ms_p50": _round(percentile(recovery, 50)),
+            "recovery_ms_p99": _round(percentile(recovery, 99)),
+            "recovered_after_db_restart": self.recovered_after_db_restart,
+            "db_restart_recovery_ms_max": _round(max(self.db_restart_recovery_ms, default=None)),
+            "fault_log": [f.to_json() for f in self.faults],
+        }
+
+    def summary(self) -> list[str]:
+        """The report for people: a few lines, the verdict last."""
+        data = self.to_json()
+        kinds = ", ".join(f"{n} {k}" for k, n in data["faults_by_kind"].items())
+        lines = [
+            f"{self.events} events projected ({self.appended} appends acknowledged, "
+            f"{self.rolled_back} rolled back, {self.unknown_outcome} cut off mid-commit) "
+            f"on {self.server}",
+            f"{len(self.faults)} faults in {self.duration_s:.0f}s (seed {self.seed}): {kinds}",
+            f"failover p50 {_ms(data['failover_ms_p50'])}, p99 {_ms(data['failover_ms_p99'])}; "
+            f"recovery p50 {_ms(data['recovery_ms_p50'])}, p99 {_ms(data['recovery_ms_p99'])}",
+        ]
+        if self.recovered_after_db_restart is not None:
+            lines.append(
+                "recovered after every server restart: "
+                f"{'yes' if self.recovered_after_db_restart else 'NO'} (slowest "
+                f"{_ms(data['db_restart_recovery_ms_max'])} after the server was back)"
+            )
+        checks = {
+            "lost": self.lost,
+            "duplicated": self.duplicated,
+            "phantoms": self.phantoms,
+            "checkpoint regressions": self.checkpoint_regressions,
+            "double leaders": self.double_leaders,
+            "ledger mismatches": self.ledger_mismatches,
+            "host crashes": self.host_crashes,
+            "unrecovered faults": self.unrecovered,
+        }
+        lines.append(", ".join(f"{name} {count}" for name, count in checks.items()))
+        lines.append(
+            "VERIFIED: nothing lost, nothing applied twice, no checkpoint moved back, never two "
+            "leaders"
+            if self.ok
+            else "FAILED: " + ", ".join(name for name, count in checks.items() if count)
+        )
+        return lines
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f} ms"

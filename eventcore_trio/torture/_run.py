@@ -1,0 +1,601 @@
+"""`run_torture`: writers, projector hosts and scheduled faults, then a verification."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import random
+import signal
+import sys
+import tempfile
+import uuid
+from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
+from typing import Final, TypeVar
+
+import attrs
+import trio
+
+from .._embedded import EmbeddedPostgres
+from .._errors import ConfigurationError, EventCoreError, StoreConnectionError
+from .._events import NewEvent, StreamAppend
+from .._positions import Position
+from .._processes import run_ready_process
+from ..postgres import PostgresStore, open_postgres_store, projector_lock_key
+from ._model import EVENT_TYPE, PROJECTOR_NAME, STREAM_PREFIX, LedgerProjector, app_schema_sql
+from ._proxy import NetworkProxy
+from ._report import DB_FAULTS, LEADER_FAULTS, FaultKind, FaultRecord, TortureReport
+from ._verify import verify
+
+logger = logging.getLogger("eventcore_trio.torture")
+
+#: ``torture`` runs this long by default; ``--quick`` runs `QUICK_DURATION`.
+DEFAULT_DURATION: Final = 300.0
+QUICK_DURATION: Final = 40.0
+ACCOUNTS: Final = 40
+# How long the run waits for a failover, a recovery or the final catch-up before it counts a
+# fault as unrecovered: far beyond any bound the library documents, so only a real hang hits it.
+RECOVERY_LIMIT: Final = 60.0
+HOST_APPLICATION: Final = "torture-host"
+WRITERS_APPLICATION: Final = "torture-writers"
+
+T = TypeVar("T")
+
+
+@attrs.define
+class _Slot:
+    # One host process position: its proxy, and the process now running in it.
+    name: str
+    proxy: NetworkProxy
+    process: trio.Process | None = None
+    expect_exit: bool = False
+
+
+@attrs.frozen
+class _Holder:
+    backend_pid: int
+    slot: int | None
+
+
+@attrs.define
+class _Torture:
+    dsn: str
+    server: EmbeddedPostgres | None
+    schema: str
+    app: str
+    seed: int
+    duration: float
+    writers: int
+    kinds: tuple[FaultKind, ...]
+    stall_seconds: float
+    out: Callable[[str], None]
+    log_dir: Path
+    rng: random.Random = attrs.field(init=False)
+    slots: list[_Slot] = attrs.Factory(list)
+    acknowledged: set[uuid.UUID] = attrs.Factory(set)
+    rolled_back: set[uuid.UUID] = attrs.Factory(set)
+    unknown_outcome: int = 0
+    host_crashes: int = 0
+    faults: list[FaultRecord] = attrs.Factory(list)
+    stop_writing: trio.Event = attrs.Factory(trio.Event)
+    begin: float = 0.0
+
+    def __attrs_post_init__(self) -> None:
+        self.rng = random.Random(self.seed)
+
+    # -- processes ----------------------------------------------------------------------
+
+    async def host_slot(
+        self, slot: _Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Keep a host process running in *slot*; count the exits nobody asked for."""
+        argv = [
+            sys.executable,
+            "-m",
+            "eventcore_trio.torture._host",
+            slot.proxy.dsn,
+            self.schema,
+            self.app,
+            slot.name,
+        ]
+        started = False
+        with (self.log_dir / f"{slot.name}.log").open("ab") as log:
+            while True:
+                slot.expect_exit = False
+                try:
+                    async with trio.open_nursery() as nursery:
+                        slot.process = await nursery.start(
+                            functools.partial(run_ready_process, argv, stop_grace=10, stderr=log)
+                        )
+                        if not started:
+                            started = True
+                            task_status.started()
+                except (RuntimeError, trio.TooSlowError) as exc:
+                    logger.warning("%s did not start: %s", slot.name, exc)
+                slot.process = None
+                if not slot.expect_exit:
+                    self.host_crashes += 1
+                    self.out(f"  !! {slot.name} exited unexpectedly (see {log.name})")
+                await trio.sleep(0.1)
+
+    # -- writers ------------------------------------------------------------------------
+
+    async def writer(self, store: PostgresStore, index: int) -> None:
+        """Append until told to stop: half single statements, half held transactions."""
+        rng = random.Random(f"{self.seed}/{index}")
+        accounts = [f"{STREAM_PREFIX}{n:03d}" for n in range(ACCOUNTS)]
+        backoff = 0.05
+        while not self.stop_writing.is_set():
+            appends = [
+                StreamAppend(
+                    stream,
+                    [
+                        NewEvent(
+                            EVENT_TYPE, {"amount": rng.randint(-100, 100)}, event_id=uuid.uuid4()
+                        )
+                        for _ in range(rng.randint(1, 3))
+                    ],
+                )
+                for stream in rng.sample(accounts, rng.choice((1, 1, 1, 2)))
+            ]
+            ids = {event.event_id for a in appends for event in a.events if event.event_id}
+            try:
+                if rng.random() < 0.5:
+                    await self._append(store, appends, ids)
+                else:
+                    await self._append_held(store, appends, ids, rng)
+                backoff = 0.05
+            except StoreConnectionError:
+                await trio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+            await trio.sleep(rng.uniform(0, 0.02))
+
+    async def _append(
+        self, store: PostgresStore, appends: list[StreamAppend], ids: set[uuid.UUID]
+    ) -> None:
+        try:
+            await store.append_atomic(appends)
+        except StoreConnectionError:
+            # The statement may have committed just before the session went: unknown.
+            self.unknown_outcome += 1
+            raise
+        self.acknowledged |= ids
+
+    async def _append_held(
+        self,
+        store: PostgresStore,
+        appends: list[StreamAppend],
+        ids: set[uuid.UUID],
+        rng: random.Random,
+    ) -> None:
+        # The hazard gap-free reads exist for: a transaction that holds its events
+        # uncommitted for a while, then commits (after later ones) or rolls back.
+        sql, args = store._append_statement(appends)
+        committing = False
+        try:
+            async with store._pool.acquire() as connection:
+                await connection.begin()
+                try:
+                    await connection.fetchrow(sql, *args)
+                    await trio.sleep(rng.uniform(0, 0.03))
+                    if rng.random() < 0.15:
+                        await connection.rollback()
+                        self.rolled_back |= ids
+                        return
+                    committing = True
+                    await connection.commit()
+                except BaseException:
+                    if not committing:
+                        await connection.rollback()
+                    raise
+        except StoreConnectionError:
+            if committing:
+                self.unknown_outcome += 1
+            else:
+                # Never committed: its events must never appear.
+                self.rolled_back |= ids
+            raise
+        self.acknowledged |= ids
+
+    # -- observation --------------------------------------------------------------------
+
+    def now(self) -> float:
+        return trio.current_time() - self.begin
+
+    async def holder(self, control: PostgresStore) -> _Holder | None:
+        """The session holding the projection's lock now, and the slot of its host."""
+        row = await control._pool.fetchrow(
+            "SELECT l.pid, a.application_name FROM pg_locks l "
+            "JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+            "AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+            projector_lock_key(self.schema, PROJECTOR_NAME),
+        )
+        if row is None:
+            return None
+        slot = next(
+            (
+                i
+                for i, s in enumerate(self.slots)
+                if row["application_name"].startswith(s.name + " ")
+            ),
+            None,
+        )
+        return _Holder(row["pid"], slot)
+
+    async def until(
+        self, control: PostgresStore, probe: Callable[[], Awaitable[T | None]], interval: float
+    ) -> T | None:
+        """Poll *probe* until it gives a value (None after `RECOVERY_LIMIT`); errors retry."""
+        with trio.move_on_after(RECOVERY_LIMIT):
+            while True:
+                try:
+                    value = await probe()
+                except StoreConnectionError:
+                    value = None
+                if value is not None:
+                    return value
+                await trio.sleep(interval)
+        return None
+
+    async def leader(self, control: PostgresStore) -> _Holder | None:
+        """Wait for a leader hosted in one of the slots."""
+
+        async def probe() -> _Holder | None:
+            found = await self.holder(control)
+            return found if found is not None and found.slot is not None else None
+
+        return await self.until(control, probe, 0.01)
+
+    async def new_leader_at(self, control: PostgresStore, old: int) -> float | None:
+        """When a session other than *old* holds the lock (Trio clock), or None."""
+
+        async def probe() -> float | None:
+            found = await self.holder(control)
+            if found is None or found.backend_pid == old:
+                return None
+            return trio.current_time()
+
+        return await self.until(control, probe, 0.005)
+
+    async def resumed_at(self, control: PostgresStore) -> float | None:
+        """When the projection has applied an event appended now (Trio clock), or None."""
+        marker = uuid.uuid4()
+
+        async def append() -> Position | None:
+            result = await control.append(
+                f"{STREAM_PREFIX}marker", [NewEvent(EVENT_TYPE, {"amount": 0}, event_id=marker)]
+            )
+            self.acknowledged.add(marker)
+            return result.position
+
+        position = await self.until(control, append, 0.05)
+        if position is None:
+            return None
+
+        async def probe() -> float | None:
+            checkpoint = await control.load_checkpoint(PROJECTOR_NAME)
+            if checkpoint is None or checkpoint < position:
+                return None
+            return trio.current_time()
+
+        return await self.until(control, probe, 0.01)
+
+    # -- faults -------------------------------------------------------------------------
+
+    def schedule(self) -> Callable[[], FaultKind]:
+        """Faults in shuffled rounds: every kind once per round, so short runs see them all."""
+        pending: list[FaultKind] = []
+
+        def next_kind() -> FaultKind:
+            if not pending:
+                pending.extend(self.kinds)
+                self.rng.shuffle(pending)
+            return pending.pop()
+
+        return next_kind
+
+    async def inject_faults(self, control: PostgresStore) -> None:
+        """Inject faults one at a time, each after the last one has been recovered from."""
+        next_kind = self.schedule()
+        while True:
+            await trio.sleep(self.rng.uniform(0.5, 2.0))
+            if self.now() > self.duration:
+                return
+            record = await self.inject(control, next_kind())
+            self.faults.append(record)
+            self.out(_describe(record))
+
+    async def inject(self, control: PostgresStore, kind: FaultKind) -> FaultRecord:
+        """Do *kind* once; measure failover and recovery."""
+        holder = await self.leader(control) if kind not in DB_FAULTS else None
+        at = self.now()
+        started = trio.current_time()
+        target = "the server"
+        if holder is not None and holder.slot is not None:
+            slot = self.slots[holder.slot]
+            process = slot.process
+            target = f"{slot.name} (lock session {holder.backend_pid})"
+            match kind:
+                case FaultKind.SIGKILL_LEADER | FaultKind.SIGTERM_LEADER if process is not None:
+                    slot.expect_exit = True
+                    target = f"{slot.name} (pid {process.pid})"
+                    process.send_signal(
+                        signal.SIGKILL if kind is FaultKind.SIGKILL_LEADER else signal.SIGTERM
+                    )
+                case FaultKind.TERMINATE_LOCK_SESSION:
+                    await control._pool.execute(
+                        "SELECT pg_terminate_backend($1)", holder.backend_pid
+                    )
+                case FaultKind.NETWORK_DROP:
+                    slot.proxy.drop()
+                case FaultKind.NETWORK_STALL:
+                    slot.proxy.stall()
+                    await trio.sleep(self.stall_seconds)
+                    # A partition that outlasts keepalives ends with both sides giving up.
+                    slot.proxy.drop()
+                    slot.proxy.resume()
+        if kind is FaultKind.TERMINATE_POOL_SESSIONS:
+            count = await control._pool.fetchval(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE (application_name LIKE $1 OR application_name LIKE $2) "
+                "AND application_name NOT LIKE '% leader %'",
+                f"{HOST_APPLICATION}-%",
+                f"{WRITERS_APPLICATION}%",
+            )
+            target = f"{count} pooled and listening sessions"
+        elif kind in DB_FAULTS:
+            assert self.server is not None
+            mode = "fast" if kind is FaultKind.DB_RESTART else "immediate"
+            await trio.to_thread.run_sync(self.server.stop, mode)
+            await trio.to_thread.run_sync(self.server.start)
+            target = f"the server ({mode} shutdown)"
+        ended = trio.current_time()
+        failover_ms = None
+        if holder is not None and (kind in LEADER_FAULTS or kind is FaultKind.NETWORK_STALL):
+            took_over = await self.new_leader_at(control, holder.backend_pid)
+            failover_ms = None if took_over is None else (took_over - started) * 1000
+        resumed = await self.resumed_at(control)
+        return FaultRecord(
+            kind=kind,
+            at=at,
+            target=target,
+            outage_ms=(ended - started) * 1000,
+            failover_ms=failover_ms,
+            recovery_ms=None if resumed is None else (resumed - ended) * 1000,
+        )
+
+    async def caught_up(self, control: PostgresStore) -> bool:
+        """Wait until the projection's checkpoint reaches the end of the log."""
+        event_filter = LedgerProjector(self.app).filter
+
+        async def probe() -> bool | None:
+            last = await control.last_position(event_filter)
+            checkpoint = await control.load_checkpoint(PROJECTOR_NAME)
+            return True if last is None or (checkpoint is not None and checkpoint >= last) else None
+
+        return await self.until(control, probe, 0.05) is not None
+
+
+def _describe(record: FaultRecord) -> str:
+    parts = [f"{record.at:6.1f}s  {record.kind.value:24} {record.target}"]
+    if record.outage_ms >= 100:
+        parts.append(f"lasted {record.outage_ms:.0f} ms")
+    if record.failover_ms is not None:
+        parts.append(f"new leader after {record.failover_ms:.0f} ms")
+    parts.append(
+        "NOT RECOVERED"
+        if record.recovery_ms is None
+        else f"applying again {record.recovery_ms:.0f} ms after"
+    )
+    return "; ".join(parts)
+
+
+def available_faults(owns_server: bool) -> tuple[FaultKind, ...]:
+    """Every fault kind, without server restarts unless the run owns the server."""
+    return tuple(k for k in FaultKind if owns_server or k not in DB_FAULTS)
+
+
+def _check(duration: float, hosts: int, writers: int, stall_seconds: float) -> None:
+    if not isinstance(duration, int | float) or not duration > 0:
+        raise ConfigurationError(f"duration must be a positive number of seconds, got {duration!r}")
+    if not isinstance(hosts, int) or hosts < 2:
+        raise ConfigurationError(
+            f"hosts must be an int of at least 2 (one leads, one stands by), got {hosts!r}"
+        )
+    if not isinstance(writers, int) or writers < 1:
+        raise ConfigurationError(f"writers must be a positive int, got {writers!r}")
+    if not isinstance(stall_seconds, int | float) or not stall_seconds > 0:
+        raise ConfigurationError(f"stall_seconds must be positive, got {stall_seconds!r}")
+
+
+async def run_torture(
+    dsn: str | None = None,
+    *,
+    duration: float = DEFAULT_DURATION,
+    seed: int | None = None,
+    hosts: int = 3,
+    writers: int = 4,
+    faults: Collection[FaultKind] | None = None,
+    stall_seconds: float = 4.0,
+    server: EmbeddedPostgres | None = None,
+    out: Callable[[str], None] = print,
+) -> TortureReport:
+    """Run writers and projector hosts under injected faults, then verify; see docs/reliability.
+
+    Writers in this process append concurrently, half of them holding their transactions open
+    for a random moment and some rolling back. *hosts* processes host one transactional
+    projection, each through its own `NetworkProxy`. Faults are injected one at a time on a
+    seeded schedule, each once the previous one has been recovered from: SIGKILL and SIGTERM of
+    the leader, ``pg_terminate_backend`` of its lock session and of all pooled sessions, a
+    network drop and a stall of the leader's connection, and, when the run owns the server, a
+    fast restart and a crash (immediate shutdown) of PostgreSQL. Then the writers stop, the
+    projection catches up, and the log is checked against the writers' record, the read model
+    and the evidence the projection committed with each batch.
+
+    Args:
+        dsn: the server to use; None starts a throwaway `EmbeddedPostgres` (durable settings),
+            which also enables the server restart faults. Runs in a fresh schema, dropped at
+            the end unless the verification failed.
+        duration: seconds of fault injection (writing goes on throughout).
+        seed: makes the writers' choices and the fault schedule repeatable; random if None.
+        hosts: host processes competing for the projection (at least 2).
+        writers: concurrent writer tasks.
+        faults: the kinds to inject; default every kind available.
+        stall_seconds: how long a network stall lasts before the connections are reset.
+        server: an `EmbeddedPostgres` this run may restart (instead of *dsn*).
+        out: where progress lines go.
+
+    Raises:
+        ConfigurationError: an invalid option, or server faults asked for on a server the run
+            does not own.
+        StoreConnectionError: the server cannot be reached at the start.
+
+    .. versionadded:: 0.1
+    """
+    _check(duration, hosts, writers, stall_seconds)
+    seed = random.randrange(2**32) if seed is None else seed
+    owned: EmbeddedPostgres | None = None
+    if server is None and dsn is None:
+        owned = server = EmbeddedPostgres()
+        await trio.to_thread.run_sync(owned.start)
+    try:
+        if server is not None:
+            dsn = server.dsn
+        assert dsn is not None
+        kinds = available_faults(server is not None)
+        if faults is not None:
+            wanted = tuple(FaultKind(k) for k in faults)
+            refused = [k.value for k in wanted if k not in kinds]
+            if refused:
+                raise ConfigurationError(
+                    f"faults {refused} need a server this run owns: omit the DSN to use an "
+                    "embedded one, or leave them out"
+                )
+            kinds = wanted
+        if not kinds:
+            raise ConfigurationError("faults is empty; give at least one FaultKind")
+        return await _run(
+            dsn,
+            server,
+            seed=seed,
+            duration=float(duration),
+            hosts=hosts,
+            writers=writers,
+            kinds=kinds,
+            stall_seconds=float(stall_seconds),
+            out=out,
+        )
+    finally:
+        if owned is not None:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(owned.cleanup)
+
+
+async def _run(
+    dsn: str,
+    server: EmbeddedPostgres | None,
+    *,
+    seed: int,
+    duration: float,
+    hosts: int,
+    writers: int,
+    kinds: tuple[FaultKind, ...],
+    stall_seconds: float,
+    out: Callable[[str], None],
+) -> TortureReport:
+    schema = f"torture_{uuid.uuid4().hex[:8]}"
+    app = f"{schema}_app"
+    log_dir = Path(tempfile.mkdtemp(prefix="eventcore-torture-"))
+    run = _Torture(
+        dsn=dsn,
+        server=server,
+        schema=schema,
+        app=app,
+        seed=seed,
+        duration=duration,
+        writers=writers,
+        kinds=kinds,
+        stall_seconds=stall_seconds,
+        out=out,
+        log_dir=log_dir,
+    )
+    keep = False
+    async with open_postgres_store(
+        dsn, schema=schema, application_name="torture-control", connect_timeout=5
+    ) as control:
+        try:
+            await control._pool.execute(app_schema_sql(schema, app))
+            version = await control._pool.fetchval("SELECT current_setting('server_version')")
+            out(
+                f"torture: seed {seed}, {hosts} hosts, {writers} writers, {duration:.0f}s of "
+                f"faults ({', '.join(k.value for k in kinds)}) on PostgreSQL {version}"
+            )
+            async with (
+                open_postgres_store(
+                    dsn,
+                    schema=schema,
+                    migrate=False,
+                    application_name=WRITERS_APPLICATION,
+                    max_pool_size=writers + 2,
+                    connect_timeout=5,
+                ) as writing,
+                trio.open_nursery() as nursery,
+            ):
+                for index in range(hosts):
+                    proxy = NetworkProxy(dsn)
+                    await nursery.start(proxy.serve)
+                    run.slots.append(_Slot(f"{HOST_APPLICATION}-{index}", proxy))
+                for slot in run.slots:
+                    await nursery.start(run.host_slot, slot)
+                out(f"hosts ready (logs in {log_dir}); writing and injecting faults…")
+                run.begin = trio.current_time()
+                async with trio.open_nursery() as writers_nursery:
+                    for index in range(writers):
+                        writers_nursery.start_soon(run.writer, writing, index)
+                    await run.inject_faults(control)
+                    elapsed = run.now()
+                    # Writers finish what they started: a transaction still open when the
+                    # catch-up check runs would commit after it, unseen.
+                    run.stop_writing.set()
+                out("faults done; waiting for the projection to catch up…")
+                caught_up = await run.caught_up(control)
+                for slot in run.slots:
+                    slot.expect_exit = True
+                nursery.cancel_scope.cancel()
+            findings = await verify(
+                control, app, acknowledged=run.acknowledged, rolled_back=run.rolled_back
+            )
+            report = TortureReport(
+                seed=seed,
+                duration_s=elapsed,
+                server=f"PostgreSQL {version}",
+                events=findings.events,
+                appended=len(run.acknowledged),
+                rolled_back=len(run.rolled_back),
+                unknown_outcome=run.unknown_outcome,
+                faults=tuple(run.faults),
+                lost=findings.lost,
+                duplicated=findings.duplicated,
+                phantoms=findings.phantoms,
+                checkpoint_regressions=findings.checkpoint_regressions,
+                double_leaders=findings.double_leaders,
+                ledger_mismatches=findings.ledger_mismatches,
+                host_crashes=run.host_crashes,
+                unrecovered=sum(1 for f in run.faults if f.recovery_ms is None)
+                + (0 if caught_up else 1),
+            )
+            keep = not report.ok
+            if keep:
+                out(f"kept schemas {schema} and {app} for inspection")
+            return report
+        finally:
+            if not keep:
+                with trio.CancelScope(shield=True), trio.move_on_after(30):
+                    try:
+                        await control._pool.execute(
+                            f'DROP SCHEMA IF EXISTS "{app}" CASCADE; '
+                            f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'
+                        )
+                    except EventCoreError as exc:
+                        out(f"could not drop the run's schemas: {exc}")

@@ -1,0 +1,186 @@
+"""Network failures between a client and PostgreSQL, made with a real TCP proxy.
+
+`NetworkProxy` stands in for the network: a drop resets every connection (as a failed router
+would), a stall stops all bytes until released (as a partition would). While a stall lasts
+the server keeps the proxy's side of each connection open, as it keeps a partitioned client's
+session until its TCP keepalives give up; the drop at the end plays that moment.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+import trio
+
+from eventcore_trio import LeadershipLost, LeadershipUnavailable, NewEvent, StoreConnectionError
+from eventcore_trio.postgres import PostgresStore, open_postgres_store
+from eventcore_trio.postgres._bridge import translate_error
+from eventcore_trio.testing import PostgresHarness, events, read_all
+from eventcore_trio.torture import NetworkProxy
+from eventcore_trio.torture._model import EVENT_TYPE
+
+from ..helpers import eventually
+
+
+@pytest.fixture
+async def proxy(postgres_dsn: str) -> AsyncIterator[NetworkProxy]:
+    """A proxy in front of the server under test."""
+    async with trio.open_nursery() as nursery:
+        proxy = NetworkProxy(postgres_dsn)
+        await nursery.start(proxy.serve)
+        yield proxy
+        nursery.cancel_scope.cancel()
+
+
+async def _until_it_works(store: PostgresStore) -> int:
+    # Calls fail while the pool finds out its connections are gone; then they succeed.
+    failures = 0
+    with trio.fail_after(30):
+        while True:
+            try:
+                await store.last_position()
+            except StoreConnectionError:
+                failures += 1
+                await trio.sleep(0.05)
+            else:
+                return failures
+
+
+async def test_a_dropped_network_ends_the_sessions_and_the_store_reconnects(
+    harness: PostgresHarness, proxy: NetworkProxy
+) -> None:
+    async with (
+        harness.open_store() as direct,
+        open_postgres_store(proxy.dsn, schema=harness.schema, max_pool_size=1) as store,
+    ):
+        await store.append("s-1", events("A", "B", "C"))
+        session = await store._pool.fetchval("SELECT pg_backend_pid()")
+        assert proxy.drop() >= 1
+
+        async def session_ended() -> bool:
+            return not await direct._pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", session
+            )
+
+        await eventually(session_ended)
+        await _until_it_works(store)
+        await store.append("s-1", events("D", "E"), expected_version=3)
+        assert [e.stream_version for e in await store.read_stream("s-1")] == [1, 2, 3, 4, 5]
+
+
+async def test_a_stalled_network_holds_new_connections_until_resumed(
+    harness: PostgresHarness, proxy: NetworkProxy
+) -> None:
+    async with harness.open_store():
+        pass
+    proxy.stall()
+    with pytest.raises(StoreConnectionError):
+        async with open_postgres_store(proxy.dsn, schema=harness.schema, connect_timeout=0.5):
+            pass
+    proxy.resume()
+    async with open_postgres_store(proxy.dsn, schema=harness.schema) as store:
+        assert await store.last_position() is None
+
+
+async def test_a_leader_cut_off_stops_and_a_standby_takes_over_when_the_server_frees_the_lock(
+    harness: PostgresHarness, proxy: NetworkProxy
+) -> None:
+    async with (
+        harness.open_store() as direct,
+        open_postgres_store(proxy.dsn, schema=harness.schema, max_pool_size=2) as cut_off,
+        cut_off.try_acquire("ledger") as leadership,
+    ):
+        async with leadership.open_batch() as batch:
+            await batch.db.execute("SELECT 1")
+        proxy.stall()
+        # The leader notices on its own (its ping times out) and stops: nothing more can be
+        # committed through it, whatever the server still thinks.
+        with trio.fail_after(10):
+            await leadership.wait_lost()
+        with pytest.raises(LeadershipLost):
+            async with leadership.open_batch():
+                pass
+        # The server still holds the lock for the partitioned session: no second leader.
+        with pytest.raises(LeadershipUnavailable):
+            async with direct.try_acquire("ledger"):
+                pass
+        # The partition ends as keepalives end it: the connection is reset. The server frees
+        # the lock and a standby takes it.
+        proxy.drop()
+        with trio.fail_after(10):
+            async with direct.wait_acquire("ledger") as standby:
+                assert standby.is_held
+
+
+async def test_a_host_behind_a_cut_network_resumes_without_losing_or_repeating(
+    harness: PostgresHarness, proxy: NetworkProxy
+) -> None:
+    from eventcore_trio.projection import ProjectionConfig, run_projections
+    from eventcore_trio.torture._model import LedgerProjector, app_schema_sql
+
+    app = f"{harness.schema}_app"
+    config = ProjectionConfig(poll_interval=0.1, restart_initial_backoff=0.05)
+    async with harness.open_store() as direct:
+        await direct._pool.execute(app_schema_sql(harness.schema, app))
+        try:
+            async with (
+                open_postgres_store(proxy.dsn, schema=harness.schema, connect_timeout=1) as host,
+                trio.open_nursery() as nursery,
+            ):
+                await nursery.start(run_projections, host, [LedgerProjector(app)], config)
+                for round_ in range(3):
+                    for n in range(5):
+                        await direct.append(
+                            f"acct-{n}", [_posted(1)] * 2 if round_ else [_posted(1)]
+                        )
+                    proxy.drop()
+                expected = len(await read_all(direct))
+
+                async def all_applied() -> bool:
+                    return bool(
+                        await direct._pool.fetchval(f'SELECT count(*) FROM "{app}".applied')
+                        == expected
+                    )
+
+                await eventually(all_applied, within=30)
+                nursery.cancel_scope.cancel()
+            applied = await direct._pool.fetchrow(
+                f'SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM "{app}".applied'
+            )
+            assert applied is not None
+            assert applied["n"] == applied["d"] == expected
+        finally:
+            await direct._pool.execute(f'DROP SCHEMA "{app}" CASCADE')
+
+
+def _posted(amount: int) -> NewEvent:
+    return NewEvent(EVENT_TYPE, {"amount": amount})
+
+
+async def test_a_pooled_connection_whose_session_is_killed_reads_as_closed(
+    store: PostgresStore,
+) -> None:
+    # asyncpg hands a pooled connection back to its pool the moment its session ends, and
+    # every call on it then raises; the bridge must answer "closed", not raise.
+    async with store._pool.acquire() as connection:
+        await connection.begin()
+        await store._pool.execute("SELECT pg_terminate_backend($1)", connection.backend_pid)
+        with trio.fail_after(10):
+            while not connection.is_closed():  # noqa: ASYNC110
+                await trio.sleep(0.01)
+        await connection.rollback()  # does not raise on a session that is gone
+        connection.terminate()
+
+
+def test_a_session_ending_between_statements_is_a_connection_error() -> None:
+    # asyncpg reports a statement sent after the server's FATAL message, but before the socket
+    # closed, as an internal "another operation is in progress" error: it must reach callers
+    # as the connection error it is.
+    raw = asyncpg.exceptions.InternalClientError(
+        "cannot switch to state 15; another operation (2) is in progress"
+    )
+    translated = translate_error(raw)
+    assert isinstance(translated, StoreConnectionError)
+    assert "did not run" in str(translated)

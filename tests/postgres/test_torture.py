@@ -1,0 +1,211 @@
+"""The torture run against real PostgreSQL: its verification can fail, and a short run holds."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+
+from eventcore_trio import NewEvent, StreamAppend
+from eventcore_trio.cli import EXIT_OK, EXIT_USAGE, main
+from eventcore_trio.postgres import PostgresStore
+from eventcore_trio.projection import ProjectionConfig, run_projection
+from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness
+from eventcore_trio.torture import FaultKind, run_torture
+from eventcore_trio.torture._model import EVENT_TYPE, LedgerProjector, app_schema_sql
+from eventcore_trio.torture._verify import Findings, verify
+
+CLEAN = Findings(
+    events=12,
+    lost=0,
+    duplicated=0,
+    phantoms=0,
+    checkpoint_regressions=0,
+    double_leaders=0,
+    ledger_mismatches=0,
+)
+
+
+class TestVerification:
+    """Each check of the verification catches the damage it exists for."""
+
+    @pytest.fixture
+    async def projected(
+        self, harness: PostgresHarness
+    ) -> AsyncIterator[tuple[PostgresStore, str, set[uuid.UUID]]]:
+        """A store whose 12 events were projected correctly, with the evidence tables."""
+        app = f"{harness.schema}_app"
+        async with harness.open_store() as store:
+            await store._pool.execute(app_schema_sql(harness.schema, app))
+            ids: set[uuid.UUID] = set()
+            for n in range(4):
+                batch = [
+                    NewEvent(EVENT_TYPE, {"amount": n + k}, event_id=uuid.uuid4()) for k in range(3)
+                ]
+                ids |= {e.event_id for e in batch if e.event_id}
+                await store.append_atomic([StreamAppend(f"acct-{n}", batch)])
+            await run_projection(LedgerProjector(app), store, ProjectionConfig(batch_size=5))
+            try:
+                yield store, app, ids
+            finally:
+                await store._pool.execute(f'DROP SCHEMA "{app}" CASCADE')
+
+    async def _verify(
+        self, store: PostgresStore, app: str, ids: set[uuid.UUID], **kwargs: set[uuid.UUID]
+    ) -> Findings:
+        return await verify(
+            store,
+            app,
+            acknowledged=kwargs.get("acknowledged", ids),
+            rolled_back=kwargs.get("rolled_back", set()),
+        )
+
+    async def test_a_correct_projection_passes(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        assert await self._verify(store, app, ids) == CLEAN
+
+    async def test_an_event_applied_twice(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        await store._pool.execute(
+            f'INSERT INTO "{app}".applied SELECT * FROM "{app}".applied LIMIT 1'
+        )
+        findings = await self._verify(store, app, ids)
+        assert findings.duplicated == 1
+
+    async def test_an_event_never_applied(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        await store._pool.execute(
+            f'DELETE FROM "{app}".applied '
+            f'WHERE event_id = (SELECT event_id FROM "{app}".applied LIMIT 1)'
+        )
+        assert (await self._verify(store, app, ids)).lost == 1
+
+    async def test_an_acknowledged_append_missing_from_the_log(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        findings = await self._verify(store, app, ids, acknowledged=ids | {uuid.uuid4()})
+        assert findings.lost == 1
+
+    async def test_a_rolled_back_event_in_the_log(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        findings = await self._verify(store, app, ids, rolled_back={next(iter(ids))})
+        assert findings.phantoms == 1
+
+    async def test_a_wrong_total(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        await store._pool.execute(
+            f"UPDATE \"{app}\".ledger SET total = total + 1 WHERE stream_id = 'acct-2'"
+        )
+        assert (await self._verify(store, app, ids)).ledger_mismatches == 1
+
+    async def test_a_checkpoint_moved_back(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        await store._pool.execute(
+            f'UPDATE "{store.schema}".subscriptions SET position = position - 1 '
+            "WHERE subscription_name = $1",
+            "ledger",
+        )
+        assert (await self._verify(store, app, ids)).checkpoint_regressions == 1
+
+    async def test_two_leaders_at_once(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        # A batch of another session committed inside the span of an existing batch.
+        await store._pool.execute(
+            f'INSERT INTO "{app}".applied '
+            "(event_id, host_pid, backend_pid, xact, started, finished) "
+            f"SELECT gen_random_uuid(), 1, backend_pid + 1, xact + 1000000, started, finished "
+            f'FROM "{app}".applied LIMIT 1'
+        )
+        assert (await self._verify(store, app, ids)).double_leaders == 1
+
+
+async def test_a_short_run_with_every_fault_verifies(own_server: EmbeddedPostgres) -> None:
+    """Every kind of fault, server restarts included, on a server this test owns."""
+    lines: list[str] = []
+    report = await run_torture(
+        server=own_server,
+        duration=10,
+        seed=11,
+        hosts=2,
+        writers=2,
+        stall_seconds=1.5,
+        out=lines.append,
+    )
+    assert report.ok, "\n".join(lines + report.summary())
+    assert report.events > 0
+    assert len(report.faults) >= 3
+    assert all(f.recovery_ms is not None for f in report.faults)
+    assert report.summary()[-1].startswith("VERIFIED")
+
+
+class TestTortureCommand:
+    def test_json_report(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+        """--json prints one object with the issue's fields; progress goes to stderr."""
+        code = main(
+            [
+                "torture",
+                "--dsn",
+                postgres_dsn,
+                "--duration",
+                "4",
+                "--hosts",
+                "2",
+                "--writers",
+                "2",
+                "--seed",
+                "5",
+                "--faults",
+                "sigkill-leader,network-drop",
+                "--json",
+            ]
+        )
+        captured = capsys.readouterr()
+        assert code == EXIT_OK, captured.err
+        report = json.loads(captured.out)
+        for key in (
+            "events",
+            "faults",
+            "lost",
+            "duplicated",
+            "checkpoint_regressions",
+            "double_leaders",
+            "failover_ms_p50",
+            "failover_ms_p99",
+            "recovered_after_db_restart",
+        ):
+            assert key in report
+        assert report["recovered_after_db_restart"] is None
+        assert set(report["faults_by_kind"]) <= {"sigkill-leader", "network-drop"}
+        assert "VERIFIED" in captured.err
+
+    def test_unknown_fault(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["torture", "--faults", "meteor"]) == EXIT_USAGE
+        assert "choose from" in capsys.readouterr().err
+
+    def test_server_faults_need_an_owned_server(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        code = main(["torture", "--dsn", postgres_dsn, "--faults", FaultKind.DB_CRASH.value])
+        assert code == EXIT_USAGE
+        assert "omit the DSN" in capsys.readouterr().err
+
+    def test_bad_options(self, capsys: pytest.CaptureFixture[str]) -> None:
+        assert main(["torture", "--hosts", "1"]) == EXIT_USAGE
+        assert "at least 2" in capsys.readouterr().err
