@@ -52,6 +52,7 @@ from ._status import OpenTransaction as OpenTransaction
 from ._status import ProjectionState as ProjectionState
 from ._status import ProjectionStatus as ProjectionStatus
 from ._util import fixup_module_metadata
+from ._validation import MAX_EVENT_JSON_BYTES as MAX_EVENT_JSON_BYTES
 from ._version import __version__ as __version__
 from .commands import Command as Command
 from .commands import EventRegistry as EventRegistry
@@ -73,6 +74,7 @@ from .projection import run_projection as run_projection
 from .projection import run_projections as run_projections
 
 __all__ = [
+    "MAX_EVENT_JSON_BYTES",
     "execute",
     "caused_by",
     "RetryPolicy",

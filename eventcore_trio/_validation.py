@@ -12,6 +12,11 @@ from ._errors import EventEncodeError, InvalidArgument
 MAX_STREAM_ID_LENGTH: Final = 255
 MAX_NAME_LENGTH: Final = 120
 MAX_EVENT_TYPE_LENGTH: Final = 255
+#: The largest event data (and, separately, metadata) accepted, in bytes of UTF-8 JSON. Far
+#: below PostgreSQL's jsonb limit (about 255 MB) and its 1 GB message limit, so one append of
+#: many large events still fits in one statement; big blobs belong in object storage, with a
+#: reference in the event.
+MAX_EVENT_JSON_BYTES: Final = 16 * 1024 * 1024
 
 
 def _has_control_character(text: str) -> bool:
@@ -107,12 +112,18 @@ def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
             "(str, int, finite float, bool, None, list, dict) before appending"
         ) from exc
     try:
-        text.encode("utf-8")
+        size = len(text.encode("utf-8"))
     except UnicodeEncodeError as exc:
         raise EventEncodeError(
             f"event {kind} contains text that is not valid Unicode ({exc.reason}: a lone "
             "surrogate?); fix the string before appending"
         ) from exc
+    if size > MAX_EVENT_JSON_BYTES:
+        raise EventEncodeError(
+            f"event {kind} is {size:,} bytes as JSON, over the limit of "
+            f"{MAX_EVENT_JSON_BYTES:,} (MAX_EVENT_JSON_BYTES); store large content elsewhere "
+            "(object storage, a table of its own) and put a reference in the event"
+        )
     if "\\u0000" in text:
         raise EventEncodeError(
             f"event {kind} contains a NUL character, which PostgreSQL cannot store in JSON; "

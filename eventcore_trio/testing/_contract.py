@@ -40,6 +40,7 @@ from .._events import NewEvent, RecordedEvent, StreamAppend
 from .._filters import EventFilter
 from .._positions import Position
 from .._protocols import Store
+from .._validation import MAX_EVENT_JSON_BYTES
 from ._harness import BackendHarness
 
 
@@ -588,6 +589,23 @@ class StoreContract:
         with pytest.raises(error):
             await store.append(stream_id, batch, expected_version=expected_version)
         assert [e.type for e in await read_all(store)] == ["Existing"]
+
+    async def test_oversized_payloads_are_refused_and_large_ones_round_trip(
+        self, store: Store
+    ) -> None:
+        """Data or metadata over MAX_EVENT_JSON_BYTES is refused; just under it is stored."""
+        await store.append("s", events("Existing"))
+        # Two bytes of JSON quoting around the string, plus the key.
+        wrapper = len('{"blob":""}')
+        oversized = {"blob": "x" * (MAX_EVENT_JSON_BYTES - wrapper + 1)}
+        for bad in (NewEvent("Big", oversized), NewEvent("Big", {}, metadata=oversized)):
+            with pytest.raises(EventEncodeError, match="MAX_EVENT_JSON_BYTES"):
+                await store.append("s", [NewEvent("Good", {}), bad])
+        assert [e.type for e in await read_all(store)] == ["Existing"]
+        largest = {"blob": "é" * ((MAX_EVENT_JSON_BYTES - wrapper) // 2)}
+        await store.append("big", [NewEvent("Big", largest)])
+        (stored,) = await store.read_stream("big")
+        assert stored.data == largest
 
     async def test_bad_arguments_are_refused(self, store: Store) -> None:
         """Wrong types and malformed requests raise InvalidArgument before any I/O."""
