@@ -142,21 +142,7 @@ async def run_failover_demo(
     stats = _Stats()
     accounts = [f"account-{n:03d}" for n in range(ACCOUNTS)]
     async with open_postgres_store(dsn, schema=schema) as store:
-        await store._pool.execute(
-            f'CREATE SCHEMA "{app}"; '
-            f'CREATE TABLE "{app}".balances (account text PRIMARY KEY, balance bigint NOT NULL); '
-            f'CREATE TABLE "{app}".applied (event_id uuid NOT NULL, applied_by int NOT NULL); '
-            f'CREATE TABLE "{app}".totals (transfers bigint NOT NULL, moved bigint NOT NULL); '
-            f'INSERT INTO "{app}".totals VALUES (0, 0)'
-        )
-        await store.append_atomic(
-            [
-                StreamAppend(
-                    a, [NewEvent("AccountOpened", {"initial": INITIAL})], expected_version=0
-                )
-                for a in accounts
-            ]
-        )
+        await _open_accounts(store, app, accounts)
         out(f"opened {ACCOUNTS} accounts with {INITIAL} each; starting 3 host processes…")
         try:
             async with trio.open_nursery() as nursery:
@@ -203,6 +189,23 @@ async def run_failover_demo(
             with trio.CancelScope(shield=True):
                 for name in (app, schema):
                     await store._pool.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+
+
+async def _open_accounts(store: PostgresStore, app: str, accounts: list[str]) -> None:
+    # The read model's tables, and the accounts with their opening balances.
+    await store._pool.execute(
+        f'CREATE SCHEMA "{app}"; '
+        f'CREATE TABLE "{app}".balances (account text PRIMARY KEY, balance bigint NOT NULL); '
+        f'CREATE TABLE "{app}".applied (event_id uuid NOT NULL, applied_by int NOT NULL); '
+        f'CREATE TABLE "{app}".totals (transfers bigint NOT NULL, moved bigint NOT NULL); '
+        f'INSERT INTO "{app}".totals VALUES (0, 0)'
+    )
+    await store.append_atomic(
+        [
+            StreamAppend(a, [NewEvent("AccountOpened", {"initial": INITIAL})], expected_version=0)
+            for a in accounts
+        ]
+    )
 
 
 async def _kill_and_time(

@@ -16,3 +16,17 @@ async def eventually(predicate: Callable[[], Awaitable[bool]], *, within: float 
     with trio.fail_after(within):
         while not await predicate():  # noqa: ASYNC110
             await trio.sleep(0.02)
+
+
+#: What ``eventcore-trio torture --json`` promises at least (issue 5's list).
+TORTURE_REPORT_FIELDS = (
+    "events",
+    "faults",
+    "lost",
+    "duplicated",
+    "checkpoint_regressions",
+    "double_leaders",
+    "failover_ms_p50",
+    "failover_ms_p99",
+    "recovered_after_db_restart",
+)

@@ -307,3 +307,39 @@ class TestDemoVerification:
         assert "the projection saw a different number of events" in report.problems
         assert any(line.startswith("FAILED") for line in lines)
         assert not any("VERIFIED" in line for line in lines)
+
+    async def test_the_failover_demo_verification_can_fail(self, postgres_dsn: str) -> None:
+        """The PostgreSQL demo's check passes a correct read model and fails a damaged one."""
+        from eventcore_trio import open_postgres_store
+        from eventcore_trio._demo_host import make_projectors
+        from eventcore_trio._failover_demo import ACCOUNTS, _open_accounts, _Stats, _verify
+        from eventcore_trio.projection import run_projection
+
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        app = f"{schema}_app"
+        accounts = [f"account-{n:03d}" for n in range(ACCOUNTS)]
+        async with open_postgres_store(postgres_dsn, schema=schema) as store:
+            try:
+                await _open_accounts(store, app, accounts)
+                for projector in make_projectors(app):
+                    await run_projection(projector, store)
+                lines: list[str] = []
+                assert await _verify(store, app, accounts, _Stats(), lines.append)
+                assert lines[-1].startswith("VERIFIED")
+
+                await store._pool.execute(
+                    f'INSERT INTO "{app}".applied SELECT * FROM "{app}".applied LIMIT 1'
+                )
+                await store._pool.execute(
+                    f'UPDATE "{app}".balances SET balance = balance + 1 WHERE account = $1',
+                    accounts[0],
+                )
+                lines.clear()
+                assert not await _verify(store, app, accounts, _Stats(), lines.append)
+                assert "FAILED: projected balances differ from the streams' fold" in lines
+                assert "FAILED: 1 events were applied twice" in lines
+                assert not any(line.startswith("VERIFIED") for line in lines)
+            finally:
+                await store._pool.execute(
+                    f'DROP SCHEMA "{app}" CASCADE; DROP SCHEMA "{schema}" CASCADE'
+                )

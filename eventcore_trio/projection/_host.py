@@ -45,31 +45,28 @@ async def _supervise(
         except LeadershipLost as exc:
             logger.warning("projector %s: %s; standing by again", projector.name, exc)
             continue
-        except StoreConnectionError as exc:
-            # The database went away (restart, network): not the projector's fault, so no
-            # traceback; reconnect on the same capped backoff.
-            failures += 1
-            delay = config.restart_backoff(failures)
-            logger.warning(
-                "projector %s: cannot reach PostgreSQL (%s); reconnecting in %.1fs",
-                projector.name,
-                exc,
-                delay,
-            )
-            ready.set()
-            await trio.sleep(delay)
         except Exception as exc:
             # Any error, ours or the projector's: this projector restarts; the others go on.
             failures += 1
             delay = config.restart_backoff(failures)
-            logger.error(
-                "projector %s failed (%s: %s); restarting in %.1fs",
-                projector.name,
-                type(exc).__name__,
-                exc,
-                delay,
-                exc_info=exc,
-            )
+            if isinstance(exc, StoreConnectionError):
+                # The database went away (a restart, the network): not the projector's
+                # fault, so no traceback; reconnect on the same capped backoff.
+                logger.warning(
+                    "projector %s: cannot reach PostgreSQL (%s); reconnecting in %.1fs",
+                    projector.name,
+                    exc,
+                    delay,
+                )
+            else:
+                logger.error(
+                    "projector %s failed (%s: %s); restarting in %.1fs",
+                    projector.name,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                    exc_info=exc,
+                )
             ready.set()
             await trio.sleep(delay)
 

@@ -111,8 +111,9 @@ class TortureReport:
         duration_s: how long faults were injected, in seconds.
         server: the server's version string.
         events: events in the log that the projection had to apply.
-        appended: appends the writers were told had committed.
-        rolled_back: transactions the writers rolled back (their events must not appear).
+        appended: events the writers were told had committed (markers included).
+        rolled_back: events whose transactions were rolled back or never committed (they
+            must not appear).
         unknown_outcome: appends cut off mid-commit, which may or may not have committed.
         faults: every fault injected, in order.
         lost: events acknowledged to a writer but missing from the log, plus events in the
@@ -219,8 +220,9 @@ class TortureReport:
         data = self.to_json()
         kinds = ", ".join(f"{n} {k}" for k, n in data["faults_by_kind"].items())
         lines = [
-            f"{self.events} events projected ({self.appended} appends acknowledged, "
-            f"{self.rolled_back} rolled back, {self.unknown_outcome} cut off mid-commit) "
+            f"{self.events} events projected ({self.appended} acknowledged to writers, "
+            f"{self.rolled_back} rolled back, {self.unknown_outcome} appends cut off "
+            "mid-commit) "
             f"on {self.server}",
             f"{len(self.faults)} faults in {self.duration_s:.0f}s (seed {self.seed}): {kinds}",
             f"failover p50 {_ms(data['failover_ms_p50'])}, p99 {_ms(data['failover_ms_p99'])}; "

@@ -8,6 +8,7 @@ session until its TCP keepalives give up; the drop at the end plays that moment.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import asyncpg
@@ -115,7 +116,7 @@ async def test_a_leader_cut_off_stops_and_a_standby_takes_over_when_the_server_f
 
 
 async def test_a_host_behind_a_cut_network_resumes_without_losing_or_repeating(
-    harness: PostgresHarness, proxy: NetworkProxy
+    harness: PostgresHarness, proxy: NetworkProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
     from eventcore_trio.projection import ProjectionConfig, run_projections
     from eventcore_trio.torture._model import LedgerProjector, app_schema_sql
@@ -136,6 +137,17 @@ async def test_a_host_behind_a_cut_network_resumes_without_losing_or_repeating(
                             f"acct-{n}", [_posted(1)] * 2 if round_ else [_posted(1)]
                         )
                     proxy.drop()
+                # A longer cut: the leader gives up its lock, new connections time out, and
+                # the host reports the database as away (a warning), not a projector failure.
+                proxy.stall()
+
+                async def reported_away() -> bool:
+                    return any("cannot reach PostgreSQL" in r.message for r in caplog.records)
+
+                await eventually(reported_away, within=30)
+                proxy.drop()
+                proxy.resume()
+                await direct.append("acct-0", [_posted(1)])
                 expected = len(await read_all(direct))
 
                 async def all_applied() -> bool:
@@ -151,6 +163,8 @@ async def test_a_host_behind_a_cut_network_resumes_without_losing_or_repeating(
             )
             assert applied is not None
             assert applied["n"] == applied["d"] == expected
+            failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
+            assert not failures, [r.getMessage() for r in failures]
         finally:
             await direct._pool.execute(f'DROP SCHEMA "{app}" CASCADE')
 

@@ -17,6 +17,8 @@ from eventcore_trio.torture import FaultKind, run_torture
 from eventcore_trio.torture._model import EVENT_TYPE, LedgerProjector, app_schema_sql
 from eventcore_trio.torture._verify import Findings, verify
 
+from ..helpers import TORTURE_REPORT_FIELDS
+
 CLEAN = Findings(
     events=12,
     lost=0,
@@ -179,17 +181,7 @@ class TestTortureCommand:
         captured = capsys.readouterr()
         assert code == EXIT_OK, captured.err
         report = json.loads(captured.out)
-        for key in (
-            "events",
-            "faults",
-            "lost",
-            "duplicated",
-            "checkpoint_regressions",
-            "double_leaders",
-            "failover_ms_p50",
-            "failover_ms_p99",
-            "recovered_after_db_restart",
-        ):
+        for key in TORTURE_REPORT_FIELDS:
             assert key in report
         assert report["recovered_after_db_restart"] is None
         assert set(report["faults_by_kind"]) <= {"sigkill-leader", "network-drop"}
