@@ -4,9 +4,23 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import NoReturn
+from typing import NoReturn, TypeVar, TypeVarTuple, Unpack
 
 import trio
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
+
+
+def run_program(async_fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: *Ts) -> T:
+    """``trio.run`` for our programs (CLI, demo, host processes): Ctrl-C at checkpoints only.
+
+    By default Trio raises KeyboardInterrupt wherever the signal lands, which under load is
+    often inside trio-asyncio's loop or asyncpg's protocol callbacks; observed here: the
+    interrupt swallowed, ``TrioInternalError``, and once a segfault. Delivered at a checkpoint
+    of the main task instead, it cancels everything in order (docs/operations.md, "Ctrl-C").
+    """
+    return trio.run(async_fn, *args, restrict_keyboard_interrupt_to_checkpoints=True)
 
 
 @asynccontextmanager

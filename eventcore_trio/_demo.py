@@ -17,6 +17,7 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
+from ._concurrency import run_program
 from ._errors import VersionConflict
 from ._events import NewEvent, RecordedEvent, StreamAppend
 from ._filters import EventFilter
@@ -213,16 +214,20 @@ def demo_main(dsn: str | None, *, memory: bool, scale: int, duration: float) -> 
     live = sys.stdout.isatty()
     if memory:
         out("store: in-memory (single process; use PostgreSQL for the failover demo)")
-        report = trio.run(lambda: run_demo(open_memory_store, transfers_per_writer=scale, out=out))
+        report = run_program(
+            lambda: run_demo(open_memory_store, transfers_per_writer=scale, out=out)
+        )
         return 0 if report.ok else 1
     if dsn is not None:
         out("store: PostgreSQL at the given DSN (a temporary schema, dropped afterwards)")
-        ok = trio.run(lambda: run_failover_demo(dsn, duration=duration, out=out, live=live))
+        ok = run_program(lambda: run_failover_demo(dsn, duration=duration, out=out, live=live))
         return 0 if ok else 1
     from ._embedded import EmbeddedPostgres
 
     out("starting an embedded PostgreSQL (no installation needed)…")
     with EmbeddedPostgres() as server:
         out(f"store: embedded PostgreSQL {server.version} at {server.dsn}")
-        ok = trio.run(lambda: run_failover_demo(server.dsn, duration=duration, out=out, live=live))
+        ok = run_program(
+            lambda: run_failover_demo(server.dsn, duration=duration, out=out, live=live)
+        )
     return 0 if ok else 1

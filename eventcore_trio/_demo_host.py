@@ -14,6 +14,7 @@ from typing import Any
 
 import trio
 
+from ._concurrency import run_program
 from ._events import RecordedEvent
 from .postgres import open_postgres_store
 from .projection import ProjectionConfig, ProjectionContext, projector, run_projections
@@ -69,4 +70,4 @@ async def main(dsn: str, schema: str, app: str) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3])
+    run_program(main, sys.argv[1], sys.argv[2], sys.argv[3])

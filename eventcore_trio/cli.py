@@ -2,7 +2,7 @@
 
 Exit codes: 0 success, 1 the command ran and found a problem (a failed verification, a
 projection that is not found), 2 bad usage or configuration, 3 the database could not be
-reached.
+reached, 130 interrupted (Ctrl-C), after a clean shutdown.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 import trio
 
+from ._concurrency import run_program
 from ._errors import (
     ConfigurationError,
     EventCoreError,
@@ -32,6 +33,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130  # as shells report a SIGINT
 
 
 def _add_dsn(parser: argparse.ArgumentParser, *, schema: bool = True) -> None:
@@ -390,7 +392,7 @@ def _torture(args: argparse.Namespace) -> int:
     def out(line: str) -> None:
         print(line, file=stream, flush=True)
 
-    report = trio.run(
+    report = run_program(
         functools.partial(
             run_torture,
             args.dsn,
@@ -441,9 +443,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _torture(args)
         dsn = _require_dsn(args.dsn)
         if args.command == "migrate":
-            trio.run(_migrate, dsn, args.schema)
+            run_program(_migrate, dsn, args.schema)
         elif args.command == "status":
-            trio.run(_status, dsn, args.schema, args.json)
+            run_program(_status, dsn, args.schema, args.json)
         elif args.command == "reset":
             if not args.yes:
                 if not sys.stdin.isatty():
@@ -455,16 +457,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if answer.strip().lower() not in ("y", "yes"):
                     print("not reset")
                     return EXIT_FAILED
-            trio.run(_reset, dsn, args.schema, args.name, args.wait)
+            run_program(_reset, dsn, args.schema, args.name, args.wait)
         elif args.command == "run":
             projectors = load_projectors(args.target)
-            trio.run(_run, dsn, args.schema, projectors)
+            run_program(_run, dsn, args.schema, projectors)
         elif args.command == "dead-letters":
             if args.letters_command == "list":
-                trio.run(_list_letters, dsn, args.schema, args.name, args.json)
+                run_program(_list_letters, dsn, args.schema, args.name, args.json)
             else:
-                trio.run(_replay_letters, dsn, args.schema, args.name, args.projectors)
+                run_program(_replay_letters, dsn, args.schema, args.name, args.projectors)
         return EXIT_OK
+    except KeyboardInterrupt:
+        # Trio has already cancelled everything and cleaned up (child processes stopped,
+        # embedded servers removed); a traceback would say nothing more.
+        print("eventcore-trio: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except StoreConnectionError as exc:
         print(f"eventcore-trio: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE

@@ -14,6 +14,7 @@ import sys
 
 import trio
 
+from .._concurrency import run_program
 from .._errors import StoreConnectionError
 from ..postgres import open_postgres_store
 from ..projection import ProjectionConfig, run_projections
@@ -69,4 +70,4 @@ async def main(dsn: str, schema: str, app: str, name: str) -> None:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     dsn, schema, app, name = sys.argv[1:5]
-    trio.run(main, dsn, schema, app, name)
+    run_program(main, dsn, schema, app, name)
