@@ -115,7 +115,13 @@ class TestLayers:
         relative = path.relative_to(PACKAGE_DIR).parts
         if relative[0] not in ("memory", "postgres"):
             return
-        forbidden = {"projection", "testing", "cli", *({"memory", "postgres"} - {relative[0]})}
+        forbidden = {
+            "projection",
+            "testing",
+            "torture",
+            "cli",
+            *({"memory", "postgres"} - {relative[0]}),
+        }
         for name in _imports_of(path):
             parts = name.split(".")
             if parts[0] == "eventcore_trio" and len(parts) > 1:
@@ -129,7 +135,10 @@ class TestLayers:
         for name in _imports_of(path):
             parts = name.split(".")
             if parts[0] == "eventcore_trio" and len(parts) > 1:
-                assert parts[1] not in {"memory", "postgres", "testing", "cli"}, (path, name)
+                assert parts[1] not in {"memory", "postgres", "testing", "torture", "cli"}, (
+                    path,
+                    name,
+                )
 
     def test_pipeline_is_pure(self) -> None:
         """The pipeline imports no trio, no database driver and no clock."""
