@@ -127,6 +127,11 @@ class EmbeddedPostgres:
             os.chown(self._root, self._user.pw_uid, self._user.pw_gid)
 
     @property
+    def socket_dir(self) -> Path:
+        """The directory of the server's Unix socket (``host=`` in a DSN)."""
+        return self._root
+
+    @property
     def dsn(self) -> str:
         """A DSN for the ``postgres`` database as the ``postgres`` superuser (trust auth)."""
         return self.dsn_for("postgres")

@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, ParamSpec, TypeVar, final
@@ -144,6 +145,36 @@ async def asyncio_loop() -> AsyncIterator[None]:
     except BaseExceptionGroup as group:
         # The loop's nurseries wrap the block's own exception; callers want it bare.
         raise_single(group)
+
+
+# Client-side TCP settings for every connection: keepalive probes after 5 s of silence, 3 s
+# apart, 3 of them; and at most 15 s for sent data to be acknowledged. Without them a client
+# whose network vanishes mid-statement waits for the kernel's defaults (2 hours of keepalive
+# silence; about 15 minutes of retransmission), long after the server has given up on it.
+CLIENT_KEEPALIVE: Final = {"idle": 5, "interval": 3, "count": 3, "user_timeout_ms": 15_000}
+
+
+def _tune_socket(raw: asyncpg.Connection) -> None:
+    # asyncpg opens the socket itself and offers no hook for options, so reach it through
+    # the transport. Unix sockets have no TCP options to set.
+    transport = getattr(raw, "_transport", None)
+    sock = None if transport is None else transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for name, value in (
+        ("TCP_KEEPIDLE", CLIENT_KEEPALIVE["idle"]),
+        ("TCP_KEEPINTVL", CLIENT_KEEPALIVE["interval"]),
+        ("TCP_KEEPCNT", CLIENT_KEEPALIVE["count"]),
+        ("TCP_USER_TIMEOUT", CLIENT_KEEPALIVE["user_timeout_ms"]),
+    ):
+        option = getattr(socket, name, None)  # Linux has all four; others may not
+        if option is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+
+
+async def _init_pooled(raw: asyncpg.Connection) -> None:
+    _tune_socket(raw)
 
 
 def _server_settings(application_name: str, extra: Mapping[str, str]) -> dict[str, str]:
@@ -283,6 +314,7 @@ async def connect(
         timeout=connect_timeout,
         server_settings=_server_settings(application_name, server_settings or {}),
     )
+    _tune_socket(raw)
     return Connection(raw)
 
 
@@ -348,6 +380,7 @@ async def open_pool(
         timeout=connect_timeout,
         server_settings=_server_settings(application_name, {}),
         reset=_keep_session,
+        init=_init_pooled,
     )
     try:
         yield Pool(raw)

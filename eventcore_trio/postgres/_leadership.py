@@ -4,7 +4,8 @@ Connection lifetime = lock lifetime. The lock is a *session* lock taken on a con
 for it alone (never a pooled one, which could hand the session, and so the lock, to unrelated
 work). The lock ends exactly when the session ends: on release, on a crash of this process
 (the server notices the closed socket), on ``pg_terminate_backend``, and, when the host
-vanishes from the network, once the server-side TCP keepalives below give up (about 15 s).
+vanishes from the network, once the server-side TCP keepalives below give up (about 15 s),
+also in the middle of a long statement (``client_connection_check_interval``, PostgreSQL 14+).
 
 Batches run on this same session, which is what fences a deposed leader: a session that has
 lost its lock is a dead session, and a dead session cannot commit.
@@ -36,13 +37,23 @@ from .._positions import Position, position_parts
 from .._status import ProjectionState
 from ._bridge import Connection, Record, connect
 
-# Server-side TCP keepalives on the lock connection: idle 5 s, then 3 probes 3 s apart. A
-# leader whose machine drops off the network loses its lock after about 14 s.
+# Server-side TCP settings on the lock connection: keepalives (idle 5 s, then 3 probes 3 s
+# apart) for a silent connection, and a 15 s limit for data the server sent to be
+# acknowledged, since Linux sends no keepalives while sent data is unacknowledged (a reply
+# the partition swallowed) and would otherwise retransmit for about 15 minutes. A leader
+# whose machine drops off the network loses its lock after about 15 s either way.
 KEEPALIVE_SETTINGS: Final = {
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "3",
     "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "15000",
 }
+# PostgreSQL 14+: while a statement runs, check every 2 s that the client is still there. A
+# backend busy in a long statement otherwise notices a vanished client (and frees the lock)
+# only when the statement ends, keepalives or not.
+CONNECTION_CHECK_SETTINGS: Final = {"client_connection_check_interval": "2s"}
+CONNECTION_CHECK_MINIMUM_VERSION: Final = 140000
+
 # The client-side check: a ping this often, each bounded by PING_TIMEOUT, so a lost lock is
 # noticed within about a second even when the server never closes the socket.
 PING_INTERVAL: Final = 0.5
@@ -55,6 +66,14 @@ class LeadershipContext:
 
     schema: str
     system_identifier: str | None
+    server_version: int = 0
+
+    @property
+    def lock_session_settings(self) -> dict[str, str]:
+        """Server settings for a lock session on this server."""
+        if self.server_version >= CONNECTION_CHECK_MINIMUM_VERSION:
+            return {**KEEPALIVE_SETTINGS, **CONNECTION_CHECK_SETTINGS}
+        return dict(KEEPALIVE_SETTINGS)
 
     @property
     def subscriptions(self) -> str:
@@ -391,7 +410,7 @@ async def acquire_leadership(
         dsn,
         application_name=application_name,
         connect_timeout=connect_timeout,
-        server_settings=KEEPALIVE_SETTINGS,
+        server_settings=context.lock_session_settings,
     )
     leadership: PostgresLeadership | None = None
     try:

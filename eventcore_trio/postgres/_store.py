@@ -147,7 +147,7 @@ class PostgresStore:
         # events may be visible. The listener starts with the first wait_for_events().
         self._appended = trio.Event()
         self._listening = False
-        self._leadership_context = LeadershipContext(schema, system_identifier)
+        self._leadership_context = LeadershipContext(schema, system_identifier, server_version)
         s = f'"{schema}"'
         self._events_table = f"{s}.events"
         self._sql_append = f"SELECT * FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"

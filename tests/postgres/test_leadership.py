@@ -81,13 +81,16 @@ class TestDedicatedSession:
         assert await _lock_holders(store, "proj") == []
 
     async def test_keepalives_are_set_on_the_lock_session(self, store: PostgresStore) -> None:
-        """Server-side TCP keepalives are configured on the lock-holding session."""
+        """Server-side TCP keepalives, user timeout and connection checks on the lock session."""
         async with store.try_acquire("proj") as leadership:
             assert isinstance(leadership, PostgresLeadership)
             async with leadership._use() as connection:
-                for setting, value in KEEPALIVE_SETTINGS.items():
-                    shown = await connection.fetchval(f"SHOW {setting}")
-                    assert shown.rstrip("s") == value, setting
+                expected = {**KEEPALIVE_SETTINGS, "client_connection_check_interval": "2000"}
+                for setting, value in expected.items():
+                    shown = await connection.fetchval(
+                        "SELECT setting FROM pg_settings WHERE name = $1", setting
+                    )
+                    assert shown == value, setting
 
     async def test_exit_closes_the_connection(self, store: PostgresStore) -> None:
         """Leaving the block closes the dedicated session."""

@@ -9,7 +9,11 @@ session until its TCP keepalives give up; the drop at the end plays that moment.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import asyncpg
 import pytest
@@ -18,7 +22,7 @@ import trio
 from eventcore_trio import LeadershipLost, LeadershipUnavailable, NewEvent, StoreConnectionError
 from eventcore_trio.postgres import PostgresStore, open_postgres_store
 from eventcore_trio.postgres._bridge import translate_error
-from eventcore_trio.testing import PostgresHarness, events, read_all
+from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness, events, read_all
 from eventcore_trio.torture import NetworkProxy
 from eventcore_trio.torture._model import EVENT_TYPE
 
@@ -198,3 +202,91 @@ def test_a_session_ending_between_statements_is_a_connection_error() -> None:
     translated = translate_error(raw)
     assert isinstance(translated, StoreConnectionError)
     assert "did not run" in str(translated)
+
+
+def _firewall() -> str | None:
+    # iptables (the legacy backend, which works in this kernel without nftables) as root.
+    if os.geteuid() != 0:
+        return None
+    return shutil.which("iptables-legacy") or shutil.which("iptables")
+
+
+@contextmanager
+def _blackhole(port: int) -> Iterator[None]:
+    """Drop every TCP packet to and from *port* on loopback: a real, silent partition."""
+    firewall = _firewall()
+    assert firewall is not None
+    rules = [
+        ["INPUT", "-i", "lo", "-p", "tcp", side, str(port), "-j", "DROP"]
+        for side in ("--dport", "--sport")
+    ]
+    for rule in rules:
+        subprocess.run([firewall, "-I", *rule], check=True)
+    try:
+        yield
+    finally:
+        for rule in rules:
+            subprocess.run([firewall, "-D", *rule], check=True)
+
+
+@pytest.mark.parametrize("moment", ["idle", "mid-statement"])
+async def test_a_silently_partitioned_leader_gives_up_and_the_server_frees_its_lock(
+    own_server: EmbeddedPostgres, moment: str
+) -> None:
+    """A silent partition: the leader idle, or waiting on a long statement.
+
+    Unlike a proxy, a firewall leaves keepalive probes unanswered on both sides. The leader
+    must give up on its own (its ping when idle; client-side keepalives while a statement
+    runs, since the ping then waits its turn), and the server must end the session without
+    waiting for the statement (``client_connection_check_interval``) so that a standby takes
+    over. With the kernel's defaults neither happens for minutes.
+    """
+    if _firewall() is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run as root with iptables installed (see .ci/run)")
+        pytest.skip("needs root and iptables to make a silent partition")
+    # The observer connects over the Unix socket, which the partition does not touch.
+    observer_dsn = (
+        f"postgresql://postgres@/postgres?host={own_server.socket_dir}&port={own_server.port}"
+    )
+    async with (
+        open_postgres_store(own_server.dsn, connect_timeout=2) as partitioned,
+        open_postgres_store(observer_dsn) as observer,
+        partitioned.try_acquire("ledger") as leadership,
+        trio.open_nursery() as nursery,
+    ):
+        outcome: list[BaseException] = []
+
+        async def long_batch() -> None:
+            try:
+                async with leadership.open_batch() as batch:
+                    await batch.db.execute("SELECT pg_sleep(120)")
+            except LeadershipLost as exc:
+                outcome.append(exc)
+
+        async def sleeping() -> bool:
+            return bool(
+                await observer._pool.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity "
+                    "WHERE pid = $1 AND wait_event = 'PgSleep'",
+                    leadership.backend_pid,
+                )
+            )
+
+        async def standby_took_over() -> bool:
+            try:
+                async with observer.try_acquire("ledger"):
+                    return True
+            except LeadershipUnavailable:
+                return False
+
+        if moment == "mid-statement":
+            nursery.start_soon(long_batch)
+            await eventually(sleeping)
+        with _blackhole(own_server.port):
+            # Both bounds are keepalive-sized (about 15 s); far below the minutes that the
+            # kernel's defaults, or the statement's 120 s, would take.
+            with trio.fail_after(45):
+                await leadership.wait_lost()
+            await eventually(standby_took_over, within=45)
+        assert len(outcome) == (1 if moment == "mid-statement" else 0)
