@@ -88,6 +88,7 @@ class TestCommandLine:
             ["dead-letters"],
             ["dead-letters", "list"],
             ["dead-letters", "replay"],
+            ["torture"],
         ):
             result = subprocess.run(
                 [sys.executable, "-m", "eventcore_trio.cli", *args, "--help"],
