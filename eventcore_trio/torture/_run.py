@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -18,7 +19,7 @@ import trio
 
 from .._embedded import EmbeddedPostgres
 from .._errors import ConfigurationError, EventCoreError, StoreConnectionError
-from .._events import NewEvent, StreamAppend
+from .._events import NewEvent
 from .._positions import Position
 from .._processes import run_ready_process
 from ..postgres import PostgresStore, open_postgres_store, projector_lock_key
@@ -26,13 +27,13 @@ from ._model import EVENT_TYPE, PROJECTOR_NAME, STREAM_PREFIX, LedgerProjector, 
 from ._proxy import NetworkProxy
 from ._report import DB_FAULTS, LEADER_FAULTS, FaultKind, FaultRecord, TortureReport
 from ._verify import verify
+from ._writers import WriteLog, write
 
 logger = logging.getLogger("eventcore_trio.torture")
 
 #: ``torture`` runs this long by default; ``--quick`` runs `QUICK_DURATION`.
 DEFAULT_DURATION: Final = 300.0
 QUICK_DURATION: Final = 40.0
-ACCOUNTS: Final = 40
 # How long the run waits for a failover, a recovery or the final catch-up before it counts a
 # fault as unrecovered: far beyond any bound the library documents, so only a real hang hits it.
 RECOVERY_LIMIT: Final = 60.0
@@ -72,9 +73,7 @@ class _Torture:
     log_dir: Path
     rng: random.Random = attrs.field(init=False)
     slots: list[_Slot] = attrs.Factory(list)
-    acknowledged: set[uuid.UUID] = attrs.Factory(set)
-    rolled_back: set[uuid.UUID] = attrs.Factory(set)
-    unknown_outcome: int = 0
+    writes: WriteLog = attrs.Factory(WriteLog)
     host_crashes: int = 0
     faults: list[FaultRecord] = attrs.Factory(list)
     stop_writing: trio.Event = attrs.Factory(trio.Event)
@@ -117,85 +116,6 @@ class _Torture:
                     self.host_crashes += 1
                     self.out(f"  !! {slot.name} exited unexpectedly (see {log.name})")
                 await trio.sleep(0.1)
-
-    # -- writers ------------------------------------------------------------------------
-
-    async def writer(self, store: PostgresStore, index: int) -> None:
-        """Append until told to stop: half single statements, half held transactions."""
-        rng = random.Random(f"{self.seed}/{index}")
-        accounts = [f"{STREAM_PREFIX}{n:03d}" for n in range(ACCOUNTS)]
-        backoff = 0.05
-        while not self.stop_writing.is_set():
-            appends = [
-                StreamAppend(
-                    stream,
-                    [
-                        NewEvent(
-                            EVENT_TYPE, {"amount": rng.randint(-100, 100)}, event_id=uuid.uuid4()
-                        )
-                        for _ in range(rng.randint(1, 3))
-                    ],
-                )
-                for stream in rng.sample(accounts, rng.choice((1, 1, 1, 2)))
-            ]
-            ids = {event.event_id for a in appends for event in a.events if event.event_id}
-            try:
-                if rng.random() < 0.5:
-                    await self._append(store, appends, ids)
-                else:
-                    await self._append_held(store, appends, ids, rng)
-                backoff = 0.05
-            except StoreConnectionError:
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 1.0)
-            await trio.sleep(rng.uniform(0, 0.02))
-
-    async def _append(
-        self, store: PostgresStore, appends: list[StreamAppend], ids: set[uuid.UUID]
-    ) -> None:
-        try:
-            await store.append_atomic(appends)
-        except StoreConnectionError:
-            # The statement may have committed just before the session went: unknown.
-            self.unknown_outcome += 1
-            raise
-        self.acknowledged |= ids
-
-    async def _append_held(
-        self,
-        store: PostgresStore,
-        appends: list[StreamAppend],
-        ids: set[uuid.UUID],
-        rng: random.Random,
-    ) -> None:
-        # The hazard gap-free reads exist for: a transaction that holds its events
-        # uncommitted for a while, then commits (after later ones) or rolls back.
-        sql, args = store._append_statement(appends)
-        committing = False
-        try:
-            async with store._pool.acquire() as connection:
-                await connection.begin()
-                try:
-                    await connection.fetchrow(sql, *args)
-                    await trio.sleep(rng.uniform(0, 0.03))
-                    if rng.random() < 0.15:
-                        await connection.rollback()
-                        self.rolled_back |= ids
-                        return
-                    committing = True
-                    await connection.commit()
-                except BaseException:
-                    if not committing:
-                        await connection.rollback()
-                    raise
-        except StoreConnectionError:
-            if committing:
-                self.unknown_outcome += 1
-            else:
-                # Never committed: its events must never appear.
-                self.rolled_back |= ids
-            raise
-        self.acknowledged |= ids
 
     # -- observation --------------------------------------------------------------------
 
@@ -266,7 +186,7 @@ class _Torture:
             result = await control.append(
                 f"{STREAM_PREFIX}marker", [NewEvent(EVENT_TYPE, {"amount": 0}, event_id=marker)]
             )
-            self.acknowledged.add(marker)
+            self.writes.acknowledged.add(marker)
             return result.position
 
         position = await self.until(control, append, 0.05)
@@ -552,7 +472,15 @@ async def _run(
                 run.begin = trio.current_time()
                 async with trio.open_nursery() as writers_nursery:
                     for index in range(writers):
-                        writers_nursery.start_soon(run.writer, writing, index)
+                        writers_nursery.start_soon(
+                            functools.partial(
+                                write,
+                                writing,
+                                run.writes,
+                                seed=f"{seed}/{index}",
+                                stop=run.stop_writing,
+                            )
+                        )
                     await run.inject_faults(control)
                     elapsed = run.now()
                     # Writers finish what they started: a transaction still open when the
@@ -564,15 +492,18 @@ async def _run(
                     slot.expect_exit = True
                 nursery.cancel_scope.cancel()
             findings = await verify(
-                control, app, acknowledged=run.acknowledged, rolled_back=run.rolled_back
+                control,
+                app,
+                acknowledged=run.writes.acknowledged,
+                rolled_back=run.writes.rolled_back,
             )
             report = TortureReport(
                 seed=seed,
                 duration_s=elapsed,
                 server=f"PostgreSQL {version}",
-                appended=len(run.acknowledged),
-                rolled_back=len(run.rolled_back),
-                unknown_outcome=run.unknown_outcome,
+                appended=len(run.writes.acknowledged),
+                rolled_back=len(run.writes.rolled_back),
+                unknown_outcome=run.writes.unknown_outcome,
                 faults=tuple(run.faults),
                 host_crashes=run.host_crashes,
                 **attrs.asdict(findings),
@@ -581,7 +512,9 @@ async def _run(
             )
             keep = not report.ok
             if keep:
-                out(f"kept schemas {schema} and {app} for inspection")
+                out(f"kept schemas {schema} and {app}, and the host logs in {log_dir}")
+            else:
+                shutil.rmtree(log_dir, ignore_errors=True)
             return report
         finally:
             if not keep:
