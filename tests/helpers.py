@@ -2,9 +2,47 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
+
+from eventcore_trio import StoreConnectionError
+
+
+def start_interruptible(argv: list[str], **popen: Any) -> subprocess.Popen[str]:
+    """Start *argv* with text pipes and SIGINT at its default, ready to be sent Ctrl-C.
+
+    A test runner may start us with SIGINT ignored, which children would inherit, and then
+    a Python child never turns it into KeyboardInterrupt.
+    """
+    return subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        **popen,
+    )
+
+
+async def until_it_works(call: Callable[[], Awaitable[object]], *, within: float = 30) -> int:
+    """Retry *call* while it raises StoreConnectionError (a server or network coming back).
+
+    Returns how many attempts failed first; fails after *within* seconds.
+    """
+    failures = 0
+    with trio.fail_after(within):
+        while True:
+            try:
+                await call()
+            except StoreConnectionError:
+                failures += 1
+                await trio.sleep(0.05)
+            else:
+                return failures
 
 
 async def eventually(predicate: Callable[[], Awaitable[bool]], *, within: float = 10) -> None:

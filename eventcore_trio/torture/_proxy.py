@@ -158,8 +158,7 @@ class NetworkProxy:
                 try:
                     server = await self._open_target()
                 except OSError:
-                    _reset(client)
-                    return
+                    return  # the client is reset below, as a refused connection would be
                 try:
                     async with trio.open_nursery() as nursery:
                         nursery.start_soon(self._pump, client, server, nursery.cancel_scope)

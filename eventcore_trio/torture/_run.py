@@ -159,11 +159,13 @@ class _Torture:
         return None
 
     async def leader(self, control: PostgresStore) -> _Holder | None:
-        """Wait for a leader hosted in one of the slots."""
+        """Wait for a leader hosted in a slot whose process is known (so it can be hit)."""
 
         async def probe() -> _Holder | None:
             found = await self.holder(control)
-            return found if found is not None and found.slot is not None else None
+            if found is None or found.slot is None or self.slots[found.slot].process is None:
+                return None
+            return found
 
         return await self.until(control, probe, 0.01)
 

@@ -22,11 +22,12 @@ import trio
 from eventcore_trio import LeadershipLost, LeadershipUnavailable, NewEvent, StoreConnectionError
 from eventcore_trio.postgres import PostgresStore, open_postgres_store
 from eventcore_trio.postgres._bridge import translate_error
+from eventcore_trio.projection import ProjectionConfig, run_projections
 from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness, events, read_all
 from eventcore_trio.torture import NetworkProxy
-from eventcore_trio.torture._model import EVENT_TYPE
+from eventcore_trio.torture._model import EVENT_TYPE, LedgerProjector, app_schema_sql
 
-from ..helpers import eventually
+from ..helpers import eventually, until_it_works
 
 
 @pytest.fixture
@@ -37,20 +38,6 @@ async def proxy(postgres_dsn: str) -> AsyncIterator[NetworkProxy]:
         await nursery.start(proxy.serve)
         yield proxy
         nursery.cancel_scope.cancel()
-
-
-async def _until_it_works(store: PostgresStore) -> int:
-    # Calls fail while the pool finds out its connections are gone; then they succeed.
-    failures = 0
-    with trio.fail_after(30):
-        while True:
-            try:
-                await store.last_position()
-            except StoreConnectionError:
-                failures += 1
-                await trio.sleep(0.05)
-            else:
-                return failures
 
 
 async def test_a_dropped_network_ends_the_sessions_and_the_store_reconnects(
@@ -70,7 +57,7 @@ async def test_a_dropped_network_ends_the_sessions_and_the_store_reconnects(
             )
 
         await eventually(session_ended)
-        await _until_it_works(store)
+        await until_it_works(store.last_position)
         await store.append("s-1", events("D", "E"), expected_version=3)
         assert [e.stream_version for e in await store.read_stream("s-1")] == [1, 2, 3, 4, 5]
 
@@ -122,9 +109,6 @@ async def test_a_leader_cut_off_stops_and_a_standby_takes_over_when_the_server_f
 async def test_a_host_behind_a_cut_network_resumes_without_losing_or_repeating(
     harness: PostgresHarness, proxy: NetworkProxy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from eventcore_trio.projection import ProjectionConfig, run_projections
-    from eventcore_trio.torture._model import LedgerProjector, app_schema_sql
-
     app = f"{harness.schema}_app"
     config = ProjectionConfig(poll_interval=0.1, restart_initial_backoff=0.05)
     async with harness.open_store() as direct:

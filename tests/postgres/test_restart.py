@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,18 +12,7 @@ import trio
 from eventcore_trio import StoreConnectionError, open_postgres_store
 from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness, events, read_all
 
-
-async def _until_it_works(store_call: object) -> int:
-    failures = 0
-    with trio.fail_after(30):
-        while True:
-            try:
-                await store_call()  # type: ignore[operator]
-            except StoreConnectionError:
-                failures += 1
-                await trio.sleep(0.1)
-            else:
-                return failures
+from ..helpers import start_interruptible, until_it_works
 
 
 class TestRestart:
@@ -47,7 +35,7 @@ class TestRestart:
                 with trio.fail_after(5):
                     await leadership.wait_lost()
             await trio.to_thread.run_sync(own_server.start)
-            await _until_it_works(lambda: store.append("s", events("After"), expected_version=1))
+            await until_it_works(lambda: store.append("s", events("After"), expected_version=1))
             assert [e.type for e in await read_all(store)] == ["Before", "After"]
             async with store.try_acquire("proj") as again:
                 assert again.is_held
@@ -61,18 +49,13 @@ def test_ctrl_c_under_load_cancels_cleanly(harness: PostgresHarness, attempt: in
     asyncpg's callbacks (in a quarter to three quarters of runs here, by load): swallowed,
     TrioInternalError, or a crash.
     """
-    process = subprocess.Popen(
+    process = start_interruptible(
         [
             sys.executable,
             str(Path(__file__).parent / "busy_process.py"),
             harness.dsn,
             harness.schema,
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A test runner may start us with SIGINT ignored, which children would inherit.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        ]
     )
     try:
         assert process.stdout is not None

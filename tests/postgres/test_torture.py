@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -21,7 +20,7 @@ from eventcore_trio.torture import FaultKind, run_torture
 from eventcore_trio.torture._model import EVENT_TYPE, LedgerProjector, app_schema_sql
 from eventcore_trio.torture._verify import Findings, verify
 
-from ..helpers import TORTURE_REPORT_FIELDS
+from ..helpers import TORTURE_REPORT_FIELDS, start_interruptible
 
 CLEAN = Findings(
     events=12,
@@ -216,16 +215,8 @@ def test_ctrl_c_stops_a_run_cleanly(postgres_dsn: str) -> None:
     """
     argv = [sys.executable, "-m", "eventcore_trio.cli", "torture", "--dsn", postgres_dsn]
     argv += ["--duration", "120", "--hosts", "2", "--faults", "sigkill-leader"]
-    process = subprocess.Popen(
-        argv,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        # A test runner may start us with SIGINT ignored, which children would inherit.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        # Its own process group, which its host processes join: how we find them afterwards.
-        start_new_session=True,
-    )
+    # Its own process group, which its host processes join: how we find them afterwards.
+    process = start_interruptible(argv, start_new_session=True)
     try:
         assert process.stdout is not None
         # Interrupt under load: once the first fault has been injected and recovered from.
