@@ -7,6 +7,7 @@ suite in `eventcore_trio.testing`.
 """
 
 from ._errors import AuthenticationFailed as AuthenticationFailed
+from ._errors import BatchInterrupted as BatchInterrupted
 from ._errors import CheckpointConflict as CheckpointConflict
 from ._errors import ClusterMismatch as ClusterMismatch
 from ._errors import ConfigurationError as ConfigurationError
@@ -27,6 +28,7 @@ from ._errors import RetriesExhausted as RetriesExhausted
 from ._errors import SchemaVersionError as SchemaVersionError
 from ._errors import StoreClosed as StoreClosed
 from ._errors import StoreConnectionError as StoreConnectionError
+from ._errors import UnsupportedPooling as UnsupportedPooling
 from ._errors import UnsupportedServer as UnsupportedServer
 from ._errors import VersionConflict as VersionConflict
 from ._events import AppendResult as AppendResult
@@ -131,6 +133,8 @@ __all__ = [
     "SchemaVersionError",
     "Store",
     "StoreClosed",
+    "UnsupportedPooling",
+    "BatchInterrupted",
     "StoreConnectionError",
     "StreamAppend",
     "UnsupportedServer",

@@ -258,6 +258,34 @@ class LeadershipLost(EventCoreError):
     """
 
 
+class UnsupportedPooling(ConfigurationError):
+    """A connection pooler between this process and PostgreSQL breaks a session the store needs.
+
+    Leadership is a *session* advisory lock, so a lock connection must own one server session
+    for its whole life. Behind a transaction-pooling proxy (PgBouncer ``pool_mode =
+    transaction``) consecutive statements run on whichever server session is free, so a lock
+    would belong to a session shared with other clients. The store detects that and refuses
+    (or gives up) leadership with this error rather than risk two leaders. Connect lock
+    sessions directly or through session pooling with ``open_postgres_store(session_dsn=...)``;
+    behind transaction pooling the pool also needs ``statement_cache_size=0``.
+
+    .. versionadded:: 0.2
+    """
+
+
+class BatchInterrupted(EventCoreError):
+    """A statement of a projection batch was interrupted, so its transaction's state is unknown.
+
+    Raised by ``ctx.db`` after one of its statements was cancelled mid-flight (typically by a
+    ``trio.move_on_after`` around a single call): the server may or may not have run it. The
+    batch is rolled back, never committed, and the failure goes to the projector's
+    ``on_error`` like any handler error. Bound whole handlers or batches instead of single
+    statements, or let PostgreSQL bound statements (``SET LOCAL statement_timeout``).
+
+    .. versionadded:: 0.2
+    """
+
+
 class StoreClosed(EventCoreError, RuntimeError):
     """The store was used after its ``async with`` block ended.
 

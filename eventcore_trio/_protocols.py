@@ -199,6 +199,17 @@ class ProjectionBatch(Protocol):
         """
         ...
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the batch can no longer commit although no handler raised, or None.
+
+        For example a `BatchInterrupted`: a statement through `db` was cancelled mid-flight.
+        The runner checks it after each handler, so the failure lands on that event.
+
+        .. versionadded:: 0.2
+        """
+        ...
+
     async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
         """Move the checkpoint from *expected* to *position*, at commit (compare-and-set).
 
@@ -233,6 +244,14 @@ class Leadership(Protocol):
     @property
     def is_held(self) -> bool:
         """False once the lock is known to be lost or released."""
+        ...
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the lock was lost, when known beyond "its session ended"; else None.
+
+        .. versionadded:: 0.2
+        """
         ...
 
     async def wait_lost(self) -> None:

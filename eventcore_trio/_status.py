@@ -27,6 +27,34 @@ class ProjectionState(enum.Enum):
     FAILED = "failed"
     #: Nobody leads or waits.
     STOPPED = "stopped"
+    #: `reset_projection` holds the projection's lock (nothing is applied meanwhile).
+    #:
+    #: .. versionadded:: 0.2
+    RESETTING = "resetting"
+    #: `replay_dead_letters` holds the projection's lock (nothing new is applied meanwhile).
+    #:
+    #: .. versionadded:: 0.2
+    REPLAYING = "replaying"
+
+
+def unit_state(
+    *, holder: ProjectionState | None, standbys: int, last: ProjectionState | None
+) -> ProjectionState:
+    """The state `projection_status` shows, the same rule for every backend.
+
+    Args:
+        holder: what the session holding the lock does (RUNNING, REPLAYING, RESETTING), or
+            None when nobody holds it.
+        standbys: instances waiting to lead (not operators waiting to reset).
+        last: the state last recorded for the projection, if any.
+    """
+    if holder is not None:
+        return holder
+    if standbys:
+        return ProjectionState.STANDBY
+    if last is ProjectionState.FAILED:
+        return ProjectionState.FAILED
+    return ProjectionState.STOPPED
 
 
 @final

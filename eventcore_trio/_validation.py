@@ -17,6 +17,9 @@ MAX_EVENT_TYPE_LENGTH: Final = 255
 #: many large events still fits in one statement; big blobs belong in object storage, with a
 #: reference in the event.
 MAX_EVENT_JSON_BYTES: Final = 16 * 1024 * 1024
+#: The largest integer PostgreSQL's bigint holds: versions, cursors and limits above it are
+#: refused before any I/O instead of coming back as a server error.
+MAX_BIGINT: Final = 2**63 - 1
 
 
 def _has_control_character(text: str) -> bool:
@@ -73,13 +76,23 @@ def check_expected_version(value: object, *, field: str = "expected_version") ->
             f"{field} must be None (any version), 0 (stream must not exist) or the stream's "
             f"event count; got {value}"
         )
+    _check_bigint(field, value)
     return value
+
+
+def _check_bigint(field: str, value: int) -> None:
+    if value > MAX_BIGINT:
+        raise InvalidArgument(
+            f"{field} must be at most 2**63 - 1 ({MAX_BIGINT}), the largest value PostgreSQL "
+            f"stores; got {value}"
+        )
 
 
 def check_version_cursor(value: object, *, field: str = "after_version") -> int:
     """Validate a stream-version cursor (0 = from the start)."""
     if type(value) is not int or value < 0:
         raise InvalidArgument(f"{field} must be an int >= 0, got {value!r}")
+    _check_bigint(field, value)
     return value
 
 
@@ -87,6 +100,7 @@ def check_limit(value: object) -> int:
     """Validate a page size."""
     if type(value) is not int or value < 1:
         raise InvalidArgument(f"limit must be an int >= 1, got {value!r}")
+    _check_bigint("limit", value)
     return value
 
 
@@ -110,6 +124,12 @@ def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
         raise EventEncodeError(
             f"event {kind} is not JSON-serialisable ({exc}); convert it to JSON types "
             "(str, int, finite float, bool, None, list, dict) before appending"
+        ) from exc
+    except RecursionError as exc:
+        # The encoder recurses once per nesting level; Python's limit comes first.
+        raise EventEncodeError(
+            f"event {kind} is nested too deeply to encode as JSON; flatten it (PostgreSQL's "
+            "jsonb accepts at most a few thousand levels anyway)"
         ) from exc
     try:
         size = len(text.encode("utf-8"))

@@ -40,7 +40,7 @@ from .._events import (
 from .._filters import EventFilter
 from .._positions import Position
 from .._protocols import Database
-from .._status import DeadLetter, LeaderInfo, ProjectionState, ProjectionStatus
+from .._status import DeadLetter, LeaderInfo, ProjectionState, ProjectionStatus, unit_state
 from .._validation import (
     check_expected_version,
     check_limit,
@@ -150,6 +150,11 @@ class MemoryBatch:
         await trio.lowlevel.checkpoint()
         self._checkpoint = (expected, position)
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Always None: nothing can interrupt a memory batch half-way."""
+        return None
+
     async def record_dead_letter(
         self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
     ) -> None:
@@ -212,6 +217,11 @@ class MemoryLeadership:
         """False once the leadership is released or revoked."""
         return not self._lost.is_set()
 
+    @property
+    def lost_reason(self) -> str | None:
+        """Always None: a memory leadership ends only by release or revocation."""
+        return None
+
     async def wait_lost(self) -> None:
         """Return once the leadership is released or revoked."""
         await self._lost.wait()
@@ -243,7 +253,8 @@ class MemoryLeadership:
             raise LeadershipLost(f"leadership of {self._name!r} was lost")
         record = self._store._projection(self._name)
         record.state = state
-        record.last_error = error
+        if state is not ProjectionState.REPLAYING:
+            record.last_error = error
         if filter is not None:
             record.filter = filter
         record.leader = (
@@ -275,6 +286,8 @@ class MemoryStore:
         self._checkpoints: dict[str, Position] = {}
         self._leaders: dict[str, MemoryLeadership] = {}
         self._waiting: Counter[str] = Counter()
+        # Resets waiting for a leader to stop: not standbys, so not counted as such.
+        self._reset_waiting: Counter[str] = Counter()
         self._projections: dict[str, _Projection] = {}
         self._dead_letters: dict[str, list[DeadLetter]] = {}
         # Set (and replaced) on every append, for wait_for_events.
@@ -484,15 +497,26 @@ class MemoryStore:
         check_name(name)
         await trio.lowlevel.checkpoint()
         self._check_open()
+        async with self._wait_lead(name, self._waiting, on_standby) as leadership:
+            yield leadership
+
+    @asynccontextmanager
+    async def _wait_lead(
+        self,
+        name: str,
+        waiters: Counter[str],
+        on_standby: Callable[[], None] | None = None,
+    ) -> AsyncIterator[MemoryLeadership]:
+        # *waiters* counts who waits: standbys (self._waiting) or resets (self._reset_waiting).
         if name in self._leaders:
             if on_standby is not None:
                 on_standby()
-            self._waiting[name] += 1
+            waiters[name] += 1
             try:
                 while (current := self._leaders.get(name)) is not None:
                     await current.wait_lost()
             finally:
-                self._waiting[name] -= 1
+                waiters[name] -= 1
         async with self._lead(name) as leadership:
             yield leadership
 
@@ -558,21 +582,18 @@ class MemoryStore:
                 if record.filter is None or record.filter.matches(e.stream_id, e.type)
             ]
             leading = name in self._leaders
+            holder = None
             if leading:
-                state = ProjectionState.RUNNING
-            elif self._waiting[name]:
-                state = ProjectionState.STANDBY
-            elif record.state is ProjectionState.FAILED:
-                state = ProjectionState.FAILED
-            else:
-                state = ProjectionState.STOPPED
+                replaying = record.state is ProjectionState.REPLAYING
+                holder = ProjectionState.REPLAYING if replaying else ProjectionState.RUNNING
+            state = unit_state(holder=holder, standbys=self._waiting[name], last=record.state)
             result.append(
                 ProjectionStatus(
                     name=name,
                     checkpoint=checkpoint,
                     lag_events=len(pending),
                     lag_seconds=(now - pending[0].recorded_at).total_seconds() if pending else 0.0,
-                    leader=record.leader if leading else None,
+                    leader=record.leader if state is ProjectionState.RUNNING else None,
                     standbys=self._waiting[name],
                     state=state,
                     last_error=record.last_error,
@@ -591,7 +612,7 @@ class MemoryStore:
             raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
         if name in self._leaders and not wait:
             raise ProjectionRunning(name)
-        async with self.wait_acquire(name):
+        async with self._wait_lead(name, self._reset_waiting):
             self._checkpoints.pop(name, None)
             self._dead_letters.pop(name, None)
             record = self._projection(name)

@@ -25,11 +25,13 @@ import trio_asyncio
 from .._concurrency import raise_single
 from .._errors import (
     AuthenticationFailed,
+    ConfigurationError,
     DatabaseError,
     DatabaseNotFound,
     DuplicateEventId,
     EventCoreError,
     StoreConnectionError,
+    UnsupportedPooling,
     VersionConflict,
 )
 
@@ -44,6 +46,14 @@ Record = Mapping[str, Any]
 
 
 _CONNECTION_SQLSTATE_CLASSES: Final = ("08", "57", "53")
+# Class 57 is "operator intervention": mostly a session that the server is ending, but
+# 57014 is a statement cancelled on a live session (statement_timeout, pg_cancel_backend),
+# which is no reason to reconnect.
+_QUERY_CANCELED: Final = "57014"
+# asyncpg's statement cache names prepared statements per session; behind a transaction
+# pooler the statements of one client land on several server sessions, where the names are
+# missing (26000) or already taken by another client (42P05).
+_PREPARED_STATEMENT_SQLSTATES: Final = ("26000", "42P05")
 
 
 def translate_error(exc: BaseException) -> BaseException:
@@ -71,6 +81,27 @@ def translate_error(exc: BaseException) -> BaseException:
             return DuplicateEventId(
                 f"an appended event reuses a stored event id ({getattr(exc, 'detail', '')}); "
                 "nothing was written",
+            )
+        if sqlstate == _QUERY_CANCELED:
+            return DatabaseError(
+                f"PostgreSQL cancelled the statement: {exc} (SQLSTATE {sqlstate}), because of "
+                "statement_timeout or pg_cancel_backend(); the session is still usable. Raise "
+                "statement_timeout for this role or database if the statement is legitimate.",
+                sqlstate=sqlstate,
+            )
+        if sqlstate in _PREPARED_STATEMENT_SQLSTATES and "__asyncpg_" in str(exc):
+            return UnsupportedPooling(
+                f"{exc} (SQLSTATE {sqlstate}): a transaction-pooling proxy (PgBouncer "
+                "pool_mode = transaction) moved this connection's prepared statements to "
+                "another server session. Open the store with statement_cache_size=0 for such "
+                "a pool, and connect lock sessions directly or through session pooling "
+                "(session_dsn=...)."
+            )
+        if sqlstate == "08P01" and "startup parameter" in str(exc):
+            return ConfigurationError(
+                f"the server or a proxy in front of it refused a connection setting: {exc}. "
+                "For PgBouncer, list the parameter in ignore_startup_parameters or remove it "
+                "from the DSN's options."
             )
         if sqlstate[:2] in _CONNECTION_SQLSTATE_CLASSES:
             return StoreConnectionError(
@@ -195,8 +226,16 @@ class Connection:
 
     @property
     def backend_pid(self) -> int:
-        """The server process id of this session (for pg_stat_activity and tests)."""
+        """The process id the server announced at startup.
+
+        Directly connected, this is the session's ``pg_backend_pid()``; a proxy such as
+        PgBouncer announces a made-up one, which is how a proxy is recognised.
+        """
         return int(self._raw.get_server_pid())
+
+    def in_transaction(self) -> bool:
+        """Whether the session was inside a transaction at the end of its last statement."""
+        return not self.is_closed() and bool(self._raw.is_in_transaction())
 
     def is_closed(self) -> bool:
         """Whether asyncpg knows the connection to be closed."""
@@ -305,14 +344,20 @@ async def connect(
     *,
     application_name: str,
     connect_timeout: float,
-    server_settings: Mapping[str, str] | None = None,
+    statement_cache_size: int = 100,
 ) -> Connection:
-    """Open a dedicated connection (never from a pool); one crossing."""
+    """Open a dedicated connection (never from a pool); one crossing.
+
+    Only ``application_name`` goes into the startup packet, since poolers refuse startup
+    parameters they do not know (PgBouncer: "unsupported startup parameter"); callers apply
+    other session settings with ``SET`` or ``set_config`` once connected.
+    """
     raw = await _cross(
         asyncpg.connect,
         dsn,
         timeout=connect_timeout,
-        server_settings=_server_settings(application_name, server_settings or {}),
+        server_settings=_server_settings(application_name, {}),
+        statement_cache_size=statement_cache_size,
     )
     _tune_socket(raw)
     return Connection(raw)
@@ -370,14 +415,20 @@ async def open_pool(
     max_size: int,
     application_name: str,
     connect_timeout: float,
+    statement_cache_size: int = 100,
 ) -> AsyncIterator[Pool]:
-    """Open a connection pool for the block; it is closed (shielded, bounded) on exit."""
+    """Open a connection pool for the block; it is closed (shielded, bounded) on exit.
+
+    *statement_cache_size* 0 turns asyncpg's prepared-statement cache off, as a
+    transaction-pooling proxy requires.
+    """
     raw = await _cross(
         asyncpg.create_pool,
         dsn,
         min_size=min_size,
         max_size=max_size,
         timeout=connect_timeout,
+        statement_cache_size=statement_cache_size,
         server_settings=_server_settings(application_name, {}),
         reset=_keep_session,
         init=_init_pooled,

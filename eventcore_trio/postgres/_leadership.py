@@ -9,39 +9,63 @@ also in the middle of a long statement (``client_connection_check_interval``, Po
 
 Batches run on this same session, which is what fences a deposed leader: a session that has
 lost its lock is a dead session, and a dead session cannot commit.
+
+That holds only if the connection *is* one server session for its whole life. A proxy in
+between (PgBouncer) may break it: with transaction pooling, statements of one connection run
+on whichever server session is free. So a lock connection proves what it is (see `_fence`):
+
+1. the session it takes the lock on holds no advisory lock before (a session shared with
+   another client, or not reset by a pooler, is refused), checked in the locking statement;
+2. behind a proxy (the pid announced at startup is not ``pg_backend_pid()``), a probe
+   connection through the same proxy must land on a *different* server session: under
+   transaction pooling the just-freed lock session is handed straight to it, which proves the
+   pooling mode (and the probe releases the lock on that session, in the same statement);
+3. every keepalive and every commit re-checks, in the server, that the statement runs on the
+   lock's session and that the session still holds the lock.
+
+A connection found shared is refused with `UnsupportedPooling`, or loses leadership with
+`LeadershipLost` naming the cause, and the lock it left on a pooled session is released (by
+unlocking on that session, or by terminating it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import socket
-import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any, Final, final
+from typing import Final, final
 
 import attrs
 import trio
 
 from .._concurrency import background
 from .._errors import (
-    CheckpointConflict,
+    EventCoreError,
     LeadershipLost,
     LeadershipUnavailable,
     StoreConnectionError,
+    UnsupportedPooling,
 )
-from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
-from .._positions import Position, position_parts
 from .._status import ProjectionState
-from ._bridge import Connection, Record, connect
+from ._batch import BatchTables, PostgresBatch
+from ._bridge import Connection, connect
+from ._fence import HOLDS_ANY_ADVISORY_LOCK, HOLDS_LOCK, POOLER_HINT, LockProof
+
+logger = logging.getLogger("eventcore_trio.postgres")
 
 # Server-side TCP settings on the lock connection: keepalives (idle 5 s, then 3 probes 3 s
 # apart) for a silent connection, and a 15 s limit for data the server sent to be
 # acknowledged, since Linux sends no keepalives while sent data is unacknowledged (a reply
 # the partition swallowed) and would otherwise retransmit for about 15 minutes. A leader
-# whose machine drops off the network loses its lock after about 15 s either way.
+# whose machine drops off the network loses its lock after about 15 s either way. Behind a
+# proxy these watch the proxy's connection, not this host's: the proxy's own keepalive
+# settings (PgBouncer: tcp_keepidle, tcp_keepintvl, tcp_keepcnt, tcp_user_timeout) must
+# then do that job (docs/operations.md, "Connection poolers").
 KEEPALIVE_SETTINGS: Final = {
     "tcp_keepalives_idle": "5",
     "tcp_keepalives_interval": "3",
@@ -53,6 +77,19 @@ KEEPALIVE_SETTINGS: Final = {
 # only when the statement ends, keepalives or not.
 CONNECTION_CHECK_SETTINGS: Final = {"client_connection_check_interval": "2s"}
 CONNECTION_CHECK_MINIMUM_VERSION: Final = 140000
+# Timeouts a role or database may set (ALTER DATABASE ... SET statement_timeout) that must not
+# apply to a lock session: a standby waits in pg_advisory_lock for as long as the leader lives,
+# and a session the server ends for idling (between keepalives, or in a slow handler's
+# transaction) is a lost lock and a needless failover. The library ends its own transactions
+# (rolled back, shielded, on any doubt), so the idle-in-transaction guard is not needed here;
+# handlers bound their own work with cancel scopes or SET LOCAL statement_timeout.
+LOCK_SESSION_TIMEOUTS: Final = {
+    "statement_timeout": "0",
+    "lock_timeout": "0",
+    "idle_in_transaction_session_timeout": "0",
+}
+IDLE_SESSION_TIMEOUT_MINIMUM_VERSION: Final = 140000
+TRANSACTION_TIMEOUT_MINIMUM_VERSION: Final = 170000
 
 # The client-side check: a ping this often, each bounded by PING_TIMEOUT, so a lost lock is
 # noticed within about a second even when the server never closes the socket.
@@ -70,10 +107,20 @@ class LeadershipContext:
 
     @property
     def lock_session_settings(self) -> dict[str, str]:
-        """Server settings for a lock session on this server."""
+        """Server settings for a lock session on this server, applied once connected."""
+        settings = {**KEEPALIVE_SETTINGS, **LOCK_SESSION_TIMEOUTS}
         if self.server_version >= CONNECTION_CHECK_MINIMUM_VERSION:
-            return {**KEEPALIVE_SETTINGS, **CONNECTION_CHECK_SETTINGS}
-        return dict(KEEPALIVE_SETTINGS)
+            settings.update(CONNECTION_CHECK_SETTINGS)
+        if self.server_version >= IDLE_SESSION_TIMEOUT_MINIMUM_VERSION:
+            settings["idle_session_timeout"] = "0"
+        if self.server_version >= TRANSACTION_TIMEOUT_MINIMUM_VERSION:
+            settings["transaction_timeout"] = "0"
+        return settings
+
+    @property
+    def batch_tables(self) -> BatchTables:
+        """Where batches write."""
+        return BatchTables(self.subscriptions, self.dead_letters, self.system_identifier)
 
     @property
     def subscriptions(self) -> str:
@@ -100,178 +147,21 @@ def filter_to_json(event_filter: EventFilter | None) -> str | None:
 
 
 @final
-class _BatchDatabase:
-    """``ctx.db``: the batch's transaction, begun lazily by the first statement."""
-
-    def __init__(self, batch: PostgresBatch) -> None:
-        self._batch = batch
-
-    async def execute(self, sql: str, *args: object) -> str:
-        """Run a statement in the batch's transaction."""
-        return await (await self._batch._in_transaction()).execute(sql, *args)
-
-    async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
-        """Run a statement once per argument tuple in the batch's transaction."""
-        await (await self._batch._in_transaction()).executemany(sql, args)
-
-    async def fetch(self, sql: str, *args: object) -> list[Record]:
-        """Run a query in the batch's transaction and return every row."""
-        return await (await self._batch._in_transaction()).fetch(sql, *args)
-
-    async def fetchrow(self, sql: str, *args: object) -> Record | None:
-        """Run a query in the batch's transaction and return its first row."""
-        return await (await self._batch._in_transaction()).fetchrow(sql, *args)
-
-    async def fetchval(self, sql: str, *args: object) -> Any:
-        """Run a query in the batch's transaction and return one value."""
-        return await (await self._batch._in_transaction()).fetchval(sql, *args)
-
-
-@final
-class PostgresBatch:
-    """A transaction on the leader's session; obtained from `PostgresLeadership.open_batch`.
-
-    The transaction begins with the first statement that needs it: a batch whose projector
-    writes nothing through ``ctx.db`` commits its checkpoint as one autocommit statement, one
-    round trip, and holds no transaction id while its handlers run (so it holds no reader
-    back). Everything still commits when the batch's block ends, or not at all.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(self, connection: Connection, name: str, context: LeadershipContext) -> None:
-        self._connection = connection
-        self._name = name
-        self._context = context
-        # True once BEGIN has run; then COMMIT or ROLLBACK ends the batch.
-        self._begun = False
-        # The checkpoint move requested by save_checkpoint, applied at commit when no
-        # transaction was needed.
-        self._pending_checkpoint: tuple[Position | None, Position] | None = None
-        self._db = _BatchDatabase(self)
-
-    @property
-    def db(self) -> _BatchDatabase:
-        """The transaction, for the projector's own writes (``ctx.db``)."""
-        return self._db
-
-    async def _in_transaction(self) -> Connection:
-        if not self._begun:
-            await self._connection.begin()
-            self._begun = True
-        return self._connection
-
-    async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
-        """Move the checkpoint from *expected* to *position* when the batch commits (CAS).
-
-        Raises:
-            CheckpointConflict: the stored checkpoint is not *expected* (at once inside a
-                transaction, else when the block ends).
-        """
-        if self._begun:
-            await self._write_checkpoint(expected, position)
-        else:
-            self._pending_checkpoint = (expected, position)
-
-    async def _write_checkpoint(self, expected: Position | None, position: Position) -> None:
-        tx, seq = position_parts(position)
-        expected_tx, expected_seq = (None, None) if expected is None else position_parts(expected)
-        # One statement: insert the row, or move it only from exactly the expected position.
-        # A second writer (a deposed leader, an operator) makes this return no row.
-        saved = await self._connection.fetchval(
-            f"INSERT INTO {self._context.subscriptions} AS c "
-            "(subscription_name, tx, position, system_identifier, updated_at) "
-            "VALUES ($1, $2, $3, $4, now()) "
-            "ON CONFLICT (subscription_name) DO UPDATE "
-            "SET tx = excluded.tx, position = excluded.position, "
-            "system_identifier = excluded.system_identifier, updated_at = now() "
-            "WHERE c.tx IS NOT DISTINCT FROM $5::bigint "
-            "AND c.position IS NOT DISTINCT FROM $6::bigint "
-            "RETURNING 1",
-            self._name,
-            tx,
-            seq,
-            self._context.system_identifier,
-            expected_tx,
-            expected_seq,
-        )
-        if saved is None:
-            row = await self._connection.fetchrow(
-                f"SELECT tx, position FROM {self._context.subscriptions} "
-                "WHERE subscription_name = $1",
-                self._name,
-            )
-            current = None
-            if row is not None and row["tx"] is not None:
-                current = Position(row["tx"], row["position"])
-            raise CheckpointConflict(self._name, position, current)
-
-    async def record_dead_letter(
-        self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
-    ) -> None:
-        """Record *event* as skipped, in this transaction."""
-        tx, seq = position_parts(event.position)
-        if isinstance(event, RecordedEvent):
-            data, metadata, decode_error = json.dumps(event.data), json.dumps(event.metadata), None
-        else:
-            data, metadata, decode_error = event.raw_data, event.raw_metadata, event.error
-        connection = await self._in_transaction()
-        await connection.execute(
-            f"INSERT INTO {self._context.dead_letters} (subscription_name, tx, position, "
-            "event_id, stream_id, stream_version, type, data, metadata, decode_error, "
-            "event_recorded_at, error_type, error_message, retries) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            self._name,
-            tx,
-            seq,
-            event.event_id,
-            event.stream_id,
-            event.stream_version,
-            event.type,
-            data,
-            metadata,
-            decode_error,
-            event.recorded_at,
-            f"{type(error).__module__}.{type(error).__qualname__}",
-            str(error),
-            retries,
-        )
-
-    async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
-        """Delete a replayed dead letter, in this transaction."""
-        connection = await self._in_transaction()
-        await connection.execute(
-            f"DELETE FROM {self._context.dead_letters} WHERE id = $1 AND subscription_name = $2",
-            dead_letter_id,
-            self._name,
-        )
-
-    async def _commit(self) -> None:
-        if self._begun:
-            await self._connection.commit()
-        elif self._pending_checkpoint is not None:
-            await self._write_checkpoint(*self._pending_checkpoint)
-
-    async def _rollback(self) -> None:
-        if self._begun:
-            await self._connection.rollback()
-
-
-@final
 class PostgresLeadership:
     """Leadership of a name, held as a session advisory lock on a dedicated connection.
 
     Obtained only from ``PostgresStore.try_acquire`` and ``wait_acquire``. `is_held` turns
-    False, and `wait_lost` returns, within about a second of the session ending.
+    False, and `wait_lost` returns, within about a second of the session ending or of the
+    lock no longer being provably this session's (see `lost_reason`).
 
     .. versionadded:: 0.1
     """
 
     def __init__(
-        self, name: str, key: int, connection: Connection, context: LeadershipContext
+        self, proof: LockProof, connection: Connection, context: LeadershipContext
     ) -> None:
-        self._name = name
-        self._key = key
+        # Which server session took the lock; re-checked by every keepalive and commit.
+        self._proof = proof
         # The lock-holding session; closing it releases the lock. Owned by acquire_leadership.
         self._connection = connection
         self._context = context
@@ -279,26 +169,36 @@ class PostgresLeadership:
         self._connection_lock = trio.Lock()
         # Set once, when the lock is known to be lost or has been released. Never cleared.
         self._lost = trio.Event()
+        # Why the lock was lost, when something other than the end of the session tells.
+        self._lost_reason: str | None = None
 
     @property
     def name(self) -> str:
         """The name this leadership was acquired for."""
-        return self._name
+        return self._proof.name
 
     @property
     def lock_key(self) -> int:
         """The bigint advisory-lock key held (see `projector_lock_key`)."""
-        return self._key
+        return self._proof.key
 
     @property
     def backend_pid(self) -> int:
-        """The server process id of the lock-holding session."""
-        return self._connection.backend_pid
+        """The server process id of the lock-holding session (``pg_backend_pid()``)."""
+        return self._proof.backend_pid
 
     @property
     def is_held(self) -> bool:
         """False once the lock is known to be lost or has been released."""
         return not self._lost.is_set()
+
+    @property
+    def lost_reason(self) -> str | None:
+        """Why the lock was lost, when known beyond "the session ended"; else None.
+
+        .. versionadded:: 0.2
+        """
+        return self._lost_reason
 
     async def wait_lost(self) -> None:
         """Return once the lock is lost (the session ended) or released."""
@@ -308,28 +208,35 @@ class PostgresLeadership:
     async def open_batch(self) -> AsyncIterator[PostgresBatch]:
         """Open a transaction on the lock-holding session; commit when the block ends.
 
+        The commit is fenced: it happens only if this session still holds the lock.
+
         Raises:
             LeadershipLost: the lock was lost before the batch or while it ran (the
                 transaction did not commit).
+            BatchInterrupted: a statement of the batch was interrupted mid-flight; the
+                batch rolled back.
         """
         async with self._use() as connection:
-            batch = PostgresBatch(connection, self._name, self._context)
+            batch = PostgresBatch(
+                connection, self._proof, self._context.batch_tables, self._mark_lost
+            )
             try:
                 try:
                     yield batch
+                    await batch._commit()
                 except BaseException:
                     await batch._rollback()
                     raise
-                await batch._commit()
             except Exception as exc:
-                # Whatever failed (a statement through ctx.db, the projector, the commit):
-                # if the session is gone, the lock is gone too, and that is what the caller
-                # must hear. The rollback closes the connection when it cannot complete, and
-                # a commit on a dead session fails, so is_closed() is reliable here.
-                if connection.is_closed() or isinstance(exc, StoreConnectionError):
+                # Whatever failed (a statement through ctx.db, the projector, the commit): if
+                # the session is gone, the lock is gone too, and that is what the caller must
+                # hear. The rollback closes the connection when it cannot complete, so
+                # is_closed() is reliable here. A live session that reported an error still
+                # holds its lock: that error is the caller's to handle, not a lost lock.
+                if connection.is_closed():
                     self._mark_lost()
                     raise LeadershipLost(
-                        f"the lock session of {self._name!r} ended during a batch; the batch "
+                        f"the lock session of {self.name!r} ended during a batch; the batch "
                         "did not commit and another instance may lead now"
                     ) from exc
                 raise
@@ -343,23 +250,28 @@ class PostgresLeadership:
     ) -> None:
         """Record this leader's state, identity and filter in ``subscriptions``."""
         running = state is ProjectionState.RUNNING
+        holding = running or state is ProjectionState.REPLAYING
         async with self._use() as connection:
             await connection.execute(
                 f"INSERT INTO {self._context.subscriptions} AS c (subscription_name, state, "
-                "last_error, filter, leader_pid, leader_host, leader_application, updated_at) "
+                "last_error, filter, leader_pid, leader_host, leader_application, "
+                "leader_backend_pid, updated_at) "
                 "VALUES ($1, $2, $3, $4::jsonb, $5, $6, current_setting('application_name'), "
-                "now()) "
+                "$7, now()) "
                 "ON CONFLICT (subscription_name) DO UPDATE SET state = excluded.state, "
-                "last_error = excluded.last_error, "
+                "last_error = CASE WHEN excluded.state = 'replaying' THEN c.last_error "
+                "ELSE excluded.last_error END, "
                 "filter = coalesce(excluded.filter, c.filter), "
                 "leader_pid = excluded.leader_pid, leader_host = excluded.leader_host, "
-                "leader_application = excluded.leader_application, updated_at = now()",
-                self._name,
+                "leader_application = excluded.leader_application, "
+                "leader_backend_pid = excluded.leader_backend_pid, updated_at = now()",
+                self.name,
                 state.value if state is not ProjectionState.STANDBY else "stopped",
                 error,
                 filter_to_json(filter),
                 os.getpid() if running else None,
                 socket.gethostname() if running else None,
+                self._proof.backend_pid if holding else None,
             )
 
     @asynccontextmanager
@@ -369,28 +281,126 @@ class PostgresLeadership:
         async with self._connection_lock:
             if not self.is_held:
                 raise LeadershipLost(
-                    f"leadership of {self._name!r} was lost; nothing more may be committed"
+                    self._lost_reason
+                    or f"leadership of {self.name!r} was lost; nothing more may be committed"
                 )
             yield self._connection
 
-    def _mark_lost(self) -> None:
+    def _mark_lost(self, reason: str | None = None) -> None:
+        if reason is not None and self._lost_reason is None and not self._lost.is_set():
+            self._lost_reason = reason
+            logger.error("leadership of %s lost: %s", self.name, reason)
         self._lost.set()
 
     async def _keepalive(self) -> None:
+        proof = self._proof
+        sql = (
+            f"SELECT pg_backend_pid() AS pid, "
+            f"{HOLDS_LOCK.format(pid='$1::int', key='$2::bigint')} AS held"
+        )
         while self.is_held:
             await trio.sleep(PING_INTERVAL)
             if self._connection_lock.locked():
-                # Work is running on the session; the termination listener still fires.
+                # Work is running on the session; the termination listener still fires, and
+                # the work's commit is fenced.
                 continue
             async with self._connection_lock:
-                alive = False
+                row = None
                 with trio.move_on_after(PING_TIMEOUT):
-                    try:
-                        alive = await self._connection.fetchval("SELECT 1") == 1
-                    except StoreConnectionError:
-                        alive = False
-            if not alive or self._connection.is_closed():
+                    with contextlib.suppress(StoreConnectionError):
+                        row = await self._connection.fetchrow(sql, proof.backend_pid, proof.key)
+            if row is None or self._connection.is_closed():
                 self._mark_lost()
+            elif not row["held"]:
+                self._mark_lost(proof.describe_loss(row["pid"]))
+
+
+async def _prepare_lock_session(
+    connection: Connection, context: LeadershipContext, key: int
+) -> tuple[int, bool | None]:
+    # One round trip: the session settings, which server session this is, and the lock
+    # itself, taken only if this session held no advisory lock before (else NULL).
+    settings = context.lock_session_settings
+    assignments = ", ".join(
+        f"set_config(${i}, ${i + 1}, false)" for i in range(2, 2 * len(settings) + 2, 2)
+    )
+    row = await connection.fetchrow(
+        f"SELECT pg_backend_pid() AS pid, {assignments}, "
+        f"CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} THEN NULL "
+        "ELSE pg_try_advisory_lock($1) END AS acquired",
+        key,
+        *[part for item in settings.items() for part in item],
+    )
+    assert row is not None
+    return int(row["pid"]), row["acquired"]
+
+
+async def _wait_for_lock(connection: Connection, key: int) -> tuple[int, bool]:
+    # Standby: block in the server until the leader's session ends, which grants the lock at
+    # once (fast failover). Cancellation cancels the query. Re-checks that the session is
+    # not shared, in the same statement, for a proxy may have moved it.
+    row = await connection.fetchrow(
+        f"SELECT pg_backend_pid() AS pid, CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} THEN false "
+        "ELSE (SELECT true FROM pg_advisory_lock($1)) END AS acquired",
+        key,
+    )
+    assert row is not None
+    return int(row["pid"]), bool(row["acquired"])
+
+
+async def _probe_pooling(
+    dsn: str, proof: LockProof, application_name: str, connect_timeout: float
+) -> bool:
+    # Behind a proxy: does a second client get the lock's server session? Under session
+    # pooling never (that session is ours until we disconnect); under transaction pooling it
+    # usually does, since PgBouncer hands out the most recently freed server session. If so,
+    # the probe releases the lock there, in the same statement, before anyone else runs on it.
+    probe = await connect(
+        dsn,
+        application_name=f"{application_name} probe",
+        connect_timeout=connect_timeout,
+        statement_cache_size=0,
+    )
+    try:
+        row = await probe.fetchrow(
+            "SELECT pg_backend_pid() = $1::int AS shared, CASE WHEN pg_backend_pid() = $1::int "
+            "THEN pg_advisory_unlock($2::bigint) END AS released",
+            proof.backend_pid,
+            proof.key,
+        )
+    finally:
+        await probe.close()
+    return row is not None and bool(row["shared"])
+
+
+async def _verify_pinned(connection: Connection, proof: LockProof) -> int | None:
+    # After taking the lock: does the next statement still run on the lock's session, which
+    # holds it? Returns the session it ran on when it does not.
+    row = await connection.fetchrow(
+        f"SELECT pg_backend_pid() AS pid, {HOLDS_LOCK.format(pid='$1::int', key='$2::bigint')} "
+        "AS held",
+        proof.backend_pid,
+        proof.key,
+    )
+    assert row is not None
+    return None if row["held"] else int(row["pid"])
+
+
+async def _release_proxied(connection: Connection, proof: LockProof) -> None:
+    # Behind a proxy, closing the client connection does not end the server session: under
+    # transaction pooling the lock would stay on a pooled session for good. Unlock it where it
+    # is; if this statement runs elsewhere, end the session that still holds it.
+    if connection.is_closed():
+        return
+    with trio.move_on_after(5, shield=True), contextlib.suppress(EventCoreError):
+        await connection.fetchval(
+            "SELECT CASE WHEN pg_backend_pid() = $1::int THEN pg_advisory_unlock($2::bigint) "
+            "ELSE (SELECT bool_or(pg_terminate_backend(pid)) FROM pg_locks "
+            "WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = $1::int "
+            "AND ((classid::bigint << 32) | objid::bigint) = $2::bigint) END",
+            proof.backend_pid,
+            proof.key,
+        )
 
 
 @asynccontextmanager
@@ -405,30 +415,52 @@ async def acquire_leadership(
     wait: bool,
     on_standby: Callable[[], None] | None = None,
 ) -> AsyncIterator[PostgresLeadership]:
-    """Open a dedicated connection, take the lock (or wait for it), hold it for the block."""
+    """Open a dedicated connection, take the lock (or wait for it), hold it for the block.
+
+    Raises:
+        LeadershipUnavailable: another session holds the lock and *wait* is False.
+        UnsupportedPooling: the connection does not own a server session of its own.
+    """
     connection = await connect(
-        dsn,
-        application_name=application_name,
-        connect_timeout=connect_timeout,
-        server_settings=context.lock_session_settings,
+        dsn, application_name=application_name, connect_timeout=connect_timeout
     )
     leadership: PostgresLeadership | None = None
+    proof: LockProof | None = None
     try:
-        acquired = await connection.fetchval("SELECT pg_try_advisory_lock($1)", key)
+        pid, acquired = await _prepare_lock_session(connection, context, key)
+        proxied = pid != connection.backend_pid
+        if acquired is None:
+            raise UnsupportedPooling(
+                f"cannot lead {name!r}: the server session behind the leadership connection "
+                f"already holds advisory locks, so it is shared with another client; {POOLER_HINT}"
+            )
         if not acquired:
             if not wait:
                 raise LeadershipUnavailable(name)
             if on_standby is not None:
                 on_standby()
-            # Standby: block in the server until the leader's session ends, which grants the
-            # lock at once (fast failover). Cancellation cancels the query.
-            await connection.execute("SELECT pg_advisory_lock($1)", key)
-        leadership = PostgresLeadership(name, key, connection, context)
+            pid, acquired = await _wait_for_lock(connection, key)
+            if not acquired:
+                raise UnsupportedPooling(
+                    f"cannot lead {name!r}: the standby's statement ran on a server session "
+                    f"that already holds advisory locks; {POOLER_HINT}"
+                )
+        proof = LockProof(name=name, key=key, backend_pid=pid, proxied=proxied)
+        if proxied:
+            if await _probe_pooling(dsn, proof, application_name, connect_timeout):
+                proof = None  # the probe released the lock on the shared session
+                raise UnsupportedPooling(f"cannot lead {name!r}: {POOLER_HINT}")
+            moved_to = await _verify_pinned(connection, proof)
+            if moved_to is not None:
+                raise UnsupportedPooling(f"cannot lead: {proof.describe_loss(moved_to)}")
+        leadership = PostgresLeadership(proof, connection, context)
         connection.add_termination_listener(leadership._mark_lost)
         async with background(leadership._keepalive):
             yield leadership
     finally:
         if leadership is not None:
             leadership._mark_lost()
+        if proof is not None and proof.proxied:
+            await _release_proxied(connection, proof)
         # Closing ends the session, which releases the lock; shielded and bounded.
         await connection.close()

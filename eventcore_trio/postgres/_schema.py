@@ -281,6 +281,15 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     END
     $fn$;
     """,
+    # 4: which server session leads (so status names a leader only while that session holds
+    # the lock), and the replaying state of a dead-letter replay.
+    """
+    ALTER TABLE {s}.subscriptions
+        ADD COLUMN leader_backend_pid integer,
+        DROP CONSTRAINT subscriptions_state_check,
+        ADD CONSTRAINT subscriptions_state_check
+            CHECK (state IN ('running', 'failed', 'stopped', 'replaying'));
+    """,
 )
 
 LATEST_SCHEMA_VERSION: Final = len(_MIGRATIONS)

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, Literal, final, overload
 
+import attrs
 import trio
 
 from .._concurrency import service_nursery
@@ -42,6 +44,7 @@ from .._status import (
     OpenTransaction,
     ProjectionState,
     ProjectionStatus,
+    unit_state,
 )
 from .._validation import (
     check_expected_version,
@@ -52,6 +55,7 @@ from .._validation import (
     encode_json_object,
 )
 from . import _bridge
+from ._dsn import normalize_dsn
 from ._keys import projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._schema import (
@@ -127,6 +131,7 @@ class PostgresStore:
         pool: _bridge.Pool,
         nursery: trio.Nursery,
         dsn: str,
+        session_dsn: str,
         schema: str,
         system_identifier: str | None,
         server_version: int,
@@ -137,6 +142,8 @@ class PostgresStore:
         # Runs the LISTEN service; cancelled when the store closes.
         self._nursery = nursery
         self._dsn = dsn
+        # Where sessions that must own a server session connect: leadership and LISTEN.
+        self._session_dsn = session_dsn
         self._schema = schema
         self._system_identifier = system_identifier
         self._server_version = server_version
@@ -366,7 +373,7 @@ class PostgresStore:
         while True:
             try:
                 connection = await _bridge.connect(
-                    self._dsn,
+                    self._session_dsn,
                     application_name=f"{self._application_name} listener",
                     connect_timeout=self._connect_timeout,
                 )
@@ -470,16 +477,23 @@ class PostgresStore:
 
     @asynccontextmanager
     async def _acquire(
-        self, name: str, *, wait: bool, on_standby: Callable[[], None] | None = None
+        self,
+        name: str,
+        *,
+        wait: bool,
+        on_standby: Callable[[], None] | None = None,
+        role: str = "leader",
     ) -> AsyncIterator[PostgresLeadership]:
+        # *role* goes into the session's application_name, which status reads to tell an
+        # operator's reset from a leader or a standby.
         check_name(name)
         self._check_open()
         async with acquire_leadership(
-            self._dsn,
+            self._session_dsn,
             name=name,
             key=projector_lock_key(self._schema, name),
             context=self._leadership_context,
-            application_name=f"{self._application_name} leader {name}",
+            application_name=f"{self._application_name} {role} {name}",
             connect_timeout=self._connect_timeout,
             wait=wait,
             on_standby=on_standby,
@@ -498,18 +512,23 @@ class PostgresStore:
         s = f'"{self._schema}"'
         rows = await self._pool.fetch(
             "SELECT c.subscription_name, c.tx, c.position, c.filter::text AS filter, c.state, "
-            "c.leader_pid, c.leader_host, c.leader_application, c.last_error, c.updated_at, "
+            "c.leader_pid, c.leader_host, c.leader_application, c.leader_backend_pid, "
+            "c.last_error, c.updated_at, "
             f"(SELECT count(*) FROM {s}.dead_letters d "
             " WHERE d.subscription_name = c.subscription_name) AS dead_letters "
             f"FROM {s}.subscriptions c ORDER BY c.subscription_name"
         )
+        # Every advisory lock (held or awaited) with its session's application_name, which
+        # says whether a session leads or stands by, or is an operator's reset.
         locks = await self._pool.fetch(
-            "SELECT ((classid::bigint << 32) | objid::bigint) AS key, granted, count(*) AS n "
-            "FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
-            "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "GROUP BY 1, 2"
+            "SELECT ((l.classid::bigint << 32) | l.objid::bigint) AS key, l.granted, l.pid, "
+            "a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
+            "WHERE l.locktype = 'advisory' AND l.objsubid = 1 "
+            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
         )
-        holders = {(r["key"], r["granted"]): int(r["n"]) for r in locks}
+        sessions: dict[int, list[_bridge.Record]] = {}
+        for lock in locks:
+            sessions.setdefault(lock["key"], []).append(lock)
         held_back_by = await self._oldest_open_transaction()
         now = dt.datetime.now(dt.UTC)
         result = []
@@ -519,23 +538,28 @@ class PostgresStore:
             checkpoint = None if row["tx"] is None else Position(row["tx"], row["position"])
             event_filter = _filter_from_json(row["filter"])
             lag_events, oldest = await self._lag(checkpoint, event_filter)
-            leading = holders.get((key, True), 0) > 0
-            standbys = holders.get((key, False), 0)
-            if leading:
-                state = ProjectionState.RUNNING
-            elif standbys:
-                state = ProjectionState.STANDBY
-            elif row["state"] == "failed":
-                state = ProjectionState.FAILED
-            else:
-                state = ProjectionState.STOPPED
+            unit = _lock_sessions(sessions.get(key, []), name)
+            holder: ProjectionState | None = None
             leader = None
-            if leading and row["leader_pid"] is not None:
-                leader = LeaderInfo(
-                    pid=row["leader_pid"],
-                    host=row["leader_host"],
-                    application_name=row["leader_application"],
-                )
+            if unit.holder_resetting:
+                holder = ProjectionState.RESETTING
+            elif unit.holder_pid is not None:
+                # The leader recorded in the row is named only while its own session holds
+                # the lock: a new leader that has not reported yet is shown without one.
+                own = unit.holder_pid == row["leader_backend_pid"]
+                replaying = own and row["state"] == ProjectionState.REPLAYING.value
+                holder = ProjectionState.REPLAYING if replaying else ProjectionState.RUNNING
+                if own and not replaying and row["leader_pid"] is not None:
+                    leader = LeaderInfo(
+                        pid=row["leader_pid"],
+                        host=row["leader_host"],
+                        application_name=row["leader_application"],
+                    )
+            state = unit_state(
+                holder=holder,
+                standbys=unit.standbys,
+                last=ProjectionState(row["state"]),
+            )
             result.append(
                 ProjectionStatus(
                     name=name,
@@ -543,7 +567,7 @@ class PostgresStore:
                     lag_events=lag_events,
                     lag_seconds=0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()),
                     leader=leader,
-                    standbys=standbys,
+                    standbys=unit.standbys,
                     state=state,
                     last_error=row["last_error"],
                     updated_at=row["updated_at"],
@@ -604,7 +628,7 @@ class PostgresStore:
             raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
         try:
             async with (
-                self._acquire(name, wait=wait) as leadership,
+                self._acquire(name, wait=wait, role="reset") as leadership,
                 leadership._use() as conn,
                 conn.transaction(),
             ):
@@ -630,6 +654,27 @@ class PostgresStore:
             name,
         )
         return [_to_dead_letter(row) for row in rows]
+
+
+@attrs.frozen
+class _UnitLocks:
+    holder_pid: int | None
+    holder_resetting: bool
+    standbys: int
+
+
+def _lock_sessions(locks: Sequence[_bridge.Record], name: str) -> _UnitLocks:
+    # Reset sessions are named "<application> reset <name>" (see PostgresStore._acquire).
+    def resetting(lock: _bridge.Record) -> bool:
+        return (lock["application_name"] or "").endswith(f" reset {name}")
+
+    holders = [lock for lock in locks if lock["granted"]]
+    holder = holders[0] if holders else None
+    return _UnitLocks(
+        holder_pid=None if holder is None else holder["pid"],
+        holder_resetting=holder is not None and resetting(holder),
+        standbys=sum(1 for lock in locks if not lock["granted"] and not resetting(lock)),
+    )
 
 
 def _filter_from_json(text: str | None) -> EventFilter | None:
@@ -744,6 +789,8 @@ async def open_postgres_store(
     max_pool_size: int = 10,
     connect_timeout: float = 10.0,
     application_name: str = "eventcore-trio",
+    session_dsn: str | None = None,
+    statement_cache_size: int = 100,
 ) -> AsyncIterator[PostgresStore]:
     """Open a PostgreSQL event store for the duration of an ``async with`` block.
 
@@ -762,9 +809,16 @@ async def open_postgres_store(
         connect_timeout: seconds to wait for a connection.
         application_name: shown in ``pg_stat_activity``; leadership connections add
             ``leader <name>``.
+        session_dsn: where the connections that need a server session of their own connect
+            (each leadership's lock session and the LISTEN session); defaults to *dsn*. Point
+            it past a transaction-pooling proxy (directly at PostgreSQL, or at a
+            session-pooling one) when *dsn* goes through one.
+        statement_cache_size: prepared statements asyncpg caches per pooled connection
+            (default 100); 0 when *dsn* goes through a transaction-pooling proxy such as
+            PgBouncer in ``pool_mode = transaction``, which cannot keep them.
 
     Raises:
-        ConfigurationError: no DSN, or an invalid option.
+        ConfigurationError: no DSN, a malformed DSN, or an invalid option.
         StoreConnectionError: the server cannot be reached (`AuthenticationFailed` and
             `DatabaseNotFound` are more specific).
         UnsupportedServer: the server is older than PostgreSQL 13.
@@ -772,6 +826,8 @@ async def open_postgres_store(
             ``migrate=False``.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       *session_dsn* and *statement_cache_size*; libpq keyword DSNs.
     """
     if dsn is None:
         dsn = os.environ.get(DSN_ENVIRONMENT_VARIABLE)
@@ -780,8 +836,8 @@ async def open_postgres_store(
                 f"no database given: pass dsn='postgresql://user@host/db' or set "
                 f"{DSN_ENVIRONMENT_VARIABLE}"
             )
-    if not isinstance(dsn, str):
-        raise ConfigurationError(f"dsn must be a str, got {type(dsn).__name__}")
+    dsn = normalize_dsn(dsn)
+    session_dsn = dsn if session_dsn is None else normalize_dsn(session_dsn, option="session_dsn")
     check_schema_name(schema)
     _check_positive("min_pool_size", min_pool_size)
     _check_positive("max_pool_size", max_pool_size)
@@ -789,8 +845,19 @@ async def open_postgres_store(
         raise ConfigurationError(
             f"min_pool_size ({min_pool_size}) must not exceed max_pool_size ({max_pool_size})"
         )
-    if not isinstance(connect_timeout, int | float) or connect_timeout <= 0:
-        raise ConfigurationError(f"connect_timeout must be > 0 seconds, got {connect_timeout!r}")
+    if (
+        type(connect_timeout) not in (int, float)
+        or not math.isfinite(connect_timeout)
+        or connect_timeout <= 0
+    ):
+        raise ConfigurationError(
+            f"connect_timeout must be a finite number of seconds > 0, got {connect_timeout!r}"
+        )
+    if type(statement_cache_size) is not int or statement_cache_size < 0:
+        raise ConfigurationError(
+            f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}"
+        )
+    _check_application_name(application_name)
     async with (
         _bridge.asyncio_loop(),
         _bridge.open_pool(
@@ -799,6 +866,7 @@ async def open_postgres_store(
             max_size=max_pool_size,
             application_name=application_name,
             connect_timeout=connect_timeout,
+            statement_cache_size=statement_cache_size,
         ) as pool,
         service_nursery() as nursery,
     ):
@@ -817,6 +885,7 @@ async def open_postgres_store(
             pool=pool,
             nursery=nursery,
             dsn=dsn,
+            session_dsn=session_dsn,
             schema=schema,
             system_identifier=system_identifier,
             server_version=version,
@@ -827,6 +896,15 @@ async def open_postgres_store(
             yield store
         finally:
             store._closed = True
+
+
+def _check_application_name(value: object) -> None:
+    if not isinstance(value, str):
+        raise ConfigurationError(f"application_name must be a str, got {type(value).__name__}")
+    if any(not ch.isprintable() for ch in value):
+        raise ConfigurationError(
+            f"application_name must be printable text (no NUL or control characters), got {value!r}"
+        )
 
 
 async def _system_identifier(pool: _bridge.Pool) -> str | None:

@@ -21,6 +21,7 @@ import trio
 
 from .._concurrency import background
 from .._errors import (
+    DatabaseError,
     EventCoreError,
     InvalidArgument,
     LeadershipLost,
@@ -60,7 +61,7 @@ logger = logging.getLogger("eventcore_trio.projection")
 
 
 class _HandlerFailed(Exception):
-    def __init__(self, index: int | None, error: Exception) -> None:
+    def __init__(self, index: int | None, error: BaseException) -> None:
         super().__init__(index, error)
         self.index = index
         self.error = error
@@ -70,6 +71,7 @@ async def _apply_batch(
     projector: ResolvedProjector, store: Store, leadership: Leadership, effect: ApplyBatch
 ) -> Result:
     started = time.perf_counter()
+    staged = False
     try:
         async with leadership.open_batch() as batch:
             ctx = ProjectionContext(batch=batch, store=store, projector=projector.name)
@@ -81,8 +83,17 @@ async def _apply_batch(
                     failure.event, failure.error, retries=failure.retries
                 )
             await batch.save_checkpoint(effect.expected, effect.checkpoint)
+            staged = True
     except _HandlerFailed as failed:
         return BatchFailed(failed.index, failed.error)
+    except DatabaseError as exc:
+        if not (staged and effect.events):
+            raise
+        # The database refused the commit itself (a deferred constraint, a serialization
+        # failure) on a session that still holds the lock: some event's writes caused it.
+        # The pipeline finds which by applying the batch one event at a time, so the
+        # projector's on_error decides, as for any handler error.
+        return BatchFailed(None, exc)
     lag = None
     if effect.events:
         lag = (dt.datetime.now(dt.UTC) - effect.events[-1].recorded_at).total_seconds()
@@ -104,6 +115,7 @@ async def _run_handlers(
             await projector.apply_batch(payload, ctx)
         except Exception as exc:
             raise _HandlerFailed(None, exc) from exc
+        _check_batch(ctx, None)
         return
     for index, event in enumerate(events):
         ctx._position = event.position
@@ -116,6 +128,16 @@ async def _run_handlers(
                 await projector.apply(item, ctx)
         except Exception as exc:
             raise _HandlerFailed(index, exc) from exc
+        _check_batch(ctx, index)
+
+
+def _check_batch(ctx: ProjectionContext, index: int | None) -> None:
+    # A handler that swallowed the error of an interrupted ctx.db statement (or the
+    # cancellation of its own timeout) returned normally, but its batch cannot commit: the
+    # failure is that handler's.
+    failure = ctx._batch.failure
+    if failure is not None:
+        raise _HandlerFailed(index, failure) from failure
 
 
 async def _perform(
@@ -209,9 +231,10 @@ async def run_led(
                 ):
                     await leadership.report(ProjectionState.FAILED, error=str(exc))
                 raise
+    cause = leadership.lost_reason or "its lock session ended"
     raise LeadershipLost(
-        f"projector {projector.name!r} lost its leadership (its lock session ended); its "
-        "in-flight batch was cancelled and did not commit. Another instance may lead now."
+        f"projector {projector.name!r} lost its leadership ({cause}); its in-flight batch was "
+        "cancelled and did not commit. Another instance may lead now."
     )
 
 
@@ -302,25 +325,35 @@ async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
     .. versionadded:: 0.1
     """
     resolved = resolve(projector)
-    replayed = failed = 0
     async with store.try_acquire(resolved.name) as leadership:
-        for letter in await store.dead_letters(resolved.name):
-            if not isinstance(letter.event, RecordedEvent):
-                failed += 1
-                continue
-            try:
-                async with leadership.open_batch() as batch:
-                    ctx = ProjectionContext(batch=batch, store=store, projector=resolved.name)
-                    await _run_handlers(resolved, ctx, [letter.event])
-                    await batch.resolve_dead_letter(letter.id)
-            except _HandlerFailed as exc:
-                logger.warning(
-                    "projector %s: replay of %s failed again: %s",
-                    resolved.name,
-                    letter.position,
-                    exc.error,
-                )
-                failed += 1
-            else:
-                replayed += 1
+        # Status shows REPLAYING, not a running leader, while this holds the lock (and
+        # STOPPED once it lets go).
+        await leadership.report(ProjectionState.REPLAYING)
+        replayed, failed = await _replay(resolved, store, leadership)
     return ReplayResult(replayed=replayed, failed=failed)
+
+
+async def _replay(
+    resolved: ResolvedProjector, store: Store, leadership: Leadership
+) -> tuple[int, int]:
+    replayed = failed = 0
+    for letter in await store.dead_letters(resolved.name):
+        if not isinstance(letter.event, RecordedEvent):
+            failed += 1
+            continue
+        try:
+            async with leadership.open_batch() as batch:
+                ctx = ProjectionContext(batch=batch, store=store, projector=resolved.name)
+                await _run_handlers(resolved, ctx, [letter.event])
+                await batch.resolve_dead_letter(letter.id)
+        except _HandlerFailed as exc:
+            logger.warning(
+                "projector %s: replay of %s failed again: %s",
+                resolved.name,
+                letter.position,
+                exc.error,
+            )
+            failed += 1
+        else:
+            replayed += 1
+    return replayed, failed

@@ -607,6 +607,16 @@ class StoreContract:
         (stored,) = await store.read_stream("big")
         assert stored.data == largest
 
+    async def test_deeply_nested_payload_is_an_encode_error(self, store: Store) -> None:
+        """Data nested past the encoder's reach is an EventEncodeError, and nothing is written."""
+        nested: dict[str, object] = {}
+        for _ in range(5000):
+            nested = {"n": nested}
+        for payload in ({"data": nested}, {"data": {}, "metadata": nested}):
+            with pytest.raises(EventEncodeError, match="nested too deeply"):
+                await store.append("deep", [NewEvent("A", **payload)])  # type: ignore[arg-type]
+        assert await read_all(store) == []
+
     async def test_bad_arguments_are_refused(self, store: Store) -> None:
         """Wrong types and malformed requests raise InvalidArgument before any I/O."""
         bad_calls: list[Callable[[], Awaitable[object]]] = [
@@ -622,6 +632,10 @@ class StoreContract:
             lambda: store.read_events("1:2", limit=1),  # type: ignore[call-overload]
             lambda: store.save_checkpoint("p", "1:2"),  # type: ignore[arg-type]
             lambda: store.load_checkpoint(""),
+            # Past PostgreSQL's bigint: refused here, not by the server.
+            lambda: store.append("s", events("A"), expected_version=2**63),
+            lambda: store.read_stream("s", after_version=2**63),
+            lambda: store.read_events(None, limit=2**63),
         ]
         for call in bad_calls:
             with pytest.raises(InvalidArgument):

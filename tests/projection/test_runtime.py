@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
+from functools import partial
 
 import pytest
 import trio
@@ -23,6 +24,8 @@ from eventcore_trio import (
     Store,
     UndecodableEvent,
 )
+from eventcore_trio.memory import MemoryStore
+from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import (
     Failure,
     FailureStrategy,
@@ -367,12 +370,12 @@ class RuntimeContract:
 
                 nursery.start_soon(reset)
 
-                async def reset_stands_by() -> bool:
-                    status = {s.name: s for s in await store.projection_status()}
-                    return status["recorder"].standbys == 1
-
-                await eventually(reset_stands_by)
+                await eventually(partial(_reset_waits, store, "recorder"))
                 assert not reset_done.is_set()
+                # A waiting reset is an operator's command, not a standby.
+                status = {s.name: s for s in await store.projection_status()}
+                assert status["recorder"].standbys == 0
+                assert status["recorder"].state is ProjectionState.RUNNING
             with trio.fail_after(10):
                 await reset_done.wait()
         assert await store.load_checkpoint("recorder") is None
@@ -453,3 +456,16 @@ class TestPostgresRuntime(RuntimeContract):
     @pytest.fixture
     def harness(self, postgres_dsn: str) -> BackendHarness:
         return PostgresHarness(postgres_dsn)
+
+
+async def _reset_waits(store: Store, name: str) -> bool:
+    # Whether a reset_projection(wait=True) of *name* is blocked behind the leader.
+    if isinstance(store, MemoryStore):
+        return store._reset_waiting[name] == 1
+    assert isinstance(store, PostgresStore)
+    waiting = await store._pool.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND application_name LIKE $1",
+        f"% reset {name}",
+    )
+    return bool(waiting == 1)

@@ -1,0 +1,271 @@
+"""The projection batch: one transaction on the leader's own session, fenced at commit.
+
+A batch's writes (``ctx.db``), its dead letters and its checkpoint commit together or not at
+all. Three things make that hold whatever happens on the Trio side:
+
+* **Fencing.** The checkpoint statement proves, inside the transaction that commits, that
+  this server session is the one the lock was taken on and still holds it (see `_fence`).
+  A deposed leader, a lock released through ``ctx.db`` or a statement moved to another server
+  session by a transaction pooler cannot commit.
+* **Known transaction state.** A statement interrupted mid-flight (say, cancelled by a
+  timeout around one ``ctx.db`` call) leaves the session's state unknown: BEGIN may or may
+  not have run, a write may or may not have happened. The batch then refuses further
+  statements and never commits; it rolls back, shielded, and the session is closed if even
+  that fails. Whether a transaction may be open is decided from what was *sent*, never from
+  what was acknowledged.
+* **Compare-and-set.** The checkpoint moves only from the position the batch started at.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, TypeVar, final
+
+import attrs
+
+from .._errors import (
+    BatchInterrupted,
+    CheckpointConflict,
+    EventCoreError,
+    LeadershipLost,
+    StoreConnectionError,
+)
+from .._events import RecordedEvent, UndecodableEvent
+from .._positions import Position, position_parts
+from ._bridge import Connection, Record
+from ._fence import HOLDS_LOCK, LockProof
+
+T = TypeVar("T")
+
+
+@attrs.frozen
+class BatchTables:
+    """Where a batch writes: the schema's checkpoint and dead-letter tables."""
+
+    subscriptions: str
+    dead_letters: str
+    system_identifier: str | None
+
+
+@final
+class _BatchDatabase:
+    """``ctx.db``: the batch's transaction, begun lazily by the first statement."""
+
+    def __init__(self, batch: PostgresBatch) -> None:
+        self._batch = batch
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run a statement in the batch's transaction."""
+        connection = self._batch._connection
+        return await self._batch._statement(connection.execute, sql, *args)
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
+        """Run a statement once per argument tuple in the batch's transaction."""
+        await self._batch._statement(self._batch._connection.executemany, sql, args)
+
+    async def fetch(self, sql: str, *args: object) -> list[Record]:
+        """Run a query in the batch's transaction and return every row."""
+        return await self._batch._statement(self._batch._connection.fetch, sql, *args)
+
+    async def fetchrow(self, sql: str, *args: object) -> Record | None:
+        """Run a query in the batch's transaction and return its first row."""
+        return await self._batch._statement(self._batch._connection.fetchrow, sql, *args)
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """Run a query in the batch's transaction and return one value."""
+        return await self._batch._statement(self._batch._connection.fetchval, sql, *args)
+
+
+@final
+class PostgresBatch:
+    """A transaction on the leader's session; obtained from `PostgresLeadership.open_batch`.
+
+    The transaction begins with the first statement that needs it: a batch whose projector
+    writes nothing through ``ctx.db`` commits its checkpoint as one autocommit statement, one
+    round trip, and holds no transaction id while its handlers run (so it holds no reader
+    back). Everything still commits when the batch's block ends, or not at all.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        connection: Connection,
+        proof: LockProof,
+        tables: BatchTables,
+        on_lost: Callable[[str], None],
+    ) -> None:
+        self._connection = connection
+        self._proof = proof
+        self._tables = tables
+        # Called with the reason when the commit-time fence finds the lock gone.
+        self._on_lost = on_lost
+        # True once BEGIN has been *sent* (it may have run even if its answer never came);
+        # from then on only COMMIT or ROLLBACK ends the batch.
+        self._begun = False
+        # True once a statement was interrupted mid-flight: the session's state is unknown,
+        # so the batch takes no more statements, never commits, and rolls back.
+        self._interrupted = False
+        # The checkpoint move requested by save_checkpoint, applied at commit when no
+        # transaction was needed.
+        self._pending_checkpoint: tuple[Position | None, Position] | None = None
+        self._db = _BatchDatabase(self)
+        n = "subscription_name"
+        # One statement: insert the row, or move it only from exactly the expected position,
+        # and only if this session is the lock's and holds it (fencing, see _fence). A second
+        # writer (a deposed leader, an operator) or a lost lock makes it return no row.
+        fence = HOLDS_LOCK.format(pid="$7::int", key="$8::bigint")
+        self._sql_checkpoint = (
+            f"INSERT INTO {tables.subscriptions} AS c ({n}, tx, position, system_identifier, "
+            "updated_at) "
+            f"SELECT $1::text, $2::bigint, $3::bigint, $4::text, now() WHERE {fence} "
+            f"ON CONFLICT ({n}) DO UPDATE "
+            "SET tx = excluded.tx, position = excluded.position, "
+            "system_identifier = excluded.system_identifier, updated_at = now() "
+            "WHERE c.tx IS NOT DISTINCT FROM $5::bigint "
+            "AND c.position IS NOT DISTINCT FROM $6::bigint "
+            "RETURNING 1"
+        )
+        self._sql_diagnose = (
+            f"SELECT pg_backend_pid() AS pid, "
+            f"{HOLDS_LOCK.format(pid='$2::int', key='$3::bigint')} AS held, "
+            f"(SELECT tx FROM {tables.subscriptions} WHERE {n} = $1) AS tx, "
+            f"(SELECT position FROM {tables.subscriptions} WHERE {n} = $1) AS position"
+        )
+
+    @property
+    def db(self) -> _BatchDatabase:
+        """The transaction, for the projector's own writes (``ctx.db``)."""
+        return self._db
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why this batch can no longer commit although no handler raised, or None."""
+        if self._interrupted:
+            return self._interrupted_error()
+        return None
+
+    def _interrupted_error(self) -> BatchInterrupted:
+        return BatchInterrupted(
+            f"a statement of {self._proof.name!r}'s batch was interrupted mid-flight (cancelled "
+            "by a timeout around a ctx.db call?), so its transaction's state is unknown; the "
+            "batch was rolled back. Bound whole handlers, not single statements, or use SET "
+            "LOCAL statement_timeout"
+        )
+
+    async def _statement(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        # Every statement of the batch goes through here, BEGIN first.
+        if self._interrupted:
+            raise self._interrupted_error()
+        if not self._begun:
+            self._begun = True
+            await self._guarded(self._connection.begin)
+        return await self._guarded(call, *args)
+
+    async def _guarded(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:
+        try:
+            return await call(*args)
+        except BaseException as exc:
+            # An error the server reported leaves a known state (an aborted transaction,
+            # rolled back at the end). Anything else (cancellation, a broken connection, a
+            # KeyboardInterrupt) may have struck between sending and hearing back.
+            if not isinstance(exc, EventCoreError) or isinstance(exc, StoreConnectionError):
+                self._interrupted = True
+            raise
+
+    async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
+        """Move the checkpoint from *expected* to *position* when the batch commits (CAS).
+
+        Raises:
+            CheckpointConflict: the stored checkpoint is not *expected* (at once inside a
+                transaction, else when the block ends).
+            LeadershipLost: this session no longer holds the lock; nothing commits.
+        """
+        if self._begun:
+            await self._statement(self._write_checkpoint, expected, position)
+        else:
+            self._pending_checkpoint = (expected, position)
+
+    async def _write_checkpoint(self, expected: Position | None, position: Position) -> None:
+        tx, seq = position_parts(position)
+        expected_tx, expected_seq = (None, None) if expected is None else position_parts(expected)
+        proof = self._proof
+        saved = await self._connection.fetchval(
+            self._sql_checkpoint,
+            proof.name,
+            tx,
+            seq,
+            self._tables.system_identifier,
+            expected_tx,
+            expected_seq,
+            proof.backend_pid,
+            proof.key,
+        )
+        if saved is not None:
+            return
+        row = await self._connection.fetchrow(
+            self._sql_diagnose, proof.name, proof.backend_pid, proof.key
+        )
+        assert row is not None
+        if not row["held"]:
+            reason = proof.describe_loss(row["pid"])
+            self._on_lost(reason)
+            raise LeadershipLost(f"{reason}; the batch did not commit")
+        current = None if row["tx"] is None else Position(row["tx"], row["position"])
+        raise CheckpointConflict(proof.name, position, current)
+
+    async def record_dead_letter(
+        self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
+    ) -> None:
+        """Record *event* as skipped, in this transaction."""
+        tx, seq = position_parts(event.position)
+        if isinstance(event, RecordedEvent):
+            data, metadata, decode_error = json.dumps(event.data), json.dumps(event.metadata), None
+        else:
+            data, metadata, decode_error = event.raw_data, event.raw_metadata, event.error
+        await self._statement(
+            self._connection.execute,
+            f"INSERT INTO {self._tables.dead_letters} (subscription_name, tx, position, "
+            "event_id, stream_id, stream_version, type, data, metadata, decode_error, "
+            "event_recorded_at, error_type, error_message, retries) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
+            self._proof.name,
+            tx,
+            seq,
+            event.event_id,
+            event.stream_id,
+            event.stream_version,
+            event.type,
+            data,
+            metadata,
+            decode_error,
+            event.recorded_at,
+            f"{type(error).__module__}.{type(error).__qualname__}",
+            str(error),
+            retries,
+        )
+
+    async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
+        """Delete a replayed dead letter, in this transaction."""
+        await self._statement(
+            self._connection.execute,
+            f"DELETE FROM {self._tables.dead_letters} WHERE id = $1 AND subscription_name = $2",
+            dead_letter_id,
+            self._proof.name,
+        )
+
+    async def _commit(self) -> None:
+        if self._interrupted:
+            raise self._interrupted_error()
+        if self._begun:
+            await self._guarded(self._connection.commit)
+        elif self._pending_checkpoint is not None:
+            await self._guarded(self._write_checkpoint, *self._pending_checkpoint)
+
+    async def _rollback(self) -> None:
+        # Shielded and bounded in the bridge; a session it cannot bring back to "no open
+        # transaction" is terminated, which ends the lock too.
+        if self._begun or self._interrupted:
+            await self._connection.rollback()

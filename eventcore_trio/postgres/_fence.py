@@ -1,0 +1,70 @@
+"""The proof that a lock session still owns its lock, checked by keepalives and commits.
+
+A session advisory lock belongs to a *server* session. Connection lifetime = lock lifetime
+holds only while the client's connection is that one session for its whole life, and that
+can break in two ways that a dead-socket check never sees:
+
+* a transaction-pooling proxy (PgBouncer ``pool_mode = transaction``) runs consecutive
+  statements of one client connection on whichever server session is free, so the lock
+  stays behind on one session while later statements, batches included, run on others;
+* code running on the session (a projector through ``ctx.db``, or a library it calls) runs
+  ``pg_advisory_unlock_all()``, which frees the lock while the session lives on.
+
+Both are caught by one condition, evaluated in the server: the current session is the one
+the lock was taken on (its ``pg_backend_pid()``) and it holds the lock (``pg_locks``).
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import attrs
+
+#: SQL condition: the current session is session {pid} and holds advisory lock {key} (the
+#: bigint form of pg_advisory_lock, split by pg_locks into classid:objid). Format {pid} and
+#: {key} with parameter placeholders.
+HOLDS_LOCK: Final = (
+    "(pg_backend_pid() = {pid} AND EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
+    "AND objsubid = 1 AND granted AND pid = pg_backend_pid() "
+    "AND ((classid::bigint << 32) | objid::bigint) = {key}))"
+)
+
+#: SQL condition: the current session holds advisory locks already (so it is shared with
+#: another client, or a pooler handed it over without resetting it).
+HOLDS_ANY_ADVISORY_LOCK: Final = (
+    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())"
+)
+
+POOLER_HINT: Final = (
+    "the leadership connection goes through a transaction-pooling proxy (PgBouncer "
+    "pool_mode = transaction?): connect lock sessions directly or through session pooling, "
+    "with open_postgres_store(session_dsn=...)"
+)
+
+
+@attrs.frozen
+class LockProof:
+    """Which server session took which lock: what every keepalive and commit re-checks."""
+
+    name: str
+    key: int
+    # pg_backend_pid() of the session that took the lock (not the pid announced at startup,
+    # which a proxy makes up).
+    backend_pid: int
+    # True when a proxy sits between this process and the server.
+    proxied: bool
+
+    def describe_loss(self, backend_pid: int) -> str:
+        """Why the lock is no longer ours, given the session a statement just ran on."""
+        if backend_pid != self.backend_pid:
+            return (
+                f"the lock of {self.name!r} was taken on server session {self.backend_pid}, but "
+                f"the lock connection's statements now run on session {backend_pid}: "
+                f"{POOLER_HINT}"
+            )
+        return (
+            f"the lock of {self.name!r} is no longer held by its session {self.backend_pid} "
+            "although the session lives: something on it released the lock (a projector "
+            "calling pg_advisory_unlock_all() or pg_advisory_unlock() through ctx.db?). Never "
+            "release advisory locks on the lock session"
+        )
