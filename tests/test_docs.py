@@ -10,13 +10,17 @@ import pytest
 ROOT = Path(__file__).parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
+#: Examples that need more than a PostgreSQL server start with this and are run by the test
+#: named in their first line instead (for example through a real PgBouncer).
+ELSEWHERE = "# Run by tests/"
 
 
 def _examples() -> list[tuple[str, str]]:
     found = []
     for document in DOCUMENTS:
         for number, match in enumerate(BLOCK.finditer(document.read_text()), start=1):
-            found.append((f"{document.relative_to(ROOT)}#{number}", match[1]))
+            if not match[1].startswith(ELSEWHERE):
+                found.append((f"{document.relative_to(ROOT)}#{number}", match[1]))
     return found
 
 
@@ -33,3 +37,13 @@ def test_examples_were_found() -> None:
     """The README and the PostgreSQL guide each contribute at least one example."""
     places = {where.split("#")[0] for where, _ in _examples()}
     assert {"README.md", "docs/postgres.md"} <= places
+
+
+def examples_run_by(test_file: str) -> list[str]:
+    """The examples whose first line says *test_file* runs them."""
+    return [
+        match[1]
+        for document in DOCUMENTS
+        for match in BLOCK.finditer(document.read_text())
+        if match[1].startswith(f"{ELSEWHERE}{test_file.removeprefix('tests/')}")
+    ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Protocol, final
+from typing import Any, Protocol, final
 
 from .._events import NewEvent, StreamAppend
 from .._protocols import Leadership, Store
@@ -99,17 +99,22 @@ class PostgresHarness:
     Args:
         dsn: a server on which the harness may create schemas (a superuser is simplest).
         schema: the schema to use; by default a new, unique one.
+        store_options: more keyword arguments for `open_postgres_store` (for example
+            ``session_dsn`` and ``statement_cache_size`` behind a connection pooler).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       *store_options*.
     """
 
-    def __init__(self, dsn: str, schema: str | None = None) -> None:
+    def __init__(self, dsn: str, schema: str | None = None, **store_options: Any) -> None:
         self.dsn = dsn
         self.schema = schema or f"t_{uuid.uuid4().hex[:16]}"
+        self.store_options: dict[str, Any] = {"max_pool_size": 4, **store_options}
 
     def open_store(self) -> AbstractAsyncContextManager[PostgresStore]:
         """Open a store on the harness's schema (migrating it on first use)."""
-        return open_postgres_store(self.dsn, schema=self.schema, max_pool_size=4)
+        return open_postgres_store(self.dsn, schema=self.schema, **self.store_options)
 
     async def end_leadership_session(self, store: Store, leadership: Leadership) -> None:
         """``pg_terminate_backend`` the lock-holding session, from a pooled connection."""
@@ -137,7 +142,10 @@ class PostgresHarness:
         """Run the append function in an open transaction on a dedicated connection."""
         assert isinstance(store, PostgresStore)
         connection = await _bridge.connect(
-            self.dsn, application_name="eventcore-trio test late commit", connect_timeout=10
+            self.dsn,
+            application_name="eventcore-trio test late commit",
+            connect_timeout=10,
+            statement_cache_size=self.store_options.get("statement_cache_size", 100),
         )
         try:
             async with connection.transaction():
