@@ -56,7 +56,7 @@ def bouncer(postgres_dsn_for_module: str) -> Iterator[pgbouncer.PgBouncer]:
 @pytest.fixture(scope="module")
 def postgres_dsn_for_module(postgres_server: object) -> str:
     """The server's DSN, for module-scoped fixtures."""
-    return postgres_server if isinstance(postgres_server, str) else postgres_server.dsn  # type: ignore[attr-defined,no-any-return]
+    return postgres_server if isinstance(postgres_server, str) else postgres_server.dsn  # type: ignore[attr-defined]
 
 
 @pytest.fixture
@@ -271,7 +271,7 @@ class TestSessionPoolingContract(StoreContract):
 
 
 class TestSplitDsnContract(StoreContract):
-    """The whole contract with the pool through transaction pooling, sessions through session pooling."""
+    """The whole contract: the pool in transaction pooling, sessions in session pooling."""
 
     @pytest.fixture
     def harness(self, bouncer: pgbouncer.PgBouncer) -> BackendHarness:
@@ -287,7 +287,9 @@ async def test_lock_session_waits_are_watched_by_status(
 ) -> None:
     """Through session pooling, status names the leader and counts the standby."""
     async with open_postgres_store(bouncer.dsn("app_sessions"), schema="bouncer_st") as store:
-        await store.save_checkpoint("p", (await store.append("s", [NewEvent("A", {})])).position)
+        appended = await store.append("s", [NewEvent("A", {})])
+        assert appended.position is not None
+        await store.save_checkpoint("p", appended.position)
         async with store.try_acquire("p") as leadership, trio.open_nursery() as nursery:
             await leadership.report(ProjectionState.RUNNING)
             standing_by = trio.Event()
@@ -306,5 +308,6 @@ async def test_lock_session_waits_are_watched_by_status(
             await eventually(counted)
             (status,) = await store.projection_status()
             assert status.state is ProjectionState.RUNNING
-            assert status.leader is not None and status.leader.pid == os.getpid()
+            assert status.leader is not None
+            assert status.leader.pid == os.getpid()
             nursery.cancel_scope.cancel()
