@@ -1,0 +1,230 @@
+"""The projection batch on PostgreSQL: known transaction state, fenced commits, server timeouts."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+
+from eventcore_trio import (
+    BatchInterrupted,
+    DatabaseError,
+    LeadershipLost,
+    NewEvent,
+    RecordedEvent,
+    open_postgres_store,
+)
+from eventcore_trio.postgres import PostgresLeadership, PostgresStore
+from eventcore_trio.projection import (
+    Failure,
+    FailureStrategy,
+    ProjectionConfig,
+    ProjectionContext,
+    projector,
+    run_projection,
+)
+from eventcore_trio.testing import PostgresHarness
+
+
+async def _table(store: PostgresStore) -> str:
+    table = f'"{store.schema}".rm_{uuid.uuid4().hex[:8]}'
+    await store._pool.execute(f"CREATE TABLE {table} (position text PRIMARY KEY)")
+    return table
+
+
+async def _session_in_transaction(leadership: PostgresLeadership) -> bool:
+    # The server reports the session's transaction status after every statement.
+    async with leadership._use() as connection:
+        await connection.execute("SELECT 1")
+        return connection.in_transaction()
+
+
+class TestInterruptedStatements:
+    """A ctx.db statement cancelled mid-flight never leaves a transaction open or half-committed."""
+
+    async def test_an_interrupted_statement_dooms_the_batch(self, store: PostgresStore) -> None:
+        """After a cancelled statement the batch refuses statements and never commits."""
+        table = await _table(store)
+        appended = await store.append("s", [NewEvent("A", {})])
+        assert appended.position is not None
+        async with store.try_acquire("p") as leadership:
+            assert isinstance(leadership, PostgresLeadership)
+            with pytest.raises(BatchInterrupted, match="interrupted mid-flight"):
+                async with leadership.open_batch() as batch:
+                    with trio.CancelScope() as scope:
+                        scope.cancel()
+                        await batch.db.execute(f"INSERT INTO {table} VALUES ('first')")
+                    assert isinstance(batch.failure, BatchInterrupted)
+                    with pytest.raises(BatchInterrupted):
+                        await batch.db.execute(f"INSERT INTO {table} VALUES ('second')")
+                    await batch.save_checkpoint(None, appended.position)
+            assert not await _session_in_transaction(leadership)
+            assert leadership.is_held
+        assert await store._pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+        assert await store.load_checkpoint("p") is None
+
+    async def test_a_cancelled_commit_is_all_or_nothing(self, store: PostgresStore) -> None:
+        """Cancelled while committing: the session ends up outside any transaction, and the
+        writes and the checkpoint are both there or both absent."""
+        table = await _table(store)
+        for attempt in range(20):
+            appended = await store.append("s", [NewEvent("A", {})])
+            assert appended.position is not None
+            async with store.try_acquire("p") as leadership:
+                assert isinstance(leadership, PostgresLeadership)
+                before = await store.load_checkpoint("p")
+                with trio.CancelScope() as scope:
+                    async with leadership.open_batch() as batch:
+                        await batch.db.execute(f"INSERT INTO {table} VALUES ($1)", str(attempt))
+                        await batch.save_checkpoint(before, appended.position)
+                        scope.cancel()
+                if leadership.is_held:
+                    assert not await _session_in_transaction(leadership)
+            written = await store._pool.fetchval(
+                f"SELECT count(*) FROM {table} WHERE position = $1", str(attempt)
+            )
+            saved = await store.load_checkpoint("p") == appended.position
+            assert (written == 1) == saved
+
+    async def test_timeouts_around_single_statements_never_lose_a_batch(
+        self, store: PostgresStore
+    ) -> None:
+        """The issue's reproduction: random 0-2 ms timeouts around a handler's first ctx.db call.
+
+        Before the fix a third of them left the lock session idle in a transaction that the
+        runner counted as committed; now each interrupted batch is retried, and what the run
+        reports as applied is exactly what the read model and the checkpoint hold.
+        """
+        table = await _table(store)
+        await store.append("s", [NewEvent("A", {"n": n}) for n in range(40)])
+        rng = random.Random(12)
+        interrupted = 0
+
+        class Timed:
+            name = "timed"
+            filter = None
+
+            async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
+                with trio.move_on_after(rng.uniform(0, 0.002)):
+                    await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", str(event.position))
+
+            def on_error(self, failure: Failure) -> FailureStrategy:
+                nonlocal interrupted
+                assert isinstance(failure.error, BatchInterrupted)
+                interrupted += 1
+                return FailureStrategy.RETRY
+
+        config = ProjectionConfig(batch_size=4, max_retries=1000, retry_initial_backoff=0.001)
+        result = await run_projection(Timed(), store, config)
+        rows = await store._pool.fetch(f"SELECT position FROM {table}")
+        assert len(rows) == result.events_applied == 40
+        events = await store.read_events(None, limit=100)
+        assert await store.load_checkpoint("timed") == events[-1].position
+        # Some statements did time out, or this test would prove nothing.
+        assert interrupted > 0
+
+
+class TestFencing:
+    """A projector that releases the lock through ctx.db cannot commit."""
+
+    async def test_unlock_all_through_ctx_db_fails_the_batch_and_loses_leadership(
+        self, store: PostgresStore
+    ) -> None:
+        """pg_advisory_unlock_all() on the lock session: nothing commits, LeadershipLost."""
+        table = await _table(store)
+        await store.append("s", [NewEvent("A", {})])
+
+        @projector("rogue")
+        async def rogue(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", str(event.position))
+            await ctx.db.execute("SELECT pg_advisory_unlock_all()")
+
+        with pytest.raises(LeadershipLost, match="pg_advisory_unlock_all"):
+            await run_projection(rogue, store)
+        assert await store._pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+        assert await store.load_checkpoint("rogue") is None
+
+    async def test_the_keepalive_notices_a_released_lock(self, store: PostgresStore) -> None:
+        """A lock released on its live session is noticed within about a second."""
+        async with store.try_acquire("p") as leadership:
+            assert isinstance(leadership, PostgresLeadership)
+            async with leadership._use() as connection:
+                await connection.execute("SELECT pg_advisory_unlock_all()")
+            with trio.fail_after(5):
+                await leadership.wait_lost()
+            assert leadership.lost_reason is not None
+            assert "no longer held by its session" in leadership.lost_reason
+
+
+@pytest.fixture
+async def timeouts_database(postgres_dsn: str) -> AsyncIterator[str]:
+    """A database whose default statement and lock timeouts are 200 ms."""
+    name = f"timeouts_{uuid.uuid4().hex[:8]}"
+    async with open_postgres_store(postgres_dsn, schema="admin") as admin:
+        await admin._pool.execute(f"CREATE DATABASE {name}")
+        await admin._pool.execute(
+            f"ALTER DATABASE {name} SET statement_timeout = '200ms'; "
+            f"ALTER DATABASE {name} SET lock_timeout = '200ms'; "
+            f"ALTER DATABASE {name} SET idle_in_transaction_session_timeout = '200ms'"
+        )
+        yield postgres_dsn.rsplit("/", 1)[0] + f"/{name}"
+        await admin._pool.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+class TestServerTimeouts:
+    """Database-level timeouts do not reach lock sessions, and 57014 is no lost connection."""
+
+    async def test_a_standby_outwaits_statement_and_lock_timeouts(
+        self, timeouts_database: str
+    ) -> None:
+        """A standby waits past statement_timeout and lock_timeout, then takes over."""
+        harness = PostgresHarness(timeouts_database)
+        async with harness.open_store() as store:
+            standing_by = trio.Event()
+            took_over = trio.Event()
+
+            async def standby() -> None:
+                async with store.wait_acquire("p", on_standby=standing_by.set):
+                    took_over.set()
+
+            async with trio.open_nursery() as nursery:
+                async with store.try_acquire("p"):
+                    nursery.start_soon(standby)
+                    await standing_by.wait()
+                    # Five statement timeouts' worth of waiting, in which a standby that
+                    # fails makes the nursery cancel this wait and raise.
+                    with trio.move_on_after(1.0):
+                        await took_over.wait()
+                    assert not took_over.is_set()
+                with trio.fail_after(5):
+                    await took_over.wait()
+
+    async def test_a_slow_batch_outlives_the_idle_in_transaction_timeout(
+        self, timeouts_database: str
+    ) -> None:
+        """A handler slower than idle_in_transaction_session_timeout still commits."""
+        harness = PostgresHarness(timeouts_database)
+        async with harness.open_store() as store:
+            table = await _table(store)
+            await store.append("s", [NewEvent("A", {})])
+
+            @projector("slow")
+            async def slow(event: RecordedEvent, ctx: ProjectionContext) -> None:
+                await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", str(event.position))
+                await trio.sleep(0.5)
+
+            result = await run_projection(slow, store)
+            assert result.events_applied == 1
+
+    async def test_a_statement_timeout_on_the_pool_is_a_database_error(
+        self, timeouts_database: str
+    ) -> None:
+        """57014 from statement_timeout is a DatabaseError naming it, not a lost connection."""
+        async with PostgresHarness(timeouts_database).open_store() as store:
+            with pytest.raises(DatabaseError, match="statement_timeout") as raised:
+                await store._pool.fetchval("SELECT pg_sleep(1)")
+            assert raised.value.sqlstate == "57014"
+            assert await store._pool.fetchval("SELECT 1") == 1
