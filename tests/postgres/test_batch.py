@@ -52,7 +52,8 @@ class TestInterruptedStatements:
         assert appended.position is not None
         async with store.try_acquire("p") as leadership:
             assert isinstance(leadership, PostgresLeadership)
-            with pytest.raises(BatchInterrupted, match="interrupted mid-flight"):
+
+            async def interrupted_batch() -> None:
                 async with leadership.open_batch() as batch:
                     with trio.CancelScope() as scope:
                         scope.cancel()
@@ -60,7 +61,11 @@ class TestInterruptedStatements:
                     assert isinstance(batch.failure, BatchInterrupted)
                     with pytest.raises(BatchInterrupted):
                         await batch.db.execute(f"INSERT INTO {table} VALUES ('second')")
+                    assert appended.position is not None
                     await batch.save_checkpoint(None, appended.position)
+
+            with pytest.raises(BatchInterrupted, match="interrupted mid-flight"):
+                await interrupted_batch()
             assert not await _session_in_transaction(leadership)
             assert leadership.is_held
         assert await store._pool.fetchval(f"SELECT count(*) FROM {table}") == 0
