@@ -63,6 +63,10 @@ class ProjectionConfig:
         restart_initial_backoff: the host's first delay before restarting a failed projector
             (default 1.0), doubled per consecutive failure.
         restart_max_backoff: cap on the restart delay (default 30.0).
+        restart_reset_after: seconds a projector must lead without failing, or without
+            losing its lock, before its restart delay starts again from
+            ``restart_initial_backoff`` (default 60.0). A projector that fails at once every
+            time backs off up to the cap instead of restarting every second.
 
     Raises:
         ConfigurationError: a value has the wrong type or range.
@@ -83,6 +87,7 @@ class ProjectionConfig:
     read_max_backoff: float = attrs.field(default=5.0, validator=_positive_seconds)
     restart_initial_backoff: float = attrs.field(default=1.0, validator=_positive_seconds)
     restart_max_backoff: float = attrs.field(default=30.0, validator=_positive_seconds)
+    restart_reset_after: float = attrs.field(default=60.0, validator=_positive_seconds)
 
     def retry_backoff(self, retries: int) -> float:
         """The delay before retry number *retries* + 1 of a failing event."""

@@ -25,10 +25,14 @@ async def _supervise(
     ready: trio.Event,
 ) -> None:
     # One projector's life in the host: stand by, lead, and after a failure start over after
-    # a backoff. A lost lock is not a failure: go straight back to standing by.
+    # a backoff. A lost lock is not a failure: go straight back to standing by, unless the
+    # lock keeps being lost soon after it is taken (then the same backoff applies, since the
+    # cause, whatever it is, repeats). The backoff starts over only once a run has been
+    # healthy for restart_reset_after seconds.
     failures = 0
     while True:
         stood_by = False
+        led_since: float | None = None
 
         def standing_by() -> None:
             nonlocal stood_by
@@ -37,16 +41,31 @@ async def _supervise(
 
         try:
             async with store.wait_acquire(projector.name, on_standby=standing_by) as leadership:
-                failures = 0
+                led_since = trio.current_time()
                 if stood_by:
                     METRICS.failover(projector.name)
                     logger.info("projector %s: took over after standing by", projector.name)
                 await run_led(projector, store, leadership, config, on_running=ready.set)
         except LeadershipLost as exc:
-            logger.warning("projector %s: %s; standing by again", projector.name, exc)
-            continue
+            if _was_healthy(led_since, config):
+                failures = 0
+            failures += 1
+            if failures == 1:
+                logger.warning("projector %s: %s; standing by again", projector.name, exc)
+                continue
+            delay = config.restart_backoff(failures - 1)
+            logger.warning(
+                "projector %s: %s; lost %d times in a row, standing by again in %.1fs",
+                projector.name,
+                exc,
+                failures,
+                delay,
+            )
+            await trio.sleep(delay)
         except Exception as exc:
             # Any error, ours or the projector's: this projector restarts; the others go on.
+            if _was_healthy(led_since, config):
+                failures = 0
             failures += 1
             delay = config.restart_backoff(failures)
             if isinstance(exc, StoreConnectionError):
@@ -69,6 +88,10 @@ async def _supervise(
                 )
             ready.set()
             await trio.sleep(delay)
+
+
+def _was_healthy(led_since: float | None, config: ProjectionConfig) -> bool:
+    return led_since is not None and trio.current_time() - led_since >= config.restart_reset_after
 
 
 async def run_projections(

@@ -29,6 +29,8 @@ CONFIG = ProjectionConfig(
     poll_interval=0.25,
     restart_initial_backoff=0.1,
     restart_max_backoff=2.0,
+    # Faults come every few seconds here; a host that led through one is healthy.
+    restart_reset_after=2.0,
     read_max_backoff=1.0,
 )
 OPEN_BACKOFF_CAP = 2.0
