@@ -9,15 +9,18 @@ import sys
 import trio
 
 from eventcore_trio import NewEvent, open_postgres_store
-from eventcore_trio.postgres import PostgresStore
+from eventcore_trio.postgres import DSN_ENVIRONMENT_VARIABLE, PostgresStore
 from eventcore_trio.testing import run_ready_process
 
 
 async def _host(
     dsn: str, schema: str, *, task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED
 ) -> None:
+    # The DSN (which may hold a password) goes through the environment, not argv.
     await run_ready_process(
-        [sys.executable, "-m", "benchmarks._host_process", dsn, schema], task_status=task_status
+        [sys.executable, "-m", "benchmarks._host_process", schema],
+        env={DSN_ENVIRONMENT_VARIABLE: dsn},
+        task_status=task_status,
     )
 
 

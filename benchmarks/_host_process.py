@@ -10,6 +10,7 @@ import sys
 import trio
 
 from eventcore_trio import RecordedEvent, open_postgres_store
+from eventcore_trio.postgres import DSN_ENVIRONMENT_VARIABLE
 from eventcore_trio.projection import (
     ProjectionConfig,
     ProjectionContext,
@@ -31,4 +32,4 @@ async def main(dsn: str, schema: str) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2])
+    trio.run(main, os.environ[DSN_ENVIRONMENT_VARIABLE], sys.argv[1])

@@ -16,7 +16,7 @@ import trio
 
 from ._concurrency import run_program
 from ._events import RecordedEvent
-from .postgres import open_postgres_store
+from .postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
 from .projection import ProjectionConfig, ProjectionContext, projector, run_projections
 
 BANK_EVENTS = ("AccountOpened", "MoneyWithdrawn", "MoneyDeposited")
@@ -70,4 +70,5 @@ async def main(dsn: str, schema: str, app: str) -> None:
 
 
 if __name__ == "__main__":
-    run_program(main, sys.argv[1], sys.argv[2], sys.argv[3])
+    # The DSN comes from the environment (see run_ready_process), never the command line.
+    run_program(main, os.environ[DSN_ENVIRONMENT_VARIABLE], sys.argv[1], sys.argv[2])

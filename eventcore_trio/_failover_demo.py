@@ -25,7 +25,7 @@ from ._events import NewEvent, RecordedEvent, StreamAppend
 from ._processes import run_ready_process
 from ._status import ProjectionStatus
 from .commands import execute
-from .postgres import PostgresStore, open_postgres_store
+from .postgres import DSN_ENVIRONMENT_VARIABLE, PostgresStore, open_postgres_store
 
 INITIAL = 1_000
 ACCOUNTS = 20
@@ -82,9 +82,11 @@ async def _host(
     *,
     task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
 ) -> None:
+    # The DSN (which may hold a password) goes through the environment, not the command line.
     await run_ready_process(
-        [sys.executable, "-m", "eventcore_trio._demo_host", dsn, schema, app],
+        [sys.executable, "-m", "eventcore_trio._demo_host", schema, app],
         stop_grace=10,
+        env={DSN_ENVIRONMENT_VARIABLE: dsn},
         task_status=task_status,
     )
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO
 
 import trio
@@ -17,6 +18,7 @@ async def run_ready_process(
     startup_limit: float = 60,
     stop_grace: float = 0,
     stderr: int | IO[bytes] | None = None,
+    env: Mapping[str, str] | None = None,
     task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run *argv* until it exits or this task is cancelled; for ``nursery.start``.
@@ -24,13 +26,18 @@ async def run_ready_process(
     ``nursery.start`` returns the `trio.Process` once its stdout has shown *ready* (within
     *startup_limit* seconds). On cancellation the process gets SIGTERM and *stop_grace*
     seconds to exit cleanly (0: none), then SIGKILL; it is always reaped and its pipe closed,
-    shielded from cancellation. Its stderr goes to *stderr* (default: this process's).
+    shielded from cancellation. Its stderr goes to *stderr* (default: this process's). *env*
+    adds to this process's environment: pass secrets such as a DSN with a password there, never
+    in *argv*, which every user of the machine can read (``ps``).
 
     Raises:
         RuntimeError: the process exited before it was ready.
         trio.TooSlowError: it was not ready within *startup_limit*.
     """
-    process = await trio.lowlevel.open_process(list(argv), stdout=subprocess.PIPE, stderr=stderr)
+    environment = None if env is None else {**os.environ, **env}
+    process = await trio.lowlevel.open_process(
+        list(argv), stdout=subprocess.PIPE, stderr=stderr, env=environment
+    )
     assert process.stdout is not None
     try:
         output = b""

@@ -1,8 +1,9 @@
 """The ``eventcore-trio`` command.
 
-Exit codes: 0 success, 1 the command ran and found a problem (a failed verification, a
-projection that is not found), 2 bad usage or configuration, 3 the database could not be
-reached, 130 interrupted (Ctrl-C), after a clean shutdown.
+Exit codes: 0 success (``run``: stopped by SIGTERM), 1 the command ran and found a problem (a
+failed verification, a projection that is not found or is running, dead letters that failed
+again), 2 bad usage or configuration, 3 the database could not be reached, 130 interrupted
+(Ctrl-C, SIGINT), after a clean shutdown.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from ._concurrency import run_program
 from ._errors import (
     ConfigurationError,
     EventCoreError,
+    LeadershipUnavailable,
     ProjectionNotFound,
-    ProjectionRunning,
     StoreConnectionError,
 )
 
@@ -306,19 +307,23 @@ async def _reset(dsn: str, schema: str, name: str, follow: bool) -> None:
             await trio.sleep(0.2)
 
 
-async def _run(dsn: str, schema: str, projectors: list[Any]) -> None:
+async def _run(dsn: str, schema: str, projectors: list[Any]) -> int:
     from .postgres import open_postgres_store
     from .projection import run_projections
 
+    stopped_by = signal.SIGTERM
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with open_postgres_store(dsn, schema=schema) as store, trio.open_nursery() as nursery:
             await nursery.start(run_projections, store, projectors)
             names = ", ".join(p.name for p in projectors)
             print(f"hosting {names}; SIGINT or SIGTERM stops", flush=True)
             async for received in signals:
-                print(f"received {signal.Signals(received).name}; stopping", flush=True)
+                stopped_by = signal.Signals(received)
+                print(f"received {stopped_by.name}; stopping", flush=True)
                 nursery.cancel_scope.cancel()
                 break
+    # A clean stop either way; SIGINT reports 130, as for every command interrupted by Ctrl-C.
+    return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else EXIT_OK
 
 
 async def _list_letters(dsn: str, schema: str, name: str, as_json: bool) -> None:
@@ -353,7 +358,7 @@ async def _list_letters(dsn: str, schema: str, name: str, as_json: bool) -> None
     print(f"{len(letters)} dead letter(s) for {name!r}")
 
 
-async def _replay_letters(dsn: str, schema: str, name: str, target: str) -> None:
+async def _replay_letters(dsn: str, schema: str, name: str, target: str) -> int:
     from .postgres import open_postgres_store
     from .projection import replay_dead_letters
 
@@ -363,6 +368,14 @@ async def _replay_letters(dsn: str, schema: str, name: str, target: str) -> None
     async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
         result = await replay_dead_letters(chosen[0], store)
     print(f"replayed {result.replayed}, failed again {result.failed}")
+    if result.failed:
+        print(
+            f"{result.failed} dead letter(s) of {name!r} failed again and were kept; see "
+            f"`eventcore-trio dead-letters list {name}`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _fault_kinds() -> list[Any]:
@@ -460,12 +473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_program(_reset, dsn, args.schema, args.name, args.wait)
         elif args.command == "run":
             projectors = load_projectors(args.target)
-            run_program(_run, dsn, args.schema, projectors)
+            return run_program(_run, dsn, args.schema, projectors)
         elif args.command == "dead-letters":
             if args.letters_command == "list":
                 run_program(_list_letters, dsn, args.schema, args.name, args.json)
             else:
-                run_program(_replay_letters, dsn, args.schema, args.name, args.projectors)
+                return run_program(_replay_letters, dsn, args.schema, args.name, args.projectors)
         return EXIT_OK
     except KeyboardInterrupt:
         # Trio has already cancelled everything and cleaned up (child processes stopped,
@@ -475,7 +488,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreConnectionError as exc:
         print(f"eventcore-trio: {exc}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    except (ProjectionNotFound, ProjectionRunning) as exc:
+    except LeadershipUnavailable as exc:
+        # reset and dead-letters replay both need the projection stopped: same code, and
+        # advice in terms of this command line rather than the Python API.
+        print(
+            f"eventcore-trio: projection {exc.name!r} is running on a host (see "
+            "`eventcore-trio status`); stop the hosts that run it, then try again",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    except ProjectionNotFound as exc:
         print(f"eventcore-trio: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except (ConfigurationError, EventCoreError) as exc:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import threading
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,6 +19,10 @@ from eventcore_trio import EventFilter, Position, RecordedEvent, Store, open_mem
 from eventcore_trio._demo import run_demo
 from eventcore_trio.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
 
+from .helpers import start_interruptible
+
+LEADER_SCRIPT = Path(__file__).parent / "postgres" / "leader_process.py"
+
 
 class TestCommandLine:
     """Commands, exit codes and help."""
@@ -27,11 +33,42 @@ class TestCommandLine:
         assert "VERIFIED" in capsys.readouterr().out
 
     def test_demo_on_postgres(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
-        """The failover demo kills a leader and still verifies, on a PostgreSQL given by --dsn."""
-        assert main(["demo", "--dsn", postgres_dsn, "--duration", "4"]) == EXIT_OK
+        """The failover demo kills a leader and still verifies, on a PostgreSQL given by --dsn.
+
+        Its host processes get the DSN through the environment: a password never shows in a
+        command line that ``ps`` shows every user (the test server trusts local connections,
+        so the password here is ignored by it and only has to stay out of sight).
+        """
+        secret = "s3cret-pw"
+        dsn = postgres_dsn
+        if "postgres@" in dsn:
+            dsn = dsn.replace("postgres@", f"postgres:{secret}@", 1)
+        seen_hosts: set[int] = set()
+        leaked: list[str] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            while not done.wait(0.05):
+                for proc in Path("/proc").glob("[0-9]*"):
+                    with contextlib.suppress(OSError):
+                        cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                        if "_demo_host" in cmdline:
+                            seen_hosts.add(int(proc.name))
+                            if secret in cmdline:
+                                leaked.append(cmdline)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            assert main(["demo", "--dsn", dsn, "--duration", "4"]) == EXIT_OK
+        finally:
+            done.set()
+            watcher.join()
         output = capsys.readouterr().out
         assert "VERIFIED" in output
         assert "killed the leader of 'balances'" in output
+        assert seen_hosts, "no demo host process was seen"
+        assert leaked == []
 
     def test_migrate(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         """migrate creates the schema and says which version it is at."""
@@ -165,24 +202,22 @@ class TestOperatorCommands:
         (record,) = json.loads(capsys.readouterr().out)
         assert record["checkpoint"] is None
 
-    def test_run_hosts_until_sigterm(self, postgres_dsn: str) -> None:
-        """run MODULE:ATTR hosts the projectors and stops cleanly on SIGTERM."""
+    @pytest.mark.parametrize(("sig", "code"), [("SIGTERM", EXIT_OK), ("SIGINT", 130)])
+    def test_run_hosts_until_a_signal(self, postgres_dsn: str, sig: str, code: int) -> None:
+        """run MODULE:ATTR hosts the projectors and stops cleanly: SIGTERM exits 0, SIGINT 130."""
         import signal
 
         where = self._fresh(postgres_dsn)
-        process = subprocess.Popen(
+        process = start_interruptible(
             [sys.executable, "-m", "eventcore_trio.cli", "run", "tests.cli_projectors:ALL", *where],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
             cwd=Path(__file__).parent.parent,
         )
         try:
             assert process.stdout is not None
             line = process.stdout.readline()
             assert line.startswith("hosting counter, picky"), line
-            process.send_signal(signal.SIGTERM)
-            assert process.wait(timeout=30) == EXIT_OK
+            process.send_signal(getattr(signal, sig))
+            assert process.wait(timeout=30) == code
             assert "stopping" in process.stdout.read()
         finally:
             process.kill()
@@ -191,6 +226,54 @@ class TestOperatorCommands:
             assert process.stderr is not None
             process.stdout.close()
             process.stderr.close()
+
+    def test_replay_that_fails_again_and_commands_on_a_running_projection(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Replay with failures exits 1; reset and replay of a running projection both exit 1
+        with advice in terms of the command line."""
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+        from eventcore_trio.projection import run_projection
+
+        from . import cli_projectors
+
+        where = self._fresh(postgres_dsn)
+        schema = where[-1]
+        replay = ["dead-letters", "replay", "picky", "--projectors", "tests.cli_projectors:ALL"]
+
+        async def prepare() -> None:
+            async with open_postgres_store(postgres_dsn, schema=schema) as store:
+                await store.append("s", [NewEvent("E", {"bad": True}) for _ in range(3)])
+                await run_projection(cli_projectors.picky, store)
+
+        trio.run(prepare)
+        capsys.readouterr()
+        assert main([*replay, *where]) == EXIT_FAILED
+        captured = capsys.readouterr()
+        assert "replayed 0, failed again 3" in captured.out
+        assert "failed again and were kept" in captured.err
+
+        leader = subprocess.Popen(
+            [sys.executable, str(LEADER_SCRIPT), postgres_dsn, schema, "picky"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert leader.stdout is not None
+            assert leader.stdout.readline().startswith("acquired")
+            for command in (["reset", "picky", "--yes"], replay):
+                assert main([*command, *where]) == EXIT_FAILED, command
+                err = capsys.readouterr().err
+                assert "stop the hosts that run it" in err
+                assert "wait=True" not in err
+                assert "ProjectionConfig" not in err
+        finally:
+            leader.kill()
+            leader.wait()
+            assert leader.stdout is not None
+            leader.stdout.close()
 
     def test_reset_wait_follows_the_rebuild(self, postgres_dsn: str) -> None:
         """reset --wait stays until hosts have rebuilt the projection, then exits 0."""

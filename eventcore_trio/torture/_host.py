@@ -9,6 +9,7 @@ stops cleanly on SIGTERM or SIGINT.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -16,7 +17,7 @@ import trio
 
 from .._concurrency import run_program
 from .._errors import StoreConnectionError
-from ..postgres import open_postgres_store
+from ..postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
 from ..projection import ProjectionConfig, run_projections
 from ._model import LedgerProjector
 
@@ -71,5 +72,6 @@ async def main(dsn: str, schema: str, app: str, name: str) -> None:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
-    dsn, schema, app, name = sys.argv[1:5]
-    run_program(main, dsn, schema, app, name)
+    # The DSN comes from the environment (see run_ready_process), never the command line.
+    schema, app, name = sys.argv[1:4]
+    run_program(main, os.environ[DSN_ENVIRONMENT_VARIABLE], schema, app, name)

@@ -22,7 +22,12 @@ from .._errors import ConfigurationError, EventCoreError, StoreConnectionError
 from .._events import NewEvent
 from .._positions import Position
 from .._processes import run_ready_process
-from ..postgres import PostgresStore, open_postgres_store, projector_lock_key
+from ..postgres import (
+    DSN_ENVIRONMENT_VARIABLE,
+    PostgresStore,
+    open_postgres_store,
+    projector_lock_key,
+)
 from ._model import EVENT_TYPE, PROJECTOR_NAME, STREAM_PREFIX, LedgerProjector, app_schema_sql
 from ._proxy import NetworkProxy
 from ._report import DB_FAULTS, LEADER_FAULTS, FaultKind, FaultRecord, TortureReport
@@ -88,15 +93,16 @@ class _Torture:
         self, slot: _Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
     ) -> None:
         """Keep a host process running in *slot*; count the exits nobody asked for."""
+        # The DSN (which may hold a password) goes through the environment, not argv.
         argv = [
             sys.executable,
             "-m",
             "eventcore_trio.torture._host",
-            slot.proxy.dsn,
             self.schema,
             self.app,
             slot.name,
         ]
+        env = {DSN_ENVIRONMENT_VARIABLE: slot.proxy.dsn}
         started = False
         with (self.log_dir / f"{slot.name}.log").open("ab") as log:
             while True:
@@ -104,7 +110,9 @@ class _Torture:
                 try:
                     async with trio.open_nursery() as nursery:
                         slot.process = await nursery.start(
-                            functools.partial(run_ready_process, argv, stop_grace=10, stderr=log)
+                            functools.partial(
+                                run_ready_process, argv, stop_grace=10, stderr=log, env=env
+                            )
                         )
                         if not started:
                             started = True
