@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+import urllib.parse
 import uuid
 
+import asyncpg
 import pytest
 import trio
 import trio_asyncio
@@ -22,9 +24,11 @@ from eventcore_trio import (
     StoreClosed,
     StoreConnectionError,
     StreamAppend,
+    UnsupportedPooling,
     open_postgres_store,
 )
 from eventcore_trio.postgres import LATEST_SCHEMA_VERSION, PostgresStore, _bridge
+from eventcore_trio.postgres._bridge import translate_error
 from eventcore_trio.testing import PostgresHarness, events, read_all
 
 
@@ -309,6 +313,11 @@ class TestOpening:
             ({"max_pool_size": "2"}, "max_pool_size"),
             ({"min_pool_size": 5, "max_pool_size": 2}, "must not exceed"),
             ({"connect_timeout": 0}, "connect_timeout"),
+            ({"connect_timeout": float("nan")}, "connect_timeout"),
+            ({"connect_timeout": float("inf")}, "connect_timeout"),
+            ({"statement_cache_size": -1}, "statement_cache_size"),
+            ({"application_name": "app\x00name"}, "application_name"),
+            ({"session_dsn": "mysql://x"}, "session_dsn"),
         ],
     )
     async def test_invalid_options(
@@ -318,6 +327,37 @@ class TestOpening:
         with pytest.raises(ConfigurationError, match=message):
             async with open_postgres_store(postgres_dsn, **kwargs):  # type: ignore[arg-type]
                 pytest.fail("opened with an invalid option")
+
+    @pytest.mark.parametrize(
+        ("dsn", "message"),
+        [
+            ("postgresql://postgres@127.0.0.1:notaport/postgres", "port 'notaport'"),
+            ("host=127.0.0.1 port=notaport", "port='notaport'"),
+            ("postgresql://postgres@127.0.0.1:5432/post\x00gres", "NUL"),
+            ("host=127.0.0.1 dbname='unterminated", "keyword string"),
+            ("mysql://root@localhost/db", "scheme 'mysql'"),
+            ("", "empty"),
+        ],
+    )
+    async def test_malformed_dsn(self, dsn: str, message: str) -> None:
+        """A malformed DSN is a ConfigurationError naming the problem, before any I/O."""
+        with pytest.raises(ConfigurationError, match=message):
+            async with open_postgres_store(dsn):
+                pytest.fail("opened with a malformed DSN")
+
+    async def test_libpq_keyword_dsn(self, postgres_dsn: str) -> None:
+        """A libpq keyword string (as psql takes) works like the equivalent URI."""
+        parts = urllib.parse.urlsplit(postgres_dsn)
+        keywords = (
+            f"host={parts.hostname} port={parts.port} dbname='{parts.path.lstrip('/')}' "
+            f"user={parts.username} application_name='it\\'s'"
+        )
+        if parts.password:
+            keywords += f" password='{urllib.parse.unquote(parts.password)}'"
+        async with open_postgres_store(keywords, schema=f"t_{uuid.uuid4().hex[:12]}") as store:
+            await store.append("s", events("A"))
+            async with store.try_acquire("p") as leadership:
+                assert leadership.is_held
 
     async def test_no_dsn(self, monkeypatch: pytest.MonkeyPatch) -> None:
         """Without a DSN or EVENTCORE_DSN, the error says how to give one."""
@@ -404,3 +444,42 @@ class TestClusterIdentity:
         )
         with pytest.raises(ClusterMismatch, match="Reset the projection"):
             await store.load_checkpoint("p")
+
+
+class TestErrorTranslation:
+    """Driver errors that a pooler or a server timeout causes get their own, actionable type."""
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            asyncpg.exceptions.DuplicatePreparedStatementError(
+                'prepared statement "__asyncpg_stmt_1__" already exists'
+            ),
+            asyncpg.exceptions.InvalidSQLStatementNameError(
+                'prepared statement "__asyncpg_stmt_5__" does not exist'
+            ),
+        ],
+    )
+    def test_lost_prepared_statements_point_at_transaction_pooling(self, raw: Exception) -> None:
+        """42P05 and 26000 on asyncpg's own statements say: statement_cache_size=0."""
+        translated = translate_error(raw)
+        assert isinstance(translated, UnsupportedPooling)
+        assert "statement_cache_size=0" in str(translated)
+
+    def test_a_refused_startup_parameter_is_a_configuration_error(self) -> None:
+        """08P01 "unsupported startup parameter" is configuration, not "retry later"."""
+        raw = asyncpg.exceptions.ProtocolViolationError(
+            "unsupported startup parameter: tcp_keepalives_idle"
+        )
+        translated = translate_error(raw)
+        assert isinstance(translated, ConfigurationError)
+        assert not isinstance(translated, StoreConnectionError)
+        assert "ignore_startup_parameters" in str(translated)
+
+    def test_a_cancelled_statement_is_not_a_lost_connection(self) -> None:
+        """57014 is a DatabaseError on a live session; 57P01 (shutdown) is a lost connection."""
+        cancelled = translate_error(asyncpg.exceptions.QueryCanceledError("canceling statement"))
+        assert isinstance(cancelled, DatabaseError)
+        assert cancelled.sqlstate == "57014"
+        shutdown = translate_error(asyncpg.exceptions.AdminShutdownError("terminating"))
+        assert isinstance(shutdown, StoreConnectionError)
