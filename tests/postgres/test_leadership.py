@@ -10,9 +10,23 @@ from pathlib import Path
 import pytest
 import trio
 
-from eventcore_trio import LeadershipLost, LeadershipUnavailable
-from eventcore_trio.postgres import PostgresLeadership, PostgresStore, projector_lock_key
+from eventcore_trio import (
+    LeadershipLost,
+    LeadershipUnavailable,
+    NewEvent,
+    Position,
+    ProjectionState,
+    RecordedEvent,
+)
+from eventcore_trio.postgres import PostgresLeadership, PostgresStore, _bridge, projector_lock_key
 from eventcore_trio.postgres._leadership import KEEPALIVE_SETTINGS
+from eventcore_trio.projection import (
+    FailureStrategy,
+    ProjectionContext,
+    projector,
+    replay_dead_letters,
+    run_projection,
+)
 from eventcore_trio.testing import PostgresHarness
 
 LEADER_SCRIPT = Path(__file__).with_name("leader_process.py")
@@ -177,3 +191,86 @@ class TestCrashedLeader:
             await process.wait()
             assert process.stdout is not None
             await process.stdout.aclose()
+
+
+class TestStatusOfLockHolders:
+    """Status says who holds a projection's lock: a leader, a reset, a replay, or nobody."""
+
+    @staticmethod
+    async def _hold_lock_as(harness: PostgresHarness, store: PostgresStore, app: str) -> object:
+        # A session that takes the projection's lock without reporting anything.
+        connection = await _bridge.connect(harness.dsn, application_name=app, connect_timeout=10)
+        await connection.execute(
+            "SELECT pg_advisory_lock($1)", projector_lock_key(store.schema, "p")
+        )
+        return connection
+
+    async def test_a_leader_is_named_only_while_its_session_holds_the_lock(
+        self, store: PostgresStore, harness: PostgresHarness
+    ) -> None:
+        """After the leader goes, a session that took the lock is not shown as that leader."""
+        await store.save_checkpoint("p", (await _position(store)))
+        async with store.try_acquire("p") as leadership:
+            await leadership.report(ProjectionState.RUNNING)
+            (status,) = await store.projection_status()
+            assert status.state is ProjectionState.RUNNING
+            assert status.leader is not None
+        connection = await self._hold_lock_as(harness, store, "eventcore-trio leader p")
+        try:
+            assert isinstance(connection, _bridge.Connection)
+            (status,) = await store.projection_status()
+            assert status.state is ProjectionState.RUNNING
+            assert status.leader is None
+        finally:
+            assert isinstance(connection, _bridge.Connection)
+            await connection.close()
+        (status,) = await store.projection_status()
+        assert status.state is ProjectionState.STOPPED
+        assert status.leader is None
+
+    async def test_a_reset_holding_the_lock_shows_as_resetting(
+        self, store: PostgresStore, harness: PostgresHarness
+    ) -> None:
+        """The lock held by a reset's session is RESETTING, not RUNNING."""
+        await store.save_checkpoint("p", (await _position(store)))
+        connection = await self._hold_lock_as(harness, store, "eventcore-trio reset p")
+        try:
+            (status,) = await store.projection_status()
+            assert status.state is ProjectionState.RESETTING
+            assert status.leader is None
+        finally:
+            assert isinstance(connection, _bridge.Connection)
+            await connection.close()
+
+    async def test_a_replay_shows_as_replaying(self, store: PostgresStore) -> None:
+        """While replay_dead_letters holds the lock, status says REPLAYING, with no leader."""
+        await store.append("s", [NewEvent("A", {})])
+        replaying = trio.Event()
+        release = trio.Event()
+        rejecting = True
+
+        @projector("p", on_error=lambda failure: FailureStrategy.SKIP)
+        async def p(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            if rejecting:
+                raise ValueError("not yet")
+            replaying.set()
+            await release.wait()
+
+        await run_projection(p, store)
+        rejecting = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replay_dead_letters, p, store)
+            await replaying.wait()
+            (status,) = await store.projection_status()
+            assert status.state is ProjectionState.REPLAYING
+            assert status.leader is None
+            release.set()
+        (status,) = await store.projection_status()
+        assert status.state is ProjectionState.STOPPED
+        assert status.dead_letters == 0
+
+
+async def _position(store: PostgresStore) -> Position:
+    appended = await store.append("s", [NewEvent("A", {})])
+    assert appended.position is not None
+    return appended.position
