@@ -233,3 +233,39 @@ class TestServerTimeouts:
                 await store._pool.fetchval("SELECT pg_sleep(1)")
             assert raised.value.sqlstate == "57014"
             assert await store._pool.fetchval("SELECT 1") == 1
+
+
+class TestCommitErrors:
+    """A commit the database refuses on a live session is the failing event's, for on_error."""
+
+    async def test_a_deferred_constraint_at_commit_reaches_on_error(
+        self, store: PostgresStore
+    ) -> None:
+        """The batch is applied one event at a time; only the culprit is dead-lettered."""
+        table = f'"{store.schema}".deferred'
+        await store._pool.execute(
+            f"CREATE TABLE {table} (k int UNIQUE DEFERRABLE INITIALLY DEFERRED)"
+        )
+        await store.append("s", [NewEvent("A", {"k": k}) for k in (1, 2, 2, 3)])
+        failures: list[Failure] = []
+
+        class Unique:
+            name = "unique"
+            filter = None
+
+            async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
+                await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", event.data["k"])
+
+            def on_error(self, failure: Failure) -> FailureStrategy:
+                failures.append(failure)
+                return FailureStrategy.SKIP
+
+        result = await run_projection(Unique(), store, ProjectionConfig(batch_size=10))
+        assert (result.events_applied, result.dead_letters) == (3, 1)
+        (failure,) = failures
+        assert isinstance(failure.error, DatabaseError)
+        assert failure.error.sqlstate == "23505"
+        assert isinstance(failure.event, RecordedEvent)
+        assert failure.event.stream_version == 3
+        rows = await store._pool.fetch(f"SELECT k FROM {table} ORDER BY k")
+        assert [r["k"] for r in rows] == [1, 2, 3]
