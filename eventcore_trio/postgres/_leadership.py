@@ -315,6 +315,23 @@ class PostgresLeadership:
                 self._mark_lost(proof.describe_loss(row["pid"]))
 
 
+_proxied_warned = False
+
+
+def _warn_proxied_once() -> None:
+    # Behind a proxy one protection is the proxy's to give: say so once per process.
+    global _proxied_warned
+    if not _proxied_warned:
+        _proxied_warned = True
+        logger.warning(
+            "lock sessions go through a proxy (a pooler such as PgBouncer): PostgreSQL's "
+            "keepalives then watch the proxy, not this host, so a host that vanishes from the "
+            "network keeps its locks until the proxy notices; set the proxy's TCP keepalives "
+            "(PgBouncer: tcp_keepidle, tcp_keepintvl, tcp_keepcnt, tcp_user_timeout; see "
+            "docs/operations.md)"
+        )
+
+
 async def _prepare_lock_session(
     connection: Connection, context: LeadershipContext, key: int
 ) -> tuple[int, bool | None]:
@@ -447,6 +464,7 @@ async def acquire_leadership(
                 )
         proof = LockProof(name=name, key=key, backend_pid=pid, proxied=proxied)
         if proxied:
+            _warn_proxied_once()
             if await _probe_pooling(dsn, proof, application_name, connect_timeout):
                 proof = None  # the probe released the lock on the shared session
                 raise UnsupportedPooling(f"cannot lead {name!r}: {POOLER_HINT}")
