@@ -32,7 +32,7 @@ async def _leader(store: PostgresStore) -> int | None:
 
 
 async def _first_after(store: PostgresStore, since: dt.datetime, not_by: int) -> dt.datetime | None:
-    first: dt.datetime | None = await store._pool.fetchval(
+    first: dt.datetime | None = await store.admin.fetchval(
         f'SELECT min(applied_at) FROM "{store.schema}".applied '
         "WHERE applied_at > $1 AND applied_by <> $2",
         since,
@@ -52,7 +52,7 @@ async def failover(dsn: str, schema: str, kills: int) -> list[float]:
     """Milliseconds from each SIGKILL of the leader to the first event the standby applied."""
     takeovers: list[float] = []
     async with open_postgres_store(dsn, schema=schema) as store:
-        await store._pool.execute(
+        await store.admin.execute(
             f'CREATE TABLE "{schema}".applied (id bigserial PRIMARY KEY, applied_by int NOT NULL, '
             "applied_at timestamptz NOT NULL DEFAULT clock_timestamp())"
         )
@@ -75,7 +75,7 @@ async def failover(dsn: str, schema: str, kills: int) -> list[float]:
                 await _poll(has_leader)
                 leader = await _leader(store)
                 assert leader is not None
-                killed_at = await store._pool.fetchval("SELECT clock_timestamp()")
+                killed_at = await store.admin.fetchval("SELECT clock_timestamp()")
                 victim = next(h for h in hosts if h.pid == leader)
                 victim.send_signal(signal.SIGKILL)
                 hosts.remove(victim)

@@ -253,13 +253,13 @@ def machine() -> dict[str, Any]:
 
 async def _server_version(dsn: str) -> str:
     async with open_postgres_store(dsn, schema="bench_meta") as store:
-        return str(await store._pool.fetchval("SHOW server_version"))
+        return str(await store.admin.fetchval("SHOW server_version"))
 
 
 async def _drop(dsn: str, schemas: list[str]) -> None:
     async with open_postgres_store(dsn, schema="bench_meta") as store:
         for schema in [*schemas, "bench_meta"]:
-            await store._pool.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            await store.admin.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def catch_up_chart(ctx: Context, path: Path) -> None:

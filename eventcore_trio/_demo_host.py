@@ -7,17 +7,15 @@ applied twice. Prints "ready" once running or standing by; stops cleanly on SIGT
 
 from __future__ import annotations
 
+import functools
 import os
-import signal
 import sys
 from typing import Any
-
-import trio
 
 from ._concurrency import run_program
 from ._events import RecordedEvent
 from .postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
-from .projection import ProjectionConfig, ProjectionContext, projector, run_projections
+from .projection import ProjectionConfig, ProjectionContext, projector, run_host
 
 BANK_EVENTS = ("AccountOpened", "MoneyWithdrawn", "MoneyDeposited")
 
@@ -55,20 +53,17 @@ def make_projectors(app: str) -> list[Any]:
     return [balances, transfers]
 
 
-async def main(dsn: str, schema: str, app: str) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with (
-            open_postgres_store(dsn, schema=schema, application_name="eventcore-demo") as store,
-            trio.open_nursery() as nursery,
-        ):
-            config = ProjectionConfig(batch_size=100, poll_interval=0.5)
-            await nursery.start(run_projections, store, make_projectors(app), config)
-            print("ready", flush=True)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+async def main(dsn: str, schema: str, app: str) -> int:
+    """Host the demo's projectors until SIGTERM or SIGINT (see `run_host`)."""
+    return await run_host(
+        functools.partial(
+            open_postgres_store, dsn, schema=schema, application_name="eventcore-demo"
+        ),
+        make_projectors(app),
+        ProjectionConfig(batch_size=100, poll_interval=0.5),
+    )
 
 
 if __name__ == "__main__":
     # The DSN comes from the environment (see run_ready_process), never the command line.
-    run_program(main, os.environ[DSN_ENVIRONMENT_VARIABLE], sys.argv[1], sys.argv[2])
+    sys.exit(run_program(main, os.environ[DSN_ENVIRONMENT_VARIABLE], sys.argv[1], sys.argv[2]))

@@ -190,12 +190,12 @@ async def run_failover_demo(
         finally:
             with trio.CancelScope(shield=True):
                 for name in (app, schema):
-                    await store._pool.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
+                    await store.admin.execute(f'DROP SCHEMA IF EXISTS "{name}" CASCADE')
 
 
 async def _open_accounts(store: PostgresStore, app: str, accounts: list[str]) -> None:
     # The read model's tables, and the accounts with their opening balances.
-    await store._pool.execute(
+    await store.admin.execute(
         f'CREATE SCHEMA "{app}"; '
         f'CREATE TABLE "{app}".balances (account text PRIMARY KEY, balance bigint NOT NULL); '
         f'CREATE TABLE "{app}".applied (event_id uuid NOT NULL, applied_by int NOT NULL); '
@@ -239,7 +239,7 @@ async def _verify(
             if event.type == "MoneyWithdrawn":
                 amount = -amount
             reference[account] = reference.get(account, 0) + amount
-    rows = await store._pool.fetch(f'SELECT account, balance FROM "{app}".balances')
+    rows = await store.admin.fetch(f'SELECT account, balance FROM "{app}".balances')
     projected = {r["account"]: r["balance"] for r in rows}
     if projected != reference:
         problems.append("projected balances differ from the streams' fold")
@@ -247,7 +247,7 @@ async def _verify(
         problems.append("money was created or destroyed")
     if any(v < 0 for v in reference.values()):
         problems.append("an account is overdrawn")
-    applied = await store._pool.fetchrow(
+    applied = await store.admin.fetchrow(
         f"SELECT count(*) AS n, count(DISTINCT event_id) AS distinct_n, "
         f'count(DISTINCT applied_by) AS hosts FROM "{app}".applied'
     )
@@ -256,7 +256,7 @@ async def _verify(
         problems.append(f"{applied['n'] - applied['distinct_n']} events were applied twice")
     if applied["distinct_n"] != events:
         problems.append(f"{events - applied['distinct_n']} events were not applied")
-    totals = await store._pool.fetchrow(f'SELECT transfers, moved FROM "{app}".totals')
+    totals = await store.admin.fetchrow(f'SELECT transfers, moved FROM "{app}".totals')
     assert totals is not None
     if totals["transfers"] != stats.transfers:
         problems.append("the transfer count projection does not match the transfers made")

@@ -14,7 +14,6 @@ import importlib
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -49,13 +48,7 @@ def _add_dsn(parser: argparse.ArgumentParser, *, schema: bool = True) -> None:
         )
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eventcore-trio",
-        description="Trio-native event sourcing on PostgreSQL.",
-    )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_demo_command(commands: Any) -> None:
     demo = commands.add_parser(
         "demo",
         help="run the bank-account demo (embedded PostgreSQL unless --dsn or --memory)",
@@ -78,6 +71,8 @@ def _parser() -> argparse.ArgumentParser:
         help="transfers per writer with --memory (default: 150)",
     )
 
+
+def _add_torture_command(commands: Any) -> None:
     torture = commands.add_parser(
         "torture",
         help="inject faults under load and verify nothing was lost or applied twice",
@@ -109,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the report as one JSON object on stdout"
     )
 
+
+def _add_migrate_command(commands: Any) -> None:
     migrate = commands.add_parser(
         "migrate",
         help="create or upgrade the schema",
@@ -116,6 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     _add_dsn(migrate)
 
+
+def _add_status_command(commands: Any) -> None:
     status = commands.add_parser(
         "status",
         help="show every projection: state, leader, checkpoint, lag, errors",
@@ -124,6 +123,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_dsn(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+
+def _add_reset_command(commands: Any) -> None:
     reset = commands.add_parser(
         "reset",
         help="make a projection rebuild from the beginning",
@@ -140,6 +141,8 @@ def _parser() -> argparse.ArgumentParser:
         help="then follow the rebuild (run by your hosts) with a progress bar until caught up",
     )
 
+
+def _add_run_command(commands: Any) -> None:
     run = commands.add_parser(
         "run",
         help="host the projectors a module defines (like an ASGI server hosts an app)",
@@ -149,6 +152,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_dsn(run)
     run.add_argument("target", metavar="MODULE:ATTR", help="where the projectors are")
 
+
+def _add_bench_command(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
         help="run the benchmark harness (from a clone: python -m benchmarks)",
@@ -157,6 +162,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
 
+
+def _add_dead_letters_command(commands: Any) -> None:
     letters = commands.add_parser(
         "dead-letters", help="list or replay the events a projection skipped"
     )
@@ -173,6 +180,22 @@ def _parser() -> argparse.ArgumentParser:
     replay.add_argument(
         "--projectors", required=True, metavar="MODULE:ATTR", help="where the projector is"
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="eventcore-trio",
+        description="Trio-native event sourcing on PostgreSQL.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_demo_command(commands)
+    _add_torture_command(commands)
+    _add_migrate_command(commands)
+    _add_status_command(commands)
+    _add_reset_command(commands)
+    _add_run_command(commands)
+    _add_bench_command(commands)
+    _add_dead_letters_command(commands)
     return parser
 
 
@@ -309,21 +332,15 @@ async def _reset(dsn: str, schema: str, name: str, follow: bool) -> None:
 
 async def _run(dsn: str, schema: str, projectors: list[Any]) -> int:
     from .postgres import open_postgres_store
-    from .projection import run_projections
+    from .projection import run_host
 
-    stopped_by = signal.SIGTERM
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with open_postgres_store(dsn, schema=schema) as store, trio.open_nursery() as nursery:
-            await nursery.start(run_projections, store, projectors)
-            names = ", ".join(p.name for p in projectors)
-            print(f"hosting {names}; SIGINT or SIGTERM stops", flush=True)
-            async for received in signals:
-                stopped_by = signal.Signals(received)
-                print(f"received {stopped_by.name}; stopping", flush=True)
-                nursery.cancel_scope.cancel()
-                break
-    # A clean stop either way; SIGINT reports 130, as for every command interrupted by Ctrl-C.
-    return EXIT_INTERRUPTED if stopped_by == signal.SIGINT else EXIT_OK
+    names = ", ".join(p.name for p in projectors)
+    return await run_host(
+        functools.partial(open_postgres_store, dsn, schema=schema),
+        projectors,
+        on_ready=lambda: print(f"hosting {names}; SIGINT or SIGTERM stops", flush=True),
+        on_stop=lambda received: print(f"received {received.name}; stopping", flush=True),
+    )
 
 
 async def _list_letters(dsn: str, schema: str, name: str, as_json: bool) -> None:

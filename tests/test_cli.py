@@ -411,10 +411,10 @@ class TestDemoVerification:
                 assert await _verify(store, app, accounts, _Stats(), lines.append)
                 assert lines[-1].startswith("VERIFIED")
 
-                await store._pool.execute(
+                await store.admin.execute(
                     f'INSERT INTO "{app}".applied SELECT * FROM "{app}".applied LIMIT 1'
                 )
-                await store._pool.execute(
+                await store.admin.execute(
                     f'UPDATE "{app}".balances SET balance = balance + 1 WHERE account = $1',
                     accounts[0],
                 )
@@ -424,6 +424,6 @@ class TestDemoVerification:
                 assert "FAILED: 1 events were applied twice" in lines
                 assert not any(line.startswith("VERIFIED") for line in lines)
             finally:
-                await store._pool.execute(
+                await store.admin.execute(
                     f'DROP SCHEMA "{app}" CASCADE; DROP SCHEMA "{schema}" CASCADE'
                 )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
-import json
 import os
 import socket
 import uuid
@@ -16,11 +15,11 @@ from typing import Literal, final, overload
 import attrs
 import trio
 
+from .._decoding import check_read_arguments, decode_stored, require_decoded
 from .._errors import (
     CheckpointConflict,
     DatabaseNotAvailable,
     DuplicateEventId,
-    EventDecodeError,
     InvalidArgument,
     LeadershipLost,
     LeadershipUnavailable,
@@ -43,7 +42,6 @@ from .._protocols import Database
 from .._status import DeadLetter, LeaderInfo, ProjectionState, ProjectionStatus, unit_state
 from .._validation import (
     check_expected_version,
-    check_limit,
     check_name,
     check_stream_id,
     check_version_cursor,
@@ -70,42 +68,16 @@ class _StoredEvent:
     recorded_at: dt.datetime
 
     def decode(self) -> RecordedEvent | UndecodableEvent:
-        try:
-            data = json.loads(self.data_json)
-            metadata = json.loads(self.metadata_json)
-            if not isinstance(data, dict) or not isinstance(metadata, dict):
-                raise ValueError("data and metadata must be JSON objects")
-        except ValueError as exc:
-            return UndecodableEvent(
-                event_id=self.event_id,
-                stream_id=self.stream_id,
-                stream_version=self.stream_version,
-                position=self.position,
-                type=self.type,
-                raw_data=self.data_json,
-                raw_metadata=self.metadata_json,
-                recorded_at=self.recorded_at,
-                error=str(exc),
-            )
-        return RecordedEvent(
-            event_id=self.event_id,
-            stream_id=self.stream_id,
-            stream_version=self.stream_version,
-            position=self.position,
-            type=self.type,
-            data=data,
-            metadata=metadata,
-            recorded_at=self.recorded_at,
+        return decode_stored(
+            self.position,
+            self.stream_id,
+            self.stream_version,
+            self.event_id,
+            self.type,
+            self.data_json,
+            self.metadata_json,
+            self.recorded_at,
         )
-
-    def to_recorded(self) -> RecordedEvent:
-        decoded = self.decode()
-        if isinstance(decoded, UndecodableEvent):
-            raise EventDecodeError(
-                f"event at {self.position} cannot be decoded: {decoded.error}",
-                position=self.position,
-            )
-        return decoded
 
 
 @attrs.define
@@ -391,7 +363,7 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         self._check_open()
         stream = self._streams.get(stream_id, [])
-        return [e.to_recorded() for e in stream[after_version:]]
+        return [require_decoded(e.decode()) for e in stream[after_version:]]
 
     # -- EventReader --------------------------------------------------------------------
 
@@ -424,14 +396,15 @@ class MemoryStore:
         undecodable: Literal["raise", "include"] = "raise",
     ) -> list[RecordedEvent] | list[RecordedEvent | UndecodableEvent]:
         """Return up to *limit* events after *after* (see `EventReader.read_events`)."""
-        _check_read_arguments(after, limit, filter, undecodable)
+        check_read_arguments(after, limit, filter, undecodable)
         await trio.lowlevel.checkpoint()
         self._check_open()
         start = 0 if after is None else bisect.bisect_right(self._positions, after)
         page: list[RecordedEvent | UndecodableEvent] = []
         for stored in self._log[start:]:
             if filter is None or filter.matches(stored.stream_id, stored.type):
-                page.append(stored.to_recorded() if undecodable == "raise" else stored.decode())
+                decoded = stored.decode()
+                page.append(require_decoded(decoded) if undecodable == "raise" else decoded)
                 if len(page) == limit:
                     break
         return page
@@ -628,18 +601,6 @@ class MemoryStore:
         await trio.lowlevel.checkpoint()
         self._check_open()
         return sorted(self._dead_letters.get(name, ()), key=lambda d: d.position)
-
-
-def _check_read_arguments(
-    after: object, limit: object, filter: object, undecodable: object
-) -> None:
-    if after is not None and not isinstance(after, Position):
-        raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
-    check_limit(limit)
-    if filter is not None and not isinstance(filter, EventFilter):
-        raise InvalidArgument(f"filter must be an EventFilter, got {type(filter).__name__}")
-    if undecodable not in ("raise", "include"):
-        raise InvalidArgument(f"undecodable must be 'raise' or 'include', got {undecodable!r}")
 
 
 @asynccontextmanager

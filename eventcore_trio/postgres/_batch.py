@@ -18,12 +18,9 @@ all. Three things make that hold whatever happens on the Trio side:
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar, final
-
-import attrs
 
 from .._errors import (
     BatchInterrupted,
@@ -36,17 +33,9 @@ from .._events import RecordedEvent, UndecodableEvent
 from .._positions import Position, position_parts
 from ._bridge import Connection, Record
 from ._fence import HOLDS_LOCK, LockProof
+from ._subscriptions import Subscriptions, checkpoint_upsert, dead_letter_arguments
 
 T = TypeVar("T")
-
-
-@attrs.frozen
-class BatchTables:
-    """Where a batch writes: the schema's checkpoint and dead-letter tables."""
-
-    subscriptions: str
-    dead_letters: str
-    system_identifier: str | None
 
 
 @final
@@ -94,12 +83,12 @@ class PostgresBatch:
         self,
         connection: Connection,
         proof: LockProof,
-        tables: BatchTables,
+        subscriptions: Subscriptions,
         on_lost: Callable[[str], None],
     ) -> None:
         self._connection = connection
         self._proof = proof
-        self._tables = tables
+        self._subscriptions = subscriptions
         # Called with the reason when the commit-time fence finds the lock gone.
         self._on_lost = on_lost
         # True once BEGIN has been *sent* (it may have run even if its answer never came);
@@ -112,27 +101,21 @@ class PostgresBatch:
         # transaction was needed.
         self._pending_checkpoint: tuple[Position | None, Position] | None = None
         self._db = _BatchDatabase(self)
-        n = "subscription_name"
-        # One statement: insert the row, or move it only from exactly the expected position,
-        # and only if this session is the lock's and holds it (fencing, see _fence). A second
-        # writer (a deposed leader, an operator) or a lost lock makes it return no row.
-        fence = HOLDS_LOCK.format(pid="$7::int", key="$8::bigint")
-        self._sql_checkpoint = (
-            f"INSERT INTO {tables.subscriptions} AS c ({n}, tx, position, system_identifier, "
-            "updated_at) "
-            f"SELECT $1::text, $2::bigint, $3::bigint, $4::text, now() WHERE {fence} "
-            f"ON CONFLICT ({n}) DO UPDATE "
-            "SET tx = excluded.tx, position = excluded.position, "
-            "system_identifier = excluded.system_identifier, updated_at = now() "
-            "WHERE c.tx IS NOT DISTINCT FROM $5::bigint "
-            "AND c.position IS NOT DISTINCT FROM $6::bigint "
-            "RETURNING 1"
+        # From exactly the position the batch started at, and only if this session is the
+        # lock's and holds it (fencing, see _fence). A second writer (a deposed leader, an
+        # operator) or a lost lock makes it return no row.
+        self._sql_checkpoint = checkpoint_upsert(
+            subscriptions.table,
+            condition="c.tx IS NOT DISTINCT FROM $5::bigint "
+            "AND c.position IS NOT DISTINCT FROM $6::bigint",
+            fence=HOLDS_LOCK.format(pid="$7::int", key="$8::bigint"),
         )
         self._sql_diagnose = (
             f"SELECT pg_backend_pid() AS pid, "
             f"{HOLDS_LOCK.format(pid='$2::int', key='$3::bigint')} AS held, "
-            f"(SELECT tx FROM {tables.subscriptions} WHERE {n} = $1) AS tx, "
-            f"(SELECT position FROM {tables.subscriptions} WHERE {n} = $1) AS position"
+            f"(SELECT tx FROM {subscriptions.table} WHERE subscription_name = $1) AS tx, "
+            f"(SELECT position FROM {subscriptions.table} WHERE subscription_name = $1) "
+            "AS position"
         )
 
     @property
@@ -197,7 +180,7 @@ class PostgresBatch:
             proof.name,
             tx,
             seq,
-            self._tables.system_identifier,
+            self._subscriptions.system_identifier,
             expected_tx,
             expected_seq,
             proof.backend_pid,
@@ -220,38 +203,17 @@ class PostgresBatch:
         self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
     ) -> None:
         """Record *event* as skipped, in this transaction."""
-        tx, seq = position_parts(event.position)
-        if isinstance(event, RecordedEvent):
-            data, metadata, decode_error = json.dumps(event.data), json.dumps(event.metadata), None
-        else:
-            data, metadata, decode_error = event.raw_data, event.raw_metadata, event.error
         await self._statement(
             self._connection.execute,
-            f"INSERT INTO {self._tables.dead_letters} (subscription_name, tx, position, "
-            "event_id, stream_id, stream_version, type, data, metadata, decode_error, "
-            "event_recorded_at, error_type, error_message, retries) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)",
-            self._proof.name,
-            tx,
-            seq,
-            event.event_id,
-            event.stream_id,
-            event.stream_version,
-            event.type,
-            data,
-            metadata,
-            decode_error,
-            event.recorded_at,
-            f"{type(error).__module__}.{type(error).__qualname__}",
-            str(error),
-            retries,
+            self._subscriptions.dead_letter_insert,
+            *dead_letter_arguments(self._proof.name, event, error, retries),
         )
 
     async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
         """Delete a replayed dead letter, in this transaction."""
         await self._statement(
             self._connection.execute,
-            f"DELETE FROM {self._tables.dead_letters} WHERE id = $1 AND subscription_name = $2",
+            self._subscriptions.dead_letter_delete,
             dead_letter_id,
             self._proof.name,
         )

@@ -214,8 +214,33 @@ def _server_settings(application_name: str, extra: Mapping[str, str]) -> dict[st
     return {"application_name": name, **extra}
 
 
+class _Queries:
+    """Statements on an asyncpg connection or pool (which runs each on a pooled connection).
+
+    Each method is one statement and one crossing into asyncio.
+    """
+
+    _raw: asyncpg.Connection | asyncpg.Pool
+
+    async def fetch(self, sql: str, *args: object) -> list[Record]:
+        """Run *sql* and return all rows."""
+        return await _cross(self._raw.fetch, sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchrow(self, sql: str, *args: object) -> Record | None:
+        """Run *sql* and return the first row."""
+        return await _cross(self._raw.fetchrow, sql, *args)  # type: ignore[no-any-return]
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """Run *sql* and return the first column of the first row."""
+        return await _cross(self._raw.fetchval, sql, *args)
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run *sql* (several statements when there are no arguments)."""
+        return await _cross(self._raw.execute, sql, *args)  # type: ignore[no-any-return]
+
+
 @final
-class Connection:
+class Connection(_Queries):
     """A single asyncpg connection, callable from Trio.
 
     Not safe for concurrent use: callers serialise their use of one connection.
@@ -249,22 +274,6 @@ class Connection:
     def add_termination_listener(self, callback: Callable[[], None]) -> None:
         """Call *callback* (in the Trio thread) as soon as the connection closes."""
         self._raw.add_termination_listener(lambda _connection: callback())
-
-    async def fetch(self, sql: str, *args: object) -> list[Record]:
-        """Run *sql* and return all rows; one crossing."""
-        return await _cross(self._raw.fetch, sql, *args)  # type: ignore[no-any-return]
-
-    async def fetchrow(self, sql: str, *args: object) -> Record | None:
-        """Run *sql* and return the first row; one crossing."""
-        return await _cross(self._raw.fetchrow, sql, *args)  # type: ignore[no-any-return]
-
-    async def fetchval(self, sql: str, *args: object) -> Any:
-        """Run *sql* and return the first column of the first row; one crossing."""
-        return await _cross(self._raw.fetchval, sql, *args)
-
-    async def execute(self, sql: str, *args: object) -> str:
-        """Run *sql* (several statements when there are no arguments); one crossing."""
-        return await _cross(self._raw.execute, sql, *args)  # type: ignore[no-any-return]
 
     async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
         """Run *sql* once per argument tuple, pipelined; one crossing."""
@@ -364,27 +373,11 @@ async def connect(
 
 
 @final
-class Pool:
+class Pool(_Queries):
     """An asyncpg connection pool, callable from Trio; each call acquires and releases."""
 
     def __init__(self, raw: asyncpg.Pool) -> None:
         self._raw = raw
-
-    async def fetch(self, sql: str, *args: object) -> list[Record]:
-        """Run *sql* on a pooled connection and return all rows; one crossing."""
-        return await _cross(self._raw.fetch, sql, *args)  # type: ignore[no-any-return]
-
-    async def fetchrow(self, sql: str, *args: object) -> Record | None:
-        """Run *sql* on a pooled connection and return the first row; one crossing."""
-        return await _cross(self._raw.fetchrow, sql, *args)  # type: ignore[no-any-return]
-
-    async def fetchval(self, sql: str, *args: object) -> Any:
-        """Run *sql* on a pooled connection and return one value; one crossing."""
-        return await _cross(self._raw.fetchval, sql, *args)
-
-    async def execute(self, sql: str, *args: object) -> str:
-        """Run *sql* on a pooled connection; one crossing."""
-        return await _cross(self._raw.execute, sql, *args)  # type: ignore[no-any-return]
 
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:

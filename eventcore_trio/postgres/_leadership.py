@@ -31,10 +31,7 @@ unlocking on that session, or by terminating it).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
-import socket
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Final, final
@@ -52,9 +49,10 @@ from .._errors import (
 )
 from .._filters import EventFilter
 from .._status import ProjectionState
-from ._batch import BatchTables, PostgresBatch
+from ._batch import PostgresBatch
 from ._bridge import Connection, connect
 from ._fence import HOLDS_ANY_ADVISORY_LOCK, HOLDS_LOCK, POOLER_HINT, LockProof
+from ._subscriptions import Subscriptions, report_arguments, report_statement
 
 logger = logging.getLogger("eventcore_trio.postgres")
 
@@ -99,10 +97,9 @@ PING_TIMEOUT: Final = 1.0
 
 @attrs.frozen
 class LeadershipContext:
-    """What a leadership needs from its store: where the tables are, which cluster it is."""
+    """What a leadership needs from its store: its tables and the server's version."""
 
-    schema: str
-    system_identifier: str | None
+    subscriptions: Subscriptions
     server_version: int = 0
 
     @property
@@ -116,34 +113,6 @@ class LeadershipContext:
         if self.server_version >= TRANSACTION_TIMEOUT_MINIMUM_VERSION:
             settings["transaction_timeout"] = "0"
         return settings
-
-    @property
-    def batch_tables(self) -> BatchTables:
-        """Where batches write."""
-        return BatchTables(self.subscriptions, self.dead_letters, self.system_identifier)
-
-    @property
-    def subscriptions(self) -> str:
-        return f'"{self.schema}".subscriptions'
-
-    @property
-    def dead_letters(self) -> str:
-        return f'"{self.schema}".dead_letters'
-
-
-def filter_to_json(event_filter: EventFilter | None) -> str | None:
-    """The filter as stored in ``subscriptions.filter`` (read back by projection_status)."""
-    if event_filter is None:
-        return None
-    return json.dumps(
-        {
-            "event_types": None
-            if event_filter.event_types is None
-            else sorted(event_filter.event_types),
-            "stream_prefix": event_filter.stream_prefix,
-            "stream_pattern": event_filter.stream_pattern,
-        }
-    )
 
 
 @final
@@ -218,7 +187,7 @@ class PostgresLeadership:
         """
         async with self._use() as connection:
             batch = PostgresBatch(
-                connection, self._proof, self._context.batch_tables, self._mark_lost
+                connection, self._proof, self._context.subscriptions, self._mark_lost
             )
             try:
                 try:
@@ -249,29 +218,10 @@ class PostgresLeadership:
         filter: EventFilter | None = None,
     ) -> None:
         """Record this leader's state, identity and filter in ``subscriptions``."""
-        running = state is ProjectionState.RUNNING
-        holding = running or state is ProjectionState.REPLAYING
         async with self._use() as connection:
             await connection.execute(
-                f"INSERT INTO {self._context.subscriptions} AS c (subscription_name, state, "
-                "last_error, filter, leader_pid, leader_host, leader_application, "
-                "leader_backend_pid, updated_at) "
-                "VALUES ($1, $2, $3, $4::jsonb, $5, $6, current_setting('application_name'), "
-                "$7, now()) "
-                "ON CONFLICT (subscription_name) DO UPDATE SET state = excluded.state, "
-                "last_error = CASE WHEN excluded.state = 'replaying' THEN c.last_error "
-                "ELSE excluded.last_error END, "
-                "filter = coalesce(excluded.filter, c.filter), "
-                "leader_pid = excluded.leader_pid, leader_host = excluded.leader_host, "
-                "leader_application = excluded.leader_application, "
-                "leader_backend_pid = excluded.leader_backend_pid, updated_at = now()",
-                self.name,
-                state.value if state is not ProjectionState.STANDBY else "stopped",
-                error,
-                filter_to_json(filter),
-                os.getpid() if running else None,
-                socket.gethostname() if running else None,
-                self._proof.backend_pid if holding else None,
+                report_statement(self._context.subscriptions.table),
+                *report_arguments(self.name, state, error, filter, self._proof.backend_pid),
             )
 
     @asynccontextmanager

@@ -38,9 +38,10 @@ def notify_channel(schema: str) -> str:
 
 
 # Each migration is a template over {s} (the quoted schema) and {channel}. Never edit a
-# migration once released: add a new one.
+# migration once released: add a new one. (Before the first release the history was squashed
+# into migration 1.)
 _MIGRATIONS: Final[tuple[str, ...]] = (
-    # 1: streams, events, subscriptions, the append function, immutability triggers.
+    # 1: streams, events (immutable), subscriptions, dead letters, the append function.
     """
     CREATE TABLE {s}.streams (
         stream_id text COLLATE "C" PRIMARY KEY,
@@ -70,11 +71,24 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
 
     CREATE TABLE {s}.subscriptions (
         subscription_name text COLLATE "C" PRIMARY KEY,
-        tx bigint NOT NULL,
-        position bigint NOT NULL,
+        -- The checkpoint: NULL before the first batch and after a reset.
+        tx bigint,
+        position bigint,
         -- pg_control_system().system_identifier of the cluster the position belongs to.
         system_identifier text,
-        updated_at timestamptz NOT NULL DEFAULT now()
+        updated_at timestamptz NOT NULL DEFAULT now(),
+        -- The projector's filter as JSON, so status can count lag in matching events.
+        filter jsonb,
+        state text NOT NULL DEFAULT 'stopped'
+            CHECK (state IN ('running', 'failed', 'stopped', 'replaying')),
+        -- The last leader's process, host and session; status names it only while that
+        -- session (leader_backend_pid) holds the projection's lock.
+        leader_pid integer,
+        leader_host text,
+        leader_application text,
+        leader_backend_pid integer,
+        last_error text,
+        CONSTRAINT subscriptions_position_pair CHECK ((tx IS NULL) = (position IS NULL))
     );
 
     CREATE FUNCTION {s}.refuse_event_change() RETURNS trigger LANGUAGE plpgsql AS $fn$
@@ -89,95 +103,6 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         FOR EACH ROW EXECUTE FUNCTION {s}.refuse_event_change();
     CREATE TRIGGER events_no_truncate BEFORE TRUNCATE ON {s}.events
         FOR EACH STATEMENT EXECUTE FUNCTION {s}.refuse_event_change();
-
-    -- One call appends to any number of streams atomically. p_streams must be distinct and
-    -- sorted: locking stream rows in one global order is what keeps concurrent multi-stream
-    -- appends from deadlocking.
-    CREATE FUNCTION {s}.append_events(
-        p_streams text[],
-        p_expected bigint[],
-        p_event_stream int[],
-        p_event_id uuid[],
-        p_type text[],
-        p_data jsonb[],
-        p_metadata jsonb[]
-    ) RETURNS TABLE (last_tx bigint, last_position bigint, versions bigint[])
-    LANGUAGE plpgsql AS $fn$
-    DECLARE
-        v_versions bigint[] := '{{}}';
-        v_version bigint;
-        v_added bigint;
-        v_tx bigint;
-        v_position bigint;
-    BEGIN
-        FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
-            SELECT s.version INTO v_version FROM {s}.streams s
-                WHERE s.stream_id = p_streams[i] FOR UPDATE;
-            IF NOT FOUND THEN
-                -- A concurrent creator makes this wait for its commit, then do nothing.
-                INSERT INTO {s}.streams (stream_id, version) VALUES (p_streams[i], 0)
-                    ON CONFLICT DO NOTHING;
-                SELECT s.version INTO v_version FROM {s}.streams s
-                    WHERE s.stream_id = p_streams[i] FOR UPDATE;
-            END IF;
-            IF p_expected[i] IS NOT NULL AND p_expected[i] <> v_version THEN
-                RAISE EXCEPTION USING
-                    ERRCODE = 'EV001',
-                    MESSAGE = format('stream %s is at version %s, expected %s',
-                                     p_streams[i], v_version, p_expected[i]),
-                    DETAIL = json_build_object('stream_id', p_streams[i],
-                                               'expected', p_expected[i],
-                                               'actual', v_version)::text;
-            END IF;
-            v_versions := v_versions || v_version;
-        END LOOP;
-
-        IF coalesce(array_length(p_type, 1), 0) = 0 THEN
-            RETURN QUERY SELECT NULL::bigint, NULL::bigint, v_versions;
-            RETURN;
-        END IF;
-
-        WITH inserted AS (
-            INSERT INTO {s}.events (stream_id, stream_version, event_id, type, data, metadata)
-            SELECT p_streams[e.si],
-                   v_versions[e.si] + row_number() OVER (PARTITION BY e.si ORDER BY e.ord),
-                   coalesce(e.id, gen_random_uuid()), e.type, e.data, e.meta
-            FROM unnest(p_event_stream, p_event_id, p_type, p_data, p_metadata)
-                 WITH ORDINALITY AS e(si, id, type, data, meta, ord)
-            ORDER BY e.ord
-            RETURNING tx, position
-        )
-        SELECT max(inserted.tx), max(inserted.position) INTO v_tx, v_position FROM inserted;
-
-        FOR i IN 1 .. array_length(p_streams, 1) LOOP
-            SELECT count(*) INTO v_added FROM unnest(p_event_stream) AS x(si) WHERE x.si = i;
-            IF v_added > 0 THEN
-                UPDATE {s}.streams SET version = version + v_added WHERE stream_id = p_streams[i];
-                v_versions[i] := v_versions[i] + v_added;
-            END IF;
-        END LOOP;
-
-        -- Delivered at commit, never for a rolled-back append; identical payloads within one
-        -- transaction are folded by PostgreSQL.
-        PERFORM pg_notify('{channel}', '');
-        RETURN QUERY SELECT v_tx, v_position, v_versions;
-    END
-    $fn$;
-    """,
-    # 2: projection state for status, reset and dead letters.
-    """
-    ALTER TABLE {s}.subscriptions
-        ALTER COLUMN tx DROP NOT NULL,
-        ALTER COLUMN position DROP NOT NULL,
-        -- The projector's filter as JSON, so status can count lag in matching events.
-        ADD COLUMN filter jsonb,
-        ADD COLUMN state text NOT NULL DEFAULT 'stopped'
-            CHECK (state IN ('running', 'failed', 'stopped')),
-        ADD COLUMN leader_pid integer,
-        ADD COLUMN leader_host text,
-        ADD COLUMN leader_application text,
-        ADD COLUMN last_error text,
-        ADD CONSTRAINT subscriptions_position_pair CHECK ((tx IS NULL) = (position IS NULL));
 
     CREATE TABLE {s}.dead_letters (
         id uuid PRIMARY KEY DEFAULT gen_random_uuid(),
@@ -200,13 +125,6 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     );
     CREATE INDEX dead_letters_subscription_idx
         ON {s}.dead_letters (subscription_name, tx, position);
-    """,
-    # 3: a leaner append: versions come from per-event offsets the client sends (no window
-    # function), stream versions move in one UPDATE, the last position is the sequence's
-    # currval (no RETURNING to aggregate), and the caller adds the counts to the returned
-    # base versions. Same contract as migration 1's function.
-    """
-    DROP FUNCTION {s}.append_events(text[], bigint[], int[], uuid[], text[], jsonb[], jsonb[]);
 
     -- p_streams must be distinct and sorted: locking stream rows in one global order is what
     -- keeps concurrent multi-stream appends from deadlocking. Events come grouped by stream,
@@ -280,15 +198,6 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
                             v_versions;
     END
     $fn$;
-    """,
-    # 4: which server session leads (so status names a leader only while that session holds
-    # the lock), and the replaying state of a dead-letter replay.
-    """
-    ALTER TABLE {s}.subscriptions
-        ADD COLUMN leader_backend_pid integer,
-        DROP CONSTRAINT subscriptions_state_check,
-        ADD CONSTRAINT subscriptions_state_check
-            CHECK (state IN ('running', 'failed', 'stopped', 'replaying'));
     """,
 )
 

@@ -1,63 +1,46 @@
-"""`PostgresStore`: the event store, reader, checkpoint store and coordinator on PostgreSQL."""
+"""`PostgresStore`: the facade that puts the backend's parts together.
+
+It validates arguments at the boundary and hands each call to the module that owns it:
+`_appends` (the append statement), `_reads` (the gap-free read path), `_subscriptions`
+(checkpoints, status, reset, dead letters), `_leadership` (locks on dedicated sessions),
+`_listener` (LISTEN) and `_admin` (raw SQL for tooling). `open_postgres_store` opens it.
+"""
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import math
 import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final, Literal, final, overload
+from typing import Final, Literal, final, overload
 
-import attrs
 import trio
 
 from .._concurrency import service_nursery
+from .._decoding import check_read_arguments
 from .._errors import (
-    CheckpointConflict,
-    ClusterMismatch,
     ConfigurationError,
     DatabaseError,
-    EventDecodeError,
     InvalidArgument,
     LeadershipUnavailable,
     ProjectionNotFound,
     ProjectionRunning,
     StoreClosed,
-    StoreConnectionError,
     UnsupportedServer,
 )
-from .._events import (
-    AppendResult,
-    NewEvent,
-    RecordedEvent,
-    StreamAppend,
-    UndecodableEvent,
-    prepare_appends,
-)
+from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from .._filters import EventFilter
-from .._positions import Position, position_parts, trusted_position
-from .._status import (
-    DeadLetter,
-    LeaderInfo,
-    OpenTransaction,
-    ProjectionState,
-    ProjectionStatus,
-    unit_state,
-)
-from .._validation import (
-    check_expected_version,
-    check_limit,
-    check_name,
-    check_stream_id,
-    check_version_cursor,
-    encode_json_object,
-)
+from .._positions import Position
+from .._status import DeadLetter, ProjectionStatus
+from .._validation import check_expected_version, check_name, check_stream_id, check_version_cursor
 from . import _bridge
+from ._admin import PostgresAdmin
+from ._appends import AppendStatement, append_result
 from ._dsn import normalize_dsn
 from ._keys import projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
+from ._listener import Listener
+from ._reads import ReadQueries, decode_row, recorded_row
 from ._schema import (
     MINIMUM_SERVER_VERSION_NUM,
     check_schema,
@@ -67,51 +50,9 @@ from ._schema import (
 from ._schema import (
     migrate as migrate_schema,
 )
+from ._subscriptions import Subscriptions
 
 DSN_ENVIRONMENT_VARIABLE: Final = "EVENTCORE_DSN"
-
-_EVENT_COLUMNS: Final = (
-    "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at"
-)
-
-
-def _next_prefix(prefix: str) -> str | None:
-    # The smallest string greater than every string that starts with prefix, in code-point
-    # order (the "C" collation of stream_id): lets a prefix filter be an index range scan.
-    chars = list(prefix)
-    while chars:
-        last = ord(chars.pop())
-        if last < 0x10FFFF:
-            return "".join(chars) + chr(last + 1)
-    return None
-
-
-def _filter_clauses(event_filter: EventFilter | None, args: list[object]) -> list[str]:
-    # Filters become WHERE clauses, so they apply before the LIMIT; parameters are appended
-    # to *args* and numbered after what is already there.
-    clauses: list[str] = []
-    if event_filter is None:
-        return clauses
-    if event_filter.event_types is not None:
-        args.append(sorted(event_filter.event_types))
-        clauses.append(f"type = ANY(${len(args)}::text[])")
-    if event_filter.stream_prefix is not None:
-        args.append(event_filter.stream_prefix)
-        clauses.append(f"stream_id >= ${len(args)}")
-        upper = _next_prefix(event_filter.stream_prefix)
-        if upper is not None:
-            args.append(upper)
-            clauses.append(f"stream_id < ${len(args)}")
-    if event_filter.stream_regex is not None:
-        args.append(event_filter.stream_regex)
-        clauses.append(f"stream_id ~ ${len(args)}")
-    return clauses
-
-
-# Gap-free visibility: only rows of transactions below the snapshot's xmin, all of which have
-# ended. A transaction that drew its position early but commits late has a tx at or above
-# today's xmin, so it is read later, never skipped. See docs/postgres.md ("Gap-free reads").
-_VISIBLE: Final = "tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 
 @final
@@ -137,46 +78,33 @@ class PostgresStore:
         server_version: int,
         application_name: str,
         connect_timeout: float,
+        statement_cache_size: int,
     ) -> None:
         self._pool = pool
-        # Runs the LISTEN service; cancelled when the store closes.
-        self._nursery = nursery
-        self._dsn = dsn
         # Where sessions that must own a server session connect: leadership and LISTEN.
         self._session_dsn = session_dsn
         self._schema = schema
-        self._system_identifier = system_identifier
         self._server_version = server_version
         self._application_name = application_name
         self._connect_timeout = connect_timeout
         self._closed = False
-        # Set and replaced whenever a notification (or a listener reconnect) says that new
-        # events may be visible. The listener starts with the first wait_for_events().
-        self._appended = trio.Event()
-        self._listening = False
-        self._leadership_context = LeadershipContext(schema, system_identifier, server_version)
-        s = f'"{schema}"'
-        self._events_table = f"{s}.events"
-        self._sql_append = f"SELECT * FROM {s}.append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)"
-        self._sql_read_stream = (
-            f"SELECT {_EVENT_COLUMNS} FROM {s}.events "
-            "WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
+        self._append_statement = AppendStatement(schema)
+        self._reads = ReadQueries(schema)
+        self._subscriptions = Subscriptions(pool, schema, system_identifier)
+        self._leadership_context = LeadershipContext(self._subscriptions, server_version)
+        self._listener = Listener(
+            nursery=nursery,
+            dsn=session_dsn,
+            channel=notify_channel(schema),
+            application_name=f"{application_name} listener",
+            connect_timeout=connect_timeout,
         )
-        self._sql_load_checkpoint = (
-            f"SELECT tx, position, system_identifier FROM {s}.subscriptions "
-            "WHERE subscription_name = $1"
-        )
-        # Compare-and-set: the row changes only if the new position is not behind the stored
-        # one; otherwise no row comes back and the caller raises CheckpointConflict.
-        self._sql_save_checkpoint = (
-            f"INSERT INTO {s}.subscriptions AS c "
-            "(subscription_name, tx, position, system_identifier, updated_at) "
-            "VALUES ($1, $2, $3, $4, now()) "
-            "ON CONFLICT (subscription_name) DO UPDATE "
-            "SET tx = excluded.tx, position = excluded.position, "
-            "system_identifier = excluded.system_identifier, updated_at = now() "
-            "WHERE c.tx IS NULL OR (c.tx, c.position) <= (excluded.tx, excluded.position) "
-            "RETURNING 1"
+        self._admin = PostgresAdmin(
+            pool=pool,
+            dsn=dsn,
+            connect_timeout=connect_timeout,
+            statement_cache_size=statement_cache_size,
+            append_statement=self._append_statement,
         )
 
     @property
@@ -193,6 +121,14 @@ class PostgresStore:
     def server_version(self) -> int:
         """The server's ``server_version_num``, e.g. 160002."""
         return self._server_version
+
+    @property
+    def admin(self) -> PostgresAdmin:
+        """Raw SQL on this store's database, for tooling and tests (see `PostgresAdmin`).
+
+        .. versionadded:: 0.2
+        """
+        return self._admin
 
     def _check_open(self) -> None:
         if self._closed:
@@ -224,65 +160,15 @@ class PostgresStore:
         """Append to several streams in one transaction (see `EventStore.append_atomic`)."""
         sql, args = self._append_statement(appends)
         self._check_open()
-        row = await self._pool.fetchrow(sql, *args)
-        assert row is not None
-        position = (
-            None if row["last_tx"] is None else Position(row["last_tx"], row["last_position"])
-        )
-        streams, counts = args[0], args[2]
-        versions = {
-            stream: base + count
-            for stream, base, count in zip(streams, row["versions"], counts, strict=True)
-        }
-        return AppendResult(position, versions)
-
-    def _append_statement(self, appends: Sequence[StreamAppend]) -> tuple[str, list[Any]]:
-        # Validate and encode everything before any I/O; returns the one statement's SQL and
-        # arguments (also used by the test harness to hold an append's commit back).
-        requests = sorted(prepare_appends(appends), key=lambda a: a.stream_id)
-        streams: list[str] = []
-        expected: list[int | None] = []
-        counts: list[int] = []
-        event_stream: list[int] = []
-        offsets: list[int] = []
-        event_ids: list[object] = []
-        types: list[str] = []
-        data: list[str] = []
-        metadata: list[str] = []
-        for index, request in enumerate(requests, start=1):
-            streams.append(request.stream_id)
-            expected.append(request.expected_version)
-            counts.append(len(request.events))
-            for offset, event in enumerate(request.events, start=1):
-                event_stream.append(index)
-                offsets.append(offset)
-                event_ids.append(event.event_id)
-                types.append(event.type)
-                data.append(encode_json_object("data", event.data))
-                metadata.append(encode_json_object("metadata", event.metadata))
-        # NULL instead of arrays that say nothing (see the append function): fewer bytes to
-        # encode, send and unnest for the common single-stream, id-less, metadata-less append.
-        single = len(streams) == 1
-        args = [
-            streams,
-            expected,
-            counts,
-            None if single else event_stream,
-            None if single else offsets,
-            event_ids if any(i is not None for i in event_ids) else None,
-            types,
-            data,
-            None if all(m == "{}" for m in metadata) else metadata,
-        ]
-        return self._sql_append, args
+        return append_result(await self._pool.fetchrow(sql, *args), args)
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
         """Return a stream's events after *after_version* (see `EventStore.read_stream`)."""
         check_stream_id(stream_id)
         check_version_cursor(after_version)
         self._check_open()
-        rows = await self._pool.fetch(self._sql_read_stream, stream_id, after_version)
-        return [_to_recorded(row) for row in rows]
+        rows = await self._pool.fetch(self._reads.read_stream, stream_id, after_version)
+        return [recorded_row(row) for row in rows]
 
     # -- EventReader --------------------------------------------------------------------
 
@@ -319,36 +205,19 @@ class PostgresStore:
         One statement: the filter and the gap-free visibility rule are WHERE clauses, walked
         along the ``(tx, position)`` primary key.
         """
-        if after is not None and not isinstance(after, Position):
-            raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
-        check_limit(limit)
-        if filter is not None and not isinstance(filter, EventFilter):
-            raise InvalidArgument(f"filter must be an EventFilter, got {type(filter).__name__}")
-        if undecodable not in ("raise", "include"):
-            raise InvalidArgument(f"undecodable must be 'raise' or 'include', got {undecodable!r}")
+        check_read_arguments(after, limit, filter, undecodable)
         self._check_open()
-        tx, seq = (0, 0) if after is None else position_parts(after)
-        args: list[object] = [tx, seq, limit]
-        clauses = ["(tx, position) > ($1, $2)", _VISIBLE, *_filter_clauses(filter, args)]
-        sql = (
-            f"SELECT {_EVENT_COLUMNS} FROM {self._events_table} "
-            f"WHERE {' AND '.join(clauses)} ORDER BY tx, position LIMIT $3"
-        )
+        sql, args = self._reads.read_events(after, limit, filter)
         rows = await self._pool.fetch(sql, *args)
         if undecodable == "raise":
-            return [_to_recorded(row) for row in rows]
-        return [_decode_row(row) for row in rows]
+            return [recorded_row(row) for row in rows]
+        return [decode_row(row) for row in rows]
 
     async def last_position(self, filter: EventFilter | None = None) -> Position | None:
         """The position of the last visible event matching *filter*, or None."""
         self._check_open()
-        args: list[object] = []
-        clauses = [_VISIBLE, *_filter_clauses(filter, args)]
-        row = await self._pool.fetchrow(
-            f"SELECT tx, position FROM {self._events_table} WHERE {' AND '.join(clauses)} "
-            "ORDER BY tx DESC, position DESC LIMIT 1",
-            *args,
-        )
+        sql, args = self._reads.last_position(filter)
+        row = await self._pool.fetchrow(sql, *args)
         return None if row is None else Position(row["tx"], row["position"])
 
     async def wait_for_events(self) -> None:
@@ -359,47 +228,7 @@ class PostgresStore:
         been missed meanwhile. Bound each wait with a cancel scope and poll as well.
         """
         self._check_open()
-        if not self._listening:
-            self._listening = True
-            self._nursery.start_soon(self._listen)
-        await self._appended.wait()
-
-    def _wake(self) -> None:
-        self._appended.set()
-        self._appended = trio.Event()
-
-    async def _listen(self) -> None:
-        backoff = 0.1
-        while True:
-            try:
-                connection = await _bridge.connect(
-                    self._session_dsn,
-                    application_name=f"{self._application_name} listener",
-                    connect_timeout=self._connect_timeout,
-                )
-                try:
-                    lost = trio.Event()
-                    connection.add_termination_listener(lost.set)
-                    async with connection.listen(self.notify_channel) as notifications:
-                        self._wake()
-                        backoff = 0.1
-                        async with trio.open_nursery() as nursery:
-
-                            async def relay() -> None:
-                                async for _ in notifications:
-                                    self._wake()
-
-                            nursery.start_soon(relay)
-                            await lost.wait()
-                            nursery.cancel_scope.cancel()
-                finally:
-                    await connection.close()
-            except StoreConnectionError:
-                pass
-            # Lost or never made: wake pollers (they re-read anyway) and try again later.
-            self._wake()
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, 5.0)
+        await self._listener.wait()
 
     # -- CheckpointStore ----------------------------------------------------------------
 
@@ -412,17 +241,7 @@ class PostgresStore:
         """
         check_name(name)
         self._check_open()
-        row = await self._pool.fetchrow(self._sql_load_checkpoint, name)
-        if row is None or row["tx"] is None:
-            return None
-        saved_on = row["system_identifier"]
-        if saved_on is not None and self._system_identifier not in (None, saved_on):
-            raise ClusterMismatch(
-                f"checkpoint {name!r} was saved on PostgreSQL cluster {saved_on}, but this is "
-                f"cluster {self._system_identifier}; its position would skip or repeat events "
-                f"here. Reset the projection to rebuild it on this cluster."
-            )
-        return Position(row["tx"], row["position"])
+        return await self._subscriptions.load_checkpoint(name)
 
     async def save_checkpoint(self, name: str, position: Position) -> None:
         """Save a checkpoint with compare-and-set; it never moves backwards.
@@ -434,12 +253,7 @@ class PostgresStore:
         if not isinstance(position, Position):
             raise InvalidArgument(f"position must be a Position, got {type(position).__name__}")
         self._check_open()
-        tx, seq = position_parts(position)
-        saved = await self._pool.fetchval(
-            self._sql_save_checkpoint, name, tx, seq, self._system_identifier
-        )
-        if saved is None:
-            raise CheckpointConflict(name, position, await self.load_checkpoint(name))
+        await self._subscriptions.save_checkpoint(name, position)
 
     # -- ProjectorCoordinator -----------------------------------------------------------
 
@@ -454,6 +268,7 @@ class PostgresStore:
 
         Raises:
             LeadershipUnavailable: another session holds the lock.
+            UnsupportedPooling: the connection goes through a transaction-pooling proxy.
             StoreConnectionError: the server cannot be reached.
         """
         async with self._acquire(name, wait=False) as leadership:
@@ -469,6 +284,7 @@ class PostgresStore:
         hands it the lock the moment the leader's session ends. Cancel to stop waiting.
 
         Raises:
+            UnsupportedPooling: the connection goes through a transaction-pooling proxy.
             StoreConnectionError: the server cannot be reached, or the session was lost while
                 standing by.
         """
@@ -509,104 +325,7 @@ class PostgresStore:
         it costs a range scan per projection: an operator's call, not a hot path.
         """
         self._check_open()
-        s = f'"{self._schema}"'
-        rows = await self._pool.fetch(
-            "SELECT c.subscription_name, c.tx, c.position, c.filter::text AS filter, c.state, "
-            "c.leader_pid, c.leader_host, c.leader_application, c.leader_backend_pid, "
-            "c.last_error, c.updated_at, "
-            f"(SELECT count(*) FROM {s}.dead_letters d "
-            " WHERE d.subscription_name = c.subscription_name) AS dead_letters "
-            f"FROM {s}.subscriptions c ORDER BY c.subscription_name"
-        )
-        # Every advisory lock (held or awaited) with its session's application_name, which
-        # says whether a session leads or stands by, or is an operator's reset.
-        locks = await self._pool.fetch(
-            "SELECT ((l.classid::bigint << 32) | l.objid::bigint) AS key, l.granted, l.pid, "
-            "a.application_name FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid "
-            "WHERE l.locktype = 'advisory' AND l.objsubid = 1 "
-            "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())"
-        )
-        sessions: dict[int, list[_bridge.Record]] = {}
-        for lock in locks:
-            sessions.setdefault(lock["key"], []).append(lock)
-        held_back_by = await self._oldest_open_transaction()
-        now = dt.datetime.now(dt.UTC)
-        result = []
-        for row in rows:
-            name = row["subscription_name"]
-            key = projector_lock_key(self._schema, name)
-            checkpoint = None if row["tx"] is None else Position(row["tx"], row["position"])
-            event_filter = _filter_from_json(row["filter"])
-            lag_events, oldest = await self._lag(checkpoint, event_filter)
-            unit = _lock_sessions(sessions.get(key, []), name)
-            holder: ProjectionState | None = None
-            leader = None
-            if unit.holder_resetting:
-                holder = ProjectionState.RESETTING
-            elif unit.holder_pid is not None:
-                # The leader recorded in the row is named only while its own session holds
-                # the lock: a new leader that has not reported yet is shown without one.
-                own = unit.holder_pid == row["leader_backend_pid"]
-                replaying = own and row["state"] == ProjectionState.REPLAYING.value
-                holder = ProjectionState.REPLAYING if replaying else ProjectionState.RUNNING
-                if own and not replaying and row["leader_pid"] is not None:
-                    leader = LeaderInfo(
-                        pid=row["leader_pid"],
-                        host=row["leader_host"],
-                        application_name=row["leader_application"],
-                    )
-            state = unit_state(
-                holder=holder,
-                standbys=unit.standbys,
-                last=ProjectionState(row["state"]),
-            )
-            result.append(
-                ProjectionStatus(
-                    name=name,
-                    checkpoint=checkpoint,
-                    lag_events=lag_events,
-                    lag_seconds=0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()),
-                    leader=leader,
-                    standbys=unit.standbys,
-                    state=state,
-                    last_error=row["last_error"],
-                    updated_at=row["updated_at"],
-                    dead_letters=int(row["dead_letters"]),
-                    held_back_by=held_back_by,
-                )
-            )
-        return result
-
-    async def _lag(
-        self, checkpoint: Position | None, event_filter: EventFilter | None
-    ) -> tuple[int, dt.datetime | None]:
-        tx, seq = (0, 0) if checkpoint is None else position_parts(checkpoint)
-        args: list[object] = [tx, seq]
-        clauses = ["(tx, position) > ($1, $2)", _VISIBLE, *_filter_clauses(event_filter, args)]
-        row = await self._pool.fetchrow(
-            f"SELECT count(*) AS n, min(recorded_at) AS oldest FROM {self._events_table} "
-            f"WHERE {' AND '.join(clauses)}",
-            *args,
-        )
-        assert row is not None
-        return int(row["n"]), row["oldest"]
-
-    async def _oldest_open_transaction(self) -> OpenTransaction | None:
-        # The transaction whose id is the cluster's snapshot xmin holds every reader back.
-        row = await self._pool.fetchrow(
-            "SELECT pid, application_name, state, xact_start, left(query, 200) AS query "
-            "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
-            "ORDER BY age(backend_xid) DESC LIMIT 1"
-        )
-        if row is None:
-            return None
-        return OpenTransaction(
-            pid=row["pid"],
-            application_name=row["application_name"] or "",
-            state=row["state"] or "",
-            started_at=row["xact_start"],
-            query=row["query"] or "",
-        )
+        return await self._subscriptions.status()
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters, so its next run rebuilds from scratch.
@@ -620,27 +339,15 @@ class PostgresStore:
         """
         check_name(name)
         self._check_open()
-        s = f'"{self._schema}"'
-        exists = await self._pool.fetchval(
-            f"SELECT 1 FROM {s}.subscriptions WHERE subscription_name = $1", name
-        )
-        if exists is None:
+        if not await self._subscriptions.exists(name):
             raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
         try:
             async with (
                 self._acquire(name, wait=wait, role="reset") as leadership,
-                leadership._use() as conn,
-                conn.transaction(),
+                leadership._use() as connection,
+                connection.transaction(),
             ):
-                await conn.execute(
-                    f"UPDATE {s}.subscriptions SET tx = NULL, position = NULL, "
-                    "state = 'stopped', last_error = NULL, updated_at = now() "
-                    "WHERE subscription_name = $1",
-                    name,
-                )
-                await conn.execute(
-                    f"DELETE FROM {s}.dead_letters WHERE subscription_name = $1", name
-                )
+                await self._subscriptions.reset(connection, name)
         except LeadershipUnavailable as exc:
             raise ProjectionRunning(name) from exc
 
@@ -648,130 +355,7 @@ class PostgresStore:
         """The events *name* skipped and that were not replayed, in position order."""
         check_name(name)
         self._check_open()
-        rows = await self._pool.fetch(
-            f'SELECT * FROM "{self._schema}".dead_letters WHERE subscription_name = $1 '
-            "ORDER BY tx, position",
-            name,
-        )
-        return [_to_dead_letter(row) for row in rows]
-
-
-@attrs.frozen
-class _UnitLocks:
-    holder_pid: int | None
-    holder_resetting: bool
-    standbys: int
-
-
-def _lock_sessions(locks: Sequence[_bridge.Record], name: str) -> _UnitLocks:
-    # Reset sessions are named "<application> reset <name>" (see PostgresStore._acquire).
-    def resetting(lock: _bridge.Record) -> bool:
-        return (lock["application_name"] or "").endswith(f" reset {name}")
-
-    holders = [lock for lock in locks if lock["granted"]]
-    holder = holders[0] if holders else None
-    return _UnitLocks(
-        holder_pid=None if holder is None else holder["pid"],
-        holder_resetting=holder is not None and resetting(holder),
-        standbys=sum(1 for lock in locks if not lock["granted"] and not resetting(lock)),
-    )
-
-
-def _filter_from_json(text: str | None) -> EventFilter | None:
-    if text is None:
-        return None
-    fields: dict[str, Any] = json.loads(text)
-    return EventFilter(**fields)
-
-
-def _to_dead_letter(row: _bridge.Record) -> DeadLetter:
-    position = Position(row["tx"], row["position"])
-    event: RecordedEvent | UndecodableEvent
-    if row["decode_error"] is None:
-        event = RecordedEvent(
-            event_id=row["event_id"],
-            stream_id=row["stream_id"],
-            stream_version=row["stream_version"],
-            position=position,
-            type=row["type"],
-            data=json.loads(row["data"]),
-            metadata=json.loads(row["metadata"]),
-            recorded_at=row["event_recorded_at"],
-        )
-    else:
-        event = UndecodableEvent(
-            event_id=row["event_id"],
-            stream_id=row["stream_id"],
-            stream_version=row["stream_version"],
-            position=position,
-            type=row["type"],
-            raw_data=row["data"],
-            raw_metadata=row["metadata"],
-            recorded_at=row["event_recorded_at"],
-            error=row["decode_error"],
-        )
-    return DeadLetter(
-        id=row["id"],
-        projection=row["subscription_name"],
-        event=event,
-        error_type=row["error_type"],
-        error_message=row["error_message"],
-        retries=row["retries"],
-        recorded_at=row["recorded_at"],
-    )
-
-
-def _decode_object(text: str) -> Any:
-    # Most metadata (and much data) is the empty object: skip the JSON parser for it.
-    return {} if text == "{}" else _json_loads(text)
-
-
-_json_loads = json.loads
-
-
-def _decode_row(row: Any) -> RecordedEvent | UndecodableEvent:
-    # Columns by index, in _EVENT_COLUMNS order (an asyncpg Record is also a sequence):
-    # this runs once per event read.
-    tx, seq, stream_id, stream_version, event_id, event_type, raw_data, raw_metadata, at = row
-    position = trusted_position(tx, seq)
-    try:
-        data = _decode_object(raw_data)
-        metadata = _decode_object(raw_metadata)
-        if type(data) is not dict or type(metadata) is not dict:
-            raise ValueError("data and metadata must be JSON objects")
-    except ValueError as exc:
-        return UndecodableEvent(
-            event_id=event_id,
-            stream_id=stream_id,
-            stream_version=stream_version,
-            position=position,
-            type=event_type,
-            raw_data=raw_data,
-            raw_metadata=raw_metadata,
-            recorded_at=at,
-            error=str(exc),
-        )
-    return RecordedEvent(
-        event_id=event_id,
-        stream_id=stream_id,
-        stream_version=stream_version,
-        position=position,
-        type=event_type,
-        data=data,
-        metadata=metadata,
-        recorded_at=at,
-    )
-
-
-def _to_recorded(row: _bridge.Record) -> RecordedEvent:
-    decoded = _decode_row(row)
-    if isinstance(decoded, UndecodableEvent):
-        raise EventDecodeError(
-            f"event at {decoded.position} cannot be decoded: {decoded.error}; read it with "
-            "undecodable='include' to handle it",
-            position=decoded.position,
-        )
-    return decoded
+        return await self._subscriptions.dead_letters(name)
 
 
 def _check_positive(option: str, value: object) -> None:
@@ -891,6 +475,7 @@ async def open_postgres_store(
             server_version=version,
             application_name=application_name,
             connect_timeout=float(connect_timeout),
+            statement_cache_size=statement_cache_size,
         )
         try:
             yield store

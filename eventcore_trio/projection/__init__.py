@@ -4,6 +4,7 @@ from .._util import fixup_module_metadata
 from ._config import ProjectionConfig as ProjectionConfig
 from ._host import run_projections as run_projections
 from ._pipeline import ProjectionResult as ProjectionResult
+from ._program import run_host as run_host
 from ._projector import Failure as Failure
 from ._projector import FailureStrategy as FailureStrategy
 from ._projector import FunctionProjector as FunctionProjector
@@ -25,6 +26,7 @@ __all__ = [
     "ReplayResult",
     "projector",
     "replay_dead_letters",
+    "run_host",
     "run_projection",
     "run_projections",
 ]

@@ -49,15 +49,17 @@ class ReadPage:
 class ApplyBatch:
     """In one transaction: apply *events*, record *dead_letter*, move the checkpoint.
 
-    The checkpoint moves from *expected* to *checkpoint* (compare-and-set). With *singly*,
-    the events are applied one at a time even by a projector with a batch hook (isolating a
-    failure). Answer with `BatchCommitted` or `BatchFailed`.
+    The checkpoint moves from *expected* to *checkpoint* (compare-and-set). With
+    *use_batch_hook* the events go to the projector's batch hook in one call; otherwise they
+    are applied one at a time (always so while isolating a batch hook's failure). Answer with
+    `BatchCommitted` or `BatchFailed`.
     """
 
     events: tuple[RecordedEvent, ...]
     expected: Position | None
     checkpoint: Position
     dead_letter: Failure | None = None
+    use_batch_hook: bool = False
 
 
 @attrs.frozen
@@ -70,9 +72,11 @@ class Sleep:
 
 @attrs.frozen
 class WaitForEvents:
-    """Continuous mode, caught up: wait for a notification or *timeout*; answer `Woken`."""
+    """Continuous mode, caught up: wait *timeout*, or less if *notified* and a notification
+    comes; answer `Woken`."""
 
     timeout: float
+    notified: bool = True
 
 
 @attrs.frozen
@@ -220,9 +224,12 @@ class ProjectionPipeline:
         *,
         config: ProjectionConfig,
         on_error: Callable[[Failure], FailureStrategy],
+        has_batch_hook: bool = False,
     ) -> None:
         self._config = config
         self._on_error = on_error
+        # Whether the projector takes whole batches in one call (apply_batch).
+        self._has_batch_hook = has_batch_hook
         self._phase = Phase.START
         # The last committed checkpoint; batches move it by compare-and-set from this value.
         self._checkpoint: Position | None = None
@@ -332,7 +339,11 @@ class ProjectionPipeline:
     def _idle(self) -> Effect:
         if self._config.continuous:
             return self._go(
-                Phase.AWAITING_EVENTS, WaitForEvents(timeout=self._config.poll_interval)
+                Phase.AWAITING_EVENTS,
+                WaitForEvents(
+                    timeout=self._config.poll_interval,
+                    notified=self._config.use_notifications,
+                ),
             )
         return self._done()
 
@@ -375,7 +386,10 @@ class ProjectionPipeline:
             if isinstance(event, UndecodableEvent) or len(batch) == limit:
                 break
             batch.append(event)
-        return self._apply(ApplyBatch(tuple(batch), self._checkpoint, batch[-1].position))
+        hook = self._has_batch_hook and not self._singly and len(batch) > 1
+        return self._apply(
+            ApplyBatch(tuple(batch), self._checkpoint, batch[-1].position, use_batch_hook=hook)
+        )
 
     def _apply(self, effect: ApplyBatch) -> Effect:
         self._in_flight = effect

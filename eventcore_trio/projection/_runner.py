@@ -76,7 +76,9 @@ async def _apply_batch(
         async with leadership.open_batch() as batch:
             ctx = ProjectionContext(batch=batch, store=store, projector=projector.name)
             if effect.events:
-                await _run_handlers(projector, ctx, effect.events)
+                await _run_handlers(
+                    projector, ctx, effect.events, use_batch_hook=effect.use_batch_hook
+                )
             if effect.dead_letter is not None:
                 failure = effect.dead_letter
                 await batch.record_dead_letter(
@@ -104,10 +106,16 @@ async def _apply_batch(
 
 
 async def _run_handlers(
-    projector: ResolvedProjector, ctx: ProjectionContext, events: Sequence[RecordedEvent]
+    projector: ResolvedProjector,
+    ctx: ProjectionContext,
+    events: Sequence[RecordedEvent],
+    *,
+    use_batch_hook: bool = False,
 ) -> None:
+    # The pipeline decides whether a batch goes to the batch hook in one call; a projector
+    # that has only a batch hook gets single events as batches of one.
     decode = projector.decode
-    if projector.apply_batch is not None and len(events) > 1:
+    if use_batch_hook and projector.apply_batch is not None:
         ctx._position = events[-1].position
         ctx._event = events[-1]
         try:
@@ -141,11 +149,7 @@ def _check_batch(ctx: ProjectionContext, index: int | None) -> None:
 
 
 async def _perform(
-    effect: Effect,
-    projector: ResolvedProjector,
-    store: Store,
-    leadership: Leadership,
-    config: ProjectionConfig,
+    effect: Effect, projector: ResolvedProjector, store: Store, leadership: Leadership
 ) -> Result:
     match effect:
         case LoadCheckpoint():
@@ -167,9 +171,9 @@ async def _perform(
             logger.info("projector %s: sleeping %.2fs (%s)", projector.name, seconds, reason)
             await trio.sleep(seconds)
             return Slept()
-        case WaitForEvents(timeout):
+        case WaitForEvents(timeout, notified):
             with trio.move_on_after(timeout):
-                if config.use_notifications:
+                if notified:
                     await store.wait_for_events()
                 else:
                     await trio.sleep_forever()
@@ -183,7 +187,11 @@ async def _drive(
     leadership: Leadership,
     config: ProjectionConfig,
 ) -> ProjectionResult:
-    pipeline = ProjectionPipeline(config=config, on_error=projector.on_error)
+    pipeline = ProjectionPipeline(
+        config=config,
+        on_error=projector.on_error,
+        has_batch_hook=projector.apply_batch is not None,
+    )
     effect = pipeline.start()
     while True:
         if isinstance(effect, Done):
@@ -198,7 +206,7 @@ async def _drive(
                 event=None if failure is None else failure.event,
                 retries=0 if failure is None else failure.retries,
             ) from effect.error
-        effect = pipeline.resume(await _perform(effect, projector, store, leadership, config))
+        effect = pipeline.resume(await _perform(effect, projector, store, leadership))
 
 
 async def _cancel_when_lost(leadership: Leadership, scope: trio.CancelScope) -> None:

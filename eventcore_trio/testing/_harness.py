@@ -11,7 +11,7 @@ from .._events import NewEvent, StreamAppend
 from .._protocols import Leadership, Store
 from ..memory import MemoryStore, open_memory_store
 from ..memory._store import MemoryLeadership
-from ..postgres import PostgresLeadership, PostgresStore, _bridge, open_postgres_store
+from ..postgres import PostgresLeadership, PostgresStore, open_postgres_store
 
 
 class BackendHarness(Protocol):
@@ -120,7 +120,7 @@ class PostgresHarness:
         """``pg_terminate_backend`` the lock-holding session, from a pooled connection."""
         assert isinstance(store, PostgresStore)
         assert isinstance(leadership, PostgresLeadership)
-        terminated = await store._pool.fetchval(
+        terminated = await store.admin.fetchval(
             "SELECT pg_terminate_backend($1)", leadership.backend_pid
         )
         assert terminated, "the lock-holding session was already gone"
@@ -128,7 +128,7 @@ class PostgresHarness:
     async def store_undecodable(self, store: Store, stream_id: str) -> None:
         """Insert an event whose data is a JSON array, bypassing the append function."""
         assert isinstance(store, PostgresStore)
-        await store._pool.execute(
+        await store.admin.execute(
             f'INSERT INTO "{store.schema}".events '
             "(stream_id, stream_version, event_id, type, data, metadata) "
             "VALUES ($1, 1, gen_random_uuid(), 'Undecodable', '[1, 2, 3]', '{}')",
@@ -141,16 +141,10 @@ class PostgresHarness:
     ) -> AsyncIterator[None]:
         """Run the append function in an open transaction on a dedicated connection."""
         assert isinstance(store, PostgresStore)
-        connection = await _bridge.connect(
-            self.dsn,
-            application_name="eventcore-trio test late commit",
-            connect_timeout=10,
-            statement_cache_size=self.store_options.get("statement_cache_size", 100),
-        )
-        try:
-            async with connection.transaction():
-                sql, args = store._append_statement([StreamAppend(stream_id, events)])
-                await connection.fetchrow(sql, *args)
-                yield
-        finally:
-            await connection.close()
+        async with (
+            store.admin.connection("eventcore-trio test late commit") as connection,
+            connection.transaction(),
+        ):
+            sql, args = store.admin.append_statement([StreamAppend(stream_id, events)])
+            await connection.fetchrow(sql, *args)
+            yield

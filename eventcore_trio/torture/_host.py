@@ -1,27 +1,23 @@
-"""A torture host process: ``python -m eventcore_trio.torture._host DSN SCHEMA APP NAME``.
+"""A torture host process: ``python -m eventcore_trio.torture._host SCHEMA APP NAME``.
 
-Hosts the ledger projection with `run_projections`, through whatever network the torture run
-put in front of it. If the store cannot be opened (the server is down, the network is cut) it
-tries again with capped exponential backoff. Prints "ready" once running or standing by;
-stops cleanly on SIGTERM or SIGINT.
+Hosts the ledger projection through whatever network the torture run put in front of it (the
+DSN comes in ``EVENTCORE_DSN``), with the host program every other host uses
+(`run_host`): if the store cannot be opened (the server is down, the network is cut)
+it tries again with capped exponential backoff; it prints "ready" once running or standing by
+and stops cleanly on SIGTERM or SIGINT.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-import signal
 import sys
 
-import trio
-
 from .._concurrency import run_program
-from .._errors import StoreConnectionError
 from ..postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
-from ..projection import ProjectionConfig, run_projections
+from ..projection import ProjectionConfig, run_host
 from ._model import LedgerProjector
-
-logger = logging.getLogger("eventcore_trio.torture.host")
 
 # Short backoffs: the torture run measures how fast hosts come back, and a real deployment
 # would tune these the same way for a small fleet.
@@ -37,41 +33,26 @@ CONFIG = ProjectionConfig(
 OPEN_BACKOFF_CAP = 2.0
 
 
-async def host(dsn: str, schema: str, app: str, name: str) -> None:
-    """Host the ledger projection until cancelled, reopening the store when it cannot open."""
-    ready = False
-    backoff = 0.1
-    while True:
-        try:
-            async with (
-                open_postgres_store(
-                    dsn, schema=schema, migrate=False, application_name=name, connect_timeout=2.0
-                ) as store,
-                trio.open_nursery() as nursery,
-            ):
-                await nursery.start(run_projections, store, [LedgerProjector(app)], CONFIG)
-                backoff = 0.1
-                if not ready:
-                    ready = True
-                    print("ready", flush=True)
-        except StoreConnectionError as exc:
-            logger.warning("%s: cannot open the store (%s); retrying in %.1fs", name, exc, backoff)
-            await trio.sleep(backoff)
-            backoff = min(backoff * 2, OPEN_BACKOFF_CAP)
-
-
-async def main(dsn: str, schema: str, app: str, name: str) -> None:
-    """Run `host` until SIGTERM or SIGINT."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(host, dsn, schema, app, name)
-            async for _ in signals:
-                nursery.cancel_scope.cancel()
-                break
+async def main(dsn: str, schema: str, app: str, name: str) -> int:
+    """Host the ledger projection until SIGTERM or SIGINT, reopening the store when it cannot
+    open (the same host program as `eventcore-trio run`)."""
+    return await run_host(
+        functools.partial(
+            open_postgres_store,
+            dsn,
+            schema=schema,
+            migrate=False,
+            application_name=name,
+            connect_timeout=2.0,
+        ),
+        [LedgerProjector(app)],
+        CONFIG,
+        open_backoff_cap=OPEN_BACKOFF_CAP,
+    )
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
     # The DSN comes from the environment (see run_ready_process), never the command line.
     schema, app, name = sys.argv[1:4]
-    run_program(main, os.environ[DSN_ENVIRONMENT_VARIABLE], schema, app, name)
+    sys.exit(run_program(main, os.environ[DSN_ENVIRONMENT_VARIABLE], schema, app, name))

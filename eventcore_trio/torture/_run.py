@@ -132,7 +132,7 @@ class _Torture:
 
     async def holder(self, control: PostgresStore) -> _Holder | None:
         """The session holding the projection's lock now, and the slot of its host."""
-        row = await control._pool.fetchrow(
+        row = await control.admin.fetchrow(
             "SELECT l.pid, a.application_name FROM pg_locks l "
             "JOIN pg_stat_activity a ON a.pid = l.pid "
             "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
@@ -254,7 +254,7 @@ class _Torture:
                         signal.SIGKILL if kind is FaultKind.SIGKILL_LEADER else signal.SIGTERM
                     )
                 case FaultKind.TERMINATE_LOCK_SESSION:
-                    await control._pool.execute(
+                    await control.admin.execute(
                         "SELECT pg_terminate_backend($1)", holder.backend_pid
                     )
                 case FaultKind.NETWORK_DROP:
@@ -266,7 +266,7 @@ class _Torture:
                     slot.proxy.drop()
                     slot.proxy.resume()
         if kind is FaultKind.TERMINATE_POOL_SESSIONS:
-            count = await control._pool.fetchval(
+            count = await control.admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE (application_name LIKE $1 OR application_name LIKE $2) "
                 "AND application_name NOT LIKE '% leader %'",
@@ -455,8 +455,8 @@ async def _run(
         dsn, schema=schema, application_name="torture-control", connect_timeout=5
     ) as control:
         try:
-            await control._pool.execute(app_schema_sql(schema, app))
-            version = await control._pool.fetchval("SELECT current_setting('server_version')")
+            await control.admin.execute(app_schema_sql(schema, app))
+            version = await control.admin.fetchval("SELECT current_setting('server_version')")
             out(
                 f"torture: seed {seed}, {hosts} hosts, {writers} writers, {duration:.0f}s of "
                 f"faults ({', '.join(k.value for k in kinds)}) on PostgreSQL {version}"
@@ -530,7 +530,7 @@ async def _run(
             if not keep:
                 with trio.CancelScope(shield=True), trio.move_on_after(30):
                     try:
-                        await control._pool.execute(
+                        await control.admin.execute(
                             f'DROP SCHEMA IF EXISTS "{app}" CASCADE; '
                             f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'
                         )

@@ -64,7 +64,7 @@ async def verify(
 ) -> Findings:
     """Compare the log with the writers' record, the read model and the evidence tables."""
     events_table = f'"{store.schema}".events'
-    rows = await store._pool.fetch(
+    rows = await store.admin.fetch(
         f"SELECT event_id, stream_id, (data->>'amount')::bigint AS amount FROM {events_table} "
         "WHERE type = $1 AND starts_with(stream_id, $2)",
         EVENT_TYPE,
@@ -76,19 +76,19 @@ async def verify(
         total, count = fold.get(row["stream_id"], (0, 0))
         fold[row["stream_id"]] = (total + row["amount"], count + 1)
 
-    applied_rows = await store._pool.fetch(f'SELECT event_id FROM "{app}".applied')
+    applied_rows = await store.admin.fetch(f'SELECT event_id FROM "{app}".applied')
     applied = [row["event_id"] for row in applied_rows]
     applied_once = set(applied)
 
-    ledger_rows = await store._pool.fetch(f'SELECT stream_id, total, events FROM "{app}".ledger')
+    ledger_rows = await store.admin.fetch(f'SELECT stream_id, total, events FROM "{app}".ledger')
     ledger = {row["stream_id"]: (row["total"], row["events"]) for row in ledger_rows}
     mismatches = sum(1 for s in fold.keys() | ledger.keys() if fold.get(s) != ledger.get(s))
 
-    regressions = await store._pool.fetchval(
+    regressions = await store.admin.fetchval(
         f'SELECT count(*) FROM "{app}".checkpoint_regressions WHERE subscription_name = $1',
         PROJECTOR_NAME,
     )
-    batch_rows = await store._pool.fetch(
+    batch_rows = await store.admin.fetch(
         "SELECT backend_pid, min(started) AS started, max(finished) AS finished "
         f'FROM "{app}".applied GROUP BY xact, backend_pid'
     )

@@ -87,10 +87,10 @@ async def _append_held(
 ) -> None:
     # The hazard gap-free reads exist for: a transaction that holds its events uncommitted
     # for a while, then commits (after later ones) or rolls back.
-    sql, args = store._append_statement(appends)
+    sql, args = store.admin.append_statement(appends)
     committing = False
     try:
-        async with store._pool.acquire() as connection:
+        async with store.admin.acquire() as connection:
             await connection.begin()
             try:
                 await connection.fetchrow(sql, *args)

@@ -7,6 +7,7 @@ APP_SCHEMA.applied through ctx.db (so the record commits with the checkpoint, or
 Prints "ready" once the host is running or standing by.
 """
 
+import functools
 import logging
 import os
 import sys
@@ -18,11 +19,11 @@ from eventcore_trio.projection import (
     ProjectionConfig,
     ProjectionContext,
     projector,
-    run_projections,
+    run_host,
 )
 
 
-async def main(dsn: str, schema: str, app_schema: str, logfile: str, slow: float) -> None:
+async def main(dsn: str, schema: str, app_schema: str, logfile: str, slow: float) -> int:
     logging.basicConfig(
         filename=logfile,
         level=logging.INFO,
@@ -42,9 +43,9 @@ async def main(dsn: str, schema: str, app_schema: str, logfile: str, slow: float
         )
 
     config = ProjectionConfig(batch_size=5 if slow else 50, poll_interval=0.5)
-    async with open_postgres_store(dsn, schema=schema) as store, trio.open_nursery() as nursery:
-        await nursery.start(run_projections, store, [ledger], config)
-        print("ready", flush=True)
+    return await run_host(
+        functools.partial(open_postgres_store, dsn, schema=schema), [ledger], config
+    )
 
 
 if __name__ == "__main__":

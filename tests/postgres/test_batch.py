@@ -31,7 +31,7 @@ from eventcore_trio.testing import PostgresHarness
 
 async def _table(store: PostgresStore) -> str:
     table = f'"{store.schema}".rm_{uuid.uuid4().hex[:8]}'
-    await store._pool.execute(f"CREATE TABLE {table} (position text PRIMARY KEY)")
+    await store.admin.execute(f"CREATE TABLE {table} (position text PRIMARY KEY)")
     return table
 
 
@@ -68,7 +68,7 @@ class TestInterruptedStatements:
                 await interrupted_batch()
             assert not await _session_in_transaction(leadership)
             assert leadership.is_held
-        assert await store._pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+        assert await store.admin.fetchval(f"SELECT count(*) FROM {table}") == 0
         assert await store.load_checkpoint("p") is None
 
     async def test_a_cancelled_commit_is_all_or_nothing(self, store: PostgresStore) -> None:
@@ -88,7 +88,7 @@ class TestInterruptedStatements:
                         scope.cancel()
                 if leadership.is_held:
                     assert not await _session_in_transaction(leadership)
-            written = await store._pool.fetchval(
+            written = await store.admin.fetchval(
                 f"SELECT count(*) FROM {table} WHERE position = $1", str(attempt)
             )
             saved = await store.load_checkpoint("p") == appended.position
@@ -124,7 +124,7 @@ class TestInterruptedStatements:
 
         config = ProjectionConfig(batch_size=4, max_retries=1000, retry_initial_backoff=0.001)
         result = await run_projection(Timed(), store, config)
-        rows = await store._pool.fetch(f"SELECT position FROM {table}")
+        rows = await store.admin.fetch(f"SELECT position FROM {table}")
         assert len(rows) == result.events_applied == 40
         events = await store.read_events(None, limit=100)
         assert await store.load_checkpoint("timed") == events[-1].position
@@ -149,7 +149,7 @@ class TestFencing:
 
         with pytest.raises(LeadershipLost, match="pg_advisory_unlock_all"):
             await run_projection(rogue, store)
-        assert await store._pool.fetchval(f"SELECT count(*) FROM {table}") == 0
+        assert await store.admin.fetchval(f"SELECT count(*) FROM {table}") == 0
         assert await store.load_checkpoint("rogue") is None
 
     async def test_the_keepalive_notices_a_released_lock(self, store: PostgresStore) -> None:
@@ -169,14 +169,14 @@ async def timeouts_database(postgres_dsn: str) -> AsyncIterator[str]:
     """A database whose default statement and lock timeouts are 200 ms."""
     name = f"timeouts_{uuid.uuid4().hex[:8]}"
     async with open_postgres_store(postgres_dsn, schema="admin") as admin:
-        await admin._pool.execute(f"CREATE DATABASE {name}")
-        await admin._pool.execute(
+        await admin.admin.execute(f"CREATE DATABASE {name}")
+        await admin.admin.execute(
             f"ALTER DATABASE {name} SET statement_timeout = '200ms'; "
             f"ALTER DATABASE {name} SET lock_timeout = '200ms'; "
             f"ALTER DATABASE {name} SET idle_in_transaction_session_timeout = '200ms'"
         )
         yield postgres_dsn.rsplit("/", 1)[0] + f"/{name}"
-        await admin._pool.execute(f"DROP DATABASE {name} WITH (FORCE)")
+        await admin.admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 class TestServerTimeouts:
@@ -230,9 +230,9 @@ class TestServerTimeouts:
         """57014 from statement_timeout is a DatabaseError naming it, not a lost connection."""
         async with PostgresHarness(timeouts_database).open_store() as store:
             with pytest.raises(DatabaseError, match="statement_timeout") as raised:
-                await store._pool.fetchval("SELECT pg_sleep(1)")
+                await store.admin.fetchval("SELECT pg_sleep(1)")
             assert raised.value.sqlstate == "57014"
-            assert await store._pool.fetchval("SELECT 1") == 1
+            assert await store.admin.fetchval("SELECT 1") == 1
 
 
 class TestCommitErrors:
@@ -243,7 +243,7 @@ class TestCommitErrors:
     ) -> None:
         """The batch is applied one event at a time; only the culprit is dead-lettered."""
         table = f'"{store.schema}".deferred'
-        await store._pool.execute(
+        await store.admin.execute(
             f"CREATE TABLE {table} (k int UNIQUE DEFERRABLE INITIALLY DEFERRED)"
         )
         await store.append("s", [NewEvent("A", {"k": k}) for k in (1, 2, 2, 3)])
@@ -267,5 +267,5 @@ class TestCommitErrors:
         assert failure.error.sqlstate == "23505"
         assert isinstance(failure.event, RecordedEvent)
         assert failure.event.stream_version == 3
-        rows = await store._pool.fetch(f"SELECT k FROM {table} ORDER BY k")
+        rows = await store.admin.fetch(f"SELECT k FROM {table} ORDER BY k")
         assert [r["k"] for r in rows] == [1, 2, 3]

@@ -34,7 +34,7 @@ LEADER_SCRIPT = Path(__file__).with_name("leader_process.py")
 
 async def _lock_holders(store: PostgresStore, name: str) -> list[int]:
     key = projector_lock_key(store.schema, name)
-    rows = await store._pool.fetch(
+    rows = await store.admin.fetch(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
         "AND ((classid::bigint << 32) | objid::bigint) = $1::bigint",
         key,
@@ -44,7 +44,7 @@ async def _lock_holders(store: PostgresStore, name: str) -> list[int]:
 
 async def _sessions_named(store: PostgresStore, application_name: str) -> int:
     return int(
-        await store._pool.fetchval(
+        await store.admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = $1",
             application_name,
         )
@@ -79,7 +79,7 @@ class TestDedicatedSession:
         """The advisory lock's holder is the dedicated session, not any pooled one."""
         pool_pids = {
             r["pid"]
-            for r in await store._pool.fetch(
+            for r in await store.admin.fetch(
                 "SELECT pid FROM pg_stat_activity WHERE application_name = 'eventcore-trio'"
             )
         }

@@ -48,11 +48,11 @@ async def test_a_dropped_network_ends_the_sessions_and_the_store_reconnects(
         open_postgres_store(proxy.dsn, schema=harness.schema, max_pool_size=1) as store,
     ):
         await store.append("s-1", events("A", "B", "C"))
-        session = await store._pool.fetchval("SELECT pg_backend_pid()")
+        session = await store.admin.fetchval("SELECT pg_backend_pid()")
         assert proxy.drop() >= 1
 
         async def session_ended() -> bool:
-            return not await direct._pool.fetchval(
+            return not await direct.admin.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", session
             )
 
@@ -112,7 +112,7 @@ async def test_a_host_behind_a_cut_network_resumes_without_losing_or_repeating(
     app = f"{harness.schema}_app"
     config = ProjectionConfig(poll_interval=0.1, restart_initial_backoff=0.05)
     async with harness.open_store() as direct:
-        await direct._pool.execute(app_schema_sql(harness.schema, app))
+        await direct.admin.execute(app_schema_sql(harness.schema, app))
         try:
             async with (
                 open_postgres_store(proxy.dsn, schema=harness.schema, connect_timeout=1) as host,
@@ -140,13 +140,13 @@ async def test_a_host_behind_a_cut_network_resumes_without_losing_or_repeating(
 
                 async def all_applied() -> bool:
                     return bool(
-                        await direct._pool.fetchval(f'SELECT count(*) FROM "{app}".applied')
+                        await direct.admin.fetchval(f'SELECT count(*) FROM "{app}".applied')
                         == expected
                     )
 
                 await eventually(all_applied, within=30)
                 nursery.cancel_scope.cancel()
-            applied = await direct._pool.fetchrow(
+            applied = await direct.admin.fetchrow(
                 f'SELECT count(*) AS n, count(DISTINCT event_id) AS d FROM "{app}".applied'
             )
             assert applied is not None
@@ -154,7 +154,7 @@ async def test_a_host_behind_a_cut_network_resumes_without_losing_or_repeating(
             failures = [r for r in caplog.records if r.levelno >= logging.ERROR]
             assert not failures, [r.getMessage() for r in failures]
         finally:
-            await direct._pool.execute(f'DROP SCHEMA "{app}" CASCADE')
+            await direct.admin.execute(f'DROP SCHEMA "{app}" CASCADE')
 
 
 def _posted(amount: int) -> NewEvent:
@@ -166,9 +166,9 @@ async def test_a_pooled_connection_whose_session_is_killed_reads_as_closed(
 ) -> None:
     # asyncpg hands a pooled connection back to its pool the moment its session ends, and
     # every call on it then raises; the bridge must answer "closed", not raise.
-    async with store._pool.acquire() as connection:
+    async with store.admin.acquire() as connection:
         await connection.begin()
-        await store._pool.execute("SELECT pg_terminate_backend($1)", connection.backend_pid)
+        await store.admin.execute("SELECT pg_terminate_backend($1)", connection.backend_pid)
         with trio.fail_after(10):
             while not connection.is_closed():  # noqa: ASYNC110
                 await trio.sleep(0.01)
@@ -250,7 +250,7 @@ async def test_a_silently_partitioned_leader_gives_up_and_the_server_frees_its_l
 
         async def sleeping() -> bool:
             return bool(
-                await observer._pool.fetchval(
+                await observer.admin.fetchval(
                     "SELECT count(*) FROM pg_stat_activity "
                     "WHERE pid = $1 AND wait_event = 'PgSleep'",
                     leadership.backend_pid,

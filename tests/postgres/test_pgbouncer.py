@@ -67,7 +67,7 @@ async def direct(postgres_dsn: str, bouncer: pgbouncer.PgBouncer) -> AsyncIterat
 
 
 async def _advisory_locks(store: PostgresStore, key: int) -> list[int]:
-    rows = await store._pool.fetch(
+    rows = await store.admin.fetch(
         "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted "
         "AND ((classid::bigint << 32) | objid::bigint) = $1",
         key,
@@ -205,7 +205,7 @@ class TestDocumentedSetup:
                 await store.append("s", [NewEvent("A", {}), NewEvent("B", {})])
                 result = await run_projection(totals, store)
                 assert result.events_applied == 2
-                seen = await store._pool.fetchval(f'SELECT count(*) FROM "{harness.schema}".seen')
+                seen = await store.admin.fetchval(f'SELECT count(*) FROM "{harness.schema}".seen')
                 assert seen == 3 * round_ + 2
                 with trio.fail_after(10):
                     async with trio.open_nursery() as nursery:

@@ -38,7 +38,7 @@ HOST_SCRIPT = Path(__file__).with_name("host_process.py")
 
 async def _create_app_schema(store: PostgresStore) -> str:
     app = f"app_{uuid.uuid4().hex[:10]}"
-    await store._pool.execute(
+    await store.admin.execute(
         f'CREATE SCHEMA "{app}"; '
         f'CREATE TABLE "{app}".applied (id bigserial PRIMARY KEY, event_id uuid NOT NULL, '
         "tx bigint NOT NULL, seq bigint NOT NULL, applied_by int NOT NULL, "
@@ -50,7 +50,7 @@ async def _create_app_schema(store: PostgresStore) -> str:
 async def _verify_exactly_once(store: PostgresStore, app: str) -> int:
     """Every Deposited event applied exactly once, in order; returns how many."""
     deposits = [e for e in await read_all(store, page_size=1000) if e.type == "Deposited"]
-    rows = await store._pool.fetch(f'SELECT event_id, tx, seq FROM "{app}".applied ORDER BY id')
+    rows = await store.admin.fetch(f'SELECT event_id, tx, seq FROM "{app}".applied ORDER BY id')
     applied = [r["event_id"] for r in rows]
     assert len(applied) == len(set(applied)), "an event was applied twice"
     assert applied == [e.event_id for e in deposits], "an event was lost or reordered"
@@ -84,7 +84,7 @@ class TestTransactional:
         with pytest.raises(ProjectionFailed):
             await run_projection(ledger, store, ProjectionConfig(batch_size=10))
         checkpoint = await store.load_checkpoint("ledger")
-        applied = await store._pool.fetch(f'SELECT seq FROM "{app}".applied ORDER BY seq')
+        applied = await store.admin.fetch(f'SELECT seq FROM "{app}".applied ORDER BY seq')
         assert [r["seq"] for r in applied] == list(range(77))
         events = await read_all(store)
         assert checkpoint == events[76].position
@@ -143,7 +143,7 @@ class TestNotifications:
             await wait_for(1)
 
             async def listener_pids() -> list[int]:
-                rows = await store._pool.fetch(
+                rows = await store.admin.fetch(
                     "SELECT pid FROM pg_stat_activity WHERE application_name = "
                     "'eventcore-trio listener'"
                 )
@@ -151,7 +151,7 @@ class TestNotifications:
 
             killed = await listener_pids()
             assert len(killed) == 1
-            await store._pool.execute("SELECT pg_terminate_backend($1)", killed[0])
+            await store.admin.execute("SELECT pg_terminate_backend($1)", killed[0])
             for n in range(1, 4):
                 await store.append("s", [NewEvent("E", {"n": n})])
             await wait_for(4)
@@ -181,19 +181,19 @@ class TestHostShutdown:
         names = ["one", "two", "three"]
         async with trio.open_nursery() as nursery:
             await nursery.start(run_projections, store, [make(n) for n in names])
-            sessions = await store._pool.fetchval(
+            sessions = await store.admin.fetchval(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
                 "'eventcore-trio leader %'"
             )
             assert sessions == 3
             nursery.cancel_scope.cancel()
         keys = [projector_lock_key(store.schema, n) for n in names]
-        locks = await store._pool.fetchval(
+        locks = await store.admin.fetchval(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
             "AND ((classid::bigint << 32) | objid::bigint) = ANY($1::bigint[])",
             keys,
         )
-        sessions = await store._pool.fetchval(
+        sessions = await store.admin.fetchval(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name LIKE "
             "'eventcore-trio leader %'"
         )
@@ -220,7 +220,7 @@ async def _leader_pid(store: PostgresStore) -> int | None:
 async def _first_applied_after(
     store: PostgresStore, app: str, since: dt.datetime, not_by: int
 ) -> dt.datetime | None:
-    first: dt.datetime | None = await store._pool.fetchval(
+    first: dt.datetime | None = await store.admin.fetchval(
         f'SELECT min(applied_at) FROM "{app}".applied WHERE applied_at > $1 AND applied_by <> $2',
         since,
         not_by,
@@ -272,7 +272,7 @@ class TestFailover:
                 await eventually(has_leader)
                 leader = await _leader_pid(store)
                 assert leader is not None
-                killed_at = await store._pool.fetchval("SELECT clock_timestamp()")
+                killed_at = await store.admin.fetchval("SELECT clock_timestamp()")
                 victim = next(h for h in hosts if h.pid == leader)
                 victim.send_signal(signal.SIGKILL)
                 hosts.remove(victim)
@@ -306,18 +306,18 @@ class TestFailover:
                 await nursery.start(_run_host, harness, app, logfile, 0.05)
 
             async def mid_batch() -> bool:
-                count = await store._pool.fetchval(f'SELECT count(*) FROM "{app}".applied')
+                count = await store.admin.fetchval(f'SELECT count(*) FROM "{app}".applied')
                 return bool(count) and await _leader_pid(store) is not None
 
             await eventually(mid_batch, within=30)
             leader = await _leader_pid(store)
             before = await store.load_checkpoint("ledger")
-            lock_pid = await store._pool.fetchval(
+            lock_pid = await store.admin.fetchval(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
                 "AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1",
                 projector_lock_key(store.schema, "ledger"),
             )
-            await store._pool.execute("SELECT pg_terminate_backend($1)", lock_pid)
+            await store.admin.execute("SELECT pg_terminate_backend($1)", lock_pid)
 
             async def deposed_leader_stands_by() -> bool:
                 text = logfile.read_text() if logfile.exists() else ""
@@ -361,18 +361,21 @@ class TestCancellation:
                 await run_projection(ledger, store, config)
             checkpoint = await store.load_checkpoint("ledger")
             expected = sum(1 for e in events if checkpoint is not None and e.position <= checkpoint)
-            assert await store._pool.fetchval(f'SELECT count(*) FROM "{app}".applied') == expected
-            assert (
-                await store._pool.fetchval(
+            assert await store.admin.fetchval(f'SELECT count(*) FROM "{app}".applied') == expected
+
+            async def session_gone() -> bool:
+                # The client has closed its end; the server's backend exits a moment later.
+                count = await store.admin.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
                     "'eventcore-trio leader ledger'"
                 )
-                == 0
-            )
+                return bool(count == 0)
+
+            await eventually(session_gone)
             async with store.try_acquire("ledger") as leadership:
                 assert leadership.is_held
         await run_projection(ledger, store, config)
-        rows = await store._pool.fetch(f'SELECT seq FROM "{app}".applied ORDER BY id')
+        rows = await store.admin.fetch(f'SELECT seq FROM "{app}".applied ORDER BY id')
         assert [r["seq"] for r in rows] == list(range(150))
 
 
@@ -405,14 +408,14 @@ class TestFencing:
 
             async def query_running() -> bool:
                 return bool(
-                    await store._pool.fetchval(
+                    await store.admin.fetchval(
                         "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
                         "AND state = 'active'"
                     )
                 )
 
             await eventually(query_running)
-            await store._pool.execute(
+            await store.admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                 "WHERE application_name = 'eventcore-trio leader sleepy'"
             )

@@ -43,7 +43,7 @@ class TestVerification:
         """A store whose 12 events were projected correctly, with the evidence tables."""
         app = f"{harness.schema}_app"
         async with harness.open_store() as store:
-            await store._pool.execute(app_schema_sql(harness.schema, app))
+            await store.admin.execute(app_schema_sql(harness.schema, app))
             ids: set[uuid.UUID] = set()
             for n in range(4):
                 batch = [
@@ -55,7 +55,7 @@ class TestVerification:
             try:
                 yield store, app, ids
             finally:
-                await store._pool.execute(f'DROP SCHEMA "{app}" CASCADE')
+                await store.admin.execute(f'DROP SCHEMA "{app}" CASCADE')
 
     async def _verify(
         self, store: PostgresStore, app: str, ids: set[uuid.UUID], **kwargs: set[uuid.UUID]
@@ -77,7 +77,7 @@ class TestVerification:
         self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
     ) -> None:
         store, app, ids = projected
-        await store._pool.execute(
+        await store.admin.execute(
             f'INSERT INTO "{app}".applied SELECT * FROM "{app}".applied LIMIT 1'
         )
         findings = await self._verify(store, app, ids)
@@ -87,7 +87,7 @@ class TestVerification:
         self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
     ) -> None:
         store, app, ids = projected
-        await store._pool.execute(
+        await store.admin.execute(
             f'DELETE FROM "{app}".applied '
             f'WHERE event_id = (SELECT event_id FROM "{app}".applied LIMIT 1)'
         )
@@ -111,7 +111,7 @@ class TestVerification:
         self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
     ) -> None:
         store, app, ids = projected
-        await store._pool.execute(
+        await store.admin.execute(
             f"UPDATE \"{app}\".ledger SET total = total + 1 WHERE stream_id = 'acct-2'"
         )
         assert (await self._verify(store, app, ids)).ledger_mismatches == 1
@@ -120,7 +120,7 @@ class TestVerification:
         self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
     ) -> None:
         store, app, ids = projected
-        await store._pool.execute(
+        await store.admin.execute(
             f'UPDATE "{store.schema}".subscriptions SET position = position - 1 '
             "WHERE subscription_name = $1",
             "ledger",
@@ -132,7 +132,7 @@ class TestVerification:
     ) -> None:
         store, app, ids = projected
         # A batch of another session committed inside the span of an existing batch.
-        await store._pool.execute(
+        await store.admin.execute(
             f'INSERT INTO "{app}".applied '
             "(event_id, host_pid, backend_pid, xact, started, finished) "
             f"SELECT gen_random_uuid(), 1, backend_pid + 1, xact + 1000000, started, finished "

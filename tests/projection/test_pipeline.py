@@ -70,9 +70,15 @@ def undecodable(n: int) -> UndecodableEvent:
 
 def pipeline(
     on_error: Callable[[Failure], FailureStrategy] = lambda f: FailureStrategy.FATAL,
+    *,
+    has_batch_hook: bool = False,
     **config: object,
 ) -> ProjectionPipeline:
-    return ProjectionPipeline(config=ProjectionConfig(**config), on_error=on_error)  # type: ignore[arg-type]
+    return ProjectionPipeline(
+        config=ProjectionConfig(**config),  # type: ignore[arg-type]
+        on_error=on_error,
+        has_batch_hook=has_batch_hook,
+    )
 
 
 def catch_up_to(p: ProjectionPipeline, checkpoint: int | None, target: int | None) -> Effect:
@@ -146,6 +152,13 @@ class TestContinuous:
         effect = p.resume(PageRead((event(5),)))
         assert positions(effect) == [5]
         assert p.resume(BatchCommitted()) == ReadPage(Position(5, 5), 10)
+
+    def test_waiting_without_notifications_is_decided_here(self) -> None:
+        """With use_notifications=False the wait says so: the shell only sleeps."""
+        p = pipeline(continuous=True, poll_interval=1.0, use_notifications=False)
+        p.start()
+        p.resume(CheckpointLoaded(None))
+        assert p.resume(PageRead(())) == WaitForEvents(timeout=1.0, notified=False)
 
 
 class TestFailures:
@@ -227,10 +240,15 @@ class TestFailures:
 
     def test_batch_hook_failure_is_isolated_event_by_event(self) -> None:
         """A failing batch hook is retried one event at a time to find the culprit."""
-        p = pipeline(lambda f: FailureStrategy.SKIP, batch_size=4)
+        p = pipeline(lambda f: FailureStrategy.SKIP, batch_size=4, has_batch_hook=True)
         catch_up_to(p, None, 4)
-        p.resume(PageRead(tuple(event(n) for n in range(1, 5))))
-        assert positions(p.resume(BatchFailed(None, ValueError()))) == [1]
+        whole = p.resume(PageRead(tuple(event(n) for n in range(1, 5))))
+        assert isinstance(whole, ApplyBatch)
+        assert whole.use_batch_hook
+        single = p.resume(BatchFailed(None, ValueError()))
+        assert positions(single) == [1]
+        assert isinstance(single, ApplyBatch)
+        assert not single.use_batch_hook
         assert positions(p.resume(BatchCommitted())) == [2]
         skip = p.resume(BatchFailed(None, ValueError("culprit")))
         assert isinstance(skip, ApplyBatch)
@@ -239,6 +257,19 @@ class TestFailures:
         assert positions(p.resume(BatchCommitted())) == [3]
         assert positions(p.resume(BatchCommitted())) == [4]
         assert isinstance(p.resume(BatchCommitted()), Done)
+
+
+class TestBatchHookPolicy:
+    """The pipeline, not the shell, decides when a batch goes to the batch hook."""
+
+    def test_batches_use_the_hook_only_when_there_is_one_and_more_than_one_event(self) -> None:
+        """No hook: never; a hook: for batches of two or more events."""
+        for hook, page, expected in ((False, 3, False), (True, 3, True), (True, 1, False)):
+            p = pipeline(batch_size=5, has_batch_hook=hook)
+            catch_up_to(p, None, page)
+            effect = p.resume(PageRead(tuple(event(n) for n in range(1, page + 1))))
+            assert isinstance(effect, ApplyBatch)
+            assert effect.use_batch_hook is expected
 
 
 class TestUndecodable:

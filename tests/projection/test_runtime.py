@@ -463,7 +463,7 @@ async def _reset_waits(store: Store, name: str) -> bool:
     if isinstance(store, MemoryStore):
         return store._reset_waiting[name] == 1
     assert isinstance(store, PostgresStore)
-    waiting = await store._pool.fetchval(
+    waiting = await store.admin.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
         "AND application_name LIKE $1",
         f"% reset {name}",

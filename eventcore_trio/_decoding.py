@@ -1,0 +1,108 @@
+"""Turning stored events back into values, and the read arguments: the same for every backend.
+
+A backend stores data and metadata as JSON text (PostgreSQL hands ``jsonb`` back as text; the
+memory store keeps the text it validated at append). Reading turns each stored event into a
+`RecordedEvent`, or an `UndecodableEvent` when its JSON is not an object, so a projector's
+``on_error`` decides and nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from typing import Any, Final
+
+from ._errors import EventDecodeError, InvalidArgument
+from ._events import RecordedEvent, UndecodableEvent
+from ._filters import EventFilter
+from ._positions import Position
+from ._validation import check_limit
+
+_json_loads: Final = json.loads
+
+
+def _decode_object(text: str) -> Any:
+    # Most metadata (and much data) is the empty object: skip the JSON parser for it.
+    return {} if text == "{}" else _json_loads(text)
+
+
+def decode_stored(
+    position: Position,
+    stream_id: str,
+    stream_version: int,
+    event_id: uuid.UUID,
+    event_type: str,
+    raw_data: str,
+    raw_metadata: str,
+    recorded_at: dt.datetime,
+    *,
+    known_error: str | None = None,
+) -> RecordedEvent | UndecodableEvent:
+    """A stored event as a `RecordedEvent`, or an `UndecodableEvent` saying why it is not one.
+
+    Runs once per event read, so it takes plain positional values (no row object) and skips
+    the JSON parser for ``{}``. *known_error* marks an event already found undecodable (a dead
+    letter keeps the reason).
+    """
+    error = known_error
+    if error is None:
+        try:
+            data = _decode_object(raw_data)
+            metadata = _decode_object(raw_metadata)
+            if type(data) is not dict or type(metadata) is not dict:
+                raise ValueError("data and metadata must be JSON objects")
+        except ValueError as exc:
+            error = str(exc)
+        else:
+            return RecordedEvent(
+                event_id=event_id,
+                stream_id=stream_id,
+                stream_version=stream_version,
+                position=position,
+                type=event_type,
+                data=data,
+                metadata=metadata,
+                recorded_at=recorded_at,
+            )
+    return UndecodableEvent(
+        event_id=event_id,
+        stream_id=stream_id,
+        stream_version=stream_version,
+        position=position,
+        type=event_type,
+        raw_data=raw_data,
+        raw_metadata=raw_metadata,
+        recorded_at=recorded_at,
+        error=error,
+    )
+
+
+def require_decoded(event: RecordedEvent | UndecodableEvent) -> RecordedEvent:
+    """*event*, or `EventDecodeError` when it could not be decoded.
+
+    Raises:
+        EventDecodeError: *event* is undecodable; the message says how to read it anyway.
+    """
+    if isinstance(event, UndecodableEvent):
+        raise EventDecodeError(
+            f"event at {event.position} cannot be decoded: {event.error}; read it with "
+            "undecodable='include' to handle it",
+            position=event.position,
+        )
+    return event
+
+
+def check_read_arguments(after: object, limit: object, filter: object, undecodable: object) -> None:
+    """Validate `EventReader.read_events` arguments before any I/O.
+
+    Raises:
+        InvalidArgument: an argument has the wrong type or value.
+    """
+    if after is not None and not isinstance(after, Position):
+        raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
+    check_limit(limit)
+    if filter is not None and not isinstance(filter, EventFilter):
+        raise InvalidArgument(f"filter must be an EventFilter, got {type(filter).__name__}")
+    if undecodable not in ("raise", "include"):
+        raise InvalidArgument(f"undecodable must be 'raise' or 'include', got {undecodable!r}")
