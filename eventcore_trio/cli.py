@@ -464,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "demo":
-            from ._demo import demo_main
+            from .demo._memory import demo_main
 
             return demo_main(
                 args.dsn, memory=args.memory, scale=args.transfers, duration=args.duration

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 
 from eventcore_trio import EventFilter, Position, RecordedEvent, Store, open_memory_store
-from eventcore_trio._demo import run_demo
 from eventcore_trio.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
+from eventcore_trio.demo import run_demo
 
 from .helpers import start_interruptible
 
@@ -52,7 +52,7 @@ class TestCommandLine:
                 for proc in Path("/proc").glob("[0-9]*"):
                     with contextlib.suppress(OSError):
                         cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                        if "_demo_host" in cmdline:
+                        if "eventcore_trio.demo._host" in cmdline:
                             seen_hosts.add(int(proc.name))
                             if secret in cmdline:
                                 leaked.append(cmdline)
@@ -395,8 +395,8 @@ class TestDemoVerification:
     async def test_the_failover_demo_verification_can_fail(self, postgres_dsn: str) -> None:
         """The PostgreSQL demo's check passes a correct read model and fails a damaged one."""
         from eventcore_trio import open_postgres_store
-        from eventcore_trio._demo_host import make_projectors
-        from eventcore_trio._failover_demo import ACCOUNTS, _open_accounts, _Stats, _verify
+        from eventcore_trio.demo._failover import ACCOUNTS, _open_accounts, _Stats, _verify
+        from eventcore_trio.demo._host import make_projectors
         from eventcore_trio.projection import run_projection
 
         schema = f"t_{uuid.uuid4().hex[:12]}"

@@ -27,10 +27,7 @@ from eventcore_trio import (
     caused_by,
     execute,
 )
-from eventcore_trio.projection import ProjectionContext, projector, run_projection
-from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
-
-from .bank import (
+from eventcore_trio.demo import (
     AccountOpened,
     InsufficientFunds,
     MoneyDeposited,
@@ -39,6 +36,8 @@ from .bank import (
     balance_after,
     registry,
 )
+from eventcore_trio.projection import ProjectionContext, projector, run_projection
+from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
 
 ROOT = Path(__file__).parent.parent.parent
 FAST = RetryPolicy(max_attempts=100, initial_backoff=0.001, max_backoff=0.02)

@@ -9,7 +9,7 @@ import sys
 import trio
 
 from eventcore_trio import RetriesExhausted, RetryPolicy, execute, open_postgres_store
-from tests.commands.bank import InsufficientFunds, Transfer, registry
+from eventcore_trio.demo import InsufficientFunds, Transfer, registry
 
 
 async def main(dsn: str, schema: str, seed: int, count: int, accounts: list[str]) -> None:

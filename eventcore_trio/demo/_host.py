@@ -1,4 +1,6 @@
-"""A projector host for the demo: ``python -m eventcore_trio._demo_host DSN SCHEMA APP``.
+"""A projector host for the demo: ``python -m eventcore_trio.demo._host SCHEMA APP``.
+
+The DSN comes in ``EVENTCORE_DSN``.
 
 Hosts two transactional projectors over the bank-account events; each applied event is also
 recorded with the host's pid, so the demo can show who applied what and prove nothing was
@@ -12,10 +14,10 @@ import os
 import sys
 from typing import Any
 
-from ._concurrency import run_program
-from ._events import RecordedEvent
-from .postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
-from .projection import ProjectionConfig, ProjectionContext, projector, run_host
+from .._concurrency import run_program
+from .._events import RecordedEvent
+from ..postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
+from ..projection import ProjectionConfig, ProjectionContext, projector, run_host
 
 BANK_EVENTS = ("AccountOpened", "MoneyWithdrawn", "MoneyDeposited")
 

@@ -1,9 +1,10 @@
-"""The demo behind ``eventcore-trio demo``: bank accounts, concurrent transfers, a projection.
+"""The in-memory demo (``eventcore-trio demo --memory``): the bank in one process.
 
-Writers move money between accounts with optimistic concurrency across two streams at once
-(`append_atomic` with both expected versions); a projection, holding leadership, follows the
-global order and keeps balances and a checkpoint. At the end the projected balances are checked
-against a fold of every stream: the demo exits 0 only if nothing was lost or counted twice.
+Writers run `Transfer` commands with `execute` (optimistic concurrency across two streams,
+retried on conflicts); a projector, run by `run_projection` under leadership, follows the
+global order and keeps balances with its checkpoint. At the end the projected balances are
+checked against a fold of every stream: the demo exits 0 only if nothing was lost or counted
+twice.
 """
 
 from __future__ import annotations
@@ -17,14 +18,23 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
-from ._concurrency import run_program
-from ._errors import VersionConflict
-from ._events import NewEvent, RecordedEvent, StreamAppend
-from ._filters import EventFilter
-from ._positions import Position
-from ._protocols import Store
+from .._concurrency import run_program
+from .._events import RecordedEvent
+from .._filters import EventFilter
+from .._positions import Position
+from .._protocols import Store
+from ..commands import execute
+from ..projection import ProjectionConfig, ProjectionContext, run_projection
+from ._bank import (
+    INITIAL_BALANCE,
+    InsufficientFunds,
+    OpenAccount,
+    Transfer,
+    balance_after,
+    registry,
+)
 
-INITIAL_BALANCE = 1_000
+PROJECTION = "demo-balances"
 
 
 @attrs.define
@@ -45,13 +55,18 @@ class DemoReport:
         return not self.problems
 
 
-def _apply(balances: dict[str, int], event: RecordedEvent) -> None:
-    if event.type == "AccountOpened":
-        balances[event.stream_id] = event.data["initial"]
-    elif event.type == "MoneyWithdrawn":
-        balances[event.stream_id] -= event.data["amount"]
-    elif event.type == "MoneyDeposited":
-        balances[event.stream_id] += event.data["amount"]
+@attrs.define
+class _Balances:
+    # The projector: balances kept in memory (the memory store has no ctx.db).
+    report: DemoReport
+    balances: dict[str, int] = attrs.Factory(dict)
+    name: str = PROJECTION
+    filter: EventFilter = attrs.Factory(lambda: EventFilter(stream_prefix="account-"))
+
+    async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
+        self.balances[event.stream_id] = balance_after(self.balances.get(event.stream_id, 0), event)
+        self.report.projected_events += 1
+        self.report.checkpoint = event.position
 
 
 async def _transfer_worker(
@@ -60,59 +75,23 @@ async def _transfer_worker(
     rng = random.Random(seed)
     for _ in range(transfers):
         source, target = rng.sample(accounts, 2)
-        amount = rng.randint(1, 300)
-        while True:
-            balances: dict[str, int] = {}
-            source_events = await store.read_stream(source)
-            target_events = await store.read_stream(target)
-            for event in source_events:
-                _apply(balances, event)
-            if balances[source] < amount:
-                report.refused += 1
-                break
-            transfer = {"from": source, "to": target, "amount": amount}
-            try:
-                await store.append_atomic(
-                    [
-                        StreamAppend(
-                            source,
-                            [NewEvent("MoneyWithdrawn", transfer)],
-                            expected_version=len(source_events),
-                        ),
-                        StreamAppend(
-                            target,
-                            [NewEvent("MoneyDeposited", transfer)],
-                            expected_version=len(target_events),
-                        ),
-                    ]
-                )
-            except VersionConflict:
-                report.conflicts += 1
-                continue
+        try:
+            result = await execute(
+                store, Transfer(source, target, rng.randint(1, 300)), registry=registry
+            )
+        except InsufficientFunds:
+            report.refused += 1
+        else:
             report.transfers += 1
-            break
+            report.conflicts += result.attempts - 1
 
 
-async def _project(
-    store: Store, balances: dict[str, int], report: DemoReport, writers_done: trio.Event
-) -> None:
-    event_filter = EventFilter(stream_prefix="account-")
-    async with store.try_acquire("demo-balances"):
-        position = await store.load_checkpoint("demo-balances")
-        while True:
-            finished = writers_done.is_set()
-            page = await store.read_events(position, limit=500, filter=event_filter)
-            for event in page:
-                _apply(balances, event)
-            report.projected_events += len(page)
-            if page:
-                position = page[-1].position
-                await store.save_checkpoint("demo-balances", position)
-                report.checkpoint = position
-            elif finished:
-                return
-            else:
-                await trio.sleep(0.05)
+async def _wait_caught_up(store: Store, projector: _Balances) -> None:
+    # Caught up once the *committed* checkpoint is the last position; nothing signals a
+    # commit, so poll the store (the demo's pace, not a test's synchronisation).
+    target = await store.last_position(projector.filter)
+    while await store.load_checkpoint(PROJECTION) != target:  # noqa: ASYNC110
+        await trio.sleep(0.05)
 
 
 async def run_demo(
@@ -131,15 +110,12 @@ async def run_demo(
     """
     names = [f"account-{n:03d}" for n in range(accounts)]
     report = DemoReport(accounts=accounts)
-    projected: dict[str, int] = {}
+    projector = _Balances(report)
     async with open_store() as store:
         for name in names:
-            await store.append(
-                name, [NewEvent("AccountOpened", {"initial": INITIAL_BALANCE})], expected_version=0
-            )
+            await execute(store, OpenAccount(name, INITIAL_BALANCE), registry=registry)
         out(f"opened {accounts} accounts with {INITIAL_BALANCE} each")
         started = time.monotonic()
-        writers_done = trio.Event()
         async with trio.open_nursery() as nursery:
 
             async def progress() -> None:
@@ -153,25 +129,25 @@ async def run_demo(
                     )
 
             nursery.start_soon(progress)
-            async with trio.open_nursery() as projecting:
-                # The projection returns once the writers are done and it has caught up.
-                projecting.start_soon(_project, store, projected, report, writers_done)
-                async with trio.open_nursery() as writing:
-                    for w in range(writers):
-                        writing.start_soon(
-                            _transfer_worker, store, names, transfers_per_writer, w, report
-                        )
-                writers_done.set()
-                projecting.cancel_scope.deadline = trio.current_time() + wait
-            if projecting.cancel_scope.cancelled_caught:
+            config = ProjectionConfig(continuous=True, poll_interval=0.05)
+            await nursery.start(run_projection, projector, store, config)
+            async with trio.open_nursery() as writing:
+                for w in range(writers):
+                    writing.start_soon(
+                        _transfer_worker, store, names, transfers_per_writer, w, report
+                    )
+            with trio.move_on_after(wait) as waiting:
+                await _wait_caught_up(store, projector)
+            if waiting.cancelled_caught:
                 report.problems.append(f"the projection did not catch up within {wait}s")
             nursery.cancel_scope.cancel()
+        projected = projector.balances
 
         # Verification against a reference fold of every stream.
         reference: dict[str, int] = {}
         for name in names:
             for event in await store.read_stream(name):
-                _apply(reference, event)
+                reference[name] = balance_after(reference.get(name, 0), event)
         if projected != reference:
             report.problems.append("projected balances differ from the streams' fold")
         if sum(reference.values()) != accounts * INITIAL_BALANCE:
@@ -180,7 +156,7 @@ async def run_demo(
             report.problems.append("an account is overdrawn")
         if report.projected_events != accounts + 2 * report.transfers:
             report.problems.append("the projection saw a different number of events")
-        if await store.load_checkpoint("demo-balances") != report.checkpoint:
+        if await store.load_checkpoint(PROJECTION) != report.checkpoint:
             report.problems.append("the saved checkpoint is not the last projected position")
     elapsed = time.monotonic() - started
     out(
@@ -205,8 +181,8 @@ def demo_main(dsn: str | None, *, memory: bool, scale: int, duration: float) -> 
     On PostgreSQL it is the failover demo (three host processes, a killed leader); on the
     memory store, the single-process version of the same bank.
     """
-    from ._failover_demo import run_failover_demo
-    from .memory import open_memory_store
+    from ..memory import open_memory_store
+    from ._failover import run_failover_demo
 
     def out(line: str) -> None:
         print(line, flush=True)
@@ -222,7 +198,7 @@ def demo_main(dsn: str | None, *, memory: bool, scale: int, duration: float) -> 
         out("store: PostgreSQL at the given DSN (a temporary schema, dropped afterwards)")
         ok = run_program(lambda: run_failover_demo(dsn, duration=duration, out=out, live=live))
         return 0 if ok else 1
-    from ._embedded import EmbeddedPostgres
+    from .._embedded import EmbeddedPostgres
 
     out("starting an embedded PostgreSQL (no installation needed)…")
     with EmbeddedPostgres() as server:

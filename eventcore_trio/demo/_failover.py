@@ -14,55 +14,27 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import attrs
 import trio
 
-from ._errors import RetriesExhausted
-from ._events import NewEvent, RecordedEvent, StreamAppend
-from ._processes import run_ready_process
-from ._status import ProjectionStatus
-from .commands import execute
-from .postgres import DSN_ENVIRONMENT_VARIABLE, PostgresStore, open_postgres_store
+from .._errors import RetriesExhausted
+from .._events import StreamAppend
+from .._processes import run_ready_process
+from .._status import ProjectionStatus
+from ..commands import execute
+from ..postgres import DSN_ENVIRONMENT_VARIABLE, PostgresStore, open_postgres_store
+from ._bank import (
+    INITIAL_BALANCE,
+    AccountOpened,
+    InsufficientFunds,
+    Transfer,
+    balance_after,
+    registry,
+)
 
-INITIAL = 1_000
 ACCOUNTS = 20
-
-
-class _Refused(Exception):
-    pass
-
-
-@attrs.frozen
-class _Transfer:
-    source: str
-    target: str
-    amount: int
-
-    def streams(self) -> Sequence[str]:
-        return [self.source, self.target]
-
-    def initial_state(self) -> int:
-        return 0
-
-    def evolve(self, balance: int, event: RecordedEvent) -> int:
-        if event.stream_id != self.source:
-            return balance
-        if event.type == "AccountOpened":
-            return int(event.data["initial"])
-        sign = -1 if event.type == "MoneyWithdrawn" else 1
-        return balance + sign * int(event.data["amount"])
-
-    def decide(self, balance: int) -> Mapping[str, Sequence[Any]]:
-        if balance < self.amount:
-            raise _Refused
-        payload = {"amount": self.amount, "from": self.source, "to": self.target}
-        return {
-            self.source: [NewEvent("MoneyWithdrawn", payload)],
-            self.target: [NewEvent("MoneyDeposited", payload)],
-        }
 
 
 @attrs.define
@@ -84,7 +56,7 @@ async def _host(
 ) -> None:
     # The DSN (which may hold a password) goes through the environment, not the command line.
     await run_ready_process(
-        [sys.executable, "-m", "eventcore_trio._demo_host", schema, app],
+        [sys.executable, "-m", "eventcore_trio.demo._host", schema, app],
         stop_grace=10,
         env={DSN_ENVIRONMENT_VARIABLE: dsn},
         task_status=task_status,
@@ -105,8 +77,10 @@ async def _writer(
     while not stop.is_set():
         source, target = rng.sample(accounts, 2)
         try:
-            result = await execute(store, _Transfer(source, target, rng.randint(1, 200)))
-        except (_Refused, RetriesExhausted):
+            result = await execute(
+                store, Transfer(source, target, rng.randint(1, 200)), registry=registry
+            )
+        except (InsufficientFunds, RetriesExhausted):
             stats.refused += 1
         else:
             stats.transfers += 1
@@ -145,7 +119,7 @@ async def run_failover_demo(
     accounts = [f"account-{n:03d}" for n in range(ACCOUNTS)]
     async with open_postgres_store(dsn, schema=schema) as store:
         await _open_accounts(store, app, accounts)
-        out(f"opened {ACCOUNTS} accounts with {INITIAL} each; starting 3 host processes…")
+        out(f"opened {ACCOUNTS} accounts with {INITIAL_BALANCE} each; starting 3 host processes…")
         try:
             async with trio.open_nursery() as nursery:
                 hosts = [await nursery.start(_host, dsn, schema, app) for _ in range(3)]
@@ -204,7 +178,9 @@ async def _open_accounts(store: PostgresStore, app: str, accounts: list[str]) ->
     )
     await store.append_atomic(
         [
-            StreamAppend(a, [NewEvent("AccountOpened", {"initial": INITIAL})], expected_version=0)
+            StreamAppend(
+                a, [registry.new_event(AccountOpened(INITIAL_BALANCE))], expected_version=0
+            )
             for a in accounts
         ]
     )
@@ -235,15 +211,12 @@ async def _verify(
     for account in accounts:
         for event in await store.read_stream(account):
             events += 1
-            amount = int(event.data.get("initial", event.data.get("amount", 0)))
-            if event.type == "MoneyWithdrawn":
-                amount = -amount
-            reference[account] = reference.get(account, 0) + amount
+            reference[account] = balance_after(reference.get(account, 0), event)
     rows = await store.admin.fetch(f'SELECT account, balance FROM "{app}".balances')
     projected = {r["account"]: r["balance"] for r in rows}
     if projected != reference:
         problems.append("projected balances differ from the streams' fold")
-    if sum(reference.values()) != ACCOUNTS * INITIAL:
+    if sum(reference.values()) != ACCOUNTS * INITIAL_BALANCE:
         problems.append("money was created or destroyed")
     if any(v < 0 for v in reference.values()):
         problems.append("an account is overdrawn")
@@ -271,7 +244,7 @@ async def _verify(
             out(f"FAILED: {problem}")
         return False
     out(
-        f"VERIFIED: balances match the event streams, total {ACCOUNTS * INITIAL} conserved, "
-        "no account overdrawn, every event applied exactly once across the failover"
+        f"VERIFIED: balances match the event streams, total {ACCOUNTS * INITIAL_BALANCE} "
+        "conserved, no account overdrawn, every event applied exactly once across the failover"
     )
     return True
