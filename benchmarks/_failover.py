@@ -10,7 +10,7 @@ import trio
 
 from eventcore_trio import NewEvent, open_postgres_store
 from eventcore_trio.postgres import DSN_ENVIRONMENT_VARIABLE, PostgresStore
-from eventcore_trio.testing import run_ready_process
+from eventcore_trio.testing import run_ready_process, wait_for_leader
 
 
 async def _host(
@@ -22,13 +22,6 @@ async def _host(
         env={DSN_ENVIRONMENT_VARIABLE: dsn},
         task_status=task_status,
     )
-
-
-async def _leader(store: PostgresStore) -> int | None:
-    for status in await store.projection_status():
-        if status.name == "failover" and status.leader is not None:
-            return status.leader.pid
-    return None
 
 
 async def _first_after(store: PostgresStore, since: dt.datetime, not_by: int) -> dt.datetime | None:
@@ -68,13 +61,8 @@ async def failover(dsn: str, schema: str, kills: int) -> list[float]:
 
             nursery.start_soon(writer)
             for _ in range(kills):
-
-                async def has_leader() -> bool:
-                    return await _leader(store) is not None
-
-                await _poll(has_leader)
-                leader = await _leader(store)
-                assert leader is not None
+                with trio.fail_after(30):
+                    leader = await wait_for_leader(store, "failover", poll=0.01)
                 killed_at = await store.admin.fetchval("SELECT clock_timestamp()")
                 victim = next(h for h in hosts if h.pid == leader)
                 victim.send_signal(signal.SIGKILL)

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -26,6 +29,35 @@ def start_interruptible(argv: list[str], **popen: Any) -> subprocess.Popen[str]:
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         **popen,
     )
+
+
+LEADER_SCRIPT = Path(__file__).parent / "postgres" / "leader_process.py"
+
+
+@asynccontextmanager
+async def leader_process(
+    dsn: str, schema: str, name: str
+) -> AsyncIterator[tuple[trio.Process, int]]:
+    """A process that leads *name* until killed; yields it and its lock session's backend pid."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, str(LEADER_SCRIPT), dsn, schema, name], stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        output = b""
+        with trio.fail_after(30):
+            while not output.endswith(b"\n"):
+                chunk = await process.stdout.receive_some()
+                assert chunk, "the leader process exited early"
+                output += chunk
+        line = output.decode()
+        assert line.startswith("acquired"), line
+        yield process, int(line.split()[1])
+    finally:
+        process.kill()
+        await process.wait()
+        assert process.stdout is not None
+        await process.stdout.aclose()
 
 
 async def until_it_works(call: Callable[[], Awaitable[object]], *, within: float = 30) -> int:

@@ -19,9 +19,7 @@ from eventcore_trio import EventFilter, Position, RecordedEvent, Store, open_mem
 from eventcore_trio.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
 from eventcore_trio.demo import run_demo
 
-from .helpers import start_interruptible
-
-LEADER_SCRIPT = Path(__file__).parent / "postgres" / "leader_process.py"
+from .helpers import LEADER_SCRIPT, start_interruptible
 
 
 class TestCommandLine:

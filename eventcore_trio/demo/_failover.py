@@ -21,6 +21,7 @@ import trio
 
 from .._errors import RetriesExhausted
 from .._events import StreamAppend
+from .._leaders import wait_for_leader
 from .._processes import run_ready_process
 from .._status import ProjectionStatus
 from ..commands import execute
@@ -63,11 +64,9 @@ async def _host(
     )
 
 
-def _leader(status: list[ProjectionStatus], name: str) -> int | None:
-    for record in status:
-        if record.name == name and record.leader is not None:
-            return record.leader.pid
-    return None
+def _status_leader(status: list[ProjectionStatus], name: str) -> int | None:
+    # From a status the dashboard already fetched: no extra query.
+    return next((s.leader.pid for s in status if s.name == name and s.leader is not None), None)
 
 
 async def _writer(
@@ -133,7 +132,7 @@ async def run_failover_demo(
                 while (elapsed := time.monotonic() - begin) < duration:
                     stats.status = await store.projection_status()
                     if stats.killed_pid is None and elapsed >= duration * 0.4:
-                        leader = _leader(stats.status, "balances")
+                        leader = _status_leader(stats.status, "balances")
                         if leader is not None:
                             await _kill_and_time(store, hosts, leader, stats)
                             out(
@@ -194,11 +193,7 @@ async def _kill_and_time(
     victim.send_signal(signal.SIGKILL)
     stats.killed_pid = leader
     with trio.fail_after(30):
-        while True:
-            current = _leader(await store.projection_status(), "balances")
-            if current is not None and current != leader:
-                break
-            await trio.sleep(0.005)
+        await wait_for_leader(store, "balances", other_than=leader)
     stats.failover_ms = (time.monotonic() - killed_at) * 1000
 
 

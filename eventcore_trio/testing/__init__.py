@@ -6,6 +6,8 @@ Needs the ``testing`` extra (pytest, pytest-trio, hypothesis). To check a backen
 
 from .._embedded import FAST_SETTINGS as FAST_SETTINGS
 from .._embedded import EmbeddedPostgres as EmbeddedPostgres
+from .._leaders import leader_pid as leader_pid
+from .._leaders import wait_for_leader as wait_for_leader
 from .._processes import run_ready_process as run_ready_process
 from .._util import fixup_module_metadata
 from ._contract import StoreContract as StoreContract
@@ -23,8 +25,10 @@ __all__ = [
     "PostgresHarness",
     "StoreContract",
     "events",
+    "leader_pid",
     "read_all",
     "run_ready_process",
+    "wait_for_leader",
 ]
 
 fixup_module_metadata(__name__, globals())

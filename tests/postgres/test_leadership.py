@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import trio
@@ -29,7 +26,7 @@ from eventcore_trio.projection import (
 )
 from eventcore_trio.testing import PostgresHarness
 
-LEADER_SCRIPT = Path(__file__).with_name("leader_process.py")
+from ..helpers import leader_process
 
 
 async def _lock_holders(store: PostgresStore, name: str) -> list[int]:
@@ -159,21 +156,7 @@ class TestCrashedLeader:
         self, store: PostgresStore, harness: PostgresHarness, sig: signal.Signals
     ) -> None:
         """After the leading process is killed, another process can take the lock."""
-        process = await trio.lowlevel.open_process(
-            [sys.executable, str(LEADER_SCRIPT), harness.dsn, harness.schema, "proj"],
-            stdout=subprocess.PIPE,
-        )
-        try:
-            assert process.stdout is not None
-            output = b""
-            with trio.fail_after(30):
-                while not output.endswith(b"\n"):
-                    chunk = await process.stdout.receive_some()
-                    assert chunk, "the leader process exited early"
-                    output += chunk
-            line = output.decode()
-            assert line.startswith("acquired"), line
-            leader_pid = int(line.split()[1])
+        async with leader_process(harness.dsn, harness.schema, "proj") as (process, leader_pid):
             assert await _lock_holders(store, "proj") == [leader_pid]
             with pytest.raises(LeadershipUnavailable):
                 async with store.try_acquire("proj"):
@@ -186,11 +169,6 @@ class TestCrashedLeader:
                     await trio.sleep(0.05)
             async with store.try_acquire("proj") as leadership:
                 assert leadership.is_held
-        finally:
-            process.kill()
-            await process.wait()
-            assert process.stdout is not None
-            await process.stdout.aclose()
 
 
 class TestStatusOfLockHolders:

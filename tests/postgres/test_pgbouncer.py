@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import pytest
 import trio
@@ -30,10 +27,8 @@ from eventcore_trio.projection import ProjectionContext, projector, run_projecti
 from eventcore_trio.testing import BackendHarness, PostgresHarness, StoreContract
 
 from .. import pgbouncer
-from ..helpers import eventually
+from ..helpers import eventually, leader_process
 from ..test_docs import examples_run_by
-
-LEADER_SCRIPT = Path(__file__).with_name("leader_process.py")
 
 if pgbouncer.binary() is None:
     # CI installs it (.ci/run); a developer without it skips, CI must not.
@@ -225,41 +220,27 @@ class TestSessionPoolingFailover:
         """A leader process killed behind PgBouncer: the standby leads within seconds."""
         dsn = bouncer.dsn("app_sessions")
         schema = f"bouncer_failover_{sig.name.lower()}"
-        process = await trio.lowlevel.open_process(
-            [sys.executable, str(LEADER_SCRIPT), dsn, schema, "proj"], stdout=subprocess.PIPE
-        )
-        try:
-            assert process.stdout is not None
-            output = b""
-            with trio.fail_after(30):
-                while not output.endswith(b"\n"):
-                    chunk = await process.stdout.receive_some()
-                    assert chunk, "the leader process exited early"
-                    output += chunk
-            leader_pid = int(output.decode().split()[1])
+        async with (
+            leader_process(dsn, schema, "proj") as (process, leader_pid),
+            open_postgres_store(dsn, schema=schema) as store,
+        ):
             key = projector_lock_key(schema, "proj")
             assert await _advisory_locks(direct, key) == [leader_pid]
-            async with open_postgres_store(dsn, schema=schema) as store:
-                standing_by = trio.Event()
-                took_over = trio.Event()
+            standing_by = trio.Event()
+            took_over = trio.Event()
 
-                async def standby() -> None:
-                    async with store.wait_acquire("proj", on_standby=standing_by.set) as lead:
-                        assert isinstance(lead, PostgresLeadership)
-                        assert await _advisory_locks(direct, key) == [lead.backend_pid]
-                        took_over.set()
+            async def standby() -> None:
+                async with store.wait_acquire("proj", on_standby=standing_by.set) as lead:
+                    assert isinstance(lead, PostgresLeadership)
+                    assert await _advisory_locks(direct, key) == [lead.backend_pid]
+                    took_over.set()
 
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(standby)
-                    await standing_by.wait()
-                    process.send_signal(sig)
-                    with trio.fail_after(10):
-                        await took_over.wait()
-        finally:
-            process.kill()
-            await process.wait()
-            assert process.stdout is not None
-            await process.stdout.aclose()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(standby)
+                await standing_by.wait()
+                process.send_signal(sig)
+                with trio.fail_after(10):
+                    await took_over.wait()
 
 
 class TestSessionPoolingContract(StoreContract):

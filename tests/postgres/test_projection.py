@@ -29,7 +29,13 @@ from eventcore_trio.projection import (
     run_projection,
     run_projections,
 )
-from eventcore_trio.testing import PostgresHarness, read_all, run_ready_process
+from eventcore_trio.testing import (
+    PostgresHarness,
+    leader_pid,
+    read_all,
+    run_ready_process,
+    wait_for_leader,
+)
 
 from ..helpers import eventually
 
@@ -212,11 +218,6 @@ async def _run_host(
     await run_ready_process([*argv, str(slow)], startup_limit=30, task_status=task_status)
 
 
-async def _leader_pid(store: PostgresStore) -> int | None:
-    status = {s.name: s for s in await store.projection_status()}.get("ledger")
-    return None if status is None or status.leader is None else status.leader.pid
-
-
 async def _first_applied_after(
     store: PostgresStore, app: str, since: dt.datetime, not_by: int
 ) -> dt.datetime | None:
@@ -265,13 +266,8 @@ class TestFailover:
 
             nursery.start_soon(writer)
             for _ in range(4):
-
-                async def has_leader() -> bool:
-                    return await _leader_pid(store) is not None
-
-                await eventually(has_leader)
-                leader = await _leader_pid(store)
-                assert leader is not None
+                with trio.fail_after(10):
+                    leader = await wait_for_leader(store, "ledger")
                 killed_at = await store.admin.fetchval("SELECT clock_timestamp()")
                 victim = next(h for h in hosts if h.pid == leader)
                 victim.send_signal(signal.SIGKILL)
@@ -307,10 +303,10 @@ class TestFailover:
 
             async def mid_batch() -> bool:
                 count = await store.admin.fetchval(f'SELECT count(*) FROM "{app}".applied')
-                return bool(count) and await _leader_pid(store) is not None
+                return bool(count) and await leader_pid(store, "ledger") is not None
 
             await eventually(mid_batch, within=30)
-            leader = await _leader_pid(store)
+            leader = await leader_pid(store, "ledger")
             before = await store.load_checkpoint("ledger")
             lock_pid = await store.admin.fetchval(
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted "
