@@ -37,6 +37,7 @@ from .._events import (
     prepare_appends,
 )
 from .._filters import EventFilter
+from .._leadership_state import LeadershipState
 from .._positions import Position
 from .._protocols import Database
 from .._status import DeadLetter, LeaderInfo, ProjectionState, ProjectionStatus, unit_state
@@ -167,36 +168,15 @@ class MemoryBatch:
 
 
 @final
-class MemoryLeadership:
+class MemoryLeadership(LeadershipState):
     """Leadership of a name in a `MemoryStore`; obtained only from its ``*_acquire`` methods.
 
     .. versionadded:: 0.1
     """
 
     def __init__(self, store: MemoryStore, name: str) -> None:
+        super().__init__(name)
         self._store = store
-        self._name = name
-        # Set once: when the leadership is released or revoked. Never cleared.
-        self._lost = trio.Event()
-
-    @property
-    def name(self) -> str:
-        """The name this leadership was acquired for."""
-        return self._name
-
-    @property
-    def is_held(self) -> bool:
-        """False once the leadership is released or revoked."""
-        return not self._lost.is_set()
-
-    @property
-    def lost_reason(self) -> str | None:
-        """Always None: a memory leadership ends only by release or revocation."""
-        return None
-
-    async def wait_lost(self) -> None:
-        """Return once the leadership is released or revoked."""
-        await self._lost.wait()
 
     @asynccontextmanager
     async def open_batch(self) -> AsyncIterator[MemoryBatch]:
@@ -509,7 +489,7 @@ class MemoryStore:
             record = self._projections.get(leadership.name)
             if record is not None:
                 record.leader = None
-        leadership._lost.set()
+        leadership._mark_lost()
 
     def _revoke_leadership(self, name: str) -> None:
         # Test hook: simulates the leader's session dying, like pg_terminate_backend.

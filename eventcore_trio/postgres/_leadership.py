@@ -48,6 +48,7 @@ from .._errors import (
     UnsupportedPooling,
 )
 from .._filters import EventFilter
+from .._leadership_state import LeadershipState
 from .._status import ProjectionState
 from ._batch import PostgresBatch
 from ._bridge import Connection, connect
@@ -116,7 +117,7 @@ class LeadershipContext:
 
 
 @final
-class PostgresLeadership:
+class PostgresLeadership(LeadershipState):
     """Leadership of a name, held as a session advisory lock on a dedicated connection.
 
     Obtained only from ``PostgresStore.try_acquire`` and ``wait_acquire``. `is_held` turns
@@ -129,6 +130,7 @@ class PostgresLeadership:
     def __init__(
         self, proof: LockProof, connection: Connection, context: LeadershipContext
     ) -> None:
+        super().__init__(proof.name)
         # Which server session took the lock; re-checked by every keepalive and commit.
         self._proof = proof
         # The lock-holding session; closing it releases the lock. Owned by acquire_leadership.
@@ -136,15 +138,6 @@ class PostgresLeadership:
         self._context = context
         # Serialises use of the connection between the keepalive and work done under the lock.
         self._connection_lock = trio.Lock()
-        # Set once, when the lock is known to be lost or has been released. Never cleared.
-        self._lost = trio.Event()
-        # Why the lock was lost, when something other than the end of the session tells.
-        self._lost_reason: str | None = None
-
-    @property
-    def name(self) -> str:
-        """The name this leadership was acquired for."""
-        return self._proof.name
 
     @property
     def lock_key(self) -> int:
@@ -155,23 +148,6 @@ class PostgresLeadership:
     def backend_pid(self) -> int:
         """The server process id of the lock-holding session (``pg_backend_pid()``)."""
         return self._proof.backend_pid
-
-    @property
-    def is_held(self) -> bool:
-        """False once the lock is known to be lost or has been released."""
-        return not self._lost.is_set()
-
-    @property
-    def lost_reason(self) -> str | None:
-        """Why the lock was lost, when known beyond "the session ended"; else None.
-
-        .. versionadded:: 0.2
-        """
-        return self._lost_reason
-
-    async def wait_lost(self) -> None:
-        """Return once the lock is lost (the session ended) or released."""
-        await self._lost.wait()
 
     @asynccontextmanager
     async def open_batch(self) -> AsyncIterator[PostgresBatch]:
@@ -235,12 +211,6 @@ class PostgresLeadership:
                     or f"leadership of {self.name!r} was lost; nothing more may be committed"
                 )
             yield self._connection
-
-    def _mark_lost(self, reason: str | None = None) -> None:
-        if reason is not None and self._lost_reason is None and not self._lost.is_set():
-            self._lost_reason = reason
-            logger.error("leadership of %s lost: %s", self.name, reason)
-        self._lost.set()
 
     async def _keepalive(self) -> None:
         proof = self._proof
