@@ -1,4 +1,8 @@
-"""The in-memory backend: every protocol in pure Trio, for tests, examples and embedding."""
+"""The in-memory backend: every protocol in pure Trio, for tests, examples and embedding.
+
+Long on purpose: this is the reference implementation of the protocols, read side by side with
+the PostgreSQL backend, so its batch, leadership and store stay together (about 600 lines).
+"""
 
 from __future__ import annotations
 

@@ -8,25 +8,19 @@ It validates arguments at the boundary and hands each call to the module that ow
 
 from __future__ import annotations
 
-import math
-import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, Literal, final, overload
 
 import trio
 
-from .._concurrency import service_nursery
 from .._decoding import check_read_arguments
 from .._errors import (
-    ConfigurationError,
-    DatabaseError,
     InvalidArgument,
     LeadershipUnavailable,
     ProjectionNotFound,
     ProjectionRunning,
     StoreClosed,
-    UnsupportedServer,
 )
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from .._filters import EventFilter
@@ -36,19 +30,12 @@ from .._validation import check_expected_version, check_name, check_stream_id, c
 from . import _bridge
 from ._admin import PostgresAdmin
 from ._appends import AppendStatement, append_result
-from ._dsn import normalize_dsn
 from ._keys import projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
 from ._reads import ReadQueries, decode_row, recorded_row
 from ._schema import (
-    MINIMUM_SERVER_VERSION_NUM,
-    check_schema,
-    check_schema_name,
     notify_channel,
-)
-from ._schema import (
-    migrate as migrate_schema,
 )
 from ._subscriptions import Subscriptions
 
@@ -356,147 +343,3 @@ class PostgresStore:
         check_name(name)
         self._check_open()
         return await self._subscriptions.dead_letters(name)
-
-
-def _check_positive(option: str, value: object) -> None:
-    if type(value) is not int or value < 1:
-        raise ConfigurationError(f"{option} must be an int >= 1, got {value!r}")
-
-
-@asynccontextmanager
-async def open_postgres_store(
-    dsn: str | None = None,
-    *,
-    migrate: bool = True,
-    schema: str = "eventcore",
-    min_pool_size: int = 1,
-    max_pool_size: int = 10,
-    connect_timeout: float = 10.0,
-    application_name: str = "eventcore-trio",
-    session_dsn: str | None = None,
-    statement_cache_size: int = 100,
-) -> AsyncIterator[PostgresStore]:
-    """Open a PostgreSQL event store for the duration of an ``async with`` block.
-
-    Works inside a plain ``trio.run(...)`` (a trio-asyncio loop is opened for the block) and
-    inside an application that already runs ``trio_asyncio.open_loop()``.
-
-    Args:
-        dsn: a libpq connection URI or keyword string; defaults to the ``EVENTCORE_DSN``
-            environment variable.
-        migrate: create or upgrade the schema (serialised across processes). With False, a
-            schema that is missing or outdated raises `SchemaVersionError`.
-        schema: the PostgreSQL schema for the store's tables (a lower-case identifier).
-        min_pool_size: connections the pool keeps open.
-        max_pool_size: the most connections the pool opens for appends and reads. Each
-            leadership opens one more, of its own.
-        connect_timeout: seconds to wait for a connection.
-        application_name: shown in ``pg_stat_activity``; leadership connections add
-            ``leader <name>``.
-        session_dsn: where the connections that need a server session of their own connect
-            (each leadership's lock session and the LISTEN session); defaults to *dsn*. Point
-            it past a transaction-pooling proxy (directly at PostgreSQL, or at a
-            session-pooling one) when *dsn* goes through one.
-        statement_cache_size: prepared statements asyncpg caches per pooled connection
-            (default 100); 0 when *dsn* goes through a transaction-pooling proxy such as
-            PgBouncer in ``pool_mode = transaction``, which cannot keep them.
-
-    Raises:
-        ConfigurationError: no DSN, a malformed DSN, or an invalid option.
-        StoreConnectionError: the server cannot be reached (`AuthenticationFailed` and
-            `DatabaseNotFound` are more specific).
-        UnsupportedServer: the server is older than PostgreSQL 13.
-        SchemaVersionError: the schema is newer than this library, or outdated with
-            ``migrate=False``.
-
-    .. versionadded:: 0.1
-    .. versionchanged:: 0.2
-       *session_dsn* and *statement_cache_size*; libpq keyword DSNs.
-    """
-    if dsn is None:
-        dsn = os.environ.get(DSN_ENVIRONMENT_VARIABLE)
-        if not dsn:
-            raise ConfigurationError(
-                f"no database given: pass dsn='postgresql://user@host/db' or set "
-                f"{DSN_ENVIRONMENT_VARIABLE}"
-            )
-    dsn = normalize_dsn(dsn)
-    session_dsn = dsn if session_dsn is None else normalize_dsn(session_dsn, option="session_dsn")
-    check_schema_name(schema)
-    _check_positive("min_pool_size", min_pool_size)
-    _check_positive("max_pool_size", max_pool_size)
-    if min_pool_size > max_pool_size:
-        raise ConfigurationError(
-            f"min_pool_size ({min_pool_size}) must not exceed max_pool_size ({max_pool_size})"
-        )
-    if (
-        type(connect_timeout) not in (int, float)
-        or not math.isfinite(connect_timeout)
-        or connect_timeout <= 0
-    ):
-        raise ConfigurationError(
-            f"connect_timeout must be a finite number of seconds > 0, got {connect_timeout!r}"
-        )
-    if type(statement_cache_size) is not int or statement_cache_size < 0:
-        raise ConfigurationError(
-            f"statement_cache_size must be an int >= 0, got {statement_cache_size!r}"
-        )
-    _check_application_name(application_name)
-    async with (
-        _bridge.asyncio_loop(),
-        _bridge.open_pool(
-            dsn,
-            min_size=min_pool_size,
-            max_size=max_pool_size,
-            application_name=application_name,
-            connect_timeout=connect_timeout,
-            statement_cache_size=statement_cache_size,
-        ) as pool,
-        service_nursery() as nursery,
-    ):
-        version = int(await pool.fetchval("SELECT current_setting('server_version_num')"))
-        if version < MINIMUM_SERVER_VERSION_NUM:
-            raise UnsupportedServer(
-                f"PostgreSQL {version // 10000} is not supported; eventcore-trio needs "
-                f"PostgreSQL {MINIMUM_SERVER_VERSION_NUM // 10000} or newer (for xid8 snapshots)"
-            )
-        system_identifier = await _system_identifier(pool)
-        if migrate:
-            await migrate_schema(pool, schema)
-        else:
-            await check_schema(pool, schema)
-        store = PostgresStore(
-            pool=pool,
-            nursery=nursery,
-            dsn=dsn,
-            session_dsn=session_dsn,
-            schema=schema,
-            system_identifier=system_identifier,
-            server_version=version,
-            application_name=application_name,
-            connect_timeout=float(connect_timeout),
-            statement_cache_size=statement_cache_size,
-        )
-        try:
-            yield store
-        finally:
-            store._closed = True
-
-
-def _check_application_name(value: object) -> None:
-    if not isinstance(value, str):
-        raise ConfigurationError(f"application_name must be a str, got {type(value).__name__}")
-    if any(not ch.isprintable() for ch in value):
-        raise ConfigurationError(
-            f"application_name must be printable text (no NUL or control characters), got {value!r}"
-        )
-
-
-async def _system_identifier(pool: _bridge.Pool) -> str | None:
-    # pg_control_system() may be restricted to superusers and pg_monitor members; without it
-    # the cluster check is skipped rather than failing the store.
-    try:
-        value = await pool.fetchval("SELECT system_identifier::text FROM pg_control_system()")
-    except DatabaseError:
-        return None
-    return None if value is None else str(value)

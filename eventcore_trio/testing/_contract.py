@@ -12,6 +12,9 @@ The suite covers what EventCore's 27 contract tests cover, plus the hazards of D
 section 6: late commits, concurrent writers under a polling reader, a lock session that is
 killed, release on cancellation and on exceptions, bad input refused with nothing written, and
 property-based checks of appends and filters.
+
+Long on purpose: the suite reads as the specification of the protocols, one test per promise,
+grouped by protocol; split across files it would be harder to see what a backend must do.
 """
 
 from __future__ import annotations

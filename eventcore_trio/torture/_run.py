@@ -1,4 +1,9 @@
-"""`run_torture`: writers, projector hosts and scheduled faults, then a verification."""
+"""`run_torture`: writers, projector hosts and scheduled faults, then a verification.
+
+One orchestrator (about 550 lines): the fault schedule, the host slots and the recovery checks
+share the run's state; the writers, the proxy, the model and the verification live in modules
+of their own.
+"""
 
 from __future__ import annotations
 
@@ -86,6 +91,53 @@ class _Torture:
 
     def __attrs_post_init__(self) -> None:
         self.rng = random.Random(self.seed)
+
+    async def play(self, control: PostgresStore, hosts: int) -> tuple[float, bool]:
+        """Start the hosts and the writers, inject faults, stop writing, wait for catch-up.
+
+        Returns how long the faults ran and whether the projection caught up afterwards.
+        """
+        async with (
+            open_postgres_store(
+                self.dsn,
+                schema=self.schema,
+                migrate=False,
+                application_name=WRITERS_APPLICATION,
+                max_pool_size=self.writers + 2,
+                connect_timeout=5,
+            ) as writing,
+            trio.open_nursery() as nursery,
+        ):
+            for index in range(hosts):
+                proxy = NetworkProxy(self.dsn)
+                await nursery.start(proxy.serve)
+                self.slots.append(_Slot(f"{HOST_APPLICATION}-{index}", proxy))
+            for slot in self.slots:
+                await nursery.start(self.host_slot, slot)
+            self.out(f"hosts ready (logs in {self.log_dir}); writing and injecting faults…")
+            self.begin = trio.current_time()
+            async with trio.open_nursery() as writers_nursery:
+                for index in range(self.writers):
+                    writers_nursery.start_soon(
+                        functools.partial(
+                            write,
+                            writing,
+                            self.writes,
+                            seed=f"{self.seed}/{index}",
+                            stop=self.stop_writing,
+                        )
+                    )
+                await self.inject_faults(control)
+                elapsed = self.now()
+                # Writers finish what they started: a transaction still open when the
+                # catch-up check runs would commit after it, unseen.
+                self.stop_writing.set()
+            self.out("faults done; waiting for the projection to catch up…")
+            caught_up = await self.caught_up(control)
+            for slot in self.slots:
+                slot.expect_exit = True
+            nursery.cancel_scope.cancel()
+        return elapsed, caught_up
 
     # -- processes ----------------------------------------------------------------------
 
@@ -461,46 +513,7 @@ async def _run(
                 f"torture: seed {seed}, {hosts} hosts, {writers} writers, {duration:.0f}s of "
                 f"faults ({', '.join(k.value for k in kinds)}) on PostgreSQL {version}"
             )
-            async with (
-                open_postgres_store(
-                    dsn,
-                    schema=schema,
-                    migrate=False,
-                    application_name=WRITERS_APPLICATION,
-                    max_pool_size=writers + 2,
-                    connect_timeout=5,
-                ) as writing,
-                trio.open_nursery() as nursery,
-            ):
-                for index in range(hosts):
-                    proxy = NetworkProxy(dsn)
-                    await nursery.start(proxy.serve)
-                    run.slots.append(_Slot(f"{HOST_APPLICATION}-{index}", proxy))
-                for slot in run.slots:
-                    await nursery.start(run.host_slot, slot)
-                out(f"hosts ready (logs in {log_dir}); writing and injecting faults…")
-                run.begin = trio.current_time()
-                async with trio.open_nursery() as writers_nursery:
-                    for index in range(writers):
-                        writers_nursery.start_soon(
-                            functools.partial(
-                                write,
-                                writing,
-                                run.writes,
-                                seed=f"{seed}/{index}",
-                                stop=run.stop_writing,
-                            )
-                        )
-                    await run.inject_faults(control)
-                    elapsed = run.now()
-                    # Writers finish what they started: a transaction still open when the
-                    # catch-up check runs would commit after it, unseen.
-                    run.stop_writing.set()
-                out("faults done; waiting for the projection to catch up…")
-                caught_up = await run.caught_up(control)
-                for slot in run.slots:
-                    slot.expect_exit = True
-                nursery.cancel_scope.cancel()
+            elapsed, caught_up = await run.play(control, hosts)
             findings = await verify(
                 control,
                 app,
