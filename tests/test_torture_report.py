@@ -14,7 +14,7 @@ from eventcore_trio.torture._proxy import rewrite_dsn, server_address
 from eventcore_trio.torture._report import percentile
 from eventcore_trio.torture._verify import Batch, count_overlaps
 
-from .helpers import TORTURE_REPORT_FIELDS
+from .helpers import TORTURE_REPORT_FIELDS, clean_findings
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
@@ -62,7 +62,6 @@ def _report(**changes: Any) -> TortureReport:
         seed=1,
         duration_s=10.0,
         server="PostgreSQL 16",
-        events=100,
         appended=100,
         rolled_back=5,
         unknown_outcome=0,
@@ -78,14 +77,9 @@ def _report(**changes: Any) -> TortureReport:
                 kind=FaultKind.DB_RESTART, at=2.0, target="s", outage_ms=200.0, recovery_ms=90.0
             ),
         ),
-        lost=0,
-        duplicated=0,
-        phantoms=0,
-        checkpoint_regressions=0,
-        double_leaders=0,
-        ledger_mismatches=0,
         host_crashes=0,
         unrecovered=0,
+        **attrs.asdict(clean_findings(100)),
     )
     return attrs.evolve(base, **changes)
 

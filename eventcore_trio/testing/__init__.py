@@ -12,6 +12,7 @@ from .._processes import run_ready_process as run_ready_process
 from .._util import fixup_module_metadata
 from ._contract import StoreContract as StoreContract
 from ._contract import events as events
+from ._contract import follow_until as follow_until
 from ._contract import read_all as read_all
 from ._harness import BackendHarness as BackendHarness
 from ._harness import MemoryHarness as MemoryHarness
@@ -25,6 +26,7 @@ __all__ = [
     "PostgresHarness",
     "StoreContract",
     "events",
+    "follow_until",
     "leader_pid",
     "read_all",
     "run_ready_process",

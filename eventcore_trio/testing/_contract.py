@@ -23,6 +23,7 @@ import fnmatch
 import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any
 
 import hypothesis
@@ -67,6 +68,29 @@ async def read_all(
         if len(page) < page_size:
             return result
         after = page[-1].position
+
+
+async def follow_until(
+    store: Store, done: trio.Event, seen: list[RecordedEvent], *, limit: int = 100
+) -> None:
+    """Poll `read_events` from the start into *seen* until *done* is set and all is read.
+
+    A polling reader, as a projection is: it keeps reading after *done* until a read that
+    began after *done* was set finds nothing more, so nothing committed before *done* is missed.
+
+    .. versionadded:: 0.2
+    """
+    cursor: Position | None = None
+    while True:
+        finished = done.is_set()
+        page = await store.read_events(cursor, limit=limit)
+        seen.extend(page)
+        if page:
+            cursor = page[-1].position
+        elif finished:
+            return
+        else:
+            await trio.lowlevel.checkpoint()
 
 
 _hypothesis = hypothesis.settings(
@@ -385,21 +409,8 @@ class StoreContract:
             for n in range(per_writer):
                 await store.append(f"w{w}", events(f"E{w}.{n}"), expected_version=n)
 
-        async def reader() -> None:
-            cursor: Position | None = None
-            while True:
-                finished = done.is_set()
-                page = await store.read_events(cursor, limit=7)
-                seen.extend(page)
-                if page:
-                    cursor = page[-1].position
-                elif finished:
-                    return
-                else:
-                    await trio.lowlevel.checkpoint()
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
+            nursery.start_soon(partial(follow_until, store, done, seen, limit=7))
             async with trio.open_nursery() as writing:
                 for w in range(writers):
                     writing.start_soon(writer, w)

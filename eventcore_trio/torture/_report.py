@@ -99,9 +99,22 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return statistics.quantiles(values, n=100, method="inclusive")[max(0, min(98, round(q) - 1))]
 
 
+@attrs.frozen(kw_only=True)
+class Findings:
+    """What the verification counted; see `TortureReport` for the meaning of each."""
+
+    events: int
+    lost: int
+    duplicated: int
+    phantoms: int
+    checkpoint_regressions: int
+    double_leaders: int
+    ledger_mismatches: int
+
+
 @final
 @attrs.frozen(kw_only=True)
-class TortureReport:
+class TortureReport(Findings):
     """The outcome of `run_torture`: what was done, and what the verification found.
 
     `ok` is True only when every safety count is zero and every fault was recovered from.
@@ -133,33 +146,18 @@ class TortureReport:
     seed: int
     duration_s: float
     server: str
-    events: int
     appended: int
     rolled_back: int
     unknown_outcome: int
     faults: tuple[FaultRecord, ...]
-    lost: int
-    duplicated: int
-    phantoms: int
-    checkpoint_regressions: int
-    double_leaders: int
-    ledger_mismatches: int
     host_crashes: int
     unrecovered: int
 
     @property
     def ok(self) -> bool:
         """True when nothing was lost, duplicated or regressed and every fault recovered."""
-        return not (
-            self.lost
-            or self.duplicated
-            or self.phantoms
-            or self.checkpoint_regressions
-            or self.double_leaders
-            or self.ledger_mismatches
-            or self.host_crashes
-            or self.unrecovered
-        )
+        counts = [f.name for f in attrs.fields(Findings) if f.name != "events"]
+        return not any(getattr(self, name) for name in [*counts, "host_crashes", "unrecovered"])
 
     @property
     def failover_ms(self) -> list[float]:

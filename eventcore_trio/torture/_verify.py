@@ -10,6 +10,7 @@ import attrs
 
 from ..postgres import PostgresStore
 from ._model import EVENT_TYPE, PROJECTOR_NAME, STREAM_PREFIX
+from ._report import Findings
 
 
 @attrs.frozen
@@ -40,19 +41,6 @@ def count_overlaps(batches: Iterable[Batch]) -> int:
         if latest is None or batch.finished >= latest.finished:
             latest = batch
     return overlaps
-
-
-@attrs.frozen
-class Findings:
-    """What the verification counted; see `TortureReport` for the meaning of each."""
-
-    events: int
-    lost: int
-    duplicated: int
-    phantoms: int
-    checkpoint_regressions: int
-    double_leaders: int
-    ledger_mismatches: int
 
 
 async def verify(

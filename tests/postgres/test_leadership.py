@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -15,7 +17,7 @@ from eventcore_trio import (
     ProjectionState,
     RecordedEvent,
 )
-from eventcore_trio.postgres import PostgresLeadership, PostgresStore, _bridge, projector_lock_key
+from eventcore_trio.postgres import PostgresLeadership, PostgresStore, projector_lock_key
 from eventcore_trio.postgres._leadership import KEEPALIVE_SETTINGS
 from eventcore_trio.projection import (
     FailureStrategy,
@@ -120,17 +122,11 @@ class TestDedicatedSession:
 
     async def test_cancellation_closes_the_connection(self, store: PostgresStore) -> None:
         """Cancelling the leading task releases the lock and closes the session."""
-        acquired = trio.Event()
-
-        async def lead() -> None:
+        with trio.CancelScope() as scope:
             async with store.try_acquire("proj"):
-                acquired.set()
+                scope.cancel()
                 await trio.sleep_forever()
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(lead)
-            await acquired.wait()
-            nursery.cancel_scope.cancel()
+        assert scope.cancelled_caught
         assert await _lock_holders(store, "proj") == []
         assert await _sessions_named(store, "eventcore-trio leader proj") == 0
 
@@ -175,50 +171,38 @@ class TestStatusOfLockHolders:
     """Status says who holds a projection's lock: a leader, a reset, a replay, or nobody."""
 
     @staticmethod
-    async def _hold_lock_as(harness: PostgresHarness, store: PostgresStore, app: str) -> object:
+    @asynccontextmanager
+    async def _lock_held_by(store: PostgresStore, app: str) -> AsyncIterator[None]:
         # A session that takes the projection's lock without reporting anything.
-        connection = await _bridge.connect(harness.dsn, application_name=app, connect_timeout=10)
-        await connection.execute(
-            "SELECT pg_advisory_lock($1)", projector_lock_key(store.schema, "p")
-        )
-        return connection
+        async with store.admin.connection(app) as connection:
+            await connection.execute(
+                "SELECT pg_advisory_lock($1)", projector_lock_key(store.schema, "p")
+            )
+            yield
+
+    async def _status(self, store: PostgresStore) -> tuple[ProjectionState, object]:
+        (status,) = await store.projection_status()
+        return status.state, status.leader
 
     async def test_a_leader_is_named_only_while_its_session_holds_the_lock(
-        self, store: PostgresStore, harness: PostgresHarness
+        self, store: PostgresStore
     ) -> None:
         """After the leader goes, a session that took the lock is not shown as that leader."""
         await store.save_checkpoint("p", (await _position(store)))
         async with store.try_acquire("p") as leadership:
             await leadership.report(ProjectionState.RUNNING)
-            (status,) = await store.projection_status()
-            assert status.state is ProjectionState.RUNNING
-            assert status.leader is not None
-        connection = await self._hold_lock_as(harness, store, "eventcore-trio leader p")
-        try:
-            assert isinstance(connection, _bridge.Connection)
-            (status,) = await store.projection_status()
-            assert status.state is ProjectionState.RUNNING
-            assert status.leader is None
-        finally:
-            assert isinstance(connection, _bridge.Connection)
-            await connection.close()
-        (status,) = await store.projection_status()
-        assert status.state is ProjectionState.STOPPED
-        assert status.leader is None
+            state, leader = await self._status(store)
+            assert state is ProjectionState.RUNNING
+            assert leader is not None
+        async with self._lock_held_by(store, "eventcore-trio leader p"):
+            assert await self._status(store) == (ProjectionState.RUNNING, None)
+        assert await self._status(store) == (ProjectionState.STOPPED, None)
 
-    async def test_a_reset_holding_the_lock_shows_as_resetting(
-        self, store: PostgresStore, harness: PostgresHarness
-    ) -> None:
+    async def test_a_reset_holding_the_lock_shows_as_resetting(self, store: PostgresStore) -> None:
         """The lock held by a reset's session is RESETTING, not RUNNING."""
         await store.save_checkpoint("p", (await _position(store)))
-        connection = await self._hold_lock_as(harness, store, "eventcore-trio reset p")
-        try:
-            (status,) = await store.projection_status()
-            assert status.state is ProjectionState.RESETTING
-            assert status.leader is None
-        finally:
-            assert isinstance(connection, _bridge.Connection)
-            await connection.close()
+        async with self._lock_held_by(store, "eventcore-trio reset p"):
+            assert await self._status(store) == (ProjectionState.RESETTING, None)
 
     async def test_a_replay_shows_as_replaying(self, store: PostgresStore) -> None:
         """While replay_dead_letters holds the lock, status says REPLAYING, with no leader."""

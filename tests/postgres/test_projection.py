@@ -53,6 +53,15 @@ async def _create_app_schema(store: PostgresStore) -> str:
     return app
 
 
+async def _record_applied(ctx: ProjectionContext, app: str, event: RecordedEvent) -> None:
+    # The event's number stands in for its position: these tests check order by it.
+    await ctx.db.execute(
+        f'INSERT INTO "{app}".applied (event_id, tx, seq, applied_by) VALUES ($1, 0, $2, 0)',
+        event.event_id,
+        event.data["n"],
+    )
+
+
 async def _verify_exactly_once(store: PostgresStore, app: str) -> int:
     """Every Deposited event applied exactly once, in order; returns how many."""
     deposits = [e for e in await read_all(store, page_size=1000) if e.type == "Deposited"]
@@ -78,12 +87,7 @@ class TestTransactional:
 
         @projector("ledger")
         async def ledger(event: RecordedEvent, ctx: ProjectionContext) -> None:
-            await ctx.db.execute(
-                f'INSERT INTO "{app}".applied (event_id, tx, seq, applied_by) '
-                "VALUES ($1, 0, $2, 0)",
-                event.event_id,
-                event.data["n"],
-            )
+            await _record_applied(ctx, app, event)
             if event.data["n"] == 77:
                 raise RuntimeError("disk full")
 
@@ -344,12 +348,7 @@ class TestCancellation:
 
         @projector("ledger")
         async def ledger(event: RecordedEvent, ctx: ProjectionContext) -> None:
-            await ctx.db.execute(
-                f'INSERT INTO "{app}".applied (event_id, tx, seq, applied_by) '
-                "VALUES ($1, 0, $2, 0)",
-                event.event_id,
-                event.data["n"],
-            )
+            await _record_applied(ctx, app, event)
 
         config = ProjectionConfig(batch_size=7)
         for delay in (0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.03, 0.05, 0.08):

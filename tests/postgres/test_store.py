@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import urllib.parse
 import uuid
+from functools import partial
 
 import asyncpg
 import pytest
@@ -30,7 +31,7 @@ from eventcore_trio import (
 from eventcore_trio.postgres import LATEST_SCHEMA_VERSION, PostgresStore, _bridge
 from eventcore_trio.postgres._bridge import translate_error
 from eventcore_trio.postgres._reads import ReadQueries
-from eventcore_trio.testing import PostgresHarness, events, read_all
+from eventcore_trio.testing import PostgresHarness, events, follow_until, read_all
 
 
 class _Rollback(Exception):
@@ -81,21 +82,8 @@ class TestGapFreeReads:
             finally:
                 await connection.close()
 
-        async def reader() -> None:
-            cursor = None
-            while True:
-                finished = writers_done.is_set()
-                page = await store.read_events(cursor, limit=5)
-                seen.extend(page)
-                if page:
-                    cursor = page[-1].position
-                elif finished:
-                    return
-                else:
-                    await trio.sleep(0.001)
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(reader)
+            nursery.start_soon(partial(follow_until, store, writers_done, seen, limit=5))
             async with trio.open_nursery() as writing:
                 for w in range(writers):
                     writing.start_soon(writer, w)

@@ -18,19 +18,12 @@ from eventcore_trio.projection import ProjectionConfig, run_projection
 from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness
 from eventcore_trio.torture import FaultKind, run_torture
 from eventcore_trio.torture._model import EVENT_TYPE, LedgerProjector, app_schema_sql
-from eventcore_trio.torture._verify import Findings, verify
+from eventcore_trio.torture._report import Findings
+from eventcore_trio.torture._verify import verify
 
-from ..helpers import TORTURE_REPORT_FIELDS, start_interruptible
+from ..helpers import TORTURE_REPORT_FIELDS, clean_findings, start_interruptible
 
-CLEAN = Findings(
-    events=12,
-    lost=0,
-    duplicated=0,
-    phantoms=0,
-    checkpoint_regressions=0,
-    double_leaders=0,
-    ledger_mismatches=0,
-)
+CLEAN = clean_findings(12)
 
 
 class TestVerification:
