@@ -141,23 +141,7 @@ async def run_demo(
             if waiting.cancelled_caught:
                 report.problems.append(f"the projection did not catch up within {wait}s")
             nursery.cancel_scope.cancel()
-        projected = projector.balances
-
-        # Verification against a reference fold of every stream.
-        reference: dict[str, int] = {}
-        for name in names:
-            for event in await store.read_stream(name):
-                reference[name] = balance_after(reference.get(name, 0), event)
-        if projected != reference:
-            report.problems.append("projected balances differ from the streams' fold")
-        if sum(reference.values()) != accounts * INITIAL_BALANCE:
-            report.problems.append("money was created or destroyed")
-        if any(balance < 0 for balance in reference.values()):
-            report.problems.append("an account is overdrawn")
-        if report.projected_events != accounts + 2 * report.transfers:
-            report.problems.append("the projection saw a different number of events")
-        if await store.load_checkpoint(PROJECTION) != report.checkpoint:
-            report.problems.append("the saved checkpoint is not the last projected position")
+        await _verify(store, names, projector.balances, report)
     elapsed = time.monotonic() - started
     out(
         f"done in {elapsed:.1f}s: {report.transfers} transfers, {report.refused} refused for lack "
@@ -173,6 +157,26 @@ async def run_demo(
         for problem in report.problems:
             out(f"FAILED: {problem}")
     return report
+
+
+async def _verify(
+    store: Store, names: list[str], projected: dict[str, int], report: DemoReport
+) -> None:
+    # Against a reference fold of every stream; each problem found goes into the report.
+    reference: dict[str, int] = {}
+    for name in names:
+        for event in await store.read_stream(name):
+            reference[name] = balance_after(reference.get(name, 0), event)
+    if projected != reference:
+        report.problems.append("projected balances differ from the streams' fold")
+    if sum(reference.values()) != len(names) * INITIAL_BALANCE:
+        report.problems.append("money was created or destroyed")
+    if any(balance < 0 for balance in reference.values()):
+        report.problems.append("an account is overdrawn")
+    if report.projected_events != len(names) + 2 * report.transfers:
+        report.problems.append("the projection saw a different number of events")
+    if await store.load_checkpoint(PROJECTION) != report.checkpoint:
+        report.problems.append("the saved checkpoint is not the last projected position")
 
 
 def demo_main(dsn: str | None, *, memory: bool, scale: int, duration: float) -> int:
