@@ -56,11 +56,11 @@ class LockProof:
 
     def describe_loss(self, backend_pid: int) -> str:
         """Why the lock is no longer ours, given the session a statement just ran on."""
-        if backend_pid != self.backend_pid:
+        if backend_pid != self.backend_pid or self.proxied:
             return (
                 f"the lock of {self.name!r} was taken on server session {self.backend_pid}, but "
-                f"the lock connection's statements now run on session {backend_pid}: "
-                f"{POOLER_HINT}"
+                f"it is gone or the lock connection's statements now run on session "
+                f"{backend_pid}: {POOLER_HINT}"
             )
         return (
             f"the lock of {self.name!r} is no longer held by its session {self.backend_pid} "

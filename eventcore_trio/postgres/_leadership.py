@@ -31,8 +31,9 @@ unlocking on that session, or by terminating it).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Final, final
 
@@ -323,21 +324,47 @@ async def _verify_pinned(connection: Connection, proof: LockProof) -> int | None
     return None if row["held"] else int(row["pid"])
 
 
-async def _release_proxied(connection: Connection, proof: LockProof) -> None:
+# Statements that try to land on the lock's pooled session before it is terminated instead.
+RELEASE_ATTEMPTS: Final = 5
+
+
+async def _release_proxied(
+    connection: Connection, proof: LockProof, reconnect: Callable[[], Awaitable[Connection]]
+) -> None:
     # Behind a proxy, closing the client connection does not end the server session: under
     # transaction pooling the lock would stay on a pooled session for good. Unlock it where it
-    # is; if this statement runs elsewhere, end the session that still holds it.
-    if connection.is_closed():
-        return
-    with trio.move_on_after(5, shield=True), contextlib.suppress(EventCoreError):
-        await connection.fetchval(
-            "SELECT CASE WHEN pg_backend_pid() = $1::int THEN pg_advisory_unlock($2::bigint) "
-            "ELSE (SELECT bool_or(pg_terminate_backend(pid)) FROM pg_locks "
-            "WHERE locktype = 'advisory' AND objsubid = 1 AND granted AND pid = $1::int "
-            "AND ((classid::bigint << 32) | objid::bigint) = $2::bigint) END",
-            proof.backend_pid,
-            proof.key,
-        )
+    # is: a statement that runs on that session unlocks, one that runs elsewhere only looks.
+    # If none of a few attempts lands there, end that session as a last resort (which also
+    # ends whatever another client of the pool is running on it at that moment). The lock
+    # connection itself may be gone (a proxy closes clients whose server session died), so
+    # attempts go through a new connection then.
+    holds = (
+        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+        "AND granted AND pid = $1::int AND ((classid::bigint << 32) | objid::bigint) = $2::bigint)"
+    )
+    spare: Connection | None = None
+    with trio.move_on_after(10, shield=True):
+        try:
+            for attempt in range(RELEASE_ATTEMPTS + 1):
+                try:
+                    if connection.is_closed() and (spare is None or spare.is_closed()):
+                        spare = await reconnect()
+                    current = spare if connection.is_closed() and spare is not None else connection
+                    if attempt < RELEASE_ATTEMPTS:
+                        sql = (
+                            "SELECT CASE WHEN pg_backend_pid() = $1::int "
+                            f"THEN NOT pg_advisory_unlock($2::bigint) AND {holds} "
+                            f"ELSE {holds} END"
+                        )
+                    else:
+                        sql = f"SELECT pg_terminate_backend($1::int) AND false WHERE {holds}"
+                    if not await current.fetchval(sql, proof.backend_pid, proof.key):
+                        return
+                except EventCoreError as exc:
+                    logger.debug("releasing the lock of %s: %s", proof.name, exc)
+        finally:
+            if spare is not None:
+                await spare.close()
 
 
 @asynccontextmanager
@@ -399,6 +426,16 @@ async def acquire_leadership(
         if leadership is not None:
             leadership._mark_lost()
         if proof is not None and proof.proxied:
-            await _release_proxied(connection, proof)
+            await _release_proxied(
+                connection,
+                proof,
+                functools.partial(
+                    connect,
+                    dsn,
+                    application_name=application_name,
+                    connect_timeout=connect_timeout,
+                    statement_cache_size=0,
+                ),
+            )
         # Closing ends the session, which releases the lock; shielded and bounded.
         await connection.close()

@@ -19,6 +19,7 @@ from eventcore_trio import (
     LeadershipUnavailable,
     NewEvent,
     ProjectionState,
+    StoreConnectionError,
     UnsupportedPooling,
     open_postgres_store,
 )
@@ -133,6 +134,10 @@ class TestTransactionPooling:
                             outcomes.append("led")
                     except (UnsupportedPooling, LeadershipUnavailable, LeadershipLost) as exc:
                         outcomes.append(type(exc).__name__)
+                    except StoreConnectionError:
+                        # Another client's clean-up may end the pooled session this client's
+                        # statement shared with a wrongly held lock (documented): a refusal too.
+                        outcomes.append("StoreConnectionError")
 
         async with trio.open_nursery() as nursery:
             for number in range(4):
@@ -140,7 +145,12 @@ class TestTransactionPooling:
         assert most <= 1
         assert "UnsupportedPooling" in outcomes
         key = projector_lock_key(harness.schema, "race")
-        assert await _advisory_locks(direct, key) == []
+
+        async def no_lock_left() -> bool:
+            # A pooled session ended as a last resort leaves pg_locks a moment later.
+            return await _advisory_locks(direct, key) == []
+
+        await eventually(no_lock_left, within=5)
 
     async def test_status_names_no_leader_from_transaction_pooling(
         self, bouncer: pgbouncer.PgBouncer, direct: PostgresStore
