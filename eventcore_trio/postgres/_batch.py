@@ -47,8 +47,7 @@ class _BatchDatabase:
 
     async def execute(self, sql: str, *args: object) -> str:
         """Run a statement in the batch's transaction."""
-        connection = self._batch._connection
-        return await self._batch._statement(connection.execute, sql, *args)
+        return await self._batch._statement(self._batch._connection.execute, sql, *args)
 
     async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
         """Run a statement once per argument tuple in the batch's transaction."""

@@ -20,13 +20,27 @@ from typing import Final
 
 import attrs
 
-#: SQL condition: the current session is session {pid} and holds advisory lock {key} (the
-#: bigint form of pg_advisory_lock, split by pg_locks into classid:objid). Format {pid} and
-#: {key} with parameter placeholders.
+#: SQL condition: server session {session} holds advisory lock {key} (the bigint form of
+#: pg_advisory_lock, which pg_locks splits into classid:objid). Format both with SQL.
+SESSION_HOLDS_LOCK: Final = (
+    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted "
+    "AND pid = {session} AND ((classid::bigint << 32) | objid::bigint) = {key})"
+)
+
+#: SQL condition: the current session is session {pid} and holds advisory lock {key}. Format
+#: {pid} and {key} with parameter placeholders.
 HOLDS_LOCK: Final = (
-    "(pg_backend_pid() = {pid} AND EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' "
-    "AND objsubid = 1 AND granted AND pid = pg_backend_pid() "
-    "AND ((classid::bigint << 32) | objid::bigint) = {key}))"
+    "(pg_backend_pid() = {pid} AND "
+    + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="{key}")
+    + ")"
+)
+
+#: The check a keepalive (and a new leadership) runs: which session the statement ran on, and
+#: whether that is the lock's session and it holds the lock. Arguments: pid, key.
+CHECK_LOCK: Final = (
+    "SELECT pg_backend_pid() AS pid, "
+    + HOLDS_LOCK.format(pid="$1::int", key="$2::bigint")
+    + " AS held"
 )
 
 #: SQL condition: the current session holds advisory locks already (so it is shared with
@@ -56,15 +70,17 @@ class LockProof:
 
     def describe_loss(self, backend_pid: int) -> str:
         """Why the lock is no longer ours, given the session a statement just ran on."""
-        if backend_pid != self.backend_pid or self.proxied:
+        if backend_pid != self.backend_pid:
             return (
                 f"the lock of {self.name!r} was taken on server session {self.backend_pid}, but "
-                f"it is gone or the lock connection's statements now run on session "
-                f"{backend_pid}: {POOLER_HINT}"
+                f"the lock connection's statements now run on session {backend_pid}: "
+                f"{POOLER_HINT}"
             )
-        return (
+        reason = (
             f"the lock of {self.name!r} is no longer held by its session {self.backend_pid} "
             "although the session lives: something on it released the lock (a projector "
             "calling pg_advisory_unlock_all() or pg_advisory_unlock() through ctx.db?). Never "
             "release advisory locks on the lock session"
         )
+        # Behind a proxy, a pooler that reset the session does the same.
+        return f"{reason}; or {POOLER_HINT}" if self.proxied else reason

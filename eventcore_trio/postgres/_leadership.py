@@ -53,7 +53,13 @@ from .._leadership_state import LeadershipState
 from .._status import ProjectionState
 from ._batch import PostgresBatch
 from ._bridge import Connection, connect
-from ._fence import HOLDS_ANY_ADVISORY_LOCK, HOLDS_LOCK, POOLER_HINT, LockProof
+from ._fence import (
+    CHECK_LOCK,
+    HOLDS_ANY_ADVISORY_LOCK,
+    POOLER_HINT,
+    SESSION_HOLDS_LOCK,
+    LockProof,
+)
 from ._subscriptions import Subscriptions, report_arguments, report_statement
 
 logger = logging.getLogger("eventcore_trio.postgres")
@@ -215,10 +221,6 @@ class PostgresLeadership(LeadershipState):
 
     async def _keepalive(self) -> None:
         proof = self._proof
-        sql = (
-            f"SELECT pg_backend_pid() AS pid, "
-            f"{HOLDS_LOCK.format(pid='$1::int', key='$2::bigint')} AS held"
-        )
         while self.is_held:
             await trio.sleep(PING_INTERVAL)
             if self._connection_lock.locked():
@@ -229,7 +231,9 @@ class PostgresLeadership(LeadershipState):
                 row = None
                 with trio.move_on_after(PING_TIMEOUT):
                     with contextlib.suppress(StoreConnectionError):
-                        row = await self._connection.fetchrow(sql, proof.backend_pid, proof.key)
+                        row = await self._connection.fetchrow(
+                            CHECK_LOCK, proof.backend_pid, proof.key
+                        )
             if row is None or self._connection.is_closed():
                 self._mark_lost()
             elif not row["held"]:
@@ -314,12 +318,7 @@ async def _probe_pooling(
 async def _verify_pinned(connection: Connection, proof: LockProof) -> int | None:
     # After taking the lock: does the next statement still run on the lock's session, which
     # holds it? Returns the session it ran on when it does not.
-    row = await connection.fetchrow(
-        f"SELECT pg_backend_pid() AS pid, {HOLDS_LOCK.format(pid='$1::int', key='$2::bigint')} "
-        "AS held",
-        proof.backend_pid,
-        proof.key,
-    )
+    row = await connection.fetchrow(CHECK_LOCK, proof.backend_pid, proof.key)
     assert row is not None
     return None if row["held"] else int(row["pid"])
 
@@ -338,10 +337,7 @@ async def _release_proxied(
     # ends whatever another client of the pool is running on it at that moment). The lock
     # connection itself may be gone (a proxy closes clients whose server session died), so
     # attempts go through a new connection then.
-    holds = (
-        "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
-        "AND granted AND pid = $1::int AND ((classid::bigint << 32) | objid::bigint) = $2::bigint)"
-    )
+    holds = SESSION_HOLDS_LOCK.format(session="$1::int", key="$2::bigint")
     spare: Connection | None = None
     with trio.move_on_after(10, shield=True):
         try:

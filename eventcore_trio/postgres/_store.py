@@ -77,7 +77,7 @@ class PostgresStore:
         self._closed = False
         self._append_statement = AppendStatement(schema)
         self._reads = ReadQueries(schema)
-        self._subscriptions = Subscriptions(pool, schema, system_identifier)
+        self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
         self._leadership_context = LeadershipContext(self._subscriptions, server_version)
         self._listener = Listener(
             nursery=nursery,

@@ -20,7 +20,7 @@ import attrs
 
 from .._decoding import decode_stored
 from .._errors import CheckpointConflict, ClusterMismatch
-from .._events import RecordedEvent
+from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._positions import Position, position_parts
 from .._status import (
@@ -163,7 +163,7 @@ def _to_dead_letter(row: Record) -> DeadLetter:
 
 
 def dead_letter_arguments(
-    name: str, event: RecordedEvent | Any, error: BaseException, retries: int
+    name: str, event: RecordedEvent | UndecodableEvent, error: BaseException, retries: int
 ) -> list[object]:
     """The arguments of `Subscriptions.dead_letter_insert` for *event*."""
     tx, seq = position_parts(event.position)
@@ -193,11 +193,14 @@ def dead_letter_arguments(
 class Subscriptions:
     """Checkpoints, status, reset and dead letters of one schema, on the store's pool."""
 
-    def __init__(self, pool: Pool, schema: str, system_identifier: str | None) -> None:
+    def __init__(
+        self, pool: Pool, schema: str, system_identifier: str | None, reads: ReadQueries
+    ) -> None:
         self._pool = pool
         self._schema = schema
         self._system_identifier = system_identifier
-        self._reads = ReadQueries(schema)
+        # The store's read statements, for lag.
+        self._reads = reads
         s = f'"{schema}"'
         self.table = f"{s}.subscriptions"
         self.dead_letters_table = f"{s}.dead_letters"
