@@ -21,7 +21,7 @@ import trio
 from eventcore_trio import open_postgres_store
 from eventcore_trio.testing import EmbeddedPostgres
 
-from . import _failover, _ours
+from . import _failover, _ours, _partitioned
 
 NAMES = (
     "append_single_sequential",
@@ -30,6 +30,9 @@ NAMES = (
     "catch_up_noop",
     "catch_up_transactional",
     "catch_up_parallel_4",
+    "catch_up_partitioned_1_host",
+    "catch_up_partitioned_2_hosts",
+    "catch_up_partitioned_4_hosts",
     "latency_notify_p50_ms",
     "latency_notify_p99_ms",
     "latency_poll_p50_ms",
@@ -172,6 +175,25 @@ def bench_catch_up_parallel_4(ctx: Context) -> list[Result]:
     return [_throughput("catch_up_parallel_4", ours, baseline)]
 
 
+def bench_catch_up_partitioned(ctx: Context) -> list[Result]:
+    """K=4 over 1, 2 and 4 host processes: the 1-host figure against the raw transactional
+    baseline (one process, one upsert per event), the others against 1 host (scaling)."""
+    schema = _catch_up_data(ctx)
+    baseline = raw("catch_up", ctx.dsn, schema, ["raw-part"], 500, True)
+    rates = {
+        hosts: trio.run(
+            _partitioned.catch_up_partitioned, ctx.dsn, schema, hosts, f"part{hosts}_{ctx.run}"
+        )
+        for hosts in (1, 2, 4)
+    }
+    one = rates[1]
+    return [
+        _throughput("catch_up_partitioned_1_host", one, baseline),
+        _throughput("catch_up_partitioned_2_hosts", rates[2], one),
+        _throughput("catch_up_partitioned_4_hosts", rates[4], one),
+    ]
+
+
 def bench_latency(ctx: Context) -> list[Result]:
     n = ctx.sizes.latency_pings
     schema = ctx.schema("latency_raw")
@@ -232,6 +254,14 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("catch_up_noop",), bench_catch_up_noop),
     (("catch_up_transactional",), bench_catch_up_transactional),
     (("catch_up_parallel_4",), bench_catch_up_parallel_4),
+    (
+        (
+            "catch_up_partitioned_1_host",
+            "catch_up_partitioned_2_hosts",
+            "catch_up_partitioned_4_hosts",
+        ),
+        bench_catch_up_partitioned,
+    ),
     (("latency_notify_p50_ms", "latency_notify_p99_ms"), bench_latency),
     (("latency_poll_p50_ms",), bench_latency_poll),
     (("failover_ms_p50", "failover_ms_p99"), bench_failover),

@@ -21,6 +21,7 @@ from ._errors import EventEncodeError as EventEncodeError
 from ._errors import InvalidArgument as InvalidArgument
 from ._errors import LeadershipLost as LeadershipLost
 from ._errors import LeadershipUnavailable as LeadershipUnavailable
+from ._errors import PartitionsChanged as PartitionsChanged
 from ._errors import ProjectionFailed as ProjectionFailed
 from ._errors import ProjectionNotFound as ProjectionNotFound
 from ._errors import ProjectionRunning as ProjectionRunning
@@ -38,6 +39,10 @@ from ._events import StreamAppend as StreamAppend
 from ._events import UndecodableEvent as UndecodableEvent
 from ._filters import EventFilter as EventFilter
 from ._filters import glob_to_regex as glob_to_regex
+from ._partitions import MAX_PARTITIONS as MAX_PARTITIONS
+from ._partitions import Partition as Partition
+from ._partitions import partition_of as partition_of
+from ._partitions import stream_hash as stream_hash
 from ._positions import Position as Position
 from ._protocols import CheckpointStore as CheckpointStore
 from ._protocols import Database as Database
@@ -77,6 +82,11 @@ from .projection import run_projections as run_projections
 
 __all__ = [
     "MAX_EVENT_JSON_BYTES",
+    "MAX_PARTITIONS",
+    "Partition",
+    "PartitionsChanged",
+    "partition_of",
+    "stream_hash",
     "execute",
     "caused_by",
     "RetryPolicy",

@@ -71,3 +71,15 @@ async def service_nursery() -> AsyncIterator[trio.Nursery]:
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise_single(group)
+
+
+async def wait_any(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as any of *waits* returns; the others are cancelled."""
+    async with trio.open_nursery() as nursery:
+
+        async def run(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        for wait in waits:
+            nursery.start_soon(run, wait)

@@ -231,6 +231,36 @@ class ProjectionRunning(LeadershipUnavailable):
         self.name = name
 
 
+class PartitionsChanged(ConfigurationError):
+    """A projector was started with a partition count its projection cannot change to.
+
+    A projection may be split: from *K* partitions to any multiple of *K* (each new partition
+    continues from its parent's checkpoint). Any other change would re-partition streams
+    whose events were already applied elsewhere, so it is refused. The way forward is a
+    rebuild: stop the projection's hosts, clear its read model, reset it
+    (``eventcore-trio reset NAME``), then start it with the new count.
+
+    Attributes:
+        name: the projection.
+        current: its partition count in the store.
+        requested: the count the projector was started with.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, name: str, current: int, requested: int) -> None:
+        super().__init__(
+            f"projection {name!r} runs as {current} partition(s); {requested} is not a multiple "
+            f"of {current}, so its applied events cannot be divided without a rebuild. Keep "
+            f"partitions={current}, split to a multiple of {current}, or rebuild: stop its "
+            f"hosts, clear its read model, run `eventcore-trio reset {name}` (or "
+            f"store.reset_projection), then start it with partitions={requested}"
+        )
+        self.name = name
+        self.current = current
+        self.requested = requested
+
+
 class ProjectionNotFound(EventCoreError, LookupError):
     """No projection of that name has ever run against this store.
 

@@ -9,6 +9,7 @@ from typing import final
 import attrs
 
 from ._errors import InvalidArgument
+from ._partitions import Partition
 from ._validation import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH, check_identifier
 
 
@@ -114,6 +115,11 @@ def _check_pattern(instance: EventFilter, _: object, value: str | None) -> None:
         glob_to_regex(value)
 
 
+def _check_partition(_: object, __: object, value: Partition | None) -> None:
+    if value is not None and not isinstance(value, Partition):
+        raise InvalidArgument(f"partition must be a Partition, got {type(value).__name__}")
+
+
 @final
 @attrs.frozen(kw_only=True)
 class EventFilter:
@@ -127,6 +133,9 @@ class EventFilter:
         stream_pattern: a glob over the whole stream id (see `glob_to_regex`): ``*`` matches
             any run of characters including ``/``, ``?`` one character, ``[...]`` and
             ``[!...]`` sets.
+        partition: only streams in this `Partition` (by the stable `stream_hash`).
+
+            .. versionadded:: 0.2
 
     Raises:
         InvalidArgument: a type name, prefix or pattern is invalid.
@@ -137,6 +146,7 @@ class EventFilter:
     event_types: frozenset[str] | None = attrs.field(default=None, converter=_to_event_types)
     stream_prefix: str | None = attrs.field(default=None, validator=_check_prefix)
     stream_pattern: str | None = attrs.field(default=None, validator=_check_pattern)
+    partition: Partition | None = attrs.field(default=None, validator=_check_partition)
     # The pattern compiled once; derived, so it takes no part in equality or the repr.
     _regex: re.Pattern[str] | None = attrs.field(
         init=False, eq=False, repr=False, hash=False, order=False
@@ -151,7 +161,12 @@ class EventFilter:
     @property
     def is_empty(self) -> bool:
         """True when the filter matches every event."""
-        return self.event_types is None and self.stream_prefix is None and self._regex is None
+        return (
+            self.event_types is None
+            and self.stream_prefix is None
+            and self._regex is None
+            and self.partition is None
+        )
 
     @property
     def stream_regex(self) -> str | None:
@@ -164,4 +179,6 @@ class EventFilter:
             return False
         if self.stream_prefix is not None and not stream_id.startswith(self.stream_prefix):
             return False
-        return self._regex is None or self._regex.match(stream_id) is not None
+        if self._regex is not None and self._regex.match(stream_id) is None:
+            return False
+        return self.partition is None or self.partition.contains(stream_id)

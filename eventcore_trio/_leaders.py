@@ -13,12 +13,14 @@ from ._protocols import ProjectionAdmin
 
 
 async def leader_pid(store: ProjectionAdmin, name: str) -> int | None:
-    """The process id of the host leading *name* now, or None while nobody leads it.
+    """The process id of the host leading unit *name* now, or None while nobody leads it.
+
+    *name* is a projection's name, or one partition's unit name (``"orders[2/4]"``).
 
     .. versionadded:: 0.2
     """
     for status in await store.projection_status():
-        if status.name == name and status.leader is not None:
+        if status.unit == name and status.leader is not None:
             return status.leader.pid
     return None
 

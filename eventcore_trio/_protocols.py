@@ -14,6 +14,7 @@ from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from ._filters import EventFilter
+from ._hosts import ClusterView
 from ._positions import Position
 from ._status import DeadLetter, ProjectionState, ProjectionStatus
 
@@ -278,6 +279,40 @@ class Leadership(Protocol):
 
 
 @runtime_checkable
+class HostMembership(Protocol):
+    """A host's place in the store's host registry, from `ProjectorCoordinator.register_host`.
+
+    The host is listed while the registration lasts and the store can prove it alive (on
+    PostgreSQL: while its membership lock's session lives), so a host that dies drops out of
+    every view at once.
+
+    .. versionadded:: 0.2
+    """
+
+    @property
+    def host_id(self) -> str:
+        """This host's id, unique among hosts that ever registered."""
+        ...
+
+    @property
+    def is_held(self) -> bool:
+        """False once the registration is lost (register again to come back)."""
+        ...
+
+    async def publish(self, leading: frozenset[str], standing_by: frozenset[str]) -> None:
+        """Tell the other hosts which units this host leads and stands by for."""
+        ...
+
+    async def view(self, units: Sequence[str]) -> ClusterView:
+        """The live hosts with what they published, and which of *units* are led by anyone."""
+        ...
+
+    async def wait_changed(self) -> None:
+        """Return when a host may have joined, left or published (a hint; bound it)."""
+        ...
+
+
+@runtime_checkable
 class ProjectorCoordinator(Protocol):
     """Ensures at most one active instance per projector name, across processes and machines.
 
@@ -307,6 +342,30 @@ class ProjectorCoordinator(Protocol):
         """
         ...
 
+    def register_host(self) -> AbstractAsyncContextManager[HostMembership]:
+        """Join the host registry for the block: what balancing hosts use to find each other.
+
+        .. versionadded:: 0.2
+        """
+        ...
+
+    async def set_partitions(self, name: str, partitions: int) -> None:
+        """Record that projection *name* runs as *partitions* units; the runtime calls it.
+
+        Every unit calls it once it leads, before it applies anything, so a unit never runs
+        with a count its projection no longer has. Unchanged, it only checks. A split to a
+        multiple of the current count continues each new partition from its parent's
+        checkpoint (and moves dead letters to their stream's partition); a projection with
+        nothing applied (new, or just reset) may take any count. The change waits until no
+        unit of the current count runs, since it takes their locks.
+
+        Raises:
+            PartitionsChanged: any other change; nothing is changed.
+
+        .. versionadded:: 0.2
+        """
+        ...
+
 
 @runtime_checkable
 class ProjectionAdmin(Protocol):
@@ -316,11 +375,14 @@ class ProjectionAdmin(Protocol):
     """
 
     async def projection_status(self) -> list[ProjectionStatus]:
-        """One record per projection that has run against this store, by name."""
+        """One record per unit that has run against this store: per projection, by name, and
+        per partition of a partitioned projection."""
         ...
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters, so its next run rebuilds from the start.
+
+        A partitioned projection is reset whole: every partition's lock is taken first.
 
         Raises:
             ProjectionRunning: an instance runs it and *wait* is False.
@@ -329,7 +391,8 @@ class ProjectionAdmin(Protocol):
         ...
 
     async def dead_letters(self, name: str) -> list[DeadLetter]:
-        """The events *name* skipped and that have not been replayed, in position order."""
+        """The events *name* (every partition of it) skipped and that have not been replayed, in
+        position order; a unit name (``"name[2/4]"``) gives that partition's only."""
         ...
 
 

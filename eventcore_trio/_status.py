@@ -10,7 +10,13 @@ from typing import final
 import attrs
 
 from ._events import RecordedEvent, UndecodableEvent
+from ._partitions import Partition, Unit
 from ._positions import Position
+
+
+def unit_name(projection: str, partition: int | None, partitions: int) -> str:
+    """The lock and checkpoint name of a projection's *partition* of *partitions*."""
+    return Unit(projection, None if partition is None else Partition(partition, partitions)).name
 
 
 class ProjectionState(enum.Enum):
@@ -102,8 +108,13 @@ class ProjectionStatus:
         updated_at: when the projection last changed (checkpoint or state).
         dead_letters: how many skipped events await replay.
         held_back_by: the oldest open transaction that delays what readers see, if any.
+        partition: which partition this record is about, or None for an unpartitioned
+            projection (one record per partition, each with its own checkpoint and leader).
+        partitions: how many partitions the projection has (1 when unpartitioned).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       ``partition`` and ``partitions``; ``name`` is the projection's for every partition.
     """
 
     name: str
@@ -117,6 +128,16 @@ class ProjectionStatus:
     updated_at: dt.datetime | None
     dead_letters: int
     held_back_by: OpenTransaction | None = None
+    partition: int | None = None
+    partitions: int = 1
+
+    @property
+    def unit(self) -> str:
+        """The name keying this record's lock and checkpoint (``"name[2/4]"`` for a partition).
+
+        .. versionadded:: 0.2
+        """
+        return unit_name(self.name, self.partition, self.partitions)
 
 
 @final
@@ -127,6 +148,7 @@ class DeadLetter:
     Attributes:
         id: the dead letter's id.
         projection: the projector that skipped it.
+        partition: the partition it was skipped in, or None (unpartitioned).
         event: the skipped event (undecodable events included).
         error_type: the exception's qualified class name.
         error_message: the exception's message.
@@ -143,6 +165,7 @@ class DeadLetter:
     error_message: str
     retries: int
     recorded_at: dt.datetime
+    partition: int | None = None
 
     @property
     def position(self) -> Position:

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from ._errors import EventEncodeError, InvalidArgument
+from ._partitions import Unit, has_unit_suffix
 
 MAX_STREAM_ID_LENGTH: Final = 255
 MAX_NAME_LENGTH: Final = 120
@@ -59,8 +60,25 @@ def check_stream_id(value: object) -> str:
 
 
 def check_name(value: object, kind: str = "name") -> str:
-    """Validate a projector, checkpoint or leadership name."""
+    """Validate a projector, checkpoint or leadership name.
+
+    A partitioned projection's unit name (``"name[2/4]"``) may exceed the limit by its suffix.
+    """
+    if isinstance(value, str) and has_unit_suffix(value):
+        check_identifier(kind, Unit.parse(value).projection, max_length=MAX_NAME_LENGTH)
+        return value
     return check_identifier(kind, value, max_length=MAX_NAME_LENGTH)
+
+
+def check_projector_name(value: object) -> str:
+    """Validate a projector's name: a name that does not end like a unit name."""
+    name = check_name(value, "projector name")
+    if has_unit_suffix(name):
+        raise InvalidArgument(
+            f"projector name {name!r} ends like a partition's unit name ('[index/count]'), "
+            "which is reserved; rename it"
+        )
+    return name
 
 
 def check_expected_version(value: object, *, field: str = "expected_version") -> int | None:

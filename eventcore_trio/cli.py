@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import sys
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -256,6 +257,8 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
                 [
                     {
                         "name": r.name,
+                        "partition": r.partition,
+                        "partitions": r.partitions,
                         "state": r.state.value,
                         "checkpoint": None if r.checkpoint is None else str(r.checkpoint),
                         "lag_events": r.lag_events,
@@ -283,16 +286,32 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
         f"{'lag':>8} {'lag s':>7} {'dead':>5}"
     )
     print(header)
+    shown: set[str] = set()
     for r in records:
+        if r.partition is not None and r.name not in shown:
+            # A partitioned projection: one summary line, then its partitions under it.
+            units = [u for u in records if u.name == r.name]
+            led = sum(1 for u in units if u.leader is not None)
+            print(
+                f"{r.name:24} {f'{led}/{r.partitions} led':>8} {'':22} {'':18} "
+                f"{sum(u.lag_events for u in units):>8} "
+                f"{max(u.lag_seconds for u in units):>7.1f} "
+                f"{sum(u.dead_letters for u in units):>5}"
+            )
+        shown.add(r.name)
         leader = "-" if r.leader is None else f"{r.leader.pid}@{r.leader.host}"
+        label = r.name if r.partition is None else f"  [{r.partition}/{r.partitions}]"
         print(
-            f"{r.name:24} {r.state.value:8} {leader:22} {r.checkpoint or '-'!s:18} "
+            f"{label:24} {r.state.value:8} {leader:22} {r.checkpoint or '-'!s:18} "
             f"{r.lag_events:>8} {r.lag_seconds:>7.1f} {r.dead_letters:>5}"
         )
         if r.last_error:
             print(f"    last error: {r.last_error}")
     if not records:
         print("(no projection has run against this store)")
+    hosts = Counter(f"{r.leader.pid}@{r.leader.host}" for r in records if r.leader is not None)
+    if hosts:
+        print("units led per host: " + ", ".join(f"{h} {n}" for h, n in sorted(hosts.items())))
     held = records[0].held_back_by if records else None
     if held is not None:
         print(
@@ -314,16 +333,19 @@ async def _reset(dsn: str, schema: str, name: str, follow: bool) -> None:
         live = sys.stdout.isatty()
         last_line = 0.0
         while True:
-            record = next(r for r in await store.projection_status() if r.name == name)
-            if total is None or record.lag_events > total:
-                total = record.lag_events
-            done = total - record.lag_events
-            if record.checkpoint is not None and record.lag_events == 0:
+            units = [r for r in await store.projection_status() if r.name == name]
+            lag = sum(r.lag_events for r in units)
+            if total is None or lag > total:
+                total = lag
+            done = total - lag
+            if all(r.checkpoint is not None for r in units) and lag == 0:
                 print(f"\rrebuilt: {total:,} events applied{' ' * 30}", flush=True)
                 return
             fraction = done / total if total else 0.0
             bar = "#" * int(fraction * 30)
-            line = f"[{bar:<30}] {fraction:6.1%}  {done:,}/{total:,} events  ({record.state.value})"
+            states = Counter(r.state.value for r in units)
+            state = ", ".join(f"{n} {v}" if len(units) > 1 else v for v, n in states.items())
+            line = f"[{bar:<30}] {fraction:6.1%}  {done:,}/{total:,} events  ({state})"
             now = trio.current_time()
             if live:
                 print(f"\r{line}", end="", flush=True)

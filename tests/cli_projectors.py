@@ -24,3 +24,8 @@ async def picky(event: RecordedEvent, ctx: ProjectionContext) -> None:
 
 
 ALL = [counter, picky]
+
+
+@projector("spread", partitions=3)
+async def spread(event: RecordedEvent, ctx: ProjectionContext) -> None:
+    pass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -64,7 +65,8 @@ class TestCommandLine:
             watcher.join()
         output = capsys.readouterr().out
         assert "VERIFIED" in output
-        assert "killed the leader of 'balances'" in output
+        assert "with SIGKILL; standbys took its units over in" in output
+        assert "units per host now: " in output
         assert seen_hosts, "no demo host process was seen"
         assert leaked == []
 
@@ -142,6 +144,52 @@ class TestOperatorCommands:
         schema = f"t_{uuid.uuid4().hex[:12]}"
         assert main(["migrate", "--dsn", dsn, "--schema", schema]) == EXIT_OK
         return ["--dsn", dsn, "--schema", schema]
+
+    def test_status_groups_partitions_and_counts_units_per_host(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A partitioned projection shows one line, its partitions under it, units per host."""
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+        from eventcore_trio.projection import run_projection, run_projections
+
+        from . import cli_projectors
+
+        where = self._fresh(postgres_dsn)
+        shown: dict[str, str] = {}
+
+        async def run_and_show() -> None:
+            async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
+                for i in range(12):
+                    await store.append(f"s-{i}", [NewEvent("E", {})])
+                await run_projection(cli_projectors.spread, store)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(run_projections, store, [cli_projectors.spread])
+                    for key, extra in (("table", []), ("json", ["--json"])):
+                        done = await trio.run_process(
+                            [sys.executable, "-m", "eventcore_trio.cli", "status", *extra, *where],
+                            capture_stdout=True,
+                        )
+                        shown[key] = done.stdout.decode()
+                    nursery.cancel_scope.cancel()
+
+        trio.run(run_and_show)
+        lines = shown["table"].splitlines()
+        summary = next(line for line in lines if line.startswith("spread"))
+        assert "3/3 led" in summary
+        assert [line.split()[0] for line in lines if line.startswith("  [")] == [
+            "[0/3]",
+            "[1/3]",
+            "[2/3]",
+        ]
+        assert f"units led per host: {os.getpid()}@" in shown["table"]
+        assert shown["table"].rstrip().endswith(" 3")
+        records = json.loads(shown["json"])
+        assert [(r["name"], r["partition"], r["partitions"]) for r in records] == [
+            ("spread", i, 3) for i in range(3)
+        ]
+        assert all(r["state"] == "running" for r in records)
 
     def test_status_reset_and_dead_letters(
         self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]

@@ -106,6 +106,7 @@ def test_a_clean_report_is_ok_and_has_the_issue_fields() -> None:
         "checkpoint_regressions",
         "double_leaders",
         "ledger_mismatches",
+        "order_violations",
         "host_crashes",
         "unrecovered",
     ],

@@ -2,9 +2,11 @@
 
 The DSN comes in ``EVENTCORE_DSN``.
 
-Hosts two transactional projectors over the bank-account events; each applied event is also
-recorded with the host's pid, so the demo can show who applied what and prove nothing was
-applied twice. Prints "ready" once running or standing by; stops cleanly on SIGTERM.
+Hosts three transactional projectors over the bank-account events, six units in all (the
+balances are built in four partitions); the hosts spread the units among themselves. Each
+event "balances" applies is also recorded with the host's pid, so the demo can show who
+applied what and prove nothing was applied twice. Prints "ready" once running or standing
+by; stops cleanly on SIGTERM.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ BANK_EVENTS = ("AccountOpened", "MoneyWithdrawn", "MoneyDeposited")
 def make_projectors(app: str) -> list[Any]:
     """The demo's projectors, writing their read models into schema *app* through ctx.db."""
 
-    @projector("balances", event_types=BANK_EVENTS, stream_prefix="account-")
+    # Partitioned: each account's events stay in order in one partition, and a balance is
+    # keyed by account, so four units (spread over the hosts) can build it side by side.
+    @projector("balances", event_types=BANK_EVENTS, stream_prefix="account-", partitions=4)
     async def balances(event: RecordedEvent, ctx: ProjectionContext) -> None:
         if event.type == "AccountOpened":
             delta = int(event.data["initial"])
@@ -52,7 +56,15 @@ def make_projectors(app: str) -> list[Any]:
             int(event.data["amount"]),
         )
 
-    return [balances, transfers]
+    @projector("activity", event_types=BANK_EVENTS)
+    async def activity(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        await ctx.db.execute(
+            f'INSERT INTO "{app}".activity (type, events) VALUES ($1, 1) '
+            "ON CONFLICT (type) DO UPDATE SET events = activity.events + 1",
+            event.type,
+        )
+
+    return [balances, transfers, activity]
 
 
 async def main(dsn: str, schema: str, app: str) -> int:
@@ -62,7 +74,7 @@ async def main(dsn: str, schema: str, app: str) -> int:
             open_postgres_store, dsn, schema=schema, application_name="eventcore-demo"
         ),
         make_projectors(app),
-        ProjectionConfig(batch_size=100, poll_interval=0.5),
+        ProjectionConfig(batch_size=100, poll_interval=0.5, balance_interval=0.5),
     )
 
 

@@ -7,6 +7,7 @@ the PostgreSQL backend, so its batch, leadership and store stay together (about 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import datetime as dt
 import os
 import socket
@@ -41,7 +42,16 @@ from .._events import (
     prepare_appends,
 )
 from .._filters import EventFilter
+from .._hosts import ClusterView, HostState
 from .._leadership_state import LeadershipState
+from .._partitions import (
+    Unit,
+    check_partitions,
+    partition_of,
+    plan_repartition,
+    split_parent,
+    units_of,
+)
 from .._positions import Position
 from .._protocols import Database
 from .._status import DeadLetter, LeaderInfo, ProjectionState, ProjectionStatus, unit_state
@@ -137,10 +147,12 @@ class MemoryBatch:
     ) -> None:
         """Stage a dead letter for *event*."""
         await trio.lowlevel.checkpoint()
+        unit = Unit.parse(self._leadership.name)
         self._dead_letters.append(
             DeadLetter(
                 id=uuid.uuid4(),
-                projection=self._leadership.name,
+                projection=unit.projection,
+                partition=None if unit.partition is None else unit.partition.index,
                 event=event,
                 error_type=f"{type(error).__module__}.{type(error).__qualname__}",
                 error_message=str(error),
@@ -222,6 +234,49 @@ class MemoryLeadership(LeadershipState):
 
 
 @final
+class MemoryMembership:
+    """A host's registration in a `MemoryStore`; obtained from its ``register_host``.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(self, store: MemoryStore) -> None:
+        self._store = store
+        self._host_id = uuid.uuid4().hex
+        self._registered = True
+
+    @property
+    def host_id(self) -> str:
+        """This host's id."""
+        return self._host_id
+
+    @property
+    def is_held(self) -> bool:
+        """True while registered."""
+        return self._registered
+
+    async def publish(self, leading: frozenset[str], standing_by: frozenset[str]) -> None:
+        """Record what this host leads and stands by for."""
+        await trio.lowlevel.checkpoint()
+        if self._registered:
+            self._store._hosts[self._host_id] = HostState(leading, standing_by)
+            self._store._hosts_changed()
+
+    async def view(self, units: Sequence[str]) -> ClusterView:
+        """Every registered host, and which of *units* are led."""
+        await trio.lowlevel.checkpoint()
+        store = self._store
+        return ClusterView(
+            hosts=dict(store._hosts),
+            held=frozenset(unit for unit in units if unit in store._leaders),
+        )
+
+    async def wait_changed(self) -> None:
+        """Return after the next registration, departure or publication."""
+        await self._store._hosts_event.wait()
+
+
+@final
 class MemoryStore:
     """An event store, reader, checkpoint store, coordinator and admin held in memory.
 
@@ -245,6 +300,11 @@ class MemoryStore:
         # Resets waiting for a leader to stop: not standbys, so not counted as such.
         self._reset_waiting: Counter[str] = Counter()
         self._projections: dict[str, _Projection] = {}
+        # Projection name -> its partition count, as recorded by set_partitions.
+        self._partitions: dict[str, int] = {}
+        # Registered hosts and what they published; the event is replaced on every change.
+        self._hosts: dict[str, HostState] = {}
+        self._hosts_event = trio.Event()
         self._dead_letters: dict[str, list[DeadLetter]] = {}
         # Set (and replaced) on every append, for wait_for_events.
         self._appended = trio.Event()
@@ -457,6 +517,83 @@ class MemoryStore:
         async with self._wait_lead(name, self._waiting, on_standby) as leadership:
             yield leadership
 
+    def _hosts_changed(self) -> None:
+        self._hosts_event.set()
+        self._hosts_event = trio.Event()
+
+    @asynccontextmanager
+    async def register_host(self) -> AsyncIterator[MemoryMembership]:
+        """Join the host registry for the block (see `ProjectorCoordinator.register_host`)."""
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        membership = MemoryMembership(self)
+        self._hosts[membership.host_id] = HostState()
+        self._hosts_changed()
+        try:
+            yield membership
+        finally:
+            membership._registered = False
+            del self._hosts[membership.host_id]
+            self._hosts_changed()
+
+    async def set_partitions(self, name: str, partitions: int) -> None:
+        """Record that projection *name* runs as *partitions* units (see `ProjectorCoordinator`).
+
+        Raises:
+            PartitionsChanged: *partitions* is neither the current count nor a multiple of it,
+                and events were applied.
+        """
+        check_name(name)
+        check_partitions(partitions)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        while (current := self._partition_count(name)) != partitions:
+            if current is None:
+                self._partitions[name] = partitions
+                return
+            old = [unit.name for unit in units_of(name, current)]
+            async with contextlib.AsyncExitStack() as stack:
+                # Every unit of the current count stopped, as on PostgreSQL.
+                for unit_name in old:
+                    await stack.enter_async_context(self._wait_lead(unit_name, self._reset_waiting))
+                if self._partition_count(name) == current:
+                    self._repartition(name, current, partitions, old)
+                    return
+
+    def _partition_count(self, name: str) -> int | None:
+        if name in self._partitions:
+            return self._partitions[name]
+        return 1 if name in self._checkpoints or name in self._projections else None
+
+    def _repartition(self, name: str, current: int, requested: int, old: list[str]) -> None:
+        applied = any(unit in self._checkpoints or self._dead_letters.get(unit) for unit in old)
+        if plan_repartition(name, current, requested, applied=applied) == "split":
+            for child in units_of(name, requested):
+                parent = split_parent(child, current).name
+                if parent in self._checkpoints:
+                    self._checkpoints[child.name] = self._checkpoints[parent]
+                parent_filter = self._projections.get(parent, _Projection()).filter
+                if parent_filter is not None:
+                    self._projection(child.name).filter = attrs.evolve(
+                        parent_filter, partition=child.partition
+                    )
+            for unit in old:
+                for letter in self._dead_letters.get(unit, ()):
+                    moved = partition_of(letter.event.stream_id, requested)
+                    self._dead_letters.setdefault(Unit(name, moved).name, []).append(
+                        attrs.evolve(letter, partition=moved.index)
+                    )
+        for unit in old:
+            self._checkpoints.pop(unit, None)
+            self._projections.pop(unit, None)
+            self._dead_letters.pop(unit, None)
+        self._partitions[name] = requested
+
+    def _unit_names(self, name: str) -> list[str]:
+        if Unit.parse(name).partition is not None:
+            return [name]
+        return [unit.name for unit in units_of(name, self._partition_count(name) or 1)]
+
     @asynccontextmanager
     async def _wait_lead(
         self,
@@ -530,6 +667,9 @@ class MemoryStore:
         now = _now()
         result = []
         for name in sorted(self._projections.keys() | self._checkpoints.keys()):
+            parsed = Unit.parse(name)
+            if self._partitions.get(parsed.projection, parsed.partitions) != parsed.partitions:
+                continue  # a unit of a partition count the projection no longer has
             record = self._projection(name)
             checkpoint = self._checkpoints.get(name)
             start = 0 if checkpoint is None else bisect.bisect_right(self._positions, checkpoint)
@@ -546,7 +686,9 @@ class MemoryStore:
             state = unit_state(holder=holder, standbys=self._waiting[name], last=record.state)
             result.append(
                 ProjectionStatus(
-                    name=name,
+                    name=parsed.projection,
+                    partition=None if parsed.partition is None else parsed.partition.index,
+                    partitions=parsed.partitions,
                     checkpoint=checkpoint,
                     lag_events=len(pending),
                     lag_seconds=(now - pending[0].recorded_at).total_seconds() if pending else 0.0,
@@ -558,33 +700,43 @@ class MemoryStore:
                     dead_letters=len(self._dead_letters.get(name, ())),
                 )
             )
-        return result
+        return sorted(result, key=lambda status: (status.name, status.partition or 0))
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters (see `ProjectionAdmin`)."""
         check_name(name)
         await trio.lowlevel.checkpoint()
         self._check_open()
-        if name not in self._projections and name not in self._checkpoints:
+        units = self._unit_names(name)
+        if not any(unit in self._projections or unit in self._checkpoints for unit in units):
             raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
-        if name in self._leaders and not wait:
-            raise ProjectionRunning(name)
-        async with self._wait_lead(name, self._reset_waiting):
-            self._checkpoints.pop(name, None)
-            self._dead_letters.pop(name, None)
-            record = self._projection(name)
-            record.state, record.last_error, record.updated_at = (
-                ProjectionState.STOPPED,
-                None,
-                _now(),
-            )
+        while True:
+            if not wait and any(unit in self._leaders for unit in units):
+                raise ProjectionRunning(name)
+            async with contextlib.AsyncExitStack() as stack:
+                for unit in sorted(units):
+                    await stack.enter_async_context(self._wait_lead(unit, self._reset_waiting))
+                now = self._unit_names(name)
+                if now == units:
+                    for unit in units:
+                        self._checkpoints.pop(unit, None)
+                        self._dead_letters.pop(unit, None)
+                        record = self._projection(unit)
+                        record.state, record.last_error, record.updated_at = (
+                            ProjectionState.STOPPED,
+                            None,
+                            _now(),
+                        )
+                    return
+            units = now
 
     async def dead_letters(self, name: str) -> list[DeadLetter]:
         """The events *name* skipped and that were not replayed, in position order."""
         check_name(name)
         await trio.lowlevel.checkpoint()
         self._check_open()
-        return sorted(self._dead_letters.get(name, ()), key=lambda d: d.position)
+        letters = [d for unit in self._unit_names(name) for d in self._dead_letters.get(unit, ())]
+        return sorted(letters, key=lambda d: d.position)
 
 
 @asynccontextmanager

@@ -4,8 +4,9 @@ A key is the first 8 bytes of ``BLAKE2b(b"eventcore-trio\\x00" + kind + b"\\x00"
 b"\\x00" + name)``, read as a signed big-endian 64-bit integer, and is passed to the single-argument
 (bigint) advisory-lock functions. It depends on nothing but its inputs: not on Python's
 ``hash()`` (salted per process), the platform or the library version, so every process on every
-machine computes the same key. The kind (``projector`` or ``migration``) and the schema keep
-the store's own locks apart from each other and from a second store in the same database.
+machine computes the same key. The kind (``projector``, ``host``, ``index`` or
+``migration``) and the schema keep the store's own locks apart from each other and from a
+second store in the same database.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import hashlib
 from typing import Literal
 
 
-def lock_key(kind: Literal["projector", "migration"], schema: str, name: str) -> int:
+def lock_key(
+    kind: Literal["projector", "migration", "host", "index"], schema: str, name: str
+) -> int:
     """Return the advisory-lock key for *name* of *kind* in *schema*."""
     material = b"\x00".join(
         [b"eventcore-trio", kind.encode(), schema.encode(), name.encode("utf-8")]
@@ -31,3 +34,13 @@ def projector_lock_key(schema: str, name: str) -> int:
 def migration_lock_key(schema: str) -> int:
     """The transaction-level key that serialises migrations of *schema*."""
     return lock_key("migration", schema, "")
+
+
+def host_lock_key(schema: str, host_id: str) -> int:
+    """The key a balancing host holds while it is registered (its liveness)."""
+    return lock_key("host", schema, host_id)
+
+
+def index_lock_key(schema: str) -> int:
+    """The session key held while one partition index of *schema* is built."""
+    return lock_key("index", schema, "")

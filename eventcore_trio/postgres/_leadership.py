@@ -42,6 +42,7 @@ import trio
 
 from .._concurrency import background
 from .._errors import (
+    DatabaseError,
     EventCoreError,
     LeadershipLost,
     LeadershipUnavailable,
@@ -96,6 +97,10 @@ LOCK_SESSION_TIMEOUTS: Final = {
 }
 IDLE_SESSION_TIMEOUT_MINIMUM_VERSION: Final = 140000
 TRANSACTION_TIMEOUT_MINIMUM_VERSION: Final = 170000
+
+# How long one slice of a standby's wait lasts (see _wait_for_lock).
+STANDBY_WAIT_SLICE: Final = "2s"
+LOCK_NOT_AVAILABLE: Final = "55P03"
 
 # The client-side check: a ping this often, each bounded by PING_TIMEOUT, so a lost lock is
 # noticed within about a second even when the server never closes the socket.
@@ -281,12 +286,28 @@ async def _wait_for_lock(connection: Connection, key: int) -> tuple[int, bool]:
     # Standby: block in the server until the leader's session ends, which grants the lock at
     # once (fast failover). Cancellation cancels the query. Re-checks that the session is
     # not shared, in the same statement, for a proxy may have moved it.
-    row = await connection.fetchrow(
-        f"SELECT pg_backend_pid() AS pid, CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} THEN false "
-        "ELSE (SELECT true FROM pg_advisory_lock($1)) END AS acquired",
-        key,
-    )
+    #
+    # The wait comes in slices of STANDBY_WAIT_SLICE (lock_timeout), because a statement
+    # holds a snapshot for as long as it runs: one waiting for hours would hold back
+    # VACUUM's horizon all that time, and CREATE INDEX CONCURRENTLY anywhere in the
+    # database waits for every older snapshot to go, so it would hang until the leader
+    # died. Between slices the wait starts again at once; a lock released in that gap is
+    # simply granted to the next slice.
+    await connection.execute("SELECT set_config('lock_timeout', $1, false)", STANDBY_WAIT_SLICE)
+    while True:
+        try:
+            row = await connection.fetchrow(
+                f"SELECT pg_backend_pid() AS pid, CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} "
+                "THEN false ELSE (SELECT true FROM pg_advisory_lock($1)) END AS acquired",
+                key,
+            )
+        except DatabaseError as exc:
+            if exc.sqlstate == LOCK_NOT_AVAILABLE:
+                continue
+            raise
+        break
     assert row is not None
+    await connection.execute("SELECT set_config('lock_timeout', '0', false)")
     return int(row["pid"]), bool(row["acquired"])
 
 

@@ -52,7 +52,29 @@ def filter_clauses(event_filter: EventFilter | None, args: list[object]) -> list
     if event_filter.stream_regex is not None:
         args.append(event_filter.stream_regex)
         clauses.append(f"stream_id ~ ${len(args)}")
+    if event_filter.partition is not None:
+        # The stored hash (see _partitions); the count is written into the SQL, so that the
+        # expression matches that of the count's index (`partition_index`).
+        args.append(event_filter.partition.index)
+        clauses.append(
+            f"{partition_expression(event_filter.partition.count)} = ${len(args)}::bigint"
+        )
     return clauses
+
+
+def partition_expression(count: int) -> str:
+    """Which of *count* partitions an events row is in, as SQL (*count* is a checked int)."""
+    return f"(stream_hash % {int(count)})"
+
+
+def partition_index(schema: str, count: int) -> tuple[str, str]:
+    """The name of the index that serves reads of one of *count* partitions, and the
+    statement that builds it without blocking appends."""
+    name = f"events_partition_{int(count)}_idx"
+    return name, (
+        f'CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON "{schema}".events '
+        f"({partition_expression(count)}, tx, position)"
+    )
 
 
 def decode_row(row: Any) -> RecordedEvent | UndecodableEvent:

@@ -41,13 +41,23 @@ def notify_channel(schema: str) -> str:
 # migration once released: add a new one. (Before the first release the history was squashed
 # into migration 1.)
 _MIGRATIONS: Final[tuple[str, ...]] = (
-    # 1: streams, events (immutable), subscriptions, dead letters, the append function.
+    # 1: streams, events (immutable), subscriptions, projections, hosts, dead letters, the
+    # append function.
     """
     CREATE TABLE {s}.streams (
         stream_id text COLLATE "C" PRIMARY KEY,
         -- Number of events in the stream; 0 for a stream that was only checked, never written.
         version bigint NOT NULL CHECK (version >= 0)
     );
+
+    -- The partitioning hash of a stream id (see eventcore_trio/_partitions.py): the first
+    -- four bytes of SHA-256 over its UTF-8 bytes, unsigned. Never change it: checkpoints of
+    -- partitioned projections depend on which partition each stream is in.
+    CREATE FUNCTION {s}.stream_hash(stream_id text) RETURNS bigint
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$
+        SELECT ('x' || left(encode(sha256(convert_to(stream_id, 'UTF8')), 'hex'), 8))
+               ::bit(32)::bigint
+    $fn$;
 
     CREATE TABLE {s}.events (
         -- The writing transaction's id (xid8 as bigint). Readers only read rows whose tx is
@@ -62,6 +72,8 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         data jsonb NOT NULL,
         metadata jsonb NOT NULL,
         recorded_at timestamptz NOT NULL DEFAULT now(),
+        -- Stored so that a partition's read is a WHERE clause, not a hash per row read.
+        stream_hash bigint NOT NULL GENERATED ALWAYS AS ({s}.stream_hash(stream_id)) STORED,
         CONSTRAINT events_pkey PRIMARY KEY (tx, position),
         CONSTRAINT events_stream_version_key UNIQUE (stream_id, stream_version),
         CONSTRAINT events_event_id_key UNIQUE (event_id)
@@ -89,6 +101,29 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         leader_backend_pid integer,
         last_error text,
         CONSTRAINT subscriptions_position_pair CHECK ((tx IS NULL) = (position IS NULL))
+    );
+
+    -- How many partitions each projection run by the runtime has: the authority every unit
+    -- checks when it starts and, fenced, when a batch commits (see _subscriptions).
+    CREATE TABLE {s}.projections (
+        name text COLLATE "C" PRIMARY KEY,
+        partitions integer NOT NULL CHECK (partitions BETWEEN 1 AND 1024),
+        updated_at timestamptz NOT NULL DEFAULT now()
+    );
+
+    -- Hosts running run_projections with balancing: what each leads and stands by for. A
+    -- row counts only while its membership lock (lock_key) is held by backend_pid.
+    CREATE TABLE {s}.hosts (
+        host_id text COLLATE "C" PRIMARY KEY,
+        backend_pid integer NOT NULL,
+        lock_key bigint NOT NULL,
+        leads text[] NOT NULL DEFAULT '{{}}',
+        stands_by text[] NOT NULL DEFAULT '{{}}',
+        pid integer,
+        hostname text,
+        application text,
+        joined_at timestamptz NOT NULL DEFAULT now(),
+        updated_at timestamptz NOT NULL DEFAULT now()
     );
 
     CREATE FUNCTION {s}.refuse_event_change() RETURNS trigger LANGUAGE plpgsql AS $fn$

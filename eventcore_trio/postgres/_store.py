@@ -8,6 +8,8 @@ It validates arguments at the boundary and hands each call to the module that ow
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, Literal, final, overload
@@ -16,6 +18,7 @@ import trio
 
 from .._decoding import check_read_arguments
 from .._errors import (
+    DatabaseError,
     InvalidArgument,
     LeadershipUnavailable,
     ProjectionNotFound,
@@ -24,16 +27,18 @@ from .._errors import (
 )
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from .._filters import EventFilter
+from .._partitions import check_partitions, units_of
 from .._positions import Position
 from .._status import DeadLetter, ProjectionStatus
 from .._validation import check_expected_version, check_name, check_stream_id, check_version_cursor
 from . import _bridge
 from ._admin import PostgresAdmin
 from ._appends import AppendStatement, append_result
-from ._keys import projector_lock_key
+from ._hosts import PostgresMembership, hosts_channel, register_host
+from ._keys import index_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
-from ._reads import ReadQueries, decode_row, recorded_row
+from ._reads import ReadQueries, decode_row, partition_index, recorded_row
 from ._schema import (
     notify_channel,
 )
@@ -79,15 +84,19 @@ class PostgresStore:
         self._reads = ReadQueries(schema)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
         self._leadership_context = LeadershipContext(self._subscriptions, server_version)
-        self._listener = Listener(
-            nursery=nursery,
-            dsn=session_dsn,
-            channel=notify_channel(schema),
-            application_name=f"{application_name} listener",
-            connect_timeout=connect_timeout,
+        # Readers' wake-ups, and balancing hosts'; each connects on its first wait.
+        listener = functools.partial(
+            Listener, nursery=nursery, dsn=session_dsn, connect_timeout=connect_timeout
+        )
+        self._listener = listener(
+            channel=notify_channel(schema), application_name=f"{application_name} listener"
+        )
+        self._hosts_listener = listener(
+            channel=hosts_channel(schema), application_name=f"{application_name} hosts listener"
         )
         self._admin = PostgresAdmin(
             pool=pool,
+            schema=schema,
             dsn=dsn,
             connect_timeout=connect_timeout,
             statement_cache_size=statement_cache_size,
@@ -267,8 +276,9 @@ class PostgresStore:
     ) -> AsyncIterator[PostgresLeadership]:
         """Lead *name* for the block, first standing by while another session leads.
 
-        The standby blocks in ``pg_advisory_lock`` on its dedicated connection, so the server
-        hands it the lock the moment the leader's session ends. Cancel to stop waiting.
+        The standby blocks in ``pg_advisory_lock`` on its dedicated connection (in slices of
+        a few seconds, so that it holds no snapshot for long), so the server hands it the
+        lock the moment the leader's session ends. Cancel to stop waiting.
 
         Raises:
             UnsupportedPooling: the connection goes through a transaction-pooling proxy.
@@ -277,6 +287,97 @@ class PostgresStore:
         """
         async with self._acquire(name, wait=True, on_standby=on_standby) as leadership:
             yield leadership
+
+    @asynccontextmanager
+    async def register_host(self) -> AsyncIterator[PostgresMembership]:
+        """Join the host registry for the block (see `ProjectorCoordinator.register_host`).
+
+        Holds a membership lock on a dedicated connection for the block: the host counts as
+        alive exactly while that session lives.
+        """
+        self._check_open()
+        async with register_host(
+            pool=self._pool,
+            schema=self._schema,
+            session_dsn=self._session_dsn,
+            context=self._leadership_context,
+            application_name=self._application_name,
+            connect_timeout=self._connect_timeout,
+            listener=self._hosts_listener,
+        ) as membership:
+            yield membership
+
+    async def set_partitions(self, name: str, partitions: int) -> None:
+        """Record that projection *name* runs as *partitions* units (see `ProjectorCoordinator`).
+
+        A change locks every unit of the current count first, so it waits while hosts with
+        the old count run the projection.
+
+        Raises:
+            PartitionsChanged: *partitions* is neither the current count nor a multiple of it,
+                and events were applied.
+        """
+        check_name(name)
+        check_partitions(partitions)
+        self._check_open()
+        if partitions > 1:
+            await self._ensure_partition_index(partitions)
+        current = await self._subscriptions.partitions(name)
+        while current != partitions:
+            async with contextlib.AsyncExitStack() as stack:
+                for unit in [] if current is None else units_of(name, current):
+                    await stack.enter_async_context(
+                        self._acquire(unit.name, wait=True, role="repartition")
+                    )
+                async with self._pool.acquire() as connection, connection.transaction():
+                    done = await self._subscriptions.repartition(
+                        connection, name, partitions, locked=current
+                    )
+            if done:
+                return
+            current = await self._subscriptions.partitions(name)
+
+    async def _ensure_partition_index(self, partitions: int) -> None:
+        # Each partition's read walks its own index instead of the whole log (see
+        # docs/scale-out.md). Built once per count, CONCURRENTLY, so appends go on meanwhile;
+        # one build at a time (two concurrent builds wait for each other's transactions and
+        # PostgreSQL aborts one as a deadlock), under a session lock on a connection of its
+        # own. A build that was aborted leaves an invalid index: it is dropped and rebuilt.
+        # A build waits for every older snapshot in the database; standbys wait in slices
+        # for that reason (see _leadership._wait_for_lock).
+        name, build = partition_index(self._schema, partitions)
+        state = "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+        state += "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        state += "WHERE n.nspname = $1 AND c.relname = $2"
+        if await self._pool.fetchval(state, self._schema, name):
+            return
+        connection = await _bridge.connect(
+            self._session_dsn,
+            application_name=f"{self._application_name} index",
+            connect_timeout=self._connect_timeout,
+        )
+        try:
+            # Polled, not waited for in a statement: a waiting statement holds a snapshot,
+            # which the build in progress would wait for in turn.
+            while not await connection.fetchval(  # noqa: ASYNC110  (another process's lock)
+                "SELECT pg_try_advisory_lock($1)", index_lock_key(self._schema)
+            ):
+                await trio.sleep(0.2)
+            for attempt in range(5):
+                valid = await connection.fetchval(state, self._schema, name)
+                if valid:
+                    return
+                if valid is False:
+                    await connection.execute(f'DROP INDEX CONCURRENTLY "{self._schema}".{name}')
+                try:
+                    await connection.execute(build)
+                except DatabaseError as exc:
+                    # Another build (of another schema or tool) in the same database.
+                    if exc.sqlstate != "40P01" or attempt == 4:
+                        raise
+                    await trio.sleep(0.1 * 2**attempt)
+        finally:
+            await connection.close()
 
     @asynccontextmanager
     async def _acquire(
@@ -317,8 +418,8 @@ class PostgresStore:
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters, so its next run rebuilds from scratch.
 
-        Takes the projection's leadership for the reset, so it never races a running
-        instance.
+        Takes the projection's leadership for the reset (every partition's), so it never
+        races a running instance; a partitioned projection is reset whole or not at all.
 
         Raises:
             ProjectionRunning: another session leads it and *wait* is False.
@@ -328,15 +429,26 @@ class PostgresStore:
         self._check_open()
         if not await self._subscriptions.exists(name):
             raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
-        try:
-            async with (
-                self._acquire(name, wait=wait, role="reset") as leadership,
-                leadership._use() as connection,
-                connection.transaction(),
-            ):
-                await self._subscriptions.reset(connection, name)
-        except LeadershipUnavailable as exc:
-            raise ProjectionRunning(name) from exc
+        units = await self._subscriptions.unit_names(name)
+        while True:
+            try:
+                async with contextlib.AsyncExitStack() as stack:
+                    # Every partition's lock (in one order, so two resets cannot deadlock):
+                    # all of them are reset together, or none.
+                    held = [
+                        await stack.enter_async_context(
+                            self._acquire(unit, wait=wait, role="reset")
+                        )
+                        for unit in sorted(units)
+                    ]
+                    now = await self._subscriptions.unit_names(name)
+                    if now == units:
+                        async with held[0]._use() as connection, connection.transaction():
+                            await self._subscriptions.reset(connection, units)
+                        return
+            except LeadershipUnavailable as exc:
+                raise ProjectionRunning(name) from exc
+            units = now  # the partition count changed meanwhile
 
     async def dead_letters(self, name: str) -> list[DeadLetter]:
         """The events *name* skipped and that were not replayed, in position order."""

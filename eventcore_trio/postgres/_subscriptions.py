@@ -22,6 +22,7 @@ from .._decoding import decode_stored
 from .._errors import CheckpointConflict, ClusterMismatch
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
+from .._partitions import Partition, Unit, plan_repartition, split_parent, units_of
 from .._positions import Position, position_parts
 from .._status import (
     DeadLetter,
@@ -68,15 +69,29 @@ def filter_to_json(event_filter: EventFilter | None) -> str | None:
             else sorted(event_filter.event_types),
             "stream_prefix": event_filter.stream_prefix,
             "stream_pattern": event_filter.stream_pattern,
+            "partition": None
+            if event_filter.partition is None
+            else [event_filter.partition.index, event_filter.partition.count],
         }
     )
+
+
+def _child_filter(parent: str | None, child: Unit) -> str | None:
+    # The parent's stored filter (for lag) narrowed to the child's partition.
+    if parent is None:
+        return None
+    fields: dict[str, Any] = json.loads(parent)
+    assert child.partition is not None
+    fields["partition"] = [child.partition.index, child.partition.count]
+    return json.dumps(fields)
 
 
 def _filter_from_json(text: str | None) -> EventFilter | None:
     if text is None:
         return None
     fields: dict[str, Any] = json.loads(text)
-    return EventFilter(**fields)
+    partition = fields.pop("partition", None)
+    return EventFilter(**fields, partition=None if partition is None else Partition(*partition))
 
 
 def report_statement(subscriptions: str) -> str:
@@ -126,9 +141,11 @@ class _UnitLocks:
 
 
 def _lock_sessions(locks: Sequence[Record], name: str) -> _UnitLocks:
-    # Reset sessions are named "<application> reset <name>" (see PostgresStore._acquire).
+    # Reset sessions are named "<application> reset <name>" (see PostgresStore._acquire);
+    # a change of the partition count holds the old units' locks the same way.
     def resetting(lock: Record) -> bool:
-        return (lock["application_name"] or "").endswith(f" reset {name}")
+        application = lock["application_name"] or ""
+        return application.endswith((f" reset {name}", f" repartition {name}"))
 
     holders = [lock for lock in locks if lock["granted"]]
     holder = holders[0] if holders else None
@@ -151,9 +168,11 @@ def _to_dead_letter(row: Record) -> DeadLetter:
         row["event_recorded_at"],
         known_error=row["decode_error"],
     )
+    unit = Unit.parse(row[_NAME])
     return DeadLetter(
         id=row["id"],
-        projection=row[_NAME],
+        projection=unit.projection,
+        partition=None if unit.partition is None else unit.partition.index,
         event=event,
         error_type=row["error_type"],
         error_message=row["error_message"],
@@ -203,6 +222,8 @@ class Subscriptions:
         self._reads = reads
         s = f'"{schema}"'
         self.table = f"{s}.subscriptions"
+        self.projections_table = f"{s}.projections"
+        self._stream_hash = f"{s}.stream_hash"
         self.dead_letters_table = f"{s}.dead_letters"
         self.dead_letter_insert = (
             f"INSERT INTO {self.dead_letters_table} ({_NAME}, tx, position, event_id, stream_id, "
@@ -257,24 +278,134 @@ class Subscriptions:
             raise CheckpointConflict(name, position, await self.load_checkpoint(name))
 
     async def exists(self, name: str) -> bool:
-        """Whether *name* has a row (it ran or checkpointed here)."""
-        found = await self._pool.fetchval(f"SELECT 1 FROM {self.table} WHERE {_NAME} = $1", name)
+        """Whether *name* has a row (it ran or checkpointed here), or any partition of it has."""
+        found = await self._pool.fetchval(
+            f"SELECT 1 FROM {self.table} WHERE {_NAME} = ANY($1::text[]) LIMIT 1",
+            await self.unit_names(name),
+        )
         return found is not None
 
-    async def reset(self, connection: Connection, name: str) -> None:
-        """Forget *name*'s checkpoint and dead letters, on *connection* (in its transaction)."""
-        await connection.execute(
-            f"UPDATE {self.table} SET tx = NULL, position = NULL, state = 'stopped', "
-            f"last_error = NULL, updated_at = now() WHERE {_NAME} = $1",
+    async def partitions(self, name: str) -> int | None:
+        """*name*'s partition count: as recorded; 1 for a projection that ran before one was
+        recorded (a checkpoint row of its own name); None for one that never ran."""
+        row = await self._pool.fetchrow(
+            f"SELECT (SELECT partitions FROM {self.projections_table} WHERE name = $1) AS k, "
+            f"EXISTS (SELECT 1 FROM {self.table} WHERE {_NAME} = $1) AS own_row",
             name,
         )
-        await connection.execute(f"DELETE FROM {self.dead_letters_table} WHERE {_NAME} = $1", name)
+        assert row is not None
+        if row["k"] is not None:
+            return int(row["k"])
+        return 1 if row["own_row"] else None
+
+    async def unit_names(self, name: str) -> list[str]:
+        """The lock and checkpoint names of *name*'s units (itself, if it is a unit name)."""
+        if Unit.parse(name).partition is not None:
+            return [name]
+        return [unit.name for unit in units_of(name, await self.partitions(name) or 1)]
+
+    async def repartition(
+        self, connection: Connection, name: str, requested: int, *, locked: int | None
+    ) -> bool:
+        """Record *requested* as *name*'s partition count, changing it if need be.
+
+        Runs on *connection*, in its transaction, while the caller holds the lock of every
+        unit of count *locked* (None: none), so no unit of it commits meanwhile. A split
+        copies each parent's checkpoint to its children and moves dead letters to the
+        partition of their stream. Returns False, changing nothing, when the recorded count
+        is not *locked* and must change: take that count's locks and call again.
+
+        Raises:
+            PartitionsChanged: the change would divide applied events (see `plan_repartition`).
+        """
+        # A projection that checkpointed before counts were recorded has one partition.
+        await connection.execute(
+            f"INSERT INTO {self.projections_table} (name, partitions) "
+            f"SELECT $1, CASE WHEN EXISTS (SELECT 1 FROM {self.table} WHERE {_NAME} = $1) "
+            "THEN 1 ELSE $2 END ON CONFLICT (name) DO NOTHING",
+            name,
+            requested,
+        )
+        current = await connection.fetchval(
+            f"SELECT partitions FROM {self.projections_table} WHERE name = $1 FOR UPDATE", name
+        )
+        if current == requested:
+            return True
+        if current != locked:
+            return False
+        old = [unit.name for unit in units_of(name, current)]
+        rows = {
+            row[_NAME]: row
+            for row in await connection.fetch(
+                f"SELECT {_NAME}, tx, position, system_identifier, filter::text AS filter "
+                f"FROM {self.table} WHERE {_NAME} = ANY($1::text[]) FOR UPDATE",
+                old,
+            )
+        }
+        letters = await connection.fetchval(
+            f"SELECT count(*) FROM {self.dead_letters_table} WHERE {_NAME} = ANY($1::text[])", old
+        )
+        applied = letters > 0 or any(row["tx"] is not None for row in rows.values())
+        plan = plan_repartition(name, current, requested, applied=applied)
+        if plan == "split":
+            children = []
+            for child in units_of(name, requested):
+                parent = rows.get(split_parent(child, current).name)
+                if parent is not None:
+                    children.append(
+                        [
+                            child.name,
+                            parent["tx"],
+                            parent["position"],
+                            parent["system_identifier"],
+                            _child_filter(parent["filter"], child),
+                        ]
+                    )
+            await connection.executemany(
+                f"INSERT INTO {self.table} ({_NAME}, tx, position, system_identifier, filter) "
+                "VALUES ($1, $2, $3, $4, $5::jsonb) "
+                f"ON CONFLICT ({_NAME}) DO UPDATE SET tx = excluded.tx, "
+                "position = excluded.position, system_identifier = excluded.system_identifier, "
+                "filter = excluded.filter, state = 'stopped', last_error = NULL, "
+                "leader_pid = NULL, leader_host = NULL, leader_application = NULL, "
+                "leader_backend_pid = NULL, updated_at = now()",
+                children,
+            )
+            await connection.execute(
+                f"UPDATE {self.dead_letters_table} SET {_NAME} = "
+                f"$2 || '[' || ({self._stream_hash}(stream_id) % $3::int) || '/' || $3::int "
+                f"|| ']' WHERE {_NAME} = ANY($1::text[])",
+                old,
+                name,
+                requested,
+            )
+        await connection.execute(f"DELETE FROM {self.table} WHERE {_NAME} = ANY($1::text[])", old)
+        await connection.execute(
+            f"UPDATE {self.projections_table} SET partitions = $2, updated_at = now() "
+            "WHERE name = $1",
+            name,
+            requested,
+        )
+        return True
+
+    async def reset(self, connection: Connection, names: Sequence[str]) -> None:
+        """Forget the checkpoints and dead letters of units *names*, on *connection* (in its
+        transaction)."""
+        await connection.execute(
+            f"UPDATE {self.table} SET tx = NULL, position = NULL, state = 'stopped', "
+            f"last_error = NULL, updated_at = now() WHERE {_NAME} = ANY($1::text[])",
+            names,
+        )
+        await connection.execute(
+            f"DELETE FROM {self.dead_letters_table} WHERE {_NAME} = ANY($1::text[])", names
+        )
 
     async def dead_letters(self, name: str) -> list[DeadLetter]:
-        """*name*'s dead letters, in position order."""
+        """The dead letters of *name* (every partition of it), in position order."""
         rows = await self._pool.fetch(
-            f"SELECT * FROM {self.dead_letters_table} WHERE {_NAME} = $1 ORDER BY tx, position",
-            name,
+            f"SELECT * FROM {self.dead_letters_table} WHERE {_NAME} = ANY($1::text[]) "
+            "ORDER BY tx, position",
+            await self.unit_names(name),
         )
         return [_to_dead_letter(row) for row in rows]
 
@@ -299,11 +430,20 @@ class Subscriptions:
         sessions: dict[int, list[Record]] = {}
         for lock in locks:
             sessions.setdefault(lock["key"], []).append(lock)
+        recorded = {
+            row["name"]: row["partitions"]
+            for row in await self._pool.fetch(
+                f"SELECT name, partitions FROM {self.projections_table}"
+            )
+        }
         held_back_by = await self._oldest_open_transaction()
         now = dt.datetime.now(dt.UTC)
         result = []
         for row in rows:
             name = row[_NAME]
+            parsed = Unit.parse(name)
+            if recorded.get(parsed.projection, parsed.partitions) != parsed.partitions:
+                continue  # a unit of a partition count the projection no longer has
             checkpoint = None if row["tx"] is None else Position(row["tx"], row["position"])
             lag_events, oldest = await self._lag(checkpoint, _filter_from_json(row["filter"]))
             unit = _lock_sessions(sessions.get(projector_lock_key(self._schema, name), []), name)
@@ -328,7 +468,9 @@ class Subscriptions:
             )
             result.append(
                 ProjectionStatus(
-                    name=name,
+                    name=parsed.projection,
+                    partition=None if parsed.partition is None else parsed.partition.index,
+                    partitions=parsed.partitions,
                     checkpoint=checkpoint,
                     lag_events=lag_events,
                     lag_seconds=0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()),
@@ -341,7 +483,7 @@ class Subscriptions:
                     held_back_by=held_back_by,
                 )
             )
-        return result
+        return sorted(result, key=lambda status: (status.name, status.partition or 0))
 
     async def _lag(
         self, checkpoint: Position | None, event_filter: EventFilter | None

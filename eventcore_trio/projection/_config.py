@@ -67,6 +67,12 @@ class ProjectionConfig:
             losing its lock, before its restart delay starts again from
             ``restart_initial_backoff`` (default 60.0). A projector that fails at once every
             time backs off up to the cap instead of restarting every second.
+        balance: `run_projections` only. True (default): hosts spread the units evenly among
+            themselves, each leading about units / hosts, with one standby per unit (see
+            docs/scale-out.md). False: every host stands by for every unit and the first
+            to start leads them all (one waiting connection per unit per host).
+        balance_interval: seconds between a balancing host's looks at the other hosts
+            (default 1.0); joins, leaves and hand-offs also wake it at once.
 
     Raises:
         ConfigurationError: a value has the wrong type or range.
@@ -88,6 +94,8 @@ class ProjectionConfig:
     restart_initial_backoff: float = attrs.field(default=1.0, validator=_positive_seconds)
     restart_max_backoff: float = attrs.field(default=30.0, validator=_positive_seconds)
     restart_reset_after: float = attrs.field(default=60.0, validator=_positive_seconds)
+    balance: bool = attrs.field(default=True, validator=_flag)
+    balance_interval: float = attrs.field(default=1.0, validator=_positive_seconds)
 
     def retry_backoff(self, retries: int) -> float:
         """The delay before retry number *retries* + 1 of a failing event."""

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import attrs
 import trio
 
+from .._concurrency import wait_any
 from .._errors import InvalidArgument, LeadershipLost, StoreConnectionError
-from .._protocols import Store
+from .._protocols import HostMembership, Store
+from ._balance import plan
 from ._config import ProjectionConfig
 from ._metrics import METRICS
 from ._projector import ResolvedProjector, resolve
@@ -22,13 +24,21 @@ async def _supervise(
     projector: ResolvedProjector,
     store: Store,
     config: ProjectionConfig,
-    ready: trio.Event,
+    ready: Callable[[], None],
+    *,
+    on_state: Callable[[bool, bool], None] | None = None,
+    stop: trio.Event | None = None,
 ) -> None:
-    # One projector's life in the host: stand by, lead, and after a failure start over after
+    # One unit's life in the host: stand by, lead, and after a failure start over after
     # a backoff. A lost lock is not a failure: go straight back to standing by, unless the
     # lock keeps being lost soon after it is taken (then the same backoff applies, since the
     # cause, whatever it is, repeats). The backoff starts over only once a run has been
-    # healthy for restart_reset_after seconds.
+    # healthy for restart_reset_after seconds. *on_state(leading, standing_by)* hears every
+    # change; setting *stop* hands the unit off gracefully (the batch in flight commits).
+    def state(leading: bool, standing_by: bool) -> None:
+        if on_state is not None:
+            on_state(leading, standing_by)
+
     failures = 0
     while True:
         stood_by = False
@@ -37,15 +47,25 @@ async def _supervise(
         def standing_by() -> None:
             nonlocal stood_by
             stood_by = True
-            ready.set()
+            state(False, True)
+            ready()
 
         try:
-            async with store.wait_acquire(projector.name, on_standby=standing_by) as leadership:
-                led_since = trio.current_time()
-                if stood_by:
-                    METRICS.failover(projector.name)
-                    logger.info("projector %s: took over after standing by", projector.name)
-                await run_led(projector, store, leadership, config, on_running=ready.set)
+            try:
+                async with store.wait_acquire(projector.name, on_standby=standing_by) as leadership:
+                    led_since = trio.current_time()
+                    state(True, False)
+                    if stood_by:
+                        METRICS.failover(projector.name)
+                        logger.info("projector %s: took over after standing by", projector.name)
+                    result = await run_led(
+                        projector, store, leadership, config, on_running=ready, stop=stop
+                    )
+                    if result is None:
+                        logger.info("projector %s: handed off", projector.name)
+                        return
+            finally:
+                state(False, False)
         except LeadershipLost as exc:
             if _was_healthy(led_since, config):
                 failures = 0
@@ -86,8 +106,112 @@ async def _supervise(
                     delay,
                     exc_info=exc,
                 )
-            ready.set()
+            ready()
             await trio.sleep(delay)
+
+
+@attrs.define(eq=False)
+class _Slot:
+    """One unit's task in a balancing host, and what it is doing."""
+
+    unit: ResolvedProjector
+    scope: trio.CancelScope = attrs.Factory(trio.CancelScope)
+    stop: trio.Event = attrs.Factory(trio.Event)
+    ready: trio.Event = attrs.Factory(trio.Event)
+    leading: bool = False
+    standing_by: bool = False
+
+
+@attrs.define(eq=False)
+class _Balancer:
+    """A host's side of balancing: units' tasks started, stopped and handed off per plan."""
+
+    units: dict[str, ResolvedProjector]
+    store: Store
+    config: ProjectionConfig
+    nursery: trio.Nursery
+    slots: dict[str, _Slot] = attrs.Factory(dict)
+    # Replaced after every change of a slot, so the loop can wait for the next one.
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    def poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _run_slot(self, slot: _Slot) -> None:
+        def on_state(leading: bool, standing_by: bool) -> None:
+            slot.leading, slot.standing_by = leading, standing_by
+            self.poke()
+
+        try:
+            with slot.scope:
+                await _supervise(
+                    slot.unit,
+                    self.store,
+                    self.config,
+                    slot.ready.set,
+                    on_state=on_state,
+                    stop=slot.stop,
+                )
+        finally:
+            if self.slots.get(slot.unit.name) is slot:
+                del self.slots[slot.unit.name]
+            slot.ready.set()
+            self.poke()
+
+    def apply(self, wanted: frozenset[str], release: frozenset[str]) -> list[_Slot]:
+        """Start, stop and hand off units' tasks; return the slots started."""
+        started = []
+        for name in sorted(wanted - self.slots.keys()):
+            slot = self.slots[name] = _Slot(self.units[name])
+            self.nursery.start_soon(self._run_slot, slot, name=name)
+            started.append(slot)
+        for name, slot in list(self.slots.items()):
+            if name in release and slot.leading:
+                slot.stop.set()
+            elif name not in wanted and not slot.leading:
+                slot.scope.cancel()
+        return started
+
+    async def publish(self, membership: HostMembership) -> None:
+        await membership.publish(
+            frozenset(n for n, s in self.slots.items() if s.leading),
+            frozenset(n for n, s in self.slots.items() if s.standing_by),
+        )
+
+    async def run(self, task_status: trio.TaskStatus[None]) -> None:
+        names = sorted(self.units)
+        started = False
+        failures = 0
+        while True:
+            try:
+                async with self.store.register_host() as membership:
+                    while membership.is_held:
+                        # Taken first: a slot that changes from here on wakes the wait below.
+                        changed = self.changed
+                        view = await membership.view(names)
+                        decided = plan(view, membership.host_id, names)
+                        new = self.apply(decided.wanted, decided.release)
+                        if not started:
+                            for slot in new:
+                                await slot.ready.wait()
+                        await self.publish(membership)
+                        failures = 0
+                        if not started:
+                            started = True
+                            task_status.started()
+                        with trio.move_on_after(self.config.balance_interval):
+                            await wait_any(changed.wait, membership.wait_changed)
+                logger.warning("host: its registration was lost; registering again")
+            except (StoreConnectionError, LeadershipLost) as exc:
+                failures += 1
+                delay = self.config.restart_backoff(failures)
+                logger.warning(
+                    "host: cannot balance (%s); the units it runs go on; retrying in %.1fs",
+                    exc,
+                    delay,
+                )
+                await trio.sleep(delay)
 
 
 def _was_healthy(led_since: float | None, config: ProjectionConfig) -> bool:
@@ -101,7 +225,10 @@ async def run_projections(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Host several projectors until cancelled: one task each, in one nursery.
+    """Host several projectors until cancelled: one task per unit, in one nursery.
+
+    A projector is one unit; a partitioned one (``partitions=K``) is K units, each with its
+    own lock, checkpoint and failover.
 
     Each task stands by while another process leads its projector and takes over the moment
     that leader's session ends (within a second: the standby blocks in the database, it does
@@ -126,8 +253,8 @@ async def run_projections(
 
     .. versionadded:: 0.1
     """
-    resolved = [resolve(p) for p in projectors]
-    names = [p.name for p in resolved]
+    projections = [resolve(p) for p in projectors]
+    names = [p.name for p in projections]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise InvalidArgument(f"projector names must be distinct; repeated: {duplicates}")
@@ -136,13 +263,27 @@ async def run_projections(
     elif not isinstance(config, ProjectionConfig):
         raise InvalidArgument(f"config must be a ProjectionConfig, got {type(config).__name__}")
     config = attrs.evolve(config, continuous=True, wait_for_leadership=True)
+    resolved = [unit for projection in projections for unit in projection.units()]
+    if config.balance:
+        async with trio.open_nursery() as nursery:
+            balancer = _Balancer({u.name: u for u in resolved}, store, config, nursery)
+            await nursery.start(balancer.run)
+            logger.info(
+                "host: %d projectors (%d units), balancing with other hosts",
+                len(projections),
+                len(resolved),
+            )
+            task_status.started()
+        return
     async with trio.open_nursery() as nursery:
         ready_events = []
         for projector in resolved:
             ready = trio.Event()
             ready_events.append(ready)
-            nursery.start_soon(_supervise, projector, store, config, ready, name=projector.name)
+            nursery.start_soon(_supervise, projector, store, config, ready.set, name=projector.name)
         for ready in ready_events:
             await ready.wait()
-        logger.info("host: %d projectors running or standing by", len(resolved))
+        logger.info(
+            "host: %d projectors (%d units) running or standing by", len(projections), len(resolved)
+        )
         task_status.started()

@@ -12,10 +12,11 @@ import attrs
 from .._errors import InvalidArgument
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
+from .._partitions import Partition, check_partitions, units_of
 from .._positions import Position
 from .._protocols import Database, ProjectionBatch, Store
 from .._typed import EventRegistry
-from .._validation import check_name
+from .._validation import check_projector_name
 
 
 class FailureStrategy(enum.Enum):
@@ -63,10 +64,18 @@ class ProjectionContext:
     .. versionadded:: 0.1
     """
 
-    def __init__(self, *, batch: ProjectionBatch, store: Store, projector: str) -> None:
+    def __init__(
+        self,
+        *,
+        batch: ProjectionBatch,
+        store: Store,
+        projector: str,
+        partition: Partition | None = None,
+    ) -> None:
         self._batch = batch
         self._store = store
         self._projector = projector
+        self._partition = partition
         self._position: Position | None = None
         self._event: RecordedEvent | None = None
 
@@ -96,6 +105,26 @@ class ProjectionContext:
     def projector(self) -> str:
         """The name of the projector being run."""
         return self._projector
+
+    @property
+    def partition(self) -> int | None:
+        """Which partition of a partitioned projector this handler runs in (0 to
+        ``partitions - 1``), or None when the projector is not partitioned.
+
+        A partition sees every event of its streams, in each stream's order, and nothing of
+        the other partitions' streams.
+
+        .. versionadded:: 0.2
+        """
+        return None if self._partition is None else self._partition.index
+
+    @property
+    def partitions(self) -> int:
+        """How many partitions the projector has (1 when it is not partitioned).
+
+        .. versionadded:: 0.2
+        """
+        return 1 if self._partition is None else self._partition.count
 
     @property
     def event(self) -> RecordedEvent | None:
@@ -131,6 +160,9 @@ class Projector(Protocol):
         """Which events to apply; pushed into the store's query."""
         ...
 
+    # Optional: ``partitions: int`` (default 1) runs the projector as that many units, each
+    # with the streams of one partition (see `projector`).
+
     async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
         """Apply one event."""
         ...
@@ -146,6 +178,7 @@ class FunctionProjector:
         filter: its event filter.
         handler: the decorated function.
         registry: the `EventRegistry` its events are decoded with, if any.
+        partitions: how many partitions (units) it runs as.
 
     .. versionadded:: 0.1
     """
@@ -155,6 +188,7 @@ class FunctionProjector:
     handler: Handler
     _on_error: ErrorHandler | None = attrs.field(default=None, alias="on_error")
     registry: EventRegistry | None = attrs.field(default=None, kw_only=True)
+    partitions: int = attrs.field(default=1, kw_only=True)
 
     async def __call__(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
         """Call the handler, exactly as the undecorated function."""
@@ -179,6 +213,7 @@ def projector(
     stream_pattern: str | None = None,
     on_error: ErrorHandler | None = None,
     registry: EventRegistry | None = None,
+    partitions: int = 1,
 ) -> Callable[[Handler], FunctionProjector]:
     """Make an async function ``handler(event, ctx)`` into a `Projector`.
 
@@ -198,14 +233,21 @@ def projector(
         registry: decode each event with this `EventRegistry` and pass the typed object to
             the handler (``ctx.event`` keeps the recorded event); an unregistered type or
             data that does not fit its class reaches ``on_error`` as `EventDecodeError`.
+        partitions: run as this many units (1 to `MAX_PARTITIONS`), each applying the
+            events of the streams in one `Partition`, with its own lock, checkpoint and
+            failover, so that several processes share the work. Each stream's events still
+            arrive in order, in one partition; there is no order across partitions. Change
+            it only to a multiple (a split, which continues from the checkpoints); anything
+            else needs a reset (`PartitionsChanged`).
 
     Raises:
-        InvalidArgument: an invalid name or filter, or a handler that is not an async
-            function.
+        InvalidArgument: an invalid name, filter or partition count, or a handler that is
+            not an async function.
 
     .. versionadded:: 0.1
     """
-    check_name(name, "projector name")
+    check_projector_name(name)
+    check_partitions(partitions)
     event_filter = EventFilter(
         event_types=event_types, stream_prefix=stream_prefix, stream_pattern=stream_pattern
     )
@@ -218,14 +260,25 @@ def projector(
                 f"@projector({name!r}) needs an async function `async def "
                 f"handler(event, ctx)`, got {handler!r}"
             )
-        return FunctionProjector(name, event_filter, handler, on_error=on_error, registry=registry)
+        return FunctionProjector(
+            name,
+            event_filter,
+            handler,
+            on_error=on_error,
+            registry=registry,
+            partitions=partitions,
+        )
 
     return decorate
 
 
 @attrs.frozen
 class ResolvedProjector:
-    """A projector checked and normalised for the runtime (internal)."""
+    """A projector checked and normalised for the runtime, or one unit of it (internal).
+
+    ``name`` keys the lock and the checkpoint: the projector's name, or a unit's
+    (``"name[2/4]"``), whose ``filter`` then includes its partition.
+    """
 
     name: str
     filter: EventFilter
@@ -233,6 +286,29 @@ class ResolvedProjector:
     apply_batch: BatchHandler | None
     on_error: ErrorHandler
     decode: Callable[[RecordedEvent], Any] | None = None
+    projection: str = attrs.field(kw_only=True)
+    partitions: int = attrs.field(default=1, kw_only=True)
+    partition: Partition | None = attrs.field(default=None, kw_only=True)
+
+    def units(self) -> list[ResolvedProjector]:
+        """One resolved projector per unit (itself when unpartitioned)."""
+        if self.partitions == 1:
+            return [self]
+        return [
+            attrs.evolve(
+                self,
+                name=unit.name,
+                filter=attrs.evolve(self.filter, partition=unit.partition),
+                partition=unit.partition,
+            )
+            for unit in units_of(self.projection, self.partitions)
+        ]
+
+    def context(self, batch: ProjectionBatch, store: Store) -> ProjectionContext:
+        """The ``ctx`` handlers get in *batch*."""
+        return ProjectionContext(
+            batch=batch, store=store, projector=self.projection, partition=self.partition
+        )
 
 
 def _default_on_error(_: Failure) -> FailureStrategy:
@@ -248,7 +324,11 @@ def resolve(candidate: object) -> ResolvedProjector:
             "(EventFilter) and `async apply(event, ctx)`; or decorate an async function "
             "with @projector(name)"
         )
-    check_name(name, "projector name")
+    check_projector_name(name)
+    partitions = getattr(candidate, "partitions", 1)
+    if partitions is None:
+        partitions = 1
+    check_partitions(partitions, owner=f"projector {name!r}: partitions")
     event_filter = getattr(candidate, "filter", None)
     if event_filter is None:
         event_filter = EventFilter()
@@ -256,6 +336,11 @@ def resolve(candidate: object) -> ResolvedProjector:
         raise InvalidArgument(
             f"projector {name!r} has a filter of type {type(event_filter).__name__}; "
             "it must be an EventFilter"
+        )
+    if event_filter.partition is not None:
+        raise InvalidArgument(
+            f"projector {name!r}: its filter names a partition; set partitions=K on the "
+            "projector instead, and the runtime runs each partition as a unit"
         )
     apply = getattr(candidate, "apply", None)
     if not inspect.iscoroutinefunction(apply):
@@ -279,4 +364,6 @@ def resolve(candidate: object) -> ResolvedProjector:
         apply=apply,
         apply_batch=apply_batch,
         on_error=on_error or _default_on_error,
+        projection=name,
+        partitions=partitions,
     )

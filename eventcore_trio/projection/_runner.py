@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._concurrency import background
+from .._concurrency import background, raise_single
 from .._errors import (
     DatabaseError,
     EventCoreError,
@@ -74,7 +74,7 @@ async def _apply_batch(
     staged = False
     try:
         async with leadership.open_batch() as batch:
-            ctx = ProjectionContext(batch=batch, store=store, projector=projector.name)
+            ctx = projector.context(batch, store)
             if effect.events:
                 await _run_handlers(
                     projector, ctx, effect.events, use_batch_hook=effect.use_batch_hook
@@ -186,7 +186,10 @@ async def _drive(
     store: Store,
     leadership: Leadership,
     config: ProjectionConfig,
-) -> ProjectionResult:
+    stop: trio.Event | None = None,
+) -> ProjectionResult | None:
+    # Returns None when *stop* is set: between effects, so a batch in flight commits first,
+    # and at once from waits and sleeps.
     pipeline = ProjectionPipeline(
         config=config,
         on_error=projector.on_error,
@@ -194,6 +197,8 @@ async def _drive(
     )
     effect = pipeline.start()
     while True:
+        if stop is not None and stop.is_set():
+            return None
         if isinstance(effect, Done):
             return effect.result
         if isinstance(effect, Fail):
@@ -206,7 +211,20 @@ async def _drive(
                 event=None if failure is None else failure.event,
                 retries=0 if failure is None else failure.retries,
             ) from effect.error
-        effect = pipeline.resume(await _perform(effect, projector, store, leadership))
+        if stop is not None and isinstance(effect, WaitForEvents | Sleep):
+            with trio.CancelScope() as waiting:
+                async with background(partial(_cancel_when_set, stop, waiting)):
+                    result = await _perform(effect, projector, store, leadership)
+            if waiting.cancelled_caught:
+                return None
+        else:
+            result = await _perform(effect, projector, store, leadership)
+        effect = pipeline.resume(result)
+
+
+async def _cancel_when_set(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 async def _cancel_when_lost(leadership: Leadership, scope: trio.CancelScope) -> None:
@@ -221,8 +239,14 @@ async def run_led(
     config: ProjectionConfig,
     *,
     on_running: Callable[[], None] | None = None,
-) -> ProjectionResult:
-    """Run *projector* under an already acquired *leadership* (the host's entry point)."""
+    stop: trio.Event | None = None,
+) -> ProjectionResult | None:
+    """Run *projector* (one unit) under an already acquired *leadership* (the host's entry
+    point). Setting *stop* ends the run gracefully (the batch in flight commits first); it
+    then returns None."""
+    # Under the unit's lock, so that no unit runs with a partition count its projection no
+    # longer has (a change takes the locks of every unit of the old count).
+    await store.set_partitions(projector.projection, projector.partitions)
     await leadership.report(ProjectionState.RUNNING, filter=projector.filter)
     logger.info("projector %s: leading", projector.name)
     if on_running is not None:
@@ -230,7 +254,7 @@ async def run_led(
     with trio.CancelScope() as scope:
         async with background(partial(_cancel_when_lost, leadership, scope)):
             try:
-                return await _drive(projector, store, leadership, config)
+                return await _drive(projector, store, leadership, config, stop)
             except ProjectionFailed as exc:
                 logger.error("projector %s: %s", projector.name, exc)
                 with (
@@ -265,6 +289,9 @@ async def run_projection(
     Usable with ``await nursery.start(run_projection, ...)``, which returns once the run
     leads (or, with ``wait_for_leadership=True``, stands by).
 
+    A partitioned projector runs every partition at once, each as its own unit (lock,
+    checkpoint, batches); the result then sums theirs, with the greatest checkpoint.
+
     Args:
         projector: a `Projector` (``@projector`` function or a class instance).
         store: the store to read from and checkpoint in.
@@ -288,6 +315,47 @@ async def run_projection(
         config = ProjectionConfig()
     elif not isinstance(config, ProjectionConfig):
         raise InvalidArgument(f"config must be a ProjectionConfig, got {type(config).__name__}")
+    if resolved.partitions > 1:
+        return await _run_partitioned(resolved, store, config, task_status)
+    return await _run_unit(resolved, store, config, task_status)
+
+
+async def _run_partitioned(
+    resolved: ResolvedProjector,
+    store: Store,
+    config: ProjectionConfig,
+    task_status: trio.TaskStatus[None],
+) -> ProjectionResult:
+    # Every unit at once, in this process; started once every unit has. A unit's failure
+    # cancels the others and reaches the caller as itself, not as a group of one.
+    results: list[ProjectionResult] = []
+
+    async def run(unit: ResolvedProjector, *, task_status: trio.TaskStatus[None]) -> None:
+        results.append(await _run_unit(unit, store, config, task_status))
+
+    # Checked before any unit starts, so a refused count is one clear error.
+    await store.set_partitions(resolved.projection, resolved.partitions)
+    try:
+        async with trio.open_nursery() as nursery:
+            for unit in resolved.units():
+                await nursery.start(run, unit)
+            task_status.started()
+    except BaseExceptionGroup as group:
+        raise_single(group)
+    checkpoints = [r.checkpoint for r in results if r.checkpoint is not None]
+    return ProjectionResult(
+        events_applied=sum(r.events_applied for r in results),
+        dead_letters=sum(r.dead_letters for r in results),
+        checkpoint=max(checkpoints, default=None),
+    )
+
+
+async def _run_unit(
+    resolved: ResolvedProjector,
+    store: Store,
+    config: ProjectionConfig,
+    task_status: trio.TaskStatus[None],
+) -> ProjectionResult:
     started = False
 
     def ready() -> None:
@@ -302,7 +370,9 @@ async def run_projection(
         else store.try_acquire(resolved.name)
     )
     async with acquire as leadership:
-        return await run_led(resolved, store, leadership, config, on_running=ready)
+        result = await run_led(resolved, store, leadership, config, on_running=ready)
+    assert result is not None  # only a stop event ends a run without a result
+    return result
 
 
 @attrs.frozen(kw_only=True)
@@ -324,20 +394,23 @@ async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
     """Apply a projector's dead letters again, each in its own transaction.
 
     A dead letter whose event now applies is removed in the same transaction; one that fails
-    again (or is still undecodable) is kept. Takes the projector's leadership for the replay,
-    so stop the projector's hosts first.
+    again (or is still undecodable) is kept. Takes the projector's leadership for the replay
+    (each partition's in turn), so stop the projector's hosts first.
 
     Raises:
         LeadershipUnavailable: the projector is running elsewhere.
 
     .. versionadded:: 0.1
     """
-    resolved = resolve(projector)
-    async with store.try_acquire(resolved.name) as leadership:
-        # Status shows REPLAYING, not a running leader, while this holds the lock (and
-        # STOPPED once it lets go).
-        await leadership.report(ProjectionState.REPLAYING)
-        replayed, failed = await _replay(resolved, store, leadership)
+    replayed = failed = 0
+    for unit in resolve(projector).units():
+        async with store.try_acquire(unit.name) as leadership:
+            # Status shows REPLAYING, not a running leader, while this holds the lock (and
+            # STOPPED once it lets go).
+            await leadership.report(ProjectionState.REPLAYING)
+            done, not_done = await _replay(unit, store, leadership)
+        replayed += done
+        failed += not_done
     return ReplayResult(replayed=replayed, failed=failed)
 
 
@@ -351,7 +424,7 @@ async def _replay(
             continue
         try:
             async with leadership.open_batch() as batch:
-                ctx = ProjectionContext(batch=batch, store=store, projector=resolved.name)
+                ctx = resolved.context(batch, store)
                 await _run_handlers(resolved, ctx, [letter.event])
                 await batch.resolve_dead_letter(letter.id)
         except _HandlerFailed as exc:

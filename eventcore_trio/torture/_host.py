@@ -1,6 +1,6 @@
 """A torture host process: ``python -m eventcore_trio.torture._host SCHEMA APP NAME``.
 
-Hosts the ledger projection through whatever network the torture run put in front of it (the
+Hosts the ledger projections through whatever network the torture run put in front of it (the
 DSN comes in ``EVENTCORE_DSN``), with the host program every other host uses
 (`run_host`): if the store cannot be opened (the server is down, the network is cut)
 it tries again with capped exponential backoff; it prints "ready" once running or standing by
@@ -17,7 +17,7 @@ import sys
 from .._concurrency import run_program
 from ..postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
 from ..projection import ProjectionConfig, run_host
-from ._model import LedgerProjector
+from ._model import projectors
 
 # Short backoffs: the torture run measures how fast hosts come back, and a real deployment
 # would tune these the same way for a small fleet.
@@ -45,7 +45,7 @@ async def main(dsn: str, schema: str, app: str, name: str) -> int:
             application_name=name,
             connect_timeout=2.0,
         ),
-        [LedgerProjector(app)],
+        projectors(app),
         CONFIG,
         open_backoff_cap=OPEN_BACKOFF_CAP,
     )

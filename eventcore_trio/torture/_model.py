@@ -1,5 +1,8 @@
 """What the torture run projects: a ledger per account, plus a record of every application.
 
+Two projections build it: "ledger" (one unit, the one whose leader the faults hit) and
+"ledger-p" (the same in four partitions, whose units the hosts spread among themselves).
+
 The read model (`ledger`) is what a user's projection would write. The `applied` table is
 the evidence: one row per event applied, with the host process, the lock session and the
 batch's transaction and server-clock interval, all committed in the batch's transaction. So an
@@ -22,6 +25,10 @@ from .._filters import EventFilter
 from ..projection import ProjectionContext
 
 PROJECTOR_NAME: Final = "ledger"
+#: The same ledger, partitioned: its units spread over the hosts.
+PARTITIONED_NAME: Final = "ledger-p"
+PARTITIONS: Final = 4
+PROJECTIONS: Final = (PROJECTOR_NAME, PARTITIONED_NAME)
 STREAM_PREFIX: Final = "acct-"
 EVENT_TYPE: Final = "Posted"
 LEDGER_FILTER: Final = EventFilter(event_types=[EVENT_TYPE], stream_prefix=STREAM_PREFIX)
@@ -32,10 +39,16 @@ def app_schema_sql(store_schema: str, app: str) -> str:
     return f"""
     CREATE SCHEMA "{app}";
     CREATE TABLE "{app}".ledger (
-        stream_id text PRIMARY KEY, total bigint NOT NULL, events bigint NOT NULL);
+        projection text NOT NULL, stream_id text NOT NULL, total bigint NOT NULL,
+        events bigint NOT NULL, PRIMARY KEY (projection, stream_id));
+    -- id: the order of application (one stream is applied by one unit at a time, so for a
+    -- stream it is the commit order); it says whether versions were applied in order.
     CREATE TABLE "{app}".applied (
-        event_id uuid NOT NULL, host_pid int NOT NULL, backend_pid int NOT NULL,
-        xact bigint NOT NULL, started timestamptz NOT NULL, finished timestamptz NOT NULL);
+        id bigserial, projection text NOT NULL DEFAULT '{PROJECTOR_NAME}', partition int,
+        event_id uuid NOT NULL, stream_id text NOT NULL DEFAULT '',
+        stream_version bigint NOT NULL DEFAULT 0, host_pid int NOT NULL,
+        backend_pid int NOT NULL, xact bigint NOT NULL, started timestamptz NOT NULL,
+        finished timestamptz NOT NULL);
     CREATE TABLE "{app}".checkpoint_regressions (
         subscription_name text NOT NULL, old_tx bigint NOT NULL, old_position bigint NOT NULL,
         new_tx bigint NOT NULL, new_position bigint NOT NULL,
@@ -62,6 +75,7 @@ class LedgerProjector:
     app: str
     name: str = PROJECTOR_NAME
     filter: EventFilter = LEDGER_FILTER
+    partitions: int = 1
 
     async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
         """Apply one event (the runtime isolates a failed batch event by event)."""
@@ -76,19 +90,34 @@ class LedgerProjector:
             counts[event.stream_id] += 1
         streams = sorted(totals)
         await ctx.db.execute(
-            f'INSERT INTO "{self.app}".ledger AS l (stream_id, total, events) '
-            "SELECT * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) "
-            "ON CONFLICT (stream_id) DO UPDATE "
+            f'INSERT INTO "{self.app}".ledger AS l (projection, stream_id, total, events) '
+            "SELECT $4, * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) "
+            "ON CONFLICT (projection, stream_id) DO UPDATE "
             "SET total = l.total + excluded.total, events = l.events + excluded.events",
             streams,
             [totals[s] for s in streams],
             [counts[s] for s in streams],
+            self.name,
         )
         await ctx.db.execute(
-            f'INSERT INTO "{self.app}".applied '
-            "(event_id, host_pid, backend_pid, xact, started, finished) "
-            "SELECT e, $2, pg_backend_pid(), pg_current_xact_id()::text::bigint, now(), "
-            "clock_timestamp() FROM unnest($1::uuid[]) AS e",
+            f'INSERT INTO "{self.app}".applied (projection, partition, event_id, stream_id, '
+            "stream_version, host_pid, backend_pid, xact, started, finished) "
+            "SELECT $4, $5, e, s, v, $2, pg_backend_pid(), pg_current_xact_id()::text::bigint, "
+            "now(), clock_timestamp() "
+            "FROM unnest($1::uuid[], $3::text[], $6::bigint[]) WITH ORDINALITY AS x(e, s, v, n) "
+            "ORDER BY n",
             [event.event_id for event in events],
             os.getpid(),
+            [event.stream_id for event in events],
+            self.name,
+            ctx.partition,
+            [event.stream_version for event in events],
         )
+
+
+def projectors(app: str) -> list[LedgerProjector]:
+    """What every torture host runs: the ledger, and the ledger in partitions."""
+    return [
+        LedgerProjector(app),
+        LedgerProjector(app, name=PARTITIONED_NAME, partitions=PARTITIONS),
+    ]

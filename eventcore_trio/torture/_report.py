@@ -34,6 +34,14 @@ class FaultKind(enum.Enum):
     #: Stop the server with an immediate shutdown, a crash as far as the data goes, and
     #: start it again: it recovers from its WAL (only when the run owns the server).
     DB_CRASH = "db-crash"
+    #: Start one more host process: the hosts spread the units anew (hand-offs).
+    #:
+    #: .. versionadded:: 0.2
+    HOST_JOIN = "host-join"
+    #: Stop a host process for good with SIGTERM (a scale-in), while at least two remain.
+    #:
+    #: .. versionadded:: 0.2
+    HOST_LEAVE = "host-leave"
 
 
 #: Faults after which another session takes the lock: these give the failover figures.
@@ -110,6 +118,7 @@ class Findings:
     checkpoint_regressions: int
     double_leaders: int
     ledger_mismatches: int
+    order_violations: int = 0
 
 
 @final
@@ -123,7 +132,7 @@ class TortureReport(Findings):
         seed: the seed that chose the writers' choices and the fault schedule.
         duration_s: how long faults were injected, in seconds.
         server: the server's version string.
-        events: events in the log that the projection had to apply.
+        events: events in the log that each projection had to apply.
         appended: events the writers were told had committed (markers included).
         rolled_back: events whose transactions were rolled back or never committed (they
             must not appear).
@@ -137,6 +146,8 @@ class TortureReport(Findings):
         double_leaders: pairs of committed batches from different lock sessions whose
             transactions overlapped in time.
         ledger_mismatches: accounts whose projected total differs from a fold of the log.
+        order_violations: events applied after a later event of the same stream (each
+            stream's events must be applied in order, in a partitioned projection too).
         host_crashes: host processes that exited without being told to.
         unrecovered: faults after which the projection did not resume within the limit.
 
@@ -202,6 +213,7 @@ class TortureReport(Findings):
             "checkpoint_regressions": self.checkpoint_regressions,
             "double_leaders": self.double_leaders,
             "ledger_mismatches": self.ledger_mismatches,
+            "order_violations": self.order_violations,
             "host_crashes": self.host_crashes,
             "unrecovered": self.unrecovered,
             "failover_ms_p50": _round(percentile(self.failover_ms, 50)),
@@ -239,6 +251,7 @@ class TortureReport(Findings):
             "checkpoint regressions": self.checkpoint_regressions,
             "double leaders": self.double_leaders,
             "ledger mismatches": self.ledger_mismatches,
+            "order violations": self.order_violations,
             "host crashes": self.host_crashes,
             "unrecovered faults": self.unrecovered,
         }

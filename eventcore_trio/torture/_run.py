@@ -25,6 +25,7 @@ import trio
 from .._embedded import EmbeddedPostgres
 from .._errors import ConfigurationError, EventCoreError, StoreConnectionError
 from .._events import NewEvent
+from .._partitions import Partition, Unit
 from .._positions import Position
 from .._processes import run_ready_process
 from ..postgres import (
@@ -33,7 +34,14 @@ from ..postgres import (
     open_postgres_store,
     projector_lock_key,
 )
-from ._model import EVENT_TYPE, PROJECTOR_NAME, STREAM_PREFIX, LedgerProjector, app_schema_sql
+from ._model import (
+    EVENT_TYPE,
+    PARTITIONED_NAME,
+    PARTITIONS,
+    PROJECTOR_NAME,
+    STREAM_PREFIX,
+    app_schema_sql,
+)
 from ._proxy import NetworkProxy
 from ._report import DB_FAULTS, LEADER_FAULTS, FaultKind, FaultRecord, TortureReport
 from ._verify import verify
@@ -60,6 +68,8 @@ class _Slot:
     proxy: NetworkProxy
     process: trio.Process | None = None
     expect_exit: bool = False
+    # Stopped for good by a host-leave fault: its process is not restarted.
+    retired: bool = False
 
 
 @attrs.frozen
@@ -88,6 +98,8 @@ class _Torture:
     faults: list[FaultRecord] = attrs.Factory(list)
     stop_writing: trio.Event = attrs.Factory(trio.Event)
     begin: float = 0.0
+    # Where host slots run (host-join starts one more there).
+    nursery: trio.Nursery | None = None
 
     def __attrs_post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -108,12 +120,9 @@ class _Torture:
             ) as writing,
             trio.open_nursery() as nursery,
         ):
-            for index in range(hosts):
-                proxy = NetworkProxy(self.dsn)
-                await nursery.start(proxy.serve)
-                self.slots.append(_Slot(f"{HOST_APPLICATION}-{index}", proxy))
-            for slot in self.slots:
-                await nursery.start(self.host_slot, slot)
+            self.nursery = nursery
+            for _ in range(hosts):
+                await self.add_host()
             self.out(f"hosts ready (logs in {self.log_dir}); writing and injecting faults…")
             self.begin = trio.current_time()
             async with trio.open_nursery() as writers_nursery:
@@ -140,6 +149,16 @@ class _Torture:
         return elapsed, caught_up
 
     # -- processes ----------------------------------------------------------------------
+
+    async def add_host(self) -> _Slot:
+        """Start one more host process, behind a network proxy of its own."""
+        assert self.nursery is not None
+        proxy = NetworkProxy(self.dsn)
+        await self.nursery.start(proxy.serve)
+        slot = _Slot(f"{HOST_APPLICATION}-{len(self.slots)}", proxy)
+        self.slots.append(slot)
+        await self.nursery.start(self.host_slot, slot)
+        return slot
 
     async def host_slot(
         self, slot: _Slot, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -172,6 +191,8 @@ class _Torture:
                 except (RuntimeError, trio.TooSlowError) as exc:
                     logger.warning("%s did not start: %s", slot.name, exc)
                 slot.process = None
+                if slot.retired:
+                    return
                 if not slot.expect_exit:
                     self.host_crashes += 1
                     self.out(f"  !! {slot.name} exited unexpectedly (see {log.name})")
@@ -317,7 +338,20 @@ class _Torture:
                     # A partition that outlasts keepalives ends with both sides giving up.
                     slot.proxy.drop()
                     slot.proxy.resume()
-        if kind is FaultKind.TERMINATE_POOL_SESSIONS:
+        if kind is FaultKind.HOST_LEAVE:
+            live = [s for s in self.slots if not s.retired and s.process is not None]
+            if len(live) > 2:
+                slot = self.rng.choice(live)
+                slot.retired = slot.expect_exit = True
+                assert slot.process is not None
+                target = f"{slot.name} (pid {slot.process.pid}) leaves"
+                slot.process.send_signal(signal.SIGTERM)
+            else:
+                kind = FaultKind.HOST_JOIN  # keep two hosts at least: grow instead
+        if kind is FaultKind.HOST_JOIN:
+            slot = await self.add_host()
+            target = f"{slot.name} joins"
+        elif kind is FaultKind.TERMINATE_POOL_SESSIONS:
             count = await control.admin.fetchval(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE (application_name LIKE $1 OR application_name LIKE $2) "
@@ -348,15 +382,17 @@ class _Torture:
         )
 
     async def caught_up(self, control: PostgresStore) -> bool:
-        """Wait until the projection's checkpoint reaches the end of the log."""
-        event_filter = LedgerProjector(self.app).filter
+        """Wait until every unit of both projections has applied the whole log."""
+        units = {Unit(PROJECTOR_NAME).name} | {
+            Unit(PARTITIONED_NAME, Partition(i, PARTITIONS)).name for i in range(PARTITIONS)
+        }
 
         async def probe() -> bool | None:
-            last = await control.last_position(event_filter)
-            checkpoint = await control.load_checkpoint(PROJECTOR_NAME)
-            return True if last is None or (checkpoint is not None and checkpoint >= last) else None
+            status = [s for s in await control.projection_status() if s.unit in units]
+            done = {s.unit for s in status if s.lag_events == 0}
+            return True if done == units else None
 
-        return await self.until(control, probe, 0.05) is not None
+        return await self.until(control, probe, 0.1) is not None
 
 
 def _describe(record: FaultRecord) -> str:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Iterable, Set
+from collections.abc import Iterable, Sequence, Set
 
 import attrs
 
 from ..postgres import PostgresStore
-from ._model import EVENT_TYPE, PROJECTOR_NAME, STREAM_PREFIX
+from ._model import EVENT_TYPE, PROJECTIONS, STREAM_PREFIX
 from ._report import Findings
 
 
@@ -43,14 +43,30 @@ def count_overlaps(batches: Iterable[Batch]) -> int:
     return overlaps
 
 
+def count_order_violations(versions_in_applied_order: Iterable[tuple[str, int]]) -> int:
+    """How many times a stream's version was applied after a later one of the same stream."""
+    last: dict[str, int] = {}
+    violations = 0
+    for stream, version in versions_in_applied_order:
+        if version <= last.get(stream, 0):
+            violations += 1
+        last[stream] = max(version, last.get(stream, 0))
+    return violations
+
+
 async def verify(
     store: PostgresStore,
     app: str,
     *,
     acknowledged: Set[uuid.UUID],
     rolled_back: Set[uuid.UUID],
+    projections: Sequence[str] = PROJECTIONS,
 ) -> Findings:
-    """Compare the log with the writers' record, the read model and the evidence tables."""
+    """Compare the log with the writers' record, the read models and the evidence tables.
+
+    Every count covers every projection in *projections*; double leaders are counted per
+    unit (a projection, or one partition of it).
+    """
     events_table = f'"{store.schema}".events'
     rows = await store.admin.fetch(
         f"SELECT event_id, stream_id, (data->>'amount')::bigint AS amount FROM {events_table} "
@@ -64,29 +80,46 @@ async def verify(
         total, count = fold.get(row["stream_id"], (0, 0))
         fold[row["stream_id"]] = (total + row["amount"], count + 1)
 
-    applied_rows = await store.admin.fetch(f'SELECT event_id FROM "{app}".applied')
-    applied = [row["event_id"] for row in applied_rows]
-    applied_once = set(applied)
+    lost = len(acknowledged - logged)
+    duplicated = mismatches = double_leaders = order_violations = 0
+    for name in projections:
+        applied_rows = await store.admin.fetch(
+            f'SELECT event_id, stream_id, stream_version FROM "{app}".applied '
+            "WHERE projection = $1 ORDER BY id",
+            name,
+        )
+        applied = [row["event_id"] for row in applied_rows]
+        applied_once = set(applied)
+        lost += len(logged - applied_once)
+        duplicated += len(applied) - len(applied_once)
+        order_violations += count_order_violations(
+            (row["stream_id"], row["stream_version"]) for row in applied_rows if row["stream_id"]
+        )
+        ledger_rows = await store.admin.fetch(
+            f'SELECT stream_id, total, events FROM "{app}".ledger WHERE projection = $1', name
+        )
+        ledger = {row["stream_id"]: (row["total"], row["events"]) for row in ledger_rows}
+        mismatches += sum(1 for s in fold.keys() | ledger.keys() if fold.get(s) != ledger.get(s))
+        batch_rows = await store.admin.fetch(
+            "SELECT partition, backend_pid, min(started) AS started, max(finished) AS finished "
+            f'FROM "{app}".applied WHERE projection = $1 GROUP BY partition, xact, backend_pid',
+            name,
+        )
+        units: dict[int | None, list[Batch]] = {}
+        for r in batch_rows:
+            units.setdefault(r["partition"], []).append(
+                Batch(r["backend_pid"], r["started"], r["finished"])
+            )
+        double_leaders += sum(count_overlaps(batches) for batches in units.values())
 
-    ledger_rows = await store.admin.fetch(f'SELECT stream_id, total, events FROM "{app}".ledger')
-    ledger = {row["stream_id"]: (row["total"], row["events"]) for row in ledger_rows}
-    mismatches = sum(1 for s in fold.keys() | ledger.keys() if fold.get(s) != ledger.get(s))
-
-    regressions = await store.admin.fetchval(
-        f'SELECT count(*) FROM "{app}".checkpoint_regressions WHERE subscription_name = $1',
-        PROJECTOR_NAME,
-    )
-    batch_rows = await store.admin.fetch(
-        "SELECT backend_pid, min(started) AS started, max(finished) AS finished "
-        f'FROM "{app}".applied GROUP BY xact, backend_pid'
-    )
-    batches = [Batch(r["backend_pid"], r["started"], r["finished"]) for r in batch_rows]
+    regressions = await store.admin.fetchval(f'SELECT count(*) FROM "{app}".checkpoint_regressions')
     return Findings(
         events=len(logged),
-        lost=len(acknowledged - logged) + len(logged - applied_once),
-        duplicated=len(applied) - len(applied_once),
+        lost=lost,
+        duplicated=duplicated,
         phantoms=len(rolled_back & logged),
         checkpoint_regressions=int(regressions),
-        double_leaders=count_overlaps(batches),
+        double_leaders=double_leaders,
         ledger_mismatches=mismatches,
+        order_violations=order_violations,
     )

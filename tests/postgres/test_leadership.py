@@ -28,7 +28,7 @@ from eventcore_trio.projection import (
 )
 from eventcore_trio.testing import PostgresHarness
 
-from ..helpers import leader_process
+from ..helpers import eventually, leader_process
 
 
 async def _lock_holders(store: PostgresStore, name: str) -> list[int]:
@@ -142,6 +142,59 @@ class TestDedicatedSession:
             with pytest.raises(LeadershipLost, match="proj"):
                 async with leadership._use():
                     pytest.fail("ran work without the lock")
+
+
+class TestStandbyWaits:
+    """A standby waits in slices, so it holds no snapshot for long."""
+
+    async def test_create_index_concurrently_completes_while_a_standby_waits(
+        self, store: PostgresStore
+    ) -> None:
+        """CIC waits for every older snapshot; a standby's wait must not be one for long."""
+        table = f'"{store.schema}".cic_probe'
+        await store.admin.execute(f"CREATE TABLE {table} (n int)")
+        async with store.try_acquire("busy"), trio.open_nursery() as nursery:
+            waiting = trio.Event()
+
+            async def standby() -> None:
+                async with store.wait_acquire("busy", on_standby=waiting.set):
+                    raise AssertionError("the leader never let go")
+
+            nursery.start_soon(standby)
+            await waiting.wait()
+            await eventually(lambda: _waits_for_a_lock(store))
+            with trio.fail_after(20):
+                await store.admin.execute(f"CREATE INDEX CONCURRENTLY cic_probe_n ON {table} (n)")
+            assert await _waits_for_a_lock(store), "the standby still waits"
+            nursery.cancel_scope.cancel()
+
+    async def test_a_waiting_standby_takes_over_at_once(self, store: PostgresStore) -> None:
+        """Slices do not slow a takeover: the lock goes to the waiting standby."""
+        took_over = trio.Event()
+        async with trio.open_nursery() as nursery:
+            waiting = trio.Event()
+
+            async def standby() -> None:
+                async with store.wait_acquire("quick", on_standby=waiting.set):
+                    took_over.set()
+
+            async with store.try_acquire("quick"):
+                nursery.start_soon(standby)
+                await waiting.wait()
+                await eventually(lambda: _waits_for_a_lock(store))
+                # Across at least one slice boundary (2 s).
+                await trio.sleep(2.5)
+                released = trio.current_time()
+            with trio.fail_after(5):
+                await took_over.wait()
+            assert trio.current_time() - released < 1
+
+
+async def _waits_for_a_lock(store: PostgresStore) -> bool:
+    waiting = await store.admin.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    )
+    return bool(waiting)
 
 
 class TestCrashedLeader:

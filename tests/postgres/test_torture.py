@@ -17,7 +17,7 @@ from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import ProjectionConfig, run_projection
 from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness
 from eventcore_trio.torture import FaultKind, run_torture
-from eventcore_trio.torture._model import EVENT_TYPE, LedgerProjector, app_schema_sql
+from eventcore_trio.torture._model import EVENT_TYPE, app_schema_sql, projectors
 from eventcore_trio.torture._report import Findings
 from eventcore_trio.torture._verify import verify
 
@@ -44,7 +44,8 @@ class TestVerification:
                 ]
                 ids |= {e.event_id for e in batch if e.event_id}
                 await store.append_atomic([StreamAppend(f"acct-{n}", batch)])
-            await run_projection(LedgerProjector(app), store, ProjectionConfig(batch_size=5))
+            for projector in projectors(app):
+                await run_projection(projector, store, ProjectionConfig(batch_size=5))
             try:
                 yield store, app, ids
             finally:
@@ -71,7 +72,8 @@ class TestVerification:
     ) -> None:
         store, app, ids = projected
         await store.admin.execute(
-            f'INSERT INTO "{app}".applied SELECT * FROM "{app}".applied LIMIT 1'
+            f'INSERT INTO "{app}".applied SELECT * FROM "{app}".applied '
+            "WHERE projection = 'ledger-p' LIMIT 1"
         )
         findings = await self._verify(store, app, ids)
         assert findings.duplicated == 1
@@ -81,8 +83,8 @@ class TestVerification:
     ) -> None:
         store, app, ids = projected
         await store.admin.execute(
-            f'DELETE FROM "{app}".applied '
-            f'WHERE event_id = (SELECT event_id FROM "{app}".applied LIMIT 1)'
+            f"DELETE FROM \"{app}\".applied WHERE projection = 'ledger' "
+            f'AND event_id = (SELECT event_id FROM "{app}".applied LIMIT 1)'
         )
         assert (await self._verify(store, app, ids)).lost == 1
 
@@ -105,7 +107,8 @@ class TestVerification:
     ) -> None:
         store, app, ids = projected
         await store.admin.execute(
-            f"UPDATE \"{app}\".ledger SET total = total + 1 WHERE stream_id = 'acct-2'"
+            f'UPDATE "{app}".ledger SET total = total + 1 '
+            "WHERE stream_id = 'acct-2' AND projection = 'ledger'"
         )
         assert (await self._verify(store, app, ids)).ledger_mismatches == 1
 
@@ -124,14 +127,28 @@ class TestVerification:
         self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
     ) -> None:
         store, app, ids = projected
-        # A batch of another session committed inside the span of an existing batch.
+        # A batch of another session committed inside the span of an existing batch, for
+        # the same unit (one partition of the partitioned ledger).
         await store.admin.execute(
             f'INSERT INTO "{app}".applied '
-            "(event_id, host_pid, backend_pid, xact, started, finished) "
-            f"SELECT gen_random_uuid(), 1, backend_pid + 1, xact + 1000000, started, finished "
-            f'FROM "{app}".applied LIMIT 1'
+            "(projection, partition, event_id, host_pid, backend_pid, xact, started, finished) "
+            "SELECT projection, partition, gen_random_uuid(), 1, backend_pid + 1, "
+            f'xact + 1000000, started, finished FROM "{app}".applied '
+            "WHERE projection = 'ledger-p' LIMIT 1"
         )
         assert (await self._verify(store, app, ids)).double_leaders == 1
+
+    async def test_a_stream_applied_out_of_order(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        # The last event of acct-1 in ledger-p recorded as applied before the others.
+        await store.admin.execute(
+            f"UPDATE \"{app}\".applied SET id = 0 WHERE projection = 'ledger-p' "
+            "AND stream_id = 'acct-1' AND stream_version = 3"
+        )
+        # Versions 1 and 2 each came after version 3.
+        assert (await self._verify(store, app, ids)).order_violations == 2
 
 
 async def test_a_short_run_with_every_fault_verifies(own_server: EmbeddedPostgres) -> None:

@@ -1,0 +1,179 @@
+"""The host registry on PostgreSQL: the ``hosts`` table, proven alive by advisory locks.
+
+A balancing host holds a session advisory lock of its own (its membership lock, on a
+dedicated connection, like a unit's) and writes a row naming that lock's session. A row
+counts only while that session holds that lock, so a host that dies (kill -9, a lost
+network) drops out of every view the moment the server ends its session, without a
+heartbeat timeout. Rows of dead hosts are deleted by whoever sees them.
+
+Whether a unit is led is read from ``pg_locks`` too (a granted lock on its key), not from
+what hosts published, which may lag by a moment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Final, final
+
+import trio
+
+from .._errors import EventCoreError
+from .._hosts import ClusterView, HostState
+from ._bridge import Pool
+from ._keys import host_lock_key, projector_lock_key
+from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
+from ._listener import Listener
+
+# Granted advisory locks of this database, by bigint key (see _keys): the same expression
+# status uses.
+_GRANTED: Final = (
+    "SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND ((l.classid::bigint << 32) | l.objid::bigint) = {key}"
+)
+
+
+@final
+class PostgresMembership:
+    """A host's registration; obtained from ``PostgresStore.register_host``.
+
+    .. versionadded:: 0.2
+    """
+
+    def __init__(
+        self,
+        *,
+        pool: Pool,
+        schema: str,
+        host_id: str,
+        leadership: PostgresLeadership,
+        listener: Listener,
+    ) -> None:
+        self._pool = pool
+        self._schema = schema
+        self._host_id = host_id
+        self._leadership = leadership
+        self._listener = listener
+        table = f'"{schema}".hosts'
+        self._sql_view = (
+            f"SELECT host_id, leads, stands_by, "
+            f"EXISTS ({_GRANTED.format(key='h.lock_key')} AND l.pid = h.backend_pid) AS live "
+            f"FROM {table} h"
+        )
+        self._sql_held = (
+            f"SELECT k FROM unnest($1::bigint[]) AS k WHERE EXISTS ({_GRANTED.format(key='k')})"
+        )
+        self._sql_forget = (
+            f"DELETE FROM {table} h WHERE host_id = ANY($1::text[]) "
+            f"AND NOT EXISTS ({_GRANTED.format(key='h.lock_key')} AND l.pid = h.backend_pid)"
+        )
+        self._sql_publish = (
+            f"WITH row AS (UPDATE {table} SET leads = $2, stands_by = $3, "
+            "updated_at = now() WHERE host_id = $1 RETURNING 1) "
+            "SELECT pg_notify($4, $1) FROM row"
+        )
+
+    @property
+    def host_id(self) -> str:
+        """This host's id."""
+        return self._host_id
+
+    @property
+    def is_held(self) -> bool:
+        """False once the membership lock's session ended."""
+        return self._leadership.is_held
+
+    async def publish(self, leading: frozenset[str], standing_by: frozenset[str]) -> None:
+        """Record what this host leads and stands by for, and wake the other hosts."""
+        await self._pool.execute(
+            self._sql_publish,
+            self._host_id,
+            sorted(leading),
+            sorted(standing_by),
+            hosts_channel(self._schema),
+        )
+
+    async def view(self, units: Sequence[str]) -> ClusterView:
+        """The live hosts and which of *units* are led, from two statements."""
+        rows = await self._pool.fetch(self._sql_view)
+        keys = {projector_lock_key(self._schema, unit): unit for unit in units}
+        held = await self._pool.fetch(self._sql_held, list(keys))
+        dead = [row["host_id"] for row in rows if not row["live"]]
+        if dead:
+            await self._pool.execute(self._sql_forget, dead)
+        return ClusterView(
+            hosts={
+                row["host_id"]: HostState(frozenset(row["leads"]), frozenset(row["stands_by"]))
+                for row in rows
+                if row["live"]
+            },
+            held=frozenset(keys[row["k"]] for row in held),
+        )
+
+    async def wait_changed(self) -> None:
+        """Return at the next NOTIFY on the hosts channel (or a LISTEN reconnect)."""
+        await self._listener.wait()
+
+
+def hosts_channel(schema: str) -> str:
+    """The channel on which hosts announce joins, departures and publications."""
+    return f"eventcore_{schema}_hosts"
+
+
+@asynccontextmanager
+async def register_host(
+    *,
+    pool: Pool,
+    schema: str,
+    session_dsn: str,
+    context: LeadershipContext,
+    application_name: str,
+    connect_timeout: float,
+    listener: Listener,
+) -> AsyncIterator[PostgresMembership]:
+    """Take a membership lock, list the host, and unlist it when the block ends."""
+    host_id = uuid.uuid4().hex
+    table = f'"{schema}".hosts'
+    async with acquire_leadership(
+        session_dsn,
+        name=f"host {host_id}",
+        key=host_lock_key(schema, host_id),
+        context=context,
+        application_name=f"{application_name} host",
+        connect_timeout=connect_timeout,
+        wait=False,
+    ) as leadership:
+        await pool.execute(
+            f"INSERT INTO {table} (host_id, backend_pid, lock_key, pid, hostname, application) "
+            "VALUES ($1, $2, $3, $4, $5, $6)",
+            host_id,
+            leadership.backend_pid,
+            leadership.lock_key,
+            os.getpid(),
+            socket.gethostname(),
+            application_name,
+        )
+        try:
+            await pool.execute("SELECT pg_notify($1, $2)", hosts_channel(schema), host_id)
+            yield PostgresMembership(
+                pool=pool,
+                schema=schema,
+                host_id=host_id,
+                leadership=leadership,
+                listener=listener,
+            )
+        finally:
+            # Best effort: a row left behind (the database is gone) is ignored by everyone
+            # once the lock is, and deleted by the next host that sees it.
+            with trio.move_on_after(5, shield=True), contextlib.suppress(EventCoreError):
+                await pool.execute(
+                    f"WITH gone AS (DELETE FROM {table} WHERE host_id = $1 RETURNING 1) "
+                    "SELECT pg_notify($2, $1) FROM gone",
+                    host_id,
+                    hosts_channel(schema),
+                )

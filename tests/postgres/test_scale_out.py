@@ -1,0 +1,235 @@
+"""Scale-out across real processes: units spread evenly, survive kill -9, re-spread on joins.
+
+Each host is a process running tests/postgres/scale_out_host.py: six plain projectors and
+one partitioned one, all writing what they apply through ctx.db (exactly once, or the
+test fails), while this process keeps appending.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from eventcore_trio import NewEvent, partition_of
+from eventcore_trio._processes import run_ready_process
+from eventcore_trio.postgres import PostgresStore
+from eventcore_trio.testing import PostgresHarness, read_all
+
+from ..helpers import eventually
+
+HOST_SCRIPT = Path(__file__).with_name("scale_out_host.py")
+PROJECTIONS = [f"plain-{i}" for i in range(6)] + ["wide"]
+
+
+@pytest.fixture
+async def store(postgres_dsn: str) -> AsyncIterator[PostgresStore]:
+    async with PostgresHarness(postgres_dsn).open_store() as store:
+        assert isinstance(store, PostgresStore)
+        yield store
+
+
+async def _create_app_schema(store: PostgresStore) -> str:
+    app = f"app_{uuid.uuid4().hex[:10]}"
+    await store.admin.execute(
+        f'CREATE SCHEMA "{app}"; '
+        f'CREATE TABLE "{app}".applied (id bigserial PRIMARY KEY, projection text NOT NULL, '
+        "partition int, partitions int NOT NULL, stream_id text NOT NULL, version bigint NOT NULL, "
+        "event_id uuid NOT NULL, pid int NOT NULL)"
+    )
+    return app
+
+
+class Hosts:
+    """Host processes of one test, started and killed by the test."""
+
+    def __init__(self, nursery: trio.Nursery, dsn: str, schema: str, app: str) -> None:
+        self._nursery = nursery
+        self._dsn = dsn
+        self._argv = [sys.executable, str(HOST_SCRIPT), schema, app]
+        self.processes: dict[int, trio.Process] = {}
+
+    async def start(self, partitions: int) -> int:
+        process: trio.Process = await self._nursery.start(
+            lambda task_status: run_ready_process(
+                [*self._argv, str(partitions)],
+                env={"EVENTCORE_DSN": self._dsn},
+                startup_limit=60,
+                task_status=task_status,
+            )
+        )
+        self.processes[process.pid] = process
+        return process.pid
+
+    def kill(self, pid: int) -> None:
+        self.processes.pop(pid).kill()
+
+
+async def _spread(store: PostgresStore, units: int) -> Counter[int] | None:
+    """Units led per host pid, or None while some unit has no leader."""
+    status = [s for s in await store.projection_status() if s.name in PROJECTIONS]
+    if len(status) != units or any(s.leader is None for s in status):
+        return None
+    for s in status:
+        assert s.leader is not None
+        assert s.leader.application_name.startswith("eventcore-trio")
+    return Counter(s.leader.pid for s in status if s.leader is not None)
+
+
+async def _even_over(store: PostgresStore, pids: set[int], units: int) -> bool:
+    spread = await _spread(store, units)
+    if spread is None or set(spread) != pids:
+        return False
+    return max(spread.values()) - min(spread.values()) <= 1
+
+
+async def _caught_up(store: PostgresStore) -> bool:
+    status = [s for s in await store.projection_status() if s.name in PROJECTIONS]
+    return all(s.checkpoint is not None and s.lag_events == 0 for s in status)
+
+
+async def _verify(store: PostgresStore, app: str) -> None:
+    """Every projection applied every event exactly once; streams in order, in one partition."""
+    events = await read_all(store, page_size=5000)
+    rows = await store.admin.fetch(
+        f"SELECT projection, partition, partitions, stream_id, version, event_id, pid "
+        f'FROM "{app}".applied ORDER BY id'
+    )
+    by_projection: dict[str, list[object]] = defaultdict(list)
+    for row in rows:
+        by_projection[row["projection"]].append(row)
+    for name in PROJECTIONS:
+        applied = [r["event_id"] for r in by_projection[name]]  # type: ignore[index]
+        assert len(applied) == len(set(applied)), f"{name}: an event was applied twice"
+        assert set(applied) == {e.event_id for e in events}, f"{name}: an event was lost"
+        versions: dict[str, list[int]] = defaultdict(list)
+        for r in by_projection[name]:
+            versions[r["stream_id"]].append(r["version"])  # type: ignore[index]
+        assert all(v == sorted(v) for v in versions.values()), f"{name}: order broken"
+    wide = by_projection["wide"]
+    for r in wide:
+        # Each stream in one partition per count: the one its hash says.
+        expected = partition_of(r["stream_id"], r["partitions"]).index  # type: ignore[index]
+        assert r["partition"] == expected  # type: ignore[index]
+    assert len({r["pid"] for r in wide}) > 1, "the partitioned projection ran on one host"  # type: ignore[index]
+
+
+async def _write(store: PostgresStore, stop: trio.Event) -> None:
+    n = 0
+    while not stop.is_set():
+        await store.append(f"order-{n % 30}", [NewEvent("Placed", {"n": n})])
+        n += 1
+        await trio.sleep(0.005)
+
+
+async def test_units_spread_over_hosts_and_recover_from_kill_and_join(
+    store: PostgresStore, postgres_dsn: str
+) -> None:
+    """3 hosts even; kill -9 the busiest: all led again at once, then even; a 4th: even."""
+    app = await _create_app_schema(store)
+    units = 6 + 4
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        hosts = Hosts(nursery, postgres_dsn, store.schema, app)
+        nursery.start_soon(_write, store, stop)
+        for _ in range(3):
+            await hosts.start(4)
+            await trio.sleep(0.3)  # started a few hundred ms apart, as the issue asks
+        await eventually(lambda: _even_over(store, set(hosts.processes), units), within=30)
+
+        spread = await _spread(store, units)
+        assert spread is not None
+        busiest = max(spread, key=lambda pid: spread[pid])
+        status = await store.projection_status()
+        its_units = [u.unit for u in status if u.leader is not None and u.leader.pid == busiest]
+        before = await store.admin.lock_sessions(its_units)
+        hosts.kill(busiest)
+        killed_at = trio.current_time()
+        # Taken over by the standbys: each lock held by another session (polled every 2 ms).
+        with trio.fail_after(10):
+            while True:
+                now = await store.admin.lock_sessions(its_units)
+                if len(now) == len(its_units) and all(now[u] != before[u] for u in its_units):
+                    break
+                await trio.sleep(0.002)
+        took_over = trio.current_time() - killed_at
+        assert took_over < 1, f"the killed host's units were led again after {took_over:.2f}s"
+        await eventually(lambda: _all_led_without(store, busiest, units), within=10)
+        await eventually(lambda: _even_over(store, set(hosts.processes), units), within=30)
+
+        await hosts.start(4)
+        await eventually(lambda: _even_over(store, set(hosts.processes), units), within=30)
+        stop.set()
+        await eventually(lambda: _caught_up(store), within=60)
+        nursery.cancel_scope.cancel()
+    await _verify(store, app)
+
+
+async def _all_led_without(store: PostgresStore, dead: int, units: int) -> bool:
+    spread = await _spread(store, units)
+    return spread is not None and dead not in spread
+
+
+async def test_split_under_load_and_refused_merge(store: PostgresStore, postgres_dsn: str) -> None:
+    """Hosts at K=2 replaced by hosts at K=4 while writers append: nothing lost or doubled,
+    order kept; a host started with K=3 afterwards refuses to run the projection."""
+    app = await _create_app_schema(store)
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_write, store, stop)
+        async with trio.open_nursery() as old:
+            old_hosts = Hosts(old, postgres_dsn, store.schema, app)
+            await old_hosts.start(2)
+            await old_hosts.start(2)
+            await eventually(lambda: _even_over(store, set(old_hosts.processes), 8), within=30)
+            new_hosts = Hosts(nursery, postgres_dsn, store.schema, app)
+            # Its units wait for the old hosts' locks to split, so it is not ready until
+            # they are gone: a rolling deploy.
+            nursery.start_soon(new_hosts.start, 4)
+            await eventually(lambda: _split_waiting(store), within=30)
+            old.cancel_scope.cancel()
+        await new_hosts.start(4)
+        await eventually(lambda: _even_over(store, set(new_hosts.processes), 10), within=30)
+        wide = [s for s in await store.projection_status() if s.name == "wide"]
+        assert [s.partitions for s in wide] == [4, 4, 4, 4]
+        stop.set()
+        await eventually(lambda: _caught_up(store), within=60)
+        nursery.cancel_scope.cancel()
+    await _verify(store, app)
+    # K=4 to K=3 is refused: the host logs why and what to do, and runs nothing of it.
+    refused = await trio.lowlevel.open_process(
+        [sys.executable, str(HOST_SCRIPT), store.schema, app, "3"],
+        env={**os.environ, "EVENTCORE_DSN": postgres_dsn},
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+    )
+    assert refused.stderr is not None
+    said = b""
+    try:
+        with trio.fail_after(60):
+            while b"reset wide" not in said:
+                chunk = await refused.stderr.receive_some()
+                assert chunk, said.decode()
+                said += chunk
+    finally:
+        refused.kill()
+        await refused.wait()
+        await refused.stderr.aclose()
+    assert b"PartitionsChanged" in said
+    assert [s.partitions for s in await store.projection_status() if s.name == "wide"] == [4] * 4
+
+
+async def _split_waiting(store: PostgresStore) -> bool:
+    # A repartition session waits for an old unit's lock.
+    waiting = await store.admin.fetchval(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+        "AND application_name LIKE '% repartition wide%'"
+    )
+    return bool(waiting)
