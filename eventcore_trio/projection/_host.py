@@ -9,7 +9,7 @@ import attrs
 import trio
 
 from .._concurrency import wait_any
-from .._errors import InvalidArgument, LeadershipLost, StoreConnectionError
+from .._errors import EventCoreError, InvalidArgument, LeadershipLost, StoreConnectionError
 from .._protocols import HostMembership, Store
 from ._balance import plan
 from ._config import ProjectionConfig
@@ -203,7 +203,9 @@ class _Balancer:
                         with trio.move_on_after(self.config.balance_interval):
                             await wait_any(changed.wait, membership.wait_changed)
                 logger.warning("host: its registration was lost; registering again")
-            except (StoreConnectionError, LeadershipLost) as exc:
+            except EventCoreError as exc:
+                # The database went away, the registration was lost, a statement failed:
+                # balancing waits; the units go on as they are.
                 failures += 1
                 delay = self.config.restart_backoff(failures)
                 logger.warning(
@@ -230,18 +232,23 @@ async def run_projections(
     A projector is one unit; a partitioned one (``partitions=K``) is K units, each with its
     own lock, checkpoint and failover.
 
-    Each task stands by while another process leads its projector and takes over the moment
-    that leader's session ends (within a second: the standby blocks in the database, it does
-    not poll). A projector that fails restarts with exponential backoff
-    (``restart_initial_backoff`` to ``restart_max_backoff``) without disturbing the others;
-    one that loses its lock goes back to standing by. When PostgreSQL cannot be reached (a
-    restart, a network cut) each task reconnects on the same capped backoff and resumes from
-    its checkpoint, with no operator action. Runs are always continuous and always
-    wait for leadership, whatever *config* says.
+    With ``balance=True`` (the default) the hosts running against the same schema spread the
+    units evenly among themselves, with no configuration: each leads at most one unit more
+    than any other, units are handed off gracefully (after the batch in flight commits) as
+    hosts join and leave, and every unit has one standby on another host. With
+    ``balance=False`` every host stands by for every unit. See docs/scale-out.md.
 
-    ``await nursery.start(run_projections, store, projectors)`` returns once every projector
-    is running or standing by. Cancelling the host stops every task cleanly: batches in
-    flight roll back, every lock is released and every connection closed.
+    A standby takes over the moment its leader's session ends (within a second: it blocks
+    in the database, it does not poll). A projector that fails restarts with exponential
+    backoff (``restart_initial_backoff`` to ``restart_max_backoff``) without disturbing the
+    others; one that loses its lock goes back to standing by. When PostgreSQL cannot be
+    reached (a restart, a network cut) each task reconnects on the same capped backoff and
+    resumes from its checkpoint, with no operator action. Runs are always continuous and
+    always wait for leadership, whatever *config* says.
+
+    ``await nursery.start(run_projections, store, projectors)`` returns once this host's
+    first share of the units is running or standing by. Cancelling the host stops every task
+    cleanly: batches in flight roll back, every lock is released and every connection closed.
 
     Args:
         store: the store to run against.
@@ -252,6 +259,8 @@ async def run_projections(
         InvalidArgument: a projector is invalid, or two share a name.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.2
+       Units of partitioned projectors; balancing between hosts.
     """
     projections = [resolve(p) for p in projectors]
     names = [p.name for p in projections]
