@@ -305,6 +305,8 @@ class MemoryStore:
         # Registered hosts and what they published; the event is replaced on every change.
         self._hosts: dict[str, HostState] = {}
         self._hosts_event = trio.Event()
+        # How many registrations, departures and publications there were (a test hook).
+        self._hosts_changes = 0
         self._dead_letters: dict[str, list[DeadLetter]] = {}
         # Set (and replaced) on every append, for wait_for_events.
         self._appended = trio.Event()
@@ -518,6 +520,7 @@ class MemoryStore:
             yield leadership
 
     def _hosts_changed(self) -> None:
+        self._hosts_changes += 1
         self._hosts_event.set()
         self._hosts_event = trio.Event()
 

@@ -10,6 +10,7 @@ import trio
 
 from .._concurrency import wait_any
 from .._errors import EventCoreError, InvalidArgument, LeadershipLost, StoreConnectionError
+from .._hosts import HostState
 from .._protocols import HostMembership, Store
 from ._balance import plan
 from ._config import ProjectionConfig
@@ -173,11 +174,19 @@ class _Balancer:
                 slot.scope.cancel()
         return started
 
-    async def publish(self, membership: HostMembership) -> None:
-        await membership.publish(
+    async def publish(self, membership: HostMembership, last: HostState | None) -> HostState:
+        """Publish what the slots do, if it changed since *last*; return what is published.
+
+        Only changes are published: every publication wakes every other host, so
+        publishing an unchanged state would have the hosts wake each other for ever.
+        """
+        now = HostState(
             frozenset(n for n, s in self.slots.items() if s.leading),
             frozenset(n for n, s in self.slots.items() if s.standing_by),
         )
+        if now != last:
+            await membership.publish(now.leading, now.standing_by)
+        return now
 
     async def run(self, task_status: trio.TaskStatus[None]) -> None:
         names = sorted(self.units)
@@ -186,6 +195,7 @@ class _Balancer:
         while True:
             try:
                 async with self.store.register_host() as membership:
+                    published: HostState | None = None
                     while membership.is_held:
                         # Taken first: a slot that changes from here on wakes the wait below.
                         changed = self.changed
@@ -195,7 +205,7 @@ class _Balancer:
                         if not started:
                             for slot in new:
                                 await slot.ready.wait()
-                        await self.publish(membership)
+                        published = await self.publish(membership, published)
                         failures = 0
                         if not started:
                             started = True

@@ -143,6 +143,8 @@ async def test_units_spread_over_hosts_and_recover_from_kill_and_join(
             await hosts.start(4)
             await trio.sleep(0.3)  # started a few hundred ms apart, as the issue asks
         await eventually(lambda: _even_over(store, set(hosts.processes), units), within=30)
+        # Bounded connections: about one standby per unit, not one per unit per host (20).
+        await eventually(lambda: _standbys_at_most(store, units), within=10)
 
         spread = await _spread(store, units)
         assert spread is not None
@@ -170,6 +172,14 @@ async def test_units_spread_over_hosts_and_recover_from_kill_and_join(
         await eventually(lambda: _caught_up(store), within=60)
         nursery.cancel_scope.cancel()
     await _verify(store, app)
+
+
+async def _standbys_at_most(store: PostgresStore, limit: int) -> bool:
+    waiting = await store.admin.fetchval(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
+        "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+    )
+    return int(waiting) <= limit
 
 
 async def _all_led_without(store: PostgresStore, dead: int, units: int) -> bool:

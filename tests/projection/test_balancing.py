@@ -65,6 +65,11 @@ def _even(hosts: int) -> Callable[[MemoryStore], bool]:
     return check
 
 
+def _backed_up(store: MemoryStore) -> bool:
+    standbys = [u for host in store._hosts.values() for u in host.standing_by]
+    return sorted(standbys) == sorted(UNITS)
+
+
 async def _until(store: MemoryStore, predicate: Callable[[MemoryStore], bool]) -> None:
     with trio.fail_after(10):
         while not predicate(store):
@@ -86,6 +91,12 @@ async def test_hosts_share_units_evenly_through_joins_and_departures() -> None:
             await nursery.start(host, scope)
         await _until(store, _even(3))
         assert _spread(store) == [3, 3, 4]
+        # Once every unit has its one backup, the hosts stay quiet: no publication wakes
+        # the others for ever (ten rounds).
+        await _until(store, _backed_up)
+        settled = store._hosts_changes
+        await trio.sleep(10 * config.balance_interval)
+        assert store._hosts_changes == settled
         for n in range(20):
             await store.append(f"s-{n % 7}", [NewEvent("E", {})])
 
