@@ -39,6 +39,8 @@ from ._events import StreamAppend as StreamAppend
 from ._events import UndecodableEvent as UndecodableEvent
 from ._filters import EventFilter as EventFilter
 from ._filters import glob_to_regex as glob_to_regex
+from ._hosts import ClusterView as ClusterView
+from ._hosts import HostState as HostState
 from ._partitions import MAX_PARTITIONS as MAX_PARTITIONS
 from ._partitions import Partition as Partition
 from ._partitions import partition_of as partition_of
@@ -48,6 +50,7 @@ from ._protocols import CheckpointStore as CheckpointStore
 from ._protocols import Database as Database
 from ._protocols import EventReader as EventReader
 from ._protocols import EventStore as EventStore
+from ._protocols import HostMembership as HostMembership
 from ._protocols import Leadership as Leadership
 from ._protocols import ProjectionAdmin as ProjectionAdmin
 from ._protocols import ProjectionBatch as ProjectionBatch
@@ -83,6 +86,9 @@ from .projection import run_projections as run_projections
 __all__ = [
     "MAX_EVENT_JSON_BYTES",
     "MAX_PARTITIONS",
+    "ClusterView",
+    "HostMembership",
+    "HostState",
     "Partition",
     "PartitionsChanged",
     "partition_of",

@@ -14,7 +14,10 @@ import attrs
 
 @attrs.frozen
 class HostState:
-    """What one live host published: units it leads and units it stands by for."""
+    """What one live host published: units it leads and units it stands by for.
+
+    .. versionadded:: 0.2
+    """
 
     leading: frozenset[str] = frozenset()
     standing_by: frozenset[str] = frozenset()
@@ -22,7 +25,10 @@ class HostState:
 
 @attrs.frozen
 class ClusterView:
-    """The live hosts and which of the units' locks are held, read at one moment."""
+    """The live hosts and which of the units' locks are held, read at one moment.
+
+    .. versionadded:: 0.2
+    """
 
     hosts: Mapping[str, HostState]
     held: frozenset[str]

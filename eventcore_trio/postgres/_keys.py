@@ -44,3 +44,16 @@ def host_lock_key(schema: str, host_id: str) -> int:
 def index_lock_key(schema: str) -> int:
     """The session key held while one partition index of *schema* is built."""
     return lock_key("index", schema, "")
+
+
+def stream_lock_space(schema: str) -> int:
+    """The first key of the two-int transaction locks an append takes on its streams.
+
+    Appends lock ``(stream_lock_space(schema), hashtext(stream_id))``: the two-int key space is
+    apart from the bigint keys above, and the first int keeps two schemas' streams apart.
+    """
+    return int.from_bytes(
+        hashlib.blake2b(b"eventcore-trio\x00streams\x00" + schema.encode(), digest_size=4).digest(),
+        "big",
+        signed=True,
+    )

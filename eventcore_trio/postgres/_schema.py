@@ -13,7 +13,7 @@ from typing import Final
 from .._errors import ConfigurationError, SchemaVersionError
 from .._version import __version__
 from ._bridge import Pool
-from ._keys import migration_lock_key
+from ._keys import migration_lock_key, stream_lock_space
 
 MINIMUM_SERVER_VERSION_NUM: Final = 130000
 """PostgreSQL 13: the first version with ``xid8``, ``pg_current_xact_id()`` and
@@ -181,7 +181,18 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     DECLARE
         v_versions bigint[] := '{{}}';
         v_version bigint;
+        v_key int;
     BEGIN
+        -- Every stream's lock first, before this transaction holds an id (advisory locks
+        -- need none; row locks and writes do). So of two appends to one stream, the later
+        -- gets the larger transaction id: readers order events by (tx, position), and each
+        -- stream's versions come in order. A row lock taken before waiting for the next
+        -- stream would give the waiter an older id than the append it waited for. Keys are
+        -- taken in key order (two-int form: apart from the store's bigint session locks), so
+        -- concurrent appends cannot deadlock even if two streams share a key.
+        FOR v_key IN SELECT DISTINCT hashtext(x) FROM unnest(p_streams) AS x ORDER BY 1 LOOP
+            PERFORM pg_advisory_xact_lock({stream_locks}, v_key);
+        END LOOP;
         FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
             SELECT s.version INTO v_version FROM {s}.streams s
                 WHERE s.stream_id = p_streams[i] FOR UPDATE;
@@ -240,7 +251,9 @@ LATEST_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
 def _render(template: str, schema: str) -> str:
-    return template.format(s=f'"{schema}"', channel=notify_channel(schema))
+    return template.format(
+        s=f'"{schema}"', channel=notify_channel(schema), stream_locks=stream_lock_space(schema)
+    )
 
 
 async def migrate(pool: Pool, schema: str) -> int:

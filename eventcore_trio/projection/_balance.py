@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from .._hosts import ClusterView
+from .._hosts import ClusterView, HostState
 
 
 @attrs.frozen
@@ -65,10 +65,12 @@ def targets(loads: Mapping[str, int], units: int) -> dict[str, int]:
 def plan(view: ClusterView, me: str, units: Sequence[str]) -> Plan:
     """The plan for host *me*, which runs *units*, given *view* (which must include *me*)."""
     ours = set(units)
-    live = sorted(view.hosts)
+    # A view without this host (its registration lapsed a moment ago) still plans for it.
+    hosts = {me: HostState(), **view.hosts}
+    live = sorted(hosts)
     holder: dict[str, str] = {}
     for host in live:
-        for unit in view.hosts[host].leading & ours:
+        for unit in hosts[host].leading & ours:
             holder.setdefault(unit, host)
     loads = Counter(dict.fromkeys(live, 0))
     loads.update(holder.values())
@@ -100,6 +102,6 @@ def plan(view: ClusterView, me: str, units: Sequence[str]) -> Plan:
     release = {
         unit
         for unit, host in surplus
-        if host == me and unit in recipient and unit in view.hosts[recipient[unit]].standing_by
+        if host == me and unit in recipient and unit in hosts[recipient[unit]].standing_by
     }
     return Plan(wanted=frozenset(wanted), release=frozenset(release), targets=goal)

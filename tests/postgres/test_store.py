@@ -33,6 +33,8 @@ from eventcore_trio.postgres._bridge import translate_error
 from eventcore_trio.postgres._reads import ReadQueries
 from eventcore_trio.testing import PostgresHarness, events, follow_until, read_all
 
+from ..helpers import eventually
+
 
 class _Rollback(Exception):
     pass
@@ -105,6 +107,45 @@ class TestGapFreeReads:
             await store.append("b", events("After"))
             assert [e.type for e in await read_all(store)] == ["Before"]
         assert [e.type for e in await read_all(store)] == ["Before", "Late", "After"]
+
+
+class TestPerStreamOrder:
+    """In the global order, each stream's events come in version order."""
+
+    async def test_an_append_that_waits_for_a_stream_gets_a_later_position(
+        self, store: PostgresStore
+    ) -> None:
+        """W1 appends to A, M and S, and waits for M (held by W0) after it has locked A;
+        meanwhile W2 appends to S. W1's event of S has the higher version, so it must come
+        later in read_events too, although W1 began writing first."""
+        for stream in ("a-stream", "m-stream", "s-stream"):
+            await store.append(stream, events("Opened"))
+        sql, args = store.admin.append_statement([StreamAppend("m-stream", events("Held"))])
+        async with store.admin.connection("holder of m") as holder, trio.open_nursery() as n:
+            await holder.begin()
+            await holder.fetchrow(sql, *args)  # W0 holds m-stream
+            done = trio.Event()
+
+            async def w1() -> None:
+                await store.append_atomic(
+                    [StreamAppend(s, events("W1")) for s in ("a-stream", "m-stream", "s-stream")]
+                )
+                done.set()
+
+            n.start_soon(w1)
+            await eventually(lambda: _waits_for_a_lock(store))
+            await store.append("s-stream", events("W2"))  # s-stream is free: W2 goes first
+            await holder.commit()
+            with trio.fail_after(10):
+                await done.wait()
+        assert [e.type for e in await store.read_stream("s-stream")] == ["Opened", "W2", "W1"]
+        in_order = [e for e in await read_all(store) if e.stream_id == "s-stream"]
+        assert [e.stream_version for e in in_order] == [1, 2, 3], "versions out of order"
+
+
+async def _waits_for_a_lock(store: PostgresStore) -> bool:
+    waiting = await store.admin.fetchval("SELECT count(*) FROM pg_locks WHERE NOT granted")
+    return bool(waiting)
 
 
 class TestAppend:

@@ -158,3 +158,12 @@ def test_no_oscillation_when_hosts_do_not_divide_units(hosts: int) -> None:
     for _ in range(10):
         cluster.round()
     assert cluster.moves == moves
+
+
+def test_a_view_without_this_host_still_plans() -> None:
+    """A host whose registration lapsed still plans: it takes the free unit and stands by
+    for the one a session nobody claims holds (no division by zero hosts)."""
+    view = ClusterView(hosts={}, held=frozenset({"u1"}))
+    decided = plan(view, "me", ["u1", "u2"])
+    assert decided.wanted == {"u1", "u2"}
+    assert decided.release == frozenset()
