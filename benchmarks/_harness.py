@@ -29,6 +29,7 @@ NAMES = (
     "append_batch_100",
     "catch_up_noop",
     "catch_up_transactional",
+    "catch_up_transactional_batched",
     "catch_up_parallel_4",
     "catch_up_partitioned_1_host",
     "catch_up_partitioned_2_hosts",
@@ -168,6 +169,13 @@ def bench_catch_up_transactional(ctx: Context) -> list[Result]:
     return [_throughput("catch_up_transactional", ours, baseline)]
 
 
+def bench_catch_up_transactional_batched(ctx: Context) -> list[Result]:
+    schema = _catch_up_data(ctx)
+    baseline = raw("catch_up", ctx.dsn, schema, ["raw-txb"], 500, "batched")
+    ours = trio.run(lambda: _ours.catch_up(ctx.dsn, schema, ["ours-txb"], 500, queued=True))
+    return [_throughput("catch_up_transactional_batched", ours, baseline)]
+
+
 def bench_catch_up_parallel_4(ctx: Context) -> list[Result]:
     schema = _catch_up_data(ctx)
     baseline = raw("catch_up", ctx.dsn, schema, [f"raw-par-{i}" for i in range(4)], 500)
@@ -253,6 +261,7 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("append_batch_100",), bench_append_batch_100),
     (("catch_up_noop",), bench_catch_up_noop),
     (("catch_up_transactional",), bench_catch_up_transactional),
+    (("catch_up_transactional_batched",), bench_catch_up_transactional_batched),
     (("catch_up_parallel_4",), bench_catch_up_parallel_4),
     (
         (
@@ -323,13 +332,13 @@ def _format(value: float | None, unit: str) -> str:
 
 def print_table(results: list[Result]) -> None:
     print()
-    header = f"{'benchmark':28} {'unit':9} {'ours':>12} {'baseline':>12} {'ratio':>7}  better"
+    header = f"{'benchmark':31} {'unit':9} {'ours':>12} {'baseline':>12} {'ratio':>7}  better"
     print(header)
     print("-" * len(header))
     for r in results:
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
         print(
-            f"{r.name:28} {r.unit:9} {_format(r.ours, r.unit):>12} "
+            f"{r.name:31} {r.unit:9} {_format(r.ours, r.unit):>12} "
             f"{_format(r.baseline, r.unit):>12} {ratio:>7}  {r.better}"
         )
 

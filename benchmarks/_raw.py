@@ -142,8 +142,9 @@ async def _noop(event: dict[str, Any]) -> None:
 
 
 async def _catch_up_on(
-    conn: asyncpg.Connection, schema: str, name: str, batch_size: int, upsert: bool
+    conn: asyncpg.Connection, schema: str, name: str, batch_size: int, upsert: bool | str
 ) -> int:
+    # upsert: False (no-op), True (one upsert per event), "batched" (one executemany per page)
     read = _READ.format(s=schema)
     save = (
         f'INSERT INTO "{schema}".checkpoints VALUES ($1, $2, $3) ON CONFLICT (name) '
@@ -159,6 +160,7 @@ async def _catch_up_on(
         if not rows:
             return total
         async with conn.transaction():
+            batched: list[tuple[str, Any]] = []
             for row in rows:
                 event = {
                     "event_id": row["event_id"],
@@ -170,17 +172,21 @@ async def _catch_up_on(
                     "metadata": json.loads(row["metadata"]),
                     "recorded_at": row["recorded_at"],
                 }
-                if upsert:
+                if upsert == "batched":
+                    batched.append((event["stream_id"], event["data"]["amount"]))
+                elif upsert:
                     await conn.execute(upsert_sql, event["stream_id"], event["data"]["amount"])
                 else:
                     await _noop(event)
+            if batched:
+                await conn.executemany(upsert_sql, batched)
             tx, position = rows[-1]["tx"], rows[-1]["position"]
             await conn.execute(save, name, tx, position)
         total += len(rows)
 
 
 async def catch_up(
-    dsn: str, schema: str, names: list[str], batch_size: int, upsert: bool = False
+    dsn: str, schema: str, names: list[str], batch_size: int, upsert: bool | str = False
 ) -> float:
     """Catch up one reader per name, concurrently, by hand: read a page, decode each row,
     apply, save the checkpoint in the page's transaction. Returns total events/s."""

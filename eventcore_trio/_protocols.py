@@ -160,6 +160,27 @@ class Database(Protocol):
     .. versionadded:: 0.1
     """
 
+    def queue(self, sql: str, *args: object) -> None:
+        """Queue a write to send with the batch's other queued writes (not a checkpoint).
+
+        Queued writes go out before the next statement through this object and before the
+        checkpoint, in order, runs of the same statement as one pipelined ``executemany``,
+        all in one round of sending: a projector that writes once per event pays for a
+        batch, not for each event. A read sees them (it sends them first). A queued write
+        that fails fails its batch; the runtime then applies the batch's events one at a
+        time, so the failure lands on its own event and ``on_error`` decides as usual.
+
+        .. versionadded:: 0.2
+        """
+        ...
+
+    async def flush(self) -> None:
+        """Send the queued writes now.
+
+        .. versionadded:: 0.2
+        """
+        ...
+
     async def execute(self, sql: str, *args: object) -> str:
         """Run a statement; return its status tag (e.g. ``"INSERT 0 1"``)."""
         ...
@@ -206,6 +227,13 @@ class ProjectionBatch(Protocol):
 
         For example a `BatchInterrupted`: a statement through `db` was cancelled mid-flight.
         The runner checks it after each handler, so the failure lands on that event.
+
+        .. versionadded:: 0.2
+        """
+        ...
+
+    async def flush(self) -> None:
+        """Send the writes queued through `db` (``Database.queue``) now; a no-op without any.
 
         .. versionadded:: 0.2
         """

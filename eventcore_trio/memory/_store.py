@@ -142,6 +142,10 @@ class MemoryBatch:
         """Always None: nothing can interrupt a memory batch half-way."""
         return None
 
+    async def flush(self) -> None:
+        """Nothing to send: the memory store has no ``ctx.db``."""
+        await trio.lowlevel.checkpoint()
+
     async def record_dead_letter(
         self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
     ) -> None:

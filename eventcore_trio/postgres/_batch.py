@@ -26,6 +26,7 @@ from .._errors import (
     BatchInterrupted,
     CheckpointConflict,
     EventCoreError,
+    InvalidArgument,
     LeadershipLost,
     StoreConnectionError,
 )
@@ -44,25 +45,54 @@ class _BatchDatabase:
 
     def __init__(self, batch: PostgresBatch) -> None:
         self._batch = batch
+        # Writes queued by queue(), in order, sent by the next flush.
+        self._queued: list[tuple[str, tuple[object, ...]]] = []
+
+    def queue(self, sql: str, *args: object) -> None:
+        """Queue a write; it is sent with the others before the next statement or the commit."""
+        if not isinstance(sql, str):
+            raise InvalidArgument(f"sql must be a str, got {type(sql).__name__}")
+        self._queued.append((sql, args))
+
+    async def flush(self) -> None:
+        """Send the queued writes: runs of the same statement as one pipelined executemany,
+        all of them in one crossing into asyncio."""
+        if not self._queued:
+            return
+        groups: list[tuple[str, list[tuple[object, ...]]]] = []
+        for sql, args in self._queued:
+            if groups and groups[-1][0] == sql:
+                groups[-1][1].append(args)
+            else:
+                groups.append((sql, [args]))
+        # Taken off the queue first: if they fail, the batch fails with them.
+        self._queued = []
+        await self._batch._statement(self._batch._connection.run_writes, groups)
 
     async def execute(self, sql: str, *args: object) -> str:
-        """Run a statement in the batch's transaction."""
+        """Run a statement in the batch's transaction (queued writes first)."""
+        await self.flush()
         return await self._batch._statement(self._batch._connection.execute, sql, *args)
 
     async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
         """Run a statement once per argument tuple in the batch's transaction."""
+        await self.flush()
         await self._batch._statement(self._batch._connection.executemany, sql, args)
 
     async def fetch(self, sql: str, *args: object) -> list[Record]:
-        """Run a query in the batch's transaction and return every row."""
+        """Run a query in the batch's transaction and return every row (it sees the queued
+        writes: they are sent first)."""
+        await self.flush()
         return await self._batch._statement(self._batch._connection.fetch, sql, *args)
 
     async def fetchrow(self, sql: str, *args: object) -> Record | None:
         """Run a query in the batch's transaction and return its first row."""
+        await self.flush()
         return await self._batch._statement(self._batch._connection.fetchrow, sql, *args)
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         """Run a query in the batch's transaction and return one value."""
+        await self.flush()
         return await self._batch._statement(self._batch._connection.fetchval, sql, *args)
 
 
@@ -165,6 +195,8 @@ class PostgresBatch:
                 transaction, else when the block ends).
             LeadershipLost: this session no longer holds the lock; nothing commits.
         """
+        # Queued writes commit with the checkpoint, or not at all.
+        await self._db.flush()
         if self._begun:
             await self._statement(self._write_checkpoint, expected, position)
         else:
@@ -197,6 +229,10 @@ class PostgresBatch:
             raise LeadershipLost(f"{reason}; the batch did not commit")
         current = None if row["tx"] is None else Position(row["tx"], row["position"])
         raise CheckpointConflict(proof.name, position, current)
+
+    async def flush(self) -> None:
+        """Send the writes queued through ``ctx.db.queue`` now."""
+        await self._db.flush()
 
     async def record_dead_letter(
         self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int

@@ -279,6 +279,20 @@ class Connection(_Queries):
         """Run *sql* once per argument tuple, pipelined; one crossing."""
         await _cross(self._raw.executemany, sql, args)
 
+    async def run_writes(self, groups: Sequence[tuple[str, Sequence[Sequence[object]]]]) -> None:
+        """Run each ``(sql, rows)`` group in order: one statement, or one pipelined
+        ``executemany`` for several rows. One crossing for all of them."""
+        raw = self._raw
+
+        async def run() -> None:
+            for sql, rows in groups:
+                if len(rows) == 1:
+                    await raw.execute(sql, *rows[0])
+                else:
+                    await raw.executemany(sql, rows)
+
+        await _cross(run)
+
     @asynccontextmanager
     async def listen(self, channel: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
         """LISTEN on *channel* for the block; yields a channel of notification payloads.

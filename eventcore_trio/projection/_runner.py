@@ -124,6 +124,7 @@ async def _run_handlers(
         except Exception as exc:
             raise _HandlerFailed(None, exc) from exc
         _check_batch(ctx, None)
+        await _flush(ctx)
         return
     for index, event in enumerate(events):
         ctx._position = event.position
@@ -137,6 +138,18 @@ async def _run_handlers(
         except Exception as exc:
             raise _HandlerFailed(index, exc) from exc
         _check_batch(ctx, index)
+    await _flush(ctx)
+
+
+async def _flush(ctx: ProjectionContext) -> None:
+    # Writes queued through ctx.db.queue go out once per batch. Which event's write failed
+    # is not known here (index None): the pipeline then applies the batch's events one at a
+    # time, where it is.
+    try:
+        await ctx._batch.flush()
+    except Exception as exc:
+        raise _HandlerFailed(None, exc) from exc
+    _check_batch(ctx, None)
 
 
 def _check_batch(ctx: ProjectionContext, index: int | None) -> None:

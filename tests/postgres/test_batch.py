@@ -269,3 +269,90 @@ class TestCommitErrors:
         assert failure.event.stream_version == 3
         rows = await store.admin.fetch(f"SELECT k FROM {table} ORDER BY k")
         assert [r["k"] for r in rows] == [1, 2, 3]
+
+
+class TestQueuedWrites:
+    """ctx.db.queue: one write per event in the handler, sent once per batch."""
+
+    async def test_queued_writes_commit_with_the_checkpoint_exactly_once(
+        self, store: PostgresStore
+    ) -> None:
+        """Every event's queued upsert lands once; the read model matches the checkpoint."""
+        table = f'"{store.schema}".totals'
+        await store.admin.execute(f"CREATE TABLE {table} (stream text PRIMARY KEY, n bigint)")
+        for i in range(250):
+            await store.append(f"s{i % 7}", [NewEvent("E", {"i": i})])
+        upsert = (
+            f"INSERT INTO {table} AS t VALUES ($1, 1) "
+            "ON CONFLICT (stream) DO UPDATE SET n = t.n + 1"
+        )
+
+        @projector("queued")
+        async def queued(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            ctx.db.queue(upsert, event.stream_id)
+
+        result = await run_projection(queued, store, ProjectionConfig(batch_size=40))
+        assert result.events_applied == 250
+        rows = await store.admin.fetch(f"SELECT stream, n FROM {table} ORDER BY stream")
+        assert {r["stream"]: r["n"] for r in rows} == {
+            f"s{k}": sum(1 for i in range(250) if i % 7 == k) for k in range(7)
+        }
+
+    async def test_a_read_sees_the_queued_writes_in_order(self, store: PostgresStore) -> None:
+        """Read-your-writes inside the batch: a fetch sends what is queued first, in order."""
+        table = await _table(store)
+        await store.append("s", [NewEvent("E", {}) for _ in range(5)])
+        seen: list[int] = []
+
+        @projector("reader")
+        async def reader(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            ctx.db.queue(f"INSERT INTO {table} VALUES ($1)", str(event.position))
+            ctx.db.queue(f"DELETE FROM {table} WHERE position = $1", "none")
+            seen.append(await ctx.db.fetchval(f"SELECT count(*) FROM {table}"))
+
+        await run_projection(reader, store, ProjectionConfig(batch_size=5))
+        assert seen == [1, 2, 3, 4, 5]
+
+    async def test_a_failing_queued_write_lands_on_its_own_event(
+        self, store: PostgresStore
+    ) -> None:
+        """The batch fails at the flush; applied one at a time, only the culprit is skipped."""
+        table = await _table(store)
+        await store.append("s", [NewEvent("E", {"n": n}) for n in range(12)])
+        failures: list[Failure] = []
+
+        def skip(failure: Failure) -> FailureStrategy:
+            failures.append(failure)
+            return FailureStrategy.SKIP
+
+        @projector("picky-queue", on_error=skip)
+        async def picky(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            # Event 7 writes a key that event 3 already wrote: a unique violation.
+            key = "dup" if event.data["n"] in (3, 7) else str(event.position)
+            ctx.db.queue(f"INSERT INTO {table} VALUES ($1)", key)
+
+        result = await run_projection(picky, store, ProjectionConfig(batch_size=12))
+        assert result.dead_letters == 1
+        assert [getattr(f.event, "data", {}).get("n") for f in failures] == [7]
+        assert isinstance(failures[0].error, DatabaseError)
+        assert failures[0].error.sqlstate == "23505"
+        assert await store.admin.fetchval(f"SELECT count(*) FROM {table}") == 11
+        (letter,) = await store.dead_letters("picky-queue")
+        assert isinstance(letter.event, RecordedEvent)
+        assert letter.event.data["n"] == 7
+
+    async def test_queue_refuses_what_is_not_sql(self, store: PostgresStore) -> None:
+        """A non-string statement is refused at once, before anything is sent."""
+        await store.append("s", [NewEvent("E", {})])
+        errors: list[BaseException] = []
+
+        def skip(failure: Failure) -> FailureStrategy:
+            errors.append(failure.error)
+            return FailureStrategy.SKIP
+
+        @projector("bad-queue", on_error=skip)
+        async def bad(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            ctx.db.queue(b"INSERT", 1)  # type: ignore[arg-type]
+
+        await run_projection(bad, store)
+        assert [type(e).__name__ for e in errors] == ["InvalidArgument"]
