@@ -37,13 +37,13 @@ def make_projectors(app: str) -> list[Any]:
             delta = -int(event.data["amount"])
         else:
             delta = int(event.data["amount"])
-        await ctx.db.execute(
+        ctx.db.queue(
             f'INSERT INTO "{app}".balances (account, balance) VALUES ($1, $2) '
             "ON CONFLICT (account) DO UPDATE SET balance = balances.balance + excluded.balance",
             event.stream_id,
             delta,
         )
-        await ctx.db.execute(
+        ctx.db.queue(
             f'INSERT INTO "{app}".applied (event_id, applied_by) VALUES ($1, $2)',
             event.event_id,
             os.getpid(),
@@ -51,14 +51,14 @@ def make_projectors(app: str) -> list[Any]:
 
     @projector("transfers", event_types=["MoneyDeposited"])
     async def transfers(event: RecordedEvent, ctx: ProjectionContext) -> None:
-        await ctx.db.execute(
+        ctx.db.queue(
             f'UPDATE "{app}".totals SET transfers = transfers + 1, moved = moved + $1',
             int(event.data["amount"]),
         )
 
     @projector("activity", event_types=BANK_EVENTS)
     async def activity(event: RecordedEvent, ctx: ProjectionContext) -> None:
-        await ctx.db.execute(
+        ctx.db.queue(
             f'INSERT INTO "{app}".activity (type, events) VALUES ($1, 1) '
             "ON CONFLICT (type) DO UPDATE SET events = activity.events + 1",
             event.type,
