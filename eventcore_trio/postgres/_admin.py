@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, final
 
 from .._events import StreamAppend
 from ._bridge import Connection, Pool, Record, connect
+from ._fence import LOCK_KEY
 from ._keys import projector_lock_key
 
 if TYPE_CHECKING:
@@ -107,10 +108,10 @@ class PostgresAdmin:
         """
         keys = {projector_lock_key(self._schema, unit): unit for unit in units}
         rows = await self._pool.fetch(
-            "SELECT ((classid::bigint << 32) | objid::bigint) AS key, pid FROM pg_locks "
+            f"SELECT {LOCK_KEY} AS key, pid FROM pg_locks "
             "WHERE locktype = 'advisory' AND granted AND objsubid = 1 "
             "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-            "AND ((classid::bigint << 32) | objid::bigint) = ANY($1::bigint[])",
+            f"AND {LOCK_KEY} = ANY($1::bigint[])",
             list(keys),
         )
         return {keys[row["key"]]: int(row["pid"]) for row in rows}

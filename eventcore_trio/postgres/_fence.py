@@ -20,11 +20,21 @@ from typing import Final
 
 import attrs
 
-#: SQL condition: server session {session} holds advisory lock {key} (the bigint form of
-#: pg_advisory_lock, which pg_locks splits into classid:objid). Format both with SQL.
+#: SQL: the bigint key of a pg_locks row of the bigint form of pg_advisory_lock (which
+#: pg_locks splits into classid:objid).
+LOCK_KEY: Final = "((classid::bigint << 32) | objid::bigint)"
+
+#: SQL condition: server session {session} holds advisory lock {key}. Format both with SQL.
 SESSION_HOLDS_LOCK: Final = (
     "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted "
-    "AND pid = {session} AND ((classid::bigint << 32) | objid::bigint) = {key})"
+    f"AND pid = {{session}} AND {LOCK_KEY} = {{key}})"
+)
+
+#: SQL condition: some session of this database holds advisory lock {key}.
+LOCK_HELD: Final = (
+    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 AND granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    f"AND {LOCK_KEY} = {{key}})"
 )
 
 #: SQL condition: the current session is session {pid} and holds advisory lock {key}. Format

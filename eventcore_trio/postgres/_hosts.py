@@ -6,8 +6,8 @@ counts only while that session holds that lock, so a host that dies (kill -9, a 
 network) drops out of every view the moment the server ends its session, without a
 heartbeat timeout. Rows of dead hosts are deleted by whoever sees them.
 
-Whether a unit is led is read from ``pg_locks`` too (a granted lock on its key), not from
-what hosts published, which may lag by a moment.
+Whether a unit is led is read from ``pg_locks`` too, in the same statement (a granted lock
+on its key), not from what hosts published, which may lag by a moment.
 """
 
 from __future__ import annotations
@@ -18,24 +18,17 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Final, final
+from typing import final
 
 import trio
 
 from .._errors import EventCoreError
 from .._hosts import ClusterView, HostState
 from ._bridge import Pool
+from ._fence import LOCK_HELD, SESSION_HOLDS_LOCK
 from ._keys import host_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
-
-# Granted advisory locks of this database, by bigint key (see _keys): the same expression
-# status uses.
-_GRANTED: Final = (
-    "SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND ((l.classid::bigint << 32) | l.objid::bigint) = {key}"
-)
 
 
 @final
@@ -60,18 +53,16 @@ class PostgresMembership:
         self._leadership = leadership
         self._listener = listener
         table = f'"{schema}".hosts'
+        live = SESSION_HOLDS_LOCK.format(session="h.backend_pid", key="h.lock_key")
+        # One statement: which units are held, and every listed host (whether alive or
+        # not); the join keeps one row when no host is listed.
         self._sql_view = (
-            f"SELECT host_id, leads, stands_by, "
-            f"EXISTS ({_GRANTED.format(key='h.lock_key')} AND l.pid = h.backend_pid) AS live "
-            f"FROM {table} h"
+            f"SELECT ARRAY(SELECT k FROM unnest($1::bigint[]) AS k "
+            f"WHERE {LOCK_HELD.format(key='k')}) AS held, "
+            f"h.host_id, h.leads, h.stands_by, {live} AS live "
+            f"FROM (SELECT 1) AS one LEFT JOIN {table} h ON true"
         )
-        self._sql_held = (
-            f"SELECT k FROM unnest($1::bigint[]) AS k WHERE EXISTS ({_GRANTED.format(key='k')})"
-        )
-        self._sql_forget = (
-            f"DELETE FROM {table} h WHERE host_id = ANY($1::text[]) "
-            f"AND NOT EXISTS ({_GRANTED.format(key='h.lock_key')} AND l.pid = h.backend_pid)"
-        )
+        self._sql_forget = f"DELETE FROM {table} h WHERE host_id = ANY($1::text[]) AND NOT {live}"
         self._sql_publish = (
             f"WITH row AS (UPDATE {table} SET leads = $2, stands_by = $3, "
             "updated_at = now() WHERE host_id = $1 RETURNING 1) "
@@ -99,20 +90,20 @@ class PostgresMembership:
         )
 
     async def view(self, units: Sequence[str]) -> ClusterView:
-        """The live hosts and which of *units* are led, from two statements."""
-        rows = await self._pool.fetch(self._sql_view)
+        """The live hosts and which of *units* are led, from one statement."""
         keys = {projector_lock_key(self._schema, unit): unit for unit in units}
-        held = await self._pool.fetch(self._sql_held, list(keys))
-        dead = [row["host_id"] for row in rows if not row["live"]]
+        rows = await self._pool.fetch(self._sql_view, list(keys))
+        listed = [row for row in rows if row["host_id"] is not None]
+        dead = [row["host_id"] for row in listed if not row["live"]]
         if dead:
             await self._pool.execute(self._sql_forget, dead)
         return ClusterView(
             hosts={
                 row["host_id"]: HostState(frozenset(row["leads"]), frozenset(row["stands_by"]))
-                for row in rows
+                for row in listed
                 if row["live"]
             },
-            held=frozenset(keys[row["k"]] for row in held),
+            held=frozenset(keys[key] for key in rows[0]["held"]),
         )
 
     async def wait_changed(self) -> None:

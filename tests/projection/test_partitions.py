@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import AsyncIterator
 from functools import partial
 
 import pytest
@@ -85,11 +84,6 @@ class Applied:
 
 class PartitionContract:
     """What partitioned projections promise, whatever the backend."""
-
-    @pytest.fixture
-    async def store(self, harness: BackendHarness) -> AsyncIterator[Store]:
-        async with harness.open_store() as store:
-            yield store
 
     async def test_partition_filters_divide_the_streams(self, store: Store) -> None:
         """Partitions of one count are disjoint, cover every event, and apply before limit."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import pytest
@@ -102,11 +102,6 @@ FAST = ProjectionConfig(retry_initial_backoff=0.01, retry_max_backoff=0.02)
 
 class RuntimeContract:
     """What run_projection and run_projections promise, whatever the backend."""
-
-    @pytest.fixture
-    async def store(self, harness: BackendHarness) -> AsyncIterator[Store]:
-        async with harness.open_store() as store:
-            yield store
 
     async def test_catch_up_across_many_pages_exactly_once(self, store: Store) -> None:
         """Thousands of events, a small batch size: every match applied once, in order."""
