@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections.abc import Mapping
 from typing import Any, Final
@@ -21,6 +22,10 @@ MAX_EVENT_JSON_BYTES: Final = 16 * 1024 * 1024
 #: The largest integer PostgreSQL's bigint holds: versions, cursors and limits above it are
 #: refused before any I/O instead of coming back as a server error.
 MAX_BIGINT: Final = 2**63 - 1
+# A NUL in encoded JSON: the escape \u0000 after an even number of backslashes. After an odd
+# number the backslash is itself escaped: a string holding the six characters \u0000 is
+# encoded as \\u0000, and PostgreSQL stores it.
+_NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _has_control_character(text: str) -> bool:
@@ -162,7 +167,7 @@ def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
             f"{MAX_EVENT_JSON_BYTES:,} (MAX_EVENT_JSON_BYTES); store large content elsewhere "
             "(object storage, a table of its own) and put a reference in the event"
         )
-    if "\\u0000" in text:
+    if _NUL_ESCAPE.search(text):
         raise EventEncodeError(
             f"event {kind} contains a NUL character, which PostgreSQL cannot store in JSON; "
             "remove it or encode the value (e.g. base64)"

@@ -707,6 +707,17 @@ class StoreContract:
         )
         assert len(page) == 1
 
+    async def test_escaped_looking_text_is_data(self, store: Store) -> None:
+        """Text that looks like a JSON escape (a backslash, then u0000) is stored as written;
+        only a real NUL character is refused."""
+        looks_escaped = {"s": "\\u0000", "t": "\\\\u0000x"}
+        await store.append("escapes", [NewEvent("E", looks_escaped)])
+        (event,) = await store.read_stream("escapes")
+        assert event.data == looks_escaped
+        with pytest.raises(EventEncodeError):
+            await store.append("escapes", [NewEvent("E", {"s": "\\\x00"})])
+        assert len(await store.read_stream("escapes")) == 1
+
     # -- cancellation ------------------------------------------------------------------
 
     async def test_cancelled_append_is_all_or_nothing(self, store: Store) -> None:
