@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -29,6 +30,7 @@ NAMES = (
     "append_batch_100",
     "catch_up_noop",
     "catch_up_transactional",
+    "catch_up_transactional_execute",
     "catch_up_transactional_batched",
     "catch_up_parallel_4",
     "catch_up_partitioned_1_host",
@@ -53,6 +55,8 @@ class Result:
     baseline: float | None
     ratio: float | None
     better: str
+    #: pyeventsourcing's figure for the same work (``--peer``), where it has an equivalent.
+    peer: float | None = None
 
 
 @dataclass
@@ -82,6 +86,7 @@ class Context:
     sizes: Sizes
     schemas: list[str]
     catch_up_schema: str | None = None
+    peer: bool = False
 
     def schema(self, name: str) -> str:
         schema = f"bench_{self.run}_{name}"[:63]
@@ -98,16 +103,31 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def raw(function: str, *args: Any) -> Any:
-    """Run a baseline function in a plain-asyncio process; return its JSON result."""
+def _in_process(module: str, what: str, function: str, *args: Any) -> Any:
     completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks._raw", function, json.dumps(args)],
+        [sys.executable, "-m", module, function, json.dumps(args)],
         capture_output=True,
         text=True,
     )
     if completed.returncode != 0:
-        raise RuntimeError(f"baseline {function} failed:\n{completed.stderr}")
-    return json.loads(completed.stdout)
+        raise RuntimeError(f"{what} {function} failed:\n{completed.stderr}")
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+def raw(function: str, *args: Any) -> Any:
+    """Run a baseline function in a plain-asyncio process; return its JSON result."""
+    return _in_process("benchmarks._raw", "baseline", function, *args)
+
+
+def peer(function: str, *args: Any) -> Any:
+    """Run pyeventsourcing's equivalent in a process of its own; return its JSON result."""
+    return _in_process("benchmarks._peer", "peer", function, *args)
+
+
+def _with_peer(ctx: Context, result: Result, function: str, *args: Any) -> Result:
+    if ctx.peer:
+        result.peer = peer(function, ctx.dsn, ctx.schema(f"peer_{result.name}"), *args)
+    return result
 
 
 def bench_append_single_sequential(ctx: Context) -> list[Result]:
@@ -117,7 +137,8 @@ def bench_append_single_sequential(ctx: Context) -> list[Result]:
     ours = trio.run(
         _ours.append_single_sequential, ctx.dsn, ctx.schema("append_seq"), ctx.sizes.appends
     )
-    return [_throughput("append_single_sequential", ours, baseline)]
+    result = _throughput("append_single_sequential", ours, baseline)
+    return [_with_peer(ctx, result, "append_single_sequential", ctx.sizes.appends)]
 
 
 def bench_append_single_concurrent(ctx: Context) -> list[Result]:
@@ -126,7 +147,8 @@ def bench_append_single_concurrent(ctx: Context) -> list[Result]:
     n = ctx.sizes.concurrent_appends
     baseline = raw("append_single_concurrent", ctx.dsn, schema, n, 8)
     ours = trio.run(_ours.append_single_concurrent, ctx.dsn, ctx.schema("append_conc"), n, 8)
-    return [_throughput("append_single_concurrent", ours, baseline)]
+    result = _throughput("append_single_concurrent", ours, baseline)
+    return [_with_peer(ctx, result, "append_single_concurrent", n, 8)]
 
 
 def bench_append_batch_100(ctx: Context) -> list[Result]:
@@ -135,7 +157,9 @@ def bench_append_batch_100(ctx: Context) -> list[Result]:
     n = ctx.sizes.batch_events
     baseline = raw("append_batch", ctx.dsn, schema, n, 100)
     ours = trio.run(_ours.append_batch, ctx.dsn, ctx.schema("append_batch"), n, 100)
-    return [_throughput("append_batch_100", ours, baseline)]
+    return [
+        _with_peer(ctx, _throughput("append_batch_100", ours, baseline), "append_batch", n, 100)
+    ]
 
 
 def _catch_up_data(ctx: Context) -> str:
@@ -162,11 +186,29 @@ def bench_catch_up_noop(ctx: Context) -> list[Result]:
     return [_throughput("catch_up_noop", ours, baseline)]
 
 
+#: Events the peer's transactional catch-up projects: it commits once per event, so its
+#: rate does not depend on the count, and 100,000 would take minutes.
+PEER_CATCH_UP_EVENTS = 20_000
+
+
 def bench_catch_up_transactional(ctx: Context) -> list[Result]:
+    """The read model as the docs teach it (one upsert per event, queued with
+    ``ctx.db.queue``) against the hand-written loop that runs one upsert per event."""
     schema = _catch_up_data(ctx)
     baseline = raw("catch_up", ctx.dsn, schema, ["raw-tx"], 500, True)
-    ours = trio.run(lambda: _ours.catch_up(ctx.dsn, schema, ["ours-tx"], 500, transactional=True))
-    return [_throughput("catch_up_transactional", ours, baseline)]
+    ours = trio.run(lambda: _ours.catch_up(ctx.dsn, schema, ["ours-tx"], 500, queued=True))
+    result = _throughput("catch_up_transactional", ours, baseline)
+    events = min(ctx.sizes.events, PEER_CATCH_UP_EVENTS)
+    return [_with_peer(ctx, result, "catch_up_transactional", events)]
+
+
+def bench_catch_up_transactional_execute(ctx: Context) -> list[Result]:
+    """The same upsert awaited through ``ctx.db.execute`` per event: a crossing and a round
+    trip per event, like the baseline."""
+    schema = _catch_up_data(ctx)
+    baseline = raw("catch_up", ctx.dsn, schema, ["raw-txe"], 500, True)
+    ours = trio.run(lambda: _ours.catch_up(ctx.dsn, schema, ["ours-txe"], 500, transactional=True))
+    return [_throughput("catch_up_transactional_execute", ours, baseline)]
 
 
 def bench_catch_up_transactional_batched(ctx: Context) -> list[Result]:
@@ -214,10 +256,15 @@ def bench_latency(ctx: Context) -> list[Result]:
     )
     p50 = (statistics.median(ours), statistics.median(base))
     p99 = (_percentile(ours, 0.99), _percentile(base, 0.99))
-    return [
+    results = [
         Result("latency_notify_p50_ms", "ms", p50[0], p50[1], p50[0] / p50[1], "lower"),
         Result("latency_notify_p99_ms", "ms", p99[0], p99[1], p99[0] / p99[1], "lower"),
     ]
+    if ctx.peer:
+        theirs = peer("latency", ctx.dsn, ctx.schema("peer_latency"), n, 0.01)
+        results[0].peer = statistics.median(theirs)
+        results[1].peer = _percentile(theirs, 0.99)
+    return results
 
 
 POLL_INTERVAL = 0.2
@@ -261,6 +308,7 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("append_batch_100",), bench_append_batch_100),
     (("catch_up_noop",), bench_catch_up_noop),
     (("catch_up_transactional",), bench_catch_up_transactional),
+    (("catch_up_transactional_execute",), bench_catch_up_transactional_execute),
     (("catch_up_transactional_batched",), bench_catch_up_transactional_batched),
     (("catch_up_parallel_4",), bench_catch_up_parallel_4),
     (
@@ -276,6 +324,12 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("failover_ms_p50", "failover_ms_p99"), bench_failover),
     (("execute_transfer",), bench_execute_transfer),
 ]
+
+
+def _peer_version() -> str:
+    from importlib.metadata import version
+
+    return version("eventsourcing")
 
 
 def machine() -> dict[str, Any]:
@@ -331,15 +385,21 @@ def _format(value: float | None, unit: str) -> str:
 
 
 def print_table(results: list[Result]) -> None:
+    with_peer = any(r.peer is not None for r in results)
+    peer_header = f" {'peer':>12}" if with_peer else ""
     print()
-    header = f"{'benchmark':31} {'unit':9} {'ours':>12} {'baseline':>12} {'ratio':>7}  better"
+    header = (
+        f"{'benchmark':31} {'unit':9} {'ours':>12} {'baseline':>12} {'ratio':>7}"
+        f"{peer_header}  better"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
+        peer_cell = f" {_format(r.peer, r.unit):>12}" if with_peer else ""
         print(
             f"{r.name:31} {r.unit:9} {_format(r.ours, r.unit):>12} "
-            f"{_format(r.baseline, r.unit):>12} {ratio:>7}  {r.better}"
+            f"{_format(r.baseline, r.unit):>12} {ratio:>7}{peer_cell}  {r.better}"
         )
 
 
@@ -365,7 +425,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, metavar="PATH", help="write results as JSON")
     parser.add_argument("--events", type=int, help="events for the catch-up benchmarks")
     parser.add_argument("--chart", type=Path, metavar="PNG", help="plot catch-up vs batch size")
+    parser.add_argument(
+        "--peer",
+        action="store_true",
+        help="also run pyeventsourcing's equivalents, as a third column (needs the 'peer' "
+        "dependency group: uv run --group peer python -m benchmarks --peer)",
+    )
     args = parser.parse_args(argv)
+    if args.peer and importlib.util.find_spec("eventsourcing") is None:
+        parser.error(
+            "--peer needs pyeventsourcing: run uv run --group peer python -m benchmarks --peer"
+        )
     only = {n for item in args.only for n in item.split(",") if n}
     unknown = only - set(NAMES)
     if unknown:
@@ -378,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         server = EmbeddedPostgres()
         server.start()
         dsn = server.dsn
-    ctx = Context(dsn=dsn, run=uuid.uuid4().hex[:6], sizes=sizes, schemas=[])
+    ctx = Context(dsn=dsn, run=uuid.uuid4().hex[:6], sizes=sizes, schemas=[], peer=args.peer)
     results: list[Result] = []
     try:
         version = trio.run(_server_version, dsn)
@@ -393,7 +463,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             produced = [r for r in fn(ctx) if not only or r.name in only]
             results.extend(produced)
             summary = "; ".join(
-                f"{r.name} ours {_format(r.ours, r.unit)} vs {_format(r.baseline, r.unit)} {r.unit}"
+                f"{r.name} ours {_format(r.ours, r.unit)} vs {_format(r.baseline, r.unit)}"
+                + ("" if r.peer is None else f" (peer {_format(r.peer, r.unit)})")
+                + f" {r.unit}"
                 for r in produced
             )
             print(f" {time.perf_counter() - step:.1f}s: {summary}", flush=True)
@@ -408,6 +480,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "postgres_version": version,
                 "events": sizes.events,
                 "mode": "quick" if args.quick else "full",
+                "peer": "eventsourcing " + _peer_version() if args.peer else None,
                 "results": [asdict(r) for r in results],
             }
             args.json.write_text(json.dumps(document, indent=2) + "\n")
@@ -420,7 +493,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     expected = {n for names, _ in selected for n in names if not only or n in only}
     missing = expected - {r.name for r in results}
     bad = [
-        r.name for r in results if not r.ours > 0 or (r.baseline is not None and not r.baseline > 0)
+        r.name
+        for r in results
+        if not r.ours > 0
+        or (r.baseline is not None and not r.baseline > 0)
+        or (r.peer is not None and not r.peer > 0)
     ]
     if missing or bad:
         print(f"missing results: {sorted(missing)}; non-positive: {bad}", file=sys.stderr)

@@ -15,12 +15,14 @@ from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, final
 
 from .._events import StreamAppend
-from ._bridge import Connection, Pool, Record, connect
+from ._bridge import Connection, Record, connect
 from ._fence import LOCK_KEY
 from ._keys import projector_lock_key
+from ._pool import Pool
 
 if TYPE_CHECKING:
     from ._appends import AppendStatement
+    from ._notifier import Notifier
 
 
 @final
@@ -41,6 +43,7 @@ class PostgresAdmin:
         connect_timeout: float,
         statement_cache_size: int,
         append_statement: AppendStatement,
+        notifier: Notifier,
     ) -> None:
         self._pool = pool
         self._schema = schema
@@ -48,6 +51,7 @@ class PostgresAdmin:
         self._connect_timeout = connect_timeout
         self._statement_cache_size = statement_cache_size
         self._append_statement = append_statement
+        self._notifier = notifier
 
     async def fetch(self, sql: str, *args: object) -> list[Record]:
         """Run *sql* and return every row."""
@@ -93,9 +97,19 @@ class PostgresAdmin:
         """The SQL and arguments of the one statement that makes *appends*, validated.
 
         Run it on a connection of your own, inside a transaction you hold open, to reproduce a
-        late commit (``PostgresHarness.hold_commit``).
+        late commit (``PostgresHarness.hold_commit``); call `notify_appended` once it has
+        committed.
         """
         return self._append_statement(appends)
+
+    def notify_appended(self) -> None:
+        """Wake the store's readers soon (one ``pg_notify``, sent from a background task), as
+        `PostgresStore.append` does after each append: for events committed by a statement
+        from `append_statement`. Without it, readers find them at their next poll.
+
+        .. versionadded:: 0.2
+        """
+        self._notifier.poke()
 
     async def lock_sessions(self, units: Sequence[str]) -> dict[str, int]:
         """Which server session (backend pid) holds the lock of each of *units* now.

@@ -204,10 +204,6 @@ def _tune_socket(raw: asyncpg.Connection) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
-async def _init_pooled(raw: asyncpg.Connection) -> None:
-    _tune_socket(raw)
-
-
 def _server_settings(application_name: str, extra: Mapping[str, str]) -> dict[str, str]:
     # PostgreSQL truncates application_name to 63 bytes; cut on a character boundary ourselves.
     name = application_name.encode("utf-8")[:63].decode("utf-8", "ignore")
@@ -215,12 +211,10 @@ def _server_settings(application_name: str, extra: Mapping[str, str]) -> dict[st
 
 
 class _Queries:
-    """Statements on an asyncpg connection or pool (which runs each on a pooled connection).
+    """Statements on an asyncpg connection; each method is one statement and one crossing
+    into asyncio."""
 
-    Each method is one statement and one crossing into asyncio.
-    """
-
-    _raw: asyncpg.Connection | asyncpg.Pool
+    _raw: asyncpg.Connection
 
     async def fetch(self, sql: str, *args: object) -> list[Record]:
         """Run *sql* and return all rows."""
@@ -369,7 +363,7 @@ async def connect(
     connect_timeout: float,
     statement_cache_size: int = 100,
 ) -> Connection:
-    """Open a dedicated connection (never from a pool); one crossing.
+    """Open a connection (the pool's, or a dedicated session); one crossing.
 
     Only ``application_name`` goes into the startup packet, since poolers refuse startup
     parameters they do not know (PgBouncer: "unsupported startup parameter"); callers apply
@@ -384,66 +378,3 @@ async def connect(
     )
     _tune_socket(raw)
     return Connection(raw)
-
-
-@final
-class Pool(_Queries):
-    """An asyncpg connection pool, callable from Trio; each call acquires and releases."""
-
-    def __init__(self, raw: asyncpg.Pool) -> None:
-        self._raw = raw
-
-    @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[Connection]:
-        """Hold one pooled connection for the block (for multi-statement work)."""
-        raw = await _cross(self._raw.acquire)
-        try:
-            yield Connection(raw)
-        finally:
-            with trio.move_on_after(5, shield=True) as scope:
-                await _cross(self._raw.release, raw)
-            if scope.cancelled_caught:
-                raw.terminate()
-
-
-async def _keep_session(_connection: asyncpg.Connection) -> None:
-    # asyncpg's default reset runs "SELECT pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *;
-    # RESET ALL" on every release: a round trip per pooled call. Pooled sessions here never
-    # change session state (no SET, no LISTEN, no session locks: those live on dedicated
-    # connections), and an open transaction is still rolled back by asyncpg before this runs.
-    return None
-
-
-@asynccontextmanager
-async def open_pool(
-    dsn: str,
-    *,
-    min_size: int,
-    max_size: int,
-    application_name: str,
-    connect_timeout: float,
-    statement_cache_size: int = 100,
-) -> AsyncIterator[Pool]:
-    """Open a connection pool for the block; it is closed (shielded, bounded) on exit.
-
-    *statement_cache_size* 0 turns asyncpg's prepared-statement cache off, as a
-    transaction-pooling proxy requires.
-    """
-    raw = await _cross(
-        asyncpg.create_pool,
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=connect_timeout,
-        statement_cache_size=statement_cache_size,
-        server_settings=_server_settings(application_name, {}),
-        reset=_keep_session,
-        init=_init_pooled,
-    )
-    try:
-        yield Pool(raw)
-    finally:
-        with trio.move_on_after(5, shield=True) as scope, contextlib.suppress(StoreConnectionError):
-            await _cross(raw.close)
-        if scope.cancelled_caught:
-            raw.terminate()

@@ -24,11 +24,11 @@ import trio
 
 from .._errors import EventCoreError
 from .._hosts import ClusterView, HostState
-from ._bridge import Pool
 from ._fence import LOCK_HELD, SESSION_HOLDS_LOCK
 from ._keys import host_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
+from ._pool import Pool
 
 
 @final

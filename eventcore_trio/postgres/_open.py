@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from .._concurrency import service_nursery
 from .._errors import ConfigurationError, DatabaseError, UnsupportedServer
-from . import _bridge
+from . import _bridge, _pool
 from ._dsn import normalize_dsn
 from ._schema import MINIMUM_SERVER_VERSION_NUM, check_schema, check_schema_name
 from ._schema import migrate as migrate_schema
@@ -117,7 +117,7 @@ async def open_postgres_store(
     _check_connection_options(connect_timeout, statement_cache_size, application_name)
     async with (
         _bridge.asyncio_loop(),
-        _bridge.open_pool(
+        _pool.open_pool(
             dsn,
             min_size=min_pool_size,
             max_size=max_pool_size,
@@ -154,6 +154,8 @@ async def open_postgres_store(
             yield store
         finally:
             store._closed = True
+            # Before the services stop: the last appends' wake-up is not left behind.
+            await store._notifier.flush()
 
 
 def _check_application_name(value: object) -> None:
@@ -165,7 +167,7 @@ def _check_application_name(value: object) -> None:
         )
 
 
-async def _system_identifier(pool: _bridge.Pool) -> str | None:
+async def _system_identifier(pool: _pool.Pool) -> str | None:
     # pg_control_system() may be restricted to superusers and pg_monitor members; without it
     # the cluster check is skipped rather than failing the store.
     try:

@@ -12,8 +12,8 @@ from typing import Final
 
 from .._errors import ConfigurationError, SchemaVersionError
 from .._version import __version__
-from ._bridge import Pool
 from ._keys import migration_lock_key, stream_lock_space
+from ._pool import Pool
 
 MINIMUM_SERVER_VERSION_NUM: Final = 130000
 """PostgreSQL 13: the first version with ``xid8``, ``pg_current_xact_id()`` and
@@ -37,7 +37,7 @@ def notify_channel(schema: str) -> str:
     return f"eventcore_{schema}"
 
 
-# Each migration is a template over {s} (the quoted schema) and {channel}. Never edit a
+# Each migration is a template over {s} (the quoted schema) and {stream_locks}. Never edit a
 # migration once released: add a new one. (Before the first release the history was squashed
 # into migration 1.)
 _MIGRATIONS: Final[tuple[str, ...]] = (
@@ -236,9 +236,8 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         FROM unnest(p_streams, p_counts) AS c(stream_id, n)
         WHERE s.stream_id = c.stream_id AND c.n > 0;
 
-        -- Delivered at commit, never for a rolled-back append; identical payloads within one
-        -- transaction are folded by PostgreSQL.
-        PERFORM pg_notify('{channel}', '');
+        -- No NOTIFY here: the store notifies after the commit (see _notifier), since
+        -- notifying transactions commit one at a time.
         RETURN QUERY SELECT pg_current_xact_id()::text::bigint,
                             currval('{s}.events_position_seq'::regclass),
                             v_versions;
@@ -251,9 +250,7 @@ LATEST_SCHEMA_VERSION: Final = len(_MIGRATIONS)
 
 
 def _render(template: str, schema: str) -> str:
-    return template.format(
-        s=f'"{schema}"', channel=notify_channel(schema), stream_locks=stream_lock_space(schema)
-    )
+    return template.format(s=f'"{schema}"', stream_locks=stream_lock_space(schema))
 
 
 async def migrate(pool: Pool, schema: str) -> int:

@@ -31,13 +31,14 @@ from .._partitions import check_partitions, units_of
 from .._positions import Position
 from .._status import DeadLetter, ProjectionStatus
 from .._validation import check_expected_version, check_name, check_stream_id, check_version_cursor
-from . import _bridge
+from . import _bridge, _pool
 from ._admin import PostgresAdmin
 from ._appends import AppendStatement, append_result
 from ._hosts import PostgresMembership, hosts_channel, register_host
 from ._keys import index_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
+from ._notifier import Notifier
 from ._reads import ReadQueries, decode_row, partition_index, recorded_row
 from ._schema import (
     notify_channel,
@@ -61,7 +62,7 @@ class PostgresStore:
     def __init__(
         self,
         *,
-        pool: _bridge.Pool,
+        pool: _pool.Pool,
         nursery: trio.Nursery,
         dsn: str,
         session_dsn: str,
@@ -94,6 +95,7 @@ class PostgresStore:
         self._hosts_listener = listener(
             channel=hosts_channel(schema), application_name=f"{application_name} hosts listener"
         )
+        self._notifier = Notifier(nursery=nursery, pool=pool, channel=notify_channel(schema))
         self._admin = PostgresAdmin(
             pool=pool,
             schema=schema,
@@ -101,6 +103,7 @@ class PostgresStore:
             connect_timeout=connect_timeout,
             statement_cache_size=statement_cache_size,
             append_statement=self._append_statement,
+            notifier=self._notifier,
         )
 
     @property
@@ -156,7 +159,10 @@ class PostgresStore:
         """Append to several streams in one transaction (see `EventStore.append_atomic`)."""
         sql, args = self._append_statement(appends)
         self._check_open()
-        return append_result(await self._pool.fetchrow(sql, *args), args)
+        result = append_result(await self._pool.fetchrow(sql, *args), args)
+        if result.position is not None:
+            self._notifier.poke()
+        return result
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
         """Return a stream's events after *after_version* (see `EventStore.read_stream`)."""

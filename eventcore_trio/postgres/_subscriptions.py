@@ -32,8 +32,9 @@ from .._status import (
     ProjectionStatus,
     unit_state,
 )
-from ._bridge import Connection, Pool, Record
+from ._bridge import Connection, Record
 from ._keys import projector_lock_key
+from ._pool import Pool
 from ._reads import ReadQueries
 
 _NAME: Final = "subscription_name"

@@ -148,3 +148,4 @@ class PostgresHarness:
             sql, args = store.admin.append_statement([StreamAppend(stream_id, events)])
             await connection.fetchrow(sql, *args)
             yield
+        store.admin.notify_appended()

@@ -113,3 +113,4 @@ async def _append_held(
             log.rolled_back |= ids
         raise
     log.acknowledged |= ids
+    store.admin.notify_appended()

@@ -218,6 +218,46 @@ class TestAppend:
         finally:
             await listener.close()
 
+    async def test_a_store_closing_right_after_an_append_still_notifies(
+        self, harness: PostgresHarness, postgres_dsn: str
+    ) -> None:
+        """The notification follows the commit from a background task; closing the store
+        sends a pending one instead of dropping it."""
+        async with _bridge.asyncio_loop():
+            listener = await _bridge.connect(
+                postgres_dsn, application_name="listener", connect_timeout=10
+            )
+            try:
+                async with harness.open_store() as store:
+                    channel = store.notify_channel
+                async with listener.listen(channel) as notifications:
+                    async with harness.open_store() as store:
+                        await store.append("s", events("E"))
+                    with trio.fail_after(5):
+                        await notifications.receive()
+            finally:
+                await listener.close()
+
+    async def test_appends_committed_by_hand_notify_when_asked(
+        self, store: PostgresStore, postgres_dsn: str
+    ) -> None:
+        """An append made with admin.append_statement wakes readers on notify_appended()."""
+        listener = await _bridge.connect(
+            postgres_dsn, application_name="listener", connect_timeout=10
+        )
+        try:
+            async with listener.listen(store.notify_channel) as notifications:
+                sql, args = store.admin.append_statement([StreamAppend("s", events("E"))])
+                async with store.admin.acquire() as connection, connection.transaction():
+                    await connection.fetchrow(sql, *args)
+                with pytest.raises(trio.WouldBlock):
+                    notifications.receive_nowait()
+                store.admin.notify_appended()
+                with trio.fail_after(5):
+                    await notifications.receive()
+        finally:
+            await listener.close()
+
     async def test_large_append_is_one_statement(self, store: PostgresStore) -> None:
         """A thousand events append in one call and read back in order."""
         batch = [NewEvent("E", {"n": n}) for n in range(1000)]
