@@ -6,7 +6,10 @@ import json
 import re
 import unicodedata
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final
+
+import orjson
 
 from ._errors import EventEncodeError, InvalidArgument
 from ._partitions import Unit, has_unit_suffix
@@ -130,19 +133,43 @@ def check_limit(value: object) -> int:
 _ENCODER: Final = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, check_circular=True, separators=(",", ":")
 )
+# Subclasses of str, int, dict and list, datetimes and dataclasses go to the standard encoder
+# (below), which decides exactly as before; orjson alone would accept datetimes and
+# dataclasses that the standard encoder refuses.
+_ORJSON_OPTIONS: Final = (
+    orjson.OPT_PASSTHROUGH_SUBCLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_DATACLASS
+)
+
+
+def _dump(value: dict[str, Any]) -> str:
+    # orjson is about twenty times faster than json here. Everything it cannot or should not
+    # encode goes to the standard encoder, whose verdict (and error message) stands.
+    try:
+        raw = orjson.dumps(value, option=_ORJSON_OPTIONS)
+    except TypeError:
+        return _ENCODER.encode(value)
+    if b"null" in raw:
+        # orjson writes NaN and infinities as null; the standard encoder refuses them.
+        _ENCODER.encode(value)
+    return raw.decode("utf-8")
 
 
 def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
     """Encode event data or metadata as compact JSON text, or raise EventEncodeError."""
-    # type() first: isinstance() against the Mapping ABC is slow, and this runs per event.
+    # type() first: isinstance() against the Mapping ABC is slow, and this runs per event
+    # (twice: NewEvent's default metadata is an empty MappingProxyType).
     if type(value) is not dict:
-        if not isinstance(value, Mapping):
+        if type(value) is not MappingProxyType and not isinstance(value, Mapping):
             raise EventEncodeError(f"event {kind} must be a mapping, got {type(value).__name__}")
+        if not value:
+            return "{}"
         value = dict(value)
-    if not value:
+    elif not value:
         return "{}"
     try:
-        text = _ENCODER.encode(value)
+        text = _dump(value)
     except (TypeError, ValueError) as exc:
         raise EventEncodeError(
             f"event {kind} is not JSON-serialisable ({exc}); convert it to JSON types "

@@ -33,7 +33,8 @@ from .._status import DeadLetter, ProjectionStatus
 from .._validation import check_expected_version, check_name, check_stream_id, check_version_cursor
 from . import _bridge, _pool
 from ._admin import PostgresAdmin
-from ._appends import AppendStatement, append_result
+from ._appends import AppendStatement, encode_append
+from ._group_commit import GroupCommit
 from ._hosts import PostgresMembership, hosts_channel, register_host
 from ._keys import index_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
@@ -82,6 +83,8 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._closed = False
         self._append_statement = AppendStatement(schema)
+        # Concurrent appends share statements (see _group_commit).
+        self._group_commit = GroupCommit(pool, self._append_statement)
         self._reads = ReadQueries(schema)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
         self._leadership_context = LeadershipContext(self._subscriptions, server_version)
@@ -157,9 +160,9 @@ class PostgresStore:
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
         """Append to several streams in one transaction (see `EventStore.append_atomic`)."""
-        sql, args = self._append_statement(appends)
+        request = encode_append(appends)
         self._check_open()
-        result = append_result(await self._pool.fetchrow(sql, *args), args)
+        result = await self._group_commit.append(request)
         if result.position is not None:
             self._notifier.poke()
         return result

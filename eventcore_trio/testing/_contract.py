@@ -19,6 +19,8 @@ grouped by protocol; split across files it would be harder to see what a backend
 
 from __future__ import annotations
 
+import datetime as dt
+import enum
 import fnmatch
 import math
 import uuid
@@ -717,6 +719,45 @@ class StoreContract:
         with pytest.raises(EventEncodeError):
             await store.append("escapes", [NewEvent("E", {"s": "\\\x00"})])
         assert len(await store.read_stream("escapes")) == 1
+
+    async def test_json_edge_values_round_trip_exactly(self, store: Store) -> None:
+        """Values at the edges of JSON codecs come back exactly as appended: integers beyond
+        64 bits, extreme floats, deep nesting, subclasses of the JSON types, and text that
+        contains ``null``."""
+
+        class Text(str):
+            pass
+
+        class Number(enum.IntEnum):
+            ONE = 1
+
+        deep: Any = "bottom"
+        for _ in range(400):
+            deep = [deep]
+        data = {
+            "big": 2**70,
+            "small": -(2**70),
+            "u64": 2**64 - 1,
+            "digits": "123456789012345678901234567890",
+            "float": 1e16,
+            "tiny": 1.5e-320,
+            "deep": deep,
+            "text": Text("a str subclass"),
+            "enum": Number.ONE,
+            "none": None,
+            "says_null": "null and void",
+            "unicode": "Grüße, 世界 \U0001f600",
+            "keys": {"1": "one"},
+        }
+        await store.append("edges", [NewEvent("E", data)])
+        (event,) = await store.read_stream("edges")
+        assert event.data == data
+        assert type(event.data["big"]) is int
+        with pytest.raises(EventEncodeError):
+            await store.append("edges", [NewEvent("E", {"inf": math.inf})])
+        with pytest.raises(EventEncodeError):
+            await store.append("edges", [NewEvent("E", {"when": dt.datetime.now(dt.UTC)})])
+        assert len(await store.read_stream("edges")) == 1
 
     # -- cancellation ------------------------------------------------------------------
 

@@ -130,8 +130,9 @@ class PostgresHarness:
         assert isinstance(store, PostgresStore)
         await store.admin.execute(
             f'INSERT INTO "{store.schema}".events '
-            "(stream_id, stream_version, event_id, type, data, metadata) "
-            "VALUES ($1, 1, gen_random_uuid(), 'Undecodable', '[1, 2, 3]', '{}')",
+            "(stream_id, stream_version, event_id, type, data, metadata, stream_hash) "
+            "VALUES ($1, 1, gen_random_uuid(), 'Undecodable', '[1, 2, 3]', '{}', "
+            f'"{store.schema}".stream_hash($1))',
             stream_id,
         )
 
