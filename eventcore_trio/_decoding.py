@@ -36,7 +36,7 @@ def _decode_object(text: str) -> Any:
     # orjson parses about seven times faster. What it refuses (numbers beyond a float's range,
     # escaped lone surrogates) or would read inexactly (integers beyond 64 bits) and jsonb can
     # hold goes to the standard parser, whose verdict stands.
-    if _LONG_DIGITS.search(text) is None:
+    if len(text) < 20 or _LONG_DIGITS.search(text) is None:
         try:
             return _orjson_loads(text)
         except ValueError:

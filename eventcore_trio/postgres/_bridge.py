@@ -273,6 +273,20 @@ class Connection(_Queries):
         """Run *sql* once per argument tuple, pipelined; one crossing."""
         await _cross(self._raw.executemany, sql, args)
 
+    async def fetch_then_notify(
+        self, sql: str, args: Sequence[object], channel: str
+    ) -> list[Record]:
+        """Run *sql* (autocommit) and return its rows, then ``pg_notify(channel, '')`` as a
+        transaction of its own: two statements, one crossing."""
+        raw = self._raw
+
+        async def run() -> list[Record]:
+            rows: list[Record] = await raw.fetch(sql, *args)
+            await raw.execute("SELECT pg_notify($1, '')", channel)
+            return rows
+
+        return await _cross(run)  # type: ignore[no-any-return]
+
     async def run_writes(self, groups: Sequence[tuple[str, Sequence[Sequence[object]]]]) -> None:
         """Run each ``(sql, rows)`` group in order: one statement, or one pipelined
         ``executemany`` for several rows. One crossing for all of them."""

@@ -33,6 +33,7 @@ import trio
 from .._errors import DatabaseError, DuplicateEventId, VersionConflict
 from .._events import AppendResult
 from ._appends import AppendStatement, EncodedAppend, append_result, many_results
+from ._bridge import Record
 from ._pool import Pool
 
 #: Append statements one store runs at a time; more appends queue and share the next ones.
@@ -65,8 +66,9 @@ class _Pending:
 class GroupCommit:
     """Sends appends, sharing statements between concurrent callers."""
 
-    def __init__(self, pool: Pool, statement: AppendStatement) -> None:
+    def __init__(self, pool: Pool, statement: AppendStatement, channel: str) -> None:
         self._pool = pool
+        self._channel = channel
         self._statement = statement
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._queue: list[_Pending] = []
@@ -111,9 +113,16 @@ class GroupCommit:
             with trio.CancelScope(shield=True):
                 await self._send_shared(batch)
 
+    async def _run(self, sql: str, args: Sequence[object]) -> list[Record]:
+        # The wake-up for readers follows the commit on the same connection, in the same
+        # crossing: the lowest latency, and it is never inside the appending transaction.
+        async with self._pool.acquire() as connection:
+            return await connection.fetch_then_notify(sql, args, self._channel)
+
     async def _send_one(self, request: EncodedAppend) -> AppendResult:
         sql, args = self._statement.single(request)
-        return append_result(await self._pool.fetchrow(sql, *args), args)
+        (row,) = await self._run(sql, args)
+        return append_result(row, args)
 
     async def _send_shared(self, batch: Sequence[_Pending]) -> None:
         if len(batch) == 1:
@@ -122,7 +131,7 @@ class GroupCommit:
             return
         sql, args = self._statement.many([item.request for item in batch])
         try:
-            rows = await self._pool.fetch(sql, *args)
+            rows = await self._run(sql, args)
         except (DatabaseError, DuplicateEventId):
             # Nothing was written; each request's own statement gives it its own verdict.
             for item in batch:

@@ -1,15 +1,11 @@
-"""Announces committed appends on the store's NOTIFY channel, after they commit.
+"""Wakes the store's readers for events committed outside `PostgresStore.append`.
 
-A ``NOTIFY`` inside the appending transaction would be simplest, but PostgreSQL serialises
-the commits of notifying transactions: from just before commit until the commit is durable,
-each holds one database-wide lock on the notification queue, so concurrent appends could not
-share a WAL flush. Measured here, eight asyncio tasks appending one event each ran at
-1,550-1,740 events/s with the NOTIFY in the append and at about 3,000 without it.
-
-So an append commits without notifying and pokes this notifier, which sends one
-``pg_notify`` from its own task on a pooled connection: pokes that arrive while one is being
-sent are folded into the next. A notification is only a wake-up (readers poll as well, see
-`_listener`), so one lost with a crash between commit and notify costs latency, never an event.
+Appends send their own ``pg_notify`` right after their commit, on the same connection and in
+the same crossing (see `_group_commit`). Events committed some other way (a statement from
+``store.admin.append_statement`` in a transaction the caller holds) ask for one through
+`Notifier.poke`: this sends one ``pg_notify`` from its own task on a pooled connection, folding
+pokes that arrive while one is being sent into the next. A notification is only a wake-up
+(readers poll as well, see `_listener`), so a lost one costs latency, never an event.
 """
 
 from __future__ import annotations

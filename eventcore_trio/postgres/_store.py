@@ -84,7 +84,7 @@ class PostgresStore:
         self._closed = False
         self._append_statement = AppendStatement(schema)
         # Concurrent appends share statements (see _group_commit).
-        self._group_commit = GroupCommit(pool, self._append_statement)
+        self._group_commit = GroupCommit(pool, self._append_statement, notify_channel(schema))
         self._reads = ReadQueries(schema)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
         self._leadership_context = LeadershipContext(self._subscriptions, server_version)
@@ -162,10 +162,7 @@ class PostgresStore:
         """Append to several streams in one transaction (see `EventStore.append_atomic`)."""
         request = encode_append(appends)
         self._check_open()
-        result = await self._group_commit.append(request)
-        if result.position is not None:
-            self._notifier.poke()
-        return result
+        return await self._group_commit.append(request)
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
         """Return a stream's events after *after_version* (see `EventStore.read_stream`)."""
