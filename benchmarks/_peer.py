@@ -17,6 +17,8 @@ import threading
 import time
 import urllib.parse
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from eventsourcing.application import Application
@@ -66,11 +68,20 @@ def _create_schema(dsn: str, schema: str) -> None:
         conn.execute(SQL("CREATE SCHEMA IF NOT EXISTS {}").format(Identifier(schema)))
 
 
+@contextmanager
+def _bank(dsn: str, schema: str, pool_size: int = 5) -> Iterator[Bank]:
+    """A `Bank` application on *schema*, created if missing; closed on exit."""
+    _create_schema(dsn, schema)
+    app = Bank(env=_env(dsn, schema, pool_size))
+    try:
+        yield app
+    finally:
+        app.close()
+
+
 def append_single_sequential(dsn: str, schema: str, count: int) -> float:
     """One event per save; events/s."""
-    _create_schema(dsn, schema)
-    app = Bank(env=_env(dsn, schema))
-    try:
+    with _bank(dsn, schema) as app:
         account = Account()
         app.save(account)
         started = time.perf_counter()
@@ -78,16 +89,12 @@ def append_single_sequential(dsn: str, schema: str, count: int) -> float:
             account.deposit(1)
             app.save(account)
         return count / (time.perf_counter() - started)
-    finally:
-        app.close()
 
 
 def append_single_concurrent(dsn: str, schema: str, count: int, tasks: int) -> float:
     """The same from *tasks* threads, one aggregate each (pyeventsourcing is thread-based);
     events/s."""
-    _create_schema(dsn, schema)
-    app = Bank(env=_env(dsn, schema, pool_size=tasks))
-    try:
+    with _bank(dsn, schema, pool_size=tasks) as app:
         per_task = count // tasks
         accounts = [Account() for _ in range(tasks)]
         app.save(*accounts)
@@ -107,15 +114,11 @@ def append_single_concurrent(dsn: str, schema: str, count: int, tasks: int) -> f
         for thread in threads:
             thread.join()
         return per_task * tasks / (time.perf_counter() - started)
-    finally:
-        app.close()
 
 
 def append_batch(dsn: str, schema: str, count: int, size: int) -> float:
     """*size* events per save; events/s."""
-    _create_schema(dsn, schema)
-    app = Bank(env=_env(dsn, schema))
-    try:
+    with _bank(dsn, schema) as app:
         account = Account()
         app.save(account)
         started = time.perf_counter()
@@ -124,8 +127,6 @@ def append_batch(dsn: str, schema: str, count: int, size: int) -> float:
                 account.deposit(n)
             app.save(account)
         return (count // size) * size / (time.perf_counter() - started)
-    finally:
-        app.close()
 
 
 class Balances(PostgresTrackingRecorder):
@@ -163,10 +164,7 @@ class BalancesProjection(Projection[Balances]):
 
 def catch_up_transactional(dsn: str, schema: str, count: int) -> float:
     """Rebuild the balances view over *count* deposits on 100 accounts; events/s."""
-    _create_schema(dsn, schema)
-    env = _env(dsn, schema)
-    app = Bank(env=env)
-    try:
+    with _bank(dsn, schema) as app:
         accounts = [Account() for _ in range(100)]
         app.save(*accounts)
         per_save = 1000
@@ -176,14 +174,12 @@ def catch_up_transactional(dsn: str, schema: str, count: int) -> float:
                 account.deposit(1)
             app.save(account)
         last = app.recorder.max_notification_id()
-    finally:
-        app.close()
     started = time.perf_counter()
     with ProjectionRunner(
         application_class=Bank,
         projection_class=BalancesProjection,
         view_class=Balances,
-        env=env,
+        env=_env(dsn, schema),
     ) as runner:
         runner.wait(last, timeout=600)
         elapsed = time.perf_counter() - started

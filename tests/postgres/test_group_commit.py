@@ -230,10 +230,11 @@ async def test_a_stalled_statement_does_not_hold_up_other_streams(store: Postgre
     assert len(await store.read_stream("blocker")) == 2
 
 
-@pytest.mark.parametrize("writers", [8])
-async def test_many_concurrent_writers_lose_nothing(store: PostgresStore, writers: int) -> None:
+async def test_many_concurrent_writers_lose_nothing(store: PostgresStore) -> None:
     """Writers racing on shared and own streams: every append is stored exactly once, in
     each writer's order, and every stream's versions are gap-free."""
+
+    writers = 8
 
     async def writer(w: int) -> None:
         for n in range(40):

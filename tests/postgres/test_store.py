@@ -218,11 +218,11 @@ class TestAppend:
         finally:
             await listener.close()
 
-    async def test_a_store_closing_right_after_an_append_still_notifies(
+    async def test_a_store_closing_right_after_asking_for_a_notification_still_sends_it(
         self, harness: PostgresHarness, postgres_dsn: str
     ) -> None:
-        """The notification follows the commit from a background task; closing the store
-        sends a pending one instead of dropping it."""
+        """notify_appended() sends from a background task; closing the store sends a
+        pending notification instead of dropping it with the task."""
         async with _bridge.asyncio_loop():
             listener = await _bridge.connect(
                 postgres_dsn, application_name="listener", connect_timeout=10
@@ -232,7 +232,7 @@ class TestAppend:
                     channel = store.notify_channel
                 async with listener.listen(channel) as notifications:
                     async with harness.open_store() as store:
-                        await store.append("s", events("E"))
+                        store.admin.notify_appended()
                     with trio.fail_after(5):
                         await notifications.receive()
             finally:
