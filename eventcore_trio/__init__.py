@@ -23,6 +23,7 @@ from ._errors import LeadershipLost as LeadershipLost
 from ._errors import LeadershipUnavailable as LeadershipUnavailable
 from ._errors import PartitionsChanged as PartitionsChanged
 from ._errors import ProjectionFailed as ProjectionFailed
+from ._errors import ProjectionLagging as ProjectionLagging
 from ._errors import ProjectionNotFound as ProjectionNotFound
 from ._errors import ProjectionRunning as ProjectionRunning
 from ._errors import RetriesExhausted as RetriesExhausted
@@ -55,6 +56,7 @@ from ._protocols import Leadership as Leadership
 from ._protocols import ProjectionAdmin as ProjectionAdmin
 from ._protocols import ProjectionBatch as ProjectionBatch
 from ._protocols import ProjectorCoordinator as ProjectorCoordinator
+from ._protocols import SnapshotStore as SnapshotStore
 from ._protocols import Store as Store
 from ._status import DeadLetter as DeadLetter
 from ._status import LeaderInfo as LeaderInfo
@@ -64,12 +66,18 @@ from ._status import ProjectionStatus as ProjectionStatus
 from ._util import fixup_module_metadata
 from ._validation import MAX_EVENT_JSON_BYTES as MAX_EVENT_JSON_BYTES
 from ._version import __version__ as __version__
+from .commands import CacheStats as CacheStats
 from .commands import Command as Command
 from .commands import EventRegistry as EventRegistry
+from .commands import EventShape as EventShape
 from .commands import ExecutionResult as ExecutionResult
 from .commands import RetryPolicy as RetryPolicy
+from .commands import Snapshot as Snapshot
+from .commands import StateCache as StateCache
+from .commands import StateCommand as StateCommand
 from .commands import caused_by as caused_by
 from .commands import execute as execute
+from .commands import take_snapshot as take_snapshot
 from .memory import open_memory_store as open_memory_store
 from .postgres import open_postgres_store as open_postgres_store
 from .projection import Failure as Failure
@@ -82,8 +90,18 @@ from .projection import projector as projector
 from .projection import replay_dead_letters as replay_dead_letters
 from .projection import run_projection as run_projection
 from .projection import run_projections as run_projections
+from .projection import wait_for_projections as wait_for_projections
 
 __all__ = [
+    "CacheStats",
+    "EventShape",
+    "ProjectionLagging",
+    "Snapshot",
+    "SnapshotStore",
+    "StateCache",
+    "StateCommand",
+    "take_snapshot",
+    "wait_for_projections",
     "MAX_EVENT_JSON_BYTES",
     "MAX_PARTITIONS",
     "ClusterView",

@@ -44,6 +44,15 @@ def _decode_object(text: str) -> Any:
     return _json_loads(text)
 
 
+def decode_json_object(text: str) -> dict[str, Any] | None:
+    """Stored JSON text as a dict, or None when it is not a JSON object."""
+    try:
+        value = _decode_object(text)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
 def decode_stored(
     position: Position,
     stream_id: str,

@@ -213,6 +213,26 @@ class RetriesExhausted(EventCoreError):
         self.attempts = attempts
 
 
+class ProjectionLagging(EventCoreError, TimeoutError):
+    """Projections had not applied a position when `wait_for_projections` timed out.
+
+    Attributes:
+        lagging: the units that had not applied it (projection names, or ``"name[i/K]"``
+            for partitions of a partitioned projection).
+        position: the position waited for.
+
+    Is a host running them (``eventcore-trio status``)? Are they failing, or held back by
+    an open transaction? A longer timeout helps only when they are merely busy.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, message: str, *, lagging: tuple[str, ...], position: Position) -> None:
+        super().__init__(message)
+        self.lagging = lagging
+        self.position = position
+
+
 class ProjectionRunning(LeadershipUnavailable):
     """An operation needs a projection to be stopped, but an instance is running it.
 

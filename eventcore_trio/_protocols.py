@@ -16,6 +16,7 @@ from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, Undeco
 from ._filters import EventFilter
 from ._hosts import ClusterView
 from ._positions import Position
+from ._snapshots import Snapshot
 from ._status import DeadLetter, ProjectionState, ProjectionStatus
 
 
@@ -63,6 +64,35 @@ class EventStore(Protocol):
 
         A stream that does not exist reads as an empty list.
         """
+        ...
+
+
+@runtime_checkable
+class SnapshotStore(Protocol):
+    """Keeps `Snapshot` values: folded stream states that spare a fresh process the fold.
+
+    A store of snapshots is a cache with a durable copy, never the source of truth.
+
+    .. versionadded:: 0.3
+    """
+
+    async def read_snapshot(self, stream_id: str, state: str) -> Snapshot | None:
+        """The snapshot of *stream_id* under state name *state*, if one was written."""
+        ...
+
+    async def write_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep *snapshot*, replacing an older one of the same stream and state name.
+
+        A snapshot of a lower stream version than the one kept (at the same state version)
+        is dropped, so concurrent writers never move a snapshot backwards.
+
+        Raises:
+            EventEncodeError: its data is not JSON.
+        """
+        ...
+
+    async def delete_snapshots(self, stream_id: str | None = None) -> int:
+        """Delete the snapshots of *stream_id* (every stream's when None); return how many."""
         ...
 
 

@@ -1,14 +1,28 @@
 """The command side: typed events, `execute` with retries, and causal metadata."""
 
+from .._snapshots import Snapshot as Snapshot
+from .._typed import EVENT_VERSION as EVENT_VERSION
 from .._typed import EventRegistry as EventRegistry
+from .._typed import EventShape as EventShape
 from .._util import fixup_module_metadata
+from ._cache import CacheStats as CacheStats
+from ._cache import StateCache as StateCache
 from ._command import Command as Command
 from ._command import ExecutionResult as ExecutionResult
 from ._command import RetryPolicy as RetryPolicy
 from ._command import execute as execute
 from ._metadata import caused_by as caused_by
+from ._states import StateCommand as StateCommand
+from ._states import take_snapshot as take_snapshot
 
 __all__ = [
+    "EVENT_VERSION",
+    "CacheStats",
+    "EventShape",
+    "Snapshot",
+    "StateCache",
+    "StateCommand",
+    "take_snapshot",
     "Command",
     "EventRegistry",
     "ExecutionResult",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from typing import Any, Protocol, TypeVar, final, runtime_checkable
 
 import attrs
@@ -14,7 +14,9 @@ from .._errors import ConfigurationError, InvalidArgument, RetriesExhausted, Ver
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._protocols import EventStore
 from .._typed import EventRegistry
+from ._cache import StateCache
 from ._metadata import CAUSATION_ID, CORRELATION_ID, caused_by
+from ._states import StateCommand, load_states, state_streams
 
 S = TypeVar("S")
 
@@ -134,7 +136,7 @@ async def _read_state(store: EventStore, command: Command[Any]) -> tuple[Any, di
 
 async def execute(
     store: EventStore,
-    command: Command[Any],
+    command: Command[Any] | StateCommand,
     *,
     retry: RetryPolicy | None = None,
     registry: EventRegistry | None = None,
@@ -142,15 +144,22 @@ async def execute(
     correlation_id: str | None = None,
     causation_id: str | None = None,
     caused_by_event: RecordedEvent | None = None,
+    cache: StateCache | None = None,
 ) -> ExecutionResult:
     """Run *command*: read its streams, decide, and append atomically, retrying conflicts.
 
-    Each attempt reads every stream once, folds it, decides, and calls `append_atomic` with
+    Each attempt reads every stream, folds it, decides, and calls `append_atomic` with
     the expected version of **every** stream it read, including those it writes nothing to
     (read-only participants), so a decision based on a stream that changed meanwhile is
     retried. On `VersionConflict` it backs off (exponential, with jitter) and starts over, up
     to ``retry.max_attempts``; a domain error raised by ``decide`` propagates at once and is
     never retried.
+
+    A `Command` folds every event of its streams on every attempt. A `StateCommand` folds
+    each stream into its registered state class and, given a *cache*, keeps the states: the
+    next attempt or command reads only the events after the cached version (a conflict
+    refreshes from there, not from the first event). States registered with
+    ``snapshot_every`` are also kept as snapshots, for processes whose cache is cold.
 
     Every written event's metadata gets *metadata*, a ``correlation_id`` (given, taken from
     *caused_by_event*, or new) and a ``causation_id`` (given, *caused_by_event*'s id, or the
@@ -158,13 +167,15 @@ async def execute(
 
     Args:
         store: the store to read from and append to.
-        command: the `Command`.
+        command: the `Command` or `StateCommand`.
         retry: the `RetryPolicy` for version conflicts (default: `RetryPolicy()`).
         registry: encodes typed event objects that ``decide`` returns.
         metadata: extra metadata for every event written.
         correlation_id: defaults to *caused_by_event*'s, else a new UUID.
         causation_id: defaults to *caused_by_event*'s id, else the correlation id.
         caused_by_event: the event this command reacts to (see `caused_by`).
+        cache: keeps a `StateCommand`'s folded states between attempts and commands
+            (ignored by a `Command`).
 
     Returns:
         An `ExecutionResult`: what was written and how many attempts it took.
@@ -175,12 +186,10 @@ async def execute(
     This is a checkpoint; cancelling it writes nothing or the whole decision.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.3
+        `StateCommand` and *cache*.
     """
-    if not isinstance(command, Command):
-        raise InvalidArgument(
-            f"{command!r} is not a command: it needs streams(), initial_state(), evolve() and "
-            "decide()"
-        )
+    read = _reader(store, command, registry, cache)
     policy = retry or RetryPolicy()
     stamp: dict[str, Any] = dict(metadata or {})
     if caused_by_event is not None:
@@ -189,9 +198,10 @@ async def execute(
     stamp[CORRELATION_ID] = correlation
     stamp[CAUSATION_ID] = causation_id or stamp.get(CAUSATION_ID) or correlation
     attempt = 0
+    fresh: set[str] = set()
     while True:
         attempt += 1
-        state, versions = await _read_state(store, command)
+        state, versions = await read(fresh)
         decision = command.decide(state)
         written: dict[str, tuple[NewEvent, ...]] = {}
         for stream_id, produced in decision.items():
@@ -214,6 +224,10 @@ async def execute(
         try:
             result = await store.append_atomic(appends)
         except VersionConflict as conflict:
+            if conflict.actual < conflict.expected:
+                # A cached state or snapshot ahead of its stream (the store was rebuilt):
+                # fold that stream from its first event from now on.
+                fresh.add(conflict.stream_id)
             if attempt >= policy.max_attempts:
                 raise RetriesExhausted(
                     f"{type(command).__name__} met a version conflict on each of {attempt} "
@@ -225,6 +239,46 @@ async def execute(
         return ExecutionResult(
             append=result, events=written, attempts=attempt, correlation_id=correlation
         )
+
+
+Reader = Callable[[Collection[str]], Awaitable[tuple[Any, Mapping[str, int]]]]
+
+
+def _reader(
+    store: EventStore,
+    command: object,
+    registry: EventRegistry | None,
+    cache: StateCache | None,
+) -> Reader:
+    # How each attempt reads: a fold command folds every event of its streams into one
+    # state; a state command loads each stream's state (cache, snapshot, then new events).
+    if cache is not None and not isinstance(cache, StateCache):
+        raise InvalidArgument(f"cache must be a StateCache, got {type(cache).__name__}")
+    if isinstance(command, Command):
+        fold_command: Command[Any] = command
+
+        async def read_folded(_: Collection[str]) -> tuple[Any, Mapping[str, int]]:
+            return await _read_state(store, fold_command)
+
+        return read_folded
+    if isinstance(command, StateCommand):
+        if registry is None:
+            raise InvalidArgument(
+                f"{type(command).__qualname__} is a state command; pass registry=... to "
+                "execute(), the registry its state classes are registered in"
+            )
+        state_registry = registry
+        streams = state_streams(command, registry)
+
+        async def read_states(fresh: Collection[str]) -> tuple[Any, Mapping[str, int]]:
+            return await load_states(store, state_registry, streams, cache, fresh)
+
+        return read_states
+    raise InvalidArgument(
+        f"{command!r} is not a command: it needs streams() and decide(), and either "
+        "initial_state() and evolve() (a Command) or streams() mapping each stream to a "
+        "registered state class (a StateCommand)"
+    )
 
 
 def _to_new_event(

@@ -23,7 +23,7 @@ from .._events import RecordedEvent
 from .._filters import EventFilter
 from .._positions import Position
 from .._protocols import Store
-from ..commands import execute
+from ..commands import StateCache, execute
 from ..projection import ProjectionConfig, ProjectionContext, run_projection
 from ._bank import (
     INITIAL_BALANCE,
@@ -70,14 +70,22 @@ class _Balances:
 
 
 async def _transfer_worker(
-    store: Store, accounts: list[str], transfers: int, seed: int, report: DemoReport
+    store: Store,
+    accounts: list[str],
+    transfers: int,
+    seed: int,
+    report: DemoReport,
+    cache: StateCache,
 ) -> None:
     rng = random.Random(seed)
     for _ in range(transfers):
         source, target = rng.sample(accounts, 2)
         try:
             result = await execute(
-                store, Transfer(source, target, rng.randint(1, 300)), registry=registry
+                store,
+                Transfer(source, target, rng.randint(1, 300)),
+                registry=registry,
+                cache=cache,
             )
         except InsufficientFunds:
             report.refused += 1
@@ -131,10 +139,11 @@ async def run_demo(
             nursery.start_soon(progress)
             config = ProjectionConfig(continuous=True, poll_interval=0.05)
             await nursery.start(run_projection, projector, store, config)
+            cache = StateCache()
             async with trio.open_nursery() as writing:
                 for w in range(writers):
                     writing.start_soon(
-                        _transfer_worker, store, names, transfers_per_writer, w, report
+                        _transfer_worker, store, names, transfers_per_writer, w, report, cache
                     )
             with trio.move_on_after(wait) as waiting:
                 await _wait_caught_up(store, projector)

@@ -20,7 +20,7 @@ from typing import Literal, final, overload
 import attrs
 import trio
 
-from .._decoding import check_read_arguments, decode_stored, require_decoded
+from .._decoding import check_read_arguments, decode_json_object, decode_stored, require_decoded
 from .._errors import (
     CheckpointConflict,
     DatabaseNotAvailable,
@@ -54,9 +54,12 @@ from .._partitions import (
 )
 from .._positions import Position
 from .._protocols import Database
+from .._snapshots import Snapshot, check_snapshot
 from .._status import DeadLetter, LeaderInfo, ProjectionState, ProjectionStatus, unit_state
 from .._validation import (
+    MAX_EVENT_TYPE_LENGTH,
     check_expected_version,
+    check_identifier,
     check_name,
     check_stream_id,
     check_version_cursor,
@@ -297,6 +300,7 @@ class MemoryStore:
         self._positions: list[Position] = []
         # stream id -> that stream's events; len() is the stream's version.
         self._streams: dict[str, list[_StoredEvent]] = {}
+        self._snapshots: dict[tuple[str, str], Snapshot] = {}
         self._event_ids: set[uuid.UUID] = set()
         self._checkpoints: dict[str, Position] = {}
         self._leaders: dict[str, MemoryLeadership] = {}
@@ -414,6 +418,50 @@ class MemoryStore:
         self._check_open()
         stream = self._streams.get(stream_id, [])
         return [require_decoded(e.decode()) for e in stream[after_version:]]
+
+    # -- SnapshotStore -------------------------------------------------------------------
+
+    async def read_snapshot(self, stream_id: str, state: str) -> Snapshot | None:
+        """The snapshot of *stream_id* under *state* (see `SnapshotStore.read_snapshot`)."""
+        check_stream_id(stream_id)
+        check_identifier("state", state, max_length=MAX_EVENT_TYPE_LENGTH)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        kept = self._snapshots.get((stream_id, state))
+        if kept is None:
+            return None
+        # A copy, as a database would hand back: callers cannot change what is kept.
+        data = decode_json_object(encode_json_object("snapshot", kept.data))
+        return attrs.evolve(kept, data=data or {})
+
+    async def write_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep *snapshot* (see `SnapshotStore.write_snapshot`)."""
+        check_snapshot(snapshot)
+        text = encode_json_object("snapshot", snapshot.data)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        key = (snapshot.stream_id, snapshot.state)
+        kept = self._snapshots.get(key)
+        if (
+            kept is not None
+            and kept.state_version == snapshot.state_version
+            and kept.stream_version >= snapshot.stream_version
+        ):
+            return
+        self._snapshots[key] = attrs.evolve(
+            snapshot, data=decode_json_object(text) or {}, taken_at=_now()
+        )
+
+    async def delete_snapshots(self, stream_id: str | None = None) -> int:
+        """Delete snapshots (see `SnapshotStore.delete_snapshots`)."""
+        if stream_id is not None:
+            check_stream_id(stream_id)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        doomed = [key for key in self._snapshots if stream_id is None or key[0] == stream_id]
+        for key in doomed:
+            del self._snapshots[key]
+        return len(doomed)
 
     # -- EventReader --------------------------------------------------------------------
 

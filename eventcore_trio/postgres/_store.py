@@ -29,8 +29,16 @@ from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, Undec
 from .._filters import EventFilter
 from .._partitions import check_partitions, units_of
 from .._positions import Position
+from .._snapshots import Snapshot, check_snapshot
 from .._status import DeadLetter, ProjectionStatus
-from .._validation import check_expected_version, check_name, check_stream_id, check_version_cursor
+from .._validation import (
+    MAX_EVENT_TYPE_LENGTH,
+    check_expected_version,
+    check_identifier,
+    check_name,
+    check_stream_id,
+    check_version_cursor,
+)
 from . import _bridge, _pool
 from ._admin import PostgresAdmin
 from ._appends import AppendStatement, encode_append
@@ -44,6 +52,7 @@ from ._reads import ReadQueries, decode_row, partition_index, recorded_row
 from ._schema import (
     notify_channel,
 )
+from ._snapshots import SnapshotTable
 from ._subscriptions import Subscriptions
 
 DSN_ENVIRONMENT_VARIABLE: Final = "EVENTCORE_DSN"
@@ -86,6 +95,7 @@ class PostgresStore:
         # Concurrent appends share statements (see _group_commit).
         self._group_commit = GroupCommit(pool, self._append_statement, notify_channel(schema))
         self._reads = ReadQueries(schema)
+        self._snapshots = SnapshotTable(pool, schema)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
         self._leadership_context = LeadershipContext(self._subscriptions, server_version)
         # Readers' wake-ups, and balancing hosts'; each connects on its first wait.
@@ -171,6 +181,28 @@ class PostgresStore:
         self._check_open()
         rows = await self._pool.fetch(self._reads.read_stream, stream_id, after_version)
         return [recorded_row(row) for row in rows]
+
+    # -- SnapshotStore -------------------------------------------------------------------
+
+    async def read_snapshot(self, stream_id: str, state: str) -> Snapshot | None:
+        """The snapshot of *stream_id* under *state* (see `SnapshotStore.read_snapshot`)."""
+        check_stream_id(stream_id)
+        check_identifier("state", state, max_length=MAX_EVENT_TYPE_LENGTH)
+        self._check_open()
+        return await self._snapshots.read(stream_id, state)
+
+    async def write_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep *snapshot* (see `SnapshotStore.write_snapshot`); one statement."""
+        check_snapshot(snapshot)
+        self._check_open()
+        await self._snapshots.write(snapshot)
+
+    async def delete_snapshots(self, stream_id: str | None = None) -> int:
+        """Delete snapshots (see `SnapshotStore.delete_snapshots`)."""
+        if stream_id is not None:
+            check_stream_id(stream_id)
+        self._check_open()
+        return await self._snapshots.delete(stream_id)
 
     # -- EventReader --------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from ._projector import projector as projector
 from ._runner import ReplayResult as ReplayResult
 from ._runner import replay_dead_letters as replay_dead_letters
 from ._runner import run_projection as run_projection
+from ._waiting import wait_for_projections as wait_for_projections
 
 __all__ = [
     "Failure",
@@ -29,6 +30,7 @@ __all__ = [
     "run_host",
     "run_projection",
     "run_projections",
+    "wait_for_projections",
 ]
 
 fixup_module_metadata(__name__, globals())

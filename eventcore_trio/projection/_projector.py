@@ -285,7 +285,8 @@ class ResolvedProjector:
     apply: Handler
     apply_batch: BatchHandler | None
     on_error: ErrorHandler
-    decode: Callable[[RecordedEvent], Any] | None = None
+    # The registry's decode_all: an upcast event may stand for several typed events.
+    decode: Callable[[RecordedEvent], tuple[Any, ...]] | None = None
     projection: str = attrs.field(kw_only=True)
     partitions: int = attrs.field(default=1, kw_only=True)
     partition: Partition | None = attrs.field(default=None, kw_only=True)
@@ -360,7 +361,7 @@ def resolve(candidate: object) -> ResolvedProjector:
     return ResolvedProjector(
         name=name,
         filter=event_filter,
-        decode=None if registry is None else registry.decode,
+        decode=None if registry is None else registry.decode_all,
         apply=apply,
         apply_batch=apply_batch,
         on_error=on_error or _default_on_error,

@@ -119,7 +119,9 @@ async def _run_handlers(
         ctx._position = events[-1].position
         ctx._event = events[-1]
         try:
-            payload: Sequence[Any] = events if decode is None else [decode(e) for e in events]
+            payload: Sequence[Any] = (
+                events if decode is None else [item for e in events for item in decode(e)]
+            )
             await projector.apply_batch(payload, ctx)
         except Exception as exc:
             raise _HandlerFailed(None, exc) from exc
@@ -130,11 +132,12 @@ async def _run_handlers(
         ctx._position = event.position
         ctx._event = event
         try:
-            item: Any = event if decode is None else decode(event)
-            if projector.apply_batch is not None:
-                await projector.apply_batch([item], ctx)
-            else:
-                await projector.apply(item, ctx)
+            items: Sequence[Any] = (event,) if decode is None else decode(event)
+            for item in items:
+                if projector.apply_batch is not None:
+                    await projector.apply_batch([item], ctx)
+                else:
+                    await projector.apply(item, ctx)
         except Exception as exc:
             raise _HandlerFailed(index, exc) from exc
         _check_batch(ctx, index)

@@ -1,0 +1,53 @@
+"""Snapshots: a stream's folded state at a version, kept to spare a fresh process the fold."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Mapping
+from typing import Any, final
+
+import attrs
+
+from ._errors import InvalidArgument
+from ._validation import MAX_BIGINT, MAX_EVENT_TYPE_LENGTH, check_identifier, check_stream_id
+
+
+@final
+@attrs.frozen
+class Snapshot:
+    """One stream's state, as a `StateCommand`'s state class folded it, at one version.
+
+    Never the source of truth: a snapshot only saves folding the events up to
+    *stream_version*; deleting every snapshot changes nothing but speed.
+
+    Attributes:
+        stream_id: the stream.
+        state: the registered state name (`EventRegistry.state`).
+        state_version: the state class's schema version when the snapshot was taken; one
+            that differs from today's is ignored (or upcast with a state upcaster).
+        stream_version: how many of the stream's events are folded into *data*.
+        data: the state, as JSON values.
+        taken_at: when it was written (None before it is stored).
+
+    .. versionadded:: 0.3
+    """
+
+    stream_id: str
+    state: str
+    state_version: int
+    stream_version: int
+    data: Mapping[str, Any]
+    taken_at: dt.datetime | None = None
+
+
+def check_snapshot(snapshot: object) -> Snapshot:
+    """Validate a snapshot handed to `SnapshotStore.write_snapshot`."""
+    if not isinstance(snapshot, Snapshot):
+        raise InvalidArgument(f"write_snapshot() takes a Snapshot, got {type(snapshot).__name__}")
+    check_stream_id(snapshot.stream_id)
+    check_identifier("state", snapshot.state, max_length=MAX_EVENT_TYPE_LENGTH)
+    for field in ("state_version", "stream_version"):
+        value = getattr(snapshot, field)
+        if type(value) is not int or not 1 <= value <= MAX_BIGINT:
+            raise InvalidArgument(f"Snapshot.{field} must be an int >= 1, got {value!r}")
+    return snapshot

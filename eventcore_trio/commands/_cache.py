@@ -1,0 +1,125 @@
+"""`StateCache`: folded stream states kept in memory at their versions, per store, bounded."""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Any, final
+
+import attrs
+
+from .._errors import ConfigurationError
+
+
+@final
+@attrs.frozen
+class CachedState:
+    """A stream's state folded up to *version*; *snapshot_version*: the newest snapshot's."""
+
+    state: Any
+    version: int
+    snapshot_version: int
+
+
+@final
+@attrs.frozen
+class CacheStats:
+    """What a `StateCache` has done since it was made or last cleared.
+
+    Attributes:
+        hits: stream loads that started from a cached state.
+        misses: stream loads that did not (they started from a snapshot or from nothing).
+        events_folded: events read and folded into states, cache hits and misses alike.
+        snapshots_read: misses that started from a snapshot.
+        snapshots_written: snapshots taken by commands.
+
+    .. versionadded:: 0.3
+    """
+
+    hits: int = 0
+    misses: int = 0
+    events_folded: int = 0
+    snapshots_read: int = 0
+    snapshots_written: int = 0
+
+
+@final
+class StateCache:
+    """Keeps the states `execute` folds, so a command reads only a stream's new events.
+
+    One cache serves any number of Trio tasks and stores: entries are kept per store (a
+    state folded from one store is never used with another) and per state name and stream,
+    each at the version it was folded to; the least recently used go first once a store has
+    *max_entries*. Correctness never depends on it: every command still reads the events
+    after the cached version, and its append checks the expected versions, so a state that
+    another process made stale costs a retry, never a wrong decision.
+
+    Args:
+        max_entries: the most states kept per store (default 10,000).
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, max_entries: int = 10_000) -> None:
+        if type(max_entries) is not int or max_entries < 1:
+            raise ConfigurationError(
+                f"StateCache(max_entries=...) must be an int >= 1, got {max_entries!r}"
+            )
+        self._max_entries = max_entries
+        self._stores: weakref.WeakKeyDictionary[object, OrderedDict[tuple[str, str], CachedState]]
+        self._stores = weakref.WeakKeyDictionary()
+        self._stats = CacheStats()
+
+    @property
+    def max_entries(self) -> int:
+        """The most states kept per store."""
+        return self._max_entries
+
+    @property
+    def stats(self) -> CacheStats:
+        """Counts of hits, misses, events folded and snapshots since the last `clear`."""
+        return self._stats
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self._stores.values())
+
+    def clear(self) -> None:
+        """Forget every state and reset the counts."""
+        self._stores.clear()
+        self._stats = CacheStats()
+
+    def get(self, store: object, state: str, stream_id: str) -> CachedState | None:
+        """The cached state of *stream_id* under *state*, marking it recently used."""
+        entries = self._stores.get(store)
+        if entries is None:
+            return None
+        found = entries.get((state, stream_id))
+        if found is not None:
+            entries.move_to_end((state, stream_id))
+        return found
+
+    def put(self, store: object, state: str, stream_id: str, entry: CachedState) -> None:
+        """Keep *entry* unless a state folded further is kept already (another task's)."""
+        entries = self._stores.get(store)
+        if entries is None:
+            entries = self._stores[store] = OrderedDict()
+        key = (state, stream_id)
+        kept = entries.get(key)
+        if kept is None or kept.version <= entry.version:
+            entries[key] = entry
+            entries.move_to_end(key)
+        while len(entries) > self._max_entries:
+            entries.popitem(last=False)
+
+    def discard(self, store: object, state: str, stream_id: str) -> None:
+        """Forget one stream's state (after it proved wrong: the stream is shorter)."""
+        entries = self._stores.get(store)
+        if entries is not None:
+            entries.pop((state, stream_id), None)
+
+    def count(self, **increments: int) -> None:
+        """Add to the stats (internal)."""
+        current = self._stats
+        self._stats = attrs.evolve(
+            current, **{name: getattr(current, name) + n for name, n in increments.items()}
+        )

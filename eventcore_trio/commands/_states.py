@@ -1,0 +1,198 @@
+"""Commands over per-stream typed states: loading them from the cache, snapshots and events."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+from .._errors import ConfigurationError, InvalidArgument
+from .._events import RecordedEvent
+from .._protocols import EventStore, SnapshotStore
+from .._snapshots import Snapshot
+from .._typed import EventRegistry, StateType
+from ._cache import CachedState, StateCache
+
+
+@runtime_checkable
+class StateCommand(Protocol):
+    """A decision over the typed states of one or more streams.
+
+    ``streams()`` maps each stream to read to its state class (registered with
+    `EventRegistry.state`); `execute` folds each stream's typed events into an instance of
+    that class with its ``evolve`` method, starting from ``cls()``, and passes the states to
+    ``decide(states)``, which returns the new events per stream or raises a domain error.
+    Because each state belongs to one stream, `execute` can keep it in a `StateCache` and in
+    snapshots, and read only the events that follow.
+
+    Example::
+
+        @attrs.frozen
+        class Deposit:
+            account: str
+            amount: int
+
+            def streams(self) -> Mapping[str, type[Account]]:
+                return {self.account: Account}
+
+            def decide(self, states: Mapping[str, Account]) -> Mapping[str, Sequence[object]]:
+                return {self.account: [Deposited(self.amount)]}
+
+    .. versionadded:: 0.3
+    """
+
+    def streams(self) -> Mapping[str, type[Any]]:
+        """The streams to read, each with its registered state class."""
+        ...
+
+    def decide(self, states: Mapping[str, Any]) -> Mapping[str, Sequence[Any]]:
+        """The events to append, by stream; raise a domain error to refuse."""
+        ...
+
+
+def state_streams(command: StateCommand, registry: EventRegistry) -> dict[str, StateType]:
+    """The command's streams and their state registrations, checked."""
+    streams = command.streams()
+    if not isinstance(streams, Mapping):
+        raise InvalidArgument(
+            f"{type(command).__qualname__}.streams() returned {type(streams).__name__}; a "
+            "state command maps each stream id to its state class"
+        )
+    return {stream_id: registry.state_type(cls) for stream_id, cls in streams.items()}
+
+
+def _snapshot_store(store: EventStore, kind: StateType) -> SnapshotStore:
+    if not isinstance(store, SnapshotStore):
+        raise ConfigurationError(
+            f"state {kind.name!r} takes snapshots, but {type(store).__name__} does not keep "
+            "them (it is not a SnapshotStore); drop snapshot_every or use a store that does"
+        )
+    return store
+
+
+def fold(
+    registry: EventRegistry, kind: StateType, state: Any, events: Sequence[RecordedEvent]
+) -> Any:
+    """Fold *events* (decoded and upcast) into *state* with the state class's ``evolve``."""
+    for event in events:
+        for item in registry.decode_all(event):
+            state = state.evolve(item)
+    if type(state) is not kind.cls:
+        raise InvalidArgument(
+            f"{kind.cls.__qualname__}.evolve returned {type(state).__qualname__}; it must "
+            f"return the next {kind.cls.__qualname__}"
+        )
+    return state
+
+
+async def _start(
+    store: EventStore,
+    registry: EventRegistry,
+    kind: StateType,
+    stream_id: str,
+    cache: StateCache | None,
+    fresh: bool,
+) -> CachedState:
+    # Where folding starts: the cached state, else the snapshot, else nothing.
+    if cache is not None and not fresh:
+        cached = cache.get(store, kind.name, stream_id)
+        if cached is not None:
+            cache.count(hits=1)
+            return cached
+    if cache is not None:
+        cache.count(misses=1)
+    if kind.snapshot_every is not None and not fresh:
+        snapshot = await _snapshot_store(store, kind).read_snapshot(stream_id, kind.name)
+        if snapshot is not None:
+            state = registry.decode_state(kind, snapshot.data, snapshot.state_version)
+            if state is not None:
+                if cache is not None:
+                    cache.count(snapshots_read=1)
+                return CachedState(state, snapshot.stream_version, snapshot.stream_version)
+    return CachedState(kind.cls(), 0, 0)
+
+
+async def load_state(
+    store: EventStore,
+    registry: EventRegistry,
+    kind: StateType,
+    stream_id: str,
+    cache: StateCache | None,
+    *,
+    fresh: bool = False,
+) -> CachedState:
+    """One stream's state at its current version: cached or snapshot state plus new events.
+
+    *fresh* folds from the first event, ignoring the cache and snapshots (after they proved
+    to be ahead of the stream).
+    """
+    start = await _start(store, registry, kind, stream_id, cache, fresh)
+    events = await store.read_stream(stream_id, after_version=start.version)
+    state = fold(registry, kind, start.state, events)
+    version = events[-1].stream_version if events else start.version
+    snapshot_version = start.snapshot_version
+    if kind.snapshot_every is not None and version - snapshot_version >= kind.snapshot_every:
+        await _snapshot_store(store, kind).write_snapshot(
+            Snapshot(stream_id, kind.name, kind.version, version, registry.encode_state(state))
+        )
+        snapshot_version = version
+        if cache is not None:
+            cache.count(snapshots_written=1)
+    loaded = CachedState(state, version, snapshot_version)
+    if cache is not None:
+        cache.count(events_folded=len(events))
+        if fresh:
+            cache.discard(store, kind.name, stream_id)
+        cache.put(store, kind.name, stream_id, loaded)
+    return loaded
+
+
+async def load_states(
+    store: EventStore,
+    registry: EventRegistry,
+    streams: Mapping[str, StateType],
+    cache: StateCache | None,
+    fresh: Collection[str],
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """Every stream's state and version, for one attempt of a state command."""
+    states: dict[str, Any] = {}
+    versions: dict[str, int] = {}
+    for stream_id, kind in streams.items():
+        loaded = await load_state(store, registry, kind, stream_id, cache, fresh=stream_id in fresh)
+        states[stream_id] = loaded.state
+        versions[stream_id] = loaded.version
+    return states, versions
+
+
+async def take_snapshot(
+    store: EventStore, registry: EventRegistry, state: type[Any], stream_id: str
+) -> Snapshot | None:
+    """Fold *stream_id* into *state* (from its last snapshot) and keep a snapshot of it now.
+
+    For streams you know are long (an import, a migration), so that the next process does not
+    fold them from the first event. Commands take snapshots on their own every
+    ``snapshot_every`` events (`EventRegistry.state`).
+
+    Returns:
+        The snapshot written, or None for a stream with no events.
+
+    Raises:
+        InvalidArgument: *state* is not a registered state class.
+        ConfigurationError: the state has no ``snapshot_every`` (its snapshots would never be
+            read), or *store* keeps no snapshots.
+
+    .. versionadded:: 0.3
+    """
+    kind = registry.state_type(state)
+    if kind.snapshot_every is None:
+        raise ConfigurationError(
+            f"state {kind.name!r} is registered without snapshot_every, so commands never read "
+            "its snapshots; register it with snapshot_every=N"
+        )
+    loaded = await load_state(store, registry, kind, stream_id, None)
+    if loaded.version == 0:
+        return None
+    snapshot = Snapshot(
+        stream_id, kind.name, kind.version, loaded.version, registry.encode_state(loaded.state)
+    )
+    await _snapshot_store(store, kind).write_snapshot(snapshot)
+    return snapshot

@@ -1,0 +1,136 @@
+"""Read-your-writes: wait until projections have applied a position."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Final, Protocol
+
+import trio
+
+from .._errors import InvalidArgument, ProjectionLagging
+from .._events import AppendResult
+from .._partitions import partition_of
+from .._positions import Position
+from .._protocols import CheckpointStore, EventReader
+from ._projector import ResolvedProjector, resolve
+
+# Checks back off from the first to the last delay: an answer within milliseconds when the
+# projection keeps up, and a few cheap queries a second when it does not.
+_FIRST_DELAY: Final = 0.002
+_LAST_DELAY: Final = 0.1
+
+
+class _Store(CheckpointStore, EventReader, Protocol):
+    pass
+
+
+def _units(projectors: Sequence[object], streams: Sequence[str] | None) -> list[ResolvedProjector]:
+    if isinstance(projectors, (str, bytes)) or not isinstance(projectors, Sequence):
+        raise InvalidArgument(
+            "wait_for_projections() takes a list of projectors (the objects, for their "
+            "filters and partitions), not names"
+        )
+    units: list[ResolvedProjector] = []
+    for candidate in projectors:
+        resolved = resolve(candidate)
+        for unit in resolved.units():
+            # A partition holds the events of its streams only: wait for those that hold a
+            # written stream.
+            if (
+                unit.partition is None
+                or streams is None
+                or any(partition_of(s, unit.partition.count) == unit.partition for s in streams)
+            ):
+                units.append(unit)
+    return units
+
+
+async def _has_applied(store: _Store, unit: ResolvedProjector, position: Position) -> bool:
+    checkpoint = await store.load_checkpoint(unit.name)
+    if checkpoint is not None and checkpoint >= position:
+        return True
+    # Behind the position, a unit has still applied everything up to it when its next event
+    # comes after it: the event at the position is not one it applies (its filter or its
+    # partition), and neither is anything before. That needs the position to be visible to
+    # readers; until then the unit cannot have applied it.
+    last = await store.last_position()
+    if last is None or last < position:
+        return False
+    page = await store.read_events(checkpoint, limit=1, filter=unit.filter, undecodable="include")
+    return not page or page[0].position > position
+
+
+async def wait_for_projections(
+    store: _Store,
+    projectors: Sequence[object],
+    written: AppendResult | Position | None,
+    *,
+    # A parameter, not only an outer cancel scope: the error names the lagging units,
+    # which a TooSlowError from outside could not. An outer scope cancels it cleanly too.
+    timeout: float = 10.0,  # noqa: ASYNC109
+) -> None:
+    """Wait until *projectors* have applied *written*: read-your-writes for a read model.
+
+    After `execute` (or an append), a handler that shows the read model waits for the
+    projections it reads to apply its own write. A projection has applied a position when
+    its checkpoint reached it, or when nothing it applies lies between its checkpoint and
+    the position (the event is filtered out, or in another partition). For a partitioned
+    projector given an `AppendResult`, only the partitions of the written streams are waited
+    for. The projections run anywhere: this only reads their checkpoints, backing off from
+    2 ms to 100 ms between checks.
+
+    Example::
+
+        result = await execute(store, Transfer("alice", "bob", 30), registry=registry)
+        await wait_for_projections(store, [balances], result.append, timeout=5)
+
+    Args:
+        store: the store the projections run against.
+        projectors: the projectors (the objects, for their filters and partitions).
+        written: an `AppendResult` (``ExecutionResult.append``), a `Position`, or None (a
+            command that wrote nothing: returns at once).
+        timeout: seconds to wait at most.
+
+    Raises:
+        ProjectionLagging: a projection had not applied *written* within *timeout*; its
+            ``lagging`` names the units.
+        InvalidArgument: not projectors, a bad *written* or *timeout*.
+
+    Cancelling it (a cancel scope) just stops waiting.
+
+    .. versionadded:: 0.3
+    """
+    if type(timeout) not in (int, float) or not 0 <= timeout < math.inf:
+        raise InvalidArgument(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
+    if written is None:
+        return
+    if isinstance(written, AppendResult):
+        position = written.position
+        streams: Sequence[str] | None = list(written.stream_versions)
+    elif isinstance(written, Position):
+        position, streams = written, None
+    else:
+        raise InvalidArgument(
+            "wait_for_projections() waits for an AppendResult (ExecutionResult.append), a "
+            f"Position or None, got {type(written).__name__}"
+        )
+    pending = _units(projectors, streams)
+    if position is None:
+        return
+    delay = _FIRST_DELAY
+    with trio.move_on_after(timeout):
+        while True:
+            pending = [unit for unit in pending if not await _has_applied(store, unit, position)]
+            if not pending:
+                return
+            await trio.sleep(delay)
+            delay = min(delay * 2, _LAST_DELAY)
+    names = tuple(unit.name for unit in pending)
+    raise ProjectionLagging(
+        f"{', '.join(repr(n) for n in names)} had not applied position {position} after "
+        f"{timeout} s; is a host running {'it' if len(names) == 1 else 'them'}, and is "
+        "nothing failing or holding readers back? (eventcore-trio status)",
+        lagging=names,
+        position=position,
+    )
