@@ -104,7 +104,8 @@ class EventRegistry:
         self._states_by_class: dict[type[Any], StateType] = {}
         self._state_names: set[str] = set()
         self._state_upcasters: dict[tuple[str, int], StateUpcaster] = {}
-        self._converter = cattrs.Converter()
+        # Extra keys mean the fields changed without a new state version: not this shape.
+        self._converter = cattrs.Converter(forbid_extra_keys=True)
 
     def register(self, name: str, *, version: int = 1) -> Callable[[type[T]], type[T]]:
         """Register an attrs class under *name* (a class decorator).

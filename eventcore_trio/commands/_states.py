@@ -91,13 +91,14 @@ async def _start(
     stream_id: str,
     cache: StateCache | None,
     fresh: bool,
-) -> CachedState:
-    # Where folding starts: the cached state, else the snapshot, else nothing.
+) -> tuple[CachedState, bool]:
+    # Where folding starts: the cached state, else the snapshot, else nothing; and whether
+    # it came from a snapshot.
     if cache is not None and not fresh:
         cached = cache.get(store, kind.name, stream_id)
         if cached is not None:
             cache.count(hits=1)
-            return cached
+            return cached, False
     if cache is not None:
         cache.count(misses=1)
     if kind.snapshot_every is not None and not fresh:
@@ -107,8 +108,34 @@ async def _start(
             if state is not None:
                 if cache is not None:
                     cache.count(snapshots_read=1)
-                return CachedState(state, snapshot.stream_version, snapshot.stream_version)
-    return CachedState(kind.cls(), 0, 0)
+                start = CachedState(state, snapshot.stream_version, snapshot.stream_version)
+                return start, True
+    return CachedState(kind.cls(), 0, 0), False
+
+
+async def _events_after(
+    store: EventStore,
+    kind: StateType,
+    stream_id: str,
+    cache: StateCache | None,
+    start: CachedState,
+    from_snapshot: bool,
+) -> tuple[CachedState, list[RecordedEvent]]:
+    # The events after the start, read from one before it: the start's own last event
+    # proves the stream is that long. A state ahead of its stream (the events were deleted
+    # or restored from an older backup, but not its cache or snapshots) never existed, and a
+    # decision that writes nothing would not be checked by an expected version: fold such a
+    # stream from its first event instead, and drop the snapshots that claimed otherwise.
+    if start.version == 0:
+        return start, await store.read_stream(stream_id)
+    events = await store.read_stream(stream_id, after_version=start.version - 1)
+    if events and events[0].stream_version == start.version:
+        return start, events[1:]
+    if from_snapshot:
+        await _snapshot_store(store, kind).delete_snapshots(stream_id)
+    if cache is not None:
+        cache.discard(store, kind.name, stream_id)
+    return CachedState(kind.cls(), 0, 0), await store.read_stream(stream_id)
 
 
 async def load_state(
@@ -125,8 +152,8 @@ async def load_state(
     *fresh* folds from the first event, ignoring the cache and snapshots (after they proved
     to be ahead of the stream).
     """
-    start = await _start(store, registry, kind, stream_id, cache, fresh)
-    events = await store.read_stream(stream_id, after_version=start.version)
+    start, from_snapshot = await _start(store, registry, kind, stream_id, cache, fresh)
+    start, events = await _events_after(store, kind, stream_id, cache, start, from_snapshot)
     state = fold(registry, kind, start.state, events)
     version = events[-1].stream_version if events else start.version
     snapshot_version = start.snapshot_version

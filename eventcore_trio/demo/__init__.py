@@ -6,6 +6,7 @@ benchmarks time its `Transfer` command, and the tests use it as a realistic doma
 
 from .._util import fixup_module_metadata
 from ._bank import INITIAL_BALANCE as INITIAL_BALANCE
+from ._bank import Account as Account
 from ._bank import AccountOpened as AccountOpened
 from ._bank import InsufficientFunds as InsufficientFunds
 from ._bank import MoneyDeposited as MoneyDeposited
@@ -19,6 +20,7 @@ from ._memory import run_demo as run_demo
 
 __all__ = [
     "INITIAL_BALANCE",
+    "Account",
     "AccountOpened",
     "DemoReport",
     "InsufficientFunds",

@@ -104,6 +104,7 @@ async def wait_for_projections(
     if type(timeout) not in (int, float) or not 0 <= timeout < math.inf:
         raise InvalidArgument(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
     if written is None:
+        _units(projectors, None)  # still check the arguments
         return
     if isinstance(written, AppendResult):
         position = written.position
@@ -118,14 +119,22 @@ async def wait_for_projections(
     pending = _units(projectors, streams)
     if position is None:
         return
+
+    async def still_pending() -> list[ResolvedProjector]:
+        return [unit for unit in pending if not await _has_applied(store, unit, position)]
+
+    # One check whatever the timeout (timeout=0 asks "applied yet?"), then checks backing
+    # off until the deadline.
+    deadline = trio.current_time() + timeout
+    pending = await still_pending()
     delay = _FIRST_DELAY
-    with trio.move_on_after(timeout):
-        while True:
-            pending = [unit for unit in pending if not await _has_applied(store, unit, position)]
-            if not pending:
-                return
+    with trio.move_on_at(deadline):
+        while pending:
             await trio.sleep(delay)
             delay = min(delay * 2, _LAST_DELAY)
+            pending = await still_pending()
+    if not pending:
+        return
     names = tuple(unit.name for unit in pending)
     raise ProjectionLagging(
         f"{', '.join(repr(n) for n in names)} had not applied position {position} after "

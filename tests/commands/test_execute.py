@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import random
 import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -28,6 +29,7 @@ from eventcore_trio import (
     execute,
 )
 from eventcore_trio.demo import (
+    Account,
     AccountOpened,
     InsufficientFunds,
     MoneyDeposited,
@@ -100,10 +102,10 @@ class ExecuteContract:
         calls = 0
 
         class Counting(Transfer):
-            def decide(self, state: dict[str, int]) -> Mapping[str, Sequence[Any]]:
+            def decide(self, states: Mapping[str, Account]) -> Mapping[str, Sequence[Any]]:
                 nonlocal calls
                 calls += 1
-                return super().decide(state)
+                return super().decide(states)
 
         with pytest.raises(InsufficientFunds):
             await execute(store, Counting("a", "b", 50), registry=registry, retry=FAST)
@@ -336,7 +338,8 @@ class TestPostgresExecute(ExecuteContract):
                 capture_stdout=True,
                 cwd=ROOT,
             )
-            return [int(x) for x in completed.stdout.split()]
+            report = json.loads(completed.stdout)
+            return [report[k] for k in ("done", "refused", "exhausted", "retried")]
 
         reports: list[list[int]] = []
 

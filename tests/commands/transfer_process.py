@@ -1,21 +1,27 @@
-"""Transfers from another process: python transfer_process.py DSN SCHEMA SEED COUNT ACCOUNTS...
+"""Transfers from another process.
 
-Prints one line: "<done> <refused> <exhausted> <retried>".
+    python -m tests.commands.transfer_process DSN SCHEMA SEED COUNT [--cache] ACCOUNTS...
+
+Prints one JSON object: done, refused, exhausted and retried transfers, and with --cache the
+number of events its state cache folded.
 """
 
+import json
 import random
 import sys
 
 import trio
 
-from eventcore_trio import RetriesExhausted, RetryPolicy, execute, open_postgres_store
+from eventcore_trio import RetriesExhausted, RetryPolicy, StateCache, execute, open_postgres_store
 from eventcore_trio.demo import InsufficientFunds, Transfer, registry
 
 
-async def main(dsn: str, schema: str, seed: int, count: int, accounts: list[str]) -> None:
+async def main(dsn: str, schema: str, seed: int, count: int, args: list[str]) -> None:
+    cache = StateCache() if args[0] == "--cache" else None
+    accounts = args[1:] if cache is not None else args
     rng = random.Random(seed)
     done = refused = exhausted = retried = 0
-    policy = RetryPolicy(max_attempts=50)
+    policy = RetryPolicy(max_attempts=100, max_backoff=0.02)
     async with open_postgres_store(dsn, schema=schema) as store:
         for _ in range(count):
             source, target = rng.sample(accounts, 2)
@@ -25,6 +31,7 @@ async def main(dsn: str, schema: str, seed: int, count: int, accounts: list[str]
                     Transfer(source, target, rng.randint(1, 40)),
                     registry=registry,
                     retry=policy,
+                    cache=cache,
                 )
             except InsufficientFunds:
                 refused += 1
@@ -32,8 +39,11 @@ async def main(dsn: str, schema: str, seed: int, count: int, accounts: list[str]
                 exhausted += 1
             else:
                 done += 1
-                retried += result.attempts > 1
-    print(done, refused, exhausted, retried, flush=True)
+                retried += result.attempts - 1
+    report = {"done": done, "refused": refused, "exhausted": exhausted, "retried": retried}
+    if cache is not None:
+        report["events_folded"] = cache.stats.events_folded
+    print(json.dumps(report), flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,460 @@
+"""State commands: the state cache, snapshots, and their failure modes, on both backends."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+
+from eventcore_trio import (
+    AppendResult,
+    ConfigurationError,
+    EventRegistry,
+    InvalidArgument,
+    NewEvent,
+    Snapshot,
+    SnapshotStore,
+    StateCache,
+    Store,
+    StreamAppend,
+    VersionConflict,
+    execute,
+    take_snapshot,
+)
+from eventcore_trio.demo import OpenAccount, Transfer, balance_after, registry
+from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
+
+ROOT = Path(__file__).parent.parent.parent
+
+counters = EventRegistry()
+
+
+@counters.register("Added")
+@attrs.frozen
+class Added:
+    n: int
+
+
+@counters.state("Counter", version=2, snapshot_every=5)
+@attrs.frozen
+class Counter:
+    total: int = 0
+    events: int = 0
+
+    def evolve(self, event: object) -> Counter:
+        assert isinstance(event, Added)
+        return Counter(self.total + event.n, self.events + 1)
+
+
+@counters.state_upcaster("Counter", version=1)
+def _counter_v1(data: dict[str, Any]) -> dict[str, Any]:
+    # Version 1 kept only the total, under another name.
+    return {"total": data["sum"], "events": data["count"]}
+
+
+@attrs.frozen
+class Add:
+    """Adds n to a counter stream; the decision records the total it saw."""
+
+    stream: str
+    n: int
+
+    def streams(self) -> Mapping[str, type[Counter]]:
+        return {self.stream: Counter}
+
+    def decide(self, states: Mapping[str, Counter]) -> Mapping[str, Sequence[Any]]:
+        return {self.stream: [Added(self.n)]}
+
+
+@attrs.frozen
+class Peek:
+    """Writes nothing; records the state it was given."""
+
+    stream: str
+    seen: list[Counter]
+
+    def streams(self) -> Mapping[str, type[Counter]]:
+        return {self.stream: Counter}
+
+    def decide(self, states: Mapping[str, Counter]) -> Mapping[str, Sequence[Any]]:
+        self.seen.append(states[self.stream])
+        return {}
+
+
+async def peek(store: Store, stream: str, cache: StateCache | None = None) -> Counter:
+    seen: list[Counter] = []
+    await execute(store, Peek(stream, seen), registry=counters, cache=cache)
+    return seen[-1]
+
+
+class RacingStore:
+    """A real store whose next append is preceded by another writer's append to a stream.
+
+    It also records every read_stream call, to show from which version a retry reads.
+    """
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self.reads: list[tuple[str, int]] = []
+        self.race: list[tuple[str, NewEvent]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+    async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[Any]:
+        self.reads.append((stream_id, after_version))
+        return await self._store.read_stream(stream_id, after_version=after_version)
+
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        if self.race:
+            stream_id, event = self.race.pop(0)
+            await self._store.append(stream_id, [event])
+        return await self._store.append_atomic(appends)
+
+
+class StatesContract:
+    """State commands on every backend."""
+
+    @pytest.fixture
+    async def store(self, harness: BackendHarness) -> AsyncIterator[Store]:
+        async with harness.open_store() as store:
+            yield store
+
+    async def test_cache_reads_only_new_events(self, store: Store) -> None:
+        """Once a state is cached, a command folds only the events written since."""
+        cache = StateCache()
+        for n in range(1, 21):
+            await execute(store, Add("c", n), registry=counters, cache=cache)
+        assert await peek(store, "c", cache) == Counter(210, 20)
+        stats = cache.stats
+        # Each command folds the one event the previous one wrote (the first: none).
+        assert stats.events_folded == 20
+        assert (stats.hits, stats.misses) == (20, 1)
+        assert await peek(store, "c") == Counter(210, 20)  # no cache: folds everything
+
+    async def test_conflict_refreshes_from_the_cached_version(self, store: Store) -> None:
+        """A conflict re-reads only what follows the cached version, never from zero."""
+        cache = StateCache()
+        racing = RacingStore(store)  # the cache keeps states per store object
+        for _ in range(10):
+            await execute(racing, Add("c", 1), registry=counters, cache=cache)
+        racing.reads.clear()
+        racing.race.append(("c", counters.new_event(Added(100))))
+        result = await execute(racing, Add("c", 1), registry=counters, cache=cache)
+        assert result.attempts == 2
+        # Cached at 9 (each read starts one event early, to prove the stream is that long);
+        # after the conflict, at 10: never from zero.
+        assert racing.reads == [("c", 8), ("c", 9)]
+        assert await peek(store, "c") == Counter(111, 12)
+
+    async def test_snapshots_spare_a_cold_process_the_fold(self, store: Store) -> None:
+        """Every snapshot_every events a snapshot is kept; a cold cache starts from it."""
+        assert isinstance(store, SnapshotStore)
+        warm = StateCache()
+        for _ in range(12):
+            await execute(store, Add("c", 2), registry=counters, cache=warm)
+        snapshot = await store.read_snapshot("c", "Counter")
+        assert snapshot is not None
+        assert (snapshot.state_version, snapshot.stream_version) == (2, 10)
+        assert dict(snapshot.data) == {"total": 20, "events": 10}
+        assert warm.stats.snapshots_written == 2  # at 5 and at 10 folded events
+        cold = StateCache()
+        assert await peek(store, "c", cold) == Counter(24, 12)
+        assert (cold.stats.snapshots_read, cold.stats.events_folded) == (1, 2)
+
+    async def test_snapshot_of_an_older_state_version(self, store: Store) -> None:
+        """An older snapshot is upcast when a state upcaster reads it, else ignored."""
+        assert isinstance(store, SnapshotStore)
+        for _ in range(3):
+            await store.append("c", [counters.new_event(Added(1))])
+        # Version 1 with an upcaster: used (its made-up total shows it was).
+        await store.write_snapshot(Snapshot("c", "Counter", 1, 2, {"sum": 50, "count": 2}))
+        cache = StateCache()
+        assert await peek(store, "c", cache) == Counter(51, 3)
+        assert cache.stats.snapshots_read == 1
+        # A version nothing reads, and data that no longer fits: ignored, folded from events.
+        for version, data in ((3, {"total": 50, "events": 2}), (2, {"unknown": 1})):
+            await store.delete_snapshots()
+            await store.write_snapshot(Snapshot("c", "Counter", version, 2, data))
+            cache = StateCache()
+            assert await peek(store, "c", cache) == Counter(3, 3)
+            assert (cache.stats.snapshots_read, cache.stats.events_folded) == (0, 3)
+
+    async def test_deleting_snapshots_changes_nothing(self, store: Store) -> None:
+        """The same states and decisions with snapshots, without, and after deleting them."""
+        assert isinstance(store, SnapshotStore)
+        for n in range(17):
+            await execute(store, Add(f"s{n % 3}", n), registry=counters, cache=StateCache())
+        with_snapshots = [await peek(store, f"s{i}", StateCache()) for i in range(3)]
+        assert await store.delete_snapshots("s0") == 1
+        assert await store.delete_snapshots() == 2
+        assert await store.read_snapshot("s1", "Counter") is None
+        without = [await peek(store, f"s{i}", StateCache()) for i in range(3)]
+        folded = []
+        for i in range(3):
+            total = sum(e.data["n"] for e in await store.read_stream(f"s{i}"))
+            folded.append(Counter(total, len(await store.read_stream(f"s{i}"))))
+        assert with_snapshots == without == folded
+
+    async def test_state_ahead_of_its_stream_is_folded_again(self, store: Store) -> None:
+        """A snapshot claiming more events than the stream has (the events were restored
+        from an older backup, say) is never used, even by a decision that writes nothing:
+        the stream is folded from its first event and the snapshot is dropped."""
+        assert isinstance(store, SnapshotStore)
+        for _ in range(3):
+            await store.append("c", [counters.new_event(Added(1))])
+        await store.write_snapshot(Snapshot("c", "Counter", 2, 50, {"total": 99, "events": 50}))
+        assert await peek(store, "c") == Counter(3, 3)
+        assert await store.read_snapshot("c", "Counter") is None
+        await store.write_snapshot(Snapshot("c", "Counter", 2, 50, {"total": 99, "events": 50}))
+        result = await execute(store, Add("c", 1), registry=counters, cache=StateCache())
+        assert result.attempts == 1
+        assert result.append is not None
+        assert result.append.stream_versions == {"c": 4}
+        assert await peek(store, "c") == Counter(4, 4)
+
+    async def test_snapshots_never_move_backwards(self, store: Store) -> None:
+        """Concurrent writers cannot replace a snapshot with an older one."""
+        assert isinstance(store, SnapshotStore)
+        await store.write_snapshot(Snapshot("c", "Counter", 2, 10, {"total": 10, "events": 10}))
+        await store.write_snapshot(Snapshot("c", "Counter", 2, 5, {"total": 5, "events": 5}))
+        kept = await store.read_snapshot("c", "Counter")
+        assert kept is not None
+        assert kept.stream_version == 10
+        assert kept.taken_at is not None
+
+    async def test_take_snapshot_on_demand(self, store: Store) -> None:
+        """take_snapshot folds the stream now and keeps it; an empty stream has none."""
+        for _ in range(3):
+            await store.append("c", [counters.new_event(Added(2))])
+        snapshot = await take_snapshot(store, counters, Counter, "c")
+        assert snapshot is not None
+        assert (snapshot.stream_version, dict(snapshot.data)) == (3, {"total": 6, "events": 3})
+        assert await take_snapshot(store, counters, Counter, "empty") is None
+
+    async def test_bad_state_commands(self, store: Store) -> None:
+        """Clear errors for a missing registry, unregistered classes and a bad evolve."""
+        with pytest.raises(InvalidArgument, match="registry"):
+            await execute(store, Add("c", 1))
+
+        @attrs.frozen
+        class Unregistered:
+            def evolve(self, event: object) -> Unregistered:
+                return self
+
+        @attrs.frozen
+        class UsesUnregistered:
+            def streams(self) -> Mapping[str, type[Any]]:
+                return {"c": Unregistered}
+
+            def decide(self, states: Mapping[str, Any]) -> Mapping[str, Sequence[Any]]:
+                return {}
+
+        with pytest.raises(InvalidArgument, match="not a registered state class"):
+            await execute(store, UsesUnregistered(), registry=counters)
+
+        local = EventRegistry()
+        local.register("Added")(Added)
+
+        @local.state("Broken")
+        @attrs.frozen
+        class Broken:
+            def evolve(self, event: object) -> int:
+                return 1
+
+        @attrs.frozen
+        class UsesBroken:
+            def streams(self) -> Mapping[str, type[Any]]:
+                return {"c": Broken}
+
+            def decide(self, states: Mapping[str, Any]) -> Mapping[str, Sequence[Any]]:
+                return {}
+
+        await store.append("c", [local.new_event(Added(1))])
+        with pytest.raises(InvalidArgument, match=r"must return the next .*Broken"):
+            await execute(store, UsesBroken(), registry=local)
+        with pytest.raises(ConfigurationError, match="snapshot_every"):
+            await take_snapshot(store, local, Broken, "c")
+        with pytest.raises(InvalidArgument, match="StateCache"):
+            await execute(store, Add("c", 1), registry=counters, cache={})  # type: ignore[arg-type]
+        assert isinstance(store, SnapshotStore)
+        with pytest.raises(InvalidArgument):
+            await store.write_snapshot(Snapshot("c", "Counter", 0, 1, {}))
+        with pytest.raises(InvalidArgument):
+            await store.write_snapshot(Snapshot("", "Counter", 1, 1, {}))
+        with pytest.raises(InvalidArgument):
+            await store.write_snapshot("snapshot")  # type: ignore[arg-type]
+
+
+class TestMemoryStates(StatesContract):
+    """State commands on the in-memory store."""
+
+    @pytest.fixture
+    def harness(self) -> BackendHarness:
+        return MemoryHarness()
+
+
+class TestPostgresStates(StatesContract):
+    """State commands on PostgreSQL, with writers in several processes."""
+
+    @pytest.fixture
+    def harness(self, postgres_dsn: str) -> BackendHarness:
+        return PostgresHarness(postgres_dsn)
+
+    async def test_cached_writers_in_several_processes(
+        self, store: Store, harness: PostgresHarness
+    ) -> None:
+        """Three processes with caches and local cached tasks transfer between the same
+        accounts: money is conserved and never overdrawn (no decision on a stale state), and
+        each process folds every event at most once (conflicts refresh incrementally)."""
+        accounts = [f"acc-{n}" for n in range(4)]
+        for account in accounts:
+            await execute(store, OpenAccount(account, 100), registry=registry)
+        reports: list[dict[str, int]] = []
+
+        async def run_process(seed: int) -> None:
+            completed = await trio.run_process(
+                [
+                    sys.executable,
+                    "-m",
+                    "tests.commands.transfer_process",
+                    harness.dsn,
+                    harness.schema,
+                    str(seed),
+                    "40",
+                    "--cache",
+                    *accounts,
+                ],
+                capture_stdout=True,
+                cwd=ROOT,
+            )
+            reports.append(json.loads(completed.stdout))
+
+        cache = StateCache()
+        local_retried = 0
+
+        async def local(seed: int) -> None:
+            nonlocal local_retried
+            import random
+
+            from eventcore_trio import RetryPolicy
+            from eventcore_trio.demo import InsufficientFunds
+
+            rng = random.Random(seed)
+            for _ in range(40):
+                source, target = rng.sample(accounts, 2)
+                try:
+                    result = await execute(
+                        store,
+                        Transfer(source, target, rng.randint(1, 40)),
+                        registry=registry,
+                        cache=cache,
+                        retry=RetryPolicy(max_attempts=100, max_backoff=0.02),
+                    )
+                except InsufficientFunds:
+                    continue
+                local_retried += result.attempts - 1
+
+        async with trio.open_nursery() as nursery:
+            for seed in (1, 2, 3):
+                nursery.start_soon(run_process, seed)
+            nursery.start_soon(local, 98)
+            nursery.start_soon(local, 99)
+
+        stored = 0
+        for account in accounts:
+            events = await store.read_stream(account)
+            stored += len(events)
+            balance = 0
+            for event in events:
+                balance = balance_after(balance, event)
+                assert balance >= 0, f"{account} was overdrawn at version {event.stream_version}"
+        final = [await execute_balance(store, a) for a in accounts]
+        assert sum(final) == 400
+        assert len(reports) == 3
+        retried = local_retried + sum(r["retried"] for r in reports)
+        assert retried > 0, "no conflicts happened: the test proves nothing about refreshes"
+        for report in [*reports, {"events_folded": cache.stats.events_folded}]:
+            # Each event is folded at most once per process: the cache only moves forward.
+            assert 0 < report["events_folded"] <= stored
+        for report in reports:
+            assert report["done"] + report["refused"] + report["exhausted"] == 40
+            assert report["exhausted"] == 0
+
+    async def test_snapshot_rows_with_bad_json_are_ignored(
+        self, store: Store, harness: PostgresHarness
+    ) -> None:
+        """A snapshot row edited by hand into something that is not an object is a miss."""
+        from eventcore_trio.postgres import PostgresStore
+
+        assert isinstance(store, PostgresStore)
+        for _ in range(2):
+            await store.append("c", [counters.new_event(Added(3))])
+        await store.admin.execute(
+            f'INSERT INTO "{store.schema}".snapshots '
+            "(stream_id, state, state_version, stream_version, data) "
+            "VALUES ('c', 'Counter', 2, 2, '[1, 2]')"
+        )
+        assert await store.read_snapshot("c", "Counter") is None
+        assert await peek(store, "c", StateCache()) == Counter(6, 2)
+
+
+async def execute_balance(store: Store, account: str) -> int:
+    balance = 0
+    for event in await store.read_stream(account):
+        balance = balance_after(balance, event)
+    return balance
+
+
+class TestStateCache:
+    """StateCache's bound, its per-store keys and its forward-only entries."""
+
+    def test_bounded_least_recently_used(self) -> None:
+        from eventcore_trio.commands._cache import CachedState
+
+        cache = StateCache(max_entries=2)
+        store = RacingStore.__new__(RacingStore)
+        for name in ("a", "b"):
+            cache.put(store, "S", name, CachedState(name, 1, 0))
+        assert cache.get(store, "S", "a") is not None  # a is now the most recent
+        cache.put(store, "S", "c", CachedState("c", 1, 0))
+        assert cache.get(store, "S", "b") is None
+        assert len(cache) == 2
+        other = RacingStore.__new__(RacingStore)
+        assert cache.get(other, "S", "a") is None  # never shared between stores
+        cache.put(store, "S", "a", CachedState("old", 0, 0))
+        found = cache.get(store, "S", "a")
+        assert found is not None
+        assert found.state == "a"  # never moves backwards
+        cache.clear()
+        assert len(cache) == 0
+
+    def test_invalid_size(self) -> None:
+        with pytest.raises(ConfigurationError):
+            StateCache(max_entries=0)
+
+    async def test_conflicts_still_raise_without_retries(self) -> None:
+        """A stale cache never writes: the expected version catches it."""
+        from eventcore_trio import RetriesExhausted, RetryPolicy, open_memory_store
+
+        async with open_memory_store() as store:
+            cache = StateCache()
+            racing = RacingStore(store)
+            await execute(racing, Add("c", 1), registry=counters, cache=cache)
+            racing.race.append(("c", counters.new_event(Added(5))))
+            with pytest.raises(RetriesExhausted) as raised:
+                await execute(
+                    racing,
+                    Add("c", 1),
+                    registry=counters,
+                    cache=cache,
+                    retry=RetryPolicy(max_attempts=1),
+                )
+            assert isinstance(raised.value.__cause__, VersionConflict)
+            assert await peek(store, "c") == Counter(6, 2)
