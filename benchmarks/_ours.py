@@ -183,3 +183,89 @@ async def execute_transfer(dsn: str, schema: str, count: int, accounts: int) -> 
             with contextlib.suppress(InsufficientFunds):
                 await execute(store, transfer, registry=registry)
         return count / (time.perf_counter() - started)
+
+
+def _deposit_command() -> Any:
+    # Built on first use: the bank's Account state, one deposit per command.
+    from collections.abc import Mapping, Sequence
+
+    import attrs
+
+    from eventcore_trio.demo import Account, MoneyDeposited
+
+    @attrs.frozen
+    class Deposit:
+        account: str
+        amount: int
+
+        def streams(self) -> Mapping[str, type[Account]]:
+            return {self.account: Account}
+
+        def decide(self, states: Mapping[str, Account]) -> Mapping[str, Sequence[Any]]:
+            return {self.account: [MoneyDeposited(self.amount, "bench")]}
+
+    return Deposit
+
+
+async def _fill_account(store: Any, stream: str, length: int) -> None:
+    from eventcore_trio.demo import AccountOpened, MoneyDeposited, registry
+
+    events = [registry.new_event(AccountOpened(1000))]
+    events += [registry.new_event(MoneyDeposited(1, "seed")) for _ in range(length - 1)]
+    for start in range(0, length, 1_000):
+        await store.append(stream, events[start : start + 1_000])
+
+
+async def execute_long_stream(dsn: str, schema: str, count: int, length: int) -> float:
+    """Deposits through execute() with a StateCache on a stream of *length* events, warm (the
+    first command, which folds the stream, is not timed). Commands/s."""
+    from eventcore_trio import StateCache, execute
+    from eventcore_trio.demo import registry
+
+    deposit = _deposit_command()
+    async with open_postgres_store(dsn, schema=schema) as store:
+        await _fill_account(store, "account", length)
+        cache = StateCache()
+        await execute(store, deposit("account", 1), registry=registry, cache=cache)
+        started = time.perf_counter()
+        for _ in range(count):
+            await execute(store, deposit("account", 1), registry=registry, cache=cache)
+        return count / (time.perf_counter() - started)
+
+
+def _opened() -> Any:
+    from eventcore_trio.demo import AccountOpened
+
+    return AccountOpened(0)
+
+
+async def first_command_ms(dsn: str, schema: str, snapshot: bool) -> float:
+    """The first deposit of a fresh process (a cold cache, a warm connection) on the stream
+    that `execute_long_stream` filled, with its snapshot or after deleting the snapshots. Ms."""
+    from eventcore_trio import StateCache, execute
+    from eventcore_trio.demo import Account, registry
+    from eventcore_trio.postgres import PostgresStore
+
+    deposit = _deposit_command()
+    async with open_postgres_store(dsn, schema=schema) as store:
+        assert isinstance(store, PostgresStore)
+        if snapshot:
+            from eventcore_trio import take_snapshot
+
+            await take_snapshot(store, registry, Account, "account")
+        else:
+            await store.delete_snapshots()
+        # Warm the pool's connection with an append elsewhere: its first append prepares the
+        # statement and compiles the append function in that session (about 9 ms, once per
+        # connection), which is not what this measures.
+        await store.append("warm-up", [registry.new_event(_opened())])
+        started = time.perf_counter()
+        await execute(store, deposit("account", 1), registry=registry, cache=StateCache())
+        return (time.perf_counter() - started) * 1000
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(json.dumps(trio.run(globals()[sys.argv[1]], *json.loads(sys.argv[2]))))

@@ -343,6 +343,32 @@ async def execute_transfer(dsn: str, schema: str, count: int, accounts: int) -> 
         await conn.close()
 
 
+async def execute_long_stream(dsn: str, schema: str, count: int, length: int) -> float:
+    """Deposits by hand on a stream of *length* events: read the whole stream and fold it
+    (what a command without a cache does), then a version-checked append. Commands/s."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(f'INSERT INTO "{schema}".streams VALUES ($1, $2)', "account", length)
+        await conn.executemany(
+            f'INSERT INTO "{schema}".events (stream_id, stream_version, type, data, metadata) '
+            "VALUES ('account', $1, 'MoneyDeposited', '{\"amount\": 1}', '{}')",
+            [(v,) for v in range(1, length + 1)],
+        )
+        read = (
+            f'SELECT type, data FROM "{schema}".events WHERE stream_id = $1 ORDER BY stream_version'
+        )
+        started = time.perf_counter()
+        for _ in range(count):
+            rows = await conn.fetch(read, "account")
+            balance = 0
+            for row in rows:
+                balance += json.loads(row["data"])["amount"]
+            await _append_one(conn, schema, "account", len(rows), json.dumps({"amount": 1}))
+        return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
 if __name__ == "__main__":
     import sys
 

@@ -80,6 +80,17 @@ class SnapshotStore(Protocol):
         """The snapshot of *stream_id* under state name *state*, if one was written."""
         ...
 
+    async def read_stream_from_snapshot(
+        self, stream_id: str, state: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """The snapshot of *stream_id* under *state* and the stream's events from it on.
+
+        With a snapshot, the events start at its ``stream_version`` (the event at that
+        version included: it proves the stream is that long); without one, they are the
+        whole stream. One round trip on PostgreSQL, where a cold command starts.
+        """
+        ...
+
     async def write_snapshot(self, snapshot: Snapshot) -> None:
         """Keep *snapshot*, replacing an older one of the same stream and state name.
 

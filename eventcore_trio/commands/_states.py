@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, runtime_checkable
 
 from .._errors import ConfigurationError, InvalidArgument
 from .._events import RecordedEvent
@@ -84,6 +84,50 @@ def fold(
     return state
 
 
+_NOTHING_FOLDED: Final = 0
+
+
+def _initial(kind: StateType) -> CachedState:
+    return CachedState(kind.cls(), _NOTHING_FOLDED, _NOTHING_FOLDED)
+
+
+async def _from_cache(
+    store: EventStore, kind: StateType, stream_id: str, cache: StateCache, start: CachedState
+) -> tuple[CachedState, list[RecordedEvent]]:
+    # The events after the cached state, read from one before it: its own last event proves
+    # the stream is that long. A state ahead of its stream (the events were restored from an
+    # older backup, say, but not the cache) never existed, and a decision that writes
+    # nothing would not be checked by an expected version: fold from the first event.
+    if start.version == _NOTHING_FOLDED:
+        return start, await store.read_stream(stream_id)
+    events = await store.read_stream(stream_id, after_version=start.version - 1)
+    if events and events[0].stream_version == start.version:
+        return start, events[1:]
+    cache.discard(store, kind.name, stream_id)
+    return _initial(kind), await store.read_stream(stream_id)
+
+
+async def _from_snapshot(
+    store: EventStore, registry: EventRegistry, kind: StateType, stream_id: str
+) -> tuple[CachedState, list[RecordedEvent], bool]:
+    # The snapshot and the events from it on, in one round trip; whether it was used.
+    snapshots = _snapshot_store(store, kind)
+    snapshot, events = await snapshots.read_stream_from_snapshot(stream_id, kind.name)
+    if snapshot is None:
+        return _initial(kind), events, False
+    if events and events[0].stream_version == snapshot.stream_version:
+        state = registry.decode_state(kind, snapshot.data, snapshot.state_version)
+        if state is not None:
+            start = CachedState(state, snapshot.stream_version, snapshot.stream_version)
+            return start, events[1:], True
+        # An older shape nothing upcasts: fold from the first event (and the next snapshot
+        # replaces it).
+    else:
+        # Ahead of its stream, as in _from_cache: drop the snapshots that claim so.
+        await snapshots.delete_snapshots(stream_id)
+    return _initial(kind), await store.read_stream(stream_id), False
+
+
 async def _start(
     store: EventStore,
     registry: EventRegistry,
@@ -91,51 +135,22 @@ async def _start(
     stream_id: str,
     cache: StateCache | None,
     fresh: bool,
-) -> tuple[CachedState, bool]:
-    # Where folding starts: the cached state, else the snapshot, else nothing; and whether
-    # it came from a snapshot.
+) -> tuple[CachedState, list[RecordedEvent]]:
+    # Where folding starts (the cached state, else the snapshot, else nothing) and the
+    # events that follow it.
     if cache is not None and not fresh:
         cached = cache.get(store, kind.name, stream_id)
         if cached is not None:
             cache.count(hits=1)
-            return cached, False
+            return await _from_cache(store, kind, stream_id, cache, cached)
     if cache is not None:
         cache.count(misses=1)
     if kind.snapshot_every is not None and not fresh:
-        snapshot = await _snapshot_store(store, kind).read_snapshot(stream_id, kind.name)
-        if snapshot is not None:
-            state = registry.decode_state(kind, snapshot.data, snapshot.state_version)
-            if state is not None:
-                if cache is not None:
-                    cache.count(snapshots_read=1)
-                start = CachedState(state, snapshot.stream_version, snapshot.stream_version)
-                return start, True
-    return CachedState(kind.cls(), 0, 0), False
-
-
-async def _events_after(
-    store: EventStore,
-    kind: StateType,
-    stream_id: str,
-    cache: StateCache | None,
-    start: CachedState,
-    from_snapshot: bool,
-) -> tuple[CachedState, list[RecordedEvent]]:
-    # The events after the start, read from one before it: the start's own last event
-    # proves the stream is that long. A state ahead of its stream (the events were deleted
-    # or restored from an older backup, but not its cache or snapshots) never existed, and a
-    # decision that writes nothing would not be checked by an expected version: fold such a
-    # stream from its first event instead, and drop the snapshots that claimed otherwise.
-    if start.version == 0:
-        return start, await store.read_stream(stream_id)
-    events = await store.read_stream(stream_id, after_version=start.version - 1)
-    if events and events[0].stream_version == start.version:
-        return start, events[1:]
-    if from_snapshot:
-        await _snapshot_store(store, kind).delete_snapshots(stream_id)
-    if cache is not None:
-        cache.discard(store, kind.name, stream_id)
-    return CachedState(kind.cls(), 0, 0), await store.read_stream(stream_id)
+        start, events, used = await _from_snapshot(store, registry, kind, stream_id)
+        if used and cache is not None:
+            cache.count(snapshots_read=1)
+        return start, events
+    return _initial(kind), await store.read_stream(stream_id)
 
 
 async def load_state(
@@ -152,8 +167,7 @@ async def load_state(
     *fresh* folds from the first event, ignoring the cache and snapshots (after they proved
     to be ahead of the stream).
     """
-    start, from_snapshot = await _start(store, registry, kind, stream_id, cache, fresh)
-    start, events = await _events_after(store, kind, stream_id, cache, start, from_snapshot)
+    start, events = await _start(store, registry, kind, stream_id, cache, fresh)
     state = fold(registry, kind, start.state, events)
     version = events[-1].stream_version if events else start.version
     snapshot_version = start.snapshot_version

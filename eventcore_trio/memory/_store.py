@@ -434,6 +434,15 @@ class MemoryStore:
         data = decode_json_object(encode_json_object("snapshot", kept.data))
         return attrs.evolve(kept, data=data or {})
 
+    async def read_stream_from_snapshot(
+        self, stream_id: str, state: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """A snapshot and the events from it on (see
+        `SnapshotStore.read_stream_from_snapshot`)."""
+        snapshot = await self.read_snapshot(stream_id, state)
+        start = 0 if snapshot is None else snapshot.stream_version - 1
+        return snapshot, await self.read_stream(stream_id, after_version=start)
+
     async def write_snapshot(self, snapshot: Snapshot) -> None:
         """Keep *snapshot* (see `SnapshotStore.write_snapshot`)."""
         check_snapshot(snapshot)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-from typing import final
+from typing import Any, final
 
 from .._decoding import decode_json_object
+from .._events import RecordedEvent
 from .._snapshots import Snapshot
 from .._validation import encode_json_object
 from ._pool import Pool
+from ._reads import EVENT_COLUMNS, recorded_row
 
 
 @final
 class SnapshotTable:
     """The snapshot statements of one schema, run on the store's pool."""
 
-    def __init__(self, pool: Pool, schema: str) -> None:
+    def __init__(self, pool: Pool, schema: str, read_stream: str) -> None:
         self._pool = pool
+        self._read_stream = read_stream
         table = f'"{schema}".snapshots'
+        events = f'"{schema}".events'
         self._read = (
             "SELECT state_version, stream_version, data::text AS data, taken_at "
             f"FROM {table} WHERE stream_id = $1 AND state = $2"
@@ -33,6 +37,21 @@ class SnapshotTable:
             "data = excluded.data, taken_at = now() "
             "WHERE t.state_version <> excluded.state_version "
             "OR t.stream_version < excluded.stream_version"
+        )
+        # The snapshot (as a row flagged first) and the events from its version on, in one
+        # round trip: a cold command's whole read.
+        self._read_with_events = (
+            f"WITH snap AS (SELECT state_version, stream_version, data, taken_at FROM {table} "
+            "WHERE stream_id = $1 AND state = $2) "
+            "SELECT * FROM ("
+            "SELECT true AS is_snapshot, NULL::bigint AS tx, NULL::bigint AS position, "
+            "$1::text AS stream_id, stream_version, NULL::uuid AS event_id, "
+            "state_version::text AS type, data, NULL::jsonb AS metadata, "
+            "taken_at AS recorded_at FROM snap "
+            f"UNION ALL SELECT false, {EVENT_COLUMNS} FROM {events} "
+            "WHERE stream_id = $1 "
+            "AND stream_version >= coalesce((SELECT stream_version FROM snap), 1)"
+            ") AS r ORDER BY is_snapshot DESC, stream_version"
         )
         self._delete_one = f"DELETE FROM {table} WHERE stream_id = $1"
         self._delete_all = f"DELETE FROM {table}"
@@ -53,6 +72,31 @@ class SnapshotTable:
             data,
             row["taken_at"],
         )
+
+    async def read_with_events(
+        self, stream_id: str, state: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """The kept snapshot and the events from its version on (all, without one)."""
+        rows = await self._pool.fetch(self._read_with_events, stream_id, state)
+        # Each row starts with is_snapshot; events follow the snapshot's row.
+        events: list[Any] = [tuple(row)[1:] for row in rows if not row["is_snapshot"]]
+        snapshot = None
+        if rows and rows[0]["is_snapshot"]:
+            head = rows[0]
+            data = decode_json_object(head["data"])
+            if data is None:
+                # Not a snapshot this library wrote (edited by hand?): the whole stream.
+                events = await self._pool.fetch(self._read_stream, stream_id, 0)
+            else:
+                snapshot = Snapshot(
+                    stream_id,
+                    state,
+                    int(head["type"]),
+                    int(head["stream_version"]),
+                    data,
+                    head["recorded_at"],
+                )
+        return snapshot, [recorded_row(row) for row in events]
 
     async def write(self, snapshot: Snapshot) -> None:
         """Keep *snapshot* unless a newer one of the same state version is kept."""

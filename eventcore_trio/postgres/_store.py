@@ -95,7 +95,7 @@ class PostgresStore:
         # Concurrent appends share statements (see _group_commit).
         self._group_commit = GroupCommit(pool, self._append_statement, notify_channel(schema))
         self._reads = ReadQueries(schema)
-        self._snapshots = SnapshotTable(pool, schema)
+        self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
         self._leadership_context = LeadershipContext(self._subscriptions, server_version)
         # Readers' wake-ups, and balancing hosts'; each connects on its first wait.
@@ -190,6 +190,16 @@ class PostgresStore:
         check_identifier("state", state, max_length=MAX_EVENT_TYPE_LENGTH)
         self._check_open()
         return await self._snapshots.read(stream_id, state)
+
+    async def read_stream_from_snapshot(
+        self, stream_id: str, state: str
+    ) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """A snapshot and the events from it on, in one round trip (see
+        `SnapshotStore.read_stream_from_snapshot`)."""
+        check_stream_id(stream_id)
+        check_identifier("state", state, max_length=MAX_EVENT_TYPE_LENGTH)
+        self._check_open()
+        return await self._snapshots.read_with_events(stream_id, state)
 
     async def write_snapshot(self, snapshot: Snapshot) -> None:
         """Keep *snapshot* (see `SnapshotStore.write_snapshot`); one statement."""
