@@ -42,6 +42,7 @@ NAMES = (
     "failover_ms_p50",
     "failover_ms_p99",
     "execute_transfer",
+    "execute_transfer_cached",
     "execute_long_stream",
     "execute_long_vs_short",
     "execute_first_command_snapshot_ms",
@@ -308,7 +309,21 @@ def bench_execute_transfer(ctx: Context) -> list[Result]:
     ours = trio.run(
         _ours.execute_transfer, ctx.dsn, ctx.schema("transfer"), ctx.sizes.transfers, 100
     )
-    return [Result("execute_transfer", "commands/s", ours, baseline, ours / baseline, "higher")]
+    cached = trio.run(
+        _ours.execute_transfer,
+        ctx.dsn,
+        ctx.schema("transfer_cached"),
+        ctx.sizes.transfers,
+        100,
+        True,
+    )
+    return [
+        Result("execute_transfer", "commands/s", ours, baseline, ours / baseline, "higher"),
+        # The same transfers with a StateCache (the baseline re-reads both streams).
+        Result(
+            "execute_transfer_cached", "commands/s", cached, baseline, cached / baseline, "higher"
+        ),
+    ]
 
 
 #: The long stream of execute_long_stream, and the short one it is compared with.
@@ -371,7 +386,7 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("latency_notify_p50_ms", "latency_notify_p99_ms"), bench_latency),
     (("latency_poll_p50_ms",), bench_latency_poll),
     (("failover_ms_p50", "failover_ms_p99"), bench_failover),
-    (("execute_transfer",), bench_execute_transfer),
+    (("execute_transfer", "execute_transfer_cached"), bench_execute_transfer),
     (
         (
             "execute_long_stream",

@@ -160,12 +160,14 @@ async def latency(
     return latencies
 
 
-async def execute_transfer(dsn: str, schema: str, count: int, accounts: int) -> float:
+async def execute_transfer(
+    dsn: str, schema: str, count: int, accounts: int, cached: bool = False
+) -> float:
     """Transfers through execute() with the demo's bank: read two streams, fold, decide,
-    append atomically."""
+    append atomically; with *cached*, a StateCache keeps the accounts' states."""
     import random
 
-    from eventcore_trio import StreamAppend, execute
+    from eventcore_trio import StateCache, StreamAppend, execute
     from eventcore_trio.demo import AccountOpened, InsufficientFunds, Transfer, registry
 
     names = [f"acc-{n:03d}" for n in range(accounts)]
@@ -175,13 +177,14 @@ async def execute_transfer(dsn: str, schema: str, count: int, accounts: int) -> 
             [StreamAppend(name, opened, expected_version=0) for name in names]
         )
         rng = random.Random(7)
+        cache = StateCache() if cached else None
         started = time.perf_counter()
         for _ in range(count):
             source, target = rng.sample(names, 2)
             transfer = Transfer(source, target, rng.randint(1, 50))
             # A refusal reads and decides like a transfer; it only appends nothing.
             with contextlib.suppress(InsufficientFunds):
-                await execute(store, transfer, registry=registry)
+                await execute(store, transfer, registry=registry, cache=cache)
         return count / (time.perf_counter() - started)
 
 
