@@ -15,6 +15,7 @@ import trio
 from eventcore_trio import (
     AppendResult,
     ConfigurationError,
+    EventDecodeError,
     EventRegistry,
     InvalidArgument,
     NewEvent,
@@ -290,6 +291,25 @@ class StatesContract:
             await store.write_snapshot(Snapshot("", "Counter", 1, 1, {}))
         with pytest.raises(InvalidArgument):
             await store.write_snapshot("snapshot")  # type: ignore[arg-type]
+
+    async def test_an_error_loading_one_of_several_streams_arrives_alone(
+        self, store: Store
+    ) -> None:
+        """Streams load concurrently; a failure in one is raised as itself, not a group."""
+
+        @attrs.frozen
+        class AddBoth:
+            def streams(self) -> Mapping[str, type[Counter]]:
+                return {"good": Counter, "bad": Counter}
+
+            def decide(self, states: Mapping[str, Counter]) -> Mapping[str, Sequence[Any]]:
+                return {"good": [Added(1)]}
+
+        await store.append("good", [counters.new_event(Added(1))])
+        await store.append("bad", [NewEvent("Unknown", {})])
+        with pytest.raises(EventDecodeError, match="Unknown"):
+            await execute(store, AddBoth(), registry=counters, cache=StateCache())
+        assert len(await store.read_stream("good")) == 1
 
 
 class TestMemoryStates(StatesContract):
