@@ -79,7 +79,10 @@ class LeaderInfo:
 @final
 @attrs.frozen(kw_only=True)
 class OpenTransaction:
-    """The oldest open transaction holding every reader back (PostgreSQL only).
+    """The oldest open event-writing transaction holding readers back (PostgreSQL only).
+
+    Only transactions that append events (announced writers) hold readers back; others,
+    however long, do not.
 
     .. versionadded:: 0.1
     """
@@ -99,7 +102,8 @@ class ProjectionStatus:
     Attributes:
         name: the projector name.
         checkpoint: the last position applied, or None before the first batch.
-        lag_events: matching events after the checkpoint (visible to readers).
+        lag_events: committed matching events after the checkpoint, including those an open
+            event-writing transaction holds back (see ``held_back_by``).
         lag_seconds: age of the oldest unprocessed matching event; 0 when caught up.
         leader: who leads now, or None.
         standbys: how many instances wait to take over.

@@ -4,7 +4,7 @@ A key is the first 8 bytes of ``BLAKE2b(b"eventcore-trio\\x00" + kind + b"\\x00"
 b"\\x00" + name)``, read as a signed big-endian 64-bit integer, and is passed to the single-argument
 (bigint) advisory-lock functions. It depends on nothing but its inputs: not on Python's
 ``hash()`` (salted per process), the platform or the library version, so every process on every
-machine computes the same key. The kind (``projector``, ``host``, ``index`` or
+machine computes the same key. The kind (``projector``, ``host``, ``index``, ``writer`` or
 ``migration``) and the schema keep the store's own locks apart from each other and from a
 second store in the same database.
 """
@@ -16,7 +16,7 @@ from typing import Literal
 
 
 def lock_key(
-    kind: Literal["projector", "migration", "host", "index"], schema: str, name: str
+    kind: Literal["projector", "migration", "host", "index", "writer"], schema: str, name: str
 ) -> int:
     """Return the advisory-lock key for *name* of *kind* in *schema*."""
     material = b"\x00".join(
@@ -44,6 +44,15 @@ def host_lock_key(schema: str, host_id: str) -> int:
 def index_lock_key(schema: str) -> int:
     """The session key held while one partition index of *schema* is built."""
     return lock_key("index", schema, "")
+
+
+def writer_lock_key(schema: str) -> int:
+    """The transaction-level key every event-appending transaction holds in shared mode.
+
+    Readers wait for the transactions that hold it (and for nothing else); see
+    docs/postgres.md, "The read horizon".
+    """
+    return lock_key("writer", schema, "")
 
 
 def stream_lock_space(schema: str) -> int:

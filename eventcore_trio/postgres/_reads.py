@@ -1,9 +1,9 @@
 """The read path: the SQL that reads events, gap-free, and the decoding of its rows.
 
-Gap-free visibility: readers see only rows of transactions below the snapshot's xmin, all of
-which have ended. A transaction that drew its position early but commits late has a ``tx`` at
-or above today's xmin, so it is read later, never skipped. See docs/postgres.md ("Gap-free
-reads"). Filters are WHERE clauses, so they apply before the LIMIT.
+Gap-free visibility: readers see only rows below the read horizon (`visible`), all of whose
+writers have ended. A transaction that drew its position early but commits late has a ``tx``
+at or above today's horizon, so it is read later, never skipped. See docs/postgres.md
+("Gap-free reads", "The read horizon"). Filters are WHERE clauses, so they apply before the LIMIT.
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from .._decoding import decode_stored, require_decoded
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._positions import Position, position_parts, trusted_position
+from ._pool import Pool
 
 EVENT_COLUMNS: Final = (
     "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at"
 )
 
-#: Rows of transactions that have all ended: the gap-free visibility rule.
+
+#: Rows of transactions that have all ended: the cheap visibility rule, tried first.
 VISIBLE: Final = "tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
 
 
@@ -78,9 +80,9 @@ def partition_index(schema: str, count: int) -> tuple[str, str]:
 
 
 def decode_row(row: Any) -> RecordedEvent | UndecodableEvent:
-    """An events row (columns in `EVENT_COLUMNS` order) as an event value."""
+    """An events row (columns in `EVENT_COLUMNS` order, maybe more after) as an event."""
     # By index (an asyncpg Record is also a sequence): this runs once per event read.
-    tx, seq, stream_id, stream_version, event_id, event_type, raw_data, raw_metadata, at = row
+    tx, seq, stream_id, stream_version, event_id, event_type, raw_data, raw_metadata, at = row[:9]
     return decode_stored(
         trusted_position(tx, seq),
         stream_id,
@@ -104,28 +106,51 @@ class ReadQueries:
 
     def __init__(self, schema: str) -> None:
         self._events = f'"{schema}".events'
+        # Whether committed events wait above the snapshot's xmin (an InitPlan: once per
+        # statement): then the reader asks for the writers' horizon and reads on to it.
+        self._held = (
+            f"(SELECT EXISTS (SELECT 1 FROM {self._events} "
+            "WHERE tx >= pg_snapshot_xmin(pg_current_snapshot())::text::bigint)) AS held"
+        )
+        self.horizon = f'SELECT horizon, held_back FROM "{schema}".read_horizon()'
         self.read_stream = (
             f"SELECT {EVENT_COLUMNS} FROM {self._events} "
             "WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
         )
 
     def read_events(
-        self, after: Position | None, limit: int, event_filter: EventFilter | None
+        self,
+        after: Position | None,
+        limit: int,
+        event_filter: EventFilter | None,
+        horizon: int | None = None,
     ) -> tuple[str, list[object]]:
-        """One statement for a page, walked along the ``(tx, position)`` primary key."""
+        """One statement for a page, walked along the ``(tx, position)`` primary key.
+
+        Below the snapshot's xmin, with a last ``held`` column (see `read_page`); or below
+        *horizon*, a writers' horizon asked for by an earlier statement.
+        """
         tx, seq = (0, 0) if after is None else position_parts(after)
         args: list[object] = [tx, seq, limit]
-        clauses = ["(tx, position) > ($1, $2)", VISIBLE, *filter_clauses(event_filter, args)]
+        if horizon is None:
+            visible, columns = VISIBLE, f"{EVENT_COLUMNS}, {self._held}"
+        else:
+            args.append(horizon)
+            visible, columns = f"tx < ${len(args)}", EVENT_COLUMNS
+        clauses = ["(tx, position) > ($1, $2)", visible, *filter_clauses(event_filter, args)]
         return (
-            f"SELECT {EVENT_COLUMNS} FROM {self._events} "
+            f"SELECT {columns} FROM {self._events} "
             f"WHERE {' AND '.join(clauses)} ORDER BY tx, position LIMIT $3",
             args,
         )
 
-    def last_position(self, event_filter: EventFilter | None) -> tuple[str, list[object]]:
-        """The last visible event matching *event_filter*: ``tx, position`` or no row."""
-        args: list[object] = []
-        clauses = [VISIBLE, *filter_clauses(event_filter, args)]
+    def last_position(
+        self, event_filter: EventFilter | None, horizon: int
+    ) -> tuple[str, list[object]]:
+        """The last event below *horizon* matching *event_filter*: ``tx, position`` or no
+        row."""
+        args: list[object] = [horizon]
+        clauses = ["tx < $1", *filter_clauses(event_filter, args)]
         return (
             f"SELECT tx, position FROM {self._events} WHERE {' AND '.join(clauses)} "
             "ORDER BY tx DESC, position DESC LIMIT 1",
@@ -135,12 +160,51 @@ class ReadQueries:
     def lag(
         self, checkpoint: Position | None, event_filter: EventFilter | None
     ) -> tuple[str, list[object]]:
-        """How many visible matching events follow *checkpoint*, and the oldest's time."""
+        """How many committed matching events follow *checkpoint*, and the oldest's time.
+
+        Committed, not visible: events held back by the read horizon are lag too.
+        """
         tx, seq = (0, 0) if checkpoint is None else position_parts(checkpoint)
         args: list[object] = [tx, seq]
-        clauses = ["(tx, position) > ($1, $2)", VISIBLE, *filter_clauses(event_filter, args)]
+        clauses = ["(tx, position) > ($1, $2)", *filter_clauses(event_filter, args)]
         return (
             f"SELECT count(*) AS n, min(recorded_at) AS oldest FROM {self._events} "
             f"WHERE {' AND '.join(clauses)}",
             args,
         )
+
+
+async def read_page(
+    pool: Pool,
+    queries: ReadQueries,
+    after: Position | None,
+    limit: int,
+    event_filter: EventFilter | None,
+) -> list[Any]:
+    """Up to *limit* rows after *after*, gap-free, held back by event writers only.
+
+    First below the snapshot's xmin, which needs no lock table. When that page is short and
+    committed events wait above the xmin (some transaction, a writer or not, is open), ask
+    for the writers' horizon and read on to it: a statement that starts after the horizon
+    was computed sees every event below it (docs/postgres.md, "The read horizon").
+    """
+    sql, args = queries.read_events(after, limit, event_filter)
+    rows = list(await pool.fetch(sql, *args))
+    if len(rows) == limit:
+        return rows
+    if rows and not rows[-1]["held"]:
+        return rows
+    horizon_row = await pool.fetchrow(queries.horizon)
+    assert horizon_row is not None
+    if not horizon_row["held_back"]:
+        return rows
+    cursor = trusted_position(rows[-1]["tx"], rows[-1]["position"]) if rows else after
+    sql, args = queries.read_events(cursor, limit - len(rows), event_filter, horizon_row["horizon"])
+    return rows + list(await pool.fetch(sql, *args))
+
+
+async def horizon(pool: Pool, queries: ReadQueries) -> int:
+    """The horizon a read starting now may read below (the writers', when held back)."""
+    row = await pool.fetchrow(queries.horizon)
+    assert row is not None
+    return int(row["horizon"])

@@ -48,7 +48,14 @@ from ._keys import index_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
 from ._notifier import Notifier
-from ._reads import ReadQueries, decode_row, partition_index, recorded_row
+from ._reads import (
+    ReadQueries,
+    decode_row,
+    horizon,
+    partition_index,
+    read_page,
+    recorded_row,
+)
 from ._schema import (
     notify_channel,
 )
@@ -246,13 +253,13 @@ class PostgresStore:
     ) -> list[RecordedEvent] | list[RecordedEvent | UndecodableEvent]:
         """Return up to *limit* events after *after* (see `EventReader.read_events`).
 
-        One statement: the filter and the gap-free visibility rule are WHERE clauses, walked
-        along the ``(tx, position)`` primary key.
+        One statement, unless an open transaction holds events back: the filter and the
+        gap-free visibility rule are WHERE clauses, walked along the ``(tx, position)``
+        primary key (see `read_page`).
         """
         check_read_arguments(after, limit, filter, undecodable)
         self._check_open()
-        sql, args = self._reads.read_events(after, limit, filter)
-        rows = await self._pool.fetch(sql, *args)
+        rows = await read_page(self._pool, self._reads, after, limit, filter)
         if undecodable == "raise":
             return [recorded_row(row) for row in rows]
         return [decode_row(row) for row in rows]
@@ -260,7 +267,7 @@ class PostgresStore:
     async def last_position(self, filter: EventFilter | None = None) -> Position | None:
         """The position of the last visible event matching *filter*, or None."""
         self._check_open()
-        sql, args = self._reads.last_position(filter)
+        sql, args = self._reads.last_position(filter, await horizon(self._pool, self._reads))
         row = await self._pool.fetchrow(sql, *args)
         return None if row is None else Position(row["tx"], row["position"])
 

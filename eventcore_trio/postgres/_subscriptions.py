@@ -33,7 +33,7 @@ from .._status import (
     unit_state,
 )
 from ._bridge import Connection, Record
-from ._keys import projector_lock_key
+from ._keys import projector_lock_key, writer_lock_key
 from ._pool import Pool
 from ._reads import ReadQueries
 
@@ -495,11 +495,20 @@ class Subscriptions:
         return int(row["n"]), row["oldest"]
 
     async def _oldest_open_transaction(self) -> OpenTransaction | None:
-        # The transaction whose id is the cluster's snapshot xmin holds every reader back.
+        # The oldest open transaction that has announced itself as an event writer (holds the
+        # writer lock) and has an id, when committed events wait: it holds readers back.
+        # Other open transactions do not (docs/postgres.md, "The read horizon").
+        horizon = await self._pool.fetchrow(self._reads.horizon)
+        if horizon is None or not horizon["held_back"]:
+            return None
         row = await self._pool.fetchrow(
             "SELECT pid, application_name, state, xact_start, left(query, 200) AS query "
-            "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
-            "ORDER BY age(backend_xid) DESC LIMIT 1"
+            "FROM pg_stat_activity WHERE backend_xid IS NOT NULL AND pid IN ("
+            "  SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+            "  AND objsubid = 1 AND ((classid::bigint << 32) | objid::bigint) = $1"
+            "  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+            ") ORDER BY age(backend_xid) DESC LIMIT 1",
+            writer_lock_key(self._schema),
         )
         if row is None:
             return None

@@ -1,0 +1,161 @@
+"""The read horizon waits for event writers only (docs/postgres.md, "The read horizon")."""
+
+from __future__ import annotations
+
+import urllib.parse
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from eventcore_trio import (
+    DatabaseError,
+    NewEvent,
+    ProjectionContext,
+    ProjectionStatus,
+    RecordedEvent,
+    StreamAppend,
+    projector,
+    run_projection,
+)
+from eventcore_trio.postgres import PostgresStore, _bridge
+from eventcore_trio.postgres._bridge import Connection
+from eventcore_trio.postgres._dsn import normalize_dsn
+from eventcore_trio.testing import read_all
+
+from ..helpers import eventually
+
+
+@asynccontextmanager
+async def open_transaction(
+    store: PostgresStore, *, isolation: str = "READ COMMITTED"
+) -> AsyncIterator[Connection]:
+    """A transaction on a connection of its own that has written a row (so it holds an
+    id), held open for the block and committed at its end."""
+    async with store.admin.connection("unrelated writer") as connection:
+        await connection.execute("CREATE TEMP TABLE IF NOT EXISTS scratch (n int)")
+        async with connection.transaction():
+            await connection.execute(f"SET TRANSACTION ISOLATION LEVEL {isolation}")
+            await connection.execute("INSERT INTO scratch VALUES (1)")
+            yield connection
+
+
+async def append_in(connection: Connection, store: PostgresStore, stream: str, n: int) -> None:
+    sql, args = store.admin.append_statement([StreamAppend(stream, [NewEvent("E", {"n": n})])])
+    await connection.fetchrow(sql, *args)
+
+
+async def numbers(store: PostgresStore) -> list[tuple[str, int]]:
+    return [(e.stream_id, e.data["n"]) for e in await read_all(store)]
+
+
+async def status_after_run(store: PostgresStore) -> list[ProjectionStatus]:
+    """Run a projection over what it can read, then the store's status."""
+
+    @projector("view")
+    async def view(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        pass
+
+    await run_projection(view, store)
+    return await store.projection_status()
+
+
+class TestUnrelatedTransactions:
+    """Transactions that write no events do not hold readers back."""
+
+    async def test_a_write_transaction_in_the_same_database(self, store: PostgresStore) -> None:
+        """An open transaction with an id: events committed after it are read at once, and
+        counted in no lag."""
+        async with open_transaction(store):
+            await store.append("s", [NewEvent("E", {"n": 1})])
+            assert await numbers(store) == [("s", 1)]
+            assert await store.last_position() is not None
+            [status] = await status_after_run(store)
+            assert status.lag_events == 0
+            assert status.held_back_by is None
+
+    async def test_a_write_transaction_in_another_database(
+        self, store: PostgresStore, postgres_dsn: str
+    ) -> None:
+        """The same for a transaction in another database of the cluster."""
+        name = f"other_{uuid.uuid4().hex[:8]}"
+        await store.admin.execute(f"CREATE DATABASE {name}")
+        try:
+            uri = urllib.parse.urlsplit(normalize_dsn(postgres_dsn))
+            other = urllib.parse.urlunsplit(uri._replace(path=f"/{name}"))
+            connection = await _bridge.connect(
+                other, application_name="other database", connect_timeout=10
+            )
+            try:
+                async with connection.transaction():
+                    assert await connection.fetchval("SELECT current_database()") == name
+                    await connection.execute("CREATE TABLE t (n int); INSERT INTO t VALUES (1)")
+                    await store.append("s", [NewEvent("E", {"n": 1})])
+                    assert await numbers(store) == [("s", 1)]
+            finally:
+                await connection.close()
+        finally:
+            await store.admin.execute(f"DROP DATABASE {name}")
+
+
+class TestWritersHoldReadersBack:
+    """An open transaction that appends events holds back what commits after it, and its
+    own events are read when it commits, never skipped."""
+
+    async def test_an_open_append_holds_back_later_events(self, store: PostgresStore) -> None:
+        """Events committed after an open append wait for it; then all come, in order."""
+        async with store.admin.connection("held writer") as held, held.transaction():
+            await append_in(held, store, "held", 1)
+            await store.append("later", [NewEvent("E", {"n": 2})])
+            assert await numbers(store) == []
+            [status] = await status_after_run(store)
+            assert status.lag_events == 1
+            assert status.held_back_by is not None
+            assert status.held_back_by.application_name == "held writer"
+        assert await numbers(store) == [("held", 1), ("later", 2)]
+
+    async def test_a_writer_that_had_its_id_before_appending(self, store: PostgresStore) -> None:
+        """A transaction that wrote its own rows first, then appends: events committed by
+        others meanwhile are read (it was not yet a writer), and its own, committed late,
+        come after them for a reader that already passed those: never skipped, each
+        stream in order."""
+        async with open_transaction(store) as late:
+            await store.append("shared", [NewEvent("E", {"n": 1})])
+            await store.append("other", [NewEvent("E", {"n": 2})])
+            first = await store.read_events(None, limit=100)
+            assert [(e.stream_id, e.data["n"]) for e in first] == [("shared", 1), ("other", 2)]
+            await append_in(late, store, "shared", 3)
+            await store.append("after", [NewEvent("E", {"n": 4})])
+            # Now an announced writer: nothing after the reader's cursor until it commits.
+            assert await store.read_events(first[-1].position, limit=100) == []
+        rest = await store.read_events(first[-1].position, limit=100)
+        assert [(e.stream_id, e.data["n"]) for e in rest] == [("shared", 3), ("after", 4)]
+        everything = await numbers(store)
+        assert everything == [("shared", 1), ("other", 2), ("shared", 3), ("after", 4)]
+        assert [e.stream_version for e in await store.read_stream("shared")] == [1, 2]
+
+    async def test_repeatable_read_writers_must_announce_themselves(
+        self, store: PostgresStore
+    ) -> None:
+        """At REPEATABLE READ a transaction that wrote first cannot append: a clear error,
+        nothing written."""
+        async with open_transaction(store, isolation="REPEATABLE READ") as late:
+            with pytest.raises(DatabaseError, match="READ COMMITTED") as raised:
+                await append_in(late, store, "s", 1)
+            assert raised.value.sqlstate == "EV003"
+        assert await numbers(store) == []
+
+
+async def test_the_horizon_reads_no_locks_when_nothing_is_held_back(
+    store: PostgresStore,
+) -> None:
+    """With no open transaction, the horizon is the snapshot's xmin and held_back is false."""
+    await store.append("s", [NewEvent("E", {})])
+    await eventually(lambda: _not_held(store))
+
+
+async def _not_held(store: PostgresStore) -> bool:
+    row = await store.admin.fetchrow(f'SELECT * FROM "{store.schema}".read_horizon()')
+    assert row is not None
+    return not row["held_back"]
