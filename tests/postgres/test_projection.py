@@ -20,6 +20,7 @@ from eventcore_trio import (
     ProjectionFailed,
     ProjectionState,
     RecordedEvent,
+    StreamAppend,
 )
 from eventcore_trio.postgres import PostgresStore, _bridge, projector_lock_key
 from eventcore_trio.projection import (
@@ -102,7 +103,8 @@ class TestTransactional:
     async def test_status_reports_the_transaction_holding_readers_back(
         self, store: PostgresStore, postgres_dsn: str
     ) -> None:
-        """An open writing transaction shows up in status as what holds progress back."""
+        """An open event-writing transaction shows up in status as what holds progress
+        back, once committed events wait behind it; one that writes no events does not."""
         await store.append("s", [NewEvent("Deposited", {})])
 
         @projector("noop")
@@ -116,7 +118,16 @@ class TestTransactional:
         try:
             async with blocker.transaction():
                 await blocker.execute("SELECT pg_current_xact_id()")
+                await store.append("s", [NewEvent("Deposited", {})])
                 status = {s.name: s for s in await store.projection_status()}["noop"]
+                assert status.held_back_by is None  # not an event writer
+                sql, args = store.admin.append_statement(
+                    [StreamAppend("b", [NewEvent("Deposited", {})])]
+                )
+                await blocker.fetchrow(sql, *args)
+                await store.append("s", [NewEvent("Deposited", {})])
+                status = {s.name: s for s in await store.projection_status()}["noop"]
+                assert status.lag_events == 2
                 assert status.held_back_by is not None
                 assert status.held_back_by.application_name == "blocker"
                 assert status.held_back_by.pid == blocker.backend_pid
