@@ -38,6 +38,8 @@ NAMES = (
     "catch_up_partitioned_4_hosts",
     "latency_notify_p50_ms",
     "latency_notify_p99_ms",
+    "latency_notify_10_projectors_p50_ms",
+    "latency_notify_10_projectors_p99_ms",
     "latency_poll_p50_ms",
     "failover_ms_p50",
     "failover_ms_p99",
@@ -277,6 +279,30 @@ def bench_latency(ctx: Context) -> list[Result]:
     return results
 
 
+def bench_latency_ten_projectors(ctx: Context) -> list[Result]:
+    # The same pings with nine more projections applying them, each with a write in its
+    # batch transaction; the baseline is the same raw LISTEN loop, alone.
+    n = ctx.sizes.latency_pings
+    schema = ctx.schema("latency10_raw")
+    raw("create_raw_schema", ctx.dsn, schema)
+    base = raw("latency", ctx.dsn, schema, f"{schema}_ch", n, 0.01, True, 1.0)
+    ours = trio.run(
+        lambda: _ours.latency(
+            ctx.dsn, ctx.schema("latency10"), n, 0.01, notify=True, poll_interval=1.0, others=9
+        )
+    )
+    p50 = (statistics.median(ours), statistics.median(base))
+    p99 = (_percentile(ours, 0.99), _percentile(base, 0.99))
+    return [
+        Result(
+            "latency_notify_10_projectors_p50_ms", "ms", p50[0], p50[1], p50[0] / p50[1], "lower"
+        ),
+        Result(
+            "latency_notify_10_projectors_p99_ms", "ms", p99[0], p99[1], p99[0] / p99[1], "lower"
+        ),
+    ]
+
+
 POLL_INTERVAL = 0.2
 
 
@@ -384,6 +410,10 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
         bench_catch_up_partitioned,
     ),
     (("latency_notify_p50_ms", "latency_notify_p99_ms"), bench_latency),
+    (
+        ("latency_notify_10_projectors_p50_ms", "latency_notify_10_projectors_p99_ms"),
+        bench_latency_ten_projectors,
+    ),
     (("latency_poll_p50_ms",), bench_latency_poll),
     (("failover_ms_p50", "failover_ms_p99"), bench_failover),
     (("execute_transfer", "execute_transfer_cached"), bench_execute_transfer),

@@ -129,9 +129,20 @@ async def catch_up(
 
 
 async def latency(
-    dsn: str, schema: str, count: int, interval: float, *, notify: bool, poll_interval: float
+    dsn: str,
+    schema: str,
+    count: int,
+    interval: float,
+    *,
+    notify: bool,
+    poll_interval: float,
+    others: int = 0,
 ) -> list[float]:
-    """Append one event at a time; a continuous projection applies it; latencies in ms."""
+    """Append one event at a time; a continuous projection applies it; latencies in ms.
+
+    With *others*, that many more projections apply the same events at the same time, each
+    with an upsert in its batch transaction (which holds a transaction id while it runs).
+    """
     sent: dict[str, float] = {}
     latencies: list[float] = []
     all_seen = trio.Event()
@@ -149,6 +160,13 @@ async def latency(
     )
     async with open_postgres_store(dsn, schema=schema) as store, trio.open_nursery() as nursery:
         await nursery.start(run_projection, ping, store, config)
+        if others:
+            await store.admin.execute(
+                f'CREATE TABLE IF NOT EXISTS "{schema}".pings (projector text, key text, '
+                "PRIMARY KEY (projector, key))"
+            )
+        for index in range(others):
+            await nursery.start(run_projection, _ping_recorder(schema, index), store, config)
         for n in range(count):
             key = f"k{n}"
             sent[key] = time.perf_counter()
@@ -158,6 +176,16 @@ async def latency(
             await all_seen.wait()
         nursery.cancel_scope.cancel()
     return latencies
+
+
+def _ping_recorder(schema: str, index: int) -> Any:
+    sql = f'INSERT INTO "{schema}".pings VALUES ($1, $2) ON CONFLICT DO NOTHING'
+
+    @projector(f"recorder-{index}", event_types=["Ping"])
+    async def record(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        ctx.db.queue(sql, f"recorder-{index}", event.data["key"])
+
+    return record
 
 
 async def execute_transfer(

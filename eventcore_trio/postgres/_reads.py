@@ -108,9 +108,11 @@ class ReadQueries:
         self._events = f'"{schema}".events'
         # Whether committed events wait above the snapshot's xmin (an InitPlan: once per
         # statement): then the reader asks for the writers' horizon and reads on to it.
+        # (max(tx): one step of a backward index scan; an EXISTS over tx >= xmin may be
+        # planned as a sequential scan.)
         self._held = (
-            f"(SELECT EXISTS (SELECT 1 FROM {self._events} "
-            "WHERE tx >= pg_snapshot_xmin(pg_current_snapshot())::text::bigint)) AS held"
+            f"coalesce((SELECT max(tx) FROM {self._events}) "
+            ">= pg_snapshot_xmin(pg_current_snapshot())::text::bigint, false) AS held"
         )
         self.horizon = f'SELECT horizon, held_back FROM "{schema}".read_horizon()'
         self.read_stream = (

@@ -457,8 +457,9 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         v_xmax bigint := pg_snapshot_xmax(v_snapshot)::text::bigint;
         v_near bigint := v_xmax + 2147483648;
     BEGIN
+        -- max(tx): one step of a backward index scan (an EXISTS may become a seq scan).
         held_back := v_xmin < v_xmax
-            AND EXISTS (SELECT 1 FROM {s}.events WHERE tx >= v_xmin);
+            AND coalesce((SELECT max(tx) FROM {s}.events) >= v_xmin, false);
         IF NOT held_back THEN
             horizon := v_xmin;
             RETURN;

@@ -12,6 +12,7 @@ from .._protocols import Leadership, Store
 from ..memory import MemoryStore, open_memory_store
 from ..memory._store import MemoryLeadership
 from ..postgres import PostgresLeadership, PostgresStore, open_postgres_store
+from ..postgres._keys import writer_lock_key
 
 
 class BackendHarness(Protocol):
@@ -126,14 +127,20 @@ class PostgresHarness:
         assert terminated, "the lock-holding session was already gone"
 
     async def store_undecodable(self, store: Store, stream_id: str) -> None:
-        """Insert an event whose data is a JSON array, bypassing the append function."""
+        """Insert an event whose data is a JSON array, bypassing the append function.
+
+        It announces itself as an event writer first (the writer lock, taken before the
+        insert gives the statement a transaction id), as anything that inserts events must.
+        """
         assert isinstance(store, PostgresStore)
         await store.admin.execute(
             f'INSERT INTO "{store.schema}".events '
             "(stream_id, stream_version, event_id, type, data, metadata, stream_hash) "
-            "VALUES ($1, 1, gen_random_uuid(), 'Undecodable', '[1, 2, 3]', '{}', "
-            f'"{store.schema}".stream_hash($1))',
+            "SELECT $1, 1, gen_random_uuid(), 'Undecodable', '[1, 2, 3]', '{}', "
+            f'"{store.schema}".stream_hash($1) '
+            "FROM (SELECT pg_advisory_xact_lock_shared($2)) AS announced",
             stream_id,
+            writer_lock_key(store.schema),
         )
 
     @asynccontextmanager

@@ -27,6 +27,7 @@ from eventcore_trio import (
     run_projection,
 )
 from eventcore_trio.postgres import PostgresStore
+from eventcore_trio.postgres._keys import writer_lock_key
 from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
 
 shop = EventRegistry()
@@ -134,15 +135,19 @@ async def write_old_rows(store: Store, stream_id: str) -> None:
         await store.append(stream_id, [NewEvent(t, d) for t, d in OLD_ROWS])
         return
     for version, (event_type, data) in enumerate(OLD_ROWS, start=1):
+        # As anything that inserts events must, announce the writer first (the writer lock,
+        # before the insert gives the statement a transaction id).
         await store.admin.execute(
             f'INSERT INTO "{store.schema}".events '
             "(stream_id, stream_version, event_id, type, data, metadata, stream_hash) "
-            "VALUES ($1, $2, gen_random_uuid(), $3, $4::jsonb, "
-            f"""'{{"correlation_id": "old"}}', "{store.schema}".stream_hash($1))""",
+            "SELECT $1, $2, gen_random_uuid(), $3, $4::jsonb, "
+            f"""'{{"correlation_id": "old"}}', "{store.schema}".stream_hash($1) """
+            "FROM (SELECT pg_advisory_xact_lock_shared($5)) AS announced",
             stream_id,
             version,
             event_type,
             json.dumps(data),
+            writer_lock_key(store.schema),
         )
     await store.admin.execute(
         f'INSERT INTO "{store.schema}".streams (stream_id, version) VALUES ($1, $2)',

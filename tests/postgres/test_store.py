@@ -46,7 +46,9 @@ class TestGapFreeReads:
     async def test_random_commit_delays_and_rollbacks_never_skip(
         self, store: PostgresStore, postgres_dsn: str
     ) -> None:
-        """Writers that commit late or roll back at random never make a polling reader skip."""
+        """Writers that commit late or roll back at random never make a polling reader skip,
+        half of them holding a transaction id before they append, with an unrelated
+        transaction open all along."""
         rng = random.Random(20261127)
         writers, appends_per_writer = 6, 30
         committed: set[uuid.UUID] = set()
@@ -64,6 +66,10 @@ class TestGapFreeReads:
                     rollback = rng.random() < 0.2
                     try:
                         async with connection.transaction():
+                            if w % 2:
+                                # An id before the append (rows of its own first): the
+                                # late-announcer path of the read horizon.
+                                await connection.execute("SELECT pg_current_xact_id()")
                             sql, args = store.admin.append_statement(
                                 [
                                     StreamAppend(
@@ -84,12 +90,19 @@ class TestGapFreeReads:
             finally:
                 await connection.close()
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(partial(follow_until, store, writers_done, seen, limit=5))
-            async with trio.open_nursery() as writing:
-                for w in range(writers):
-                    writing.start_soon(writer, w)
-            writers_done.set()
+        async with (
+            store.admin.connection("unrelated") as unrelated,
+            unrelated.transaction(),
+        ):
+            # A transaction with an id, open throughout, that writes no events: readers do
+            # not wait for it (the read horizon), and nothing is skipped past it either.
+            await unrelated.execute("SELECT pg_current_xact_id()")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(partial(follow_until, store, writers_done, seen, limit=5))
+                async with trio.open_nursery() as writing:
+                    for w in range(writers):
+                        writing.start_soon(writer, w)
+                writers_done.set()
 
         seen_ids = [e.event_id for e in seen]
         assert len(seen_ids) == len(set(seen_ids)), "an event was read twice"
