@@ -298,6 +298,18 @@ class ProjectionBatch(Protocol):
         """Mark a dead letter as replayed."""
         ...
 
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Append events in this batch: they commit with the checkpoint, or not at all.
+
+        Expected versions are checked as by `EventStore.append_atomic`.
+
+        Raises:
+            VersionConflict: a stream's version differs (the batch cannot commit).
+
+        .. versionadded:: 0.3
+        """
+        ...
+
 
 @runtime_checkable
 class Leadership(Protocol):

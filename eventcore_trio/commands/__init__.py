@@ -1,5 +1,6 @@
 """The command side: typed events, `execute` with retries, and causal metadata."""
 
+from .._causation import caused_by as caused_by
 from .._snapshots import Snapshot as Snapshot
 from .._typed import EVENT_VERSION as EVENT_VERSION
 from .._typed import EventRegistry as EventRegistry
@@ -11,7 +12,6 @@ from ._command import Command as Command
 from ._command import ExecutionResult as ExecutionResult
 from ._command import RetryPolicy as RetryPolicy
 from ._command import execute as execute
-from ._metadata import caused_by as caused_by
 from ._states import StateCommand as StateCommand
 from ._states import take_snapshot as take_snapshot
 

@@ -10,12 +10,12 @@ from typing import Any, Protocol, TypeVar, final, runtime_checkable
 import attrs
 import trio
 
+from .._causation import CAUSATION_ID, CORRELATION_ID, caused_by
 from .._errors import ConfigurationError, InvalidArgument, RetriesExhausted, VersionConflict
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._protocols import EventStore
 from .._typed import EventRegistry
 from ._cache import StateCache
-from ._metadata import CAUSATION_ID, CORRELATION_ID, caused_by
 from ._states import StateCommand, load_states, state_streams
 
 S = TypeVar("S")

@@ -108,6 +108,23 @@ class _Projection:
     updated_at: dt.datetime | None = None
 
 
+# An append_atomic request validated and encoded: requests in stream order, and per request
+# each event with its data and metadata as JSON.
+_Staged = tuple[list[StreamAppend], list[list[tuple[NewEvent, str, str]]]]
+
+
+def _stage(appends: Sequence[StreamAppend]) -> _Staged:
+    requests = sorted(prepare_appends(appends), key=lambda a: a.stream_id)
+    encoded = [
+        [
+            (e, encode_json_object("data", e.data), encode_json_object("metadata", e.metadata))
+            for e in request.events
+        ]
+        for request in requests
+    ]
+    return requests, encoded
+
+
 @final
 class MemoryBatch:
     """A staged transaction of a `MemoryLeadership`; applied whole when its block ends.
@@ -121,6 +138,7 @@ class MemoryBatch:
         self._checkpoint: tuple[Position | None, Position] | None = None
         self._dead_letters: list[DeadLetter] = []
         self._resolved: set[uuid.UUID] = set()
+        self._appends: list[_Staged] = []
 
     @property
     def db(self) -> Database:
@@ -173,6 +191,19 @@ class MemoryBatch:
         await trio.lowlevel.checkpoint()
         self._resolved.add(dead_letter_id)
 
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Stage an append, checked now against the store and this batch's earlier appends,
+        and again when the batch commits (see `ProjectionBatch.append_atomic`).
+
+        The result's versions are known now; its position once the batch commits (None
+        until then: the memory store numbers positions by commit).
+        """
+        staged = _stage(appends)
+        await trio.lowlevel.checkpoint()
+        after = self._store._check_appends([*self._appends, staged])
+        self._appends.append(staged)
+        return AppendResult(None, {r.stream_id: after[r.stream_id] for r in staged[0]})
+
     def _commit(self) -> None:
         # Synchronous: the whole batch becomes visible at once, or (on an error) nothing.
         store, name = self._store, self._leadership.name
@@ -183,7 +214,12 @@ class MemoryBatch:
             current = store._checkpoints.get(name)
             if current != expected:
                 raise CheckpointConflict(name, position, current)
-            store._checkpoints[name] = position
+        # Every staged append is checked before anything changes.
+        store._check_appends(self._appends)
+        if self._checkpoint is not None:
+            store._checkpoints[name] = self._checkpoint[1]
+        for staged in self._appends:
+            store._apply(staged)
         letters = store._dead_letters.setdefault(name, [])
         letters[:] = [d for d in letters if d.id not in self._resolved]
         letters.extend(self._dead_letters)
@@ -350,31 +386,38 @@ class MemoryStore:
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
         """Append to several streams, all or none (see `EventStore.append_atomic`)."""
-        requests = sorted(prepare_appends(appends), key=lambda a: a.stream_id)
-        encoded = [
-            [
-                (e, encode_json_object("data", e.data), encode_json_object("metadata", e.metadata))
-                for e in request.events
-            ]
-            for request in requests
-        ]
+        staged = _stage(appends)
         await trio.lowlevel.checkpoint()
         self._check_open()
         # From here on there is no checkpoint: the append is atomic with respect to other tasks.
-        for request in requests:
-            actual = len(self._streams.get(request.stream_id, ()))
-            if request.expected_version is not None and request.expected_version != actual:
-                raise VersionConflict(request.stream_id, request.expected_version, actual)
+        self._check_appends([staged])
+        return self._apply(staged)
+
+    def _check_appends(self, batches: Sequence[_Staged]) -> dict[str, int]:
+        # Every expected version and event id of *batches*, applied in order, before any
+        # is: one conflict and none is written. Returns each stream's version after them.
+        versions: dict[str, int] = {}
         new_ids: set[uuid.UUID] = set()
-        for batch in encoded:
-            for event, _, _ in batch:
-                if event.event_id is not None:
-                    if event.event_id in self._event_ids or event.event_id in new_ids:
-                        raise DuplicateEventId(
-                            f"event id {event.event_id} is already stored; nothing was written",
-                            event_id=str(event.event_id),
-                        )
-                    new_ids.add(event.event_id)
+        for requests, encoded in batches:
+            for request in requests:
+                stream_id = request.stream_id
+                actual = versions.get(stream_id, len(self._streams.get(stream_id, ())))
+                if request.expected_version is not None and request.expected_version != actual:
+                    raise VersionConflict(stream_id, request.expected_version, actual)
+                versions[stream_id] = actual + len(request.events)
+            for batch in encoded:
+                for event, _, _ in batch:
+                    if event.event_id is not None:
+                        if event.event_id in self._event_ids or event.event_id in new_ids:
+                            raise DuplicateEventId(
+                                f"event id {event.event_id} is already stored; nothing was written",
+                                event_id=str(event.event_id),
+                            )
+                        new_ids.add(event.event_id)
+        return versions
+
+    def _apply(self, staged: _Staged) -> AppendResult:
+        requests, encoded = staged
         if not any(encoded):
             return AppendResult(
                 None, {r.stream_id: len(self._streams.get(r.stream_id, ())) for r in requests}

@@ -7,12 +7,14 @@ Advisory-lock keys are derived as documented in ``eventcore_trio.postgres._keys`
 
 from .._util import fixup_module_metadata
 from ._keys import projector_lock_key as projector_lock_key
+from ._keys import writer_lock_key as writer_lock_key
 from ._leadership import PostgresLeadership as PostgresLeadership
 from ._open import open_postgres_store as open_postgres_store
 from ._schema import LATEST_SCHEMA_VERSION as LATEST_SCHEMA_VERSION
 from ._schema import MINIMUM_SERVER_VERSION_NUM as MINIMUM_SERVER_VERSION_NUM
 from ._store import DSN_ENVIRONMENT_VARIABLE as DSN_ENVIRONMENT_VARIABLE
 from ._store import PostgresStore as PostgresStore
+from ._transaction import PostgresTransaction as PostgresTransaction
 
 __all__ = [
     "DSN_ENVIRONMENT_VARIABLE",
@@ -20,8 +22,10 @@ __all__ = [
     "MINIMUM_SERVER_VERSION_NUM",
     "PostgresLeadership",
     "PostgresStore",
+    "PostgresTransaction",
     "open_postgres_store",
     "projector_lock_key",
+    "writer_lock_key",
 ]
 
 fixup_module_metadata(__name__, globals())

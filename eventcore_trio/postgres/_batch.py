@@ -30,8 +30,9 @@ from .._errors import (
     LeadershipLost,
     StoreConnectionError,
 )
-from .._events import RecordedEvent, UndecodableEvent
+from .._events import AppendResult, RecordedEvent, StreamAppend, UndecodableEvent
 from .._positions import Position, position_parts
+from ._appends import AppendStatement, append_result
 from ._bridge import Connection, Record
 from ._fence import HOLDS_LOCK, LockProof
 from ._subscriptions import Subscriptions, checkpoint_upsert, dead_letter_arguments
@@ -114,8 +115,15 @@ class PostgresBatch:
         proof: LockProof,
         subscriptions: Subscriptions,
         on_lost: Callable[[str], None],
+        *,
+        append_statement: AppendStatement | None = None,
+        on_appended: Callable[[], None] | None = None,
     ) -> None:
         self._connection = connection
+        self._append_statement = append_statement
+        # Wakes readers once a batch that appended events (a reactor's) has committed.
+        self._on_appended = on_appended
+        self._appended = False
         self._proof = proof
         self._subscriptions = subscriptions
         # Called with the reason when the commit-time fence finds the lock gone.
@@ -253,6 +261,21 @@ class PostgresBatch:
             self._proof.name,
         )
 
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Append events in the batch's transaction (see `ProjectionBatch.append_atomic`).
+
+        The events take the transaction id path of a writer that had an id before it
+        announced itself when ``ctx.db`` wrote first (docs/postgres.md, "The read
+        horizon"): readers never skip them, and wait for this batch only once it appended.
+        """
+        if self._append_statement is None:
+            raise InvalidArgument("this batch cannot append events")
+        sql, args = self._append_statement(appends)
+        await self._db.flush()
+        row = await self._statement(self._connection.fetchrow, sql, *args)
+        self._appended = True
+        return append_result(row, args)
+
     async def _commit(self) -> None:
         if self._interrupted:
             raise self._interrupted_error()
@@ -260,6 +283,8 @@ class PostgresBatch:
             await self._guarded(self._connection.commit)
         elif self._pending_checkpoint is not None:
             await self._guarded(self._write_checkpoint, *self._pending_checkpoint)
+        if self._appended and self._on_appended is not None:
+            self._on_appended()
 
     async def _rollback(self) -> None:
         # Shielded and bounded in the bridge; a session it cannot bring back to "no open

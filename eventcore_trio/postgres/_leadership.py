@@ -52,6 +52,7 @@ from .._errors import (
 from .._filters import EventFilter
 from .._leadership_state import LeadershipState
 from .._status import ProjectionState
+from ._appends import AppendStatement
 from ._batch import PostgresBatch
 from ._bridge import Connection, connect
 from ._fence import (
@@ -114,6 +115,9 @@ class LeadershipContext:
 
     subscriptions: Subscriptions
     server_version: int = 0
+    # The append statement, and what wakes readers after a batch that appended commits.
+    append_statement: AppendStatement | None = None
+    on_appended: Callable[[], None] | None = None
 
     @property
     def lock_session_settings(self) -> dict[str, str]:
@@ -175,7 +179,12 @@ class PostgresLeadership(LeadershipState):
         """
         async with self._use() as connection:
             batch = PostgresBatch(
-                connection, self._proof, self._context.subscriptions, self._mark_lost
+                connection,
+                self._proof,
+                self._context.subscriptions,
+                self._mark_lost,
+                append_statement=self._context.append_statement,
+                on_appended=self._context.on_appended,
             )
             try:
                 try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, Literal, final, overload
 
 import trio
@@ -61,6 +61,7 @@ from ._schema import (
 )
 from ._snapshots import SnapshotTable
 from ._subscriptions import Subscriptions
+from ._transaction import Isolation, PostgresTransaction, open_transaction
 
 DSN_ENVIRONMENT_VARIABLE: Final = "EVENTCORE_DSN"
 
@@ -104,7 +105,6 @@ class PostgresStore:
         self._reads = ReadQueries(schema)
         self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
-        self._leadership_context = LeadershipContext(self._subscriptions, server_version)
         # Readers' wake-ups, and balancing hosts'; each connects on its first wait.
         listener = functools.partial(
             Listener, nursery=nursery, dsn=session_dsn, connect_timeout=connect_timeout
@@ -116,6 +116,12 @@ class PostgresStore:
             channel=hosts_channel(schema), application_name=f"{application_name} hosts listener"
         )
         self._notifier = Notifier(nursery=nursery, pool=pool, channel=notify_channel(schema))
+        self._leadership_context = LeadershipContext(
+            self._subscriptions,
+            server_version,
+            append_statement=self._append_statement,
+            on_appended=self._notifier.poke,
+        )
         self._admin = PostgresAdmin(
             pool=pool,
             schema=schema,
@@ -188,6 +194,42 @@ class PostgresStore:
         self._check_open()
         rows = await self._pool.fetch(self._reads.read_stream, stream_id, after_version)
         return [recorded_row(row) for row in rows]
+
+    def transaction(
+        self, *, isolation: Isolation = "read committed"
+    ) -> AbstractAsyncContextManager[PostgresTransaction]:
+        """One transaction of your own, with appends: the outbox pattern.
+
+        Write your application's rows and append events atomically, in one transaction on a
+        pooled connection; it commits when the block ends, or rolls back if the block
+        raises. Readers never skip its events, however long it ran before appending, and
+        are woken once it commits.
+
+        Example::
+
+            async with store.transaction() as tx:
+                await tx.execute("INSERT INTO orders (id, total) VALUES ($1, $2)", order, 30)
+                await tx.append(f"order-{order}", [NewEvent("OrderPlaced", {"total": 30})],
+                                expected_version=0)
+
+        Args:
+            isolation: ``"read committed"`` (the default), ``"repeatable read"`` or
+                ``"serializable"``. At a stricter level the transaction announces itself as
+                an event writer when it begins, so it holds readers back (events committed
+                after it started wait) until it ends; at READ COMMITTED only from its first
+                append on.
+
+        Raises:
+            InvalidArgument: an unknown isolation level.
+            DatabaseError: a statement in the block failed, even if the block caught its
+                error: nothing was committed.
+
+        .. versionadded:: 0.3
+        """
+        self._check_open()
+        return open_transaction(
+            self._pool, self._schema, self._append_statement, self._notifier.poke, isolation
+        )
 
     # -- SnapshotStore -------------------------------------------------------------------
 

@@ -9,8 +9,16 @@ from typing import Any, Protocol, final, runtime_checkable
 
 import attrs
 
+from .._causation import caused_by
 from .._errors import InvalidArgument
-from .._events import RecordedEvent, UndecodableEvent
+from .._events import (
+    AppendResult,
+    NewEvent,
+    RecordedEvent,
+    StreamAppend,
+    UndecodableEvent,
+    prepare_appends,
+)
 from .._filters import EventFilter
 from .._partitions import Partition, check_partitions, units_of
 from .._positions import Position
@@ -131,6 +139,55 @@ class ProjectionContext:
         """The recorded event being applied (its metadata, id, stream), also when the handler
         receives a typed event decoded from it."""
         return self._event
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = None,
+    ) -> AppendResult:
+        """Append *events* to a stream in this batch: a reactor, or process manager.
+
+        They commit in the same transaction as the checkpoint, or not at all: each handled
+        event causes its events exactly once, even when the host is killed mid-batch (the
+        batch is applied again by the next leader, and its appends with it). Each event's
+        metadata gets the handled event's correlation id and its id as the causation id
+        (`caused_by`), unless it sets them itself. ``expected_version`` works as for
+        `EventStore.append`.
+
+        Example::
+
+            @projector("shipping", event_types=["OrderPaid"])
+            async def ship(event: RecordedEvent, ctx: ProjectionContext) -> None:
+                await ctx.append(f"shipment-{event.stream_id}", [NewEvent("ShipmentRequested",
+                    {"order": event.stream_id})], expected_version=0)
+
+        Raises:
+            VersionConflict: the stream's version is not *expected_version*; the event fails
+                like any handler error (``on_error``: RETRY applies the batch again).
+
+        .. versionadded:: 0.3
+        """
+        return await self.append_atomic(
+            [StreamAppend(stream_id, events, expected_version=expected_version)]
+        )
+
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Append to several streams in this batch, with causal metadata (see `append`).
+
+        .. versionadded:: 0.3
+        """
+        cause = {} if self._event is None else caused_by(self._event)
+        stamped = [
+            StreamAppend(
+                request.stream_id,
+                [attrs.evolve(e, metadata={**cause, **e.metadata}) for e in request.events],
+                expected_version=request.expected_version,
+            )
+            for request in prepare_appends(appends)
+        ]
+        return await self._batch.append_atomic(stamped)
 
 
 # The event is a RecordedEvent, or the typed object decoded from it with a registry.

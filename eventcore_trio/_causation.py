@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._events import RecordedEvent
+from ._events import RecordedEvent
 
 CORRELATION_ID = "correlation_id"
 CAUSATION_ID = "causation_id"

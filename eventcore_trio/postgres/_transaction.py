@@ -1,0 +1,155 @@
+"""Appends in the caller's transaction (the outbox pattern): `PostgresStore.transaction`.
+
+The application writes its own rows and appends events in one transaction it controls.
+Readers never skip those events, however long the transaction held an id before appending:
+at READ COMMITTED its appends take the path of a writer that had an id before it announced
+itself; at a stricter level it announces itself when it begins (docs/postgres.md, "The read
+horizon"), and holds readers back from then on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Final, Literal, TypeVar, final
+
+from .._errors import DatabaseError, InvalidArgument
+from .._events import AppendResult, NewEvent, StreamAppend
+from .._validation import check_expected_version, check_stream_id
+from ._appends import AppendStatement, append_result
+from ._bridge import Connection, Record
+from ._keys import writer_lock_key
+from ._pool import Pool
+
+T = TypeVar("T")
+
+Isolation = Literal["read committed", "repeatable read", "serializable"]
+_ISOLATIONS: Final = ("read committed", "repeatable read", "serializable")
+
+
+@final
+class PostgresTransaction:
+    """One transaction of the application's, with appends: from `PostgresStore.transaction`.
+
+    Run your own statements (``execute``, ``fetch``, …) and appends (``append``,
+    ``append_atomic``, with expected versions as on the store) in any order; everything
+    commits when the ``async with`` block ends, or nothing does. A statement that fails
+    (a `VersionConflict`, say) leaves the transaction unusable: PostgreSQL refuses the rest,
+    and the block ends with the error even if you caught it, since nothing can commit.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, connection: Connection, append_statement: AppendStatement) -> None:
+        self._connection = connection
+        self._append_statement = append_statement
+        self._failure: BaseException | None = None
+        self._appended = False
+
+    async def _run(self, call: Callable[..., Any], *args: Any) -> Any:
+        if self._failure is not None:
+            raise DatabaseError(
+                "an earlier statement of this transaction failed, so it can only roll back; "
+                f"end the block (the failure: {self._failure!r})"
+            ) from self._failure
+        try:
+            return await call(*args)
+        except BaseException as exc:
+            self._failure = exc
+            raise
+
+    async def execute(self, sql: str, *args: object) -> str:
+        """Run a statement of your own; return its status tag."""
+        result: str = await self._run(self._connection.execute, sql, *args)
+        return result
+
+    async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
+        """Run a statement once per argument tuple (pipelined)."""
+        await self._run(self._connection.executemany, sql, args)
+
+    async def fetch(self, sql: str, *args: object) -> list[Record]:
+        """Run a query; every row."""
+        rows: list[Record] = await self._run(self._connection.fetch, sql, *args)
+        return rows
+
+    async def fetchrow(self, sql: str, *args: object) -> Record | None:
+        """Run a query; its first row, or None."""
+        row: Record | None = await self._run(self._connection.fetchrow, sql, *args)
+        return row
+
+    async def fetchval(self, sql: str, *args: object) -> Any:
+        """Run a query; the first column of its first row."""
+        return await self._run(self._connection.fetchval, sql, *args)
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = None,
+    ) -> AppendResult:
+        """Append *events* to one stream in this transaction (see `EventStore.append`).
+
+        The result's position is where the events will be once the transaction commits.
+
+        Raises:
+            VersionConflict: the stream's version is not *expected_version*; the
+                transaction can then only roll back.
+        """
+        request = StreamAppend(
+            check_stream_id(stream_id),
+            events,
+            expected_version=check_expected_version(expected_version),
+        )
+        return await self.append_atomic([request])
+
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Append to several streams in this transaction (see `EventStore.append_atomic`)."""
+        sql, args = self._append_statement(appends)
+        row = await self._run(self._connection.fetchrow, sql, *args)
+        self._appended = True
+        return append_result(row, args)
+
+
+@asynccontextmanager
+async def open_transaction(
+    pool: Pool,
+    schema: str,
+    append_statement: AppendStatement,
+    on_appended: Callable[[], None],
+    isolation: Isolation,
+) -> AsyncIterator[PostgresTransaction]:
+    """A transaction on a pooled connection for the block (see `PostgresStore.transaction`)."""
+    if isolation not in _ISOLATIONS:
+        raise InvalidArgument(
+            f"isolation must be one of {', '.join(_ISOLATIONS)}; got {isolation!r}"
+        )
+    async with pool.acquire() as connection:
+        await connection.execute(f"BEGIN ISOLATION LEVEL {isolation.upper()}")
+        transaction = PostgresTransaction(connection, append_statement)
+        try:
+            if isolation != "read committed":
+                # No fresh snapshot later: announce the writer now, before any id.
+                await connection.execute(
+                    "SELECT set_config('eventcore_trio.writer', $1, true), "
+                    "pg_advisory_xact_lock_shared($2)",
+                    schema,
+                    writer_lock_key(schema),
+                )
+            yield transaction
+        except BaseException:
+            await connection.rollback()
+            raise
+        if transaction._failure is not None:
+            await connection.rollback()
+            raise DatabaseError(
+                "the transaction was rolled back, since one of its statements failed "
+                f"({transaction._failure!r}); nothing was committed"
+            ) from transaction._failure
+        try:
+            await connection.commit()
+        except BaseException:
+            await connection.rollback()
+            raise
+    if transaction._appended:
+        on_appended()
