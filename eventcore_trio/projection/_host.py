@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable, Iterable
 
 import attrs
@@ -19,6 +21,32 @@ from ._projector import ResolvedProjector, resolve
 from ._runner import run_led
 
 logger = logging.getLogger("eventcore_trio.host")
+
+#: Seconds between a host's status reads for the lag gauges (with OpenTelemetry only).
+LAG_REPORT_INTERVAL = 10.0
+
+
+async def _report_lag(store: Store, units: frozenset[str]) -> None:
+    # The lag gauges count what a unit has not applied, held back or not; a batch that does
+    # not commit (held back by an open writer) records nothing in the lag histogram, so the
+    # gauges come from status, read once per interval for the whole host.
+    me = (os.getpid(), socket.gethostname())
+    while True:
+        try:
+            status = await store.projection_status()
+        except EventCoreError as exc:
+            logger.debug("lag gauges: status unavailable (%s)", exc)
+        else:
+            METRICS.lag(
+                {
+                    s.unit: (s.lag_events, s.lag_seconds)
+                    for s in status
+                    if s.unit in units
+                    and s.leader is not None
+                    and (s.leader.pid, s.leader.host) == me
+                }
+            )
+        await trio.sleep(LAG_REPORT_INTERVAL)
 
 
 async def _supervise(
@@ -285,6 +313,8 @@ async def run_projections(
     resolved = [unit for projection in projections for unit in projection.units()]
     if config.balance:
         async with trio.open_nursery() as nursery:
+            if METRICS.enabled:
+                nursery.start_soon(_report_lag, store, frozenset(u.name for u in resolved))
             balancer = _Balancer({u.name: u for u in resolved}, store, config, nursery)
             await nursery.start(balancer.run)
             logger.info(
@@ -295,6 +325,8 @@ async def run_projections(
             task_status.started()
         return
     async with trio.open_nursery() as nursery:
+        if METRICS.enabled:
+            nursery.start_soon(_report_lag, store, frozenset(u.name for u in resolved))
         ready_events = []
         for projector in resolved:
             ready = trio.Event()

@@ -9,6 +9,9 @@ attribute):
 - ``eventcore.projection.lag`` (histogram, s): age of a batch's last event when it committed.
 - ``eventcore.projection.dead_letters`` (counter): events skipped into dead letters.
 - ``eventcore.projection.failovers`` (counter): leaderships taken after standing by.
+- ``eventcore.projection.lag_events`` (gauge, events) and ``eventcore.projection.lag_seconds``
+  (gauge, s): committed events a unit this host leads has not applied (held back or not)
+  and the age of the oldest, from the host's periodic status read (`run_projections`).
 """
 
 from __future__ import annotations
@@ -50,6 +53,42 @@ class ProjectionMetrics:
         self._failovers: Any = meter.create_counter(
             "eventcore.projection.failovers", description="leaderships taken after standby"
         )
+        # Gauges read what the hosts' status reads left here, by unit.
+        self._lag_now: dict[str, tuple[int, float]] = {}
+        meter.create_observable_gauge(
+            "eventcore.projection.lag_events",
+            callbacks=[self._observe_lag_events],
+            unit="{event}",
+            description="committed events not yet applied, held back or not",
+        )
+        meter.create_observable_gauge(
+            "eventcore.projection.lag_seconds",
+            callbacks=[self._observe_lag_seconds],
+            unit="s",
+            description="age of the oldest committed event not yet applied",
+        )
+
+    def _observe_lag_events(self, _options: Any) -> list[Any]:
+        return [
+            _otel.Observation(events, {"projector": unit})
+            for unit, (events, _) in self._lag_now.items()
+        ]
+
+    def _observe_lag_seconds(self, _options: Any) -> list[Any]:
+        return [
+            _otel.Observation(seconds, {"projector": unit})
+            for unit, (_, seconds) in self._lag_now.items()
+        ]
+
+    @property
+    def enabled(self) -> bool:
+        """Whether OpenTelemetry is installed (else every record is a no-op)."""
+        return self._enabled
+
+    def lag(self, lags: dict[str, tuple[int, float]]) -> None:
+        """Replace the lag of the units this host leads: events and seconds, by unit."""
+        if self._enabled:
+            self._lag_now = dict(lags)
 
     def batch(self, projector: str, events: int, seconds: float, lag: float | None) -> None:
         """Record a committed batch."""

@@ -86,3 +86,35 @@ async def test_batches_dead_letters_and_failovers_are_counted(
                 while not await taken_over():  # noqa: ASYNC110  (metrics have no event)
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
+
+
+async def test_hosts_report_lag_gauges(
+    reader: InMemoryMetricReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host reports, for the units it leads, the events they have not applied and their
+    age, also while no batch commits (a batch's own lag is recorded only when it does)."""
+    from eventcore_trio.projection import _host
+
+    monkeypatch.setattr(_host, "LAG_REPORT_INTERVAL", 0.02)
+    release = trio.Event()
+
+    @projector("lagging")
+    async def stuck(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        await release.wait()
+
+    def lag_events() -> list[float]:
+        return [p.value for p in _points(reader, "eventcore.projection.lag_events", "lagging")]
+
+    async with open_memory_store() as store, trio.open_nursery() as nursery:
+        await store.append("s", [NewEvent("E", {})] * 3)
+        await nursery.start(run_projections, store, [stuck])
+        with trio.fail_after(10):
+            while lag_events() != [3]:  # noqa: ASYNC110  (metrics have no event)
+                await trio.sleep(0.01)
+        (seconds,) = _points(reader, "eventcore.projection.lag_seconds", "lagging")
+        assert seconds.value >= 0
+        release.set()
+        with trio.fail_after(10):
+            while lag_events() != [0]:  # noqa: ASYNC110  (metrics have no event)
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()
