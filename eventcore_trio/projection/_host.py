@@ -23,7 +23,7 @@ from ._runner import run_led
 logger = logging.getLogger("eventcore_trio.host")
 
 #: Seconds between a host's status reads for the lag gauges (with OpenTelemetry only).
-LAG_REPORT_INTERVAL = 10.0
+LAG_REPORT_INTERVAL = 30.0
 
 
 async def _report_lag(store: Store, units: frozenset[str]) -> None:
