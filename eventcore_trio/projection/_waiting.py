@@ -143,3 +143,23 @@ async def wait_for_projections(
         lagging=names,
         position=position,
     )
+
+
+async def wait_caught_up(
+    store: _Store,
+    projectors: Sequence[object],
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109  (the error names the lagging units)
+) -> None:
+    """Wait until *projectors* have applied every event stored so far (for tests).
+
+    The store's last readable position now, then `wait_for_projections` on it: every
+    partition of each projector, so a test's assertions on the read models see every event
+    it appended before the call.
+
+    Raises:
+        ProjectionLagging: a projection had not caught up within *timeout*.
+
+    .. versionadded:: 0.3
+    """
+    await wait_for_projections(store, projectors, await store.last_position(), timeout=timeout)
