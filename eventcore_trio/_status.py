@@ -175,3 +175,38 @@ class DeadLetter:
     def position(self) -> Position:
         """The skipped event's position."""
         return self.event.position
+
+
+def status_json(record: ProjectionStatus) -> dict[str, object]:
+    """One unit's status as JSON values (``eventcore-trio status --json``, the dashboard)."""
+    held = record.held_back_by
+    return {
+        "name": record.name,
+        "unit": record.unit,
+        "partition": record.partition,
+        "partitions": record.partitions,
+        "state": record.state.value,
+        "checkpoint": None if record.checkpoint is None else str(record.checkpoint),
+        "lag_events": record.lag_events,
+        "lag_seconds": record.lag_seconds,
+        "leader": None
+        if record.leader is None
+        else {
+            "pid": record.leader.pid,
+            "host": record.leader.host,
+            "application_name": record.leader.application_name,
+        },
+        "standbys": record.standbys,
+        "dead_letters": record.dead_letters,
+        "last_error": record.last_error,
+        "updated_at": None if record.updated_at is None else record.updated_at.isoformat(),
+        "held_back_by": None
+        if held is None
+        else {
+            "pid": held.pid,
+            "application_name": held.application_name,
+            "state": held.state,
+            "started_at": None if held.started_at is None else held.started_at.isoformat(),
+            "query": held.query,
+        },
+    }

@@ -32,6 +32,7 @@ from ._errors import (
     ProjectionNotFound,
     StoreConnectionError,
 )
+from ._status import status_json
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -128,6 +129,29 @@ def _add_status_command(commands: Any) -> None:
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
+def _add_dashboard_command(commands: Any) -> None:
+    dashboard = commands.add_parser(
+        "dashboard",
+        help="serve a live web page of every unit, /status.json and /metrics",
+        description="A page that updates every second: units, leaders, lag, units per host, "
+        "dead letters, what holds readers back, recent failovers; /status.json for scripts "
+        "and /metrics for Prometheus. Read-only unless --allow-actions. Needs the dashboard "
+        "extra.",
+    )
+    _add_dsn(dashboard)
+    dashboard.add_argument(
+        "--bind",
+        default="127.0.0.1:8000",
+        help="HOST:PORT to listen on (default: 127.0.0.1:8000; 0.0.0.0 shows it to the "
+        "network, without authentication)",
+    )
+    dashboard.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="allow resetting a projection from the page (asks for confirmation)",
+    )
+
+
 def _add_reset_command(commands: Any) -> None:
     reset = commands.add_parser(
         "reset",
@@ -197,6 +221,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_migrate_command(commands)
     _add_status_command(commands)
     _add_reset_command(commands)
+    _add_dashboard_command(commands)
     _add_run_command(commands)
     _add_bench_command(commands)
     _add_dead_letters_command(commands)
@@ -246,6 +271,25 @@ async def _migrate(dsn: str, schema: str) -> None:
         print(f"schema {schema!r} is at version {LATEST_SCHEMA_VERSION}")
 
 
+async def _dashboard(dsn: str, schema: str, bind: str, allow_actions: bool) -> None:
+    try:
+        from .dashboard import serve_dashboard
+        from .dashboard._serve import check_bind
+    except ImportError as exc:
+        raise ConfigurationError(str(exc)) from exc
+    from .postgres import open_postgres_store
+
+    check_bind(bind)
+    async with (
+        open_postgres_store(dsn, schema=schema, migrate=False) as store,
+        trio.open_nursery() as nursery,
+    ):
+        urls = await nursery.start(
+            functools.partial(serve_dashboard, store, bind=bind, allow_actions=allow_actions)
+        )
+        print(f"dashboard at {', '.join(urls)} (Ctrl-C to stop)", flush=True)
+
+
 async def _status(dsn: str, schema: str, as_json: bool) -> None:
     from .postgres import open_postgres_store
 
@@ -254,29 +298,7 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
     if as_json:
         print(
             json.dumps(
-                [
-                    {
-                        "name": r.name,
-                        "partition": r.partition,
-                        "partitions": r.partitions,
-                        "state": r.state.value,
-                        "checkpoint": None if r.checkpoint is None else str(r.checkpoint),
-                        "lag_events": r.lag_events,
-                        "lag_seconds": r.lag_seconds,
-                        "leader": None
-                        if r.leader is None
-                        else {
-                            "pid": r.leader.pid,
-                            "host": r.leader.host,
-                            "application_name": r.leader.application_name,
-                        },
-                        "standbys": r.standbys,
-                        "dead_letters": r.dead_letters,
-                        "last_error": r.last_error,
-                        "updated_at": None if r.updated_at is None else r.updated_at.isoformat(),
-                    }
-                    for r in records
-                ],
+                [status_json(r) for r in records],
                 indent=2,
             )
         )
@@ -513,6 +535,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print("not reset")
                     return EXIT_FAILED
             run_program(_reset, dsn, args.schema, args.name, args.wait)
+        elif args.command == "dashboard":
+            run_program(_dashboard, dsn, args.schema, args.bind, args.allow_actions)
         elif args.command == "run":
             projectors = load_projectors(args.target)
             return run_program(_run, dsn, args.schema, projectors)

@@ -1,0 +1,81 @@
+"""The dashboard's ASGI application (Starlette): the page, ``/status.json``, ``/metrics``,
+and, only when allowed, ``POST /actions/reset``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route
+
+from .._errors import InvalidArgument, ProjectionNotFound, ProjectionRunning
+from .._protocols import ProjectionAdmin
+from ._page import PAGE
+from ._prometheus import prometheus_text
+from ._state import DashboardState
+
+#: Actions need this header: a cross-site form cannot send it without a CORS preflight.
+ACTION_HEADER = "x-eventcore-action"
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def dashboard_app(store: ProjectionAdmin, state: DashboardState) -> Starlette:
+    """The dashboard as an ASGI app over *state* (kept fresh by `poll_status`).
+
+    Read-only unless *state* allows actions; then ``POST /actions/reset`` with
+    ``{"projection": name, "confirm": name}``, the ``X-Eventcore-Action: 1`` header and a
+    JSON body resets a projection that no host runs.
+
+    .. versionadded:: 0.3
+    """
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse(state.snapshot(), headers={"cache-control": "no-store"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(prometheus_text(state.statuses), media_type=CONTENT_TYPE_LATEST)
+
+    async def reset(request: Request) -> JSONResponse:
+        if not state.allow_actions:
+            return _error(403, "actions are off; start the dashboard with --allow-actions")
+        if request.headers.get(ACTION_HEADER) != "1":
+            return _error(400, f"an action needs the header {ACTION_HEADER}: 1")
+        try:
+            body: Any = json.loads(await request.body())
+        except ValueError:
+            return _error(400, 'the body must be JSON: {"projection": ..., "confirm": ...}')
+        if not isinstance(body, dict):
+            return _error(400, "the body must be a JSON object")
+        name, confirm = body.get("projection"), body.get("confirm")
+        if not isinstance(name, str) or not name:
+            return _error(400, '"projection" must be a projection\'s name')
+        if confirm != name:
+            return _error(400, '"confirm" must repeat the projection\'s name')
+        try:
+            await store.reset_projection(name)
+        except ProjectionNotFound:
+            return _error(404, f"no projection named {name!r} has run here")
+        except ProjectionRunning:
+            return _error(409, f"{name!r} is running; stop its hosts first")
+        except InvalidArgument as exc:
+            return _error(400, str(exc))
+        return JSONResponse({"reset": name})
+
+    return Starlette(
+        routes=[
+            Route("/", page, methods=["GET"]),
+            Route("/status.json", status, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/actions/reset", reset, methods=["POST"]),
+        ]
+    )

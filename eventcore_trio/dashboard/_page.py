@@ -1,0 +1,94 @@
+"""The dashboard's one page: it polls ``/status.json`` every second and redraws."""
+
+from typing import Final
+
+PAGE: Final = """<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>eventcore-trio dashboard</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<style>
+  body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5rem; color: #1d2330; }
+  h1 { font-size: 1.3rem; margin: 0 0 .2rem; }
+  h2 { font-size: 1.05rem; margin: 1.4rem 0 .4rem; }
+  table { border-collapse: collapse; }
+  th, td { padding: .25rem .6rem; border-bottom: 1px solid #dde1e8; text-align: left; }
+  td.n { text-align: right; font-variant-numeric: tabular-nums; }
+  .state-running { color: #12753a; font-weight: 600; }
+  .state-failed { color: #b3261e; font-weight: 600; }
+  .state-standby, .state-stopped { color: #6b7280; }
+  #stale { color: #b3261e; }
+  .bar { display: inline-block; height: .8rem; background: #3b6fd8; margin-right: .4rem; }
+  button { font: inherit; }
+</style>
+</head>
+<body>
+<h1>eventcore-trio</h1>
+<div id="meta">loading…</div> <div id="stale"></div>
+<h2>Units</h2>
+<table id="units"><thead><tr><th>unit</th><th>state</th><th>leader</th><th>checkpoint</th>
+<th>lag events</th><th>lag s</th><th>standbys</th><th>dead letters</th><th></th></tr></thead>
+<tbody></tbody></table>
+<h2>Units per host</h2><div id="hosts"></div>
+<h2>Lag (events, last minutes)</h2><svg id="chart" width="720" height="160"></svg>
+<h2>Holding readers back</h2><div id="held">nothing</div>
+<h2>Recent failovers</h2><ul id="failovers"></ul>
+<script>
+const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;",
+  ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+async function reset(name) {
+  if (!confirm("Reset " + name + "? Its checkpoint and dead letters are forgotten and it " +
+               "rebuilds from the start. Its hosts must be stopped.")) return;
+  const r = await fetch("/actions/reset", {method: "POST", headers: {"content-type":
+    "application/json", "x-eventcore-action": "1"}, body: JSON.stringify({projection: name,
+    confirm: name})});
+  alert((await r.json()).error || ("reset " + name));
+}
+const resetButton = (name) => `<button data-reset="${esc(name)}">reset</button>`;
+function draw(s) {
+  document.getElementById("meta").textContent = "status at " + (s.generated_at || "-") +
+    (s.actions ? " · actions allowed" : " · read-only");
+  document.getElementById("stale").textContent = s.error ? "stale: " + s.error : "";
+  document.querySelector("#units tbody").innerHTML = s.units.map((u) =>
+    `<tr data-unit="${esc(u.unit)}"><td>${esc(u.unit)}</td>` +
+    `<td class="state-${esc(u.state)}">${esc(u.state)}</td>` +
+    `<td>${u.leader ? esc(u.leader.host) + " pid " + esc(u.leader.pid) : "-"}</td>` +
+    `<td>${esc(u.checkpoint || "-")}</td><td class="n">${u.lag_events}</td>` +
+    `<td class="n">${u.lag_seconds.toFixed(2)}</td><td class="n">${u.standbys}</td>` +
+    `<td class="n">${u.dead_letters}</td>` +
+    `<td>${s.actions && u.partition === null ? resetButton(u.name) : ""}</td></tr>`
+  ).join("");
+  for (const button of document.querySelectorAll("button[data-reset]")) {
+    button.onclick = () => reset(button.dataset.reset);
+  }
+  document.getElementById("hosts").innerHTML = s.hosts.map((h) =>
+    `<div class="host"><span class="bar" style="width:${12 * h.units}px"></span>` +
+    `${esc(h.host)} pid ${esc(h.pid)}: ${h.units} unit${h.units === 1 ? "" : "s"}</div>`
+  ).join("") || "no host leads a unit";
+  const held = s.held_back_by;
+  document.getElementById("held").textContent = held ? `pid ${held.pid} ` +
+    `(${held.application_name || "?"}), ${held.state}, since ${held.started_at}: ` +
+    held.query : "nothing";
+  document.getElementById("failovers").innerHTML = s.failovers.map((f) =>
+    `<li>${esc(f.at)}: ${esc(f.unit)} from pid ${esc(f.from.pid)} to pid ${esc(f.to.pid)}` +
+    ` on ${esc(f.to.host)}</li>`).join("") || "<li>none seen</li>";
+  const h = s.lag_history, svg = document.getElementById("chart");
+  const units = [...new Set(h.flatMap((p) => Object.keys(p.lag)))];
+  const top = Math.max(1, ...h.flatMap((p) => Object.values(p.lag)));
+  const colors = ["#3b6fd8", "#d8663b", "#12753a", "#8a3bd8", "#b3261e", "#6b7280"];
+  svg.innerHTML = units.map((unit, i) => `<polyline fill="none" stroke="${colors[i % 6]}"` +
+    ` points="${h.map((p, x) => `${x * 720 / Math.max(1, h.length - 1)},` +
+    `${150 - 140 * (p.lag[unit] || 0) / top}`).join(" ")}"><title>${esc(unit)}</title>` +
+    `</polyline>`).join("");
+}
+async function tick() {
+  try { draw(await (await fetch("/status.json", {cache: "no-store"})).json()); }
+  catch (e) { document.getElementById("stale").textContent = "dashboard unreachable"; }
+  setTimeout(tick, 1000);
+}
+tick();
+</script>
+</body>
+</html>
+"""

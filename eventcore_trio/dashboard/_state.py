@@ -1,0 +1,129 @@
+"""What the dashboard shows: the latest status of every unit, kept by one polling task.
+
+Requests never touch the database: one task reads `projection_status` once a second and
+keeps the snapshot, a few minutes of lag history and the recent failovers. When the
+database is down the snapshot keeps its last units and says why it is stale.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections import deque
+from typing import Any, Final
+
+import trio
+
+from .._errors import EventCoreError
+from .._protocols import ProjectionAdmin
+from .._status import ProjectionStatus, status_json
+
+logger = logging.getLogger("eventcore_trio.dashboard")
+
+#: Seconds between status reads.
+POLL_INTERVAL: Final = 1.0
+#: Seconds of lag history kept for the chart.
+HISTORY_SECONDS: Final = 300
+#: Failovers kept.
+FAILOVERS_KEPT: Final = 20
+
+
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+class DashboardState:
+    """The latest status snapshot, lag history and recent failovers (see `poll_status`).
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, *, allow_actions: bool = False) -> None:
+        self.allow_actions = allow_actions
+        self.statuses: list[ProjectionStatus] = []
+        self.updated_at: dt.datetime | None = None
+        self.error: str | None = None
+        self._history: deque[dict[str, Any]] = deque(maxlen=int(HISTORY_SECONDS / POLL_INTERVAL))
+        self._failovers: deque[dict[str, Any]] = deque(maxlen=FAILOVERS_KEPT)
+        self._leaders: dict[str, tuple[str, int]] = {}
+        self.changed = trio.Event()
+
+    def update(self, statuses: list[ProjectionStatus]) -> None:
+        """Take a new status read: history, failovers (a unit led by another process than
+        the last one that led it)."""
+        now = _now()
+        for record in statuses:
+            if record.leader is None:
+                continue
+            leader = (record.leader.host, record.leader.pid)
+            before = self._leaders.get(record.unit)
+            if before is not None and before != leader:
+                self._failovers.appendleft(
+                    {
+                        "unit": record.unit,
+                        "at": now.isoformat(),
+                        "from": {"host": before[0], "pid": before[1]},
+                        "to": {"host": leader[0], "pid": leader[1]},
+                    }
+                )
+            self._leaders[record.unit] = leader
+        self._history.append(
+            {"at": now.isoformat(), "lag": {r.unit: r.lag_events for r in statuses}}
+        )
+        self.statuses = statuses
+        self.updated_at = now
+        self.error = None
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def fail(self, error: BaseException) -> None:
+        """Keep the last snapshot, marked stale with *error*."""
+        self.error = f"{type(error).__name__}: {error}"
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything ``/status.json`` serves."""
+        hosts: dict[tuple[str, int], int] = {}
+        for record in self.statuses:
+            if record.leader is not None:
+                key = (record.leader.host, record.leader.pid)
+                hosts[key] = hosts.get(key, 0) + 1
+        held = next((r for r in self.statuses if r.held_back_by is not None), None)
+        return {
+            "generated_at": None if self.updated_at is None else self.updated_at.isoformat(),
+            "error": self.error,
+            "actions": self.allow_actions,
+            "units": [status_json(r) for r in self.statuses],
+            "hosts": [
+                {"host": host, "pid": pid, "units": count}
+                for (host, pid), count in sorted(hosts.items())
+            ],
+            "held_back_by": None if held is None else status_json(held)["held_back_by"],
+            "failovers": list(self._failovers),
+            "lag_history": list(self._history),
+        }
+
+
+async def poll_status(
+    store: ProjectionAdmin,
+    state: DashboardState,
+    *,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Read the store's status into *state* once a second, until cancelled.
+
+    A failed read (the database restarting, say) marks the snapshot stale and is retried
+    at the next tick; it never ends the task.
+
+    .. versionadded:: 0.3
+    """
+    started = False
+    while True:
+        try:
+            state.update(await store.projection_status())
+        except EventCoreError as exc:
+            logger.warning("dashboard: status unavailable: %s", exc)
+            state.fail(exc)
+        if not started:
+            started = True
+            task_status.started()
+        await trio.sleep(POLL_INTERVAL)
