@@ -26,6 +26,12 @@ from .helpers import LEADER_SCRIPT, start_interruptible
 class TestCommandLine:
     """Commands, exit codes and help."""
 
+    def test_dashboard_bad_input(self, postgres_dsn: str) -> None:
+        """A malformed --bind or no DSN: exit 2 with a message, before anything listens."""
+        assert main(["dashboard", "--dsn", postgres_dsn, "--bind", "nonsense"]) == EXIT_USAGE
+        assert main(["dashboard", "--dsn", postgres_dsn, "--bind", "host:99999"]) == EXIT_USAGE
+        assert main(["dashboard", "--dsn", ""]) == EXIT_USAGE
+
     def test_demo_on_memory(self, capsys: pytest.CaptureFixture[str]) -> None:
         """The in-memory demo verifies and exits 0."""
         assert main(["demo", "--memory", "--transfers", "20"]) == EXIT_OK
@@ -67,6 +73,7 @@ class TestCommandLine:
         assert "VERIFIED" in output
         assert "with SIGKILL; standbys took its units over in" in output
         assert "units per host now: " in output
+        assert "dashboard: open http://127.0.0.1:" in output
         assert seen_hosts, "no demo host process was seen"
         assert leaked == []
 

@@ -11,8 +11,10 @@ conserved, nothing lost, nothing applied twice.
 
 from __future__ import annotations
 
+import functools
 import random
 import signal
+import socket
 import sys
 import time
 import uuid
@@ -98,6 +100,26 @@ async def _writer(
         await trio.sleep(0.002)
 
 
+async def _open_dashboard(
+    store: PostgresStore, nursery: trio.Nursery, out: Callable[[str], None]
+) -> None:
+    # The same run in a browser: the units spread over the hosts, the failover.
+    try:
+        from ..dashboard import serve_dashboard
+    except ImportError:
+        out("(install the dashboard extra to watch this run in a browser)")
+        return
+    # Port 8000 when it is free (a URL to remember), else any free one.
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", 8000))
+            bind = "127.0.0.1:8000"
+        except OSError:
+            bind = "127.0.0.1:0"
+    urls = await nursery.start(functools.partial(serve_dashboard, store, bind=bind))
+    out(f"dashboard: open {urls[0]} to watch the units and the failover live")
+
+
 def _render(stats: _Stats, elapsed: float) -> list[str]:
     rate = 2 * stats.transfers / elapsed if elapsed >= 1 else 0.0
     lines = [
@@ -138,6 +160,7 @@ async def run_failover_demo(
             async with trio.open_nursery() as nursery:
                 hosts = [await nursery.start(_host, dsn, schema, app) for _ in range(3)]
                 out(f"hosts running: pids {', '.join(str(h.pid) for h in hosts)}")
+                await _open_dashboard(store, nursery, out)
                 stop = trio.Event()
                 # One cache for the writers: a transfer reads only its accounts' new events,
                 # so the rate stays level as the accounts grow.
