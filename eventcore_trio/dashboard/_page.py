@@ -32,6 +32,7 @@ PAGE: Final = """<!doctype html>
 <tbody></tbody></table>
 <h2>Units per host</h2><div id="hosts"></div>
 <h2>Lag (events, last minutes)</h2><svg id="chart" width="720" height="160"></svg>
+<div id="legend"></div>
 <h2>Holding readers back</h2><div id="held">nothing</div>
 <h2>Recent failovers</h2><ul id="failovers"></ul>
 <script>
@@ -81,6 +82,9 @@ function draw(s) {
     ` points="${h.map((p, x) => `${x * 720 / Math.max(1, h.length - 1)},` +
     `${150 - 140 * (p.lag[unit] || 0) / top}`).join(" ")}"><title>${esc(unit)}</title>` +
     `</polyline>`).join("");
+  document.getElementById("legend").innerHTML = units.map((unit, i) =>
+    `<span style="color:${colors[i % 6]}">&#9632; ${esc(unit)}</span>`).join(" &nbsp; ") +
+    (units.length ? ` &nbsp; (top of the chart: ${top} events)` : "");
 }
 async function tick() {
   try { draw(await (await fetch("/status.json", {cache: "no-store"})).json()); }
