@@ -148,7 +148,13 @@ def _add_dashboard_command(commands: Any) -> None:
     dashboard.add_argument(
         "--allow-actions",
         action="store_true",
-        help="allow resetting a projection from the page (asks for confirmation)",
+        help="allow resetting a projection, and replaying dead letters of the --projectors, "
+        "from the page (each asks for confirmation)",
+    )
+    dashboard.add_argument(
+        "--projectors",
+        metavar="MODULE:ATTR",
+        help="the projectors whose dead letters the page may replay (with --allow-actions)",
     )
 
 
@@ -271,7 +277,9 @@ async def _migrate(dsn: str, schema: str) -> None:
         print(f"schema {schema!r} is at version {LATEST_SCHEMA_VERSION}")
 
 
-async def _dashboard(dsn: str, schema: str, bind: str, allow_actions: bool) -> None:
+async def _dashboard(
+    dsn: str, schema: str, bind: str, allow_actions: bool, projectors: list[Any]
+) -> None:
     try:
         from .dashboard import serve_dashboard
         from .dashboard._serve import check_bind
@@ -285,7 +293,13 @@ async def _dashboard(dsn: str, schema: str, bind: str, allow_actions: bool) -> N
         trio.open_nursery() as nursery,
     ):
         urls = await nursery.start(
-            functools.partial(serve_dashboard, store, bind=bind, allow_actions=allow_actions)
+            functools.partial(
+                serve_dashboard,
+                store,
+                bind=bind,
+                allow_actions=allow_actions,
+                projectors=projectors,
+            )
         )
         print(f"dashboard at {', '.join(urls)} (Ctrl-C to stop)", flush=True)
 
@@ -536,7 +550,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     return EXIT_FAILED
             run_program(_reset, dsn, args.schema, args.name, args.wait)
         elif args.command == "dashboard":
-            run_program(_dashboard, dsn, args.schema, args.bind, args.allow_actions)
+            projectors = load_projectors(args.projectors) if args.projectors else []
+            run_program(_dashboard, dsn, args.schema, args.bind, args.allow_actions, projectors)
         elif args.command == "run":
             projectors = load_projectors(args.target)
             return run_program(_run, dsn, args.schema, projectors)

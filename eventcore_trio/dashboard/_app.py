@@ -4,6 +4,7 @@ and, only when allowed, ``POST /actions/reset``."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -12,8 +13,15 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from .._errors import InvalidArgument, ProjectionNotFound, ProjectionRunning
-from .._protocols import ProjectionAdmin
+from .._errors import (
+    InvalidArgument,
+    LeadershipUnavailable,
+    ProjectionNotFound,
+    ProjectionRunning,
+)
+from .._protocols import ProjectionAdmin, Store
+from ..projection import replay_dead_letters
+from ..projection._projector import resolve
 from ._page import PAGE
 from ._prometheus import prometheus_text
 from ._state import DashboardState
@@ -26,26 +34,25 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
-def dashboard_app(store: ProjectionAdmin, state: DashboardState) -> Starlette:
+def dashboard_app(
+    store: ProjectionAdmin,
+    state: DashboardState,
+    projectors: Sequence[object] = (),
+) -> Starlette:
     """The dashboard as an ASGI app over *state* (kept fresh by `poll_status`).
 
     Read-only unless *state* allows actions; then ``POST /actions/reset`` with
     ``{"projection": name, "confirm": name}``, the ``X-Eventcore-Action: 1`` header and a
-    JSON body resets a projection that no host runs.
+    JSON body resets a projection that no host runs, and ``POST /actions/replay`` replays
+    the dead letters of one of *projectors* (replaying needs the projector's code).
 
     .. versionadded:: 0.3
     """
+    by_name = {resolve(p).name: p for p in projectors}
+    state.replayable = sorted(by_name)
 
-    async def page(request: Request) -> HTMLResponse:
-        return HTMLResponse(PAGE)
-
-    async def status(request: Request) -> JSONResponse:
-        return JSONResponse(state.snapshot(), headers={"cache-control": "no-store"})
-
-    async def metrics(request: Request) -> Response:
-        return Response(prometheus_text(state.statuses), media_type=CONTENT_TYPE_LATEST)
-
-    async def reset(request: Request) -> JSONResponse:
+    async def action(request: Request) -> str | JSONResponse:
+        # The projection an action names, or the response that refuses it.
         if not state.allow_actions:
             return _error(403, "actions are off; start the dashboard with --allow-actions")
         if request.headers.get(ACTION_HEADER) != "1":
@@ -61,6 +68,21 @@ def dashboard_app(store: ProjectionAdmin, state: DashboardState) -> Starlette:
             return _error(400, '"projection" must be a projection\'s name')
         if confirm != name:
             return _error(400, '"confirm" must repeat the projection\'s name')
+        return name
+
+    async def page(request: Request) -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    async def status(request: Request) -> JSONResponse:
+        return JSONResponse(state.snapshot(), headers={"cache-control": "no-store"})
+
+    async def metrics(request: Request) -> Response:
+        return Response(prometheus_text(state.statuses), media_type=CONTENT_TYPE_LATEST)
+
+    async def reset(request: Request) -> JSONResponse:
+        name = await action(request)
+        if not isinstance(name, str):
+            return name
         try:
             await store.reset_projection(name)
         except ProjectionNotFound:
@@ -71,11 +93,31 @@ def dashboard_app(store: ProjectionAdmin, state: DashboardState) -> Starlette:
             return _error(400, str(exc))
         return JSONResponse({"reset": name})
 
+    async def replay(request: Request) -> JSONResponse:
+        name = await action(request)
+        if not isinstance(name, str):
+            return name
+        projector = by_name.get(name)
+        if projector is None:
+            return _error(
+                404,
+                f"{name!r} is not among the projectors the dashboard was given "
+                "(--projectors MODULE:ATTR)",
+            )
+        if not isinstance(store, Store):
+            return _error(400, "this store cannot replay dead letters")
+        try:
+            result = await replay_dead_letters(projector, store)
+        except LeadershipUnavailable:
+            return _error(409, f"{name!r} is running; stop its hosts first")
+        return JSONResponse({"replayed": result.replayed, "failed": result.failed})
+
     return Starlette(
         routes=[
             Route("/", page, methods=["GET"]),
             Route("/status.json", status, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
             Route("/actions/reset", reset, methods=["POST"]),
+            Route("/actions/replay", replay, methods=["POST"]),
         ]
     )

@@ -38,6 +38,14 @@ PAGE: Final = """<!doctype html>
 <script>
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;",
   ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+async function replay(name) {
+  if (!confirm("Replay the dead letters of " + name + "? Its hosts must be stopped.")) return;
+  const r = await fetch("/actions/replay", {method: "POST", headers: {"content-type":
+    "application/json", "x-eventcore-action": "1"}, body: JSON.stringify({projection: name,
+    confirm: name})});
+  const body = await r.json();
+  alert(body.error || (body.replayed + " replayed, " + body.failed + " failed again"));
+}
 async function reset(name) {
   if (!confirm("Reset " + name + "? Its checkpoint and dead letters are forgotten and it " +
                "rebuilds from the start. Its hosts must be stopped.")) return;
@@ -47,6 +55,7 @@ async function reset(name) {
   alert((await r.json()).error || ("reset " + name));
 }
 const resetButton = (name) => `<button data-reset="${esc(name)}">reset</button>`;
+const replayButton = (name) => `<button data-replay="${esc(name)}">replay</button>`;
 function draw(s) {
   document.getElementById("meta").textContent = "status at " + (s.generated_at || "-") +
     (s.actions ? " · actions allowed" : " · read-only");
@@ -58,10 +67,14 @@ function draw(s) {
     `<td>${esc(u.checkpoint || "-")}</td><td class="n">${u.lag_events}</td>` +
     `<td class="n">${u.lag_seconds.toFixed(2)}</td><td class="n">${u.standbys}</td>` +
     `<td class="n">${u.dead_letters}</td>` +
-    `<td>${s.actions && u.partition === null ? resetButton(u.name) : ""}</td></tr>`
+    `<td>${s.actions && u.partition === null ? resetButton(u.name) : ""}` +
+    `${s.replayable.includes(u.name) && u.dead_letters ? replayButton(u.name) : ""}</td></tr>`
   ).join("");
   for (const button of document.querySelectorAll("button[data-reset]")) {
     button.onclick = () => reset(button.dataset.reset);
+  }
+  for (const button of document.querySelectorAll("button[data-replay]")) {
+    button.onclick = () => replay(button.dataset.replay);
   }
   document.getElementById("hosts").innerHTML = s.hosts.map((h) =>
     `<div class="host"><span class="bar" style="width:${12 * h.units}px"></span>` +

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import trio
@@ -33,13 +34,15 @@ async def serve_dashboard(
     *,
     bind: str = "127.0.0.1:8000",
     allow_actions: bool = False,
+    projectors: Sequence[object] = (),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the dashboard for *store* until cancelled.
 
     Started with ``await nursery.start(serve_dashboard, store)``, it reports the URLs it
     listens on. It listens on 127.0.0.1 unless *bind* says otherwise (``0.0.0.0:8000``
-    shows it to the network: it has no authentication). Read-only unless *allow_actions*.
+    shows it to the network: it has no authentication). Read-only unless *allow_actions*;
+    dead letters can then be replayed for the *projectors* given.
 
     .. versionadded:: 0.3
     """
@@ -51,7 +54,7 @@ async def serve_dashboard(
     async with trio.open_nursery() as nursery:
         await nursery.start(poll_status, store, state)
         # Starlette is an ASGI app; hypercorn's annotations spell ASGI more narrowly.
-        app: Any = dashboard_app(store, state)
+        app: Any = dashboard_app(store, state, projectors)
         urls: list[str] = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
         logger.info("dashboard at %s", ", ".join(urls))
         task_status.started(urls)

@@ -40,6 +40,8 @@ class DashboardState:
 
     def __init__(self, *, allow_actions: bool = False) -> None:
         self.allow_actions = allow_actions
+        # Projections whose dead letters the page may replay (the dashboard has their code).
+        self.replayable: list[str] = []
         self.statuses: list[ProjectionStatus] = []
         self.updated_at: dt.datetime | None = None
         self.error: str | None = None
@@ -92,6 +94,7 @@ class DashboardState:
             "generated_at": None if self.updated_at is None else self.updated_at.isoformat(),
             "error": self.error,
             "actions": self.allow_actions,
+            "replayable": self.replayable if self.allow_actions else [],
             "units": [status_json(r) for r in self.statuses],
             "hosts": [
                 {"host": host, "pid": pid, "units": count}

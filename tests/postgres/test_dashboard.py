@@ -13,6 +13,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventcore_trio import (
+    Failure,
+    FailureStrategy,
     LeaderInfo,
     NewEvent,
     ProjectionContext,
@@ -147,6 +149,46 @@ class TestEndpoints:
         response = await http.post("/actions/reset", json=body, headers=action)
         assert response.status_code == 200
         assert await store.load_checkpoint("ledger") is None
+
+
+async def test_replaying_dead_letters_of_the_given_projectors(store: PostgresStore) -> None:
+    """With the projector's code: the page's replay applies its dead letters again; without
+    it, or while it runs, a 404 or a 409."""
+    broken = True
+
+    def skip(failure: Failure) -> FailureStrategy:
+        return FailureStrategy.SKIP
+
+    @projector("fragile", on_error=skip)
+    async def fragile(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        if broken:
+            raise RuntimeError("not yet")
+
+    await store.append("s", [NewEvent("E", {})])
+    await run_projection(fragile, store)
+    assert len(await store.dead_letters("fragile")) == 1
+    state = DashboardState(allow_actions=True)
+    app = dashboard_app(store, state, [fragile])
+    action = {"x-eventcore-action": "1"}
+    body = {"projection": "fragile", "confirm": "fragile"}
+    async with (
+        trio.open_nursery() as nursery,
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://d") as http,
+    ):
+        await nursery.start(poll_status, store, state)
+        assert (await http.get("/status.json")).json()["replayable"] == ["fragile"]
+        other = {"projection": "ledger", "confirm": "ledger"}
+        assert (await http.post("/actions/replay", json=other, headers=action)).status_code == 404
+        async with trio.open_nursery() as hosting:
+            await hosting.start(run_projections, store, [fragile])
+            response = await http.post("/actions/replay", json=body, headers=action)
+            assert response.status_code == 409
+            hosting.cancel_scope.cancel()
+        broken = False
+        response = await http.post("/actions/replay", json=body, headers=action)
+        assert response.json() == {"replayed": 1, "failed": 0}
+        assert await store.dead_letters("fragile") == []
+        nursery.cancel_scope.cancel()
 
 
 def _status(unit: str, pid: int | None) -> ProjectionStatus:
