@@ -256,23 +256,37 @@ def bench_catch_up_partitioned(ctx: Context) -> list[Result]:
     ]
 
 
-def bench_latency(ctx: Context) -> list[Result]:
+def _notify_latency(ctx: Context, name: str, others: int) -> list[Result]:
+    # Live latency next to the raw LISTEN loop (alone, always): p50 and p99, named
+    # latency_notify[_<name>]_p50_ms / _p99_ms.
     n = ctx.sizes.latency_pings
-    schema = ctx.schema("latency_raw")
+    schema = ctx.schema(f"latency{others}_raw")
     raw("create_raw_schema", ctx.dsn, schema)
     base = raw("latency", ctx.dsn, schema, f"{schema}_ch", n, 0.01, True, 1.0)
     ours = trio.run(
         lambda: _ours.latency(
-            ctx.dsn, ctx.schema("latency"), n, 0.01, notify=True, poll_interval=1.0
+            ctx.dsn,
+            ctx.schema(f"latency{others}"),
+            n,
+            0.01,
+            notify=True,
+            poll_interval=1.0,
+            others=others,
         )
     )
+    prefix = f"latency_notify{name}"
     p50 = (statistics.median(ours), statistics.median(base))
     p99 = (_percentile(ours, 0.99), _percentile(base, 0.99))
-    results = [
-        Result("latency_notify_p50_ms", "ms", p50[0], p50[1], p50[0] / p50[1], "lower"),
-        Result("latency_notify_p99_ms", "ms", p99[0], p99[1], p99[0] / p99[1], "lower"),
+    return [
+        Result(f"{prefix}_p50_ms", "ms", p50[0], p50[1], p50[0] / p50[1], "lower"),
+        Result(f"{prefix}_p99_ms", "ms", p99[0], p99[1], p99[0] / p99[1], "lower"),
     ]
+
+
+def bench_latency(ctx: Context) -> list[Result]:
+    results = _notify_latency(ctx, "", 0)
     if ctx.peer:
+        n = ctx.sizes.latency_pings
         theirs = peer("latency", ctx.dsn, ctx.schema("peer_latency"), n, 0.01)
         results[0].peer = statistics.median(theirs)
         results[1].peer = _percentile(theirs, 0.99)
@@ -281,26 +295,8 @@ def bench_latency(ctx: Context) -> list[Result]:
 
 def bench_latency_ten_projectors(ctx: Context) -> list[Result]:
     # The same pings with nine more projections applying them, each with a write in its
-    # batch transaction; the baseline is the same raw LISTEN loop, alone.
-    n = ctx.sizes.latency_pings
-    schema = ctx.schema("latency10_raw")
-    raw("create_raw_schema", ctx.dsn, schema)
-    base = raw("latency", ctx.dsn, schema, f"{schema}_ch", n, 0.01, True, 1.0)
-    ours = trio.run(
-        lambda: _ours.latency(
-            ctx.dsn, ctx.schema("latency10"), n, 0.01, notify=True, poll_interval=1.0, others=9
-        )
-    )
-    p50 = (statistics.median(ours), statistics.median(base))
-    p99 = (_percentile(ours, 0.99), _percentile(base, 0.99))
-    return [
-        Result(
-            "latency_notify_10_projectors_p50_ms", "ms", p50[0], p50[1], p50[0] / p50[1], "lower"
-        ),
-        Result(
-            "latency_notify_10_projectors_p99_ms", "ms", p99[0], p99[1], p99[0] / p99[1], "lower"
-        ),
-    ]
+    # batch transaction.
+    return _notify_latency(ctx, "_10_projectors", 9)
 
 
 POLL_INTERVAL = 0.2

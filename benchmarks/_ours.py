@@ -264,32 +264,24 @@ async def execute_long_stream(dsn: str, schema: str, count: int, length: int) ->
         return count / (time.perf_counter() - started)
 
 
-def _opened() -> Any:
-    from eventcore_trio.demo import AccountOpened
-
-    return AccountOpened(0)
-
-
 async def first_command_ms(dsn: str, schema: str, snapshot: bool) -> float:
     """The first deposit of a fresh process (a cold cache, a warm connection) on the stream
     that `execute_long_stream` filled, with its snapshot or after deleting the snapshots. Ms."""
-    from eventcore_trio import StateCache, execute
-    from eventcore_trio.demo import Account, registry
+    from eventcore_trio import StateCache, execute, take_snapshot
+    from eventcore_trio.demo import Account, AccountOpened, registry
     from eventcore_trio.postgres import PostgresStore
 
     deposit = _deposit_command()
     async with open_postgres_store(dsn, schema=schema) as store:
         assert isinstance(store, PostgresStore)
         if snapshot:
-            from eventcore_trio import take_snapshot
-
             await take_snapshot(store, registry, Account, "account")
         else:
             await store.delete_snapshots()
         # Warm the pool's connection with an append elsewhere: its first append prepares the
         # statement and compiles the append function in that session (about 9 ms, once per
         # connection), which is not what this measures.
-        await store.append("warm-up", [registry.new_event(_opened())])
+        await store.append("warm-up", [registry.new_event(AccountOpened(0))])
         started = time.perf_counter()
         await execute(store, deposit("account", 1), registry=registry, cache=StateCache())
         return (time.perf_counter() - started) * 1000

@@ -48,7 +48,6 @@ class DashboardState:
         self._history: deque[dict[str, Any]] = deque(maxlen=int(HISTORY_SECONDS / POLL_INTERVAL))
         self._failovers: deque[dict[str, Any]] = deque(maxlen=FAILOVERS_KEPT)
         self._leaders: dict[str, tuple[str, int]] = {}
-        self.changed = trio.Event()
 
     def update(self, statuses: list[ProjectionStatus]) -> None:
         """Take a new status read: history, failovers (a unit led by another process than
@@ -75,8 +74,6 @@ class DashboardState:
         self.statuses = statuses
         self.updated_at = now
         self.error = None
-        self.changed.set()
-        self.changed = trio.Event()
 
     def fail(self, error: BaseException) -> None:
         """Keep the last snapshot, marked stale with *error*."""

@@ -15,7 +15,6 @@ from typing import Any, Final, Literal, TypeVar, final
 
 from .._errors import DatabaseError, InvalidArgument
 from .._events import AppendResult, NewEvent, StreamAppend
-from .._validation import check_expected_version, check_stream_id
 from ._appends import AppendStatement, append_result
 from ._bridge import Connection, Record
 from ._keys import writer_lock_key
@@ -96,12 +95,10 @@ class PostgresTransaction:
             VersionConflict: the stream's version is not *expected_version*; the
                 transaction can then only roll back.
         """
-        request = StreamAppend(
-            check_stream_id(stream_id),
-            events,
-            expected_version=check_expected_version(expected_version),
+        # StreamAppend checks the stream id and the expected version itself.
+        return await self.append_atomic(
+            [StreamAppend(stream_id, events, expected_version=expected_version)]
         )
-        return await self.append_atomic([request])
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
         """Append to several streams in this transaction (see `EventStore.append_atomic`)."""

@@ -128,16 +128,24 @@ async def _run_handlers(
         _check_batch(ctx, None)
         await _flush(ctx)
         return
+    batch_hook = projector.apply_batch
     for index, event in enumerate(events):
         ctx._position = event.position
         ctx._event = event
         try:
-            items: Sequence[Any] = (event,) if decode is None else decode(event)
-            for item in items:
-                if projector.apply_batch is not None:
-                    await projector.apply_batch([item], ctx)
+            if decode is None:
+                # The common case, once per event: no decoding, no tuple of one.
+                if batch_hook is None:
+                    await projector.apply(event, ctx)
                 else:
-                    await projector.apply(item, ctx)
+                    await batch_hook([event], ctx)
+            else:
+                # An upcast event may stand for several typed events, or none.
+                for item in decode(event):
+                    if batch_hook is None:
+                        await projector.apply(item, ctx)
+                    else:
+                        await batch_hook([item], ctx)
         except Exception as exc:
             raise _HandlerFailed(index, exc) from exc
         _check_batch(ctx, index)

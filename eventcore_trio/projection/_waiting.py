@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
 import trio
@@ -46,7 +46,12 @@ def _units(projectors: Sequence[object], streams: Sequence[str] | None) -> list[
     return units
 
 
-async def _has_applied(store: _Store, unit: ResolvedProjector, position: Position) -> bool:
+async def _has_applied(
+    store: _Store,
+    unit: ResolvedProjector,
+    position: Position,
+    visible: Callable[[], Awaitable[bool]],
+) -> bool:
     checkpoint = await store.load_checkpoint(unit.name)
     if checkpoint is not None and checkpoint >= position:
         return True
@@ -54,8 +59,7 @@ async def _has_applied(store: _Store, unit: ResolvedProjector, position: Positio
     # comes after it: the event at the position is not one it applies (its filter or its
     # partition), and neither is anything before. That needs the position to be visible to
     # readers; until then the unit cannot have applied it.
-    last = await store.last_position()
-    if last is None or last < position:
+    if not await visible():
         return False
     page = await store.read_events(checkpoint, limit=1, filter=unit.filter, undecodable="include")
     return not page or page[0].position > position
@@ -121,7 +125,17 @@ async def wait_for_projections(
         return
 
     async def still_pending() -> list[ResolvedProjector]:
-        return [unit for unit in pending if not await _has_applied(store, unit, position)]
+        # Whether the position is readable yet: asked once per round, by the first unit
+        # behind it, not once per unit.
+        known: list[bool] = []
+
+        async def visible() -> bool:
+            if not known:
+                last = await store.last_position()
+                known.append(last is not None and last >= position)
+            return known[0]
+
+        return [unit for unit in pending if not await _has_applied(store, unit, position, visible)]
 
     # One check whatever the timeout (timeout=0 asks "applied yet?"), then checks backing
     # off until the deadline.

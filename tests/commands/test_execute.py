@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import json
 import random
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -41,7 +37,8 @@ from eventcore_trio.demo import (
 from eventcore_trio.projection import ProjectionContext, projector, run_projection
 from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
 
-ROOT = Path(__file__).parent.parent.parent
+from .transfer_process import run_in_process, transfers
+
 FAST = RetryPolicy(max_attempts=100, initial_backoff=0.001, max_backoff=0.02)
 
 
@@ -323,51 +320,23 @@ class TestPostgresExecute(ExecuteContract):
         for account in accounts:
             await execute(store, OpenAccount(account, 100), registry=registry)
 
-        async def run_process(seed: int) -> list[int]:
-            completed = await trio.run_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.commands.transfer_process",
-                    harness.dsn,
-                    harness.schema,
-                    str(seed),
-                    "25",
-                    *accounts,
-                ],
-                capture_stdout=True,
-                cwd=ROOT,
-            )
-            report = json.loads(completed.stdout)
-            return [report[k] for k in ("done", "refused", "exhausted", "retried")]
-
-        reports: list[list[int]] = []
+        reports: list[dict[str, int]] = []
 
         async def collect(seed: int) -> None:
-            reports.append(await run_process(seed))
-
-        async def local() -> None:
-            rng = random.Random(99)
-            for _ in range(25):
-                source, target = rng.sample(accounts, 2)
-                with contextlib.suppress(InsufficientFunds):
-                    await execute(
-                        store,
-                        Transfer(source, target, rng.randint(1, 40)),
-                        registry=registry,
-                        retry=FAST,
-                    )
+            reports.append(
+                await run_in_process(harness.dsn, harness.schema, seed, 25, accounts, cache=False)
+            )
 
         async with trio.open_nursery() as nursery:
             for seed in (1, 2, 3):
                 nursery.start_soon(collect, seed)
-            nursery.start_soon(local)
+            nursery.start_soon(transfers, store, accounts, 99, 25, None)
         final = await balances(store, accounts)
         assert sum(final.values()) == 400
         assert min(final.values()) >= 0
         assert len(reports) == 3
-        for done, refused, exhausted, _retried in reports:
-            assert done + refused + exhausted == 25
+        for report in reports:
+            assert report["done"] + report["refused"] + report["exhausted"] == 25
 
 
 class TestRetryPolicy:

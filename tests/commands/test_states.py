@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import AsyncIterator, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import attrs
@@ -28,10 +25,10 @@ from eventcore_trio import (
     execute,
     take_snapshot,
 )
-from eventcore_trio.demo import OpenAccount, Transfer, balance_after, registry
+from eventcore_trio.demo import OpenAccount, balance_after, registry
 from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
 
-ROOT = Path(__file__).parent.parent.parent
+from .transfer_process import run_in_process, transfers
 
 counters = EventRegistry()
 
@@ -337,57 +334,25 @@ class TestPostgresStates(StatesContract):
         for account in accounts:
             await execute(store, OpenAccount(account, 100), registry=registry)
         reports: list[dict[str, int]] = []
-
-        async def run_process(seed: int) -> None:
-            completed = await trio.run_process(
-                [
-                    sys.executable,
-                    "-m",
-                    "tests.commands.transfer_process",
-                    harness.dsn,
-                    harness.schema,
-                    str(seed),
-                    "40",
-                    "--cache",
-                    *accounts,
-                ],
-                capture_stdout=True,
-                cwd=ROOT,
-            )
-            reports.append(json.loads(completed.stdout))
-
         cache = StateCache()
-        local_retried = 0
+
+        async def in_process(seed: int) -> None:
+            reports.append(
+                await run_in_process(harness.dsn, harness.schema, seed, 40, accounts, cache=True)
+            )
 
         async def local(seed: int) -> None:
-            nonlocal local_retried
-            import random
+            local_reports.append(await transfers(store, accounts, seed, 40, cache))
 
-            from eventcore_trio import RetryPolicy
-            from eventcore_trio.demo import InsufficientFunds
-
-            rng = random.Random(seed)
-            for _ in range(40):
-                source, target = rng.sample(accounts, 2)
-                try:
-                    result = await execute(
-                        store,
-                        Transfer(source, target, rng.randint(1, 40)),
-                        registry=registry,
-                        cache=cache,
-                        retry=RetryPolicy(max_attempts=100, max_backoff=0.02),
-                    )
-                except InsufficientFunds:
-                    continue
-                local_retried += result.attempts - 1
-
+        local_reports: list[dict[str, int]] = []
         async with trio.open_nursery() as nursery:
             for seed in (1, 2, 3):
-                nursery.start_soon(run_process, seed)
+                nursery.start_soon(in_process, seed)
             nursery.start_soon(local, 98)
             nursery.start_soon(local, 99)
 
         stored = 0
+        final = []
         for account in accounts:
             events = await store.read_stream(account)
             stored += len(events)
@@ -395,10 +360,10 @@ class TestPostgresStates(StatesContract):
             for event in events:
                 balance = balance_after(balance, event)
                 assert balance >= 0, f"{account} was overdrawn at version {event.stream_version}"
-        final = [await execute_balance(store, a) for a in accounts]
+            final.append(balance)
         assert sum(final) == 400
         assert len(reports) == 3
-        retried = local_retried + sum(r["retried"] for r in reports)
+        retried = sum(r["retried"] for r in [*reports, *local_reports])
         assert retried > 0, "no conflicts happened: the test proves nothing about refreshes"
         for report in [*reports, {"events_folded": cache.stats.events_folded}]:
             # Each event is folded at most once per process: the cache only moves forward.
@@ -423,13 +388,6 @@ class TestPostgresStates(StatesContract):
         )
         assert await store.read_snapshot("c", "Counter") is None
         assert await peek(store, "c", StateCache()) == Counter(6, 2)
-
-
-async def execute_balance(store: Store, account: str) -> int:
-    balance = 0
-    for event in await store.read_stream(account):
-        balance = balance_after(balance, event)
-    return balance
 
 
 class TestStateCache:

@@ -1,48 +1,89 @@
-"""Transfers from another process.
+"""Transfers between accounts: in this process (`transfers`) or in another one.
 
     python -m tests.commands.transfer_process DSN SCHEMA SEED COUNT [--cache] ACCOUNTS...
 
-Prints one JSON object: done, refused, exhausted and retried transfers, and with --cache the
-number of events its state cache folded.
+prints one JSON object: done, refused, exhausted and retried transfers, and with --cache the
+number of events its state cache folded. `run_in_process` runs it and returns that object.
 """
 
 import json
 import random
 import sys
+from pathlib import Path
 
 import trio
 
-from eventcore_trio import RetriesExhausted, RetryPolicy, StateCache, execute, open_postgres_store
+from eventcore_trio import (
+    RetriesExhausted,
+    RetryPolicy,
+    StateCache,
+    Store,
+    execute,
+    open_postgres_store,
+)
 from eventcore_trio.demo import InsufficientFunds, Transfer, registry
+
+ROOT = Path(__file__).parent.parent.parent
+
+
+async def transfers(
+    store: Store, accounts: list[str], seed: int, count: int, cache: StateCache | None
+) -> dict[str, int]:
+    """*count* random transfers between *accounts*; what became of them."""
+    rng = random.Random(seed)
+    report = {"done": 0, "refused": 0, "exhausted": 0, "retried": 0}
+    policy = RetryPolicy(max_attempts=100, max_backoff=0.02)
+    for _ in range(count):
+        source, target = rng.sample(accounts, 2)
+        try:
+            result = await execute(
+                store,
+                Transfer(source, target, rng.randint(1, 40)),
+                registry=registry,
+                retry=policy,
+                cache=cache,
+            )
+        except InsufficientFunds:
+            report["refused"] += 1
+        except RetriesExhausted:
+            report["exhausted"] += 1
+        else:
+            report["done"] += 1
+            report["retried"] += result.attempts - 1
+    if cache is not None:
+        report["events_folded"] = cache.stats.events_folded
+    return report
+
+
+async def run_in_process(
+    dsn: str, schema: str, seed: int, count: int, accounts: list[str], *, cache: bool
+) -> dict[str, int]:
+    """`transfers` in a process of its own (with a cache of its own when *cache*)."""
+    flag = ["--cache"] if cache else []
+    completed = await trio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "tests.commands.transfer_process",
+            dsn,
+            schema,
+            str(seed),
+            str(count),
+            *flag,
+            *accounts,
+        ],
+        capture_stdout=True,
+        cwd=ROOT,
+    )
+    report: dict[str, int] = json.loads(completed.stdout)
+    return report
 
 
 async def main(dsn: str, schema: str, seed: int, count: int, args: list[str]) -> None:
     cache = StateCache() if args[0] == "--cache" else None
     accounts = args[1:] if cache is not None else args
-    rng = random.Random(seed)
-    done = refused = exhausted = retried = 0
-    policy = RetryPolicy(max_attempts=100, max_backoff=0.02)
     async with open_postgres_store(dsn, schema=schema) as store:
-        for _ in range(count):
-            source, target = rng.sample(accounts, 2)
-            try:
-                result = await execute(
-                    store,
-                    Transfer(source, target, rng.randint(1, 40)),
-                    registry=registry,
-                    retry=policy,
-                    cache=cache,
-                )
-            except InsufficientFunds:
-                refused += 1
-            except RetriesExhausted:
-                exhausted += 1
-            else:
-                done += 1
-                retried += result.attempts - 1
-    report = {"done": done, "refused": refused, "exhausted": exhausted, "retried": retried}
-    if cache is not None:
-        report["events_folded"] = cache.stats.events_folded
+        report = await transfers(store, accounts, seed, count, cache)
     print(json.dumps(report), flush=True)
 
 
