@@ -14,6 +14,7 @@ from ._errors import ConfigurationError as ConfigurationError
 from ._errors import DatabaseError as DatabaseError
 from ._errors import DatabaseNotAvailable as DatabaseNotAvailable
 from ._errors import DatabaseNotFound as DatabaseNotFound
+from ._errors import DeadLetterNotFound as DeadLetterNotFound
 from ._errors import DuplicateEventId as DuplicateEventId
 from ._errors import EventCoreError as EventCoreError
 from ._errors import EventDecodeError as EventDecodeError
@@ -22,6 +23,7 @@ from ._errors import InvalidArgument as InvalidArgument
 from ._errors import LeadershipLost as LeadershipLost
 from ._errors import LeadershipUnavailable as LeadershipUnavailable
 from ._errors import PartitionsChanged as PartitionsChanged
+from ._errors import PartitionsMismatch as PartitionsMismatch
 from ._errors import ProjectionFailed as ProjectionFailed
 from ._errors import ProjectionLagging as ProjectionLagging
 from ._errors import ProjectionNotFound as ProjectionNotFound
@@ -109,6 +111,7 @@ __all__ = [
     "HostState",
     "Partition",
     "PartitionsChanged",
+    "PartitionsMismatch",
     "partition_of",
     "stream_hash",
     "execute",
@@ -137,6 +140,7 @@ __all__ = [
     "OpenTransaction",
     "LeaderInfo",
     "DeadLetter",
+    "DeadLetterNotFound",
     "ProjectionRunning",
     "ProjectionNotFound",
     "ProjectionFailed",

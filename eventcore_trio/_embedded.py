@@ -36,6 +36,8 @@ _DEFAULT_SETTINGS: Final[Mapping[str, str]] = {
     "max_connections": "200",
     "shared_buffers": "128MB",
     "log_min_messages": "warning",
+    # Two-phase commit, so that prepared transactions that append can be tested.
+    "max_prepared_transactions": "8",
 }
 
 

@@ -7,7 +7,9 @@ attributes, and its message says what was wrong and what to do about it.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import functools
+import uuid
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._positions import Position
@@ -237,18 +239,29 @@ class ProjectionRunning(LeadershipUnavailable):
     """An operation needs a projection to be stopped, but an instance is running it.
 
     Raised by ``reset_projection`` when another session leads the projection: stop its
-    hosts first, or pass ``wait=True`` to wait until it stops.
+    hosts first, or pass ``wait=True`` to wait until it stops. Raised by
+    ``replay_dead_letters`` when another session leads any unit (partition) of the
+    projection: stop its hosts first (a replay does not wait).
+
+    Attributes:
+        name: the projection.
+        can_wait: whether the operation offers ``wait=True`` (the message says so).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.3
+       *can_wait*, and raised by ``replay_dead_letters``.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, can_wait: bool = True) -> None:
+        advice = ", or pass wait=True to wait until it stops" if can_wait else ""
         EventCoreError.__init__(
-            self,
-            f"projection {name!r} is running in another session; stop its hosts first, or pass "
-            "wait=True to wait until it stops",
+            self, f"projection {name!r} is running in another session; stop its hosts first{advice}"
         )
         self.name = name
+        self.can_wait = can_wait
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (functools.partial(type(self), can_wait=self.can_wait), (self.name,))
 
 
 class PartitionsChanged(ConfigurationError):
@@ -279,6 +292,69 @@ class PartitionsChanged(ConfigurationError):
         self.name = name
         self.current = current
         self.requested = requested
+
+
+class PartitionsMismatch(ConfigurationError):
+    """A projector's partition count differs from the one its projection runs with.
+
+    Raised by ``replay_dead_letters``: a dead letter belongs to the unit (partition) that
+    skipped it, and is replayed under that unit's lock, with that unit's ``ctx.partition``.
+    A projector object with another count (code from before a split, or a script that
+    leaves out ``partitions=``) is not the code the hosts run, so nothing is replayed.
+    Pass the projector as the hosts run it, with ``partitions=`` set to *recorded*.
+
+    Attributes:
+        name: the projection.
+        recorded: the partition count the store records for it (what its hosts run).
+        given: the partition count of the projector that was passed.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, name: str, recorded: int, given: int) -> None:
+        super().__init__(
+            f"projection {name!r} runs as {recorded} partition(s), but the projector given has "
+            f"partitions={given}: it is not the code its hosts run (code from before a "
+            f"split, or partitions= left out?), so nothing was replayed. Pass the projector "
+            f"as the hosts run it, with partitions={recorded}"
+        )
+        self.name = name
+        self.recorded = recorded
+        self.given = given
+
+    def __reduce__(self) -> tuple[type[PartitionsMismatch], tuple[str, int, int]]:
+        return (type(self), (self.name, self.recorded, self.given))
+
+
+class DeadLetterNotFound(EventCoreError, LookupError):
+    """A batch resolved a dead letter that its unit does not have; the batch cannot commit.
+
+    Resolving a dead letter deletes it in the batch's transaction, together with what
+    replaying it wrote. When the delete finds nothing (another replay or a reset removed
+    it, a split moved it to another partition, or it was never this unit's), nothing of
+    the batch commits, so a replay never reports as replayed a letter it did not remove.
+    List the dead letters again (``eventcore-trio dead-letters list NAME``) and replay
+    what is left; letters replayed before this one stay replayed.
+
+    Attributes:
+        dead_letter_id: the dead letter's id.
+        unit: the unit (lock name) whose batch tried to resolve it.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, dead_letter_id: uuid.UUID, unit: str) -> None:
+        super().__init__(
+            f"dead letter {dead_letter_id} is not recorded for unit {unit!r} (replayed or "
+            "reset meanwhile, moved to another partition by a split, or never this unit's), "
+            "so resolving it deleted nothing and its batch was rolled back. List the dead "
+            "letters again and replay what is left"
+        )
+        self.dead_letter_id = dead_letter_id
+        self.unit = unit
+
+    def __reduce__(self) -> tuple[type[DeadLetterNotFound], tuple[uuid.UUID, str]]:
+        return (type(self), (self.dead_letter_id, self.unit))
 
 
 class ProjectionNotFound(EventCoreError, LookupError):

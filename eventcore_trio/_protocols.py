@@ -8,7 +8,7 @@ commits whole or not at all.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any, Literal, Protocol, overload, runtime_checkable
 
@@ -295,7 +295,18 @@ class ProjectionBatch(Protocol):
         ...
 
     async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
-        """Mark a dead letter as replayed."""
+        """Delete a dead letter of this batch's unit as replayed, in this transaction.
+
+        It is deleted when the batch commits, with what the batch wrote, or not at all.
+
+        Raises:
+            DeadLetterNotFound: this unit has no dead letter *dead_letter_id* (another
+                replay or a reset removed it, a split moved it, or it is another unit's);
+                the batch cannot commit.
+
+        .. versionchanged:: 0.3
+           A dead letter that is not there fails the batch, instead of deleting nothing.
+        """
         ...
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
@@ -423,10 +434,20 @@ class ProjectorCoordinator(Protocol):
         """
         ...
 
-    def register_host(self) -> AbstractAsyncContextManager[HostMembership]:
+    def register_host(
+        self, *, runs: Collection[str] | None = None
+    ) -> AbstractAsyncContextManager[HostMembership]:
         """Join the host registry for the block: what balancing hosts use to find each other.
 
+        Args:
+            runs: the units this host can run (its projectors' unit names), so that the
+                other hosts plan each unit only over the hosts that can run it; None says
+                nothing (the host then counts as able to run only what it leads or stands
+                by for).
+
         .. versionadded:: 0.2
+        .. versionchanged:: 0.3
+           *runs*.
         """
         ...
 
@@ -447,6 +468,21 @@ class ProjectorCoordinator(Protocol):
         """
         ...
 
+    async def recorded_partitions(self, name: str) -> int | None:
+        """How many units projection *name* runs as, as recorded here; None if it never ran.
+
+        Operations on a projection's units (replaying dead letters, say) go by this count,
+        never by a projector object's, which may be older or newer code. It changes only
+        while every unit of the current count is locked (see `set_partitions`), so it
+        holds for as long as a caller holds those units' leaderships.
+
+        Raises:
+            InvalidArgument: *name* is not a projector name (a unit's name, say).
+
+        .. versionadded:: 0.3
+        """
+        ...
+
 
 @runtime_checkable
 class ProjectionAdmin(Protocol):
@@ -456,8 +492,15 @@ class ProjectionAdmin(Protocol):
     """
 
     async def projection_status(self) -> list[ProjectionStatus]:
-        """One record per unit that has run against this store: per projection, by name, and
-        per partition of a partitioned projection."""
+        """One record per unit that has run against this store or that a live balancing host
+        runs: per projection, by name, and per partition of a partitioned projection.
+
+        Each record says how many live balancing hosts can run its unit and names those that
+        cannot (``runnable_by``, ``lacking_hosts``), so a unit no live host has shows up.
+
+        .. versionchanged:: 0.3
+           Units a live host runs are listed before they first run.
+        """
         ...
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import uuid
 from collections.abc import Mapping
 from typing import Any, final
 
@@ -18,7 +19,10 @@ class Snapshot:
     """One stream's state, as a `StateCommand`'s state class folded it, at one version.
 
     Never the source of truth: a snapshot only saves folding the events up to
-    *stream_version*; deleting every snapshot changes nothing but speed.
+    *stream_version*; deleting every snapshot changes nothing but speed. It is used only while
+    the stream's event at *stream_version* is still the event *event_id* names: a version
+    number alone proves nothing once a restore has rewritten the stream and other writers
+    have grown it back to that length.
 
     Attributes:
         stream_id: the stream.
@@ -28,6 +32,9 @@ class Snapshot:
         stream_version: how many of the stream's events are folded into *data*.
         data: the state, as JSON values.
         taken_at: when it was written (None before it is stored).
+        event_id: the id of the last event folded into *data* (the stream's event at
+            *stream_version*). A snapshot without one (written before it was recorded) is
+            never used, and the next snapshot of the stream replaces it.
 
     .. versionadded:: 0.3
     """
@@ -38,6 +45,7 @@ class Snapshot:
     stream_version: int
     data: Mapping[str, Any]
     taken_at: dt.datetime | None = None
+    event_id: uuid.UUID | None = attrs.field(default=None, kw_only=True)
 
 
 def check_snapshot(snapshot: object) -> Snapshot:
@@ -50,4 +58,9 @@ def check_snapshot(snapshot: object) -> Snapshot:
         value = getattr(snapshot, field)
         if type(value) is not int or not 1 <= value <= MAX_BIGINT:
             raise InvalidArgument(f"Snapshot.{field} must be an int >= 1, got {value!r}")
+    if snapshot.event_id is not None and not isinstance(snapshot.event_id, uuid.UUID):
+        raise InvalidArgument(
+            "Snapshot.event_id must be the uuid.UUID of the stream's event at its "
+            f"stream_version (or None), got {snapshot.event_id!r}"
+        )
     return snapshot

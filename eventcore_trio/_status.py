@@ -5,11 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import uuid
+from collections.abc import Iterable
 from typing import final
 
 import attrs
 
 from ._events import RecordedEvent, UndecodableEvent
+from ._hosts import HostState
 from ._partitions import Partition, Unit
 from ._positions import Position
 
@@ -66,7 +68,13 @@ def unit_state(
 @final
 @attrs.frozen(kw_only=True)
 class LeaderInfo:
-    """Who leads a projection: the operating-system process and its database session.
+    """A process running projections: who leads a unit, or a live host that lacks one.
+
+    Attributes:
+        pid: the operating-system process id.
+        host: the machine's host name.
+        application_name: for a leader, its lock session's application name (starting with
+            the store's ``application_name``); for a host, the store's application name.
 
     .. versionadded:: 0.1
     """
@@ -115,10 +123,19 @@ class ProjectionStatus:
         partition: which partition this record is about, or None for an unpartitioned
             projection (one record per partition, each with its own checkpoint and leader).
         partitions: how many partitions the projection has (1 when unpartitioned).
+        runnable_by: how many live balancing hosts (`run_projections` with ``balance=True``)
+            can run this unit, or None when no balancing host is live. 0 means that hosts
+            are live but none of them has this projector (or this partition count): nobody
+            will lead it until a host that has it starts (see ``unrunnable``).
+        lacking_hosts: the live balancing hosts that cannot run this unit (pid, machine,
+            application name), empty when every live host can.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
        ``partition`` and ``partitions``; ``name`` is the projection's for every partition.
+    .. versionchanged:: 0.3
+       ``runnable_by`` and ``lacking_hosts``; units that a live host runs are listed before
+       they first run.
     """
 
     name: str
@@ -134,6 +151,16 @@ class ProjectionStatus:
     held_back_by: OpenTransaction | None = None
     partition: int | None = None
     partitions: int = 1
+    runnable_by: int | None = None
+    lacking_hosts: tuple[LeaderInfo, ...] = ()
+
+    @property
+    def unrunnable(self) -> bool:
+        """True when balancing hosts are live and none of them can run this unit.
+
+        .. versionadded:: 0.3
+        """
+        return self.runnable_by == 0
 
     @property
     def unit(self) -> str:
@@ -177,6 +204,27 @@ class DeadLetter:
         return self.event.position
 
 
+def host_coverage(
+    unit: str, hosts: Iterable[tuple[HostState, LeaderInfo]]
+) -> tuple[int | None, tuple[LeaderInfo, ...]]:
+    """``runnable_by`` and ``lacking_hosts`` of *unit*, given the live hosts and who they are
+    (the same rule for every backend)."""
+    live = list(hosts)
+    if not live:
+        return None, ()
+    lacking = tuple(
+        sorted(
+            (info for state, info in live if unit not in state.can_run),
+            key=lambda info: (info.host, info.pid, info.application_name),
+        )
+    )
+    return len(live) - len(lacking), lacking
+
+
+def _info_json(info: LeaderInfo) -> dict[str, object]:
+    return {"pid": info.pid, "host": info.host, "application_name": info.application_name}
+
+
 def status_json(record: ProjectionStatus) -> dict[str, object]:
     """One unit's status as JSON values (``eventcore-trio status --json``, the dashboard)."""
     held = record.held_back_by
@@ -189,13 +237,9 @@ def status_json(record: ProjectionStatus) -> dict[str, object]:
         "checkpoint": None if record.checkpoint is None else str(record.checkpoint),
         "lag_events": record.lag_events,
         "lag_seconds": record.lag_seconds,
-        "leader": None
-        if record.leader is None
-        else {
-            "pid": record.leader.pid,
-            "host": record.leader.host,
-            "application_name": record.leader.application_name,
-        },
+        "leader": None if record.leader is None else _info_json(record.leader),
+        "runnable_by": record.runnable_by,
+        "lacking_hosts": [_info_json(info) for info in record.lacking_hosts],
         "standbys": record.standbys,
         "dead_letters": record.dead_letters,
         "last_error": record.last_error,

@@ -27,8 +27,10 @@ import trio
 from ._concurrency import run_program
 from ._errors import (
     ConfigurationError,
+    DeadLetterNotFound,
     EventCoreError,
     LeadershipUnavailable,
+    PartitionsMismatch,
     ProjectionNotFound,
     StoreConnectionError,
 )
@@ -343,6 +345,9 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
         )
         if r.last_error:
             print(f"    last error: {r.last_error}")
+        if r.unrunnable:
+            lacking = ", ".join(f"{h.pid}@{h.host}" for h in r.lacking_hosts)
+            print(f"    no live host runs it (lacking: {lacking})")
     if not records:
         print("(no projection has run against this store)")
     hosts = Counter(f"{r.leader.pid}@{r.leader.host}" for r in records if r.leader is not None)
@@ -444,7 +449,18 @@ async def _replay_letters(dsn: str, schema: str, name: str, target: str) -> int:
     if not chosen:
         raise ConfigurationError(f"{target} defines no projector named {name!r}")
     async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
-        result = await replay_dead_letters(chosen[0], store)
+        try:
+            result = await replay_dead_letters(chosen[0], store)
+        except PartitionsMismatch as exc:
+            # Advice in terms of this command line; nothing was replayed.
+            raise ConfigurationError(
+                f"{target} defines {name!r} with partitions={exc.given}, but the projection "
+                f"runs as {exc.recorded} partition(s), so nothing was replayed: point "
+                "--projectors at the projectors its hosts run"
+            ) from exc
+        except DeadLetterNotFound as exc:
+            print(f"eventcore-trio: {exc}", file=sys.stderr)
+            return EXIT_FAILED
     print(f"replayed {result.replayed}, failed again {result.failed}")
     if result.failed:
         print(

@@ -18,7 +18,8 @@ from eventcore_trio._embedded import bundled_bindir, system_bindirs
 from eventcore_trio.testing import FAST_SETTINGS, EmbeddedPostgres
 
 
-def _server_params() -> list[str]:
+def server_params() -> list[str]:
+    """The servers under test: ``external``, or ``bundled`` and ``system-N`` (ascending)."""
     if os.environ.get("EVENTCORE_TEST_DSN"):
         return ["external"]
     params = ["bundled"] if bundled_bindir() is not None else []
@@ -31,7 +32,15 @@ def _server_params() -> list[str]:
     return params
 
 
-@pytest.fixture(scope="session", params=_server_params())
+def oldest_server_param() -> str:
+    """The one server that long explorations run on: the oldest system PostgreSQL if there
+    is one (15 on CI), else the bundled one, or the external DSN."""
+    params = server_params()
+    systems = [param for param in params if param.startswith("system-")]
+    return systems[0] if systems else params[0]
+
+
+@pytest.fixture(scope="session", params=server_params())
 def postgres_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedPostgres | str]:
     """A running PostgreSQL: an EmbeddedPostgres the suite owns, or an external DSN."""
     if request.param == "external":

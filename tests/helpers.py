@@ -101,6 +101,13 @@ TORTURE_REPORT_FIELDS = (
     "failover_ms_p50",
     "failover_ms_p99",
     "recovered_after_db_restart",
+    # Issue 24: every write path, the reactor, the outbox and an independent follower.
+    "events_by_path",
+    "reactions_missing",
+    "reactions_repeated",
+    "outbox_mismatches",
+    "follower_missed",
+    "follower_repeated",
 )
 
 

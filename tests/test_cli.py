@@ -328,6 +328,58 @@ class TestOperatorCommands:
             assert leader.stdout is not None
             leader.stdout.close()
 
+    def test_replay_with_projectors_of_another_partition_count_is_refused(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """dead-letters list shows every partition's letters; replay with --projectors whose
+        projector has another partition count exits 2, says so in command-line terms, and
+        replays nothing."""
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+        from eventcore_trio.projection import (
+            FailureStrategy,
+            ProjectionContext,
+            projector,
+            run_projection,
+        )
+
+        from . import cli_projectors
+
+        where = self._fresh(postgres_dsn)
+
+        @projector("picky", partitions=2, on_error=lambda failure: FailureStrategy.SKIP)
+        async def split_picky(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            raise ValueError("bad event")
+
+        async def prepare() -> None:
+            async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
+                await store.append("s", [NewEvent("E", {"bad": True})])
+                await run_projection(cli_projectors.picky, store)
+                await store.append("t", [NewEvent("E", {"bad": True})])
+                await run_projection(split_picky, store)
+
+        async def letters() -> int:
+            async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
+                return len(await store.dead_letters("picky"))
+
+        trio.run(prepare)
+        capsys.readouterr()
+        assert main(["dead-letters", "list", "picky", *where]) == EXIT_OK
+        assert "2 dead letter(s) for 'picky'" in capsys.readouterr().out
+        cli_projectors.ACCEPT_ALL["value"] = True
+        try:
+            replay = ["dead-letters", "replay", "picky", "--projectors", "tests.cli_projectors:ALL"]
+            code = main([*replay, *where])
+        finally:
+            cli_projectors.ACCEPT_ALL["value"] = False
+        assert code == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert "partitions=1" in err
+        assert "runs as 2 partition(s)" in err
+        assert "--projectors" in err
+        assert trio.run(letters) == 2
+
     def test_reset_wait_follows_the_rebuild(self, postgres_dsn: str) -> None:
         """reset --wait stays until hosts have rebuilt the projection, then exits 0."""
         import trio

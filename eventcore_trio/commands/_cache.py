@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 import weakref
 from collections import OrderedDict
 from typing import Any, final
@@ -14,11 +15,18 @@ from .._errors import ConfigurationError
 @final
 @attrs.frozen
 class CachedState:
-    """A stream's state folded up to *version*; *snapshot_version*: the newest snapshot's."""
+    """A stream's state folded up to *version*; *snapshot_version*: the newest snapshot's.
+
+    *event_id* is the id of the last event folded (the stream's event at *version*; None
+    at version 0). It, not *version*, proves that the stream still holds the history the
+    state was folded from: a stream restored from an older backup and grown back to
+    *version* by other writers is just as long, but its event there is another one.
+    """
 
     state: Any
     version: int
     snapshot_version: int
+    event_id: uuid.UUID | None = attrs.field(kw_only=True)
 
 
 @final
@@ -51,8 +59,11 @@ class StateCache:
     state folded from one store is never used with another) and per state name and stream,
     each at the version it was folded to; the least recently used go first once a store has
     *max_entries*. Correctness never depends on it: every command still reads the events
-    after the cached version, and its append checks the expected versions, so a state that
-    another process made stale costs a retry, never a wrong decision.
+    after the cached version, from the event the state ends at, whose id proves that the
+    stream still holds the history the state was folded from (after a restore it may not:
+    the state is then dropped, with a warning, and folded again from the stream's events),
+    and its append checks the expected versions, so a state that another process made stale
+    costs a retry, never a wrong decision.
 
     Args:
         max_entries: the most states kept per store (default 10,000).
@@ -112,7 +123,7 @@ class StateCache:
             entries.popitem(last=False)
 
     def discard(self, store: object, state: str, stream_id: str) -> None:
-        """Forget one stream's state (after it proved wrong: the stream is shorter)."""
+        """Forget one stream's state (after it proved wrong: a restore rewrote the stream)."""
         entries = self._stores.get(store)
         if entries is not None:
             entries.pop((state, stream_id), None)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -14,6 +16,8 @@ from .._protocols import EventStore, SnapshotStore
 from .._snapshots import Snapshot
 from .._typed import EventRegistry, StateType
 from ._cache import CachedState, StateCache
+
+logger = logging.getLogger("eventcore_trio.commands")
 
 
 @runtime_checkable
@@ -91,42 +95,94 @@ _NOTHING_FOLDED: Final = 0
 
 
 def _initial(kind: StateType) -> CachedState:
-    return CachedState(kind.cls(), _NOTHING_FOLDED, _NOTHING_FOLDED)
+    return CachedState(kind.cls(), _NOTHING_FOLDED, _NOTHING_FOLDED, event_id=None)
+
+
+def _proves(version: int, event_id: uuid.UUID | None, events: Sequence[RecordedEvent]) -> bool:
+    # Whether *events*, read from *version* on, begin with the very event a state folded up
+    # to *version* ends at. The version alone proves only that the stream is that long,
+    # which a stream restored from an older backup and grown back by other writers is too;
+    # the id (random, or given by the writer as an idempotency key) proves that the stream
+    # still holds the history that was folded.
+    return bool(events and events[0].stream_version == version and events[0].event_id == event_id)
+
+
+def _warn_rewritten(
+    stream_id: str,
+    kind: StateType,
+    source: str,
+    version: int,
+    event_id: uuid.UUID | None,
+    events: Sequence[RecordedEvent],
+) -> None:
+    # Once per load that finds a rewritten stream, whether its cached state, its snapshot
+    # or both were folded from the lost history.
+    found = (
+        f"holds event {events[0].event_id} there"
+        if events and events[0].stream_version == version
+        else "is shorter"
+    )
+    logger.warning(
+        "stream %r no longer holds the history its %s %r state was folded from (up to "
+        "version %d, event %s; the stream now %s): it was rewritten, most likely restored "
+        "from an older backup. The state is dropped and folded again from the stream's "
+        "events; if no restore happened, find what rewrote the stream (events are immutable)",
+        stream_id,
+        source,
+        kind.name,
+        version,
+        event_id,
+        found,
+    )
 
 
 async def _from_cache(
-    store: EventStore, kind: StateType, stream_id: str, cache: StateCache, start: CachedState
-) -> tuple[CachedState, list[RecordedEvent]]:
-    # The events after the cached state, read from one before it: its own last event proves
-    # the stream is that long. A state ahead of its stream (the events were restored from an
-    # older backup, say, but not the cache) never existed, and a decision that writes
-    # nothing would not be checked by an expected version: fold from the first event.
+    store: EventStore, stream_id: str, start: CachedState
+) -> tuple[list[RecordedEvent], bool]:
+    # The events after the cached state, read from its own last event; and whether that
+    # event proves the stream still holds the history the state was folded from. It may not
+    # (the stream was restored from an older backup, say, but not the cache): a decision
+    # that writes nothing would never meet an expected version, and once other writers have
+    # grown the stream back to the cached version one that writes would not either, so it
+    # must be caught here.
     if start.version == _NOTHING_FOLDED:
-        return start, await store.read_stream(stream_id)
+        return await store.read_stream(stream_id), True
     events = await store.read_stream(stream_id, after_version=start.version - 1)
-    if events and events[0].stream_version == start.version:
-        return start, events[1:]
-    cache.discard(store, kind.name, stream_id)
-    return _initial(kind), await store.read_stream(stream_id)
+    if _proves(start.version, start.event_id, events):
+        return events[1:], True
+    return events, False
 
 
 async def _from_snapshot(
-    store: EventStore, registry: EventRegistry, kind: StateType, stream_id: str
+    store: EventStore,
+    registry: EventRegistry,
+    kind: StateType,
+    stream_id: str,
+    *,
+    warned: bool,
 ) -> tuple[CachedState, list[RecordedEvent], bool]:
-    # The snapshot and the events from it on, in one round trip; whether it was used.
+    # The snapshot and the events from it on, in one round trip; whether it was used. A
+    # snapshot its stream no longer proves (as in _from_cache) is deleted, with a warning
+    # unless this load gave one already (*warned*); the fold from the first event writes
+    # the next one.
     snapshots = _snapshot_store(store, kind)
     snapshot, events = await snapshots.read_stream_from_snapshot(stream_id, kind.name)
     if snapshot is None:
         return _initial(kind), events, False
-    if events and events[0].stream_version == snapshot.stream_version:
+    version, event_id = snapshot.stream_version, snapshot.event_id
+    if event_id is None:
+        # Taken before snapshots named their last event: never trusted, as if absent (the
+        # stores read it as none; the next snapshot replaces it).
+        pass
+    elif _proves(version, event_id, events):
         state = registry.decode_state(kind, snapshot.data, snapshot.state_version)
         if state is not None:
-            start = CachedState(state, snapshot.stream_version, snapshot.stream_version)
-            return start, events[1:], True
+            return CachedState(state, version, version, event_id=event_id), events[1:], True
         # An older shape nothing upcasts: fold from the first event (and the next snapshot
         # replaces it).
     else:
-        # Ahead of its stream, as in _from_cache: drop the snapshots that claim so.
+        if not warned:
+            _warn_rewritten(stream_id, kind, "snapshot", version, event_id, events)
         await snapshots.delete_snapshots(stream_id)
     return _initial(kind), await store.read_stream(stream_id), False
 
@@ -141,15 +197,23 @@ async def _start(
 ) -> tuple[CachedState, list[RecordedEvent]]:
     # Where folding starts (the cached state, else the snapshot, else nothing) and the
     # events that follow it.
+    warned = False
     if cache is not None and not fresh:
         cached = cache.get(store, kind.name, stream_id)
         if cached is not None:
-            cache.count(hits=1)
-            return await _from_cache(store, kind, stream_id, cache, cached)
+            events, proven = await _from_cache(store, stream_id, cached)
+            if proven:
+                cache.count(hits=1)
+                return cached, events
+            # Rewritten under the cache: drop the state and start over from the snapshot
+            # (proven the same way; a stale one is deleted) or from the first event.
+            _warn_rewritten(stream_id, kind, "cached", cached.version, cached.event_id, events)
+            warned = True
+            cache.discard(store, kind.name, stream_id)
     if cache is not None:
         cache.count(misses=1)
     if kind.snapshot_every is not None and not fresh:
-        start, events, used = await _from_snapshot(store, registry, kind, stream_id)
+        start, events, used = await _from_snapshot(store, registry, kind, stream_id, warned=warned)
         if used and cache is not None:
             cache.count(snapshots_read=1)
         return start, events
@@ -172,16 +236,25 @@ async def load_state(
     """
     start, events = await _start(store, registry, kind, stream_id, cache, fresh)
     state = fold(registry, kind, start.state, events)
-    version = events[-1].stream_version if events else start.version
+    version, event_id = start.version, start.event_id
+    if events:
+        version, event_id = events[-1].stream_version, events[-1].event_id
     snapshot_version = start.snapshot_version
     if kind.snapshot_every is not None and version - snapshot_version >= kind.snapshot_every:
         await _snapshot_store(store, kind).write_snapshot(
-            Snapshot(stream_id, kind.name, kind.version, version, registry.encode_state(state))
+            Snapshot(
+                stream_id,
+                kind.name,
+                kind.version,
+                version,
+                registry.encode_state(state),
+                event_id=event_id,
+            )
         )
         snapshot_version = version
         if cache is not None:
             cache.count(snapshots_written=1)
-    loaded = CachedState(state, version, snapshot_version)
+    loaded = CachedState(state, version, snapshot_version, event_id=event_id)
     if cache is not None:
         cache.count(events_folded=len(events))
         if fresh:
@@ -254,7 +327,12 @@ async def take_snapshot(
     if loaded.version == 0:
         return None
     snapshot = Snapshot(
-        stream_id, kind.name, kind.version, loaded.version, registry.encode_state(loaded.state)
+        stream_id,
+        kind.name,
+        kind.version,
+        loaded.version,
+        registry.encode_state(loaded.state),
+        event_id=loaded.event_id,
     )
     await _snapshot_store(store, kind).write_snapshot(snapshot)
     return snapshot

@@ -14,8 +14,10 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .._errors import (
+    DeadLetterNotFound,
     InvalidArgument,
     LeadershipUnavailable,
+    PartitionsMismatch,
     ProjectionNotFound,
     ProjectionRunning,
 )
@@ -110,6 +112,16 @@ def dashboard_app(
             result = await replay_dead_letters(projector, store)
         except LeadershipUnavailable:
             return _error(409, f"{name!r} is running; stop its hosts first")
+        except PartitionsMismatch as exc:
+            # Replaying with other code than the hosts run is refused; nothing was replayed.
+            return _error(
+                409,
+                f"{name!r} runs as {exc.recorded} partition(s), but the dashboard's projector "
+                f"has partitions={exc.given}, so nothing was replayed: start the dashboard "
+                "with the projectors its hosts run (--projectors)",
+            )
+        except DeadLetterNotFound as exc:
+            return _error(409, str(exc))
         return JSONResponse({"replayed": result.replayed, "failed": result.failed})
 
     return Starlette(

@@ -18,6 +18,8 @@ PAGE: Final = """<!doctype html>
   .state-running { color: #12753a; font-weight: 600; }
   .state-failed { color: #b3261e; font-weight: 600; }
   .state-standby, .state-stopped { color: #6b7280; }
+  .unrunnable { color: #b3261e; font-weight: 600; }
+  .lacking { color: #6b7280; font-size: .85rem; }
   #stale { color: #b3261e; }
   .bar { display: inline-block; height: .8rem; background: #3b6fd8; margin-right: .4rem; }
   button { font: inherit; }
@@ -54,6 +56,12 @@ async function reset(name) {
     confirm: name})});
   alert((await r.json()).error || ("reset " + name));
 }
+const hostList = (hosts) => hosts.map((h) => esc(h.host) + " pid " + esc(h.pid)).join(", ");
+// A unit no live host can run, naming the hosts that lack it; quieter when some can.
+const runnable = (u) => u.runnable_by === 0 ?
+  `<div class="unrunnable">no live host runs it (lacking: ${hostList(u.lacking_hosts)})</div>` :
+  (u.lacking_hosts.length ? `<div class="lacking">not on ${hostList(u.lacking_hosts)}</div>` :
+  "");
 const resetButton = (name) => `<button data-reset="${esc(name)}">reset</button>`;
 const replayButton = (name) => `<button data-replay="${esc(name)}">replay</button>`;
 function draw(s) {
@@ -62,7 +70,7 @@ function draw(s) {
   document.getElementById("stale").textContent = s.error ? "stale: " + s.error : "";
   document.querySelector("#units tbody").innerHTML = s.units.map((u) =>
     `<tr data-unit="${esc(u.unit)}"><td>${esc(u.unit)}</td>` +
-    `<td class="state-${esc(u.state)}">${esc(u.state)}</td>` +
+    `<td class="state-${esc(u.state)}">${esc(u.state)}${runnable(u)}</td>` +
     `<td>${u.leader ? esc(u.leader.host) + " pid " + esc(u.leader.pid) : "-"}</td>` +
     `<td>${esc(u.checkpoint || "-")}</td><td class="n">${u.lag_events}</td>` +
     `<td class="n">${u.lag_seconds.toFixed(2)}</td><td class="n">${u.standbys}</td>` +

@@ -38,6 +38,11 @@ class _StatusCollector(Collector):
         standbys = GaugeMetricFamily(
             "eventcore_projection_standbys", "sessions waiting to take over", labels=labels
         )
+        runnable_by = GaugeMetricFamily(
+            "eventcore_projection_runnable_by",
+            "live balancing hosts that can run the unit (0: none has its projector)",
+            labels=labels,
+        )
         per_host = GaugeMetricFamily(
             "eventcore_host_units", "units each host process leads", labels=["host", "pid"]
         )
@@ -49,12 +54,14 @@ class _StatusCollector(Collector):
             dead.add_metric(values, record.dead_letters)
             running.add_metric(values, int(record.state is ProjectionState.RUNNING))
             standbys.add_metric(values, record.standbys)
+            if record.runnable_by is not None:
+                runnable_by.add_metric(values, record.runnable_by)
             if record.leader is not None:
                 key = (record.leader.host, str(record.leader.pid))
                 hosts[key] = hosts.get(key, 0) + 1
         for (host, pid), count in sorted(hosts.items()):
             per_host.add_metric([host, pid], count)
-        yield from (lag_events, lag_seconds, dead, running, standbys, per_host)
+        yield from (lag_events, lag_seconds, dead, running, standbys, runnable_by, per_host)
 
 
 def prometheus_text(statuses: Sequence[ProjectionStatus]) -> bytes:
@@ -62,7 +69,9 @@ def prometheus_text(statuses: Sequence[ProjectionStatus]) -> bytes:
 
     The names are the OpenTelemetry instruments' with ``_`` for ``.``
     (``eventcore_projection_lag_events``, ``…_lag_seconds``), plus dead letters, running,
-    standbys and ``eventcore_host_units`` (units per host process).
+    standbys, ``eventcore_projection_runnable_by`` (live balancing hosts that can run the
+    unit; 0 when none has its projector, absent when no balancing host is live) and
+    ``eventcore_host_units`` (units per host process).
 
     .. versionadded:: 0.3
     """

@@ -98,6 +98,8 @@ class DashboardState:
                 for (host, pid), count in sorted(hosts.items())
             ],
             "held_back_by": None if held is None else status_json(held)["held_back_by"],
+            # Units that live balancing hosts exist for but none of them can run.
+            "unrunnable": [r.unit for r in self.statuses if r.unrunnable],
             "failovers": list(self._failovers),
             "lag_history": list(self._history),
         }

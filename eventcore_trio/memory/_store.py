@@ -13,7 +13,7 @@ import os
 import socket
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Literal, final, overload
 
@@ -24,6 +24,7 @@ from .._decoding import check_read_arguments, decode_json_object, decode_stored,
 from .._errors import (
     CheckpointConflict,
     DatabaseNotAvailable,
+    DeadLetterNotFound,
     DuplicateEventId,
     InvalidArgument,
     LeadershipLost,
@@ -55,12 +56,20 @@ from .._partitions import (
 from .._positions import Position
 from .._protocols import Database
 from .._snapshots import Snapshot, check_snapshot
-from .._status import DeadLetter, LeaderInfo, ProjectionState, ProjectionStatus, unit_state
+from .._status import (
+    DeadLetter,
+    LeaderInfo,
+    ProjectionState,
+    ProjectionStatus,
+    host_coverage,
+    unit_state,
+)
 from .._validation import (
     MAX_EVENT_TYPE_LENGTH,
     check_expected_version,
     check_identifier,
     check_name,
+    check_projector_name,
     check_stream_id,
     check_version_cursor,
     encode_json_object,
@@ -96,6 +105,14 @@ class _StoredEvent:
             self.metadata_json,
             self.recorded_at,
         )
+
+
+@attrs.frozen
+class _Backup:
+    # The events of a MemoryStore at one moment (its _backup/_restore test hooks).
+    log: list[_StoredEvent]
+    streams: dict[str, list[_StoredEvent]]
+    commit: int
 
 
 @attrs.define
@@ -187,9 +204,20 @@ class MemoryBatch:
         )
 
     async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
-        """Stage removing a replayed dead letter."""
+        """Stage removing a replayed dead letter of this batch's unit.
+
+        Raises:
+            DeadLetterNotFound: the unit has no such dead letter (or this batch resolved
+                it already); the batch cannot commit.
+        """
         await trio.lowlevel.checkpoint()
+        if dead_letter_id in self._resolved or not self._has_letter(dead_letter_id):
+            raise DeadLetterNotFound(dead_letter_id, self._leadership.name)
         self._resolved.add(dead_letter_id)
+
+    def _has_letter(self, dead_letter_id: uuid.UUID) -> bool:
+        letters = self._store._dead_letters.get(self._leadership.name, ())
+        return any(d.id == dead_letter_id for d in letters)
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
         """Stage an append, checked now against the store and this batch's earlier appends,
@@ -214,8 +242,11 @@ class MemoryBatch:
             current = store._checkpoints.get(name)
             if current != expected:
                 raise CheckpointConflict(name, position, current)
-        # Every staged append is checked before anything changes.
+        # Every staged append and resolved dead letter is checked before anything changes.
         store._check_appends(self._appends)
+        for dead_letter_id in self._resolved:
+            if not self._has_letter(dead_letter_id):
+                raise DeadLetterNotFound(dead_letter_id, name)
         if self._checkpoint is not None:
             store._checkpoints[name] = self._checkpoint[1]
         for staged in self._appends:
@@ -299,10 +330,13 @@ class MemoryMembership:
         return self._registered
 
     async def publish(self, leading: frozenset[str], standing_by: frozenset[str]) -> None:
-        """Record what this host leads and stands by for."""
+        """Record what this host leads and stands by for (what it runs stays as registered)."""
         await trio.lowlevel.checkpoint()
         if self._registered:
-            self._store._hosts[self._host_id] = HostState(leading, standing_by)
+            hosts = self._store._hosts
+            hosts[self._host_id] = attrs.evolve(
+                hosts[self._host_id], leading=leading, standing_by=standing_by
+            )
             self._store._hosts_changed()
 
     async def view(self, units: Sequence[str]) -> ClusterView:
@@ -483,6 +517,8 @@ class MemoryStore:
         """A snapshot and the events from it on (see
         `SnapshotStore.read_stream_from_snapshot`)."""
         snapshot = await self.read_snapshot(stream_id, state)
+        if snapshot is not None and snapshot.event_id is None:
+            snapshot = None  # never trusted (see Snapshot.event_id): read as none, as PostgreSQL
         start = 0 if snapshot is None else snapshot.stream_version - 1
         return snapshot, await self.read_stream(stream_id, after_version=start)
 
@@ -498,11 +534,21 @@ class MemoryStore:
             kept is not None
             and kept.state_version == snapshot.state_version
             and kept.stream_version >= snapshot.stream_version
+            and self._proves(kept)
         ):
             return
         self._snapshots[key] = attrs.evolve(
             snapshot, data=decode_json_object(text) or {}, taken_at=_now()
         )
+
+    def _proves(self, snapshot: Snapshot) -> bool:
+        # Whether the stream's event at the snapshot's version is still the one it ended at
+        # (a restore may have rewritten the stream since); one that is not is replaced by
+        # any newer write, as on PostgreSQL.
+        stream = self._streams.get(snapshot.stream_id, [])
+        if snapshot.event_id is None or len(stream) < snapshot.stream_version:
+            return False
+        return stream[snapshot.stream_version - 1].event_id == snapshot.event_id
 
     async def delete_snapshots(self, stream_id: str | None = None) -> int:
         """Delete snapshots (see `SnapshotStore.delete_snapshots`)."""
@@ -629,12 +675,18 @@ class MemoryStore:
         self._hosts_event = trio.Event()
 
     @asynccontextmanager
-    async def register_host(self) -> AsyncIterator[MemoryMembership]:
-        """Join the host registry for the block (see `ProjectorCoordinator.register_host`)."""
+    async def register_host(
+        self, *, runs: Collection[str] | None = None
+    ) -> AsyncIterator[MemoryMembership]:
+        """Join the host registry for the block (see `ProjectorCoordinator.register_host`).
+
+        .. versionchanged:: 0.3
+           *runs*.
+        """
         await trio.lowlevel.checkpoint()
         self._check_open()
         membership = MemoryMembership(self)
-        self._hosts[membership.host_id] = HostState()
+        self._hosts[membership.host_id] = HostState(runs=None if runs is None else frozenset(runs))
         self._hosts_changed()
         try:
             yield membership
@@ -666,6 +718,13 @@ class MemoryStore:
                 if self._partition_count(name) == current:
                     self._repartition(name, current, partitions, old)
                     return
+
+    async def recorded_partitions(self, name: str) -> int | None:
+        """How many units projection *name* runs as (see `ProjectorCoordinator`)."""
+        check_projector_name(name)
+        await trio.lowlevel.checkpoint()
+        self._check_open()
+        return self._partition_count(name)
 
     def _partition_count(self, name: str) -> int | None:
         if name in self._partitions:
@@ -745,6 +804,24 @@ class MemoryStore:
         if leadership is not None:
             self._release(leadership)
 
+    def _backup(self) -> _Backup:
+        # Test hook: the events as they are now, for _restore.
+        return _Backup(
+            log=list(self._log),
+            streams={stream_id: list(events) for stream_id, events in self._streams.items()},
+            commit=self._commit,
+        )
+
+    def _restore(self, backup: _Backup) -> None:
+        # Test hook: a point-in-time restore of the events (not of snapshots, checkpoints or
+        # anything else): every event appended since *backup* is gone, and positions are
+        # drawn from where they were then, as a restored sequence would.
+        self._log = list(backup.log)
+        self._positions = [stored.position for stored in self._log]
+        self._streams = {stream_id: list(events) for stream_id, events in backup.streams.items()}
+        self._event_ids = {stored.event_id for stored in self._log}
+        self._commit = backup.commit
+
     def _store_undecodable(self, stream_id: str) -> Position:
         # Test hook: store a row whose data is not a JSON object, as a foreign writer could.
         self._commit += 1
@@ -768,16 +845,37 @@ class MemoryStore:
     # -- ProjectionAdmin ----------------------------------------------------------------
 
     async def projection_status(self) -> list[ProjectionStatus]:
-        """One record per projection that has run or checkpointed here, by name."""
+        """One record per unit that has run or checkpointed here, or that a live host runs.
+
+        A unit with no record yet shows no checkpoint and counts every event (of its
+        partition) as lag, since its filter is recorded when it first runs.
+
+        .. versionchanged:: 0.3
+           ``runnable_by`` and ``lacking_hosts``; units that a live host runs are listed.
+        """
         await trio.lowlevel.checkpoint()
         self._check_open()
         now = _now()
+        hosts = [
+            (
+                state,
+                LeaderInfo(
+                    pid=os.getpid(),
+                    host=socket.gethostname(),
+                    application_name=f"memory host {host_id}",
+                ),
+            )
+            for host_id, state in sorted(self._hosts.items())
+        ]
+        runnable = {unit for state, _ in hosts for unit in state.can_run}
         result = []
-        for name in sorted(self._projections.keys() | self._checkpoints.keys()):
+        for name in sorted(self._projections.keys() | self._checkpoints.keys() | runnable):
             parsed = Unit.parse(name)
             if self._partitions.get(parsed.projection, parsed.partitions) != parsed.partitions:
                 continue  # a unit of a partition count the projection no longer has
-            record = self._projection(name)
+            record = self._projections.get(name) or _Projection(
+                filter=None if parsed.partition is None else EventFilter(partition=parsed.partition)
+            )
             checkpoint = self._checkpoints.get(name)
             start = 0 if checkpoint is None else bisect.bisect_right(self._positions, checkpoint)
             pending = [
@@ -785,6 +883,7 @@ class MemoryStore:
                 for e in self._log[start:]
                 if record.filter is None or record.filter.matches(e.stream_id, e.type)
             ]
+            runnable_by, lacking = host_coverage(name, hosts)
             leading = name in self._leaders
             holder = None
             if leading:
@@ -805,6 +904,8 @@ class MemoryStore:
                     last_error=record.last_error,
                     updated_at=record.updated_at,
                     dead_letters=len(self._dead_letters.get(name, ())),
+                    runnable_by=runnable_by,
+                    lacking_hosts=lacking,
                 )
             )
         return sorted(result, key=lambda status: (status.name, status.partition or 0))

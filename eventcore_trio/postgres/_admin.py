@@ -10,8 +10,8 @@ can do anything the connection's role may do.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, final
 
 from .._events import StreamAppend
@@ -22,6 +22,7 @@ from ._pool import Pool
 
 if TYPE_CHECKING:
     from ._appends import AppendStatement
+    from ._group_commit import GroupCommit
     from ._notifier import Notifier
 
 
@@ -44,6 +45,7 @@ class PostgresAdmin:
         statement_cache_size: int,
         append_statement: AppendStatement,
         notifier: Notifier,
+        group_commit: GroupCommit,
     ) -> None:
         self._pool = pool
         self._schema = schema
@@ -52,6 +54,7 @@ class PostgresAdmin:
         self._statement_cache_size = statement_cache_size
         self._append_statement = append_statement
         self._notifier = notifier
+        self._group_commit = group_commit
 
     async def fetch(self, sql: str, *args: object) -> list[Record]:
         """Run *sql* and return every row."""
@@ -110,6 +113,21 @@ class PostgresAdmin:
         .. versionadded:: 0.2
         """
         self._notifier.poke()
+
+    @contextmanager
+    def failing_notifications(self) -> Iterator[None]:
+        """For the block, the NOTIFY that follows each of this store's appends fails on the
+        server (it names a channel PostgreSQL refuses), as a statement timeout or a full
+        notification queue would make it fail: fault injection for the torture run and
+        tests. Appends still commit and say so; readers are woken by the store's notifier.
+
+        .. versionadded:: 0.3
+        """
+        self._group_commit.notifications_fail = True
+        try:
+            yield
+        finally:
+            self._group_commit.notifications_fail = False
 
     async def lock_sessions(self, units: Sequence[str]) -> dict[str, int]:
         """Which server session (backend pid) holds the lock of each of *units* now.

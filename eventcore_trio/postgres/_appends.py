@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from typing import Any, final
+from typing import Any, Final, final
 
 import attrs
 
@@ -165,15 +165,26 @@ def _result(row: Record, streams: Sequence[str], counts: Sequence[int]) -> Appen
     return AppendResult(position, versions)
 
 
+@final
+class Busy:
+    """The outcome of a shared request that names a stream whose lock another transaction
+    held: nothing of it was written; its caller sends it again on its own."""
+
+
+BUSY: Final = Busy()
+
+
 def many_results(
     rows: Sequence[Record], requests: Sequence[EncodedAppend]
-) -> list[AppendResult | VersionConflict]:
-    """Each request's outcome from the rows of an ``append_many`` statement: its result, or
-    the conflict that kept it from being written."""
+) -> list[AppendResult | VersionConflict | Busy]:
+    """Each request's outcome from the rows of an ``append_many`` statement: its result, the
+    conflict that kept it from being written, or `BUSY`."""
     assert [row["request"] for row in rows] == list(range(1, len(requests) + 1))
-    outcomes: list[AppendResult | VersionConflict] = []
+    outcomes: list[AppendResult | VersionConflict | Busy] = []
     for row, encoded in zip(rows, requests, strict=True):
-        if row["conflict"] is not None:
+        if row["busy"]:
+            outcomes.append(BUSY)
+        elif row["conflict"] is not None:
             detail = json.loads(row["conflict"])
             outcomes.append(
                 VersionConflict(detail["stream_id"], detail["expected"], detail["actual"])

@@ -25,6 +25,7 @@ from typing import Any, TypeVar, final
 from .._errors import (
     BatchInterrupted,
     CheckpointConflict,
+    DeadLetterNotFound,
     EventCoreError,
     InvalidArgument,
     LeadershipLost,
@@ -253,13 +254,30 @@ class PostgresBatch:
         )
 
     async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
-        """Delete a replayed dead letter, in this transaction."""
-        await self._statement(
-            self._connection.execute,
+        """Delete a replayed dead letter of this unit, in this transaction (fenced).
+
+        Raises:
+            DeadLetterNotFound: the unit has no such dead letter; the batch cannot commit.
+            LeadershipLost: this session no longer holds the lock; nothing commits.
+        """
+        proof = self._proof
+        row = await self._statement(
+            self._connection.fetchrow,
             self._subscriptions.dead_letter_delete,
             dead_letter_id,
-            self._proof.name,
+            proof.name,
+            proof.backend_pid,
+            proof.key,
         )
+        assert row is not None
+        if not row["held"]:
+            reason = proof.describe_loss(row["pid"])
+            self._on_lost(reason)
+            raise LeadershipLost(f"{reason}; the batch did not commit")
+        if row["deleted"] != 1:
+            # Raised inside the batch's block, so the transaction rolls back: what the
+            # replay wrote goes with it.
+            raise DeadLetterNotFound(dead_letter_id, proof.name)
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
         """Append events in the batch's transaction (see `ProjectionBatch.append_atomic`).

@@ -275,15 +275,27 @@ class Connection(_Queries):
 
     async def fetch_then_notify(
         self, sql: str, args: Sequence[object], channel: str
-    ) -> list[Record]:
+    ) -> tuple[list[Record], BaseException | None]:
         """Run *sql* (autocommit) and return its rows, then ``pg_notify(channel, '')`` as a
-        transaction of its own: two statements, one crossing."""
+        transaction of its own: two statements, one crossing.
+
+        Returns the rows and, if the notification failed, its (translated) error: *sql* has
+        committed by then, so a failed notification must not read as a failed *sql*.
+        """
         raw = self._raw
 
-        async def run() -> list[Record]:
+        async def run() -> tuple[list[Record], BaseException | None]:
             rows: list[Record] = await raw.fetch(sql, *args)
-            await raw.execute("SELECT pg_notify($1, '')", channel)
-            return rows
+            try:
+                await raw.execute("SELECT pg_notify($1, '')", channel)
+            except (
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.exceptions.InternalClientError,
+                OSError,
+            ) as exc:
+                return rows, translate_error(exc)
+            return rows, None
 
         return await _cross(run)  # type: ignore[no-any-return]
 

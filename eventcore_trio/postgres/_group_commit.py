@@ -12,19 +12,29 @@ where each asyncio task on a pool would pay its own.
 
 Sharing changes nothing a caller can observe: each request stays all or nothing and is
 checked against its own expected versions (a conflict refuses that request alone); its
-result is its own. If the shared statement fails for any other reason (a duplicate event id,
-say), nothing was written and each request is sent again on its own, so each caller gets its
-own verdict. A lost connection while a statement is in flight leaves the outcome unknown for
-every request in it, as it does for a lone append.
+result is its own. A shared statement never waits for a stream's lock: a request naming a
+stream that another transaction holds (an open outbox transaction, say) comes back *busy*,
+having written nothing, and its own caller sends it again on its own, where it waits for
+that lock in the caller's task, as long as the caller lets it. If the shared statement fails
+for any other reason (a duplicate event id, say), nothing was written and each caller sends
+its request again on its own, so each gets its own verdict. A lost connection while a
+statement is in flight leaves the outcome unknown for every request in it, as it does for a
+lone append.
+
+The statement commits before the notification that wakes readers is sent (in the same
+crossing): a failed notification does not unmake the commit, so every request keeps its
+committed result and the store's `Notifier` wakes readers instead (readers poll as well).
 
 The slot holder sends shared statements shielded from its own cancellation: the other
-requests in it belong to other callers. A caller cancelled while waiting gets `trio.Cancelled`;
-if its request was already sent it may have been written, as with a cancelled lone append.
+requests in it belong to other callers, and a shared statement never waits for a lock
+held elsewhere. A caller cancelled while waiting gets `trio.Cancelled`; if its request was
+already sent it may have been written, as with a cancelled lone append.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from typing import Final, final
 
 import outcome
@@ -32,9 +42,11 @@ import trio
 
 from .._errors import DatabaseError, DuplicateEventId, VersionConflict
 from .._events import AppendResult
-from ._appends import AppendStatement, EncodedAppend, append_result, many_results
+from ._appends import BUSY, AppendStatement, Busy, EncodedAppend, append_result, many_results
 from ._bridge import Record
 from ._pool import Pool
+
+logger = logging.getLogger("eventcore_trio.postgres")
 
 #: Append statements one store runs at a time; more appends queue and share the next ones.
 #: One measured best: eight tasks appending one event each ran at 3,400 events/s with one
@@ -48,6 +60,9 @@ STALLED_AFTER: Final = 0.01
 #: Requests one shared statement carries at most.
 MAX_SHARED: Final = 64
 
+# One byte over PostgreSQL's limit for channel names: pg_notify refuses it.
+_REFUSED_CHANNEL: Final = "x" * 64
+
 
 @final
 class _Pending:
@@ -55,23 +70,37 @@ class _Pending:
         self.request = request
         self.taken = False
         self.done = trio.Event()
-        self.result: outcome.Outcome[AppendResult] | None = None
+        self.result: outcome.Outcome[AppendResult | Busy] | None = None
 
-    def finish(self, result: outcome.Outcome[AppendResult]) -> None:
+    def finish(self, result: outcome.Outcome[AppendResult | Busy]) -> None:
         self.result = result
         self.done.set()
 
 
 @final
 class GroupCommit:
-    """Sends appends, sharing statements between concurrent callers."""
+    """Sends appends, sharing statements between concurrent callers.
 
-    def __init__(self, pool: Pool, statement: AppendStatement, channel: str) -> None:
+    *on_unnotified* is called when an append committed but its notification failed: it
+    must wake readers some other way (`Notifier.poke`).
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        statement: AppendStatement,
+        channel: str,
+        on_unnotified: Callable[[], None],
+    ) -> None:
         self._pool = pool
         self._channel = channel
         self._statement = statement
+        self._on_unnotified = on_unnotified
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._queue: list[_Pending] = []
+        # Fault injection (PostgresAdmin.failing_notifications): notify on a channel name
+        # the server refuses.
+        self.notifications_fail = False
 
     async def append(self, request: EncodedAppend) -> AppendResult:
         """Append one encoded request; returns its result or raises its error."""
@@ -86,8 +115,9 @@ class GroupCommit:
                 with trio.move_on_after(STALLED_AFTER) as waiting:
                     await self._slots.acquire()
                 if waiting.cancelled_caught:
-                    # The statement in flight is stalled (waiting for a lock that another
-                    # session holds, say): appends to other streams must not wait for it.
+                    # The statement in flight is stalled (a lone append waiting for a lock
+                    # that another session holds, say): appends to other streams must not
+                    # wait for it.
                     if not pending.taken:
                         await self._send_queued()
                     continue
@@ -102,7 +132,13 @@ class GroupCommit:
             if not pending.taken:
                 self._queue.remove(pending)
         assert pending.result is not None
-        return pending.result.unwrap()
+        result = pending.result.unwrap()
+        if isinstance(result, Busy):
+            # On its own, in this caller's task: it may wait for a stream's lock for as
+            # long as the transaction holding it runs, and only this caller waits, and may
+            # give up (a cancelled lone append).
+            return await self._send_one(request)
+        return result
 
     async def _send_queued(self) -> None:
         batch = self._queue[:MAX_SHARED]
@@ -117,7 +153,13 @@ class GroupCommit:
         # The wake-up for readers follows the commit on the same connection, in the same
         # crossing: the lowest latency, and it is never inside the appending transaction.
         async with self._pool.acquire() as connection:
-            return await connection.fetch_then_notify(sql, args, self._channel)
+            channel = _REFUSED_CHANNEL if self.notifications_fail else self._channel
+            rows, notify_error = await connection.fetch_then_notify(sql, args, channel)
+        if notify_error is not None:
+            # Committed all the same; readers are woken another way.
+            logger.debug("could not notify %s of an append: %s", self._channel, notify_error)
+            self._on_unnotified()
+        return rows
 
     async def _send_one(self, request: EncodedAppend) -> AppendResult:
         sql, args = self._statement.single(request)
@@ -126,8 +168,9 @@ class GroupCommit:
 
     async def _send_shared(self, batch: Sequence[_Pending]) -> None:
         if len(batch) == 1:
+            # Nothing to share: its caller sends it, unshielded, in its own task.
             (only,) = batch
-            only.finish(await outcome.acapture(self._send_one, only.request))
+            only.finish(outcome.Value(BUSY))
             return
         sql, args = self._statement.many([item.request for item in batch])
         try:
@@ -135,7 +178,7 @@ class GroupCommit:
         except (DatabaseError, DuplicateEventId):
             # Nothing was written; each request's own statement gives it its own verdict.
             for item in batch:
-                item.finish(await outcome.acapture(self._send_one, item.request))
+                item.finish(outcome.Value(BUSY))
             return
         except BaseException as exc:
             for item in batch:

@@ -8,6 +8,11 @@ heartbeat timeout. Rows of dead hosts are deleted by whoever sees them.
 
 Whether a unit is led is read from ``pg_locks`` too, in the same statement (a granted lock
 on its key), not from what hosts published, which may lag by a moment.
+
+A row also says which units its host runs (``runs``, written once at registration: a host's
+projectors do not change while it lives; NULL for a host of a version that did not say), so
+that every host plans each unit over the hosts that can run it, and status can name the live
+hosts that lack a unit.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import contextlib
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import final
 
@@ -24,11 +29,14 @@ import trio
 
 from .._errors import EventCoreError
 from .._hosts import ClusterView, HostState
+from .._status import LeaderInfo
+from ._bridge import Record
 from ._fence import LOCK_HELD, SESSION_HOLDS_LOCK
 from ._keys import host_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
 from ._pool import Pool
+from ._schema import channel_name
 
 
 @final
@@ -59,7 +67,7 @@ class PostgresMembership:
         self._sql_view = (
             f"SELECT ARRAY(SELECT k FROM unnest($1::bigint[]) AS k "
             f"WHERE {LOCK_HELD.format(key='k')}) AS held, "
-            f"h.host_id, h.leads, h.stands_by, {live} AS live "
+            f"h.host_id, h.leads, h.stands_by, h.runs, {live} AS live "
             f"FROM (SELECT 1) AS one LEFT JOIN {table} h ON true"
         )
         self._sql_forget = f"DELETE FROM {table} h WHERE host_id = ANY($1::text[]) AND NOT {live}"
@@ -98,11 +106,7 @@ class PostgresMembership:
         if dead:
             await self._pool.execute(self._sql_forget, dead)
         return ClusterView(
-            hosts={
-                row["host_id"]: HostState(frozenset(row["leads"]), frozenset(row["stands_by"]))
-                for row in listed
-                if row["live"]
-            },
+            hosts={row["host_id"]: _host_state(row) for row in listed if row["live"]},
             held=frozenset(keys[key] for key in rows[0]["held"]),
         )
 
@@ -111,9 +115,38 @@ class PostgresMembership:
         await self._listener.wait()
 
 
+def _host_state(row: Record) -> HostState:
+    runs = row["runs"]
+    return HostState(
+        frozenset(row["leads"]),
+        frozenset(row["stands_by"]),
+        None if runs is None else frozenset(runs),
+    )
+
+
+async def live_hosts(pool: Pool, schema: str) -> list[tuple[HostState, LeaderInfo]]:
+    """What every live host published, and who it is (for status), in host id order."""
+    live = SESSION_HOLDS_LOCK.format(session="h.backend_pid", key="h.lock_key")
+    rows = await pool.fetch(
+        f"SELECT h.leads, h.stands_by, h.runs, h.pid, h.hostname, h.application "
+        f'FROM "{schema}".hosts h WHERE {live} ORDER BY h.host_id'
+    )
+    return [
+        (
+            _host_state(row),
+            LeaderInfo(
+                pid=row["pid"] or 0,
+                host=row["hostname"] or "",
+                application_name=row["application"] or "",
+            ),
+        )
+        for row in rows
+    ]
+
+
 def hosts_channel(schema: str) -> str:
     """The channel on which hosts announce joins, departures and publications."""
-    return f"eventcore_{schema}_hosts"
+    return channel_name(schema, "_hosts")
 
 
 @asynccontextmanager
@@ -126,8 +159,10 @@ async def register_host(
     application_name: str,
     connect_timeout: float,
     listener: Listener,
+    runs: Collection[str] | None = None,
 ) -> AsyncIterator[PostgresMembership]:
-    """Take a membership lock, list the host, and unlist it when the block ends."""
+    """Take a membership lock, list the host with the units it *runs*, and unlist it when
+    the block ends."""
     host_id = uuid.uuid4().hex
     table = f'"{schema}".hosts'
     async with acquire_leadership(
@@ -140,14 +175,15 @@ async def register_host(
         wait=False,
     ) as leadership:
         await pool.execute(
-            f"INSERT INTO {table} (host_id, backend_pid, lock_key, pid, hostname, application) "
-            "VALUES ($1, $2, $3, $4, $5, $6)",
+            f"INSERT INTO {table} (host_id, backend_pid, lock_key, pid, hostname, application, "
+            "runs) VALUES ($1, $2, $3, $4, $5, $6, $7::text[])",
             host_id,
             leadership.backend_pid,
             leadership.lock_key,
             os.getpid(),
             socket.gethostname(),
             application_name,
+            None if runs is None else sorted(runs),
         )
         try:
             await pool.execute("SELECT pg_notify($1, $2)", hosts_channel(schema), host_id)

@@ -7,6 +7,7 @@ A database whose schema is newer than this library is refused, never downgraded.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Final
 
@@ -32,9 +33,28 @@ def check_schema_name(schema: object) -> str:
     return schema
 
 
+#: PostgreSQL's longest identifier, in bytes (NAMEDATALEN - 1): channel names included.
+MAX_IDENTIFIER_BYTES: Final = 63
+
+
+def channel_name(schema: str, suffix: str = "") -> str:
+    """A LISTEN/NOTIFY channel of *schema*: ``eventcore_<schema><suffix>``, or, when that is
+    longer than PostgreSQL allows (a schema of more than 53 characters), the schema's first
+    characters and a hash of the whole name, so that it always fits and stays distinct.
+
+    A longer name would make ``pg_notify`` fail and LISTEN silently truncate it.
+    """
+    name = f"eventcore_{schema}{suffix}"
+    if len(name.encode()) <= MAX_IDENTIFIER_BYTES:
+        return name
+    digest = hashlib.blake2b(schema.encode(), digest_size=6).hexdigest()
+    keep = MAX_IDENTIFIER_BYTES - len("eventcore_") - len(suffix) - len(digest) - 1
+    return f"eventcore_{schema[:keep]}_{digest}{suffix}"
+
+
 def notify_channel(schema: str) -> str:
     """The LISTEN/NOTIFY channel on which the store announces committed appends."""
-    return f"eventcore_{schema}"
+    return channel_name(schema)
 
 
 # Each migration is a template over {s} (the quoted schema) and {stream_locks}. Never edit a
@@ -684,6 +704,334 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     END
     $fn$;
     """,
+    # 4: the tx of transactions that had an id before announcing themselves is at least the
+    # xmax of a snapshot taken after the announcement, and they own an id at least that
+    # large (docs/postgres.md, "The read horizon"), for any number of them at once; group
+    # commit never waits for a stream that another transaction holds; what each host runs.
+    """
+    -- The least tx the events of a transaction that has just announced itself may carry,
+    -- negated when it must also claim a new transaction id (see append_events). 0 when it
+    -- had no id before it announced itself: its own id, assigned from now on, is enough.
+    -- Otherwise the greatest of its id and the xmax of a snapshot taken now: every reader
+    -- that did not see the announcement reads below the xmax of a snapshot taken before
+    -- it, which is at most this one's (xmax is the latest *completed* id + 1, and only
+    -- grows); every reader that saw it reads below the transaction's own id. That floor may
+    -- be an id nobody has been assigned yet, so the transaction claims one (a
+    -- subtransaction's, assigned after this point, so at least the floor) that completes
+    -- when it does: readers can pass the floor then. The floor is kept for the rest of the
+    -- transaction (the writer lock is held as long; both go with a savepoint rolled back),
+    -- so later appends claim nothing more. A fresh snapshot needs READ COMMITTED, unless the
+    -- transaction announced itself at its start (store.transaction(), which sets
+    -- eventcore_trio.writer).
+    CREATE FUNCTION {s}.writer_floor(p_had_xid boolean) RETURNS bigint
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_floor bigint;
+        v_xid bigint;
+    BEGIN
+        IF NOT p_had_xid
+           OR current_setting('eventcore_trio.writer', true) IS NOT DISTINCT FROM {schema_name}
+        THEN
+            RETURN 0;
+        END IF;
+        v_floor := nullif(current_setting({floor_setting}, true), '')::bigint;
+        IF v_floor IS NOT NULL THEN
+            RETURN v_floor;
+        END IF;
+        IF current_setting('transaction_isolation') <> 'read committed' THEN
+            RAISE EXCEPTION USING
+                ERRCODE = 'EV003',
+                MESSAGE = 'this transaction wrote before appending events, at '
+                    || current_setting('transaction_isolation')
+                    || ' isolation: append first, use READ COMMITTED, or open it with '
+                    || 'store.transaction()';
+        END IF;
+        v_xid := pg_current_xact_id()::text::bigint;
+        v_floor := greatest(v_xid, pg_snapshot_xmax(pg_current_snapshot())::text::bigint);
+        PERFORM set_config({floor_setting}, v_floor::text, true);
+        RETURN CASE WHEN v_floor > v_xid THEN -v_floor ELSE v_floor END;
+    END
+    $fn$;
+
+    -- Announce this transaction as an event writer (the shared writer lock), take its
+    -- streams' locks in key order (before the transaction holds an id, unless it already
+    -- did: so of two appends to one stream the later gets the larger id; key order, in the
+    -- two-int form apart from the store's bigint locks, so that concurrent appends cannot
+    -- deadlock), then return its floor (see writer_floor: negative when it must claim an
+    -- id).
+    CREATE OR REPLACE FUNCTION {s}.begin_append(p_streams text[]) RETURNS bigint
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_had_xid boolean := pg_current_xact_id_if_assigned() IS NOT NULL;
+        v_key int;
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared({writer_lock});
+        FOR v_key IN SELECT DISTINCT hashtext(x) FROM unnest(p_streams) AS x ORDER BY 1 LOOP
+            PERFORM pg_advisory_xact_lock({stream_locks}, v_key);
+        END LOOP;
+        IF NOT v_had_xid THEN
+            RETURN 0;
+        END IF;
+        RETURN {s}.writer_floor(true);
+    END
+    $fn$;
+
+    CREATE OR REPLACE FUNCTION {s}.append_events(
+        p_streams text[],
+        p_expected bigint[],
+        p_counts int[],
+        p_event_stream int[],
+        p_offset int[],
+        p_event_id uuid[],
+        p_type text[],
+        p_data jsonb[],
+        p_metadata jsonb[]
+    ) RETURNS TABLE (last_tx bigint, last_position bigint, versions bigint[])
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_versions bigint[] := '{{}}';
+        v_hashes bigint[] := '{{}}';
+        v_version bigint;
+        v_last_tx bigint;
+        v_floor bigint;
+        v_claim boolean;
+        v_tx bigint;
+    BEGIN
+        v_floor := {s}.begin_append(p_streams);
+        v_claim := v_floor < 0;
+        v_floor := abs(v_floor);
+        FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
+            SELECT s.version, s.last_tx INTO v_version, v_last_tx FROM {s}.streams s
+                WHERE s.stream_id = p_streams[i] FOR UPDATE;
+            IF NOT FOUND THEN
+                -- A concurrent creator makes this wait for its commit, then do nothing.
+                INSERT INTO {s}.streams (stream_id, version) VALUES (p_streams[i], 0)
+                    ON CONFLICT DO NOTHING;
+                SELECT s.version, s.last_tx INTO v_version, v_last_tx FROM {s}.streams s
+                    WHERE s.stream_id = p_streams[i] FOR UPDATE;
+            END IF;
+            -- Per-stream order: never below the tx of the stream's last append.
+            v_floor := greatest(v_floor, v_last_tx);
+            IF p_expected[i] IS NOT NULL AND p_expected[i] <> v_version THEN
+                RAISE EXCEPTION USING
+                    ERRCODE = 'EV001',
+                    MESSAGE = format('stream %s is at version %s, expected %s',
+                                     p_streams[i], v_version, p_expected[i]),
+                    DETAIL = json_build_object('stream_id', p_streams[i],
+                                               'expected', p_expected[i],
+                                               'actual', v_version)::text;
+            END IF;
+            v_versions := v_versions || v_version;
+            v_hashes := v_hashes || {s}.stream_hash(p_streams[i]);
+        END LOOP;
+
+        IF coalesce(array_length(p_type, 1), 0) = 0 THEN
+            RETURN QUERY SELECT NULL::bigint, NULL::bigint, v_versions;
+            RETURN;
+        END IF;
+
+        -- The client sends NULL instead of arrays that carry nothing: stream indexes and
+        -- offsets for a single-stream append, ids when none were given, metadata when every
+        -- event's is empty. unnest() pads a NULL array with NULLs, hence the coalesces.
+        v_tx := greatest(pg_current_xact_id()::text::bigint, v_floor);
+        INSERT INTO {s}.events
+            (tx, stream_id, stream_version, event_id, type, data, metadata, stream_hash)
+        SELECT v_tx, p_streams[coalesce(e.si, 1)],
+               v_versions[coalesce(e.si, 1)] + coalesce(e.off, e.ord),
+               coalesce(e.id, gen_random_uuid()), e.type, e.data,
+               coalesce(e.meta, '{{}}'::jsonb), v_hashes[coalesce(e.si, 1)]
+        FROM unnest(p_type, p_data, p_metadata, p_event_id, p_event_stream, p_offset)
+             WITH ORDINALITY AS e(type, data, meta, id, si, off, ord)
+        ORDER BY e.ord;
+
+        IF v_claim THEN
+            -- The same update in a subtransaction: its id, assigned by this write, is at
+            -- least the floor and completes with this transaction (see writer_floor). The
+            -- handler never runs (no statement raises EV999); it is what makes the block a
+            -- subtransaction.
+            BEGIN
+                UPDATE {s}.streams AS s SET version = s.version + c.n, last_tx = v_tx
+                FROM unnest(p_streams, p_counts) AS c(stream_id, n)
+                WHERE s.stream_id = c.stream_id AND c.n > 0;
+            EXCEPTION WHEN SQLSTATE 'EV999' THEN
+                RAISE;
+            END;
+        ELSE
+            UPDATE {s}.streams AS s SET version = s.version + c.n, last_tx = v_tx
+            FROM unnest(p_streams, p_counts) AS c(stream_id, n)
+            WHERE s.stream_id = c.stream_id AND c.n > 0;
+        END IF;
+
+        -- No NOTIFY here: the store notifies after the commit (see _notifier), since
+        -- notifying transactions commit one at a time.
+        RETURN QUERY SELECT v_tx, currval('{s}.events_position_seq'::regclass), v_versions;
+    END
+    $fn$;
+
+    -- As before, with one difference: a stream whose lock another transaction holds (an
+    -- open outbox transaction, a lone append waiting for one) is not waited for. Stream
+    -- locks are tried, never awaited (so no order is needed either); a request that names a
+    -- stream whose lock was taken comes back busy, having written nothing, and the client
+    -- sends it again on its own, so requests for other streams never wait behind it.
+    DROP FUNCTION {s}.append_many(int[], text[], bigint[], int[], int[], int[], uuid[],
+                                  text[], jsonb[], jsonb[]);
+    CREATE FUNCTION {s}.append_many(
+        p_request int[],
+        p_streams text[],
+        p_expected bigint[],
+        p_counts int[],
+        p_event_stream int[],
+        p_offset int[],
+        p_event_id uuid[],
+        p_type text[],
+        p_data jsonb[],
+        p_metadata jsonb[]
+    ) RETURNS TABLE (request int, last_tx bigint, last_position bigint, versions bigint[],
+                     conflict text, busy boolean)
+    LANGUAGE plpgsql AS $fn$
+    DECLARE
+        v_had_xid boolean := pg_current_xact_id_if_assigned() IS NOT NULL;
+        v_entries int := coalesce(array_length(p_streams, 1), 0);
+        v_free int[] := '{{}}';
+        v_names text[] := '{{}}';
+        v_current bigint[] := '{{}}';
+        v_base bigint[] := array_fill(NULL::bigint, ARRAY[v_entries]);
+        v_hashes bigint[] := array_fill(NULL::bigint, ARRAY[v_entries]);
+        v_conflicts text[] := '{{}}';
+        v_busy boolean[] := '{{}}';
+        v_written_streams text[];
+        v_written_versions bigint[];
+        v_written_positions bigint[];
+        v_name text;
+        v_version bigint;
+        v_last_tx bigint;
+        v_floor bigint;
+        v_claim boolean;
+        v_tx bigint;
+        v_key int;
+        v_first int;
+        v_last int;
+        v_at int;
+        v_ok boolean;
+        i int := 1;
+    BEGIN
+        PERFORM pg_advisory_xact_lock_shared({writer_lock});
+        FOR v_key IN SELECT DISTINCT hashtext(x) FROM unnest(p_streams) AS x LOOP
+            IF pg_try_advisory_xact_lock({stream_locks}, v_key) THEN
+                v_free := v_free || v_key;
+            END IF;
+        END LOOP;
+        v_floor := {s}.writer_floor(v_had_xid);
+        v_claim := v_floor < 0;
+        v_floor := abs(v_floor);
+        -- The row of each distinct stream whose lock this transaction holds, in name order.
+        FOR v_name IN SELECT DISTINCT x FROM unnest(p_streams) AS x
+                      WHERE hashtext(x) = ANY(v_free) ORDER BY 1 LOOP
+            SELECT st.version, st.last_tx INTO v_version, v_last_tx FROM {s}.streams st
+                WHERE st.stream_id = v_name FOR UPDATE;
+            IF NOT FOUND THEN
+                INSERT INTO {s}.streams (stream_id, version) VALUES (v_name, 0)
+                    ON CONFLICT DO NOTHING;
+                SELECT st.version, st.last_tx INTO v_version, v_last_tx FROM {s}.streams st
+                    WHERE st.stream_id = v_name FOR UPDATE;
+            END IF;
+            v_floor := greatest(v_floor, v_last_tx);
+            v_names := v_names || v_name;
+            v_current := v_current || v_version;
+        END LOOP;
+        -- Requests in order, against the versions the earlier ones leave.
+        FOR r IN 1 .. coalesce(p_request[v_entries], 0) LOOP
+            v_first := i;
+            WHILE i <= v_entries AND p_request[i] = r LOOP
+                i := i + 1;
+            END LOOP;
+            v_last := i - 1;
+            v_ok := true;
+            v_conflicts := v_conflicts || NULL::text;
+            v_busy := v_busy || false;
+            FOR k IN v_first .. v_last LOOP
+                v_at := array_position(v_names, p_streams[k]);
+                IF v_at IS NULL THEN
+                    v_ok := false;
+                    v_busy[r] := true;
+                    EXIT;
+                END IF;
+                IF p_expected[k] IS NOT NULL AND p_expected[k] <> v_current[v_at] THEN
+                    v_ok := false;
+                    v_conflicts[r] := json_build_object('stream_id', p_streams[k],
+                                                        'expected', p_expected[k],
+                                                        'actual', v_current[v_at])::text;
+                    EXIT;
+                END IF;
+            END LOOP;
+            CONTINUE WHEN NOT v_ok;
+            FOR k IN v_first .. v_last LOOP
+                v_at := array_position(v_names, p_streams[k]);
+                v_base[k] := v_current[v_at];
+                v_current[v_at] := v_current[v_at] + p_counts[k];
+                v_hashes[k] := {s}.stream_hash(p_streams[k]);
+            END LOOP;
+        END LOOP;
+
+        v_tx := greatest(pg_current_xact_id()::text::bigint, v_floor);
+        WITH inserted AS (
+            INSERT INTO {s}.events
+                (tx, stream_id, stream_version, event_id, type, data, metadata, stream_hash)
+            SELECT v_tx, p_streams[e.si], v_base[e.si] + e.off, coalesce(e.id, gen_random_uuid()),
+                   e.type, e.data, coalesce(e.meta, '{{}}'::jsonb), v_hashes[e.si]
+            FROM unnest(p_type, p_data, p_metadata, p_event_id, p_event_stream, p_offset)
+                 WITH ORDINALITY AS e(type, data, meta, id, si, off, ord)
+            WHERE v_base[e.si] IS NOT NULL
+            ORDER BY e.ord
+            RETURNING stream_id, stream_version, position
+        )
+        SELECT array_agg(stream_id), array_agg(stream_version), array_agg(position)
+        INTO v_written_streams, v_written_versions, v_written_positions
+        FROM inserted;
+
+        IF v_claim THEN
+            -- In a subtransaction, as in append_events (see writer_floor).
+            BEGIN
+                UPDATE {s}.streams AS st SET version = c.version, last_tx = v_tx
+                FROM unnest(v_names, v_current) AS c(stream_id, version)
+                WHERE st.stream_id = c.stream_id AND st.version <> c.version;
+            EXCEPTION WHEN SQLSTATE 'EV999' THEN
+                RAISE;
+            END;
+        ELSE
+            UPDATE {s}.streams AS st SET version = c.version, last_tx = v_tx
+            FROM unnest(v_names, v_current) AS c(stream_id, version)
+            WHERE st.stream_id = c.stream_id AND st.version <> c.version;
+        END IF;
+
+        RETURN QUERY
+        SELECT g.request,
+               CASE WHEN g.last_position IS NULL THEN NULL ELSE v_tx END,
+               g.last_position, g.versions, v_conflicts[g.request], v_busy[g.request]
+        FROM (
+            SELECT p_request[k] AS request,
+                   array_agg(v_base[k] ORDER BY k) AS versions,
+                   max(ev.position) AS last_position
+            FROM generate_subscripts(p_streams, 1) AS k
+            LEFT JOIN unnest(v_written_streams, v_written_versions, v_written_positions)
+                AS ev(stream_id, stream_version, position)
+                ON p_counts[k] > 0 AND v_base[k] IS NOT NULL
+                AND ev.stream_id = p_streams[k] AND ev.stream_version = v_base[k] + p_counts[k]
+            GROUP BY p_request[k]
+        ) AS g
+        ORDER BY g.request;
+    END
+    $fn$;
+
+    -- The projectors (names) each balancing host runs, so that a unit is planned only
+    -- over the hosts that can run it; NULL for a host that has not said.
+    ALTER TABLE {s}.hosts ADD COLUMN runs text[];
+
+    -- The id of the last event folded into a snapshot: a snapshot is trusted only while the
+    -- stream's event at its version is still that event (a restore may have rewritten the
+    -- stream since). NULL for snapshots taken before this migration: never trusted.
+    ALTER TABLE {s}.snapshots ADD COLUMN event_id uuid;
+    """,
 )
 
 LATEST_SCHEMA_VERSION: Final = len(_MIGRATIONS)
@@ -695,6 +1043,7 @@ def _render(template: str, schema: str) -> str:
         stream_locks=stream_lock_space(schema),
         writer_lock=writer_lock_key(schema),
         schema_name=f"'{schema}'",
+        floor_setting=f"'eventcore_trio.tx_floor_{schema}'",
     )
 
 

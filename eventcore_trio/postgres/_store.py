@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, Literal, final, overload
 
@@ -36,6 +36,7 @@ from .._validation import (
     check_expected_version,
     check_identifier,
     check_name,
+    check_projector_name,
     check_stream_id,
     check_version_cursor,
 )
@@ -43,7 +44,7 @@ from . import _bridge, _pool
 from ._admin import PostgresAdmin
 from ._appends import AppendStatement, encode_append
 from ._group_commit import GroupCommit
-from ._hosts import PostgresMembership, hosts_channel, register_host
+from ._hosts import PostgresMembership, hosts_channel, live_hosts, register_host
 from ._keys import index_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
@@ -100,8 +101,6 @@ class PostgresStore:
         self._connect_timeout = connect_timeout
         self._closed = False
         self._append_statement = AppendStatement(schema)
-        # Concurrent appends share statements (see _group_commit).
-        self._group_commit = GroupCommit(pool, self._append_statement, notify_channel(schema))
         self._reads = ReadQueries(schema)
         self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
@@ -116,6 +115,13 @@ class PostgresStore:
             channel=hosts_channel(schema), application_name=f"{application_name} hosts listener"
         )
         self._notifier = Notifier(nursery=nursery, pool=pool, channel=notify_channel(schema))
+        # Concurrent appends share statements (see _group_commit).
+        self._group_commit = GroupCommit(
+            pool,
+            self._append_statement,
+            notify_channel(schema),
+            on_unnotified=self._notifier.poke,
+        )
         self._leadership_context = LeadershipContext(
             self._subscriptions,
             server_version,
@@ -130,6 +136,7 @@ class PostgresStore:
             statement_cache_size=statement_cache_size,
             append_statement=self._append_statement,
             notifier=self._notifier,
+            group_commit=self._group_commit,
         )
 
     @property
@@ -223,6 +230,13 @@ class PostgresStore:
             InvalidArgument: an unknown isolation level.
             DatabaseError: a statement in the block failed, even if the block caught its
                 error: nothing was committed.
+
+        If the COMMIT itself is interrupted (the block is cancelled while it runs, or the
+        connection is lost), the outcome is in doubt: the server may have committed. Find
+        out from what you wrote: read back a row of your own, or `read_stream` the stream
+        you appended to and look for your events' ids (give them event ids, so that a
+        retry is refused as a `DuplicateEventId` if the first attempt did commit). Readers
+        are woken either way.
 
         .. versionadded:: 0.3
         """
@@ -386,11 +400,16 @@ class PostgresStore:
             yield leadership
 
     @asynccontextmanager
-    async def register_host(self) -> AsyncIterator[PostgresMembership]:
+    async def register_host(
+        self, *, runs: Collection[str] | None = None
+    ) -> AsyncIterator[PostgresMembership]:
         """Join the host registry for the block (see `ProjectorCoordinator.register_host`).
 
         Holds a membership lock on a dedicated connection for the block: the host counts as
-        alive exactly while that session lives.
+        alive exactly while that session lives. The host's row records the units it *runs*.
+
+        .. versionchanged:: 0.3
+           *runs*.
         """
         self._check_open()
         async with register_host(
@@ -401,6 +420,7 @@ class PostgresStore:
             application_name=self._application_name,
             connect_timeout=self._connect_timeout,
             listener=self._hosts_listener,
+            runs=runs,
         ) as membership:
             yield membership
 
@@ -433,6 +453,14 @@ class PostgresStore:
             if done:
                 return
             current = await self._subscriptions.partitions(name)
+
+    async def recorded_partitions(self, name: str) -> int | None:
+        """How many units projection *name* runs as (see `ProjectorCoordinator`): the count
+        in the ``projections`` table; 1 for a projection that checkpointed before counts were
+        recorded; None for one that never ran here."""
+        check_projector_name(name)
+        self._check_open()
+        return await self._subscriptions.partitions(name)
 
     async def _ensure_partition_index(self, partitions: int) -> None:
         # Each partition's read walks its own index instead of the whole log (see
@@ -504,13 +532,20 @@ class PostgresStore:
     # -- ProjectionAdmin ----------------------------------------------------------------
 
     async def projection_status(self) -> list[ProjectionStatus]:
-        """One record per projection that has run or checkpointed here (see `ProjectionAdmin`).
+        """One record per unit that has run or checkpointed here, or that a live host runs
+        (see `ProjectionAdmin`).
 
         Lag counts visible events after the checkpoint that match the projector's filter, so
-        it costs a range scan per projection: an operator's call, not a hot path.
+        it costs a range scan per projection: an operator's call, not a hot path. A unit that
+        has not run yet counts every event (of its partition): its filter is recorded when it
+        first runs. ``runnable_by`` and ``lacking_hosts`` come from the live balancing hosts'
+        rows.
+
+        .. versionchanged:: 0.3
+           Units a live host runs are listed; ``runnable_by`` and ``lacking_hosts``.
         """
         self._check_open()
-        return await self._subscriptions.status()
+        return await self._subscriptions.status(await live_hosts(self._pool, self._schema))
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters, so its next run rebuilds from scratch.

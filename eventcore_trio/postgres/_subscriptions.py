@@ -22,6 +22,7 @@ from .._decoding import decode_stored
 from .._errors import CheckpointConflict, ClusterMismatch
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
+from .._hosts import HostState
 from .._partitions import Partition, Unit, plan_repartition, split_parent, units_of
 from .._positions import Position, position_parts
 from .._status import (
@@ -30,14 +31,31 @@ from .._status import (
     OpenTransaction,
     ProjectionState,
     ProjectionStatus,
+    host_coverage,
     unit_state,
 )
 from ._bridge import Connection, Record
+from ._fence import HOLDS_LOCK
 from ._keys import projector_lock_key, writer_lock_key
 from ._pool import Pool
 from ._reads import ReadQueries
 
 _NAME: Final = "subscription_name"
+
+# The columns status reads from a subscriptions row, for a unit that has none yet.
+_NO_ROW: Final[dict[str, object]] = {
+    "tx": None,
+    "position": None,
+    "filter": None,
+    "state": ProjectionState.STOPPED.value,
+    "leader_pid": None,
+    "leader_host": None,
+    "leader_application": None,
+    "leader_backend_pid": None,
+    "last_error": None,
+    "updated_at": None,
+    "dead_letters": 0,
+}
 
 
 def checkpoint_upsert(subscriptions: str, *, condition: str, fence: str | None = None) -> str:
@@ -232,8 +250,16 @@ class Subscriptions:
             "error_type, error_message, retries) "
             "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         )
+        # Resolving a replayed dead letter: $1 id, $2 unit, $3 the lock session's backend
+        # pid, $4 its lock key. Deletes the letter only if it is the unit's and only while
+        # this session holds the unit's lock (the fence of _batch), and says which failed:
+        # the replay's batch must not commit a letter it did not delete.
+        fence = HOLDS_LOCK.format(pid="$3::int", key="$4::bigint")
         self.dead_letter_delete = (
-            f"DELETE FROM {self.dead_letters_table} WHERE id = $1 AND {_NAME} = $2"
+            f"WITH deleted AS (DELETE FROM {self.dead_letters_table} "
+            f"WHERE id = $1 AND {_NAME} = $2 AND {fence} RETURNING 1) "
+            f"SELECT (SELECT count(*) FROM deleted) AS deleted, pg_backend_pid() AS pid, "
+            f"{fence} AS held"
         )
         self._sql_load = (
             f"SELECT tx, position, system_identifier FROM {self.table} WHERE {_NAME} = $1"
@@ -410,8 +436,11 @@ class Subscriptions:
         )
         return [_to_dead_letter(row) for row in rows]
 
-    async def status(self) -> list[ProjectionStatus]:
-        """One record per projection with a row; see `PostgresStore.projection_status`."""
+    async def status(
+        self, hosts: Sequence[tuple[HostState, LeaderInfo]] = ()
+    ) -> list[ProjectionStatus]:
+        """One record per unit with a row or that a live host of *hosts* (what each
+        published, and who it is) runs; see `PostgresStore.projection_status`."""
         rows = await self._pool.fetch(
             "SELECT c.subscription_name, c.tx, c.position, c.filter::text AS filter, c.state, "
             "c.leader_pid, c.leader_host, c.leader_application, c.leader_backend_pid, "
@@ -438,15 +467,23 @@ class Subscriptions:
             )
         }
         held_back_by = await self._oldest_open_transaction()
+        # A unit a live host runs is listed before it first runs (no row yet): as stopped,
+        # with every event of its partition as lag (its filter is recorded when it runs).
+        listed = {row[_NAME] for row in rows}
+        unlisted = sorted({u for state, _ in hosts for u in state.can_run} - listed)
         now = dt.datetime.now(dt.UTC)
         result = []
-        for row in rows:
+        for row in [*rows, *({_NAME: name, **_NO_ROW} for name in unlisted)]:
             name = row[_NAME]
             parsed = Unit.parse(name)
             if recorded.get(parsed.projection, parsed.partitions) != parsed.partitions:
                 continue  # a unit of a partition count the projection no longer has
             checkpoint = None if row["tx"] is None else Position(row["tx"], row["position"])
-            lag_events, oldest = await self._lag(checkpoint, _filter_from_json(row["filter"]))
+            event_filter = _filter_from_json(row["filter"])
+            if name not in listed and parsed.partition is not None:
+                event_filter = EventFilter(partition=parsed.partition)
+            lag_events, oldest = await self._lag(checkpoint, event_filter)
+            runnable_by, lacking = host_coverage(name, hosts)
             unit = _lock_sessions(sessions.get(projector_lock_key(self._schema, name), []), name)
             holder: ProjectionState | None = None
             leader = None
@@ -482,6 +519,8 @@ class Subscriptions:
                     updated_at=row["updated_at"],
                     dead_letters=int(row["dead_letters"]),
                     held_back_by=held_back_by,
+                    runnable_by=runnable_by,
+                    lacking_hosts=lacking,
                 )
             )
         return sorted(result, key=lambda status: (status.name, status.partition or 0))

@@ -146,6 +146,11 @@ async def open_transaction(
         try:
             await connection.commit()
         except BaseException:
+            # The server may have committed before the error reached us (a cancellation
+            # that lands on the COMMIT, a connection lost after it ran): the outcome is in
+            # doubt, so readers are woken all the same (a wake-up for nothing costs a read).
+            if transaction._appended:
+                on_appended()
             await connection.rollback()
             raise
     if transaction._appended:

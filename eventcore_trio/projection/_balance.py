@@ -1,37 +1,51 @@
 """Which units a host leads or stands by for: the pure rule every host applies to one view.
 
-Every host publishes what it leads and what it stands by for; every host reads the same
-view of the live hosts and applies the same rule, so they agree on a plan without talking
-to each other (a stale view costs at most a wasted standby; locks decide who leads).
+Every host says which units it can run (when it registers) and publishes what it leads and
+what it stands by for; every host reads the same view of the live hosts and applies the same
+rule to all of it, so they agree on one plan without talking to each other (a stale view
+costs at most a wasted standby; locks decide who leads). Hosts may run different sets (two
+services sharing a schema, a rolling deploy that adds a projector): each unit is planned only
+over the live hosts that can run it, and every unit some live host can run is planned.
 
-- **Targets.** With U units and H live hosts, every host leads U // H units and U % H of
-  them one more. The extra ones go to the hosts that lead most now (ties by host id), so a
-  spread that is as even as it can be is never disturbed: no oscillation when H does not
-  divide U.
-- **Hand-offs.** A host above its target hands off its surplus to hosts below theirs: the
-  recipient stands by for that unit first; the holder releases it (after its batch in
-  flight commits) only once the recipient says it is standing by, so the server grants
-  the lock to the recipient at once.
-- **Free units** (nobody holds the lock: a new projector, a host that died with no
-  standby) go to hosts below their target.
-- **Backups.** Every unit led by another host has one backup, the live host other than its
-  leader that ranks highest for it by rendezvous hashing: the backup stands by, so when the
-  leader dies the server hands the lock over at once, as before. Then the spread is evened
-  out by hand-offs. A unit whose lock is held by a session no live host claims (a host on
-  its way out) has a backup as well.
+- **Assignment.** Each unit goes to one live host that can run it. Led units start where
+  they are; units nobody leads go, one at a time in name order, to the least loaded host
+  that can run them. Then, while some host leads at least two more than a host it can reach
+  by a chain of hand-offs (it hands a unit to a host that can run it, which hands one on to
+  the next, and so on), the chain is applied. What is left has no such chain, which makes it
+  as even as the sets allow: no assignment has a lower maximum or a lower sum of squares
+  (the optimality condition of semi-matchings, Harvey, Ladner, Lovász and Tamir, 2006).
+  When every host runs the same units every chain is one hand-off, and the result is the
+  familiar one: U // H units each and U % H hosts one more.
+- **Stability.** Ties go to the hosts that lead most now (then by host id): a spread that
+  is as even as the sets allow has no chain and is never disturbed, so no oscillation.
+  Which unit a host hands off is chosen by rendezvous hashing; a unit nobody leads goes to
+  the host the assignment put it on, without a hand-off.
+- **Hand-offs.** The recipient stands by for the unit first; the holder releases it (after
+  its batch in flight commits) only once the recipient says it is standing by, so the
+  server grants the lock to the recipient at once.
+- **Backups.** Every unit led by a live host has one backup, the other live host that can
+  run it and ranks highest for it by rendezvous hashing: the backup stands by, so when the
+  leader dies the server hands the lock over at once. A unit nobody leads (free, or held by
+  a session no live host claims: a host on its way out, an operator's reset) is waited for
+  by the host the assignment gives it to.
 
 A host leads what its standbys are granted; it never takes a unit because a plan says so.
+The rule is pure and deterministic: every host computes the same plan from the same view.
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
+from collections import Counter, defaultdict, deque
 from collections.abc import Mapping, Sequence
 
 import attrs
 
 from .._hosts import ClusterView, HostState
+
+# The hosts that can run a unit, in host id order: units with the same hosts are alike to
+# the assignment, which therefore works on counts per such class.
+_Class = tuple[str, ...]
 
 
 @attrs.frozen
@@ -56,52 +70,146 @@ def _score(unit: str, host: str) -> bytes:
 
 
 def targets(loads: Mapping[str, int], units: int) -> dict[str, int]:
-    """How many units each host should lead: even, the extra ones where they already are."""
+    """How many units each host should lead when every host runs the same *units*: even,
+    the extra ones where they already are."""
     base, extra = divmod(units, len(loads))
     order = sorted(loads, key=lambda host: (-loads[host], host))
     return {host: base + (1 if i < extra else 0) for i, host in enumerate(order)}
 
 
+@attrs.define
+class _Counts:
+    """The assignment as counts: how many units of each class each host gets."""
+
+    # host -> class -> units of that class assigned to the host; never negative.
+    of: dict[str, Counter[_Class]]
+    # host -> units assigned to it (the sum over its classes).
+    load: Counter[str]
+    # host -> its place when loads tie: those leading most now first, then by host id.
+    rank: dict[str, int]
+
+    def move(self, host: str, to: str, cls: _Class) -> None:
+        self.of[host][cls] -= 1
+        self.of[to][cls] += 1
+        self.load[host] -= 1
+        self.load[to] += 1
+
+    def chain(self, start: str) -> list[tuple[str, _Class, str]] | None:
+        """A chain of hand-offs from *start* to a host leading at least two less, or None.
+
+        Breadth-first over "hands a unit of a class the next host can run"; the end is the
+        least loaded host reached (ties by rank), the chain a shortest one to it.
+        """
+        came: dict[str, tuple[str, _Class] | None] = {start: None}
+        queue = deque([start])
+        while queue:
+            host = queue.popleft()
+            for cls in sorted(c for c, n in self.of[host].items() if n > 0):
+                for other in cls:
+                    if other not in came:
+                        came[other] = (host, cls)
+                        queue.append(other)
+        end = min(came, key=lambda h: (self.load[h], self.rank[h]))
+        if self.load[start] - self.load[end] < 2:
+            return None
+        steps = []
+        at = end
+        while (step := came[at]) is not None:
+            steps.append((step[0], step[1], at))
+            at = step[0]
+        return steps[::-1]
+
+    def even_out(self) -> None:
+        """Apply chains, most loaded host first (the one leading least now among equals),
+        until there is none: each lowers the sum of squared loads, so this ends."""
+        while True:
+            for start in sorted(self.of, key=lambda h: (-self.load[h], -self.rank[h])):
+                steps = self.chain(start)
+                if steps is not None:
+                    for host, cls, to in steps:
+                        self.move(host, to, cls)
+                    break
+            else:
+                return
+
+
+def _assign(
+    live: Sequence[str], eligible: Mapping[str, _Class], holder: Mapping[str, str]
+) -> dict[str, str]:
+    """Each unit of *eligible* to one of its hosts: as even as the sets allow, led units
+    staying with their holders wherever that is even."""
+    led = Counter(holder.values())
+    rank = {host: i for i, host in enumerate(sorted(live, key=lambda h: (-led[h], h)))}
+    counts = _Counts(of={host: Counter() for host in live}, load=Counter(), rank=rank)
+    for unit, host in holder.items():
+        counts.of[host][eligible[unit]] += 1
+        counts.load[host] += 1
+    pending = sorted(u for u in eligible if u not in holder)
+    for unit in pending:
+        host = min(eligible[unit], key=lambda h: (counts.load[h], rank[h]))
+        counts.of[host][eligible[unit]] += 1
+        counts.load[host] += 1
+    counts.even_out()
+
+    # Counts to units, class by class: each host keeps the led units that rank lowest for
+    # it; the units nobody leads, then the others' surplus, fill the hosts that get more.
+    assignment = dict(holder)
+    by_class: dict[_Class, list[str]] = defaultdict(list)
+    for unit in sorted(eligible):
+        by_class[eligible[unit]].append(unit)
+    for cls, units in by_class.items():
+        surplus: list[str] = []
+        slots: list[str] = []
+        for host in cls:
+            own = sorted((u for u in units if holder.get(u) == host), key=lambda u: _score(u, host))
+            keep = counts.of[host][cls]
+            surplus += own[keep:]
+            slots += [host] * max(0, keep - len(own))
+        free = [u for u in units if u not in holder]
+        for unit, host in zip([*free, *surplus], slots, strict=True):
+            assignment[unit] = host
+    return assignment
+
+
 def plan(view: ClusterView, me: str, units: Sequence[str]) -> Plan:
-    """The plan for host *me*, which runs *units*, given *view* (which must include *me*)."""
-    ours = set(units)
-    # A view without this host (its registration lapsed a moment ago) still plans for it.
-    hosts = {me: HostState(), **view.hosts}
+    """The plan for host *me*, which runs *units*, given *view* (which may lack *me*).
+
+    Every unit some live host can run is planned over the live hosts that can run it;
+    *wanted* and *release* name only units of *units*.
+    """
+    ours = frozenset(units)
+    # A view without this host (its registration lapsed a moment ago) still plans for it,
+    # and this host knows what it runs whatever it published.
+    hosts = dict(view.hosts)
+    hosts[me] = attrs.evolve(hosts.get(me, HostState()), runs=ours)
     live = sorted(hosts)
+    can = {host: hosts[host].can_run for host in live}
+    eligible: dict[str, _Class] = {}
+    for unit in sorted(frozenset().union(*can.values())):
+        eligible[unit] = tuple(host for host in live if unit in can[host])
     holder: dict[str, str] = {}
     for host in live:
-        for unit in hosts[host].leading & ours:
+        for unit in sorted(hosts[host].leading):
             holder.setdefault(unit, host)
-    loads = Counter(dict.fromkeys(live, 0))
-    loads.update(holder.values())
-    goal = targets(loads, len(ours))
+    assignment = _assign(live, eligible, holder)
 
-    surplus: list[tuple[str, str]] = []
-    for host in live:
-        led = sorted((u for u, h in holder.items() if h == host), key=lambda u: _score(u, host))
-        surplus += [(unit, host) for unit in led[goal[host] :]]
-    free = sorted(u for u in ours if u not in view.held and u not in holder)
-    slots = [host for host in live for _ in range(max(0, goal[host] - loads[host]))]
-    # Free units fill the slots first (nobody leads them), then surplus hand-offs.
-    recipient: dict[str, str] = {}
-    giving = {unit for unit, _ in surplus}
-    for unit, host in zip([*free, *(u for u, _ in surplus)], slots, strict=False):
-        recipient[unit] = host
-
+    moving = {u: h for u, h in assignment.items() if holder.get(u) != h}
     wanted = {u for u, h in holder.items() if h == me}
-    wanted |= {u for u, h in recipient.items() if h == me}
-    # A unit whose lock is held by a session no live host owns up to (a host that is going
-    # or has lost its registration, an operator's reset) gets a backup too.
-    unclaimed = {u: "" for u in ours if u in view.held and u not in holder}
-    for unit, leader in [*holder.items(), *unclaimed.items()]:
-        if leader == me or unit in giving:
+    wanted |= {u for u, h in moving.items() if h == me}
+    for unit, leader in holder.items():
+        if leader == me or unit in moving:
             continue
-        others = [h for h in live if h != leader]
+        others = [h for h in eligible[unit] if h != leader]
         if others and max(others, key=lambda h: _score(unit, h)) == me:
             wanted.add(unit)
     release = {
         unit
-        for unit, host in surplus
-        if host == me and unit in recipient and unit in hosts[recipient[unit]].standing_by
+        for unit, host in moving.items()
+        if holder.get(unit) == me and unit in hosts[host].standing_by
     }
-    return Plan(wanted=frozenset(wanted), release=frozenset(release), targets=goal)
+    goal = Counter(assignment.values())
+    return Plan(
+        wanted=frozenset(wanted & ours),
+        release=frozenset(release),
+        targets={host: goal[host] for host in live},
+    )

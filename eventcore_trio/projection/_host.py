@@ -12,7 +12,8 @@ import trio
 
 from .._concurrency import wait_any
 from .._errors import EventCoreError, InvalidArgument, LeadershipLost, StoreConnectionError
-from .._hosts import HostState
+from .._hosts import ClusterView, HostState
+from .._partitions import Unit
 from .._protocols import HostMembership, Store
 from ._balance import plan
 from ._config import ProjectionConfig
@@ -162,6 +163,8 @@ class _Balancer:
     slots: dict[str, _Slot] = attrs.Factory(dict)
     # Replaced after every change of a slot, so the loop can wait for the next one.
     changed: trio.Event = attrs.Factory(trio.Event)
+    # The units other live hosts run and this one does not, as last logged.
+    lacking: frozenset[str] = frozenset()
 
     def poke(self) -> None:
         self.changed.set()
@@ -216,18 +219,41 @@ class _Balancer:
             await membership.publish(now.leading, now.standing_by)
         return now
 
+    def report_lacking(self, view: ClusterView, me: str) -> None:
+        """Log, once per change, the units other live hosts run that this host does not
+        have: nobody here will lead or stand by for them."""
+        others = [state for host, state in view.hosts.items() if host != me]
+        lacking = frozenset().union(*(state.can_run for state in others)) - self.units.keys()
+        if lacking == self.lacking:
+            return
+        self.lacking = lacking
+        if not lacking:
+            logger.info("host: runs every projector that the other live hosts run")
+            return
+        have = {unit.projection for unit in self.units.values()}
+        missing = sorted({Unit.parse(u).projection for u in lacking} - have)
+        # A projector this host has, with units it does not (another partition count).
+        other_units = sorted(u for u in lacking if Unit.parse(u).projection in have)
+        logger.warning(
+            "host: other live hosts run projectors this host does not have: %s; it will "
+            "not lead or stand by for them, so they run only while a host that has them "
+            'lives (docs/scale-out.md, "Hosts that run different projectors")',
+            ", ".join(missing + [f"{u} (other partition count)" for u in other_units]),
+        )
+
     async def run(self, task_status: trio.TaskStatus[None]) -> None:
         names = sorted(self.units)
         started = False
         failures = 0
         while True:
             try:
-                async with self.store.register_host() as membership:
+                async with self.store.register_host(runs=names) as membership:
                     published: HostState | None = None
                     while membership.is_held:
                         # Taken first: a slot that changes from here on wakes the wait below.
                         changed = self.changed
                         view = await membership.view(names)
+                        self.report_lacking(view, membership.host_id)
                         decided = plan(view, membership.host_id, names)
                         new = self.apply(decided.wanted, decided.release)
                         if not started:

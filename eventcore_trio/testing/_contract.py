@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from .._errors import (
     CheckpointConflict,
+    DeadLetterNotFound,
     DuplicateEventId,
     EventEncodeError,
     InvalidArgument,
@@ -45,7 +46,7 @@ from .._errors import (
 from .._events import NewEvent, RecordedEvent, StreamAppend
 from .._filters import EventFilter
 from .._positions import Position
-from .._protocols import Store
+from .._protocols import Leadership, Store
 from .._validation import MAX_EVENT_JSON_BYTES
 from ._harness import BackendHarness
 
@@ -488,6 +489,63 @@ class StoreContract:
             async with leadership.open_batch() as batch:
                 await batch.save_checkpoint(first, second)
         assert await store.load_checkpoint("p") == second
+
+    # -- dead letters and partition counts ----------------------------------------------
+
+    async def test_resolving_a_dead_letter_deletes_it_or_fails_the_batch(
+        self, store: Store
+    ) -> None:
+        """A batch deletes its unit's own dead letter; resolving one that is not there fails
+        the whole batch, so nothing of it commits."""
+        await store.append("s", events("A", "B", "C"))
+        first, second, third = await store.read_stream("s")
+
+        async def skip(name: str, event: RecordedEvent) -> None:
+            async with store.try_acquire(name) as leadership, leadership.open_batch() as batch:
+                await batch.record_dead_letter(event, ValueError("bad"), retries=0)
+                await batch.save_checkpoint(None, event.position)
+
+        async def resolve(leadership: Leadership, *dead_letter_ids: uuid.UUID) -> None:
+            # Resolves, then moves the checkpoint: both commit, or neither.
+            async with leadership.open_batch() as batch:
+                for dead_letter_id in dead_letter_ids:
+                    await batch.resolve_dead_letter(dead_letter_id)
+                await batch.save_checkpoint(first.position, third.position)
+
+        await skip("p", first)
+        await skip("q", second)
+        (letter,) = await store.dead_letters("p")
+        (others,) = await store.dead_letters("q")
+        async with store.try_acquire("p") as leadership:
+            # Another unit's letter, an id nobody has, and the same letter twice (the second
+            # delete finds nothing, so the first is rolled back with it).
+            for missing in ([others.id], [uuid.uuid4()], [letter.id, letter.id]):
+                with pytest.raises(DeadLetterNotFound) as info:
+                    await resolve(leadership, *missing)
+                assert (info.value.dead_letter_id, info.value.unit) == (missing[-1], "p")
+                assert await store.load_checkpoint("p") == first.position
+                assert [d.id for d in await store.dead_letters("p")] == [letter.id]
+            await resolve(leadership, letter.id)
+            assert await store.dead_letters("p") == []
+            assert await store.load_checkpoint("p") == third.position
+            with pytest.raises(DeadLetterNotFound):
+                await resolve(leadership, letter.id)
+        assert [d.id for d in await store.dead_letters("q")] == [others.id]
+
+    async def test_recorded_partitions_are_the_stores_not_the_callers(self, store: Store) -> None:
+        """recorded_partitions is None until a projection runs, then the count it runs as."""
+        assert await store.recorded_partitions("p") is None
+        await store.set_partitions("p", 2)
+        assert await store.recorded_partitions("p") == 2
+        await store.set_partitions("p", 4)  # a split
+        assert await store.recorded_partitions("p") == 4
+        # A projection that checkpointed before counts were recorded has one unit.
+        position = (await store.append("s", events("A"))).position
+        assert position is not None
+        await store.save_checkpoint("old", position)
+        assert await store.recorded_partitions("old") == 1
+        with pytest.raises(InvalidArgument):
+            await store.recorded_partitions("p[1/4]")
 
     # -- leadership --------------------------------------------------------------------
 

@@ -1,7 +1,10 @@
 """What the torture run projects: a ledger per account, plus a record of every application.
 
-Two projections build it: "ledger" (one unit, the one whose leader the faults hit) and
-"ledger-p" (the same in four partitions, whose units the hosts spread among themselves).
+Three projections build it: "ledger" (one unit, the one whose leader the faults hit),
+"ledger-p" (the same in four partitions, whose units the hosts spread among themselves) and
+"ledger-r" (the same again, as a reactor: after writing its rows through ``ctx.db`` it appends
+a reaction to every third posting with ``ctx.append``, so its batches append after they
+wrote, as application reactors do).
 
 The read model (`ledger`) is what a user's projection would write. The `applied` table is
 the evidence: one row per event applied, with the host process, the lock session and the
@@ -20,7 +23,7 @@ from typing import Final, final
 
 import attrs
 
-from .._events import RecordedEvent
+from .._events import NewEvent, RecordedEvent, StreamAppend
 from .._filters import EventFilter
 from ..projection import ProjectionContext
 
@@ -28,9 +31,15 @@ PROJECTOR_NAME: Final = "ledger"
 #: The same ledger, partitioned: its units spread over the hosts.
 PARTITIONED_NAME: Final = "ledger-p"
 PARTITIONS: Final = 4
-PROJECTIONS: Final = (PROJECTOR_NAME, PARTITIONED_NAME)
+#: The same ledger again, reacting to postings with events of its own.
+REACTOR_NAME: Final = "ledger-r"
+PROJECTIONS: Final = (PROJECTOR_NAME, PARTITIONED_NAME, REACTOR_NAME)
 STREAM_PREFIX: Final = "acct-"
 EVENT_TYPE: Final = "Posted"
+#: The reactor's events: one per posting whose amount is a multiple of 3, in a stream per
+#: account (``react-acct-007``), with the posting's id as ``data["source"]``.
+REACTION_TYPE: Final = "Reacted"
+REACTION_PREFIX: Final = "react-"
 LEDGER_FILTER: Final = EventFilter(event_types=[EVENT_TYPE], stream_prefix=STREAM_PREFIX)
 
 
@@ -49,6 +58,10 @@ def app_schema_sql(store_schema: str, app: str) -> str:
         stream_version bigint NOT NULL DEFAULT 0, host_pid int NOT NULL,
         backend_pid int NOT NULL, xact bigint NOT NULL, started timestamptz NOT NULL,
         finished timestamptz NOT NULL);
+    -- The outbox writers' own rows: one per transaction, committed with its events or not
+    -- at all.
+    CREATE TABLE "{app}".outbox (
+        id uuid PRIMARY KEY, event_ids uuid[] NOT NULL);
     CREATE TABLE "{app}".checkpoint_regressions (
         subscription_name text NOT NULL, old_tx bigint NOT NULL, old_position bigint NOT NULL,
         new_tx bigint NOT NULL, new_position bigint NOT NULL,
@@ -76,6 +89,8 @@ class LedgerProjector:
     name: str = PROJECTOR_NAME
     filter: EventFilter = LEDGER_FILTER
     partitions: int = 1
+    #: Also append a reaction to every posting whose amount is a multiple of 3.
+    reacts: bool = False
 
     async def apply(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
         """Apply one event (the runtime isolates a failed batch event by event)."""
@@ -113,11 +128,26 @@ class LedgerProjector:
             ctx.partition,
             [event.stream_version for event in events],
         )
+        if self.reacts:
+            # After the writes above, as a reactor that records what it did first: the
+            # append of a transaction that already holds an id (the late path of the
+            # read horizon).
+            reactions: dict[str, list[NewEvent]] = defaultdict(list)
+            for event in events:
+                if int(event.data["amount"]) % 3 == 0:
+                    reactions[f"{REACTION_PREFIX}{event.stream_id}"].append(
+                        NewEvent(REACTION_TYPE, {"source": str(event.event_id)})
+                    )
+            if reactions:
+                await ctx.append_atomic(
+                    [StreamAppend(stream, batch) for stream, batch in sorted(reactions.items())]
+                )
 
 
 def projectors(app: str) -> list[LedgerProjector]:
-    """What every torture host runs: the ledger, and the ledger in partitions."""
+    """What every torture host runs: the ledger, the ledger in partitions, and the reactor."""
     return [
         LedgerProjector(app),
         LedgerProjector(app, name=PARTITIONED_NAME, partitions=PARTITIONS),
+        LedgerProjector(app, name=REACTOR_NAME, reacts=True),
     ]

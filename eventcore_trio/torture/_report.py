@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 import statistics
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, final
 
 import attrs
@@ -42,6 +42,11 @@ class FaultKind(enum.Enum):
     #:
     #: .. versionadded:: 0.2
     HOST_LEAVE = "host-leave"
+    #: For a moment, the NOTIFY that follows each of the writers' appends fails on the
+    #: server after the append committed (`PostgresAdmin.failing_notifications`).
+    #:
+    #: .. versionadded:: 0.3
+    NOTIFY_FAILURE = "notify-failure"
 
 
 #: Faults after which another session takes the lock: these give the failover figures.
@@ -119,6 +124,11 @@ class Findings:
     double_leaders: int
     ledger_mismatches: int
     order_violations: int = 0
+    reactions_missing: int = 0
+    reactions_repeated: int = 0
+    outbox_mismatches: int = 0
+    follower_missed: int = 0
+    follower_repeated: int = 0
 
 
 @final
@@ -148,6 +158,17 @@ class TortureReport(Findings):
         ledger_mismatches: accounts whose projected total differs from a fold of the log.
         order_violations: events applied after a later event of the same stream (each
             stream's events must be applied in order, in a partitioned projection too).
+        reactions_missing: postings the reactor projection should have reacted to (with
+            ``ctx.append``, after writing through ``ctx.db``) and did not.
+        reactions_repeated: reactions beyond one per such posting.
+        outbox_mismatches: outbox transactions whose own row and events did not commit
+            together.
+        follower_missed: events in the log that an independent follower paging
+            ``read_events`` from its own cursor was never given (a skipped event).
+        follower_repeated: events that follower was given more than once.
+        events_by_path: events acknowledged per write path (``append``, ``append_atomic``,
+            ``held``, ``outbox``, plus the recovery markers) and appended by the reactor
+            (``reactor``).
         host_crashes: host processes that exited without being told to.
         unrecovered: faults after which the projection did not resume within the limit.
 
@@ -163,6 +184,7 @@ class TortureReport(Findings):
     faults: tuple[FaultRecord, ...]
     host_crashes: int
     unrecovered: int
+    events_by_path: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -214,6 +236,12 @@ class TortureReport(Findings):
             "double_leaders": self.double_leaders,
             "ledger_mismatches": self.ledger_mismatches,
             "order_violations": self.order_violations,
+            "reactions_missing": self.reactions_missing,
+            "reactions_repeated": self.reactions_repeated,
+            "outbox_mismatches": self.outbox_mismatches,
+            "follower_missed": self.follower_missed,
+            "follower_repeated": self.follower_repeated,
+            "events_by_path": dict(sorted(self.events_by_path.items())),
             "host_crashes": self.host_crashes,
             "unrecovered": self.unrecovered,
             "failover_ms_p50": _round(percentile(self.failover_ms, 50)),
@@ -235,6 +263,8 @@ class TortureReport(Findings):
             "mid-commit) "
             f"on {self.server}",
             f"{len(self.faults)} faults in {self.duration_s:.0f}s (seed {self.seed}): {kinds}",
+            "events by write path: "
+            + (", ".join(f"{n} {path}" for path, n in data["events_by_path"].items()) or "-"),
             f"failover p50 {_ms(data['failover_ms_p50'])}, p99 {_ms(data['failover_ms_p99'])}; "
             f"recovery p50 {_ms(data['recovery_ms_p50'])}, p99 {_ms(data['recovery_ms_p99'])}",
         ]
@@ -252,6 +282,11 @@ class TortureReport(Findings):
             "double leaders": self.double_leaders,
             "ledger mismatches": self.ledger_mismatches,
             "order violations": self.order_violations,
+            "reactions missing": self.reactions_missing,
+            "reactions repeated": self.reactions_repeated,
+            "outbox mismatches": self.outbox_mismatches,
+            "missed by the follower": self.follower_missed,
+            "repeated to the follower": self.follower_repeated,
             "host crashes": self.host_crashes,
             "unrecovered faults": self.unrecovered,
         }

@@ -39,6 +39,8 @@ from ._model import (
     PARTITIONED_NAME,
     PARTITIONS,
     PROJECTOR_NAME,
+    REACTION_TYPE,
+    REACTOR_NAME,
     STREAM_PREFIX,
     app_schema_sql,
 )
@@ -100,6 +102,11 @@ class _Torture:
     begin: float = 0.0
     # Where host slots run (host-join starts one more there).
     nursery: trio.Nursery | None = None
+    # The writers' store (the notify-failure fault breaks its notifications).
+    writing: PostgresStore | None = None
+    follower_cursor: Position | None = None
+    # Every event id the independent follower was given, in order.
+    followed: list[uuid.UUID] = attrs.Factory(list)
 
     def __attrs_post_init__(self) -> None:
         self.rng = random.Random(self.seed)
@@ -121,10 +128,13 @@ class _Torture:
             trio.open_nursery() as nursery,
         ):
             self.nursery = nursery
+            self.writing = writing
             for _ in range(hosts):
                 await self.add_host()
             self.out(f"hosts ready (logs in {self.log_dir}); writing and injecting faults…")
             self.begin = trio.current_time()
+            following = trio.CancelScope()
+            nursery.start_soon(self.follow, writing, following)
             async with trio.open_nursery() as writers_nursery:
                 for index in range(self.writers):
                     writers_nursery.start_soon(
@@ -132,6 +142,7 @@ class _Torture:
                             write,
                             writing,
                             self.writes,
+                            app=self.app,
                             seed=f"{self.seed}/{index}",
                             stop=self.stop_writing,
                         )
@@ -141,12 +152,44 @@ class _Torture:
                 # Writers finish what they started: a transaction still open when the
                 # catch-up check runs would commit after it, unseen.
                 self.stop_writing.set()
-            self.out("faults done; waiting for the projection to catch up…")
+            self.out("faults done; waiting for the projections to catch up…")
             caught_up = await self.caught_up(control)
+            following.cancel()
+            # Everything is committed and nothing writes any more: the follower reads on to
+            # the end of the log.
+            await self.until(control, functools.partial(self.drain, writing), 0.1)
             for slot in self.slots:
                 slot.expect_exit = True
             nursery.cancel_scope.cancel()
         return elapsed, caught_up
+
+    # -- the independent follower ---------------------------------------------------------
+
+    async def follow(self, store: PostgresStore, scope: trio.CancelScope) -> None:
+        """Page ``read_events`` from a cursor of its own, as an application's subscriber
+        would, woken by notifications and polling every 100 ms, through every fault."""
+        with scope:
+            while True:
+                try:
+                    if not await self.read_on(store):
+                        with trio.move_on_after(0.1):
+                            await store.wait_for_events()
+                except StoreConnectionError:
+                    await trio.sleep(0.1)
+
+    async def read_on(self, store: PostgresStore) -> bool:
+        """Read every page available after the follower's cursor; whether it got events."""
+        got = False
+        while page := await store.read_events(self.follower_cursor, limit=500):
+            got = True
+            self.followed.extend(event.event_id for event in page)
+            self.follower_cursor = page[-1].position
+        return got
+
+    async def drain(self, store: PostgresStore) -> bool:
+        """The follower reads to the end of the log (for `until`, which retries errors)."""
+        await self.read_on(store)
+        return True
 
     # -- processes ----------------------------------------------------------------------
 
@@ -270,6 +313,7 @@ class _Torture:
                 f"{STREAM_PREFIX}marker", [NewEvent(EVENT_TYPE, {"amount": 0}, event_id=marker)]
             )
             self.writes.acknowledged.add(marker)
+            self.writes.by_path["marker"] += 1
             return result.position
 
         position = await self.until(control, append, 0.05)
@@ -311,7 +355,11 @@ class _Torture:
 
     async def inject(self, control: PostgresStore, kind: FaultKind) -> FaultRecord:
         """Do *kind* once; measure failover and recovery."""
-        holder = await self.leader(control) if kind not in DB_FAULTS else None
+        holder = (
+            await self.leader(control)
+            if kind not in DB_FAULTS and kind is not FaultKind.NOTIFY_FAILURE
+            else None
+        )
         at = self.now()
         started = trio.current_time()
         target = "the server"
@@ -360,6 +408,11 @@ class _Torture:
                 f"{WRITERS_APPLICATION}%",
             )
             target = f"{count} pooled and listening sessions"
+        elif kind is FaultKind.NOTIFY_FAILURE:
+            assert self.writing is not None
+            with self.writing.admin.failing_notifications():
+                await trio.sleep(self.stall_seconds / 2)
+            target = "the writers' notifications"
         elif kind in DB_FAULTS:
             assert self.server is not None
             mode = "fast" if kind is FaultKind.DB_RESTART else "immediate"
@@ -382,8 +435,8 @@ class _Torture:
         )
 
     async def caught_up(self, control: PostgresStore) -> bool:
-        """Wait until every unit of both projections has applied the whole log."""
-        units = {Unit(PROJECTOR_NAME).name} | {
+        """Wait until every unit of every projection has applied the whole log."""
+        units = {Unit(PROJECTOR_NAME).name, Unit(REACTOR_NAME).name} | {
             Unit(PARTITIONED_NAME, Partition(i, PARTITIONS)).name for i in range(PARTITIONS)
         }
 
@@ -441,15 +494,21 @@ async def run_torture(
 ) -> TortureReport:
     """Run writers and projector hosts under injected faults, then verify; see docs/reliability.
 
-    Writers in this process append concurrently, half of them holding their transactions open
-    for a random moment and some rolling back. *hosts* processes host one transactional
-    projection, each through its own `NetworkProxy`. Faults are injected one at a time on a
-    seeded schedule, each once the previous one has been recovered from: SIGKILL and SIGTERM of
-    the leader, ``pg_terminate_backend`` of its lock session and of all pooled sessions, a
-    network drop and a stall of the leader's connection, and, when the run owns the server, a
-    fast restart and a crash (immediate shutdown) of PostgreSQL. Then the writers stop, the
-    projection catches up, and the log is checked against the writers' record, the read model
-    and the evidence the projection committed with each batch.
+    Writers in this process append concurrently through every public write path: single
+    and multi-stream appends (shared by group commit), transactions held open for a random
+    moment, and outbox transactions (`PostgresStore.transaction`) that write a row of their
+    own before, between or after their appends; held and outbox transactions sometimes roll
+    back. *hosts* processes host three transactional projections (a ledger, the ledger in
+    partitions, and the ledger as a reactor that appends after writing through ``ctx.db``),
+    each through its own `NetworkProxy`, and an independent follower pages ``read_events``.
+    Faults are injected one at a time on a seeded schedule, each once the previous one has
+    been recovered from: SIGKILL and SIGTERM of the leader, ``pg_terminate_backend`` of its
+    lock session and of all pooled sessions, a network drop and a stall of the leader's
+    connection, hosts joining and leaving, failing notifications after appends and, when the
+    run owns the server, a fast restart and a crash (immediate shutdown) of PostgreSQL. Then
+    the writers stop, the projections catch up, and the log is checked against the writers'
+    record, the read models, the evidence each projection committed with each batch, the
+    reactions, the outbox rows and what the follower was given.
 
     Args:
         dsn: the server to use; None starts a throwaway `EmbeddedPostgres` (durable settings),
@@ -555,6 +614,11 @@ async def _run(
                 app,
                 acknowledged=run.writes.acknowledged,
                 rolled_back=run.writes.rolled_back,
+                outbox=run.writes.outbox,
+                followed=run.followed,
+            )
+            reactions = await control.admin.fetchval(
+                f'SELECT count(*) FROM "{schema}".events WHERE type = $1', REACTION_TYPE
             )
             report = TortureReport(
                 seed=seed,
@@ -565,6 +629,7 @@ async def _run(
                 unknown_outcome=run.writes.unknown_outcome,
                 faults=tuple(run.faults),
                 host_crashes=run.host_crashes,
+                events_by_path={**run.writes.by_path, "reactor": int(reactions)},
                 **attrs.asdict(findings),
                 unrecovered=sum(1 for f in run.faults if f.recovery_ms is None)
                 + (0 if caught_up else 1),

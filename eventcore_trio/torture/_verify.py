@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections import Counter
 from collections.abc import Iterable, Sequence, Set
 
 import attrs
 
 from ..postgres import PostgresStore
-from ._model import EVENT_TYPE, PROJECTIONS, STREAM_PREFIX
+from ._model import EVENT_TYPE, PROJECTIONS, REACTION_TYPE, REACTOR_NAME, STREAM_PREFIX
 from ._report import Findings
 
 
@@ -60,12 +61,19 @@ async def verify(
     *,
     acknowledged: Set[uuid.UUID],
     rolled_back: Set[uuid.UUID],
+    outbox: Set[uuid.UUID] = frozenset(),
+    followed: Sequence[uuid.UUID] | None = None,
     projections: Sequence[str] = PROJECTIONS,
 ) -> Findings:
     """Compare the log with the writers' record, the read models and the evidence tables.
 
     Every count covers every projection in *projections*; double leaders are counted per
-    unit (a projection, or one partition of it).
+    unit (a projection, or one partition of it). *outbox*: the events acknowledged to
+    outbox writers, each of which must have its transaction's own row. *followed*: every
+    event id an independent follower of ``read_events`` was given, in order, which must be
+    every event of the log exactly once (None: no follower ran). The reactor's events are
+    checked when its projection is among *projections*: one per posting whose amount is a
+    multiple of 3.
     """
     events_table = f'"{store.schema}".events'
     rows = await store.admin.fetch(
@@ -112,6 +120,35 @@ async def verify(
             )
         double_leaders += sum(count_overlaps(batches) for batches in units.values())
 
+    reactions_missing = reactions_repeated = 0
+    if REACTOR_NAME in projections:
+        sources = Counter(
+            uuid.UUID(row["source"])
+            for row in await store.admin.fetch(
+                f"SELECT data->>'source' AS source FROM {events_table} WHERE type = $1",
+                REACTION_TYPE,
+            )
+        )
+        reacted_to = {row["event_id"] for row in rows if row["amount"] % 3 == 0}
+        reactions_missing = len(reacted_to - sources.keys())
+        # A reaction to nothing the reactor should have reacted to is one too many as well.
+        reactions_repeated = sum(
+            n if source not in reacted_to else n - 1 for source, n in sources.items()
+        )
+
+    outbox_rows = await store.admin.fetch(f'SELECT event_ids FROM "{app}".outbox')
+    with_row = {event_id for row in outbox_rows for event_id in row["event_ids"]}
+    outbox_mismatches = sum(1 for row in outbox_rows if not set(row["event_ids"]) <= logged) + len(
+        outbox - with_row
+    )
+
+    follower_missed = follower_repeated = 0
+    if followed is not None:
+        every_row = await store.admin.fetch(f"SELECT event_id FROM {events_table}")
+        everything = {row["event_id"] for row in every_row}
+        follower_missed = len(everything - set(followed))
+        follower_repeated = len(followed) - len(set(followed))
+
     regressions = await store.admin.fetchval(f'SELECT count(*) FROM "{app}".checkpoint_regressions')
     return Findings(
         events=len(logged),
@@ -122,4 +159,9 @@ async def verify(
         double_leaders=double_leaders,
         ledger_mismatches=mismatches,
         order_violations=order_violations,
+        reactions_missing=reactions_missing,
+        reactions_repeated=reactions_repeated,
+        outbox_mismatches=outbox_mismatches,
+        follower_missed=follower_missed,
+        follower_repeated=follower_repeated,
     )

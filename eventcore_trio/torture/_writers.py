@@ -1,9 +1,18 @@
-"""The torture run's writers, and their record of what they were told."""
+"""The torture run's writers, and their record of what they were told.
+
+They write the way applications write, through every public write path: one-stream appends
+(``append``), multi-stream appends (``append_atomic``), both shared by group commit when
+several writers append at once; appends in a transaction held open for a moment (``held``);
+and outbox transactions (``outbox``, `PostgresStore.transaction`) that write a row of their
+own before, between or after their appends, the first case being the late writer of the
+read horizon. (The reactor's appends are made by the hosts: see `_model`.)
+"""
 
 from __future__ import annotations
 
 import random
 import uuid
+from collections import Counter
 from typing import Final
 
 import attrs
@@ -11,14 +20,18 @@ import trio
 
 from .._errors import StoreConnectionError
 from .._events import NewEvent, StreamAppend
-from ..postgres import PostgresStore
+from ..postgres import PostgresStore, PostgresTransaction
 from ._model import EVENT_TYPE, STREAM_PREFIX
 
 ACCOUNTS: Final = 40
-#: Share of appends made in a transaction held open for a moment (the rest: one statement).
-HELD_SHARE: Final = 0.5
-#: Share of held transactions that roll back instead of committing.
+#: Shares of the write paths (the rest: one statement through group commit).
+HELD_SHARE: Final = 0.3
+OUTBOX_SHARE: Final = 0.3
+#: Share of held and outbox transactions that roll back instead of committing.
 ROLLBACK_SHARE: Final = 0.15
+
+#: The names of the writers' paths in `WriteLog.by_path` and the report.
+WRITE_PATHS: Final = ("append", "append_atomic", "held", "outbox")
 
 
 @attrs.define
@@ -31,13 +44,26 @@ class WriteLog:
     rolled_back: set[uuid.UUID] = attrs.Factory(set)
     #: Appends cut off mid-commit: they may or may not have committed.
     unknown_outcome: int = 0
+    #: Acknowledged events per write path (`WRITE_PATHS`).
+    by_path: Counter[str] = attrs.Factory(Counter)
+    #: Event ids acknowledged to outbox writers (each must have its transaction's row).
+    outbox: set[uuid.UUID] = attrs.Factory(set)
 
 
-async def write(store: PostgresStore, log: WriteLog, *, seed: str, stop: trio.Event) -> None:
+class _RollBack(Exception):
+    """Raised inside an outbox transaction to roll it back."""
+
+
+async def write(
+    store: PostgresStore, log: WriteLog, *, app: str, seed: str, stop: trio.Event
+) -> None:
     """Append random postings until *stop* is set, recording every outcome in *log*.
 
-    Half the appends are one statement; the other half hold their transaction open for up to
-    30 ms, then commit or (15 %) roll back. Connection errors back off, capped at 1 s.
+    Each append goes through one path, chosen at random: one statement (``append`` or
+    ``append_atomic``), a transaction held open for up to 30 ms (``held``), or an outbox
+    transaction writing a row of its own into *app*'s ``outbox`` table (``outbox``); held
+    and outbox transactions roll back 15 % of the time. Connection errors back off, capped
+    at 1 s.
     """
     rng = random.Random(seed)
     accounts = [f"{STREAM_PREFIX}{n:03d}" for n in range(ACCOUNTS)]
@@ -54,9 +80,12 @@ async def write(store: PostgresStore, log: WriteLog, *, seed: str, stop: trio.Ev
             for stream in rng.sample(accounts, rng.choice((1, 1, 1, 2)))
         ]
         ids = {event.event_id for a in appends for event in a.events if event.event_id}
+        choice = rng.random()
         try:
-            if rng.random() < HELD_SHARE:
+            if choice < HELD_SHARE:
                 await _append_held(store, log, appends, ids, rng)
+            elif choice < HELD_SHARE + OUTBOX_SHARE:
+                await _append_outbox(store, log, appends, ids, rng, app)
             else:
                 await _append(store, log, appends, ids)
             backoff = 0.05
@@ -70,12 +99,16 @@ async def _append(
     store: PostgresStore, log: WriteLog, appends: list[StreamAppend], ids: set[uuid.UUID]
 ) -> None:
     try:
-        await store.append_atomic(appends)
+        if len(appends) == 1:
+            await store.append(appends[0].stream_id, appends[0].events)
+        else:
+            await store.append_atomic(appends)
     except StoreConnectionError:
         # The statement may have committed just before the session went: unknown.
         log.unknown_outcome += 1
         raise
     log.acknowledged |= ids
+    log.by_path["append" if len(appends) == 1 else "append_atomic"] += len(ids)
 
 
 async def _append_held(
@@ -113,4 +146,52 @@ async def _append_held(
             log.rolled_back |= ids
         raise
     log.acknowledged |= ids
+    log.by_path["held"] += len(ids)
     store.admin.notify_appended()
+
+
+async def _append_outbox(
+    store: PostgresStore,
+    log: WriteLog,
+    appends: list[StreamAppend],
+    ids: set[uuid.UUID],
+    rng: random.Random,
+    app: str,
+) -> None:
+    # An application's transaction: its own row and its events, all or nothing. The row
+    # comes first half of the time (the transaction then holds an id before it appends).
+    row_at = rng.choice((0, 0, 1, len(appends)))
+    rolls_back = rng.random() < ROLLBACK_SHARE
+    committing = False
+    try:
+        async with store.transaction() as tx:
+            for index, request in enumerate(appends):
+                if index == row_at:
+                    await _outbox_row(tx, app, ids)
+                await tx.append(request.stream_id, request.events)
+            if row_at == len(appends):
+                await _outbox_row(tx, app, ids)
+            await trio.sleep(rng.uniform(0, 0.03))
+            if rolls_back:
+                raise _RollBack
+            committing = True
+    except _RollBack:
+        log.rolled_back |= ids
+        return
+    except StoreConnectionError:
+        if committing:
+            log.unknown_outcome += 1
+        else:
+            log.rolled_back |= ids
+        raise
+    log.acknowledged |= ids
+    log.outbox |= ids
+    log.by_path["outbox"] += len(ids)
+
+
+async def _outbox_row(tx: PostgresTransaction, app: str, ids: set[uuid.UUID]) -> None:
+    await tx.execute(
+        f'INSERT INTO "{app}".outbox (id, event_ids) VALUES ($1, $2)',
+        uuid.uuid4(),
+        sorted(ids),
+    )

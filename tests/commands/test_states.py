@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -25,9 +27,19 @@ from eventcore_trio import (
     execute,
     take_snapshot,
 )
-from eventcore_trio.demo import OpenAccount, balance_after, registry
+from eventcore_trio.demo import (
+    Account,
+    InsufficientFunds,
+    MoneyDeposited,
+    MoneyWithdrawn,
+    OpenAccount,
+    Transfer,
+    balance_after,
+    registry,
+)
 from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
 
+from .restore import backup, restore
 from .transfer_process import run_in_process, transfers
 
 counters = EventRegistry()
@@ -89,6 +101,54 @@ async def peek(store: Store, stream: str, cache: StateCache | None = None) -> Co
     seen: list[Counter] = []
     await execute(store, Peek(stream, seen), registry=counters, cache=cache)
     return seen[-1]
+
+
+@attrs.frozen
+class Audit:
+    """Reads accounts with the bank's state and writes nothing."""
+
+    accounts: tuple[str, ...]
+
+    def streams(self) -> Mapping[str, type[Account]]:
+        return dict.fromkeys(self.accounts, Account)
+
+    def decide(self, states: Mapping[str, Account]) -> Mapping[str, Sequence[Any]]:
+        return {}
+
+
+async def balances(store: Store, *accounts: str) -> dict[str, int]:
+    """Each account's balance, folded from its stream."""
+    found = {}
+    for account in accounts:
+        balance = 0
+        for event in await store.read_stream(account):
+            balance = balance_after(balance, event)
+        found[account] = balance
+    return found
+
+
+async def grow_back(store: Store) -> None:
+    """Another writer (no cache, no snapshots) moves 95 from acc to other: both streams are
+    at version 2 again, as before the restore, with other events."""
+    await store.append_atomic(
+        [
+            StreamAppend(
+                "acc", [registry.new_event(MoneyWithdrawn(95, "other"))], expected_version=1
+            ),
+            StreamAppend(
+                "other", [registry.new_event(MoneyDeposited(95, "acc"))], expected_version=1
+            ),
+        ]
+    )
+
+
+def rewritten_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings state commands logged about rewritten streams."""
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "eventcore_trio.commands" and r.levelno == logging.WARNING
+    ]
 
 
 class RacingStore:
@@ -171,15 +231,18 @@ class StatesContract:
         assert isinstance(store, SnapshotStore)
         for _ in range(3):
             await store.append("c", [counters.new_event(Added(1))])
+        second = (await store.read_stream("c"))[1].event_id
         # Version 1 with an upcaster: used (its made-up total shows it was).
-        await store.write_snapshot(Snapshot("c", "Counter", 1, 2, {"sum": 50, "count": 2}))
+        await store.write_snapshot(
+            Snapshot("c", "Counter", 1, 2, {"sum": 50, "count": 2}, event_id=second)
+        )
         cache = StateCache()
         assert await peek(store, "c", cache) == Counter(51, 3)
         assert cache.stats.snapshots_read == 1
         # A version nothing reads, and data that no longer fits: ignored, folded from events.
         for version, data in ((3, {"total": 50, "events": 2}), (2, {"unknown": 1})):
             await store.delete_snapshots()
-            await store.write_snapshot(Snapshot("c", "Counter", version, 2, data))
+            await store.write_snapshot(Snapshot("c", "Counter", version, 2, data, event_id=second))
             cache = StateCache()
             assert await peek(store, "c", cache) == Counter(3, 3)
             assert (cache.stats.snapshots_read, cache.stats.events_folded) == (0, 3)
@@ -207,25 +270,186 @@ class StatesContract:
         assert isinstance(store, SnapshotStore)
         for _ in range(3):
             await store.append("c", [counters.new_event(Added(1))])
-        await store.write_snapshot(Snapshot("c", "Counter", 2, 50, {"total": 99, "events": 50}))
+        lost = Snapshot("c", "Counter", 2, 50, {"total": 99, "events": 50}, event_id=uuid.uuid4())
+        await store.write_snapshot(lost)
         assert await peek(store, "c") == Counter(3, 3)
         assert await store.read_snapshot("c", "Counter") is None
-        await store.write_snapshot(Snapshot("c", "Counter", 2, 50, {"total": 99, "events": 50}))
+        await store.write_snapshot(lost)
         result = await execute(store, Add("c", 1), registry=counters, cache=StateCache())
         assert result.attempts == 1
         assert result.append is not None
         assert result.append.stream_versions == {"c": 4}
         assert await peek(store, "c") == Counter(4, 4)
 
+    async def test_restored_stream_grown_back_under_a_warm_cache(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A warm cache whose streams were restored from an older backup, then grown back to
+        the cached versions by other writers with other events, is not trusted: the
+        withdrawal of 60 from an account that now holds 5 is refused."""
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+        cache = StateCache()
+        await execute(store, OpenAccount("acc", 100), registry=registry, cache=cache)
+        await execute(store, OpenAccount("other", 0), registry=registry, cache=cache)
+        saved = await backup(store)
+        await execute(store, Transfer("acc", "other", 10), registry=registry, cache=cache)
+        await execute(store, Audit(("acc", "other")), registry=registry, cache=cache)
+        entry = cache.get(store, "Account", "acc")
+        assert entry is not None
+        assert (entry.state, entry.version) == (Account(True, 90), 2)
+        await restore(store, saved)  # the transfer of 10 is lost
+        await grow_back(store)
+        with pytest.raises(InsufficientFunds, match="acc has 5"):
+            await execute(store, Transfer("acc", "other", 60), registry=registry, cache=cache)
+        assert await balances(store, "acc", "other") == {"acc": 5, "other": 95}
+        # Once per stream, naming it.
+        warnings = rewritten_warnings(caplog)
+        assert sorted(w.split(" ")[1] for w in warnings) == ["'acc'", "'other'"]
+        # The entries were replaced by the real history's, and are trusted from now on.
+        last = (await store.read_stream("acc"))[-1]
+        entry = cache.get(store, "Account", "acc")
+        assert entry is not None
+        assert (entry.state, entry.version, entry.event_id) == (Account(True, 5), 2, last.event_id)
+        caplog.clear()
+        await execute(store, Transfer("acc", "other", 5), registry=registry, cache=cache)
+        assert await balances(store, "acc", "other") == {"acc": 0, "other": 100}
+        assert rewritten_warnings(caplog) == []
+
+    async def test_restored_stream_grown_back_past_a_durable_snapshot(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A snapshot taken before the events were restored from an older backup (the
+        snapshots were not), at the version other writers then grew the stream back to, is
+        not used by a cold process: the withdrawal of 60 from 5 is refused."""
+        assert isinstance(store, SnapshotStore)
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+        await execute(store, OpenAccount("acc", 100), registry=registry)
+        await execute(store, OpenAccount("other", 0), registry=registry)
+        saved = await backup(store)
+        await execute(store, Transfer("acc", "other", 10), registry=registry)
+        stale = await take_snapshot(store, registry, Account, "acc")
+        assert stale is not None
+        assert (stale.stream_version, dict(stale.data)) == (2, {"opened": True, "balance": 90})
+        await restore(store, saved)
+        await grow_back(store)
+        cold = StateCache()
+        with pytest.raises(InsufficientFunds, match="acc has 5"):
+            await execute(store, Transfer("acc", "other", 60), registry=registry, cache=cold)
+        assert await balances(store, "acc", "other") == {"acc": 5, "other": 95}
+        assert cold.stats.snapshots_read == 0
+        [warning] = rewritten_warnings(caplog)
+        assert warning.startswith("stream 'acc' ")
+        # The stale snapshot is gone (the next is 500 events away); one taken now is used.
+        assert await store.read_snapshot("acc", "Account") is None
+        taken = await take_snapshot(store, registry, Account, "acc")
+        assert taken is not None
+        assert taken.event_id == (await store.read_stream("acc"))[-1].event_id
+        cold = StateCache()
+        await execute(store, Transfer("acc", "other", 5), registry=registry, cache=cold)
+        assert cold.stats.snapshots_read == 1
+        assert await balances(store, "acc", "other") == {"acc": 0, "other": 100}
+        assert len(rewritten_warnings(caplog)) == 1
+
+    async def test_restore_under_a_cache_and_a_snapshot_replaces_both(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """When a warm cache and a snapshot were both folded from a history a restore
+        replaced, one warning is logged, and the state, the cache entry and the snapshot
+        are all the real history's, even for a decision that writes nothing."""
+        assert isinstance(store, SnapshotStore)
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+        for _ in range(3):
+            await store.append("c", [counters.new_event(Added(1))])
+        saved = await backup(store)
+        cache = StateCache()
+        for _ in range(2):
+            await execute(store, Add("c", 1), registry=counters, cache=cache)
+        assert await peek(store, "c", cache) == Counter(5, 5)  # and a snapshot at 5
+        stale = await store.read_snapshot("c", "Counter")
+        assert stale is not None
+        assert stale.stream_version == 5
+        await restore(store, saved)
+        for _ in range(2):
+            await store.append("c", [counters.new_event(Added(100))])
+        assert await peek(store, "c", cache) == Counter(203, 5)
+        [warning] = rewritten_warnings(caplog)
+        assert warning.startswith("stream 'c' ")
+        last = (await store.read_stream("c"))[-1].event_id
+        entry = cache.get(store, "Counter", "c")
+        assert entry is not None
+        assert (entry.version, entry.event_id) == (5, last)
+        replaced = await store.read_snapshot("c", "Counter")
+        assert replaced is not None
+        assert (replaced.stream_version, replaced.event_id, dict(replaced.data)) == (
+            5,
+            last,
+            {"total": 203, "events": 5},
+        )
+        cold = StateCache()
+        assert await peek(store, "c", cold) == Counter(203, 5)
+        assert cold.stats.snapshots_read == 1
+        assert len(rewritten_warnings(caplog)) == 1
+
     async def test_snapshots_never_move_backwards(self, store: Store) -> None:
         """Concurrent writers cannot replace a snapshot with an older one."""
         assert isinstance(store, SnapshotStore)
-        await store.write_snapshot(Snapshot("c", "Counter", 2, 10, {"total": 10, "events": 10}))
-        await store.write_snapshot(Snapshot("c", "Counter", 2, 5, {"total": 5, "events": 5}))
+        for _ in range(10):
+            await store.append("c", [counters.new_event(Added(1))])
+        ids = [e.event_id for e in await store.read_stream("c")]
+        await store.write_snapshot(
+            Snapshot("c", "Counter", 2, 10, {"total": 10, "events": 10}, event_id=ids[9])
+        )
+        await store.write_snapshot(
+            Snapshot("c", "Counter", 2, 5, {"total": 5, "events": 5}, event_id=ids[4])
+        )
         kept = await store.read_snapshot("c", "Counter")
         assert kept is not None
-        assert kept.stream_version == 10
+        assert (kept.stream_version, kept.event_id) == (10, ids[9])
         assert kept.taken_at is not None
+
+    async def test_a_snapshot_its_stream_no_longer_proves_is_replaced(self, store: Store) -> None:
+        """A kept snapshot without an event id, or whose event is not the stream's at its
+        version, is replaced by any write, even of the same or a lower stream version."""
+        assert isinstance(store, SnapshotStore)
+        for _ in range(5):
+            await store.append("c", [counters.new_event(Added(1))])
+        ids = [e.event_id for e in await store.read_stream("c")]
+        for kept_version, kept_id in ((9, uuid.uuid4()), (5, None)):
+            await store.delete_snapshots()
+            await store.write_snapshot(
+                Snapshot(
+                    "c", "Counter", 2, kept_version, {"total": 0, "events": 0}, event_id=kept_id
+                )
+            )
+            await store.write_snapshot(
+                Snapshot("c", "Counter", 2, 5, {"total": 5, "events": 5}, event_id=ids[4])
+            )
+            kept = await store.read_snapshot("c", "Counter")
+            assert kept is not None
+            assert (kept.stream_version, kept.event_id, dict(kept.data)) == (
+                5,
+                ids[4],
+                {"total": 5, "events": 5},
+            )
+
+    async def test_snapshot_without_an_event_id_is_never_used(self, store: Store) -> None:
+        """A snapshot that does not name its last event (taken before snapshots recorded
+        it) is treated as absent, even at the stream's exact version, and is replaced."""
+        assert isinstance(store, SnapshotStore)
+        for _ in range(5):
+            await store.append("c", [counters.new_event(Added(1))])
+        await store.write_snapshot(Snapshot("c", "Counter", 2, 5, {"total": 99, "events": 5}))
+        cache = StateCache()
+        assert await peek(store, "c", cache) == Counter(5, 5)
+        assert (cache.stats.snapshots_read, cache.stats.snapshots_written) == (0, 1)
+        kept = await store.read_snapshot("c", "Counter")
+        assert kept is not None
+        last = (await store.read_stream("c"))[-1].event_id
+        assert (kept.stream_version, kept.event_id, dict(kept.data)) == (
+            5,
+            last,
+            {"total": 5, "events": 5},
+        )
 
     async def test_take_snapshot_on_demand(self, store: Store) -> None:
         """take_snapshot folds the stream now and keeps it; an empty stream has none."""
@@ -288,6 +512,10 @@ class StatesContract:
             await store.write_snapshot(Snapshot("", "Counter", 1, 1, {}))
         with pytest.raises(InvalidArgument):
             await store.write_snapshot("snapshot")  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument, match="event_id"):
+            await store.write_snapshot(
+                Snapshot("c", "Counter", 1, 1, {}, event_id="e1")  # type: ignore[arg-type]
+            )
 
     async def test_an_error_loading_one_of_several_streams_arrives_alone(
         self, store: Store
@@ -399,14 +627,14 @@ class TestStateCache:
         cache = StateCache(max_entries=2)
         store = RacingStore.__new__(RacingStore)
         for name in ("a", "b"):
-            cache.put(store, "S", name, CachedState(name, 1, 0))
+            cache.put(store, "S", name, CachedState(name, 1, 0, event_id=uuid.uuid4()))
         assert cache.get(store, "S", "a") is not None  # a is now the most recent
-        cache.put(store, "S", "c", CachedState("c", 1, 0))
+        cache.put(store, "S", "c", CachedState("c", 1, 0, event_id=uuid.uuid4()))
         assert cache.get(store, "S", "b") is None
         assert len(cache) == 2
         other = RacingStore.__new__(RacingStore)
         assert cache.get(other, "S", "a") is None  # never shared between stores
-        cache.put(store, "S", "a", CachedState("old", 0, 0))
+        cache.put(store, "S", "a", CachedState("old", 0, 0, event_id=None))
         found = cache.get(store, "S", "a")
         assert found is not None
         assert found.state == "a"  # never moves backwards

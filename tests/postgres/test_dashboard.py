@@ -190,6 +190,39 @@ async def test_replaying_dead_letters_of_the_given_projectors(store: PostgresSto
         nursery.cancel_scope.cancel()
 
 
+async def test_replaying_with_a_projector_of_another_partition_count_is_refused(
+    store: PostgresStore,
+) -> None:
+    """A dashboard given the projector with a partition count its projection no longer has
+    answers 409, says why, and replays nothing."""
+
+    def skip(failure: Failure) -> FailureStrategy:
+        return FailureStrategy.SKIP
+
+    @projector("fragile", partitions=2, on_error=skip)
+    async def split(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        raise RuntimeError("not yet")
+
+    @projector("fragile", on_error=skip)
+    async def unsplit(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        pass
+
+    await store.append("s", [NewEvent("E", {})])
+    await run_projection(split, store)
+    letters = await store.dead_letters("fragile")
+    assert len(letters) == 1
+    app = dashboard_app(store, DashboardState(allow_actions=True), [unsplit])
+    action = {"x-eventcore-action": "1"}
+    body = {"projection": "fragile", "confirm": "fragile"}
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://d") as http:
+        response = await http.post("/actions/replay", json=body, headers=action)
+    assert response.status_code == 409
+    assert "runs as 2 partition(s)" in response.json()["error"]
+    assert "--projectors" in response.json()["error"]
+    assert await store.dead_letters("fragile") == letters
+
+
 def _status(unit: str, pid: int | None) -> ProjectionStatus:
     return ProjectionStatus(
         name=unit,

@@ -25,6 +25,8 @@ from eventcore_trio import (
 )
 from eventcore_trio._positions import position_parts
 from eventcore_trio.postgres import PostgresStore, _group_commit
+from eventcore_trio.postgres._hosts import hosts_channel
+from eventcore_trio.postgres._schema import notify_channel
 
 from ..helpers import eventually
 
@@ -251,3 +253,153 @@ async def test_many_concurrent_writers_lose_nothing(store: PostgresStore) -> Non
     assert sum(shared) == writers * 40
     for w in range(writers):
         assert [e.data["n"] for e in await store.read_stream(f"own-{w}")] == list(range(40))
+
+
+@asynccontextmanager
+async def listening(store: PostgresStore) -> AsyncIterator[trio.Event]:
+    """A task waiting for the store's next wake-up after its LISTEN is up; yields an event
+    set when that wake-up comes."""
+    woken = trio.Event()
+
+    async def listen() -> None:
+        # The first wait returns once the LISTEN connection is up (a connect wakes waiters).
+        await store.wait_for_events()
+        listening_up.set()
+        await store.wait_for_events()
+        woken.set()
+
+    listening_up = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(listen)
+        with trio.fail_after(10):
+            await listening_up.wait()
+        yield woken
+        nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+async def failing_notify(store: PostgresStore) -> AsyncIterator[None]:
+    """The NOTIFY after each append fails on the server, as any error on it would (a
+    statement timeout, a full notification queue, pg_cancel_backend)."""
+    with store.admin.failing_notifications():
+        yield
+
+
+@pytest.mark.usefixtures("patient_queue")
+async def test_a_failed_notification_after_a_shared_commit_writes_each_request_once(
+    store: PostgresStore, failing_notify: None
+) -> None:
+    """The shared statement committed; its NOTIFY failed. Every request is written exactly
+    once, every caller gets its own committed result, and readers are woken anyway."""
+    results: dict[str, AppendResult] = {}
+
+    async def append(stream: str) -> None:
+        results[stream] = await store.append(stream, [NewEvent("E", {})], expected_version=0)
+
+    async with listening(store) as woken:
+        async with trio.open_nursery() as nursery, held_in_flight(store) as queued:
+            for k in range(8):
+                nursery.start_soon(append, f"s{k}")
+            await queued(8)
+        with trio.fail_after(10):
+            await woken.wait()
+    assert len(await _transaction_of(store, "s0")) == 1
+    for k in range(8):
+        stored = await store.read_stream(f"s{k}")
+        assert len(stored) == 1
+        assert results[f"s{k}"].position == stored[0].position
+    assert len(await store.read_stream("blocker")) == 2
+
+
+async def test_a_failed_notification_after_a_lone_commit_is_no_failure(
+    store: PostgresStore, failing_notify: None
+) -> None:
+    """A lone append whose NOTIFY fails returns its result: it committed."""
+    async with listening(store) as woken:
+        result = await store.append("lone", [NewEvent("E", {})], expected_version=0)
+        with trio.fail_after(10):
+            await woken.wait()
+    [stored] = await store.read_stream("lone")
+    assert result.position == stored.position
+
+
+@pytest.mark.usefixtures("patient_queue")
+async def test_a_stream_held_by_an_open_transaction_holds_up_only_its_own_request(
+    store: PostgresStore,
+) -> None:
+    """Requests shared with one for a stream that an open outbox transaction holds are
+    written at once; that request waits for the transaction, in its own caller's task,
+    which can give up."""
+    holding = trio.Event()
+    release = trio.Event()
+    gave_up = trio.Event()
+
+    async def hold() -> None:
+        async with store.transaction() as tx:
+            await tx.append("held", [NewEvent("InTransaction", {})])
+            holding.set()
+            # Bounded, so that a shared statement stuck behind it ends and the test fails.
+            with trio.move_on_after(15):
+                await release.wait()
+
+    async def held_append() -> None:
+        with trio.move_on_after(0.5):
+            await store.append("held", [NewEvent("Waiting", {})])
+        gave_up.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold)
+        await holding.wait()
+        async with held_in_flight(store) as queued:
+            for k in range(7):
+                nursery.start_soon(store.append, f"free-{k}", [NewEvent("E", {})])
+            await queued(7)
+            nursery.start_soon(held_append)
+            await queued(8)
+
+        async def all_free_written() -> bool:
+            return all([len(await store.read_stream(f"free-{k}")) == 1 for k in range(7)])
+
+        # Written while the transaction holding "held" is still open.
+        await eventually(all_free_written, within=5)
+        assert not release.is_set()
+        with trio.fail_after(5):
+            await gave_up.wait()
+        release.set()
+    assert [e.type for e in await store.read_stream("held")] == ["InTransaction"]
+
+
+async def test_a_schema_name_too_long_for_a_plain_channel_still_wakes_readers(
+    postgres_dsn: str,
+) -> None:
+    """A 60-character schema: the channel is shortened to fit PostgreSQL's limit, so
+    appends notify (and do not fail) and readers wake."""
+    from eventcore_trio.testing import PostgresHarness
+
+    schema = "s" + uuid.uuid4().hex + "x" * 27
+    assert len(schema) == 60
+    async with PostgresHarness(postgres_dsn, schema=schema).open_store() as store:
+        assert len(store.notify_channel.encode()) <= 63
+        async with listening(store) as woken:
+            await store.append("s", [NewEvent("E", {})])
+            with trio.fail_after(10):
+                await woken.wait()
+        assert len(await store.read_stream("s")) == 1
+
+
+@pytest.mark.parametrize("length", [1, 47, 48, 53, 54, 63])
+def test_channel_names_always_fit(length: int) -> None:
+    """Every valid schema name gives channels within PostgreSQL's 63 bytes, distinct from
+    each other and from those of a schema that differs only after the kept characters."""
+    schema = "s" * length
+    other = "s" * (length - 1) + "t"
+    names = {
+        notify_channel(schema),
+        hosts_channel(schema),
+        notify_channel(other),
+        hosts_channel(other),
+    }
+    assert len(names) == 4
+    assert all(len(name.encode()) <= 63 for name in names)
+    if length <= 47:
+        assert hosts_channel(schema) == f"eventcore_{schema}_hosts"

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
 import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
+import trio
 
 from eventcore_trio import (
     DatabaseError,
@@ -159,3 +164,51 @@ async def _not_held(store: PostgresStore) -> bool:
     row = await store.admin.fetchrow(f'SELECT * FROM "{store.schema}".read_horizon()')
     assert row is not None
     return not row["held_back"]
+
+
+OUTBOX_WRITERS = Path(__file__).parent / "outbox_writers_process.py"
+
+
+async def test_outbox_writers_that_write_first_never_make_a_follower_skip(
+    store: PostgresStore, postgres_dsn: str
+) -> None:
+    """Bounded stress: two processes, each with four outbox writers that write a row of
+    their own before appending and a plain appender, and three followers paging
+    ``read_events`` from cursors of their own (small pages, so that page ends fall between
+    late commits): every follower is given every event exactly once, each stream in order."""
+    await store.admin.execute(f'CREATE TABLE "{store.schema}".scratch (n int)')
+    processes, writers, transactions = 2, 4, 60
+    followed: list[list[RecordedEvent]] = [[], [], []]
+    done = trio.Event()
+
+    async def follow(seen: list[RecordedEvent], page_size: int) -> None:
+        cursor = None
+        while True:
+            page = await store.read_events(cursor, limit=page_size)
+            seen.extend(page)
+            if page:
+                cursor = page[-1].position
+            elif done.is_set():
+                return
+            else:
+                with trio.move_on_after(0.05):
+                    await store.wait_for_events()
+
+    env = {**os.environ, "EVENTCORE_DSN": postgres_dsn}
+    argv = [sys.executable, str(OUTBOX_WRITERS), store.schema, str(writers), str(transactions)]
+    async with trio.open_nursery() as nursery:
+        for seen, page_size in zip(followed, (3, 7, 50), strict=True):
+            nursery.start_soon(follow, seen, page_size)
+        with trio.fail_after(120):
+            async with trio.open_nursery() as writing:
+                for _ in range(processes):
+                    writing.start_soon(functools.partial(trio.run_process, argv, env=env))
+        done.set()
+    committed = await read_all(store)
+    assert len(committed) == processes * (writers + 1) * transactions
+    for seen in followed:
+        assert [e.event_id for e in seen] == [e.event_id for e in committed]
+        streams: dict[str, list[int]] = {}
+        for event in seen:
+            streams.setdefault(event.stream_id, []).append(event.data["n"])
+        assert all(ns == list(range(transactions)) for ns in streams.values())

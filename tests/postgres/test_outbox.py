@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 
 from eventcore_trio import (
     DatabaseError,
@@ -160,3 +161,41 @@ class TestOutboxAndReaders:
             await wait_for_projections(store, [view], result, timeout=20)
             assert applied == ["Woken"]
             nursery.cancel_scope.cancel()
+
+    async def test_readers_are_woken_when_the_commit_is_cancelled(
+        self, store: PostgresStore
+    ) -> None:
+        """A cancellation that lands on a COMMIT which goes through all the same: the block
+        raises Cancelled, the outcome is in doubt, and readers are woken: a projection that
+        only polls once a minute applies the events at once."""
+        # The COMMIT waits for a synchronous standby that does not exist, until it is
+        # cancelled; PostgreSQL then keeps the commit ("the transaction has already
+        # committed locally"). Only this transaction waits: the server runs with
+        # synchronous_commit off, and the transaction turns it on for itself.
+        table = await orders_table(store)
+        await store.admin.execute("ALTER SYSTEM SET synchronous_standby_names = 'nobody'")
+        await store.admin.execute("SELECT pg_reload_conf()")
+        applied: list[str] = []
+
+        @projector("outbox-view")
+        async def view(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            applied.append(event.type)
+
+        try:
+            config = ProjectionConfig(continuous=True, poll_interval=60)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(run_projection, view, store, config)
+                with trio.CancelScope() as scope:
+                    async with store.transaction() as tx:
+                        await tx.execute("SET LOCAL synchronous_commit = on")
+                        await tx.execute(f"INSERT INTO {table} VALUES ('o1', 1)")
+                        result = await tx.append("s", [NewEvent("InDoubt", {})])
+                        scope.deadline = trio.current_time() + 0.3
+                assert scope.cancelled_caught
+                assert await store.admin.fetchval(f"SELECT count(*) FROM {table}") == 1
+                await wait_for_projections(store, [view], result, timeout=20)
+                assert applied == ["InDoubt"]
+                nursery.cancel_scope.cancel()
+        finally:
+            await store.admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
+            await store.admin.execute("SELECT pg_reload_conf()")

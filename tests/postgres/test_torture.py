@@ -15,7 +15,7 @@ from eventcore_trio import NewEvent, StreamAppend
 from eventcore_trio.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import ProjectionConfig, run_projection
-from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness
+from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness, read_all
 from eventcore_trio.torture import FaultKind, run_torture
 from eventcore_trio.torture._model import EVENT_TYPE, app_schema_sql, projectors
 from eventcore_trio.torture._report import Findings
@@ -52,14 +52,84 @@ class TestVerification:
                 await store.admin.execute(f'DROP SCHEMA "{app}" CASCADE')
 
     async def _verify(
-        self, store: PostgresStore, app: str, ids: set[uuid.UUID], **kwargs: set[uuid.UUID]
+        self,
+        store: PostgresStore,
+        app: str,
+        ids: set[uuid.UUID],
+        followed: list[uuid.UUID] | None = None,
+        **kwargs: set[uuid.UUID],
     ) -> Findings:
         return await verify(
             store,
             app,
             acknowledged=kwargs.get("acknowledged", ids),
             rolled_back=kwargs.get("rolled_back", set()),
+            outbox=kwargs.get("outbox", set()),
+            followed=followed,
         )
+
+    async def test_the_reactor_reacted_once_to_each_posting(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, _, _ = projected
+        reactions = await store.admin.fetch(
+            f"SELECT data->>'source' AS source FROM \"{store.schema}\".events "
+            "WHERE type = 'Reacted'"
+        )
+        postings = await store.admin.fetch(
+            f'SELECT event_id FROM "{store.schema}".events '
+            "WHERE type = 'Posted' AND (data->>'amount')::int % 3 = 0"
+        )
+        assert sorted(r["source"] for r in reactions) == sorted(
+            str(p["event_id"]) for p in postings
+        )
+        assert reactions
+
+    async def test_a_posting_the_reactor_never_reacted_to(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        late = uuid.uuid4()
+        await store.append("acct-9", [NewEvent(EVENT_TYPE, {"amount": 3}, event_id=late)])
+        findings = await self._verify(store, app, ids | {late})
+        assert findings.reactions_missing == 1
+
+    async def test_a_reaction_too_many(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        source = await store.admin.fetchval(
+            f"SELECT data->>'source' FROM \"{store.schema}\".events WHERE type = 'Reacted' LIMIT 1"
+        )
+        await store.append("react-acct-0", [NewEvent("Reacted", {"source": source})])
+        assert (await self._verify(store, app, ids)).reactions_repeated == 1
+
+    async def test_an_outbox_row_without_its_events(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        await store.admin.execute(
+            f'INSERT INTO "{app}".outbox VALUES (gen_random_uuid(), ARRAY[gen_random_uuid()])'
+        )
+        assert (await self._verify(store, app, ids)).outbox_mismatches == 1
+
+    async def test_outbox_events_without_their_row(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        findings = await self._verify(store, app, ids, outbox={next(iter(ids))})
+        assert findings.outbox_mismatches == 1
+
+    async def test_a_follower_that_missed_or_repeated_an_event(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        everything = [e.event_id for e in await read_all(store)]
+        assert (await self._verify(store, app, ids, followed=everything)) == CLEAN
+        missed = await self._verify(store, app, ids, followed=everything[1:])
+        assert missed.follower_missed == 1
+        repeated = await self._verify(store, app, ids, followed=[*everything, everything[3]])
+        assert repeated.follower_repeated == 1
 
     async def test_a_correct_projection_passes(
         self, projected: tuple[PostgresStore, str, set[uuid.UUID]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from functools import partial
+from typing import Any, cast
 
 import pytest
 import trio
@@ -14,6 +15,7 @@ from eventcore_trio import (
     NewEvent,
     Partition,
     PartitionsChanged,
+    PartitionsMismatch,
     ProjectionRunning,
     RecordedEvent,
     Store,
@@ -35,6 +37,8 @@ from ..helpers import eventually
 from .test_runtime import _reset_waits
 
 STREAMS = [f"order-{i}" for i in range(40)]
+# One stream in each partition of 4 (pinned by the stable hash, tests/test_partitions.py).
+ONE_PER_PARTITION = ["order-0", "order-1", "order-2", "order-3"]
 
 
 async def _append_round(store: Store, round_: int) -> None:
@@ -80,6 +84,27 @@ class Applied:
             for stream, versions in streams.items():
                 merged[stream].extend(versions)
         return merged
+
+
+class _SplitsAfterFirstLook:
+    """A store whose projection *name* is split to *count* partitions right after the first
+    `recorded_partitions` reads it: a host's split racing an operator's replay."""
+
+    def __init__(self, store: Store, name: str, count: int) -> None:
+        self._store = store
+        self._name = name
+        self._count = count
+        self._split = False
+
+    def __getattr__(self, attribute: str) -> Any:
+        return getattr(self._store, attribute)
+
+    async def recorded_partitions(self, name: str) -> int | None:
+        count = await self._store.recorded_partitions(name)
+        if name == self._name and not self._split:
+            self._split = True
+            await self._store.set_partitions(name, self._count)
+        return count
 
 
 class PartitionContract:
@@ -233,6 +258,97 @@ class PartitionContract:
         result = await replay_dead_letters(fixed.projector, store)
         assert (result.replayed, result.failed) == (2, 0)
         assert await store.dead_letters("orders") == []
+
+    async def test_replay_goes_by_the_recorded_units_never_the_projectors(
+        self, store: Store
+    ) -> None:
+        """After a 1 -> 4 split, a replay given the old, unpartitioned projector is refused
+        and applies nothing (twice over); given the projector as it runs, it applies every
+        letter once, in its partition, and deletes it."""
+        await _append_round(store, 1)
+        before_split = Applied(partitions=1)
+        before_split.fail_streams = set(ONE_PER_PARTITION)
+        await run_projection(before_split.projector, store)
+        await _append_round(store, 2)
+        split = Applied(partitions=4)
+        split.fail_streams = set(ONE_PER_PARTITION)
+        await run_projection(split.projector, store)
+        letters = await store.dead_letters("orders")
+        assert len(letters) == 8  # 4 skipped before the split, 4 by the partitions
+        assert {d.partition for d in letters} == {0, 1, 2, 3}
+        stale = Applied(partitions=1)
+        for _ in range(2):
+            with pytest.raises(PartitionsMismatch) as info:
+                await replay_dead_letters(stale.projector, store)
+            assert (info.value.name, info.value.recorded, info.value.given) == ("orders", 4, 1)
+            assert "partitions=4" in str(info.value)
+        assert stale.versions() == {}
+        assert await store.dead_letters("orders") == letters
+        fixed = Applied(partitions=4)
+        result = await replay_dead_letters(fixed.projector, store)
+        assert (result.replayed, result.failed) == (8, 0)
+        assert fixed.versions() == {stream: [1, 2] for stream in ONE_PER_PARTITION}
+        for partition, streams in fixed.by_partition.items():
+            assert all(partition_of(stream, 4).index == partition for stream in streams)
+        assert await store.dead_letters("orders") == []
+        again = await replay_dead_letters(fixed.projector, store)
+        assert (again.replayed, again.failed) == (0, 0)
+        assert fixed.versions() == {stream: [1, 2] for stream in ONE_PER_PARTITION}
+
+    async def test_replay_while_any_unit_runs_is_refused_before_anything_applies(
+        self, store: Store
+    ) -> None:
+        """A replay takes every unit's lock first: running hosts, or one led unit, refuse it
+        with ProjectionRunning before a single letter is applied."""
+        await _append_round(store, 1)
+        failing = Applied(partitions=4)
+        failing.fail_streams = set(ONE_PER_PARTITION)
+        await run_projection(failing.projector, store)
+        letters = await store.dead_letters("orders")
+        assert len(letters) == 4
+        fixed = Applied(partitions=4)
+        async with trio.open_nursery() as nursery:
+            running = Applied(partitions=4)
+            running.fail_streams = set(ONE_PER_PARTITION)
+            await nursery.start(run_projections, store, [running.projector])
+            await _append_round(store, 2)
+            await running.wait_for(40 - 4)
+            with pytest.raises(ProjectionRunning) as info:
+                await replay_dead_letters(fixed.projector, store)
+            assert info.value.name == "orders"
+            assert "wait=True" not in str(info.value)
+            with pytest.raises(PartitionsMismatch):
+                await replay_dead_letters(Applied(partitions=1).projector, store)
+            nursery.cancel_scope.cancel()
+        letters = await store.dead_letters("orders")
+        assert len(letters) == 8
+        async with store.try_acquire("orders[3/4]"):
+            with pytest.raises(ProjectionRunning):
+                await replay_dead_letters(fixed.projector, store)
+        assert fixed.versions() == {}
+        assert await store.dead_letters("orders") == letters
+        result = await replay_dead_letters(fixed.projector, store)
+        assert (result.replayed, result.failed) == (8, 0)
+        assert fixed.versions() == {stream: [1, 2] for stream in ONE_PER_PARTITION}
+
+    async def test_replay_checks_the_count_again_under_the_locks(self, store: Store) -> None:
+        """A split between reading the count and taking the locks is noticed: the replay is
+        refused, not run on the old units (whose letters the split moved away)."""
+        await _append_round(store, 1)
+        failing = Applied(partitions=2)
+        failing.fail_streams = set(ONE_PER_PARTITION)
+        await run_projection(failing.projector, store)
+        letters = await store.dead_letters("orders")
+        assert len(letters) == 4
+        fixed = Applied(partitions=2)
+        splitting = cast(Store, _SplitsAfterFirstLook(store, "orders", 4))
+        with pytest.raises(PartitionsMismatch) as info:
+            await replay_dead_letters(fixed.projector, splitting)
+        assert (info.value.recorded, info.value.given) == (4, 2)
+        assert fixed.versions() == {}
+        moved = await store.dead_letters("orders")
+        assert sorted(d.id for d in moved) == sorted(d.id for d in letters)
+        assert {d.partition for d in moved} == {0, 1, 2, 3}
 
     async def test_bad_partition_settings_are_refused(self, store: Store) -> None:
         """Counts outside 1..1024, non-ints, reserved names and filters with a partition."""
