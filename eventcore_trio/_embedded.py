@@ -128,6 +128,30 @@ class EmbeddedPostgres:
             _make_traversable(self._root)
             os.chown(self._root, self._user.pw_uid, self._user.pw_gid)
 
+    @classmethod
+    def standby_of(cls, primary: EmbeddedPostgres) -> EmbeddedPostgres:
+        """A streaming hot standby of *primary*, made from a base backup of it (not started:
+        call `start`). *primary* must be running.
+
+        .. versionadded:: 0.3
+        """
+        standby = cls(primary.bindir, settings=primary.settings)
+        standby._run(
+            str(standby.bindir / "pg_basebackup"),
+            "-D",
+            str(standby.data_dir),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(primary.port),
+            "-U",
+            "postgres",
+            "--write-recovery-conf",
+            "--wal-method=stream",
+        )
+        standby._initialised = True
+        return standby
+
     @property
     def socket_dir(self) -> Path:
         """The directory of the server's Unix socket (``host=`` in a DSN)."""

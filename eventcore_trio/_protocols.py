@@ -86,8 +86,10 @@ class SnapshotStore(Protocol):
         """The snapshot of *stream_id* under *state* and the stream's events from it on.
 
         With a snapshot, the events start at its ``stream_version`` (the event at that
-        version included: it proves the stream is that long); without one, they are the
-        whole stream. One round trip on PostgreSQL, where a cold command starts.
+        version included: whether it is the event the snapshot ends at, by id and
+        ``recorded_at``, tells whether the stream still holds the history it was folded
+        from); without one, they are the whole stream. A snapshot that does not name its
+        event reads as none. One round trip on PostgreSQL, where a cold command starts.
         """
         ...
 
@@ -95,7 +97,9 @@ class SnapshotStore(Protocol):
         """Keep *snapshot*, replacing an older one of the same stream and state name.
 
         A snapshot of a lower stream version than the one kept (at the same state version)
-        is dropped, so concurrent writers never move a snapshot backwards.
+        is dropped, so concurrent writers never move a snapshot backwards, unless the kept
+        one is no longer proven by its stream (it names no event, or its event, by id and
+        ``recorded_at``, is not the stream's at its version): that one any write replaces.
 
         Raises:
             EventEncodeError: its data is not JSON.
@@ -451,20 +455,32 @@ class ProjectorCoordinator(Protocol):
         """
         ...
 
-    async def set_partitions(self, name: str, partitions: int) -> None:
+    async def set_partitions(
+        self, name: str, partitions: int, *, on_waiting: Callable[[], None] | None = None
+    ) -> None:
         """Record that projection *name* runs as *partitions* units; the runtime calls it.
 
         Every unit calls it once it leads, before it applies anything, so a unit never runs
         with a count its projection no longer has. Unchanged, it only checks. A split to a
         multiple of the current count continues each new partition from its parent's
         checkpoint (and moves dead letters to their stream's partition); a projection with
-        nothing applied (new, or just reset) may take any count. The change waits until no
-        unit of the current count runs, since it takes their locks.
+        nothing applied (new, or just reset) may take any count.
+
+        A change holds the lock of every unit of the current count while it is made, so it
+        waits until no unit of the current count is led or awaited: it calls *on_waiting*
+        once, just before it first waits, and then tries again whenever that may have
+        changed (on PostgreSQL: when a host joins, leaves or publishes, and at least every
+        second). It takes those locks all at once or not at all, never holding some while
+        it waits for others and never queueing ahead of a unit's standby, so hosts running
+        the current count keep leading every unit of it for as long as they run. Cancel the
+        call to stop waiting.
 
         Raises:
-            PartitionsChanged: any other change; nothing is changed.
+            PartitionsChanged: any other change, raised before any wait; nothing is changed.
 
         .. versionadded:: 0.2
+        .. versionchanged:: 0.3
+           *on_waiting*; the change takes the current count's locks all at once.
         """
         ...
 
@@ -497,9 +513,13 @@ class ProjectionAdmin(Protocol):
 
         Each record says how many live balancing hosts can run its unit and names those that
         cannot (``runnable_by``, ``lacking_hosts``), so a unit no live host has shows up.
+        During a change of partition count, the units of the new count are listed too while
+        a live host runs them or a session leads or awaits them, as
+        `ProjectionState.AWAITING_SPLIT` (or FAILED, when the change is refused).
 
         .. versionchanged:: 0.3
-           Units a live host runs are listed before they first run.
+           Units a live host runs are listed before they first run; so are units of a
+           partition count that is not (yet) the recorded one.
         """
         ...
 

@@ -20,9 +20,12 @@ class Snapshot:
 
     Never the source of truth: a snapshot only saves folding the events up to
     *stream_version*; deleting every snapshot changes nothing but speed. It is used only while
-    the stream's event at *stream_version* is still the event *event_id* names: a version
-    number alone proves nothing once a restore has rewritten the stream and other writers
-    have grown it back to that length.
+    the stream's event at *stream_version* is still the recorded event it ends at, the one
+    *event_id* and *event_recorded_at* name together: a version number alone proves nothing
+    once a restore has rewritten the stream and other writers have grown it back to that
+    length, and an id alone proves nothing once a writer has retried a lost event with its
+    own id (an idempotency key), which records that id again, later, on top of another
+    history.
 
     Attributes:
         stream_id: the stream.
@@ -35,6 +38,8 @@ class Snapshot:
         event_id: the id of the last event folded into *data* (the stream's event at
             *stream_version*). A snapshot without one (written before it was recorded) is
             never used, and the next snapshot of the stream replaces it.
+        event_recorded_at: that event's `RecordedEvent.recorded_at`. Given with *event_id*
+            or not at all; a snapshot without it is never used either.
 
     .. versionadded:: 0.3
     """
@@ -46,6 +51,7 @@ class Snapshot:
     data: Mapping[str, Any]
     taken_at: dt.datetime | None = None
     event_id: uuid.UUID | None = attrs.field(default=None, kw_only=True)
+    event_recorded_at: dt.datetime | None = attrs.field(default=None, kw_only=True)
 
 
 def check_snapshot(snapshot: object) -> Snapshot:
@@ -62,5 +68,20 @@ def check_snapshot(snapshot: object) -> Snapshot:
         raise InvalidArgument(
             "Snapshot.event_id must be the uuid.UUID of the stream's event at its "
             f"stream_version (or None), got {snapshot.event_id!r}"
+        )
+    recorded_at = snapshot.event_recorded_at
+    if recorded_at is not None and (
+        not isinstance(recorded_at, dt.datetime) or recorded_at.utcoffset() is None
+    ):
+        raise InvalidArgument(
+            "Snapshot.event_recorded_at must be the timezone-aware recorded_at of the stream's "
+            f"event at its stream_version (or None), got {recorded_at!r}"
+        )
+    if (snapshot.event_id is None) != (recorded_at is None):
+        raise InvalidArgument(
+            "Snapshot.event_id and Snapshot.event_recorded_at name the stream's event at its "
+            "stream_version together: give both (that RecordedEvent's event_id and "
+            f"recorded_at) or neither, got event_id={snapshot.event_id!r}, "
+            f"event_recorded_at={recorded_at!r}"
         )
     return snapshot

@@ -10,9 +10,10 @@ from typing import final
 
 import attrs
 
+from ._errors import PartitionsChanged
 from ._events import RecordedEvent, UndecodableEvent
 from ._hosts import HostState
-from ._partitions import Partition, Unit
+from ._partitions import Partition, Unit, plan_repartition, split_parent
 from ._positions import Position
 
 
@@ -43,6 +44,19 @@ class ProjectionState(enum.Enum):
     #:
     #: .. versionadded:: 0.2
     REPLAYING = "replaying"
+    #: The unit belongs to a partition count other than the one recorded for its projection:
+    #: a change of count is under way (a rolling deploy that splits the projection). It
+    #: applies nothing until no unit of the recorded count runs; then the count changes and
+    #: the unit continues from its parent's checkpoint. Hosts running the recorded count keep
+    #: leading their units meanwhile (docs/scale-out.md, "Changing the partition count").
+    #:
+    #: .. versionadded:: 0.3
+    AWAITING_SPLIT = "awaiting-split"
+    #: A change of the partition count holds the unit's lock for the moment it takes (nothing
+    #: is applied meanwhile); the unit's next leader runs with the new count.
+    #:
+    #: .. versionadded:: 0.3
+    REPARTITIONING = "repartitioning"
 
 
 def unit_state(
@@ -51,8 +65,8 @@ def unit_state(
     """The state `projection_status` shows, the same rule for every backend.
 
     Args:
-        holder: what the session holding the lock does (RUNNING, REPLAYING, RESETTING), or
-            None when nobody holds it.
+        holder: what the session holding the lock does (RUNNING, REPLAYING, RESETTING,
+            REPARTITIONING), or None when nobody holds it.
         standbys: instances waiting to lead (not operators waiting to reset).
         last: the state last recorded for the projection, if any.
     """
@@ -63,6 +77,34 @@ def unit_state(
     if last is ProjectionState.FAILED:
         return ProjectionState.FAILED
     return ProjectionState.STOPPED
+
+
+@attrs.frozen(kw_only=True)
+class CountChange:
+    """What status shows for a unit of a partition count other than the recorded one."""
+
+    #: AWAITING_SPLIT while the change can happen, FAILED when it is refused.
+    state: ProjectionState
+    #: Why it is refused (the `PartitionsChanged` message its hosts get), or None.
+    error: str | None
+    #: The unit of the recorded count whose checkpoint it will continue from (a split), or
+    #: None (it will start from the beginning): its lag counts from there.
+    parent: Unit | None
+
+
+def count_change(unit: Unit, recorded: int, *, applied: bool) -> CountChange:
+    """The status of *unit* while its projection's recorded count is *recorded*, another
+    count, the same rule for every backend (see `plan_repartition`).
+
+    Args:
+        applied: whether a unit of the recorded count has a checkpoint or a dead letter.
+    """
+    try:
+        plan = plan_repartition(unit.projection, recorded, unit.partitions, applied=applied)
+    except PartitionsChanged as exc:
+        return CountChange(state=ProjectionState.FAILED, error=str(exc), parent=None)
+    parent = split_parent(unit, recorded) if plan == "split" else None
+    return CountChange(state=ProjectionState.AWAITING_SPLIT, error=None, parent=parent)
 
 
 @final
@@ -115,7 +157,10 @@ class ProjectionStatus:
         lag_seconds: age of the oldest unprocessed matching event; 0 when caught up.
         leader: who leads now, or None.
         standbys: how many instances wait to take over.
-        state: running, standby, failed or stopped.
+        state: running, standby, failed or stopped; resetting, replaying or repartitioning
+            while an operator's command or a change of the partition count holds the lock;
+            awaiting-split for a unit of a partition count that is not yet the recorded one
+            (see `ProjectionState`).
         last_error: the last fatal error's message, or None.
         updated_at: when the projection last changed (checkpoint or state).
         dead_letters: how many skipped events await replay.
@@ -135,7 +180,7 @@ class ProjectionStatus:
        ``partition`` and ``partitions``; ``name`` is the projection's for every partition.
     .. versionchanged:: 0.3
        ``runnable_by`` and ``lacking_hosts``; units that a live host runs are listed before
-       they first run.
+       they first run, also those of a partition count that is not (yet) the recorded one.
     """
 
     name: str
@@ -219,6 +264,11 @@ def host_coverage(
         )
     )
     return len(live) - len(lacking), lacking
+
+
+def status_order(record: ProjectionStatus) -> tuple[str, int, int]:
+    """The order of `projection_status` records: by projection, partition count, partition."""
+    return (record.name, record.partitions, record.partition or 0)
 
 
 def _info_json(info: LeaderInfo) -> dict[str, object]:

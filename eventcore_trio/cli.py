@@ -34,7 +34,7 @@ from ._errors import (
     ProjectionNotFound,
     StoreConnectionError,
 )
-from ._status import status_json
+from ._status import ProjectionState, status_json
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -324,11 +324,13 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
         f"{'lag':>8} {'lag s':>7} {'dead':>5}"
     )
     print(header)
-    shown: set[str] = set()
+    shown: set[tuple[str, int]] = set()
     for r in records:
-        if r.partition is not None and r.name not in shown:
-            # A partitioned projection: one summary line, then its partitions under it.
-            units = [u for u in records if u.name == r.name]
+        if r.partition is not None and (r.name, r.partitions) not in shown:
+            # A partitioned projection: one summary line, then its partitions under it (per
+            # partition count: during a change of count, the new count's units are listed
+            # too, awaiting the split).
+            units = [u for u in records if (u.name, u.partitions) == (r.name, r.partitions)]
             led = sum(1 for u in units if u.leader is not None)
             print(
                 f"{r.name:24} {f'{led}/{r.partitions} led':>8} {'':22} {'':18} "
@@ -336,7 +338,7 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
                 f"{max(u.lag_seconds for u in units):>7.1f} "
                 f"{sum(u.dead_letters for u in units):>5}"
             )
-        shown.add(r.name)
+        shown.add((r.name, r.partitions))
         leader = "-" if r.leader is None else f"{r.leader.pid}@{r.leader.host}"
         label = r.name if r.partition is None else f"  [{r.partition}/{r.partitions}]"
         print(
@@ -345,6 +347,11 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
         )
         if r.last_error:
             print(f"    last error: {r.last_error}")
+        if r.state is ProjectionState.AWAITING_SPLIT:
+            print(
+                f"    runs once no unit of {r.name}'s recorded partition count runs "
+                "(hosts running the old count lead those meanwhile)"
+            )
         if r.unrunnable:
             lacking = ", ".join(f"{h.pid}@{h.host}" for h in r.lacking_hosts)
             print(f"    no live host runs it (lacking: {lacking})")
@@ -374,7 +381,11 @@ async def _reset(dsn: str, schema: str, name: str, follow: bool) -> None:
         live = sys.stdout.isatty()
         last_line = 0.0
         while True:
-            units = [r for r in await store.projection_status() if r.name == name]
+            units = [
+                r
+                for r in await store.projection_status()
+                if r.name == name and r.state is not ProjectionState.AWAITING_SPLIT
+            ]
             lag = sum(r.lag_events for r in units)
             if total is None or lag > total:
                 total = lag

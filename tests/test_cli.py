@@ -198,6 +198,47 @@ class TestOperatorCommands:
         ]
         assert all(r["state"] == "running" for r in records)
 
+    def test_status_shows_the_units_of_a_new_partition_count_awaiting_the_split(
+        self, postgres_dsn: str
+    ) -> None:
+        """During a change of count, each count has its summary line, and the new count's
+        units say that they await the split."""
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+        from eventcore_trio.projection import ProjectionContext, projector, run_projection
+
+        @projector("split", partitions=2)
+        async def split(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            pass
+
+        where = self._fresh(postgres_dsn)
+        shown: dict[str, str] = {}
+
+        async def run_and_show() -> None:
+            async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
+                await store.append("s-1", [NewEvent("E", {})])
+                await run_projection(split, store)
+                # A live host with the new count (its units would wait for the split).
+                async with store.register_host(runs=[f"split[{i}/4]" for i in range(4)]):
+                    for key, extra in (("table", []), ("json", ["--json"])):
+                        done = await trio.run_process(
+                            [sys.executable, "-m", "eventcore_trio.cli", "status", *extra, *where],
+                            capture_stdout=True,
+                        )
+                        shown[key] = done.stdout.decode()
+
+        trio.run(run_and_show)
+        lines = shown["table"].splitlines()
+        summaries = [line for line in lines if line.startswith("split")]
+        assert [s.split()[1] for s in summaries] == ["0/2", "0/4"]
+        assert shown["table"].count("awaiting-split") == 4
+        assert shown["table"].count("runs once no unit of split's recorded partition count") == 4
+        records = json.loads(shown["json"])
+        assert [(r["partitions"], r["state"]) for r in records] == [(2, "stopped")] * 2 + [
+            (4, "awaiting-split")
+        ] * 4
+
     def test_status_reset_and_dead_letters(
         self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
     ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 import weakref
 from collections import OrderedDict
@@ -17,16 +18,20 @@ from .._errors import ConfigurationError
 class CachedState:
     """A stream's state folded up to *version*; *snapshot_version*: the newest snapshot's.
 
-    *event_id* is the id of the last event folded (the stream's event at *version*; None
-    at version 0). It, not *version*, proves that the stream still holds the history the
-    state was folded from: a stream restored from an older backup and grown back to
-    *version* by other writers is just as long, but its event there is another one.
+    *event_id* and *event_recorded_at* name the last event folded, as recorded (the
+    stream's event at *version*; both None at version 0). They, not *version*, prove that
+    the stream still holds the history the state was folded from: a stream restored from an
+    older backup and grown back to *version* by other writers is just as long, but its event
+    there is another one. The id alone is not enough: a writer that retries a lost event
+    with its own id (an idempotency key) records that id again at the same version, on top
+    of another history, but later (see `_states._proves`).
     """
 
     state: Any
     version: int
     snapshot_version: int
     event_id: uuid.UUID | None = attrs.field(kw_only=True)
+    event_recorded_at: dt.datetime | None = attrs.field(kw_only=True)
 
 
 @final
@@ -58,12 +63,12 @@ class StateCache:
     One cache serves any number of Trio tasks and stores: entries are kept per store (a
     state folded from one store is never used with another) and per state name and stream,
     each at the version it was folded to; the least recently used go first once a store has
-    *max_entries*. Correctness never depends on it: every command still reads the events
-    after the cached version, from the event the state ends at, whose id proves that the
-    stream still holds the history the state was folded from (after a restore it may not:
-    the state is then dropped, with a warning, and folded again from the stream's events),
-    and its append checks the expected versions, so a state that another process made stale
-    costs a retry, never a wrong decision.
+    *max_entries*. A stale entry never decides: every command still reads the events after
+    the cached version, from the event the state ends at, whose identity (its id and when it
+    was recorded) proves that the stream still holds the history the state was folded from
+    (after a restore it may not: the state is then dropped, with a warning, and folded again
+    from the stream's events), and its append checks the expected versions, so a state that
+    another process made stale costs a retry, never a wrong decision.
 
     Args:
         max_entries: the most states kept per store (default 10,000).

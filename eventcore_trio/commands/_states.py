@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import uuid
 from collections.abc import Collection, Mapping, Sequence
@@ -95,16 +96,39 @@ _NOTHING_FOLDED: Final = 0
 
 
 def _initial(kind: StateType) -> CachedState:
-    return CachedState(kind.cls(), _NOTHING_FOLDED, _NOTHING_FOLDED, event_id=None)
+    return CachedState(
+        kind.cls(), _NOTHING_FOLDED, _NOTHING_FOLDED, event_id=None, event_recorded_at=None
+    )
 
 
-def _proves(version: int, event_id: uuid.UUID | None, events: Sequence[RecordedEvent]) -> bool:
-    # Whether *events*, read from *version* on, begin with the very event a state folded up
-    # to *version* ends at. The version alone proves only that the stream is that long,
-    # which a stream restored from an older backup and grown back by other writers is too;
-    # the id (random, or given by the writer as an idempotency key) proves that the stream
-    # still holds the history that was folded.
-    return bool(events and events[0].stream_version == version and events[0].event_id == event_id)
+def _proves(
+    version: int,
+    event_id: uuid.UUID | None,
+    recorded_at: dt.datetime | None,
+    events: Sequence[RecordedEvent],
+) -> bool:
+    # Whether *events*, read from *version* on, begin with the very recorded event that a
+    # state folded up to *version* ends at: the same id, recorded at the same time.
+    # - The version alone proves only that the stream is that long, which a stream restored
+    #   from an older backup and grown back by other writers is too.
+    # - The id alone proves only that an event with that id is there. Ids are random, or
+    #   given by the writer (an idempotency key), and a writer that retries a request whose
+    #   event a restore lost records that id again, at the same version if others grew the
+    #   stream back meanwhile, on top of another history.
+    # - That event is recorded later: recorded_at is its transaction's start on the
+    #   server's clock (on the memory store, a clock that only moves forward), which a
+    #   restore does not turn back. A restore does rewind transaction ids and positions (a
+    #   quiet server draws the lost ones again), so (tx, position) would not tell them apart.
+    # A restore takes a suffix off each stream: while the recorded event at *version* is
+    # still there, so is every event before it.
+    if event_id is None or recorded_at is None or not events:
+        return False
+    first = events[0]
+    return (
+        first.stream_version == version
+        and first.event_id == event_id
+        and first.recorded_at == recorded_at
+    )
 
 
 def _warn_rewritten(
@@ -113,25 +137,28 @@ def _warn_rewritten(
     source: str,
     version: int,
     event_id: uuid.UUID | None,
+    recorded_at: dt.datetime | None,
     events: Sequence[RecordedEvent],
 ) -> None:
     # Once per load that finds a rewritten stream, whether its cached state, its snapshot
     # or both were folded from the lost history.
     found = (
-        f"holds event {events[0].event_id} there"
+        f"holds event {events[0].event_id} recorded at {events[0].recorded_at.isoformat()} there"
         if events and events[0].stream_version == version
         else "is shorter"
     )
     logger.warning(
         "stream %r no longer holds the history its %s %r state was folded from (up to "
-        "version %d, event %s; the stream now %s): it was rewritten, most likely restored "
-        "from an older backup. The state is dropped and folded again from the stream's "
-        "events; if no restore happened, find what rewrote the stream (events are immutable)",
+        "version %d, event %s recorded at %s; the stream now %s): it was rewritten, most "
+        "likely restored from an older backup. The state is dropped and folded again from "
+        "the stream's events; if no restore happened, find what rewrote the stream (events "
+        "are immutable)",
         stream_id,
         source,
         kind.name,
         version,
         event_id,
+        None if recorded_at is None else recorded_at.isoformat(),
         found,
     )
 
@@ -140,7 +167,8 @@ async def _from_cache(
     store: EventStore, stream_id: str, start: CachedState
 ) -> tuple[list[RecordedEvent], bool]:
     # The events after the cached state, read from its own last event; and whether that
-    # event proves the stream still holds the history the state was folded from. It may not
+    # recorded event proves the stream still holds the history the state was folded from
+    # (see _proves). It may not
     # (the stream was restored from an older backup, say, but not the cache): a decision
     # that writes nothing would never meet an expected version, and once other writers have
     # grown the stream back to the cached version one that writes would not either, so it
@@ -148,7 +176,7 @@ async def _from_cache(
     if start.version == _NOTHING_FOLDED:
         return await store.read_stream(stream_id), True
     events = await store.read_stream(stream_id, after_version=start.version - 1)
-    if _proves(start.version, start.event_id, events):
+    if _proves(start.version, start.event_id, start.event_recorded_at, events):
         return events[1:], True
     return events, False
 
@@ -170,19 +198,23 @@ async def _from_snapshot(
     if snapshot is None:
         return _initial(kind), events, False
     version, event_id = snapshot.stream_version, snapshot.event_id
-    if event_id is None:
+    recorded_at = snapshot.event_recorded_at
+    if event_id is None or recorded_at is None:
         # Taken before snapshots named their last event: never trusted, as if absent (the
         # stores read it as none; the next snapshot replaces it).
         pass
-    elif _proves(version, event_id, events):
+    elif _proves(version, event_id, recorded_at, events):
         state = registry.decode_state(kind, snapshot.data, snapshot.state_version)
         if state is not None:
-            return CachedState(state, version, version, event_id=event_id), events[1:], True
+            start = CachedState(
+                state, version, version, event_id=event_id, event_recorded_at=recorded_at
+            )
+            return start, events[1:], True
         # An older shape nothing upcasts: fold from the first event (and the next snapshot
         # replaces it).
     else:
         if not warned:
-            _warn_rewritten(stream_id, kind, "snapshot", version, event_id, events)
+            _warn_rewritten(stream_id, kind, "snapshot", version, event_id, recorded_at, events)
         await snapshots.delete_snapshots(stream_id)
     return _initial(kind), await store.read_stream(stream_id), False
 
@@ -207,7 +239,15 @@ async def _start(
                 return cached, events
             # Rewritten under the cache: drop the state and start over from the snapshot
             # (proven the same way; a stale one is deleted) or from the first event.
-            _warn_rewritten(stream_id, kind, "cached", cached.version, cached.event_id, events)
+            _warn_rewritten(
+                stream_id,
+                kind,
+                "cached",
+                cached.version,
+                cached.event_id,
+                cached.event_recorded_at,
+                events,
+            )
             warned = True
             cache.discard(store, kind.name, stream_id)
     if cache is not None:
@@ -236,9 +276,10 @@ async def load_state(
     """
     start, events = await _start(store, registry, kind, stream_id, cache, fresh)
     state = fold(registry, kind, start.state, events)
-    version, event_id = start.version, start.event_id
+    version, event_id, recorded_at = start.version, start.event_id, start.event_recorded_at
     if events:
-        version, event_id = events[-1].stream_version, events[-1].event_id
+        last = events[-1]
+        version, event_id, recorded_at = last.stream_version, last.event_id, last.recorded_at
     snapshot_version = start.snapshot_version
     if kind.snapshot_every is not None and version - snapshot_version >= kind.snapshot_every:
         await _snapshot_store(store, kind).write_snapshot(
@@ -249,12 +290,15 @@ async def load_state(
                 version,
                 registry.encode_state(state),
                 event_id=event_id,
+                event_recorded_at=recorded_at,
             )
         )
         snapshot_version = version
         if cache is not None:
             cache.count(snapshots_written=1)
-    loaded = CachedState(state, version, snapshot_version, event_id=event_id)
+    loaded = CachedState(
+        state, version, snapshot_version, event_id=event_id, event_recorded_at=recorded_at
+    )
     if cache is not None:
         cache.count(events_folded=len(events))
         if fresh:
@@ -333,6 +377,7 @@ async def take_snapshot(
         loaded.version,
         registry.encode_state(loaded.state),
         event_id=loaded.event_id,
+        event_recorded_at=loaded.event_recorded_at,
     )
     await _snapshot_store(store, kind).write_snapshot(snapshot)
     return snapshot

@@ -18,6 +18,8 @@ PAGE: Final = """<!doctype html>
   .state-running { color: #12753a; font-weight: 600; }
   .state-failed { color: #b3261e; font-weight: 600; }
   .state-standby, .state-stopped { color: #6b7280; }
+  .state-awaiting-split, .state-repartitioning, .state-resetting, .state-replaying {
+    color: #8a5a00; }
   .unrunnable { color: #b3261e; font-weight: 600; }
   .lacking { color: #6b7280; font-size: .85rem; }
   #stale { color: #b3261e; }

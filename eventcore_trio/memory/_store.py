@@ -61,7 +61,9 @@ from .._status import (
     LeaderInfo,
     ProjectionState,
     ProjectionStatus,
+    count_change,
     host_coverage,
+    status_order,
     unit_state,
 )
 from .._validation import (
@@ -124,6 +126,10 @@ class _Projection:
     leader: LeaderInfo | None = None
     updated_at: dt.datetime | None = None
 
+
+# Seconds between a waiting change of partition count's looks while a unit of the old count
+# is awaited but not led (a standby about to take it).
+_REPARTITION_RETRY = 0.01
 
 # An append_atomic request validated and encoded: requests in stream order, and per request
 # each event with its data and metadata as JSON.
@@ -390,6 +396,9 @@ class MemoryStore:
         self._appended = trio.Event()
         # Ordinal of the last append ("transaction"); the commit part of every position.
         self._commit = 0
+        # The recorded_at of the last append: each append's is later (see _recording_time).
+        # A restore (_restore) keeps it, as a server's clock is not turned back by one.
+        self._last_recorded_at = dt.datetime.min.replace(tzinfo=dt.UTC)
         self._closed = False
 
     def _check_open(self) -> None:
@@ -450,6 +459,16 @@ class MemoryStore:
                         new_ids.add(event.event_id)
         return versions
 
+    def _recording_time(self) -> dt.datetime:
+        # The recorded_at of one append's events: now, but strictly after every earlier
+        # append's, even within one tick of a coarse clock, and after a restore. With the
+        # event id it names a recorded event, which state commands rely on (a writer's
+        # retry of an event a restore lost records the same id again, but later: see
+        # commands/_states.py, _proves).
+        now = max(_now(), self._last_recorded_at + dt.timedelta(microseconds=1))
+        self._last_recorded_at = now
+        return now
+
     def _apply(self, staged: _Staged) -> AppendResult:
         requests, encoded = staged
         if not any(encoded):
@@ -457,7 +476,7 @@ class MemoryStore:
                 None, {r.stream_id: len(self._streams.get(r.stream_id, ())) for r in requests}
             )
         self._commit += 1
-        now = _now()
+        now = self._recording_time()
         versions: dict[str, int] = {}
         position: Position | None = None
         for request, batch in zip(requests, encoded, strict=True):
@@ -517,8 +536,9 @@ class MemoryStore:
         """A snapshot and the events from it on (see
         `SnapshotStore.read_stream_from_snapshot`)."""
         snapshot = await self.read_snapshot(stream_id, state)
-        if snapshot is not None and snapshot.event_id is None:
-            snapshot = None  # never trusted (see Snapshot.event_id): read as none, as PostgreSQL
+        if snapshot is not None and None in (snapshot.event_id, snapshot.event_recorded_at):
+            # Never trusted (see Snapshot.event_id): read as none, as on PostgreSQL.
+            snapshot = None
         start = 0 if snapshot is None else snapshot.stream_version - 1
         return snapshot, await self.read_stream(stream_id, after_version=start)
 
@@ -542,13 +562,21 @@ class MemoryStore:
         )
 
     def _proves(self, snapshot: Snapshot) -> bool:
-        # Whether the stream's event at the snapshot's version is still the one it ended at
-        # (a restore may have rewritten the stream since); one that is not is replaced by
-        # any newer write, as on PostgreSQL.
+        # Whether the stream's event at the snapshot's version is still the recorded event
+        # it ended at, id and recorded_at (a restore may have rewritten the stream since,
+        # and a writer's retry put the same id back: see commands/_states.py, _proves); one
+        # that is not is replaced by any newer write, as on PostgreSQL.
         stream = self._streams.get(snapshot.stream_id, [])
-        if snapshot.event_id is None or len(stream) < snapshot.stream_version:
+        if (
+            snapshot.event_id is None
+            or snapshot.event_recorded_at is None
+            or len(stream) < snapshot.stream_version
+        ):
             return False
-        return stream[snapshot.stream_version - 1].event_id == snapshot.event_id
+        event = stream[snapshot.stream_version - 1]
+        return (
+            event.event_id == snapshot.event_id and event.recorded_at == snapshot.event_recorded_at
+        )
 
     async def delete_snapshots(self, stream_id: str | None = None) -> int:
         """Delete snapshots (see `SnapshotStore.delete_snapshots`)."""
@@ -695,29 +723,52 @@ class MemoryStore:
             del self._hosts[membership.host_id]
             self._hosts_changed()
 
-    async def set_partitions(self, name: str, partitions: int) -> None:
+    async def set_partitions(
+        self, name: str, partitions: int, *, on_waiting: Callable[[], None] | None = None
+    ) -> None:
         """Record that projection *name* runs as *partitions* units (see `ProjectorCoordinator`).
+
+        As on PostgreSQL, a change waits (calling *on_waiting* once) until no unit of the
+        current count is led or awaited, and then happens at once; it never holds some of
+        those units while it waits for others.
 
         Raises:
             PartitionsChanged: *partitions* is neither the current count nor a multiple of it,
-                and events were applied.
+                and events were applied; raised before any wait.
+
+        .. versionchanged:: 0.3
+           *on_waiting*.
         """
         check_name(name)
         check_partitions(partitions)
         await trio.lowlevel.checkpoint()
         self._check_open()
+        waiting = False
         while (current := self._partition_count(name)) != partitions:
             if current is None:
                 self._partitions[name] = partitions
                 return
             old = [unit.name for unit in units_of(name, current)]
-            async with contextlib.AsyncExitStack() as stack:
-                # Every unit of the current count stopped, as on PostgreSQL.
-                for unit_name in old:
-                    await stack.enter_async_context(self._wait_lead(unit_name, self._reset_waiting))
-                if self._partition_count(name) == current:
-                    self._repartition(name, current, partitions, old)
-                    return
+            plan_repartition(name, current, partitions, applied=self._applied(old))
+            busy = [
+                unit
+                for unit in old
+                if unit in self._leaders or self._waiting[unit] or self._reset_waiting[unit]
+            ]
+            if not busy:
+                # No unit of the current count runs, and none can start before this
+                # synchronous change is made.
+                self._repartition(name, current, partitions, old)
+                return
+            if not waiting:
+                waiting = True
+                if on_waiting is not None:
+                    on_waiting()
+            leader = self._leaders.get(busy[0])
+            if leader is not None:
+                await leader.wait_lost()
+            else:
+                await trio.sleep(_REPARTITION_RETRY)  # a standby about to take the unit
 
     async def recorded_partitions(self, name: str) -> int | None:
         """How many units projection *name* runs as (see `ProjectorCoordinator`)."""
@@ -731,8 +782,11 @@ class MemoryStore:
             return self._partitions[name]
         return 1 if name in self._checkpoints or name in self._projections else None
 
+    def _applied(self, units: list[str]) -> bool:
+        return any(unit in self._checkpoints or self._dead_letters.get(unit) for unit in units)
+
     def _repartition(self, name: str, current: int, requested: int, old: list[str]) -> None:
-        applied = any(unit in self._checkpoints or self._dead_letters.get(unit) for unit in old)
+        applied = self._applied(old)
         if plan_repartition(name, current, requested, applied=applied) == "split":
             for child in units_of(name, requested):
                 parent = split_parent(child, current).name
@@ -815,7 +869,8 @@ class MemoryStore:
     def _restore(self, backup: _Backup) -> None:
         # Test hook: a point-in-time restore of the events (not of snapshots, checkpoints or
         # anything else): every event appended since *backup* is gone, and positions are
-        # drawn from where they were then, as a restored sequence would.
+        # drawn from where they were then, as a restored sequence would. The clock of
+        # recorded_at is not turned back (_last_recorded_at stays), as a server's is not.
         self._log = list(backup.log)
         self._positions = [stored.position for stored in self._log]
         self._streams = {stream_id: list(events) for stream_id, events in backup.streams.items()}
@@ -835,7 +890,7 @@ class MemoryStore:
                 type="Undecodable",
                 data_json="[1, 2, 3]",
                 metadata_json="{}",
-                recorded_at=_now(),
+                recorded_at=self._recording_time(),
             )
         )
         self._appended.set()
@@ -848,10 +903,13 @@ class MemoryStore:
         """One record per unit that has run or checkpointed here, or that a live host runs.
 
         A unit with no record yet shows no checkpoint and counts every event (of its
-        partition) as lag, since its filter is recorded when it first runs.
+        partition) as lag, since its filter is recorded when it first runs. A unit of a
+        partition count other than the recorded one is listed while a live host runs it or
+        a task leads or awaits it, as on PostgreSQL.
 
         .. versionchanged:: 0.3
-           ``runnable_by`` and ``lacking_hosts``; units that a live host runs are listed.
+           ``runnable_by`` and ``lacking_hosts``; units that a live host runs are listed;
+           units of another partition count.
         """
         await trio.lowlevel.checkpoint()
         self._check_open()
@@ -868,27 +926,56 @@ class MemoryStore:
             for host_id, state in sorted(self._hosts.items())
         ]
         runnable = {unit for state, _ in hosts for unit in state.can_run}
+        in_use = self._leaders.keys() | {u for u, n in self._waiting.items() if n}
+
+        def other_count(unit: Unit) -> int | None:
+            # The projection's recorded count, when *unit* is of another one.
+            count = self._partitions.get(unit.projection)
+            return None if count is None or count == unit.partitions else count
+
+        # Projections with something applied under their recorded count.
+        applied = {
+            Unit.parse(unit).projection
+            for unit in self._checkpoints.keys() | {u for u, d in self._dead_letters.items() if d}
+            if other_count(Unit.parse(unit)) is None
+        }
         result = []
-        for name in sorted(self._projections.keys() | self._checkpoints.keys() | runnable):
+        # A unit of a count the projection does not have (a change of count under way, or
+        # refused) is listed while a live host runs it or a task leads or awaits it.
+        others = {u for u in in_use if other_count(Unit.parse(u)) is not None}
+        names = self._projections.keys() | self._checkpoints.keys() | runnable | others
+        for name in sorted(names):
             parsed = Unit.parse(name)
-            if self._partitions.get(parsed.projection, parsed.partitions) != parsed.partitions:
-                continue  # a unit of a partition count the projection no longer has
+            recorded = other_count(parsed)
+            if recorded is not None and name not in runnable and name not in in_use:
+                continue  # a unit of a count the projection no longer has, or never had
             record = self._projections.get(name) or _Projection(
                 filter=None if parsed.partition is None else EventFilter(partition=parsed.partition)
             )
             checkpoint = self._checkpoints.get(name)
-            start = 0 if checkpoint is None else bisect.bisect_right(self._positions, checkpoint)
+            lag_from, lag_filter = checkpoint, record.filter
+            runnable_by, lacking = host_coverage(name, hosts)
+            holder = None
+            last_error = record.last_error
+            if recorded is not None:
+                # It applies nothing: it waits for the count to change (its lag counts from
+                # the checkpoint it will continue from), or its hosts are refused.
+                change = count_change(parsed, recorded, applied=parsed.projection in applied)
+                holder, last_error = change.state, change.error or last_error
+                if change.parent is not None and change.parent.name in self._checkpoints:
+                    lag_from = self._checkpoints[change.parent.name]
+                    parent_filter = self._projections.get(change.parent.name, _Projection()).filter
+                    if parent_filter is not None:
+                        lag_filter = attrs.evolve(parent_filter, partition=parsed.partition)
+            elif name in self._leaders:
+                replaying = record.state is ProjectionState.REPLAYING
+                holder = ProjectionState.REPLAYING if replaying else ProjectionState.RUNNING
+            start = 0 if lag_from is None else bisect.bisect_right(self._positions, lag_from)
             pending = [
                 e
                 for e in self._log[start:]
-                if record.filter is None or record.filter.matches(e.stream_id, e.type)
+                if lag_filter is None or lag_filter.matches(e.stream_id, e.type)
             ]
-            runnable_by, lacking = host_coverage(name, hosts)
-            leading = name in self._leaders
-            holder = None
-            if leading:
-                replaying = record.state is ProjectionState.REPLAYING
-                holder = ProjectionState.REPLAYING if replaying else ProjectionState.RUNNING
             state = unit_state(holder=holder, standbys=self._waiting[name], last=record.state)
             result.append(
                 ProjectionStatus(
@@ -901,14 +988,14 @@ class MemoryStore:
                     leader=record.leader if state is ProjectionState.RUNNING else None,
                     standbys=self._waiting[name],
                     state=state,
-                    last_error=record.last_error,
+                    last_error=last_error,
                     updated_at=record.updated_at,
                     dead_letters=len(self._dead_letters.get(name, ())),
                     runnable_by=runnable_by,
                     lacking_hosts=lacking,
                 )
             )
-        return sorted(result, key=lambda status: (status.name, status.partition or 0))
+        return sorted(result, key=status_order)
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters (see `ProjectionAdmin`)."""

@@ -37,6 +37,14 @@ LOCK_HELD: Final = (
     f"AND {LOCK_KEY} = {{key}})"
 )
 
+#: SQL condition: some session of this database holds or waits for one of the advisory locks
+#: of the bigint array {keys}.
+LOCKS_IN_USE: Final = (
+    "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    f"AND {LOCK_KEY} = ANY({{keys}}))"
+)
+
 #: SQL condition: the current session is session {pid} and holds advisory lock {key}. Format
 #: {pid} and {key} with parameter placeholders.
 HOLDS_LOCK: Final = (

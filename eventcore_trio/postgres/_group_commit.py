@@ -15,9 +15,11 @@ checked against its own expected versions (a conflict refuses that request alone
 result is its own. A shared statement never waits for a stream's lock: a request naming a
 stream that another transaction holds (an open outbox transaction, say) comes back *busy*,
 having written nothing, and its own caller sends it again on its own, where it waits for
-that lock in the caller's task, as long as the caller lets it. If the shared statement fails
-for any other reason (a duplicate event id, say), nothing was written and each caller sends
-its request again on its own, so each gets its own verdict. A lost connection while a
+that lock in the caller's task, as long as the caller lets it. Any other wait for another
+transaction (an event id that an open transaction inserted) is cut short by the statement's
+lock timeout (`SHARED_LOCK_TIMEOUT`). If the shared statement fails for such a reason (a
+duplicate event id, a lock timeout), nothing was written and each caller sends its request
+again on its own, so each gets its own verdict. A lost connection while a
 statement is in flight leaves the outcome unknown for every request in it, as it does for a
 lone append.
 

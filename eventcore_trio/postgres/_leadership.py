@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, final
 
@@ -465,3 +465,93 @@ async def acquire_leadership(
             )
         # Closing ends the session, which releases the lock; shielded and bounded.
         await connection.close()
+
+
+# Takes every lock of the bigint array $1 that nobody holds or waits for, without waiting;
+# true when it took all of them.
+_TRY_LOCKS: Final = (
+    "SELECT count(*) FILTER (WHERE pg_try_advisory_lock(k)) = cardinality($1::bigint[]) "
+    "FROM unnest($1::bigint[]) AS k"
+)
+# Whether the current session holds every lock of the bigint array $1.
+_HOLDS_LOCKS: Final = (
+    "SELECT coalesce(bool_and("
+    + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="k")
+    + "), true) FROM unnest($1::bigint[]) AS k"
+)
+
+# Releases the locks of the bigint array $1 that the current session holds.
+_UNLOCK_HELD: Final = (
+    "SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) AS k WHERE "
+    + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="k")
+)
+
+
+@asynccontextmanager
+async def try_acquire_all(
+    dsn: str,
+    *,
+    names: Sequence[str],
+    keys: Sequence[int],
+    context: LeadershipContext,
+    application_name: str,
+    connect_timeout: float,
+) -> AsyncIterator[PostgresLeadership]:
+    """Hold the locks *keys* (of the units *names*) on one dedicated session, all or none.
+
+    Never waits for a lock, so it never enters a lock's queue: a lock that another session
+    holds or waits for makes it give up at once, keeping none (closing the session releases
+    any it took). The first lock is taken as `acquire_leadership` takes one (with its proof
+    that the session is not shared), the others in one statement on the same session. Work
+    that must commit only while every lock is held runs in `fenced_transaction`.
+
+    Raises:
+        LeadershipUnavailable: some lock is held or waited for by another session.
+        UnsupportedPooling: the connection does not own a server session of its own.
+    """
+    async with acquire_leadership(
+        dsn,
+        name=names[0],
+        key=keys[0],
+        context=context,
+        application_name=application_name,
+        connect_timeout=connect_timeout,
+        wait=False,
+    ) as leadership:
+        others = list(keys[1:])
+        try:
+            async with leadership._use() as connection:
+                taken = await connection.fetchval(_TRY_LOCKS, others)
+            if not taken:
+                raise LeadershipUnavailable(", ".join(names))
+            yield leadership
+        finally:
+            if leadership._proof.proxied and others:
+                # Behind a proxy the server session may outlive the connection: release
+                # the other locks where they are (acquire_leadership releases the first).
+                with trio.move_on_after(5, shield=True), contextlib.suppress(EventCoreError):
+                    async with leadership._use() as connection:
+                        await connection.execute(_UNLOCK_HELD, others)
+
+
+@asynccontextmanager
+async def fenced_transaction(
+    leadership: PostgresLeadership, keys: Sequence[int]
+) -> AsyncIterator[Connection]:
+    """A transaction on *leadership*'s session that commits only while that session holds
+    every lock of *keys* (from `try_acquire_all`).
+
+    The check runs inside the transaction, on the session that commits it: that session's
+    locks are released only by itself or by its end, and its end aborts the transaction, so
+    the locks are held from the check through the commit.
+
+    Raises:
+        LeadershipLost: the session no longer holds one of the locks; nothing is committed.
+    """
+    async with leadership._use() as connection, connection.transaction():
+        if not await connection.fetchval(_HOLDS_LOCKS, list(keys)):
+            raise LeadershipLost(
+                f"the locks of {leadership.name!r} and the units taken with it are no longer "
+                "all held by their session; nothing was committed"
+            )
+        yield connection

@@ -20,6 +20,10 @@ MINIMUM_SERVER_VERSION_NUM: Final = 130000
 """PostgreSQL 13: the first version with ``xid8``, ``pg_current_xact_id()`` and
 ``pg_snapshot_xmin()``, on which the gap-free read rests, and core ``gen_random_uuid()``."""
 
+#: How long a shared group-commit statement (``append_many``) may wait for a lock that
+#: another transaction holds before it gives up, writing nothing (see `_group_commit`).
+SHARED_LOCK_TIMEOUT: Final = "50ms"
+
 _SCHEMA_NAME: Final = re.compile(r"\A[a-z_][a-z0-9_]{0,62}\Z")
 
 
@@ -709,25 +713,24 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     # large (docs/postgres.md, "The read horizon"), for any number of them at once; group
     # commit never waits for a stream that another transaction holds; what each host runs.
     """
-    -- The least tx the events of a transaction that has just announced itself may carry,
-    -- negated when it must also claim a new transaction id (see append_events). 0 when it
-    -- had no id before it announced itself: its own id, assigned from now on, is enough.
-    -- Otherwise the greatest of its id and the xmax of a snapshot taken now: every reader
-    -- that did not see the announcement reads below the xmax of a snapshot taken before
-    -- it, which is at most this one's (xmax is the latest *completed* id + 1, and only
-    -- grows); every reader that saw it reads below the transaction's own id. That floor may
-    -- be an id nobody has been assigned yet, so the transaction claims one (a
-    -- subtransaction's, assigned after this point, so at least the floor) that completes
-    -- when it does: readers can pass the floor then. The floor is kept for the rest of the
-    -- transaction (the writer lock is held as long; both go with a savepoint rolled back),
-    -- so later appends claim nothing more. A fresh snapshot needs READ COMMITTED, unless the
-    -- transaction announced itself at its start (store.transaction(), which sets
-    -- eventcore_trio.writer).
+    -- The least tx the events of a transaction that has just announced itself may carry.
+    -- 0 when it had no id before it announced itself: its own id, assigned from now on, is
+    -- enough. Otherwise the greatest of its id and the xmax of a snapshot taken now, negated
+    -- (a fresh floor, see below), or the floor an earlier append of the transaction kept.
+    -- Every reader that did not see the announcement reads below the xmax of a snapshot
+    -- taken before it, which is at most this one's (xmax is the latest *completed* id + 1,
+    -- and only grows); every reader that saw it reads below the transaction's own id. A
+    -- fresh floor may be an id nobody has been assigned yet, so the append that uses it
+    -- claims one at least as large (a subtransaction's, assigned by its write, after this
+    -- point) that completes with the transaction, and only then keeps the floor for the
+    -- rest of the transaction: an append that writes no events keeps nothing, so a kept
+    -- floor is always owned. (The writer lock is held as long as the kept floor; a savepoint
+    -- rolled back takes both.) A fresh snapshot needs READ COMMITTED, unless the transaction
+    -- announced itself at its start (store.transaction(), which sets eventcore_trio.writer).
     CREATE FUNCTION {s}.writer_floor(p_had_xid boolean) RETURNS bigint
     LANGUAGE plpgsql AS $fn$
     DECLARE
         v_floor bigint;
-        v_xid bigint;
     BEGIN
         IF NOT p_had_xid
            OR current_setting('eventcore_trio.writer', true) IS NOT DISTINCT FROM {schema_name}
@@ -746,10 +749,8 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
                     || ' isolation: append first, use READ COMMITTED, or open it with '
                     || 'store.transaction()';
         END IF;
-        v_xid := pg_current_xact_id()::text::bigint;
-        v_floor := greatest(v_xid, pg_snapshot_xmax(pg_current_snapshot())::text::bigint);
-        PERFORM set_config({floor_setting}, v_floor::text, true);
-        RETURN CASE WHEN v_floor > v_xid THEN -v_floor ELSE v_floor END;
+        RETURN -greatest(pg_current_xact_id()::text::bigint,
+                         pg_snapshot_xmax(pg_current_snapshot())::text::bigint);
     END
     $fn$;
 
@@ -757,8 +758,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     -- streams' locks in key order (before the transaction holds an id, unless it already
     -- did: so of two appends to one stream the later gets the larger id; key order, in the
     -- two-int form apart from the store's bigint locks, so that concurrent appends cannot
-    -- deadlock), then return its floor (see writer_floor: negative when it must claim an
-    -- id).
+    -- deadlock), then return its floor (see writer_floor: negative when fresh).
     CREATE OR REPLACE FUNCTION {s}.begin_append(p_streams text[]) RETURNS bigint
     LANGUAGE plpgsql AS $fn$
     DECLARE
@@ -794,11 +794,11 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         v_version bigint;
         v_last_tx bigint;
         v_floor bigint;
-        v_claim boolean;
+        v_fresh boolean;
         v_tx bigint;
     BEGIN
         v_floor := {s}.begin_append(p_streams);
-        v_claim := v_floor < 0;
+        v_fresh := v_floor < 0;
         v_floor := abs(v_floor);
         FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
             SELECT s.version, s.last_tx INTO v_version, v_last_tx FROM {s}.streams s
@@ -844,7 +844,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
              WITH ORDINALITY AS e(type, data, meta, id, si, off, ord)
         ORDER BY e.ord;
 
-        IF v_claim THEN
+        IF v_fresh AND v_floor > pg_current_xact_id()::text::bigint THEN
             -- The same update in a subtransaction: its id, assigned by this write, is at
             -- least the floor and completes with this transaction (see writer_floor). The
             -- handler never runs (no statement raises EV999); it is what makes the block a
@@ -861,6 +861,10 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
             FROM unnest(p_streams, p_counts) AS c(stream_id, n)
             WHERE s.stream_id = c.stream_id AND c.n > 0;
         END IF;
+        IF v_fresh THEN
+            -- Owned now: later appends of this transaction keep it (see writer_floor).
+            PERFORM set_config({floor_setting}, v_floor::text, true);
+        END IF;
 
         -- No NOTIFY here: the store notifies after the commit (see _notifier), since
         -- notifying transactions commit one at a time.
@@ -868,11 +872,12 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     END
     $fn$;
 
-    -- As before, with one difference: a stream whose lock another transaction holds (an
-    -- open outbox transaction, a lone append waiting for one) is not waited for. Stream
-    -- locks are tried, never awaited (so no order is needed either); a request that names a
-    -- stream whose lock was taken comes back busy, having written nothing, and the client
-    -- sends it again on its own, so requests for other streams never wait behind it.
+    -- As before, with one difference: a shared statement does not wait for other
+    -- transactions. Stream locks are tried, never awaited (so no order is needed either); a
+    -- request that names a stream whose lock another transaction holds (an open outbox
+    -- transaction, a lone append waiting for one) comes back busy, having written nothing,
+    -- and the client sends it again on its own, so requests for other streams never wait
+    -- behind it. Any other wait is cut short by a lock timeout (below).
     DROP FUNCTION {s}.append_many(int[], text[], bigint[], int[], int[], int[], uuid[],
                                   text[], jsonb[], jsonb[]);
     CREATE FUNCTION {s}.append_many(
@@ -906,7 +911,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         v_version bigint;
         v_last_tx bigint;
         v_floor bigint;
-        v_claim boolean;
+        v_fresh boolean;
         v_tx bigint;
         v_key int;
         v_first int;
@@ -915,6 +920,11 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         v_ok boolean;
         i int := 1;
     BEGIN
+        -- Nor for anything else another transaction holds: an event id that an open
+        -- transaction has inserted (the unique index waits for it), a row or table lock
+        -- taken by hand. Past this the statement fails, having written nothing, and every
+        -- request is sent again on its own (see _group_commit).
+        PERFORM set_config('lock_timeout', '{shared_lock_timeout}', true);
         PERFORM pg_advisory_xact_lock_shared({writer_lock});
         FOR v_key IN SELECT DISTINCT hashtext(x) FROM unnest(p_streams) AS x LOOP
             IF pg_try_advisory_xact_lock({stream_locks}, v_key) THEN
@@ -922,7 +932,7 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
             END IF;
         END LOOP;
         v_floor := {s}.writer_floor(v_had_xid);
-        v_claim := v_floor < 0;
+        v_fresh := v_floor < 0;
         v_floor := abs(v_floor);
         -- The row of each distinct stream whose lock this transaction holds, in name order.
         FOR v_name IN SELECT DISTINCT x FROM unnest(p_streams) AS x
@@ -989,7 +999,10 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
         INTO v_written_streams, v_written_versions, v_written_positions
         FROM inserted;
 
-        IF v_claim THEN
+        IF v_written_positions IS NULL THEN
+            -- Nothing written (every request busy or refused): nothing to claim or keep.
+            NULL;
+        ELSIF v_fresh AND v_floor > pg_current_xact_id()::text::bigint THEN
             -- In a subtransaction, as in append_events (see writer_floor).
             BEGIN
                 UPDATE {s}.streams AS st SET version = c.version, last_tx = v_tx
@@ -998,10 +1011,14 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
             EXCEPTION WHEN SQLSTATE 'EV999' THEN
                 RAISE;
             END;
+            PERFORM set_config({floor_setting}, v_floor::text, true);
         ELSE
             UPDATE {s}.streams AS st SET version = c.version, last_tx = v_tx
             FROM unnest(v_names, v_current) AS c(stream_id, version)
             WHERE st.stream_id = c.stream_id AND st.version <> c.version;
+            IF v_fresh THEN
+                PERFORM set_config({floor_setting}, v_floor::text, true);
+            END IF;
         END IF;
 
         RETURN QUERY
@@ -1023,14 +1040,75 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     END
     $fn$;
 
+    -- The horizon for a read that starts after this statement, as in migration 3, with
+    -- one more cap. PostgreSQL assigns a transaction id (and snapshots count it as running)
+    -- a moment before the id's own lock appears in pg_locks (AssignTransactionId: the
+    -- proc array first, XactLockTableInsert after), so an announced writer may hold an id
+    -- that the lock view does not show yet. Every id assigned before this statement's
+    -- snapshot is in its list of running ids; so the horizon also stays at or below each
+    -- running id of the snapshot that no transaction-id lock in the view accounts for (a
+    -- writer in that moment, or a transaction that ended between the snapshot and the view,
+    -- which costs nothing but a shorter read). One view of pg_locks serves both caps. And on
+    -- a hot standby, the xmin rule only.
+    CREATE OR REPLACE FUNCTION {s}.read_horizon(OUT horizon bigint, OUT held_back boolean)
+    LANGUAGE plpgsql STABLE AS $fn$
+    DECLARE
+        v_snapshot pg_snapshot := pg_current_snapshot();
+        v_xmin bigint := pg_snapshot_xmin(v_snapshot)::text::bigint;
+        v_xmax bigint := pg_snapshot_xmax(v_snapshot)::text::bigint;
+        v_near bigint := v_xmax + 2147483648;
+    BEGIN
+        -- max(tx): one step of a backward index scan (an EXISTS may become a seq scan).
+        -- On a hot standby the lock view shows no writers (advisory locks are not
+        -- replicated): only the xmin rule holds there. (A standby counts every id it has
+        -- not seen end as running, so the xmin rule is safe on it.)
+        held_back := v_xmin < v_xmax
+            AND NOT pg_is_in_recovery()
+            AND coalesce((SELECT max(tx) FROM {s}.events) >= v_xmin, false);
+        IF NOT held_back THEN
+            horizon := v_xmin;
+            RETURN;
+        END IF;
+        WITH view AS MATERIALIZED (
+            SELECT virtualtransaction,
+                   locktype = 'advisory' AND granted AND objsubid = 1
+                       AND ((classid::bigint << 32) | objid::bigint) = {writer_lock}
+                       AND database = (SELECT oid FROM pg_database
+                                       WHERE datname = current_database()) AS writer,
+                   -- The owner's lock on its own id, widened next to the xmax.
+                   CASE WHEN locktype = 'transactionid' AND granted AND mode = 'ExclusiveLock'
+                        THEN v_near - ((v_near - transactionid::text::bigint) % 4294967296)
+                   END AS xid
+            FROM pg_locks
+            WHERE locktype IN ('advisory', 'transactionid')
+        ), writers AS (
+            SELECT min(xid) AS xid FROM view
+            GROUP BY virtualtransaction
+            HAVING bool_or(writer)
+        )
+        SELECT least(
+            v_xmax,
+            (SELECT min(xid) FROM writers),
+            (SELECT min(r.x) FROM (
+                 SELECT x::text::bigint AS x FROM pg_snapshot_xip(v_snapshot) AS x
+             ) AS r
+             WHERE NOT EXISTS (SELECT 1 FROM view WHERE view.xid = r.x))
+        )
+        INTO horizon;
+    END
+    $fn$;
+
     -- The projectors (names) each balancing host runs, so that a unit is planned only
     -- over the hosts that can run it; NULL for a host that has not said.
     ALTER TABLE {s}.hosts ADD COLUMN runs text[];
 
-    -- The id of the last event folded into a snapshot: a snapshot is trusted only while the
-    -- stream's event at its version is still that event (a restore may have rewritten the
-    -- stream since). NULL for snapshots taken before this migration: never trusted.
-    ALTER TABLE {s}.snapshots ADD COLUMN event_id uuid;
+    -- The last event folded into a snapshot, as recorded: its id and its recorded_at. A
+    -- snapshot is trusted only while the stream's event at its version is still that event
+    -- (a restore may have rewritten the stream since). The id alone does not name it: a
+    -- writer that retries a lost event with its own id (an idempotency key) records that id
+    -- again, at a later recorded_at. NULL for snapshots taken before this migration: never
+    -- trusted.
+    ALTER TABLE {s}.snapshots ADD COLUMN event_id uuid, ADD COLUMN event_recorded_at timestamptz;
     """,
 )
 
@@ -1044,6 +1122,7 @@ def _render(template: str, schema: str) -> str:
         writer_lock=writer_lock_key(schema),
         schema_name=f"'{schema}'",
         floor_setting=f"'eventcore_trio.tx_floor_{schema}'",
+        shared_lock_timeout=SHARED_LOCK_TIMEOUT,
     )
 
 

@@ -1,9 +1,11 @@
 """The ``snapshots`` table: reading, writing (never backwards) and deleting snapshots.
 
-A snapshot row names the last event folded into it (``event_id``, migration 4), and is
-trusted only while that event is still the stream's event at the row's version: the version
-alone proves only that the stream is that long, which a restored stream that other writers
-have grown back is too.
+A snapshot row names the last event folded into it as recorded (``event_id`` and
+``event_recorded_at``, migration 4), and is trusted only while that event is still the
+stream's event at the row's version: the version alone proves only that the stream is that
+long, which a restored stream that other writers have grown back is too, and the id alone
+only that an event with that id is there, which a writer's retry of an event the restore
+lost (the same id, its idempotency key) puts back, later, on top of another history.
 """
 
 from __future__ import annotations
@@ -28,43 +30,50 @@ class SnapshotTable:
         table = f'"{schema}".snapshots'
         events = f'"{schema}".events'
         self._read = (
-            "SELECT state_version, stream_version, data::text AS data, taken_at, event_id "
-            f"FROM {table} WHERE stream_id = $1 AND state = $2"
+            "SELECT state_version, stream_version, data::text AS data, taken_at, event_id, "
+            f"event_recorded_at FROM {table} WHERE stream_id = $1 AND state = $2"
         )
         # A snapshot only moves forward at one state version; a new state version replaces
         # the old one (during a rolling deploy two versions may take turns, which only costs
         # folds). A kept snapshot its stream no longer proves is replaced by any: one without
-        # an event id (taken before migration 4 recorded it), or one whose event is no
-        # longer the stream's event at its version (a restore rewrote the stream; the check
-        # is one lookup in events_stream_version_key, made only on a conflict).
+        # its event (taken before migration 4 recorded it), or one whose event, id and
+        # recorded_at, is no longer the stream's event at its version (a restore rewrote the
+        # stream; the check is one lookup in events_stream_version_key, made only on a
+        # conflict).
         self._write = (
             f"INSERT INTO {table} AS t "
-            "(stream_id, state, state_version, stream_version, data, event_id) "
-            "VALUES ($1, $2, $3, $4, $5::jsonb, $6) "
+            "(stream_id, state, state_version, stream_version, data, event_id, "
+            "event_recorded_at) "
+            "VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7) "
             "ON CONFLICT (stream_id, state) DO UPDATE SET "
             "state_version = excluded.state_version, stream_version = excluded.stream_version, "
-            "data = excluded.data, event_id = excluded.event_id, taken_at = now() "
+            "data = excluded.data, event_id = excluded.event_id, "
+            "event_recorded_at = excluded.event_recorded_at, taken_at = now() "
             "WHERE t.state_version <> excluded.state_version "
             "OR t.stream_version < excluded.stream_version "
-            "OR t.event_id IS NULL "
+            "OR t.event_id IS NULL OR t.event_recorded_at IS NULL "
             f"OR NOT EXISTS (SELECT FROM {events} AS e WHERE e.stream_id = t.stream_id "
-            "AND e.stream_version = t.stream_version AND e.event_id = t.event_id)"
+            "AND e.stream_version = t.stream_version AND e.event_id = t.event_id "
+            "AND e.recorded_at = t.event_recorded_at)"
         )
         # The snapshot (as a row flagged first) and the events from its version on, in one
         # round trip: a cold command's whole read. The event at the snapshot's version comes
-        # first: the caller compares its id with the snapshot's, which proves that the
-        # snapshot folded this stream's history and not one a restore has since replaced
-        # (its version alone proves only the stream's length). A snapshot without an event id
-        # is never trusted, so it reads as none: the whole stream follows.
+        # first: the caller compares its id and recorded_at with the snapshot's, which
+        # proves that the snapshot folded this stream's history and not one a restore has
+        # since replaced (its version alone proves only the stream's length). A snapshot
+        # without its event is never trusted, so it reads as none: the whole stream follows.
+        # The snapshot's event_recorded_at comes last, in a column of its own (NULL in the
+        # events' rows, whose decoding reads only the columns before it).
         self._read_with_events = (
-            f"WITH snap AS (SELECT state_version, stream_version, data, taken_at, event_id "
-            f"FROM {table} WHERE stream_id = $1 AND state = $2 AND event_id IS NOT NULL) "
+            f"WITH snap AS (SELECT state_version, stream_version, data, taken_at, event_id, "
+            f"event_recorded_at FROM {table} WHERE stream_id = $1 AND state = $2 "
+            "AND event_id IS NOT NULL AND event_recorded_at IS NOT NULL) "
             "SELECT * FROM ("
             "SELECT true AS is_snapshot, NULL::bigint AS tx, NULL::bigint AS position, "
             "$1::text AS stream_id, stream_version, event_id, "
             "state_version::text AS type, data, NULL::jsonb AS metadata, "
-            "taken_at AS recorded_at FROM snap "
-            f"UNION ALL SELECT false, {EVENT_COLUMNS} FROM {events} "
+            "taken_at AS recorded_at, event_recorded_at FROM snap "
+            f"UNION ALL SELECT false, {EVENT_COLUMNS}, NULL::timestamptz FROM {events} "
             "WHERE stream_id = $1 "
             "AND stream_version >= coalesce((SELECT stream_version FROM snap), 1)"
             ") AS r ORDER BY is_snapshot DESC, stream_version"
@@ -88,6 +97,7 @@ class SnapshotTable:
             data,
             row["taken_at"],
             event_id=row["event_id"],
+            event_recorded_at=row["event_recorded_at"],
         )
 
     async def read_with_events(
@@ -95,8 +105,9 @@ class SnapshotTable:
     ) -> tuple[Snapshot | None, list[RecordedEvent]]:
         """The kept snapshot and the events from its version on (all, without one).
 
-        A snapshot without an event id reads as none. Whether the first event is the one
-        the snapshot ends at is for the caller (the state commands) to check.
+        A snapshot without its event (id and recorded_at) reads as none. Whether the first
+        event is the one the snapshot ends at is for the caller (the state commands) to
+        check.
         """
         rows = await self._pool.fetch(self._read_with_events, stream_id, state)
         # Each row starts with is_snapshot; events follow the snapshot's row.
@@ -117,6 +128,7 @@ class SnapshotTable:
                     data,
                     head["recorded_at"],
                     event_id=head["event_id"],
+                    event_recorded_at=head["event_recorded_at"],
                 )
         return snapshot, [recorded_row(row) for row in events]
 
@@ -132,6 +144,7 @@ class SnapshotTable:
             snapshot.stream_version,
             text,
             snapshot.event_id,
+            snapshot.event_recorded_at,
         )
 
     async def delete(self, stream_id: str | None) -> int:

@@ -20,6 +20,7 @@ from .._decoding import check_read_arguments
 from .._errors import (
     DatabaseError,
     InvalidArgument,
+    LeadershipLost,
     LeadershipUnavailable,
     ProjectionNotFound,
     ProjectionRunning,
@@ -43,10 +44,17 @@ from .._validation import (
 from . import _bridge, _pool
 from ._admin import PostgresAdmin
 from ._appends import AppendStatement, encode_append
+from ._fence import LOCKS_IN_USE
 from ._group_commit import GroupCommit
 from ._hosts import PostgresMembership, hosts_channel, live_hosts, register_host
 from ._keys import index_lock_key, projector_lock_key
-from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
+from ._leadership import (
+    LeadershipContext,
+    PostgresLeadership,
+    acquire_leadership,
+    fenced_transaction,
+    try_acquire_all,
+)
 from ._listener import Listener
 from ._notifier import Notifier
 from ._reads import (
@@ -65,6 +73,11 @@ from ._subscriptions import Subscriptions
 from ._transaction import Isolation, PostgresTransaction, open_transaction
 
 DSN_ENVIRONMENT_VARIABLE: Final = "EVENTCORE_DSN"
+
+# Seconds between a waiting change of partition count's attempts, at most (it also tries
+# again whenever a host joins, leaves or publishes): how long after the last unit of the old
+# count stops the change may take, when no notification comes.
+REPARTITION_RETRY: Final = 1.0
 
 
 @final
@@ -424,35 +437,94 @@ class PostgresStore:
         ) as membership:
             yield membership
 
-    async def set_partitions(self, name: str, partitions: int) -> None:
+    async def set_partitions(
+        self, name: str, partitions: int, *, on_waiting: Callable[[], None] | None = None
+    ) -> None:
         """Record that projection *name* runs as *partitions* units (see `ProjectorCoordinator`).
 
-        A change locks every unit of the current count first, so it waits while hosts with
-        the old count run the projection.
+        A change holds the lock of every unit of the current count while it commits. It
+        takes them all at once or none, on one session and without waiting for any (see
+        `_try_repartition`): while some unit of the current count is led or awaited, it
+        calls *on_waiting* (once) and tries again when a host joins, leaves or publishes,
+        and at least every `REPARTITION_RETRY` seconds. It never holds some of those locks
+        while it waits for others, and never queues for one ahead of a standby, so the
+        hosts running the current count keep leading every unit of it until they stop.
 
         Raises:
             PartitionsChanged: *partitions* is neither the current count nor a multiple of it,
-                and events were applied.
+                and events were applied; raised before any wait.
+
+        .. versionchanged:: 0.3
+           *on_waiting*; a change no longer queues for the old count's locks one by one.
         """
         check_name(name)
         check_partitions(partitions)
         self._check_open()
         if partitions > 1:
             await self._ensure_partition_index(partitions)
-        current = await self._subscriptions.partitions(name)
-        while current != partitions:
-            async with contextlib.AsyncExitStack() as stack:
-                for unit in [] if current is None else units_of(name, current):
-                    await stack.enter_async_context(
-                        self._acquire(unit.name, wait=True, role="repartition")
-                    )
+        waiting = False
+        while (current := await self._subscriptions.partitions(name)) != partitions:
+            if current is None:
+                # Nothing recorded yet, so no unit to lock: the row decides between rivals.
                 async with self._pool.acquire() as connection, connection.transaction():
-                    done = await self._subscriptions.repartition(
-                        connection, name, partitions, locked=current
-                    )
-            if done:
+                    if await self._subscriptions.repartition(
+                        connection, name, partitions, locked=None
+                    ):
+                        return
+                continue
+            await self._subscriptions.check_change(name, current, partitions)
+            outcome = await self._try_repartition(name, current, partitions)
+            if outcome:
                 return
-            current = await self._subscriptions.partitions(name)
+            if outcome is None:
+                if not waiting:
+                    waiting = True
+                    if on_waiting is not None:
+                        on_waiting()
+                with trio.move_on_after(REPARTITION_RETRY):
+                    await self._hosts_listener.wait()
+
+    async def _try_repartition(self, name: str, current: int, requested: int) -> bool | None:
+        # One attempt to change *name*'s count from *current* to *requested*: True when done,
+        # False when the recorded count is no longer *current*, None while a unit of it is
+        # led or awaited.
+        #
+        # Why all at once, never waiting: taking the locks one by one, waiting for each while
+        # holding the others (hold-and-wait), queued this session behind the leaders of the
+        # old count, ahead of their standbys; a lock released (a lost session, a hand-off)
+        # went to it instead of to a standby, and it then held that unit, led by nobody,
+        # while it waited for the next one for as long as any host of the old count lived.
+        # Now a lock is only ever tried: PostgreSQL refuses a try while another session holds
+        # the lock or waits for it, so a standby is never overtaken, and a unit is held here
+        # only for the moments of an attempt. An attempt that takes all of them commits the
+        # change on the session holding them, fenced, so no unit of the old count runs then.
+        units = [unit.name for unit in units_of(name, current)]
+        keys = [projector_lock_key(self._schema, unit) for unit in units]
+        if await self._pool.fetchval(f"SELECT {LOCKS_IN_USE.format(keys='$1::bigint[]')}", keys):
+            return None  # cheap: no connection opened while a host of the old count lives
+        try:
+            async with (
+                try_acquire_all(
+                    self._session_dsn,
+                    names=units,
+                    keys=keys,
+                    context=self._leadership_context,
+                    application_name=f"{self._application_name} repartition {name}",
+                    connect_timeout=self._connect_timeout,
+                ) as leadership,
+                fenced_transaction(leadership, keys) as connection,
+            ):
+                done = await self._subscriptions.repartition(
+                    connection, name, requested, locked=current
+                )
+                if done:
+                    # Waiters of other units and hosts try again at once (at the commit).
+                    await connection.execute(
+                        "SELECT pg_notify($1, $2)", hosts_channel(self._schema), name
+                    )
+                return done
+        except (LeadershipUnavailable, LeadershipLost):
+            return None  # a session took or awaits one of them meanwhile; nothing changed
 
     async def recorded_partitions(self, name: str) -> int | None:
         """How many units projection *name* runs as (see `ProjectorCoordinator`): the count
@@ -541,8 +613,14 @@ class PostgresStore:
         first runs. ``runnable_by`` and ``lacking_hosts`` come from the live balancing hosts'
         rows.
 
+        A unit of a partition count other than the recorded one is listed while a live host
+        runs it or a session leads or awaits its lock: ``awaiting-split`` (its lag counted
+        from the checkpoint it will continue from), or ``failed`` when the change is refused.
+        A unit whose lock a change of count holds is ``repartitioning``, not ``resetting``.
+
         .. versionchanged:: 0.3
-           Units a live host runs are listed; ``runnable_by`` and ``lacking_hosts``.
+           Units a live host runs are listed; ``runnable_by`` and ``lacking_hosts``; units of
+           another partition count, ``awaiting-split`` and ``repartitioning``.
         """
         self._check_open()
         return await self._subscriptions.status(await live_hosts(self._pool, self._schema))

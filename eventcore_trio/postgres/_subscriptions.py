@@ -31,7 +31,9 @@ from .._status import (
     OpenTransaction,
     ProjectionState,
     ProjectionStatus,
+    count_change,
     host_coverage,
+    status_order,
     unit_state,
 )
 from ._bridge import Connection, Record
@@ -155,24 +157,53 @@ def report_arguments(
 @attrs.frozen
 class _UnitLocks:
     holder_pid: int | None
-    holder_resetting: bool
+    # RESETTING or REPARTITIONING when the holder is a reset's or a count change's session.
+    holder_role: ProjectionState | None
+    # Sessions waiting to lead (an operator's waiting reset is not a standby).
     standbys: int
 
 
 def _lock_sessions(locks: Sequence[Record], name: str) -> _UnitLocks:
-    # Reset sessions are named "<application> reset <name>" (see PostgresStore._acquire);
-    # a change of the partition count holds the old units' locks the same way.
-    def resetting(lock: Record) -> bool:
+    # Sessions say what they are in their application_name (see PostgresStore._acquire): a
+    # reset's is "<application> reset <unit>"; a change of the partition count holds every
+    # unit of the old count on one session, "<application> repartition <projection>" (before
+    # version 0.3: one session per unit, "... repartition <unit>").
+    projection = Unit.parse(name).projection
+    resets = (f" reset {name}",)
+    repartitions = (f" repartition {projection}", f" repartition {name}")
+
+    def role(lock: Record) -> ProjectionState | None:
         application = lock["application_name"] or ""
-        return application.endswith((f" reset {name}", f" repartition {name}"))
+        if application.endswith(resets):
+            return ProjectionState.RESETTING
+        if application.endswith(repartitions):
+            return ProjectionState.REPARTITIONING
+        return None
 
     holders = [lock for lock in locks if lock["granted"]]
     holder = holders[0] if holders else None
     return _UnitLocks(
         holder_pid=None if holder is None else holder["pid"],
-        holder_resetting=holder is not None and resetting(holder),
-        standbys=sum(1 for lock in locks if not lock["granted"] and not resetting(lock)),
+        holder_role=None if holder is None else role(holder),
+        standbys=sum(1 for lock in locks if not lock["granted"] and role(lock) is None),
     )
+
+
+def _leader_units(schema: str, locks: Sequence[Record]) -> set[str]:
+    # The units whose lock a leader's (or standby's) session holds or waits for, as far as
+    # their session names them: "<application> leader <unit>", unless application_name
+    # was truncated (63 bytes), which the key check below notices.
+    units = set()
+    for lock in locks:
+        application: str = lock["application_name"] or ""
+        start = application.find(" leader ")
+        while start >= 0:
+            candidate = application[start + len(" leader ") :]
+            if projector_lock_key(schema, candidate) == lock["key"]:
+                units.add(candidate)
+                break
+            start = application.find(" leader ", start + 1)
+    return units
 
 
 def _to_dead_letter(row: Record) -> DeadLetter:
@@ -331,6 +362,26 @@ class Subscriptions:
             return [name]
         return [unit.name for unit in units_of(name, await self.partitions(name) or 1)]
 
+    async def check_change(self, name: str, current: int, requested: int) -> None:
+        """Refuse now, before waiting for any lock, a change of *name*'s count from *current*
+        to *requested* that `repartition` would refuse.
+
+        Read without the locks: a unit that applies its first event meanwhile is noticed by
+        `repartition`; a reset meanwhile makes this refusal one too many, which the caller's
+        next attempt (after its backoff) no longer makes.
+
+        Raises:
+            PartitionsChanged: the change would divide applied events.
+        """
+        old = [unit.name for unit in units_of(name, current)]
+        applied = await self._pool.fetchval(
+            f"SELECT EXISTS (SELECT 1 FROM {self.table} WHERE {_NAME} = ANY($1::text[]) "
+            "AND tx IS NOT NULL) OR EXISTS (SELECT 1 FROM "
+            f"{self.dead_letters_table} WHERE {_NAME} = ANY($1::text[]))",
+            old,
+        )
+        plan_repartition(name, current, requested, applied=bool(applied))
+
     async def repartition(
         self, connection: Connection, name: str, requested: int, *, locked: int | None
     ) -> bool:
@@ -467,29 +518,62 @@ class Subscriptions:
             )
         }
         held_back_by = await self._oldest_open_transaction()
+        by_name = {row[_NAME]: row for row in rows}
+        runnable = {u for state, _ in hosts for u in state.can_run}
+        in_use = _leader_units(self._schema, locks)
+
+        def other_count(unit: Unit) -> int | None:
+            # The projection's recorded count, when *unit* is of another one.
+            count = recorded.get(unit.projection)
+            return None if count is None or count == unit.partitions else count
+
+        # Projections with something applied under their recorded count: only a split may
+        # change their count.
+        applied = set()
+        for row in rows:
+            ran = Unit.parse(row[_NAME])
+            if (row["tx"] is not None or row["dead_letters"]) and other_count(ran) is None:
+                applied.add(ran.projection)
         # A unit a live host runs is listed before it first runs (no row yet): as stopped,
         # with every event of its partition as lag (its filter is recorded when it runs).
-        listed = {row[_NAME] for row in rows}
-        unlisted = sorted({u for state, _ in hosts for u in state.can_run} - listed)
+        # A unit of a count the projection does not have (a change of count under way, or
+        # refused) is listed while a live host runs it or a session leads or awaits it.
+        names = set(by_name) | runnable | {u for u in in_use if other_count(Unit.parse(u))}
         now = dt.datetime.now(dt.UTC)
         result = []
-        for row in [*rows, *({_NAME: name, **_NO_ROW} for name in unlisted)]:
-            name = row[_NAME]
+        for name in sorted(names):
+            row = by_name.get(name) or {_NAME: name, **_NO_ROW}
             parsed = Unit.parse(name)
-            if recorded.get(parsed.projection, parsed.partitions) != parsed.partitions:
-                continue  # a unit of a partition count the projection no longer has
+            key = projector_lock_key(self._schema, name)
+            recorded_count = other_count(parsed)
+            if recorded_count is not None and not (
+                name in runnable or name in in_use or key in sessions
+            ):
+                continue  # a unit of a count the projection no longer has, or never had
             checkpoint = None if row["tx"] is None else Position(row["tx"], row["position"])
             event_filter = _filter_from_json(row["filter"])
-            if name not in listed and parsed.partition is not None:
+            if name not in by_name and parsed.partition is not None:
                 event_filter = EventFilter(partition=parsed.partition)
-            lag_events, oldest = await self._lag(checkpoint, event_filter)
+            lag_from = checkpoint
             runnable_by, lacking = host_coverage(name, hosts)
-            unit = _lock_sessions(sessions.get(projector_lock_key(self._schema, name), []), name)
-            holder: ProjectionState | None = None
+            unit = _lock_sessions(sessions.get(key, []), name)
+            holder: ProjectionState | None = unit.holder_role
             leader = None
-            if unit.holder_resetting:
-                holder = ProjectionState.RESETTING
-            elif unit.holder_pid is not None:
+            last = ProjectionState(row["state"])
+            last_error = row["last_error"]
+            if recorded_count is not None:
+                # It applies nothing, whoever holds its lock: it waits for the count to
+                # change (its lag counts from the checkpoint it will continue from), or its
+                # hosts are refused.
+                change = count_change(parsed, recorded_count, applied=parsed.projection in applied)
+                holder = holder or change.state
+                last_error = change.error or last_error
+                parent = None if change.parent is None else by_name.get(change.parent.name)
+                if parent is not None and parent["tx"] is not None:
+                    lag_from = Position(parent["tx"], parent["position"])
+                    if parent["filter"] is not None:
+                        event_filter = _filter_from_json(_child_filter(parent["filter"], parsed))
+            elif holder is None and unit.holder_pid is not None:
                 # The leader recorded in the row is named only while its own session holds
                 # the lock: a new leader that has not reported yet is shown without one.
                 own = unit.holder_pid == row["leader_backend_pid"]
@@ -501,9 +585,8 @@ class Subscriptions:
                         host=row["leader_host"],
                         application_name=row["leader_application"],
                     )
-            state = unit_state(
-                holder=holder, standbys=unit.standbys, last=ProjectionState(row["state"])
-            )
+            lag_events, oldest = await self._lag(lag_from, event_filter)
+            state = unit_state(holder=holder, standbys=unit.standbys, last=last)
             result.append(
                 ProjectionStatus(
                     name=parsed.projection,
@@ -515,7 +598,7 @@ class Subscriptions:
                     leader=leader,
                     standbys=unit.standbys,
                     state=state,
-                    last_error=row["last_error"],
+                    last_error=last_error,
                     updated_at=row["updated_at"],
                     dead_letters=int(row["dead_letters"]),
                     held_back_by=held_back_by,
@@ -523,7 +606,7 @@ class Subscriptions:
                     lacking_hosts=lacking,
                 )
             )
-        return sorted(result, key=lambda status: (status.name, status.partition or 0))
+        return sorted(result, key=status_order)
 
     async def _lag(
         self, checkpoint: Position | None, event_filter: EventFilter | None

@@ -5,7 +5,11 @@ what it stands by for; every host reads the same view of the live hosts and appl
 rule to all of it, so they agree on one plan without talking to each other (a stale view
 costs at most a wasted standby; locks decide who leads). Hosts may run different sets (two
 services sharing a schema, a rolling deploy that adds a projector): each unit is planned only
-over the live hosts that can run it, and every unit some live host can run is planned.
+over the live hosts that can run it, and every unit some live host can run is planned. A
+planned unit is led once the host it goes to is granted its lock; during a change of
+partition count, units of the new count are held but apply nothing until the split, which
+never takes a lock from the hosts of the old count (docs/scale-out.md, "Changing the
+partition count").
 
 - **Assignment.** Each unit goes to one live host that can run it. Led units start where
   they are; units nobody leads go, one at a time in name order, to the least loaded host
@@ -22,7 +26,9 @@ over the live hosts that can run it, and every unit some live host can run is pl
   the host the assignment put it on, without a hand-off.
 - **Hand-offs.** The recipient stands by for the unit first; the holder releases it (after
   its batch in flight commits) only once the recipient says it is standing by, so the
-  server grants the lock to the recipient at once.
+  server grants the lock at once to the recipient, unless another session queued for it
+  earlier (an operator's waiting reset, or a backup not yet told to stop standing by: the
+  next round then plans the unit where it landed).
 - **Backups.** Every unit led by a live host has one backup, the other live host that can
   run it and ranks highest for it by rendezvous hashing: the backup stands by, so when the
   leader dies the server hands the lock over at once. A unit nobody leads (free, or held by

@@ -311,8 +311,12 @@ async def run_projections(
     always wait for leadership, whatever *config* says.
 
     ``await nursery.start(run_projections, store, projectors)`` returns once this host's
-    first share of the units is running or standing by. Cancelling the host stops every task
-    cleanly: batches in flight roll back, every lock is released and every connection closed.
+    first share of the units is running or standing by, or waits for a change of its
+    projection's partition count: a unit of a new count (a rolling deploy that splits a
+    projection) holds its lock and applies nothing until the hosts running the old count
+    have stopped, which may be long after the host started (docs/scale-out.md, "Changing the
+    partition count"). Cancelling the host stops every task cleanly: batches in flight roll
+    back, every lock is released and every connection closed.
 
     Args:
         store: the store to run against.
@@ -325,6 +329,8 @@ async def run_projections(
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
        Units of partitioned projectors; balancing between hosts.
+    .. versionchanged:: 0.3
+       A unit waiting for a change of partition count counts as started.
     """
     projections = [resolve(p) for p in projectors]
     names = [p.name for p in projections]

@@ -64,7 +64,8 @@ async def run_host(
         open_store: opens the store (called again after the database was unreachable).
         projectors: what to host, as for `run_projections`.
         config: as for `run_projections`.
-        on_ready: called once, when every projector first runs or stands by.
+        on_ready: called once, when `run_projections` has started: this host's share of
+            the units runs, stands by or waits for a change of partition count.
         on_stop: called with the signal that stops the host, before it stops.
         open_backoff_cap: the longest wait between attempts to open the store.
 

@@ -19,7 +19,7 @@ from typing import Any
 import attrs
 import trio
 
-from .._concurrency import background, raise_single
+from .._concurrency import background, raise_single, wait_any
 from .._errors import (
     DatabaseError,
     EventCoreError,
@@ -259,6 +259,57 @@ async def _cancel_when_lost(leadership: Leadership, scope: trio.CancelScope) -> 
     scope.cancel()
 
 
+async def _record_count(
+    projector: ResolvedProjector,
+    store: Store,
+    leadership: Leadership,
+    *,
+    on_waiting: Callable[[], None] | None,
+    stop: trio.Event | None,
+) -> bool:
+    # Under the unit's lock, so that no unit runs with a partition count its projection no
+    # longer has (a change takes the locks of every unit of the old count). A change waits
+    # while hosts run the old count (a rolling deploy that splits the projection): the unit
+    # has started then (*on_waiting*), holding its own lock and applying nothing, and a
+    # hand-off (*stop*) or the loss of its lock ends the wait. Returns False after a
+    # hand-off; raises LeadershipLost after a loss.
+    waiting = trio.Event()
+
+    def wait_begins() -> None:
+        logger.info(
+            "projector %s: waits for the units of the projection's recorded partition count "
+            "to stop (hosts that run another count of %r); it runs with %d partitions once "
+            "they have",
+            projector.name,
+            projector.projection,
+            projector.partitions,
+        )
+        waiting.set()
+        if on_waiting is not None:
+            on_waiting()
+
+    async def end_wait(scope: trio.CancelScope) -> None:
+        await waiting.wait()
+        await wait_any(leadership.wait_lost, trio.sleep_forever if stop is None else stop.wait)
+        scope.cancel()
+
+    with trio.CancelScope() as scope:
+        async with background(partial(end_wait, scope)):
+            await store.set_partitions(
+                projector.projection, projector.partitions, on_waiting=wait_begins
+            )
+    if not scope.cancelled_caught:
+        return True
+    if not leadership.is_held:
+        cause = leadership.lost_reason or "its lock session ended"
+        raise LeadershipLost(
+            f"projector {projector.name!r} lost its leadership ({cause}) while it waited for "
+            "a change of its partition count; it had applied nothing. Another instance may "
+            "lead now."
+        )
+    return False
+
+
 async def run_led(
     projector: ResolvedProjector,
     store: Store,
@@ -270,10 +321,10 @@ async def run_led(
 ) -> ProjectionResult | None:
     """Run *projector* (one unit) under an already acquired *leadership* (the host's entry
     point). Setting *stop* ends the run gracefully (the batch in flight commits first); it
-    then returns None."""
-    # Under the unit's lock, so that no unit runs with a partition count its projection no
-    # longer has (a change takes the locks of every unit of the old count).
-    await store.set_partitions(projector.projection, projector.partitions)
+    then returns None. *on_running* is called once the unit runs, or waits for a change of
+    its projection's partition count (see `_record_count`)."""
+    if not await _record_count(projector, store, leadership, on_waiting=on_running, stop=stop):
+        return None
     await leadership.report(ProjectionState.RUNNING, filter=projector.filter)
     logger.info("projector %s: leading", projector.name)
     if on_running is not None:
@@ -409,7 +460,8 @@ class ReplayResult:
     Attributes:
         replayed: dead letters applied successfully and deleted, each in the transaction
             that applied it.
-        failed: dead letters whose replay failed again (kept).
+        failed: dead letters whose replay failed again (kept): the handler raised, the
+            database refused to commit what it wrote, or the event is still undecodable.
 
     .. versionadded:: 0.1
     """
@@ -429,8 +481,11 @@ async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
     leader of any of them and the count cannot change under it; then, unit by unit, it
     applies each of that unit's dead letters in a batch of that unit (``ctx.db`` and
     ``ctx.partition`` as when the unit skipped it). A letter whose event now applies is
-    deleted in the same transaction as what the handler wrote; one that fails again (or is
-    still undecodable) is kept. Status shows the units as replaying meanwhile.
+    deleted in the same transaction as what the handler wrote. One that fails again is kept
+    and counted in `ReplayResult.failed`, and the replay goes on with the next letter:
+    whether its handler raised, or the database refused to commit what it wrote (a deferred
+    constraint, a serialization failure: `DatabaseError` at COMMIT), or its event is still
+    undecodable. Status shows the units as replaying meanwhile.
 
     Resolving a letter that is no longer there fails its batch (`DeadLetterNotFound`, the
     transaction rolled back) and ends the replay: a letter is never reported as replayed
@@ -460,6 +515,8 @@ async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
        Replays the units the store records, under all of their locks at once; refuses a
        projector with another partition count, and raises `ProjectionRunning` (a
        `LeadershipUnavailable`) while any unit runs. A letter that is gone fails its batch.
+       A letter whose commit the database refuses counts as failed again, and the replay
+       goes on with the next (it raised `DatabaseError`).
     """
     resolved = resolve(projector)
     name = resolved.projection
@@ -506,19 +563,28 @@ async def _replay(
         if not isinstance(letter.event, RecordedEvent):
             failed += 1
             continue
+        staged = False
         try:
             async with leadership.open_batch() as batch:
                 ctx = resolved.context(batch, store)
                 await _run_handlers(resolved, ctx, [letter.event])
                 await batch.resolve_dead_letter(letter.id)
+                staged = True
         except _HandlerFailed as exc:
-            logger.warning(
-                "projector %s: replay of %s failed again: %s",
-                resolved.name,
-                letter.position,
-                exc.error,
-            )
-            failed += 1
+            error: BaseException = exc.error
+        except DatabaseError as exc:
+            if not staged:
+                raise
+            # The database refused the commit itself (a deferred constraint, a
+            # serialization failure) on a session that still holds the lock: the letter's
+            # writes caused it, as in _apply_batch, where on_error decides. Nothing
+            # committed, so the letter is kept: it failed again, and the next one is tried.
+            error = exc
         else:
             replayed += 1
+            continue
+        logger.warning(
+            "projector %s: replay of %s failed again: %s", resolved.name, letter.position, error
+        )
+        failed += 1
     return replayed, failed

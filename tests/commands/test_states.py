@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -18,6 +19,7 @@ from eventcore_trio import (
     EventRegistry,
     InvalidArgument,
     NewEvent,
+    RecordedEvent,
     Snapshot,
     SnapshotStore,
     StateCache,
@@ -116,6 +118,132 @@ class Audit:
         return {}
 
 
+wallets = EventRegistry()
+
+
+@wallets.register("Credited")
+@attrs.frozen
+class Credited:
+    amount: int
+
+
+@wallets.register("Debited")
+@attrs.frozen
+class Debited:
+    amount: int
+
+
+class Overdrawn(Exception):
+    pass
+
+
+@wallets.state("Wallet", snapshot_every=3)
+@attrs.frozen
+class Wallet:
+    balance: int = 0
+
+    def evolve(self, event: object) -> Wallet:
+        if isinstance(event, Credited):
+            return Wallet(self.balance + event.amount)
+        assert isinstance(event, Debited)
+        return Wallet(self.balance - event.amount)
+
+
+def credited(amount: int, key: uuid.UUID | None = None) -> NewEvent:
+    """A credit, with the request's idempotency key as the event's id when given."""
+    event = wallets.new_event(Credited(amount))
+    return NewEvent(event.type, event.data, metadata=event.metadata, event_id=key)
+
+
+@attrs.frozen
+class Credit:
+    """Credits a wallet; *key* is the request's idempotency key (the event's id)."""
+
+    stream: str
+    amount: int
+    key: uuid.UUID | None = None
+
+    def streams(self) -> Mapping[str, type[Wallet]]:
+        return {self.stream: Wallet}
+
+    def decide(self, states: Mapping[str, Wallet]) -> Mapping[str, Sequence[Any]]:
+        return {self.stream: [credited(self.amount, self.key)]}
+
+
+@attrs.frozen
+class Debit:
+    """Debits a wallet; refused when the balance would go below zero."""
+
+    stream: str
+    amount: int
+
+    def streams(self) -> Mapping[str, type[Wallet]]:
+        return {self.stream: Wallet}
+
+    def decide(self, states: Mapping[str, Wallet]) -> Mapping[str, Sequence[Any]]:
+        balance = states[self.stream].balance
+        if balance < self.amount:
+            raise Overdrawn(f"{self.stream} has {balance}")
+        return {self.stream: [Debited(self.amount)]}
+
+
+@attrs.frozen
+class Look:
+    """Reads a wallet and writes nothing."""
+
+    stream: str
+
+    def streams(self) -> Mapping[str, type[Wallet]]:
+        return {self.stream: Wallet}
+
+    def decide(self, states: Mapping[str, Wallet]) -> Mapping[str, Sequence[Any]]:
+        return {}
+
+
+async def wallet_balance(store: Store, stream: str) -> int:
+    """A wallet's balance, folded from its stream."""
+    state = Wallet()
+    for event in await store.read_stream(stream):
+        for item in wallets.decode_all(event):
+            state = state.evolve(item)
+    return state.balance
+
+
+async def lost_and_retried(store: Store, cache: StateCache) -> RecordedEvent:
+    """A restore loses a credit with an idempotency key and the credit before it; another
+    writer's credit and the client's retry of the keyed request grow the stream back.
+
+    Before the restore: v1 credit 10 (backed up), v2 credit 100, v3 credit 5 with key K, and
+    *cache* and a snapshot (snapshot_every=3) hold 115 at v3, ending at event K. After it: v2
+    is another writer's credit of 1 and v3 is K again, so the wallet holds 16. Returns the
+    retried event.
+    """
+    key = uuid.uuid4()
+    await execute(store, Credit("w", 10), registry=wallets, cache=cache)
+    saved = await backup(store)
+    await execute(store, Credit("w", 100), registry=wallets, cache=cache)
+    await execute(store, Credit("w", 5, key), registry=wallets, cache=cache)
+    await execute(store, Look("w"), registry=wallets, cache=cache)
+    entry = cache.get(store, "Wallet", "w")
+    assert entry is not None
+    assert (entry.state, entry.version, entry.event_id) == (Wallet(115), 3, key)
+    assert isinstance(store, SnapshotStore)
+    snapshot = await store.read_snapshot("w", "Wallet")
+    assert snapshot is not None
+    assert (snapshot.stream_version, snapshot.event_id) == (3, key)
+    lost = (await store.read_stream("w"))[2]
+    await restore(store, saved)
+    # Other writers, not state commands (nothing looks at the cache or the snapshot).
+    await store.append("w", [credited(1)], expected_version=1)
+    await store.append("w", [credited(5, key)], expected_version=2)
+    retried = (await store.read_stream("w"))[2]
+    assert (retried.stream_version, retried.event_id) == (3, key)
+    # The same id at the same version; only when it was recorded tells the two apart.
+    assert retried.recorded_at > lost.recorded_at
+    assert await wallet_balance(store, "w") == 16
+    return retried
+
+
 async def balances(store: Store, *accounts: str) -> dict[str, int]:
     """Each account's balance, folded from its stream."""
     found = {}
@@ -140,6 +268,11 @@ async def grow_back(store: Store) -> None:
             ),
         ]
     )
+
+
+def at(event: RecordedEvent) -> dict[str, Any]:
+    """The Snapshot arguments that name *event* as the last one folded."""
+    return {"event_id": event.event_id, "event_recorded_at": event.recorded_at}
 
 
 def rewritten_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -231,10 +364,10 @@ class StatesContract:
         assert isinstance(store, SnapshotStore)
         for _ in range(3):
             await store.append("c", [counters.new_event(Added(1))])
-        second = (await store.read_stream("c"))[1].event_id
+        second = (await store.read_stream("c"))[1]
         # Version 1 with an upcaster: used (its made-up total shows it was).
         await store.write_snapshot(
-            Snapshot("c", "Counter", 1, 2, {"sum": 50, "count": 2}, event_id=second)
+            Snapshot("c", "Counter", 1, 2, {"sum": 50, "count": 2}, **at(second))
         )
         cache = StateCache()
         assert await peek(store, "c", cache) == Counter(51, 3)
@@ -242,7 +375,7 @@ class StatesContract:
         # A version nothing reads, and data that no longer fits: ignored, folded from events.
         for version, data in ((3, {"total": 50, "events": 2}), (2, {"unknown": 1})):
             await store.delete_snapshots()
-            await store.write_snapshot(Snapshot("c", "Counter", version, 2, data, event_id=second))
+            await store.write_snapshot(Snapshot("c", "Counter", version, 2, data, **at(second)))
             cache = StateCache()
             assert await peek(store, "c", cache) == Counter(3, 3)
             assert (cache.stats.snapshots_read, cache.stats.events_folded) == (0, 3)
@@ -270,7 +403,15 @@ class StatesContract:
         assert isinstance(store, SnapshotStore)
         for _ in range(3):
             await store.append("c", [counters.new_event(Added(1))])
-        lost = Snapshot("c", "Counter", 2, 50, {"total": 99, "events": 50}, event_id=uuid.uuid4())
+        lost = Snapshot(
+            "c",
+            "Counter",
+            2,
+            50,
+            {"total": 99, "events": 50},
+            event_id=uuid.uuid4(),
+            event_recorded_at=dt.datetime.now(dt.UTC),
+        )
         await store.write_snapshot(lost)
         assert await peek(store, "c") == Counter(3, 3)
         assert await store.read_snapshot("c", "Counter") is None
@@ -309,7 +450,12 @@ class StatesContract:
         last = (await store.read_stream("acc"))[-1]
         entry = cache.get(store, "Account", "acc")
         assert entry is not None
-        assert (entry.state, entry.version, entry.event_id) == (Account(True, 5), 2, last.event_id)
+        assert (entry.state, entry.version, entry.event_id, entry.event_recorded_at) == (
+            Account(True, 5),
+            2,
+            last.event_id,
+            last.recorded_at,
+        )
         caplog.clear()
         await execute(store, Transfer("acc", "other", 5), registry=registry, cache=cache)
         assert await balances(store, "acc", "other") == {"acc": 0, "other": 100}
@@ -343,7 +489,8 @@ class StatesContract:
         assert await store.read_snapshot("acc", "Account") is None
         taken = await take_snapshot(store, registry, Account, "acc")
         assert taken is not None
-        assert taken.event_id == (await store.read_stream("acc"))[-1].event_id
+        last = (await store.read_stream("acc"))[-1]
+        assert (taken.event_id, taken.event_recorded_at) == (last.event_id, last.recorded_at)
         cold = StateCache()
         await execute(store, Transfer("acc", "other", 5), registry=registry, cache=cold)
         assert cold.stats.snapshots_read == 1
@@ -374,20 +521,88 @@ class StatesContract:
         assert await peek(store, "c", cache) == Counter(203, 5)
         [warning] = rewritten_warnings(caplog)
         assert warning.startswith("stream 'c' ")
-        last = (await store.read_stream("c"))[-1].event_id
+        last = (await store.read_stream("c"))[-1]
         entry = cache.get(store, "Counter", "c")
         assert entry is not None
-        assert (entry.version, entry.event_id) == (5, last)
+        assert (entry.version, entry.event_id, entry.event_recorded_at) == (
+            5,
+            last.event_id,
+            last.recorded_at,
+        )
         replaced = await store.read_snapshot("c", "Counter")
         assert replaced is not None
-        assert (replaced.stream_version, replaced.event_id, dict(replaced.data)) == (
-            5,
-            last,
-            {"total": 203, "events": 5},
-        )
+        assert (
+            replaced.stream_version,
+            replaced.event_id,
+            replaced.event_recorded_at,
+            dict(replaced.data),
+        ) == (5, last.event_id, last.recorded_at, {"total": 203, "events": 5})
         cold = StateCache()
         assert await peek(store, "c", cold) == Counter(203, 5)
         assert cold.stats.snapshots_read == 1
+        assert len(rewritten_warnings(caplog)) == 1
+
+    async def test_an_idempotent_retry_after_a_restore_under_a_warm_cache(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A warm cache folded up to an event that a restore lost and its writer's retry
+        put back (the same id, at the same version, on top of another history) is not
+        trusted: a debit of 100 from a wallet holding 16 is refused."""
+        assert isinstance(store, SnapshotStore)
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+        cache = StateCache()
+        retried = await lost_and_retried(store, cache)
+        with pytest.raises(Overdrawn, match="w has 16"):
+            await execute(store, Debit("w", 100), registry=wallets, cache=cache)
+        assert await wallet_balance(store, "w") == 16
+        [warning] = rewritten_warnings(caplog)
+        assert warning.startswith("stream 'w' ")
+        # The entry and the snapshot are the real history's, and trusted from now on.
+        entry = cache.get(store, "Wallet", "w")
+        assert entry is not None
+        assert (entry.state, entry.version, entry.event_id, entry.event_recorded_at) == (
+            Wallet(16),
+            3,
+            retried.event_id,
+            retried.recorded_at,
+        )
+        snapshot = await store.read_snapshot("w", "Wallet")
+        assert snapshot is not None
+        assert (snapshot.event_id, snapshot.event_recorded_at, dict(snapshot.data)) == (
+            retried.event_id,
+            retried.recorded_at,
+            {"balance": 16},
+        )
+        await execute(store, Debit("w", 16), registry=wallets, cache=cache)
+        assert await wallet_balance(store, "w") == 0
+        assert len(rewritten_warnings(caplog)) == 1
+
+    async def test_an_idempotent_retry_after_a_restore_past_a_snapshot(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """The same for a cold process: the snapshot that ends at the lost event, which the
+        retry's event has the id of, is not used, and is replaced."""
+        assert isinstance(store, SnapshotStore)
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+        retried = await lost_and_retried(store, StateCache())
+        cold = StateCache()
+        with pytest.raises(Overdrawn, match="w has 16"):
+            await execute(store, Debit("w", 100), registry=wallets, cache=cold)
+        assert await wallet_balance(store, "w") == 16
+        assert cold.stats.snapshots_read == 0
+        [warning] = rewritten_warnings(caplog)
+        assert warning.startswith("stream 'w' ")
+        snapshot = await store.read_snapshot("w", "Wallet")
+        assert snapshot is not None
+        assert (snapshot.event_id, snapshot.event_recorded_at, dict(snapshot.data)) == (
+            retried.event_id,
+            retried.recorded_at,
+            {"balance": 16},
+        )
+        cold = StateCache()
+        await execute(store, Debit("w", 16), registry=wallets, cache=cold)
+        assert cold.stats.snapshots_read == 1
+        assert await wallet_balance(store, "w") == 0
         assert len(rewritten_warnings(caplog)) == 1
 
     async def test_snapshots_never_move_backwards(self, store: Store) -> None:
@@ -395,42 +610,59 @@ class StatesContract:
         assert isinstance(store, SnapshotStore)
         for _ in range(10):
             await store.append("c", [counters.new_event(Added(1))])
-        ids = [e.event_id for e in await store.read_stream("c")]
+        events = await store.read_stream("c")
         await store.write_snapshot(
-            Snapshot("c", "Counter", 2, 10, {"total": 10, "events": 10}, event_id=ids[9])
+            Snapshot("c", "Counter", 2, 10, {"total": 10, "events": 10}, **at(events[9]))
         )
         await store.write_snapshot(
-            Snapshot("c", "Counter", 2, 5, {"total": 5, "events": 5}, event_id=ids[4])
+            Snapshot("c", "Counter", 2, 5, {"total": 5, "events": 5}, **at(events[4]))
         )
         kept = await store.read_snapshot("c", "Counter")
         assert kept is not None
-        assert (kept.stream_version, kept.event_id) == (10, ids[9])
+        assert (kept.stream_version, kept.event_id, kept.event_recorded_at) == (
+            10,
+            events[9].event_id,
+            events[9].recorded_at,
+        )
         assert kept.taken_at is not None
 
     async def test_a_snapshot_its_stream_no_longer_proves_is_replaced(self, store: Store) -> None:
-        """A kept snapshot without an event id, or whose event is not the stream's at its
-        version, is replaced by any write, even of the same or a lower stream version."""
+        """A kept snapshot without its event, or whose event (by id, or with the same id
+        recorded at another time) is not the stream's at its version, is replaced by any
+        write, even of the same or a lower stream version."""
         assert isinstance(store, SnapshotStore)
         for _ in range(5):
             await store.append("c", [counters.new_event(Added(1))])
-        ids = [e.event_id for e in await store.read_stream("c")]
-        for kept_version, kept_id in ((9, uuid.uuid4()), (5, None)):
+        last = (await store.read_stream("c"))[4]
+        earlier = last.recorded_at - dt.timedelta(seconds=1)
+        for kept_version, kept_id, kept_at in (
+            (9, uuid.uuid4(), last.recorded_at),
+            (5, last.event_id, earlier),
+            (5, None, None),
+        ):
             await store.delete_snapshots()
             await store.write_snapshot(
                 Snapshot(
-                    "c", "Counter", 2, kept_version, {"total": 0, "events": 0}, event_id=kept_id
+                    "c",
+                    "Counter",
+                    2,
+                    kept_version,
+                    {"total": 0, "events": 0},
+                    event_id=kept_id,
+                    event_recorded_at=kept_at,
                 )
             )
             await store.write_snapshot(
-                Snapshot("c", "Counter", 2, 5, {"total": 5, "events": 5}, event_id=ids[4])
+                Snapshot("c", "Counter", 2, 5, {"total": 5, "events": 5}, **at(last))
             )
             kept = await store.read_snapshot("c", "Counter")
             assert kept is not None
-            assert (kept.stream_version, kept.event_id, dict(kept.data)) == (
+            assert (kept.stream_version, kept.event_id, kept.event_recorded_at) == (
                 5,
-                ids[4],
-                {"total": 5, "events": 5},
+                last.event_id,
+                last.recorded_at,
             )
+            assert dict(kept.data) == {"total": 5, "events": 5}
 
     async def test_snapshot_without_an_event_id_is_never_used(self, store: Store) -> None:
         """A snapshot that does not name its last event (taken before snapshots recorded
@@ -444,12 +676,13 @@ class StatesContract:
         assert (cache.stats.snapshots_read, cache.stats.snapshots_written) == (0, 1)
         kept = await store.read_snapshot("c", "Counter")
         assert kept is not None
-        last = (await store.read_stream("c"))[-1].event_id
-        assert (kept.stream_version, kept.event_id, dict(kept.data)) == (
+        last = (await store.read_stream("c"))[-1]
+        assert (kept.stream_version, kept.event_id, kept.event_recorded_at) == (
             5,
-            last,
-            {"total": 5, "events": 5},
+            last.event_id,
+            last.recorded_at,
         )
+        assert dict(kept.data) == {"total": 5, "events": 5}
 
     async def test_take_snapshot_on_demand(self, store: Store) -> None:
         """take_snapshot folds the stream now and keeps it; an empty stream has none."""
@@ -512,10 +745,34 @@ class StatesContract:
             await store.write_snapshot(Snapshot("", "Counter", 1, 1, {}))
         with pytest.raises(InvalidArgument):
             await store.write_snapshot("snapshot")  # type: ignore[arg-type]
+        now = dt.datetime.now(dt.UTC)
         with pytest.raises(InvalidArgument, match="event_id"):
             await store.write_snapshot(
-                Snapshot("c", "Counter", 1, 1, {}, event_id="e1")  # type: ignore[arg-type]
+                Snapshot(
+                    "c",
+                    "Counter",
+                    1,
+                    1,
+                    {},
+                    event_id="e1",  # type: ignore[arg-type]
+                    event_recorded_at=now,
+                )
             )
+        with pytest.raises(InvalidArgument, match="timezone-aware"):
+            await store.write_snapshot(
+                Snapshot(
+                    "c",
+                    "Counter",
+                    1,
+                    1,
+                    {},
+                    event_id=uuid.uuid4(),
+                    event_recorded_at=now.replace(tzinfo=None),
+                )
+            )
+        for one_of_two in ({"event_id": uuid.uuid4()}, {"event_recorded_at": now}):
+            with pytest.raises(InvalidArgument, match="give both"):
+                await store.write_snapshot(Snapshot("c", "Counter", 1, 1, {}, **one_of_two))
 
     async def test_an_error_loading_one_of_several_streams_arrives_alone(
         self, store: Store
@@ -626,15 +883,19 @@ class TestStateCache:
 
         cache = StateCache(max_entries=2)
         store = RacingStore.__new__(RacingStore)
+        marked: dict[str, Any] = {
+            "event_id": uuid.uuid4(),
+            "event_recorded_at": dt.datetime.now(dt.UTC),
+        }
         for name in ("a", "b"):
-            cache.put(store, "S", name, CachedState(name, 1, 0, event_id=uuid.uuid4()))
+            cache.put(store, "S", name, CachedState(name, 1, 0, **marked))
         assert cache.get(store, "S", "a") is not None  # a is now the most recent
-        cache.put(store, "S", "c", CachedState("c", 1, 0, event_id=uuid.uuid4()))
+        cache.put(store, "S", "c", CachedState("c", 1, 0, **marked))
         assert cache.get(store, "S", "b") is None
         assert len(cache) == 2
         other = RacingStore.__new__(RacingStore)
         assert cache.get(other, "S", "a") is None  # never shared between stores
-        cache.put(store, "S", "a", CachedState("old", 0, 0, event_id=None))
+        cache.put(store, "S", "a", CachedState("old", 0, 0, event_id=None, event_recorded_at=None))
         found = cache.get(store, "S", "a")
         assert found is not None
         assert found.state == "a"  # never moves backwards

@@ -5,6 +5,10 @@ before a 1 -> K split, or a script without ``partitions=``) took the unpartition
 lock, which no running unit holds, applied every partition's letters through ``ctx.db`` and
 deleted none of them, so a second replay applied them all again. Hosts here are real
 processes (tests/postgres/dead_letter_host.py) writing what they apply through ``ctx.db``.
+
+Further down: replays beside other replays, a waiting reset, a cancellation and a split,
+each letter applied at most once; and a letter whose write the database refuses at COMMIT,
+which fails again (kept and counted) instead of ending the replay.
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ from eventcore_trio._processes import run_ready_process
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import (
     FailureStrategy,
+    ProjectionConfig,
     ProjectionContext,
+    ReplayResult,
     projector,
     replay_dead_letters,
     run_projection,
+    run_projections,
 )
 from eventcore_trio.testing import PostgresHarness, read_all
 
@@ -240,3 +247,242 @@ async def test_a_replay_that_lost_its_lock_deletes_and_writes_nothing(
         await replay_dead_letters(unlocking, store)
     assert await _applied(store, app) == applied
     assert await store.dead_letters("wide") == letters
+
+
+class Gate:
+    """Holds a handler at its *at*-th call (and every later one) until opened."""
+
+    def __init__(self, at: int = 1) -> None:
+        self.calls = 0
+        self.at = at
+        self.reached = trio.Event()
+        self.opened = trio.Event()
+
+    async def through(self) -> None:
+        self.calls += 1
+        if self.calls >= self.at:
+            self.reached.set()
+            await self.opened.wait()
+
+
+def replaying(
+    app: str, partitions: int, *, gate: Gate | None = None, failing: frozenset[str] = frozenset()
+) -> object:
+    """The projector "wide" as a replay runs it: records each event through ctx.db (as
+    `wide` does), passes *gate*, then fails the events of the streams in *failing*."""
+
+    @projector("wide", partitions=partitions, on_error=lambda failure: FailureStrategy.SKIP)
+    async def record(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        await ctx.db.execute(
+            f'INSERT INTO "{app}".applied (event_id, stream_id, partition, partitions, pid) '
+            "VALUES ($1, $2, $3, $4, $5)",
+            event.event_id,
+            event.stream_id,
+            ctx.partition,
+            ctx.partitions,
+            os.getpid(),
+        )
+        if gate is not None:
+            await gate.through()
+        if event.stream_id in failing:
+            raise ValueError(f"still cannot apply {event.stream_id}")
+
+    return record
+
+
+async def _letter_per_stream(
+    store: PostgresStore, app: str, partitions: int
+) -> dict[str, uuid.UUID]:
+    """One bad event per stream, each dead-lettered by *partitions* units; their ids."""
+    await _append_round(store, set(STREAMS))
+    await run_projection(wide(app, partitions, skip_bad=True), store)
+    letters = await store.dead_letters("wide")
+    assert len(letters) == len(STREAMS)
+    assert await _applied(store, app) == []
+    return {d.event.stream_id: d.event.event_id for d in letters}
+
+
+async def _applied_once(store: PostgresStore, app: str) -> Counter[uuid.UUID]:
+    """How many times each event was applied; fails if one was applied twice."""
+    applied = Counter(row[0] for row in await _applied(store, app))
+    assert max(applied.values(), default=1) == 1, applied
+    return applied
+
+
+async def _any_led(store: PostgresStore, units: list[str]) -> bool:
+    """One of *units* (or more) is led."""
+    return bool(await store.admin.lock_sessions(units))
+
+
+async def _waiting_for_lock(store: PostgresStore, role: str, unit: str) -> bool:
+    """A session of *role* ("reset": see PostgresStore._acquire) waits for *unit*'s lock."""
+    rows = await store.admin.fetch(
+        "SELECT 1 FROM pg_stat_activity WHERE datname = current_database() "
+        "AND wait_event_type = 'Lock' AND application_name LIKE '%' || $1",
+        f" {role} {unit}",
+    )
+    return bool(rows)
+
+
+async def test_two_replays_at_once_apply_each_letter_once(store: PostgresStore) -> None:
+    """Of two replays started together, one takes every unit's lock and replays every
+    letter once; the other is refused with ProjectionRunning, having applied nothing."""
+    app = await _create_app_schema(store)
+    letters = await _letter_per_stream(store, app, 4)
+    gate = Gate()
+    results: list[ReplayResult | ProjectionRunning] = []
+    refused = trio.Event()
+
+    async def replay() -> None:
+        try:
+            results.append(await replay_dead_letters(replaying(app, 4, gate=gate), store))
+        except ProjectionRunning as exc:
+            results.append(exc)
+            refused.set()
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replay)
+            nursery.start_soon(replay)
+            # The winner waits at the gate in its first letter, holding every lock.
+            await gate.reached.wait()
+            await refused.wait()
+            assert gate.calls == 1
+            gate.opened.set()
+    assert isinstance(results[0], ProjectionRunning)
+    assert isinstance(results[1], ReplayResult)
+    assert (results[1].replayed, results[1].failed) == (len(STREAMS), 0)
+    assert await _applied_once(store, app) == Counter(letters.values())
+    assert await store.dead_letters("wide") == []
+
+
+async def test_a_reset_waiting_for_a_replay_runs_after_it(store: PostgresStore) -> None:
+    """A reset with wait=True made while a replay holds the locks waits for the replay to
+    end, then forgets the letters that failed again: each letter is applied at most once."""
+    app = await _create_app_schema(store)
+    letters = await _letter_per_stream(store, app, 2)
+    gate = Gate()
+    replayed: list[ReplayResult] = []
+    reset = trio.Event()
+
+    async def replay() -> None:
+        failing = frozenset({"order-1"})
+        replayed.append(
+            await replay_dead_letters(replaying(app, 2, gate=gate, failing=failing), store)
+        )
+
+    async def reset_waiting() -> None:
+        await store.reset_projection("wide", wait=True)
+        reset.set()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replay)
+            await gate.reached.wait()
+            nursery.start_soon(reset_waiting)
+            await eventually(lambda: _waiting_for_lock(store, "reset", "wide[0/2]"), within=30)
+            assert not reset.is_set()
+            gate.opened.set()
+    [result] = replayed
+    assert (result.replayed, result.failed) == (len(STREAMS) - 1, 1)
+    del letters["order-1"]  # failed again: what it wrote was rolled back
+    assert await _applied_once(store, app) == Counter(letters.values())
+    assert await store.dead_letters("wide") == []
+    assert all(s.checkpoint is None for s in await store.projection_status() if s.name == "wide")
+
+
+async def test_a_cancelled_replay_keeps_the_rest_for_the_next(store: PostgresStore) -> None:
+    """A replay cancelled while the fourth letter's handler runs keeps that letter and the
+    ones after it (what it wrote is rolled back, the three before stay replayed); the next
+    replay applies each of those once."""
+    app = await _create_app_schema(store)
+    letters = await _letter_per_stream(store, app, 2)
+    gate = Gate(at=4)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replay_dead_letters, replaying(app, 2, gate=gate), store)
+            await gate.reached.wait()
+            nursery.cancel_scope.cancel()
+    assert len(await _applied_once(store, app)) == 3
+    assert len(await store.dead_letters("wide")) == len(STREAMS) - 3
+    result = await replay_dead_letters(replaying(app, 2), store)
+    assert (result.replayed, result.failed) == (len(STREAMS) - 3, 0)
+    assert await _applied_once(store, app) == Counter(letters.values())
+    assert await store.dead_letters("wide") == []
+
+
+async def test_a_split_waits_for_a_replay_then_moves_what_failed_again(
+    store: PostgresStore,
+) -> None:
+    """A host with 4 partitions started while a replay of 2 holds every old lock waits to
+    split until the replay ends; the letters that failed again then move to their units of
+    4, a replay with 2 is refused, and one with 4 applies each once."""
+    app = await _create_app_schema(store)
+    letters = await _letter_per_stream(store, app, 2)
+    bad = frozenset({"order-1", "order-5", "order-7"})
+    gate = Gate()
+    replayed: list[ReplayResult] = []
+
+    async def replay() -> None:
+        replayed.append(await replay_dead_letters(replaying(app, 2, gate=gate, failing=bad), store))
+
+    async def split() -> bool:
+        return await store.recorded_partitions("wide") == 4
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(replay)
+            await gate.reached.wait()
+            host = replaying(app, 4, failing=frozenset(STREAMS))
+            nursery.start_soon(run_projections, store, [host], ProjectionConfig())
+            # A unit of 4 takes its own lock, then waits to record the count of 4 (which
+            # needs the locks of the units of 2, and a partition index).
+            units = [f"wide[{i}/4]" for i in range(4)]
+            await eventually(lambda: _any_led(store, units), within=30)
+            assert await store.recorded_partitions("wide") == 2
+            gate.opened.set()
+            await eventually(split, within=30)
+            nursery.cancel_scope.cancel()
+    [result] = replayed
+    assert (result.replayed, result.failed) == (len(STREAMS) - 3, 3)
+    kept = await store.dead_letters("wide")
+    assert sorted(d.event.stream_id for d in kept) == sorted(bad)
+    assert all(d.partition == partition_of(d.event.stream_id, 4).index for d in kept)
+    with pytest.raises(PartitionsMismatch):
+        await replay_dead_letters(replaying(app, 2), store)
+    again = await replay_dead_letters(replaying(app, 4), store)
+    assert (again.replayed, again.failed) == (3, 0)
+    assert await _applied_once(store, app) == Counter(letters.values())
+    assert await store.dead_letters("wide") == []
+
+
+async def test_a_letter_failing_at_commit_is_kept_and_counted(
+    store: PostgresStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A letter whose writes the database refuses only at COMMIT (here a deferred unique
+    constraint) fails again, as it would in a run: it is kept and counted in ``failed``,
+    and the replay goes on with the letters after it."""
+    app = await _create_app_schema(store)
+    letters = await _letter_per_stream(store, app, 1)
+    await store.admin.execute(
+        f'ALTER TABLE "{app}".applied '
+        "ADD CONSTRAINT once UNIQUE (stream_id) DEFERRABLE INITIALLY DEFERRED"
+    )
+    # order-3 has a row already: its letter's replay violates the constraint at COMMIT.
+    await store.admin.execute(
+        f'INSERT INTO "{app}".applied (event_id, stream_id, partitions, pid) '
+        "VALUES ($1, 'order-3', 1, 0)",
+        uuid.uuid4(),
+    )
+    before = await store.dead_letters("wide")
+    result = await replay_dead_letters(wide(app, 1, skip_bad=False), store)
+    assert (result.replayed, result.failed) == (len(STREAMS) - 1, 1)
+    [kept] = await store.dead_letters("wide")
+    assert kept == next(d for d in before if d.event.stream_id == "order-3")
+    applied = await _applied_once(store, app)
+    assert set(letters.values()) - set(applied) == {kept.event.event_id}
+    assert sum(1 for m in caplog.messages if "failed again" in m and "once" in m) == 1
+    # Still refused: failed again, still kept.
+    again = await replay_dead_letters(wide(app, 1, skip_bad=False), store)
+    assert (again.replayed, again.failed) == (0, 1)
+    assert await store.dead_letters("wide") == [kept]

@@ -403,3 +403,62 @@ def test_channel_names_always_fit(length: int) -> None:
     assert all(len(name.encode()) <= 63 for name in names)
     if length <= 47:
         assert hosts_channel(schema) == f"eventcore_{schema}_hosts"
+
+
+@pytest.mark.usefixtures("patient_queue")
+async def test_an_event_id_an_open_transaction_inserted_holds_up_only_its_own_request(
+    store: PostgresStore,
+) -> None:
+    """A shared statement does not wait for another transaction on the unique event id
+    either: a request reusing an id that an open transaction inserted (a retry of a command
+    that an outbox transaction is still committing) waits alone, in its caller's task, which
+    can give up; the request sharing its statement is written at once."""
+    reused = uuid.uuid4()
+    holding = trio.Event()
+    release = trio.Event()
+    gave_up = trio.Event()
+    outcomes: dict[str, str] = {}
+
+    async def hold() -> None:
+        async with store.admin.connection("open outbox") as outbox:
+            await outbox.execute("BEGIN")
+            sql, args = store.admin.append_statement(
+                [StreamAppend("held", [NewEvent("H", {}, event_id=reused)])]
+            )
+            await outbox.fetchrow(sql, *args)
+            holding.set()
+            # Bounded, so that a statement stuck behind it ends and the test fails.
+            with trio.move_on_after(15):
+                await release.wait()
+            await outbox.execute("ROLLBACK")
+
+    async def reuser() -> None:
+        with trio.move_on_after(1.0):
+            await store.append("reuser", [NewEvent("E", {}, event_id=reused)])
+            outcomes["reuser"] = "written"
+        gave_up.set()
+
+    async def bystander() -> None:
+        await store.append("bystander", [NewEvent("E", {})])
+        outcomes["bystander"] = "written"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(hold)
+        await holding.wait()
+        async with held_in_flight(store) as queued:
+            nursery.start_soon(reuser)
+            await queued(1)
+            nursery.start_soon(bystander)
+            await queued(2)
+
+        async def bystander_written() -> bool:
+            return len(await store.read_stream("bystander")) == 1
+
+        # Written while the outbox transaction is still open.
+        await eventually(bystander_written, within=5)
+        assert not release.is_set()
+        with trio.fail_after(5):
+            await gave_up.wait()
+        release.set()
+    assert outcomes == {"bystander": "written"}
+    assert await store.read_stream("reuser") == []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import subprocess
 import sys
 import urllib.parse
 import uuid
@@ -21,13 +23,14 @@ from eventcore_trio import (
     ProjectionStatus,
     RecordedEvent,
     StreamAppend,
+    open_postgres_store,
     projector,
     run_projection,
 )
 from eventcore_trio.postgres import PostgresStore, _bridge
 from eventcore_trio.postgres._bridge import Connection
 from eventcore_trio.postgres._dsn import normalize_dsn
-from eventcore_trio.testing import read_all
+from eventcore_trio.testing import EmbeddedPostgres, read_all
 
 from ..helpers import eventually
 
@@ -212,3 +215,186 @@ async def test_outbox_writers_that_write_first_never_make_a_follower_skip(
         for event in seen:
             streams.setdefault(event.stream_id, []).append(event.data["n"])
         assert all(ns == list(range(transactions)) for ns in streams.values())
+
+
+class TestAnIdBeforeItsLock:
+    """PostgreSQL makes a new transaction id visible to snapshots (the proc array) a moment
+    before its lock appears in ``pg_locks`` (``AssignTransactionId``: ``GetNewTransactionId``,
+    then ``XactLockTableInsert``). A writer in that moment is still counted: the horizon
+    stays at or below every running id of its snapshot that no lock accounts for."""
+
+    @pytest.fixture
+    def gdb(self) -> str:
+        path = shutil.which("gdb")
+        if path is None or os.geteuid() != 0:
+            message = "needs gdb and root, to stop a server backend at XactLockTableInsert"
+            if os.environ.get("CI"):
+                pytest.fail(message)
+            pytest.skip(message)
+        return path
+
+    async def test_a_plain_append_paused_between_its_id_and_its_lock(
+        self, store: PostgresStore, gdb: str, tmp_path: Path
+    ) -> None:
+        """T, a plain append, is held by gdb after it has an id but before its lock is
+        inserted; U, with a later id, commits; a reader reads U: it must not pass T's id."""
+        await store.append("warm", [NewEvent("Warm", {})])
+        (warm,) = await store.read_events(None, limit=10)
+        cursor = warm.position
+        returned: list[str] = []
+        async with store.admin.connection("paused writer T") as writer:
+            await writer.execute("SELECT 1")
+            commands = tmp_path / "commands.gdb"
+            commands.write_text(
+                "set pagination off\nset confirm off\n"
+                f"attach {writer.backend_pid}\n"
+                "break XactLockTableInsert\n"
+                "commands 1\n"
+                f"  shell touch {tmp_path}/hit; "
+                f"while [ ! -f {tmp_path}/go ]; do sleep 0.02; done\n"
+                "  delete\n  detach\n  quit\nend\n"
+                f"shell touch {tmp_path}/ready\n"
+                "continue\n"
+            )
+            debugger = await trio.lowlevel.open_process(
+                [gdb, "-nx", "-batch", "-x", str(commands)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                await eventually(functools.partial(trio.Path(tmp_path / "ready").exists))
+                sql, args = store.admin.append_statement([StreamAppend("t", [NewEvent("T", {})])])
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(functools.partial(writer.fetchrow, sql, *args))
+                    await eventually(functools.partial(trio.Path(tmp_path / "hit").exists))
+                    # T has an id (the proc array shows it) and the writer lock, but no lock
+                    # on its id yet.
+                    assert await store.admin.fetchval(
+                        "SELECT backend_xid IS NOT NULL FROM pg_stat_activity WHERE pid = $1",
+                        writer.backend_pid,
+                    )
+                    await store.append("u", [NewEvent("U", {})])
+                    page = await store.read_events(cursor, limit=10)
+                    returned += [event.stream_id for event in page]
+                    cursor = page[-1].position if page else cursor
+                    await trio.Path(tmp_path / "go").touch()
+            finally:
+                await trio.Path(tmp_path / "go").touch()
+                with trio.move_on_after(30):
+                    await debugger.wait()
+                debugger.kill()
+        returned += [event.stream_id for event in await read_all(store, after=cursor)]
+        assert sorted(returned) == ["t", "u"]
+
+
+class TestEveryEventBecomesReadable:
+    """Fact 4 of the argument: once a writer and every older transaction have ended, its
+    events are readable, without waiting for anybody else to commit (the system may be
+    quiet: no NOTIFY, no other writer)."""
+
+    @staticmethod
+    async def readable(store: PostgresStore, stream: str) -> bool:
+        return any(event.stream_id == stream for event in await read_all(store))
+
+    async def test_a_read_only_check_then_an_append_after_a_write(
+        self, store: PostgresStore
+    ) -> None:
+        """A transaction writes a row of its own, a later transaction commits, it checks a
+        stream's version with an append of no events (which keeps no floor), then appends:
+        its event is readable as soon as it commits."""
+        await store.admin.execute(f'CREATE TABLE "{store.schema}".orders (id int)')
+        await store.append("warm", [NewEvent("Warm", {})])
+        async with (
+            store.admin.connection("writer") as writer,
+            store.admin.connection("other") as other,
+        ):
+            await writer.execute(f'BEGIN; INSERT INTO "{store.schema}".orders VALUES (1)')
+            await other.execute(f'CREATE TABLE "{store.schema}".unrelated (n int)')
+            sql, args = store.admin.append_statement(
+                [StreamAppend("limit", [], expected_version=0)]
+            )
+            await writer.fetchrow(sql, *args)
+            sql, args = store.admin.append_statement(
+                [StreamAppend("order", [NewEvent("OrderPlaced", {})])]
+            )
+            await writer.fetchrow(sql, *args)
+            await writer.execute("COMMIT")
+        # Nothing else commits from here on: a stuck event would stay stuck.
+        assert await self.readable(store, "order")
+
+    async def test_an_outbox_process_that_dies_after_its_commit(
+        self, store: PostgresStore, postgres_dsn: str
+    ) -> None:
+        """The same through store.transaction(), in a process that exits right after the
+        COMMIT, before its store can send the notification that would also have moved the
+        horizon along."""
+        await store.admin.execute(f'CREATE TABLE "{store.schema}".orders (id int)')
+        await store.append("warm", [NewEvent("Warm", {})])
+        script = (
+            "import os, sys, trio\n"
+            "from eventcore_trio import NewEvent, StreamAppend, open_postgres_store\n"
+            "async def main(dsn, schema):\n"
+            "    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:\n"
+            "        async with store.admin.connection('other') as other:\n"
+            "            async with store.transaction() as tx:\n"
+            "                await tx.execute(f'INSERT INTO \"{schema}\".orders VALUES (1)')\n"
+            "                await other.execute(f'CREATE TABLE \"{schema}\".unrelated (n int)')\n"
+            "                check = StreamAppend('limit', [], expected_version=0)\n"
+            "                await tx.append_atomic([check])\n"
+            "                await tx.append('order', [NewEvent('OrderPlaced', {})])\n"
+            "            os._exit(0)\n"
+            "trio.run(main, os.environ['EVENTCORE_DSN'], sys.argv[1])\n"
+        )
+        env = {**os.environ, "EVENTCORE_DSN": postgres_dsn}
+        await trio.run_process([sys.executable, "-c", script, store.schema], env=env)
+        assert len(await store.read_stream("order")) == 1
+        assert await self.readable(store, "order")
+
+
+async def test_a_reader_on_a_hot_standby_reads_below_the_xmin(
+    own_server: EmbeddedPostgres,
+) -> None:
+    """A store opened on a hot standby (advisory locks are not replicated, so its lock view
+    shows no writers) reads with the xmin rule alone: an append open on the primary holds
+    the standby's reader back, and its event is read once it commits."""
+    standby = EmbeddedPostgres.standby_of(own_server)
+    await trio.to_thread.run_sync(standby.start)
+    try:
+        async with open_postgres_store(own_server.dsn, schema="hs") as primary:
+            await primary.append("warm", [NewEvent("Warm", {})])
+
+            async def replayed() -> bool:
+                lsn = await primary.admin.fetchval("SELECT pg_current_wal_lsn()")
+                session = await _bridge.connect(
+                    standby.dsn, application_name="replay check", connect_timeout=10
+                )
+                try:
+                    return bool(
+                        await session.fetchval("SELECT pg_last_wal_replay_lsn() >= $1", lsn)
+                    )
+                finally:
+                    await session.close()
+
+            await eventually(replayed)
+            async with open_postgres_store(standby.dsn, schema="hs", migrate=False) as replica:
+                assert await replica.admin.fetchval("SELECT pg_is_in_recovery()")
+                (warm,) = await replica.read_events(None, limit=10)
+                cursor = warm.position
+                returned: list[str] = []
+                async with primary.admin.connection("open writer") as writer:
+                    await writer.execute("BEGIN")
+                    sql, args = primary.admin.append_statement(
+                        [StreamAppend("t", [NewEvent("T", {})])]
+                    )
+                    await writer.fetchrow(sql, *args)
+                    await primary.append("u", [NewEvent("U", {})])
+                    await eventually(replayed)
+                    page = await replica.read_events(cursor, limit=10)
+                    returned += [event.stream_id for event in page]
+                    cursor = page[-1].position if page else cursor
+                    await writer.execute("COMMIT")
+                await eventually(replayed)
+                returned += [e.stream_id for e in await read_all(replica, after=cursor)]
+        assert returned == ["t", "u"]
+    finally:
+        await trio.to_thread.run_sync(standby.cleanup)

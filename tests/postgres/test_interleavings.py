@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from eventcore_trio import NewEvent, Position, StreamAppend
+from eventcore_trio import NewEvent, Position, StreamAppend, open_postgres_store
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.postgres._appends import AppendStatement, encode_append
 from eventcore_trio.postgres._bridge import Connection
@@ -37,6 +37,9 @@ from eventcore_trio.postgres._reads import ReadQueries
 
 from ..conftest import oldest_server_param
 from .interleavings import Actor, Session, Step, explore
+
+#: A scripted writer's steps: a label and the statements it runs (see `Scenario.scripted`).
+Script = Sequence[tuple[str, Sequence[str]]]
 
 pytestmark = pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 
@@ -205,6 +208,45 @@ class Scenario:
                 await connection.execute("COMMIT")
 
         return Actor(name, body, twin_of=twin_of)
+
+    def scripted(
+        self, name: str, at: int, script: Script, *, other_schema: str | None = None
+    ) -> Actor:
+        """A writer that runs *script*: per step, a label and its statements. ``APPEND x``
+        appends one event to the scenario's stream x; ``OTHER x`` appends to stream x in
+        *other_schema*; ``EXCEPT x`` appends to x inside a plpgsql block that then raises
+        and catches an error (the append is undone with the block's subtransaction);
+        anything else is SQL, ``{s}`` standing for the schema."""
+        connection = self.connections[at]
+
+        async def body(step: Step, session: Session) -> None:
+            session.uses(connection)
+            for label, statements in script:
+                await step(label)
+                for statement in statements:
+                    verb, *words = statement.split()
+                    if verb == "APPEND":
+                        sql, args = self.append_sql(*words)
+                        await connection.fetchrow(sql, *args)
+                    elif verb == "OTHER":
+                        assert other_schema is not None
+                        sql, args = AppendStatement(other_schema)(
+                            [StreamAppend(self.stream(words[0]), [NewEvent("E", {})])]
+                        )
+                        await connection.fetchrow(sql, *args)
+                    elif verb == "EXCEPT":
+                        await connection.execute(
+                            "DO $do$ BEGIN "
+                            f'PERFORM "{self.schema}".append_events('
+                            f"ARRAY['{self.stream(words[0])}'], ARRAY[NULL]::bigint[], "
+                            "ARRAY[1], NULL, NULL, NULL, ARRAY['E'], ARRAY['{}'::jsonb], NULL); "
+                            "RAISE EXCEPTION 'undo'; "
+                            "EXCEPTION WHEN raise_exception THEN NULL; END $do$"
+                        )
+                    else:
+                        await connection.execute(statement.format(s=f'"{self.schema}"'))
+
+        return Actor(name, body)
 
     # -- readers --------------------------------------------------------------------------
 
@@ -418,3 +460,107 @@ async def test_a_late_writer_and_a_plain_appender_of_one_stream(
 #: Counted by the explorer (blocked appends make these fewer than the plain orders).
 ONE_STREAM_LATE = 196
 ONE_STREAM_MIXED = 147
+
+
+ROW = "INSERT INTO {s}.scratch VALUES (1)"
+
+
+@pytest.mark.parametrize(
+    ("script", "schedules"),
+    [
+        pytest.param(
+            [
+                ("row", ["BEGIN", ROW]),
+                ("savepoint", ["SAVEPOINT s", "APPEND a"]),
+                ("rollback to", ["ROLLBACK TO SAVEPOINT s"]),
+                ("append", ["APPEND a"]),
+                ("commit", ["COMMIT"]),
+            ],
+            756,
+            id="a savepoint's append rolled back, then an append",
+        ),
+        pytest.param(
+            [
+                ("row", ["BEGIN", ROW]),
+                ("append", ["APPEND a"]),
+                ("savepoint", ["SAVEPOINT s", "APPEND b"]),
+                ("rollback to", ["ROLLBACK TO SAVEPOINT s"]),
+                ("append", ["APPEND c"]),
+                ("commit", ["COMMIT"]),
+            ],
+            1_260,
+            id="a kept floor, a savepoint's append rolled back, an append",
+        ),
+        pytest.param(
+            [
+                ("row", ["BEGIN", ROW]),
+                ("except", ["EXCEPT a"]),
+                ("append", ["APPEND b"]),
+                ("commit", ["COMMIT"]),
+            ],
+            420,
+            id="an append undone by a plpgsql exception block",
+        ),
+        pytest.param(
+            [
+                ("savepoint", ["BEGIN", "SAVEPOINT s", "APPEND a"]),
+                ("rollback to", ["ROLLBACK TO SAVEPOINT s"]),
+                ("append", ["APPEND b"]),
+                ("commit", ["COMMIT"]),
+            ],
+            420,
+            id="an id from an append a savepoint rolled back",
+        ),
+    ],
+)
+async def test_savepoints_rolled_back(
+    scenario: Scenario, monitor: Connection, script: Script, schedules: int
+) -> None:
+    """Appends undone by a savepoint or an exception block (taking the writer lock, the
+    kept floor and the claimed id with them), then appends: with a plain appender and the
+    reader, every order."""
+    s = scenario
+    await run(
+        s,
+        monitor,
+        lambda: [s.scripted("W", 0, script), s.plain("P", 1, "z"), s.reader()],
+        schedules,
+    )
+
+
+async def test_append_write_append(scenario: Scenario, monitor: Connection) -> None:
+    """A transaction that appends, then writes a row, then appends again (its second append
+    is a late one), with a late writer and the reader."""
+    s = scenario
+    script: Script = [
+        ("append", ["BEGIN", "APPEND a"]),
+        ("row", [ROW]),
+        ("append", ["APPEND b"]),
+        ("commit", ["COMMIT"]),
+    ]
+    await run(
+        s, monitor, lambda: [s.scripted("W", 0, script), s.late("L", 1, "c"), s.reader()], 1_260
+    )
+
+
+async def test_an_append_to_another_schema_first(
+    scenario: Scenario, monitor: Connection, postgres_dsn: str
+) -> None:
+    """A transaction that appends to another store's schema, then to this one's (it holds an
+    id, and this schema's writer lock only from its second append), with a late writer and
+    the reader."""
+    s = scenario
+    other = f"{s.schema}_other"
+    async with open_postgres_store(postgres_dsn, schema=other):
+        pass
+    script: Script = [
+        ("other", ["BEGIN", "OTHER z"]),
+        ("append", ["APPEND a"]),
+        ("commit", ["COMMIT"]),
+    ]
+    await run(
+        s,
+        monitor,
+        lambda: [s.scripted("W", 0, script, other_schema=other), s.late("L", 1, "b"), s.reader()],
+        560,
+    )

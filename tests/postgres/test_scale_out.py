@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from eventcore_trio import NewEvent, partition_of
+from eventcore_trio import NewEvent, ProjectionState, partition_of
 from eventcore_trio._processes import run_ready_process
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.testing import PostgresHarness, read_all
@@ -200,9 +200,9 @@ async def test_split_under_load_and_refused_merge(store: PostgresStore, postgres
             await old_hosts.start(2)
             await eventually(lambda: _even_over(store, set(old_hosts.processes), 8), within=30)
             new_hosts = Hosts(nursery, postgres_dsn, store.schema, app)
-            # Its units wait for the old hosts' locks to split, so it is not ready until
-            # they are gone: a rolling deploy.
-            nursery.start_soon(new_hosts.start, 4)
+            # A rolling deploy: the new host is ready at once; its units wait for the split,
+            # which waits for the old hosts, which lead every unit of the old count meanwhile.
+            await new_hosts.start(4)
             await eventually(lambda: _split_waiting(store), within=30)
             old.cancel_scope.cancel()
         await new_hosts.start(4)
@@ -233,13 +233,22 @@ async def test_split_under_load_and_refused_merge(store: PostgresStore, postgres
         await refused.wait()
         await refused.stderr.aclose()
     assert b"PartitionsChanged" in said
-    assert [s.partitions for s in await store.projection_status() if s.name == "wide"] == [4] * 4
+
+    async def only_the_recorded_count() -> bool:
+        # The refused host's units (of 3) are listed, failed, until its sessions end.
+        wide = [s for s in await store.projection_status() if s.name == "wide"]
+        assert all(s.state is ProjectionState.FAILED for s in wide if s.partitions == 3)
+        return [s.partitions for s in wide] == [4] * 4
+
+    await eventually(only_the_recorded_count, within=10)
 
 
 async def _split_waiting(store: PostgresStore) -> bool:
-    # A repartition session waits for an old unit's lock.
-    waiting = await store.admin.fetchval(
-        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-        "AND application_name LIKE '% repartition wide%'"
+    # The new count's units are held by the new host and wait for the split; the old
+    # count's units are led by the old hosts.
+    wide = {s.unit: s for s in await store.projection_status() if s.name == "wide"}
+    new = [wide.get(f"wide[{i}/4]") for i in range(4)]
+    old = [wide.get(f"wide[{i}/2]") for i in range(2)]
+    return all(s is not None and s.state is ProjectionState.AWAITING_SPLIT for s in new) and all(
+        s is not None and s.state is ProjectionState.RUNNING and s.leader is not None for s in old
     )
-    return bool(waiting)

@@ -17,6 +17,7 @@ from eventcore_trio import (
     PartitionsChanged,
     PartitionsMismatch,
     ProjectionRunning,
+    ProjectionState,
     RecordedEvent,
     Store,
     partition_of,
@@ -31,7 +32,7 @@ from eventcore_trio.projection import (
     run_projection,
     run_projections,
 )
-from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
+from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness, wait_caught_up
 
 from ..helpers import eventually
 from .test_runtime import _reset_waits
@@ -170,6 +171,57 @@ class PartitionContract:
         assert all(v == [3] for v in eight.versions().values())
         status = [s for s in await store.projection_status() if s.name == "orders"]
         assert [s.partition for s in status] == list(range(8))
+
+    async def test_a_split_waits_for_the_old_count_s_host_which_keeps_leading(
+        self, store: Store
+    ) -> None:
+        """A rolling deploy: a host with 4 partitions starts beside a host with 2 and
+        reports started; the old host keeps leading and applying every unit of 2 while the
+        units of 4 await the split (status says so); once it stops, the split continues
+        from its checkpoints."""
+        two, four = Applied(partitions=2), Applied(partitions=4)
+        await _append_round(store, 1)
+        config = ProjectionConfig(balance_interval=0.1, poll_interval=0.2)
+        old_host = trio.CancelScope()
+
+        async def run_old(task_status: trio.TaskStatus[None]) -> None:
+            with old_host:
+                await run_projections(store, [two.projector], config, task_status=task_status)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(run_old)
+            await two.wait_for(40)
+            with trio.fail_after(20):
+                await nursery.start(run_projections, store, [four.projector], config)
+            await _append_round(store, 2)
+            await wait_caught_up(store, [two.projector], timeout=20)
+            status = {s.unit: s for s in await store.projection_status() if s.name == "orders"}
+            assert set(status) == {f"orders[{i}/2]" for i in range(2)} | {
+                f"orders[{i}/4]" for i in range(4)
+            }
+            for i in range(2):
+                assert status[f"orders[{i}/2]"].state is ProjectionState.RUNNING
+            for i in range(4):
+                waiting = status[f"orders[{i}/4]"]
+                assert waiting.state is ProjectionState.AWAITING_SPLIT
+                assert waiting.checkpoint is None
+                assert waiting.lag_events == 0  # counted from its parent's checkpoint
+                assert waiting.runnable_by == 1
+            assert four.versions() == {}
+            old_host.cancel()
+
+            async def split() -> bool:
+                units = [s for s in await store.projection_status() if s.name == "orders"]
+                return [s.partitions for s in units] == [4] * 4 and all(
+                    s.state is ProjectionState.RUNNING for s in units
+                )
+
+            await eventually(split, within=20)
+            await _append_round(store, 3)
+            await four.wait_for(40)
+            nursery.cancel_scope.cancel()
+        assert all(v == [1, 2] for v in two.versions().values())
+        assert all(v == [3] for v in four.versions().values())
 
     async def test_an_unpartitioned_projection_can_be_split(self, store: Store) -> None:
         """A projection that ran unpartitioned splits into K without replaying anything."""
