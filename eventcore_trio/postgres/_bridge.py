@@ -14,7 +14,8 @@ import json
 import logging
 import math
 import socket
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, ParamSpec, TypeVar, final
 
@@ -30,6 +31,7 @@ from .._errors import (
     DatabaseNotFound,
     DuplicateEventId,
     EventCoreError,
+    StoreClosed,
     StoreConnectionError,
     UnsupportedPooling,
     VersionConflict,
@@ -43,6 +45,10 @@ T = TypeVar("T")
 VERSION_CONFLICT_SQLSTATE: Final = "EV001"
 
 Record = Mapping[str, Any]
+
+#: Seconds a closing store's loop waits for the crossings still in flight to end, once
+#: cancelled, before it closes all the same.
+DRAIN_TIMEOUT: Final = 5.0
 
 
 _CONNECTION_SQLSTATE_CLASSES: Final = ("08", "57", "53")
@@ -131,17 +137,85 @@ def translate_error(exc: BaseException) -> BaseException:
     return exc
 
 
+@final
+class _Crossings:
+    """The crossings in flight on one trio-asyncio loop that `asyncio_loop` opened.
+
+    The loop must not close under a crossing: its asyncio future would never resolve, and a
+    cancellation arriving later would hand it to a closed loop (``RuntimeError: Event loop is
+    closed`` inside Trio's deadline handling, a `trio.TrioInternalError`). So the loop's
+    owner drains them first (`drain`), and a crossing asked for after that is refused.
+    """
+
+    def __init__(self) -> None:
+        # Each crossing's cancel scope; a crossing removes its own when it ends.
+        self._scopes: set[trio.CancelScope] = set()
+        self._idle = trio.Event()
+        self._idle.set()
+        # Set by drain: no new crossing starts.
+        self.closed = False
+
+    @contextlib.contextmanager
+    def track(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope around one crossing, known to `drain` while it runs."""
+        if self.closed:
+            raise StoreClosed(_LOOP_CLOSED)
+        with trio.CancelScope() as scope:
+            self._scopes.add(scope)
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            try:
+                yield scope
+            finally:
+                self._scopes.discard(scope)
+                if not self._scopes:
+                    self._idle.set()
+        if scope.cancelled_caught:
+            raise StoreClosed(_LOOP_CLOSED_IN_FLIGHT)
+
+    async def drain(self) -> None:
+        """Refuse new crossings, cancel those in flight, and wait until every one has
+        ended."""
+        self.closed = True
+        for scope in list(self._scopes):
+            scope.cancel()
+        await self._idle.wait()
+
+
+_LOOP_CLOSED: Final = (
+    "the store that opened this connection has closed (its asyncio loop is gone); open a new store"
+)
+_LOOP_CLOSED_IN_FLIGHT: Final = (
+    "the store closed while this call was in flight; it may or may not have completed"
+)
+
+# Per trio-asyncio loop: its crossings (loops opened by an application are not tracked).
+_crossings: weakref.WeakKeyDictionary[object, _Crossings] = weakref.WeakKeyDictionary()
+
+
 async def _cross(fn: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any:
-    try:
-        return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
-    except (
-        TimeoutError,
-        asyncpg.PostgresError,
-        asyncpg.InterfaceError,
-        asyncpg.exceptions.InternalClientError,
-        OSError,
-    ) as exc:
-        raise translate_error(exc) from exc
+    loop = trio_asyncio.current_loop.get()
+    if loop is None or loop.is_closed():
+        raise StoreClosed(_LOOP_CLOSED)
+    tracked = _crossings.get(loop)
+    scope = contextlib.nullcontext() if tracked is None else tracked.track()
+    with scope:
+        try:
+            return await trio_asyncio.aio_as_trio(fn)(*args, **kwargs)
+        except (
+            TimeoutError,
+            asyncpg.PostgresError,
+            asyncpg.InterfaceError,
+            asyncpg.exceptions.InternalClientError,
+            OSError,
+        ) as exc:
+            raise translate_error(exc) from exc
+        except asyncio.CancelledError as exc:
+            # Cancelled on the asyncio side, not by Trio (which would have raised
+            # trio.Cancelled): no asyncio cancellation reaches Trio code.
+            raise StoreConnectionError(
+                "the connection's asyncio side cancelled this call (the connection is "
+                "closing or being reset); it did not complete. Retry on a new connection."
+            ) from exc
 
 
 logger = logging.getLogger("eventcore_trio.postgres")
@@ -172,7 +246,14 @@ async def asyncio_loop() -> AsyncIterator[None]:
             # from a connect that was cancelled half-way), which would tear the whole loop,
             # and the store, down. Such errors belong in the log.
             loop.set_exception_handler(_log_orphan_error)
-            yield
+            crossings = _crossings[loop] = _Crossings()
+            try:
+                yield
+            finally:
+                # No crossing outlives the loop: a task of an outer nursery may still be
+                # in one (it inherited the loop from the task that started it).
+                with trio.move_on_after(DRAIN_TIMEOUT, shield=True):
+                    await crossings.drain()
     except BaseExceptionGroup as group:
         # The loop's nurseries wrap the block's own exception; callers want it bare.
         raise_single(group)
@@ -329,7 +410,10 @@ class Connection(_Queries):
         try:
             yield receive
         finally:
-            with trio.move_on_after(5, shield=True), contextlib.suppress(StoreConnectionError):
+            with (
+                trio.move_on_after(5, shield=True),
+                contextlib.suppress(StoreConnectionError, StoreClosed),
+            ):
                 if not self.is_closed():
                     await _cross(self._raw.remove_listener, channel, on_notification)
             send.close()
@@ -348,7 +432,10 @@ class Connection(_Queries):
         If the rollback cannot complete (the session is gone or hangs) the connection is
         terminated, so it is never left inside an open transaction; `is_closed` then tells.
         """
-        with trio.move_on_after(5, shield=True), contextlib.suppress(StoreConnectionError):
+        with (
+            trio.move_on_after(5, shield=True),
+            contextlib.suppress(StoreConnectionError, StoreClosed),
+        ):
             await _cross(self._raw.execute, "ROLLBACK")
         if not self.is_closed() and self._raw.is_in_transaction():
             self.terminate()
@@ -371,7 +458,10 @@ class Connection(_Queries):
 
     async def close(self, grace: float = 5.0) -> None:
         """Close gracefully, shielded from cancellation; terminate after *grace* seconds."""
-        with trio.move_on_after(grace, shield=True), contextlib.suppress(StoreConnectionError):
+        with (
+            trio.move_on_after(grace, shield=True),
+            contextlib.suppress(StoreConnectionError, StoreClosed),
+        ):
             await _cross(self._raw.close)
         if not self.is_closed():
             self.terminate()

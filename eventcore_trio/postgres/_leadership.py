@@ -46,6 +46,7 @@ from .._errors import (
     EventCoreError,
     LeadershipLost,
     LeadershipUnavailable,
+    StoreClosed,
     StoreConnectionError,
     UnsupportedPooling,
 )
@@ -244,7 +245,8 @@ class PostgresLeadership(LeadershipState):
             async with self._connection_lock:
                 row = None
                 with trio.move_on_after(PING_TIMEOUT):
-                    with contextlib.suppress(StoreConnectionError):
+                    # StoreClosed: the store's loop closed under this leadership.
+                    with contextlib.suppress(StoreConnectionError, StoreClosed):
                         row = await self._connection.fetchrow(
                             CHECK_LOCK, proof.backend_pid, proof.key
                         )

@@ -22,7 +22,7 @@ from typing import Any, Final, final
 
 import trio
 
-from .._errors import EventCoreError, StoreConnectionError
+from .._errors import EventCoreError, StoreClosed, StoreConnectionError
 from ._bridge import Connection, Record, connect
 
 #: Seconds a connection returned after an interrupted use may take to prove itself idle.
@@ -76,7 +76,8 @@ class Pool:
         # An error the server sent (a conflict, a constraint, a timeout it enforced) came
         # with its ReadyForQuery: the session's state is known, no settling needed.
         interrupted = exc is not None and (
-            not isinstance(exc, EventCoreError) or isinstance(exc, StoreConnectionError)
+            not isinstance(exc, EventCoreError)
+            or isinstance(exc, StoreConnectionError | StoreClosed)
         )
         if interrupted and not connection.is_closed():
             # A statement may have been cancelled in flight (asyncpg then asks the server to

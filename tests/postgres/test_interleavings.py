@@ -126,8 +126,8 @@ class Scenario:
             session.uses(connection)
             sql, args = self.append_sql(stream)
             await step("append")
-            await connection.execute("BEGIN")
-            await connection.fetchrow(sql, *args)
+            # BEGIN and the append in one crossing (BEGIN alone changes nothing others see).
+            await connection.run_writes([("BEGIN", [()]), (sql, [args])])
             await step("commit")
             await connection.execute("COMMIT")
 
@@ -146,8 +146,7 @@ class Scenario:
                 ]
             )
             await step("append")
-            await connection.execute("BEGIN")
-            await connection.fetch(sql, *args)
+            await connection.run_writes([("BEGIN", [()]), (sql, [args])])
             await step("commit")
             await connection.execute("COMMIT")
 

@@ -482,6 +482,53 @@ class TestOpening:
             await store.read_events(None, limit=1)
 
 
+class TestCallsInFlightWhenTheStoreCloses:
+    """No crossing into asyncio outlives the store's loop: calls still in flight in tasks
+    that outlive the store (started from inside its block into an outer nursery, so they
+    inherited its loop) are cancelled before the loop closes, and end with StoreClosed."""
+
+    async def test_a_statement_in_flight_in_an_outer_task(self, harness: PostgresHarness) -> None:
+        """A held connection runs a 3 s statement under a deadline that expires after the
+        store has closed: the task gets StoreClosed at the close, and the deadline firing
+        later is harmless (before: TrioInternalError, "Event loop is closed")."""
+        outcome: list[BaseException] = []
+        running = trio.Event()
+
+        async def slow(store: PostgresStore) -> None:
+            with trio.move_on_after(1.5):
+                try:
+                    async with store.admin.connection("slow") as connection:
+                        running.set()
+                        await connection.fetchval("SELECT pg_sleep(3)")
+                except StoreClosed as exc:
+                    outcome.append(exc)
+                # The deadline is still ahead: wait for it, past the store's close.
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as outer, harness.open_store() as store:
+            outer.start_soon(slow, store)
+            await running.wait()
+
+            async def sleeping() -> bool:
+                return bool(
+                    await store.admin.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE application_name = 'slow' AND query LIKE '%pg_sleep%'"
+                    )
+                )
+
+            await eventually(sleeping)
+        assert len(outcome) == 1
+        assert "in flight" in str(outcome[0])
+
+    async def test_a_call_after_the_loop_closed_is_refused(self, harness: PostgresHarness) -> None:
+        """A connection kept past its store's block refuses calls with StoreClosed."""
+        async with harness.open_store() as store, store.admin.acquire() as connection:
+            pass
+        with pytest.raises(StoreClosed):
+            await connection.fetchval("SELECT 1")
+
+
 class TestAsyncioErrors:
     """Errors that asyncio reports with nobody awaiting them do not bring the store down."""
 

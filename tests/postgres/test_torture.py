@@ -21,6 +21,7 @@ from eventcore_trio.torture._model import EVENT_TYPE, app_schema_sql, projectors
 from eventcore_trio.torture._report import Findings
 from eventcore_trio.torture._verify import verify
 
+from ..conftest import oldest_server_param
 from ..helpers import TORTURE_REPORT_FIELDS, clean_findings, start_interruptible
 
 CLEAN = clean_findings(12)
@@ -221,6 +222,9 @@ class TestVerification:
         assert (await self._verify(store, app, ids)).order_violations == 2
 
 
+# The torture run's faults are processes, sessions and networks, alike on every supported
+# version: its short runs (a dozen seconds each) run on one server, the oldest under test.
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 async def test_a_short_run_with_every_fault_verifies(own_server: EmbeddedPostgres) -> None:
     """Every kind of fault, server restarts included, on a server this test owns."""
     lines: list[str] = []
@@ -241,6 +245,7 @@ async def test_a_short_run_with_every_fault_verifies(own_server: EmbeddedPostgre
 
 
 class TestTortureCommand:
+    @pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
     def test_json_report(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         """--json prints one object with the issue's fields; progress goes to stderr."""
         code = main(
