@@ -8,6 +8,7 @@ suite in `eventcore_trio.testing`.
 
 from ._errors import AuthenticationFailed as AuthenticationFailed
 from ._errors import BatchInterrupted as BatchInterrupted
+from ._errors import CheckpointAhead as CheckpointAhead
 from ._errors import CheckpointConflict as CheckpointConflict
 from ._errors import ClusterMismatch as ClusterMismatch
 from ._errors import ConfigurationError as ConfigurationError
@@ -147,6 +148,7 @@ __all__ = [
     "DatabaseNotAvailable",
     "AppendResult",
     "AuthenticationFailed",
+    "CheckpointAhead",
     "CheckpointConflict",
     "CheckpointStore",
     "ClusterMismatch",

@@ -135,6 +135,50 @@ class CheckpointConflict(EventCoreError):
         self.current = current
 
 
+class CheckpointAhead(EventCoreError, ValueError):
+    """A checkpoint lies beyond every position the store can have produced.
+
+    A projection that reads after such a checkpoint applies none of the stored events, nor
+    any written until the store's positions pass it (for a made-up position, never), and
+    reports no lag. A save of one (`CheckpointStore.save_checkpoint`, a projection batch's
+    checkpoint) is refused and changes nothing: save the position of an event that was read
+    or appended. One already stored (saved before this check, or written by hand) makes
+    `CheckpointStore.load_checkpoint` raise this, so a projection refuses to run from it,
+    and `projection_status` shows it (``checkpoint_ahead``): reset the projection to rebuild
+    it from the beginning.
+
+    Attributes:
+        name: the checkpoint (a projection's unit) name.
+        position: the position beyond the store.
+        stored: True when the checkpoint was found stored, False when a save was refused.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, name: str, position: Position, *, stored: bool) -> None:
+        if stored:
+            from ._partitions import Unit  # here: _partitions imports this module
+
+            projection = Unit.parse(name).projection
+            message = (
+                f"checkpoint {name!r} is at {position}, ahead of every position this store "
+                "can have produced: a projection reading after it would skip every event. "
+                f"Reset the projection (store.reset_projection({projection!r}) or "
+                f"`eventcore-trio reset {projection}`) to rebuild it from the beginning"
+            )
+        else:
+            message = (
+                f"position {position} is ahead of every position this store can have "
+                f"produced, so checkpoint {name!r} was not saved (a projection reading after "
+                "it would skip every event); save the position of an event that was read or "
+                "appended (RecordedEvent.position, AppendResult.position)"
+            )
+        super().__init__(message)
+        self.name = name
+        self.position = position
+        self.stored = stored
+
+
 class ClusterMismatch(EventCoreError):
     """A checkpoint was written against a different PostgreSQL cluster than the one connected.
 

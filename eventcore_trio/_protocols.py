@@ -181,7 +181,16 @@ class CheckpointStore(Protocol):
     """
 
     async def load_checkpoint(self, name: str) -> Position | None:
-        """Return the saved position for *name*, or None if there is none."""
+        """Return the saved position for *name*, or None if there is none.
+
+        Raises:
+            CheckpointAhead: the saved position is beyond every position the store can have
+                produced (saved before such saves were refused, or by hand): a projection
+                would skip every event from it. Reset the projection.
+
+        .. versionchanged:: 0.3
+           Raises `CheckpointAhead`.
+        """
         ...
 
     async def save_checkpoint(self, name: str, position: Position) -> None:
@@ -191,6 +200,11 @@ class CheckpointStore(Protocol):
 
         Raises:
             CheckpointConflict: *position* is before the saved one (nothing changed).
+            CheckpointAhead: *position* is beyond every position the store can have produced
+                (a later transaction or sequence number than any it drew); nothing changed.
+
+        .. versionchanged:: 0.3
+           Raises `CheckpointAhead`.
         """
         ...
 
@@ -289,6 +303,11 @@ class ProjectionBatch(Protocol):
 
         Raises:
             CheckpointConflict: the stored checkpoint is not *expected* (another writer).
+            CheckpointAhead: *position* is beyond every position the store can have
+                produced; the batch does not commit.
+
+        .. versionchanged:: 0.3
+           Raises `CheckpointAhead`.
         """
         ...
 

@@ -33,7 +33,12 @@ class Snapshot:
         state_version: the state class's schema version when the snapshot was taken; one
             that differs from today's is ignored (or upcast with a state upcaster).
         stream_version: how many of the stream's events are folded into *data*.
-        data: the state, as JSON values.
+        data: the state, as JSON values, and under the key ``"@fields"`` a fingerprint of
+            the state class's fields (names and declared types) when it was taken. One of
+            today's *state_version* whose fingerprint is not today's class's (the fields
+            changed and the version was not raised), or that has none (taken before
+            snapshots recorded it, or written by hand), is never used: the stream is folded
+            from its events, with a warning in the first case, and the snapshot replaced.
         taken_at: when it was written (None before it is stored).
         event_id: the id of the last event folded into *data* (the stream's event at
             *stream_version*). A snapshot without one (written before it was recorded) is

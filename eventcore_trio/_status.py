@@ -10,7 +10,7 @@ from typing import final
 
 import attrs
 
-from ._errors import PartitionsChanged
+from ._errors import CheckpointAhead, PartitionsChanged
 from ._events import RecordedEvent, UndecodableEvent
 from ._hosts import HostState
 from ._partitions import Partition, Unit, plan_repartition, split_parent
@@ -174,13 +174,19 @@ class ProjectionStatus:
             will lead it until a host that has it starts (see ``unrunnable``).
         lacking_hosts: the live balancing hosts that cannot run this unit (pid, machine,
             application name), empty when every live host can.
+        checkpoint_ahead: True when the checkpoint lies beyond every position the store can
+            have produced (saved before eventcore-trio refused such saves, or written by
+            hand): the projection would skip every event, so it refuses to run
+            (`CheckpointAhead`). ``last_error`` then says to reset it, and ``lag_events`` counts
+            every matching event, which is what a reset rebuilds.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
        ``partition`` and ``partitions``; ``name`` is the projection's for every partition.
     .. versionchanged:: 0.3
        ``runnable_by`` and ``lacking_hosts``; units that a live host runs are listed before
-       they first run, also those of a partition count that is not (yet) the recorded one.
+       they first run, also those of a partition count that is not (yet) the recorded one;
+       ``checkpoint_ahead``.
     """
 
     name: str
@@ -198,6 +204,7 @@ class ProjectionStatus:
     partitions: int = 1
     runnable_by: int | None = None
     lacking_hosts: tuple[LeaderInfo, ...] = ()
+    checkpoint_ahead: bool = False
 
     @property
     def unrunnable(self) -> bool:
@@ -271,6 +278,13 @@ def status_order(record: ProjectionStatus) -> tuple[str, int, int]:
     return (record.name, record.partitions, record.partition or 0)
 
 
+def ahead_error(unit: str, checkpoint: Position, last_error: str | None) -> str:
+    """``last_error`` of a unit whose checkpoint is ahead of the store (the same words for
+    every backend): what `CheckpointAhead` says, then the error last recorded, if any."""
+    message = str(CheckpointAhead(unit, checkpoint, stored=True))
+    return message if last_error is None else f"{message}. Last error before: {last_error}"
+
+
 def _info_json(info: LeaderInfo) -> dict[str, object]:
     return {"pid": info.pid, "host": info.host, "application_name": info.application_name}
 
@@ -285,6 +299,7 @@ def status_json(record: ProjectionStatus) -> dict[str, object]:
         "partitions": record.partitions,
         "state": record.state.value,
         "checkpoint": None if record.checkpoint is None else str(record.checkpoint),
+        "checkpoint_ahead": record.checkpoint_ahead,
         "lag_events": record.lag_events,
         "lag_seconds": record.lag_seconds,
         "leader": None if record.leader is None else _info_json(record.leader),

@@ -8,11 +8,15 @@ so every read path (commands, projectors, dead-letter replay) sees today's class
 
 from __future__ import annotations
 
+import hashlib
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final, TypeVar, final
 
 import attrs
 import cattrs
+from cattrs.gen import make_mapping_unstructure_fn
 
 from ._errors import ConfigurationError, EventDecodeError, InvalidArgument
 from ._events import NewEvent, RecordedEvent
@@ -25,6 +29,30 @@ EVENT_VERSION: Final = "event_version"
 
 # A cycle of upcasters would loop for ever; no honest chain is this long.
 _MAX_UPCASTS: Final = 1_000
+
+#: The key in a snapshot's data that holds the fingerprint of the fields of the state class
+#: that took it (`fields_fingerprint`). Not an identifier: no field declared in a class body
+#: is named so.
+STATE_FIELDS_KEY: Final = "@fields"
+
+
+def _int_keyed_mapping(type_: Any) -> bool:
+    # A mapping type whose keys are declared int (``dict[int, X]``, ``Mapping[int, X]``).
+    origin = typing.get_origin(type_)
+    args = typing.get_args(type_)
+    return (
+        isinstance(origin, type)
+        and issubclass(origin, Mapping)
+        and len(args) == 2
+        and args[0] is int
+    )
+
+
+def _int_key_text(key: Any, _type: Any = None) -> Any:
+    # What JSON would write for an int key (int.__repr__: an IntEnum or a bool gives its
+    # number); anything else is left for the encoder to refuse. (Called with the key only;
+    # the second parameter is what cattrs' signature for key handlers allows.)
+    return int.__repr__(key) if isinstance(key, int) else key
 
 
 @final
@@ -63,6 +91,51 @@ class StateType:
     name: str
     version: int
     snapshot_every: int | None
+
+
+def fields_fingerprint(cls: type[Any]) -> str:
+    """A fingerprint of attrs class *cls*'s fields: their names and declared types.
+
+    Nested attrs classes count by their own fields (not by name: moving or renaming a class
+    changes nothing stored), and so do the attrs classes inside generic types (``list[Item]``,
+    ``Item | None``). Other types count by their qualified name (``int``, ``Decimal``,
+    ``Colour``), unions in any order and spelling (``int | None``, ``Optional[int]``) alike.
+    The order of the fields does not count. An annotation that does not resolve (a name
+    defined only in a function, or under ``TYPE_CHECKING``) counts by its text.
+    """
+    return hashlib.sha256(_describe(cls, ()).encode()).hexdigest()[:16]
+
+
+def _describe(annotation: object, within: tuple[type[Any], ...]) -> str:
+    # A canonical text for a type: what fields_fingerprint hashes.
+    if annotation is None or annotation is type(None):
+        return "None"
+    if isinstance(annotation, str):
+        return "".join(annotation.split())  # unresolved: its text, without spaces
+    if isinstance(annotation, type) and attrs.has(annotation):
+        if annotation in within:
+            return f"^{annotation.__qualname__}"  # a class that holds itself
+        try:
+            hints = typing.get_type_hints(annotation)
+        except Exception:
+            hints = {}  # some annotation does not resolve here: each counts by its text
+        inner = (*within, annotation)
+        fields = sorted(attrs.fields(annotation), key=lambda field: field.name)
+        return (
+            "{"
+            + ",".join(f"{f.name}:{_describe(hints.get(f.name, f.type), inner)}" for f in fields)
+            + "}"
+        )
+    origin = typing.get_origin(annotation)
+    if origin is not None:
+        args = typing.get_args(annotation)
+        if origin is typing.Union or origin is types.UnionType:
+            return "Union[" + ",".join(sorted(_describe(a, within) for a in args)) + "]"
+        if origin is typing.Literal:
+            return "Literal[" + ",".join(repr(a) for a in args) + "]"
+        return _describe(origin, within) + "[" + ",".join(_describe(a, within) for a in args) + "]"
+    name = getattr(annotation, "__qualname__", None)
+    return name if isinstance(name, str) else repr(annotation)
 
 
 def _check_version(owner: str, version: object) -> int:
@@ -104,8 +177,20 @@ class EventRegistry:
         self._states_by_class: dict[type[Any], StateType] = {}
         self._state_names: set[str] = set()
         self._state_upcasters: dict[tuple[str, int], StateUpcaster] = {}
+        # Each state class's fields_fingerprint, computed on first use: by then the module that
+        # defines it has been imported whole, so its annotations resolve.
+        self._state_fields: dict[type[Any], str] = {}
         # Extra keys mean the fields changed without a new state version: not this shape.
         self._converter = cattrs.Converter(forbid_extra_keys=True)
+        # Snapshots are JSON, whose object keys are strings, and keys that are not are
+        # refused (encode_json_object). A mapping declared with int keys is unstructured with
+        # the keys' decimal text, which structuring turns back into the same ints.
+        self._converter.register_unstructure_hook_factory(
+            _int_keyed_mapping,
+            lambda type_: make_mapping_unstructure_fn(
+                type_, self._converter, unstructure_to=dict, key_handler=_int_key_text
+            ),
+        )
 
     def register(self, name: str, *, version: int = 1) -> Callable[[type[T]], type[T]]:
         """Register an attrs class under *name* (a class decorator).
@@ -365,8 +450,11 @@ class EventRegistry:
 
         Args:
             name: the stable name snapshots and caches are keyed by.
-            version: the schema version of the fields. Raise it when they change: snapshots
-                of an older version are then ignored (or upcast by `state_upcaster`).
+            version: the schema version of the fields. Raise it when they change, or when
+                ``evolve`` folds events into them differently: snapshots of an older version
+                are then ignored (or upcast by `state_upcaster`). A snapshot of the same
+                version taken with other fields (names or types; forgot to raise it) is
+                not used either, and a warning says to raise it.
             snapshot_every: take a snapshot when a command has folded this many events
                 since the last one (None: never; `take_snapshot` still takes one).
 
@@ -447,16 +535,29 @@ class EventRegistry:
             )
         return found
 
-    def encode_state(self, state: object) -> dict[str, Any]:
-        """A state as JSON values, for a snapshot (internal)."""
+    def state_fields(self, kind: StateType) -> str:
+        """The fingerprint of *kind*'s fields (`fields_fingerprint`; internal)."""
+        found = self._state_fields.get(kind.cls)
+        if found is None:
+            found = self._state_fields[kind.cls] = fields_fingerprint(kind.cls)
+        return found
+
+    def encode_state(self, kind: StateType, state: object) -> dict[str, Any]:
+        """A state as JSON values, for a snapshot, with its fields' fingerprint (internal)."""
         data = self._converter.unstructure(state)
         if not isinstance(data, dict):
             raise InvalidArgument(f"state {type(state).__qualname__} did not encode to a dict")
+        data[STATE_FIELDS_KEY] = self.state_fields(kind)
         return data
 
     def decode_state(self, kind: StateType, data: Mapping[str, Any], version: int) -> Any:
-        """A snapshot's state, upcast to *kind*'s version; None when that is impossible."""
+        """A snapshot's state, upcast to *kind*'s version; None when that is impossible.
+
+        The fingerprint is not checked here (see `_states._other_fields`); upcasters never
+        see it.
+        """
         current = dict(data)
+        current.pop(STATE_FIELDS_KEY, None)
         while version < kind.version:
             function = self._state_upcasters.get((kind.name, version))
             if function is None:

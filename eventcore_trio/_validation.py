@@ -143,17 +143,112 @@ _ORJSON_OPTIONS: Final = (
 )
 
 
-def _dump(value: dict[str, Any]) -> str:
+def _dump(kind: str, value: dict[str, Any]) -> str:
     # orjson is about twenty times faster than json here. Everything it cannot or should not
-    # encode goes to the standard encoder, whose verdict (and error message) stands.
+    # encode goes to the standard encoder, whose verdict (and error message) stands, and then
+    # to the key check: orjson refuses every key that is not exactly a str, but the standard
+    # encoder turns 1, True and None into "1", "true" and "null" (and writes a key that is a
+    # str subclass as its text), so two keys could become one and jsonb would keep the last.
     try:
         raw = orjson.dumps(value, option=_ORJSON_OPTIONS)
     except TypeError:
-        return _ENCODER.encode(value)
+        try:
+            text = _ENCODER.encode(value)
+        except (TypeError, ValueError):
+            _check_keys(kind, value)  # a key it refused (a tuple): say which, and where
+            raise
+        if not _keys_are_str(value):
+            _check_keys(kind, value)
+        return text
     if b"null" in raw:
         # orjson writes NaN and infinities as null; the standard encoder refuses them.
         _ENCODER.encode(value)
     return raw.decode("utf-8")
+
+
+_CONTAINERS: Final = (dict, list, tuple)
+
+
+def _keys_are_str(value: dict[str, Any]) -> bool:
+    # Whether every object key in *value*, which the standard encoder has just encoded (so it
+    # holds no cycle), is exactly a str: the quick look, without paths, of data that took the
+    # slow path (subclasses, integers beyond 64 bits) for another reason. Not recursive: the
+    # encoder may have gone as deep as Python's recursion limit allows.
+    stack: list[Any] = [value]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key in node:
+                if type(key) is not str:
+                    return False
+            stack.extend([item for item in node.values() if isinstance(item, _CONTAINERS)])
+        else:
+            stack.extend([item for item in node if isinstance(item, _CONTAINERS)])
+    return True
+
+
+def _check_keys(kind: str, value: dict[str, Any]) -> None:
+    # Raise EventEncodeError, naming the path, unless every object key in *value* is a str
+    # and no two keys of one object have the same text. Not recursive, and visiting each
+    # container once: *value* may be nested too deeply for the encoder, or hold a cycle.
+    # Invariant of the stack: each entry is a dict, list or tuple, and the path to it.
+    stack: list[tuple[object, tuple[object, ...]]] = [(value, ())]
+    visited: set[int] = set()
+    while stack:
+        node, path = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        if isinstance(node, dict):
+            subclassed = False
+            for key, item in node.items():
+                if type(key) is not str:
+                    if not isinstance(key, str):
+                        raise EventEncodeError(_bad_key(kind, path, key))
+                    subclassed = True
+                if isinstance(item, _CONTAINERS):
+                    stack.append((item, (*path, key)))
+            if subclassed:
+                _check_distinct(kind, path, node)
+        else:
+            assert isinstance(node, list | tuple)
+            for index, item in enumerate(node):
+                if isinstance(item, _CONTAINERS):
+                    stack.append((item, (*path, index)))
+
+
+def _check_distinct(kind: str, path: tuple[object, ...], node: dict[Any, Any]) -> None:
+    # Keys that are str subclasses are written as their text (str.__str__), which two unequal
+    # keys may share (a subclass that compares more than the text).
+    seen: set[str] = set()
+    for key in node:
+        text = str.__str__(key)
+        if text in seen:
+            raise EventEncodeError(
+                f"event {kind} has two keys that are both {text!r} as JSON at "
+                f"{_path(kind, path)} (a str subclass that compares more than its text?); "
+                "one value would be lost. Make the keys distinct plain str before appending"
+            )
+        seen.add(text)
+
+
+def _path(kind: str, path: tuple[object, ...]) -> str:
+    return kind + "".join(f"[{step!r}]" for step in path)
+
+
+def _bad_key(kind: str, path: tuple[object, ...], key: object) -> str:
+    advice = (
+        "before writing the snapshot (in a state class, declare the mapping's keys str, or "
+        "int: those are stored as their text and read back as ints)"
+        if kind == "snapshot"
+        else "before appending"
+    )
+    return (
+        f"event {kind} has a key that is not a str: {key!r} ({type(key).__name__}) in "
+        f"{_path(kind, path)}. JSON object keys are strings, and a key converted to one "
+        "reads back changed and can collide with another (1 and '1', True and 'true'), "
+        f"losing a value: convert the keys to str yourself, keeping them distinct, {advice}"
+    )
 
 
 def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
@@ -169,7 +264,9 @@ def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
     elif not value:
         return "{}"
     try:
-        text = _dump(value)
+        text = _dump(kind, value)
+    except EventEncodeError:
+        raise
     except (TypeError, ValueError) as exc:
         raise EventEncodeError(
             f"event {kind} is not JSON-serialisable ({exc}); convert it to JSON types "
@@ -194,7 +291,9 @@ def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
             f"{MAX_EVENT_JSON_BYTES:,} (MAX_EVENT_JSON_BYTES); store large content elsewhere "
             "(object storage, a table of its own) and put a reference in the event"
         )
-    if _NUL_ESCAPE.search(text):
+    # The substring test first: the regular expression costs more than the rest of the
+    # encoding, and can only match where the escape appears at all.
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise EventEncodeError(
             f"event {kind} contains a NUL character, which PostgreSQL cannot store in JSON; "
             "remove it or encode the value (e.g. base64)"

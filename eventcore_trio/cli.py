@@ -2,10 +2,15 @@
 
 Exit codes: 0 success (``run``: stopped by SIGTERM), 1 the command ran and found a problem (a
 failed verification, a projection that is not found or is running, dead letters that failed
-again), 2 bad usage or configuration, 3 the database could not be reached, 130 interrupted
-(Ctrl-C, SIGINT), after a clean shutdown.
+again), 2 bad usage or configuration (a ``run`` target that cannot be loaded, lock sessions
+behind transaction pooling), 3 the database could not be reached, 130 interrupted (Ctrl-C,
+SIGINT), after a clean shutdown.
 
-About 500 lines: one short function per subcommand to build its parser and one to run it,
+Every command that opens the store takes the same options (`_StoreOptions`): ``--dsn``,
+``--session-dsn``, ``--statement-cache-size`` and ``--schema``, the first three also from the
+environment, which keeps passwords out of the process list.
+
+About 850 lines: one short function per subcommand to build its parser and one to run it,
 kept together so that the whole command line, its messages and its exit codes read in one place.
 """
 
@@ -16,12 +21,15 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 from collections import Counter
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
 
+import attrs
 import trio
 
 from ._concurrency import run_program
@@ -33,8 +41,12 @@ from ._errors import (
     PartitionsMismatch,
     ProjectionNotFound,
     StoreConnectionError,
+    UnsupportedPooling,
 )
-from ._status import ProjectionState, status_json
+from ._status import ProjectionState, ProjectionStatus, status_json
+
+if TYPE_CHECKING:
+    from .postgres import PostgresStore
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -43,16 +55,135 @@ EXIT_UNREACHABLE = 3
 EXIT_INTERRUPTED = 130  # as shells report a SIGINT
 
 
-def _add_dsn(parser: argparse.ArgumentParser, *, schema: bool = True) -> None:
+#: The environment variables the store options default to. A DSN may hold a password, and a
+#: command line is visible to every user of the machine (``ps``): prefer the variables then.
+DSN_VARIABLE: Final = "EVENTCORE_DSN"
+SESSION_DSN_VARIABLE: Final = "EVENTCORE_SESSION_DSN"
+STATEMENT_CACHE_VARIABLE: Final = "EVENTCORE_STATEMENT_CACHE_SIZE"
+#: asyncpg's statement cache size when the DSN is direct (open_postgres_store's default).
+DEFAULT_STATEMENT_CACHE_SIZE: Final = 100
+
+
+def _add_dsn(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dsn",
-        default=os.environ.get("EVENTCORE_DSN"),
-        help="PostgreSQL DSN (default: the EVENTCORE_DSN environment variable)",
+        default=os.environ.get(DSN_VARIABLE),
+        help=f"PostgreSQL DSN (default: the {DSN_VARIABLE} environment variable, which keeps "
+        "a password out of the process list)",
     )
-    if schema:
-        parser.add_argument(
-            "--schema", default="eventcore", help="the store's schema (default: eventcore)"
+
+
+def _statement_cache_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number >= 0 (from --statement-cache-size or "
+            f"{STATEMENT_CACHE_VARIABLE}), got {text!r}"
         )
+    return value
+
+
+def _add_store_options(parser: argparse.ArgumentParser) -> None:
+    """--dsn, --session-dsn, --statement-cache-size and --schema: how to open the store."""
+    _add_dsn(parser)
+    parser.add_argument(
+        "--session-dsn",
+        metavar="DSN",
+        default=os.environ.get(SESSION_DSN_VARIABLE) or None,
+        help="where the sessions that must own a server session connect (leadership locks, "
+        "LISTEN): directly to PostgreSQL or through session pooling, when --dsn goes through "
+        f"a transaction-pooling proxy (default: the {SESSION_DSN_VARIABLE} environment "
+        "variable, else --dsn)",
+    )
+    parser.add_argument(
+        "--statement-cache-size",
+        metavar="N",
+        type=_statement_cache_size,
+        default=os.environ.get(STATEMENT_CACHE_VARIABLE) or None,
+        help="prepared statements cached per pooled connection (default: the "
+        f"{STATEMENT_CACHE_VARIABLE} environment variable, else 0 when --dsn goes through a "
+        "proxy such as PgBouncer, which a transaction-pooling one requires, and 100 otherwise)",
+    )
+    parser.add_argument(
+        "--schema", default="eventcore", help="the store's schema (default: eventcore)"
+    )
+
+
+@attrs.frozen(kw_only=True)
+class _StoreOptions:
+    """How a command opens the store, from its options (checked before any I/O)."""
+
+    dsn: str
+    # None: the same as dsn.
+    session_dsn: str | None
+    # None: chosen at each open, 0 behind a proxy, else the library's default.
+    statement_cache_size: int | None
+    schema: str
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> _StoreOptions:
+        from .postgres._dsn import normalize_dsn
+        from .postgres._schema import check_schema_name
+
+        if not args.dsn:
+            raise ConfigurationError(f"no database given: pass --dsn or set {DSN_VARIABLE}")
+        check_schema_name(args.schema)
+        return cls(
+            dsn=normalize_dsn(args.dsn, option="--dsn"),
+            session_dsn=None
+            if args.session_dsn is None
+            else normalize_dsn(args.session_dsn, option="--session-dsn"),
+            statement_cache_size=args.statement_cache_size,
+            schema=args.schema,
+        )
+
+    @asynccontextmanager
+    async def open(self, *, migrate: bool = False) -> AsyncIterator[PostgresStore]:
+        """Open the store; behind a proxy, with asyncpg's statement cache off unless the
+        options say otherwise (a transaction-pooling proxy loses prepared statements)."""
+        from .postgres import open_postgres_store
+        from .postgres._open import behind_proxy
+
+        cache = self.statement_cache_size
+        if cache is None:
+            cache = 0 if await behind_proxy(self.dsn) else DEFAULT_STATEMENT_CACHE_SIZE
+        async with open_postgres_store(
+            self.dsn,
+            schema=self.schema,
+            migrate=migrate,
+            session_dsn=self.session_dsn,
+            statement_cache_size=cache,
+        ) as store:
+            yield store
+
+
+_SESSION_ADVICE: Final = (
+    "the lock sessions go through a transaction-pooling proxy (PgBouncer pool_mode = "
+    f"transaction?): point --session-dsn (or {SESSION_DSN_VARIABLE}) at PostgreSQL directly or "
+    "at a session-pooling proxy"
+)
+_STATEMENT_ADVICE: Final = (
+    "a transaction-pooling proxy (PgBouncer pool_mode = transaction) lost this connection's "
+    "prepared statements: pass --statement-cache-size 0 (or set "
+    f"{STATEMENT_CACHE_VARIABLE}=0; the default behind a proxy), and point --session-dsn (or "
+    f"{SESSION_DSN_VARIABLE}) at PostgreSQL directly or at a session-pooling proxy"
+)
+
+
+def _pooling_message(exc: UnsupportedPooling) -> str:
+    """*exc*'s message with its advice in terms of this command line, not the Python API."""
+    from .postgres._fence import POOLER_HINT
+
+    message = str(exc)
+    if "prepared statement" in message:
+        # asyncpg's own text (first line) comes with a Python hint of its own: keep the first.
+        return f"{message.splitlines()[0]}: {_STATEMENT_ADVICE}"
+    if POOLER_HINT in message:
+        return message.replace(POOLER_HINT, _SESSION_ADVICE)
+    return f"{message.splitlines()[0]}; {_SESSION_ADVICE}"
 
 
 def _add_demo_command(commands: Any) -> None:
@@ -63,20 +194,41 @@ def _add_demo_command(commands: Any) -> None:
         "for leadership and the leader is killed part-way; then the read model is verified "
         "against the event streams. Exits 0 only if the verification holds.",
     )
-    _add_dsn(demo, schema=False)
+    _add_dsn(demo)
     demo.add_argument("--memory", action="store_true", help="use the in-memory store")
     demo.add_argument(
         "--duration",
-        type=float,
+        type=_seconds,
         default=30.0,
         help="seconds of transfers on PostgreSQL (default: 30); the leader dies part-way",
     )
     demo.add_argument(
         "--transfers",
-        type=int,
+        type=_at_least_one,
         default=150,
         help="transfers per writer with --memory (default: 150)",
     )
+
+
+def _seconds(text: str) -> float:
+    # float() takes "nan", "inf" and "-5": none of them is a duration.
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
 
 
 def _add_torture_command(commands: Any) -> None:
@@ -90,7 +242,7 @@ def _add_torture_command(commands: Any) -> None:
         "and the evidence the projection committed. Exits 0 only if nothing was lost, "
         "duplicated or regressed, there were never two leaders, and every fault was recovered.",
     )
-    _add_dsn(torture, schema=False)
+    _add_dsn(torture)
     torture.add_argument(
         "--quick", action="store_true", help="a short run (40 s of faults, about a minute)"
     )
@@ -118,7 +270,7 @@ def _add_migrate_command(commands: Any) -> None:
         help="create or upgrade the schema",
         description="Create or upgrade the event store schema; safe to run concurrently.",
     )
-    _add_dsn(migrate)
+    _add_store_options(migrate)
 
 
 def _add_status_command(commands: Any) -> None:
@@ -127,7 +279,7 @@ def _add_status_command(commands: Any) -> None:
         help="show every projection: state, leader, checkpoint, lag, errors",
         description="One line per projection; what holds every reader back, if anything.",
     )
-    _add_dsn(status)
+    _add_store_options(status)
     status.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
@@ -140,7 +292,7 @@ def _add_dashboard_command(commands: Any) -> None:
         "and /metrics for Prometheus. Read-only unless --allow-actions. Needs the dashboard "
         "extra.",
     )
-    _add_dsn(dashboard)
+    _add_store_options(dashboard)
     dashboard.add_argument(
         "--bind",
         default="127.0.0.1:8000",
@@ -158,6 +310,15 @@ def _add_dashboard_command(commands: Any) -> None:
         metavar="MODULE:ATTR",
         help="the projectors whose dead letters the page may replay (with --allow-actions)",
     )
+    dashboard.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a host name or IP address (no port) the dashboard answers to besides "
+        "localhost, 127.0.0.1, ::1 and the --bind host, e.g. the name your proxy forwards; "
+        "repeat for several. Requests naming another host get 400 (DNS rebinding)",
+    )
 
 
 def _add_reset_command(commands: Any) -> None:
@@ -168,7 +329,7 @@ def _add_reset_command(commands: Any) -> None:
         "rebuilds it. Refused while it runs: stop its hosts first. With --wait, stay and show "
         "the rebuild's progress once hosts run it again.",
     )
-    _add_dsn(reset)
+    _add_store_options(reset)
     reset.add_argument("name", help="the projection's name")
     reset.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     reset.add_argument(
@@ -185,7 +346,7 @@ def _add_run_command(commands: Any) -> None:
         description="Import MODULE:ATTR (a projector, a list of projectors, or a function "
         "returning them) and run them until SIGINT or SIGTERM.",
     )
-    _add_dsn(run)
+    _add_store_options(run)
     run.add_argument("target", metavar="MODULE:ATTR", help="where the projectors are")
 
 
@@ -205,13 +366,13 @@ def _add_dead_letters_command(commands: Any) -> None:
     )
     letter_commands = letters.add_subparsers(dest="letters_command", required=True)
     listing = letter_commands.add_parser("list", help="list a projection's dead letters")
-    _add_dsn(listing)
+    _add_store_options(listing)
     listing.add_argument("name", help="the projection's name")
     listing.add_argument("--json", action="store_true", help="print JSON")
     replay = letter_commands.add_parser(
         "replay", help="apply a projection's dead letters again (stop its hosts first)"
     )
-    _add_dsn(replay)
+    _add_store_options(replay)
     replay.add_argument("name", help="the projection's name")
     replay.add_argument(
         "--projectors", required=True, metavar="MODULE:ATTR", help="where the projector is"
@@ -242,8 +403,13 @@ def load_projectors(target: str) -> list[Any]:
     ATTR may be a projector, a list or tuple of them, or a function returning either.
 
     Raises:
-        ConfigurationError: the target cannot be imported or names nothing usable.
+        ConfigurationError: the target cannot be imported (not found, a syntax error, an
+            error raised while importing it), its function raises, or it names something
+            that is not a projector. The message says which, without a traceback: the code
+            is the user's, and the cause is in the message.
     """
+    from .projection._projector import resolve
+
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         raise ConfigurationError(f"expected MODULE:ATTR, got {target!r}")
@@ -252,6 +418,15 @@ def load_projectors(target: str) -> list[Any]:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"cannot import {module_name!r}: {exc}") from exc
+    except SyntaxError as exc:
+        raise ConfigurationError(
+            f"cannot import {module_name!r}: {exc.msg} ({exc.filename}, line {exc.lineno})"
+        ) from exc
+    except Exception as exc:
+        raise ConfigurationError(
+            f"cannot import {module_name!r}: importing it raised "
+            f"{_described(exc)}{_where(exc, module_name)}"
+        ) from exc
     finally:
         sys.path.pop(0)
     try:
@@ -259,41 +434,70 @@ def load_projectors(target: str) -> list[Any]:
     except AttributeError as exc:
         raise ConfigurationError(f"{module_name!r} has no attribute {attribute!r}") from exc
     if callable(value) and not hasattr(value, "name"):
-        value = value()
+        try:
+            value = value()
+        except Exception as exc:
+            raise ConfigurationError(
+                f"calling {target} raised {_described(exc)}{_where(exc, module_name)}"
+            ) from exc
     projectors = list(value) if isinstance(value, list | tuple) else [value]
     if not projectors:
         raise ConfigurationError(f"{target} names no projectors")
+    for candidate in projectors:
+        try:
+            resolve(candidate)
+        except EventCoreError as exc:
+            raise ConfigurationError(
+                f"{target} must name a projector, a list or tuple of them, or a function "
+                f"returning either; {exc}"
+            ) from exc
     return projectors
 
 
-def _require_dsn(dsn: str | None) -> str:
-    if not dsn:
-        raise ConfigurationError("no database given: pass --dsn or set EVENTCORE_DSN")
-    return dsn
+def _described(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
-async def _migrate(dsn: str, schema: str) -> None:
-    from .postgres import LATEST_SCHEMA_VERSION, open_postgres_store
+def _where(exc: BaseException, module_name: str) -> str:
+    # The innermost frame of the user's module: where to look, without a traceback.
+    tb = exc.__traceback__
+    found = ""
+    root = module_name.split(".")[0]
+    while tb is not None:
+        name = tb.tb_frame.f_globals.get("__name__", "")
+        if name == root or name.startswith(root + "."):
+            found = f" ({tb.tb_frame.f_code.co_filename}, line {tb.tb_lineno})"
+        tb = tb.tb_next
+    return found
 
-    async with open_postgres_store(dsn, schema=schema, migrate=True):
-        print(f"schema {schema!r} is at version {LATEST_SCHEMA_VERSION}")
+
+async def _migrate(options: _StoreOptions) -> None:
+    from .postgres import LATEST_SCHEMA_VERSION
+
+    async with options.open(migrate=True):
+        print(f"schema {options.schema!r} is at version {LATEST_SCHEMA_VERSION}")
 
 
 async def _dashboard(
-    dsn: str, schema: str, bind: str, allow_actions: bool, projectors: list[Any]
+    options: _StoreOptions,
+    bind: str,
+    allow_actions: bool,
+    projectors: list[Any],
+    allowed_hosts: list[str],
 ) -> None:
     try:
         from .dashboard import serve_dashboard
-        from .dashboard._serve import check_bind
+        from .dashboard._hosts import allowed_host_names
+        from .dashboard._serve import check_bind, check_listen
     except ImportError as exc:
         raise ConfigurationError(str(exc)) from exc
-    from .postgres import open_postgres_store
 
+    # Bad options are usage errors (exit 2), reported before connecting to anything; raised
+    # later, inside the nursery, they would reach main() as an exception group.
     check_bind(bind)
-    async with (
-        open_postgres_store(dsn, schema=schema, migrate=False) as store,
-        trio.open_nursery() as nursery,
-    ):
+    allowed_host_names(allowed_hosts)
+    await check_listen(bind)
+    async with options.open() as store, trio.open_nursery() as nursery:
         urls = await nursery.start(
             functools.partial(
                 serve_dashboard,
@@ -301,29 +505,30 @@ async def _dashboard(
                 bind=bind,
                 allow_actions=allow_actions,
                 projectors=projectors,
+                allowed_hosts=allowed_hosts,
             )
         )
         print(f"dashboard at {', '.join(urls)} (Ctrl-C to stop)", flush=True)
 
 
-async def _status(dsn: str, schema: str, as_json: bool) -> None:
-    from .postgres import open_postgres_store
+def _printable(value: object) -> str:
+    """*value* as text that cannot steer a terminal: control characters, escape sequences
+    and other unprintable characters (bidirectional overrides, line separators) are shown
+    escaped, as ``\\x1b``, ``\\n``, ``\\u202e``. For text from outside this process: host
+    names, queries, error messages, event data."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
-    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
-        records = await store.projection_status()
-    if as_json:
-        print(
-            json.dumps(
-                [status_json(r) for r in records],
-                indent=2,
-            )
-        )
-        return
-    header = (
+
+def _status_lines(records: Sequence[ProjectionStatus]) -> list[str]:
+    """The table `eventcore-trio status` prints, with every foreign string made printable."""
+    p = _printable
+    lines = [
         f"{'projection':24} {'state':8} {'leader':22} {'checkpoint':18} "
         f"{'lag':>8} {'lag s':>7} {'dead':>5}"
-    )
-    print(header)
+    ]
     shown: set[tuple[str, int]] = set()
     for r in records:
         if r.partition is not None and (r.name, r.partitions) not in shown:
@@ -332,46 +537,58 @@ async def _status(dsn: str, schema: str, as_json: bool) -> None:
             # too, awaiting the split).
             units = [u for u in records if (u.name, u.partitions) == (r.name, r.partitions)]
             led = sum(1 for u in units if u.leader is not None)
-            print(
-                f"{r.name:24} {f'{led}/{r.partitions} led':>8} {'':22} {'':18} "
+            lines.append(
+                f"{p(r.name):24} {f'{led}/{r.partitions} led':>8} {'':22} {'':18} "
                 f"{sum(u.lag_events for u in units):>8} "
                 f"{max(u.lag_seconds for u in units):>7.1f} "
                 f"{sum(u.dead_letters for u in units):>5}"
             )
         shown.add((r.name, r.partitions))
-        leader = "-" if r.leader is None else f"{r.leader.pid}@{r.leader.host}"
-        label = r.name if r.partition is None else f"  [{r.partition}/{r.partitions}]"
-        print(
+        leader = "-" if r.leader is None else f"{r.leader.pid}@{p(r.leader.host)}"
+        label = p(r.name) if r.partition is None else f"  [{r.partition}/{r.partitions}]"
+        lines.append(
             f"{label:24} {r.state.value:8} {leader:22} {r.checkpoint or '-'!s:18} "
             f"{r.lag_events:>8} {r.lag_seconds:>7.1f} {r.dead_letters:>5}"
         )
         if r.last_error:
-            print(f"    last error: {r.last_error}")
+            lines.append(f"    last error: {p(r.last_error)}")
         if r.state is ProjectionState.AWAITING_SPLIT:
-            print(
-                f"    runs once no unit of {r.name}'s recorded partition count runs "
+            lines.append(
+                f"    runs once no unit of {p(r.name)}'s recorded partition count runs "
                 "(hosts running the old count lead those meanwhile)"
             )
         if r.unrunnable:
-            lacking = ", ".join(f"{h.pid}@{h.host}" for h in r.lacking_hosts)
-            print(f"    no live host runs it (lacking: {lacking})")
+            lacking = ", ".join(f"{h.pid}@{p(h.host)}" for h in r.lacking_hosts)
+            lines.append(f"    no live host runs it (lacking: {lacking})")
     if not records:
-        print("(no projection has run against this store)")
-    hosts = Counter(f"{r.leader.pid}@{r.leader.host}" for r in records if r.leader is not None)
+        lines.append("(no projection has run against this store)")
+    hosts = Counter(f"{r.leader.pid}@{p(r.leader.host)}" for r in records if r.leader is not None)
     if hosts:
-        print("units led per host: " + ", ".join(f"{h} {n}" for h, n in sorted(hosts.items())))
+        lines.append(
+            "units led per host: " + ", ".join(f"{h} {n}" for h, n in sorted(hosts.items()))
+        )
     held = records[0].held_back_by if records else None
     if held is not None:
-        print(
+        lines.append(
             f"reads held back by transaction of pid {held.pid} ({held.application_name!r}, "
-            f"{held.state}, since {held.started_at}): {held.query}"
+            f"{p(held.state)}, since {held.started_at}): {p(held.query)}"
         )
+    return lines
 
 
-async def _reset(dsn: str, schema: str, name: str, follow: bool) -> None:
-    from .postgres import open_postgres_store
+async def _status(options: _StoreOptions, as_json: bool) -> None:
+    async with options.open() as store:
+        records = await store.projection_status()
+    if as_json:
+        # json.dumps escapes control characters itself.
+        print(json.dumps([status_json(r) for r in records], indent=2))
+        return
+    for line in _status_lines(records):
+        print(line)
 
-    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
+
+async def _reset(options: _StoreOptions, name: str, follow: bool) -> None:
+    async with options.open() as store:
         await store.reset_projection(name)
         print(f"projection {name!r} reset: its next run rebuilds it from the beginning", flush=True)
         if not follow:
@@ -407,24 +624,28 @@ async def _reset(dsn: str, schema: str, name: str, follow: bool) -> None:
             await trio.sleep(0.2)
 
 
-async def _run(dsn: str, schema: str, projectors: list[Any]) -> int:
-    from .postgres import open_postgres_store
+async def _run(options: _StoreOptions, projectors: list[Any]) -> int:
     from .projection import run_host
 
     names = ", ".join(p.name for p in projectors)
-    return await run_host(
-        functools.partial(open_postgres_store, dsn, schema=schema),
-        projectors,
-        on_ready=lambda: print(f"hosting {names}; SIGINT or SIGTERM stops", flush=True),
-        on_stop=lambda received: print(f"received {received.name}; stopping", flush=True),
-    )
+    try:
+        return await run_host(
+            functools.partial(options.open, migrate=True),
+            projectors,
+            on_ready=lambda: print(f"hosting {names}; SIGINT or SIGTERM stops", flush=True),
+            on_stop=lambda received: print(f"received {received.name}; stopping", flush=True),
+        )
+    except UnsupportedPooling as exc:
+        # The host registers with a session lock of its own before it leads anything.
+        raise UnsupportedPooling(f"cannot host {names}: {exc}") from exc
 
 
-async def _list_letters(dsn: str, schema: str, name: str, as_json: bool) -> None:
-    from .postgres import open_postgres_store
-
-    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
+async def _list_letters(options: _StoreOptions, name: str, as_json: bool) -> None:
+    async with options.open() as store:
         letters = await store.dead_letters(name)
+        if not letters and not any(r.name == name for r in await store.projection_status()):
+            # As `reset` says: a name that never ran is more likely a typo than a clean record.
+            raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
     if as_json:
         print(
             json.dumps(
@@ -445,21 +666,22 @@ async def _list_letters(dsn: str, schema: str, name: str, as_json: bool) -> None
             )
         )
         return
+    p = _printable
     for d in letters:
         print(
-            f"{d.position}  {d.event.stream_id}  {d.event.type}  {d.error_type}: {d.error_message}"
+            f"{d.position}  {p(d.event.stream_id)}  {p(d.event.type)}  "
+            f"{p(d.error_type)}: {p(d.error_message)}"
         )
     print(f"{len(letters)} dead letter(s) for {name!r}")
 
 
-async def _replay_letters(dsn: str, schema: str, name: str, target: str) -> int:
-    from .postgres import open_postgres_store
+async def _replay_letters(options: _StoreOptions, name: str, target: str) -> int:
     from .projection import replay_dead_letters
 
     chosen = [p for p in load_projectors(target) if getattr(p, "name", None) == name]
     if not chosen:
         raise ConfigurationError(f"{target} defines no projector named {name!r}")
-    async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
+    async with options.open() as store:
         try:
             result = await replay_dead_letters(chosen[0], store)
         except PartitionsMismatch as exc:
@@ -559,11 +781,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "torture":
             return _torture(args)
-        dsn = _require_dsn(args.dsn)
+        options = _StoreOptions.from_args(args)
         if args.command == "migrate":
-            run_program(_migrate, dsn, args.schema)
+            run_program(_migrate, options)
         elif args.command == "status":
-            run_program(_status, dsn, args.schema, args.json)
+            run_program(_status, options, args.json)
         elif args.command == "reset":
             if not args.yes:
                 if not sys.stdin.isatty():
@@ -575,18 +797,25 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if answer.strip().lower() not in ("y", "yes"):
                     print("not reset")
                     return EXIT_FAILED
-            run_program(_reset, dsn, args.schema, args.name, args.wait)
+            run_program(_reset, options, args.name, args.wait)
         elif args.command == "dashboard":
             projectors = load_projectors(args.projectors) if args.projectors else []
-            run_program(_dashboard, dsn, args.schema, args.bind, args.allow_actions, projectors)
+            run_program(
+                _dashboard,
+                options,
+                args.bind,
+                args.allow_actions,
+                projectors,
+                args.allowed_host,
+            )
         elif args.command == "run":
             projectors = load_projectors(args.target)
-            return run_program(_run, dsn, args.schema, projectors)
+            return run_program(_run, options, projectors)
         elif args.command == "dead-letters":
             if args.letters_command == "list":
-                run_program(_list_letters, dsn, args.schema, args.name, args.json)
+                run_program(_list_letters, options, args.name, args.json)
             else:
-                return run_program(_replay_letters, dsn, args.schema, args.name, args.projectors)
+                return run_program(_replay_letters, options, args.name, args.projectors)
         return EXIT_OK
     except KeyboardInterrupt:
         # Trio has already cancelled everything and cleaned up (child processes stopped,
@@ -608,6 +837,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ProjectionNotFound as exc:
         print(f"eventcore-trio: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    except UnsupportedPooling as exc:
+        print(f"eventcore-trio: {_pooling_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
     except (ConfigurationError, EventCoreError) as exc:
         print(f"eventcore-trio: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -29,3 +29,21 @@ ALL = [counter, picky]
 @projector("spread", partitions=3)
 async def spread(event: RecordedEvent, ctx: ProjectionContext) -> None:
     pass
+
+
+@projector("tally", partitions=4)
+async def tally(event: RecordedEvent, ctx: ProjectionContext) -> None:
+    # The test creates the table, without a key: an event applied twice shows up as two rows
+    # (tests/postgres/test_pgbouncer.py).
+    await ctx.db.execute("INSERT INTO cli_tally VALUES ($1, $2)", event.stream_id, event.event_id)
+
+
+TALLY = [tally]
+
+# Targets that name something other than projectors (tests/test_cli.py).
+NOT_A_PROJECTOR = "counter"
+MIXED = [counter, 3]
+
+
+def failing_factory() -> list[object]:
+    raise RuntimeError("the factory needs a setting that is missing")

@@ -16,8 +16,25 @@ from typing import Any
 
 import pytest
 
-from eventcore_trio import EventFilter, Position, RecordedEvent, Store, open_memory_store
-from eventcore_trio.cli import EXIT_FAILED, EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, main
+from eventcore_trio import (
+    EventFilter,
+    LeaderInfo,
+    OpenTransaction,
+    Position,
+    ProjectionState,
+    ProjectionStatus,
+    RecordedEvent,
+    Store,
+    open_memory_store,
+)
+from eventcore_trio.cli import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    EXIT_USAGE,
+    _status_lines,
+    main,
+)
 from eventcore_trio.demo import run_demo
 
 from .helpers import LEADER_SCRIPT, start_interruptible
@@ -76,6 +93,153 @@ class TestCommandLine:
         assert "dashboard: open http://127.0.0.1:" in output
         assert seen_hosts, "no demo host process was seen"
         assert leaked == []
+
+    @pytest.mark.parametrize(
+        "args",
+        [
+            ["--duration", "-5"],
+            ["--duration", "nan"],
+            ["--duration", "inf"],
+            ["--duration", "0"],
+            ["--memory", "--transfers", "-1"],
+            ["--memory", "--transfers", "0"],
+        ],
+    )
+    def test_demo_refuses_what_is_no_duration_or_count(
+        self, args: list[str], capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A duration that is not a positive number of seconds, or no transfers: exit 2,
+        before anything runs (they used to run and say VERIFIED)."""
+        with pytest.raises(SystemExit) as exited:
+            main(["demo", *args])
+        assert exited.value.code == EXIT_USAGE
+        captured = capsys.readouterr()
+        assert "VERIFIED" not in captured.out
+        assert f"argument {args[-2]}: must be" in captured.err
+
+    def test_store_options_are_checked_before_any_io(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A bad --statement-cache-size (or EVENTCORE_STATEMENT_CACHE_SIZE), --session-dsn,
+        libpq-only DSN option or pg_ schema: exit 2 naming it, before any connection (the
+        server given here is unreachable, which would be exit 3)."""
+        unreachable = ["--dsn", "postgresql://postgres@127.0.0.1:1/postgres"]
+        for bad in ("-1", "many"):
+            with pytest.raises(SystemExit) as exited:
+                main(["status", *unreachable, "--statement-cache-size", bad])
+            assert exited.value.code == EXIT_USAGE
+            assert "--statement-cache-size" in capsys.readouterr().err
+        monkeypatch.setenv("EVENTCORE_STATEMENT_CACHE_SIZE", "-1")
+        with pytest.raises(SystemExit) as exited:
+            main(["run", "tests.cli_projectors:ALL", *unreachable])
+        assert exited.value.code == EXIT_USAGE
+        assert "EVENTCORE_STATEMENT_CACHE_SIZE" in capsys.readouterr().err
+        monkeypatch.delenv("EVENTCORE_STATEMENT_CACHE_SIZE")
+        for args, message in [
+            (["--session-dsn", "mysql://root@db/app"], "--session-dsn has the scheme 'mysql'"),
+            (["--schema", "pg_app"], "reserves for system schemas"),
+            (["--dsn", "postgresql://postgres@127.0.0.1:1/db?keepalives=1"], "keepalives="),
+            (["--dsn", "host=127.0.0.1 port=1 connect_timeout=5"], "connect_timeout="),
+        ]:
+            assert main(["status", *unreachable, *args]) == EXIT_USAGE, args
+            assert message in capsys.readouterr().err
+
+    def test_a_dsn_setting_the_server_refuses(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A DSN query parameter that PostgreSQL does not know is a configuration error
+        (exit 2) naming it, not a database error."""
+        dsn = postgres_dsn + ("&" if "?" in postgres_dsn else "?") + "no_such_setting=1"
+        for command in (["status"], ["migrate"], ["status", "--statement-cache-size", "0"]):
+            assert main([*command, "--dsn", dsn]) == EXIT_USAGE
+            err = capsys.readouterr().err
+            assert '"no_such_setting"' in err
+            assert "fix or remove it" in err
+
+    @pytest.mark.parametrize(
+        ("target", "message"),
+        [
+            ("tests.cli_projectors:NOT_A_PROJECTOR", "'counter' is not a projector"),
+            ("tests.cli_projectors:MIXED", "3 is not a projector"),
+            (
+                "tests.cli_projectors:failing_factory",
+                "calling tests.cli_projectors:failing_factory raised RuntimeError: the factory "
+                "needs a setting that is missing",
+            ),
+        ],
+    )
+    def test_run_with_a_target_that_names_no_projectors(
+        self, target: str, message: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """A string, a list holding a number, a factory that raises: exit 2 with the reason
+        and no traceback, before any connection."""
+        code = main(["run", target, "--dsn", "postgresql://postgres@127.0.0.1:1/postgres"])
+        assert code == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert message in err
+        assert "Traceback" not in err
+
+    @pytest.mark.parametrize(
+        ("source", "message"),
+        [
+            ("X = 1\nraise RuntimeError('no settings')\n", "importing it raised RuntimeError"),
+            ("X = 1\ndef broken(:\n    pass\n", "cannot import"),
+            ("import no_such_module_anywhere\n", "No module named 'no_such_module_anywhere'"),
+        ],
+    )
+    def test_run_with_a_target_that_fails_to_import(
+        self,
+        source: str,
+        message: str,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """A target module that raises on import or has a syntax error: exit 2 with the
+        reason and where, no traceback."""
+        name = f"cli_target_{uuid.uuid4().hex[:12]}"
+        (tmp_path / f"{name}.py").write_text(source)
+        monkeypatch.chdir(tmp_path)
+        code = main(["run", f"{name}:ALL", "--dsn", "postgresql://postgres@127.0.0.1:1/postgres"])
+        assert code == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert message in err
+        assert "Traceback" not in err
+        if "no_such_module" not in source:
+            assert f"{name}.py, line 2" in err
+
+    def test_status_escapes_what_could_steer_the_terminal(self) -> None:
+        """Host names, the held-back query and state, and errors come from other processes:
+        status prints their control characters and escape sequences escaped, one line each."""
+        evil = "\x1b]0;owned\x07\x1b[2J\r\nfake line\u202e"
+        host = LeaderInfo(pid=1, host=f"db{evil}", application_name="a")
+        record = ProjectionStatus(
+            name="p",
+            checkpoint=None,
+            lag_events=0,
+            lag_seconds=0.0,
+            leader=host,
+            standbys=0,
+            state=ProjectionState.RUNNING,
+            last_error=f"boom{evil}",
+            updated_at=None,
+            dead_letters=0,
+            held_back_by=OpenTransaction(
+                pid=2,
+                application_name=f"app{evil}",
+                state=f"active{evil}",
+                started_at=None,
+                query=f"SELECT 1 /* {evil} */",
+            ),
+            runnable_by=0,
+            lacking_hosts=(LeaderInfo(pid=3, host=f"other{evil}", application_name="b"),),
+        )
+        lines = _status_lines([record])
+        assert all(line.isprintable() for line in lines)
+        # Header, unit, last error, unrunnable, units per host, held back: no line injected.
+        assert len(lines) == 6
+        assert lines[1].split()[2] == "1@db\\x1b]0;owned\\x07\\x1b[2J\\r\\nfake"
+        assert all("\\x1b[2J\\r\\nfake line\\u202e" in line for line in lines[2:])
 
     def test_migrate(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         """migrate creates the schema and says which version it is at."""
@@ -487,6 +651,23 @@ class TestOperatorCommands:
         """A target that cannot be imported exits 2 with the reason."""
         assert main(["run", "no_such_module:ALL", "--dsn", postgres_dsn]) == EXIT_USAGE
         assert "cannot import" in capsys.readouterr().err
+
+    def test_a_projection_that_never_ran(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """dead-letters list of a name that never ran exits 1 and says so, as reset does
+        (it used to list nothing and exit 0, so a typo looked like a clean record)."""
+        where = self._fresh(postgres_dsn)
+        capsys.readouterr()
+        for command in (
+            ["dead-letters", "list", "nope"],
+            ["dead-letters", "list", "nope", "--json"],
+            ["reset", "nope", "--yes"],
+        ):
+            assert main([*command, *where]) == EXIT_FAILED, command
+            captured = capsys.readouterr()
+            assert "no projection named 'nope' has run against this store" in captured.err
+            assert captured.out == ""
 
 
 class _DroppingStore:

@@ -35,6 +35,12 @@ class Command(Protocol[S]):
     ``registry.decode(event)`` for the typed object). ``decide`` returns `NewEvent` objects,
     or registered typed event objects when `execute` is given the registry.
 
+    ``decide`` runs again on every attempt (as do ``evolve`` and ``more_streams``): after a
+    version conflict `execute` reads the streams again and decides again, and only the last
+    decision is written. So it must have no side effects (no email, HTTP call, write
+    elsewhere or counter): return events, and act on what was written once `execute` has
+    returned (`ExecutionResult.events`) or in a projector that handles those events.
+
     .. versionadded:: 0.1
     """
 
@@ -51,7 +57,10 @@ class Command(Protocol[S]):
         ...
 
     def decide(self, state: S) -> Mapping[str, Sequence[Any]]:
-        """The events to append, by stream; raise a domain error to refuse."""
+        """The events to append, by stream; raise a domain error to refuse.
+
+        Called once per attempt, so without side effects.
+        """
         ...
 
 
@@ -154,6 +163,13 @@ async def execute(
     retried. On `VersionConflict` it backs off (exponential, with jitter) and starts over, up
     to ``retry.max_attempts``; a domain error raised by ``decide`` propagates at once and is
     never retried.
+
+    Starting over means calling ``decide`` again, on the state read by that attempt: it runs
+    once per attempt, and only the last attempt's decision is written (or none, after a
+    domain error, `RetriesExhausted` or a cancellation). ``decide`` must therefore have no
+    side effects: do what should follow a write after this returns, from the
+    `ExecutionResult` (at most once: a crash in between loses it), or in a projector or
+    reactor that handles the written events (reliably).
 
     A `Command` folds every event of its streams on every attempt. A `StateCommand` folds
     each stream into its registered state class and, given a *cache*, keeps the states: the

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
+import attrs
 import trio
 
 from .._concurrency import raise_single
@@ -15,7 +16,7 @@ from .._errors import ConfigurationError, InvalidArgument
 from .._events import RecordedEvent
 from .._protocols import EventStore, SnapshotStore
 from .._snapshots import Snapshot
-from .._typed import EventRegistry, StateType
+from .._typed import STATE_FIELDS_KEY, EventRegistry, StateType
 from ._cache import CachedState, StateCache
 
 logger = logging.getLogger("eventcore_trio.commands")
@@ -31,6 +32,12 @@ class StateCommand(Protocol):
     ``decide(states)``, which returns the new events per stream or raises a domain error.
     Because each state belongs to one stream, `execute` can keep it in a `StateCache` and in
     snapshots, and read only the events that follow.
+
+    ``decide`` runs again on every attempt: after a version conflict `execute` loads the
+    states again and decides again, and only the last decision is written. So it must have
+    no side effects (no email, HTTP call, write elsewhere or counter): return events, and
+    act on what was written once `execute` has returned (`ExecutionResult.events`) or in a
+    projector that handles those events.
 
     Example::
 
@@ -53,7 +60,10 @@ class StateCommand(Protocol):
         ...
 
     def decide(self, states: Mapping[str, Any]) -> Mapping[str, Sequence[Any]]:
-        """The events to append, by stream; raise a domain error to refuse."""
+        """The events to append, by stream; raise a domain error to refuse.
+
+        Called once per attempt, so without side effects.
+        """
         ...
 
 
@@ -163,6 +173,73 @@ def _warn_rewritten(
     )
 
 
+# The (state, fingerprint) pairs warned about by _warn_other_fields: once per process each.
+_FIELDS_WARNED: set[tuple[StateType, str]] = set()
+
+
+def _other_fields(registry: EventRegistry, kind: StateType, snapshot: Snapshot) -> bool:
+    # Whether *snapshot*, of today's state version, was taken with other fields than the
+    # state class has today: it would decode, wrongly. Every field has a default, so data
+    # without a new field still fits the class, with the field at its default (limit=0
+    # where the events say 500), and cattrs turns 500 into "500" for a field that became a
+    # str; only the version tells old data from new, and the fingerprint (names and types)
+    # catches a version that was not raised. A snapshot without one (taken before snapshots
+    # recorded it, or written by hand) cannot show its fields either. Another version is
+    # for decode_state (upcast, or ignored).
+    if snapshot.state_version != kind.version:
+        return False
+    return snapshot.data.get(STATE_FIELDS_KEY) != registry.state_fields(kind)
+
+
+def _warn_other_fields(stream_id: str, kind: StateType, snapshot: Snapshot) -> None:
+    found = snapshot.data.get(STATE_FIELDS_KEY)
+    if not isinstance(found, str):
+        logger.debug(
+            "the snapshot of stream %r under state %r records no fields (taken before "
+            "snapshots recorded them, or written by hand): not used",
+            stream_id,
+            kind.name,
+        )
+        return
+    if (kind, found) in _FIELDS_WARNED:
+        logger.debug(
+            "the snapshot of stream %r under state %r version %d was taken with other fields: "
+            "not used",
+            stream_id,
+            kind.name,
+            kind.version,
+        )
+        return
+    _FIELDS_WARNED.add((kind, found))
+    fields = {field.name for field in attrs.fields(kind.cls)}
+    kept = set(snapshot.data) - {STATE_FIELDS_KEY}
+    differences = []
+    if fields - kept:
+        names = ", ".join(repr(name) for name in sorted(fields - kept))
+        differences.append(f"it has no {names}, which would have kept the default")
+    if kept - fields:
+        names = ", ".join(repr(name) for name in sorted(kept - fields))
+        differences.append(f"it has {names}, which the class no longer has")
+    if not differences:
+        differences.append("a field's type differs, or a nested class's fields do")
+    logger.warning(
+        "the snapshot of stream %r under state %r was taken at the same version (%d) with "
+        "other fields than %s has now (%s): the fields changed and the version was not "
+        "raised. Such snapshots are not used: each stream is folded from its events, and "
+        "its next snapshot replaces the old one. Raise the version, "
+        "@registry.state(%r, version=%d), whenever the fields change, or what evolve folds "
+        "into them, which no check can see (a state_upcaster can then turn old snapshots "
+        "into new ones). Logged once per process for these fields",
+        stream_id,
+        kind.name,
+        kind.version,
+        kind.cls.__qualname__,
+        "; ".join(differences),
+        kind.name,
+        kind.version + 1,
+    )
+
+
 async def _from_cache(
     store: EventStore, stream_id: str, start: CachedState
 ) -> tuple[list[RecordedEvent], bool]:
@@ -204,6 +281,12 @@ async def _from_snapshot(
         # stores read it as none; the next snapshot replaces it).
         pass
     elif _proves(version, event_id, recorded_at, events):
+        if _other_fields(registry, kind, snapshot):
+            # Deleted, or a refold to the same stream version could not replace it (a
+            # snapshot never moves backwards at one state version).
+            _warn_other_fields(stream_id, kind, snapshot)
+            await snapshots.delete_snapshots(stream_id)
+            return _initial(kind), await store.read_stream(stream_id), False
         state = registry.decode_state(kind, snapshot.data, snapshot.state_version)
         if state is not None:
             start = CachedState(
@@ -232,6 +315,11 @@ async def _start(
     warned = False
     if cache is not None and not fresh:
         cached = cache.get(store, kind.name, stream_id)
+        if cached is not None and type(cached.state) is not kind.cls:
+            # Another class's state under this name (a second registry, a reloaded module):
+            # not this class's, whatever its fields. Dropped; the stream is loaded anew.
+            cache.discard(store, kind.name, stream_id)
+            cached = None
         if cached is not None:
             events, proven = await _from_cache(store, stream_id, cached)
             if proven:
@@ -288,7 +376,7 @@ async def load_state(
                 kind.name,
                 kind.version,
                 version,
-                registry.encode_state(state),
+                registry.encode_state(kind, state),
                 event_id=event_id,
                 event_recorded_at=recorded_at,
             )
@@ -375,7 +463,7 @@ async def take_snapshot(
         kind.name,
         kind.version,
         loaded.version,
-        registry.encode_state(loaded.state),
+        registry.encode_state(kind, loaded.state),
         event_id=loaded.event_id,
         event_recorded_at=loaded.event_recorded_at,
     )

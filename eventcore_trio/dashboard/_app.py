@@ -4,11 +4,12 @@ and, only when allowed, ``POST /actions/reset``."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
@@ -24,6 +25,7 @@ from .._errors import (
 from .._protocols import ProjectionAdmin, Store
 from ..projection import replay_dead_letters
 from ..projection._projector import resolve
+from ._hosts import HostCheck, allowed_host_names
 from ._page import PAGE
 from ._prometheus import prometheus_text
 from ._state import DashboardState
@@ -40,6 +42,8 @@ def dashboard_app(
     store: ProjectionAdmin,
     state: DashboardState,
     projectors: Sequence[object] = (),
+    *,
+    allowed_hosts: Iterable[str] = (),
 ) -> Starlette:
     """The dashboard as an ASGI app over *state* (kept fresh by `poll_status`).
 
@@ -48,8 +52,21 @@ def dashboard_app(
     JSON body resets a projection that no host runs, and ``POST /actions/replay`` replays
     the dead letters of one of *projectors* (replaying needs the projector's code).
 
+    It answers only requests whose Host header names it (any port): localhost, 127.0.0.1,
+    ::1, the IP address the request arrived on, and *allowed_hosts*; any other gets 400 and
+    reaches no endpoint. A page that rebinds its own name to the dashboard's address (DNS
+    rebinding) so cannot read the status or post actions.
+
+    Args:
+        allowed_hosts: further host names or IP addresses (without a port) to answer to:
+            the names users and Prometheus reach the dashboard by, through a proxy too.
+
+    Raises:
+        ConfigurationError: an allowed host is not a host name or an IP address.
+
     .. versionadded:: 0.3
     """
+    names = allowed_host_names(allowed_hosts)
     by_name = {resolve(p).name: p for p in projectors}
     state.replayable = sorted(by_name)
 
@@ -79,7 +96,10 @@ def dashboard_app(
         return JSONResponse(state.snapshot(), headers={"cache-control": "no-store"})
 
     async def metrics(request: Request) -> Response:
-        return Response(prometheus_text(state.statuses), media_type=CONTENT_TYPE_LATEST)
+        text = prometheus_text(
+            state.statuses, store_up=state.store_up, status_age=state.status_age()
+        )
+        return Response(text, media_type=CONTENT_TYPE_LATEST)
 
     async def reset(request: Request) -> JSONResponse:
         name = await action(request)
@@ -131,5 +151,6 @@ def dashboard_app(
             Route("/metrics", metrics, methods=["GET"]),
             Route("/actions/reset", reset, methods=["POST"]),
             Route("/actions/replay", replay, methods=["POST"]),
-        ]
+        ],
+        middleware=[Middleware(HostCheck, allowed=names)],
     )

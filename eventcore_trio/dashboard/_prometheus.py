@@ -1,22 +1,54 @@
-"""``GET /metrics``: the status in Prometheus text format, with the OpenTelemetry names."""
+"""``GET /metrics``: the status in Prometheus text format, with the OpenTelemetry names.
+
+While the store cannot be read, the per-unit and per-host series are left out rather than
+served with their last values: a value nobody can vouch for must not look current (Prometheus
+marks the left-out series stale, so rules over them neither fire nor keep firing on old
+data), and ``eventcore_store_up`` 0 and ``eventcore_status_age_seconds`` say why.
+``deploy/prometheus/eventcore-alerts.yml`` alerts on them.
+"""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 
+import trio
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .._errors import EventCoreError
 from .._protocols import ProjectionAdmin
 from .._status import ProjectionState, ProjectionStatus
+from ._state import READ_TIMEOUT
+
+logger = logging.getLogger("eventcore_trio.dashboard")
 
 
 class _StatusCollector(Collector):
-    def __init__(self, statuses: Sequence[ProjectionStatus]) -> None:
-        self._statuses = statuses
+    def __init__(
+        self, statuses: Sequence[ProjectionStatus], *, store_up: bool, status_age: float | None
+    ) -> None:
+        # The units, left out entirely while the store is down (store_up False).
+        self._statuses = statuses if store_up else ()
+        self._store_up = store_up
+        # Seconds since the last successful read, or None when unknown (not reported).
+        self._status_age = status_age
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
+        yield GaugeMetricFamily(
+            "eventcore_store_up",
+            "1 when the last status read succeeded, 0 when the store could not be read "
+            "(the per-unit series are then left out)",
+            value=int(self._store_up),
+        )
+        if self._status_age is not None:
+            yield GaugeMetricFamily(
+                "eventcore_status_age_seconds",
+                "seconds since the last successful status read",
+                value=self._status_age,
+                unit="seconds",
+            )
         labels = ["projector", "unit"]
         lag_events = GaugeMetricFamily(
             "eventcore_projection_lag_events",
@@ -64,19 +96,31 @@ class _StatusCollector(Collector):
         yield from (lag_events, lag_seconds, dead, running, standbys, runnable_by, per_host)
 
 
-def prometheus_text(statuses: Sequence[ProjectionStatus]) -> bytes:
+def prometheus_text(
+    statuses: Sequence[ProjectionStatus],
+    *,
+    store_up: bool = True,
+    status_age: float | None = None,
+) -> bytes:
     """*statuses* as Prometheus text exposition (what ``GET /metrics`` serves).
 
     The names are the OpenTelemetry instruments' with ``_`` for ``.``
     (``eventcore_projection_lag_events``, ``…_lag_seconds``), plus dead letters, running,
     standbys, ``eventcore_projection_runnable_by`` (live balancing hosts that can run the
-    unit; 0 when none has its projector, absent when no balancing host is live) and
-    ``eventcore_host_units`` (units per host process).
+    unit; 0 when none has its projector, absent when no balancing host is live),
+    ``eventcore_host_units`` (units per host process), ``eventcore_store_up`` and
+    ``eventcore_status_age_seconds``.
+
+    Args:
+        statuses: the units, as `ProjectionAdmin.projection_status` read them.
+        store_up: False when the status could not be read: *statuses* are then the last
+            ones read and are left out (``eventcore_store_up`` is 0).
+        status_age: seconds since *statuses* were read, or None to leave the gauge out.
 
     .. versionadded:: 0.3
     """
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatusCollector(statuses))
+    registry.register(_StatusCollector(statuses, store_up=store_up, status_age=status_age))
     return generate_latest(registry)
 
 
@@ -84,6 +128,19 @@ async def prometheus_metrics(store: ProjectionAdmin) -> bytes:
     """Read the store's status now and render it for Prometheus: for an endpoint in your own
     server (``return Response(await prometheus_metrics(store), media_type=...)``).
 
+    A checkpoint. When the read fails or takes longer than 10 s (it is then cancelled), the
+    text says so with ``eventcore_store_up 0`` and no per-unit series, rather than raising:
+    the alert rules in ``deploy/prometheus/`` then fire.
+
     .. versionadded:: 0.3
     """
-    return prometheus_text(await store.projection_status())
+    try:
+        with trio.fail_after(READ_TIMEOUT):
+            statuses = await store.projection_status()
+    except trio.TooSlowError:
+        logger.warning("metrics: no status within %g s", READ_TIMEOUT)
+        return prometheus_text([], store_up=False)
+    except EventCoreError as exc:
+        logger.warning("metrics: status unavailable: %s", exc)
+        return prometheus_text([], store_up=False)
+    return prometheus_text(statuses, status_age=0.0)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
-from collections.abc import Sequence
+import socket
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import trio
@@ -14,6 +16,7 @@ from hypercorn.trio import serve
 from .._errors import ConfigurationError
 from .._protocols import ProjectionAdmin
 from ._app import dashboard_app
+from ._hosts import allowed_host_names, normal_host
 from ._state import DashboardState, poll_status
 
 logger = logging.getLogger("eventcore_trio.dashboard")
@@ -29,12 +32,67 @@ def check_bind(bind: object) -> str:
     return bind
 
 
+def _bind_host(bind: str) -> str:
+    return bind.rpartition(":")[0].removeprefix("[").removesuffix("]")
+
+
+def _bind_error(bind: str, exc: OSError) -> ConfigurationError:
+    """What to tell an operator whose *bind* the system refused with *exc*."""
+    host, port = _bind_host(bind), bind.rpartition(":")[2]
+    if isinstance(exc, socket.gaierror):
+        why = (
+            f"the host name {host!r} does not resolve ({exc.strerror}); give an IP address "
+            "of this machine, or a name that resolves to one"
+        )
+    elif exc.errno == errno.EADDRINUSE:
+        why = (
+            f"port {port} is in use on {host} (another dashboard?); choose another port, or "
+            "port 0 for any free one"
+        )
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = (
+            f"{host} is not an address of this machine; give one of its addresses, "
+            "127.0.0.1, or 0.0.0.0 for all of them"
+        )
+    elif exc.errno == errno.EACCES:
+        why = f"port {port} needs privileges this process lacks; choose a port from 1024 up"
+    else:
+        why = exc.strerror or str(exc)
+    return ConfigurationError(f"cannot listen on {bind}: {why}")
+
+
+def _try_bind(bind: str) -> None:
+    # What hypercorn's Config.create_sockets does for HOST:PORT (the family from the host's
+    # form, SO_REUSEADDR, bind; the name resolved by bind), undone at once. Not that method
+    # itself: it leaves the socket open when bind fails.
+    host, _, port = bind.replace("[", "").replace("]", "").rpartition(":")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, int(port)))
+
+
+async def check_listen(bind: str) -> None:
+    """Check that *bind* (``HOST:PORT``, checked by `check_bind`) can be listened on, by
+    binding it and letting go: an unknown host name, an address of another machine or a
+    port in use is a `ConfigurationError` before anything starts.
+
+    A checkpoint (name resolution runs in a thread). Another process may still take the
+    port before the dashboard does; hypercorn's own error then ends `serve_dashboard`.
+    """
+    try:
+        await trio.to_thread.run_sync(_try_bind, check_bind(bind))
+    except OSError as exc:
+        raise _bind_error(bind, exc) from exc
+
+
 async def serve_dashboard(
     store: ProjectionAdmin,
     *,
     bind: str = "127.0.0.1:8000",
     allow_actions: bool = False,
     projectors: Sequence[object] = (),
+    allowed_hosts: Iterable[str] = (),
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the dashboard for *store* until cancelled.
@@ -44,17 +102,33 @@ async def serve_dashboard(
     shows it to the network: it has no authentication). Read-only unless *allow_actions*;
     dead letters can then be replayed for the *projectors* given.
 
+    It answers only requests whose Host header names it: localhost, 127.0.0.1, ::1, the
+    host of *bind*, the address a request arrived on, and *allowed_hosts* (names or
+    addresses without a port, such as the name your proxy forwards); others get 400 (see
+    `dashboard_app`).
+
+    Raises:
+        ConfigurationError: *bind* is malformed, names an unknown host or an address of
+            another machine, or its port is in use; an allowed host is malformed. Raised
+            before anything is served.
+
     .. versionadded:: 0.3
     """
     config = Config()
     config.bind = [check_bind(bind)]
+    names = allowed_host_names(allowed_hosts)
+    await check_listen(bind)
+    # The name or address it was told to listen on is one of its names too.
+    bound = normal_host(_bind_host(bind))
+    if bound is not None:
+        names |= {bound}
     config.accesslog = None
     config.errorlog = logging.getLogger("eventcore_trio.dashboard.http")
     state = DashboardState(allow_actions=allow_actions)
     async with trio.open_nursery() as nursery:
         await nursery.start(poll_status, store, state)
         # Starlette is an ASGI app; hypercorn's annotations spell ASGI more narrowly.
-        app: Any = dashboard_app(store, state, projectors)
+        app: Any = dashboard_app(store, state, projectors, allowed_hosts=names)
         urls: list[str] = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
         logger.info("dashboard at %s", ", ".join(urls))
         task_status.started(urls)

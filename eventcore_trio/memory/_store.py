@@ -22,6 +22,7 @@ import trio
 
 from .._decoding import check_read_arguments, decode_json_object, decode_stored, require_decoded
 from .._errors import (
+    CheckpointAhead,
     CheckpointConflict,
     DatabaseNotAvailable,
     DeadLetterNotFound,
@@ -53,7 +54,7 @@ from .._partitions import (
     split_parent,
     units_of,
 )
-from .._positions import Position
+from .._positions import Position, position_parts
 from .._protocols import Database
 from .._snapshots import Snapshot, check_snapshot
 from .._status import (
@@ -61,6 +62,7 @@ from .._status import (
     LeaderInfo,
     ProjectionState,
     ProjectionStatus,
+    ahead_error,
     count_change,
     host_coverage,
     status_order,
@@ -177,8 +179,13 @@ class MemoryBatch:
         )
 
     async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
-        """Stage moving the checkpoint from *expected* to *position*."""
+        """Stage moving the checkpoint from *expected* to *position*.
+
+        Raises:
+            CheckpointAhead: *position* is beyond the store's last position.
+        """
         await trio.lowlevel.checkpoint()
+        self._store._check_not_ahead(self._leadership.name, position)
         self._checkpoint = (expected, position)
 
     @property
@@ -650,24 +657,50 @@ class MemoryStore:
     # -- CheckpointStore ----------------------------------------------------------------
 
     async def load_checkpoint(self, name: str) -> Position | None:
-        """Return the saved position for *name* (see `CheckpointStore.load_checkpoint`)."""
+        """Return the saved position for *name* (see `CheckpointStore.load_checkpoint`).
+
+        Raises:
+            CheckpointAhead: the stored checkpoint is beyond the store's last position.
+        """
         check_name(name)
         await trio.lowlevel.checkpoint()
         self._check_open()
-        return self._checkpoints.get(name)
+        position = self._checkpoints.get(name)
+        if position is not None and self._ahead(position):
+            raise CheckpointAhead(name, position, stored=True)
+        return position
 
     async def save_checkpoint(self, name: str, position: Position) -> None:
-        """Save a checkpoint; it never moves backwards (see `CheckpointStore`)."""
+        """Save a checkpoint; it never moves backwards (see `CheckpointStore`).
+
+        Raises:
+            CheckpointAhead: *position* is beyond the store's last position; nothing changed.
+            CheckpointConflict: *position* is behind the saved one; nothing changed.
+        """
         check_name(name)
         if not isinstance(position, Position):
             raise InvalidArgument(f"position must be a Position, got {type(position).__name__}")
         await trio.lowlevel.checkpoint()
         self._check_open()
+        self._check_not_ahead(name, position)
         current = self._checkpoints.get(name)
         if current is not None and position < current:
             raise CheckpointConflict(name, position, current)
         self._checkpoints[name] = position
         self._projection(name).updated_at = _now()
+
+    def _ahead(self, position: Position) -> bool:
+        # Whether *position* is beyond every position this store has drawn: a greater
+        # commit ordinal than the last append's, or a greater sequence than the number of
+        # events (positions are drawn as (commit, len(log) + 1)). After a restore (_restore)
+        # positions are drawn from where they were then, so a checkpoint at an event it
+        # removed is ahead, as on PostgreSQL once its sequence is put back.
+        commit, sequence = position_parts(position)
+        return commit > self._commit or sequence > len(self._log)
+
+    def _check_not_ahead(self, name: str, position: Position) -> None:
+        if self._ahead(position):
+            raise CheckpointAhead(name, position, stored=False)
 
     # -- ProjectorCoordinator -----------------------------------------------------------
 
@@ -953,6 +986,7 @@ class MemoryStore:
                 filter=None if parsed.partition is None else EventFilter(partition=parsed.partition)
             )
             checkpoint = self._checkpoints.get(name)
+            ahead = checkpoint is not None and self._ahead(checkpoint)
             lag_from, lag_filter = checkpoint, record.filter
             runnable_by, lacking = host_coverage(name, hosts)
             holder = None
@@ -970,6 +1004,10 @@ class MemoryStore:
             elif name in self._leaders:
                 replaying = record.state is ProjectionState.REPLAYING
                 holder = ProjectionState.REPLAYING if replaying else ProjectionState.RUNNING
+            if checkpoint is not None and ahead:
+                last_error = ahead_error(name, checkpoint, last_error)
+            if lag_from is not None and self._ahead(lag_from):
+                lag_from = None  # a reset rebuilds from the beginning: all of it is lag
             start = 0 if lag_from is None else bisect.bisect_right(self._positions, lag_from)
             pending = [
                 e
@@ -993,6 +1031,7 @@ class MemoryStore:
                     dead_letters=len(self._dead_letters.get(name, ())),
                     runnable_by=runnable_by,
                     lacking_hosts=lacking,
+                    checkpoint_ahead=ahead,
                 )
             )
         return sorted(result, key=status_order)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar, final
 
 from .._errors import (
     BatchInterrupted,
+    CheckpointAhead,
     CheckpointConflict,
     DeadLetterNotFound,
     EventCoreError,
@@ -144,6 +145,7 @@ class PostgresBatch:
         # operator) or a lost lock makes it return no row.
         self._sql_checkpoint = checkpoint_upsert(
             subscriptions.table,
+            subscriptions.schema,
             condition="c.tx IS NOT DISTINCT FROM $5::bigint "
             "AND c.position IS NOT DISTINCT FROM $6::bigint",
             fence=HOLDS_LOCK.format(pid="$7::int", key="$8::bigint"),
@@ -202,6 +204,8 @@ class PostgresBatch:
         Raises:
             CheckpointConflict: the stored checkpoint is not *expected* (at once inside a
                 transaction, else when the block ends).
+            CheckpointAhead: *position* is beyond every position the store can have
+                produced (when the checkpoint is written, as above); nothing commits.
             LeadershipLost: this session no longer holds the lock; nothing commits.
         """
         # Queued writes commit with the checkpoint, or not at all.
@@ -215,7 +219,7 @@ class PostgresBatch:
         tx, seq = position_parts(position)
         expected_tx, expected_seq = (None, None) if expected is None else position_parts(expected)
         proof = self._proof
-        saved = await self._connection.fetchval(
+        saved = await self._connection.fetchrow(
             self._sql_checkpoint,
             proof.name,
             tx,
@@ -226,7 +230,10 @@ class PostgresBatch:
             proof.backend_pid,
             proof.key,
         )
-        if saved is not None:
+        assert saved is not None
+        if saved["ahead"]:
+            raise CheckpointAhead(proof.name, position, stored=False)
+        if saved["saved"]:
             return
         row = await self._connection.fetchrow(
             self._sql_diagnose, proof.name, proof.backend_pid, proof.key

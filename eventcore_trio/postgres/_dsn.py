@@ -21,6 +21,32 @@ _URI_SCHEMES: Final = ("postgresql://", "postgres://")
 # parameter, which asyncpg reads as a connection option or a server setting.
 _HOST_KEYWORDS: Final = ("host", "port", "dbname", "user", "password")
 
+# libpq connection options that asyncpg does not read, with what to do instead where there
+# is something. asyncpg sends every query parameter it does not know to the server as a
+# setting, and PostgreSQL refuses these at connect ("unrecognized configuration parameter"),
+# so they are refused here, before any I/O.
+_KEEPALIVES: Final = "the store sets TCP keepalives on the sessions that need them"
+_LIBPQ_ONLY: Final[dict[str, str | None]] = {
+    "connect_timeout": "the store's own connect_timeout option (10 s) bounds connecting",
+    "keepalives": _KEEPALIVES,
+    "keepalives_idle": _KEEPALIVES,
+    "keepalives_interval": _KEEPALIVES,
+    "keepalives_count": _KEEPALIVES,
+    "hostaddr": "put the address in host",
+    "requiressl": "use sslmode=require",
+    "fallback_application_name": None,
+    "channel_binding": None,
+    "require_auth": None,
+    "gssencmode": None,
+    "gssdelegation": None,
+    "sslcompression": None,
+    "sslcertmode": None,
+    "sslcrldir": None,
+    "sslsni": None,
+    "requirepeer": None,
+    "load_balance_hosts": None,
+}
+
 # keyword = value, where value is 'single quoted' (backslash escapes \' and \\) or a run of
 # non-blank characters (backslash escapes too), as in libpq's conninfo_parse.
 _PAIR: Final = re.compile(
@@ -49,6 +75,7 @@ def normalize_dsn(dsn: object, *, option: str = "dsn") -> str:
         raise ConfigurationError(f"{option} is empty: pass 'postgresql://user@host/db'")
     if text.startswith(_URI_SCHEMES):
         _check_uri(text, option)
+        _check_parameters(text, option)
         return text
     if "://" in text:
         scheme = text.split("://", 1)[0]
@@ -56,7 +83,24 @@ def normalize_dsn(dsn: object, *, option: str = "dsn") -> str:
             f"{option} has the scheme {scheme!r}; use postgresql://user@host:port/db or a "
             "libpq keyword string (host=... dbname=...)"
         )
-    return _keywords_to_uri(text, option)
+    uri = _keywords_to_uri(text, option)
+    _check_parameters(uri, option)
+    return uri
+
+
+def _check_parameters(uri: str, option: str) -> None:
+    # Parameters that are neither connection options nor server settings: refused here, since
+    # the server would refuse them at connect as a DatabaseError that names no option. Any
+    # other unknown name is the server's to judge (extensions add settings of their own), and
+    # open_postgres_store turns its refusal into a ConfigurationError too.
+    for keyword in urllib.parse.parse_qs(urllib.parse.urlsplit(uri).query, keep_blank_values=True):
+        if keyword in _LIBPQ_ONLY:
+            instead = _LIBPQ_ONLY[keyword]
+            raise ConfigurationError(
+                f"{option} has the libpq option {keyword}=, which asyncpg does not read (it "
+                "would reach the server as an unknown setting): remove it"
+                + ("" if instead is None else f"; {instead}")
+            )
 
 
 def _check_uri(uri: str, option: str) -> None:

@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Final
 
 from .._concurrency import service_nursery
 from .._errors import ConfigurationError, DatabaseError, UnsupportedServer
@@ -99,7 +100,9 @@ async def open_postgres_store(
             PgBouncer in ``pool_mode = transaction``, which cannot keep them.
 
     Raises:
-        ConfigurationError: no DSN, a malformed DSN, or an invalid option.
+        ConfigurationError: no DSN, a malformed DSN (a libpq option that asyncpg does not
+            read, a setting the server refuses), or an invalid option (a schema name with
+            PostgreSQL's reserved prefix ``pg_``).
         StoreConnectionError: the server cannot be reached (`AuthenticationFailed` and
             `DatabaseNotFound` are more specific).
         UnsupportedServer: the server is older than PostgreSQL 13.
@@ -117,7 +120,7 @@ async def open_postgres_store(
     _check_connection_options(connect_timeout, statement_cache_size, application_name)
     async with (
         _bridge.asyncio_loop(),
-        _pool.open_pool(
+        _open_pool(
             dsn,
             min_size=min_pool_size,
             max_size=max_pool_size,
@@ -156,6 +159,86 @@ async def open_postgres_store(
             store._closed = True
             # Before the services stop: the last appends' wake-up is not left behind.
             await store._notifier.flush()
+
+
+# What PostgreSQL answers at connect to a setting it refuses: an unknown name (42704), a bad
+# value (22023), one the role may not set (42501), one that only a restart sets (55P02).
+_REFUSED_SETTING_SQLSTATES: Final = frozenset({"42704", "22023", "42501", "55P02"})
+
+
+@asynccontextmanager
+async def _open_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    application_name: str,
+    connect_timeout: float,
+    statement_cache_size: int,
+) -> AsyncIterator[_pool.Pool]:
+    # The pool's first connections are the first to meet the DSN's query parameters, which
+    # asyncpg sends as server settings: a refused one is the DSN's mistake (configuration),
+    # not a database failure. Errors of the caller's block pass through unchanged.
+    opened = False
+    try:
+        async with _pool.open_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            application_name=application_name,
+            connect_timeout=connect_timeout,
+            statement_cache_size=statement_cache_size,
+        ) as pool:
+            opened = True
+            yield pool
+    except DatabaseError as exc:
+        if opened or not _is_refused_setting(exc):
+            raise
+        raise _refused_setting(exc) from exc
+
+
+def _is_refused_setting(exc: DatabaseError) -> bool:
+    return exc.sqlstate in _REFUSED_SETTING_SQLSTATES and "parameter" in str(exc)
+
+
+def _refused_setting(exc: DatabaseError, option: str = "dsn") -> ConfigurationError:
+    return ConfigurationError(
+        f"the server refused a setting of the {option} ({exc}): query parameters that are not "
+        "connection options reach PostgreSQL as settings at connect; fix or remove it"
+    )
+
+
+async def behind_proxy(dsn: str, *, connect_timeout: float = 10.0) -> bool:
+    """Whether *dsn* reaches PostgreSQL through a proxy (a pooler such as PgBouncer).
+
+    One short connection: behind a proxy, the process id the server announced at startup
+    is the proxy's invention, not the session's ``pg_backend_pid()``. For tools that choose
+    options for the user (``eventcore-trio`` turns asyncpg's statement cache off behind a
+    proxy, which a transaction-pooling one cannot keep).
+
+    Raises:
+        ConfigurationError: a malformed DSN, or a setting in it that the server refuses.
+        StoreConnectionError: the server (or the proxy) cannot be reached.
+    """
+    dsn = normalize_dsn(dsn)
+    async with _bridge.asyncio_loop():
+        try:
+            connection = await _bridge.connect(
+                dsn,
+                application_name="eventcore-trio probe",
+                connect_timeout=connect_timeout,
+                statement_cache_size=0,
+            )
+        except DatabaseError as exc:
+            if not _is_refused_setting(exc):
+                raise
+            raise _refused_setting(exc) from exc
+        try:
+            return int(await connection.fetchval("SELECT pg_backend_pid()")) != (
+                connection.backend_pid
+            )
+        finally:
+            await connection.close()
 
 
 def _check_application_name(value: object) -> None:

@@ -28,11 +28,19 @@ _SCHEMA_NAME: Final = re.compile(r"\A[a-z_][a-z0-9_]{0,62}\Z")
 
 
 def check_schema_name(schema: object) -> str:
-    """Validate the schema option: a plain lower-case SQL identifier, used unquoted-safe."""
+    """Validate the schema option: a plain lower-case SQL identifier, used unquoted-safe,
+    outside the ``pg_`` prefix that PostgreSQL keeps for itself."""
     if not isinstance(schema, str) or not _SCHEMA_NAME.match(schema):
         raise ConfigurationError(
             f"schema must be a lower-case SQL identifier (letters, digits, '_', at most 63 "
             f"characters, not starting with a digit), got {schema!r}"
+        )
+    if schema.startswith("pg_"):
+        # PostgreSQL reserves the prefix for system schemas: CREATE SCHEMA refuses it
+        # (42939), so the store could never be migrated there.
+        raise ConfigurationError(
+            f"schema {schema!r} starts with 'pg_', which PostgreSQL reserves for system "
+            "schemas: choose another name"
         )
     return schema
 

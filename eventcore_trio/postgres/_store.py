@@ -358,6 +358,9 @@ class PostgresStore:
         Raises:
             ClusterMismatch: the checkpoint was saved on another PostgreSQL cluster (for
                 example before a dump and restore), where its position means something else.
+            CheckpointAhead: the checkpoint is beyond every position this store can have
+                produced (a transaction id at or above the snapshot's xmax, or a position
+                above the last one the sequence drew): reset the projection.
         """
         check_name(name)
         self._check_open()
@@ -368,6 +371,9 @@ class PostgresStore:
 
         Raises:
             CheckpointConflict: *position* is behind the saved checkpoint; nothing changed.
+            CheckpointAhead: *position* is beyond every position this store can have
+                produced (a transaction id above every one assigned so far, or a position
+                above the last one the sequence drew); nothing changed.
         """
         check_name(name)
         if not isinstance(position, Position):

@@ -19,7 +19,7 @@ from typing import Any, Final, final
 import attrs
 
 from .._decoding import decode_stored
-from .._errors import CheckpointConflict, ClusterMismatch
+from .._errors import CheckpointAhead, CheckpointConflict, ClusterMismatch
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._hosts import HostState
@@ -31,6 +31,7 @@ from .._status import (
     OpenTransaction,
     ProjectionState,
     ProjectionStatus,
+    ahead_error,
     count_change,
     host_coverage,
     status_order,
@@ -57,25 +58,71 @@ _NO_ROW: Final[dict[str, object]] = {
     "last_error": None,
     "updated_at": None,
     "dead_letters": 0,
+    "ahead": False,
 }
 
 
-def checkpoint_upsert(subscriptions: str, *, condition: str, fence: str | None = None) -> str:
-    """The compare-and-set that saves a checkpoint: one statement, one row back or none.
+def last_drawn(schema: str) -> str:
+    """SQL: the last position the events' sequence drew (0 before the first), or NULL when
+    this role may not read the sequence (then positions are bounded by transaction id alone).
 
-    Arguments ``$1``-``$4``: name, tx, position, system identifier. The row is inserted, or
-    updated only where *condition* holds (``c`` is the stored row, ``excluded`` the new one);
-    with *fence*, nothing happens unless that condition holds too. No row back means nothing
-    was saved: another writer moved the checkpoint, or the fence failed.
+    A sequence only moves forward, outside transactions, so every position an event has (or
+    had, in a transaction that rolled back) is at most this. ``pg_sequence_last_value`` is
+    what the ``pg_sequences`` view reads; it is called only when permitted.
+    """
+    sequence = f"'\"{schema}\".events_position_seq'"
+    return (
+        f"CASE WHEN has_sequence_privilege({sequence}, 'SELECT, USAGE') "
+        f"THEN coalesce(pg_sequence_last_value({sequence}::regclass), 0) END"
+    )
+
+
+def stored_ahead(schema: str, tx: str, position: str) -> str:
+    """SQL: whether a stored checkpoint (*tx*, *position*) is beyond every position the store
+    can have produced, by a statement that only reads.
+
+    Every event's tx is at most a transaction id its writer owned (see writer_floor in
+    `_schema`), and a checkpoint row is written by a transaction with a larger id (its save
+    refuses a tx above its own id, and a batch checkpoints what it read before it began). So
+    the row's writer, and the tx, lie below the xmax of any snapshot that sees the row: a
+    tx at or above it was never produced. The same for a position above the last drawn.
     """
     return (
-        f"INSERT INTO {subscriptions} AS c ({_NAME}, tx, position, system_identifier, "
+        f"({tx} >= pg_snapshot_xmax(pg_current_snapshot())::text::bigint "
+        f"OR coalesce({position} > {last_drawn(schema)}, false))"
+    )
+
+
+def checkpoint_upsert(
+    subscriptions: str, schema: str, *, condition: str, fence: str | None = None
+) -> str:
+    """The compare-and-set that saves a checkpoint: one statement, one row back.
+
+    Arguments ``$1``-``$4``: name, tx, position, system identifier. The row comes back with
+    ``ahead`` and ``saved``. ``ahead``: the position is beyond every position the store can
+    have produced (a tx above every transaction id assigned so far, this statement's own
+    included, or a position above the last one drawn), and nothing was saved. Otherwise the
+    row is inserted, or updated only where *condition* holds (``c`` is the stored row,
+    ``excluded`` the new one); with *fence*, nothing happens unless that condition holds too.
+    ``saved`` false means nothing was saved: another writer moved the checkpoint, or the fence
+    failed.
+
+    The tx bound is this transaction's own id, which a checkpoint write takes anyway: any
+    position its caller holds was drawn by a transaction that had its id before this one.
+    """
+    return (
+        "WITH bound AS MATERIALIZED (SELECT "
+        "($2::bigint > pg_current_xact_id()::text::bigint "
+        f"OR coalesce($3::bigint > {last_drawn(schema)}, false)) AS ahead), "
+        f"saved AS (INSERT INTO {subscriptions} AS c ({_NAME}, tx, position, system_identifier, "
         "updated_at) "
-        f"SELECT $1::text, $2::bigint, $3::bigint, $4::text, now() WHERE {fence or 'true'} "
+        "SELECT $1::text, $2::bigint, $3::bigint, $4::text, now() FROM bound "
+        f"WHERE NOT bound.ahead AND {fence or 'true'} "
         f"ON CONFLICT ({_NAME}) DO UPDATE "
         "SET tx = excluded.tx, position = excluded.position, "
         "system_identifier = excluded.system_identifier, updated_at = now() "
-        f"WHERE {condition} RETURNING 1"
+        f"WHERE {condition} RETURNING 1) "
+        "SELECT bound.ahead, EXISTS (SELECT 1 FROM saved) AS saved FROM bound"
     )
 
 
@@ -293,13 +340,21 @@ class Subscriptions:
             f"{fence} AS held"
         )
         self._sql_load = (
-            f"SELECT tx, position, system_identifier FROM {self.table} WHERE {_NAME} = $1"
+            f"SELECT tx, position, system_identifier, "
+            f"{stored_ahead(schema, 'tx', 'position')} AS ahead "
+            f"FROM {self.table} WHERE {_NAME} = $1"
         )
         # Moves only forward: never behind the stored position.
         self._sql_save = checkpoint_upsert(
             self.table,
+            schema,
             condition="c.tx IS NULL OR (c.tx, c.position) <= (excluded.tx, excluded.position)",
         )
+
+    @property
+    def schema(self) -> str:
+        """The schema of the tables (and of the events' position sequence)."""
+        return self._schema
 
     @property
     def system_identifier(self) -> str | None:
@@ -307,10 +362,11 @@ class Subscriptions:
         return self._system_identifier
 
     async def load_checkpoint(self, name: str) -> Position | None:
-        """The saved position, refusing one saved on another cluster.
+        """The saved position, refusing one saved on another cluster or ahead of the store.
 
         Raises:
             ClusterMismatch: saved on another cluster (for example before a dump and restore).
+            CheckpointAhead: beyond every position this store can have produced.
         """
         row = await self._pool.fetchrow(self._sql_load, name)
         if row is None or row["tx"] is None:
@@ -322,18 +378,31 @@ class Subscriptions:
                 f"cluster {self._system_identifier}; its position would skip or repeat events "
                 f"here. Reset the projection to rebuild it on this cluster."
             )
-        return Position(row["tx"], row["position"])
+        position = Position(row["tx"], row["position"])
+        if row["ahead"]:
+            raise CheckpointAhead(name, position, stored=True)
+        return position
 
     async def save_checkpoint(self, name: str, position: Position) -> None:
         """Save *position*, never moving the checkpoint backwards.
 
         Raises:
+            CheckpointAhead: *position* is beyond every position the store can have
+                produced; nothing changed.
             CheckpointConflict: *position* is behind the saved checkpoint; nothing changed.
         """
         tx, seq = position_parts(position)
-        saved = await self._pool.fetchval(self._sql_save, name, tx, seq, self._system_identifier)
-        if saved is None:
-            raise CheckpointConflict(name, position, await self.load_checkpoint(name))
+        row = await self._pool.fetchrow(self._sql_save, name, tx, seq, self._system_identifier)
+        assert row is not None
+        if row["ahead"]:
+            raise CheckpointAhead(name, position, stored=False)
+        if not row["saved"]:
+            raise CheckpointConflict(name, position, await self._stored(name))
+
+    async def _stored(self, name: str) -> Position | None:
+        # The stored checkpoint as it is, for a conflict's report (even one ahead).
+        row = await self._pool.fetchrow(self._sql_load, name)
+        return None if row is None or row["tx"] is None else Position(row["tx"], row["position"])
 
     async def exists(self, name: str) -> bool:
         """Whether *name* has a row (it ran or checkpointed here), or any partition of it has."""
@@ -496,6 +565,7 @@ class Subscriptions:
             "SELECT c.subscription_name, c.tx, c.position, c.filter::text AS filter, c.state, "
             "c.leader_pid, c.leader_host, c.leader_application, c.leader_backend_pid, "
             "c.last_error, c.updated_at, "
+            f"coalesce({stored_ahead(self._schema, 'c.tx', 'c.position')}, false) AS ahead, "
             f"(SELECT count(*) FROM {self.dead_letters_table} d "
             " WHERE d.subscription_name = c.subscription_name) AS dead_letters "
             f"FROM {self.table} c ORDER BY c.subscription_name"
@@ -551,6 +621,7 @@ class Subscriptions:
             ):
                 continue  # a unit of a count the projection no longer has, or never had
             checkpoint = None if row["tx"] is None else Position(row["tx"], row["position"])
+            ahead = checkpoint is not None and bool(row["ahead"])
             event_filter = _filter_from_json(row["filter"])
             if name not in by_name and parsed.partition is not None:
                 event_filter = EventFilter(partition=parsed.partition)
@@ -569,7 +640,7 @@ class Subscriptions:
                 holder = holder or change.state
                 last_error = change.error or last_error
                 parent = None if change.parent is None else by_name.get(change.parent.name)
-                if parent is not None and parent["tx"] is not None:
+                if parent is not None and parent["tx"] is not None and not parent["ahead"]:
                     lag_from = Position(parent["tx"], parent["position"])
                     if parent["filter"] is not None:
                         event_filter = _filter_from_json(_child_filter(parent["filter"], parsed))
@@ -585,6 +656,9 @@ class Subscriptions:
                         host=row["leader_host"],
                         application_name=row["leader_application"],
                     )
+            if checkpoint is not None and ahead:
+                last_error = ahead_error(name, checkpoint, last_error)
+                lag_from = None  # a reset rebuilds from the beginning: all of it is lag
             lag_events, oldest = await self._lag(lag_from, event_filter)
             state = unit_state(holder=holder, standbys=unit.standbys, last=last)
             result.append(
@@ -604,6 +678,7 @@ class Subscriptions:
                     held_back_by=held_back_by,
                     runnable_by=runnable_by,
                     lacking_hosts=lacking,
+                    checkpoint_ahead=ahead,
                 )
             )
         return sorted(result, key=status_order)

@@ -10,8 +10,14 @@ from collections.abc import Callable, Iterable
 import attrs
 import trio
 
-from .._concurrency import wait_any
-from .._errors import EventCoreError, InvalidArgument, LeadershipLost, StoreConnectionError
+from .._concurrency import raise_single, wait_any
+from .._errors import (
+    EventCoreError,
+    InvalidArgument,
+    LeadershipLost,
+    StoreConnectionError,
+    UnsupportedPooling,
+)
 from .._hosts import ClusterView, HostState
 from .._partitions import Unit
 from .._protocols import HostMembership, Store
@@ -267,6 +273,11 @@ class _Balancer:
                         with trio.move_on_after(self.config.balance_interval):
                             await wait_any(changed.wait, membership.wait_changed)
                 logger.warning("host: its registration was lost; registering again")
+            except UnsupportedPooling:
+                # A transaction-pooling proxy breaks the lock session or the statement cache:
+                # every attempt would fail the same way, so the host stops and says so
+                # instead of retrying for ever while leading nothing.
+                raise
             except EventCoreError as exc:
                 # The database went away, the registration was lost, a statement failed:
                 # balancing waits; the units go on as they are.
@@ -325,12 +336,17 @@ async def run_projections(
 
     Raises:
         InvalidArgument: a projector is invalid, or two share a name.
+        UnsupportedPooling: with ``balance=True``, a transaction-pooling proxy breaks the
+            sessions the host registers and balances with: its lock session (the store's
+            ``session_dsn``), so no unit could lead, or a pool that keeps asyncpg's statement
+            cache through it; raised instead of retrying.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
        Units of partitioned projectors; balancing between hosts.
     .. versionchanged:: 0.3
-       A unit waiting for a change of partition count counts as started.
+       A unit waiting for a change of partition count counts as started; a balancing host
+       raises `UnsupportedPooling` instead of retrying its registration for ever.
     """
     projections = [resolve(p) for p in projectors]
     names = [p.name for p in projections]
@@ -344,17 +360,21 @@ async def run_projections(
     config = attrs.evolve(config, continuous=True, wait_for_leadership=True)
     resolved = [unit for projection in projections for unit in projection.units()]
     if config.balance:
-        async with trio.open_nursery() as nursery:
-            if METRICS.enabled:
-                nursery.start_soon(_report_lag, store, frozenset(u.name for u in resolved))
-            balancer = _Balancer({u.name: u for u in resolved}, store, config, nursery)
-            await nursery.start(balancer.run)
-            logger.info(
-                "host: %d projectors (%d units), balancing with other hosts",
-                len(projections),
-                len(resolved),
-            )
-            task_status.started()
+        try:
+            async with trio.open_nursery() as nursery:
+                if METRICS.enabled:
+                    nursery.start_soon(_report_lag, store, frozenset(u.name for u in resolved))
+                balancer = _Balancer({u.name: u for u in resolved}, store, config, nursery)
+                await nursery.start(balancer.run)
+                logger.info(
+                    "host: %d projectors (%d units), balancing with other hosts",
+                    len(projections),
+                    len(resolved),
+                )
+                task_status.started()
+        except BaseExceptionGroup as group:
+            # The balancer's own error (UnsupportedPooling), not a group of one.
+            raise_single(group)
         return
     async with trio.open_nursery() as nursery:
         if METRICS.enabled:

@@ -73,8 +73,12 @@ async def run_host(
         AuthenticationFailed: the database refused the credentials (waiting will not help).
         DatabaseNotFound: the database does not exist.
         InvalidArgument: a projector or the config is invalid.
+        UnsupportedPooling: lock sessions go through a transaction-pooling proxy (see
+            `run_projections`); waiting will not help.
 
     .. versionadded:: 0.2
+    .. versionchanged:: 0.3
+       Raises `UnsupportedPooling` instead of retrying for ever behind transaction pooling.
     """
     stopped_by = signal.SIGTERM
     try:

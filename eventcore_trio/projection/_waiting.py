@@ -6,6 +6,7 @@ import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Final, Protocol
 
+import attrs
 import trio
 
 from .._errors import InvalidArgument, ProjectionLagging
@@ -22,28 +23,38 @@ _LAST_DELAY: Final = 0.1
 
 
 class _Store(CheckpointStore, EventReader, Protocol):
-    pass
+    async def recorded_partitions(self, name: str) -> int | None:
+        """See `ProjectorCoordinator.recorded_partitions`."""
+        ...
 
 
-def _units(projectors: Sequence[object], streams: Sequence[str] | None) -> list[ResolvedProjector]:
+def _resolved(projectors: Sequence[object]) -> list[ResolvedProjector]:
     if isinstance(projectors, (str, bytes)) or not isinstance(projectors, Sequence):
         raise InvalidArgument(
             "wait_for_projections() takes a list of projectors (the objects, for their "
             "filters and partitions), not names"
         )
-    units: list[ResolvedProjector] = []
-    for candidate in projectors:
-        resolved = resolve(candidate)
-        for unit in resolved.units():
-            # A partition holds the events of its streams only: wait for those that hold a
-            # written stream.
-            if (
-                unit.partition is None
-                or streams is None
-                or any(partition_of(s, unit.partition.count) == unit.partition for s in streams)
-            ):
-                units.append(unit)
-    return units
+    return [resolve(candidate) for candidate in projectors]
+
+
+def _units(
+    projector: ResolvedProjector, count: int, streams: Sequence[str] | None
+) -> list[ResolvedProjector]:
+    # The units of *projector* when its projection runs as *count* of them, which is not
+    # always the object's count: after a split, code from before it (or a script that
+    # leaves out partitions=) still says the old one, whose units no longer run.
+    shaped = (
+        projector if count == projector.partitions else attrs.evolve(projector, partitions=count)
+    )
+    # A partition holds the events of its streams only: wait for those that hold a written
+    # stream.
+    return [
+        unit
+        for unit in shaped.units()
+        if unit.partition is None
+        or streams is None
+        or any(partition_of(s, unit.partition.count) == unit.partition for s in streams)
+    ]
 
 
 async def _has_applied(
@@ -81,8 +92,13 @@ async def wait_for_projections(
     its checkpoint reached it, or when nothing it applies lies between its checkpoint and
     the position (the event is filtered out, or in another partition). For a partitioned
     projector given an `AppendResult`, only the partitions of the written streams are waited
-    for. The projections run anywhere: this only reads their checkpoints, backing off from
-    2 ms to 100 ms between checks.
+    for. The units waited for are the ones the store records for the projection
+    (`ProjectorCoordinator.recorded_partitions`, read again at every check), not the
+    projector object's partition count, which may be older or newer code: after a 2 -> 4
+    split, a projector that still says ``partitions=2`` waits for the four units that run. A
+    projection that never ran here is waited for as the object says. The projections run
+    anywhere: this only reads their checkpoints, backing off from 2 ms to 100 ms between
+    checks.
 
     Example::
 
@@ -107,8 +123,8 @@ async def wait_for_projections(
     """
     if type(timeout) not in (int, float) or not 0 <= timeout < math.inf:
         raise InvalidArgument(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
+    resolved = _resolved(projectors)  # checked even when there is nothing to wait for
     if written is None:
-        _units(projectors, None)  # still check the arguments
         return
     if isinstance(written, AppendResult):
         position = written.position
@@ -120,9 +136,13 @@ async def wait_for_projections(
             "wait_for_projections() waits for an AppendResult (ExecutionResult.append), a "
             f"Position or None, got {type(written).__name__}"
         )
-    pending = _units(projectors, streams)
     if position is None:
         return
+    # Units found to have applied the position (they stay so: checkpoints only move forward,
+    # and a split's new units start from their parent's), and projections all of whose units
+    # have.
+    applied: set[str] = set()
+    done: set[int] = set()
 
     async def still_pending() -> list[ResolvedProjector]:
         # Whether the position is readable yet: asked once per round, by the first unit
@@ -135,7 +155,27 @@ async def wait_for_projections(
                 known.append(last is not None and last >= position)
             return known[0]
 
-        return [unit for unit in pending if not await _has_applied(store, unit, position, visible)]
+        lagging: list[ResolvedProjector] = []
+        for index, projector in enumerate(resolved):
+            if index in done:
+                continue
+            # The units the store records, read every round: a split may happen meanwhile.
+            # A projection that never ran here is waited for as the object says.
+            recorded = await store.recorded_partitions(projector.projection)
+            count = projector.partitions if recorded is None else recorded
+            behind = []
+            for unit in _units(projector, count, streams):
+                if unit.name in applied:
+                    continue
+                if await _has_applied(store, unit, position, visible):
+                    applied.add(unit.name)
+                else:
+                    behind.append(unit)
+            if behind:
+                lagging += behind
+            else:
+                done.add(index)
+        return lagging
 
     # One check whatever the timeout (timeout=0 asks "applied yet?"), then checks backing
     # off until the deadline.

@@ -35,6 +35,7 @@ import trio.lowlevel
 from hypothesis import strategies as st
 
 from .._errors import (
+    CheckpointAhead,
     CheckpointConflict,
     DeadLetterNotFound,
     DuplicateEventId,
@@ -45,8 +46,9 @@ from .._errors import (
 )
 from .._events import NewEvent, RecordedEvent, StreamAppend
 from .._filters import EventFilter
-from .._positions import Position
-from .._protocols import Leadership, Store
+from .._positions import Position, position_parts
+from .._protocols import Leadership, SnapshotStore, Store
+from .._snapshots import Snapshot
 from .._validation import MAX_EVENT_JSON_BYTES
 from ._harness import BackendHarness
 
@@ -490,6 +492,50 @@ class StoreContract:
                 await batch.save_checkpoint(first, second)
         assert await store.load_checkpoint("p") == second
 
+    async def test_a_checkpoint_ahead_of_the_store_is_refused(self, store: Store) -> None:
+        """A position beyond every position the store can have produced (a projection
+        reading after it would skip every event) raises CheckpointAhead and saves nothing,
+        from save_checkpoint and from a batch (with or without a transaction under way);
+        positions the store produced are saved as before."""
+        await store.append("s", events("A", "B"))
+        recorded = await read_all(store)
+        first, last = (e.position for e in recorded)
+        tx, seq = position_parts(last)
+        beyond = [Position(2**62, 5), Position(tx, seq + 10**9), Position(2**63 - 1, 2**63 - 1)]
+        for position in beyond:
+            with pytest.raises(CheckpointAhead) as info:
+                await store.save_checkpoint("cpx", position)
+            assert (info.value.name, info.value.position, info.value.stored) == (
+                "cpx",
+                position,
+                False,
+            )
+            assert "not saved" in str(info.value)
+            async with store.try_acquire("cpx") as leadership:
+                with pytest.raises(CheckpointAhead):
+                    async with leadership.open_batch() as batch:
+                        await batch.save_checkpoint(None, position)
+                # A write first: on PostgreSQL, the batch's transaction is then under way.
+                with pytest.raises(CheckpointAhead):
+                    await self._dead_letter_then_checkpoint(leadership, recorded[0], position)
+            assert await store.load_checkpoint("cpx") is None
+            assert await store.dead_letters("cpx") == []
+        await store.save_checkpoint("cpx", first)
+        async with store.try_acquire("cpx") as leadership, leadership.open_batch() as batch:
+            await batch.save_checkpoint(first, last)
+        assert await store.load_checkpoint("cpx") == last
+        with pytest.raises(CheckpointAhead):
+            await store.save_checkpoint("cpx", Position(2**62, 5))
+        assert await store.load_checkpoint("cpx") == last
+
+    @staticmethod
+    async def _dead_letter_then_checkpoint(
+        leadership: Leadership, event: RecordedEvent, position: Position
+    ) -> None:
+        async with leadership.open_batch() as batch:
+            await batch.record_dead_letter(event, ValueError("x"), retries=0)
+            await batch.save_checkpoint(None, position)
+
     # -- dead letters and partition counts ----------------------------------------------
 
     async def test_resolving_a_dead_letter_deletes_it_or_fails_the_batch(
@@ -816,6 +862,76 @@ class StoreContract:
         with pytest.raises(EventEncodeError):
             await store.append("edges", [NewEvent("E", {"when": dt.datetime.now(dt.UTC)})])
         assert len(await store.read_stream("edges")) == 1
+
+    async def test_keys_that_are_not_str_are_refused_on_every_write_path(
+        self, store: Store
+    ) -> None:
+        """A key that is not a str, anywhere in data or metadata (JSON would turn 1 and
+        "1" into one key and keep one value), raises EventEncodeError naming its path before
+        anything is written: appends, atomic appends, a batch's appends (a reactor's
+        ``ctx.append``) and snapshots."""
+        # The issue's example, as written: True replaces 1's value in the dict itself.
+        colliding = {1: "a", "1": "b", True: "c", "true": "d"}  # noqa: F601
+        with pytest.raises(EventEncodeError, match=r"not a str: 1 \(int\) in data\. "):
+            await store.append("dk-1", [NewEvent("E", colliding)])  # type: ignore[arg-type]
+
+        class TaggedKey(str):
+            # Two keys with the same text that the dict keeps apart.
+            def __eq__(self, other: object) -> bool:
+                return self is other
+
+            __hash__ = object.__hash__
+
+        bad: list[tuple[NewEvent, str]] = [
+            (
+                NewEvent("E", {"order": {"lines": [{"sku": "x", "qty": {2: 1}}]}}),
+                "not a str: 2 (int) in data['order']['lines'][0]['qty']",
+            ),
+            (NewEvent("E", {}, metadata={"trace": {None: "x"}}), "None (NoneType) in metadata"),
+            (NewEvent("E", {"rates": ({1.5: "x"},)}), "1.5 (float) in data['rates'][0]"),
+            (NewEvent("E", {"pairs": {(1, 2): "x"}}), "(1, 2) (tuple) in data['pairs']"),
+            (
+                NewEvent("E", {"k": {TaggedKey("k"): 1, TaggedKey("k"): 2}}),
+                "two keys that are both 'k' as JSON at data['k']",
+            ),
+        ]
+        good = NewEvent("Good", {"n": 1})
+        async with store.try_acquire("dk") as leadership:
+            for event, message in bad:
+                calls: list[Callable[[], Awaitable[object]]] = [
+                    partial(store.append, "dk-2", [good, event]),
+                    partial(
+                        store.append_atomic,
+                        [StreamAppend("dk-3", [good]), StreamAppend("dk-4", [event])],
+                    ),
+                    partial(self._append_in_batch, leadership, [good, event]),
+                ]
+                for call in calls:
+                    with pytest.raises(EventEncodeError) as info:
+                        await call()
+                    assert message in str(info.value)
+                    assert "before appending" in str(info.value)  # what to do
+        if isinstance(store, SnapshotStore):
+            snapshot = Snapshot("dk-5", "State", 1, 1, {"by_id": {7: "x"}})
+            with pytest.raises(EventEncodeError, match=r"7 \(int\) in snapshot\['by_id'\]"):
+                await store.write_snapshot(snapshot)
+            assert await store.read_snapshot("dk-5", "State") is None
+        assert await read_all(store) == []
+        assert await store.load_checkpoint("dk") is None
+
+    @staticmethod
+    async def _append_in_batch(leadership: Leadership, events: list[NewEvent]) -> None:
+        async with leadership.open_batch() as batch:
+            await batch.append_atomic([StreamAppend("dk-6", events)])
+
+    async def test_tuples_are_stored_as_lists(self, store: Store) -> None:
+        """A tuple in data or metadata is a JSON array: stored whole, read back as a list
+        (the decision on docs/bad-input.md); a tuple as a key is refused."""
+        data = {"point": (1, 2), "nested": [("a", {"b": (True, None)})]}
+        await store.append("tuples", [NewEvent("E", data, metadata={"path": ("x", "y")})])
+        (event,) = await store.read_stream("tuples")
+        assert event.data == {"point": [1, 2], "nested": [["a", {"b": [True, None]}]]}
+        assert event.metadata["path"] == ["x", "y"]
 
     # -- cancellation ------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
@@ -13,6 +14,7 @@ import trio
 from eventcore_trio import (
     ConfigurationError,
     EventDecodeError,
+    EventEncodeError,
     EventRegistry,
     InvalidArgument,
     NewEvent,
@@ -24,6 +26,7 @@ from eventcore_trio import (
     caused_by,
     execute,
 )
+from eventcore_trio._validation import encode_json_object
 from eventcore_trio.demo import (
     Account,
     AccountOpened,
@@ -127,6 +130,46 @@ class ExecuteContract:
         assert result.attempts == 2
         approved = await store.read_stream("requests")
         assert [e.data for e in approved] == [{"under_limit": 9}]
+
+    async def test_decide_runs_again_on_every_attempt(self, store: Store) -> None:
+        """After a conflict decide() is called again, on the new state, and only the last
+        decision is written: a side effect inside decide() would happen once per attempt."""
+        await store.append("limits", [NewEvent("LimitSet", {"limit": 5})])
+        for account in ("a", "b"):
+            await execute(store, OpenAccount(account, 100), registry=registry)
+        decided: list[object] = []
+
+        class RecordingApprove(Approve):
+            def decide(self, state: int) -> Mapping[str, Sequence[Any]]:
+                decided.append(state)  # the kind of side effect decide() must not have
+                return super().decide(state)
+
+        class RecordingTransfer(Transfer):
+            def decide(self, states: Mapping[str, Account]) -> Mapping[str, Sequence[Any]]:
+                decided.append(states["a"].balance)
+                return super().decide(states)
+
+        original = store.append_atomic
+        races = [
+            StreamAppend("limits", [NewEvent("LimitSet", {"limit": 9})]),
+            StreamAppend("a", [registry.new_event(MoneyDeposited(1, "x"))]),
+        ]
+
+        async def racing(appends: Sequence[StreamAppend]) -> Any:
+            if len(decided) == 1:  # another writer, between the first decision and its append
+                await original([races.pop(0)])
+            return await original(appends)
+
+        store.append_atomic = racing  # type: ignore[method-assign]
+        result = await execute(store, RecordingApprove("limits", "requests"), retry=FAST)
+        assert (result.attempts, decided) == (2, [5, 9])
+        assert [e.data for e in await store.read_stream("requests")] == [{"under_limit": 9}]
+        decided.clear()
+        result = await execute(
+            store, RecordingTransfer("a", "b", 30), registry=registry, retry=FAST
+        )
+        assert (result.attempts, decided) == (2, [100, 101])
+        assert await balances(store, ["a", "b"]) == {"a": 71, "b": 130}
 
     async def test_retries_are_bounded(self, store: Store) -> None:
         """A command that always meets a conflict gives up after max_attempts."""
@@ -383,6 +426,32 @@ class TestRegistry:
             {"name": "x", "count": 2},
             {"k": "v"},
         )
+
+    def test_state_keys_declared_int_round_trip_and_others_are_refused(self) -> None:
+        """A state's mapping declared with int keys is snapshotted with the keys' text and
+        decodes to the same ints; other keys that are not a str make the snapshot an
+        EventEncodeError naming them (JSON would change them: 1 and "1" would collide)."""
+        local = EventRegistry()
+
+        @local.state("Tally")
+        @attrs.frozen
+        class Tally:
+            by_amount: dict[int, int] = attrs.field(factory=dict)
+            loose: dict[Any, int] = attrs.field(factory=dict)
+
+            def evolve(self, event: object) -> Tally:
+                return self
+
+        kind = local.state_type(Tally)
+        state = Tally({1: 2, 30: 4}, {"a": 1})
+        text = encode_json_object("snapshot", local.encode_state(kind, state))
+        data = json.loads(text)
+        assert data["by_amount"] == {"1": 2, "30": 4}
+        assert local.decode_state(kind, data, 1) == state
+        for loose in ({1: 1}, {1: 1, "1": 2}, {True: 1}):
+            encoded = local.encode_state(kind, Tally(loose=loose))
+            with pytest.raises(EventEncodeError, match=r"in snapshot\['loose'\]"):
+                encode_json_object("snapshot", encoded)
 
     def test_registration_errors(self) -> None:
         """Non-attrs classes and duplicate names or classes are refused."""

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import typing
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import pytest
@@ -29,6 +30,7 @@ from eventcore_trio import (
     execute,
     take_snapshot,
 )
+from eventcore_trio._typed import fields_fingerprint
 from eventcore_trio.demo import (
     Account,
     InsufficientFunds,
@@ -275,6 +277,11 @@ def at(event: RecordedEvent) -> dict[str, Any]:
     return {"event_id": event.event_id, "event_recorded_at": event.recorded_at}
 
 
+def state_data(snapshot: Snapshot) -> dict[str, Any]:
+    """A snapshot's state, without the fingerprint of its class's fields."""
+    return {k: v for k, v in snapshot.data.items() if k != "@fields"}
+
+
 def rewritten_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
     """The warnings state commands logged about rewritten streams."""
     return [
@@ -282,6 +289,84 @@ def rewritten_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
         for r in caplog.records
         if r.name == "eventcore_trio.commands" and r.levelno == logging.WARNING
     ]
+
+
+@attrs.frozen
+class LimitSet:
+    amount: int
+
+
+def card_classes() -> tuple[type[Any], type[Any]]:
+    """State "Card", version 1, before and after a field ``limit`` (folded from LimitSet
+    events) was added without raising the version. New classes on every call, as two
+    releases would have."""
+
+    @attrs.frozen
+    class CardBefore:
+        balance: int = 0
+
+        def evolve(self, event: object) -> CardBefore:
+            if isinstance(event, Credited):
+                return CardBefore(self.balance + event.amount)
+            return self  # LimitSet: nothing folded it yet
+
+    @attrs.frozen
+    class Card:
+        balance: int = 0
+        limit: int = 0
+
+        def evolve(self, event: object) -> Card:
+            match event:
+                case Credited(amount):
+                    return attrs.evolve(self, balance=self.balance + amount)
+                case LimitSet(amount):
+                    return attrs.evolve(self, limit=amount)
+            return self
+
+    return CardBefore, Card
+
+
+def card_registry(state: type[Any], *, version: int = 1) -> EventRegistry:
+    """A registry with the card's events and *state* registered as "Card"."""
+    registry = EventRegistry()
+    registry.register("Credited")(Credited)
+    registry.register("LimitSet")(LimitSet)
+    registry.state("Card", version=version, snapshot_every=100)(state)
+    return registry
+
+
+@attrs.frozen
+class Inspect:
+    """Reads one stream as *state* and writes nothing; records the state it was given."""
+
+    stream: str
+    state: type[Any]
+    seen: list[Any]
+
+    def streams(self) -> Mapping[str, type[Any]]:
+        return {self.stream: self.state}
+
+    def decide(self, states: Mapping[str, Any]) -> Mapping[str, Sequence[Any]]:
+        self.seen.append(states[self.stream])
+        return {}
+
+
+async def state_of(
+    store: Store,
+    registry: EventRegistry,
+    state: type[Any],
+    stream: str,
+    cache: StateCache | None = None,
+) -> Any:
+    """The state a command that reads *stream* as *state* decides on."""
+    seen: list[Any] = []
+    await execute(store, Inspect(stream, state, seen), registry=registry, cache=cache)
+    return seen[-1]
+
+
+def fields_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The warnings state commands logged about snapshots taken with other fields."""
+    return [m for m in rewritten_warnings(caplog) if "other fields" in m]
 
 
 class RacingStore:
@@ -353,7 +438,7 @@ class StatesContract:
         snapshot = await store.read_snapshot("c", "Counter")
         assert snapshot is not None
         assert (snapshot.state_version, snapshot.stream_version) == (2, 10)
-        assert dict(snapshot.data) == {"total": 20, "events": 10}
+        assert state_data(snapshot) == {"total": 20, "events": 10}
         assert warm.stats.snapshots_written == 2  # at 5 and at 10 folded events
         cold = StateCache()
         assert await peek(store, "c", cold) == Counter(24, 12)
@@ -475,7 +560,7 @@ class StatesContract:
         await execute(store, Transfer("acc", "other", 10), registry=registry)
         stale = await take_snapshot(store, registry, Account, "acc")
         assert stale is not None
-        assert (stale.stream_version, dict(stale.data)) == (2, {"opened": True, "balance": 90})
+        assert (stale.stream_version, state_data(stale)) == (2, {"opened": True, "balance": 90})
         await restore(store, saved)
         await grow_back(store)
         cold = StateCache()
@@ -535,7 +620,7 @@ class StatesContract:
             replaced.stream_version,
             replaced.event_id,
             replaced.event_recorded_at,
-            dict(replaced.data),
+            state_data(replaced),
         ) == (5, last.event_id, last.recorded_at, {"total": 203, "events": 5})
         cold = StateCache()
         assert await peek(store, "c", cold) == Counter(203, 5)
@@ -568,7 +653,7 @@ class StatesContract:
         )
         snapshot = await store.read_snapshot("w", "Wallet")
         assert snapshot is not None
-        assert (snapshot.event_id, snapshot.event_recorded_at, dict(snapshot.data)) == (
+        assert (snapshot.event_id, snapshot.event_recorded_at, state_data(snapshot)) == (
             retried.event_id,
             retried.recorded_at,
             {"balance": 16},
@@ -594,7 +679,7 @@ class StatesContract:
         assert warning.startswith("stream 'w' ")
         snapshot = await store.read_snapshot("w", "Wallet")
         assert snapshot is not None
-        assert (snapshot.event_id, snapshot.event_recorded_at, dict(snapshot.data)) == (
+        assert (snapshot.event_id, snapshot.event_recorded_at, state_data(snapshot)) == (
             retried.event_id,
             retried.recorded_at,
             {"balance": 16},
@@ -682,7 +767,104 @@ class StatesContract:
             last.event_id,
             last.recorded_at,
         )
-        assert dict(kept.data) == {"total": 5, "events": 5}
+        assert state_data(kept) == {"total": 5, "events": 5}
+
+    async def test_a_field_added_without_raising_the_version_is_caught(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A snapshot taken before a field was added to its state class, the version not
+        raised, is not used: the field is folded from the events (limit 500, not its
+        default 0), one warning says to raise the version, and the snapshot is replaced."""
+        assert isinstance(store, SnapshotStore)
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+        before, after = card_classes()
+        old = card_registry(before)
+        for stream in ("card-1", "card-2"):
+            await store.append(stream, [old.new_event(LimitSet(500)), old.new_event(Credited(20))])
+            taken = await take_snapshot(store, old, before, stream)
+            assert taken is not None
+            assert state_data(taken) == {"balance": 20}
+        new = card_registry(after)  # the next release: Card gained limit, still version 1
+        cold = StateCache()
+        assert await state_of(store, new, after, "card-1", cold) == after(balance=20, limit=500)
+        assert (cold.stats.snapshots_read, cold.stats.events_folded) == (0, 2)
+        [warning] = fields_warnings(caplog)
+        assert warning.startswith("the snapshot of stream 'card-1' under state 'Card' ")
+        assert "it has no 'limit'" in warning
+        assert "@registry.state('Card', version=2)" in warning
+        assert await store.read_snapshot("card-1", "Card") is None
+        # Every such snapshot is folded again; the warning is not repeated.
+        assert await state_of(store, new, after, "card-2", StateCache()) == after(20, 500)
+        assert await store.read_snapshot("card-2", "Card") is None
+        assert rewritten_warnings(caplog) == [warning]
+        # One taken with today's fields is used.
+        await take_snapshot(store, new, after, "card-1")
+        cold = StateCache()
+        assert await state_of(store, new, after, "card-1", cold) == after(20, 500)
+        assert cold.stats.snapshots_read == 1
+        assert rewritten_warnings(caplog) == [warning]
+
+    async def test_a_raised_version_upcasts_snapshots_without_their_fingerprint(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """With the version raised, an older snapshot goes to the state upcaster as the
+        state's data alone (no fingerprint), is used, and warns of nothing."""
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+        before, after = card_classes()
+        old = card_registry(before)
+        await store.append("card", [old.new_event(Credited(20))])
+        await take_snapshot(store, old, before, "card")
+        new = card_registry(after, version=2)
+        given: list[dict[str, Any]] = []
+
+        @new.state_upcaster("Card", version=1)
+        def _no_limit_yet(data: dict[str, Any]) -> dict[str, Any]:
+            given.append(dict(data))
+            return {**data, "limit": 0}  # no LimitSet was ever written to this stream
+
+        cold = StateCache()
+        assert await state_of(store, new, after, "card", cold) == after(20, 0)
+        assert cold.stats.snapshots_read == 1
+        assert given == [{"balance": 20}]
+        assert rewritten_warnings(caplog) == []
+
+    async def test_a_snapshot_that_records_no_fields_is_never_used(
+        self, store: Store, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """A snapshot of today's version without the fingerprint of its fields (taken before
+        snapshots recorded it, or written by hand) is not used, without a warning, and is
+        replaced by one that records them."""
+        assert isinstance(store, SnapshotStore)
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+        for _ in range(5):
+            await store.append("c", [counters.new_event(Added(1))])
+        last = (await store.read_stream("c"))[-1]
+        await store.write_snapshot(
+            Snapshot("c", "Counter", 2, 5, {"total": 99, "events": 5}, **at(last))
+        )
+        cache = StateCache()
+        assert await peek(store, "c", cache) == Counter(5, 5)
+        assert (cache.stats.snapshots_read, cache.stats.snapshots_written) == (0, 1)
+        assert rewritten_warnings(caplog) == []
+        kept = await store.read_snapshot("c", "Counter")
+        assert kept is not None
+        assert kept.data == {"total": 5, "events": 5, "@fields": fields_fingerprint(Counter)}
+        cache = StateCache()
+        assert await peek(store, "c", cache) == Counter(5, 5)
+        assert cache.stats.snapshots_read == 1
+
+    async def test_a_cached_state_of_another_class_is_not_used(self, store: Store) -> None:
+        """Two classes registered under one state name (two registries, a reloaded module)
+        and one cache: each command gets its own class's state, folded from the events."""
+        before, after = card_classes()
+        old, new = card_registry(before), card_registry(after)
+        await store.append("card", [old.new_event(LimitSet(500)), old.new_event(Credited(20))])
+        cache = StateCache()
+        assert await state_of(store, old, before, "card", cache) == before(20)
+        assert await state_of(store, new, after, "card", cache) == after(20, 500)
+        assert await state_of(store, old, before, "card", cache) == before(20)
+        assert await state_of(store, old, before, "card", cache) == before(20)
+        assert cache.stats.hits == 1
 
     async def test_take_snapshot_on_demand(self, store: Store) -> None:
         """take_snapshot folds the stream now and keeps it; an empty stream has none."""
@@ -690,7 +872,7 @@ class StatesContract:
             await store.append("c", [counters.new_event(Added(2))])
         snapshot = await take_snapshot(store, counters, Counter, "c")
         assert snapshot is not None
-        assert (snapshot.stream_version, dict(snapshot.data)) == (3, {"total": 6, "events": 3})
+        assert (snapshot.stream_version, state_data(snapshot)) == (3, {"total": 6, "events": 3})
         assert await take_snapshot(store, counters, Counter, "empty") is None
 
     async def test_bad_state_commands(self, store: Store) -> None:
@@ -925,3 +1107,115 @@ class TestStateCache:
                 )
             assert isinstance(raised.value.__cause__, VersionConflict)
             assert await peek(store, "c") == Counter(6, 2)
+
+
+@attrs.frozen
+class Item:
+    sku: str
+    quantity: int
+
+
+@attrs.frozen
+class Product:  # Item under another name, with the same fields
+    quantity: int
+    sku: str
+
+
+@attrs.frozen
+class ItemWithPrice:
+    sku: str
+    quantity: int
+    cents: int = 0
+
+
+@attrs.frozen
+class Node:
+    children: tuple[Node, ...] = ()
+
+
+class TestFieldsFingerprint:
+    """What the fingerprint of a state class's fields sees, and what it ignores."""
+
+    @staticmethod
+    def fingerprint(**fields: Any) -> str:
+        """The fingerprint of a new class with *fields* (name: type), each with a default."""
+        these = {name: attrs.field(type=kind, default=None) for name, kind in fields.items()}
+        return fields_fingerprint(attrs.make_class("State", these, frozen=True))
+
+    def test_names_and_types_count(self) -> None:
+        """A field added, removed or renamed, or a type changed, changes it."""
+        base = self.fingerprint(balance=int, limit=int)
+        assert self.fingerprint(balance=int, limit=int) == base
+        for changed in (
+            {"balance": int},
+            {"balance": int, "limit": int, "owner": str},
+            {"balance": int, "ceiling": int},
+            {"balance": int, "limit": str},
+            {"balance": int, "limit": int | None},
+            {"balance": int, "limit": list[int]},
+        ):
+            assert self.fingerprint(**changed) != base, changed
+
+    def test_nested_classes_count_by_their_fields(self) -> None:
+        """A nested attrs class counts by its fields, also inside generic types; its name
+        does not count."""
+        items = self.fingerprint(items=list[Item])
+        assert self.fingerprint(items=list[Product]) == items
+        assert self.fingerprint(items=list[ItemWithPrice]) != items
+        assert self.fingerprint(item=Item | None) == self.fingerprint(item=Product | None)
+        assert self.fingerprint(item=Item) != self.fingerprint(item=ItemWithPrice)
+        assert fields_fingerprint(Node)  # a class that holds itself
+
+    def test_spelling_and_order_do_not_count(self) -> None:
+        """Field order, and the spelling of one type, change nothing."""
+        assert self.fingerprint(a=int, b=str) == self.fingerprint(b=str, a=int)
+        assert self.fingerprint(a=int | None) == self.fingerprint(a=typing.Optional[int])  # noqa: UP045
+        assert self.fingerprint(a=str | int) == self.fingerprint(a=int | str)
+        assert self.fingerprint(a=list[int]) == self.fingerprint(a=typing.List[int])  # noqa: UP006
+        assert self.fingerprint(a=Literal["x", "y"]) != self.fingerprint(a=Literal["x"])
+
+    def test_an_annotation_that_does_not_resolve_counts_by_its_text(self) -> None:
+        """A name defined only in a function cannot be resolved: its text counts."""
+
+        @attrs.frozen
+        class Local:
+            n: int = 0
+
+        @attrs.frozen
+        class Holder:
+            inner: Local = attrs.field(factory=Local)
+
+        assert fields_fingerprint(Holder) == self.fingerprint(inner="Local")
+
+    async def test_a_type_changed_without_raising_the_version_is_caught(
+        self, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """cattrs would read a snapshot's 500 as "500" for a field that became a str: the
+        fingerprint tells, the stream is folded, and the warning says a type differs."""
+        from eventcore_trio import open_memory_store
+
+        caplog.set_level(logging.WARNING, logger="eventcore_trio.commands")
+
+        @attrs.frozen
+        class Before:
+            limit: int = 0
+
+            def evolve(self, event: object) -> Before:
+                assert isinstance(event, LimitSet)
+                return Before(event.amount)
+
+        @attrs.frozen
+        class After:
+            limit: str = ""  # now with its currency
+
+            def evolve(self, event: object) -> After:
+                assert isinstance(event, LimitSet)
+                return After(f"{event.amount} EUR")
+
+        old, new = card_registry(Before), card_registry(After)
+        async with open_memory_store() as store:
+            await store.append("card", [old.new_event(LimitSet(500))])
+            await take_snapshot(store, old, Before, "card")
+            assert await state_of(store, new, After, "card", StateCache()) == After("500 EUR")
+        [warning] = fields_warnings(caplog)
+        assert "a field's type differs" in warning

@@ -29,6 +29,7 @@ from eventcore_trio.dashboard import DashboardState, dashboard_app, poll_status,
 from eventcore_trio.postgres import PostgresStore, open_postgres_store
 from eventcore_trio.testing import EmbeddedPostgres
 
+from ..dashboard.promtool import check_metrics
 from ..helpers import eventually
 
 
@@ -49,7 +50,7 @@ async def client(store: PostgresStore) -> AsyncIterator[tuple[httpx.AsyncClient,
     transport = httpx.ASGITransport(app=dashboard_app(store, state))
     async with (
         trio.open_nursery() as nursery,
-        httpx.AsyncClient(transport=transport, base_url="http://dashboard") as http,
+        httpx.AsyncClient(transport=transport, base_url="http://localhost") as http,
     ):
         await nursery.start(poll_status, store, state)
         yield http, state
@@ -172,7 +173,9 @@ async def test_replaying_dead_letters_of_the_given_projectors(store: PostgresSto
     body = {"projection": "fragile", "confirm": "fragile"}
     async with (
         trio.open_nursery() as nursery,
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://d") as http,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+        ) as http,
     ):
         await nursery.start(poll_status, store, state)
         assert (await http.get("/status.json")).json()["replayable"] == ["fragile"]
@@ -215,7 +218,7 @@ async def test_replaying_with_a_projector_of_another_partition_count_is_refused(
     action = {"x-eventcore-action": "1"}
     body = {"projection": "fragile", "confirm": "fragile"}
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://d") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
         response = await http.post("/actions/replay", json=body, headers=action)
     assert response.status_code == 409
     assert "runs as 2 partition(s)" in response.json()["error"]
@@ -265,11 +268,93 @@ async def test_a_real_server_and_a_database_restart(own_server: EmbeddedPostgres
                 return (await http.get("/status.json")).json()["error"] is not None
 
             await eventually(stale, within=20)
-            assert (await http.get("/metrics")).status_code == 200
+            # The outage is reported, and the unit's last values (running 1, lag 0) are not
+            # served as if current.
+            response = await http.get("/metrics")
+            assert response.status_code == 200
+            down = _samples(response.text)
+            assert down["eventcore_store_up"] == [0]
+            assert down["eventcore_projection_running"] == []
+            assert down["eventcore_projection_lag_events"] == []
             await trio.to_thread.run_sync(own_server.start)
 
             async def fresh() -> bool:
                 return (await http.get("/status.json")).json()["error"] is None
 
             await eventually(fresh, within=30)
+            up = _samples((await http.get("/metrics")).text)
+            assert up["eventcore_store_up"] == [1]
+            assert up["eventcore_projection_running"] == [0]
+        nursery.cancel_scope.cancel()
+
+
+def _samples(text: str) -> dict[str, list[float]]:
+    return {
+        family.name: [sample.value for sample in family.samples]
+        for family in text_string_to_metric_families(text)
+    }
+
+
+async def test_a_foreign_host_header_reads_nothing_and_resets_nothing(store: PostgresStore) -> None:
+    """Over real HTTP with actions allowed: a request naming another host (a page that
+    rebound its name to 127.0.0.1) gets 400, and its reset changes nothing; the dashboard's
+    own names, and a name given with ``allowed_hosts``, work."""
+    await store.append("acc-1", [NewEvent("Deposited", {})])
+    await run_projection(ledger, store)
+    checkpoint = await store.load_checkpoint("ledger")
+    assert checkpoint is not None
+    action = {"x-eventcore-action": "1"}
+    body = {"projection": "ledger", "confirm": "ledger"}
+    async with trio.open_nursery() as nursery:
+        serve = partial(
+            serve_dashboard,
+            store,
+            bind="127.0.0.1:0",
+            allow_actions=True,
+            allowed_hosts=["dashboard.internal"],
+        )
+        [url] = await nursery.start(serve)
+        port = url.rpartition(":")[2]
+        async with httpx.AsyncClient(base_url=url) as http:
+            foreign = {"host": f"attacker.example:{port}"}
+            for path in ("/", "/status.json", "/metrics"):
+                response = await http.get(path, headers=foreign)
+                assert response.status_code == 400, path
+                assert "ledger" not in response.text
+            response = await http.post("/actions/reset", json=body, headers=action | foreign)
+            assert response.status_code == 400
+            assert await store.load_checkpoint("ledger") == checkpoint
+            for host in (f"localhost:{port}", "dashboard.internal", f"127.0.0.1:{port}"):
+                response = await http.get("/status.json", headers={"host": host})
+                assert response.json()["units"][0]["unit"] == "ledger", host
+            response = await http.post(
+                "/actions/reset", json=body, headers=action | {"host": f"localhost:{port}"}
+            )
+            assert response.status_code == 200
+            assert await store.load_checkpoint("ledger") is None
+        nursery.cancel_scope.cancel()
+
+
+async def test_live_metrics_pass_promtool(store: PostgresStore) -> None:
+    """``/metrics`` of a real dashboard over hosts running partitioned and plain projectors
+    (every series: units, hosts, runnable_by, the store's health) passes ``promtool check
+    metrics``, Prometheus's own parser and linter."""
+    await store.append("acc-1", [NewEvent("Deposited", {})])
+    async with trio.open_nursery() as nursery:
+        await nursery.start(run_projections, store, [ledger, audit])
+        [url] = await nursery.start(partial(serve_dashboard, store, bind="127.0.0.1:0"))
+        async with httpx.AsyncClient(base_url=url) as http:
+
+            async def all_served() -> bool:
+                samples = _samples((await http.get("/metrics")).text)
+                return samples["eventcore_projection_running"] == [1, 1, 1] and bool(
+                    samples["eventcore_projection_runnable_by"]
+                )
+
+            await eventually(all_served)
+            text = (await http.get("/metrics")).content
+        check_metrics(text)
+        families = _samples(text.decode())
+        assert families["eventcore_store_up"] == [1]
+        assert families["eventcore_host_units"] == [3]
         nursery.cancel_scope.cancel()

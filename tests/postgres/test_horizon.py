@@ -19,6 +19,7 @@ import trio
 from eventcore_trio import (
     DatabaseError,
     NewEvent,
+    Position,
     ProjectionContext,
     ProjectionStatus,
     RecordedEvent,
@@ -153,6 +154,36 @@ class TestWritersHoldReadersBack:
                 await append_in(late, store, "s", 1)
             assert raised.value.sqlstate == "EV003"
         assert await numbers(store) == []
+
+
+class TestCheckpointsAtOpenWriters:
+    """A position the store produced is never taken for one ahead of it, even while the
+    transaction that wrote it is open."""
+
+    async def test_positions_of_appends_not_yet_committed(self, store: PostgresStore) -> None:
+        """Positions of appends in open transactions (one that wrote first, whose tx is a
+        floor above its own id and above the snapshot's xmax, and an outbox transaction):
+        saved as checkpoints from another session they are accepted, load back, and status
+        does not flag them, before and after the commits."""
+        saved: dict[str, Position] = {}
+        async with open_transaction(store) as late, store.transaction() as outbox:
+            await store.append("other", [NewEvent("E", {"n": 1})])  # the xmax passes late's id
+            sql, args = store.admin.append_statement([StreamAppend("late", [NewEvent("E", {})])])
+            row = await late.fetchrow(sql, *args)
+            assert row is not None
+            saved["late"] = Position(row["last_tx"], row["last_position"])
+            position = (await outbox.append("outbox", [NewEvent("E", {})])).position
+            assert position is not None
+            saved["outbox"] = position
+            for _ in range(2):
+                for name, position in saved.items():
+                    await store.save_checkpoint(name, position)
+                    assert await store.load_checkpoint(name) == position
+                status = await store.projection_status()
+                assert [s.checkpoint_ahead for s in status] == [False, False]
+        for name, position in saved.items():
+            assert await store.load_checkpoint(name) == position
+        assert not any(s.checkpoint_ahead for s in await store.projection_status())
 
 
 async def test_the_horizon_reads_no_locks_when_nothing_is_held_back(

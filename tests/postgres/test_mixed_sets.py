@@ -269,7 +269,7 @@ async def test_the_dashboard_shows_a_unit_no_live_host_can_run(store: PostgresSt
     transport = httpx.ASGITransport(app=dashboard_app(store, state))
     async with (
         trio.open_nursery() as nursery,
-        httpx.AsyncClient(transport=transport, base_url="http://dashboard") as http,
+        httpx.AsyncClient(transport=transport, base_url="http://localhost") as http,
     ):
         await nursery.start(run_projections, store, [_orders])
         state.update(await store.projection_status())

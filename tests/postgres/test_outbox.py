@@ -8,6 +8,7 @@ import trio.testing
 
 from eventcore_trio import (
     DatabaseError,
+    EventEncodeError,
     InvalidArgument,
     NewEvent,
     ProjectionConfig,
@@ -100,6 +101,22 @@ class TestOutbox:
         assert await stored(store) == []
         await store.append("s", [NewEvent("E", {})])
         assert await stored(store) == [("s", "E")]
+
+    async def test_a_key_that_is_not_a_str_is_refused_before_anything_is_sent(
+        self, store: PostgresStore
+    ) -> None:
+        """EventEncodeError (1 and "1" would become one key) before the statement is sent:
+        the transaction stays usable, and only what the block went on to write commits."""
+        table = await orders_table(store)
+        async with store.transaction() as tx:
+            await tx.execute(f"INSERT INTO {table} VALUES ('o1', 1)")
+            with pytest.raises(EventEncodeError, match=r"1 \(int\) in data\['lines'\]"):
+                await tx.append(
+                    "order-o1", [NewEvent("OrderPlaced", {"lines": {1: "a", "1": "b"}})]
+                )
+            await tx.append("order-o1", [NewEvent("OrderPlaced", {"lines": {"1": "b"}})])
+        assert await store.admin.fetchval(f"SELECT count(*) FROM {table}") == 1
+        assert [e.data for e in await read_all(store)] == [{"lines": {"1": "b"}}]
 
     async def test_bad_isolation_is_refused(self, store: PostgresStore) -> None:
         """An unknown isolation level is an InvalidArgument before anything runs."""

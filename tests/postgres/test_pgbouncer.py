@@ -6,9 +6,14 @@ pooling, and ``app_sessions``, session pooling) in front of each server under te
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
+import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -24,10 +29,10 @@ from eventcore_trio import (
     open_postgres_store,
 )
 from eventcore_trio.postgres import PostgresLeadership, PostgresStore, projector_lock_key
-from eventcore_trio.projection import ProjectionContext, projector, run_projection
+from eventcore_trio.projection import ProjectionContext, projector, run_projection, run_projections
 from eventcore_trio.testing import BackendHarness, PostgresHarness, StoreContract
 
-from .. import pgbouncer
+from .. import cli_projectors, pgbouncer
 from ..helpers import eventually, leader_process
 from ..test_docs import examples_run_by
 
@@ -173,6 +178,21 @@ class TestTransactionPooling:
             assert status.state is ProjectionState.STOPPED
             assert status.leader is None
 
+    async def test_a_balancing_host_stops_instead_of_retrying(
+        self, bouncer: pgbouncer.PgBouncer
+    ) -> None:
+        """run_projections whose lock sessions go through transaction pooling raises
+        UnsupportedPooling at once, where it used to retry its registration for ever."""
+        harness = _through_transaction_pooling(bouncer, "bouncer_host")
+
+        @projector("idle")
+        async def idle(event: object, ctx: ProjectionContext) -> None:
+            pass
+
+        async with harness.open_store() as store:
+            with trio.fail_after(30), pytest.raises(UnsupportedPooling, match="session_dsn"):
+                await run_projections(store, [idle])
+
 
 class TestDocumentedSetup:
     """The pool through transaction pooling, lock and LISTEN sessions through session pooling."""
@@ -302,3 +322,198 @@ async def test_lock_session_waits_are_watched_by_status(
             assert status.leader is not None
             assert status.leader.pid == os.getpid()
             nursery.cancel_scope.cancel()
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "eventcore_trio.cli", *args]
+
+
+def _cli_environment(**variables: str) -> dict[str, str]:
+    # The DSNs go through the environment, as a deployment with passwords would pass them.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EVENTCORE_")}
+    return {**env, **variables}
+
+
+@asynccontextmanager
+async def _cli_host(env: dict[str, str], *args: str) -> AsyncIterator[trio.Process]:
+    """An `eventcore-trio run` process, once it says that it hosts its projectors."""
+    process = await trio.lowlevel.open_process(
+        _cli("run", *args), env=env, cwd=ROOT, stdout=subprocess.PIPE
+    )
+    try:
+        assert process.stdout is not None
+        output = b""
+        with trio.fail_after(60):
+            while b"\n" not in output:
+                chunk = await process.stdout.receive_some()
+                assert chunk, f"the host exited early: {output!r}"
+                output += chunk
+        assert output.startswith(b"hosting "), output
+        yield process
+    finally:
+        process.terminate()
+        with trio.move_on_after(30):
+            await process.wait()
+        process.kill()
+        await process.wait()
+        assert process.stdout is not None
+        await process.stdout.aclose()
+
+
+class TestCommandLine:
+    """`eventcore-trio` with the pool through transaction pooling (issue 25)."""
+
+    async def test_run_without_a_session_dsn_exits_2_naming_the_option(
+        self, bouncer: pgbouncer.PgBouncer
+    ) -> None:
+        """`run` with lock sessions through transaction pooling stops with exit 2 and names
+        --session-dsn, instead of logging "cannot balance" for ever and leading nothing."""
+        env = _cli_environment(EVENTCORE_DSN=bouncer.dsn("app"))
+        with trio.fail_after(60):
+            done = await trio.run_process(
+                _cli("run", "tests.cli_projectors:ALL", "--schema", "bouncer_cli_refused"),
+                env=env,
+                cwd=ROOT,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        err = done.stderr.decode()
+        assert done.returncode == 2, err
+        assert "--session-dsn (or EVENTCORE_SESSION_DSN)" in err
+        assert "transaction-pooling proxy" in err
+        assert "Traceback" not in err
+        assert "open_postgres_store" not in err
+        assert "session_dsn=" not in err
+        assert "hosting" not in done.stdout.decode()
+
+    async def test_two_run_hosts_apply_every_event_exactly_once(
+        self, bouncer: pgbouncer.PgBouncer, postgres_dsn: str
+    ) -> None:
+        """Two `run` hosts with --dsn through transaction pooling and the lock sessions
+        through session pooling share the units, hand them over when one stops, and apply
+        every event exactly once; `status` works through the transaction pool too."""
+        schema = "bouncer_cli_hosts"
+        prefix = f"tally-{uuid.uuid4().hex[:8]}-"
+        env = _cli_environment(
+            EVENTCORE_DSN=bouncer.dsn("app"), EVENTCORE_SESSION_DSN=bouncer.dsn("app_sessions")
+        )
+        appended: list[uuid.UUID] = []
+        async with open_postgres_store(postgres_dsn, schema=schema) as writer:
+            await writer.admin.execute(
+                "CREATE TABLE IF NOT EXISTS cli_tally (stream_id text, event_id uuid)"
+            )
+
+            async def append(count: int) -> None:
+                for n in range(count):
+                    event_id = uuid.uuid4()
+                    await writer.append(
+                        f"{prefix}{n % 16}", [NewEvent("Counted", {"n": n}, event_id=event_id)]
+                    )
+                    appended.append(event_id)
+
+            async def tallied() -> list[uuid.UUID]:
+                rows = await writer.admin.fetch(
+                    "SELECT event_id FROM cli_tally WHERE stream_id LIKE $1", prefix + "%"
+                )
+                return [row["event_id"] for row in rows]
+
+            async def applied_all() -> bool:
+                return len(await tallied()) >= len(appended)
+
+            async def leader_pids() -> set[int]:
+                return {
+                    r.leader.pid for r in await writer.projection_status() if r.leader is not None
+                }
+
+            await append(40)
+            target = ["tests.cli_projectors:TALLY", "--schema", schema]
+            async with _cli_host(env, *target) as first, _cli_host(env, *target):
+
+                async def spread() -> bool:
+                    return len(await leader_pids()) == 2
+
+                await eventually(spread, within=60)
+                await append(40)
+                await eventually(applied_all, within=60)
+                status = await trio.run_process(
+                    _cli("status", "--json", "--schema", schema),
+                    env=env,
+                    cwd=ROOT,
+                    capture_stdout=True,
+                )
+                units = [r for r in json.loads(status.stdout) if r["name"] == "tally"]
+                assert len(units) == 4
+                first.terminate()
+                await first.wait()
+
+                async def handed_over() -> bool:
+                    return (
+                        len(await leader_pids()) == 1
+                        and len(
+                            [r for r in await writer.projection_status() if r.leader is not None]
+                        )
+                        == 4
+                    )
+
+                await eventually(handed_over, within=60)
+                await append(40)
+                await eventually(applied_all, within=60)
+            seen = await tallied()
+        assert len(seen) == len(appended) == 120
+        assert sorted(seen) == sorted(appended)
+
+    async def test_reset_wait_through_transaction_pooling(
+        self, bouncer: pgbouncer.PgBouncer, postgres_dsn: str
+    ) -> None:
+        """`reset --wait` reads status again and again through the transaction pool: with
+        asyncpg's statement cache on, that fails, and the message names
+        --statement-cache-size; by default the cache is off behind a proxy, and it follows
+        the rebuild to the end."""
+        schema = "bouncer_cli_reset"
+        async with open_postgres_store(postgres_dsn, schema=schema) as store:
+            await store.append("s", [NewEvent("E", {}) for _ in range(30)])
+            await run_projection(cli_projectors.picky, store)
+        env = _cli_environment(
+            EVENTCORE_DSN=bouncer.dsn("app"), EVENTCORE_SESSION_DSN=bouncer.dsn("app_sessions")
+        )
+        reset = _cli("reset", "picky", "--yes", "--wait", "--schema", schema)
+        with trio.fail_after(60):
+            forced = await trio.run_process(
+                [*reset, "--statement-cache-size", "100"],
+                env=env,
+                cwd=ROOT,
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+            )
+        err = forced.stderr.decode()
+        assert forced.returncode == 2, err
+        assert "prepared statement" in err
+        assert "--statement-cache-size 0" in err
+        assert "statement_cache_size" not in err
+        assert "Traceback" not in err
+
+        process = await trio.lowlevel.open_process(reset, env=env, cwd=ROOT, stdout=subprocess.PIPE)
+        try:
+            assert process.stdout is not None
+            output = b""
+            with trio.fail_after(60):
+                while b"waiting for a host" not in output:
+                    chunk = await process.stdout.receive_some()
+                    assert chunk, output
+                    output += chunk
+                # Only now a host, which rebuilds the projection from the beginning.
+                async with _cli_host(env, "tests.cli_projectors:ALL", "--schema", schema):
+                    assert await process.wait() == 0
+                    async for chunk in process.stdout:
+                        output += chunk
+            assert b"rebuilt: 30 events applied" in output
+        finally:
+            process.kill()
+            await process.wait()
+            assert process.stdout is not None
+            await process.stdout.aclose()

@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from eventcore_trio import (
+    CheckpointAhead,
     DatabaseNotAvailable,
     EventDecodeError,
     EventFilter,
@@ -17,6 +18,7 @@ from eventcore_trio import (
     LeadershipLost,
     LeadershipUnavailable,
     NewEvent,
+    Position,
     ProjectionFailed,
     ProjectionRunning,
     ProjectionState,
@@ -24,6 +26,7 @@ from eventcore_trio import (
     Store,
     UndecodableEvent,
 )
+from eventcore_trio._positions import position_parts
 from eventcore_trio.memory import MemoryStore
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import (
@@ -36,7 +39,7 @@ from eventcore_trio.projection import (
     run_projection,
     run_projections,
 )
-from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness
+from eventcore_trio.testing import BackendHarness, MemoryHarness, PostgresHarness, read_all
 
 from ..helpers import eventually
 
@@ -390,6 +393,40 @@ class RuntimeContract:
         status = {s.name: s for s in await store.projection_status()}["recorder"]
         assert (status.lag_events, status.lag_seconds) == (0, 0.0)
 
+    async def test_a_stored_checkpoint_ahead_of_the_store_is_shown_and_never_run_from(
+        self, store: Store
+    ) -> None:
+        """A checkpoint beyond every position the store can have produced, stored before
+        such saves were refused (or by hand): status flags it, says to reset, and counts
+        every matching event as lag; the projection refuses to run from it (CheckpointAhead)
+        instead of applying nothing; after a reset it rebuilds everything."""
+        recorder = Recorder(event_types=["E"])
+        await store.append("s", numbered(3) + numbered(2, kind="Other"))
+        await run_projection(recorder, store)
+        await store.append("s", numbered(2))
+        last = (await read_all(store))[-1].position
+        tx, seq = position_parts(last)
+        for ahead in (Position(2**62, 5), Position(tx, seq + 10**6)):
+            await _store_checkpoint(store, "recorder", ahead)
+            status = {s.name: s for s in await store.projection_status()}["recorder"]
+            assert (status.checkpoint, status.checkpoint_ahead) == (ahead, True)
+            assert status.lag_events == 5  # every matching event: what a reset rebuilds
+            assert status.last_error is not None
+            assert "ahead of every position" in status.last_error
+            assert "store.reset_projection('recorder')" in status.last_error
+            with pytest.raises(CheckpointAhead) as info:
+                await store.load_checkpoint("recorder")
+            assert (info.value.position, info.value.stored) == (ahead, True)
+            with pytest.raises(CheckpointAhead):
+                await run_projection(recorder, store)
+        assert recorder.applied == [0, 1, 2]
+        await store.reset_projection("recorder")
+        rebuilt = Recorder(event_types=["E"])
+        await run_projection(rebuilt, store)
+        assert rebuilt.applied == [0, 1, 2, 0, 1]
+        status = {s.name: s for s in await store.projection_status()}["recorder"]
+        assert (status.checkpoint_ahead, status.lag_events, status.last_error) == (False, 0, None)
+
     async def test_batch_hook_gets_whole_batches(self, store: Store) -> None:
         """A projector with apply_batch receives each batch at once."""
         await store.append("s", numbered(10))
@@ -451,6 +488,23 @@ class TestPostgresRuntime(RuntimeContract):
     @pytest.fixture
     def harness(self, postgres_dsn: str) -> BackendHarness:
         return PostgresHarness(postgres_dsn)
+
+
+async def _store_checkpoint(store: Store, name: str, position: Position) -> None:
+    # Store *position* as *name*'s checkpoint by hand, past the store's checks, as a version
+    # before them or an operator's UPDATE could.
+    if isinstance(store, MemoryStore):
+        store._checkpoints[name] = position
+        return
+    assert isinstance(store, PostgresStore)
+    tx, seq = position_parts(position)
+    await store.admin.execute(
+        f'UPDATE "{store.schema}".subscriptions SET tx = $2, position = $3 '
+        "WHERE subscription_name = $1",
+        name,
+        tx,
+        seq,
+    )
 
 
 async def _reset_waits(store: Store, name: str) -> bool:

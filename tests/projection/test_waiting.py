@@ -107,6 +107,35 @@ class WaitingContract:
         await run_projection(audit, store)
         await wait_for_projections(store, [audit], result, timeout=0)
 
+    async def test_goes_by_the_units_the_store_records(self, store: Store) -> None:
+        """Given a projector with another partition count than its projection runs as (code
+        from before or after a split), it waits for the units that run: no false lag after
+        a 2 -> 4 split, and a lag names the units of the recorded count."""
+
+        async def nothing(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            pass
+
+        one, two, four = (projector("orders", partitions=n)(nothing) for n in (1, 2, 4))
+        for n in range(8):
+            await store.append(f"order-{n}", [NewEvent("Placed", {})])
+        await run_projection(two, store)
+        before_split = await store.append("order-1", [NewEvent("Placed", {})])
+        unit_of_two = f"orders[{partition_of('order-1', 2).index}/2]"
+        # Newer code, hosts not yet split: the two units that run are waited for.
+        with pytest.raises(ProjectionLagging) as raised:
+            await wait_for_projections(store, [four], before_split, timeout=0)
+        assert raised.value.lagging == (unit_of_two,)
+        await run_projection(four, store)  # the split, which applies the write
+        assert await store.recorded_partitions("orders") == 4
+        for old in (two, one):
+            await wait_for_projections(store, [old], before_split, timeout=0)
+            assert before_split.position is not None
+            await wait_for_projections(store, [old], before_split.position, timeout=0)
+        after_split = await store.append("order-1", [NewEvent("Placed", {})])
+        with pytest.raises(ProjectionLagging) as raised:
+            await wait_for_projections(store, [two], after_split, timeout=0)
+        assert raised.value.lagging == (f"orders[{partition_of('order-1', 4).index}/4]",)
+
     async def test_bad_arguments(self, store: Store) -> None:
         """Names instead of projectors, bad positions and timeouts are refused."""
         with pytest.raises(InvalidArgument, match="projectors"):
