@@ -111,8 +111,11 @@ def _percentile(values: Sequence[float], q: float) -> float:
 
 
 def _in_process(module: str, what: str, function: str, *args: Any) -> Any:
+    # The arguments (a DSN with a password among them) go through stdin: a command line is
+    # visible to every user of the machine.
     completed = subprocess.run(
-        [sys.executable, "-m", module, function, json.dumps(args)],
+        [sys.executable, "-m", module, function],
+        input=json.dumps(args),
         capture_output=True,
         text=True,
     )

@@ -291,4 +291,4 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(trio.run(globals()[sys.argv[1]], *json.loads(sys.argv[2]))))
+    print(json.dumps(trio.run(globals()[sys.argv[1]], *json.loads(sys.stdin.read()))))

@@ -1,12 +1,13 @@
 """The peer: the same work done with pyeventsourcing (``eventsourcing`` 9.5 on psycopg 3), the
 Python library most users would otherwise pick.
 
-Runs in a process of its own (``python -m benchmarks._peer FUNCTION JSON_ARGS``), like the
-baselines, and only with the ``peer`` dependency group installed (``--peer``). Each function
-is written the way pyeventsourcing's documentation teaches: an `Application` saving an
-`Aggregate` whose methods trigger events, and a `Projection` whose materialised view (a
-`PostgresTrackingRecorder`) writes its row and its tracking record in one transaction per
-event, run by a `ProjectionRunner` that follows the application through LISTEN/NOTIFY.
+Runs in a process of its own (``python -m benchmarks._peer FUNCTION``, the arguments as JSON
+on stdin), like the baselines, and only with the ``peer`` dependency group installed
+(``--peer``). Each function is written the way pyeventsourcing's documentation teaches: an
+`Application` saving an `Aggregate` whose methods trigger events, and a `Projection` whose
+materialised view (a `PostgresTrackingRecorder`) writes its row and its tracking record in one
+transaction per event, run by a `ProjectionRunner` that follows the application through
+LISTEN/NOTIFY.
 """
 
 from __future__ import annotations
@@ -238,5 +239,5 @@ def latency(dsn: str, schema: str, count: int, interval: float) -> list[float]:
 
 if __name__ == "__main__":
     function = globals()[sys.argv[1]]
-    arguments = json.loads(sys.argv[2])
+    arguments = json.loads(sys.stdin.read())
     print(json.dumps(function(*arguments)))

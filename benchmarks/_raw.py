@@ -1,8 +1,9 @@
 """The baselines: the same SQL work written by hand with asyncpg on plain asyncio.
 
-They run in a process of their own (``python -m benchmarks._raw FUNCTION JSON_ARGS``) that never
-imports trio or trio-asyncio, whose import would install its event-loop policy and patch
-asyncio's loop lookup: the baseline is plain asyncio, as a user without us would run it.
+They run in a process of their own (``python -m benchmarks._raw FUNCTION``, the arguments as
+JSON on stdin) that never imports trio or trio-asyncio, whose import would install its
+event-loop policy and patch asyncio's loop lookup: the baseline is plain asyncio, as a user
+without us would run it.
 
 Each function is what a careful user would write without eventcore-trio: a transaction with
 a version check for a single append, one unnest() statement for a batch, a hand-rolled
@@ -373,5 +374,5 @@ if __name__ == "__main__":
     import sys
 
     function = globals()[sys.argv[1]]
-    arguments = json.loads(sys.argv[2])
+    arguments = json.loads(sys.stdin.read())
     print(json.dumps(asyncio.run(function(*arguments))))

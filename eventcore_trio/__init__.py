@@ -6,6 +6,7 @@ the error tree, the backend protocols and the in-memory store. The PostgreSQL ba
 suite in `eventcore_trio.testing`.
 """
 
+from ._errors import AppendTooLarge as AppendTooLarge
 from ._errors import AuthenticationFailed as AuthenticationFailed
 from ._errors import BatchInterrupted as BatchInterrupted
 from ._errors import CheckpointAhead as CheckpointAhead
@@ -62,6 +63,7 @@ from ._protocols import ProjectorCoordinator as ProjectorCoordinator
 from ._protocols import SnapshotStore as SnapshotStore
 from ._protocols import Store as Store
 from ._status import DeadLetter as DeadLetter
+from ._status import ForeignLock as ForeignLock
 from ._status import LeaderInfo as LeaderInfo
 from ._status import OpenTransaction as OpenTransaction
 from ._status import ProjectionState as ProjectionState
@@ -139,6 +141,7 @@ __all__ = [
     "ProjectionStatus",
     "ProjectionState",
     "OpenTransaction",
+    "ForeignLock",
     "LeaderInfo",
     "DeadLetter",
     "DeadLetterNotFound",
@@ -147,6 +150,7 @@ __all__ = [
     "ProjectionFailed",
     "DatabaseNotAvailable",
     "AppendResult",
+    "AppendTooLarge",
     "AuthenticationFailed",
     "CheckpointAhead",
     "CheckpointConflict",

@@ -41,7 +41,16 @@ def _decode_object(text: str) -> Any:
             return _orjson_loads(text)
         except ValueError:
             pass
-    return _json_loads(text)
+    try:
+        return _json_loads(text)
+    except RecursionError:
+        # jsonb holds JSON nested deeper than orjson (1,024 levels) or Python's recursion
+        # limit allows, when another tool wrote it: undecodable, like any other bad text, so
+        # that on_error decides instead of every read crashing.
+        raise ValueError(
+            "JSON nested too deeply to decode (more levels than the parser's recursion "
+            "limit allows)"
+        ) from None
 
 
 def decode_json_object(text: str) -> dict[str, Any] | None:

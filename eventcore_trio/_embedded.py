@@ -5,6 +5,12 @@ extra) or a system installation (for example Debian's ``/usr/lib/postgresql/15/b
 temporary data directory, listening on a free loopback port. PostgreSQL refuses to run as root,
 so when this process is root the server runs as the ``postgres`` user if it exists, else as an
 ``eventcore`` system user created for the purpose.
+
+Only its owner can reach it: every connection, over TCP or the Unix socket, replication included,
+authenticates with SCRAM and a random password made for this server alone, which only `dsn`
+carries; the socket sits in a directory only the server's OS user can enter. (A trust-auth
+superuser on 127.0.0.1 would give every local account a shell as the server's OS user through
+``COPY ... FROM PROGRAM``.)
 """
 
 from __future__ import annotations
@@ -14,12 +20,14 @@ import importlib.util
 import os
 import pwd
 import re
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, final
@@ -97,7 +105,9 @@ class EmbeddedPostgres:
             newest system installation.
         settings: extra server settings (``-c name=value``).
 
-    Use it as a context manager, or call `start` and `cleanup`.
+    Use it as a context manager, or call `start` and `cleanup`. Connect with `dsn`: every
+    connection needs the server's random password, which the DSN carries (keep it out of
+    logs and command lines); the Unix socket in `socket_dir` is for its OS user (and root).
 
     .. versionadded:: 0.1
     """
@@ -119,13 +129,20 @@ class EmbeddedPostgres:
         self.settings = {**_DEFAULT_SETTINGS, **(settings or {})}
         self.port = _free_port()
         self._user = _server_user()
+        # Per server, never on a command line: initdb reads it from a file only the server's
+        # user can read, clients from `dsn`, child processes (pg_basebackup) from their
+        # environment, which only the same user (and root) can read.
+        self._password = secrets.token_urlsafe(32)
+        # mkdtemp makes it 0700: the data, the log and the socket stay the server user's.
         self._root = Path(tempfile.mkdtemp(prefix="eventcore-pg-"))
         self.data_dir = self._root / "data"
         self._log = self._root / "server.log"
         self._initialised = False
         if self._user is not None:
             _make_traversable(self.bindir)
-            _make_traversable(self._root)
+            # Only the parents: the server's user must reach its directory, nobody else
+            # may enter it (root, the only other user that connects over the socket, can).
+            _make_traversable(self._root.parent)
             os.chown(self._root, self._user.pw_uid, self._user.pw_gid)
 
     @classmethod
@@ -136,6 +153,11 @@ class EmbeddedPostgres:
         .. versionadded:: 0.3
         """
         standby = cls(primary.bindir, settings=primary.settings)
+        # The backup copies the primary's roles, so the standby has the primary's password.
+        standby._password = primary._password
+        # The password goes through the environment (never argv, which every user can read),
+        # and pg_basebackup writes it into the standby's primary_conninfo, in its private
+        # data directory, so that the standby can stream from the primary.
         standby._run(
             str(standby.bindir / "pg_basebackup"),
             "-D",
@@ -148,30 +170,39 @@ class EmbeddedPostgres:
             "postgres",
             "--write-recovery-conf",
             "--wal-method=stream",
+            env={"PGPASSWORD": primary._password},
         )
         standby._initialised = True
         return standby
 
     @property
     def socket_dir(self) -> Path:
-        """The directory of the server's Unix socket (``host=`` in a DSN)."""
+        """The directory of the server's Unix socket (``host=`` in a DSN; the password is
+        needed there too). Mode 0700, owned by the server's OS user: only that user and root
+        can reach the socket; other clients use `dsn` (TCP on 127.0.0.1)."""
         return self._root
 
     @property
     def dsn(self) -> str:
-        """A DSN for the ``postgres`` database as the ``postgres`` superuser (trust auth)."""
+        """A DSN for the ``postgres`` database as the ``postgres`` superuser, with this
+        server's password: treat it as a secret (pass it to child processes through their
+        environment, never their command line, and do not log it)."""
         return self.dsn_for("postgres")
 
     def dsn_for(self, database: str) -> str:
-        """A DSN for *database* on this server."""
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
+        """A DSN for *database* on this server, with its password (see `dsn`)."""
+        password = urllib.parse.quote(self._password, safe="")
+        return f"postgresql://postgres:{password}@127.0.0.1:{self.port}/{database}"
 
-    def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    def _run(
+        self, *args: str, check: bool = True, env: Mapping[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             list(args),
             check=check,
             capture_output=True,
             text=True,
+            env=None if env is None else {**os.environ, **env},
             user=None if self._user is None else self._user.pw_uid,
             group=None if self._user is None else self._user.pw_gid,
             cwd=self._root,
@@ -188,16 +219,7 @@ class EmbeddedPostgres:
     def start(self) -> None:
         """Initialise the data directory if needed and start the server; waits until ready."""
         if not self._initialised:
-            self._run(
-                str(self.bindir / "initdb"),
-                "-D",
-                str(self.data_dir),
-                "-U",
-                "postgres",
-                "--auth=trust",
-                "--encoding=UTF8",
-                "--no-sync",
-            )
+            self._initdb()
             self._initialised = True
         options = [f"-p {self.port}", "-c listen_addresses=127.0.0.1", f"-k {self._root}"]
         options += [f"-c {name}={value}" for name, value in self.settings.items()]
@@ -218,6 +240,31 @@ class EmbeddedPostgres:
         except subprocess.CalledProcessError as exc:
             log = self._log.read_text() if self._log.exists() else ""
             raise RuntimeError(f"PostgreSQL failed to start: {exc.stderr}\n{log}") from exc
+
+    def _initdb(self) -> None:
+        # SCRAM for every connection, local and host, replication included (--auth sets
+        # all of initdb's pg_hba.conf lines); initdb reads the password from a file that only
+        # the server's user can read, removed as soon as initdb is done.
+        pwfile = self._root / "pwfile"
+        descriptor = os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(descriptor, "w") as file:
+                if self._user is not None:
+                    os.fchown(file.fileno(), self._user.pw_uid, self._user.pw_gid)
+                file.write(self._password + "\n")
+            self._run(
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data_dir),
+                "-U",
+                "postgres",
+                "--auth=scram-sha-256",
+                f"--pwfile={pwfile}",
+                "--encoding=UTF8",
+                "--no-sync",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
 
     def stop(self, mode: str = "fast") -> None:
         """Stop the server (``pg_ctl stop -m mode``) and wait for it."""

@@ -52,6 +52,39 @@ class EventEncodeError(InvalidArgument, TypeError):
     """
 
 
+class AppendTooLarge(InvalidArgument):
+    """One append's encoded events are larger than the store's limit; nothing was sent.
+
+    The size counted is what the append sends: the UTF-8 bytes of each event's data and
+    metadata as JSON and of its type name, and of each stream id. It is checked while the
+    events are encoded, before any I/O, and counting stops at the event that passes the
+    limit: *size* is then what the events up to that one take, a lower bound of the whole.
+    Split the events over several appends (each is all or nothing on its own), move large
+    content out of the events (object storage, with a reference in the event), or raise the
+    limit: ``open_postgres_store(..., max_append_bytes=...)``.
+
+    Attributes:
+        size: the bytes counted when the limit was passed.
+        limit: the store's limit, in bytes (``max_append_bytes``).
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(
+            f"this append is over the store's limit of {limit:,} bytes (max_append_bytes): "
+            f"its events take at least {size:,} bytes of data, metadata and type names as "
+            "UTF-8 JSON, and nothing was sent. Split it into several appends (each all or "
+            "nothing on its own), store large content elsewhere with a reference in the "
+            "event, or raise the limit with open_postgres_store(..., max_append_bytes=...)"
+        )
+        self.size = size
+        self.limit = limit
+
+    def __reduce__(self) -> tuple[type[AppendTooLarge], tuple[int, int]]:
+        return (type(self), (self.size, self.limit))
+
+
 class EventDecodeError(EventCoreError, ValueError):
     """A stored event could not be decoded into a `RecordedEvent`.
 

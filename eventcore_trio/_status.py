@@ -146,6 +146,70 @@ class OpenTransaction:
 
 @final
 @attrs.frozen(kw_only=True)
+class ForeignLock:
+    """A session from outside the store holding or awaiting one of its advisory locks
+    (PostgreSQL only).
+
+    PostgreSQL has no permissions on advisory locks: any role that may connect to the
+    database can take the store's published keys. Status names such a session: one that
+    holds or awaits the writer lock other than shared (the store's appends only ever take it
+    shared, so an exclusive holder stops every append), and one whose role may not even use
+    the store's schema, so it cannot be one of its hosts, holding or awaiting the writer
+    lock, a projection unit's lock (the unit cannot run), or the migration or index lock.
+
+    Attributes:
+        kind: ``"writer"``, ``"projection"``, ``"migration"`` or ``"index"``.
+        unit: the projection unit whose lock it is (``kind == "projection"``), else None.
+        exclusive: whether the lock is (to be) held exclusively, rather than shared.
+        granted: True when the session holds the lock, False when it waits for it.
+        pid: the server process id of the session (``pg_terminate_backend`` ends it).
+        user: the session's role.
+        application_name: what the session calls itself (any client may choose it).
+        client_addr: the address it connects from; None over a Unix socket, or when the
+            role reading the status may not see it (it needs ``pg_read_all_stats``).
+        connected_at: when the session connected (it holds the lock since then at most);
+            None when the role reading the status may not see it.
+        waiting_since: when it began to wait for the lock (PostgreSQL 14 and later), or None.
+
+    .. versionadded:: 0.3
+    """
+
+    kind: str
+    unit: str | None
+    exclusive: bool
+    granted: bool
+    pid: int
+    user: str
+    application_name: str
+    client_addr: str | None
+    connected_at: dt.datetime | None
+    waiting_since: dt.datetime | None
+
+    def describe(self) -> str:
+        """One line for an operator: who, and what it does to the store."""
+        who = [f"user {self.user!r}", f"application {self.application_name!r}"]
+        if self.client_addr is not None:
+            who.append(f"from {self.client_addr}")
+        if self.connected_at is not None:
+            who.append(f"connected {self.connected_at.isoformat(timespec='seconds')}")
+        if self.waiting_since is not None:
+            who.append(f"waiting since {self.waiting_since.isoformat(timespec='seconds')}")
+        does = "holds" if self.granted else "waits for"
+        how = "exclusively" if self.exclusive else "shared"
+        lock = (
+            f"the lock of unit {self.unit!r}" if self.unit is not None else f"the {self.kind} lock"
+        )
+        effect = {
+            "writer": "appends wait for it" if self.exclusive else "it may hold readers back",
+            "projection": "the unit cannot run while it holds it",
+            "migration": "opening the store with migrate=True waits for it",
+            "index": "partition index builds wait for it",
+        }.get(self.kind, "")
+        return f"session pid {self.pid} ({', '.join(who)}) {does} {lock} {how}: {effect}"
+
+
+@final
+@attrs.frozen(kw_only=True)
 class ProjectionStatus:
     """One projection's progress, leader and health.
 
@@ -179,6 +243,9 @@ class ProjectionStatus:
             hand): the projection would skip every event, so it refuses to run
             (`CheckpointAhead`). ``last_error`` then says to reset it, and ``lag_events`` counts
             every matching event, which is what a reset rebuilds.
+        foreign_locks: sessions from outside the store that hold or await its writer lock,
+            this unit's lock, or its other locks (see `ForeignLock`); the same for every
+            record but this unit's lock. Empty on the memory store.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
@@ -186,7 +253,7 @@ class ProjectionStatus:
     .. versionchanged:: 0.3
        ``runnable_by`` and ``lacking_hosts``; units that a live host runs are listed before
        they first run, also those of a partition count that is not (yet) the recorded one;
-       ``checkpoint_ahead``.
+       ``checkpoint_ahead``; ``foreign_locks``.
     """
 
     name: str
@@ -205,6 +272,7 @@ class ProjectionStatus:
     runnable_by: int | None = None
     lacking_hosts: tuple[LeaderInfo, ...] = ()
     checkpoint_ahead: bool = False
+    foreign_locks: tuple[ForeignLock, ...] = ()
 
     @property
     def unrunnable(self) -> bool:
@@ -289,6 +357,23 @@ def _info_json(info: LeaderInfo) -> dict[str, object]:
     return {"pid": info.pid, "host": info.host, "application_name": info.application_name}
 
 
+def foreign_lock_json(lock: ForeignLock) -> dict[str, object]:
+    """One `ForeignLock` as JSON values, with the line `ForeignLock.describe` prints."""
+    return {
+        "kind": lock.kind,
+        "unit": lock.unit,
+        "exclusive": lock.exclusive,
+        "granted": lock.granted,
+        "pid": lock.pid,
+        "user": lock.user,
+        "application_name": lock.application_name,
+        "client_addr": lock.client_addr,
+        "connected_at": None if lock.connected_at is None else lock.connected_at.isoformat(),
+        "waiting_since": None if lock.waiting_since is None else lock.waiting_since.isoformat(),
+        "description": lock.describe(),
+    }
+
+
 def status_json(record: ProjectionStatus) -> dict[str, object]:
     """One unit's status as JSON values (``eventcore-trio status --json``, the dashboard)."""
     held = record.held_back_by
@@ -318,4 +403,5 @@ def status_json(record: ProjectionStatus) -> dict[str, object]:
             "started_at": None if held.started_at is None else held.started_at.isoformat(),
             "query": held.query,
         },
+        "foreign_locks": [foreign_lock_json(lock) for lock in record.foreign_locks],
     }

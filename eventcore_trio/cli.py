@@ -43,7 +43,7 @@ from ._errors import (
     StoreConnectionError,
     UnsupportedPooling,
 )
-from ._status import ProjectionState, ProjectionStatus, status_json
+from ._status import ForeignLock, ProjectionState, ProjectionStatus, status_json
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
@@ -60,6 +60,9 @@ EXIT_INTERRUPTED = 130  # as shells report a SIGINT
 DSN_VARIABLE: Final = "EVENTCORE_DSN"
 SESSION_DSN_VARIABLE: Final = "EVENTCORE_SESSION_DSN"
 STATEMENT_CACHE_VARIABLE: Final = "EVENTCORE_STATEMENT_CACHE_SIZE"
+#: The dashboard's action token, when no --action-token-file is given (the same name as
+#: ``eventcore_trio.dashboard._token.TOKEN_VARIABLE``, which needs the dashboard extra).
+DASHBOARD_TOKEN_VARIABLE: Final = "EVENTCORE_DASHBOARD_TOKEN"
 #: asyncpg's statement cache size when the DSN is direct (open_postgres_store's default).
 DEFAULT_STATEMENT_CACHE_SIZE: Final = 100
 
@@ -264,13 +267,48 @@ def _add_torture_command(commands: Any) -> None:
     )
 
 
+def _partition_count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 2 <= value <= 1024:
+        raise argparse.ArgumentTypeError(f"must be a whole number from 2 to 1024, got {text!r}")
+    return value
+
+
 def _add_migrate_command(commands: Any) -> None:
     migrate = commands.add_parser(
         "migrate",
-        help="create or upgrade the schema",
-        description="Create or upgrade the event store schema; safe to run concurrently.",
+        help="create or upgrade the schema; grant a runtime role; build partition indexes",
+        description="Create or upgrade the event store schema; safe to run concurrently. Run "
+        "it as the schema's owner. It also builds the index of every partition count that "
+        "the schema records (a runtime role that does not own the schema cannot), and "
+        'grants a least-privilege runtime role its rights (docs/operations.md, "Roles and '
+        'grants").',
     )
     _add_store_options(migrate)
+    migrate.add_argument(
+        "--grant",
+        metavar="ROLE",
+        help="then grant ROLE what a least-privilege runtime role needs: it appends, reads, "
+        "checkpoints and hosts projections, and cannot write events by hand or run DDL",
+    )
+    migrate.add_argument(
+        "--print",
+        action="store_true",
+        help="with --grant: print the statements instead, touching no database (no --dsn "
+        "needed), for review or for psql",
+    )
+    migrate.add_argument(
+        "--partition-index",
+        metavar="N",
+        type=_partition_count,
+        action="append",
+        default=[],
+        help="also build the index that serves reads of N partitions (repeatable), ahead of "
+        "a change of a projection to N partitions",
+    )
 
 
 def _add_status_command(commands: Any) -> None:
@@ -303,7 +341,14 @@ def _add_dashboard_command(commands: Any) -> None:
         "--allow-actions",
         action="store_true",
         help="allow resetting a projection, and replaying dead letters of the --projectors, "
-        "from the page (each asks for confirmation)",
+        "from the page (each asks for confirmation and the action token)",
+    )
+    dashboard.add_argument(
+        "--action-token-file",
+        metavar="PATH",
+        help="a file (readable only by you) holding the secret token every action must carry, "
+        f"needed by --allow-actions (default: the {DASHBOARD_TOKEN_VARIABLE} environment "
+        "variable). Never the token itself on the command line: every user can read that",
     )
     dashboard.add_argument(
         "--projectors",
@@ -471,11 +516,51 @@ def _where(exc: BaseException, module_name: str) -> str:
     return found
 
 
-async def _migrate(options: _StoreOptions) -> None:
+async def _migrate(options: _StoreOptions, grant: str | None, partitions: list[int]) -> int:
     from .postgres import LATEST_SCHEMA_VERSION
+    from .postgres._reads import partition_index_advice
 
-    async with options.open(migrate=True):
+    async with options.open(migrate=True) as store:
         print(f"schema {options.schema!r} is at version {LATEST_SCHEMA_VERSION}")
+        # Every recorded count's index (a runtime role's change of count could not build
+        # it), and the ones asked for.
+        recorded = await store.admin.fetch(
+            f'SELECT DISTINCT partitions FROM "{options.schema}".projections WHERE partitions > 1'
+        )
+        counts = sorted({*partitions, *(row["partitions"] for row in recorded)})
+        for count in counts:
+            if not await store.admin.build_partition_index(count):
+                print(
+                    f"eventcore-trio: this role may not build the index of {count} partitions "
+                    f"(only the owner of {options.schema}.events may): run "
+                    f"`{partition_index_advice(options.schema, count)}` as the schema's owner",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            print(f"partition index for {count} partitions: ready")
+        if grant is not None:
+            statements = await store.admin.grant_runtime_role(grant)
+            print(f"granted {grant!r} the rights of a runtime role ({len(statements)} statements)")
+    return EXIT_OK
+
+
+def _action_token(allow_actions: bool, token_file: str | None) -> str | None:
+    """The dashboard's action token: from *token_file*, else the environment; None when
+    actions are off. A token never comes from the command line, which ``ps`` shows."""
+    from .dashboard._token import MAKE_TOKEN, check_action_token, read_action_token
+
+    if not allow_actions:
+        return None
+    if token_file is not None:
+        return read_action_token(token_file)
+    token = os.environ.get(DASHBOARD_TOKEN_VARIABLE)
+    if token:
+        return check_action_token(token, source=DASHBOARD_TOKEN_VARIABLE)
+    raise ConfigurationError(
+        "--allow-actions needs a secret token, or any local process could reset projections: "
+        "put one in a file only you can read and pass --action-token-file PATH, or set "
+        f"{DASHBOARD_TOKEN_VARIABLE}; make one with: {MAKE_TOKEN}"
+    )
 
 
 async def _dashboard(
@@ -484,6 +569,7 @@ async def _dashboard(
     allow_actions: bool,
     projectors: list[Any],
     allowed_hosts: list[str],
+    token_file: str | None,
 ) -> None:
     try:
         from .dashboard import serve_dashboard
@@ -496,6 +582,7 @@ async def _dashboard(
     # later, inside the nursery, they would reach main() as an exception group.
     check_bind(bind)
     allowed_host_names(allowed_hosts)
+    action_token = _action_token(allow_actions, token_file)
     await check_listen(bind)
     async with options.open() as store, trio.open_nursery() as nursery:
         urls = await nursery.start(
@@ -506,6 +593,7 @@ async def _dashboard(
                 allow_actions=allow_actions,
                 projectors=projectors,
                 allowed_hosts=allowed_hosts,
+                action_token=action_token,
             )
         )
         print(f"dashboard at {', '.join(urls)} (Ctrl-C to stop)", flush=True)
@@ -522,8 +610,21 @@ def _printable(value: object) -> str:
     return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
 
 
-def _status_lines(records: Sequence[ProjectionStatus]) -> list[str]:
-    """The table `eventcore-trio status` prints, with every foreign string made printable."""
+#: Where the status's warning about foreign lock holders sends operators.
+_LOCKS_ADVICE: Final = (
+    "any role that may connect to the database can take the store's advisory locks: end "
+    "the session (SELECT pg_terminate_backend(PID)) and keep untrusted roles out of the "
+    "store's database (docs/operations.md, 'Advisory-lock keys and untrusted roles')"
+)
+
+
+def _status_lines(
+    records: Sequence[ProjectionStatus], foreign: Sequence[ForeignLock] = ()
+) -> list[str]:
+    """The table `eventcore-trio status` prints, with every foreign string made printable.
+
+    *foreign*: sessions from outside the store on its own locks, when no record says (a
+    store where no projection has run)."""
     p = _printable
     lines = [
         f"{'projection':24} {'state':8} {'leader':22} {'checkpoint':18} "
@@ -560,6 +661,9 @@ def _status_lines(records: Sequence[ProjectionStatus]) -> list[str]:
         if r.unrunnable:
             lacking = ", ".join(f"{h.pid}@{p(h.host)}" for h in r.lacking_hosts)
             lines.append(f"    no live host runs it (lacking: {lacking})")
+        for lock in r.foreign_locks:
+            if lock.unit is not None:
+                lines.append(f"    WARNING: {p(lock.describe())}")
     if not records:
         lines.append("(no projection has run against this store)")
     hosts = Counter(f"{r.leader.pid}@{p(r.leader.host)}" for r in records if r.leader is not None)
@@ -573,17 +677,25 @@ def _status_lines(records: Sequence[ProjectionStatus]) -> list[str]:
             f"reads held back by transaction of pid {held.pid} ({held.application_name!r}, "
             f"{p(held.state)}, since {held.started_at}): {p(held.query)}"
         )
+    # Every record has the store-wide ones: print them once.
+    store_wide = [f for f in (records[0].foreign_locks if records else foreign) if f.unit is None]
+    for lock in store_wide:
+        lines.append(f"WARNING: {p(lock.describe())}")
+    if store_wide or any(lock.unit is not None for r in records for lock in r.foreign_locks):
+        lines.append(f"WARNING: {_LOCKS_ADVICE}")
     return lines
 
 
 async def _status(options: _StoreOptions, as_json: bool) -> None:
     async with options.open() as store:
         records = await store.projection_status()
+        # Each record carries them; without records, they are asked for alone.
+        foreign = () if records else await store.admin.foreign_locks()
     if as_json:
         # json.dumps escapes control characters itself.
         print(json.dumps([status_json(r) for r in records], indent=2))
         return
-    for line in _status_lines(records):
+    for line in _status_lines(records, foreign):
         print(line)
 
 
@@ -751,6 +863,17 @@ def _torture(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def _print_grants(args: argparse.Namespace) -> int:
+    # No database: what the schema's owner would run for the role (docs/operations.md).
+    from .postgres import runtime_grants
+
+    if args.grant is None:
+        raise ConfigurationError("--print prints what --grant ROLE runs: give --grant ROLE")
+    for statement in runtime_grants(args.grant, schema=args.schema):
+        print(statement)
+    return EXIT_OK
+
+
 def _bench(rest: list[str]) -> int:
     # The harness lives in the repository (benchmarks/), not in the installed package.
     import subprocess
@@ -781,10 +904,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "torture":
             return _torture(args)
+        if args.command == "migrate" and args.print:
+            return _print_grants(args)
         options = _StoreOptions.from_args(args)
         if args.command == "migrate":
-            run_program(_migrate, options)
-        elif args.command == "status":
+            return run_program(_migrate, options, args.grant, args.partition_index)
+        if args.command == "status":
             run_program(_status, options, args.json)
         elif args.command == "reset":
             if not args.yes:
@@ -807,6 +932,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.allow_actions,
                 projectors,
                 args.allowed_host,
+                args.action_token_file,
             )
         elif args.command == "run":
             projectors = load_projectors(args.target)

@@ -6,7 +6,8 @@ Installed with the package (entry point ``pytest11``); its fixtures need pytest-
 - ``eventcore_memory_store``: a fresh in-memory store per test.
 - ``eventcore_postgres_store``: a fresh store per test in a schema of its own (dropped
   afterwards) on ``EVENTCORE_TEST_DSN``, else on a throwaway embedded server started once
-  per session (needs the ``embedded`` extra or a local PostgreSQL installation).
+  per session (needs the ``embedded`` extra or a local PostgreSQL installation), which only
+  this session can reach: ``eventcore_postgres_dsn`` carries its random password.
 - ``eventcore_store``: both, one after the other: each test that uses it runs twice.
 - ``eventcore_host``: ``await eventcore_host(store, [projectors])`` starts a host
   (`run_projections`) in the test's nursery; it stops when the test ends.
@@ -77,7 +78,8 @@ def _eventcore_server() -> Iterator[_Server]:
 @pytest.fixture
 def eventcore_postgres_dsn(_eventcore_server: _Server) -> str:
     """The DSN the PostgreSQL fixtures use: ``EVENTCORE_TEST_DSN``, else a throwaway
-    embedded server, started once per session."""
+    embedded server, started once per session (the DSN holds its password: give it to a
+    child process through the environment, not the command line)."""
     return _eventcore_server.dsn
 
 

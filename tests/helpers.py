@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import attrs
 import trio
 
 from eventcore_trio import StoreConnectionError
+from eventcore_trio.postgres import DSN_ENVIRONMENT_VARIABLE
 from eventcore_trio.torture._report import Findings
 
 
@@ -36,13 +38,22 @@ def start_interruptible(argv: list[str], **popen: Any) -> subprocess.Popen[str]:
 LEADER_SCRIPT = Path(__file__).parent / "postgres" / "leader_process.py"
 
 
+def dsn_environment(dsn: str) -> dict[str, str]:
+    """This process's environment with *dsn* in ``EVENTCORE_DSN``: how a child process gets
+    its DSN, which holds the test server's password (a command line, unlike the environment,
+    is visible to every local account)."""
+    return {**os.environ, DSN_ENVIRONMENT_VARIABLE: dsn}
+
+
 @asynccontextmanager
 async def leader_process(
     dsn: str, schema: str, name: str
 ) -> AsyncIterator[tuple[trio.Process, int]]:
     """A process that leads *name* until killed; yields it and its lock session's backend pid."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, str(LEADER_SCRIPT), dsn, schema, name], stdout=subprocess.PIPE
+        [sys.executable, str(LEADER_SCRIPT), schema, name],
+        stdout=subprocess.PIPE,
+        env=dsn_environment(dsn),
     )
     try:
         assert process.stdout is not None

@@ -3,8 +3,11 @@
 The ``[pgbouncer]`` settings and the two pools (``app``: transaction pooling, ``app_sessions``:
 session pooling) come from the ``pgbouncer.ini`` block of the operations guide, so the
 configuration users copy is the one the tests run; only hosts, ports, authentication and files
-are filled in here. PgBouncer refuses to run as root, so as root it runs as the ``postgres``
-user, as the embedded servers do.
+are filled in here. PgBouncer authenticates its clients with SCRAM against an ``auth_file``
+holding the server's user and password (as the embedded server does: no local account may pass
+through it as the superuser), and logs in to the server with the same password. PgBouncer
+refuses to run as root, so as root it runs as the ``postgres`` user, as the embedded servers
+do.
 """
 
 from __future__ import annotations
@@ -61,8 +64,23 @@ class PgBouncer:
         self._user = pwd.getpwnam("postgres") if os.geteuid() == 0 else None
 
     def dsn(self, pool: str) -> str:
-        """A DSN for one of the documented pools (``app`` or ``app_sessions``)."""
-        return f"postgresql://{self._server.username or 'postgres'}@127.0.0.1:{self.port}/{pool}"
+        """A DSN for one of the documented pools (``app`` or ``app_sessions``), with the
+        server's password (PgBouncer checks it)."""
+        password = "" if self._server.password is None else f":{self._server.password}"
+        user = self._server.username or "postgres"
+        return f"postgresql://{user}{password}@127.0.0.1:{self.port}/{pool}"
+
+    def _write_auth_file(self) -> Path:
+        # userlist.txt format: "user" "password", the password in clear so that PgBouncer can
+        # both check a client's SCRAM exchange and log in to the server; mode 0600,
+        # in a 0700 directory of the user PgBouncer runs as.
+        user = self._server.username or "postgres"
+        password = urllib.parse.unquote(self._server.password or "")
+        path = self._dir / "userlist.txt"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(f'"{user}" "{password.replace(chr(34), chr(34) * 2)}"\n')
+        return path
 
     def _write_config(self) -> Path:
         config = documented_config()
@@ -85,12 +103,18 @@ class PgBouncer:
                 "listen_addr": "127.0.0.1",
                 "listen_port": str(self.port),
                 "unix_socket_dir": "",
-                # Tests only: the server trusts local connections, so PgBouncer need not check.
-                "auth_type": "any",
                 "logfile": str(self._dir / "pgbouncer.log"),
                 "pidfile": "",
             }
         )
+        if server.password:
+            settings.update(
+                {"auth_type": "scram-sha-256", "auth_file": str(self._write_auth_file())}
+            )
+        else:
+            # An external test server given without a password trusts local connections:
+            # there is nothing for PgBouncer to check either.
+            settings["auth_type"] = "any"
         path = self._dir / "pgbouncer.ini"
         with path.open("w") as file:
             config.write(file)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ import pytest
 
 from eventcore_trio import (
     EventFilter,
+    ForeignLock,
     LeaderInfo,
     OpenTransaction,
     Position,
@@ -37,7 +39,8 @@ from eventcore_trio.cli import (
 )
 from eventcore_trio.demo import run_demo
 
-from .helpers import LEADER_SCRIPT, start_interruptible
+from .conftest import oldest_server_param
+from .helpers import LEADER_SCRIPT, dsn_environment, start_interruptible
 
 
 class TestCommandLine:
@@ -54,16 +57,19 @@ class TestCommandLine:
         assert main(["demo", "--memory", "--transfers", "20"]) == EXIT_OK
         assert "VERIFIED" in capsys.readouterr().out
 
+    @pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
     def test_demo_on_postgres(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         """The failover demo kills a leader and still verifies, on a PostgreSQL given by --dsn.
 
         Its host processes get the DSN through the environment: a password never shows in a
-        command line that ``ps`` shows every user (the test server trusts local connections,
-        so the password here is ignored by it and only has to stay out of sight).
+        command line that ``ps`` shows every user (the embedded test server's password; an
+        external server given without one gets one that it ignores, which only has to stay
+        out of sight).
         """
-        secret = "s3cret-pw"
         dsn = postgres_dsn
-        if "postgres@" in dsn:
+        password = urllib.parse.urlsplit(dsn).password
+        secret = urllib.parse.unquote(password) if password else "s3cret-pw"
+        if not password and "postgres@" in dsn:
             dsn = dsn.replace("postgres@", f"postgres:{secret}@", 1)
         seen_hosts: set[int] = set()
         leaked: list[str] = []
@@ -233,13 +239,28 @@ class TestCommandLine:
             ),
             runnable_by=0,
             lacking_hosts=(LeaderInfo(pid=3, host=f"other{evil}", application_name="b"),),
+            foreign_locks=(
+                ForeignLock(
+                    kind="writer",
+                    unit=None,
+                    exclusive=True,
+                    granted=True,
+                    pid=4,
+                    user=f"nosy{evil}",
+                    application_name=f"psql{evil}",
+                    client_addr=None,
+                    connected_at=None,
+                    waiting_since=None,
+                ),
+            ),
         )
         lines = _status_lines([record])
         assert all(line.isprintable() for line in lines)
-        # Header, unit, last error, unrunnable, units per host, held back: no line injected.
-        assert len(lines) == 6
+        # Header, unit, last error, unrunnable, units per host, held back, the foreign lock
+        # and what to do about it: no line injected.
+        assert len(lines) == 8
         assert lines[1].split()[2] == "1@db\\x1b]0;owned\\x07\\x1b[2J\\r\\nfake"
-        assert all("\\x1b[2J\\r\\nfake line\\u202e" in line for line in lines[2:])
+        assert all("\\x1b[2J\\r\\nfake line\\u202e" in line for line in lines[2:-1])
 
     def test_migrate(self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
         """migrate creates the schema and says which version it is at."""
@@ -312,6 +333,8 @@ class TestOperatorCommands:
 
     @staticmethod
     def _fresh(dsn: str) -> list[str]:
+        # ["--dsn", DSN, "--schema", SCHEMA]; a child process gets where[2:] and the DSN,
+        # which holds the test server's password, through its environment (dsn_environment).
         schema = f"t_{uuid.uuid4().hex[:12]}"
         assert main(["migrate", "--dsn", dsn, "--schema", schema]) == EXIT_OK
         return ["--dsn", dsn, "--schema", schema]
@@ -328,6 +351,7 @@ class TestOperatorCommands:
         from . import cli_projectors
 
         where = self._fresh(postgres_dsn)
+        child = where[2:]  # without the DSN: children get it in their environment
         shown: dict[str, str] = {}
 
         async def run_and_show() -> None:
@@ -339,8 +363,9 @@ class TestOperatorCommands:
                     await nursery.start(run_projections, store, [cli_projectors.spread])
                     for key, extra in (("table", []), ("json", ["--json"])):
                         done = await trio.run_process(
-                            [sys.executable, "-m", "eventcore_trio.cli", "status", *extra, *where],
+                            [sys.executable, "-m", "eventcore_trio.cli", "status", *extra, *child],
                             capture_stdout=True,
+                            env=dsn_environment(postgres_dsn),
                         )
                         shown[key] = done.stdout.decode()
                     nursery.cancel_scope.cancel()
@@ -377,6 +402,7 @@ class TestOperatorCommands:
             pass
 
         where = self._fresh(postgres_dsn)
+        child = where[2:]  # without the DSN: children get it in their environment
         shown: dict[str, str] = {}
 
         async def run_and_show() -> None:
@@ -387,8 +413,9 @@ class TestOperatorCommands:
                 async with store.register_host(runs=[f"split[{i}/4]" for i in range(4)]):
                     for key, extra in (("table", []), ("json", ["--json"])):
                         done = await trio.run_process(
-                            [sys.executable, "-m", "eventcore_trio.cli", "status", *extra, *where],
+                            [sys.executable, "-m", "eventcore_trio.cli", "status", *extra, *child],
                             capture_stdout=True,
+                            env=dsn_environment(postgres_dsn),
                         )
                         shown[key] = done.stdout.decode()
 
@@ -466,9 +493,11 @@ class TestOperatorCommands:
         import signal
 
         where = self._fresh(postgres_dsn)
+        child = where[2:]  # without the DSN: children get it in their environment
         process = start_interruptible(
-            [sys.executable, "-m", "eventcore_trio.cli", "run", "tests.cli_projectors:ALL", *where],
+            [sys.executable, "-m", "eventcore_trio.cli", "run", "tests.cli_projectors:ALL", *child],
             cwd=Path(__file__).parent.parent,
+            env=dsn_environment(postgres_dsn),
         )
         try:
             assert process.stdout is not None
@@ -514,9 +543,10 @@ class TestOperatorCommands:
         assert "failed again and were kept" in captured.err
 
         leader = subprocess.Popen(
-            [sys.executable, str(LEADER_SCRIPT), postgres_dsn, schema, "picky"],
+            [sys.executable, str(LEADER_SCRIPT), schema, "picky"],
             stdout=subprocess.PIPE,
             text=True,
+            env=dsn_environment(postgres_dsn),
         )
         try:
             assert leader.stdout is not None
@@ -612,11 +642,12 @@ class TestOperatorCommands:
                 "picky",
                 "--yes",
                 "--wait",
-                *where,
+                *where[2:],
             ],
             stdout=subprocess.PIPE,
             text=True,
             cwd=root,
+            env=dsn_environment(postgres_dsn),
         )
         host = None
         try:
@@ -630,10 +661,11 @@ class TestOperatorCommands:
                     "eventcore_trio.cli",
                     "run",
                     "tests.cli_projectors:ALL",
-                    *where,
+                    *where[2:],
                 ],
                 stdout=subprocess.DEVNULL,
                 cwd=root,
+                env=dsn_environment(postgres_dsn),
             )
             assert reset.wait(timeout=60) == EXIT_OK
             assert "rebuilt: 50 events applied" in reset.stdout.read()

@@ -1,9 +1,11 @@
 """The dashboard's ASGI application (Starlette): the page, ``/status.json``, ``/metrics``,
-and, only when allowed, ``POST /actions/reset``."""
+and, only when allowed and with the action token, ``POST /actions/reset`` and
+``POST /actions/replay``."""
 
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -15,6 +17,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from .._errors import (
+    ConfigurationError,
     DeadLetterNotFound,
     InvalidArgument,
     LeadershipUnavailable,
@@ -29,13 +32,36 @@ from ._hosts import HostCheck, allowed_host_names
 from ._page import PAGE
 from ._prometheus import prometheus_text
 from ._state import DashboardState
+from ._token import TOKEN_VARIABLE, check_action_token, token_matches
+
+logger = logging.getLogger("eventcore_trio.dashboard")
 
 #: Actions need this header: a cross-site form cannot send it without a CORS preflight.
 ACTION_HEADER = "x-eventcore-action"
 
+#: How to start a dashboard whose actions work, for the messages that refuse them.
+TOKEN_ADVICE = (
+    "start the dashboard with --allow-actions and --action-token-file PATH (or the "
+    f"{TOKEN_VARIABLE} environment variable)"
+)
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _unauthorized(request: Request, message: str) -> JSONResponse:
+    # 401 for a missing and for a wrong token alike (RFC 6750): the page then asks again.
+    client = request.client.host if request.client else "?"
+    logger.warning(
+        "dashboard: refused %s %s from %s: %s", request.method, request.url.path, client, message
+    )
+    return _error(
+        401,
+        f"{message}: send the token the dashboard was started with as "
+        "'Authorization: Bearer TOKEN'",
+        {"www-authenticate": 'Bearer realm="eventcore-trio dashboard"'},
+    )
 
 
 def dashboard_app(
@@ -44,13 +70,16 @@ def dashboard_app(
     projectors: Sequence[object] = (),
     *,
     allowed_hosts: Iterable[str] = (),
+    action_token: str | None = None,
 ) -> Starlette:
     """The dashboard as an ASGI app over *state* (kept fresh by `poll_status`).
 
     Read-only unless *state* allows actions; then ``POST /actions/reset`` with
-    ``{"projection": name, "confirm": name}``, the ``X-Eventcore-Action: 1`` header and a
-    JSON body resets a projection that no host runs, and ``POST /actions/replay`` replays
-    the dead letters of one of *projectors* (replaying needs the projector's code).
+    ``{"projection": name, "confirm": name}``, the ``X-Eventcore-Action: 1`` header,
+    ``Authorization: Bearer`` *action_token* and a JSON body resets a projection that no
+    host runs, and ``POST /actions/replay`` replays the dead letters of one of *projectors*
+    (replaying needs the projector's code). An action without the token, or with another,
+    gets 401 and changes nothing; while actions are off, 403.
 
     It answers only requests whose Host header names it (any port): localhost, 127.0.0.1,
     ::1, the IP address the request arrived on, and *allowed_hosts*; any other gets 400 and
@@ -60,20 +89,35 @@ def dashboard_app(
     Args:
         allowed_hosts: further host names or IP addresses (without a port) to answer to:
             the names users and Prometheus reach the dashboard by, through a proxy too.
+        action_token: the secret every action must carry (at least 16 visible ASCII
+            characters, e.g. ``secrets.token_urlsafe(32)``); compared in constant time.
 
     Raises:
-        ConfigurationError: an allowed host is not a host name or an IP address.
+        ConfigurationError: an allowed host is not a host name or an IP address; *state*
+            allows actions but no *action_token* is given, or it is too short.
 
     .. versionadded:: 0.3
     """
     names = allowed_host_names(allowed_hosts)
+    token = None if action_token is None else check_action_token(action_token)
+    if state.allow_actions and token is None:
+        raise ConfigurationError(
+            "actions need a secret, so that not every local process can reset projections: "
+            "pass action_token (e.g. secrets.token_urlsafe(32))"
+        )
     by_name = {resolve(p).name: p for p in projectors}
     state.replayable = sorted(by_name)
 
     async def action(request: Request) -> str | JSONResponse:
         # The projection an action names, or the response that refuses it.
-        if not state.allow_actions:
-            return _error(403, "actions are off; start the dashboard with --allow-actions")
+        if not state.allow_actions or token is None:
+            return _error(403, f"actions are off; {TOKEN_ADVICE}")
+        # The token before anything else: without it, a request learns nothing more.
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        if not given:
+            return _unauthorized(request, "this action needs the dashboard's action token")
+        if scheme.lower() != "bearer" or not token_matches(given.strip(), token):
+            return _unauthorized(request, "the action token is wrong")
         if request.headers.get(ACTION_HEADER) != "1":
             return _error(400, f"an action needs the header {ACTION_HEADER}: 1")
         try:

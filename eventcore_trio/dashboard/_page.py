@@ -1,4 +1,9 @@
-"""The dashboard's one page: it polls ``/status.json`` every second and redraws."""
+"""The dashboard's one page: it polls ``/status.json`` every second and redraws.
+
+Actions ask for the action token in a form the first time, and keep it in the tab's
+sessionStorage (never in a URL or a cookie: a cookie would go with every request, cross-site
+ones too); a refused token is forgotten and asked for again.
+"""
 
 from typing import Final
 
@@ -24,12 +29,22 @@ PAGE: Final = """<!doctype html>
   .lacking { color: #6b7280; font-size: .85rem; }
   #stale { color: #b3261e; }
   .bar { display: inline-block; height: .8rem; background: #3b6fd8; margin-right: .4rem; }
-  button { font: inherit; }
+  button, input { font: inherit; }
+  #actions { margin: .6rem 0; }
+  #action-message.refused { color: #b3261e; font-weight: 600; }
 </style>
 </head>
 <body>
 <h1>eventcore-trio</h1>
 <div id="meta">loading…</div> <div id="stale"></div>
+<div id="actions" hidden>
+<form id="token-form" hidden>
+<label>Action token <input id="token" type="password" autocomplete="off" required></label>
+<button type="submit">use it in this tab</button>
+<span class="lacking">the secret the dashboard was started with</span>
+</form>
+<div id="action-message" role="status"></div>
+</div>
 <h2>Units</h2>
 <table id="units"><thead><tr><th>unit</th><th>state</th><th>leader</th><th>checkpoint</th>
 <th>lag events</th><th>lag s</th><th>standbys</th><th>dead letters</th><th></th></tr></thead>
@@ -38,25 +53,72 @@ PAGE: Final = """<!doctype html>
 <h2>Lag (events, last minutes)</h2><svg id="chart" width="720" height="160"></svg>
 <div id="legend"></div>
 <h2>Holding readers back</h2><div id="held">nothing</div>
+<div id="foreign" hidden><h2>Locks taken from outside the store</h2><ul></ul>
+<p class="lacking">Any role that may connect to the database can take the store's advisory
+locks: end these sessions (pg_terminate_backend) and keep untrusted roles out of its
+database.</p></div>
 <h2>Recent failovers</h2><ul id="failovers"></ul>
 <script>
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;",
   ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+// The action token lives in this tab's sessionStorage only: never in a URL or a cookie.
+const TOKEN = "eventcore-action-token";
+const tokenForm = document.getElementById("token-form");
+const tokenInput = document.getElementById("token");
+let pending = null;  // the confirmed action waiting for a token
+function say(text, refused) {
+  const message = document.getElementById("action-message");
+  message.textContent = text;
+  message.className = refused ? "refused" : "";
+}
+function askToken(then, why, refused) {
+  pending = then;
+  say(why, refused);
+  tokenForm.hidden = false;
+  tokenInput.focus();
+}
+tokenForm.onsubmit = (event) => {
+  event.preventDefault();
+  sessionStorage.setItem(TOKEN, tokenInput.value.trim());
+  tokenInput.value = "";
+  tokenForm.hidden = true;
+  const then = pending;
+  pending = null;
+  if (then) then();
+};
+async function act(path, name, done) {
+  const token = sessionStorage.getItem(TOKEN);
+  const again = () => act(path, name, done);
+  if (!token) {
+    askToken(again, "enter the action token to continue (" + path + " " + name + ")", false);
+    return;
+  }
+  let r, body;
+  try {
+    r = await fetch(path, {method: "POST", headers: {"content-type": "application/json",
+      "x-eventcore-action": "1", "authorization": "Bearer " + token},
+      body: JSON.stringify({projection: name, confirm: name})});
+    body = await r.json();
+  } catch (e) {
+    say("the action failed: " + e, true);
+    return;
+  }
+  if (r.status === 401) {
+    sessionStorage.removeItem(TOKEN);
+    askToken(again, "refused: " + body.error, true);
+    return;
+  }
+  say(body.error ? "refused: " + body.error : done(body), Boolean(body.error));
+}
 async function replay(name) {
   if (!confirm("Replay the dead letters of " + name + "? Its hosts must be stopped.")) return;
-  const r = await fetch("/actions/replay", {method: "POST", headers: {"content-type":
-    "application/json", "x-eventcore-action": "1"}, body: JSON.stringify({projection: name,
-    confirm: name})});
-  const body = await r.json();
-  alert(body.error || (body.replayed + " replayed, " + body.failed + " failed again"));
+  await act("/actions/replay", name,
+    (body) => name + ": " + body.replayed + " replayed, " + body.failed + " failed again");
 }
 async function reset(name) {
   if (!confirm("Reset " + name + "? Its checkpoint and dead letters are forgotten and it " +
                "rebuilds from the start. Its hosts must be stopped.")) return;
-  const r = await fetch("/actions/reset", {method: "POST", headers: {"content-type":
-    "application/json", "x-eventcore-action": "1"}, body: JSON.stringify({projection: name,
-    confirm: name})});
-  alert((await r.json()).error || ("reset " + name));
+  await act("/actions/reset", name, () => "reset " + name);
 }
 const hostList = (hosts) => hosts.map((h) => esc(h.host) + " pid " + esc(h.pid)).join(", ");
 // A unit no live host can run, naming the hosts that lack it; quieter when some can.
@@ -70,6 +132,7 @@ function draw(s) {
   document.getElementById("meta").textContent = "status at " + (s.generated_at || "-") +
     (s.actions ? " · actions allowed" : " · read-only");
   document.getElementById("stale").textContent = s.error ? "stale: " + s.error : "";
+  document.getElementById("actions").hidden = !s.actions;
   document.querySelector("#units tbody").innerHTML = s.units.map((u) =>
     `<tr data-unit="${esc(u.unit)}"><td>${esc(u.unit)}</td>` +
     `<td class="state-${esc(u.state)}">${esc(u.state)}${runnable(u)}</td>` +
@@ -94,6 +157,10 @@ function draw(s) {
   document.getElementById("held").textContent = held ? `pid ${held.pid} ` +
     `(${held.application_name || "?"}), ${held.state}, since ${held.started_at}: ` +
     held.query : "nothing";
+  const foreign = document.getElementById("foreign");
+  foreign.hidden = !s.foreign_locks.length;
+  foreign.querySelector("ul").innerHTML = s.foreign_locks.map((f) =>
+    `<li class="unrunnable">${esc(f.description)}</li>`).join("");
   document.getElementById("failovers").innerHTML = s.failovers.map((f) =>
     `<li>${esc(f.at)}: ${esc(f.unit)} from pid ${esc(f.from.pid)} to pid ${esc(f.to.pid)}` +
     ` on ${esc(f.to.host)}</li>`).join("") || "<li>none seen</li>";

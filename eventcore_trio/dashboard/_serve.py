@@ -18,6 +18,7 @@ from .._protocols import ProjectionAdmin
 from ._app import dashboard_app
 from ._hosts import allowed_host_names, normal_host
 from ._state import DashboardState, poll_status
+from ._token import check_action_token
 
 logger = logging.getLogger("eventcore_trio.dashboard")
 
@@ -93,14 +94,17 @@ async def serve_dashboard(
     allow_actions: bool = False,
     projectors: Sequence[object] = (),
     allowed_hosts: Iterable[str] = (),
+    action_token: str | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the dashboard for *store* until cancelled.
 
     Started with ``await nursery.start(serve_dashboard, store)``, it reports the URLs it
     listens on. It listens on 127.0.0.1 unless *bind* says otherwise (``0.0.0.0:8000``
-    shows it to the network: it has no authentication). Read-only unless *allow_actions*;
-    dead letters can then be replayed for the *projectors* given.
+    shows it to the network: reading needs no authentication). Read-only unless
+    *allow_actions*, which needs *action_token*: the secret each reset or replay must carry
+    (``Authorization: Bearer``; the page asks for it). Dead letters can then be replayed for
+    the *projectors* given.
 
     It answers only requests whose Host header names it: localhost, 127.0.0.1, ::1, the
     host of *bind*, the address a request arrived on, and *allowed_hosts* (names or
@@ -109,14 +113,21 @@ async def serve_dashboard(
 
     Raises:
         ConfigurationError: *bind* is malformed, names an unknown host or an address of
-            another machine, or its port is in use; an allowed host is malformed. Raised
-            before anything is served.
+            another machine, or its port is in use; an allowed host is malformed;
+            *allow_actions* without an *action_token*, or one shorter than 16 characters.
+            Raised before anything is served.
 
     .. versionadded:: 0.3
     """
     config = Config()
     config.bind = [check_bind(bind)]
     names = allowed_host_names(allowed_hosts)
+    if allow_actions and action_token is None:
+        raise ConfigurationError(
+            "allow_actions needs action_token, the secret each action must carry (e.g. "
+            "secrets.token_urlsafe(32)): without it any local process could reset projections"
+        )
+    token = None if action_token is None else check_action_token(action_token)
     await check_listen(bind)
     # The name or address it was told to listen on is one of its names too.
     bound = normal_host(_bind_host(bind))
@@ -128,7 +139,7 @@ async def serve_dashboard(
     async with trio.open_nursery() as nursery:
         await nursery.start(poll_status, store, state)
         # Starlette is an ASGI app; hypercorn's annotations spell ASGI more narrowly.
-        app: Any = dashboard_app(store, state, projectors, allowed_hosts=names)
+        app: Any = dashboard_app(store, state, projectors, allowed_hosts=names, action_token=token)
         urls: list[str] = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
         logger.info("dashboard at %s", ", ".join(urls))
         task_status.started(urls)

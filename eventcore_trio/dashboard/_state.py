@@ -21,7 +21,7 @@ import trio
 
 from .._errors import EventCoreError
 from .._protocols import ProjectionAdmin
-from .._status import ProjectionStatus, status_json
+from .._status import ForeignLock, ProjectionStatus, foreign_lock_json, status_json
 
 logger = logging.getLogger("eventcore_trio.dashboard")
 
@@ -129,6 +129,10 @@ class DashboardState:
                 key = (record.leader.host, record.leader.pid)
                 hosts[key] = hosts.get(key, 0) + 1
         held = next((r for r in self.statuses if r.held_back_by is not None), None)
+        # Each record repeats the store-wide ones: each session and lock once.
+        foreign: dict[tuple[int, str, str | None], ForeignLock] = {}
+        for record in self.statuses:
+            foreign.update(((f.pid, f.kind, f.unit), f) for f in record.foreign_locks)
         return {
             "generated_at": None if self.updated_at is None else self.updated_at.isoformat(),
             "error": self.error,
@@ -140,6 +144,8 @@ class DashboardState:
                 for (host, pid), count in sorted(hosts.items())
             ],
             "held_back_by": None if held is None else status_json(held)["held_back_by"],
+            # Sessions from outside the store holding or awaiting its locks (PostgreSQL).
+            "foreign_locks": [foreign_lock_json(f) for f in foreign.values()],
             # Units that live balancing hosts exist for but none of them can run.
             "unrunnable": [r.unit for r in self.statuses if r.unrunnable],
             "failovers": list(self._failovers),

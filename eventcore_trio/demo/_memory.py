@@ -215,7 +215,11 @@ def demo_main(dsn: str | None, *, memory: bool, scale: int, duration: float) -> 
 
     out("starting an embedded PostgreSQL (no installation needed)…")
     with EmbeddedPostgres() as server:
-        out(f"store: embedded PostgreSQL {server.version} at {server.dsn}")
+        # Not the DSN: it holds the server's password, which stays out of terminals and logs.
+        out(
+            f"store: embedded PostgreSQL {server.version} on 127.0.0.1:{server.port} "
+            "(its password is random and known only to this process)"
+        )
         ok = run_program(
             lambda: run_failover_demo(server.dsn, duration=duration, out=out, live=live)
         )

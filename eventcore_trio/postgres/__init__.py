@@ -6,6 +6,7 @@ Advisory-lock keys are derived as documented in ``eventcore_trio.postgres._keys`
 """
 
 from .._util import fixup_module_metadata
+from ._grants import runtime_grants as runtime_grants
 from ._keys import projector_lock_key as projector_lock_key
 from ._keys import writer_lock_key as writer_lock_key
 from ._leadership import PostgresLeadership as PostgresLeadership
@@ -25,6 +26,7 @@ __all__ = [
     "PostgresTransaction",
     "open_postgres_store",
     "projector_lock_key",
+    "runtime_grants",
     "writer_lock_key",
 ]
 

@@ -10,20 +10,74 @@ can do anything the connection's role may do.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import TYPE_CHECKING, Any, final
+from typing import TYPE_CHECKING, Any, Final, final
 
+from .._errors import ConfigurationError
 from .._events import StreamAppend
+from .._partitions import MAX_PARTITIONS
+from .._status import ForeignLock
 from ._bridge import Connection, Record, connect
 from ._fence import LOCK_KEY
-from ._keys import projector_lock_key
+from ._grants import grant_runtime_role
+from ._keys import index_lock_key, migration_lock_key, projector_lock_key, writer_lock_key
 from ._pool import Pool
+from ._reads import ensure_partition_index
 
 if TYPE_CHECKING:
     from ._appends import AppendStatement
     from ._group_commit import GroupCommit
     from ._notifier import Notifier
+
+
+#: SQL: the sessions of this database holding or awaiting one of the advisory locks $2 (keys)
+#: that either take lock $1 (the writer lock) other than shared, or whose role may not use
+#: schema $3. Every function is qualified (a look-alike in another schema never runs).
+#: waitstart (PostgreSQL 14 and later) is read through to_jsonb, which has it only there.
+_FOREIGN_LOCKS: Final = f"""
+SELECT l.pid, l.granted, l.mode = 'ExclusiveLock' AS exclusive, {LOCK_KEY} AS key,
+       a.usename AS user_name, a.application_name,
+       pg_catalog.host(a.client_addr) AS client_addr, a.backend_start,
+       pg_catalog.jsonb_extract_path_text(pg_catalog.to_jsonb(l), 'waitstart')::timestamptz
+           AS waiting_since
+FROM pg_catalog.pg_locks l
+JOIN pg_catalog.pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'advisory' AND l.objsubid = 1
+  AND l.database = (SELECT oid FROM pg_catalog.pg_database
+                    WHERE datname = pg_catalog.current_database())
+  AND {LOCK_KEY} = ANY($2::bigint[])
+  AND (({LOCK_KEY} = $1 AND l.mode <> 'ShareLock')
+       OR NOT pg_catalog.has_schema_privilege(a.usesysid, $3, 'USAGE'))
+ORDER BY l.pid, key
+"""
+
+
+async def foreign_locks(pool: Pool, schema: str, units: Iterable[str]) -> tuple[ForeignLock, ...]:
+    """The sessions from outside the store that hold or await its writer, migration or index
+    lock, or the lock of one of *units* (see `ForeignLock`): one query on ``pg_locks``."""
+    kinds: dict[int, tuple[str, str | None]] = {
+        writer_lock_key(schema): ("writer", None),
+        migration_lock_key(schema): ("migration", None),
+        index_lock_key(schema): ("index", None),
+    }
+    kinds.update({projector_lock_key(schema, unit): ("projection", unit) for unit in units})
+    rows = await pool.fetch(_FOREIGN_LOCKS, writer_lock_key(schema), list(kinds), schema)
+    return tuple(
+        ForeignLock(
+            kind=kinds[row["key"]][0],
+            unit=kinds[row["key"]][1],
+            exclusive=row["exclusive"],
+            granted=row["granted"],
+            pid=row["pid"],
+            user=row["user_name"] or "",
+            application_name=row["application_name"] or "",
+            client_addr=row["client_addr"],
+            connected_at=row["backend_start"],
+            waiting_since=row["waiting_since"],
+        )
+        for row in rows
+    )
 
 
 @final
@@ -46,10 +100,15 @@ class PostgresAdmin:
         append_statement: AppendStatement,
         notifier: Notifier,
         group_commit: GroupCommit,
+        session_dsn: str | None = None,
+        application_name: str = "eventcore-trio",
     ) -> None:
         self._pool = pool
         self._schema = schema
         self._dsn = dsn
+        # Where a session of its own connects (an index build's): past any pooling proxy.
+        self._session_dsn = dsn if session_dsn is None else session_dsn
+        self._application_name = application_name
         self._connect_timeout = connect_timeout
         self._statement_cache_size = statement_cache_size
         self._append_statement = append_statement
@@ -147,3 +206,54 @@ class PostgresAdmin:
             list(keys),
         )
         return {keys[row["key"]]: int(row["pid"]) for row in rows}
+
+    async def foreign_locks(self, units: Sequence[str] = ()) -> tuple[ForeignLock, ...]:
+        """Sessions from outside the store holding or awaiting its writer, migration or index
+        lock, or the lock of one of *units* (`ProjectionStatus.foreign_locks` has them for
+        the units status lists). One query on ``pg_locks``.
+
+        .. versionadded:: 0.3
+        """
+        return await foreign_locks(self._pool, self._schema, units)
+
+    async def grant_runtime_role(self, role: str) -> list[str]:
+        """Grant *role* what a least-privilege runtime role needs on this store's schema
+        (`runtime_grants`), in one transaction; return the statements run.
+
+        Run it as the schema's owner, which the store's role must be (``eventcore-trio
+        migrate --grant ROLE`` does this). Applying it again changes nothing.
+
+        Raises:
+            ConfigurationError: an invalid role name, no such role, the schema's owner
+                itself, or a store whose role may not grant (not the schema's owner).
+
+        .. versionadded:: 0.3
+        """
+        return await grant_runtime_role(self._pool, self._schema, role)
+
+    async def build_partition_index(self, partitions: int) -> bool:
+        """Build the index that serves the reads of one of *partitions* partitions, unless it
+        is there (CONCURRENTLY: appends go on meanwhile). True once it is; False, having
+        done nothing, when the store's role may not (only the owner of the events table
+        may: ``eventcore-trio migrate --partition-index N`` runs this as the owner).
+
+        A projection's change of partition count builds it too, when its role may.
+
+        Raises:
+            ConfigurationError: *partitions* is not an int from 2 to 1024.
+
+        .. versionadded:: 0.3
+        """
+        if type(partitions) is not int or not 2 <= partitions <= MAX_PARTITIONS:
+            raise ConfigurationError(
+                f"partitions must be an int from 2 to {MAX_PARTITIONS} (one partition reads "
+                f"the whole log and needs no index of its own), got {partitions!r}"
+            )
+        return await ensure_partition_index(
+            self._pool,
+            self._schema,
+            partitions,
+            session_dsn=self._session_dsn,
+            application_name=self._application_name,
+            connect_timeout=self._connect_timeout,
+        )

@@ -4,6 +4,11 @@ Everything is validated and encoded before any I/O (`encode_append`); the statem
 the schema's ``append_events`` function (see `_schema`), which locks the streams in one
 order, checks every expected version and inserts the events, or raises and writes nothing.
 Concurrent appends may instead share one ``append_many`` statement (see `_group_commit`).
+
+An append's encoded size is bounded (``max_append_bytes``, `DEFAULT_MAX_APPEND_BYTES`),
+checked while encoding: PostgreSQL refuses a protocol message over 1 GB by closing the
+session, which reads as "server unavailable" and leaves the outcome in doubt, and the client
+holds several copies of the payload on the way there (asyncpg's buffers, the encoded text).
 """
 
 from __future__ import annotations
@@ -15,18 +20,34 @@ from typing import Any, Final, final
 
 import attrs
 
-from .._errors import VersionConflict
+from .._errors import AppendTooLarge, VersionConflict
 from .._events import AppendResult, StreamAppend, prepare_appends
 from .._positions import Position
 from .._validation import encode_json_object
 from ._bridge import Record
+
+#: The default of ``open_postgres_store(max_append_bytes=...)``: 64 MiB. Any one event the
+#: per-event limit allows fits (data and metadata at `MAX_EVENT_JSON_BYTES` each, 32 MiB), and
+#: so do three events of the largest data or hundreds of thousands of small ones. It is a
+#: sixteenth of PostgreSQL's 1 GB message limit, so a statement stays far from it whatever
+#: the per-event overhead (ids, versions, array headers), and the client's peak stays at a few
+#: hundred MB (the payload is copied three or four times on its way to the socket). A
+#: statement this size also holds its streams' locks for the second or so it takes to send.
+DEFAULT_MAX_APPEND_BYTES: Final = 64 * 1024 * 1024
+
+#: The largest ``max_append_bytes`` accepted: half of PostgreSQL's 1 GB limit on one protocol
+#: message, which must also hold each event's id, version and array overhead.
+MAX_APPEND_BYTES_LIMIT: Final = 512 * 1024 * 1024
 
 
 @final
 @attrs.frozen
 class EncodedAppend:
     """One `append_atomic` request, validated and encoded: streams in lock order, and per
-    event its stream's 1-based index and its 1-based offset in that stream's part."""
+    event its stream's 1-based index and its 1-based offset in that stream's part.
+
+    *size* is what the limit counts: UTF-8 bytes of stream ids, type names, data and metadata.
+    """
 
     streams: list[str]
     expected: list[int | None]
@@ -37,30 +58,50 @@ class EncodedAppend:
     types: list[str]
     data: list[str]
     metadata: list[str]
+    size: int = 0
 
 
-def encode_append(appends: Sequence[StreamAppend]) -> EncodedAppend:
+def _utf8_size(text: str) -> int:
+    # isascii() is a flag check on CPython's compact strings: no second encoding for the
+    # common case.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def encode_append(
+    appends: Sequence[StreamAppend], *, max_bytes: int = DEFAULT_MAX_APPEND_BYTES
+) -> EncodedAppend:
     """*appends* validated and encoded, ready for either statement.
 
     Raises:
         InvalidArgument: a malformed request (`EventEncodeError` for bad payloads).
+        AppendTooLarge: the encoded request is over *max_bytes*; encoding stops at the event
+            that passes it, so an oversized append costs no more memory than the limit.
     """
     # Streams in one global order: the append functions lock them in this order, which is
     # what keeps concurrent multi-stream appends from deadlocking.
     requests = sorted(prepare_appends(appends), key=lambda a: a.stream_id)
     encoded = EncodedAppend([], [], [], [], [], [], [], [], [])
+    size = 0
     for index, request in enumerate(requests, start=1):
         encoded.streams.append(request.stream_id)
         encoded.expected.append(request.expected_version)
         encoded.counts.append(len(request.events))
+        size += _utf8_size(request.stream_id)
         for offset, event in enumerate(request.events, start=1):
+            data = encode_json_object("data", event.data)
+            metadata = encode_json_object("metadata", event.metadata)
+            size += _utf8_size(data) + _utf8_size(metadata) + _utf8_size(event.type)
+            if size > max_bytes:
+                raise AppendTooLarge(size, max_bytes)
             encoded.event_stream.append(index)
             encoded.offsets.append(offset)
             encoded.event_ids.append(event.event_id)
             encoded.types.append(event.type)
-            encoded.data.append(encode_json_object("data", event.data))
-            encoded.metadata.append(encode_json_object("metadata", event.metadata))
-    return encoded
+            encoded.data.append(data)
+            encoded.metadata.append(metadata)
+    if size > max_bytes:  # stream ids alone (streams without events)
+        raise AppendTooLarge(size, max_bytes)
+    return attrs.evolve(encoded, size=size)
 
 
 def _or_null_ids(ids: list[uuid.UUID | None]) -> list[uuid.UUID | None] | None:
@@ -76,7 +117,9 @@ class AppendStatement:
     """Builds the statements of appends: ``sql, args = statement.single(encoded)`` for one
     request, ``statement.many(requests)`` for several independent ones."""
 
-    def __init__(self, schema: str) -> None:
+    def __init__(self, schema: str, max_bytes: int = DEFAULT_MAX_APPEND_BYTES) -> None:
+        #: The largest encoded append (``max_append_bytes``), and of a shared statement.
+        self.max_bytes = max_bytes
         self._single_sql = (
             f'SELECT * FROM "{schema}".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)'
         )
@@ -88,9 +131,14 @@ class AppendStatement:
         """The SQL and arguments for *appends*, validated and encoded.
 
         Raises:
-            InvalidArgument: a malformed request (`EventEncodeError` for bad payloads).
+            InvalidArgument: a malformed request (`EventEncodeError` for bad payloads,
+                `AppendTooLarge` for one over the limit).
         """
-        return self.single(encode_append(appends))
+        return self.single(self.encode(appends))
+
+    def encode(self, appends: Sequence[StreamAppend]) -> EncodedAppend:
+        """*appends* validated and encoded within this store's limit (see `encode_append`)."""
+        return encode_append(appends, max_bytes=self.max_bytes)
 
     def single(self, encoded: EncodedAppend) -> tuple[str, list[Any]]:
         """The ``append_events`` statement for one request."""

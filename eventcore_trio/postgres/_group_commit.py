@@ -3,7 +3,9 @@
 An append that finds no append statement in flight (`MAX_IN_FLIGHT`) and nobody waiting
 sends its own statement at once, as a lone appender always does. One that finds them all busy
 joins a queue; as soon as a statement slot frees, whoever gets it sends everything queued (up
-to `MAX_SHARED` requests) as one ``append_many`` statement. A statement in flight for longer
+to `MAX_SHARED` requests, and no more than the store's ``max_append_bytes`` of encoded
+events: the requests from the front of the queue that fit, so a large request goes alone)
+as one ``append_many`` statement. A statement in flight for longer
 than `STALLED_AFTER` (an append waiting for a stream that another session's transaction
 holds) is not waited for: the queue goes out in a statement of its own, so appenders of
 other streams never wait for each other. Eight Trio tasks appending one event
@@ -18,10 +20,12 @@ having written nothing, and its own caller sends it again on its own, where it w
 that lock in the caller's task, as long as the caller lets it. Any other wait for another
 transaction (an event id that an open transaction inserted) is cut short by the statement's
 lock timeout (`SHARED_LOCK_TIMEOUT`). If the shared statement fails for such a reason (a
-duplicate event id, a lock timeout), nothing was written and each caller sends its request
-again on its own, so each gets its own verdict. A lost connection while a
-statement is in flight leaves the outcome unknown for every request in it, as it does for a
-lone append.
+duplicate event id, a lock timeout), or for its size (the server ran out of memory, temporary
+file space or another resource; SQLSTATE classes 53 and 54), nothing was written and each
+caller sends its request again on its own, so each gets its own verdict. A statement is never
+resent after it may have committed: a lost connection while a statement is in flight leaves
+the outcome unknown for every request in it, as it does for a lone append, which is why the
+size bound keeps shared statements as small as the largest lone one.
 
 The statement commits before the notification that wakes readers is sent (in the same
 crossing): a failed notification does not unmake the commit, so every request keeps its
@@ -42,7 +46,7 @@ from typing import Final, final
 import outcome
 import trio
 
-from .._errors import DatabaseError, DuplicateEventId, VersionConflict
+from .._errors import DatabaseError, DuplicateEventId, StoreConnectionError, VersionConflict
 from .._events import AppendResult
 from ._appends import BUSY, AppendStatement, Busy, EncodedAppend, append_result, many_results
 from ._bridge import Record
@@ -61,6 +65,12 @@ STALLED_AFTER: Final = 0.01
 
 #: Requests one shared statement carries at most.
 MAX_SHARED: Final = 64
+
+# SQLSTATE classes of errors that a statement's size can cause, where the server refused the
+# statement and stayed up: "insufficient resources" (53: out of memory, disk full,
+# temp_file_limit) and "program limit exceeded" (54). The bridge reports class 53 as a
+# connection error, since at connect it means the server cannot take a session.
+_SIZE_SQLSTATE_CLASSES: Final = ("53", "54")
 
 # One byte over PostgreSQL's limit for channel names: pg_notify refuses it.
 _REFUSED_CHANNEL: Final = "x" * 64
@@ -143,8 +153,17 @@ class GroupCommit:
         return result
 
     async def _send_queued(self) -> None:
-        batch = self._queue[:MAX_SHARED]
-        del self._queue[:MAX_SHARED]
+        # The front of the queue, in order, within the size bound: the first request always
+        # goes (it is within the limit on its own); the first that would pass the bound
+        # waits for the next statement, with everything behind it.
+        count, size = 0, 0
+        for item in self._queue[:MAX_SHARED]:
+            if count and size + item.request.size > self._statement.max_bytes:
+                break
+            count += 1
+            size += item.request.size
+        batch = self._queue[:count]
+        del self._queue[:count]
         for item in batch:
             item.taken = True
         if batch:
@@ -177,7 +196,13 @@ class GroupCommit:
         sql, args = self._statement.many([item.request for item in batch])
         try:
             rows = await self._run(sql, args)
-        except (DatabaseError, DuplicateEventId):
+        except (DatabaseError, DuplicateEventId, StoreConnectionError) as exc:
+            if isinstance(exc, StoreConnectionError) and not _refused_for_size(exc):
+                # The session may have ended after the commit: the outcome is unknown, and
+                # sending the requests again could write them twice.
+                for item in batch:
+                    item.finish(outcome.Error(exc))
+                return
             # Nothing was written; each request's own statement gives it its own verdict.
             for item in batch:
                 item.finish(outcome.Value(BUSY))
@@ -193,3 +218,15 @@ class GroupCommit:
                 item.finish(outcome.Error(result))
             else:
                 item.finish(outcome.Value(result))
+
+
+def _refused_for_size(exc: StoreConnectionError) -> bool:
+    # The server's own error, chained by the bridge with its SQLSTATE and severity: an ERROR
+    # (not a FATAL or PANIC, which may come after a commit) of a size class, so the statement
+    # was rolled back. A lost connection has neither, and its statement may have committed.
+    cause = exc.__cause__
+    sqlstate = getattr(cause, "sqlstate", None)
+    severity = getattr(cause, "severity_en", None) or getattr(cause, "severity", None)
+    return (
+        isinstance(sqlstate, str) and sqlstate[:2] in _SIZE_SQLSTATE_CLASSES and severity == "ERROR"
+    )

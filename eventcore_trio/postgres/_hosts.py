@@ -65,7 +65,7 @@ class PostgresMembership:
         # One statement: which units are held, and every listed host (whether alive or
         # not); the join keeps one row when no host is listed.
         self._sql_view = (
-            f"SELECT ARRAY(SELECT k FROM unnest($1::bigint[]) AS k "
+            f"SELECT ARRAY(SELECT k FROM pg_catalog.unnest($1::bigint[]) AS k "
             f"WHERE {LOCK_HELD.format(key='k')}) AS held, "
             f"h.host_id, h.leads, h.stands_by, h.runs, {live} AS live "
             f"FROM (SELECT 1) AS one LEFT JOIN {table} h ON true"

@@ -285,7 +285,7 @@ async def _prepare_lock_session(
     row = await connection.fetchrow(
         f"SELECT pg_backend_pid() AS pid, {assignments}, "
         f"CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} THEN NULL "
-        "ELSE pg_try_advisory_lock($1) END AS acquired",
+        "ELSE pg_catalog.pg_try_advisory_lock($1::bigint) END AS acquired",
         key,
         *[part for item in settings.items() for part in item],
     )
@@ -309,7 +309,8 @@ async def _wait_for_lock(connection: Connection, key: int) -> tuple[int, bool]:
         try:
             row = await connection.fetchrow(
                 f"SELECT pg_backend_pid() AS pid, CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} "
-                "THEN false ELSE (SELECT true FROM pg_advisory_lock($1)) END AS acquired",
+                "THEN false ELSE (SELECT true FROM pg_catalog.pg_advisory_lock($1::bigint)) "
+                "END AS acquired",
                 key,
             )
         except DatabaseError as exc:
@@ -470,21 +471,22 @@ async def acquire_leadership(
 
 
 # Takes every lock of the bigint array $1 that nobody holds or waits for, without waiting;
-# true when it took all of them.
+# true when it took all of them. (Polymorphic built-ins are qualified: a look-alike of exact
+# argument types in a schema on the search path would win over pg_catalog's.)
 _TRY_LOCKS: Final = (
-    "SELECT count(*) FILTER (WHERE pg_try_advisory_lock(k)) = cardinality($1::bigint[]) "
-    "FROM unnest($1::bigint[]) AS k"
+    "SELECT count(*) FILTER (WHERE pg_try_advisory_lock(k)) "
+    "= pg_catalog.cardinality($1::bigint[]) FROM pg_catalog.unnest($1::bigint[]) AS k"
 )
 # Whether the current session holds every lock of the bigint array $1.
 _HOLDS_LOCKS: Final = (
     "SELECT coalesce(bool_and("
     + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="k")
-    + "), true) FROM unnest($1::bigint[]) AS k"
+    + "), true) FROM pg_catalog.unnest($1::bigint[]) AS k"
 )
 
 # Releases the locks of the bigint array $1 that the current session holds.
 _UNLOCK_HELD: Final = (
-    "SELECT pg_advisory_unlock(k) FROM unnest($1::bigint[]) AS k WHERE "
+    "SELECT pg_advisory_unlock(k) FROM pg_catalog.unnest($1::bigint[]) AS k WHERE "
     + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="k")
 )
 

@@ -11,6 +11,7 @@ from typing import Final
 from .._concurrency import service_nursery
 from .._errors import ConfigurationError, DatabaseError, UnsupportedServer
 from . import _bridge, _pool
+from ._appends import DEFAULT_MAX_APPEND_BYTES, MAX_APPEND_BYTES_LIMIT
 from ._dsn import normalize_dsn
 from ._schema import MINIMUM_SERVER_VERSION_NUM, check_schema, check_schema_name
 from ._schema import migrate as migrate_schema
@@ -56,6 +57,17 @@ def _check_connection_options(
     _check_application_name(application_name)
 
 
+def _check_max_append_bytes(value: object) -> None:
+    _check_positive("max_append_bytes", value)
+    assert isinstance(value, int)
+    if value > MAX_APPEND_BYTES_LIMIT:
+        raise ConfigurationError(
+            f"max_append_bytes must be at most {MAX_APPEND_BYTES_LIMIT:,} (512 MiB), got "
+            f"{value:,}: PostgreSQL drops a session sent a statement over 1 GB. Split larger "
+            "appends, or keep large content outside the events"
+        )
+
+
 def _check_positive(option: str, value: object) -> None:
     if type(value) is not int or value < 1:
         raise ConfigurationError(f"{option} must be an int >= 1, got {value!r}")
@@ -73,6 +85,7 @@ async def open_postgres_store(
     application_name: str = "eventcore-trio",
     session_dsn: str | None = None,
     statement_cache_size: int = 100,
+    max_append_bytes: int = DEFAULT_MAX_APPEND_BYTES,
 ) -> AsyncIterator[PostgresStore]:
     """Open a PostgreSQL event store for the duration of an ``async with`` block.
 
@@ -82,7 +95,9 @@ async def open_postgres_store(
     Args:
         dsn: a libpq connection URI or keyword string; defaults to the ``EVENTCORE_DSN``
             environment variable.
-        migrate: create or upgrade the schema (serialised across processes). With False, a
+        migrate: create or upgrade the schema (serialised across processes); a schema
+            already at the latest version is only read, so a least-privilege runtime role
+            may keep the default (docs/operations.md, "Roles and grants"). With False, a
             schema that is missing or outdated raises `SchemaVersionError`.
         schema: the PostgreSQL schema for the store's tables (a lower-case identifier).
         min_pool_size: connections the pool keeps open.
@@ -98,11 +113,18 @@ async def open_postgres_store(
         statement_cache_size: prepared statements asyncpg caches per pooled connection
             (default 100); 0 when *dsn* goes through a transaction-pooling proxy such as
             PgBouncer in ``pool_mode = transaction``, which cannot keep them.
+        max_append_bytes: the largest append, in bytes of its encoded events (their data
+            and metadata as JSON, their type names, its stream ids; default 64 MiB, at most
+            512 MiB): a larger one raises `AppendTooLarge` before any I/O, and concurrent
+            appends share a statement only within it. It keeps every statement far below
+            PostgreSQL's 1 GB message limit, past which the server drops the session.
 
     Raises:
         ConfigurationError: no DSN, a malformed DSN (a libpq option that asyncpg does not
-            read, a setting the server refuses), or an invalid option (a schema name with
-            PostgreSQL's reserved prefix ``pg_``).
+            read, a setting the server refuses), an invalid option (a schema name with
+            PostgreSQL's reserved prefix ``pg_``), a schema that needs migrating by a role
+            that may not (run ``eventcore-trio migrate`` as the schema's owner), or one the
+            role may not use (``eventcore-trio migrate --grant ROLE``).
         StoreConnectionError: the server cannot be reached (`AuthenticationFailed` and
             `DatabaseNotFound` are more specific).
         UnsupportedServer: the server is older than PostgreSQL 13.
@@ -112,12 +134,15 @@ async def open_postgres_store(
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
        *session_dsn* and *statement_cache_size*; libpq keyword DSNs.
+    .. versionchanged:: 0.3
+       *max_append_bytes*.
     """
     dsn = _resolve_dsn(dsn)
     session_dsn = dsn if session_dsn is None else normalize_dsn(session_dsn, option="session_dsn")
     check_schema_name(schema)
     _check_pool_sizes(min_pool_size, max_pool_size)
     _check_connection_options(connect_timeout, statement_cache_size, application_name)
+    _check_max_append_bytes(max_append_bytes)
     async with (
         _bridge.asyncio_loop(),
         _open_pool(
@@ -152,6 +177,7 @@ async def open_postgres_store(
             application_name=application_name,
             connect_timeout=float(connect_timeout),
             statement_cache_size=statement_cache_size,
+            max_append_bytes=max_append_bytes,
         )
         try:
             yield store

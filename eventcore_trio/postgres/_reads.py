@@ -10,10 +10,15 @@ from __future__ import annotations
 
 from typing import Any, Final, final
 
+import trio
+
 from .._decoding import decode_stored, require_decoded
+from .._errors import DatabaseError
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._positions import Position, position_parts, trusted_position
+from . import _bridge
+from ._keys import index_lock_key
 from ._pool import Pool
 
 EVENT_COLUMNS: Final = (
@@ -66,7 +71,11 @@ def filter_clauses(event_filter: EventFilter | None, args: list[object]) -> list
 
 def partition_expression(count: int) -> str:
     """Which of *count* partitions an events row is in, as SQL (*count* is a checked int)."""
-    return f"(stream_hash % {int(count)})"
+    # bigint % bigint: pg_catalog's operator of exactly those types, which one of another
+    # schema cannot displace (bigint % int would need a cast, and an exact look-alike
+    # planted in public would win). The planner folds the cast: indexes built before it
+    # still match.
+    return f"(stream_hash % {int(count)}::bigint)"
 
 
 def partition_index(schema: str, count: int) -> tuple[str, str]:
@@ -77,6 +86,85 @@ def partition_index(schema: str, count: int) -> tuple[str, str]:
         f'CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON "{schema}".events '
         f"({partition_expression(count)}, tx, position)"
     )
+
+
+# Whether an index of the schema is valid: NULL while there is none.
+_INDEX_STATE: Final = (
+    "SELECT i.indisvalid FROM pg_catalog.pg_index i "
+    "JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE n.nspname = $1 AND c.relname = $2"
+)
+
+# Whether this role may build an index on the events table: only its owner (or a member of
+# the owning role, or a superuser) may.
+_MAY_INDEX_EVENTS: Final = (
+    "SELECT pg_catalog.pg_has_role(c.relowner, 'USAGE') FROM pg_catalog.pg_class c "
+    "WHERE c.oid = pg_catalog.to_regclass($1)"
+)
+
+
+def partition_index_advice(schema: str, count: int) -> str:
+    """What the schema's owner runs to build the index of *count* partitions."""
+    return f"eventcore-trio migrate --schema {schema} --partition-index {int(count)}"
+
+
+async def ensure_partition_index(
+    pool: Pool,
+    schema: str,
+    count: int,
+    *,
+    session_dsn: str,
+    application_name: str,
+    connect_timeout: float,
+) -> bool:
+    """Build the index that serves reads of one of *count* partitions, unless it is there;
+    True once it is, False (nothing done) when this role may not build it.
+
+    Only the owner of the events table may index it: a least-privilege runtime role reads
+    partitions without the index (a scan of the whole log per read) until the owner builds
+    it (`partition_index_advice`).
+    """
+    # Each partition's read walks its own index instead of the whole log (see
+    # docs/scale-out.md). Built once per count, CONCURRENTLY, so appends go on meanwhile;
+    # one build at a time (two concurrent builds wait for each other's transactions and
+    # PostgreSQL aborts one as a deadlock), under a session lock on a connection of its
+    # own. A build that was aborted leaves an invalid index: it is dropped and rebuilt.
+    # A build waits for every older snapshot in the database; standbys wait in slices
+    # for that reason (see _leadership._wait_for_lock).
+    name, build = partition_index(schema, count)
+    if await pool.fetchval(_INDEX_STATE, schema, name):
+        return True
+    if not await pool.fetchval(_MAY_INDEX_EVENTS, f'"{schema}".events'):
+        return False
+    connection = await _bridge.connect(
+        session_dsn,
+        application_name=f"{application_name} index",
+        connect_timeout=connect_timeout,
+    )
+    try:
+        # Polled, not waited for in a statement: a waiting statement holds a snapshot,
+        # which the build in progress would wait for in turn.
+        while not await connection.fetchval(  # noqa: ASYNC110  (another process's lock)
+            "SELECT pg_catalog.pg_try_advisory_lock($1::bigint)", index_lock_key(schema)
+        ):
+            await trio.sleep(0.2)
+        for attempt in range(5):
+            valid = await connection.fetchval(_INDEX_STATE, schema, name)
+            if valid:
+                return True
+            if valid is False:
+                await connection.execute(f'DROP INDEX CONCURRENTLY "{schema}".{name}')
+            try:
+                await connection.execute(build)
+            except DatabaseError as exc:
+                # Another build (of another schema or tool) in the same database.
+                if exc.sqlstate != "40P01" or attempt == 4:
+                    raise
+                await trio.sleep(0.1 * 2**attempt)
+        return True
+    finally:
+        await connection.close()
 
 
 def decode_row(row: Any) -> RecordedEvent | UndecodableEvent:

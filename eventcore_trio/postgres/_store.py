@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, Literal, final, overload
@@ -18,7 +19,6 @@ import trio
 
 from .._decoding import check_read_arguments
 from .._errors import (
-    DatabaseError,
     InvalidArgument,
     LeadershipLost,
     LeadershipUnavailable,
@@ -41,13 +41,13 @@ from .._validation import (
     check_stream_id,
     check_version_cursor,
 )
-from . import _bridge, _pool
+from . import _pool
 from ._admin import PostgresAdmin
-from ._appends import AppendStatement, encode_append
+from ._appends import DEFAULT_MAX_APPEND_BYTES, AppendStatement
 from ._fence import LOCKS_IN_USE
 from ._group_commit import GroupCommit
 from ._hosts import PostgresMembership, hosts_channel, live_hosts, register_host
-from ._keys import index_lock_key, projector_lock_key
+from ._keys import projector_lock_key
 from ._leadership import (
     LeadershipContext,
     PostgresLeadership,
@@ -60,8 +60,9 @@ from ._notifier import Notifier
 from ._reads import (
     ReadQueries,
     decode_row,
+    ensure_partition_index,
     horizon,
-    partition_index,
+    partition_index_advice,
     read_page,
     recorded_row,
 )
@@ -73,6 +74,8 @@ from ._subscriptions import Subscriptions
 from ._transaction import Isolation, PostgresTransaction, open_transaction
 
 DSN_ENVIRONMENT_VARIABLE: Final = "EVENTCORE_DSN"
+
+logger = logging.getLogger("eventcore_trio.postgres")
 
 # Seconds between a waiting change of partition count's attempts, at most (it also tries
 # again whenever a host joins, leaves or publishes): how long after the last unit of the old
@@ -104,6 +107,7 @@ class PostgresStore:
         application_name: str,
         connect_timeout: float,
         statement_cache_size: int,
+        max_append_bytes: int = DEFAULT_MAX_APPEND_BYTES,
     ) -> None:
         self._pool = pool
         # Where sessions that must own a server session connect: leadership and LISTEN.
@@ -113,7 +117,9 @@ class PostgresStore:
         self._application_name = application_name
         self._connect_timeout = connect_timeout
         self._closed = False
-        self._append_statement = AppendStatement(schema)
+        # Partition counts whose index this role may not build (logged once each).
+        self._unindexed: set[int] = set()
+        self._append_statement = AppendStatement(schema, max_append_bytes)
         self._reads = ReadQueries(schema)
         self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
@@ -150,6 +156,8 @@ class PostgresStore:
             append_statement=self._append_statement,
             notifier=self._notifier,
             group_commit=self._group_commit,
+            session_dsn=session_dsn,
+            application_name=application_name,
         )
 
     @property
@@ -166,6 +174,15 @@ class PostgresStore:
     def server_version(self) -> int:
         """The server's ``server_version_num``, e.g. 160002."""
         return self._server_version
+
+    @property
+    def max_append_bytes(self) -> int:
+        """The largest append this store sends, in bytes of encoded events (see
+        `open_postgres_store`); a larger one raises `AppendTooLarge` before any I/O.
+
+        .. versionadded:: 0.3
+        """
+        return self._append_statement.max_bytes
 
     @property
     def admin(self) -> PostgresAdmin:
@@ -193,6 +210,7 @@ class PostgresStore:
         """Append *events* to one stream, all or none (see `EventStore.append`).
 
         One statement, one round trip, one crossing into asyncio, whatever the event count.
+        Events larger in all than `max_append_bytes` raise `AppendTooLarge`, before any I/O.
         """
         request = StreamAppend(
             check_stream_id(stream_id),
@@ -202,8 +220,11 @@ class PostgresStore:
         return await self.append_atomic([request])
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
-        """Append to several streams in one transaction (see `EventStore.append_atomic`)."""
-        request = encode_append(appends)
+        """Append to several streams in one transaction (see `EventStore.append_atomic`).
+
+        All the streams' events together count against `max_append_bytes`.
+        """
+        request = self._append_statement.encode(appends)
         self._check_open()
         return await self._group_commit.append(request)
 
@@ -541,46 +562,28 @@ class PostgresStore:
         return await self._subscriptions.partitions(name)
 
     async def _ensure_partition_index(self, partitions: int) -> None:
-        # Each partition's read walks its own index instead of the whole log (see
-        # docs/scale-out.md). Built once per count, CONCURRENTLY, so appends go on meanwhile;
-        # one build at a time (two concurrent builds wait for each other's transactions and
-        # PostgreSQL aborts one as a deadlock), under a session lock on a connection of its
-        # own. A build that was aborted leaves an invalid index: it is dropped and rebuilt.
-        # A build waits for every older snapshot in the database; standbys wait in slices
-        # for that reason (see _leadership._wait_for_lock).
-        name, build = partition_index(self._schema, partitions)
-        state = "SELECT i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-        state += "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        state += "WHERE n.nspname = $1 AND c.relname = $2"
-        if await self._pool.fetchval(state, self._schema, name):
-            return
-        connection = await _bridge.connect(
-            self._session_dsn,
-            application_name=f"{self._application_name} index",
+        # The index that serves each partition's reads (see _reads.ensure_partition_index).
+        # A role that does not own the events table (a least-privilege runtime role) may not
+        # build it: the change goes on without it, and the owner is told once what to run.
+        built = await ensure_partition_index(
+            self._pool,
+            self._schema,
+            partitions,
+            session_dsn=self._session_dsn,
+            application_name=self._application_name,
             connect_timeout=self._connect_timeout,
         )
-        try:
-            # Polled, not waited for in a statement: a waiting statement holds a snapshot,
-            # which the build in progress would wait for in turn.
-            while not await connection.fetchval(  # noqa: ASYNC110  (another process's lock)
-                "SELECT pg_try_advisory_lock($1)", index_lock_key(self._schema)
-            ):
-                await trio.sleep(0.2)
-            for attempt in range(5):
-                valid = await connection.fetchval(state, self._schema, name)
-                if valid:
-                    return
-                if valid is False:
-                    await connection.execute(f'DROP INDEX CONCURRENTLY "{self._schema}".{name}')
-                try:
-                    await connection.execute(build)
-                except DatabaseError as exc:
-                    # Another build (of another schema or tool) in the same database.
-                    if exc.sqlstate != "40P01" or attempt == 4:
-                        raise
-                    await trio.sleep(0.1 * 2**attempt)
-        finally:
-            await connection.close()
+        if not built and partitions not in self._unindexed:
+            self._unindexed.add(partitions)
+            logger.warning(
+                "no index serves the reads of %d partitions in schema %r, and this role may "
+                "not build it (it does not own %s.events): each partition's read scans the "
+                "whole log until the schema's owner runs `%s`",
+                partitions,
+                self._schema,
+                self._schema,
+                partition_index_advice(self._schema, partitions),
+            )
 
     @asynccontextmanager
     async def _acquire(

@@ -37,6 +37,7 @@ from .._status import (
     status_order,
     unit_state,
 )
+from ._admin import foreign_locks
 from ._bridge import Connection, Record
 from ._fence import HOLDS_LOCK
 from ._keys import projector_lock_key, writer_lock_key
@@ -518,10 +519,12 @@ class Subscriptions:
                 "leader_backend_pid = NULL, updated_at = now()",
                 children,
             )
+            # text || text and bigint % bigint only: pg_catalog's operators of exactly those
+            # types (text || int, or bigint % int, would let a look-alike elsewhere win).
             await connection.execute(
-                f"UPDATE {self.dead_letters_table} SET {_NAME} = "
-                f"$2 || '[' || ({self._stream_hash}(stream_id) % $3::int) || '/' || $3::int "
-                f"|| ']' WHERE {_NAME} = ANY($1::text[])",
+                f"UPDATE {self.dead_letters_table} SET {_NAME} = $2::text || '[' "
+                f"|| ({self._stream_hash}(stream_id) % $3::bigint)::text || '/' "
+                f"|| $3::bigint::text || ']' WHERE {_NAME} = ANY($1::text[])",
                 old,
                 name,
                 requested,
@@ -609,6 +612,10 @@ class Subscriptions:
         # A unit of a count the projection does not have (a change of count under way, or
         # refused) is listed while a live host runs it or a session leads or awaits it.
         names = set(by_name) | runnable | {u for u in in_use if other_count(Unit.parse(u))}
+        # Sessions from outside the store on its locks: every record has those on the
+        # store's own locks, and those on its unit's lock.
+        foreign = await foreign_locks(self._pool, self._schema, sorted(names))
+        store_wide = tuple(lock for lock in foreign if lock.unit is None)
         now = dt.datetime.now(dt.UTC)
         result = []
         for name in sorted(names):
@@ -679,6 +686,7 @@ class Subscriptions:
                     runnable_by=runnable_by,
                     lacking_hosts=lacking,
                     checkpoint_ahead=ahead,
+                    foreign_locks=store_wide + tuple(f for f in foreign if f.unit == name),
                 )
             )
         return sorted(result, key=status_order)

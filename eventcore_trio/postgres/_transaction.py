@@ -17,7 +17,6 @@ from .._errors import DatabaseError, InvalidArgument
 from .._events import AppendResult, NewEvent, StreamAppend
 from ._appends import AppendStatement, append_result
 from ._bridge import Connection, Record
-from ._keys import writer_lock_key
 from ._pool import Pool
 
 T = TypeVar("T")
@@ -126,13 +125,10 @@ async def open_transaction(
         transaction = PostgresTransaction(connection, append_statement)
         try:
             if isolation != "read committed":
-                # No fresh snapshot later: announce the writer now, before any id.
-                await connection.execute(
-                    "SELECT set_config('eventcore_trio.writer', $1, true), "
-                    "pg_advisory_xact_lock_shared($2)",
-                    schema,
-                    writer_lock_key(schema),
-                )
+                # No fresh snapshot later: announce the writer now, before any id (the
+                # writer lock, and a mark of this transaction that only the schema's own
+                # function can make: see announce_writer in _schema).
+                await connection.execute(f'SELECT "{schema}".announce_writer()')
             yield transaction
         except BaseException:
             await connection.rollback()

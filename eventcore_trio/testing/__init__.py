@@ -18,6 +18,8 @@ from ._contract import read_all as read_all
 from ._harness import BackendHarness as BackendHarness
 from ._harness import MemoryHarness as MemoryHarness
 from ._harness import PostgresHarness as PostgresHarness
+from ._harness import RuntimeRoles as RuntimeRoles
+from ._harness import dsn_with_credentials as dsn_with_credentials
 
 __all__ = [
     "FAST_SETTINGS",
@@ -25,7 +27,9 @@ __all__ = [
     "EmbeddedPostgres",
     "MemoryHarness",
     "PostgresHarness",
+    "RuntimeRoles",
     "StoreContract",
+    "dsn_with_credentials",
     "events",
     "follow_until",
     "leader_pid",

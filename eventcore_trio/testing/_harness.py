@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import secrets
+import urllib.parse
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Protocol, final
 
+import attrs
+
 from .._events import NewEvent, StreamAppend
 from .._protocols import Leadership, Store
 from ..memory import MemoryStore, open_memory_store
 from ..memory._store import MemoryLeadership
-from ..postgres import PostgresLeadership, PostgresStore, open_postgres_store
+from ..postgres import PostgresLeadership, PostgresStore, _bridge, open_postgres_store
+from ..postgres._dsn import normalize_dsn
 from ..postgres._keys import writer_lock_key
 
 
@@ -93,6 +98,41 @@ class MemoryHarness:
         store._store_undecodable(stream_id)
 
 
+def dsn_with_credentials(dsn: str, user: str, password: str) -> str:
+    """*dsn* with its user and password replaced: the same server, as another role.
+
+    .. versionadded:: 0.3
+    """
+    parts = urllib.parse.urlsplit(normalize_dsn(dsn))
+    host = parts.netloc.rpartition("@")[2]
+    credentials = f"{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=f"{credentials}@{host}"))
+
+
+# The roles made for each server (by its administrator's DSN), in this process.
+_roles_by_server: dict[str, RuntimeRoles] = {}
+
+
+@final
+@attrs.frozen
+class RuntimeRoles:
+    """The two roles of a least-privilege deployment that a `PostgresHarness` made.
+
+    Attributes:
+        owner: the role that owns the schema and migrates it.
+        owner_dsn: the server's DSN as *owner* (with its password).
+        runtime: the role the harness's stores run as, with the grants of `runtime_grants`.
+        runtime_dsn: the server's DSN as *runtime* (with its password).
+
+    .. versionadded:: 0.3
+    """
+
+    owner: str
+    owner_dsn: str
+    runtime: str
+    runtime_dsn: str
+
+
 @final
 class PostgresHarness:
     """The harness of the PostgreSQL backend: a fresh schema on a given server.
@@ -100,22 +140,100 @@ class PostgresHarness:
     Args:
         dsn: a server on which the harness may create schemas (a superuser is simplest).
         schema: the schema to use; by default a new, unique one.
+        runtime_role: False (default): stores run as the role of *dsn*, which migrates. True:
+            the least-privilege setup of docs/operations.md ("Roles and grants"). Two login
+            roles with random passwords are made once per server and process (*dsn* must be
+            allowed to create roles: a superuser is simplest): the owner creates and
+            migrates the schema and grants the runtime role `runtime_grants`; every store
+            then runs as the runtime role (`roles`). The roles stay on the server, like the
+            schemas.
         store_options: more keyword arguments for `open_postgres_store` (for example
             ``session_dsn`` and ``statement_cache_size`` behind a connection pooler).
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
        *store_options*.
+    .. versionchanged:: 0.3
+       *runtime_role*.
     """
 
-    def __init__(self, dsn: str, schema: str | None = None, **store_options: Any) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        schema: str | None = None,
+        *,
+        runtime_role: bool = False,
+        **store_options: Any,
+    ) -> None:
         self.dsn = dsn
         self.schema = schema or f"t_{uuid.uuid4().hex[:16]}"
         self.store_options: dict[str, Any] = {"max_pool_size": 4, **store_options}
+        self._runtime_role = runtime_role
+        self._roles: RuntimeRoles | None = None
+
+    @property
+    def roles(self) -> RuntimeRoles | None:
+        """The owner and runtime roles, once a store opened with ``runtime_role=True``."""
+        return self._roles
 
     def open_store(self) -> AbstractAsyncContextManager[PostgresStore]:
         """Open a store on the harness's schema (migrating it on first use)."""
-        return open_postgres_store(self.dsn, schema=self.schema, **self.store_options)
+        if not self._runtime_role:
+            return open_postgres_store(self.dsn, schema=self.schema, **self.store_options)
+        return self._open_as_runtime_role()
+
+    @asynccontextmanager
+    async def _open_as_runtime_role(self) -> AsyncIterator[PostgresStore]:
+        async with _bridge.asyncio_loop():
+            roles = self._roles or await self._make_roles()
+            options = dict(self.store_options)
+            if options.get("session_dsn") is not None:
+                options["session_dsn"] = dsn_with_credentials(
+                    options["session_dsn"], roles.runtime, _password(roles.runtime_dsn)
+                )
+            async with open_postgres_store(
+                roles.runtime_dsn, schema=self.schema, **options
+            ) as store:
+                yield store
+
+    async def _make_roles(self) -> RuntimeRoles:
+        # The roles are made once per server and process (for the suite's speed); each has a
+        # password of its own, so they connect as themselves whatever authentication the
+        # server asks for. The owner may create schemas in the database: it creates and
+        # migrates this one, then grants the runtime role.
+        roles = _roles_by_server.get(self.dsn)
+        if roles is None:
+            roles = await self._create_roles()
+            _roles_by_server[self.dsn] = roles
+        async with open_postgres_store(
+            roles.owner_dsn, schema=self.schema, max_pool_size=1
+        ) as store:
+            await store.admin.grant_runtime_role(roles.runtime)
+        self._roles = roles
+        return roles
+
+    async def _create_roles(self) -> RuntimeRoles:
+        suffix = uuid.uuid4().hex[:12]
+        owner, runtime = f"eventcore_owner_{suffix}", f"eventcore_runtime_{suffix}"
+        owner_password, runtime_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        connection = await _bridge.connect(
+            self.dsn, application_name="eventcore-trio harness", connect_timeout=10.0
+        )
+        try:
+            database = await connection.fetchval("SELECT pg_catalog.current_database()")
+            await connection.execute(
+                f"CREATE ROLE {owner} LOGIN PASSWORD '{owner_password}';"
+                f"CREATE ROLE {runtime} LOGIN PASSWORD '{runtime_password}';"
+                f'GRANT CREATE ON DATABASE "{database}" TO {owner}'
+            )
+        finally:
+            await connection.close()
+        return RuntimeRoles(
+            owner=owner,
+            owner_dsn=dsn_with_credentials(self.dsn, owner, owner_password),
+            runtime=runtime,
+            runtime_dsn=dsn_with_credentials(self.dsn, runtime, runtime_password),
+        )
 
     async def end_leadership_session(self, store: Store, leadership: Leadership) -> None:
         """``pg_terminate_backend`` the lock-holding session, from a pooled connection."""
@@ -133,15 +251,24 @@ class PostgresHarness:
         insert gives the statement a transaction id), as anything that inserts events must.
         """
         assert isinstance(store, PostgresStore)
-        await store.admin.execute(
+        sql = (
             f'INSERT INTO "{store.schema}".events '
             "(stream_id, stream_version, event_id, type, data, metadata, stream_hash) "
             "SELECT $1, 1, gen_random_uuid(), 'Undecodable', '[1, 2, 3]', '{}', "
             f'"{store.schema}".stream_hash($1) '
-            "FROM (SELECT pg_advisory_xact_lock_shared($2)) AS announced",
-            stream_id,
-            writer_lock_key(store.schema),
+            "FROM (SELECT pg_catalog.pg_advisory_xact_lock_shared($2::bigint)) AS announced"
         )
+        if self._roles is None:
+            await store.admin.execute(sql, stream_id, writer_lock_key(store.schema))
+            return
+        # Only the owner may insert events other than through the append functions.
+        connection = await _bridge.connect(
+            self._roles.owner_dsn, application_name="eventcore-trio harness", connect_timeout=10.0
+        )
+        try:
+            await connection.execute(sql, stream_id, writer_lock_key(store.schema))
+        finally:
+            await connection.close()
 
     @asynccontextmanager
     async def hold_commit(
@@ -157,3 +284,7 @@ class PostgresHarness:
             await connection.fetchrow(sql, *args)
             yield
         store.admin.notify_appended()
+
+
+def _password(dsn: str) -> str:
+    return urllib.parse.unquote(urllib.parse.urlsplit(dsn).password or "")

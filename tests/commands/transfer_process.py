@@ -1,12 +1,14 @@
 """Transfers between accounts: in this process (`transfers`) or in another one.
 
-    python -m tests.commands.transfer_process DSN SCHEMA SEED COUNT [--cache] ACCOUNTS...
+    python -m tests.commands.transfer_process SCHEMA SEED COUNT [--cache] ACCOUNTS...
 
-prints one JSON object: done, refused, exhausted and retried transfers, and with --cache the
+with the DSN in EVENTCORE_DSN (it may hold a password: never on a command line), prints
+one JSON object: done, refused, exhausted and retried transfers, and with --cache the
 number of events its state cache folded. `run_in_process` runs it and returns that object.
 """
 
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -65,7 +67,6 @@ async def run_in_process(
             sys.executable,
             "-m",
             "tests.commands.transfer_process",
-            dsn,
             schema,
             str(seed),
             str(count),
@@ -74,6 +75,7 @@ async def run_in_process(
         ],
         capture_stdout=True,
         cwd=ROOT,
+        env={**os.environ, "EVENTCORE_DSN": dsn},
     )
     report: dict[str, int] = json.loads(completed.stdout)
     return report
@@ -88,4 +90,5 @@ async def main(dsn: str, schema: str, seed: int, count: int, args: list[str]) ->
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5:])
+    dsn = os.environ["EVENTCORE_DSN"]
+    trio.run(main, dsn, sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:])

@@ -107,8 +107,9 @@ async def test_a_foreign_host_reads_nothing_and_changes_nothing(store: MemorySto
     action: the projection is not reset. The same requests with its own names work."""
     state = DashboardState(allow_actions=True)
     state.update(await store.projection_status())
-    app = dashboard_app(store, state, allowed_hosts=["dashboard.internal"])
-    action = {"x-eventcore-action": "1"}
+    token = "test-token-0123456789abcdef"
+    app = dashboard_app(store, state, allowed_hosts=["dashboard.internal"], action_token=token)
+    action = {"x-eventcore-action": "1", "authorization": f"Bearer {token}"}
     body = {"projection": "ledger", "confirm": "ledger"}
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://attacker.example") as http:

@@ -1,9 +1,10 @@
 """Appends as fast as it can until Ctrl-C, for the test that interrupts it.
 
-Usage: python busy_process.py DSN SCHEMA. Prints "busy" once appends are flowing, and
-"interrupted" (exit 130) when KeyboardInterrupt comes out of the run.
+Usage: python busy_process.py SCHEMA (the DSN in EVENTCORE_DSN). Prints "busy" once appends
+are flowing, and "interrupted" (exit 130) when KeyboardInterrupt comes out of the run.
 """
 
+import os
 import sys
 
 import trio
@@ -27,7 +28,7 @@ async def main(dsn: str, schema: str) -> None:
 
 if __name__ == "__main__":
     try:
-        run_program(main, sys.argv[1], sys.argv[2])
+        run_program(main, os.environ["EVENTCORE_DSN"], sys.argv[1])
     except KeyboardInterrupt:
         print("interrupted", flush=True)
         sys.exit(130)

@@ -1,6 +1,6 @@
 """A projector host in its own process, for failover tests.
 
-Usage: python host_process.py DSN SCHEMA APP_SCHEMA LOGFILE [SLOW_SECONDS]
+Usage: python host_process.py SCHEMA APP_SCHEMA LOGFILE [SLOW_SECONDS] (the DSN in EVENTCORE_DSN)
 
 Hosts the transactional projector "ledger", which records every Deposited event it applies in
 APP_SCHEMA.applied through ctx.db (so the record commits with the checkpoint, or not at all).
@@ -51,9 +51,9 @@ async def main(dsn: str, schema: str, app_schema: str, logfile: str, slow: float
 if __name__ == "__main__":
     trio.run(
         main,
+        os.environ["EVENTCORE_DSN"],
         sys.argv[1],
         sys.argv[2],
         sys.argv[3],
-        sys.argv[4],
-        float(sys.argv[5]) if len(sys.argv) > 5 else 0.0,
+        float(sys.argv[4]) if len(sys.argv) > 4 else 0.0,
     )

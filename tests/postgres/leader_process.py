@@ -1,8 +1,9 @@
 """A leader in its own process, for tests that kill it: acquire, report, then wait forever.
 
-Usage: python leader_process.py DSN SCHEMA NAME
+Usage: python leader_process.py SCHEMA NAME (the DSN in EVENTCORE_DSN)
 """
 
+import os
 import sys
 
 import trio
@@ -17,4 +18,4 @@ async def main(dsn: str, schema: str, name: str) -> None:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3])
+    trio.run(main, os.environ["EVENTCORE_DSN"], sys.argv[1], sys.argv[2])

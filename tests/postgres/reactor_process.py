@@ -1,6 +1,6 @@
 """A reactor host in its own process, for kill -9 tests.
 
-Usage: python reactor_process.py DSN SCHEMA SLOW_SECONDS
+Usage: python reactor_process.py SCHEMA SLOW_SECONDS (the DSN in EVENTCORE_DSN)
 
 Hosts the reactor "reactor": for every "Paid" event it appends one "Reacted" event to the
 stream "reaction-<stream>" through ctx.append (so the reaction commits with the checkpoint,
@@ -9,6 +9,7 @@ Prints "ready" once the host is running or standing by.
 """
 
 import functools
+import os
 import sys
 
 import trio
@@ -30,4 +31,4 @@ async def main(dsn: str, schema: str, slow: float) -> int:
 
 
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1], sys.argv[2], float(sys.argv[3]))
+    trio.run(main, os.environ["EVENTCORE_DSN"], sys.argv[1], float(sys.argv[2]))

@@ -4,8 +4,13 @@ database restart under it."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import secrets
+import sys
+import uuid
 from collections.abc import AsyncIterator
 from functools import partial
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -25,12 +30,25 @@ from eventcore_trio import (
     run_projection,
     run_projections,
 )
+from eventcore_trio._status import status_json
 from eventcore_trio.dashboard import DashboardState, dashboard_app, poll_status, serve_dashboard
-from eventcore_trio.postgres import PostgresStore, open_postgres_store
-from eventcore_trio.testing import EmbeddedPostgres
+from eventcore_trio.postgres import (
+    PostgresStore,
+    open_postgres_store,
+    projector_lock_key,
+    writer_lock_key,
+)
+from eventcore_trio.postgres._bridge import connect
+from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness
 
+from ..conftest import oldest_server_param
 from ..dashboard.promtool import check_metrics
 from ..helpers import eventually
+
+#: The action token the dashboards under test are started with.
+TOKEN = "test-token-0123456789abcdef"
+#: What an action must carry: the header that stops cross-site forms, and the token.
+ACTION = {"x-eventcore-action": "1", "authorization": f"Bearer {TOKEN}"}
 
 
 @projector("ledger", event_types=["Deposited"])
@@ -47,7 +65,7 @@ async def audit(event: RecordedEvent, ctx: ProjectionContext) -> None:
 async def client(store: PostgresStore) -> AsyncIterator[tuple[httpx.AsyncClient, DashboardState]]:
     """The app in process (no sockets), with actions allowed and its poller running."""
     state = DashboardState(allow_actions=True)
-    transport = httpx.ASGITransport(app=dashboard_app(store, state))
+    transport = httpx.ASGITransport(app=dashboard_app(store, state, action_token=TOKEN))
     async with (
         trio.open_nursery() as nursery,
         httpx.AsyncClient(transport=transport, base_url="http://localhost") as http,
@@ -103,12 +121,20 @@ class TestEndpoints:
         http, _ = client
         await store.append("acc-1", [NewEvent("Deposited", {})])
         await run_projection(ledger, store)
-        action = {"x-eventcore-action": "1", "content-type": "application/json"}
+        action = ACTION | {"content-type": "application/json"}
         cases = [
             (await http.get("/nope"), 404),
             (await http.post("/status.json"), 405),
             (await http.get("/actions/reset"), 405),
-            (await http.post("/actions/reset", json={"projection": "ledger"}), 400),
+            (await http.post("/actions/reset", json={"projection": "ledger"}), 401),
+            (
+                await http.post(
+                    "/actions/reset",
+                    json={"projection": "ledger", "confirm": "ledger"},
+                    headers={"authorization": f"Bearer {TOKEN}"},
+                ),
+                400,
+            ),
             (await http.post("/actions/reset", content=b"{", headers=action), 400),
             (await http.post("/actions/reset", content=b"[1]", headers=action), 400),
             (await http.post("/actions/reset", json={"projection": 7}, headers=action), 400),
@@ -136,7 +162,7 @@ class TestEndpoints:
         http, state = client
         await store.append("acc-1", [NewEvent("Deposited", {})])
         await run_projection(ledger, store)
-        action = {"x-eventcore-action": "1"}
+        action = ACTION
         body = {"projection": "ledger", "confirm": "ledger"}
         state.allow_actions = False
         assert (await http.post("/actions/reset", json=body, headers=action)).status_code == 403
@@ -168,8 +194,8 @@ async def test_replaying_dead_letters_of_the_given_projectors(store: PostgresSto
     await run_projection(fragile, store)
     assert len(await store.dead_letters("fragile")) == 1
     state = DashboardState(allow_actions=True)
-    app = dashboard_app(store, state, [fragile])
-    action = {"x-eventcore-action": "1"}
+    app = dashboard_app(store, state, [fragile], action_token=TOKEN)
+    action = ACTION
     body = {"projection": "fragile", "confirm": "fragile"}
     async with (
         trio.open_nursery() as nursery,
@@ -214,8 +240,8 @@ async def test_replaying_with_a_projector_of_another_partition_count_is_refused(
     await run_projection(split, store)
     letters = await store.dead_letters("fragile")
     assert len(letters) == 1
-    app = dashboard_app(store, DashboardState(allow_actions=True), [unsplit])
-    action = {"x-eventcore-action": "1"}
+    app = dashboard_app(store, DashboardState(allow_actions=True), [unsplit], action_token=TOKEN)
+    action = ACTION
     body = {"projection": "fragile", "confirm": "fragile"}
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
@@ -303,7 +329,7 @@ async def test_a_foreign_host_header_reads_nothing_and_resets_nothing(store: Pos
     await run_projection(ledger, store)
     checkpoint = await store.load_checkpoint("ledger")
     assert checkpoint is not None
-    action = {"x-eventcore-action": "1"}
+    action = ACTION
     body = {"projection": "ledger", "confirm": "ledger"}
     async with trio.open_nursery() as nursery:
         serve = partial(
@@ -312,6 +338,7 @@ async def test_a_foreign_host_header_reads_nothing_and_resets_nothing(store: Pos
             bind="127.0.0.1:0",
             allow_actions=True,
             allowed_hosts=["dashboard.internal"],
+            action_token=TOKEN,
         )
         [url] = await nursery.start(serve)
         port = url.rpartition(":")[2]
@@ -358,3 +385,155 @@ async def test_live_metrics_pass_promtool(store: PostgresStore) -> None:
         assert families["eventcore_store_up"] == [1]
         assert families["eventcore_host_units"] == [3]
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+async def test_actions_without_the_token_change_nothing(store: PostgresStore) -> None:
+    """Over real HTTP, as a ``curl`` from any local account would: a reset or a replay
+    without the token, with a wrong one of its length, a shorter or a longer one, or under
+    another scheme gets 401 with a JSON error, and the checkpoint and the dead letter stay
+    as PostgreSQL has them; with the token, the reset is done."""
+
+    def skip(failure: Failure) -> FailureStrategy:
+        return FailureStrategy.SKIP
+
+    @projector("fragile", on_error=skip)
+    async def fragile(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        raise RuntimeError("not yet")
+
+    await store.append("s", [NewEvent("E", {})])
+    await run_projection(fragile, store)
+
+    async def stored() -> tuple[object, object, int]:
+        row = await store.admin.fetchrow(
+            f'SELECT tx, position FROM "{store.schema}".subscriptions '
+            "WHERE subscription_name = 'fragile'"
+        )
+        assert row is not None
+        letters = await store.admin.fetchval(f'SELECT count(*) FROM "{store.schema}".dead_letters')
+        return row["tx"], row["position"], int(letters)
+
+    before = await stored()
+    assert before[0] is not None
+    assert before[2] == 1
+    refused: list[dict[str, str]] = [
+        {},
+        {"authorization": "Bearer"},
+        {"authorization": "Bearer " + "x" * len(TOKEN)},
+        {"authorization": f"Bearer {TOKEN[:-1]}"},
+        {"authorization": f"Bearer {TOKEN}x"},
+        {"authorization": f"Basic {TOKEN}"},
+    ]
+    body = {"projection": "fragile", "confirm": "fragile"}
+    async with trio.open_nursery() as nursery:
+        serve = partial(
+            serve_dashboard,
+            store,
+            bind="127.0.0.1:0",
+            allow_actions=True,
+            projectors=[fragile],
+            action_token=TOKEN,
+        )
+        [url] = await nursery.start(serve)
+        async with httpx.AsyncClient(base_url=url) as http:
+            for headers in refused:
+                for path in ("/actions/reset", "/actions/replay"):
+                    response = await http.post(
+                        path, json=body, headers={"x-eventcore-action": "1"} | headers
+                    )
+                    assert response.status_code == 401, (path, headers)
+                    assert "Authorization: Bearer" in response.json()["error"]
+                    assert response.headers["www-authenticate"].startswith("Bearer")
+            assert await stored() == before
+            response = await http.post("/actions/reset", json=body, headers=ACTION)
+            assert response.json() == {"reset": "fragile"}
+        nursery.cancel_scope.cancel()
+    assert await stored() == (None, None, 0)
+
+
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+async def test_status_names_sessions_from_outside_on_the_stores_locks(
+    store: PostgresStore, harness: PostgresHarness
+) -> None:
+    """A session asking for the writer lock exclusively (every append waits for it) is named
+    by pid, user, application, address and time while it waits and while it holds it, and no
+    longer once it lets go; so is a role that may only connect holding a projection's lock.
+    The store's own shared append is not named. Status, its JSON, the command's table and
+    the dashboard's status all say so."""
+    await store.append("acc-1", [NewEvent("Deposited", {})])
+    await run_projection(ledger, store)
+    role, password = f"nosy_{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(16)
+    await store.admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
+    parts = urlsplit(harness.dsn)
+    nosy_dsn = parts._replace(netloc=f"{role}:{password}@{parts.hostname}:{parts.port}").geturl()
+    writer = writer_lock_key(store.schema)
+    version = int(await store.admin.fetchval("SHOW server_version_num"))
+
+    async def foreign() -> set[tuple[str, str | None, int, str, bool, bool]]:
+        [record] = await store.projection_status()
+        return {
+            (f.kind, f.unit, f.pid, f.user, f.exclusive, f.granted) for f in record.foreign_locks
+        }
+
+    nosy = None
+    try:
+        nosy = await connect(nosy_dsn, application_name="nosy", connect_timeout=10)
+        async with store.admin.connection("by hand") as by_hand:
+            row = await by_hand.fetchrow("SELECT pg_backend_pid() AS pid, current_user AS user")
+            assert row is not None
+            hand_pid, hand_user = row["pid"], row["user"]
+            nosy_pid = await nosy.fetchval("SELECT pg_backend_pid()")
+            await nosy.execute(
+                "SELECT pg_advisory_lock($1)", projector_lock_key(store.schema, "ledger")
+            )
+            taken = ("projection", "ledger", nosy_pid, role, True, True)
+            # The append held open commits first, then the nursery waits for the lock.
+            async with (
+                trio.open_nursery() as nursery,
+                harness.hold_commit(store, "acc-2", [NewEvent("Deposited", {})]),
+            ):
+                # Behind the store's own open append, which holds the lock shared.
+                nursery.start_soon(by_hand.execute, "SELECT pg_advisory_lock($1)", writer)
+                waiting = ("writer", None, hand_pid, hand_user, True, False)
+
+                async def named_waiting() -> bool:
+                    return await foreign() == {waiting, taken}
+
+                await eventually(named_waiting)
+                [record] = await store.projection_status()
+                [lock] = [f for f in record.foreign_locks if f.kind == "writer"]
+                assert (lock.waiting_since is not None) == (version >= 140000)
+            # The append committed: the session by hand holds the writer lock now.
+            assert await foreign() == {("writer", None, hand_pid, hand_user, True, True), taken}
+            records = await store.projection_status()
+            [nosy_lock] = [f for f in records[0].foreign_locks if f.unit == "ledger"]
+            assert (nosy_lock.application_name, nosy_lock.client_addr) == ("nosy", "127.0.0.1")
+            assert nosy_lock.connected_at is not None
+            shown = status_json(records[0])["foreign_locks"]
+            assert isinstance(shown, list)
+            assert {(f["kind"], f["pid"], f["user"]) for f in shown} == {
+                ("writer", hand_pid, hand_user),
+                ("projection", nosy_pid, role),
+            }
+            state = DashboardState()
+            state.update(records)
+            assert state.snapshot()["foreign_locks"] == shown
+            done = await trio.run_process(
+                [sys.executable, "-m", "eventcore_trio.cli", "status", "--schema", store.schema],
+                capture_stdout=True,
+                env={**os.environ, "EVENTCORE_DSN": harness.dsn},
+            )
+            table = done.stdout.decode()
+            assert f"WARNING: session pid {hand_pid} (user '{hand_user}'" in table
+            assert "holds the writer lock exclusively: appends wait for it" in table
+            assert f"WARNING: session pid {nosy_pid} (user '{role}', application 'nosy'" in table
+            assert "holds the lock of unit 'ledger' exclusively" in table
+            assert "pg_terminate_backend" in table
+
+            await by_hand.execute("SELECT pg_advisory_unlock($1)", writer)
+            await nosy.execute("SELECT pg_advisory_unlock_all()")
+            assert await foreign() == set()
+    finally:
+        if nosy is not None:
+            await nosy.close()
+        await store.admin.execute(f"DROP ROLE IF EXISTS {role}")

@@ -32,7 +32,6 @@ from eventcore_trio import NewEvent, Position, StreamAppend, open_postgres_store
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.postgres._appends import AppendStatement, encode_append
 from eventcore_trio.postgres._bridge import Connection
-from eventcore_trio.postgres._keys import writer_lock_key
 from eventcore_trio.postgres._reads import ReadQueries
 
 from ..conftest import oldest_server_param
@@ -176,12 +175,7 @@ class Scenario:
             if isolation != "READ COMMITTED":
                 await step("begin")
                 await connection.execute(f"BEGIN ISOLATION LEVEL {isolation}")
-                await connection.execute(
-                    "SELECT set_config('eventcore_trio.writer', $1, true), "
-                    "pg_advisory_xact_lock_shared($2)",
-                    self.schema,
-                    writer_lock_key(self.schema),
-                )
+                await connection.execute(f'SELECT "{self.schema}".announce_writer()')
                 await step("row")
                 await connection.execute(f'INSERT INTO "{self.schema}".scratch VALUES (1)')
             else:

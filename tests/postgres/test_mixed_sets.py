@@ -34,7 +34,12 @@ from eventcore_trio.projection import (
 )
 from eventcore_trio.testing import PostgresHarness, read_all
 
-from ..helpers import eventually
+from ..conftest import oldest_server_param
+from ..helpers import dsn_environment, eventually
+
+# Many processes and seconds per test, and nothing in it that differs between server
+# versions: one server (see conftest.oldest_server_param).
+pytestmark = pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 
 HOST_SCRIPT = Path(__file__).with_name("mixed_sets_host.py")
 CLI = [sys.executable, "-m", "eventcore_trio.cli"]
@@ -240,8 +245,9 @@ async def test_status_shows_a_unit_no_live_host_can_run(
         await nursery.start(run_projections, store, [_orders])
         status = {s.unit: s for s in await store.projection_status()}
         command = await trio.run_process(
-            [*CLI, "status", "--dsn", postgres_dsn, "--schema", store.schema],
+            [*CLI, "status", "--schema", store.schema],
             capture_stdout=True,
+            env=dsn_environment(postgres_dsn),
         )
         nursery.cancel_scope.cancel()
     table = command.stdout.decode()

@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 
@@ -233,9 +234,14 @@ async def test_a_silently_partitioned_leader_gives_up_and_the_server_frees_its_l
         if os.environ.get("CI"):
             pytest.fail("CI must run as root with iptables installed (see .ci/run)")
         pytest.skip("needs root and iptables to make a silent partition")
-    # The observer connects over the Unix socket, which the partition does not touch.
-    observer_dsn = (
-        f"postgresql://postgres@/postgres?host={own_server.socket_dir}&port={own_server.port}"
+    # The observer connects over the Unix socket, which the partition does not touch (with
+    # the server's password, as over TCP).
+    server = urllib.parse.urlsplit(own_server.dsn)
+    observer_dsn = urllib.parse.urlunsplit(
+        server._replace(
+            netloc=server.netloc.rpartition("@")[0] + "@",
+            query=f"host={own_server.socket_dir}&port={own_server.port}",
+        )
     )
     async with (
         open_postgres_store(own_server.dsn, connect_timeout=2) as partitioned,

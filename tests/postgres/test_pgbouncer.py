@@ -284,6 +284,14 @@ class TestSessionPoolingContract(StoreContract):
 class TestSplitDsnContract(StoreContract):
     """The whole contract: the pool in transaction pooling, sessions in session pooling."""
 
+    # The property tests open a store per example, about a second each through this split
+    # setup (a minute for the three): they run with 25 examples each directly on every
+    # server and through session pooling above; here the contract's other tests cover
+    # transaction pooling.
+    test_property_any_text_is_refused_or_round_trips = None  # type: ignore[assignment]
+    test_property_appends_read_back_exactly = None  # type: ignore[assignment]
+    test_property_pattern_filter_matches_fnmatch = None  # type: ignore[assignment]
+
     @pytest.fixture
     def harness(self, bouncer: pgbouncer.PgBouncer) -> BackendHarness:
         return PostgresHarness(

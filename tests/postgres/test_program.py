@@ -12,6 +12,8 @@ import trio
 
 from eventcore_trio.testing import EmbeddedPostgres
 
+from ..helpers import dsn_environment
+
 ROOT = Path(__file__).parent.parent.parent
 
 
@@ -36,14 +38,13 @@ async def test_run_started_before_its_database_comes_up_when_it_starts(
             "eventcore_trio.cli",
             "run",
             "tests.cli_projectors:ALL",
-            "--dsn",
-            own_server.dsn,
             "--schema",
             schema,
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         cwd=ROOT,
+        env=dsn_environment(own_server.dsn),
     )
     assert process.stdout is not None
     assert process.stderr is not None

@@ -229,8 +229,9 @@ async def _run_host(
     *,
     task_status: trio.TaskStatus[trio.Process] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    argv = [sys.executable, str(HOST_SCRIPT), harness.dsn, harness.schema, app, str(logfile)]
-    await run_ready_process([*argv, str(slow)], startup_limit=30, task_status=task_status)
+    argv = [sys.executable, str(HOST_SCRIPT), harness.schema, app, str(logfile), str(slow)]
+    env = {"EVENTCORE_DSN": harness.dsn}
+    await run_ready_process(argv, startup_limit=30, env=env, task_status=task_status)
 
 
 async def _first_applied_after(

@@ -12,7 +12,7 @@ import trio
 from eventcore_trio import StoreConnectionError, open_postgres_store
 from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness, events, read_all
 
-from ..helpers import start_interruptible, until_it_works
+from ..helpers import dsn_environment, start_interruptible, until_it_works
 
 
 class TestRestart:
@@ -53,9 +53,9 @@ def test_ctrl_c_under_load_cancels_cleanly(harness: PostgresHarness, attempt: in
         [
             sys.executable,
             str(Path(__file__).parent / "busy_process.py"),
-            harness.dsn,
             harness.schema,
-        ]
+        ],
+        env=dsn_environment(harness.dsn),
     )
     try:
         assert process.stdout is not None

@@ -23,7 +23,12 @@ from eventcore_trio._processes import run_ready_process
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.testing import PostgresHarness, read_all
 
+from ..conftest import oldest_server_param
 from ..helpers import eventually
+
+# Many processes and seconds per test, and nothing in it that differs between server
+# versions: one server (see conftest.oldest_server_param).
+pytestmark = pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 
 HOST_SCRIPT = Path(__file__).with_name("scale_out_host.py")
 PROJECTIONS = [f"plain-{i}" for i in range(6)] + ["wide"]

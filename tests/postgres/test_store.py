@@ -493,7 +493,11 @@ class TestOpening:
 
     async def test_unknown_role(self, postgres_dsn: str) -> None:
         """A role the server does not know raises AuthenticationFailed."""
-        dsn = postgres_dsn.replace("postgres@", "no_such_role@")
+        parts = urllib.parse.urlsplit(postgres_dsn)
+        # Keep the password (the embedded server's): the role, not the password, is unknown.
+        password = f":{parts.password}" if parts.password else ""
+        host = parts.netloc.rpartition("@")[2]
+        dsn = urllib.parse.urlunsplit(parts._replace(netloc=f"no_such_role{password}@{host}"))
         with pytest.raises(AuthenticationFailed, match="DSN"):
             async with open_postgres_store(dsn):
                 pytest.fail("connected as an unknown role")

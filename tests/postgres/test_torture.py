@@ -22,7 +22,12 @@ from eventcore_trio.torture._report import Findings
 from eventcore_trio.torture._verify import verify
 
 from ..conftest import oldest_server_param
-from ..helpers import TORTURE_REPORT_FIELDS, clean_findings, start_interruptible
+from ..helpers import (
+    TORTURE_REPORT_FIELDS,
+    clean_findings,
+    dsn_environment,
+    start_interruptible,
+)
 
 CLEAN = clean_findings(12)
 
@@ -298,10 +303,10 @@ def test_ctrl_c_stops_a_run_cleanly(postgres_dsn: str) -> None:
     trio-asyncio's or asyncpg's callbacks under load and is swallowed (the run goes on), or
     ends in TrioInternalError.
     """
-    argv = [sys.executable, "-m", "eventcore_trio.cli", "torture", "--dsn", postgres_dsn]
+    argv = [sys.executable, "-m", "eventcore_trio.cli", "torture"]
     argv += ["--duration", "120", "--hosts", "2", "--faults", "sigkill-leader"]
     # Its own process group, which its host processes join: how we find them afterwards.
-    process = start_interruptible(argv, start_new_session=True)
+    process = start_interruptible(argv, start_new_session=True, env=dsn_environment(postgres_dsn))
     try:
         assert process.stdout is not None
         # Interrupt under load: once the first fault has been injected and recovered from.

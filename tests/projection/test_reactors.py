@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import signal
 import sys
 import uuid
@@ -189,9 +190,10 @@ class TestPostgresReactors(ReactorContract):
         paid = 60
         for n in range(paid):
             await store.append(f"order-{n % 6}", [NewEvent("Paid", {"n": n})])
-        argv = [sys.executable, str(REACTOR_SCRIPT), harness.dsn, harness.schema, "0.02"]
+        argv = [sys.executable, str(REACTOR_SCRIPT), harness.schema, "0.02"]
+        start = functools.partial(run_ready_process, argv, env={"EVENTCORE_DSN": harness.dsn})
         async with trio.open_nursery() as nursery:
-            first = await nursery.start(run_ready_process, argv)
+            first = await nursery.start(start)
             with trio.fail_after(20):
                 await wait_for_leader(store, "reactor")
 
@@ -201,7 +203,7 @@ class TestPostgresReactors(ReactorContract):
             await eventually(some_reacted)
             # Mid-batch: batches of five, 20 ms a handler, each appending in its batch.
             first.send_signal(signal.SIGKILL)
-            await nursery.start(run_ready_process, argv)
+            await nursery.start(start)
 
             async def all_reacted() -> bool:
                 return sum((await reactions(store)).values()) >= paid
