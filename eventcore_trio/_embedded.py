@@ -176,6 +176,13 @@ class EmbeddedPostgres:
         return standby
 
     @property
+    def server_user(self) -> pwd.struct_passwd | None:
+        """The OS user the server runs as when this process is root (PostgreSQL refuses to
+        run as root), or None: then it runs as this process's user. Files the server must
+        read, such as a TLS key, must belong to it."""
+        return self._user
+
+    @property
     def socket_dir(self) -> Path:
         """The directory of the server's Unix socket (``host=`` in a DSN; the password is
         needed there too). Mode 0700, owned by the server's OS user: only that user and root

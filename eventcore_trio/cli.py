@@ -522,13 +522,10 @@ async def _migrate(options: _StoreOptions, grant: str | None, partitions: list[i
 
     async with options.open(migrate=True) as store:
         print(f"schema {options.schema!r} is at version {LATEST_SCHEMA_VERSION}")
-        # Every recorded count's index (a runtime role's change of count could not build
-        # it), and the ones asked for.
-        recorded = await store.admin.fetch(
-            f'SELECT DISTINCT partitions FROM "{options.schema}".projections WHERE partitions > 1'
-        )
-        counts = sorted({*partitions, *(row["partitions"] for row in recorded)})
-        for count in counts:
+        # Only the counts asked for: the projections table is the runtime role's to write,
+        # so its counts are not the owner's to build (an index per invented count would slow
+        # every append); recorded counts without their index are named instead.
+        for count in sorted(set(partitions)):
             if not await store.admin.build_partition_index(count):
                 print(
                     f"eventcore-trio: this role may not build the index of {count} partitions "
@@ -538,6 +535,18 @@ async def _migrate(options: _StoreOptions, grant: str | None, partitions: list[i
                 )
                 return EXIT_FAILED
             print(f"partition index for {count} partitions: ready")
+        missing = await store.admin.fetch(
+            f'SELECT DISTINCT p.partitions FROM "{options.schema}".projections AS p '
+            "WHERE p.partitions > 1 AND pg_catalog.to_regclass(pg_catalog.format("
+            "'%I.events_partition_%s_idx', $1::text, p.partitions)) IS NULL "
+            "ORDER BY 1",
+            options.schema,
+        )
+        for row in missing:
+            print(
+                f"projections run as {row['partitions']} partitions without their read index: "
+                f"`{partition_index_advice(options.schema, row['partitions'])}` builds it"
+            )
         if grant is not None:
             statements = await store.admin.grant_runtime_role(grant)
             print(f"granted {grant!r} the rights of a runtime role ({len(statements)} statements)")

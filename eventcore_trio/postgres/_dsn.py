@@ -180,26 +180,22 @@ def _check_uri(uri: str, option: str) -> None:
             f"{option} has a query (after '?') that is not name=value pairs joined by '&'; "
             f"if '?' is part of the password, {_ENCODE}"
         )
-    # Without an '@' the host part may be "user:password" (the '@host' left out, or cut off
-    # by an unencoded '/' or '?' in the password), so a port is quoted only after an '@'.
-    quote = "@" in netloc
-    advice = "" if quote else f" (is it a password? then the URI lacks '@host', or {_ENCODE})"
+    # The port is never quoted: the host part may hold password text even after an '@'
+    # (a password with an unencoded '@', ':' and '/' leaves one '@' before the cut).
+    advice = f" (if it is part of a password, {_ENCODE})"
     hosts = netloc.rsplit("@", 1)[-1]
     for host in hosts.split(","):
         # [::1]:5432, host:5432 or host; the port, when present, must be a number.
         port = host.rsplit("]", 1)[-1].rpartition(":")[2] if ":" in host else ""
         if port and not _valid_port(port):
             raise ConfigurationError(
-                f"{option} has the port{f' {port!r}' if quote else ''} after the host's "
-                f"colon, which is not a number from 1 to 65535{advice}"
+                f"{option} has a port after the host's colon that is not a number from 1 to "
+                f"65535{advice}"
             )
     query = urllib.parse.parse_qs(parts.query)
     for port in ",".join(query.get("port", [])).split(","):
         if port and not _valid_port(port):
-            raise ConfigurationError(
-                f"{option} has port{f'={port!r}' if quote else '='}, which is not a number "
-                "from 1 to 65535"
-            )
+            raise ConfigurationError(f"{option} has a port= that is not a number from 1 to 65535")
 
 
 # urllib's errors are not raised from within their except clauses: their messages quote the

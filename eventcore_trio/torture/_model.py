@@ -106,7 +106,10 @@ class LedgerProjector:
         streams = sorted(totals)
         await ctx.db.execute(
             f'INSERT INTO "{self.app}".ledger AS l (projection, stream_id, total, events) '
-            "SELECT $4, * FROM unnest($1::text[], $2::bigint[], $3::bigint[]) "
+            # ROWS FROM with qualified unnests: the multi-argument unnest() is expanded only
+            # unqualified, into calls that a look-alike in another schema could take.
+            "SELECT $4, * FROM ROWS FROM (pg_catalog.unnest($1::text[]), "
+            "pg_catalog.unnest($2::bigint[]), pg_catalog.unnest($3::bigint[])) "
             "ON CONFLICT (projection, stream_id) DO UPDATE "
             "SET total = l.total + excluded.total, events = l.events + excluded.events",
             streams,
@@ -119,7 +122,8 @@ class LedgerProjector:
             "stream_version, host_pid, backend_pid, xact, started, finished) "
             "SELECT $4, $5, e, s, v, $2, pg_backend_pid(), pg_current_xact_id()::text::bigint, "
             "now(), clock_timestamp() "
-            "FROM unnest($1::uuid[], $3::text[], $6::bigint[]) WITH ORDINALITY AS x(e, s, v, n) "
+            "FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($3::text[]), "
+            "pg_catalog.unnest($6::bigint[])) WITH ORDINALITY AS x(e, s, v, n) "
             "ORDER BY n",
             [event.event_id for event in events],
             os.getpid(),

@@ -32,6 +32,9 @@ MALFORMED = [
     f"postgresql://u:{PASSWORD}/db",
     f"postgresql://u:{PASSWORD}@[::1/db",
     f"postgresql://u:{PASSWORD}@127.0.0.1:1/db?sslmode=bogus",
+    # An unencoded "@", ":" and "/" leave one "@" before urllib's cut, and the password's
+    # tail where the port would be (found by a review).
+    f"postgresql://u:p@{PASSWORD[:4]}:{PASSWORD[4:]}/2024@127.0.0.1:1/db",
     f"postgresql://u:{PASSWORD}@127.0.0.1:1/db",
 ]
 

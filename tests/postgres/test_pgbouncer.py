@@ -291,6 +291,11 @@ class TestSplitDsnContract(StoreContract):
     test_property_any_text_is_refused_or_round_trips = None  # type: ignore[assignment]
     test_property_appends_read_back_exactly = None  # type: ignore[assignment]
     test_property_pattern_filter_matches_fnmatch = None  # type: ignore[assignment]
+    # Cancelling statements in quick succession through transaction pooling makes PgBouncer
+    # 1.18 (Debian 12's) exit with "server_proto: server in bad state" under load
+    # (pgbouncer/pgbouncer#822, fixed in 1.19), taking the tests after it down with it. The
+    # store's cancellation is covered through session pooling above and on every server.
+    test_cancelled_append_is_all_or_nothing = None  # type: ignore[assignment]
 
     @pytest.fixture
     def harness(self, bouncer: pgbouncer.PgBouncer) -> BackendHarness:

@@ -132,11 +132,14 @@ async def _refused(connection: _bridge.Connection, sql: str, *args: object) -> N
 
 @ONE_SERVER
 def test_runtime_role_runs_the_store(
-    deployment: Deployment, caplog: pytest.LogCaptureFixture
+    deployment: Deployment,
+    caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """As the runtime role: migrate=True is a clear error until the owner migrates, then a
     no-op; appends of every kind, reads, checkpoints and a partitioned projection work,
-    without the partition index, which the owner's `eventcore-trio migrate` then builds."""
+    without the partition index, which the owner's `eventcore-trio migrate` then names and
+    `--partition-index` builds."""
     trio.run(_open_as_runtime_before_the_owner_migrates, deployment)
     owner_migrate = ["migrate", "--dsn", deployment.owner_dsn, "--schema", deployment.schema]
     assert main(owner_migrate) == EXIT_OK
@@ -145,9 +148,16 @@ def test_runtime_role_runs_the_store(
         assert not trio.run(_run_as_runtime_role, deployment)
     advice = f"eventcore-trio migrate --schema {deployment.schema} --partition-index 2"
     assert advice in caplog.text
-    # The owner's migrate builds the index of every count the schema records.
+    # The owner's plain migrate names the recorded count without its index and builds
+    # nothing the runtime role could have invented (a review found it built an index per
+    # count the projections table held); the advice builds it.
+    capsys.readouterr()
     assert main(owner_migrate) == EXIT_OK
+    assert advice in capsys.readouterr().out
+    assert not trio.run(_has_partition_index, deployment)
+    assert main([*owner_migrate, "--partition-index", "2"]) == EXIT_OK
     assert trio.run(_has_partition_index, deployment)
+    assert advice not in capsys.readouterr().out
 
 
 async def _open_as_runtime_before_the_owner_migrates(deployment: Deployment) -> None:
