@@ -416,7 +416,10 @@ class TestOpening:
     @pytest.mark.parametrize(
         ("dsn", "message"),
         [
-            ("postgresql://postgres@127.0.0.1:notaport/postgres", "port 'notaport'"),
+            (
+                "postgresql://postgres@127.0.0.1:notaport/postgres",
+                "a port after the host's colon that is not a number",
+            ),
             ("host=127.0.0.1 port=notaport", "port='notaport'"),
             ("postgresql://postgres@127.0.0.1:5432/post\x00gres", "NUL"),
             ("host=127.0.0.1 dbname='unterminated", "keyword string"),
