@@ -192,6 +192,10 @@ _LOOP_CLOSED_IN_FLIGHT: Final = (
 _crossings: weakref.WeakKeyDictionary[object, _Crossings] = weakref.WeakKeyDictionary()
 
 
+# KI-protected too (see _protect_asyncio_side): an interrupt that lands while a crossing's
+# own frame runs is delivered at the main task's next checkpoint, not raised inside the
+# library in the caller's task.
+@trio.lowlevel.enable_ki_protection
 async def _cross(fn: Callable[P, Any], *args: P.args, **kwargs: P.kwargs) -> Any:
     loop = trio_asyncio.current_loop.get()
     if loop is None or loop.is_closed():

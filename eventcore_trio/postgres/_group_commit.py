@@ -114,6 +114,12 @@ class GroupCommit:
         # the server refuses.
         self.notifications_fail = False
 
+    # KI-protected, here and in what it calls: the queue and each request's `taken` change
+    # together, and a KeyboardInterrupt raised between the two (Trio raises it wherever
+    # unprotected code runs) left a request out of the queue and not taken, whose caller
+    # then failed with ValueError in a Ctrl-C test. Protected, the interrupt reaches the main
+    # task at its next checkpoint instead.
+    @trio.lowlevel.enable_ki_protection
     async def append(self, request: EncodedAppend) -> AppendResult:
         """Append one encoded request; returns its result or raises its error."""
         if not self._queue and self._slots.value > 0:
@@ -152,6 +158,7 @@ class GroupCommit:
             return await self._send_one(request)
         return result
 
+    @trio.lowlevel.enable_ki_protection
     async def _send_queued(self) -> None:
         # The front of the queue, in order, within the size bound: the first request always
         # goes (it is within the limit on its own); the first that would pass the bound
@@ -187,6 +194,7 @@ class GroupCommit:
         (row,) = await self._run(sql, args)
         return append_result(row, args)
 
+    @trio.lowlevel.enable_ki_protection
     async def _send_shared(self, batch: Sequence[_Pending]) -> None:
         if len(batch) == 1:
             # Nothing to share: its caller sends it, unshielded, in its own task.
