@@ -1623,10 +1623,12 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
     # give its events an id that readers had passed while no lock held them back (found by
     # a review of migration 5).
     """
-    -- Per session, the row whose latest version this transaction wrote to claim an id: its
-    -- xmin is the claim, `top` the transaction it belongs to. The owner's alone (a role that
+    -- Per transaction, the row it wrote to claim an id: its xmin is the claim, `top` the
+    -- transaction. A row of its own, never one shared with the session's other transactions
+    -- (a prepared one keeps its row locked until COMMIT PREPARED: a shared row made the
+    -- session's next claim wait for it, found by a review). The owner's alone (a role that
     -- could write a row here could vouch for an id of its choosing).
-    CREATE TABLE {s}.writer_claims (pid int PRIMARY KEY, top xid8 NOT NULL);
+    CREATE TABLE {s}.writer_claims (pid int NOT NULL, top xid8 NOT NULL, PRIMARY KEY (pid, top));
     REVOKE ALL ON {s}.writer_claims FROM PUBLIC;
     DO $do$
     DECLARE
@@ -1685,11 +1687,22 @@ _MIGRATIONS: Final[tuple[str, ...]] = (
             -- its own, assigned now.
             BEGIN
                 INSERT INTO {s}.writer_claims AS c (pid, top) VALUES (pg_backend_pid(), v_top)
-                ON CONFLICT (pid) DO UPDATE SET top = excluded.top
                 RETURNING c.xmin::text::bigint INTO v_claim;
             EXCEPTION WHEN SQLSTATE 'EV999' THEN
                 RAISE;
             END;
+            -- The session's rows of transactions that have ended go, never waiting: rows of
+            -- running (prepared) ones are above the xmin, rows another transaction is
+            -- deleting are skipped; and only at READ COMMITTED, where a row deleted since
+            -- the snapshot is no serialization failure. The next claim takes what is left.
+            IF current_setting('transaction_isolation') = 'read committed' THEN
+                DELETE FROM {s}.writer_claims AS c
+                WHERE c.ctid = ANY (ARRAY(
+                    SELECT o.ctid FROM {s}.writer_claims AS o
+                    WHERE o.pid = pg_backend_pid()
+                      AND o.top < pg_snapshot_xmin(pg_current_snapshot())
+                    FOR UPDATE SKIP LOCKED));
+            END IF;
         END IF;
         -- xmin is a 32-bit id, assigned after the transaction's own and less than 2^31 ids
         -- later: widened next to it.

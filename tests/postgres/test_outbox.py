@@ -215,3 +215,46 @@ class TestOutboxAndReaders:
         finally:
             await store.admin.execute("ALTER SYSTEM RESET synchronous_standby_names")
             await store.admin.execute("SELECT pg_reload_conf()")
+
+
+async def test_a_prepared_transaction_holds_up_no_later_append(
+    store: PostgresStore, postgres_dsn: str
+) -> None:
+    """Found by a review of migration 6: the id a transaction that wrote first claims for its
+    append was a row per session, and a prepared transaction of the session kept it locked,
+    so the session's next such append waited for COMMIT PREPARED (for ever, when that was to
+    come from the same session), and at REPEATABLE READ failed with 40001 once it came."""
+    from eventcore_trio.postgres import _bridge
+
+    table = await orders_table(store)
+    sql, args = store.admin.append_statement([StreamAppend("p", [NewEvent("Prepared", {})])])
+    later, later_args = store.admin.append_statement([StreamAppend("q", [NewEvent("Late", {})])])
+    gid = f"eventcore-{store.schema}"
+    connection = await _bridge.connect(
+        postgres_dsn, application_name="prepared", connect_timeout=10.0
+    )
+    try:
+        await connection.execute("BEGIN")
+        await connection.execute(f"INSERT INTO {table} VALUES ('o1', 1)")
+        await connection.fetchrow(sql, *args)
+        await connection.execute(f"PREPARE TRANSACTION '{gid}'")
+        with trio.fail_after(10):
+            # READ COMMITTED: the next write-then-append of the same session.
+            await connection.execute("BEGIN")
+            await connection.execute(f"INSERT INTO {table} VALUES ('o2', 2)")
+            await connection.fetchrow(later, *later_args)
+            await connection.execute("COMMIT")
+            # REPEATABLE READ, announced at its start, with the prepared one committed by
+            # another session between its snapshot and its append.
+            await connection.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+            await connection.execute(f'SELECT "{store.schema}".announce_writer()')
+            await connection.execute(f"INSERT INTO {table} VALUES ('o3', 3)")
+            await store.admin.execute(f"COMMIT PREPARED '{gid}'")
+            await connection.fetchrow(later, *later_args)
+            await connection.execute("COMMIT")
+    finally:
+        if await store.admin.fetchval("SELECT count(*) FROM pg_prepared_xacts WHERE gid = $1", gid):
+            await store.admin.execute(f"ROLLBACK PREPARED '{gid}'")
+        await connection.close()
+    assert [e.type for e in await store.read_stream("q")] == ["Late", "Late"]
+    assert [e.type for e in await store.read_stream("p")] == ["Prepared"]
