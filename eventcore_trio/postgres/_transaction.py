@@ -145,9 +145,13 @@ async def open_transaction(
             # The server may have committed before the error reached us (a cancellation
             # that lands on the COMMIT, a connection lost after it ran): the outcome is in
             # doubt, so readers are woken all the same (a wake-up for nothing costs a read).
+            # After the rollback, which is shielded and comes back only once the server has
+            # ended the transaction: woken before, a reader could read while the commit was
+            # still finishing (a synchronous-replication wait being cancelled), find
+            # nothing, and sleep until its next poll (seen under load in CI).
+            await connection.rollback()
             if transaction._appended:
                 on_appended()
-            await connection.rollback()
             raise
     if transaction._appended:
         on_appended()
