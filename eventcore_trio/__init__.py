@@ -4,7 +4,14 @@ The names here are the whole public surface of the core: event values, positions
 the error tree, the backend protocols and the in-memory store. The PostgreSQL backend lives in
 `eventcore_trio.postgres` (``open_postgres_store`` is re-exported here), the backend contract
 suite in `eventcore_trio.testing`.
+
+The PostgreSQL backend (and with it asyncpg, asyncio and trio-asyncio) is imported on first use
+of ``open_postgres_store``, so a program using only the in-memory store never loads it.
 """
+
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0.dev0"
 
 from ._errors import AppendTooLarge as AppendTooLarge
 from ._errors import AuthenticationFailed as AuthenticationFailed
@@ -44,8 +51,6 @@ from ._events import StreamAppend as StreamAppend
 from ._events import UndecodableEvent as UndecodableEvent
 from ._filters import EventFilter as EventFilter
 from ._filters import glob_to_regex as glob_to_regex
-from ._hosts import ClusterView as ClusterView
-from ._hosts import HostState as HostState
 from ._partitions import MAX_PARTITIONS as MAX_PARTITIONS
 from ._partitions import Partition as Partition
 from ._partitions import partition_of as partition_of
@@ -62,15 +67,16 @@ from ._protocols import ProjectionBatch as ProjectionBatch
 from ._protocols import ProjectorCoordinator as ProjectorCoordinator
 from ._protocols import SnapshotStore as SnapshotStore
 from ._protocols import Store as Store
+from ._status import ClusterView as ClusterView
 from ._status import DeadLetter as DeadLetter
 from ._status import ForeignLock as ForeignLock
+from ._status import HostState as HostState
 from ._status import LeaderInfo as LeaderInfo
 from ._status import OpenTransaction as OpenTransaction
 from ._status import ProjectionState as ProjectionState
 from ._status import ProjectionStatus as ProjectionStatus
 from ._util import fixup_module_metadata
 from ._validation import MAX_EVENT_JSON_BYTES as MAX_EVENT_JSON_BYTES
-from ._version import __version__ as __version__
 from .commands import CacheStats as CacheStats
 from .commands import Command as Command
 from .commands import EventRegistry as EventRegistry
@@ -84,7 +90,6 @@ from .commands import caused_by as caused_by
 from .commands import execute as execute
 from .commands import take_snapshot as take_snapshot
 from .memory import open_memory_store as open_memory_store
-from .postgres import open_postgres_store as open_postgres_store
 from .projection import Failure as Failure
 from .projection import FailureStrategy as FailureStrategy
 from .projection import ProjectionConfig as ProjectionConfig
@@ -187,6 +192,27 @@ __all__ = [
     "open_memory_store",
     "open_postgres_store",
 ]
+
+if TYPE_CHECKING:
+    from .postgres import open_postgres_store as open_postgres_store
+
+# Names imported on first use, and the subpackage each comes from.
+_LAZY = {"open_postgres_store": "postgres"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 fixup_module_metadata(__name__, globals())
 del fixup_module_metadata

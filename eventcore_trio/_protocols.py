@@ -14,10 +14,9 @@ from typing import Any, Literal, Protocol, overload, runtime_checkable
 
 from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from ._filters import EventFilter
-from ._hosts import ClusterView
 from ._positions import Position
 from ._snapshots import Snapshot
-from ._status import DeadLetter, ProjectionState, ProjectionStatus
+from ._status import ClusterView, DeadLetter, ProjectionState, ProjectionStatus
 
 
 @runtime_checkable

@@ -32,7 +32,6 @@ from typing import TYPE_CHECKING, Any, Final
 import attrs
 import trio
 
-from ._concurrency import run_program
 from ._errors import (
     ConfigurationError,
     DeadLetterNotFound,
@@ -44,6 +43,7 @@ from ._errors import (
     UnsupportedPooling,
 )
 from ._status import ForeignLock, ProjectionState, ProjectionStatus, status_json
+from ._tools._processes import run_program
 
 if TYPE_CHECKING:
     from .postgres import PostgresStore
@@ -582,7 +582,7 @@ async def _dashboard(
 ) -> None:
     try:
         from .dashboard import serve_dashboard
-        from .dashboard._hosts import allowed_host_names
+        from .dashboard._allowed_hosts import allowed_host_names
         from .dashboard._serve import check_bind, check_listen
     except ImportError as exc:
         raise ConfigurationError(str(exc)) from exc

@@ -32,8 +32,8 @@ from contextlib import asynccontextmanager
 import pytest
 import trio
 
-from ._embedded import FAST_SETTINGS, EmbeddedPostgres
 from ._protocols import Store
+from ._tools._embedded import FAST_SETTINGS, EmbeddedPostgres
 from .memory import open_memory_store
 from .postgres import open_postgres_store
 from .projection import ProjectionConfig, run_projections

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from eventcore_trio._embedded import bundled_bindir, system_bindirs
+from eventcore_trio._tools._embedded import bundled_bindir, system_bindirs
 from eventcore_trio.testing import FAST_SETTINGS, EmbeddedPostgres
 
 

@@ -80,7 +80,7 @@ class TestCommandLine:
                 for proc in Path("/proc").glob("[0-9]*"):
                     with contextlib.suppress(OSError):
                         cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                        if "eventcore_trio.demo._host" in cmdline:
+                        if "eventcore_trio.demo._host_process" in cmdline:
                             seen_hosts.add(int(proc.name))
                             if secret in cmdline:
                                 leaked.append(cmdline)
@@ -755,7 +755,7 @@ class TestDemoVerification:
         """The PostgreSQL demo's check passes a correct read model and fails a damaged one."""
         from eventcore_trio import open_postgres_store
         from eventcore_trio.demo._failover import ACCOUNTS, _open_accounts, _Stats, _verify
-        from eventcore_trio.demo._host import make_projectors
+        from eventcore_trio.demo._host_process import make_projectors
         from eventcore_trio.projection import run_projection
 
         schema = f"t_{uuid.uuid4().hex[:12]}"

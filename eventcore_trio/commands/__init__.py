@@ -1,6 +1,6 @@
 """The command side: typed events, `execute` with retries, and causal metadata."""
 
-from .._causation import caused_by as caused_by
+from .._events import caused_by as caused_by
 from .._snapshots import Snapshot as Snapshot
 from .._typed import EVENT_VERSION as EVENT_VERSION
 from .._typed import EventRegistry as EventRegistry

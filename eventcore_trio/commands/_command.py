@@ -10,9 +10,16 @@ from typing import Any, Protocol, TypeVar, final, runtime_checkable
 import attrs
 import trio
 
-from .._causation import CAUSATION_ID, CORRELATION_ID, caused_by
 from .._errors import ConfigurationError, InvalidArgument, RetriesExhausted, VersionConflict
-from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
+from .._events import (
+    CAUSATION_ID,
+    CORRELATION_ID,
+    AppendResult,
+    NewEvent,
+    RecordedEvent,
+    StreamAppend,
+    caused_by,
+)
 from .._protocols import EventStore
 from .._typed import EventRegistry
 from ._cache import StateCache

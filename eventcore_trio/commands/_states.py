@@ -11,12 +11,12 @@ from typing import Any, Final, Protocol, runtime_checkable
 import attrs
 import trio
 
-from .._concurrency import raise_single
 from .._errors import ConfigurationError, InvalidArgument
 from .._events import RecordedEvent
 from .._protocols import EventStore, SnapshotStore
 from .._snapshots import Snapshot
 from .._typed import STATE_FIELDS_KEY, EventRegistry, StateType
+from .._util import raise_single
 from ._cache import CachedState, StateCache
 
 logger = logging.getLogger("eventcore_trio.commands")

@@ -28,7 +28,7 @@ from .._errors import (
 from .._protocols import ProjectionAdmin, Store
 from ..projection import replay_dead_letters
 from ..projection._projector import resolve
-from ._hosts import HostCheck, allowed_host_names
+from ._allowed_hosts import HostCheck, allowed_host_names
 from ._page import PAGE
 from ._prometheus import prometheus_text
 from ._state import DashboardState

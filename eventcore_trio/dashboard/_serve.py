@@ -15,8 +15,8 @@ from hypercorn.trio import serve
 
 from .._errors import ConfigurationError
 from .._protocols import ProjectionAdmin
+from ._allowed_hosts import allowed_host_names, normal_host
 from ._app import dashboard_app
-from ._hosts import allowed_host_names, normal_host
 from ._state import DashboardState, poll_status
 from ._token import check_action_token
 

@@ -26,8 +26,8 @@ import trio
 
 from .._errors import RetriesExhausted
 from .._events import StreamAppend
-from .._processes import run_ready_process
 from .._status import ProjectionStatus
+from .._tools._processes import run_ready_process
 from ..commands import StateCache, execute
 from ..postgres import DSN_ENVIRONMENT_VARIABLE, PostgresStore, open_postgres_store
 from ._bank import (
@@ -62,7 +62,7 @@ async def _host(
 ) -> None:
     # The DSN (which may hold a password) goes through the environment, not the command line.
     await run_ready_process(
-        [sys.executable, "-m", "eventcore_trio.demo._host", schema, app],
+        [sys.executable, "-m", "eventcore_trio.demo._host_process", schema, app],
         stop_grace=10,
         env={DSN_ENVIRONMENT_VARIABLE: dsn},
         task_status=task_status,

@@ -18,11 +18,11 @@ from contextlib import AbstractAsyncContextManager
 import attrs
 import trio
 
-from .._concurrency import run_program
 from .._events import RecordedEvent
 from .._filters import EventFilter
 from .._positions import Position
 from .._protocols import Store
+from .._tools._processes import run_program
 from ..commands import StateCache, execute
 from ..projection import ProjectionConfig, ProjectionContext, run_projection
 from ._bank import (
@@ -211,7 +211,7 @@ def demo_main(dsn: str | None, *, memory: bool, scale: int, duration: float) -> 
         out("store: PostgreSQL at the given DSN (a temporary schema, dropped afterwards)")
         ok = run_program(lambda: run_failover_demo(dsn, duration=duration, out=out, live=live))
         return 0 if ok else 1
-    from .._embedded import EmbeddedPostgres
+    from .._tools._embedded import EmbeddedPostgres
 
     out("starting an embedded PostgreSQL (no installation needed)…")
     with EmbeddedPostgres() as server:

@@ -20,7 +20,13 @@ from typing import Literal, final, overload
 import attrs
 import trio
 
-from .._decoding import check_read_arguments, decode_json_object, decode_stored, require_decoded
+from .._backend._decoding import (
+    check_read_arguments,
+    decode_json_object,
+    decode_stored,
+    require_decoded,
+)
+from .._backend._leadership import LeadershipState
 from .._errors import (
     CheckpointAhead,
     CheckpointConflict,
@@ -44,8 +50,6 @@ from .._events import (
     prepare_appends,
 )
 from .._filters import EventFilter
-from .._hosts import ClusterView, HostState
-from .._leadership_state import LeadershipState
 from .._partitions import (
     Unit,
     check_partitions,
@@ -58,7 +62,9 @@ from .._positions import Position, position_parts
 from .._protocols import Database
 from .._snapshots import Snapshot, check_snapshot
 from .._status import (
+    ClusterView,
     DeadLetter,
+    HostState,
     LeaderInfo,
     ProjectionState,
     ProjectionStatus,
@@ -883,7 +889,7 @@ class MemoryStore:
             record = self._projections.get(leadership.name)
             if record is not None:
                 record.leader = None
-        leadership._mark_lost()
+        leadership.mark_lost()
 
     def _revoke_leadership(self, name: str) -> None:
         # Test hook: simulates the leader's session dying, like pg_terminate_backend.

@@ -23,7 +23,6 @@ import asyncpg
 import trio
 import trio_asyncio
 
-from .._concurrency import raise_single
 from .._errors import (
     AuthenticationFailed,
     ConfigurationError,
@@ -36,6 +35,7 @@ from .._errors import (
     UnsupportedPooling,
     VersionConflict,
 )
+from .._util import raise_single
 
 P = ParamSpec("P")
 T = TypeVar("T")

@@ -40,7 +40,7 @@ from typing import Final, final
 import attrs
 import trio
 
-from .._concurrency import background
+from .._backend._leadership import LeadershipState
 from .._errors import (
     DatabaseError,
     EventCoreError,
@@ -51,8 +51,8 @@ from .._errors import (
     UnsupportedPooling,
 )
 from .._filters import EventFilter
-from .._leadership_state import LeadershipState
 from .._status import ProjectionState
+from .._util import background
 from ._appends import AppendStatement
 from ._batch import PostgresBatch
 from ._bridge import Connection, connect
@@ -183,7 +183,7 @@ class PostgresLeadership(LeadershipState):
                 connection,
                 self._proof,
                 self._context.subscriptions,
-                self._mark_lost,
+                self.mark_lost,
                 append_statement=self._context.append_statement,
                 on_appended=self._context.on_appended,
             )
@@ -201,7 +201,7 @@ class PostgresLeadership(LeadershipState):
                 # is_closed() is reliable here. A live session that reported an error still
                 # holds its lock: that error is the caller's to handle, not a lost lock.
                 if connection.is_closed():
-                    self._mark_lost()
+                    self.mark_lost()
                     raise LeadershipLost(
                         f"the lock session of {self.name!r} ended during a batch; the batch "
                         "did not commit and another instance may lead now"
@@ -251,9 +251,9 @@ class PostgresLeadership(LeadershipState):
                             CHECK_LOCK, proof.backend_pid, proof.key
                         )
             if row is None or self._connection.is_closed():
-                self._mark_lost()
+                self.mark_lost()
             elif not row["held"]:
-                self._mark_lost(proof.describe_loss(row["pid"]))
+                self.mark_lost(proof.describe_loss(row["pid"]))
 
 
 _proxied_warned = False
@@ -448,12 +448,12 @@ async def acquire_leadership(
             if moved_to is not None:
                 raise UnsupportedPooling(f"cannot lead: {proof.describe_loss(moved_to)}")
         leadership = PostgresLeadership(proof, connection, context)
-        connection.add_termination_listener(leadership._mark_lost)
+        connection.add_termination_listener(leadership.mark_lost)
         async with background(leadership._keepalive):
             yield leadership
     finally:
         if leadership is not None:
-            leadership._mark_lost()
+            leadership.mark_lost()
         if proof is not None and proof.proxied:
             await _release_proxied(
                 connection,

@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Final
 
-from .._concurrency import service_nursery
 from .._errors import ConfigurationError, DatabaseError, UnsupportedServer
+from .._util import service_nursery
 from . import _bridge, _pool
 from ._appends import DEFAULT_MAX_APPEND_BYTES, MAX_APPEND_BYTES_LIMIT
 from ._dsn import normalize_dsn

@@ -12,7 +12,7 @@ from typing import Any, Final, final
 
 import trio
 
-from .._decoding import decode_stored, require_decoded
+from .._backend._decoding import decode_stored, require_decoded
 from .._errors import DatabaseError
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter

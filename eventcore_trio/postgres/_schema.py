@@ -11,8 +11,8 @@ import hashlib
 import re
 from typing import Final
 
+from .. import __version__
 from .._errors import ConfigurationError, DatabaseError, SchemaVersionError
-from .._version import __version__
 from ._keys import migration_lock_key, stream_lock_space, writer_lock_key
 from ._pool import Pool
 

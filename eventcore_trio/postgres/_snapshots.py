@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, final
 
-from .._decoding import decode_json_object
+from .._backend._decoding import decode_json_object
 from .._events import RecordedEvent
 from .._snapshots import Snapshot
 from .._validation import encode_json_object

@@ -17,7 +17,7 @@ from typing import Final, Literal, final, overload
 
 import trio
 
-from .._decoding import check_read_arguments
+from .._backend._decoding import check_read_arguments
 from .._errors import (
     InvalidArgument,
     LeadershipLost,
@@ -46,7 +46,6 @@ from ._admin import PostgresAdmin
 from ._appends import DEFAULT_MAX_APPEND_BYTES, AppendStatement
 from ._fence import LOCKS_IN_USE
 from ._group_commit import GroupCommit
-from ._hosts import PostgresMembership, hosts_channel, live_hosts, register_host
 from ._keys import projector_lock_key
 from ._leadership import (
     LeadershipContext,
@@ -56,6 +55,7 @@ from ._leadership import (
     try_acquire_all,
 )
 from ._listener import Listener
+from ._membership import PostgresMembership, hosts_channel, live_hosts, register_host
 from ._notifier import Notifier
 from ._reads import (
     ReadQueries,

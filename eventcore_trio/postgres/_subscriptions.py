@@ -18,15 +18,15 @@ from typing import Any, Final, final
 
 import attrs
 
-from .._decoding import decode_stored
+from .._backend._decoding import decode_stored
 from .._errors import CheckpointAhead, CheckpointConflict, ClusterMismatch
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
-from .._hosts import HostState
 from .._partitions import Partition, Unit, plan_repartition, split_parent, units_of
 from .._positions import Position, position_parts
 from .._status import (
     DeadLetter,
+    HostState,
     LeaderInfo,
     OpenTransaction,
     ProjectionState,

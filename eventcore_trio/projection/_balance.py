@@ -47,7 +47,7 @@ from collections.abc import Mapping, Sequence
 
 import attrs
 
-from .._hosts import ClusterView, HostState
+from .._status import ClusterView, HostState
 
 # The hosts that can run a unit, in host id order: units with the same hosts are alike to
 # the assignment, which therefore works on counts per such class.

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterable
 import attrs
 import trio
 
-from .._concurrency import raise_single, wait_any
 from .._errors import (
     EventCoreError,
     InvalidArgument,
@@ -18,9 +17,10 @@ from .._errors import (
     StoreConnectionError,
     UnsupportedPooling,
 )
-from .._hosts import ClusterView, HostState
 from .._partitions import Unit
 from .._protocols import HostMembership, Store
+from .._status import ClusterView, HostState
+from .._util import raise_single, wait_any
 from ._balance import plan
 from ._config import ProjectionConfig
 from ._metrics import METRICS

@@ -20,9 +20,9 @@ from typing import Final
 
 import trio
 
-from .._concurrency import raise_single
 from .._errors import AuthenticationFailed, DatabaseNotFound, StoreConnectionError
 from .._protocols import Store
+from .._util import raise_single
 from ._config import ProjectionConfig
 from ._host import run_projections
 

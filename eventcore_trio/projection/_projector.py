@@ -9,7 +9,6 @@ from typing import Any, Protocol, final, runtime_checkable
 
 import attrs
 
-from .._causation import caused_by
 from .._errors import InvalidArgument
 from .._events import (
     AppendResult,
@@ -17,6 +16,7 @@ from .._events import (
     RecordedEvent,
     StreamAppend,
     UndecodableEvent,
+    caused_by,
     prepare_appends,
 )
 from .._filters import EventFilter

@@ -19,7 +19,6 @@ from typing import Any
 import attrs
 import trio
 
-from .._concurrency import background, raise_single, wait_any
 from .._errors import (
     DatabaseError,
     EventCoreError,
@@ -34,6 +33,7 @@ from .._errors import (
 from .._events import RecordedEvent
 from .._protocols import Leadership, Store
 from .._status import ProjectionState
+from .._util import background, raise_single, wait_any
 from ._config import ProjectionConfig
 from ._metrics import METRICS
 from ._pipeline import (

@@ -4,11 +4,11 @@ Needs the ``testing`` extra (pytest, pytest-trio, hypothesis). To check a backen
 `StoreContract` and provide a ``harness`` fixture returning a `BackendHarness`.
 """
 
-from .._embedded import FAST_SETTINGS as FAST_SETTINGS
-from .._embedded import EmbeddedPostgres as EmbeddedPostgres
-from .._leaders import leader_pid as leader_pid
-from .._leaders import wait_for_leader as wait_for_leader
-from .._processes import run_ready_process as run_ready_process
+from .._tools._embedded import FAST_SETTINGS as FAST_SETTINGS
+from .._tools._embedded import EmbeddedPostgres as EmbeddedPostgres
+from .._tools._leaders import leader_pid as leader_pid
+from .._tools._leaders import wait_for_leader as wait_for_leader
+from .._tools._processes import run_ready_process as run_ready_process
 from .._util import fixup_module_metadata
 from ..projection._waiting import wait_caught_up as wait_caught_up
 from ._contract import StoreContract as StoreContract

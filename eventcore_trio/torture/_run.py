@@ -22,12 +22,12 @@ from typing import Final, TypeVar
 import attrs
 import trio
 
-from .._embedded import EmbeddedPostgres
 from .._errors import ConfigurationError, EventCoreError, StoreConnectionError
 from .._events import NewEvent
 from .._partitions import Partition, Unit
 from .._positions import Position
-from .._processes import run_ready_process
+from .._tools._embedded import EmbeddedPostgres
+from .._tools._processes import run_ready_process
 from ..postgres import (
     DSN_ENVIRONMENT_VARIABLE,
     PostgresStore,
@@ -211,7 +211,7 @@ class _Torture:
         argv = [
             sys.executable,
             "-m",
-            "eventcore_trio.torture._host",
+            "eventcore_trio.torture._host_process",
             self.schema,
             self.app,
             slot.name,

@@ -10,7 +10,7 @@ import sys
 import trio
 
 from eventcore_trio import NewEvent, open_postgres_store
-from eventcore_trio._concurrency import run_program
+from eventcore_trio._tools._processes import run_program
 
 
 async def main(dsn: str, schema: str) -> None:

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from eventcore_trio._embedded import bundled_bindir
+from eventcore_trio._tools._embedded import bundled_bindir
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness
 

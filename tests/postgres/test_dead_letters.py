@@ -33,7 +33,7 @@ from eventcore_trio import (
     RecordedEvent,
     partition_of,
 )
-from eventcore_trio._processes import run_ready_process
+from eventcore_trio._tools._processes import run_ready_process
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import (
     FailureStrategy,

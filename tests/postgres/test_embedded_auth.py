@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from eventcore_trio import AuthenticationFailed
-from eventcore_trio._embedded import bundled_bindir
+from eventcore_trio._tools._embedded import bundled_bindir
 from eventcore_trio.postgres import _bridge
 from eventcore_trio.testing import EmbeddedPostgres
 

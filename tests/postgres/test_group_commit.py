@@ -25,7 +25,7 @@ from eventcore_trio import (
 )
 from eventcore_trio._positions import position_parts
 from eventcore_trio.postgres import PostgresStore, _group_commit
-from eventcore_trio.postgres._hosts import hosts_channel
+from eventcore_trio.postgres._membership import hosts_channel
 from eventcore_trio.postgres._schema import notify_channel
 
 from ..helpers import eventually

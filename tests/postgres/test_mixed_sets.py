@@ -23,7 +23,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventcore_trio import LeaderInfo, NewEvent, RecordedEvent, partition_of
-from eventcore_trio._processes import run_ready_process
+from eventcore_trio._tools._processes import run_ready_process
 from eventcore_trio.dashboard import DashboardState, dashboard_app
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import (

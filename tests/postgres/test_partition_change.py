@@ -25,7 +25,7 @@ from eventcore_trio import (
     ProjectionState,
     RecordedEvent,
 )
-from eventcore_trio.postgres import PostgresLeadership, PostgresStore, _hosts
+from eventcore_trio.postgres import PostgresLeadership, PostgresStore, _membership
 from eventcore_trio.postgres._keys import projector_lock_key
 from eventcore_trio.postgres._leadership import fenced_transaction, try_acquire_all
 from eventcore_trio.projection import (
@@ -263,14 +263,14 @@ async def test_graceful_hand_off_between_old_hosts_during_a_count_change(
     # a1 registers first: its id makes it keep orders[1/2] and hand orders[0/2] to a2.
     ids = iter([_host_id_keeping("orders[1/2]", "orders[0/2]")])
     monkeypatch.setattr(
-        _hosts,
+        _membership,
         "uuid",
         types.SimpleNamespace(uuid4=lambda: types.SimpleNamespace(hex=next(ids, None))),
     )
 
     def fresh_ids() -> None:
         # Every later registration (b, a2, re-registrations) gets a random id.
-        monkeypatch.setattr(_hosts, "uuid", uuid)
+        monkeypatch.setattr(_membership, "uuid", uuid)
 
     async with trio.open_nursery() as nursery:
         hosts = Hosts(nursery, harness, app)

@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from eventcore_trio import NewEvent, ProjectionState, partition_of
-from eventcore_trio._processes import run_ready_process
+from eventcore_trio._tools._processes import run_ready_process
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.testing import PostgresHarness, read_all
 

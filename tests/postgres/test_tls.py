@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from eventcore_trio import NewEvent, StoreConnectionError
-from eventcore_trio._embedded import bundled_bindir
+from eventcore_trio._tools._embedded import bundled_bindir
 from eventcore_trio.postgres import open_postgres_store
 from eventcore_trio.testing import EmbeddedPostgres
 

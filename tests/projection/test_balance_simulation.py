@@ -23,7 +23,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from eventcore_trio._hosts import ClusterView, HostState
+from eventcore_trio._status import ClusterView, HostState
 from eventcore_trio.projection._balance import plan
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-from ._protocols import ProjectionAdmin
+from .._protocols import ProjectionAdmin
 
 
 async def leader_pid(store: ProjectionAdmin, name: str) -> int | None:

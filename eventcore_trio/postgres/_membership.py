@@ -28,8 +28,7 @@ from typing import final
 import trio
 
 from .._errors import EventCoreError
-from .._hosts import ClusterView, HostState
-from .._status import LeaderInfo
+from .._status import ClusterView, HostState, LeaderInfo
 from ._bridge import Record
 from ._fence import LOCK_HELD, SESSION_HOLDS_LOCK
 from ._keys import host_lock_key, projector_lock_key

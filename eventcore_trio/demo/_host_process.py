@@ -1,4 +1,4 @@
-"""A projector host for the demo: ``python -m eventcore_trio.demo._host SCHEMA APP``.
+"""A projector host for the demo: ``python -m eventcore_trio.demo._host_process SCHEMA APP``.
 
 The DSN comes in ``EVENTCORE_DSN``.
 
@@ -16,8 +16,8 @@ import os
 import sys
 from typing import Any
 
-from .._concurrency import run_program
 from .._events import RecordedEvent
+from .._tools._processes import run_program
 from ..postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
 from ..projection import ProjectionConfig, ProjectionContext, projector, run_host
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
-from typing import IO
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import IO, TypeVar, TypeVarTuple, Unpack
 
 import trio
+
+T = TypeVar("T")
+Ts = TypeVarTuple("Ts")
 
 
 async def run_ready_process(
@@ -58,3 +61,14 @@ async def run_ready_process(
             process.kill()
             await process.wait()
             await process.stdout.aclose()
+
+
+def run_program(async_fn: Callable[[Unpack[Ts]], Awaitable[T]], *args: *Ts) -> T:
+    """``trio.run`` for our programs (CLI, demo, host processes): Ctrl-C at checkpoints only.
+
+    By default Trio raises KeyboardInterrupt wherever the signal lands, which under load is
+    often inside trio-asyncio's loop or asyncpg's protocol callbacks; observed here: the
+    interrupt swallowed, ``TrioInternalError``, and once a segfault. Delivered at a checkpoint
+    of the main task instead, it cancels everything in order (docs/operations.md, "Ctrl-C").
+    """
+    return trio.run(async_fn, *args, restrict_keyboard_interrupt_to_checkpoints=True)

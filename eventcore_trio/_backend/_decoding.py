@@ -16,11 +16,11 @@ from typing import Any, Final
 
 import orjson
 
-from ._errors import EventDecodeError, InvalidArgument
-from ._events import RecordedEvent, UndecodableEvent
-from ._filters import EventFilter
-from ._positions import Position
-from ._validation import check_limit
+from .._errors import EventDecodeError, InvalidArgument
+from .._events import RecordedEvent, UndecodableEvent
+from .._filters import EventFilter
+from .._positions import Position
+from .._validation import check_limit
 
 _json_loads: Final = json.loads
 _orjson_loads: Final = orjson.loads

@@ -46,7 +46,9 @@ class LeadershipState:
         """Return once the leadership is lost or released."""
         await self._lost.wait()
 
-    def _mark_lost(self, reason: str | None = None) -> None:
+    def mark_lost(self, reason: str | None = None) -> None:
+        """End the leadership for good: its session ended, it was revoked or released, or
+        something proved the lock no longer ours (*reason*, logged once)."""
         # The first reason wins; a release after a loss keeps it.
         if reason is not None and self._lost_reason is None and not self._lost.is_set():
             self._lost_reason = reason

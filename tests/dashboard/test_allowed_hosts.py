@@ -17,7 +17,7 @@ from eventcore_trio import (
     run_projection,
 )
 from eventcore_trio.dashboard import DashboardState, dashboard_app
-from eventcore_trio.dashboard._hosts import (
+from eventcore_trio.dashboard._allowed_hosts import (
     LOOPBACK_NAMES,
     allowed_host_name,
     allowed_host_names,

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final, final
 
-from ._errors import ConfigurationError
+from .._errors import ConfigurationError
 
 # Throwaway servers trade durability for speed: nothing here outlives the process.
 FAST_SETTINGS: Final[Mapping[str, str]] = {

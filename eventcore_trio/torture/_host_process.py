@@ -1,4 +1,4 @@
-"""A torture host process: ``python -m eventcore_trio.torture._host SCHEMA APP NAME``.
+"""A torture host process: ``python -m eventcore_trio.torture._host_process SCHEMA APP NAME``.
 
 Hosts the ledger projections through whatever network the torture run put in front of it (the
 DSN comes in ``EVENTCORE_DSN``), with the host program every other host uses
@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 
-from .._concurrency import run_program
+from .._tools._processes import run_program
 from ..postgres import DSN_ENVIRONMENT_VARIABLE, open_postgres_store
 from ..projection import ProjectionConfig, run_host
 from ._model import projectors
