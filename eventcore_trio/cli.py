@@ -128,8 +128,7 @@ class _StoreOptions:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> _StoreOptions:
-        from .postgres._dsn import normalize_dsn
-        from .postgres._schema import check_schema_name
+        from .postgres import check_schema_name, normalize_dsn
 
         if not args.dsn:
             raise ConfigurationError(f"no database given: pass --dsn or set {DSN_VARIABLE}")
@@ -147,8 +146,7 @@ class _StoreOptions:
     async def open(self, *, migrate: bool = False) -> AsyncIterator[PostgresStore]:
         """Open the store; behind a proxy, with asyncpg's statement cache off unless the
         options say otherwise (a transaction-pooling proxy loses prepared statements)."""
-        from .postgres import open_postgres_store
-        from .postgres._open import behind_proxy
+        from .postgres import behind_proxy, open_postgres_store
 
         cache = self.statement_cache_size
         if cache is None:
@@ -453,7 +451,7 @@ def load_projectors(target: str) -> list[Any]:
             that is not a projector. The message says which, without a traceback: the code
             is the user's, and the cause is in the message.
     """
-    from .projection._projector import resolve
+    from .projection import check_projector
 
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
@@ -490,7 +488,7 @@ def load_projectors(target: str) -> list[Any]:
         raise ConfigurationError(f"{target} names no projectors")
     for candidate in projectors:
         try:
-            resolve(candidate)
+            check_projector(candidate)
         except EventCoreError as exc:
             raise ConfigurationError(
                 f"{target} must name a projector, a list or tuple of them, or a function "

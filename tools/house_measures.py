@@ -63,7 +63,8 @@ def _crosses_into_private(path: Path, target: list[str]) -> bool:
 
 
 def _private_names_defined(tree: ast.AST) -> set[str]:
-    """The private attribute names a module defines: methods, class attributes, ``self._x``."""
+    """The private attribute names a class (or module) defines: methods, class attributes,
+    ``self._x``."""
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
@@ -75,30 +76,57 @@ def _private_names_defined(tree: ast.AST) -> set[str]:
     return {name for name in names if name.startswith("_")}
 
 
+def _accesses(tree: ast.AST) -> list[tuple[ast.Attribute, set[str]]]:
+    """Each attribute access with the private names of the class it is written in (empty
+    outside a class): a class may use its own privates on other instances of itself."""
+    found: list[tuple[ast.Attribute, set[str]]] = []
+
+    def visit(node: ast.AST, own: set[str]) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                visit(child, own | _private_names_defined(child))
+                continue
+            if isinstance(child, ast.Attribute):
+                found.append((child, own))
+            visit(child, own)
+
+    visit(tree, set())
+    return found
+
+
 def reach_ins() -> list[str]:
-    """Uses of a private attribute that the using module does not define itself."""
+    """Uses of a private attribute outside the class that defines it, and imports of another
+    subpackage's private module."""
     found = []
     for path in sorted(PACKAGE.rglob("*.py")):
         tree = ast.parse(path.read_text())
         where = str(path.relative_to(ROOT))
-        own = _private_names_defined(tree)
+        for node, own in _accesses(tree):
+            attr = node.attr
+            if not attr.startswith("_") or attr.startswith("__") or attr in ALLOWED_ATTRIBUTES:
+                continue
+            if attr in own:
+                continue
+            value = node.value
+            if isinstance(value, ast.Name) and value.id in {"self", "cls"}:
+                continue
+            if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super":
+                continue
+            found.append(f"{where}:{node.lineno}: .{attr} on {ast.unparse(value)}")
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute):
-                attr = node.attr
-                if not attr.startswith("_") or attr.startswith("__") or attr in ALLOWED_ATTRIBUTES:
-                    continue
-                if attr in own:
-                    continue
-                value = node.value
-                if isinstance(value, ast.Name) and value.id in {"self", "cls"}:
-                    continue
-                if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super":
-                    continue
-                found.append(f"{where}:{node.lineno}: .{attr} on {ast.unparse(value)}")
-            elif isinstance(node, ast.ImportFrom) and node.level and node.module:
+            if isinstance(node, ast.ImportFrom) and node.level and node.module:
                 target = _absolute(path, node.level, node.module)
                 if _crosses_into_private(path, target):
-                    found.append(f"{where}:{node.lineno}: imports {target}")
+                    found.append(f"{where}:{node.lineno}: imports {'.'.join(target)}")
+                    continue
+                for alias in node.names:
+                    # `from ..postgres import _bridge`: a private module by another door.
+                    if alias.name.startswith("_") and _crosses_into_private(
+                        path, [*target, alias.name]
+                    ):
+                        found.append(
+                            f"{where}:{node.lineno}: imports {alias.name} from {'.'.join(target)}"
+                        )
     return found
 
 
@@ -142,7 +170,7 @@ def main() -> None:
     for where, lines in long:
         print(f"  {where}: {lines}")
     found = reach_ins()
-    print(f"cross-module private reach-ins: {len(found)}")
+    print(f"private reach-ins (outside the defining class or subpackage): {len(found)}")
     for line in found:
         print(f"  {line}")
     print(f"duplicates pairs in the package: {duplicate_pairs()}")

@@ -26,8 +26,7 @@ from .._errors import (
     ProjectionRunning,
 )
 from .._protocols import ProjectionAdmin, Store
-from ..projection import replay_dead_letters
-from ..projection._projector import resolve
+from ..projection import check_projector, replay_dead_letters
 from ._allowed_hosts import HostCheck, allowed_host_names
 from ._page import PAGE
 from ._prometheus import prometheus_text
@@ -105,7 +104,7 @@ def dashboard_app(
             "actions need a secret, so that not every local process can reset projections: "
             "pass action_token (e.g. secrets.token_urlsafe(32))"
         )
-    by_name = {resolve(p).name: p for p in projectors}
+    by_name = {check_projector(p): p for p in projectors}
     state.replayable = sorted(by_name)
 
     async def action(request: Request) -> str | JSONResponse:

@@ -6,13 +6,16 @@ Advisory-lock keys are derived as documented in ``eventcore_trio.postgres._keys`
 """
 
 from .._util import fixup_module_metadata
+from ._dsn import normalize_dsn as normalize_dsn
 from ._grants import runtime_grants as runtime_grants
 from ._keys import projector_lock_key as projector_lock_key
 from ._keys import writer_lock_key as writer_lock_key
 from ._leadership import PostgresLeadership as PostgresLeadership
+from ._open import behind_proxy as behind_proxy
 from ._open import open_postgres_store as open_postgres_store
 from ._schema import LATEST_SCHEMA_VERSION as LATEST_SCHEMA_VERSION
 from ._schema import MINIMUM_SERVER_VERSION_NUM as MINIMUM_SERVER_VERSION_NUM
+from ._schema import check_schema_name as check_schema_name
 from ._store import DSN_ENVIRONMENT_VARIABLE as DSN_ENVIRONMENT_VARIABLE
 from ._store import PostgresStore as PostgresStore
 from ._transaction import PostgresTransaction as PostgresTransaction
@@ -24,6 +27,9 @@ __all__ = [
     "PostgresLeadership",
     "PostgresStore",
     "PostgresTransaction",
+    "behind_proxy",
+    "check_schema_name",
+    "normalize_dsn",
     "open_postgres_store",
     "projector_lock_key",
     "runtime_grants",

@@ -10,10 +10,12 @@ from ._projector import FailureStrategy as FailureStrategy
 from ._projector import FunctionProjector as FunctionProjector
 from ._projector import ProjectionContext as ProjectionContext
 from ._projector import Projector as Projector
+from ._projector import check_projector as check_projector
 from ._projector import projector as projector
 from ._runner import ReplayResult as ReplayResult
 from ._runner import replay_dead_letters as replay_dead_letters
 from ._runner import run_projection as run_projection
+from ._waiting import wait_caught_up as wait_caught_up
 from ._waiting import wait_for_projections as wait_for_projections
 
 __all__ = [
@@ -25,11 +27,13 @@ __all__ = [
     "ProjectionResult",
     "Projector",
     "ReplayResult",
+    "check_projector",
     "projector",
     "replay_dead_letters",
     "run_host",
     "run_projection",
     "run_projections",
+    "wait_caught_up",
     "wait_for_projections",
 ]
 

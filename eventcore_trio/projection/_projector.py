@@ -373,6 +373,21 @@ def _default_on_error(_: Failure) -> FailureStrategy:
     return FailureStrategy.FATAL
 
 
+def check_projector(candidate: object) -> str:
+    """Check that *candidate* is a usable projector (a name, a filter and ``async apply``, or
+    an ``@projector`` function) and return its name.
+
+    For tools that load projectors named on a command line (``eventcore-trio run``, the
+    dashboard) and want a clear error before anything runs.
+
+    Raises:
+        InvalidArgument: *candidate* is not a projector, or one of its members is invalid.
+
+    .. versionadded:: 0.3
+    """
+    return resolve(candidate).name
+
+
 def resolve(candidate: object) -> ResolvedProjector:
     """Check that *candidate* is a usable projector and normalise its optional members."""
     name = getattr(candidate, "name", None)

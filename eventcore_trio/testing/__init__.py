@@ -10,7 +10,7 @@ from .._tools._leaders import leader_pid as leader_pid
 from .._tools._leaders import wait_for_leader as wait_for_leader
 from .._tools._processes import run_ready_process as run_ready_process
 from .._util import fixup_module_metadata
-from ..projection._waiting import wait_caught_up as wait_caught_up
+from ..projection import wait_caught_up as wait_caught_up
 from ._contract import StoreContract as StoreContract
 from ._contract import events as events
 from ._contract import follow_until as follow_until

@@ -15,9 +15,14 @@ from .._events import NewEvent, StreamAppend
 from .._protocols import Leadership, Store
 from ..memory import MemoryStore, open_memory_store
 from ..memory._store import MemoryLeadership
-from ..postgres import PostgresLeadership, PostgresStore, _bridge, open_postgres_store
-from ..postgres._dsn import normalize_dsn
-from ..postgres._keys import writer_lock_key
+from ..postgres import (
+    PostgresLeadership,
+    PostgresStore,
+    _bridge,
+    normalize_dsn,
+    open_postgres_store,
+    writer_lock_key,
+)
 
 
 class BackendHarness(Protocol):
