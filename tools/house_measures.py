@@ -113,19 +113,19 @@ def reach_ins() -> list[str]:
             if isinstance(value, ast.Call) and getattr(value.func, "id", None) == "super":
                 continue
             found.append(f"{where}:{node.lineno}: .{attr} on {ast.unparse(value)}")
-        for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.level and node.module:
-                target = _absolute(path, node.level, node.module)
+        for statement in ast.walk(tree):
+            if isinstance(statement, ast.ImportFrom) and statement.level and statement.module:
+                target = _absolute(path, statement.level, statement.module)
                 if _crosses_into_private(path, target):
-                    found.append(f"{where}:{node.lineno}: imports {'.'.join(target)}")
+                    found.append(f"{where}:{statement.lineno}: imports {'.'.join(target)}")
                     continue
-                for alias in node.names:
+                for alias in statement.names:
                     # `from ..postgres import _bridge`: a private module by another door.
                     if alias.name.startswith("_") and _crosses_into_private(
                         path, [*target, alias.name]
                     ):
                         found.append(
-                            f"{where}:{node.lineno}: imports {alias.name} from {'.'.join(target)}"
+                            f"{where}:{statement.lineno}: imports {alias.name} from {'.'.join(target)}"
                         )
     return found
 
