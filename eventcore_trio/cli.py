@@ -176,7 +176,7 @@ _STATEMENT_ADVICE: Final = (
 
 def _pooling_message(exc: UnsupportedPooling) -> str:
     """*exc*'s message with its advice in terms of this command line, not the Python API."""
-    from .postgres._fence import POOLER_HINT
+    from .postgres import POOLER_HINT
 
     message = str(exc)
     if "prepared statement" in message:
@@ -515,8 +515,7 @@ def _where(exc: BaseException, module_name: str) -> str:
 
 
 async def _migrate(options: _StoreOptions, grant: str | None, partitions: list[int]) -> int:
-    from .postgres import LATEST_SCHEMA_VERSION
-    from .postgres._reads import partition_index_advice
+    from .postgres import LATEST_SCHEMA_VERSION, partition_index_advice
 
     async with options.open(migrate=True) as store:
         print(f"schema {options.schema!r} is at version {LATEST_SCHEMA_VERSION}")

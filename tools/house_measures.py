@@ -77,8 +77,8 @@ def _private_names_defined(tree: ast.AST) -> set[str]:
 
 
 def _accesses(tree: ast.AST) -> list[tuple[ast.Attribute, set[str]]]:
-    """Each attribute access with the private names of the class it is written in (empty
-    outside a class): a class may use its own privates on other instances of itself."""
+    """Each attribute access with the private names it may use: a class its own (on other
+    instances of itself too), a module-level function those of the module's classes."""
     found: list[tuple[ast.Attribute, set[str]]] = []
 
     def visit(node: ast.AST, own: set[str]) -> None:
@@ -90,7 +90,19 @@ def _accesses(tree: ast.AST) -> list[tuple[ast.Attribute, set[str]]]:
                 found.append((child, own))
             visit(child, own)
 
-    visit(tree, set())
+    # Module-level functions are the module's own: they may use its classes' privates
+    # (`position_parts` beside `Position`); methods only their own class's.
+    module_classes: set[str] = set()
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.ClassDef):
+            module_classes |= _private_names_defined(child)
+    for child in ast.iter_child_nodes(tree):
+        if isinstance(child, ast.ClassDef):
+            visit(child, _private_names_defined(child))
+        elif isinstance(child, ast.Attribute):
+            found.append((child, module_classes))
+        else:
+            visit(child, module_classes)
     return found
 
 

@@ -67,6 +67,8 @@ HOLDS_ANY_ADVISORY_LOCK: Final = (
     "EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND pid = pg_backend_pid())"
 )
 
+# The advice every UnsupportedPooling about lock sessions ends with; exported so that a tool
+# (the CLI) can replace it with advice in its own terms.
 POOLER_HINT: Final = (
     "the leadership connection goes through a transaction-pooling proxy (PgBouncer "
     "pool_mode = transaction?): connect lock sessions directly or through session pooling, "

@@ -105,7 +105,11 @@ _MAY_INDEX_EVENTS: Final = (
 
 
 def partition_index_advice(schema: str, count: int) -> str:
-    """What the schema's owner runs to build the index of *count* partitions."""
+    """The command the schema's owner runs to build the index of *count* partitions
+    (``eventcore-trio migrate --schema S --partition-index N``), for messages that name it.
+
+    .. versionadded:: 0.3
+    """
     return f"eventcore-trio migrate --schema {schema} --partition-index {int(count)}"
 
 
