@@ -136,8 +136,9 @@ def reach_ins() -> list[str]:
                     if alias.name.startswith("_") and _crosses_into_private(
                         path, [*target, alias.name]
                     ):
+                        source = ".".join(target)
                         found.append(
-                            f"{where}:{statement.lineno}: imports {alias.name} from {'.'.join(target)}"
+                            f"{where}:{statement.lineno}: imports {alias.name} from {source}"
                         )
     return found
 
