@@ -226,7 +226,7 @@ def caused_by(event: RecordedEvent) -> dict[str, str]:
 
     The correlation id is carried over (or starts with *event*'s id when it has none); the
     causation id is *event*'s own id. Pass it as metadata when a projector or a process
-    manager appends, or give the event to ``execute(..., caused_by=event)``.
+    manager appends, or give the event to ``execute(..., caused_by_event=event)``.
 
     .. versionadded:: 0.1
     """

@@ -1,4 +1,4 @@
-"""The four capabilities a backend provides, as `typing.Protocol` classes.
+"""The five capabilities a backend provides, as `typing.Protocol` classes.
 
 The projection layer depends only on these; backends implement them. Every method documented
 here is a Trio checkpoint, and cancelling it leaves the store unchanged: an append either
@@ -17,6 +17,7 @@ from ._filters import EventFilter
 from ._positions import Position
 from ._snapshots import Snapshot
 from ._status import ClusterView, DeadLetter, ProjectionState, ProjectionStatus
+from ._validation import check_expected_version, check_stream_id
 
 
 @runtime_checkable
@@ -64,6 +65,43 @@ class EventStore(Protocol):
         A stream that does not exist reads as an empty list.
         """
         ...
+
+
+class OneStreamAppend:
+    """`append` said once, in terms of `append_atomic`, for everything that appends.
+
+    The stores, `PostgresTransaction` and `ProjectionContext` inherit it; each one's
+    `append_atomic` says where its events go and when they commit (at once, with the
+    application's transaction, or with a projection batch's checkpoint).
+    """
+
+    __slots__ = ()
+
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Append to several streams, all or none (see `EventStore.append_atomic`)."""
+        raise NotImplementedError
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[NewEvent],
+        *,
+        expected_version: int | None = None,
+    ) -> AppendResult:
+        """Append *events* to one stream, all or none: `append_atomic` with one
+        `StreamAppend` (see `EventStore.append`).
+
+        Raises:
+            VersionConflict: the stream's version is not *expected_version*.
+            InvalidArgument: a bad stream id, version or event (nothing written).
+            EventEncodeError: data or metadata is not JSON (nothing written).
+        """
+        request = StreamAppend(
+            check_stream_id(stream_id),
+            events,  # the converter validates and freezes it
+            expected_version=check_expected_version(expected_version),
+        )
+        return await self.append_atomic([request])
 
 
 @runtime_checkable
@@ -562,7 +600,9 @@ class ProjectionAdmin(Protocol):
 class Store(
     EventStore, EventReader, CheckpointStore, ProjectorCoordinator, ProjectionAdmin, Protocol
 ):
-    """A backend providing all four capabilities, as the memory and PostgreSQL stores do.
+    """A backend providing all five capabilities (`EventStore`, `EventReader`,
+    `CheckpointStore`, `ProjectorCoordinator`, `ProjectionAdmin`), as the memory and
+    PostgreSQL stores do.
 
     .. versionadded:: 0.1
     """

@@ -6,16 +6,18 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import attrs
 import trio
 
-from eventcore_trio import StoreConnectionError
-from eventcore_trio.postgres import DSN_ENVIRONMENT_VARIABLE
+from eventcore_trio import NewEvent, StoreConnectionError
+from eventcore_trio._tools._processes import run_ready_process
+from eventcore_trio.postgres import DSN_ENVIRONMENT_VARIABLE, PostgresStore
 from eventcore_trio.torture._report import Findings
 
 
@@ -126,3 +128,89 @@ def clean_findings(events: int) -> Findings:
     """A verification that found nothing wrong in *events* events."""
     zeros = {f.name: 0 for f in attrs.fields(Findings) if f.name != "events"}
     return Findings(events=events, **zeros)
+
+
+#: A host process running the projectors named on its command line (`RecordingHosts`).
+RECORDING_HOST = Path(__file__).parent / "postgres" / "recording_host.py"
+
+
+async def create_applied_table(store: PostgresStore) -> str:
+    """A new application schema with the ``applied`` table the recording hosts write; its
+    name."""
+    app = f"app_{uuid.uuid4().hex[:10]}"
+    await store.admin.execute(
+        f'CREATE SCHEMA "{app}"; '
+        f'CREATE TABLE "{app}".applied (id bigserial PRIMARY KEY, projection text NOT NULL, '
+        "partition int, partitions int NOT NULL, stream_id text NOT NULL, version bigint NOT NULL, "
+        "event_id uuid NOT NULL, pid int NOT NULL)"
+    )
+    return app
+
+
+async def append_orders(store: PostgresStore, stop: trio.Event) -> None:
+    """Append to 30 order streams, one event every 5 ms, until *stop* is set."""
+    n = 0
+    while not stop.is_set():
+        await store.append(f"order-{n % 30}", [NewEvent("Placed", {"n": n})])
+        n += 1
+        await trio.sleep(0.005)
+
+
+async def caught_up(store: PostgresStore, projections: Iterable[str]) -> bool:
+    """Whether every unit of *projections* has a checkpoint and no lag."""
+    names = set(projections)
+    status = [s for s in await store.projection_status() if s.name in names]
+    return all(s.checkpoint is not None and s.lag_events == 0 for s in status)
+
+
+class RecordingHosts:
+    """Host processes of one test running `RECORDING_HOST`, started and killed by the test;
+    with *logs*, each one's stderr goes to a file there (see `said`)."""
+
+    def __init__(
+        self, nursery: trio.Nursery, dsn: str, schema: str, app: str, logs: Path | None = None
+    ) -> None:
+        self._nursery = nursery
+        self._dsn = dsn
+        self._argv = [sys.executable, str(RECORDING_HOST), schema, app]
+        self._logs = logs
+        self.processes: dict[int, trio.Process] = {}
+        # pid -> the projection names it runs
+        self.runs: dict[int, set[str]] = {}
+        self._stderr: dict[int, Path] = {}
+        self._files: list[IO[bytes]] = []
+
+    async def start(self, *specs: str) -> int:
+        """Start a host running *specs* (``NAME`` or ``NAME:PARTITIONS``); its pid once ready."""
+        file = None
+        if self._logs is not None:
+            log = self._logs / f"host-{len(self.runs)}.log"
+            file = log.open("wb")
+            self._files.append(file)
+        process: trio.Process = await self._nursery.start(
+            lambda task_status: run_ready_process(
+                [*self._argv, *specs],
+                env={DSN_ENVIRONMENT_VARIABLE: self._dsn},
+                stderr=file,
+                startup_limit=60,
+                task_status=task_status,
+            )
+        )
+        self.processes[process.pid] = process
+        self.runs[process.pid] = {spec.partition(":")[0] for spec in specs}
+        if file is not None:
+            self._stderr[process.pid] = log
+        return process.pid
+
+    def kill(self, pid: int) -> None:
+        """SIGKILL host *pid*."""
+        self.processes.pop(pid).kill()
+
+    def said(self, pid: int) -> str:
+        """What host *pid* wrote to its stderr so far (needs *logs*)."""
+        return self._stderr[pid].read_text()
+
+    def close(self) -> None:
+        """Close the stderr files."""
+        for file in self._files:
+            file.close()

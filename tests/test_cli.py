@@ -34,9 +34,9 @@ from eventcore_trio.cli import (
     EXIT_OK,
     EXIT_UNREACHABLE,
     EXIT_USAGE,
-    _status_lines,
     main,
 )
+from eventcore_trio.cli._status import status_lines
 from eventcore_trio.demo import run_demo
 
 from .conftest import oldest_server_param
@@ -254,7 +254,7 @@ class TestCommandLine:
                 ),
             ),
         )
-        lines = _status_lines([record])
+        lines = status_lines([record])
         assert all(line.isprintable() for line in lines)
         # Header, unit, last error, unrunnable, units per host, held back, the foreign lock
         # and what to do about it: no line injected.

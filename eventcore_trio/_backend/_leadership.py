@@ -11,6 +11,9 @@ import logging
 
 import trio
 
+from .._filters import EventFilter
+from .._status import ProjectionState
+
 logger = logging.getLogger("eventcore_trio.leadership")
 
 
@@ -54,3 +57,20 @@ class LeadershipState:
             self._lost_reason = reason
             logger.error("leadership of %s lost: %s", self._name, reason)
         self._lost.set()
+
+    async def report(
+        self,
+        state: ProjectionState,
+        *,
+        error: str | None = None,
+        filter: EventFilter | None = None,
+    ) -> None:
+        """Record this leader's state, error and filter for `projection_status` (see
+        `Leadership.report`)."""
+        await self.record_report(state, error, filter)
+
+    async def record_report(
+        self, state: ProjectionState, error: str | None, filter: EventFilter | None
+    ) -> None:
+        """Where each backend records a report: a table row, or the in-memory record."""
+        raise NotImplementedError

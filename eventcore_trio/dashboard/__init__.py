@@ -16,6 +16,7 @@ from .._util import fixup_module_metadata
 from ._app import dashboard_app as dashboard_app
 from ._prometheus import prometheus_metrics as prometheus_metrics
 from ._prometheus import prometheus_text as prometheus_text
+from ._serve import run_dashboard as run_dashboard
 from ._serve import serve_dashboard as serve_dashboard
 from ._state import DashboardState as DashboardState
 from ._state import poll_status as poll_status
@@ -26,6 +27,7 @@ __all__ = [
     "poll_status",
     "prometheus_metrics",
     "prometheus_text",
+    "run_dashboard",
     "serve_dashboard",
 ]
 

@@ -6,7 +6,8 @@ import errno
 import functools
 import logging
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import trio
@@ -18,7 +19,7 @@ from .._protocols import ProjectionAdmin
 from ._allowed_hosts import allowed_host_names, normal_host
 from ._app import dashboard_app
 from ._state import DashboardState, poll_status
-from ._token import check_action_token
+from ._token import action_token, check_action_token
 
 logger = logging.getLogger("eventcore_trio.dashboard")
 
@@ -143,3 +144,44 @@ async def serve_dashboard(
         urls: list[str] = await nursery.start(functools.partial(serve, app, config, mode="asgi"))
         logger.info("dashboard at %s", ", ".join(urls))
         task_status.started(urls)
+
+
+async def run_dashboard(
+    open_store: Callable[[], AbstractAsyncContextManager[ProjectionAdmin]],
+    *,
+    bind: str,
+    allow_actions: bool,
+    projectors: Sequence[object],
+    allowed_hosts: Iterable[str],
+    action_token_file: str | None,
+    on_ready: Callable[[list[str]], None],
+) -> None:
+    """What ``eventcore-trio dashboard`` runs: check the options, open the store with
+    *open_store*, serve the dashboard until cancelled, and call *on_ready* with its URLs.
+
+    The action token comes from *action_token_file*, else the ``EVENTCORE_DASHBOARD_TOKEN``
+    environment variable (only with *allow_actions*); the rest is as `serve_dashboard`.
+
+    Raises:
+        ConfigurationError: as `serve_dashboard`, or the token is missing or not valid; raised
+            before the store is opened, so that bad options are told apart from a database
+            that cannot be reached (and not wrapped in an exception group by the nursery).
+    """
+    check_bind(bind)
+    allowed_hosts = list(allowed_hosts)
+    allowed_host_names(allowed_hosts)
+    token = action_token(allow_actions, action_token_file)
+    await check_listen(bind)
+    async with open_store() as store, trio.open_nursery() as nursery:
+        urls = await nursery.start(
+            functools.partial(
+                serve_dashboard,
+                store,
+                bind=bind,
+                allow_actions=allow_actions,
+                projectors=projectors,
+                allowed_hosts=allowed_hosts,
+                action_token=token,
+            )
+        )
+        on_ready(urls)

@@ -80,6 +80,28 @@ def read_action_token(path: str) -> str:
     return check_action_token(data.decode("latin-1"), source=f"the file {path!r}")
 
 
+def action_token(allow_actions: bool, token_file: str | None) -> str | None:
+    """The token ``eventcore-trio dashboard`` requires: from *token_file*, else the
+    `TOKEN_VARIABLE` environment variable; None when actions are off. A token never comes
+    from the command line, which ``ps`` shows.
+
+    Raises:
+        ConfigurationError: actions are on without a token, or the token is not valid.
+    """
+    if not allow_actions:
+        return None
+    if token_file is not None:
+        return read_action_token(token_file)
+    token = os.environ.get(TOKEN_VARIABLE)
+    if token:
+        return check_action_token(token, source=TOKEN_VARIABLE)
+    raise ConfigurationError(
+        "--allow-actions needs a secret token, or any local process could reset projections: "
+        "put one in a file only you can read and pass --action-token-file PATH, or set "
+        f"{TOKEN_VARIABLE}; make one with: {MAKE_TOKEN}"
+    )
+
+
 def token_matches(given: str, token: str) -> bool:
     """Whether *given* is *token*, in time that depends on neither of them.
 

@@ -1,7 +1,8 @@
 """The demo's bank: the one domain model shared by the demo, the benchmarks and the tests.
 
-``eventcore-trio demo`` runs it (`run_demo` in memory, the failover demo on PostgreSQL); the
-benchmarks time its `Transfer` command, and the tests use it as a realistic domain.
+``eventcore-trio demo`` runs it (`demo_main`: `run_demo` in memory, the failover demo on
+PostgreSQL); the benchmarks time its `Transfer` command, and the tests use it as a realistic
+domain (`random_transfer` is the writers' step everywhere).
 """
 
 from .._util import fixup_module_metadata
@@ -14,7 +15,9 @@ from ._bank import MoneyWithdrawn as MoneyWithdrawn
 from ._bank import OpenAccount as OpenAccount
 from ._bank import Transfer as Transfer
 from ._bank import balance_after as balance_after
+from ._bank import random_transfer as random_transfer
 from ._bank import registry as registry
+from ._main import demo_main as demo_main
 from ._memory import DemoReport as DemoReport
 from ._memory import run_demo as run_demo
 
@@ -29,6 +32,8 @@ __all__ = [
     "OpenAccount",
     "Transfer",
     "balance_after",
+    "demo_main",
+    "random_transfer",
     "registry",
     "run_demo",
 ]

@@ -8,13 +8,16 @@ directly, for verifications that fold whole streams without the registry.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import attrs
 
 from .._events import RecordedEvent
+from .._protocols import EventStore
 from .._typed import EventRegistry
+from ..commands import RetryPolicy, StateCache, execute
 
 #: What every demo account is opened with.
 INITIAL_BALANCE: Final = 1_000
@@ -123,3 +126,38 @@ class Transfer:
             self.source: [MoneyWithdrawn(self.amount, self.target)],
             self.target: [MoneyDeposited(self.amount, self.source)],
         }
+
+
+async def random_transfer(
+    store: EventStore,
+    accounts: Sequence[str],
+    rng: random.Random,
+    *,
+    most: int,
+    cache: StateCache | None = None,
+    retry: RetryPolicy | None = None,
+) -> int | None:
+    """Run one `Transfer` of 1 to *most* between two of *accounts* that *rng* picks.
+
+    The writers of the demo, the benchmarks and the tests all run this: a command across
+    two streams, retried on version conflicts.
+
+    Returns:
+        How many attempts it took (1 without a conflict), or None when the source lacked
+        the funds and the transfer was refused.
+
+    Raises:
+        RetriesExhausted: it met a conflict at every attempt *retry* allows.
+    """
+    source, target = rng.sample(accounts, 2)
+    try:
+        result = await execute(
+            store,
+            Transfer(source, target, rng.randint(1, most)),
+            registry=registry,
+            retry=retry,
+            cache=cache,
+        )
+    except InsufficientFunds:
+        return None
+    return result.attempts

@@ -28,16 +28,9 @@ from .._errors import RetriesExhausted
 from .._events import StreamAppend
 from .._status import ProjectionStatus
 from .._tools._processes import run_ready_process
-from ..commands import StateCache, execute
+from ..commands import StateCache
 from ..postgres import DSN_ENVIRONMENT_VARIABLE, PostgresStore, open_postgres_store
-from ._bank import (
-    INITIAL_BALANCE,
-    AccountOpened,
-    InsufficientFunds,
-    Transfer,
-    balance_after,
-    registry,
-)
+from ._bank import INITIAL_BALANCE, AccountOpened, balance_after, random_transfer, registry
 
 ACCOUNTS = 20
 
@@ -84,19 +77,15 @@ async def _writer(
 ) -> None:
     rng = random.Random(seed)
     while not stop.is_set():
-        source, target = rng.sample(accounts, 2)
         try:
-            result = await execute(
-                store,
-                Transfer(source, target, rng.randint(1, 200)),
-                registry=registry,
-                cache=cache,
-            )
-        except (InsufficientFunds, RetriesExhausted):
+            attempts = await random_transfer(store, accounts, rng, most=200, cache=cache)
+        except RetriesExhausted:
+            attempts = None
+        if attempts is None:
             stats.refused += 1
         else:
             stats.transfers += 1
-            stats.retried += result.attempts - 1
+            stats.retried += attempts - 1
         await trio.sleep(0.002)
 
 

@@ -10,7 +10,6 @@ twice.
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
@@ -22,17 +21,9 @@ from .._events import RecordedEvent
 from .._filters import EventFilter
 from .._positions import Position
 from .._protocols import Store
-from .._tools._processes import run_program
 from ..commands import StateCache, execute
 from ..projection import ProjectionConfig, ProjectionContext, run_projection
-from ._bank import (
-    INITIAL_BALANCE,
-    InsufficientFunds,
-    OpenAccount,
-    Transfer,
-    balance_after,
-    registry,
-)
+from ._bank import INITIAL_BALANCE, OpenAccount, balance_after, random_transfer, registry
 
 PROJECTION = "demo-balances"
 
@@ -79,19 +70,12 @@ async def _transfer_worker(
 ) -> None:
     rng = random.Random(seed)
     for _ in range(transfers):
-        source, target = rng.sample(accounts, 2)
-        try:
-            result = await execute(
-                store,
-                Transfer(source, target, rng.randint(1, 300)),
-                registry=registry,
-                cache=cache,
-            )
-        except InsufficientFunds:
+        attempts = await random_transfer(store, accounts, rng, most=300, cache=cache)
+        if attempts is None:
             report.refused += 1
         else:
             report.transfers += 1
-            report.conflicts += result.attempts - 1
+            report.conflicts += attempts - 1
 
 
 async def _wait_caught_up(store: Store, projector: _Balances) -> None:
@@ -186,41 +170,3 @@ async def _verify(
         report.problems.append("the projection saw a different number of events")
     if await store.load_checkpoint(PROJECTION) != report.checkpoint:
         report.problems.append("the saved checkpoint is not the last projected position")
-
-
-def demo_main(dsn: str | None, *, memory: bool, scale: int, duration: float) -> int:
-    """Run the demo on a DSN, an embedded PostgreSQL, or the memory store; return exit code.
-
-    On PostgreSQL it is the failover demo (three host processes, a killed leader); on the
-    memory store, the single-process version of the same bank.
-    """
-    from ..memory import open_memory_store
-    from ._failover import run_failover_demo
-
-    def out(line: str) -> None:
-        print(line, flush=True)
-
-    live = sys.stdout.isatty()
-    if memory:
-        out("store: in-memory (single process; use PostgreSQL for the failover demo)")
-        report = run_program(
-            lambda: run_demo(open_memory_store, transfers_per_writer=scale, out=out)
-        )
-        return 0 if report.ok else 1
-    if dsn is not None:
-        out("store: PostgreSQL at the given DSN (a temporary schema, dropped afterwards)")
-        ok = run_program(lambda: run_failover_demo(dsn, duration=duration, out=out, live=live))
-        return 0 if ok else 1
-    from .._tools._embedded import EmbeddedPostgres
-
-    out("starting an embedded PostgreSQL (no installation needed)…")
-    with EmbeddedPostgres() as server:
-        # Not the DSN: it holds the server's password, which stays out of terminals and logs.
-        out(
-            f"store: embedded PostgreSQL {server.version} on 127.0.0.1:{server.port} "
-            "(its password is random and known only to this process)"
-        )
-        ok = run_program(
-            lambda: run_failover_demo(server.dsn, duration=duration, out=out, live=live)
-        )
-    return 0 if ok else 1

@@ -1,10 +1,10 @@
 """The in-memory backend: `open_memory_store` and its types."""
 
 from .._util import fixup_module_metadata
-from ._store import MemoryBatch as MemoryBatch
-from ._store import MemoryLeadership as MemoryLeadership
+from ._batch import MemoryBatch as MemoryBatch
+from ._leadership import MemoryLeadership as MemoryLeadership
+from ._open import open_memory_store as open_memory_store
 from ._store import MemoryStore as MemoryStore
-from ._store import open_memory_store as open_memory_store
 
 __all__ = ["MemoryBatch", "MemoryLeadership", "MemoryStore", "open_memory_store"]
 

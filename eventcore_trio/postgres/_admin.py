@@ -14,15 +14,17 @@ from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any, Final, final
 
+import attrs
+
 from .._errors import ConfigurationError
 from .._events import StreamAppend
 from .._partitions import MAX_PARTITIONS
 from .._status import ForeignLock
-from ._bridge import Connection, Record, connect
+from ._bridge import Connection, Record
 from ._fence import LOCK_KEY
 from ._grants import grant_runtime_role
 from ._keys import index_lock_key, migration_lock_key, projector_lock_key, writer_lock_key
-from ._pool import Pool
+from ._pool import Pool, SessionOptions
 from ._reads import ensure_partition_index
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ async def foreign_locks(pool: Pool, schema: str, units: Iterable[str]) -> tuple[
 
 
 @final
+@attrs.define(eq=False, slots=False, repr=False, kw_only=True)
 class PostgresAdmin:
     """Raw SQL on a store's database, for tooling and tests; obtained from ``store.admin``.
 
@@ -89,31 +92,12 @@ class PostgresAdmin:
     .. versionadded:: 0.2
     """
 
-    def __init__(
-        self,
-        *,
-        pool: Pool,
-        schema: str,
-        dsn: str,
-        connect_timeout: float,
-        statement_cache_size: int,
-        append_statement: AppendStatement,
-        notifier: Notifier,
-        group_commit: GroupCommit,
-        session_dsn: str | None = None,
-        application_name: str = "eventcore-trio",
-    ) -> None:
-        self._pool = pool
-        self._schema = schema
-        self._dsn = dsn
-        # Where a session of its own connects (an index build's): past any pooling proxy.
-        self._session_dsn = dsn if session_dsn is None else session_dsn
-        self._application_name = application_name
-        self._connect_timeout = connect_timeout
-        self._statement_cache_size = statement_cache_size
-        self._append_statement = append_statement
-        self._notifier = notifier
-        self._group_commit = group_commit
+    _pool: Pool
+    _schema: str
+    _options: SessionOptions
+    _append_statement: AppendStatement
+    _notifier: Notifier
+    _group_commit: GroupCommit
 
     async def fetch(self, sql: str, *args: object) -> list[Record]:
         """Run *sql* and return every row."""
@@ -144,12 +128,7 @@ class PostgresAdmin:
         For sessions a test controls: a transaction held open, a lock taken by hand, a
         session to terminate.
         """
-        connection = await connect(
-            self._dsn,
-            application_name=application_name,
-            connect_timeout=self._connect_timeout,
-            statement_cache_size=self._statement_cache_size,
-        )
+        connection = await self._options.connect(application_name)
         try:
             yield connection
         finally:
@@ -253,7 +232,5 @@ class PostgresAdmin:
             self._pool,
             self._schema,
             partitions,
-            session_dsn=self._session_dsn,
-            application_name=self._application_name,
-            connect_timeout=self._connect_timeout,
+            options=self._options,
         )

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
-from typing import Any, TypeVar, final
+from types import TracebackType
+from typing import Any, Protocol, TypeVar, final
 
 from .._errors import (
     BatchInterrupted,
@@ -36,18 +37,28 @@ from .._events import AppendResult, RecordedEvent, StreamAppend, UndecodableEven
 from .._positions import Position, position_parts
 from ._appends import AppendStatement, append_result
 from ._bridge import Connection, Record
+from ._dead_letters import dead_letter_arguments
 from ._fence import HOLDS_LOCK, LockProof
-from ._subscriptions import Subscriptions, checkpoint_upsert, dead_letter_arguments
+from ._subscriptions import Subscriptions, checkpoint_upsert
 
 T = TypeVar("T")
+
+
+class _Statement(Protocol):
+    """How ``ctx.db`` runs a statement: through its batch (see `PostgresBatch._statement`)."""
+
+    async def __call__(self, call: Callable[..., Awaitable[T]], *args: Any) -> T: ...
 
 
 @final
 class _BatchDatabase:
     """``ctx.db``: the batch's transaction, begun lazily by the first statement."""
 
-    def __init__(self, batch: PostgresBatch) -> None:
-        self._batch = batch
+    def __init__(self, statement: _Statement, connection: Connection) -> None:
+        # The batch's door for every statement (BEGIN first, interruptions recorded), and
+        # the session its statements run on.
+        self._statement = statement
+        self._connection = connection
         # Writes queued by queue(), in order, sent by the next flush.
         self._queued: list[tuple[str, tuple[object, ...]]] = []
 
@@ -70,33 +81,33 @@ class _BatchDatabase:
                 groups.append((sql, [args]))
         # Taken off the queue first: if they fail, the batch fails with them.
         self._queued = []
-        await self._batch._statement(self._batch._connection.run_writes, groups)
+        await self._statement(self._connection.run_writes, groups)
 
     async def execute(self, sql: str, *args: object) -> str:
         """Run a statement in the batch's transaction (queued writes first)."""
         await self.flush()
-        return await self._batch._statement(self._batch._connection.execute, sql, *args)
+        return await self._statement(self._connection.execute, sql, *args)
 
     async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
         """Run a statement once per argument tuple in the batch's transaction."""
         await self.flush()
-        await self._batch._statement(self._batch._connection.executemany, sql, args)
+        await self._statement(self._connection.executemany, sql, args)
 
     async def fetch(self, sql: str, *args: object) -> list[Record]:
         """Run a query in the batch's transaction and return every row (it sees the queued
         writes: they are sent first)."""
         await self.flush()
-        return await self._batch._statement(self._batch._connection.fetch, sql, *args)
+        return await self._statement(self._connection.fetch, sql, *args)
 
     async def fetchrow(self, sql: str, *args: object) -> Record | None:
         """Run a query in the batch's transaction and return its first row."""
         await self.flush()
-        return await self._batch._statement(self._batch._connection.fetchrow, sql, *args)
+        return await self._statement(self._connection.fetchrow, sql, *args)
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         """Run a query in the batch's transaction and return one value."""
         await self.flush()
-        return await self._batch._statement(self._batch._connection.fetchval, sql, *args)
+        return await self._statement(self._connection.fetchval, sql, *args)
 
 
 @final
@@ -139,7 +150,7 @@ class PostgresBatch:
         # The checkpoint move requested by save_checkpoint, applied at commit when no
         # transaction was needed.
         self._pending_checkpoint: tuple[Position | None, Position] | None = None
-        self._db = _BatchDatabase(self)
+        self._db = _BatchDatabase(self._statement, connection)
         # From exactly the position the batch started at, and only if this session is the
         # lock's and holds it (fencing, see _fence). A second writer (a deposed leader, an
         # operator) or a lost lock makes it return no row.
@@ -256,7 +267,7 @@ class PostgresBatch:
         """Record *event* as skipped, in this transaction."""
         await self._statement(
             self._connection.execute,
-            self._subscriptions.dead_letter_insert,
+            self._subscriptions.letters.insert,
             *dead_letter_arguments(self._proof.name, event, error, retries),
         )
 
@@ -270,7 +281,7 @@ class PostgresBatch:
         proof = self._proof
         row = await self._statement(
             self._connection.fetchrow,
-            self._subscriptions.dead_letter_delete,
+            self._subscriptions.letters.delete,
             dead_letter_id,
             proof.name,
             proof.backend_pid,
@@ -300,6 +311,27 @@ class PostgresBatch:
         row = await self._statement(self._connection.fetchrow, sql, *args)
         self._appended = True
         return append_result(row, args)
+
+    async def __aenter__(self) -> PostgresBatch:
+        # The transaction begins lazily, with the first statement that needs one.
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Commit (fenced) when the block ended normally; otherwise, or when the commit
+        fails, roll back. Never swallows the block's error."""
+        if exc is not None:
+            await self._rollback()
+            return
+        try:
+            await self._commit()
+        except BaseException:
+            await self._rollback()
+            raise
 
     async def _commit(self) -> None:
         if self._interrupted:

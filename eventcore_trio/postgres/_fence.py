@@ -104,3 +104,24 @@ class LockProof:
         )
         # Behind a proxy, a pooler that reset the session does the same.
         return f"{reason}; or {POOLER_HINT}" if self.proxied else reason
+
+
+#: Takes every lock of the bigint array $1 that nobody holds or waits for, without waiting;
+#: true when it took all of them. (Polymorphic built-ins are qualified: a look-alike of exact
+#: argument types in a schema on the search path would win over pg_catalog's.)
+TRY_LOCKS: Final = (
+    "SELECT count(*) FILTER (WHERE pg_try_advisory_lock(k)) "
+    "= pg_catalog.cardinality($1::bigint[]) FROM pg_catalog.unnest($1::bigint[]) AS k"
+)
+#: Whether the current session holds every lock of the bigint array $1.
+HOLDS_LOCKS: Final = (
+    "SELECT coalesce(bool_and("
+    + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="k")
+    + "), true) FROM pg_catalog.unnest($1::bigint[]) AS k"
+)
+
+#: Releases the locks of the bigint array $1 that the current session holds.
+UNLOCK_HELD: Final = (
+    "SELECT pg_advisory_unlock(k) FROM pg_catalog.unnest($1::bigint[]) AS k WHERE "
+    + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="k")
+)

@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Final, final
 
@@ -42,7 +41,6 @@ import trio
 
 from .._backend._leadership import LeadershipState
 from .._errors import (
-    DatabaseError,
     EventCoreError,
     LeadershipLost,
     LeadershipUnavailable,
@@ -56,53 +54,17 @@ from .._util import background
 from ._appends import AppendStatement
 from ._batch import PostgresBatch
 from ._bridge import Connection, connect
-from ._fence import (
-    CHECK_LOCK,
-    HOLDS_ANY_ADVISORY_LOCK,
-    POOLER_HINT,
-    SESSION_HOLDS_LOCK,
-    LockProof,
+from ._fence import CHECK_LOCK, HOLDS_LOCKS, POOLER_HINT, TRY_LOCKS, UNLOCK_HELD, LockProof
+from ._lock_session import (
+    lock_session_settings,
+    prepare_lock_session,
+    probe_pooling,
+    release_proxied,
+    verify_pinned,
+    wait_for_lock,
+    warn_proxied_once,
 )
 from ._subscriptions import Subscriptions, report_arguments, report_statement
-
-logger = logging.getLogger("eventcore_trio.postgres")
-
-# Server-side TCP settings on the lock connection: keepalives (idle 5 s, then 3 probes 3 s
-# apart) for a silent connection, and a 15 s limit for data the server sent to be
-# acknowledged, since Linux sends no keepalives while sent data is unacknowledged (a reply
-# the partition swallowed) and would otherwise retransmit for about 15 minutes. A leader
-# whose machine drops off the network loses its lock after about 15 s either way. Behind a
-# proxy these watch the proxy's connection, not this host's: the proxy's own keepalive
-# settings (PgBouncer: tcp_keepidle, tcp_keepintvl, tcp_keepcnt, tcp_user_timeout) must
-# then do that job (docs/operations.md, "Connection poolers").
-KEEPALIVE_SETTINGS: Final = {
-    "tcp_keepalives_idle": "5",
-    "tcp_keepalives_interval": "3",
-    "tcp_keepalives_count": "3",
-    "tcp_user_timeout": "15000",
-}
-# PostgreSQL 14+: while a statement runs, check every 2 s that the client is still there. A
-# backend busy in a long statement otherwise notices a vanished client (and frees the lock)
-# only when the statement ends, keepalives or not.
-CONNECTION_CHECK_SETTINGS: Final = {"client_connection_check_interval": "2s"}
-CONNECTION_CHECK_MINIMUM_VERSION: Final = 140000
-# Timeouts a role or database may set (ALTER DATABASE ... SET statement_timeout) that must not
-# apply to a lock session: a standby waits in pg_advisory_lock for as long as the leader lives,
-# and a session the server ends for idling (between keepalives, or in a slow handler's
-# transaction) is a lost lock and a needless failover. The library ends its own transactions
-# (rolled back, shielded, on any doubt), so the idle-in-transaction guard is not needed here;
-# handlers bound their own work with cancel scopes or SET LOCAL statement_timeout.
-LOCK_SESSION_TIMEOUTS: Final = {
-    "statement_timeout": "0",
-    "lock_timeout": "0",
-    "idle_in_transaction_session_timeout": "0",
-}
-IDLE_SESSION_TIMEOUT_MINIMUM_VERSION: Final = 140000
-TRANSACTION_TIMEOUT_MINIMUM_VERSION: Final = 170000
-
-# How long one slice of a standby's wait lasts (see _wait_for_lock).
-STANDBY_WAIT_SLICE: Final = "2s"
-LOCK_NOT_AVAILABLE: Final = "55P03"
 
 # The client-side check: a ping this often, each bounded by PING_TIMEOUT, so a lost lock is
 # noticed within about a second even when the server never closes the socket.
@@ -123,14 +85,7 @@ class LeadershipContext:
     @property
     def lock_session_settings(self) -> dict[str, str]:
         """Server settings for a lock session on this server, applied once connected."""
-        settings = {**KEEPALIVE_SETTINGS, **LOCK_SESSION_TIMEOUTS}
-        if self.server_version >= CONNECTION_CHECK_MINIMUM_VERSION:
-            settings.update(CONNECTION_CHECK_SETTINGS)
-        if self.server_version >= IDLE_SESSION_TIMEOUT_MINIMUM_VERSION:
-            settings["idle_session_timeout"] = "0"
-        if self.server_version >= TRANSACTION_TIMEOUT_MINIMUM_VERSION:
-            settings["transaction_timeout"] = "0"
-        return settings
+        return lock_session_settings(self.server_version)
 
 
 @final
@@ -188,12 +143,8 @@ class PostgresLeadership(LeadershipState):
                 on_appended=self._context.on_appended,
             )
             try:
-                try:
+                async with batch:
                     yield batch
-                    await batch._commit()
-                except BaseException:
-                    await batch._rollback()
-                    raise
             except Exception as exc:
                 # Whatever failed (a statement through ctx.db, the projector, the commit): if
                 # the session is gone, the lock is gone too, and that is what the caller must
@@ -208,12 +159,8 @@ class PostgresLeadership(LeadershipState):
                     ) from exc
                 raise
 
-    async def report(
-        self,
-        state: ProjectionState,
-        *,
-        error: str | None = None,
-        filter: EventFilter | None = None,
+    async def record_report(
+        self, state: ProjectionState, error: str | None, filter: EventFilter | None
     ) -> None:
         """Record this leader's state, identity and filter in ``subscriptions``."""
         async with self._use() as connection:
@@ -256,146 +203,6 @@ class PostgresLeadership(LeadershipState):
                 self.mark_lost(proof.describe_loss(row["pid"]))
 
 
-_proxied_warned = False
-
-
-def _warn_proxied_once() -> None:
-    # Behind a proxy one protection is the proxy's to give: say so once per process.
-    global _proxied_warned
-    if not _proxied_warned:
-        _proxied_warned = True
-        logger.warning(
-            "lock sessions go through a proxy (a pooler such as PgBouncer): PostgreSQL's "
-            "keepalives then watch the proxy, not this host, so a host that vanishes from the "
-            "network keeps its locks until the proxy notices; set the proxy's TCP keepalives "
-            "(PgBouncer: tcp_keepidle, tcp_keepintvl, tcp_keepcnt, tcp_user_timeout; see "
-            "docs/operations.md)"
-        )
-
-
-async def _prepare_lock_session(
-    connection: Connection, context: LeadershipContext, key: int
-) -> tuple[int, bool | None]:
-    # One round trip: the session settings, which server session this is, and the lock
-    # itself, taken only if this session held no advisory lock before (else NULL).
-    settings = context.lock_session_settings
-    assignments = ", ".join(
-        f"set_config(${i}, ${i + 1}, false)" for i in range(2, 2 * len(settings) + 2, 2)
-    )
-    row = await connection.fetchrow(
-        f"SELECT pg_backend_pid() AS pid, {assignments}, "
-        f"CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} THEN NULL "
-        "ELSE pg_catalog.pg_try_advisory_lock($1::bigint) END AS acquired",
-        key,
-        *[part for item in settings.items() for part in item],
-    )
-    assert row is not None
-    return int(row["pid"]), row["acquired"]
-
-
-async def _wait_for_lock(connection: Connection, key: int) -> tuple[int, bool]:
-    # Standby: block in the server until the leader's session ends, which grants the lock at
-    # once (fast failover). Cancellation cancels the query. Re-checks that the session is
-    # not shared, in the same statement, for a proxy may have moved it.
-    #
-    # The wait comes in slices of STANDBY_WAIT_SLICE (lock_timeout), because a statement
-    # holds a snapshot for as long as it runs: one waiting for hours would hold back
-    # VACUUM's horizon all that time, and CREATE INDEX CONCURRENTLY anywhere in the
-    # database waits for every older snapshot to go, so it would hang until the leader
-    # died. Between slices the wait starts again at once; a lock released in that gap is
-    # simply granted to the next slice.
-    await connection.execute("SELECT set_config('lock_timeout', $1, false)", STANDBY_WAIT_SLICE)
-    while True:
-        try:
-            row = await connection.fetchrow(
-                f"SELECT pg_backend_pid() AS pid, CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} "
-                "THEN false ELSE (SELECT true FROM pg_catalog.pg_advisory_lock($1::bigint)) "
-                "END AS acquired",
-                key,
-            )
-        except DatabaseError as exc:
-            if exc.sqlstate == LOCK_NOT_AVAILABLE:
-                continue
-            raise
-        break
-    assert row is not None
-    await connection.execute("SELECT set_config('lock_timeout', '0', false)")
-    return int(row["pid"]), bool(row["acquired"])
-
-
-async def _probe_pooling(
-    dsn: str, proof: LockProof, application_name: str, connect_timeout: float
-) -> bool:
-    # Behind a proxy: does a second client get the lock's server session? Under session
-    # pooling never (that session is ours until we disconnect); under transaction pooling it
-    # usually does, since PgBouncer hands out the most recently freed server session. If so,
-    # the probe releases the lock there, in the same statement, before anyone else runs on it.
-    probe = await connect(
-        dsn,
-        application_name=f"{application_name} probe",
-        connect_timeout=connect_timeout,
-        statement_cache_size=0,
-    )
-    try:
-        row = await probe.fetchrow(
-            "SELECT pg_backend_pid() = $1::int AS shared, CASE WHEN pg_backend_pid() = $1::int "
-            "THEN pg_advisory_unlock($2::bigint) END AS released",
-            proof.backend_pid,
-            proof.key,
-        )
-    finally:
-        await probe.close()
-    return row is not None and bool(row["shared"])
-
-
-async def _verify_pinned(connection: Connection, proof: LockProof) -> int | None:
-    # After taking the lock: does the next statement still run on the lock's session, which
-    # holds it? Returns the session it ran on when it does not.
-    row = await connection.fetchrow(CHECK_LOCK, proof.backend_pid, proof.key)
-    assert row is not None
-    return None if row["held"] else int(row["pid"])
-
-
-# Statements that try to land on the lock's pooled session before it is terminated instead.
-RELEASE_ATTEMPTS: Final = 5
-
-
-async def _release_proxied(
-    connection: Connection, proof: LockProof, reconnect: Callable[[], Awaitable[Connection]]
-) -> None:
-    # Behind a proxy, closing the client connection does not end the server session: under
-    # transaction pooling the lock would stay on a pooled session for good. Unlock it where it
-    # is: a statement that runs on that session unlocks, one that runs elsewhere only looks.
-    # If none of a few attempts lands there, end that session as a last resort (which also
-    # ends whatever another client of the pool is running on it at that moment). The lock
-    # connection itself may be gone (a proxy closes clients whose server session died), so
-    # attempts go through a new connection then.
-    holds = SESSION_HOLDS_LOCK.format(session="$1::int", key="$2::bigint")
-    spare: Connection | None = None
-    with trio.move_on_after(10, shield=True):
-        try:
-            for attempt in range(RELEASE_ATTEMPTS + 1):
-                try:
-                    if connection.is_closed() and (spare is None or spare.is_closed()):
-                        spare = await reconnect()
-                    current = spare if connection.is_closed() and spare is not None else connection
-                    if attempt < RELEASE_ATTEMPTS:
-                        sql = (
-                            "SELECT CASE WHEN pg_backend_pid() = $1::int "
-                            f"THEN NOT pg_advisory_unlock($2::bigint) AND {holds} "
-                            f"ELSE {holds} END"
-                        )
-                    else:
-                        sql = f"SELECT pg_terminate_backend($1::int) AND false WHERE {holds}"
-                    if not await current.fetchval(sql, proof.backend_pid, proof.key):
-                        return
-                except EventCoreError as exc:
-                    logger.debug("releasing the lock of %s: %s", proof.name, exc)
-        finally:
-            if spare is not None:
-                await spare.close()
-
-
 @asynccontextmanager
 async def acquire_leadership(
     dsn: str,
@@ -420,7 +227,7 @@ async def acquire_leadership(
     leadership: PostgresLeadership | None = None
     proof: LockProof | None = None
     try:
-        pid, acquired = await _prepare_lock_session(connection, context, key)
+        pid, acquired = await prepare_lock_session(connection, context.lock_session_settings, key)
         proxied = pid != connection.backend_pid
         if acquired is None:
             raise UnsupportedPooling(
@@ -432,7 +239,7 @@ async def acquire_leadership(
                 raise LeadershipUnavailable(name)
             if on_standby is not None:
                 on_standby()
-            pid, acquired = await _wait_for_lock(connection, key)
+            pid, acquired = await wait_for_lock(connection, key)
             if not acquired:
                 raise UnsupportedPooling(
                     f"cannot lead {name!r}: the standby's statement ran on a server session "
@@ -440,11 +247,11 @@ async def acquire_leadership(
                 )
         proof = LockProof(name=name, key=key, backend_pid=pid, proxied=proxied)
         if proxied:
-            _warn_proxied_once()
-            if await _probe_pooling(dsn, proof, application_name, connect_timeout):
+            warn_proxied_once()
+            if await probe_pooling(dsn, proof, application_name, connect_timeout):
                 proof = None  # the probe released the lock on the shared session
                 raise UnsupportedPooling(f"cannot lead {name!r}: {POOLER_HINT}")
-            moved_to = await _verify_pinned(connection, proof)
+            moved_to = await verify_pinned(connection, proof)
             if moved_to is not None:
                 raise UnsupportedPooling(f"cannot lead: {proof.describe_loss(moved_to)}")
         leadership = PostgresLeadership(proof, connection, context)
@@ -455,7 +262,7 @@ async def acquire_leadership(
         if leadership is not None:
             leadership.mark_lost()
         if proof is not None and proof.proxied:
-            await _release_proxied(
+            await release_proxied(
                 connection,
                 proof,
                 functools.partial(
@@ -468,27 +275,6 @@ async def acquire_leadership(
             )
         # Closing ends the session, which releases the lock; shielded and bounded.
         await connection.close()
-
-
-# Takes every lock of the bigint array $1 that nobody holds or waits for, without waiting;
-# true when it took all of them. (Polymorphic built-ins are qualified: a look-alike of exact
-# argument types in a schema on the search path would win over pg_catalog's.)
-_TRY_LOCKS: Final = (
-    "SELECT count(*) FILTER (WHERE pg_try_advisory_lock(k)) "
-    "= pg_catalog.cardinality($1::bigint[]) FROM pg_catalog.unnest($1::bigint[]) AS k"
-)
-# Whether the current session holds every lock of the bigint array $1.
-_HOLDS_LOCKS: Final = (
-    "SELECT coalesce(bool_and("
-    + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="k")
-    + "), true) FROM pg_catalog.unnest($1::bigint[]) AS k"
-)
-
-# Releases the locks of the bigint array $1 that the current session holds.
-_UNLOCK_HELD: Final = (
-    "SELECT pg_advisory_unlock(k) FROM pg_catalog.unnest($1::bigint[]) AS k WHERE "
-    + SESSION_HOLDS_LOCK.format(session="pg_backend_pid()", key="k")
-)
 
 
 @asynccontextmanager
@@ -525,7 +311,7 @@ async def try_acquire_all(
         others = list(keys[1:])
         try:
             async with leadership._use() as connection:
-                taken = await connection.fetchval(_TRY_LOCKS, others)
+                taken = await connection.fetchval(TRY_LOCKS, others)
             if not taken:
                 raise LeadershipUnavailable(", ".join(names))
             yield leadership
@@ -535,7 +321,7 @@ async def try_acquire_all(
                 # the other locks where they are (acquire_leadership releases the first).
                 with trio.move_on_after(5, shield=True), contextlib.suppress(EventCoreError):
                     async with leadership._use() as connection:
-                        await connection.execute(_UNLOCK_HELD, others)
+                        await connection.execute(UNLOCK_HELD, others)
 
 
 @asynccontextmanager
@@ -553,7 +339,7 @@ async def fenced_transaction(
         LeadershipLost: the session no longer holds one of the locks; nothing is committed.
     """
     async with leadership._use() as connection, connection.transaction():
-        if not await connection.fetchval(_HOLDS_LOCKS, list(keys)):
+        if not await connection.fetchval(HOLDS_LOCKS, list(keys)):
             raise LeadershipLost(
                 f"the locks of {leadership.name!r} and the units taken with it are no longer "
                 "all held by their session; nothing was committed"

@@ -12,28 +12,22 @@ from typing import final
 import trio
 
 from .._errors import StoreConnectionError
-from . import _bridge
+from ._pool import SessionOptions
 
 
 @final
 class Listener:
-    """Wakes `wait` callers on every notification on *channel*."""
+    """Wakes `wait` callers on every notification on *channel*, on a session that
+    *options* open for *role* (which names it)."""
 
     def __init__(
-        self,
-        *,
-        nursery: trio.Nursery,
-        dsn: str,
-        channel: str,
-        application_name: str,
-        connect_timeout: float,
+        self, *, nursery: trio.Nursery, options: SessionOptions, channel: str, role: str
     ) -> None:
         # Runs the LISTEN service; cancelled when the store closes.
         self._nursery = nursery
-        self._dsn = dsn
+        self._options = options
         self._channel = channel
-        self._application_name = application_name
-        self._connect_timeout = connect_timeout
+        self._role = role
         # Set and replaced whenever a notification (or a reconnect) says that new events may
         # be visible.
         self._appended = trio.Event()
@@ -54,11 +48,7 @@ class Listener:
         backoff = 0.1
         while True:
             try:
-                connection = await _bridge.connect(
-                    self._dsn,
-                    application_name=self._application_name,
-                    connect_timeout=self._connect_timeout,
-                )
+                connection = await self._options.connect_session(self._role)
                 try:
                     lost = trio.Event()
                     connection.add_termination_listener(lost.set)

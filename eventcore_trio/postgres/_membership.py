@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import final
 
+import attrs
 import trio
 
 from .._errors import EventCoreError
@@ -34,31 +35,26 @@ from ._fence import LOCK_HELD, SESSION_HOLDS_LOCK
 from ._keys import host_lock_key, projector_lock_key
 from ._leadership import LeadershipContext, PostgresLeadership, acquire_leadership
 from ._listener import Listener
-from ._pool import Pool
+from ._pool import Pool, SessionOptions
 from ._schema import channel_name
 
 
 @final
+@attrs.define(eq=False, slots=False, repr=False, kw_only=True)
 class PostgresMembership:
     """A host's registration; obtained from ``PostgresStore.register_host``.
 
     .. versionadded:: 0.2
     """
 
-    def __init__(
-        self,
-        *,
-        pool: Pool,
-        schema: str,
-        host_id: str,
-        leadership: PostgresLeadership,
-        listener: Listener,
-    ) -> None:
-        self._pool = pool
-        self._schema = schema
-        self._host_id = host_id
-        self._leadership = leadership
-        self._listener = listener
+    _pool: Pool
+    _schema: str
+    _host_id: str
+    _leadership: PostgresLeadership
+    _listener: Listener
+
+    def __attrs_post_init__(self) -> None:
+        schema = self._schema
         table = f'"{schema}".hosts'
         live = SESSION_HOLDS_LOCK.format(session="h.backend_pid", key="h.lock_key")
         # One statement: which units are held, and every listed host (whether alive or
@@ -153,10 +149,8 @@ async def register_host(
     *,
     pool: Pool,
     schema: str,
-    session_dsn: str,
+    options: SessionOptions,
     context: LeadershipContext,
-    application_name: str,
-    connect_timeout: float,
     listener: Listener,
     runs: Collection[str] | None = None,
 ) -> AsyncIterator[PostgresMembership]:
@@ -165,12 +159,12 @@ async def register_host(
     host_id = uuid.uuid4().hex
     table = f'"{schema}".hosts'
     async with acquire_leadership(
-        session_dsn,
+        options.session_dsn,
         name=f"host {host_id}",
         key=host_lock_key(schema, host_id),
         context=context,
-        application_name=f"{application_name} host",
-        connect_timeout=connect_timeout,
+        application_name=f"{options.application_name} host",
+        connect_timeout=options.connect_timeout,
         wait=False,
     ) as leadership:
         await pool.execute(
@@ -181,7 +175,7 @@ async def register_host(
             leadership.lock_key,
             os.getpid(),
             socket.gethostname(),
-            application_name,
+            options.application_name,
             None if runs is None else sorted(runs),
         )
         try:

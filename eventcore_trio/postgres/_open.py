@@ -143,16 +143,16 @@ async def open_postgres_store(
     _check_pool_sizes(min_pool_size, max_pool_size)
     _check_connection_options(connect_timeout, statement_cache_size, application_name)
     _check_max_append_bytes(max_append_bytes)
+    options = _pool.SessionOptions(
+        dsn,
+        application_name,
+        float(connect_timeout),
+        statement_cache_size,
+        session_dsn,
+    )
     async with (
         _bridge.asyncio_loop(),
-        _open_pool(
-            dsn,
-            min_size=min_pool_size,
-            max_size=max_pool_size,
-            application_name=application_name,
-            connect_timeout=connect_timeout,
-            statement_cache_size=statement_cache_size,
-        ) as pool,
+        _open_pool(options, min_size=min_pool_size, max_size=max_pool_size) as pool,
         service_nursery() as nursery,
     ):
         version = int(await pool.fetchval("SELECT current_setting('server_version_num')"))
@@ -169,22 +169,16 @@ async def open_postgres_store(
         store = PostgresStore(
             pool=pool,
             nursery=nursery,
-            dsn=dsn,
-            session_dsn=session_dsn,
+            options=options,
             schema=schema,
             system_identifier=system_identifier,
             server_version=version,
-            application_name=application_name,
-            connect_timeout=float(connect_timeout),
-            statement_cache_size=statement_cache_size,
             max_append_bytes=max_append_bytes,
         )
         try:
             yield store
         finally:
-            store._closed = True
-            # Before the services stop: the last appends' wake-up is not left behind.
-            await store._notifier.flush()
+            await store.aclose()
 
 
 # What PostgreSQL answers at connect to a setting it refuses: an unknown name (42704), a bad
@@ -194,27 +188,14 @@ _REFUSED_SETTING_SQLSTATES: Final = frozenset({"42704", "22023", "42501", "55P02
 
 @asynccontextmanager
 async def _open_pool(
-    dsn: str,
-    *,
-    min_size: int,
-    max_size: int,
-    application_name: str,
-    connect_timeout: float,
-    statement_cache_size: int,
+    options: _pool.SessionOptions, *, min_size: int, max_size: int
 ) -> AsyncIterator[_pool.Pool]:
     # The pool's first connections are the first to meet the DSN's query parameters, which
     # asyncpg sends as server settings: a refused one is the DSN's mistake (configuration),
     # not a database failure. Errors of the caller's block pass through unchanged.
     opened = False
     try:
-        async with _pool.open_pool(
-            dsn,
-            min_size=min_size,
-            max_size=max_size,
-            application_name=application_name,
-            connect_timeout=connect_timeout,
-            statement_cache_size=statement_cache_size,
-        ) as pool:
+        async with _pool.open_pool_for(options, min_size=min_size, max_size=max_size) as pool:
             opened = True
             yield pool
     except DatabaseError as exc:

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, Final, final
 
+import attrs
 import trio
 
 from .._errors import EventCoreError, StoreClosed, StoreConnectionError
@@ -27,6 +28,44 @@ from ._bridge import Connection, Record, connect
 
 #: Seconds a connection returned after an interrupted use may take to prove itself idle.
 SETTLE_TIMEOUT: Final = 5.0
+
+
+@attrs.frozen
+class SessionOptions:
+    """How a store opens connections of its own: where, under which name, how patiently.
+
+    Said once when the store opens and handed to each object that connects (the pool, the
+    LISTEN sessions, leaderships, index builds, `PostgresAdmin.connection`).
+    """
+
+    #: Where the pool connects (possibly through a transaction-pooling proxy).
+    dsn: str
+    application_name: str
+    connect_timeout: float
+    #: asyncpg's prepared-statement cache on pooled connections (0 behind a pooling proxy).
+    statement_cache_size: int = 100
+    #: Where connections that need a server session of their own connect: past any proxy.
+    session_dsn: str = attrs.field(default=attrs.Factory(lambda self: self.dsn, takes_self=True))
+
+    async def connect(self, application_name: str | None = None) -> Connection:
+        """A connection to `dsn` opened as the pool's are (named *application_name* when
+        given)."""
+        return await connect(
+            self.dsn,
+            application_name=self.application_name
+            if application_name is None
+            else application_name,
+            connect_timeout=self.connect_timeout,
+            statement_cache_size=self.statement_cache_size,
+        )
+
+    async def connect_session(self, role: str) -> Connection:
+        """A dedicated session on `session_dsn`, named after the store and its *role*."""
+        return await connect(
+            self.session_dsn,
+            application_name=f"{self.application_name} {role}",
+            connect_timeout=self.connect_timeout,
+        )
 
 
 @final
@@ -38,39 +77,20 @@ class Pool:
     one. Obtain one with `open_pool`.
     """
 
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        max_size: int,
-        application_name: str,
-        connect_timeout: float,
-        statement_cache_size: int,
-    ) -> None:
-        self._dsn = dsn
-        self._application_name = application_name
-        self._connect_timeout = connect_timeout
-        self._statement_cache_size = statement_cache_size
+    def __init__(self, options: SessionOptions, *, max_size: int) -> None:
+        self._options = options
         self._slots = trio.Semaphore(max_size)
         # Most recently returned last: the warmest session is reused first, and the others
         # may idle.
         self._idle: list[Connection] = []
         self._closed = False
 
-    async def _connect(self) -> Connection:
-        return await connect(
-            self._dsn,
-            application_name=self._application_name,
-            connect_timeout=self._connect_timeout,
-            statement_cache_size=self._statement_cache_size,
-        )
-
     async def _take(self) -> Connection:
         while self._idle:
             connection = self._idle.pop()
             if not connection.is_closed():
                 return connection
-        return await self._connect()
+        return await self._options.connect()
 
     async def _give_back(self, connection: Connection, exc: BaseException | None) -> None:
         # An error the server sent (a conflict, a constraint, a timeout it enforced) came
@@ -115,7 +135,7 @@ class Pool:
     async def fill(self, count: int) -> None:
         """Open connections until *count* are idle (the pool's minimum)."""
         while len(self._idle) < count:
-            self._idle.append(await self._connect())
+            self._idle.append(await self._options.connect())
 
     async def close(self) -> None:
         """Close the idle connections gracefully (shielded, bounded); connections still in
@@ -168,13 +188,17 @@ async def open_pool(
         StoreConnectionError: the first connections cannot be opened (or a more specific
             `AuthenticationFailed`, `DatabaseNotFound`).
     """
-    pool = Pool(
-        dsn,
-        max_size=max_size,
-        application_name=application_name,
-        connect_timeout=connect_timeout,
-        statement_cache_size=statement_cache_size,
-    )
+    options = SessionOptions(dsn, application_name, connect_timeout, statement_cache_size)
+    async with open_pool_for(options, min_size=min_size, max_size=max_size) as pool:
+        yield pool
+
+
+@asynccontextmanager
+async def open_pool_for(
+    options: SessionOptions, *, min_size: int, max_size: int
+) -> AsyncIterator[Pool]:
+    """`open_pool` for connections opened as *options* say."""
+    pool = Pool(options, max_size=max_size)
     try:
         await pool.fill(min_size)
         yield pool

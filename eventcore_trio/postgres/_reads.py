@@ -17,9 +17,8 @@ from .._errors import DatabaseError
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._positions import Position, position_parts, trusted_position
-from . import _bridge
 from ._keys import index_lock_key
-from ._pool import Pool
+from ._pool import Pool, SessionOptions
 
 EVENT_COLUMNS: Final = (
     "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at"
@@ -118,9 +117,7 @@ async def ensure_partition_index(
     schema: str,
     count: int,
     *,
-    session_dsn: str,
-    application_name: str,
-    connect_timeout: float,
+    options: SessionOptions,
 ) -> bool:
     """Build the index that serves reads of one of *count* partitions, unless it is there;
     True once it is, False (nothing done) when this role may not build it.
@@ -135,17 +132,13 @@ async def ensure_partition_index(
     # PostgreSQL aborts one as a deadlock), under a session lock on a connection of its
     # own. A build that was aborted leaves an invalid index: it is dropped and rebuilt.
     # A build waits for every older snapshot in the database; standbys wait in slices
-    # for that reason (see _leadership._wait_for_lock).
+    # for that reason (see _lock_session.wait_for_lock).
     name, build = partition_index(schema, count)
     if await pool.fetchval(_INDEX_STATE, schema, name):
         return True
     if not await pool.fetchval(_MAY_INDEX_EVENTS, f'"{schema}".events'):
         return False
-    connection = await _bridge.connect(
-        session_dsn,
-        application_name=f"{application_name} index",
-        connect_timeout=connect_timeout,
-    )
+    connection = await options.connect_session("index")
     try:
         # Polled, not waited for in a statement: a waiting statement holds a snapshot,
         # which the build in progress would wait for in turn.

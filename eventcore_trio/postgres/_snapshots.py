@@ -16,6 +16,7 @@ from .._backend._decoding import decode_json_object
 from .._events import RecordedEvent
 from .._snapshots import Snapshot
 from .._validation import encode_json_object
+from ._bridge import Record
 from ._pool import Pool
 from ._reads import EVENT_COLUMNS, recorded_row
 
@@ -89,15 +90,8 @@ class SnapshotTable:
         data = decode_json_object(row["data"])
         if data is None:
             return None
-        return Snapshot(
-            stream_id,
-            state,
-            int(row["state_version"]),
-            int(row["stream_version"]),
-            data,
-            row["taken_at"],
-            event_id=row["event_id"],
-            event_recorded_at=row["event_recorded_at"],
+        return _snapshot(
+            stream_id, state, row, data, state_version="state_version", taken_at="taken_at"
         )
 
     async def read_with_events(
@@ -120,15 +114,9 @@ class SnapshotTable:
                 # Not a snapshot this library wrote (edited by hand?): the whole stream.
                 events = await self._pool.fetch(self._read_stream, stream_id, 0)
             else:
-                snapshot = Snapshot(
-                    stream_id,
-                    state,
-                    int(head["type"]),
-                    int(head["stream_version"]),
-                    data,
-                    head["recorded_at"],
-                    event_id=head["event_id"],
-                    event_recorded_at=head["event_recorded_at"],
+                # The snapshot's row carries its fields in the events' columns.
+                snapshot = _snapshot(
+                    stream_id, state, head, data, state_version="type", taken_at="recorded_at"
                 )
         return snapshot, [recorded_row(row) for row in events]
 
@@ -154,3 +142,25 @@ class SnapshotTable:
         else:
             status = await self._pool.execute(self._delete_one, stream_id)
         return int(status.rsplit(" ", 1)[-1])
+
+
+def _snapshot(
+    stream_id: str,
+    state: str,
+    row: Record,
+    data: dict[str, Any],
+    *,
+    state_version: str,
+    taken_at: str,
+) -> Snapshot:
+    # A snapshot from its row, whose state version and time come in the named columns.
+    return Snapshot(
+        stream_id,
+        state,
+        int(row[state_version]),
+        int(row["stream_version"]),
+        data,
+        row[taken_at],
+        event_id=row["event_id"],
+        event_recorded_at=row["event_recorded_at"],
+    )

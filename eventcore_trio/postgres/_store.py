@@ -13,11 +13,11 @@ import functools
 import logging
 from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Final, Literal, final, overload
+from typing import Final, final
 
 import trio
 
-from .._backend._decoding import check_read_arguments
+from .._backend._reader import Page, ReadEventsBase, Undecodable
 from .._errors import (
     InvalidArgument,
     LeadershipLost,
@@ -26,15 +26,15 @@ from .._errors import (
     ProjectionRunning,
     StoreClosed,
 )
-from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
+from .._events import AppendResult, RecordedEvent, StreamAppend
 from .._filters import EventFilter
 from .._partitions import check_partitions, units_of
 from .._positions import Position
+from .._protocols import OneStreamAppend
 from .._snapshots import Snapshot, check_snapshot
 from .._status import DeadLetter, ProjectionStatus
 from .._validation import (
     MAX_EVENT_TYPE_LENGTH,
-    check_expected_version,
     check_identifier,
     check_name,
     check_projector_name,
@@ -84,7 +84,7 @@ REPARTITION_RETRY: Final = 1.0
 
 
 @final
-class PostgresStore:
+class PostgresStore(ReadEventsBase, OneStreamAppend):
     """An event store on PostgreSQL; obtain one with `open_postgres_store`.
 
     Appends, reads and checkpoints use a connection pool, one statement per call; each
@@ -99,23 +99,17 @@ class PostgresStore:
         *,
         pool: _pool.Pool,
         nursery: trio.Nursery,
-        dsn: str,
-        session_dsn: str,
+        options: _pool.SessionOptions,
         schema: str,
         system_identifier: str | None,
         server_version: int,
-        application_name: str,
-        connect_timeout: float,
-        statement_cache_size: int,
         max_append_bytes: int = DEFAULT_MAX_APPEND_BYTES,
     ) -> None:
         self._pool = pool
-        # Where sessions that must own a server session connect: leadership and LISTEN.
-        self._session_dsn = session_dsn
+        # How leaderships, LISTEN sessions and index builds connect.
+        self._options = options
         self._schema = schema
         self._server_version = server_version
-        self._application_name = application_name
-        self._connect_timeout = connect_timeout
         self._closed = False
         # Partition counts whose index this role may not build (logged once each).
         self._unindexed: set[int] = set()
@@ -124,15 +118,9 @@ class PostgresStore:
         self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
         self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
         # Readers' wake-ups, and balancing hosts'; each connects on its first wait.
-        listener = functools.partial(
-            Listener, nursery=nursery, dsn=session_dsn, connect_timeout=connect_timeout
-        )
-        self._listener = listener(
-            channel=notify_channel(schema), application_name=f"{application_name} listener"
-        )
-        self._hosts_listener = listener(
-            channel=hosts_channel(schema), application_name=f"{application_name} hosts listener"
-        )
+        listener = functools.partial(Listener, nursery=nursery, options=options)
+        self._listener = listener(channel=notify_channel(schema), role="listener")
+        self._hosts_listener = listener(channel=hosts_channel(schema), role="hosts listener")
         self._notifier = Notifier(nursery=nursery, pool=pool, channel=notify_channel(schema))
         # Concurrent appends share statements (see _group_commit).
         self._group_commit = GroupCommit(
@@ -150,14 +138,10 @@ class PostgresStore:
         self._admin = PostgresAdmin(
             pool=pool,
             schema=schema,
-            dsn=dsn,
-            connect_timeout=connect_timeout,
-            statement_cache_size=statement_cache_size,
+            options=options,
             append_statement=self._append_statement,
             notifier=self._notifier,
             group_commit=self._group_commit,
-            session_dsn=session_dsn,
-            application_name=application_name,
         )
 
     @property
@@ -192,6 +176,18 @@ class PostgresStore:
         """
         return self._admin
 
+    async def aclose(self) -> None:
+        """Mark the store closed and send the wake-up its last appends still owe.
+
+        `open_postgres_store` calls it when its block ends, before it stops the store's
+        services and closes its pool; calling it again does nothing more.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        # Before the services stop: the last appends' wake-up is not left behind.
+        await self._notifier.flush()
+
     def _check_open(self) -> None:
         if self._closed:
             raise StoreClosed(
@@ -200,29 +196,13 @@ class PostgresStore:
 
     # -- EventStore ---------------------------------------------------------------------
 
-    async def append(
-        self,
-        stream_id: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_version: int | None = None,
-    ) -> AppendResult:
-        """Append *events* to one stream, all or none (see `EventStore.append`).
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Append to several streams in one transaction (see `EventStore.append_atomic`);
+        `append` for one stream.
 
         One statement, one round trip, one crossing into asyncio, whatever the event count.
-        Events larger in all than `max_append_bytes` raise `AppendTooLarge`, before any I/O.
-        """
-        request = StreamAppend(
-            check_stream_id(stream_id),
-            events,  # the converter validates and freezes it
-            expected_version=check_expected_version(expected_version),
-        )
-        return await self.append_atomic([request])
-
-    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
-        """Append to several streams in one transaction (see `EventStore.append_atomic`).
-
-        All the streams' events together count against `max_append_bytes`.
+        Events larger in all than `max_append_bytes` (all the streams' events together) raise
+        `AppendTooLarge`, before any I/O.
         """
         request = self._append_statement.encode(appends)
         self._check_open()
@@ -313,44 +293,15 @@ class PostgresStore:
 
     # -- EventReader --------------------------------------------------------------------
 
-    @overload
-    async def read_events(
-        self,
-        after: Position | None,
-        *,
-        limit: int,
-        filter: EventFilter | None = None,
-        undecodable: Literal["raise"] = "raise",
-    ) -> list[RecordedEvent]: ...
-
-    @overload
-    async def read_events(
-        self,
-        after: Position | None,
-        *,
-        limit: int,
-        filter: EventFilter | None = None,
-        undecodable: Literal["include"],
-    ) -> list[RecordedEvent | UndecodableEvent]: ...
-
-    async def read_events(
-        self,
-        after: Position | None,
-        *,
-        limit: int,
-        filter: EventFilter | None = None,
-        undecodable: Literal["raise", "include"] = "raise",
-    ) -> list[RecordedEvent] | list[RecordedEvent | UndecodableEvent]:
-        """Return up to *limit* events after *after* (see `EventReader.read_events`).
-
-        One statement, unless an open transaction holds events back: the filter and the
-        gap-free visibility rule are WHERE clauses, walked along the ``(tx, position)``
-        primary key (see `read_page`).
-        """
-        check_read_arguments(after, limit, filter, undecodable)
+    async def _read_page(
+        self, after: Position | None, limit: int, filter: EventFilter | None, mode: Undecodable
+    ) -> Page:
+        # One statement, unless an open transaction holds events back: the filter and the
+        # gap-free visibility rule are WHERE clauses, walked along the ``(tx, position)``
+        # primary key (see `read_page`).
         self._check_open()
         rows = await read_page(self._pool, self._reads, after, limit, filter)
-        if undecodable == "raise":
+        if mode == "raise":
             return [recorded_row(row) for row in rows]
         return [decode_row(row) for row in rows]
 
@@ -455,10 +406,8 @@ class PostgresStore:
         async with register_host(
             pool=self._pool,
             schema=self._schema,
-            session_dsn=self._session_dsn,
+            options=self._options,
             context=self._leadership_context,
-            application_name=self._application_name,
-            connect_timeout=self._connect_timeout,
             listener=self._hosts_listener,
             runs=runs,
         ) as membership:
@@ -532,12 +481,12 @@ class PostgresStore:
         try:
             async with (
                 try_acquire_all(
-                    self._session_dsn,
+                    self._options.session_dsn,
                     names=units,
                     keys=keys,
                     context=self._leadership_context,
-                    application_name=f"{self._application_name} repartition {name}",
-                    connect_timeout=self._connect_timeout,
+                    application_name=f"{self._options.application_name} repartition {name}",
+                    connect_timeout=self._options.connect_timeout,
                 ) as leadership,
                 fenced_transaction(leadership, keys) as connection,
             ):
@@ -569,9 +518,7 @@ class PostgresStore:
             self._pool,
             self._schema,
             partitions,
-            session_dsn=self._session_dsn,
-            application_name=self._application_name,
-            connect_timeout=self._connect_timeout,
+            options=self._options,
         )
         if not built and partitions not in self._unindexed:
             self._unindexed.add(partitions)
@@ -599,12 +546,12 @@ class PostgresStore:
         check_name(name)
         self._check_open()
         async with acquire_leadership(
-            self._session_dsn,
+            self._options.session_dsn,
             name=name,
             key=projector_lock_key(self._schema, name),
             context=self._leadership_context,
-            application_name=f"{self._application_name} {role} {name}",
-            connect_timeout=self._connect_timeout,
+            application_name=f"{self._options.application_name} {role} {name}",
+            connect_timeout=self._options.connect_timeout,
             wait=wait,
             on_standby=on_standby,
         ) as leadership:
@@ -662,7 +609,8 @@ class PostgresStore:
                     ]
                     now = await self._subscriptions.unit_names(name)
                     if now == units:
-                        async with held[0]._use() as connection, connection.transaction():
+                        # On the first lock's session, committed only while it holds it.
+                        async with fenced_transaction(held[0], [held[0].lock_key]) as connection:
                             await self._subscriptions.reset(connection, units)
                         return
             except LeadershipUnavailable as exc:

@@ -1,10 +1,10 @@
-"""Everything about the ``subscriptions`` and ``dead_letters`` tables.
+"""Everything about the ``subscriptions`` table (dead letters: see `_dead_letters`).
 
 Where is a checkpoint written? Here: `checkpoint_upsert` is the one compare-and-set statement,
 used by `Subscriptions.save_checkpoint` (a position that never moves backwards) and, fenced, by
 a projection batch (`_batch`: from exactly the position the batch started at, and only while
 its session holds the lock). Also here: loading checkpoints (refusing another cluster's),
-leaders' reports, status, reset and dead letters.
+leaders' reports, status and reset.
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from typing import Any, Final, final
 
 import attrs
 
-from .._backend._decoding import decode_stored
 from .._errors import CheckpointAhead, CheckpointConflict, ClusterMismatch
-from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._partitions import Partition, Unit, plan_repartition, split_parent, units_of
 from .._positions import Position, position_parts
@@ -39,7 +37,7 @@ from .._status import (
 )
 from ._admin import foreign_locks
 from ._bridge import Connection, Record
-from ._fence import HOLDS_LOCK
+from ._dead_letters import DeadLetterTable
 from ._keys import projector_lock_key, writer_lock_key
 from ._pool import Pool
 from ._reads import ReadQueries
@@ -254,58 +252,6 @@ def _leader_units(schema: str, locks: Sequence[Record]) -> set[str]:
     return units
 
 
-def _to_dead_letter(row: Record) -> DeadLetter:
-    event = decode_stored(
-        Position(row["tx"], row["position"]),
-        row["stream_id"],
-        row["stream_version"],
-        row["event_id"],
-        row["type"],
-        row["data"],
-        row["metadata"],
-        row["event_recorded_at"],
-        known_error=row["decode_error"],
-    )
-    unit = Unit.parse(row[_NAME])
-    return DeadLetter(
-        id=row["id"],
-        projection=unit.projection,
-        partition=None if unit.partition is None else unit.partition.index,
-        event=event,
-        error_type=row["error_type"],
-        error_message=row["error_message"],
-        retries=row["retries"],
-        recorded_at=row["recorded_at"],
-    )
-
-
-def dead_letter_arguments(
-    name: str, event: RecordedEvent | UndecodableEvent, error: BaseException, retries: int
-) -> list[object]:
-    """The arguments of `Subscriptions.dead_letter_insert` for *event*."""
-    tx, seq = position_parts(event.position)
-    if isinstance(event, RecordedEvent):
-        data, metadata, decode_error = json.dumps(event.data), json.dumps(event.metadata), None
-    else:
-        data, metadata, decode_error = event.raw_data, event.raw_metadata, event.error
-    return [
-        name,
-        tx,
-        seq,
-        event.event_id,
-        event.stream_id,
-        event.stream_version,
-        event.type,
-        data,
-        metadata,
-        decode_error,
-        event.recorded_at,
-        f"{type(error).__module__}.{type(error).__qualname__}",
-        str(error),
-        retries,
-    ]
-
-
 @final
 class Subscriptions:
     """Checkpoints, status, reset and dead letters of one schema, on the store's pool."""
@@ -322,24 +268,9 @@ class Subscriptions:
         self.table = f"{s}.subscriptions"
         self.projections_table = f"{s}.projections"
         self._stream_hash = f"{s}.stream_hash"
-        self.dead_letters_table = f"{s}.dead_letters"
-        self.dead_letter_insert = (
-            f"INSERT INTO {self.dead_letters_table} ({_NAME}, tx, position, event_id, stream_id, "
-            "stream_version, type, data, metadata, decode_error, event_recorded_at, "
-            "error_type, error_message, retries) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
-        )
-        # Resolving a replayed dead letter: $1 id, $2 unit, $3 the lock session's backend
-        # pid, $4 its lock key. Deletes the letter only if it is the unit's and only while
-        # this session holds the unit's lock (the fence of _batch), and says which failed:
-        # the replay's batch must not commit a letter it did not delete.
-        fence = HOLDS_LOCK.format(pid="$3::int", key="$4::bigint")
-        self.dead_letter_delete = (
-            f"WITH deleted AS (DELETE FROM {self.dead_letters_table} "
-            f"WHERE id = $1 AND {_NAME} = $2 AND {fence} RETURNING 1) "
-            f"SELECT (SELECT count(*) FROM deleted) AS deleted, pg_backend_pid() AS pid, "
-            f"{fence} AS held"
-        )
+        # The dead letters of the units: their statements, and reading them back.
+        self.letters = DeadLetterTable(pool, schema)
+        self.dead_letters_table = self.letters.table
         self._sql_load = (
             f"SELECT tx, position, system_identifier, "
             f"{stored_ahead(schema, 'tx', 'position')} AS ahead "
@@ -552,12 +483,7 @@ class Subscriptions:
 
     async def dead_letters(self, name: str) -> list[DeadLetter]:
         """The dead letters of *name* (every partition of it), in position order."""
-        rows = await self._pool.fetch(
-            f"SELECT * FROM {self.dead_letters_table} WHERE {_NAME} = ANY($1::text[]) "
-            "ORDER BY tx, position",
-            await self.unit_names(name),
-        )
-        return [_to_dead_letter(row) for row in rows]
+        return await self.letters.read(await self.unit_names(name))
 
     async def status(
         self, hosts: Sequence[tuple[HostState, LeaderInfo]] = ()

@@ -14,7 +14,8 @@ from contextlib import asynccontextmanager
 from typing import Any, Final, Literal, TypeVar, final
 
 from .._errors import DatabaseError, InvalidArgument
-from .._events import AppendResult, NewEvent, StreamAppend
+from .._events import AppendResult, StreamAppend
+from .._protocols import OneStreamAppend
 from ._appends import AppendStatement, append_result
 from ._bridge import Connection, Record
 from ._pool import Pool
@@ -26,7 +27,7 @@ _ISOLATIONS: Final = ("read committed", "repeatable read", "serializable")
 
 
 @final
-class PostgresTransaction:
+class PostgresTransaction(OneStreamAppend):
     """One transaction of the application's, with appends: from `PostgresStore.transaction`.
 
     Run your own statements (``execute``, ``fetch``, …) and appends (``append``,
@@ -79,28 +80,16 @@ class PostgresTransaction:
         """Run a query; the first column of its first row."""
         return await self._run(self._connection.fetchval, sql, *args)
 
-    async def append(
-        self,
-        stream_id: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_version: int | None = None,
-    ) -> AppendResult:
-        """Append *events* to one stream in this transaction (see `EventStore.append`).
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Append to several streams in this transaction (see `EventStore.append_atomic`);
+        `append` for one stream.
 
         The result's position is where the events will be once the transaction commits.
 
         Raises:
-            VersionConflict: the stream's version is not *expected_version*; the
+            VersionConflict: a stream's version is not its expected version; the
                 transaction can then only roll back.
         """
-        # StreamAppend checks the stream id and the expected version itself.
-        return await self.append_atomic(
-            [StreamAppend(stream_id, events, expected_version=expected_version)]
-        )
-
-    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
-        """Append to several streams in this transaction (see `EventStore.append_atomic`)."""
         sql, args = self._append_statement(appends)
         row = await self._run(self._connection.fetchrow, sql, *args)
         self._appended = True

@@ -4,27 +4,19 @@ from __future__ import annotations
 
 import enum
 import inspect
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol, final, runtime_checkable
 
 import attrs
 
 from .._errors import InvalidArgument
-from .._events import (
-    AppendResult,
-    NewEvent,
-    RecordedEvent,
-    StreamAppend,
-    UndecodableEvent,
-    caused_by,
-    prepare_appends,
-)
+from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._partitions import Partition, check_partitions, units_of
 from .._positions import Position
-from .._protocols import Database, ProjectionBatch, Store
 from .._typed import EventRegistry
 from .._validation import check_projector_name
+from ._context import BatchHandler, Handler, ProjectionContext
 
 
 class FailureStrategy(enum.Enum):
@@ -65,135 +57,7 @@ class Failure:
     retries: int
 
 
-@final
-class ProjectionContext:
-    """What a projector's handler gets besides the event; created only by the runtime.
-
-    .. versionadded:: 0.1
-    """
-
-    def __init__(
-        self,
-        *,
-        batch: ProjectionBatch,
-        store: Store,
-        projector: str,
-        partition: Partition | None = None,
-    ) -> None:
-        self._batch = batch
-        self._store = store
-        self._projector = projector
-        self._partition = partition
-        self._position: Position | None = None
-        self._event: RecordedEvent | None = None
-
-    @property
-    def db(self) -> Database:
-        """The projector's transaction (PostgreSQL), committed with the checkpoint or not at all.
-
-        ``execute``, ``executemany``, ``fetch``, ``fetchrow`` and ``fetchval`` are Trio
-        calls; each is one round trip on the leader's own session.
-
-        Raises:
-            DatabaseNotAvailable: the store has no database (the in-memory store).
-        """
-        return self._batch.db
-
-    @property
-    def store(self) -> Store:
-        """The store the projection reads from (for reads; writes through `db` are atomic)."""
-        return self._store
-
-    @property
-    def position(self) -> Position | None:
-        """The position of the event being applied (the last one, in a batch hook)."""
-        return self._position
-
-    @property
-    def projector(self) -> str:
-        """The name of the projector being run."""
-        return self._projector
-
-    @property
-    def partition(self) -> int | None:
-        """Which partition of a partitioned projector this handler runs in (0 to
-        ``partitions - 1``), or None when the projector is not partitioned.
-
-        A partition sees every event of its streams, in each stream's order, and nothing of
-        the other partitions' streams.
-
-        .. versionadded:: 0.2
-        """
-        return None if self._partition is None else self._partition.index
-
-    @property
-    def partitions(self) -> int:
-        """How many partitions the projector has (1 when it is not partitioned).
-
-        .. versionadded:: 0.2
-        """
-        return 1 if self._partition is None else self._partition.count
-
-    @property
-    def event(self) -> RecordedEvent | None:
-        """The recorded event being applied (its metadata, id, stream), also when the handler
-        receives a typed event decoded from it."""
-        return self._event
-
-    async def append(
-        self,
-        stream_id: str,
-        events: Sequence[NewEvent],
-        *,
-        expected_version: int | None = None,
-    ) -> AppendResult:
-        """Append *events* to a stream in this batch: a reactor, or process manager.
-
-        They commit in the same transaction as the checkpoint, or not at all: each handled
-        event causes its events exactly once, even when the host is killed mid-batch (the
-        batch is applied again by the next leader, and its appends with it). Each event's
-        metadata gets the handled event's correlation id and its id as the causation id
-        (`caused_by`), unless it sets them itself. ``expected_version`` works as for
-        `EventStore.append`.
-
-        Example::
-
-            @projector("shipping", event_types=["OrderPaid"])
-            async def ship(event: RecordedEvent, ctx: ProjectionContext) -> None:
-                await ctx.append(f"shipment-{event.stream_id}", [NewEvent("ShipmentRequested",
-                    {"order": event.stream_id})], expected_version=0)
-
-        Raises:
-            VersionConflict: the stream's version is not *expected_version*; the event fails
-                like any handler error (``on_error``: RETRY applies the batch again).
-
-        .. versionadded:: 0.3
-        """
-        return await self.append_atomic(
-            [StreamAppend(stream_id, events, expected_version=expected_version)]
-        )
-
-    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
-        """Append to several streams in this batch, with causal metadata (see `append`).
-
-        .. versionadded:: 0.3
-        """
-        cause = {} if self._event is None else caused_by(self._event)
-        stamped = [
-            StreamAppend(
-                request.stream_id,
-                [attrs.evolve(e, metadata={**cause, **e.metadata}) for e in request.events],
-                expected_version=request.expected_version,
-            )
-            for request in prepare_appends(appends)
-        ]
-        return await self._batch.append_atomic(stamped)
-
-
-# The event is a RecordedEvent, or the typed object decoded from it with a registry.
-Handler = Callable[[Any, ProjectionContext], Awaitable[None]]
 ErrorHandler = Callable[[Failure], FailureStrategy]
-BatchHandler = Callable[[Sequence[RecordedEvent], ProjectionContext], Awaitable[None]]
 
 
 @runtime_checkable
@@ -361,12 +225,6 @@ class ResolvedProjector:
             )
             for unit in units_of(self.projection, self.partitions)
         ]
-
-    def context(self, batch: ProjectionBatch, store: Store) -> ProjectionContext:
-        """The ``ctx`` handlers get in *batch*."""
-        return ProjectionContext(
-            batch=batch, store=store, projector=self.projection, partition=self.partition
-        )
 
 
 def _default_on_error(_: Failure) -> FailureStrategy:

@@ -12,29 +12,24 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-import attrs
 import trio
 
 from .._errors import (
-    DatabaseError,
     EventCoreError,
     InvalidArgument,
     LeadershipLost,
-    LeadershipUnavailable,
-    PartitionsMismatch,
     ProjectionFailed,
-    ProjectionRunning,
     StoreConnectionError,
 )
-from .._events import RecordedEvent
-from .._protocols import Leadership, Store
+from .._protocols import Leadership, ProjectionBatch, Store
 from .._status import ProjectionState
 from .._util import background, raise_single, wait_any
 from ._config import ProjectionConfig
+from ._context import apply_and_commit
 from ._metrics import METRICS
 from ._pipeline import (
     ApplyBatch,
@@ -58,47 +53,32 @@ from ._pipeline import (
     WaitForEvents,
     Woken,
 )
-from ._projector import ProjectionContext, ResolvedProjector, resolve
+from ._projector import ResolvedProjector, resolve
 
 logger = logging.getLogger("eventcore_trio.projection")
-
-
-class _HandlerFailed(Exception):
-    def __init__(self, index: int | None, error: BaseException) -> None:
-        super().__init__(index, error)
-        self.index = index
-        self.error = error
 
 
 async def _apply_batch(
     projector: ResolvedProjector, store: Store, leadership: Leadership, effect: ApplyBatch
 ) -> Result:
     started = time.perf_counter()
-    staged = False
-    try:
-        async with leadership.open_batch() as batch:
-            ctx = projector.context(batch, store)
-            if effect.events:
-                await _run_handlers(
-                    projector, ctx, effect.events, use_batch_hook=effect.use_batch_hook
-                )
-            if effect.dead_letter is not None:
-                failure = effect.dead_letter
-                await batch.record_dead_letter(
-                    failure.event, failure.error, retries=failure.retries
-                )
-            await batch.save_checkpoint(effect.expected, effect.checkpoint)
-            staged = True
-    except _HandlerFailed as failed:
+
+    async def stage(batch: ProjectionBatch) -> None:
+        if effect.dead_letter is not None:
+            failure = effect.dead_letter
+            await batch.record_dead_letter(failure.event, failure.error, retries=failure.retries)
+        await batch.save_checkpoint(effect.expected, effect.checkpoint)
+
+    failed = await apply_and_commit(
+        projector,
+        store,
+        leadership,
+        effect.events,
+        then=stage,
+        use_batch_hook=effect.use_batch_hook,
+    )
+    if failed is not None:
         return BatchFailed(failed.index, failed.error)
-    except DatabaseError as exc:
-        if not (staged and effect.events):
-            raise
-        # The database refused the commit itself (a deferred constraint, a serialization
-        # failure) on a session that still holds the lock: some event's writes caused it.
-        # The pipeline finds which by applying the batch one event at a time, so the
-        # projector's on_error decides, as for any handler error.
-        return BatchFailed(None, exc)
     lag = None
     if effect.events:
         lag = (dt.datetime.now(dt.UTC) - effect.events[-1].recorded_at).total_seconds()
@@ -106,73 +86,6 @@ async def _apply_batch(
     if effect.dead_letter is not None:
         METRICS.dead_letter(projector.name)
     return BatchCommitted()
-
-
-async def _run_handlers(
-    projector: ResolvedProjector,
-    ctx: ProjectionContext,
-    events: Sequence[RecordedEvent],
-    *,
-    use_batch_hook: bool = False,
-) -> None:
-    # The pipeline decides whether a batch goes to the batch hook in one call; a projector
-    # that has only a batch hook gets single events as batches of one.
-    decode = projector.decode
-    if use_batch_hook and projector.apply_batch is not None:
-        ctx._position = events[-1].position
-        ctx._event = events[-1]
-        try:
-            payload: Sequence[Any] = (
-                events if decode is None else [item for e in events for item in decode(e)]
-            )
-            await projector.apply_batch(payload, ctx)
-        except Exception as exc:
-            raise _HandlerFailed(None, exc) from exc
-        _check_batch(ctx, None)
-        await _flush(ctx)
-        return
-    batch_hook = projector.apply_batch
-    for index, event in enumerate(events):
-        ctx._position = event.position
-        ctx._event = event
-        try:
-            if decode is None:
-                # The common case, once per event: no decoding, no tuple of one.
-                if batch_hook is None:
-                    await projector.apply(event, ctx)
-                else:
-                    await batch_hook([event], ctx)
-            else:
-                # An upcast event may stand for several typed events, or none.
-                for item in decode(event):
-                    if batch_hook is None:
-                        await projector.apply(item, ctx)
-                    else:
-                        await batch_hook([item], ctx)
-        except Exception as exc:
-            raise _HandlerFailed(index, exc) from exc
-        _check_batch(ctx, index)
-    await _flush(ctx)
-
-
-async def _flush(ctx: ProjectionContext) -> None:
-    # Writes queued through ctx.db.queue go out once per batch. Which event's write failed
-    # is not known here (index None): the pipeline then applies the batch's events one at a
-    # time, where it is.
-    try:
-        await ctx._batch.flush()
-    except Exception as exc:
-        raise _HandlerFailed(None, exc) from exc
-    _check_batch(ctx, None)
-
-
-def _check_batch(ctx: ProjectionContext, index: int | None) -> None:
-    # A handler that swallowed the error of an interrupted ctx.db statement (or the
-    # cancellation of its own timeout) returned normally, but its batch cannot commit: the
-    # failure is that handler's.
-    failure = ctx._batch.failure
-    if failure is not None:
-        raise _HandlerFailed(index, failure) from failure
 
 
 async def _perform(
@@ -451,140 +364,3 @@ async def _run_unit(
         result = await run_led(resolved, store, leadership, config, on_running=ready)
     assert result is not None  # only a stop event ends a run without a result
     return result
-
-
-@attrs.frozen(kw_only=True)
-class ReplayResult:
-    """What `replay_dead_letters` did.
-
-    Attributes:
-        replayed: dead letters applied successfully and deleted, each in the transaction
-            that applied it.
-        failed: dead letters whose replay failed again (kept): the handler raised, the
-            database refused to commit what it wrote, or the event is still undecodable.
-
-    .. versionadded:: 0.1
-    """
-
-    replayed: int
-    failed: int
-
-
-async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
-    """Apply a projection's dead letters again, each in its own transaction.
-
-    The units replayed are the ones the store records for the projection
-    (`ProjectorCoordinator.recorded_partitions`), never the shape of *projector*: a
-    projector whose partition count differs (code from before a split, or a script that
-    leaves out ``partitions=``) is refused with `PartitionsMismatch`, and nothing is
-    replayed. The replay first takes the lock of every unit, so it never runs beside a
-    leader of any of them and the count cannot change under it; then, unit by unit, it
-    applies each of that unit's dead letters in a batch of that unit (``ctx.db`` and
-    ``ctx.partition`` as when the unit skipped it). A letter whose event now applies is
-    deleted in the same transaction as what the handler wrote. One that fails again is kept
-    and counted in `ReplayResult.failed`, and the replay goes on with the next letter:
-    whether its handler raised, or the database refused to commit what it wrote (a deferred
-    constraint, a serialization failure: `DatabaseError` at COMMIT), or its event is still
-    undecodable. Status shows the units as replaying meanwhile.
-
-    Resolving a letter that is no longer there fails its batch (`DeadLetterNotFound`, the
-    transaction rolled back) and ends the replay: a letter is never reported as replayed
-    unless this replay deleted it. Letters replayed before it stay replayed.
-
-    This is a checkpoint. Cancelling it rolls back the letter in flight (letters already
-    replayed stay replayed) and releases every lock.
-
-    Args:
-        projector: the projector as its hosts run it (same name and partition count).
-        store: the store the projection runs against.
-
-    Returns:
-        How many letters were replayed (and deleted) and how many failed again (kept).
-
-    Raises:
-        ProjectionRunning: another session leads a unit of the projection; stop its hosts
-            first. Nothing was replayed.
-        PartitionsMismatch: *projector*'s partition count is not the recorded one; nothing
-            was replayed.
-        DeadLetterNotFound: a letter was gone when its replay resolved it; its batch was
-            rolled back.
-        InvalidArgument: *projector* is not a projector.
-
-    .. versionadded:: 0.1
-    .. versionchanged:: 0.3
-       Replays the units the store records, under all of their locks at once; refuses a
-       projector with another partition count, and raises `ProjectionRunning` (a
-       `LeadershipUnavailable`) while any unit runs. A letter that is gone fails its batch.
-       A letter whose commit the database refuses counts as failed again, and the replay
-       goes on with the next (it raised `DatabaseError`).
-    """
-    resolved = resolve(projector)
-    name = resolved.projection
-    while True:
-        recorded = await store.recorded_partitions(name)
-        if recorded is None:
-            return ReplayResult(replayed=0, failed=0)  # it never ran here: no dead letters
-        if recorded != resolved.partitions:
-            raise PartitionsMismatch(name, recorded, resolved.partitions)
-        units = sorted(resolved.units(), key=lambda unit: unit.name)
-        async with contextlib.AsyncExitStack() as stack:
-            leaderships = []
-            for unit in units:
-                # In name order, as reset_projection: of two replays at once, one gets all.
-                try:
-                    leadership = await stack.enter_async_context(store.try_acquire(unit.name))
-                except LeadershipUnavailable as exc:
-                    raise ProjectionRunning(name, can_wait=False) from exc
-                leaderships.append(leadership)
-            # A split commits only under every lock of the old count: with all of them held,
-            # the count read before taking them holds until they are released, unless it
-            # changed in between; then the refusal above decides again.
-            if await store.recorded_partitions(name) != recorded:
-                continue
-            for leadership in leaderships:
-                # Status shows REPLAYING, not a running leader, while this holds the lock
-                # (and STOPPED once it lets go).
-                await leadership.report(ProjectionState.REPLAYING)
-            replayed = failed = 0
-            for unit, leadership in zip(units, leaderships, strict=True):
-                done, not_done = await _replay(unit, store, leadership)
-                replayed += done
-                failed += not_done
-            return ReplayResult(replayed=replayed, failed=failed)
-
-
-async def _replay(
-    resolved: ResolvedProjector, store: Store, leadership: Leadership
-) -> tuple[int, int]:
-    # The unit's own letters (its name is a unit name), read under its lock: no leader of
-    # it can add one, and no split can move one, until the replay lets go.
-    replayed = failed = 0
-    for letter in await store.dead_letters(resolved.name):
-        if not isinstance(letter.event, RecordedEvent):
-            failed += 1
-            continue
-        staged = False
-        try:
-            async with leadership.open_batch() as batch:
-                ctx = resolved.context(batch, store)
-                await _run_handlers(resolved, ctx, [letter.event])
-                await batch.resolve_dead_letter(letter.id)
-                staged = True
-        except _HandlerFailed as exc:
-            error: BaseException = exc.error
-        except DatabaseError as exc:
-            if not staged:
-                raise
-            # The database refused the commit itself (a deferred constraint, a
-            # serialization failure) on a session that still holds the lock: the letter's
-            # writes caused it, as in _apply_batch, where on_error decides. Nothing
-            # committed, so the letter is kept: it failed again, and the next one is tried.
-            error = exc
-        else:
-            replayed += 1
-            continue
-        logger.warning(
-            "projector %s: replay of %s failed again: %s", resolved.name, letter.position, error
-        )
-        failed += 1
-    return replayed, failed

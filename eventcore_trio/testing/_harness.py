@@ -13,8 +13,7 @@ import attrs
 
 from .._events import NewEvent, StreamAppend
 from .._protocols import Leadership, Store
-from ..memory import MemoryStore, open_memory_store
-from ..memory._store import MemoryLeadership
+from ..memory import MemoryLeadership, MemoryStore, open_memory_store
 from ..postgres import (
     PostgresLeadership,
     PostgresStore,
@@ -87,7 +86,7 @@ class MemoryHarness:
         """Revoke *leadership* as if its session had died."""
         assert isinstance(store, MemoryStore)
         assert isinstance(leadership, MemoryLeadership)
-        store._revoke_leadership(leadership.name)
+        store.admin.revoke_leadership(leadership.name)
 
     @asynccontextmanager
     async def hold_commit(
@@ -100,7 +99,7 @@ class MemoryHarness:
     async def store_undecodable(self, store: Store, stream_id: str) -> None:
         """Store an event whose data is a JSON array."""
         assert isinstance(store, MemoryStore)
-        store._store_undecodable(stream_id)
+        store.admin.store_undecodable(stream_id)
 
 
 def dsn_with_credentials(dsn: str, user: str, password: str) -> str:

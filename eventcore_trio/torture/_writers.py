@@ -49,6 +49,19 @@ class WriteLog:
     #: Event ids acknowledged to outbox writers (each must have its transaction's row).
     outbox: set[uuid.UUID] = attrs.Factory(set)
 
+    def acknowledge(self, ids: set[uuid.UUID], path: str) -> None:
+        """The append of *ids* through *path* (`WRITE_PATHS`) was acknowledged."""
+        self.acknowledged |= ids
+        self.by_path[path] += len(ids)
+
+    def cut_off(self, ids: set[uuid.UUID], *, committing: bool) -> None:
+        """The session of the append of *ids* went: once *committing*, it may or may not
+        have committed; before, it never did, and its events must never appear."""
+        if committing:
+            self.unknown_outcome += 1
+        else:
+            self.rolled_back |= ids
+
 
 class _RollBack(Exception):
     """Raised inside an outbox transaction to roll it back."""
@@ -105,10 +118,9 @@ async def _append(
             await store.append_atomic(appends)
     except StoreConnectionError:
         # The statement may have committed just before the session went: unknown.
-        log.unknown_outcome += 1
+        log.cut_off(ids, committing=True)
         raise
-    log.acknowledged |= ids
-    log.by_path["append" if len(appends) == 1 else "append_atomic"] += len(ids)
+    log.acknowledge(ids, "append" if len(appends) == 1 else "append_atomic")
 
 
 async def _append_held(
@@ -139,14 +151,9 @@ async def _append_held(
                     await connection.rollback()
                 raise
     except StoreConnectionError:
-        if committing:
-            log.unknown_outcome += 1
-        else:
-            # Never committed: its events must never appear.
-            log.rolled_back |= ids
+        log.cut_off(ids, committing=committing)
         raise
-    log.acknowledged |= ids
-    log.by_path["held"] += len(ids)
+    log.acknowledge(ids, "held")
     store.admin.notify_appended()
 
 
@@ -179,14 +186,10 @@ async def _append_outbox(
         log.rolled_back |= ids
         return
     except StoreConnectionError:
-        if committing:
-            log.unknown_outcome += 1
-        else:
-            log.rolled_back |= ids
+        log.cut_off(ids, committing=committing)
         raise
-    log.acknowledged |= ids
+    log.acknowledge(ids, "outbox")
     log.outbox |= ids
-    log.by_path["outbox"] += len(ids)
 
 
 async def _outbox_row(tx: PostgresTransaction, app: str, ids: set[uuid.UUID]) -> None:

@@ -17,7 +17,7 @@ import attrs
 
 from eventcore_trio import Store
 from eventcore_trio.memory import MemoryStore
-from eventcore_trio.memory._store import _Backup as MemoryBackup
+from eventcore_trio.memory._admin import MemoryBackup
 from eventcore_trio.postgres import PostgresStore
 
 
@@ -32,7 +32,7 @@ class PostgresBackup:
 async def backup(store: Store) -> MemoryBackup | PostgresBackup:
     """Keep the store's events as they are now, for `restore`."""
     if isinstance(store, MemoryStore):
-        return store._backup()
+        return store.admin.backup()
     assert isinstance(store, PostgresStore)
     schema = store.schema
     name = f"backup_{uuid.uuid4().hex[:12]}"
@@ -48,7 +48,7 @@ async def restore(store: Store, saved: MemoryBackup | PostgresBackup) -> None:
     """Bring back the events `backup` kept: everything appended since is gone."""
     if isinstance(store, MemoryStore):
         assert isinstance(saved, MemoryBackup)
-        store._restore(saved)
+        store.admin.restore(saved)
         return
     assert isinstance(store, PostgresStore)
     assert isinstance(saved, PostgresBackup)

@@ -12,9 +12,9 @@ import pytest
 import trio
 
 from eventcore_trio import ConfigurationError
-from eventcore_trio.cli import EXIT_USAGE, _action_token, main
+from eventcore_trio.cli import EXIT_USAGE, main
 from eventcore_trio.dashboard import DashboardState, dashboard_app, serve_dashboard
-from eventcore_trio.dashboard._token import read_action_token, token_matches
+from eventcore_trio.dashboard._token import action_token, read_action_token, token_matches
 from eventcore_trio.memory import open_memory_store
 
 from .test_serve import NO_DATABASE
@@ -66,9 +66,9 @@ def test_the_token_comes_from_the_file_else_the_environment(
     """The file wins over the variable; neither is read while actions are off; a file other
     users may read is used, with a warning."""
     monkeypatch.setenv("EVENTCORE_DASHBOARD_TOKEN", "from-the-environment-0123")
-    assert _action_token(True, str(token_file)) == TOKEN
-    assert _action_token(True, None) == "from-the-environment-0123"
-    assert _action_token(False, str(token_file.parent / "missing")) is None
+    assert action_token(True, str(token_file)) == TOKEN
+    assert action_token(True, None) == "from-the-environment-0123"
+    assert action_token(False, str(token_file.parent / "missing")) is None
     assert not caplog.records
     token_file.chmod(0o644)
     with caplog.at_level(logging.WARNING, logger="eventcore_trio.dashboard"):

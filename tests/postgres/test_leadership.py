@@ -18,7 +18,7 @@ from eventcore_trio import (
     RecordedEvent,
 )
 from eventcore_trio.postgres import PostgresLeadership, PostgresStore, projector_lock_key
-from eventcore_trio.postgres._leadership import KEEPALIVE_SETTINGS
+from eventcore_trio.postgres._lock_session import KEEPALIVE_SETTINGS
 from eventcore_trio.projection import (
     FailureStrategy,
     ProjectionContext,

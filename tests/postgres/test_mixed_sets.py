@@ -1,6 +1,6 @@
 """Hosts that run different projectors on one schema, as real processes on real PostgreSQL.
 
-Each host is a process running tests/postgres/mixed_sets_host.py with the projectors a test
+Each host is a process running tests/postgres/recording_host.py with the projectors a test
 names, all writing what they apply through ctx.db (exactly once, or the test fails), while
 this process keeps appending. Before hosts said what they run, a unit could be planned for
 a host that does not have it and then stay unled for good: the first two tests fail that way.
@@ -11,11 +11,9 @@ from __future__ import annotations
 import os
 import socket
 import sys
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import IO
 
 import httpx
 import pytest
@@ -23,7 +21,6 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from eventcore_trio import LeaderInfo, NewEvent, RecordedEvent, partition_of
-from eventcore_trio._tools._processes import run_ready_process
 from eventcore_trio.dashboard import DashboardState, dashboard_app
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import (
@@ -35,13 +32,19 @@ from eventcore_trio.projection import (
 from eventcore_trio.testing import PostgresHarness, read_all
 
 from ..conftest import oldest_server_param
-from ..helpers import dsn_environment, eventually
+from ..helpers import (
+    RecordingHosts,
+    append_orders,
+    caught_up,
+    create_applied_table,
+    dsn_environment,
+    eventually,
+)
 
 # Many processes and seconds per test, and nothing in it that differs between server
 # versions: one server (see conftest.oldest_server_param).
 pytestmark = pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 
-HOST_SCRIPT = Path(__file__).with_name("mixed_sets_host.py")
 CLI = [sys.executable, "-m", "eventcore_trio.cli"]
 SERVICE_A = [f"a{i}" for i in range(6)]
 SERVICE_B = ["audit", "billing"]
@@ -54,57 +57,8 @@ async def store(postgres_dsn: str) -> AsyncIterator[PostgresStore]:
         yield store
 
 
-async def _create_app_schema(store: PostgresStore) -> str:
-    app = f"app_{uuid.uuid4().hex[:10]}"
-    await store.admin.execute(
-        f'CREATE SCHEMA "{app}"; '
-        f'CREATE TABLE "{app}".applied (id bigserial PRIMARY KEY, projection text NOT NULL, '
-        "partition int, partitions int NOT NULL, stream_id text NOT NULL, version bigint NOT NULL, "
-        "event_id uuid NOT NULL, pid int NOT NULL)"
-    )
-    return app
-
-
-class Hosts:
-    """Host processes of one test, each with its projector set and a file of its stderr."""
-
-    def __init__(self, nursery: trio.Nursery, dsn: str, schema: str, app: str, logs: Path) -> None:
-        self._nursery = nursery
-        self._dsn = dsn
-        self._argv = [sys.executable, str(HOST_SCRIPT), schema, app]
-        self._logs = logs
-        # pid -> the projection names it runs
-        self.runs: dict[int, set[str]] = {}
-        self.stderr: dict[int, Path] = {}
-        self._files: list[IO[bytes]] = []
-
-    async def start(self, *specs: str) -> int:
-        log = self._logs / f"host-{len(self.runs)}.log"
-        file = log.open("wb")
-        self._files.append(file)
-        process: trio.Process = await self._nursery.start(
-            lambda task_status: run_ready_process(
-                [*self._argv, *specs],
-                env={"EVENTCORE_DSN": self._dsn},
-                stderr=file,
-                startup_limit=60,
-                task_status=task_status,
-            )
-        )
-        self.runs[process.pid] = {spec.partition(":")[0] for spec in specs}
-        self.stderr[process.pid] = log
-        return process.pid
-
-    def said(self, pid: int) -> str:
-        return self.stderr[pid].read_text()
-
-    def close(self) -> None:
-        for file in self._files:
-            file.close()
-
-
 async def _led_by_hosts_that_have_them(
-    store: PostgresStore, hosts: Hosts, projections: Iterable[str], units: int
+    store: PostgresStore, hosts: RecordingHosts, projections: Iterable[str], units: int
 ) -> Counter[int] | None:
     """Units led per host pid once every unit of *projections* is led by a host that runs
     it; None before."""
@@ -119,12 +73,6 @@ async def _led_by_hosts_that_have_them(
         assert s.name in hosts.runs[s.leader.pid], f"{s.unit} led by a host that lacks it"
         spread[s.leader.pid] += 1
     return spread
-
-
-async def _caught_up(store: PostgresStore, projections: Iterable[str]) -> bool:
-    names = set(projections)
-    status = [s for s in await store.projection_status() if s.name in names]
-    return all(s.checkpoint is not None and s.lag_events == 0 for s in status)
 
 
 async def _verify(store: PostgresStore, app: str, projections: Iterable[str]) -> None:
@@ -145,24 +93,16 @@ async def _verify(store: PostgresStore, app: str, projections: Iterable[str]) ->
     assert all(v == sorted(v) for v in versions.values()), "a stream's order broke"
 
 
-async def _write(store: PostgresStore, stop: trio.Event) -> None:
-    n = 0
-    while not stop.is_set():
-        await store.append(f"order-{n % 30}", [NewEvent("Placed", {"n": n})])
-        n += 1
-        await trio.sleep(0.005)
-
-
 async def test_two_services_on_one_schema_both_run(
     store: PostgresStore, postgres_dsn: str, tmp_path: Path
 ) -> None:
     """A host with six projectors starts first, a host with two others joins: each leads
     its own, both catch up exactly once, and each logs what it lacks."""
-    app = await _create_app_schema(store)
+    app = await create_applied_table(store)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        hosts = Hosts(nursery, postgres_dsn, store.schema, app, tmp_path)
-        nursery.start_soon(_write, store, stop)
+        hosts = RecordingHosts(nursery, postgres_dsn, store.schema, app, tmp_path)
+        nursery.start_soon(append_orders, store, stop)
         a = await hosts.start(*SERVICE_A)
         await eventually(lambda: _led(store, hosts, SERVICE_A, 6), within=30)
         b = await hosts.start(*SERVICE_B)
@@ -171,7 +111,7 @@ async def test_two_services_on_one_schema_both_run(
         spread = await _led_by_hosts_that_have_them(store, hosts, everything, 8)
         assert spread == {a: 6, b: 2}
         stop.set()
-        await eventually(lambda: _caught_up(store, everything), within=60)
+        await eventually(lambda: caught_up(store, everything), within=60)
         await eventually(lambda: _logged(hosts, a, "does not have: audit, billing"), within=10)
         await eventually(lambda: _logged(hosts, b, "does not have: a0, a1"), within=10)
         nursery.cancel_scope.cancel()
@@ -185,11 +125,11 @@ async def test_a_host_that_adds_a_projector_runs_it(
     """Two services run; a third host (a new version of the first, with a new partitioned
     projector) starts while events are appended: the new projector's four partitions run on
     it, and the spread is as even as the sets allow (5, 2, 5)."""
-    app = await _create_app_schema(store)
+    app = await create_applied_table(store)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        hosts = Hosts(nursery, postgres_dsn, store.schema, app, tmp_path)
-        nursery.start_soon(_write, store, stop)
+        hosts = RecordingHosts(nursery, postgres_dsn, store.schema, app, tmp_path)
+        nursery.start_soon(append_orders, store, stop)
         a = await hosts.start(*SERVICE_A)
         b = await hosts.start(*SERVICE_B)
         before = [*SERVICE_A, *SERVICE_B]
@@ -206,17 +146,19 @@ async def test_a_host_that_adds_a_projector_runs_it(
         assert [s.partitions for s in gamma] == [4] * 4
         assert {s.leader.pid for s in gamma if s.leader is not None} == {c}
         stop.set()
-        await eventually(lambda: _caught_up(store, everything), within=60)
+        await eventually(lambda: caught_up(store, everything), within=60)
         nursery.cancel_scope.cancel()
     hosts.close()
     await _verify(store, app, everything)
 
 
-async def _led(store: PostgresStore, hosts: Hosts, projections: list[str], units: int) -> bool:
+async def _led(
+    store: PostgresStore, hosts: RecordingHosts, projections: list[str], units: int
+) -> bool:
     return await _led_by_hosts_that_have_them(store, hosts, projections, units) is not None
 
 
-async def _logged(hosts: Hosts, pid: int, text: str) -> bool:
+async def _logged(hosts: RecordingHosts, pid: int, text: str) -> bool:
     await trio.lowlevel.checkpoint()
     return text in hosts.said(pid)
 

@@ -1,6 +1,6 @@
 """Scale-out across real processes: units spread evenly, survive kill -9, re-spread on joins.
 
-Each host is a process running tests/postgres/scale_out_host.py: six plain projectors and
+Each host is a process running tests/postgres/recording_host.py: six plain projectors and
 one partitioned one, all writing what they apply through ctx.db (exactly once, or the
 test fails), while this process keeps appending.
 """
@@ -10,28 +10,32 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator
-from pathlib import Path
 
 import pytest
 import trio
 
-from eventcore_trio import NewEvent, ProjectionState, partition_of
-from eventcore_trio._tools._processes import run_ready_process
+from eventcore_trio import ProjectionState, partition_of
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.testing import PostgresHarness, read_all
 
 from ..conftest import oldest_server_param
-from ..helpers import eventually
+from ..helpers import (
+    RECORDING_HOST,
+    RecordingHosts,
+    append_orders,
+    caught_up,
+    create_applied_table,
+    eventually,
+)
 
 # Many processes and seconds per test, and nothing in it that differs between server
 # versions: one server (see conftest.oldest_server_param).
 pytestmark = pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 
-HOST_SCRIPT = Path(__file__).with_name("scale_out_host.py")
-PROJECTIONS = [f"plain-{i}" for i in range(6)] + ["wide"]
+PLAIN = [f"plain-{i}" for i in range(6)]
+PROJECTIONS = [*PLAIN, "wide"]
 
 
 @pytest.fixture
@@ -41,40 +45,9 @@ async def store(postgres_dsn: str) -> AsyncIterator[PostgresStore]:
         yield store
 
 
-async def _create_app_schema(store: PostgresStore) -> str:
-    app = f"app_{uuid.uuid4().hex[:10]}"
-    await store.admin.execute(
-        f'CREATE SCHEMA "{app}"; '
-        f'CREATE TABLE "{app}".applied (id bigserial PRIMARY KEY, projection text NOT NULL, '
-        "partition int, partitions int NOT NULL, stream_id text NOT NULL, version bigint NOT NULL, "
-        "event_id uuid NOT NULL, pid int NOT NULL)"
-    )
-    return app
-
-
-class Hosts:
-    """Host processes of one test, started and killed by the test."""
-
-    def __init__(self, nursery: trio.Nursery, dsn: str, schema: str, app: str) -> None:
-        self._nursery = nursery
-        self._dsn = dsn
-        self._argv = [sys.executable, str(HOST_SCRIPT), schema, app]
-        self.processes: dict[int, trio.Process] = {}
-
-    async def start(self, partitions: int) -> int:
-        process: trio.Process = await self._nursery.start(
-            lambda task_status: run_ready_process(
-                [*self._argv, str(partitions)],
-                env={"EVENTCORE_DSN": self._dsn},
-                startup_limit=60,
-                task_status=task_status,
-            )
-        )
-        self.processes[process.pid] = process
-        return process.pid
-
-    def kill(self, pid: int) -> None:
-        self.processes.pop(pid).kill()
+async def _start(hosts: RecordingHosts, partitions: int) -> int:
+    # Six plain projectors and "wide" in *partitions* partitions.
+    return await hosts.start(*PLAIN, f"wide:{partitions}")
 
 
 async def _spread(store: PostgresStore, units: int) -> Counter[int] | None:
@@ -93,11 +66,6 @@ async def _even_over(store: PostgresStore, pids: set[int], units: int) -> bool:
     if spread is None or set(spread) != pids:
         return False
     return max(spread.values()) - min(spread.values()) <= 1
-
-
-async def _caught_up(store: PostgresStore) -> bool:
-    status = [s for s in await store.projection_status() if s.name in PROJECTIONS]
-    return all(s.checkpoint is not None and s.lag_events == 0 for s in status)
 
 
 async def _verify(store: PostgresStore, app: str) -> None:
@@ -126,26 +94,18 @@ async def _verify(store: PostgresStore, app: str) -> None:
     assert len({r["pid"] for r in wide}) > 1, "the partitioned projection ran on one host"  # type: ignore[index]
 
 
-async def _write(store: PostgresStore, stop: trio.Event) -> None:
-    n = 0
-    while not stop.is_set():
-        await store.append(f"order-{n % 30}", [NewEvent("Placed", {"n": n})])
-        n += 1
-        await trio.sleep(0.005)
-
-
 async def test_units_spread_over_hosts_and_recover_from_kill_and_join(
     store: PostgresStore, postgres_dsn: str
 ) -> None:
     """3 hosts even; kill -9 the busiest: all led again at once, then even; a 4th: even."""
-    app = await _create_app_schema(store)
+    app = await create_applied_table(store)
     units = 6 + 4
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        hosts = Hosts(nursery, postgres_dsn, store.schema, app)
-        nursery.start_soon(_write, store, stop)
+        hosts = RecordingHosts(nursery, postgres_dsn, store.schema, app)
+        nursery.start_soon(append_orders, store, stop)
         for _ in range(3):
-            await hosts.start(4)
+            await _start(hosts, 4)
             await trio.sleep(0.3)  # started a few hundred ms apart, as the issue asks
         await eventually(lambda: _even_over(store, set(hosts.processes), units), within=30)
         # Bounded connections: about one standby per unit, not one per unit per host (20).
@@ -171,10 +131,10 @@ async def test_units_spread_over_hosts_and_recover_from_kill_and_join(
         await eventually(lambda: _all_led_without(store, busiest, units), within=10)
         await eventually(lambda: _even_over(store, set(hosts.processes), units), within=30)
 
-        await hosts.start(4)
+        await _start(hosts, 4)
         await eventually(lambda: _even_over(store, set(hosts.processes), units), within=30)
         stop.set()
-        await eventually(lambda: _caught_up(store), within=60)
+        await eventually(lambda: caught_up(store, PROJECTIONS), within=60)
         nursery.cancel_scope.cancel()
     await _verify(store, app)
 
@@ -195,32 +155,32 @@ async def _all_led_without(store: PostgresStore, dead: int, units: int) -> bool:
 async def test_split_under_load_and_refused_merge(store: PostgresStore, postgres_dsn: str) -> None:
     """Hosts at K=2 replaced by hosts at K=4 while writers append: nothing lost or doubled,
     order kept; a host started with K=3 afterwards refuses to run the projection."""
-    app = await _create_app_schema(store)
+    app = await create_applied_table(store)
     stop = trio.Event()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_write, store, stop)
+        nursery.start_soon(append_orders, store, stop)
         async with trio.open_nursery() as old:
-            old_hosts = Hosts(old, postgres_dsn, store.schema, app)
-            await old_hosts.start(2)
-            await old_hosts.start(2)
+            old_hosts = RecordingHosts(old, postgres_dsn, store.schema, app)
+            await _start(old_hosts, 2)
+            await _start(old_hosts, 2)
             await eventually(lambda: _even_over(store, set(old_hosts.processes), 8), within=30)
-            new_hosts = Hosts(nursery, postgres_dsn, store.schema, app)
+            new_hosts = RecordingHosts(nursery, postgres_dsn, store.schema, app)
             # A rolling deploy: the new host is ready at once; its units wait for the split,
             # which waits for the old hosts, which lead every unit of the old count meanwhile.
-            await new_hosts.start(4)
+            await _start(new_hosts, 4)
             await eventually(lambda: _split_waiting(store), within=30)
             old.cancel_scope.cancel()
-        await new_hosts.start(4)
+        await _start(new_hosts, 4)
         await eventually(lambda: _even_over(store, set(new_hosts.processes), 10), within=30)
         wide = [s for s in await store.projection_status() if s.name == "wide"]
         assert [s.partitions for s in wide] == [4, 4, 4, 4]
         stop.set()
-        await eventually(lambda: _caught_up(store), within=60)
+        await eventually(lambda: caught_up(store, PROJECTIONS), within=60)
         nursery.cancel_scope.cancel()
     await _verify(store, app)
     # K=4 to K=3 is refused: the host logs why and what to do, and runs nothing of it.
     refused = await trio.lowlevel.open_process(
-        [sys.executable, str(HOST_SCRIPT), store.schema, app, "3"],
+        [sys.executable, str(RECORDING_HOST), store.schema, app, *PLAIN, "wide:3"],
         env={**os.environ, "EVENTCORE_DSN": postgres_dsn},
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,

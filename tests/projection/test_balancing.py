@@ -54,13 +54,13 @@ def _projectors(applied: dict[str, list[tuple[str, int]]]) -> list[object]:
 
 
 def _spread(store: MemoryStore) -> list[int]:
-    return sorted(len(host.leading) for host in store._hosts.values())
+    return sorted(len(host.leading) for host in store.admin.state.hosts.values())
 
 
 def _even(hosts: int) -> Callable[[MemoryStore], bool]:
     def check(store: MemoryStore) -> bool:
         spread = _spread(store)
-        led = set().union(*(host.leading for host in store._hosts.values()))
+        led = set().union(*(host.leading for host in store.admin.state.hosts.values()))
         # Published states lag a moment behind hand-offs: a unit just handed over may be
         # listed by both hosts, so the counts must also add up.
         return (
@@ -76,9 +76,10 @@ def _even(hosts: int) -> Callable[[MemoryStore], bool]:
 def _settled(store: MemoryStore) -> bool:
     """Every host does what its plan says and hands nothing off: a fixed point."""
     view = ClusterView(
-        hosts=dict(store._hosts), held=frozenset(u for u in UNITS if u in store._leaders)
+        hosts=dict(store.admin.state.hosts),
+        held=frozenset(u for u in UNITS if u in store.admin.state.leaders),
     )
-    for host_id, host in store._hosts.items():
+    for host_id, host in store.admin.state.hosts.items():
         decided = plan(view, host_id, sorted(UNITS))
         if decided.release or decided.wanted != host.leading | host.standing_by:
             return False
@@ -88,7 +89,7 @@ def _settled(store: MemoryStore) -> bool:
 async def _until(store: MemoryStore, predicate: Callable[[MemoryStore], bool]) -> None:
     with trio.fail_after(10):
         while not predicate(store):
-            await store._hosts_event.wait()
+            await store.admin.state.hosts_event.wait()
 
 
 async def test_hosts_share_units_evenly_through_joins_and_departures() -> None:
@@ -109,9 +110,9 @@ async def test_hosts_share_units_evenly_through_joins_and_departures() -> None:
         # Once every host does what its plan says, the hosts stay quiet: no publication
         # wakes the others for ever (ten rounds).
         await _until(store, _settled)
-        settled = store._hosts_changes
+        settled = store.admin.state.hosts_changes
         await trio.sleep(10 * config.balance_interval)
-        assert store._hosts_changes == settled
+        assert store.admin.state.hosts_changes == settled
         for n in range(20):
             await store.append(f"s-{n % 7}", [NewEvent("E", {})])
 

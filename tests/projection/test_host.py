@@ -58,7 +58,7 @@ class TestRestartBackoff:
         async with open_memory_store() as store:
             await store.append("s", [NewEvent("A", {})])
             attempts = await _attempts_within(
-                store, 40.5, lambda: store._revoke_leadership("unlucky")
+                store, 40.5, lambda: store.admin.revoke_leadership("unlucky")
             )
         # 0, 0 (first loss: straight back), then 1, 2, 4, 8, 8, 8 s apart: 0,0,1,3,7,15,23,31,39.
         assert attempts == 9

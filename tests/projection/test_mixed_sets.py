@@ -51,13 +51,13 @@ def _projectors(applied: _Applied, *names: str) -> list[object]:
 
 def _leaders(store: MemoryStore) -> dict[str, str]:
     """Unit -> the id of the host that publishes it leads it."""
-    return {unit: host for host, state in store._hosts.items() for unit in state.leading}
+    return {unit: host for host, state in store.admin.state.hosts.items() for unit in state.leading}
 
 
 async def _until(store: MemoryStore, predicate: Callable[[MemoryStore], bool]) -> None:
     with trio.fail_after(10):
         while not predicate(store):
-            await store._hosts_event.wait()
+            await store.admin.state.hosts_event.wait()
 
 
 async def _host(
@@ -87,7 +87,7 @@ async def test_hosts_with_different_sets_lead_every_unit_one_of_them_has() -> No
         def led_by_hosts_that_have_them(store: MemoryStore) -> bool:
             leaders = _leaders(store)
             return set(leaders) == everything and all(
-                unit in (store._hosts[host].runs or ()) for unit, host in leaders.items()
+                unit in (store.admin.state.hosts[host].runs or ()) for unit, host in leaders.items()
             )
 
         await _until(store, led_by_hosts_that_have_them)

@@ -494,7 +494,7 @@ async def _store_checkpoint(store: Store, name: str, position: Position) -> None
     # Store *position* as *name*'s checkpoint by hand, past the store's checks, as a version
     # before them or an operator's UPDATE could.
     if isinstance(store, MemoryStore):
-        store._checkpoints[name] = position
+        store.admin.state.checkpoints[name] = position
         return
     assert isinstance(store, PostgresStore)
     tx, seq = position_parts(position)
@@ -510,7 +510,7 @@ async def _store_checkpoint(store: Store, name: str, position: Position) -> None
 async def _reset_waits(store: Store, name: str) -> bool:
     # Whether a reset_projection(wait=True) of *name* is blocked behind the leader.
     if isinstance(store, MemoryStore):
-        return store._reset_waiting[name] == 1
+        return store.admin.state.reset_waiting[name] == 1
     assert isinstance(store, PostgresStore)
     waiting = await store.admin.fetchval(
         "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "

@@ -1,11 +1,11 @@
-"""A balancing host in its own process, for the scale-out tests.
+"""A balancing host running the projectors it is told to, for the scale-out and mixed-set tests
+(`tests.helpers.RecordingHosts` starts it).
 
-Usage: python scale_out_host.py SCHEMA APP_SCHEMA PARTITIONS  (DSN in EVENTCORE_DSN)
+Usage: python recording_host.py SCHEMA APP_SCHEMA NAME[:PARTITIONS]...  (DSN in EVENTCORE_DSN)
 
-Hosts six plain projectors ("plain-0".."plain-5") and one partitioned projector ("wide",
-PARTITIONS partitions); each records every event it applies in APP_SCHEMA.applied through
-ctx.db, so the record commits with the checkpoint or not at all. Prints "ready" once
-running.
+Hosts one projector per NAME (partitioned when ``:PARTITIONS`` is given); each records every
+event it applies in APP_SCHEMA.applied through ctx.db, so the record commits with the
+checkpoint or not at all. Prints "ready" once running; warnings go to stderr.
 """
 
 import functools
@@ -41,9 +41,11 @@ def recorder(app: str, name: str, partitions: int) -> object:
     return record
 
 
-async def main(schema: str, app: str, partitions: int) -> int:
-    projectors = [recorder(app, f"plain-{i}", 1) for i in range(6)]
-    projectors.append(recorder(app, "wide", partitions))
+async def main(schema: str, app: str, specs: list[str]) -> int:
+    projectors = []
+    for spec in specs:
+        name, _, partitions = spec.partition(":")
+        projectors.append(recorder(app, name, int(partitions or 1)))
     config = ProjectionConfig(batch_size=20, poll_interval=0.5, balance_interval=0.2)
     return await run_host(
         functools.partial(
@@ -55,4 +57,4 @@ async def main(schema: str, app: str, partitions: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(trio.run(main, sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    sys.exit(trio.run(main, sys.argv[1], sys.argv[2], sys.argv[3:]))

@@ -1,0 +1,115 @@
+"""The ``eventcore-trio`` command.
+
+Exit codes: 0 success (``run``: stopped by SIGTERM), 1 the command ran and found a problem (a
+failed verification, a projection that is not found or is running, dead letters that failed
+again), 2 bad usage or configuration (a ``run`` target that cannot be loaded, lock sessions
+behind transaction pooling), 3 the database could not be reached, 130 interrupted (Ctrl-C,
+SIGINT), after a clean shutdown.
+
+`main` turns the command line into one call and any error into its exit code; the commands
+live by family: `_options` (what every command shares, the store options among them),
+`_parser` (every command's arguments and help), `_status`, `_admin` (``migrate``, ``reset``,
+``run``, ``dead-letters``), `_programs` (``demo``, ``torture``, ``dashboard``, ``bench``) and
+`_projectors` (``MODULE:ATTR``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from .._errors import (
+    EventCoreError,
+    LeadershipUnavailable,
+    ProjectionNotFound,
+    StoreConnectionError,
+    UnsupportedPooling,
+)
+from .._tools._processes import run_program
+from . import _admin, _programs
+from ._options import DASHBOARD_TOKEN_VARIABLE as DASHBOARD_TOKEN_VARIABLE
+from ._options import DEFAULT_STATEMENT_CACHE_SIZE as DEFAULT_STATEMENT_CACHE_SIZE
+from ._options import DSN_VARIABLE as DSN_VARIABLE
+from ._options import EXIT_FAILED as EXIT_FAILED
+from ._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
+from ._options import EXIT_OK as EXIT_OK
+from ._options import EXIT_UNREACHABLE as EXIT_UNREACHABLE
+from ._options import EXIT_USAGE as EXIT_USAGE
+from ._options import SESSION_DSN_VARIABLE as SESSION_DSN_VARIABLE
+from ._options import STATEMENT_CACHE_VARIABLE as STATEMENT_CACHE_VARIABLE
+from ._options import StoreOptions, pooling_message
+from ._parser import parser
+from ._projectors import load_projectors as load_projectors
+from ._status import status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _programs.bench(argv[1:])
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _command(args)
+    except KeyboardInterrupt:
+        # Trio has already cancelled everything and cleaned up (child processes stopped,
+        # embedded servers removed); a traceback would say nothing more.
+        print("eventcore-trio: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except EventCoreError as exc:
+        code, message = _failure(exc)
+        print(f"eventcore-trio: {message}", file=sys.stderr)
+        return code
+
+
+def _command(args: argparse.Namespace) -> int:
+    # Every command but bench (run before parsing: its arguments are the harness's own).
+    command = args.command
+    if command == "demo":
+        return _programs.demo(args)
+    if command == "torture":
+        return _programs.torture(args)
+    if command == "migrate" and args.print:
+        return _admin.print_grants(args)
+    options = StoreOptions.from_args(args)
+    if command == "migrate":
+        return run_program(_admin.migrate, options, args.grant, args.partition_index)
+    if command == "status":
+        run_program(status, options, args.json)
+    elif command == "reset":
+        if not _admin.confirm_reset(args.name, args.yes):
+            return EXIT_FAILED
+        run_program(_admin.reset, options, args.name, args.wait)
+    elif command == "dashboard":
+        projectors = load_projectors(args.projectors) if args.projectors else []
+        _programs.dashboard(options, args, projectors)
+    elif command == "run":
+        return run_program(_admin.run, options, load_projectors(args.target))
+    elif command == "dead-letters":
+        if args.letters_command == "list":
+            run_program(_admin.list_letters, options, args.name, args.json)
+        else:
+            return run_program(_admin.replay_letters, options, args.name, args.projectors)
+    return EXIT_OK
+
+
+def _failure(exc: EventCoreError) -> tuple[int, str]:
+    """The exit code of *exc*, and what to tell the user."""
+    if isinstance(exc, StoreConnectionError):
+        return EXIT_UNREACHABLE, str(exc)
+    if isinstance(exc, LeadershipUnavailable):
+        # reset and dead-letters replay both need the projection stopped: same code, and
+        # advice in terms of this command line rather than the Python API.
+        return EXIT_FAILED, (
+            f"projection {exc.name!r} is running on a host (see `eventcore-trio status`); "
+            "stop the hosts that run it, then try again"
+        )
+    if isinstance(exc, ProjectionNotFound):
+        return EXIT_FAILED, str(exc)
+    if isinstance(exc, UnsupportedPooling):
+        return EXIT_USAGE, pooling_message(exc)
+    # ConfigurationError and any other: the command was asked for what it cannot do.
+    return EXIT_USAGE, str(exc)

@@ -1,0 +1,208 @@
+"""The commands that look after a store: ``migrate``, ``reset``, ``run`` and ``dead-letters``."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+from collections import Counter
+from typing import Any
+
+import trio
+
+from .._errors import (
+    ConfigurationError,
+    DeadLetterNotFound,
+    PartitionsMismatch,
+    ProjectionNotFound,
+    UnsupportedPooling,
+)
+from .._status import ProjectionState
+from ._options import EXIT_FAILED, EXIT_OK, StoreOptions
+from ._projectors import load_projectors
+from ._status import printable
+
+
+async def migrate(options: StoreOptions, grant: str | None, partitions: list[int]) -> int:
+    from ..postgres import LATEST_SCHEMA_VERSION, partition_index_advice
+
+    async with options.open(migrate=True) as store:
+        print(f"schema {options.schema!r} is at version {LATEST_SCHEMA_VERSION}")
+        # Only the counts asked for: the projections table is the runtime role's to write,
+        # so its counts are not the owner's to build (an index per invented count would slow
+        # every append); recorded counts without their index are named instead.
+        for count in sorted(set(partitions)):
+            if not await store.admin.build_partition_index(count):
+                print(
+                    f"eventcore-trio: this role may not build the index of {count} partitions "
+                    f"(only the owner of {options.schema}.events may): run "
+                    f"`{partition_index_advice(options.schema, count)}` as the schema's owner",
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            print(f"partition index for {count} partitions: ready")
+        missing = await store.admin.fetch(
+            f'SELECT DISTINCT p.partitions FROM "{options.schema}".projections AS p '
+            "WHERE p.partitions > 1 AND pg_catalog.to_regclass(pg_catalog.format("
+            "'%I.events_partition_%s_idx', $1::text, p.partitions)) IS NULL "
+            "ORDER BY 1",
+            options.schema,
+        )
+        for row in missing:
+            print(
+                f"projections run as {row['partitions']} partitions without their read index: "
+                f"`{partition_index_advice(options.schema, row['partitions'])}` builds it"
+            )
+        if grant is not None:
+            statements = await store.admin.grant_runtime_role(grant)
+            print(f"granted {grant!r} the rights of a runtime role ({len(statements)} statements)")
+    return EXIT_OK
+
+
+def confirm_reset(name: str, yes: bool) -> bool:
+    """Whether to reset *name*: *yes* (``--yes``), else the answer at the terminal.
+
+    Raises:
+        ConfigurationError: no ``--yes`` and no terminal to ask at.
+    """
+    if yes:
+        return True
+    if not sys.stdin.isatty():
+        raise ConfigurationError(
+            f"resetting {name!r} makes it rebuild from the beginning; confirm with --yes"
+        )
+    answer = input(f"Reset projection {name!r} (it will rebuild)? [y/N] ")
+    if answer.strip().lower() not in ("y", "yes"):
+        print("not reset")
+        return False
+    return True
+
+
+async def reset(options: StoreOptions, name: str, follow: bool) -> None:
+    async with options.open() as store:
+        await store.reset_projection(name)
+        print(f"projection {name!r} reset: its next run rebuilds it from the beginning", flush=True)
+        if not follow:
+            return
+        print("waiting for a host to rebuild it (start your hosts; Ctrl-C stops waiting)…")
+        total: int | None = None
+        live = sys.stdout.isatty()
+        last_line = 0.0
+        while True:
+            units = [
+                r
+                for r in await store.projection_status()
+                if r.name == name and r.state is not ProjectionState.AWAITING_SPLIT
+            ]
+            lag = sum(r.lag_events for r in units)
+            if total is None or lag > total:
+                total = lag
+            done = total - lag
+            if all(r.checkpoint is not None for r in units) and lag == 0:
+                print(f"\rrebuilt: {total:,} events applied{' ' * 30}", flush=True)
+                return
+            fraction = done / total if total else 0.0
+            bar = "#" * int(fraction * 30)
+            states = Counter(r.state.value for r in units)
+            state = ", ".join(f"{n} {v}" if len(units) > 1 else v for v, n in states.items())
+            line = f"[{bar:<30}] {fraction:6.1%}  {done:,}/{total:,} events  ({state})"
+            now = trio.current_time()
+            if live:
+                print(f"\r{line}", end="", flush=True)
+            elif now - last_line >= 2:
+                print(line, flush=True)
+                last_line = now
+            await trio.sleep(0.2)
+
+
+async def run(options: StoreOptions, projectors: list[Any]) -> int:
+    from ..projection import run_host
+
+    names = ", ".join(p.name for p in projectors)
+    try:
+        return await run_host(
+            functools.partial(options.open, migrate=True),
+            projectors,
+            on_ready=lambda: print(f"hosting {names}; SIGINT or SIGTERM stops", flush=True),
+            on_stop=lambda received: print(f"received {received.name}; stopping", flush=True),
+        )
+    except UnsupportedPooling as exc:
+        # The host registers with a session lock of its own before it leads anything.
+        raise UnsupportedPooling(f"cannot host {names}: {exc}") from exc
+
+
+async def list_letters(options: StoreOptions, name: str, as_json: bool) -> None:
+    async with options.open() as store:
+        letters = await store.dead_letters(name)
+        if not letters and not any(r.name == name for r in await store.projection_status()):
+            # As `reset` says: a name that never ran is more likely a typo than a clean record.
+            raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "id": str(d.id),
+                        "position": str(d.position),
+                        "stream_id": d.event.stream_id,
+                        "type": d.event.type,
+                        "error_type": d.error_type,
+                        "error_message": d.error_message,
+                        "retries": d.retries,
+                        "recorded_at": d.recorded_at.isoformat(),
+                    }
+                    for d in letters
+                ],
+                indent=2,
+            )
+        )
+        return
+    p = printable
+    for d in letters:
+        print(
+            f"{d.position}  {p(d.event.stream_id)}  {p(d.event.type)}  "
+            f"{p(d.error_type)}: {p(d.error_message)}"
+        )
+    print(f"{len(letters)} dead letter(s) for {name!r}")
+
+
+async def replay_letters(options: StoreOptions, name: str, target: str) -> int:
+    from ..projection import replay_dead_letters
+
+    chosen = [p for p in load_projectors(target) if getattr(p, "name", None) == name]
+    if not chosen:
+        raise ConfigurationError(f"{target} defines no projector named {name!r}")
+    async with options.open() as store:
+        try:
+            result = await replay_dead_letters(chosen[0], store)
+        except PartitionsMismatch as exc:
+            # Advice in terms of this command line; nothing was replayed.
+            raise ConfigurationError(
+                f"{target} defines {name!r} with partitions={exc.given}, but the projection "
+                f"runs as {exc.recorded} partition(s), so nothing was replayed: point "
+                "--projectors at the projectors its hosts run"
+            ) from exc
+        except DeadLetterNotFound as exc:
+            print(f"eventcore-trio: {exc}", file=sys.stderr)
+            return EXIT_FAILED
+    print(f"replayed {result.replayed}, failed again {result.failed}")
+    if result.failed:
+        print(
+            f"{result.failed} dead letter(s) of {name!r} failed again and were kept; see "
+            f"`eventcore-trio dead-letters list {name}`",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def print_grants(args: argparse.Namespace) -> int:
+    # No database: what the schema's owner would run for the role (docs/operations.md).
+    from ..postgres import runtime_grants
+
+    if args.grant is None:
+        raise ConfigurationError("--print prints what --grant ROLE runs: give --grant ROLE")
+    for statement in runtime_grants(args.grant, schema=args.schema):
+        print(statement)
+    return EXIT_OK

@@ -1,0 +1,111 @@
+"""``eventcore-trio status``: the table of every unit, and what holds readers back."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Sequence
+from typing import Final
+
+from .._status import ForeignLock, ProjectionState, ProjectionStatus, status_json
+from ._options import StoreOptions
+
+
+def printable(value: object) -> str:
+    """*value* as text that cannot steer a terminal: control characters, escape sequences
+    and other unprintable characters (bidirectional overrides, line separators) are shown
+    escaped, as ``\\x1b``, ``\\n``, ``\\u202e``. For text from outside this process: host
+    names, queries, error messages, event data."""
+    text = str(value)
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+#: Where the status's warning about foreign lock holders sends operators.
+_LOCKS_ADVICE: Final = (
+    "any role that may connect to the database can take the store's advisory locks: end "
+    "the session (SELECT pg_terminate_backend(PID)) and keep untrusted roles out of the "
+    "store's database (docs/operations.md, 'Advisory-lock keys and untrusted roles')"
+)
+
+
+def status_lines(
+    records: Sequence[ProjectionStatus], foreign: Sequence[ForeignLock] = ()
+) -> list[str]:
+    """The table `eventcore-trio status` prints, with every foreign string made printable.
+
+    *foreign*: sessions from outside the store on its own locks, when no record says (a
+    store where no projection has run)."""
+    p = printable
+    lines = [
+        f"{'projection':24} {'state':8} {'leader':22} {'checkpoint':18} "
+        f"{'lag':>8} {'lag s':>7} {'dead':>5}"
+    ]
+    shown: set[tuple[str, int]] = set()
+    for r in records:
+        if r.partition is not None and (r.name, r.partitions) not in shown:
+            # A partitioned projection: one summary line, then its partitions under it (per
+            # partition count: during a change of count, the new count's units are listed
+            # too, awaiting the split).
+            units = [u for u in records if (u.name, u.partitions) == (r.name, r.partitions)]
+            led = sum(1 for u in units if u.leader is not None)
+            lines.append(
+                f"{p(r.name):24} {f'{led}/{r.partitions} led':>8} {'':22} {'':18} "
+                f"{sum(u.lag_events for u in units):>8} "
+                f"{max(u.lag_seconds for u in units):>7.1f} "
+                f"{sum(u.dead_letters for u in units):>5}"
+            )
+        shown.add((r.name, r.partitions))
+        leader = "-" if r.leader is None else f"{r.leader.pid}@{p(r.leader.host)}"
+        label = p(r.name) if r.partition is None else f"  [{r.partition}/{r.partitions}]"
+        lines.append(
+            f"{label:24} {r.state.value:8} {leader:22} {r.checkpoint or '-'!s:18} "
+            f"{r.lag_events:>8} {r.lag_seconds:>7.1f} {r.dead_letters:>5}"
+        )
+        if r.last_error:
+            lines.append(f"    last error: {p(r.last_error)}")
+        if r.state is ProjectionState.AWAITING_SPLIT:
+            lines.append(
+                f"    runs once no unit of {p(r.name)}'s recorded partition count runs "
+                "(hosts running the old count lead those meanwhile)"
+            )
+        if r.unrunnable:
+            lacking = ", ".join(f"{h.pid}@{p(h.host)}" for h in r.lacking_hosts)
+            lines.append(f"    no live host runs it (lacking: {lacking})")
+        for lock in r.foreign_locks:
+            if lock.unit is not None:
+                lines.append(f"    WARNING: {p(lock.describe())}")
+    if not records:
+        lines.append("(no projection has run against this store)")
+    hosts = Counter(f"{r.leader.pid}@{p(r.leader.host)}" for r in records if r.leader is not None)
+    if hosts:
+        lines.append(
+            "units led per host: " + ", ".join(f"{h} {n}" for h, n in sorted(hosts.items()))
+        )
+    held = records[0].held_back_by if records else None
+    if held is not None:
+        lines.append(
+            f"reads held back by transaction of pid {held.pid} ({held.application_name!r}, "
+            f"{p(held.state)}, since {held.started_at}): {p(held.query)}"
+        )
+    # Every record has the store-wide ones: print them once.
+    store_wide = [f for f in (records[0].foreign_locks if records else foreign) if f.unit is None]
+    for lock in store_wide:
+        lines.append(f"WARNING: {p(lock.describe())}")
+    if store_wide or any(lock.unit is not None for r in records for lock in r.foreign_locks):
+        lines.append(f"WARNING: {_LOCKS_ADVICE}")
+    return lines
+
+
+async def status(options: StoreOptions, as_json: bool) -> None:
+    async with options.open() as store:
+        records = await store.projection_status()
+        # Each record carries them; without records, they are asked for alone.
+        foreign = () if records else await store.admin.foreign_locks()
+    if as_json:
+        # json.dumps escapes control characters itself.
+        print(json.dumps([status_json(r) for r in records], indent=2))
+        return
+    for line in status_lines(records, foreign):
+        print(line)
