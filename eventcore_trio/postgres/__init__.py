@@ -14,6 +14,7 @@ from ._keys import writer_lock_key as writer_lock_key
 from ._leadership import PostgresLeadership as PostgresLeadership
 from ._open import behind_proxy as behind_proxy
 from ._open import open_postgres_store as open_postgres_store
+from ._open import tool_connection as tool_connection
 from ._reads import partition_index_advice as partition_index_advice
 from ._schema import LATEST_SCHEMA_VERSION as LATEST_SCHEMA_VERSION
 from ._schema import MINIMUM_SERVER_VERSION_NUM as MINIMUM_SERVER_VERSION_NUM
@@ -37,6 +38,7 @@ __all__ = [
     "partition_index_advice",
     "projector_lock_key",
     "runtime_grants",
+    "tool_connection",
     "writer_lock_key",
 ]
 

@@ -12,6 +12,7 @@ from .._errors import ConfigurationError, DatabaseError, UnsupportedServer
 from .._util import service_nursery
 from . import _bridge, _pool
 from ._appends import DEFAULT_MAX_APPEND_BYTES, MAX_APPEND_BYTES_LIMIT
+from ._bridge import Connection
 from ._dsn import normalize_dsn
 from ._schema import MINIMUM_SERVER_VERSION_NUM, check_schema, check_schema_name
 from ._schema import migrate as migrate_schema
@@ -227,12 +228,35 @@ async def behind_proxy(dsn: str, *, connect_timeout: float = 10.0) -> bool:
         ConfigurationError: a malformed DSN, or a setting in it that the server refuses.
         StoreConnectionError: the server (or the proxy) cannot be reached.
     """
+    async with tool_connection(
+        dsn, application_name="eventcore-trio probe", connect_timeout=connect_timeout
+    ) as connection:
+        return int(await connection.fetchval("SELECT pg_backend_pid()")) != (connection.backend_pid)
+
+
+@asynccontextmanager
+async def tool_connection(
+    dsn: str, *, application_name: str = "eventcore-trio tool", connect_timeout: float = 10.0
+) -> AsyncIterator[Connection]:
+    """One plain connection for the block, for tools that need a session before (or beside)
+    any store: creating roles, probing the server. Closed on exit.
+
+    It has no statement cache (a pooling proxy may sit in front), runs on the application's
+    trio-asyncio loop or one of its own, and answers ``fetch``, ``fetchrow``, ``fetchval``
+    and ``execute`` like ``store.admin.connection()``.
+
+    Raises:
+        ConfigurationError: a malformed DSN, or a setting in it that the server refuses.
+        StoreConnectionError: the server (or a proxy) cannot be reached.
+
+    .. versionadded:: 0.4
+    """
     dsn = normalize_dsn(dsn)
     async with _bridge.asyncio_loop():
         try:
             connection = await _bridge.connect(
                 dsn,
-                application_name="eventcore-trio probe",
+                application_name=application_name,
                 connect_timeout=connect_timeout,
                 statement_cache_size=0,
             )
@@ -241,9 +265,7 @@ async def behind_proxy(dsn: str, *, connect_timeout: float = 10.0) -> bool:
                 raise
             raise _refused_setting(exc) from exc
         try:
-            return int(await connection.fetchval("SELECT pg_backend_pid()")) != (
-                connection.backend_pid
-            )
+            yield connection
         finally:
             await connection.close()
 

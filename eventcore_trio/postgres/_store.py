@@ -2,8 +2,9 @@
 
 It validates arguments at the boundary and hands each call to the module that owns it:
 `_appends` (the append statement), `_reads` (the gap-free read path), `_subscriptions`
-(checkpoints, status, reset, dead letters), `_leadership` (locks on dedicated sessions),
-`_listener` (LISTEN) and `_admin` (raw SQL for tooling). `open_postgres_store` opens it.
+(checkpoints, reset, dead letters), `_status_report` (projection status), `_leadership`
+(locks on dedicated sessions), `_listener` (LISTEN) and `_admin` (raw SQL for tooling).
+`open_postgres_store` opens it.
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from ._schema import (
     notify_channel,
 )
 from ._snapshots import SnapshotTable
+from ._status_report import StatusReport
 from ._subscriptions import Subscriptions
 from ._transaction import Isolation, PostgresTransaction, open_transaction
 
@@ -116,7 +118,8 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         self._append_statement = AppendStatement(schema, max_append_bytes)
         self._reads = ReadQueries(schema)
         self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
-        self._subscriptions = Subscriptions(pool, schema, system_identifier, self._reads)
+        self._subscriptions = Subscriptions(pool, schema, system_identifier)
+        self._status_report = StatusReport(pool, self._reads, self._subscriptions)
         # Readers' wake-ups, and balancing hosts'; each connects on its first wait.
         listener = functools.partial(Listener, nursery=nursery, options=options)
         self._listener = listener(channel=notify_channel(schema), role="listener")
@@ -579,7 +582,7 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
            another partition count, ``awaiting-split`` and ``repartitioning``.
         """
         self._check_open()
-        return await self._subscriptions.status(await live_hosts(self._pool, self._schema))
+        return await self._status_report.read(await live_hosts(self._pool, self._schema))
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters, so its next run rebuilds from scratch.

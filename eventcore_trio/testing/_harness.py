@@ -17,9 +17,9 @@ from ..memory import MemoryLeadership, MemoryStore, open_memory_store
 from ..postgres import (
     PostgresLeadership,
     PostgresStore,
-    _bridge,
     normalize_dsn,
     open_postgres_store,
+    tool_connection,
     writer_lock_key,
 )
 
@@ -188,17 +188,14 @@ class PostgresHarness:
 
     @asynccontextmanager
     async def _open_as_runtime_role(self) -> AsyncIterator[PostgresStore]:
-        async with _bridge.asyncio_loop():
-            roles = self._roles or await self._make_roles()
-            options = dict(self.store_options)
-            if options.get("session_dsn") is not None:
-                options["session_dsn"] = dsn_with_credentials(
-                    options["session_dsn"], roles.runtime, _password(roles.runtime_dsn)
-                )
-            async with open_postgres_store(
-                roles.runtime_dsn, schema=self.schema, **options
-            ) as store:
-                yield store
+        roles = self._roles or await self._make_roles()
+        options = dict(self.store_options)
+        if options.get("session_dsn") is not None:
+            options["session_dsn"] = dsn_with_credentials(
+                options["session_dsn"], roles.runtime, _password(roles.runtime_dsn)
+            )
+        async with open_postgres_store(roles.runtime_dsn, schema=self.schema, **options) as store:
+            yield store
 
     async def _make_roles(self) -> RuntimeRoles:
         # The roles are made once per server and process (for the suite's speed); each has a
@@ -220,18 +217,15 @@ class PostgresHarness:
         suffix = uuid.uuid4().hex[:12]
         owner, runtime = f"eventcore_owner_{suffix}", f"eventcore_runtime_{suffix}"
         owner_password, runtime_password = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
-        connection = await _bridge.connect(
-            self.dsn, application_name="eventcore-trio harness", connect_timeout=10.0
-        )
-        try:
+        async with tool_connection(
+            self.dsn, application_name="eventcore-trio harness"
+        ) as connection:
             database = await connection.fetchval("SELECT pg_catalog.current_database()")
             await connection.execute(
                 f"CREATE ROLE {owner} LOGIN PASSWORD '{owner_password}';"
                 f"CREATE ROLE {runtime} LOGIN PASSWORD '{runtime_password}';"
                 f'GRANT CREATE ON DATABASE "{database}" TO {owner}'
             )
-        finally:
-            await connection.close()
         return RuntimeRoles(
             owner=owner,
             owner_dsn=dsn_with_credentials(self.dsn, owner, owner_password),
@@ -266,13 +260,10 @@ class PostgresHarness:
             await store.admin.execute(sql, stream_id, writer_lock_key(store.schema))
             return
         # Only the owner may insert events other than through the append functions.
-        connection = await _bridge.connect(
-            self._roles.owner_dsn, application_name="eventcore-trio harness", connect_timeout=10.0
-        )
-        try:
+        async with tool_connection(
+            self._roles.owner_dsn, application_name="eventcore-trio harness"
+        ) as connection:
             await connection.execute(sql, stream_id, writer_lock_key(store.schema))
-        finally:
-            await connection.close()
 
     @asynccontextmanager
     async def hold_commit(

@@ -35,6 +35,7 @@ from eventcore_trio.demo import (
     OpenAccount,
     Transfer,
     balance_after,
+    random_transfer,
     registry,
 )
 from eventcore_trio.projection import ProjectionContext, projector, run_projection
@@ -202,19 +203,12 @@ class ExecuteContract:
         async def worker(seed: int) -> None:
             rng = random.Random(seed)
             for _ in range(15):
-                source, target = rng.sample(accounts, 2)
-                try:
-                    result = await execute(
-                        store,
-                        Transfer(source, target, rng.randint(1, 60)),
-                        registry=registry,
-                        retry=FAST,
-                    )
-                except InsufficientFunds:
+                attempts = await random_transfer(store, accounts, rng, most=60, retry=FAST)
+                if attempts is None:
                     outcomes["refused"] += 1
                 else:
                     outcomes["done"] += 1
-                    outcomes["retried"] += result.attempts > 1
+                    outcomes["retried"] += attempts > 1
 
         async with trio.open_nursery() as nursery:
             for seed in range(8):

@@ -20,10 +20,9 @@ from eventcore_trio import (
     RetryPolicy,
     StateCache,
     Store,
-    execute,
     open_postgres_store,
 )
-from eventcore_trio.demo import InsufficientFunds, Transfer, registry
+from eventcore_trio.demo import random_transfer
 
 ROOT = Path(__file__).parent.parent.parent
 
@@ -36,22 +35,18 @@ async def transfers(
     report = {"done": 0, "refused": 0, "exhausted": 0, "retried": 0}
     policy = RetryPolicy(max_attempts=100, max_backoff=0.02)
     for _ in range(count):
-        source, target = rng.sample(accounts, 2)
         try:
-            result = await execute(
-                store,
-                Transfer(source, target, rng.randint(1, 40)),
-                registry=registry,
-                retry=policy,
-                cache=cache,
+            attempts = await random_transfer(
+                store, accounts, rng, most=40, retry=policy, cache=cache
             )
-        except InsufficientFunds:
-            report["refused"] += 1
         except RetriesExhausted:
             report["exhausted"] += 1
         else:
-            report["done"] += 1
-            report["retried"] += result.attempts - 1
+            if attempts is None:
+                report["refused"] += 1
+            else:
+                report["done"] += 1
+                report["retried"] += attempts - 1
     if cache is not None:
         report["events_folded"] = cache.stats.events_folded
     return report

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from eventcore_trio import ConfigurationError, EventCoreError
-from eventcore_trio.postgres import open_postgres_store
+from eventcore_trio import ConfigurationError, EventCoreError, StoreConnectionError
+from eventcore_trio.postgres import open_postgres_store, tool_connection
 
 PASSWORD = "S3cr3tPw"
 
@@ -99,3 +99,33 @@ def test_libpq_keyword_values_may_hold_quotes_and_scheme_like_text() -> None:
     assert normalize_dsn("host=h user=u password=it's") == "postgresql://u:it%27s@h"
     assert normalize_dsn("host=h user=u password=a://b") == "postgresql://u:a%3A%2F%2Fb@h"
     assert normalize_dsn("host=h user=u password=") == "postgresql://u:@h"
+
+
+class TestToolConnection:
+    """`tool_connection`: a plain session for tools, before or beside any store."""
+
+    async def test_runs_statements_and_closes(self, postgres_dsn: str) -> None:
+        """The session answers queries under its application name, and is gone after the
+        block (no backend of that name remains)."""
+        name = "eventcore-trio tool test"
+        async with tool_connection(postgres_dsn, application_name=name) as connection:
+            assert await connection.fetchval("SELECT current_setting('application_name')") == name
+            pid = connection.backend_pid
+        async with tool_connection(postgres_dsn) as other:
+            alive = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid
+            )
+        assert alive == 0
+
+    async def test_malformed_dsn_is_a_configuration_error(self) -> None:
+        """Checked before connecting, with the option's name and without the password."""
+        with pytest.raises(ConfigurationError) as caught:
+            async with tool_connection(f"postgresql://u:{PASSWORD}%zz@127.0.0.1:1/db"):
+                pass
+        assert PASSWORD[:4] not in _messages(caught.value)
+
+    async def test_unreachable_server_is_a_connection_error(self) -> None:
+        """Port 1 refuses: a typed `StoreConnectionError`, not asyncpg's OSError."""
+        with pytest.raises(StoreConnectionError):
+            async with tool_connection("postgresql://u@127.0.0.1:1/db", connect_timeout=5):
+                pass
