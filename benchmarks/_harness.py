@@ -49,6 +49,8 @@ NAMES = (
     "execute_long_vs_short",
     "execute_first_command_snapshot_ms",
     "execute_first_command_no_snapshot_ms",
+    "bridge_roundtrip",
+    "execute_short_stream",
 )
 
 
@@ -78,12 +80,13 @@ class Sizes:
     poll_pings: int
     kills: int
     transfers: int
+    roundtrips: int
 
     @classmethod
     def for_mode(cls, quick: bool, events: int | None) -> Sizes:
         if quick:
-            return cls(1_000, 1_600, 10_000, events or 20_000, 60, 20, 3, 300)
-        return cls(5_000, 8_000, 50_000, events or 100_000, 300, 50, 10, 2_000)
+            return cls(1_000, 1_600, 10_000, events or 20_000, 60, 20, 3, 300, 5_000)
+        return cls(5_000, 8_000, 50_000, events or 100_000, 300, 50, 10, 2_000, 20_000)
 
 
 @dataclass
@@ -391,6 +394,33 @@ def bench_execute_long_stream(ctx: Context) -> list[Result]:
     ]
 
 
+def bench_bridge_roundtrip(ctx: Context) -> list[Result]:
+    """A pooled ``SELECT 1`` through the store against one raw connection: the cost of a
+    crossing into asyncio (and the pool) on top of one round trip. No peer column: its
+    equivalent would be psycopg's round trip, not an event store's."""
+    n = ctx.sizes.roundtrips
+    baseline = raw("bridge_roundtrip", ctx.dsn, n)
+    ours = trio.run(_ours.bridge_roundtrip, ctx.dsn, ctx.schema("roundtrip"), n)
+    return [Result("bridge_roundtrip", "statements/s", ours, baseline, ours / baseline, "higher")]
+
+
+#: Events in each stream of execute_short_stream.
+SHORT_COMMAND_STREAM = 10
+
+
+def bench_execute_short_stream(ctx: Context) -> list[Result]:
+    """One uncached single-stream state command per stream of 10 events."""
+    n = ctx.sizes.transfers
+    schema = ctx.schema("short_stream_raw")
+    raw("create_raw_schema", ctx.dsn, schema)
+    baseline = raw("execute_short_stream", ctx.dsn, schema, n, SHORT_COMMAND_STREAM)
+    ours = trio.run(
+        _ours.execute_short_stream, ctx.dsn, ctx.schema("short_stream"), n, SHORT_COMMAND_STREAM
+    )
+    result = Result("execute_short_stream", "commands/s", ours, baseline, ours / baseline, "higher")
+    return [_with_peer(ctx, result, "execute_short_stream", n, SHORT_COMMAND_STREAM)]
+
+
 BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("append_single_sequential",), bench_append_single_sequential),
     (("append_single_concurrent",), bench_append_single_concurrent),
@@ -425,6 +455,8 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
         ),
         bench_execute_long_stream,
     ),
+    (("bridge_roundtrip",), bench_bridge_roundtrip),
+    (("execute_short_stream",), bench_execute_short_stream),
 ]
 
 
@@ -493,7 +525,7 @@ def print_table(results: list[Result]) -> None:
     peer_header = f" {'peer':>12}" if with_peer else ""
     print()
     header = (
-        f"{'benchmark':36} {'unit':9} {'ours':>12} {'baseline':>12} {'ratio':>7}"
+        f"{'benchmark':36} {'unit':12} {'ours':>12} {'baseline':>12} {'ratio':>7}"
         f"{peer_header}  better"
     )
     print(header)
@@ -502,7 +534,7 @@ def print_table(results: list[Result]) -> None:
         ratio = "-" if r.ratio is None else f"{r.ratio:.2f}"
         peer_cell = f" {_format(r.peer, r.unit):>12}" if with_peer else ""
         print(
-            f"{r.name:36} {r.unit:9} {_format(r.ours, r.unit):>12} "
+            f"{r.name:36} {r.unit:12} {_format(r.ours, r.unit):>12} "
             f"{_format(r.baseline, r.unit):>12} {ratio:>7}{peer_cell}  {r.better}"
         )
 

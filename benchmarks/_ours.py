@@ -260,6 +260,52 @@ async def execute_long_stream(dsn: str, schema: str, count: int, length: int) ->
         return count / (time.perf_counter() - started)
 
 
+#: Untimed calls before a timed loop: the pool's connection opens and the statement is
+#: prepared on the first, which is not what a per-call rate measures.
+WARM_UP = 200
+
+
+async def bridge_roundtrip(dsn: str, schema: str, count: int) -> float:
+    """A pooled ``SELECT 1`` through ``store.admin`` in a sequential loop: one crossing into
+    asyncio and one round trip per call, the least a pooled statement costs. Statements/s."""
+    async with open_postgres_store(dsn, schema=schema) as store:
+        admin = store.admin
+        for _ in range(WARM_UP):
+            await admin.fetchval("SELECT 1")
+        started = time.perf_counter()
+        for _ in range(count):
+            await admin.fetchval("SELECT 1")
+        return count / (time.perf_counter() - started)
+
+
+async def execute_short_stream(dsn: str, schema: str, count: int, length: int) -> float:
+    """Deposits through execute() without a cache, each on its own stream of *length* events
+    (so every command reads exactly *length*: one stream would grow by one per command): read,
+    fold into the bank's `Account`, decide, append with the expected version. Commands/s."""
+    from eventcore_trio import StreamAppend, execute
+    from eventcore_trio.demo import AccountOpened, MoneyDeposited, registry
+
+    deposit = _deposit_command()
+    # One more stream than timed commands: the untimed first command warms the connection
+    # (its first append prepares the statement and compiles the append function).
+    names = [f"account-{n:05d}" for n in range(count + 1)]
+    events = [registry.new_event(AccountOpened(1000))]
+    events += [registry.new_event(MoneyDeposited(1, "seed")) for _ in range(length - 1)]
+    async with open_postgres_store(dsn, schema=schema) as store:
+        for start in range(0, len(names), 100):
+            await store.append_atomic(
+                [
+                    StreamAppend(name, events, expected_version=0)
+                    for name in names[start : start + 100]
+                ]
+            )
+        await execute(store, deposit(names[-1], 1), registry=registry)
+        started = time.perf_counter()
+        for name in names[:count]:
+            await execute(store, deposit(name, 1), registry=registry)
+        return count / (time.perf_counter() - started)
+
+
 async def first_command_ms(dsn: str, schema: str, snapshot: bool) -> float:
     """The first deposit of a fresh process (a cold cache, a warm connection) on the stream
     that `execute_long_stream` filled, with its snapshot or after deleting the snapshots. Ms."""

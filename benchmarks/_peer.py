@@ -130,6 +130,33 @@ def append_batch(dsn: str, schema: str, count: int, size: int) -> float:
         return (count // size) * size / (time.perf_counter() - started)
 
 
+def execute_short_stream(dsn: str, schema: str, count: int, length: int) -> float:
+    """A deposit command on its own aggregate of *length* events each (as ours and the
+    baseline): get the aggregate from the repository (no aggregate cache, no snapshots: it
+    reads and replays the events), call the method, save (the version is checked by the
+    unique index). Commands/s."""
+    with _bank(dsn, schema) as app:
+        # One more aggregate than timed commands, for the untimed warm-up command.
+        accounts = [Account() for _ in range(count + 1)]
+        for account in accounts:
+            for _ in range(length - 1):
+                account.deposit(1)
+        for start in range(0, len(accounts), 100):
+            app.save(*accounts[start : start + 100])
+        ids = [account.id for account in accounts]
+
+        def deposit(account_id: uuid.UUID) -> None:
+            account: Account = app.repository.get(account_id)
+            account.deposit(1)
+            app.save(account)
+
+        deposit(ids[-1])
+        started = time.perf_counter()
+        for account_id in ids[:count]:
+            deposit(account_id)
+        return count / (time.perf_counter() - started)
+
+
 class Balances(PostgresTrackingRecorder):
     """The materialised view: one total per account."""
 

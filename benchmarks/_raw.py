@@ -370,6 +370,75 @@ async def execute_long_stream(dsn: str, schema: str, count: int, length: int) ->
         await conn.close()
 
 
+#: Untimed calls before a timed loop (as on our side): the statement is prepared on the first.
+WARM_UP = 200
+
+
+async def bridge_roundtrip(dsn: str, count: int) -> float:
+    """``SELECT 1`` on one connection in a sequential loop: one round trip per call, the floor
+    under every statement. Statements/s."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for _ in range(WARM_UP):
+            await conn.fetchval("SELECT 1")
+        started = time.perf_counter()
+        for _ in range(count):
+            await conn.fetchval("SELECT 1")
+        return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
+async def execute_short_stream(dsn: str, schema: str, count: int, length: int) -> float:
+    """Deposits by hand, each on its own stream of *length* events (as on our side): read the
+    stream's rows, fold them with ``json.loads``, then the version-checked append. Commands/s."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        # One more stream than timed commands, for the untimed warm-up command.
+        names = [f"account-{n:05d}" for n in range(count + 1)]
+        async with conn.transaction():
+            await conn.executemany(
+                f'INSERT INTO "{schema}".streams VALUES ($1, $2)',
+                [(name, length) for name in names],
+            )
+            await conn.executemany(
+                f'INSERT INTO "{schema}".events (stream_id, stream_version, type, data, metadata) '
+                "VALUES ($1, $2, $3, $4, '{}')",
+                [
+                    (name, 1, "AccountOpened", '{"initial": 1000}')
+                    if version == 1
+                    else (name, version, "MoneyDeposited", '{"amount": 1, "source": "seed"}')
+                    for name in names
+                    for version in range(1, length + 1)
+                ],
+            )
+        read = (
+            f'SELECT type, data FROM "{schema}".events WHERE stream_id = $1 ORDER BY stream_version'
+        )
+        payload = json.dumps({"amount": 1, "source": "bench"})
+
+        async def deposit(stream: str) -> None:
+            rows = await conn.fetch(read, stream)
+            balance = 0
+            for row in rows:
+                data = json.loads(row["data"])
+                if row["type"] == "AccountOpened":
+                    balance = data["initial"]
+                elif row["type"] == "MoneyWithdrawn":
+                    balance -= data["amount"]
+                else:
+                    balance += data["amount"]
+            await _append_one(conn, schema, stream, len(rows), payload)
+
+        await deposit(names[-1])
+        started = time.perf_counter()
+        for name in names[:count]:
+            await deposit(name)
+        return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
 if __name__ == "__main__":
     import sys
 
