@@ -194,24 +194,32 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from . import postgres as postgres
     from .postgres import open_postgres_store as open_postgres_store
+else:
+    # Hidden from type checkers, which would otherwise accept any name from this package
+    # (a misspelt import typed as `object`); they read the imports above instead.
+
+    def __getattr__(name: str) -> object:
+        """The PostgreSQL backend, imported on first use: `open_postgres_store`, and the
+        `eventcore_trio.postgres` subpackage as an attribute of the package."""
+        import importlib
+
+        if name == "postgres":
+            value = importlib.import_module(f"{__name__}.postgres")
+        elif name in _LAZY:
+            value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        else:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        globals()[name] = value
+        return value
+
+    def __dir__() -> list[str]:
+        return sorted({*globals(), *_LAZY, "postgres"})
+
 
 # Names imported on first use, and the subpackage each comes from.
 _LAZY = {"open_postgres_store": "postgres"}
-
-
-def __getattr__(name: str) -> object:
-    if name in _LAZY:
-        import importlib
-
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
 
 
 fixup_module_metadata(__name__, globals())

@@ -6,6 +6,8 @@ import ast
 import importlib
 import inspect
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -155,3 +157,40 @@ class TestLayers:
         """Every module of the package imports cleanly."""
         for info in pkgutil.walk_packages([str(PACKAGE_DIR)], prefix="eventcore_trio."):
             importlib.import_module(info.name)
+
+
+class TestLazyPostgres:
+    """The package root imports the PostgreSQL backend only when it is used."""
+
+    @staticmethod
+    def _run(code: str) -> str:
+        # A fresh interpreter: this one imported the backend long ago.
+        done = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+
+    def test_the_memory_store_alone_loads_no_asyncio(self) -> None:
+        """`import eventcore_trio` (and the in-memory store) load neither asyncpg, asyncio
+        nor trio-asyncio."""
+        loaded = self._run(
+            "import sys, eventcore_trio; eventcore_trio.open_memory_store; "
+            "print(sorted(m for m in ('asyncpg', 'asyncio', 'trio_asyncio') if m in sys.modules))"
+        )
+        assert loaded == "[]"
+
+    def test_postgres_names_resolve_on_first_use(self) -> None:
+        """`open_postgres_store` and the `postgres` subpackage are reachable from the root
+        as before (`eventcore_trio.postgres.runtime_grants`, as the docs write it), and
+        `dir()` lists them."""
+        out = self._run(
+            "import eventcore_trio as e; "
+            "print(e.open_postgres_store.__module__, callable(e.postgres.runtime_grants), "
+            "'open_postgres_store' in dir(e), 'postgres' in dir(e))"
+        )
+        assert out == "eventcore_trio.postgres True True True"
+
+    def test_an_unknown_name_is_an_attribute_error(self) -> None:
+        """The lazy lookup does not swallow typos."""
+        with pytest.raises(AttributeError, match="open_memroy_store"):
+            eventcore_trio.open_memroy_store  # type: ignore[attr-defined]  # noqa: B018
