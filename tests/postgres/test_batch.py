@@ -28,6 +28,8 @@ from eventcore_trio.projection import (
 )
 from eventcore_trio.testing import PostgresHarness
 
+from ..conftest import oldest_server_param
+
 
 async def _table(store: PostgresStore) -> str:
     table = f'"{store.schema}".rm_{uuid.uuid4().hex[:8]}'
@@ -356,3 +358,71 @@ class TestQueuedWrites:
 
         await run_projection(bad, store)
         assert [type(e).__name__ for e in errors] == ["InvalidArgument"]
+
+
+async def _exit_table(store: PostgresStore) -> str:
+    name = f'"{store.schema}".exit_{uuid.uuid4().hex[:8]}'
+    await store.admin.execute(f"CREATE TABLE {name} (n int)")
+    return name
+
+
+async def _session_state(store: PostgresStore, pid: int) -> str:
+    return str(await store.admin.fetchval("SELECT state FROM pg_stat_activity WHERE pid = $1", pid))
+
+
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+class TestBatchExits:
+    """The batch is its own async context manager: every way out of its block rolls back
+    or commits exactly as when the leadership drove it (a review of issue 30)."""
+
+    @pytest.mark.parametrize(
+        "error",
+        [
+            KeyboardInterrupt(),
+            ValueError("handler"),
+            BaseExceptionGroup("g", [KeyboardInterrupt()]),
+            ExceptionGroup("g", [ValueError("x")]),
+        ],
+        ids=["keyboard", "exception", "base-group", "group"],
+    )
+    async def test_an_error_in_the_block_rolls_back_and_keeps_the_lock(
+        self, store: PostgresStore, error: BaseException
+    ) -> None:
+        """Whatever ends the block (KeyboardInterrupt, an error, a group of either), the
+        batch rolls back, the lock stays held, the session is idle and the next batch
+        commits."""
+        table = await _exit_table(store)
+        position = (await store.append("s", [NewEvent("E", {})])).position
+        assert position is not None
+        async with store.try_acquire("exits") as leadership:
+
+            async def fail() -> None:
+                async with leadership.open_batch() as batch:
+                    await batch.db.execute(f"INSERT INTO {table} VALUES (1)")
+                    await batch.save_checkpoint(None, position)
+                    raise error
+
+            with pytest.raises(type(error)):
+                await fail()
+            assert leadership.is_held
+            assert await _session_state(store, leadership.backend_pid) == "idle"
+            # The session is usable: a further batch commits.
+            async with leadership.open_batch() as batch:
+                await batch.db.execute(f"INSERT INTO {table} VALUES (2)")
+                await batch.save_checkpoint(None, position)
+        assert await store.admin.fetchval(f"SELECT array_agg(n) FROM {table}") == [2]
+        assert await store.load_checkpoint("exits") == position
+
+    async def test_cancelled_in_the_block_rolls_back(self, store: PostgresStore) -> None:
+        """A cancelled block writes nothing and leaves the session idle, the lock held."""
+        table = await _exit_table(store)
+        async with store.try_acquire("exits-cancelled") as leadership:
+            with trio.CancelScope() as scope:
+                async with leadership.open_batch() as batch:
+                    await batch.db.execute(f"INSERT INTO {table} VALUES (1)")
+                    scope.cancel()
+                    await trio.lowlevel.checkpoint()
+            assert scope.cancelled_caught
+            assert leadership.is_held
+            assert await _session_state(store, leadership.backend_pid) == "idle"
+        assert await store.admin.fetchval(f"SELECT count(*) FROM {table}") == 0
