@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 __version__ = "0.1.0.dev0"
 
+from ._backend._subscription import EventSubscription as EventSubscription
 from ._errors import AppendTooLarge as AppendTooLarge
 from ._errors import AuthenticationFailed as AuthenticationFailed
 from ._errors import BatchInterrupted as BatchInterrupted
@@ -170,6 +171,7 @@ __all__ = [
     "EventEncodeError",
     "EventFilter",
     "EventReader",
+    "EventSubscription",
     "EventStore",
     "InvalidArgument",
     "Leadership",

@@ -6,7 +6,7 @@ import datetime as dt
 import uuid
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, final
+from typing import Any, Final, final
 
 import attrs
 
@@ -19,7 +19,8 @@ from ._validation import (
     check_stream_id,
 )
 
-_EMPTY: Mapping[str, Any] = MappingProxyType({})
+#: NewEvent's default metadata (no metadata): appends encode it as ``{}`` without looking.
+NO_METADATA: Final[Mapping[str, Any]] = MappingProxyType({})
 
 
 def _check_event_type(_: Any, __: Any, value: Any) -> None:
@@ -64,7 +65,7 @@ class NewEvent:
     type: str = attrs.field(validator=_check_event_type)
     data: Mapping[str, Any] = attrs.field(validator=_check_mapping)
     metadata: Mapping[str, Any] = attrs.field(
-        default=_EMPTY, validator=_check_mapping, kw_only=True
+        default=NO_METADATA, validator=_check_mapping, kw_only=True
     )
     event_id: uuid.UUID | None = attrs.field(default=None, validator=_check_event_id, kw_only=True)
 
@@ -97,17 +98,75 @@ class RecordedEvent:
     recorded_at: dt.datetime
 
 
+_new: Final = object.__new__
+
+
+def _slot_setter(name: str) -> Any:
+    # A slot's own setter (its member descriptor's __set__): a frozen class refuses setattr,
+    # and attrs' __init__ goes around that with object.__setattr__ per field, which looks
+    # the name up again each time; this is what that finds.
+    return vars(RecordedEvent)[name].__set__
+
+
+_set_event_id: Final = _slot_setter("event_id")
+_set_stream_id: Final = _slot_setter("stream_id")
+_set_stream_version: Final = _slot_setter("stream_version")
+_set_position: Final = _slot_setter("position")
+_set_type: Final = _slot_setter("type")
+_set_data: Final = _slot_setter("data")
+_set_metadata: Final = _slot_setter("metadata")
+_set_recorded_at: Final = _slot_setter("recorded_at")
+
+
+def trusted_recorded_event(
+    event_id: uuid.UUID,
+    stream_id: str,
+    stream_version: int,
+    position: Position,
+    event_type: str,
+    data: dict[str, Any],
+    metadata: dict[str, Any],
+    recorded_at: dt.datetime,
+) -> RecordedEvent:
+    """Backend helper: a `RecordedEvent` of values a store produced (a row it decoded), the
+    same as ``RecordedEvent(...)`` with these fields, built in about half the time: it runs
+    once per event read."""
+    event: RecordedEvent = _new(RecordedEvent)
+    _set_event_id(event, event_id)
+    _set_stream_id(event, stream_id)
+    _set_stream_version(event, stream_version)
+    _set_position(event, position)
+    _set_type(event, event_type)
+    _set_data(event, data)
+    _set_metadata(event, metadata)
+    _set_recorded_at(event, recorded_at)
+    return event
+
+
 def _to_event_tuple(value: Sequence[NewEvent] | NewEvent) -> tuple[NewEvent, ...]:
-    if isinstance(value, NewEvent):
-        raise InvalidArgument("events must be a sequence of NewEvent; wrap a single event: [event]")
-    if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
-        raise InvalidArgument(f"events must be a sequence of NewEvent, got {type(value).__name__}")
-    events = tuple(value)
-    for index, event in enumerate(events):
-        if not isinstance(event, NewEvent):
+    # A list or a tuple first: isinstance() against the ABCs is slow, and this runs per append.
+    if type(value) is not list and type(value) is not tuple:
+        if isinstance(value, NewEvent):
             raise InvalidArgument(
-                f"events[{index}] must be a NewEvent, got {type(event).__name__}: {event!r:.80}"
+                "events must be a sequence of NewEvent; wrap a single event: [event]"
             )
+        if isinstance(value, str | bytes | Mapping) or not isinstance(value, Sequence):
+            raise InvalidArgument(
+                f"events must be a sequence of NewEvent, got {type(value).__name__}"
+            )
+    # Any: what the caller passed, checked here.
+    events: tuple[Any, ...] = tuple(value)
+    for event in events:
+        if type(event) is not NewEvent:
+            # The slow look only when something is not exactly a NewEvent: the first item
+            # that isinstance() refuses is named.
+            for index, item in enumerate(events):
+                if not isinstance(item, NewEvent):
+                    raise InvalidArgument(
+                        f"events[{index}] must be a NewEvent, got {type(item).__name__}: "
+                        f"{item!r:.80}"
+                    )
+            break
     return events
 
 

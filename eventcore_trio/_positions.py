@@ -94,14 +94,20 @@ class Position:
 
 
 _new = object.__new__
-_set = object.__setattr__
+
+
+# The slots' own setters (their member descriptors' __set__): a frozen class refuses setattr,
+# and this skips the name lookup object.__setattr__ makes per call; trusted_position runs
+# once per event read.
+_set_commit = vars(Position)["_commit"].__set__
+_set_sequence = vars(Position)["_sequence"].__set__
 
 
 def trusted_position(commit: int, sequence: int) -> Position:
     """Backend helper: a position from values the database produced, without re-validating."""
     position: Position = _new(Position)
-    _set(position, "_commit", commit)
-    _set(position, "_sequence", sequence)
+    _set_commit(position, commit)
+    _set_sequence(position, sequence)
     return position
 
 

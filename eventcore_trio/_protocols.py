@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Literal, Protocol, overload, runtime_checkable
+from typing import TYPE_CHECKING, Any, Literal, Protocol, overload, runtime_checkable
 
 from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from ._filters import EventFilter
@@ -18,6 +18,10 @@ from ._positions import Position
 from ._snapshots import Snapshot
 from ._status import ClusterView, DeadLetter, ProjectionState, ProjectionStatus
 from ._validation import check_expected_version, check_stream_id
+
+if TYPE_CHECKING:
+    # The iterator `subscribe` returns: one implementation, in the backends' kit.
+    from ._backend._subscription import EventSubscription
 
 
 @runtime_checkable
@@ -206,6 +210,65 @@ class EventReader(Protocol):
 
         Never returns on its own if nothing is appended: bound it with a cancel scope, e.g.
         ``with trio.move_on_after(poll_interval): await store.wait_for_events()``.
+        """
+        ...
+
+    @overload
+    def subscribe(
+        self,
+        after: Position | None = None,
+        *,
+        filter: EventFilter | None = None,
+        page_size: int = 100,
+        poll_interval: float = 1.0,
+        undecodable: Literal["raise"] = "raise",
+    ) -> EventSubscription[RecordedEvent]: ...
+
+    @overload
+    def subscribe(
+        self,
+        after: Position | None = None,
+        *,
+        filter: EventFilter | None = None,
+        page_size: int = 100,
+        poll_interval: float = 1.0,
+        undecodable: Literal["include"],
+    ) -> EventSubscription[RecordedEvent | UndecodableEvent]: ...
+
+    def subscribe(
+        self,
+        after: Position | None = None,
+        *,
+        filter: EventFilter | None = None,
+        page_size: int = 100,
+        poll_interval: float = 1.0,
+        undecodable: Literal["raise", "include"] = "raise",
+    ) -> EventSubscription[RecordedEvent] | EventSubscription[RecordedEvent | UndecodableEvent]:
+        """Follow every committed event after *after* (None: from the start), live::
+
+            async with store.subscribe(position) as events:
+                async for event in events:
+                    ...
+
+        It yields what paging `read_events` yields, in the global order and gap-free (a late
+        commit included), then waits for more: on `wait_for_events` (NOTIFY on PostgreSQL),
+        re-reading at least every *poll_interval* seconds. It reads a page of up to
+        *page_size* events only when the consumer has used up the last one, so at most one
+        page is buffered, and runs no background task: leaving the block or cancelling the
+        consumer ends it, and `EventSubscription.position` (the last event yielded) is where a
+        new subscription goes on.
+
+        Args:
+            filter: only events that match (applied by the store, as in `read_events`).
+            undecodable: ``"raise"``: a step raises `EventDecodeError` at an event that does
+                not decode (the events before it are yielded first); ``"include"``: it is
+                yielded as an `UndecodableEvent`.
+
+        Raises:
+            InvalidArgument: an argument has the wrong type or value (raised by this call,
+                before any I/O).
+
+        .. versionadded:: 0.4
         """
         ...
 

@@ -34,6 +34,12 @@ _NUL_ESCAPE: Final = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 def _has_control_character(text: str) -> bool:
     # Category "C*" covers control (NUL included), format, surrogate and unassigned code points:
     # none of them belongs in an identifier, and NUL cannot be stored in PostgreSQL text at all.
+    # str.isprintable() is False exactly for "C*" and "Z*" other than the ASCII space (the
+    # same character database): a printable text has no "C*" character, and is answered in C
+    # instead of a category look-up per character. Only the rest (a no-break space, say,
+    # which is allowed) takes the look-up.
+    if text.isprintable():
+        return False
     return any(unicodedata.category(ch)[0] == "C" for ch in text)
 
 
@@ -141,6 +147,7 @@ _ORJSON_OPTIONS: Final = (
     | orjson.OPT_PASSTHROUGH_DATETIME
     | orjson.OPT_PASSTHROUGH_DATACLASS
 )
+_orjson_dumps: Final = orjson.dumps
 
 
 def _dump(kind: str, value: dict[str, Any]) -> str:
@@ -263,6 +270,21 @@ def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
         value = dict(value)
     elif not value:
         return "{}"
+    # The common case, said once: orjson encodes it and its bytes are the UTF-8 text, so
+    # their length is the size. Anything else (orjson refuses it, or it wrote null, which
+    # may stand for a NaN) takes the general path below, which decides exactly as before.
+    try:
+        raw = _orjson_dumps(value, option=_ORJSON_OPTIONS)
+    except TypeError:
+        pass
+    else:
+        if b"null" not in raw:
+            if len(raw) > MAX_EVENT_JSON_BYTES:
+                raise EventEncodeError(_too_large(kind, len(raw)))
+            text = raw.decode("utf-8")
+            if b"\\u0000" in raw:
+                _check_nul(kind, text)
+            return text
     try:
         text = _dump(kind, value)
     except EventEncodeError:
@@ -286,16 +308,25 @@ def encode_json_object(kind: str, value: Mapping[str, Any]) -> str:
             "surrogate?); fix the string before appending"
         ) from exc
     if size > MAX_EVENT_JSON_BYTES:
-        raise EventEncodeError(
-            f"event {kind} is {size:,} bytes as JSON, over the limit of "
-            f"{MAX_EVENT_JSON_BYTES:,} (MAX_EVENT_JSON_BYTES); store large content elsewhere "
-            "(object storage, a table of its own) and put a reference in the event"
-        )
+        raise EventEncodeError(_too_large(kind, size))
     # The substring test first: the regular expression costs more than the rest of the
     # encoding, and can only match where the escape appears at all.
-    if "\\u0000" in text and _NUL_ESCAPE.search(text):
+    if "\\u0000" in text:
+        _check_nul(kind, text)
+    return text
+
+
+def _too_large(kind: str, size: int) -> str:
+    return (
+        f"event {kind} is {size:,} bytes as JSON, over the limit of "
+        f"{MAX_EVENT_JSON_BYTES:,} (MAX_EVENT_JSON_BYTES); store large content elsewhere "
+        "(object storage, a table of its own) and put a reference in the event"
+    )
+
+
+def _check_nul(kind: str, text: str) -> None:
+    if _NUL_ESCAPE.search(text):
         raise EventEncodeError(
             f"event {kind} contains a NUL character, which PostgreSQL cannot store in JSON; "
             "remove it or encode the value (e.g. base64)"
         )
-    return text

@@ -1,4 +1,4 @@
-"""Kit the two backends share, and only they: decoding stored events, the state of a
-leadership, and the one implementation of the reader's overloads. Nothing above the backends
-imports it.
+"""Kit the two backends share: decoding stored events, the state of a leadership, and the one
+implementation of the reader's overloads and of `subscribe`. Nothing above the backends
+imports it, except the package root, which exports `EventSubscription` from here.
 """

@@ -16,12 +16,14 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from itertools import repeat
+from operator import is_not
 from typing import Any, Final, final
 
 import attrs
 
 from .._errors import AppendTooLarge, VersionConflict
-from .._events import AppendResult, StreamAppend, prepare_appends
+from .._events import NO_METADATA, AppendResult, StreamAppend, prepare_appends
 from .._positions import Position
 from .._validation import encode_json_object
 from ._bridge import Record
@@ -80,36 +82,61 @@ def encode_append(
     # Streams in one global order: the append functions lock them in this order, which is
     # what keeps concurrent multi-stream appends from deadlocking.
     requests = sorted(prepare_appends(appends), key=lambda a: a.stream_id)
-    encoded = EncodedAppend([], [], [], [], [], [], [], [], [])
+    streams: list[str] = []
+    expected: list[int | None] = []
+    counts: list[int] = []
+    event_stream: list[int] = []
+    offsets: list[int] = []
+    event_ids: list[uuid.UUID | None] = []
+    types: list[str] = []
+    data: list[str] = []
+    metadata: list[str] = []
+    add_data, add_metadata = data.append, metadata.append
     size = 0
     for index, request in enumerate(requests, start=1):
-        encoded.streams.append(request.stream_id)
-        encoded.expected.append(request.expected_version)
-        encoded.counts.append(len(request.events))
+        events = request.events
+        streams.append(request.stream_id)
+        expected.append(request.expected_version)
+        counts.append(len(events))
         size += _utf8_size(request.stream_id)
-        for offset, event in enumerate(request.events, start=1):
-            data = encode_json_object("data", event.data)
-            metadata = encode_json_object("metadata", event.metadata)
-            size += _utf8_size(data) + _utf8_size(metadata) + _utf8_size(event.type)
+        # Per event only what depends on its payload (this loop runs once per event); the
+        # other arrays are whole-stream copies, made after the payloads pass.
+        for event in events:
+            encoded_data = encode_json_object("data", event.data)
+            event_metadata = event.metadata
+            encoded_metadata = (
+                "{}"
+                if event_metadata is NO_METADATA
+                else encode_json_object("metadata", event_metadata)
+            )
+            event_type = event.type
+            size += (
+                (len(encoded_data) if encoded_data.isascii() else _utf8_size(encoded_data))
+                + (len(event_type) if event_type.isascii() else _utf8_size(event_type))
+                + _utf8_size(encoded_metadata)
+            )
             if size > max_bytes:
                 raise AppendTooLarge(size, max_bytes)
-            encoded.event_stream.append(index)
-            encoded.offsets.append(offset)
-            encoded.event_ids.append(event.event_id)
-            encoded.types.append(event.type)
-            encoded.data.append(data)
-            encoded.metadata.append(metadata)
+            add_data(encoded_data)
+            add_metadata(encoded_metadata)
+        event_stream.extend([index] * len(events))
+        offsets.extend(range(1, len(events) + 1))
+        event_ids.extend([event.event_id for event in events])
+        types.extend([event.type for event in events])
     if size > max_bytes:  # stream ids alone (streams without events)
         raise AppendTooLarge(size, max_bytes)
-    return attrs.evolve(encoded, size=size)
+    return EncodedAppend(
+        streams, expected, counts, event_stream, offsets, event_ids, types, data, metadata, size
+    )
 
 
 def _or_null_ids(ids: list[uuid.UUID | None]) -> list[uuid.UUID | None] | None:
-    return ids if any(i is not None for i in ids) else None
+    # In C, stopping at the first id, instead of a generator step per event.
+    return ids if any(map(is_not, ids, repeat(None))) else None
 
 
 def _or_null_metadata(metadata: list[str]) -> list[str] | None:
-    return None if all(m == "{}" for m in metadata) else metadata
+    return None if metadata.count("{}") == len(metadata) else metadata
 
 
 @final

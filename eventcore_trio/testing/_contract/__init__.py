@@ -14,7 +14,8 @@ killed, release on cancellation and on exceptions, bad input refused with nothin
 property-based checks of appends and filters.
 
 It reads as the specification of the protocols, one test per promise, one module per subject:
-`_appends`, `_reads`, `_checkpoints`, `_leadership`, `_bad_input`; `StoreContract` is their sum.
+`_appends`, `_reads`, `_subscriptions`, `_checkpoints`, `_leadership`, `_bad_input`;
+`StoreContract` is their sum.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from ._bad_input import BadInputContract
 from ._checkpoints import CheckpointContract
 from ._leadership import LeadershipContract
 from ._reads import ReadContract
+from ._subscriptions import SubscriptionContract
 from ._support import events as events
 from ._support import follow_until as follow_until
 from ._support import read_all as read_all
@@ -37,7 +39,12 @@ from ._support import read_all as read_all
 
 @pytest.mark.trio
 class StoreContract(
-    AppendContract, ReadContract, CheckpointContract, LeadershipContract, BadInputContract
+    AppendContract,
+    ReadContract,
+    SubscriptionContract,
+    CheckpointContract,
+    LeadershipContract,
+    BadInputContract,
 ):
     """The contract every backend satisfies; subclass it and provide a ``harness`` fixture.
 
