@@ -47,6 +47,15 @@ async def decorated_projector_keeps_its_signature(
     del as_protocol
 
 
+async def subscribe_types(store: Store) -> None:
+    async with store.subscribe() as plain:
+        async for event in plain:
+            assert_type(event, RecordedEvent)
+    async with store.subscribe(undecodable="include") as mixed:
+        async for item in mixed:
+            assert_type(item, RecordedEvent | UndecodableEvent)
+
+
 async def read_events_types(store: Store) -> None:
     plain = await store.read_events(None, limit=1)
     assert_type(plain, list[RecordedEvent])
