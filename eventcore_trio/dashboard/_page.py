@@ -1,5 +1,9 @@
 """The dashboard's one page: it polls ``/status.json`` every second and redraws.
 
+Everything from the status goes through ``esc`` (or ``textContent``) before it reaches the
+page: unit names, hosts and errors are whatever a projector, a host or an exception said.
+Times are shown in UTC to the second, and say so.
+
 Actions ask for the action token in a form the first time, and keep it in the tab's
 sessionStorage (never in a URL or a cookie: a cookie would go with every request, cross-site
 ones too); a refused token is forgotten and asked for again.
@@ -7,7 +11,7 @@ ones too); a refused token is forgotten and asked for again.
 
 from typing import Final
 
-PAGE: Final = """<!doctype html>
+PAGE: Final = r"""<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -28,6 +32,8 @@ PAGE: Final = """<!doctype html>
   .unrunnable { color: #b3261e; font-weight: 600; }
   .lacking { color: #6b7280; font-size: .85rem; }
   #stale { color: #b3261e; }
+  .error { color: #b3261e; font-size: .85rem; white-space: pre-wrap; max-width: 40rem; }
+  .error.past { color: #6b7280; }
   .bar { display: inline-block; height: .8rem; background: #3b6fd8; margin-right: .4rem; }
   button, input { font: inherit; }
   #actions { margin: .6rem 0; }
@@ -36,7 +42,8 @@ PAGE: Final = """<!doctype html>
 </head>
 <body>
 <h1>eventcore-trio</h1>
-<div id="meta">loading…</div> <div id="stale"></div>
+<div id="source">loading…</div>
+<div id="meta"></div> <div id="stale"></div>
 <div id="actions" hidden>
 <form id="token-form" hidden>
 <label>Action token <input id="token" type="password" autocomplete="off" required></label>
@@ -49,7 +56,7 @@ PAGE: Final = """<!doctype html>
 <table id="units"><thead><tr><th>unit</th><th>state</th><th>leader</th><th>checkpoint</th>
 <th>lag events</th><th>lag s</th><th>standbys</th><th>dead letters</th><th></th></tr></thead>
 <tbody></tbody></table>
-<h2>Units per host</h2><div id="hosts"></div>
+<h2>Hosts</h2><div id="hosts"></div>
 <h2>Lag (events, last minutes)</h2><svg id="chart" width="720" height="160"></svg>
 <div id="legend"></div>
 <h2>Holding readers back</h2><div id="held">nothing</div>
@@ -57,10 +64,28 @@ PAGE: Final = """<!doctype html>
 <p class="lacking">Any role that may connect to the database can take the store's advisory
 locks: end these sessions (pg_terminate_backend) and keep untrusted roles out of its
 database.</p></div>
-<h2>Recent failovers</h2><ul id="failovers"></ul>
+<h2>Recent failovers</h2>
+<p class="lacking">A unit's leader was gone (died, or lost its database session) and another
+process took over.</p><ul id="failovers"></ul>
+<h2>Recent hand-offs</h2>
+<p class="lacking">Planned moves: a live leader stopped after its batch and another host took
+the unit over (balancing).</p><ul id="handoffs"></ul>
 <script>
 const esc = (s) => String(s ?? "").replace(/[&<>"']/g, (c) => ({"&": "&amp;", "<": "&lt;",
   ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+// An ISO time from the status as "2024-05-01 12:00:00 UTC" (fractions of seconds dropped).
+function when(iso) {
+  if (!iso) return "-";
+  const t = new Date(String(iso).replace(/\.\d+/, ""));
+  return isNaN(t) ? String(iso) : t.toISOString().slice(0, 19).replace("T", " ") + " UTC";
+}
+// Which database and schema the store reads, as the server reports the connection.
+function source(s) {
+  if (!s) return "database: not reached yet";
+  if (s.backend) return "store: " + s.backend + " (this process)";
+  const where = s.host ? s.host + ":" + s.port : "a Unix socket";
+  return "database " + s.database + " on " + where + ", schema " + s.schema;
+}
 // The action token lives in this tab's sessionStorage only: never in a URL or a cookie.
 const TOKEN = "eventcore-action-token";
 const tokenForm = document.getElementById("token-form");
@@ -128,14 +153,28 @@ const runnable = (u) => u.runnable_by === 0 ?
   "");
 const resetButton = (name) => `<button data-reset="${esc(name)}">reset</button>`;
 const replayButton = (name) => `<button data-replay="${esc(name)}">replay</button>`;
+// A unit's last error: red while it is failed, grey once it runs again.
+const lastError = (u) => u.last_error ? `<div class="error${u.state === "failed" ? "" :
+  " past"}">${u.state === "failed" ? "" : "last error: "}${esc(u.last_error)}</div>` : "";
+const hostLine = (h) => `<div class="host"><span class="bar" style="width:${12 * h.units}px">` +
+  `</span>${esc(h.host)} pid ${esc(h.pid)}: ` +
+  (h.units ? `leads ${h.units} unit${h.units === 1 ? "" : "s"}` : "leads nothing") +
+  (h.lacks.length ? ` <span class="lacking">(cannot run ${h.lacks.map(esc).join(", ")})` +
+  `</span>` : "") + `</div>`;
+const moves = (list) => list.map((f) =>
+  `<li>${esc(when(f.at))}: ${esc(f.unit)} from pid ${esc(f.from.pid)} to pid ` +
+  `${esc(f.to.pid)} ` + (f.from.host === f.to.host ? `on ${esc(f.to.host)}` :
+  `(from ${esc(f.from.host)} to ${esc(f.to.host)})`) + `</li>`).join("") ||
+  "<li>none seen</li>";
 function draw(s) {
-  document.getElementById("meta").textContent = "status at " + (s.generated_at || "-") +
+  document.getElementById("source").textContent = source(s.source);
+  document.getElementById("meta").textContent = "status at " + when(s.generated_at) +
     (s.actions ? " · actions allowed" : " · read-only");
   document.getElementById("stale").textContent = s.error ? "stale: " + s.error : "";
   document.getElementById("actions").hidden = !s.actions;
   document.querySelector("#units tbody").innerHTML = s.units.map((u) =>
     `<tr data-unit="${esc(u.unit)}"><td>${esc(u.unit)}</td>` +
-    `<td class="state-${esc(u.state)}">${esc(u.state)}${runnable(u)}</td>` +
+    `<td class="state-${esc(u.state)}">${esc(u.state)}${runnable(u)}${lastError(u)}</td>` +
     `<td>${u.leader ? esc(u.leader.host) + " pid " + esc(u.leader.pid) : "-"}</td>` +
     `<td>${esc(u.checkpoint || "-")}</td><td class="n">${u.lag_events}</td>` +
     `<td class="n">${u.lag_seconds.toFixed(2)}</td><td class="n">${u.standbys}</td>` +
@@ -149,21 +188,21 @@ function draw(s) {
   for (const button of document.querySelectorAll("button[data-replay]")) {
     button.onclick = () => replay(button.dataset.replay);
   }
-  document.getElementById("hosts").innerHTML = s.hosts.map((h) =>
-    `<div class="host"><span class="bar" style="width:${12 * h.units}px"></span>` +
-    `${esc(h.host)} pid ${esc(h.pid)}: ${h.units} unit${h.units === 1 ? "" : "s"}</div>`
-  ).join("") || "no host leads a unit";
+  const unnamed = s.unnamed_hosts ? `<div class="host">and ${s.unnamed_hosts} more live ` +
+    `host${s.unnamed_hosts === 1 ? "" : "s"} leading nothing <span class="lacking">(the ` +
+    `status counts but does not name hosts that can run every unit)</span></div>` : "";
+  document.getElementById("hosts").innerHTML =
+    (s.hosts.map(hostLine).join("") + unnamed) || "no live host";
   const held = s.held_back_by;
   document.getElementById("held").textContent = held ? `pid ${held.pid} ` +
-    `(${held.application_name || "?"}), ${held.state}, since ${held.started_at}: ` +
+    `(${held.application_name || "?"}), ${held.state}, since ${when(held.started_at)}: ` +
     held.query : "nothing";
   const foreign = document.getElementById("foreign");
   foreign.hidden = !s.foreign_locks.length;
   foreign.querySelector("ul").innerHTML = s.foreign_locks.map((f) =>
     `<li class="unrunnable">${esc(f.description)}</li>`).join("");
-  document.getElementById("failovers").innerHTML = s.failovers.map((f) =>
-    `<li>${esc(f.at)}: ${esc(f.unit)} from pid ${esc(f.from.pid)} to pid ${esc(f.to.pid)}` +
-    ` on ${esc(f.to.host)}</li>`).join("") || "<li>none seen</li>";
+  document.getElementById("failovers").innerHTML = moves(s.failovers);
+  document.getElementById("handoffs").innerHTML = moves(s.handoffs);
   const h = s.lag_history, svg = document.getElementById("chart");
   const units = [...new Set(h.flatMap((p) => Object.keys(p.lag)))];
   const top = Math.max(1, ...h.flatMap((p) => Object.values(p.lag)));

@@ -1,9 +1,11 @@
 """The dashboard's snapshot and /metrics while the store cannot be read: the outage is
-reported, the last values are not served as current."""
+reported (and logged, rate-limited), the last values are not served as current; failovers
+apart from hand-offs; every live host; which store; times to the second."""
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 
 import httpx
 import pytest
@@ -13,11 +15,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eventcore_trio import (
     DatabaseError,
+    LeaderInfo,
     ProjectionState,
     ProjectionStatus,
 )
 from eventcore_trio.dashboard import DashboardState, dashboard_app, poll_status, prometheus_metrics
-from eventcore_trio.dashboard._state import READ_TIMEOUT, STALE_AFTER
+from eventcore_trio.dashboard._state import OUTAGE_LOG_INTERVAL, READ_TIMEOUT, STALE_AFTER
 from eventcore_trio.memory import MemoryStore, open_memory_store
 
 
@@ -34,6 +37,35 @@ def _running(unit: str) -> ProjectionStatus:
         updated_at=dt.datetime.now(dt.UTC),
         dead_letters=0,
     )
+
+
+def _led(
+    unit: str,
+    pid: int | None,
+    *,
+    host: str = "h",
+    runnable_by: int | None = None,
+    lacking: tuple[int, ...] = (),
+) -> ProjectionStatus:
+    """*unit* led by process *pid* on *host* (None: nobody), with balancing hosts' coverage."""
+    return ProjectionStatus(
+        name=unit,
+        checkpoint=None,
+        lag_events=0,
+        lag_seconds=0.0,
+        leader=None if pid is None else LeaderInfo(pid=pid, host=host, application_name="a"),
+        standbys=1,
+        state=ProjectionState.RUNNING if pid else ProjectionState.STANDBY,
+        last_error=None,
+        updated_at=dt.datetime.now(dt.UTC),
+        dead_letters=0,
+        runnable_by=runnable_by,
+        lacking_hosts=tuple(LeaderInfo(pid=p, host="h", application_name="a") for p in lacking),
+    )
+
+
+def _moves(state: DashboardState, kind: str) -> list[tuple[str, int, int]]:
+    return [(m["unit"], m["from"]["pid"], m["to"]["pid"]) for m in state.snapshot()[kind]]
 
 
 def _samples(text: bytes) -> dict[str, list[float]]:
@@ -161,3 +193,145 @@ async def test_prometheus_metrics_reports_a_store_it_cannot_read(
             samples = _samples(await prometheus_metrics(store))
             assert samples["eventcore_store_up"] == [0]
             assert samples["eventcore_projection_running"] == []
+
+
+class TestMoves:
+    """Which leader changes are failovers and which are hand-offs."""
+
+    def test_two_hosts_starting_together_make_no_failover(self) -> None:
+        """Host 10 leads both units at first, then balancing hands one to host 11 while 10
+        keeps the other: a hand-off, and no failover; first leaders are neither."""
+        state = DashboardState()
+        state.update([_led("a", None), _led("b", None)])
+        state.update([_led("a", 10), _led("b", None)])
+        state.update([_led("a", 10), _led("b", 10)])
+        state.update([_led("a", 10), _led("b", None)])  # released, the new leader not shown yet
+        state.update([_led("a", 10), _led("b", 11)])
+        assert _moves(state, "failovers") == []
+        assert _moves(state, "handoffs") == [("b", 10, 11)]
+
+    def test_a_leader_that_is_gone_fails_over(self) -> None:
+        """The unit's last leader is in no record of the read that shows the new one (it
+        died): a failover, also across a read without a leader."""
+        state = DashboardState()
+        for pid in (10, 10, None, 11, 11):
+            state.update([_led("ledger", pid)])
+        assert _moves(state, "failovers") == [("ledger", 10, 11)]
+        assert _moves(state, "handoffs") == []
+
+    def test_an_old_leader_still_listed_as_a_live_host_hands_off(self) -> None:
+        """The old leader leads nothing now but is a live host that lacks some unit: it
+        lives, so the move was planned."""
+        state = DashboardState()
+        state.update([_led("a", 10), _led("b", None, runnable_by=2)])
+        state.update([_led("a", 11), _led("b", None, runnable_by=1, lacking=(10,))])
+        assert _moves(state, "handoffs") == [("a", 10, 11)]
+        assert _moves(state, "failovers") == []
+
+    def test_the_same_pid_on_another_machine_is_another_process(self) -> None:
+        """Processes are told apart by machine and pid."""
+        state = DashboardState()
+        state.update([_led("a", 10, host="m1")])
+        state.update([_led("a", 10, host="m2")])
+        [move] = state.snapshot()["failovers"]
+        assert (move["from"]["host"], move["to"]["host"]) == ("m1", "m2")
+
+
+class TestHosts:
+    """Every live host the status names or counts, idle ones too."""
+
+    def test_leaders_lacking_hosts_and_unnamed_idle_hosts(self) -> None:
+        """Four live balancing hosts: two lead, one leads nothing and lacks a unit (listed
+        with 0 units), one leads nothing and can run everything (counted, not named)."""
+        state = DashboardState()
+        state.update(
+            [
+                _led("a", 10, runnable_by=3, lacking=(12,)),
+                _led("b", 11, runnable_by=3, lacking=(12,)),
+                _led("c", 10, runnable_by=4),
+            ]
+        )
+        body = state.snapshot()
+        assert body["hosts"] == [
+            {"host": "h", "pid": 10, "units": 2, "lacks": []},
+            {"host": "h", "pid": 11, "units": 1, "lacks": []},
+            {"host": "h", "pid": 12, "units": 0, "lacks": ["a", "b"]},
+        ]
+        assert body["live_hosts"] == 4
+        assert body["unnamed_hosts"] == 1
+
+    def test_without_balancing_hosts_the_count_is_unknown(self) -> None:
+        """Hosts that do not balance are not counted: leaders only, nothing unnamed."""
+        state = DashboardState()
+        state.update([_led("a", 10)])
+        body = state.snapshot()
+        assert [h["pid"] for h in body["hosts"]] == [10]
+        assert (body["live_hosts"], body["unnamed_hosts"]) == (None, 0)
+
+
+class TestTimesAndSource:
+    """What the page says about when and what it reads."""
+
+    def test_times_are_utc_to_the_second(self) -> None:
+        """``generated_at``, the lag history's and the moves' times have no fraction of a
+        second and say their zone."""
+        state = DashboardState()
+        state.update([_led("a", 10)])
+        state.update([_led("a", 11)])
+        body = state.snapshot()
+        for text in (
+            body["generated_at"],
+            body["lag_history"][0]["at"],
+            body["failovers"][0]["at"],
+        ):
+            assert text.endswith("+00:00")
+            assert "." not in text
+            assert dt.datetime.fromisoformat(text).microsecond == 0
+
+    async def test_the_memory_store_says_so(self) -> None:
+        """Over the memory store ``source`` names the backend (there is no database)."""
+        async with open_memory_store() as store, trio.open_nursery() as nursery:
+            state = DashboardState()
+            assert state.snapshot()["source"] is None
+            await nursery.start(poll_status, store, state)
+            assert state.snapshot()["source"] == {"backend": "memory"}
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_outage_is_logged_when_it_starts_every_minute_and_when_it_ends(
+    autojump_clock: trio.testing.MockClock,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """151 s of failed reads (one a second): one line when it starts, one after each
+    `OUTAGE_LOG_INTERVAL` with the count of failed reads since the last, one when reads
+    answer again; not 150."""
+    caplog.set_level(logging.WARNING, logger="eventcore_trio.dashboard")
+    down = True
+
+    async with open_memory_store() as store, trio.open_nursery() as nursery:
+        real = store.projection_status
+
+        async def projection_status() -> list[ProjectionStatus]:
+            if down:
+                raise DatabaseError("connection refused")
+            return await real()
+
+        monkeypatch.setattr(store, "projection_status", projection_status)
+        state = DashboardState()
+        await nursery.start(poll_status, store, state)
+        # Half a second off the reads' ticks, so that no read races the change.
+        await trio.sleep(150.5)
+        down = False
+        await trio.sleep(30)
+        nursery.cancel_scope.cancel()
+    lines = [r.getMessage() for r in caplog.records if r.name == "eventcore_trio.dashboard"]
+    assert len(lines) == 4, lines
+    assert lines[0] == "dashboard: status unavailable: connection refused"
+    assert lines[1].startswith(
+        f"dashboard: status still unavailable after {OUTAGE_LOG_INTERVAL:.0f} s (60 more failed"
+    )
+    assert lines[1].endswith("): connection refused")
+    assert lines[2].startswith("dashboard: status still unavailable after 120 s (60 more failed")
+    # Reads at 0, 1, ..., 150 s failed; the one at 151 s answered.
+    assert lines[3] == "dashboard: status available again after 151 s (151 failed reads)"

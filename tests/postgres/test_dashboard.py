@@ -1,5 +1,6 @@
 """The dashboard: /status.json, /metrics, actions and bad input, a real HTTP server, and a
-database restart under it."""
+database restart under it; the database it watches, failed units' errors, every live host,
+and hand-offs apart from failovers between real host processes."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from eventcore_trio import (
     LeaderInfo,
     NewEvent,
     ProjectionContext,
+    ProjectionFailed,
     ProjectionState,
     ProjectionStatus,
     RecordedEvent,
@@ -43,7 +45,7 @@ from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness
 
 from ..conftest import oldest_server_param
 from ..dashboard.promtool import check_metrics
-from ..helpers import eventually
+from ..helpers import RecordingHosts, create_applied_table, eventually
 
 #: The action token the dashboards under test are started with.
 TOKEN = "test-token-0123456789abcdef"
@@ -250,6 +252,91 @@ async def test_replaying_with_a_projector_of_another_partition_count_is_refused(
     assert "runs as 2 partition(s)" in response.json()["error"]
     assert "--projectors" in response.json()["error"]
     assert await store.dead_letters("fragile") == letters
+
+
+async def test_it_says_which_database_and_schema_it_watches(
+    store: PostgresStore, postgres_dsn: str, client: tuple[httpx.AsyncClient, DashboardState]
+) -> None:
+    """``source``: the database's name, the server's address and port as the server sees
+    the connection, and the schema; never the DSN's password."""
+    http, _ = client
+    body = (await http.get("/status.json")).json()
+    source = body["source"]
+    assert source["database"] == await store.admin.fetchval("SELECT current_database()")
+    assert source["schema"] == store.schema
+    dsn = urlsplit(postgres_dsn)
+    if source["host"] is not None:
+        assert source["port"] == (dsn.port or 5432)
+    if dsn.password:
+        assert dsn.password not in (await http.get("/status.json")).text
+
+
+async def test_a_failed_unit_carries_its_error(
+    store: PostgresStore, client: tuple[httpx.AsyncClient, DashboardState]
+) -> None:
+    """A unit stopped by a fatal error is ``failed`` with the error in ``last_error``, as the
+    page shows it (the browser test checks it is shown escaped)."""
+    http, _ = client
+
+    @projector("brittle")
+    async def brittle(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        raise ValueError("<b>bad</b> amount")
+
+    await store.append("s", [NewEvent("E", {})])
+    with pytest.raises(ProjectionFailed):
+        await run_projection(brittle, store)
+
+    async def failed() -> bool:
+        units = (await http.get("/status.json")).json()["units"]
+        return any(u["unit"] == "brittle" and u["state"] == "failed" for u in units)
+
+    await eventually(failed)
+    [unit] = [u for u in (await http.get("/status.json")).json()["units"] if u["unit"] == "brittle"]
+    assert "<b>bad</b> amount" in unit["last_error"]
+
+
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+async def test_hosts_starting_together_idle_hosts_and_a_kill(
+    store: PostgresStore, postgres_dsn: str
+) -> None:
+    """Four balancing host processes started together over three projectors: no failover
+    (moves between live hosts are hand-offs), all four live hosts known, the idle one
+    counted; after a kill -9 of a leader its unit's move is a failover."""
+    app = await create_applied_table(store)
+    state = DashboardState()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(poll_status, store, state)
+        hosts = RecordingHosts(nursery, postgres_dsn, store.schema, app)
+        async with trio.open_nursery() as starting:
+            for _ in range(4):
+                starting.start_soon(hosts.start, "first", "second", "third")
+
+        async def spread() -> bool:
+            body = state.snapshot()
+            leaders = {u["leader"]["pid"] for u in body["units"] if u["leader"] is not None}
+            return len(body["units"]) == 3 and len(leaders) == 3 and body["live_hosts"] == 4
+
+        await eventually(spread, within=30)
+        body = state.snapshot()
+        assert body["failovers"] == []
+        named = {h["pid"] for h in body["hosts"]}
+        assert named <= set(hosts.processes)
+        assert len(named) + body["unnamed_hosts"] == 4
+        # A move seen meanwhile was between live hosts.
+        for move in body["handoffs"]:
+            assert move["from"]["pid"] in hosts.processes
+
+        victim = next(u for u in body["units"] if u["unit"] == "first")["leader"]["pid"]
+        hosts.kill(victim)
+
+        async def failed_over() -> bool:
+            return any(f["unit"] == "first" for f in state.snapshot()["failovers"])
+
+        await eventually(failed_over, within=30)
+        [failover] = [f for f in state.snapshot()["failovers"] if f["unit"] == "first"]
+        assert failover["from"]["pid"] == victim
+        assert failover["to"]["pid"] != victim
+        nursery.cancel_scope.cancel()
 
 
 def _status(unit: str, pid: int | None) -> ProjectionStatus:

@@ -1,11 +1,13 @@
 """The dashboard page in a real headless browser (Debian's chromium): it renders the units
-of running hosts, shows the failover after the leader is killed, and asks for the action
-token before a reset."""
+of running hosts, shows the failover after the leader is killed, asks for the action token
+before a reset, and shows a failed unit's error (escaped), the database and schema it
+watches, and times in UTC to the second."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,7 +21,14 @@ import httpx
 import pytest
 import trio
 
-from eventcore_trio import NewEvent, run_projection
+from eventcore_trio import (
+    NewEvent,
+    ProjectionContext,
+    ProjectionFailed,
+    RecordedEvent,
+    projector,
+    run_projection,
+)
 from eventcore_trio.dashboard import serve_dashboard
 from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.testing import PostgresHarness, wait_for_leader
@@ -290,4 +299,43 @@ async def test_the_page_asks_for_the_token_before_a_reset(store: PostgresStore) 
             stored = await tools.evaluate("sessionStorage.getItem('eventcore-action-token')")
             assert stored == TOKEN
             assert TOKEN not in await tools.evaluate("location.href")
+            nursery.cancel_scope.cancel()
+
+
+#: An error whose message is markup: the page must show it as text, never run it.
+EVIL = '<script>window.injected = 1</script><img src=x onerror="window.injected = 2">'
+
+
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+async def test_the_page_shows_an_error_escaped_the_database_and_utc_times(
+    store: PostgresStore,
+) -> None:
+    """A unit failed with markup in its error: the page shows the error as text (no element
+    from it, no script run), says which database and schema it watches, and gives times as
+    ``YYYY-MM-DD HH:MM:SS UTC``."""
+
+    @projector("brittle")
+    async def brittle(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        raise ValueError(EVIL)
+
+    await store.append("acc-1", [NewEvent("Deposited", {})])
+    with pytest.raises(ProjectionFailed):
+        await run_projection(brittle, store)
+    database = await store.admin.fetchval("SELECT current_database()")
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery, devtools() as tools:
+            [url] = await nursery.start(partial(serve_dashboard, store, bind="127.0.0.1:0"))
+            await tools.open(url)
+            shown = await tools.until(
+                "document.querySelector('tr[data-unit=\"brittle\"] .error')?.textContent"
+            )
+            assert EVIL in shown
+            assert await tools.evaluate("document.querySelectorAll('#units script').length") == 0
+            assert await tools.evaluate("document.querySelectorAll('#units img').length") == 0
+            assert await tools.evaluate("window.injected === undefined")
+            source = await tools.evaluate("document.getElementById('source').textContent")
+            assert source.startswith(f"database {database} on ")
+            assert source.endswith(f", schema {store.schema}")
+            meta = await tools.evaluate("document.getElementById('meta').textContent")
+            assert re.match(r"status at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC ", meta), meta
             nursery.cancel_scope.cancel()
