@@ -41,6 +41,37 @@ from .projection import ProjectionConfig, run_projections
 #: The environment variable naming an existing server for the PostgreSQL fixtures.
 TEST_DSN_VARIABLE = "EVENTCORE_TEST_DSN"
 
+#: The fixtures that only a Trio test can use: pytest-trio runs them in the test's run.
+_TRIO_FIXTURES = frozenset(
+    {"eventcore_memory_store", "eventcore_postgres_store", "eventcore_store", "eventcore_host"}
+)
+
+_TRIO_ADVICE = (
+    "enable trio_mode = true in your pytest configuration, or mark the test with @pytest.mark.trio"
+)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Fail a test that uses Trio fixtures but is no Trio test with advice, before pytest's
+    own errors for it (an opaque ``AssertionError``, or a message that names pytest-trio's
+    internals) can."""
+    used = sorted(_TRIO_FIXTURES.intersection(getattr(item, "fixturenames", ())))
+    if not used or item.get_closest_marker("trio") is not None:
+        return
+    if not item.config.pluginmanager.hasplugin("trio"):
+        advice = "install pytest-trio (the testing extra: eventcore-trio[testing]), then " + (
+            _TRIO_ADVICE
+        )
+    else:
+        advice = _TRIO_ADVICE
+    pytest.fail(
+        f"{item.name} uses Trio fixtures ({', '.join(used)}), so it must be an `async def` "
+        f"test that pytest-trio runs: {advice}",
+        pytrace=False,
+    )
+
+
 Host = Callable[..., Awaitable[None]]
 
 

@@ -9,9 +9,11 @@ once per server version.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+import traceback
+from collections.abc import Generator, Iterator
 from pathlib import Path
 
+import _pytest
 import pytest
 
 from eventcore_trio._tools._embedded import bundled_bindir, system_bindirs
@@ -63,3 +65,38 @@ def postgres_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedPostgres
 def postgres_dsn(postgres_server: EmbeddedPostgres | str) -> str:
     """The DSN of the PostgreSQL server under test."""
     return postgres_server if isinstance(postgres_server, str) else postgres_server.dsn
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A skip in a Trio test or fixture reports its reason and where it was called.
+
+    pytest-trio (0.8) turns a group holding one skip into a bare ``pytest.skip()`` of its own,
+    so the summary said ``_pytest/python.py:187: Skipped``; the original is that skip's
+    context."""
+    report = yield
+    skipped = call.excinfo.value if call.excinfo is not None else None
+    group = skipped.__context__ if isinstance(skipped, pytest.skip.Exception) else None
+    if report.skipped and isinstance(group, BaseExceptionGroup):
+        leaves = _leaves(group)
+        if len(leaves) == 1 and isinstance(leaves[0], pytest.skip.Exception):
+            # The innermost frame outside pytest: where the test or fixture called skip().
+            inside = os.path.dirname(_pytest.__file__)
+            frames = [
+                frame
+                for frame in traceback.extract_tb(leaves[0].__traceback__)
+                if not frame.filename.startswith(inside)
+            ]
+            if frames:
+                report.longrepr = (frames[-1].filename, frames[-1].lineno or 0, str(leaves[0]))
+    return report
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    return [
+        leaf
+        for exc in group.exceptions
+        for leaf in (_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    ]

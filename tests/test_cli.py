@@ -42,6 +42,8 @@ from eventcore_trio.demo import run_demo
 from .conftest import oldest_server_param
 from .helpers import LEADER_SCRIPT, dsn_environment, start_interruptible
 
+ROOT = Path(__file__).parent.parent
+
 
 class TestCommandLine:
     """Commands, exit codes and help."""
@@ -294,16 +296,151 @@ class TestCommandLine:
         assert result.returncode == 0
         assert "python -m benchmarks" in result.stdout
 
-    def test_bench_outside_a_clone(self, tmp_path: Path) -> None:
-        """Outside a clone, bench says where it can run."""
-        result = subprocess.run(
-            [sys.executable, "-m", "eventcore_trio.cli", "bench"],
+    @pytest.mark.parametrize("foreign", [False, True])
+    def test_bench_outside_a_clone(self, tmp_path: Path, foreign: bool) -> None:
+        """Installed without the repository (even beside another project's benchmarks
+        package), bench is not offered, and asked for anyway says where it can run: exit 2,
+        no traceback."""
+        if foreign:
+            (tmp_path / "benchmarks").mkdir()
+            (tmp_path / "benchmarks" / "__init__.py").write_text("")
+        # The development install puts the clone on sys.path (benchmarks importable from
+        # anywhere): the command runs without it, as a wheel's would.
+        installed = (
+            "import os, sys\n"
+            "import eventcore_trio.cli as cli\n"
+            f"sys.path[:] = [p for p in sys.path if os.path.abspath(p) != {str(ROOT)!r}]\n"
+            "sys.exit(cli.main(sys.argv[1:]))\n"
+        )
+        # --help: were the harness found after all, it would only print its help.
+        for args in (["bench"], ["bench", "--help"]):
+            result = subprocess.run(
+                [sys.executable, "-c", installed, *args],
+                capture_output=True,
+                text=True,
+                cwd=tmp_path,
+            )
+            assert result.returncode == EXIT_USAGE, result.stdout
+            assert "run it from the root of a clone" in result.stderr
+            assert "Traceback" not in result.stderr
+        listing = subprocess.run(
+            [sys.executable, "-c", installed, "--help"],
             capture_output=True,
             text=True,
             cwd=tmp_path,
+            check=True,
         )
-        assert result.returncode == EXIT_USAGE
-        assert "clone" in result.stderr
+        assert "bench" not in listing.stdout
+        in_clone = subprocess.run(
+            [sys.executable, "-m", "eventcore_trio.cli", "--help"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        )
+        assert "only in a clone of the repository" in in_clone.stdout
+
+    def test_version(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """--version prints the package's version."""
+        import eventcore_trio
+
+        with pytest.raises(SystemExit) as exited:
+            main(["--version"])
+        assert exited.value.code == EXIT_OK
+        assert capsys.readouterr().out == f"eventcore-trio {eventcore_trio.__version__}\n"
+
+    @pytest.mark.parametrize("command", ["demo", "torture"])
+    def test_demo_and_torture_take_a_dsn_only_from_the_command_line(
+        self, command: str, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """EVENTCORE_DSN, exported for the other commands, never sends the demo's writes or
+        torture's faults to a database: only --dsn does; their help says so."""
+        from eventcore_trio.cli._parser import parser
+
+        monkeypatch.setenv("EVENTCORE_DSN", "postgresql://postgres@db.example/production")
+        assert parser().parse_args([command]).dsn is None
+        given = "postgresql://postgres@127.0.0.1/scratch"
+        assert parser().parse_args([command, "--dsn", given]).dsn == given
+        assert parser().parse_args(["status"]).dsn.endswith("/production")
+        # And it says so, in case the variable was meant for it.
+        import io
+
+        from eventcore_trio.cli._programs import _ignored_dsn_note
+
+        said = io.StringIO()
+        _ignored_dsn_note(parser().parse_args([command]), command, said)
+        assert said.getvalue() == (
+            f"note: {command} ignores EVENTCORE_DSN and starts an embedded server; pass --dsn "
+            "to run on a database of yours\n"
+        )
+        said = io.StringIO()
+        _ignored_dsn_note(parser().parse_args([command, "--dsn", given]), command, said)
+        assert said.getvalue() == ""
+        help_text = subprocess.run(
+            [sys.executable, "-m", "eventcore_trio.cli", command, "--help"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        assert "embedded PostgreSQL unless --dsn is given" in " ".join(help_text.split())
+        assert "EVENTCORE_DSN is ignored" in " ".join(help_text.split())
+
+    def test_log_level(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--log-level (or EVENTCORE_LOG_LEVEL), for run and dashboard: INFO by default for
+        run, any case; anything else is exit 2 naming where it came from."""
+        from eventcore_trio.cli._parser import parser
+
+        monkeypatch.delenv("EVENTCORE_LOG_LEVEL", raising=False)
+        assert parser().parse_args(["run", "m:a"]).log_level == "INFO"
+        assert parser().parse_args(["dashboard"]).log_level == "WARNING"
+        assert parser().parse_args(["run", "m:a", "--log-level", "debug"]).log_level == "DEBUG"
+        monkeypatch.setenv("EVENTCORE_LOG_LEVEL", "error")
+        assert parser().parse_args(["run", "m:a"]).log_level == "ERROR"
+        assert parser().parse_args(["dashboard"]).log_level == "ERROR"
+        for command in (["run", "m:a"], ["dashboard"]):
+            monkeypatch.setenv("EVENTCORE_LOG_LEVEL", "loud")
+            with pytest.raises(SystemExit) as exited:
+                main(command)
+            assert exited.value.code == EXIT_USAGE
+            assert "EVENTCORE_LOG_LEVEL" in capsys.readouterr().err
+            monkeypatch.delenv("EVENTCORE_LOG_LEVEL")
+            with pytest.raises(SystemExit) as exited:
+                main([*command, "--log-level", "TRACE"])
+            assert exited.value.code == EXIT_USAGE
+            assert "DEBUG, INFO, WARNING, ERROR" in capsys.readouterr().err
+
+    @pytest.mark.parametrize(
+        ("dsn", "shown"),
+        [
+            (
+                "postgresql://app:s3cret@db.internal:6432/shop",
+                "database 'shop' at db.internal:6432",
+            ),
+            ("postgresql://app:s3cret@db.internal/shop", "database 'shop' at db.internal:5432"),
+            ("postgresql://app:s3cret@[::1]:5433/shop", "database 'shop' at [::1]:5433"),
+            (
+                "postgresql://app@/shop?host=/run/postgresql",
+                "database 'shop' at /run/postgresql:5432",
+            ),
+            (
+                "host=db port=5433 dbname=shop user=app password=s3cret",
+                "database 'shop' at db:5433",
+            ),
+            ("postgresql://app:s3cret@db", "database 'app' at db:5432"),
+        ],
+    )
+    def test_which_database(self, dsn: str, shown: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        """What run and status say about the database: host, port, name; no password."""
+        from eventcore_trio.cli._options import describe_database
+        from eventcore_trio.postgres import normalize_dsn
+
+        for variable in ("PGHOST", "PGPORT", "PGDATABASE", "PGUSER"):
+            monkeypatch.delenv(variable, raising=False)
+        described = describe_database(normalize_dsn(dsn))
+        assert described == shown
+        assert "s3cret" not in described
 
     def test_help_runs_as_a_program(self) -> None:
         """The installed entry point answers --help for every command."""
@@ -318,6 +455,7 @@ class TestCommandLine:
             ["dead-letters", "list"],
             ["dead-letters", "replay"],
             ["torture"],
+            ["dashboard"],
         ):
             result = subprocess.run(
                 [sys.executable, "-m", "eventcore_trio.cli", *args, "--help"],
@@ -489,30 +627,88 @@ class TestOperatorCommands:
 
     @pytest.mark.parametrize(("sig", "code"), [("SIGTERM", EXIT_OK), ("SIGINT", 130)])
     def test_run_hosts_until_a_signal(self, postgres_dsn: str, sig: str, code: int) -> None:
-        """run MODULE:ATTR hosts the projectors and stops cleanly: SIGTERM exits 0, SIGINT 130."""
+        """run MODULE:ATTR hosts the projectors and stops cleanly: SIGTERM exits 0, SIGINT 130.
+
+        Its first line, into a pipe too, says what it hosts on which database and schema
+        (never the password); the schema comes from EVENTCORE_SCHEMA here; at the default
+        level, INFO, it logs its leadership."""
+        import queue
         import signal
 
         where = self._fresh(postgres_dsn)
-        child = where[2:]  # without the DSN: children get it in their environment
+        schema = where[-1]
+        environment = {**dsn_environment(postgres_dsn), "EVENTCORE_SCHEMA": schema}
+        environment.pop("EVENTCORE_LOG_LEVEL", None)
         process = start_interruptible(
-            [sys.executable, "-m", "eventcore_trio.cli", "run", "tests.cli_projectors:ALL", *child],
+            [sys.executable, "-m", "eventcore_trio.cli", "run", "tests.cli_projectors:ALL"],
             cwd=Path(__file__).parent.parent,
-            env=dsn_environment(postgres_dsn),
+            env=environment,
         )
+        logged: queue.Queue[str] = queue.Queue()
+
+        def read_log() -> None:
+            assert process.stderr is not None
+            for line in process.stderr:
+                logged.put(line)
+
+        reader = threading.Thread(target=read_log, daemon=True)
+        reader.start()
         try:
             assert process.stdout is not None
             line = process.stdout.readline()
-            assert line.startswith("hosting counter, picky"), line
+            host = urllib.parse.urlsplit(postgres_dsn).hostname
+            assert line.startswith("hosting counter, picky on database "), line
+            assert f" at {host}:" in line
+            assert line.endswith(f", schema {schema!r}; SIGINT or SIGTERM stops\n"), line
+            password = urllib.parse.urlsplit(postgres_dsn).password
+            assert not password or password not in line
+            assert process.stdout.readline().startswith("ready")
+            while "projector counter: leading" not in logged.get(timeout=30):
+                pass
             process.send_signal(getattr(signal, sig))
             assert process.wait(timeout=30) == code
             assert "stopping" in process.stdout.read()
         finally:
             process.kill()
             process.wait()
+            reader.join(timeout=10)
             assert process.stdout is not None
             assert process.stderr is not None
             process.stdout.close()
             process.stderr.close()
+
+    def test_status_says_which_database_and_schema(
+        self,
+        postgres_dsn: str,
+        monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        """--schema defaults to EVENTCORE_SCHEMA; status says first, once, which database
+        and schema it reads (on stderr with --json), and never the password."""
+        schema = f"t_{uuid.uuid4().hex[:12]}"
+        monkeypatch.setenv("EVENTCORE_SCHEMA", schema)
+        assert main(["migrate", "--dsn", postgres_dsn]) == EXIT_OK
+        assert f"schema {schema!r} is at version" in capsys.readouterr().out
+        assert main(["status", "--dsn", postgres_dsn]) == EXIT_OK
+        out = capsys.readouterr().out
+        first, *rest = out.splitlines()
+        host = urllib.parse.urlsplit(postgres_dsn).hostname
+        assert first.startswith("database ")
+        assert f" at {host}:" in first
+        assert first.endswith(f", schema {schema!r}")
+        assert "(no projection has run against this store)" in rest
+        assert out.count(schema) == 1
+        password = urllib.parse.urlsplit(postgres_dsn).password
+        assert not password or password not in out
+        assert main(["status", "--json", "--dsn", postgres_dsn]) == EXIT_OK
+        captured = capsys.readouterr()
+        assert json.loads(captured.out) == []
+        assert captured.err.strip() == first
+        # The option still wins over the variable.
+        assert main(["status", "--dsn", postgres_dsn, "--schema", "eventcore_nothing"]) == (
+            EXIT_USAGE
+        )
+        assert "'eventcore_nothing'" in capsys.readouterr().err
 
     def test_replay_that_fails_again_and_commands_on_a_running_projection(
         self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]

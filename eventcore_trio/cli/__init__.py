@@ -16,7 +16,7 @@ live by family: `_options` (what every command shares, the store options among t
 from __future__ import annotations
 
 import argparse
-import logging
+import io
 import sys
 from collections.abc import Sequence
 
@@ -37,9 +37,11 @@ from ._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from ._options import EXIT_OK as EXIT_OK
 from ._options import EXIT_UNREACHABLE as EXIT_UNREACHABLE
 from ._options import EXIT_USAGE as EXIT_USAGE
+from ._options import LOG_LEVEL_VARIABLE as LOG_LEVEL_VARIABLE
+from ._options import SCHEMA_VARIABLE as SCHEMA_VARIABLE
 from ._options import SESSION_DSN_VARIABLE as SESSION_DSN_VARIABLE
 from ._options import STATEMENT_CACHE_VARIABLE as STATEMENT_CACHE_VARIABLE
-from ._options import StoreOptions, pooling_message
+from ._options import StoreOptions, configure_logging, pooling_message
 from ._parser import parser
 from ._projectors import load_projectors as load_projectors
 from ._status import status
@@ -51,7 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["bench"]:
         return _programs.bench(argv[1:])
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # Lines as they are printed, also into a pipe or a file (a service's journal): what a
+    # host says comes in order with what it logs, and before the process dies.
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        sys.stdout.reconfigure(line_buffering=True)
+    configure_logging(getattr(args, "log_level", "WARNING"))
     try:
         return _command(args)
     except KeyboardInterrupt:

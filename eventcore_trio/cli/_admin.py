@@ -120,11 +120,15 @@ async def run(options: StoreOptions, projectors: list[Any]) -> int:
     from ..projection import run_host
 
     names = ", ".join(p.name for p in projectors)
+    # First, before the store opens (and anything is logged): what runs where.
+    print(f"hosting {names} on {options.describe()}; SIGINT or SIGTERM stops", flush=True)
     try:
         return await run_host(
             functools.partial(options.open, migrate=True),
             projectors,
-            on_ready=lambda: print(f"hosting {names}; SIGINT or SIGTERM stops", flush=True),
+            on_ready=lambda: print(
+                "ready: the store is open and the projectors started", flush=True
+            ),
             on_stop=lambda received: print(f"received {received.name}; stopping", flush=True),
         )
     except UnsupportedPooling as exc:

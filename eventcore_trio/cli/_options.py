@@ -1,15 +1,19 @@
 """What every command shares: exit codes, the store options, and the checked numbers.
 
 Every command that opens the store takes the same options (`StoreOptions`): ``--dsn``,
-``--session-dsn``, ``--statement-cache-size`` and ``--schema``, the first three also from the
-environment, which keeps passwords out of the process list.
+``--session-dsn``, ``--statement-cache-size`` and ``--schema``, all also from the environment,
+which keeps passwords out of the process list. ``demo`` and ``torture`` take ``--dsn`` from the
+command line only (`add_explicit_dsn`): without it they start an embedded server.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import logging
 import math
 import os
+import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
@@ -33,6 +37,10 @@ EXIT_INTERRUPTED = 130  # as shells report a SIGINT
 DSN_VARIABLE: Final = "EVENTCORE_DSN"
 SESSION_DSN_VARIABLE: Final = "EVENTCORE_SESSION_DSN"
 STATEMENT_CACHE_VARIABLE: Final = "EVENTCORE_STATEMENT_CACHE_SIZE"
+SCHEMA_VARIABLE: Final = "EVENTCORE_SCHEMA"
+#: ``--log-level``'s default, for ``run`` and ``dashboard``.
+LOG_LEVEL_VARIABLE: Final = "EVENTCORE_LOG_LEVEL"
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
 #: The dashboard's action token, when no --action-token-file is given (the same name as
 #: ``eventcore_trio.dashboard._token.TOKEN_VARIABLE``, which needs the dashboard extra).
 DASHBOARD_TOKEN_VARIABLE: Final = "EVENTCORE_DASHBOARD_TOKEN"
@@ -47,6 +55,79 @@ def add_dsn(parser: argparse.ArgumentParser) -> None:
         help=f"PostgreSQL DSN (default: the {DSN_VARIABLE} environment variable, which keeps "
         "a password out of the process list)",
     )
+
+
+def add_explicit_dsn(parser: argparse.ArgumentParser, *, why: str) -> None:
+    """--dsn from the command line only: without it, the command starts an embedded server.
+
+    Not from ``EVENTCORE_DSN``, which getting-started has people export for the other
+    commands: a program that writes (and torture, which injects faults) must never run
+    against a database it was not explicitly given."""
+    parser.add_argument(
+        "--dsn",
+        default=None,
+        help="PostgreSQL DSN to run on instead of an embedded server. Only from the command "
+        f"line: {DSN_VARIABLE} is ignored here, {why}",
+    )
+
+
+def add_log_level(parser: argparse.ArgumentParser, *, default: str) -> None:
+    """--log-level: how much eventcore-trio logs (other libraries log warnings and errors)."""
+    parser.add_argument(
+        "--log-level",
+        metavar="LEVEL",
+        type=_log_level,
+        default=os.environ.get(LOG_LEVEL_VARIABLE) or default,
+        help=f"{', '.join(LOG_LEVELS)}: what eventcore-trio logs (default: the "
+        f"{LOG_LEVEL_VARIABLE} environment variable, else {default})",
+    )
+
+
+def _log_level(text: str) -> str:
+    level = text.strip().upper()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(LOG_LEVELS)} (from --log-level or "
+            f"{LOG_LEVEL_VARIABLE}), got {text!r}"
+        )
+    return level
+
+
+def configure_logging(level: str = "WARNING") -> None:
+    """Log to stderr: eventcore-trio's loggers at *level*, other libraries' at WARNING (or
+    *level*, when higher): at INFO, asyncpg's and the web server's chatter stays out."""
+    number = logging.getLevelNamesMapping()[level]
+    logging.basicConfig(
+        level=max(number, logging.WARNING), format="%(levelname)s %(name)s: %(message)s"
+    )
+    if number != logging.WARNING:
+        # WARNING is the root's own level: eventcore-trio's loggers keep inheriting it.
+        logging.getLogger("eventcore_trio").setLevel(number)
+
+
+def describe_database(dsn: str) -> str:
+    """Which database *dsn* (a URI, as `normalize_dsn` returns) names: its host, port and
+    name, as libpq's defaults complete them; never its user or password."""
+    parts = urllib.parse.urlsplit(dsn)
+    query = {k: v[-1] for k, v in urllib.parse.parse_qs(parts.query).items()}
+    hosts = urllib.parse.unquote(parts.netloc.rpartition("@")[2])
+    if not hosts:
+        hosts = query.get("host") or os.environ.get("PGHOST") or "localhost"
+        port = query.get("port") or os.environ.get("PGPORT") or "5432"
+        hosts = f"{hosts}:{port}"
+    elif not hosts.endswith("]") and ":" not in hosts.rpartition("]")[2]:
+        # One host without a port (a list of hosts is shown as given).
+        hosts = f"{hosts}:{query.get('port') or os.environ.get('PGPORT') or '5432'}"
+    name = (
+        urllib.parse.unquote(parts.path.lstrip("/"))
+        or query.get("dbname")
+        or os.environ.get("PGDATABASE")
+        or parts.username
+        or query.get("user")
+        or os.environ.get("PGUSER")
+        or getpass.getuser()
+    )
+    return f"database {name!r} at {hosts}"
 
 
 def add_store_options(parser: argparse.ArgumentParser) -> None:
@@ -71,7 +152,10 @@ def add_store_options(parser: argparse.ArgumentParser) -> None:
         "proxy such as PgBouncer, which a transaction-pooling one requires, and 100 otherwise)",
     )
     parser.add_argument(
-        "--schema", default="eventcore", help="the store's schema (default: eventcore)"
+        "--schema",
+        default=os.environ.get(SCHEMA_VARIABLE) or "eventcore",
+        help=f"the store's schema (default: the {SCHEMA_VARIABLE} environment variable, else "
+        "eventcore)",
     )
 
 
@@ -101,6 +185,12 @@ class StoreOptions:
             statement_cache_size=args.statement_cache_size,
             schema=args.schema,
         )
+
+    def describe(self) -> str:
+        """Which database and schema the command uses, without the DSN's password."""
+        from ._status import printable
+
+        return printable(f"{describe_database(self.dsn)}, schema {self.schema!r}")
 
     @asynccontextmanager
     async def open(self, *, migrate: bool = False) -> AsyncIterator[PostgresStore]:

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import os
+import sys
 from typing import Any
 
+from .. import __version__
 from ._options import (
     DASHBOARD_TOKEN_VARIABLE,
-    add_dsn,
+    add_explicit_dsn,
+    add_log_level,
     add_store_options,
     seconds,
     whole_number,
@@ -20,9 +25,11 @@ def _add_demo_command(commands: Any) -> None:
         help="run the bank-account demo (embedded PostgreSQL unless --dsn or --memory)",
         description="Concurrent transfers as commands; three projector host processes compete "
         "for leadership and the leader is killed part-way; then the read model is verified "
-        "against the event streams. Exits 0 only if the verification holds.",
+        "against the event streams. Exits 0 only if the verification holds. Runs on an "
+        "embedded PostgreSQL unless --dsn is given on the command line (EVENTCORE_DSN is "
+        "ignored).",
     )
-    add_dsn(demo)
+    add_explicit_dsn(demo, why="so that the demo never writes to a database by surprise")
     demo.add_argument("--memory", action="store_true", help="use the in-memory store")
     demo.add_argument(
         "--duration",
@@ -49,9 +56,11 @@ def _add_torture_command(commands: Any) -> None:
         "pooled sessions, network drops and stalls, and server restarts and crashes when the "
         "server is embedded (no --dsn). Then the event log is checked against the read model "
         "and the evidence the projection committed. Exits 0 only if nothing was lost, "
-        "duplicated or regressed, there were never two leaders, and every fault was recovered.",
+        "duplicated or regressed, there were never two leaders, and every fault was recovered. "
+        "Runs on an embedded PostgreSQL unless --dsn is given on the command line "
+        "(EVENTCORE_DSN is ignored: faults go only to a database named explicitly).",
     )
-    add_dsn(torture)
+    add_explicit_dsn(torture, why="so that faults are never injected into a database by surprise")
     torture.add_argument(
         "--quick", action="store_true", help="a short run (40 s of faults, about a minute)"
     )
@@ -127,6 +136,7 @@ def _add_dashboard_command(commands: Any) -> None:
         "extra.",
     )
     add_store_options(dashboard)
+    add_log_level(dashboard, default="WARNING")
     dashboard.add_argument(
         "--bind",
         default="127.0.0.1:8000",
@@ -185,17 +195,20 @@ def _add_run_command(commands: Any) -> None:
         "run",
         help="host the projectors a module defines (like an ASGI server hosts an app)",
         description="Import MODULE:ATTR (a projector, a list of projectors, or a function "
-        "returning them) and run them until SIGINT or SIGTERM.",
+        "returning them) and run them until SIGINT or SIGTERM. Says first which database and "
+        "schema it uses; at INFO it logs leadership (leading, took over, handed off).",
     )
     add_store_options(run)
+    add_log_level(run, default="INFO")
     run.add_argument("target", metavar="MODULE:ATTR", help="where the projectors are")
 
 
 def _add_bench_command(commands: Any) -> None:
     bench = commands.add_parser(
         "bench",
-        help="run the benchmark harness (from a clone: python -m benchmarks)",
-        description="Runs `python -m benchmarks` with the remaining arguments; see its --help.",
+        help="run the benchmark harness (only in a clone of the repository)",
+        description="Runs `python -m benchmarks` with the remaining arguments; see its --help. "
+        "The harness is in the repository, not in the installed package: run it from a clone.",
         add_help=False,
     )
     bench.add_argument("rest", nargs=argparse.REMAINDER)
@@ -220,12 +233,28 @@ def _add_dead_letters_command(commands: Any) -> None:
     )
 
 
+def bench_available() -> bool:
+    """Whether ``python -m benchmarks`` here would run this repository's harness: the
+    current directory is a clone (the harness is not in the installed package)."""
+    sys.path.insert(0, os.getcwd())
+    try:
+        spec = importlib.util.find_spec("benchmarks")
+    except (ImportError, ValueError):
+        spec = None
+    finally:
+        sys.path.pop(0)
+    # Another project's `benchmarks` package is not ours: look for our harness in it.
+    places = (spec.submodule_search_locations or []) if spec is not None else []
+    return any(os.path.isfile(os.path.join(place, "_harness.py")) for place in places)
+
+
 def parser() -> argparse.ArgumentParser:
     """The whole command line: one subparser per command, built by a function each."""
     main = argparse.ArgumentParser(
         prog="eventcore-trio",
         description="Trio-native event sourcing on PostgreSQL.",
     )
+    main.add_argument("--version", action="version", version=f"eventcore-trio {__version__}")
     commands = main.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_command(commands)
     _add_torture_command(commands)
@@ -234,6 +263,8 @@ def parser() -> argparse.ArgumentParser:
     _add_reset_command(commands)
     _add_dashboard_command(commands)
     _add_run_command(commands)
-    _add_bench_command(commands)
+    if bench_available():
+        # Listed only where it can run; elsewhere `eventcore-trio bench` still says why not.
+        _add_bench_command(commands)
     _add_dead_letters_command(commands)
     return main

@@ -9,17 +9,31 @@ import json
 import logging
 import os
 import sys
-from typing import Any
+from typing import Any, TextIO
 
 from .._errors import ConfigurationError
 from .._tools._processes import run_program
-from ._options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, StoreOptions
+from ._options import DSN_VARIABLE, EXIT_FAILED, EXIT_OK, EXIT_USAGE, StoreOptions
+from ._parser import bench_available
+
+
+def _ignored_dsn_note(args: argparse.Namespace, command: str, stream: TextIO) -> None:
+    # getting-started has people export EVENTCORE_DSN for the other commands: say why this
+    # one does not use it, so that nobody wonders where the events went.
+    if args.dsn is None and not getattr(args, "memory", False) and os.environ.get(DSN_VARIABLE):
+        print(
+            f"note: {command} ignores {DSN_VARIABLE} and starts an embedded server; pass "
+            "--dsn to run on a database of yours",
+            file=stream,
+            flush=True,
+        )
 
 
 def demo(args: argparse.Namespace) -> int:
     """``eventcore-trio demo``: on the memory store, a DSN, or an embedded PostgreSQL."""
     from ..demo import demo_main
 
+    _ignored_dsn_note(args, "demo", sys.stdout)
     return demo_main(args.dsn, memory=args.memory, scale=args.transfers, duration=args.duration)
 
 
@@ -40,6 +54,7 @@ def torture(args: argparse.Namespace) -> int:
     logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
     # With --json, stdout carries the JSON object only; progress goes to stderr.
     stream = sys.stderr if args.json else sys.stdout
+    _ignored_dsn_note(args, "torture", stream)
 
     def out(line: str) -> None:
         print(line, file=stream, flush=True)
@@ -90,10 +105,11 @@ def bench(rest: list[str]) -> int:
     # The harness lives in the repository (benchmarks/), not in the installed package.
     import subprocess
 
-    if not os.path.isfile(os.path.join("benchmarks", "_harness.py")):
+    if not bench_available():
         print(
-            "eventcore-trio: the benchmark harness is not here: run this from a clone of the "
-            "eventcore-trio repository",
+            "eventcore-trio: bench runs the benchmark harness (the benchmarks package), which "
+            "is not installed with eventcore-trio: run it from the root of a clone of the "
+            "eventcore-trio repository (`uv run eventcore-trio bench`)",
             file=sys.stderr,
         )
         return EXIT_USAGE

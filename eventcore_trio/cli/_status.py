@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from typing import Final
@@ -99,6 +100,8 @@ def status_lines(
 
 
 async def status(options: StoreOptions, as_json: bool) -> None:
+    # Once, first: which store this is (with --json on stderr, so stdout stays JSON).
+    print(options.describe(), file=sys.stderr if as_json else sys.stdout, flush=True)
     async with options.open() as store:
         records = await store.projection_status()
         # Each record carries them; without records, they are asked for alone.
