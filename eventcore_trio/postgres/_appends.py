@@ -16,8 +16,8 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from itertools import repeat
-from operator import is_not
+from itertools import chain, repeat
+from operator import attrgetter, is_not
 from typing import Any, Final, final
 
 import attrs
@@ -187,39 +187,30 @@ class AppendStatement:
 
     def many(self, requests: Sequence[EncodedAppend]) -> tuple[str, list[Any]]:
         """The ``append_many`` statement for several independent requests, in order."""
+        # Each request's number for each of its streams, and its events' stream indexes
+        # shifted past the streams of the requests before it; every other column is the
+        # requests' columns one after the other.
         request: list[int] = []
-        streams: list[str] = []
-        expected: list[int | None] = []
-        counts: list[int] = []
         event_stream: list[int] = []
-        offsets: list[int] = []
-        event_ids: list[uuid.UUID | None] = []
-        types: list[str] = []
-        data: list[str] = []
-        metadata: list[str] = []
         for number, encoded in enumerate(requests, start=1):
-            entries_before = len(streams)
+            entries_before = len(request)
             request.extend([number] * len(encoded.streams))
-            streams.extend(encoded.streams)
-            expected.extend(encoded.expected)
-            counts.extend(encoded.counts)
             event_stream.extend(entries_before + index for index in encoded.event_stream)
-            offsets.extend(encoded.offsets)
-            event_ids.extend(encoded.event_ids)
-            types.extend(encoded.types)
-            data.extend(encoded.data)
-            metadata.extend(encoded.metadata)
+
+        def joined(column: str) -> list[Any]:
+            return list(chain.from_iterable(map(attrgetter(column), requests)))
+
         args = [
             request,
-            streams,
-            expected,
-            counts,
+            joined("streams"),
+            joined("expected"),
+            joined("counts"),
             event_stream,
-            offsets,
-            _or_null_ids(event_ids),
-            types,
-            data,
-            _or_null_metadata(metadata),
+            joined("offsets"),
+            _or_null_ids(joined("event_ids")),
+            joined("types"),
+            joined("data"),
+            _or_null_metadata(joined("metadata")),
         ]
         return self._many_sql, args
 
