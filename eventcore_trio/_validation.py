@@ -68,6 +68,11 @@ def check_identifier(
     return value
 
 
+def check_state_name(state: object) -> str:
+    """Check a snapshot's state name (a registered state class's name): as an event type."""
+    return check_identifier("state", state, max_length=MAX_EVENT_TYPE_LENGTH)
+
+
 def check_stream_id(value: object) -> str:
     """Validate a stream id."""
     return check_identifier("stream_id", value, max_length=MAX_STREAM_ID_LENGTH)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Awaitable, Callable, Sequence
-from types import TracebackType
 from typing import Generic, TypeVar, final
 
+import attrs
 import trio
 
 from .._events import RecordedEvent, UndecodableEvent
@@ -33,6 +33,18 @@ EventT_co = TypeVar("EventT_co", bound=RecordedEvent | UndecodableEvent, covaria
 
 #: Reads the page after a position (the filter, page size and ``"include"`` are bound in).
 ReadPage = Callable[[Position | None], Awaitable[Sequence[RecordedEvent | UndecodableEvent]]]
+
+
+@attrs.frozen
+class _Source(Generic[EventT_co]):
+    """Where a subscription reads, and how it turns what it read into what it yields."""
+
+    read_page: ReadPage
+    wait: Callable[[], Awaitable[None]]
+    # Raises EventDecodeError for an undecodable event under "raise" (pages are read with
+    # "include", so the error comes at that event, after every event before it was yielded).
+    decode: Callable[[RecordedEvent | UndecodableEvent], EventT_co]
+    poll_interval: float
 
 
 class _Phase(enum.Enum):
@@ -67,17 +79,7 @@ class EventSubscription(Generic[EventT_co]):
     .. versionadded:: 0.4
     """
 
-    __slots__ = (
-        "_decode",
-        "_next",
-        "_page",
-        "_phase",
-        "_poll_interval",
-        "_position",
-        "_read_page",
-        "_stepping",
-        "_wait",
-    )
+    __slots__ = ("_next", "_page", "_phase", "_position", "_source", "_stepping")
 
     def __init__(
         self,
@@ -89,13 +91,7 @@ class EventSubscription(Generic[EventT_co]):
         poll_interval: float,
     ) -> None:
         """Not for applications: `EventReader.subscribe` makes one, its arguments checked."""
-        self._read_page = read_page
-        self._wait = wait
-        # Turns a read event into what is yielded: raises EventDecodeError for an undecodable
-        # one under "raise" (pages are read with "include", so the error comes at that event,
-        # after every event before it was yielded).
-        self._decode = decode
-        self._poll_interval = poll_interval
+        self._source = _Source(read_page, wait, decode, poll_interval)
         # The position of the last event yielded, or the start: the cursor of the next read
         # whenever the page is used up, and the resume point.
         self._position = after
@@ -123,12 +119,7 @@ class EventSubscription(Generic[EventT_co]):
         self._phase = _Phase.OPEN
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         """End the subscription: it holds nothing to release, and yields nothing more."""
         self._phase = _Phase.CLOSED
         self._page = ()
@@ -156,7 +147,7 @@ class EventSubscription(Generic[EventT_co]):
                 await trio.lowlevel.checkpoint()
             while self._next >= len(self._page):
                 await self._fill()
-            event = self._decode(self._page[self._next])
+            event = self._source.decode(self._page[self._next])
             self._next += 1
             self._position = event.position
             return event
@@ -167,9 +158,10 @@ class EventSubscription(Generic[EventT_co]):
         # Read the next page; when there is none yet, wait for a hint that events were
         # committed, or for the poll interval (a hint lost between the empty read and the wait,
         # or one the store cannot give, costs that much latency), and let the caller read again.
-        page = await self._read_page(self._position)
+        source = self._source
+        page = await source.read_page(self._position)
         if page:
             self._page, self._next = page, 0
             return
-        with trio.move_on_after(self._poll_interval):
-            await self._wait()
+        with trio.move_on_after(source.poll_interval):
+            await source.wait()

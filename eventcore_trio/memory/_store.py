@@ -25,10 +25,9 @@ from .._protocols import OneStreamAppend
 from .._snapshots import Snapshot, check_snapshot
 from .._status import DeadLetter, ProjectionStatus
 from .._validation import (
-    MAX_EVENT_TYPE_LENGTH,
-    check_identifier,
     check_name,
     check_projector_name,
+    check_state_name,
     check_stream_id,
     check_version_cursor,
     encode_json_object,
@@ -94,7 +93,7 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
     async def read_snapshot(self, stream_id: str, state: str) -> Snapshot | None:
         """The snapshot of *stream_id* under *state* (see `SnapshotStore.read_snapshot`)."""
         check_stream_id(stream_id)
-        check_identifier("state", state, max_length=MAX_EVENT_TYPE_LENGTH)
+        check_state_name(state)
         return _snapshots.read(await self._ready(), stream_id, state)
 
     async def read_stream_from_snapshot(

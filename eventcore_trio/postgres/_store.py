@@ -35,10 +35,9 @@ from .._protocols import OneStreamAppend
 from .._snapshots import Snapshot, check_snapshot
 from .._status import DeadLetter, ProjectionStatus
 from .._validation import (
-    MAX_EVENT_TYPE_LENGTH,
-    check_identifier,
     check_name,
     check_projector_name,
+    check_state_name,
     check_stream_id,
     check_version_cursor,
 )
@@ -267,7 +266,7 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
     async def read_snapshot(self, stream_id: str, state: str) -> Snapshot | None:
         """The snapshot of *stream_id* under *state* (see `SnapshotStore.read_snapshot`)."""
         check_stream_id(stream_id)
-        check_identifier("state", state, max_length=MAX_EVENT_TYPE_LENGTH)
+        check_state_name(state)
         self._check_open()
         return await self._snapshots.read(stream_id, state)
 
@@ -277,7 +276,7 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         """A snapshot and the events from it on, in one round trip (see
         `SnapshotStore.read_stream_from_snapshot`)."""
         check_stream_id(stream_id)
-        check_identifier("state", state, max_length=MAX_EVENT_TYPE_LENGTH)
+        check_state_name(state)
         self._check_open()
         return await self._snapshots.read_with_events(stream_id, state)
 
