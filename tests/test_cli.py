@@ -40,6 +40,7 @@ from eventcore_trio.cli._status import status_lines
 from eventcore_trio.demo import run_demo
 
 from .conftest import oldest_server_param
+from .fresh_database import fresh_database
 from .helpers import LEADER_SCRIPT, dsn_environment, start_interruptible
 
 ROOT = Path(__file__).parent.parent
@@ -676,6 +677,95 @@ class TestOperatorCommands:
             assert process.stderr is not None
             process.stdout.close()
             process.stderr.close()
+
+    @pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+    def test_run_on_a_schema_without_events_warns(self, postgres_dsn: str) -> None:
+        """run on a schema that does not exist yet creates it (hosts may start before the
+        first event), but says in one WARNING line that there are no events there, and
+        names the schema of the same database that has some: "did you mean --schema X?"."""
+        import queue
+        import signal
+
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+
+        async def write_elsewhere(dsn: str) -> None:
+            async with open_postgres_store(dsn, schema="library") as store:
+                await store.append("book-dune", [NewEvent("Lent", {"member": "ada"})])
+
+        with fresh_database(postgres_dsn, "cli") as dsn:
+            trio.run(write_elsewhere, dsn)
+            environment = dsn_environment(dsn)
+            environment.pop("EVENTCORE_SCHEMA", None)
+            environment.pop("EVENTCORE_LOG_LEVEL", None)
+            process = start_interruptible(
+                [sys.executable, "-m", "eventcore_trio.cli", "run", "tests.cli_projectors:ALL"],
+                cwd=ROOT,
+                env=environment,
+            )
+            logged: queue.Queue[str] = queue.Queue()
+
+            def read_log() -> None:
+                assert process.stderr is not None
+                for line in process.stderr:
+                    logged.put(line)
+
+            reader = threading.Thread(target=read_log, daemon=True)
+            reader.start()
+            try:
+                line = logged.get(timeout=30)
+                while not line.startswith("WARNING"):
+                    line = logged.get(timeout=30)
+                assert "no events in database 'cli_" in line
+                assert ", schema 'eventcore': the projectors have nothing to apply" in line
+                assert "did you mean --schema library (or EVENTCORE_SCHEMA=library)?" in line
+                # It still hosts: a deployment may start its hosts before any event.
+                while "projector counter: leading" not in line:
+                    line = logged.get(timeout=30)
+                process.send_signal(signal.SIGTERM)
+                assert process.wait(timeout=30) == EXIT_OK
+            finally:
+                process.kill()
+                process.wait()
+                reader.join(timeout=10)
+                assert process.stdout is not None
+                assert process.stderr is not None
+                process.stdout.close()
+                process.stderr.close()
+            # Once, however many lines followed.
+            assert not [w for w in logged.queue if w.startswith("WARNING")]
+
+    @pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+    def test_the_warning_about_no_events_only_where_there_are_none(
+        self, postgres_dsn: str, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """No warning on a schema with events; on one without, and no other store with
+        events in the database, the warning has no hint."""
+        import trio
+
+        from eventcore_trio import NewEvent
+        from eventcore_trio.cli._admin import warn_if_no_events
+        from eventcore_trio.cli._options import StoreOptions
+
+        async def look(dsn: str, schema: str, append: bool) -> None:
+            options = StoreOptions(
+                dsn=dsn, session_dsn=None, statement_cache_size=None, schema=schema
+            )
+            async with options.open(migrate=True) as store:
+                if append:
+                    await store.append("s", [NewEvent("E", {})])
+                await warn_if_no_events(store, options)
+
+        with fresh_database(postgres_dsn, "cli") as dsn:
+            trio.run(look, dsn, "empty", False)
+            (record,) = caplog.records
+            assert record.levelname == "WARNING"
+            assert "schema 'empty': the projectors have nothing" in record.getMessage()
+            assert "did you mean" not in record.getMessage()
+            caplog.clear()
+            trio.run(look, dsn, "full", True)
+            assert not caplog.records
 
     def test_status_says_which_database_and_schema(
         self,

@@ -3,25 +3,34 @@
 from __future__ import annotations
 
 import argparse
-import functools
 import json
+import logging
 import sys
 from collections import Counter
-from typing import Any
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from .._errors import (
     ConfigurationError,
     DeadLetterNotFound,
+    EventCoreError,
     PartitionsMismatch,
     ProjectionNotFound,
     UnsupportedPooling,
 )
 from .._status import ProjectionState
-from ._options import EXIT_FAILED, EXIT_OK, StoreOptions
+from ._options import EXIT_FAILED, EXIT_OK, SCHEMA_VARIABLE, StoreOptions
 from ._projectors import load_projectors
 from ._status import printable
+
+if TYPE_CHECKING:
+    from ..postgres import PostgresStore
+
+#: The host's logger (`run_host` logs there too): the warning below comes in its voice.
+logger = logging.getLogger("eventcore_trio.host")
 
 
 async def migrate(options: StoreOptions, grant: str | None, partitions: list[int]) -> int:
@@ -122,9 +131,21 @@ async def run(options: StoreOptions, projectors: list[Any]) -> int:
     names = ", ".join(p.name for p in projectors)
     # First, before the store opens (and anything is logged): what runs where.
     print(f"hosting {names} on {options.describe()}; SIGINT or SIGTERM stops", flush=True)
+    looked = False
+
+    @asynccontextmanager
+    async def open_store() -> AsyncIterator[PostgresStore]:
+        nonlocal looked
+        async with options.open(migrate=True) as store:
+            # Once, at the first open that succeeds (the database may be down at first).
+            if not looked:
+                looked = True
+                await warn_if_no_events(store, options)
+            yield store
+
     try:
         return await run_host(
-            functools.partial(options.open, migrate=True),
+            open_store,
             projectors,
             on_ready=lambda: print(
                 "ready: the store is open and the projectors started", flush=True
@@ -134,6 +155,63 @@ async def run(options: StoreOptions, projectors: list[Any]) -> int:
     except UnsupportedPooling as exc:
         # The host registers with a session lock of its own before it leads anything.
         raise UnsupportedPooling(f"cannot host {names}: {exc}") from exc
+
+
+#: How many other stores' schemas `warn_if_no_events` looks into, at most: a hint, not a
+#: survey of a database that holds thousands of schemas.
+_SCHEMAS_LOOKED_INTO: Final = 20
+
+# The other schemas of this database that hold a store (an events table next to a table of
+# migrations) this role may read.
+_OTHER_STORES: Final = (
+    "SELECT n.nspname FROM pg_catalog.pg_class AS c "
+    "JOIN pg_catalog.pg_namespace AS n ON n.oid = c.relnamespace "
+    "WHERE c.relname = 'events' AND c.relkind IN ('r', 'p') AND n.nspname <> $1 "
+    "AND pg_catalog.to_regclass(pg_catalog.format('%I.schema_migrations', n.nspname)) "
+    "IS NOT NULL "
+    "AND pg_catalog.has_schema_privilege(n.oid, 'USAGE') "
+    "AND pg_catalog.has_table_privilege(c.oid, 'SELECT') "
+    "ORDER BY n.nspname LIMIT $2"
+)
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+async def warn_if_no_events(store: PostgresStore, options: StoreOptions) -> None:
+    """Log one WARNING when the store's schema holds no events, naming the schemas of the
+    same database that do (``did you mean --schema X?``).
+
+    `run` migrates, so a mistyped or forgotten ``--schema`` (``EVENTCORE_SCHEMA``) used to
+    create an empty schema and host the projectors over nothing, without a word. Only a
+    warning: starting hosts before the first event is written is a normal deployment."""
+    schema = options.schema
+    try:
+        if await store.admin.fetchval(f"SELECT EXISTS (SELECT FROM {_quoted(schema)}.events)"):
+            return
+        found = []
+        for row in await store.admin.fetch(_OTHER_STORES, schema, _SCHEMAS_LOOKED_INTO):
+            other = row["nspname"]
+            if await store.admin.fetchval(f"SELECT EXISTS (SELECT FROM {_quoted(other)}.events)"):
+                found.append(other)
+    except EventCoreError as exc:
+        # A hint must never keep a host from running: the store itself opened fine.
+        logger.debug("could not look for events in other schemas: %s", exc)
+        return
+    where = options.describe()
+    hint = ""
+    if found:
+        also = f" ({', '.join(repr(o) for o in found[1:])} too)" if found[1:] else ""
+        hint = (
+            f"; schema {found[0]!r} of this database has events{also}: did you mean "
+            f"--schema {found[0]} (or {SCHEMA_VARIABLE}={found[0]})?"
+        )
+    logger.warning(
+        "no events in %s: the projectors have nothing to apply until events are written there%s",
+        where,
+        printable(hint),
+    )
 
 
 async def list_letters(options: StoreOptions, name: str, as_json: bool) -> None:
