@@ -285,6 +285,19 @@ def _reader(
 
         return read_folded
     if isinstance(command, StateCommand):
+        half_a_fold = [
+            name for name in ("initial_state", "evolve") if callable(getattr(command, name, None))
+        ]
+        if half_a_fold:
+            # One of a fold command's two methods without the other: a misspelt name, not a
+            # state command missing its registry.
+            (present,) = half_a_fold
+            absent = "evolve" if present == "initial_state" else "initial_state"
+            raise InvalidArgument(
+                f"{type(command).__qualname__} has {present}() but no {absent}(): a Command "
+                f"folds its streams with both (check the spelling of {absent}); a state "
+                "command has neither and is given registry=..."
+            )
         if registry is None:
             raise InvalidArgument(
                 f"{type(command).__qualname__} is a state command; pass registry=... to "

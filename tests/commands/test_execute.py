@@ -333,6 +333,27 @@ class ExecuteContract:
         with pytest.raises(InvalidArgument, match="registry"):
             await execute(store, OpenAccount("a", 1))
 
+    async def test_a_misspelt_fold_method_is_named(self, store: Store) -> None:
+        """A fold command with `evolve` misspelt is not mistaken for a state command that
+        lacks its registry: the error names the missing method."""
+
+        class Typo:
+            def streams(self) -> list[str]:
+                return ["a"]
+
+            def initial_state(self) -> int:
+                return 0
+
+            def evolv(self, state: int, event: RecordedEvent) -> int:
+                return state + 1
+
+            def decide(self, state: int) -> list[NewEvent]:
+                return []
+
+        with pytest.raises(InvalidArgument, match=r"no evolve\(\).*spelling") as caught:
+            await execute(store, Typo())  # type: ignore[arg-type]
+        assert "registry" not in str(caught.value).split(";")[0]
+
 
 class TestMemoryExecute(ExecuteContract):
     """execute() on the in-memory store."""
