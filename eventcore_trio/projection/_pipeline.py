@@ -53,6 +53,11 @@ class ApplyBatch:
     *use_batch_hook* the events go to the projector's batch hook in one call; otherwise they
     are applied one at a time (always so while isolating a batch hook's failure). Answer with
     `BatchCommitted` or `BatchFailed`.
+
+    *read_next* is the read that `BatchCommitted` will be answered with, when the pipeline
+    knows it already (the batch empties a full page, and the run goes on after it): the shell
+    may issue it while the batch commits, and use its page only for exactly that effect right
+    after the commit. None: the commit leads anywhere else (a failure, the end, a wait).
     """
 
     events: tuple[RecordedEvent, ...]
@@ -60,6 +65,7 @@ class ApplyBatch:
     checkpoint: Position
     dead_letter: Failure | None = None
     use_batch_hook: bool = False
+    read_next: ReadPage | None = None
 
 
 @attrs.frozen
@@ -237,6 +243,10 @@ class ProjectionPipeline:
         self._target: Position | None = None
         # Events read but not yet committed (or dead-lettered), in order.
         self._pending: list[AnyEvent] = []
+        # Whether the last page read was full: more events are likely waiting after it, so
+        # the next page is worth reading before the batch that empties this one commits (a
+        # short page means the run is at the head, where that read would find nothing).
+        self._page_full = False
         # The batch in flight, and what committing it achieves.
         self._in_flight: ApplyBatch | None = None
         # A failure waiting for its batch's good prefix to commit first.
@@ -285,6 +295,7 @@ class ProjectionPipeline:
                 return self._next()
             case PageRead(events):
                 self._read_failures = 0
+                self._page_full = len(events) >= self._config.batch_size
                 target = self._target
                 continuous = self._config.continuous
                 if (
@@ -392,8 +403,24 @@ class ProjectionPipeline:
         )
 
     def _apply(self, effect: ApplyBatch) -> Effect:
+        read_next = self._read_after(effect)
+        if read_next is not None:
+            effect = attrs.evolve(effect, read_next=read_next)
         self._in_flight = effect
         return self._go(Phase.AWAITING_BATCH, effect)
+
+    def _read_after(self, effect: ApplyBatch) -> ReadPage | None:
+        # The read that _committed() will return for *effect*, or None when it returns
+        # anything else; kept in step with _committed and _next (test_pipeline checks that
+        # every read_next is the effect that follows BatchCommitted).
+        done = len(effect.events) + (1 if effect.dead_letter is not None else 0)
+        if not self._page_full or done < len(self._pending) or self._deferred_failure is not None:
+            return None
+        if not self._config.continuous and (
+            self._target is None or effect.checkpoint >= self._target
+        ):
+            return None
+        return ReadPage(after=effect.checkpoint, limit=self._config.batch_size)
 
     def _committed(self) -> Effect:
         effect = self._in_flight

@@ -27,11 +27,12 @@ from .._errors import (
 )
 from .._protocols import Leadership, ProjectionBatch, Store
 from .._status import ProjectionState
-from .._util import background, raise_single, wait_any
+from .._util import background, raise_single, service_nursery, wait_any
 from ._config import ProjectionConfig
 from ._context import apply_and_commit
 from ._metrics import METRICS
 from ._pipeline import (
+    AnyEvent,
     ApplyBatch,
     BatchCommitted,
     BatchFailed,
@@ -121,6 +122,49 @@ async def _perform(
     raise AssertionError(effect)  # pragma: no cover
 
 
+class _Prefetch:
+    """The read of the next page, issued while the batch before it applies and commits.
+
+    Its page is used only for the very effect it was issued for, right after that batch
+    committed; otherwise (the batch failed, the run went anywhere else) it is cancelled and
+    forgotten. A page read earlier is still a correct, gap-free page from that position: the
+    read's horizon rules are in the read itself.
+    """
+
+    def __init__(self, effect: ReadPage) -> None:
+        self.effect = effect
+        self.scope = trio.CancelScope()
+        self.done = trio.Event()
+        # None: not read (cancelled, or the read failed: the shell then reads as usual, and
+        # reports that read's failure, so a prefetch never changes what a failure does).
+        self.page: tuple[AnyEvent, ...] | None = None
+
+    async def run(self, projector: ResolvedProjector, store: Store) -> None:
+        with self.scope:
+            try:
+                page = await store.read_events(
+                    self.effect.after,
+                    limit=self.effect.limit,
+                    filter=projector.filter,
+                    undecodable="include",
+                )
+            except Exception as exc:
+                logger.debug("projector %s: read ahead failed: %s", projector.name, exc)
+            else:
+                self.page = tuple(page)
+        self.done.set()
+
+    async def take(self) -> PageRead | None:
+        """The page, once read; None when there is none to use."""
+        await self.done.wait()
+        # An empty page is not used: read while the batch's own transaction was open, it may
+        # stop short of events that committed meanwhile, whose notification came before the
+        # wait that an empty page leads to. The shell reads again instead.
+        if not self.page:
+            return None
+        return PageRead(self.page)
+
+
 async def _drive(
     projector: ResolvedProjector,
     store: Store,
@@ -136,7 +180,26 @@ async def _drive(
         has_batch_hook=projector.apply_batch is not None,
     )
     effect = pipeline.start()
+    async with service_nursery() as nursery:
+        return await _loop(pipeline, effect, nursery, projector, store, leadership, stop)
+
+
+async def _loop(
+    pipeline: ProjectionPipeline,
+    effect: Effect,
+    nursery: trio.Nursery,
+    projector: ResolvedProjector,
+    store: Store,
+    leadership: Leadership,
+    stop: trio.Event | None,
+) -> ProjectionResult | None:
+    # The next page read while a batch commits (see _Prefetch), in *nursery*: cancelled with
+    # the run, and never outliving it.
+    prefetch: _Prefetch | None = None
     while True:
+        if prefetch is not None and effect != prefetch.effect:
+            prefetch.scope.cancel()
+            prefetch = None
         if stop is not None and stop.is_set():
             return None
         if isinstance(effect, Done):
@@ -151,7 +214,18 @@ async def _drive(
                 event=None if failure is None else failure.event,
                 retries=0 if failure is None else failure.retries,
             ) from effect.error
-        if stop is not None and isinstance(effect, WaitForEvents | Sleep):
+        page: PageRead | None = None
+        if prefetch is not None:
+            # The effect is the read that the committed batch was answered with.
+            page = await prefetch.take()
+            prefetch = None
+        elif isinstance(effect, ApplyBatch) and effect.read_next is not None:
+            prefetch = _Prefetch(effect.read_next)
+            nursery.start_soon(prefetch.run, projector, store)
+        result: Result
+        if page is not None:
+            result = page
+        elif stop is not None and isinstance(effect, WaitForEvents | Sleep):
             with trio.CancelScope() as waiting:
                 async with background(partial(_cancel_when_set, stop, waiting)):
                     result = await _perform(effect, projector, store, leadership)
@@ -159,6 +233,10 @@ async def _drive(
                 return None
         else:
             result = await _perform(effect, projector, store, leadership)
+        if prefetch is not None and not isinstance(result, BatchCommitted):
+            # A failed batch: what follows it is decided anew, never by a page read before.
+            prefetch.scope.cancel()
+            prefetch = None
         effect = pipeline.resume(result)
 
 

@@ -31,6 +31,7 @@ from eventcore_trio.projection._pipeline import (
     ProjectionPipeline,
     ReadFailed,
     ReadPage,
+    Result,
     Sleep,
     Slept,
     TargetFound,
@@ -68,20 +69,51 @@ def undecodable(n: int) -> UndecodableEvent:
     )
 
 
+class Checked:
+    """A pipeline whose every promise of a read (`ApplyBatch.read_next`) is checked: the
+    effect that follows that batch's commit is exactly that read. Every test here drives one.
+    """
+
+    def __init__(self, inner: ProjectionPipeline) -> None:
+        self._inner = inner
+        self._last: Effect | None = None
+
+    @property
+    def checkpoint(self) -> Position | None:
+        return self._inner.checkpoint
+
+    def start(self) -> Effect:
+        self._last = self._inner.start()
+        return self._last
+
+    def resume(self, result: Result) -> Effect:
+        last = self._last
+        effect = self._inner.resume(result)
+        if isinstance(last, ApplyBatch) and last.read_next is not None:
+            if isinstance(result, BatchCommitted):
+                assert effect == last.read_next, "read_next must be what the commit leads to"
+            else:
+                assert not isinstance(effect, ReadPage), "no read right after a failed batch"
+        self._last = effect
+        return effect
+
+
 def pipeline(
     on_error: Callable[[Failure], FailureStrategy] = lambda f: FailureStrategy.FATAL,
     *,
     has_batch_hook: bool = False,
     **config: object,
-) -> ProjectionPipeline:
-    return ProjectionPipeline(
-        config=ProjectionConfig(**config),  # type: ignore[arg-type]
-        on_error=on_error,
-        has_batch_hook=has_batch_hook,
+) -> Checked:
+    return Checked(
+        ProjectionPipeline(
+            config=ProjectionConfig(**config),  # type: ignore[arg-type]
+            on_error=on_error,
+            has_batch_hook=has_batch_hook,
+        )
     )
 
 
-def catch_up_to(p: ProjectionPipeline, checkpoint: int | None, target: int | None) -> Effect:
+def catch_up_to(p: Checked, checkpoint: int | None, target: int | None) -> Effect:
     assert p.start() == LoadCheckpoint()
     loaded = None if checkpoint is None else Position(checkpoint, checkpoint)
     assert p.resume(CheckpointLoaded(loaded)) == FindTarget()
@@ -114,7 +146,12 @@ class TestCatchUp:
         assert effect == ReadPage(after=None, limit=3)
         effect = p.resume(PageRead((event(1), event(2), event(3))))
         assert positions(effect) == [1, 2, 3]
-        assert effect == ApplyBatch(effect.events, None, Position(3, 3))  # type: ignore[union-attr]
+        assert effect == ApplyBatch(
+            effect.events,  # type: ignore[union-attr]
+            None,
+            Position(3, 3),
+            read_next=ReadPage(after=Position(3, 3), limit=3),
+        )
         assert p.resume(BatchCommitted()) == ReadPage(after=Position(3, 3), limit=3)
         effect = p.resume(PageRead((event(4), event(5), event(6))))
         assert positions(effect) == [4, 5, 6]
@@ -329,6 +366,101 @@ class TestReads:
         p.resume(ReadFailed(StoreConnectionError("down")))
         p.resume(Slept())
         assert isinstance(p.resume(ReadFailed(StoreConnectionError("down"))), Fail)
+
+
+class TestReadNext:
+    """ApplyBatch.read_next: the next page may be read while a batch commits, exactly when
+    the pipeline knows that the commit leads to that read (`Checked` checks every case)."""
+
+    def test_a_batch_that_empties_a_full_page_promises_the_next_read(self) -> None:
+        """Catch-up before the target, and continuous mode: the read after the batch's end."""
+        p = pipeline(batch_size=3)
+        catch_up_to(p, None, 9)
+        effect = p.resume(PageRead((event(1), event(2), event(3))))
+        assert isinstance(effect, ApplyBatch)
+        assert effect.read_next == ReadPage(after=Position(3, 3), limit=3)
+        assert p.resume(BatchCommitted()) == effect.read_next
+        p = pipeline(continuous=True, batch_size=2)
+        p.start()
+        p.resume(CheckpointLoaded(None))
+        effect = p.resume(PageRead((event(1), event(2))))
+        assert isinstance(effect, ApplyBatch)
+        assert effect.read_next == ReadPage(after=Position(2, 2), limit=2)
+
+    def test_no_promise_after_a_short_page_or_at_the_target(self) -> None:
+        """A short page is the head of the store (a read now would find nothing); a batch
+        that reaches the target ends the run."""
+        p = pipeline(batch_size=3, continuous=True)
+        p.start()
+        p.resume(CheckpointLoaded(None))
+        short = p.resume(PageRead((event(1), event(2))))
+        assert isinstance(short, ApplyBatch)
+        assert short.read_next is None
+        p = pipeline(batch_size=3)
+        catch_up_to(p, None, 3)
+        last = p.resume(PageRead((event(1), event(2), event(3))))
+        assert isinstance(last, ApplyBatch)
+        assert last.read_next is None
+        assert isinstance(p.resume(BatchCommitted()), Done)
+        p = pipeline(batch_size=3)
+        catch_up_to(p, None, 2)
+        cut = p.resume(PageRead((event(1), event(2), event(3))))
+        assert positions(cut) == [1, 2]
+        assert isinstance(cut, ApplyBatch)
+        assert cut.read_next is None
+
+    def test_no_promise_while_events_of_the_page_remain(self) -> None:
+        """A good prefix before a failure, or before an undecodable event, is followed by
+        what remains of the page, not by a read."""
+        p = pipeline(lambda f: FailureStrategy.SKIP, batch_size=3)
+        catch_up_to(p, None, 9)
+        p.resume(PageRead((event(1), event(2), event(3))))
+        prefix = p.resume(BatchFailed(1, ValueError("boom")))
+        assert positions(prefix) == [1]
+        assert isinstance(prefix, ApplyBatch)
+        assert prefix.read_next is None
+        skip = p.resume(BatchCommitted())
+        assert isinstance(skip, ApplyBatch)
+        assert skip.dead_letter is not None
+        assert skip.read_next is None, "event 3 remains"
+        rest = p.resume(BatchCommitted())
+        assert positions(rest) == [3]
+        assert isinstance(rest, ApplyBatch)
+        assert rest.read_next == ReadPage(after=Position(3, 3), limit=3)
+        p = pipeline(lambda f: FailureStrategy.SKIP, batch_size=3)
+        catch_up_to(p, None, 9)
+        split = p.resume(PageRead((event(1), event(2), undecodable(3))))
+        assert isinstance(split, ApplyBatch)
+        assert split.read_next is None
+        dead = p.resume(BatchCommitted())
+        assert isinstance(dead, ApplyBatch)
+        assert dead.dead_letter is not None
+        assert dead.read_next == ReadPage(after=Position(3, 3), limit=3)
+        assert p.resume(BatchCommitted()) == dead.read_next
+
+    def test_a_failed_batch_is_never_followed_by_its_read(self) -> None:
+        """RETRY: the batch is applied again after a sleep, and promises its read again."""
+        p = pipeline(lambda f: FailureStrategy.RETRY, batch_size=2)
+        catch_up_to(p, None, 9)
+        first = p.resume(PageRead((event(1), event(2))))
+        assert isinstance(first, ApplyBatch)
+        assert first.read_next is not None
+        assert isinstance(p.resume(BatchFailed(0, OSError("flaky"))), Sleep)
+        again = p.resume(Slept())
+        assert again == first
+        assert p.resume(BatchCommitted()) == first.read_next
+
+    def test_a_batch_hook_isolation_promises_only_on_its_last_event(self) -> None:
+        """Applying events one at a time, only the batch that empties the page reads next."""
+        p = pipeline(lambda f: FailureStrategy.SKIP, batch_size=2, has_batch_hook=True)
+        catch_up_to(p, None, 9)
+        p.resume(PageRead((event(1), event(2))))
+        single = p.resume(BatchFailed(None, ValueError()))
+        assert isinstance(single, ApplyBatch)
+        assert single.read_next is None
+        last = p.resume(BatchCommitted())
+        assert isinstance(last, ApplyBatch)
+        assert last.read_next == ReadPage(after=Position(2, 2), limit=2)
 
 
 class TestMisuse:
