@@ -9,6 +9,8 @@ index of the event it fell on when that is known; anything else propagates.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, final
 
@@ -19,6 +21,7 @@ from .._events import (
     AppendResult,
     RecordedEvent,
     StreamAppend,
+    UndecodableEvent,
     caused_by,
     prepare_appends,
 )
@@ -28,6 +31,8 @@ from .._protocols import Database, Leadership, OneStreamAppend, ProjectionBatch,
 
 if TYPE_CHECKING:
     from ._projector import ResolvedProjector
+
+logger = logging.getLogger("eventcore_trio.projection")
 
 
 @final
@@ -170,6 +175,7 @@ async def apply_and_commit(
     *then* adds (the checkpoint, a dead letter), and commit. Returns None once committed, or
     the handlers' failure (nothing committed); other errors propagate."""
     staged = False
+    staging: _Staging | None = None
     try:
         async with leadership.open_batch() as batch:
             if events:
@@ -180,7 +186,8 @@ async def apply_and_commit(
                     partition=projector.partition,
                 )
                 await _run_handlers(projector, ctx, events, use_batch_hook=use_batch_hook)
-            await then(batch)
+            staging = _Staging(batch)
+            await then(staging)
             staged = True
     except HandlerFailed as failed:
         return failed
@@ -192,7 +199,64 @@ async def apply_and_commit(
         # The caller finds which (the pipeline applies the batch one event at a time), so
         # the projector's on_error decides, as for any handler error.
         return HandlerFailed(None, exc)
+    # Said once each dead letter has committed: a batch that rolled back recorded nothing.
+    assert staging is not None
+    for event, error, retries in staging.dead_letters:
+        logger.warning(
+            "unit %s: skipped event %s (%s, id %s, stream %s) into a dead letter%s: %s: %s",
+            projector.name,
+            event.position,
+            event.type,
+            event.event_id,
+            event.stream_id,
+            f" after {retries} retries" if retries else "",
+            type(error).__name__,
+            error,
+        )
     return None
+
+
+@final
+class _Staging:
+    """The batch as *then* sees it in `apply_and_commit`: every call goes to the batch, and
+    the dead letters it records are remembered, to be logged once they have committed."""
+
+    def __init__(self, batch: ProjectionBatch) -> None:
+        self._batch = batch
+        self.dead_letters: list[tuple[RecordedEvent | UndecodableEvent, BaseException, int]] = []
+
+    @property
+    def db(self) -> Database:
+        """The batch's transaction."""
+        return self._batch.db
+
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the batch can no longer commit, or None."""
+        return self._batch.failure
+
+    async def flush(self) -> None:
+        """Send the batch's queued writes."""
+        await self._batch.flush()
+
+    async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
+        """Move the checkpoint at commit (compare-and-set)."""
+        await self._batch.save_checkpoint(expected, position)
+
+    async def record_dead_letter(
+        self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
+    ) -> None:
+        """Record *event* as skipped because of *error*, and remember it for the log."""
+        await self._batch.record_dead_letter(event, error, retries=retries)
+        self.dead_letters.append((event, error, retries))
+
+    async def resolve_dead_letter(self, dead_letter_id: uuid.UUID) -> None:
+        """Delete a dead letter of this unit as replayed, in this transaction."""
+        await self._batch.resolve_dead_letter(dead_letter_id)
+
+    async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
+        """Append events that commit with the checkpoint."""
+        return await self._batch.append_atomic(appends)
 
 
 async def _run_handlers(

@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
+from functools import partial
 
 import attrs
 import trio
@@ -14,13 +15,14 @@ from .._errors import (
     EventCoreError,
     InvalidArgument,
     LeadershipLost,
+    ProjectionFailed,
     StoreConnectionError,
     UnsupportedPooling,
 )
 from .._partitions import Unit
 from .._protocols import HostMembership, Store
 from .._status import ClusterView, HostState
-from .._util import raise_single, wait_any
+from .._util import background, raise_single, wait_any
 from ._balance import plan
 from ._config import ProjectionConfig
 from ._metrics import METRICS
@@ -64,18 +66,39 @@ async def _supervise(
     *,
     on_state: Callable[[bool, bool], None] | None = None,
     stop: trio.Event | None = None,
-) -> None:
+) -> bool:
     # One unit's life in the host: stand by, lead, and after a failure start over after
     # a backoff. A lost lock is not a failure: go straight back to standing by, unless the
     # lock keeps being lost soon after it is taken (then the same backoff applies, since the
     # cause, whatever it is, repeats). The backoff starts over only once a run has been
     # healthy for restart_reset_after seconds. *on_state(leading, standing_by)* hears every
     # change; setting *stop* hands the unit off gracefully (the batch in flight commits).
+    # Returns False after a hand-off, True when the unit stopped on a FATAL failure (its lock
+    # released, status `failed`): this host does not run it again (see _stopped).
+    unit = projector.name
+
     def state(leading: bool, standing_by: bool) -> None:
         if on_state is not None:
             on_state(leading, standing_by)
 
     failures = 0
+    # The failure whose traceback was logged last, as (type, message): the same one again
+    # gets one line per retry, a different one its traceback. None once healthy.
+    shown: tuple[type[BaseException], str] | None = None
+    failing = False
+
+    async def note_recovery() -> None:
+        # Recovery is a run that stays healthy as long as the backoff needs to start over.
+        nonlocal failures, shown, failing
+        await trio.sleep(config.restart_reset_after)
+        logger.info(
+            "unit %s recovered: running for %.0fs after %d failed attempts",
+            unit,
+            config.restart_reset_after,
+            failures,
+        )
+        failures, shown, failing = 0, None, False
+
     while True:
         stood_by = False
         led_since: float | None = None
@@ -88,62 +111,110 @@ async def _supervise(
 
         try:
             try:
-                async with store.wait_acquire(projector.name, on_standby=standing_by) as leadership:
+                async with store.wait_acquire(unit, on_standby=standing_by) as leadership:
                     led_since = trio.current_time()
                     state(True, False)
                     if stood_by:
-                        METRICS.failover(projector.name)
-                        logger.info("projector %s: took over after standing by", projector.name)
-                    result = await run_led(
-                        projector, store, leadership, config, on_running=ready, stop=stop
-                    )
+                        METRICS.failover(unit)
+                        logger.info("unit %s: took over after standing by", unit)
+                    run = partial(run_led, projector, store, leadership, config, on_running=ready)
+                    if failing:
+                        async with background(note_recovery):
+                            result = await run(stop=stop)
+                    else:
+                        result = await run(stop=stop)
                     if result is None:
-                        logger.info("projector %s: handed off", projector.name)
-                        return
+                        logger.info("unit %s: handed off", unit)
+                        return False
             finally:
                 state(False, False)
         except LeadershipLost as exc:
             if _was_healthy(led_since, config):
                 failures = 0
             failures += 1
+            # The message names the unit already (and says that another instance may lead).
+            about = _about(unit, str(exc).rstrip("."))
             if failures == 1:
-                logger.warning("projector %s: %s; standing by again", projector.name, exc)
+                logger.warning("%s; standing by again", about)
                 continue
             delay = config.restart_backoff(failures - 1)
             logger.warning(
-                "projector %s: %s; lost %d times in a row, standing by again in %.1fs",
-                projector.name,
-                exc,
-                failures,
-                delay,
+                "%s; lost %d times in a row, standing by again in %.1fs", about, failures, delay
             )
             await trio.sleep(delay)
         except Exception as exc:
-            # Any error, ours or the projector's: this projector restarts; the others go on.
+            if isinstance(exc, ProjectionFailed) and exc.event is not None:
+                _stopped(unit, exc)
+                ready()
+                return True
+            # Any other error, ours or the projector's: this unit restarts; the others go on.
             if _was_healthy(led_since, config):
-                failures = 0
+                failures, shown = 0, None
             failures += 1
+            failing = True
             delay = config.restart_backoff(failures)
             if isinstance(exc, StoreConnectionError):
                 # The database went away (a restart, the network): not the projector's
                 # fault, so no traceback; reconnect on the same capped backoff.
                 logger.warning(
-                    "projector %s: cannot reach PostgreSQL (%s); reconnecting in %.1fs",
-                    projector.name,
+                    "unit %s: cannot reach PostgreSQL (%s); reconnecting in %.1fs",
+                    unit,
                     exc,
                     delay,
                 )
             else:
-                logger.error(
-                    "projector %s failed (%s: %s); restarting in %.1fs",
-                    projector.name,
-                    type(exc).__name__,
-                    exc,
-                    delay,
-                    exc_info=exc,
-                )
+                error, text = _failure(unit, exc)
+                kind = (type(error), str(error))
+                if kind == shown:
+                    logger.warning(
+                        "unit %s failed again: %s; retry %d in %.1fs", unit, text, failures, delay
+                    )
+                else:
+                    shown = kind
+                    logger.error(
+                        "unit %s failed: %s; retry %d in %.1fs",
+                        unit,
+                        text,
+                        failures,
+                        delay,
+                        exc_info=exc,
+                    )
             ready()
             await trio.sleep(delay)
+
+
+def _stopped(unit: str, exc: ProjectionFailed) -> None:
+    # FATAL means "do not retry": the event fails the same way on every attempt, so this
+    # host stops the unit (its lock released, status `failed` once no host stands by for
+    # it) and says so once, with the traceback. Another host that stands by for the unit
+    # takes it over and tries once itself (on a rolling deploy it may run fixed code); it
+    # stops too if it fails, so N hosts fail it at most N times, then it stays stopped.
+    _, text = _failure(unit, exc)
+    logger.error(
+        "unit %s stopped: FATAL failure: %s; this host will not run it again: fix the "
+        "projector (or make its on_error SKIP the event) and restart the host (after a reset "
+        "of the projection, to rebuild it)",
+        unit,
+        text,
+        exc_info=exc,
+    )
+
+
+def _failure(unit: str, exc: BaseException) -> tuple[BaseException, str]:
+    # The error that a failure line names, and how: a ProjectionFailed says "projector 'x'
+    # stopped: <what>: <Type>: <message>", of which the line keeps <what> onwards (the unit
+    # is named once, by the line); its cause is what makes two failures the same.
+    if isinstance(exc, ProjectionFailed) and exc.__cause__ is not None:
+        prefix = f"projector {exc.projector!r} stopped: "
+        text = str(exc)
+        return exc.__cause__, text.removeprefix(prefix) if text.startswith(prefix) else text
+    return exc, f"{type(exc).__name__}: {exc}"
+
+
+def _about(unit: str, message: str) -> str:
+    # A message that names the unit (as the library's own do, quoted) is logged as it is;
+    # another is prefixed with it, so every line names its unit exactly once.
+    return message if repr(unit) in message else f"unit {unit}: {message}"
 
 
 @attrs.define(eq=False)
@@ -171,6 +242,9 @@ class _Balancer:
     changed: trio.Event = attrs.Factory(trio.Event)
     # The units other live hosts run and this one does not, as last logged.
     lacking: frozenset[str] = frozenset()
+    # Units stopped on a FATAL failure: never started again by this host, whatever the plan
+    # says (a unit the plan gives this host then waits, failed, for an operator).
+    stopped: set[str] = attrs.Factory(set)
 
     def poke(self) -> None:
         self.changed.set()
@@ -183,14 +257,15 @@ class _Balancer:
 
         try:
             with slot.scope:
-                await _supervise(
+                if await _supervise(
                     slot.unit,
                     self.store,
                     self.config,
                     slot.ready.set,
                     on_state=on_state,
                     stop=slot.stop,
-                )
+                ):
+                    self.stopped.add(slot.unit.name)
         finally:
             if self.slots.get(slot.unit.name) is slot:
                 del self.slots[slot.unit.name]
@@ -200,7 +275,7 @@ class _Balancer:
     def apply(self, wanted: frozenset[str], release: frozenset[str]) -> list[_Slot]:
         """Start, stop and hand off units' tasks; return the slots started."""
         started = []
-        for name in sorted(wanted - self.slots.keys()):
+        for name in sorted(wanted - self.slots.keys() - self.stopped):
             slot = self.slots[name] = _Slot(self.units[name])
             self.nursery.start_soon(self._run_slot, slot, name=name)
             started.append(slot)
@@ -291,6 +366,16 @@ class _Balancer:
                 await trio.sleep(delay)
 
 
+async def _host_unit(
+    projector: ResolvedProjector, store: Store, config: ProjectionConfig, ready: Callable[[], None]
+) -> None:
+    # A unit of a host that does not balance. One stopped on a FATAL failure stays stopped
+    # while the others run: the task waits for the host's end instead of ending, since a
+    # host whose tasks all ended would return, and a program would start it over.
+    await _supervise(projector, store, config, ready)
+    await trio.sleep_forever()
+
+
 def _was_healthy(led_since: float | None, config: ProjectionConfig) -> bool:
     return led_since is not None and trio.current_time() - led_since >= config.restart_reset_after
 
@@ -316,10 +401,14 @@ async def run_projections(
     A standby takes over the moment its leader's session ends (within a second: it blocks
     in the database, it does not poll). A projector that fails restarts with exponential
     backoff (``restart_initial_backoff`` to ``restart_max_backoff``) without disturbing the
-    others; one that loses its lock goes back to standing by. When PostgreSQL cannot be
-    reached (a restart, a network cut) each task reconnects on the same capped backoff and
-    resumes from its checkpoint, with no operator action. Runs are always continuous and
-    always wait for leadership, whatever *config* says.
+    others, logging its traceback once per distinct failure and then one line per retry; one
+    that loses its lock goes back to standing by. One whose ``on_error`` makes a failure
+    fatal (FATAL, the default, or RETRY out of retries) is not retried: the host stops that
+    unit, releases its lock (status shows it ``failed``), logs it once at ERROR and does not
+    run it again while it lives; a host standing by for it elsewhere tries it once too. When
+    PostgreSQL cannot be reached (a restart, a network cut) each task reconnects on the same
+    capped backoff and resumes from its checkpoint, with no operator action. Runs are always
+    continuous and always wait for leadership, whatever *config* says.
 
     ``await nursery.start(run_projections, store, projectors)`` returns once this host's
     first share of the units is running or standing by, or waits for a change of its
@@ -347,6 +436,9 @@ async def run_projections(
     .. versionchanged:: 0.3
        A unit waiting for a change of partition count counts as started; a balancing host
        raises `UnsupportedPooling` instead of retrying its registration for ever.
+    .. versionchanged:: 0.4
+       A FATAL failure stops its unit instead of restarting it with backoff for ever; a
+       repeated failure logs one line per retry instead of its traceback each time.
     """
     projections = [resolve(p) for p in projectors]
     names = [p.name for p in projections]
@@ -383,7 +475,7 @@ async def run_projections(
         for projector in resolved:
             ready = trio.Event()
             ready_events.append(ready)
-            nursery.start_soon(_supervise, projector, store, config, ready.set, name=projector.name)
+            nursery.start_soon(_host_unit, projector, store, config, ready.set, name=projector.name)
         for ready in ready_events:
             await ready.wait()
         logger.info(

@@ -325,7 +325,8 @@ async def run_led(
             try:
                 return await _drive(projector, store, leadership, config, stop)
             except ProjectionFailed as exc:
-                logger.error("projector %s: %s", projector.name, exc)
+                # The host (or the caller) reports the failure once; this is for debugging.
+                logger.debug("projector %s: %s", projector.name, exc)
                 with (
                     trio.move_on_after(5, shield=True),
                     contextlib.suppress(EventCoreError),

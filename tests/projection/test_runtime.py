@@ -322,20 +322,36 @@ class RuntimeContract:
                 outer.cancel_scope.cancel()
         assert leader.applied == [0, 1]
 
-    async def test_host_restarts_a_failed_projector_without_disturbing_others(
+    async def test_host_stops_a_fatal_projector_without_disturbing_others(
         self, store: Store
     ) -> None:
-        """A projector that fails restarts after a backoff while the others keep going."""
+        """A projector that fails FATAL stops (not retried: status shows it failed, with
+        nobody waiting for it) while the others keep going; restarts with backoff, for
+        failures that are not the projector's, are in tests/projection/test_host.py."""
         flaky = Recorder("flaky", fail_on={1}, failures_before_success=2)
         steady = Recorder("steady")
         config = ProjectionConfig(restart_initial_backoff=0.05, restart_max_backoff=0.1)
         await store.append("s", numbered(3))
         async with trio.open_nursery() as nursery:
             await nursery.start(run_projections, store, [flaky, steady], config)
-            await flaky.wait_until(lambda r: r.applied[-1:] == [2])
-            assert steady.applied == [0, 1, 2]
+            await steady.wait_until(lambda r: r.applied == [0, 1, 2])
+
+            async def failed() -> bool:
+                status = {s.name: s for s in await store.projection_status()}["flaky"]
+                return status.state is ProjectionState.FAILED
+
+            await eventually(failed)
+            await store.append("s", numbered(1, kind="E"))
+            await steady.wait_until(lambda r: len(r.applied) == 4)
+            status = {s.name: s for s in await store.projection_status()}["flaky"]
+            assert (status.state, status.leader, status.standbys) == (
+                ProjectionState.FAILED,
+                None,
+                0,
+            )
             nursery.cancel_scope.cancel()
-        assert flaky.applied == [0, 1, 2]
+        assert flaky.applied == [0]
+        assert len(flaky.failures) == 1
 
     async def test_reset_refused_while_running_then_rebuilds(self, store: Store) -> None:
         """reset_projection refuses a running projection; afterwards the next run rebuilds."""
