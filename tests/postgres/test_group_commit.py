@@ -462,3 +462,47 @@ async def test_an_event_id_an_open_transaction_inserted_holds_up_only_its_own_re
         release.set()
     assert outcomes == {"bystander": "written"}
     assert await store.read_stream("reuser") == []
+
+
+@pytest.fixture
+def slow_notification(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each append's notification takes a second on the server."""
+    from eventcore_trio.postgres import _bridge
+
+    monkeypatch.setattr(_bridge, "NOTIFY_SQL", "SELECT pg_notify($1, ''), pg_sleep(1)")
+
+
+@pytest.mark.usefixtures("slow_notification")
+async def test_an_append_returns_before_its_notification_is_answered(
+    store: PostgresStore,
+) -> None:
+    """The append costs its own round trip only: its notification runs on as a follow-up on
+    the same connection, readers are woken by it, and the next appends do not wait for it."""
+    async with listening(store) as woken:
+        await store.append("s", [NewEvent("E", {})], expected_version=0)
+        assert [c.following_up() for c in store._pool._idle] == [True]
+        await store.append("s", [NewEvent("E", {})], expected_version=1)
+        # On a second session: the first one's notification still runs.
+        assert [c.following_up() for c in store._pool._idle] == [True, True]
+        with trio.fail_after(10):
+            await woken.wait()
+    assert len(await store.read_stream("s")) == 2
+
+
+@pytest.mark.usefixtures("slow_notification")
+async def test_a_closing_store_still_sends_an_appends_notification(harness: Any) -> None:
+    from eventcore_trio.postgres import _bridge
+
+    async with _bridge.asyncio_loop():
+        listener = await _bridge.connect(harness.dsn, application_name="l", connect_timeout=10)
+        try:
+            async with harness.open_store() as store:
+                channel = store.notify_channel
+                async with listener.listen(channel) as notifications:
+                    await store.append("s", [NewEvent("E", {})])
+                    assert any(c.following_up() for c in store._pool._idle)
+                    await store.aclose()
+                    with trio.fail_after(5):
+                        await notifications.receive()
+        finally:
+            await listener.close()

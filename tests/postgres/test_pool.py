@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
 import trio.testing
+import trio_asyncio
 
 from eventcore_trio import DatabaseError, StoreConnectionError
-from eventcore_trio.postgres import _bridge
+from eventcore_trio.postgres import PostgresStore, _bridge
 from eventcore_trio.postgres._pool import Pool, open_pool
 
 from ..helpers import eventually, until_it_works
@@ -195,3 +197,230 @@ async def test_an_unreachable_server_is_a_connection_error() -> None:
                 connect_timeout=2,
             ):
                 pass
+
+
+async def test_a_pooled_statement_is_a_checkpoint_and_a_cancelled_caller_runs_nothing(
+    pool: Pool,
+) -> None:
+    """A free slot is taken without a scheduling round of its own, yet the call stays a
+    checkpoint, and a caller already cancelled neither runs its statement nor costs the
+    session."""
+    before = await _pid(pool)
+    with trio.testing.assert_checkpoints():
+        await pool.fetchval("SELECT 1")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await pool.fetchval("SELECT set_config('eventcore.pool_test', 'ran', false)")
+    assert scope.cancelled_caught
+    assert not await pool.fetchval("SELECT current_setting('eventcore.pool_test', true)")
+    assert await _pid(pool) == before
+
+
+async def test_a_cancelled_store_call_is_cancelled(store: PostgresStore) -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.admin.fetchval("SELECT 1")
+    assert scope.cancelled_caught
+    with trio.testing.assert_checkpoints():
+        assert await store.admin.fetchval("SELECT 1") == 1
+
+
+async def test_a_caller_cancelled_while_waiting_for_a_slot_leaves_the_bound_intact(
+    pool: Pool,
+) -> None:
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(_hold, pool, release)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0.1) as waiting:
+            await pool.fetchval("SELECT 1")
+        assert waiting.cancelled_caught
+        release.set()
+    async with pool.acquire() as one, pool.acquire() as two:
+        assert one is not two
+        assert not pool._slots.value
+
+
+async def _hold(pool: Pool, release: trio.Event) -> None:
+    async with pool.acquire() as connection:
+        await connection.fetchval("SELECT 1")
+        await release.wait()
+
+
+# -- follow-ups: an append's notification, sent before the call returns, answered later --
+
+CHANNEL = "eventcore_pool_test"
+
+
+@pytest.fixture
+def slow_follow_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each follow-up notification takes a second on the server."""
+    monkeypatch.setattr(_bridge, "NOTIFY_SQL", "SELECT pg_notify($1, ''), pg_sleep(1)")
+
+
+@asynccontextmanager
+async def _listener(dsn: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
+    listener = await _bridge.connect(dsn, application_name="listener", connect_timeout=10)
+    try:
+        async with listener.listen(CHANNEL) as notifications:
+            yield notifications
+    finally:
+        await listener.close()
+
+
+async def _notified_pid(connection: _bridge.Connection, failures: list[BaseException]) -> int:
+    rows = await connection.fetch_then_notify(
+        "SELECT pg_backend_pid() AS pid", [], CHANNEL, failures.append
+    )
+    return int(rows[0]["pid"])
+
+
+async def _follow_up_ended(connection: _bridge.Connection) -> None:
+    async def ended() -> bool:
+        return not connection.following_up()
+
+    await eventually(ended)
+
+
+@pytest.mark.usefixtures("slow_follow_up")
+async def test_a_follow_up_runs_on_after_the_call_and_the_next_statement_waits_for_it(
+    postgres_dsn: str,
+) -> None:
+    """With one connection, the next caller gets the session whose notification is still
+    running; its statement waits for it (asyncpg would refuse a second operation) and the
+    notification arrives."""
+    failures: list[BaseException] = []
+    async with (
+        _bridge.asyncio_loop(),
+        open_pool(
+            postgres_dsn, min_size=1, max_size=1, application_name=APPLICATION, connect_timeout=10
+        ) as pool,
+        _listener(postgres_dsn) as notifications,
+    ):
+        async with pool.acquire() as connection:
+            pid = await _notified_pid(connection, failures)
+            # Returned before the notification's answer.
+            assert connection.following_up()
+        assert await _pid(pool) == pid
+        assert not connection.following_up()
+        with trio.fail_after(5):
+            await notifications.receive()
+    assert failures == []
+
+
+@pytest.mark.usefixtures("slow_follow_up")
+async def test_a_session_whose_follow_up_runs_is_not_handed_out_while_the_pool_may_grow(
+    pool: Pool,
+) -> None:
+    failures: list[BaseException] = []
+    async with pool.acquire() as connection:
+        first = await _notified_pid(connection, failures)
+    second = await _pid(pool)
+    assert second != first
+    # The pool stays within its two connections: the third call takes one of them.
+    async with pool.acquire() as one, pool.acquire() as two:
+        pids = {int(await c.fetchval("SELECT pg_backend_pid()")) for c in (one, two)}
+    assert pids == {first, second}
+    assert failures == []
+
+
+@pytest.mark.usefixtures("slow_follow_up")
+async def test_a_statement_cancelled_while_waiting_for_a_follow_up_leaves_it_running(
+    postgres_dsn: str,
+) -> None:
+    failures: list[BaseException] = []
+    async with (
+        _bridge.asyncio_loop(),
+        open_pool(
+            postgres_dsn, min_size=1, max_size=1, application_name=APPLICATION, connect_timeout=10
+        ) as pool,
+        _listener(postgres_dsn) as notifications,
+    ):
+        async with pool.acquire() as connection:
+            pid = await _notified_pid(connection, failures)
+        with trio.move_on_after(0.1) as waiting:
+            await pool.fetchval("SELECT 1")
+        assert waiting.cancelled_caught
+        with trio.fail_after(5):
+            await notifications.receive()
+        assert await _pid(pool) == pid
+    assert failures == []
+
+
+@pytest.mark.usefixtures("slow_follow_up")
+async def test_closing_waits_for_a_follow_up(postgres_dsn: str) -> None:
+    failures: list[BaseException] = []
+    async with _bridge.asyncio_loop(), _listener(postgres_dsn) as notifications:
+        connection = await _bridge.connect(
+            postgres_dsn, application_name=APPLICATION, connect_timeout=10
+        )
+        await _notified_pid(connection, failures)
+        assert connection.following_up()
+        await connection.close()
+        assert not connection.following_up()
+        with trio.fail_after(5):
+            await notifications.receive()
+        # The pool's close does the same for its idle sessions.
+        async with (
+            open_pool(
+                postgres_dsn,
+                min_size=1,
+                max_size=1,
+                application_name=APPLICATION,
+                connect_timeout=10,
+            ) as pool,
+            pool.acquire() as pooled,
+        ):
+            await _notified_pid(pooled, failures)
+        assert pooled.is_closed()
+        with trio.fail_after(5):
+            await notifications.receive()
+    assert failures == []
+
+
+@pytest.mark.usefixtures("slow_follow_up")
+async def test_a_follow_up_on_a_terminated_connection_reports_its_failure(
+    postgres_dsn: str,
+) -> None:
+    failures: list[BaseException] = []
+    async with _bridge.asyncio_loop():
+        connection = await _bridge.connect(
+            postgres_dsn, application_name=APPLICATION, connect_timeout=10
+        )
+        await _notified_pid(connection, failures)
+        connection.terminate()
+        await _follow_up_ended(connection)
+    assert [type(failure) for failure in failures] == [StoreConnectionError]
+
+
+async def test_a_failed_follow_up_is_reported_and_the_session_serves_again(pool: Pool) -> None:
+    failures: list[BaseException] = []
+    async with pool.acquire() as connection:
+        rows = await connection.fetch_then_notify(
+            "SELECT pg_backend_pid() AS pid", [], "x" * 64, failures.append
+        )
+        pid = int(rows[0]["pid"])
+    await _follow_up_ended(connection)
+    assert [type(failure) for failure in failures] == [DatabaseError]
+    assert await _pid(pool) == pid
+
+
+@pytest.mark.usefixtures("slow_follow_up")
+async def test_a_closing_loop_cancels_a_follow_up_and_waits_for_it(postgres_dsn: str) -> None:
+    """No follow-up outlives the loop: draining it cancels one still running (its failure
+    reported, no asyncio error left behind) and waits until it has ended."""
+    failures: list[BaseException] = []
+    async with _bridge.asyncio_loop():
+        connection = await _bridge.connect(
+            postgres_dsn, application_name=APPLICATION, connect_timeout=10
+        )
+        try:
+            await _notified_pid(connection, failures)
+            loop = trio_asyncio.current_loop.get()
+            with trio.fail_after(5):
+                await _bridge._crossings[loop].drain()
+            assert not connection.following_up()
+        finally:
+            connection.terminate()
+    assert [type(failure) for failure in failures] == [StoreConnectionError]
