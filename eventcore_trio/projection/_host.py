@@ -424,7 +424,8 @@ async def run_projections(
         config: shared settings; ``continuous`` and ``wait_for_leadership`` are forced on.
 
     Raises:
-        InvalidArgument: a projector is invalid, or two share a name.
+        InvalidArgument: *projectors* is not a list (a single projector: wrap it), a
+            projector is invalid, or two share a name.
         UnsupportedPooling: with ``balance=True``, a transaction-pooling proxy breaks the
             sessions the host registers and balances with: its lock session (the store's
             ``session_dsn``), so no unit could lead, or a pool that keeps asyncpg's statement
@@ -440,6 +441,11 @@ async def run_projections(
        A FATAL failure stops its unit instead of restarting it with backoff for ever; a
        repeated failure logs one line per retry instead of its traceback each time.
     """
+    if isinstance(projectors, str | bytes) or not isinstance(projectors, Iterable):
+        raise InvalidArgument(
+            f"projectors must be a list of projectors, got {type(projectors).__name__}: "
+            "run_projections(store, [projector]) for one"
+        )
     projections = [resolve(p) for p in projectors]
     names = [p.name for p in projections]
     duplicates = sorted({n for n in names if names.count(n) > 1})

@@ -109,10 +109,18 @@ async def test_hosts_share_units_evenly_through_joins_and_departures() -> None:
         assert _spread(store) == [3, 3, 4]
         # Once every host does what its plan says, the hosts stay quiet: no publication
         # wakes the others for ever (ten rounds).
-        await _until(store, _settled)
-        settled = store.admin.state.hosts_changes
-        await trio.sleep(10 * config.balance_interval)
-        assert store.admin.state.hosts_changes == settled
+        # A publication already in flight when the plans first match may still land (a
+        # loaded machine), so a quiet window gets three chances; a loop that publishes for
+        # ever fails all three.
+        changes = []
+        for _ in range(3):
+            await _until(store, _settled)
+            settled = store.admin.state.hosts_changes
+            await trio.sleep(10 * config.balance_interval)
+            changes.append(store.admin.state.hosts_changes - settled)
+            if changes[-1] == 0:
+                break
+        assert changes[-1] == 0, changes
         for n in range(20):
             await store.append(f"s-{n % 7}", [NewEvent("E", {})])
 

@@ -475,6 +475,9 @@ class RuntimeContract:
             await run_projection(Recorder(), store, {"batch_size": 5})  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument, match="distinct"):
             await run_projections(store, [Recorder("same"), Recorder("same")])
+        # One projector where a list is expected: said, not a TypeError from iterating it.
+        with pytest.raises(InvalidArgument, match=r"run_projections\(store, \[projector\]\)"):
+            await run_projections(store, Recorder())  # type: ignore[arg-type]
 
 
 class TestMemoryRuntime(RuntimeContract):
