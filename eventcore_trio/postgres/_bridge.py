@@ -19,15 +19,7 @@ import logging
 import math
 import socket
 import weakref
-from collections.abc import (
-    AsyncIterator,
-    Awaitable,
-    Callable,
-    Coroutine,
-    Iterable,
-    Mapping,
-    Sequence,
-)
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final, ParamSpec, TypeVar, final
 
@@ -57,9 +49,6 @@ T = TypeVar("T")
 VERSION_CONFLICT_SQLSTATE: Final = "EV001"
 
 Record = Mapping[str, Any]
-
-#: The notification `Connection.fetch_then_notify` sends as a follow-up (tests slow it down).
-NOTIFY_SQL = "SELECT pg_notify($1, '')"
 
 # asyncio's record of each loop's current task, which a crossing joins while it steps its
 # coroutine (see _Crossing).
@@ -334,9 +323,6 @@ class _Crossings:
     def __init__(self) -> None:
         # The crossings in flight; each removes itself when it ends.
         self._running: set[_Crossing] = set()
-        # The follow-up statements in flight (see `_FollowUp`), each with what ends its
-        # connection; each removes itself when it ends.
-        self._follow_ups: dict[_FollowUp, Callable[[], None]] = {}
         self._idle = trio.Event()
         self._idle.set()
         # Set by drain: no new crossing starts.
@@ -346,44 +332,23 @@ class _Crossings:
         """Count *crossing* in flight until `discard`; refused once the loop is draining."""
         if self.closed:
             raise StoreClosed(_LOOP_CLOSED)
-        if self._idle.is_set():
+        if not self._running and self._idle.is_set():
             self._idle = trio.Event()
         self._running.add(crossing)
 
     def discard(self, crossing: _Crossing) -> None:
         """*crossing* has ended."""
         self._running.discard(crossing)
-        self._check_idle()
-
-    def add_follow_up(self, follow_up: _FollowUp, terminate: Callable[[], None]) -> None:
-        """Count *follow_up* in flight until it ends (the loop is not draining); *terminate*
-        ends its connection, which ends it."""
-        if self._idle.is_set():
-            self._idle = trio.Event()
-        self._follow_ups[follow_up] = terminate
-        follow_up.on_done = self._follow_up_done
-
-    def _follow_up_done(self, follow_up: _FollowUp) -> None:
-        # Called in the Trio thread (an asyncio callback, or the crossing that started it).
-        self._follow_ups.pop(follow_up, None)
-        self._check_idle()
-
-    def _check_idle(self) -> None:
-        if not self._running and not self._follow_ups:
+        if not self._running:
             self._idle.set()
 
     async def drain(self) -> None:
-        """Refuse new crossings, cancel those in flight, end the connections of follow-ups
-        still running, and wait until every one has ended."""
+        """Refuse new crossings, cancel those in flight, and wait until every one has
+        ended."""
         self.closed = True
         for crossing in list(self._running):
             crossing.drained = True
             crossing.cancel_once()
-        # Not cancelled (asyncpg would start a cancel request on a new connection, on a
-        # loop about to close): its connection lost, the follow-up ends at once, with an
-        # error it reports.
-        for terminate in list(self._follow_ups.values()):
-            terminate()
         await self._idle.wait()
 
 
@@ -545,199 +510,33 @@ class _Queries:
     into asyncio."""
 
     _raw: asyncpg.Connection
-    # The follow-up statement last started on this connection (`_FollowUp`), until a
-    # crossing finds it ended; it never fails, since it reports its own error.
-    _follow_up: _FollowUp | None
-
-    def _statement(self, fn: Callable[P, Awaitable[T]]) -> Callable[P, Awaitable[T]]:
-        # What a crossing on this connection runs: *fn*, after any follow-up in flight
-        # (asyncpg refuses a second operation while one runs). Waiting inside the crossing
-        # costs no Trio scheduling round, and if the crossing is cancelled the follow-up
-        # goes on: the pool's settling statement then waits for it in turn.
-        follow_up = self._follow_up
-        if follow_up is None:
-            return fn
-        if follow_up.done:
-            self._follow_up = None
-            return fn
-
-        async def after_follow_up(*args: P.args, **kwargs: P.kwargs) -> T:
-            await follow_up.wait()
-            if self._follow_up is follow_up:
-                self._follow_up = None
-            return await fn(*args, **kwargs)
-
-        return after_follow_up
 
     async def fetch(self, sql: str, *args: object) -> list[Record]:
         """Run *sql* and return all rows."""
-        return await _cross(self._statement(self._raw.fetch), sql, *args)
+        return await _cross(self._raw.fetch, sql, *args)
 
     async def fetchrow(self, sql: str, *args: object) -> Record | None:
         """Run *sql* and return the first row."""
-        return await _cross(self._statement(self._raw.fetchrow), sql, *args)
+        return await _cross(self._raw.fetchrow, sql, *args)
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         """Run *sql* and return the first column of the first row."""
-        return await _cross(self._statement(self._raw.fetchval), sql, *args)
+        return await _cross(self._raw.fetchval, sql, *args)
 
     async def execute(self, sql: str, *args: object) -> str:
         """Run *sql* (several statements when there are no arguments)."""
-        return await _cross(self._statement(self._raw.execute), sql, *args)
-
-
-@final
-class _FollowUp:
-    """A statement that runs on after the crossing that started it has returned
-    (`Connection.fetch_then_notify`): its coroutine, stepped first inside that crossing, then
-    by asyncio callbacks as the futures it waits on complete (what `asyncio.Task` does).
-
-    Not an asyncio Task: asyncio keeps each task in a WeakSet whose entry a weakref callback
-    removes when the task is freed, which happens wherever its last reference goes, often in
-    a Trio task's unprotected frame; a SIGINT landing in that callback made Trio raise
-    KeyboardInterrupt there, where Python ignores it, and the interrupt was lost (a hang in
-    1 of 30 runs of the Ctrl-C test). To asyncio code this object is the current task while
-    it steps, offering the part of `asyncio.Task` that code uses, as `_Crossing` does.
-    """
-
-    __slots__ = (
-        "_cancels",
-        "_coro",
-        "_loop",
-        "_must_cancel",
-        "_waiter",
-        "_waiters",
-        "done",
-        "on_done",
-    )
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
-        self._loop = loop
-        self._coro = coro
-        # The asyncio future the coroutine waits on, until its done callback has run.
-        self._waiter: asyncio.Future[Any] | None = None
-        self._cancels = 0
-        self._must_cancel = False
-        # Futures of the crossings waiting for this to end (see `Connection._statement`).
-        self._waiters: list[asyncio.Future[None]] = []
-        #: Whether the coroutine has ended.
-        self.done = False
-        #: Called once it has ended (set by `_Crossings.add_follow_up`).
-        self.on_done: Callable[[_FollowUp], None] | None = None
-
-    # -- asyncio.Task's cancellation interface, for asyncio code it runs --
-
-    def cancel(self, msg: object = None) -> bool:
-        """Request cancellation, as `asyncio.Task.cancel` does."""
-        if self.done:
-            return False
-        self._cancels += 1
-        waiter = self._waiter
-        if waiter is not None and waiter.cancel(msg=msg):
-            return True
-        self._must_cancel = True
-        return True
-
-    def cancelling(self) -> int:
-        """The number of cancellation requests not yet withdrawn (`asyncio.Task.cancelling`)."""
-        return self._cancels
-
-    def uncancel(self) -> int:
-        """Withdraw one cancellation request (`asyncio.Task.uncancel`)."""
-        if self._cancels > 0:
-            self._cancels -= 1
-        return self._cancels
-
-    # -- running it --
-
-    def start(self) -> None:
-        """Take the first step now, from inside the crossing that asks for it (this stands
-        in for that crossing as asyncio's current task while it steps)."""
-        loop = self._loop
-        current = asyncio.current_task(loop)
-        if current is not None:
-            _leave_task(loop, current)
-        try:
-            self._step(None)
-        finally:
-            if current is not None:
-                _enter_task(loop, current)
-
-    def wait(self) -> asyncio.Future[None]:
-        """A future done when this has ended; cancelling it leaves this running."""
-        waiter: asyncio.Future[None] = self._loop.create_future()
-        if self.done:
-            waiter.set_result(None)
-        else:
-            self._waiters.append(waiter)
-        return waiter
-
-    def _step(self, exc: BaseException | None) -> None:
-        loop = self._loop
-        if self._must_cancel:
-            self._must_cancel = False
-            if not isinstance(exc, asyncio.CancelledError):
-                exc = asyncio.CancelledError()
-        self_as_task: Any = self
-        _enter_task(loop, self_as_task)
-        try:
-            yielded = self._coro.send(None) if exc is None else self._coro.throw(exc)
-        except StopIteration:  # ended (the coroutine reports its own errors)
-            self._finish()
-            return
-        except BaseException:
-            self._finish()
-            raise
-        finally:
-            _leave_task(loop, self_as_task)
-        if getattr(yielded, "_asyncio_future_blocking", False):
-            yielded._asyncio_future_blocking = False
-            self._waiter = yielded
-            yielded.add_done_callback(self._wakeup)
-            if self._must_cancel and yielded.cancel():
-                self._must_cancel = False
-        elif yielded is None:
-            loop.call_soon(self._step, None)
-        else:
-            loop.call_soon(self._step, RuntimeError(f"a follow-up yielded {yielded!r}"))
-
-    def _wakeup(self, future: asyncio.Future[Any]) -> None:
-        self._waiter = None
-        try:
-            future.result()
-        except BaseException as exc:  # thrown in, as Task.__wakeup does
-            self._step(exc)
-        else:
-            self._step(None)
-
-    def _finish(self) -> None:
-        self.done = True
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        if self.on_done is not None:
-            self.on_done(self)
+        return await _cross(self._raw.execute, sql, *args)
 
 
 @final
 class Connection(_Queries):
     """A single asyncpg connection, callable from Trio.
 
-    Not safe for concurrent use: callers serialise their use of one connection. A statement
-    may leave a follow-up running on the asyncio side (`fetch_then_notify`); every later
-    crossing on the connection, its close included, waits for it first, inside its own
-    crossing.
+    Not safe for concurrent use: callers serialise their use of one connection.
     """
 
     def __init__(self, raw: asyncpg.Connection) -> None:
         self._raw = raw
-        self._follow_up = None
-
-    def following_up(self) -> bool:
-        """Whether a follow-up statement still runs (the next statement would wait for it)."""
-        follow_up = self._follow_up
-        return follow_up is not None and not follow_up.done
 
     @property
     def backend_pid(self) -> int:
@@ -767,63 +566,33 @@ class Connection(_Queries):
 
     async def executemany(self, sql: str, args: Iterable[Sequence[object]]) -> None:
         """Run *sql* once per argument tuple, pipelined; one crossing."""
-        await _cross(self._statement(self._raw.executemany), sql, args)
+        await _cross(self._raw.executemany, sql, args)
 
     async def fetch_then_notify(
-        self,
-        sql: str,
-        args: Sequence[object],
-        channel: str,
-        on_unnotified: Callable[[BaseException], None],
-    ) -> list[Record]:
-        """Run *sql* (autocommit) and return its rows as soon as it has completed; then
-        ``pg_notify(channel, '')`` as a transaction of its own, as a follow-up.
+        self, sql: str, args: Sequence[object], channel: str
+    ) -> tuple[list[Record], BaseException | None]:
+        """Run *sql* (autocommit) and return its rows, then ``pg_notify(channel, '')`` as a
+        transaction of its own: two statements, one crossing.
 
-        The notification is sent before this returns, but its answer is not waited for: the
-        connection's next crossing waits for it (see `Connection`), so an append costs one
-        round trip. If it fails, *sql* has committed all the same: *on_unnotified* gets the
-        (translated) error, called in the Trio thread, either before this returns or later
-        from the asyncio loop; it must not raise.
+        Returns the rows and, if the notification failed, its (translated) error: *sql* has
+        committed by then, so a failed notification must not read as a failed *sql*.
         """
         raw = self._raw
-        loop = trio_asyncio.current_loop.get()
-        if loop is None or loop.is_closed():
-            raise StoreClosed(_LOOP_CLOSED)
-        tracked = _crossings.get(loop)
 
-        def report(exc: BaseException) -> None:
-            error = translate_error(exc)
-            if isinstance(exc, asyncio.CancelledError):
-                error = StoreConnectionError(
-                    "the notification was cancelled: its connection or store is closing"
-                )
-            try:
-                on_unnotified(error)
-            except Exception:  # a wake-up lost, never an orphaned error on the loop
-                logger.debug("could not report a failed notification", exc_info=True)
-
-        async def notify() -> None:
-            try:
-                await raw.execute(NOTIFY_SQL, channel)
-            except (Exception, asyncio.CancelledError) as exc:
-                report(exc)
-
-        async def run() -> list[Record]:
+        async def run() -> tuple[list[Record], BaseException | None]:
             rows: list[Record] = await raw.fetch(sql, *args)
-            if tracked is not None and tracked.closed:
-                report(StoreClosed(_LOOP_CLOSED))
-                return rows
-            # The notification's first step sends it at once (readers are woken as early as
-            # when this crossing waited for its answer); asyncio callbacks take it on.
-            follow_up = _FollowUp(loop, notify())
-            if tracked is not None:
-                tracked.add_follow_up(follow_up, raw.terminate)
-            follow_up.start()
-            if not follow_up.done:
-                self._follow_up = follow_up
-            return rows
+            try:
+                await raw.execute("SELECT pg_notify($1, '')", channel)
+            except (
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.exceptions.InternalClientError,
+                OSError,
+            ) as exc:
+                return rows, translate_error(exc)
+            return rows, None
 
-        return await _cross(self._statement(run))
+        return await _cross(run)
 
     async def run_writes(self, groups: Sequence[tuple[str, Sequence[Sequence[object]]]]) -> None:
         """Run each ``(sql, rows)`` group in order: one statement, or one pipelined
@@ -837,7 +606,7 @@ class Connection(_Queries):
                 else:
                     await raw.executemany(sql, rows)
 
-        await _cross(self._statement(run))
+        await _cross(run)
 
     @asynccontextmanager
     async def listen(self, channel: str) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
@@ -851,7 +620,7 @@ class Connection(_Queries):
         def on_notification(_conn: object, _pid: int, _channel: str, payload: str) -> None:
             send.send_nowait(payload)
 
-        await _cross(self._statement(self._raw.add_listener), channel, on_notification)
+        await _cross(self._raw.add_listener, channel, on_notification)
         try:
             yield receive
         finally:
@@ -860,18 +629,16 @@ class Connection(_Queries):
                 contextlib.suppress(StoreConnectionError, StoreClosed),
             ):
                 if not self.is_closed():
-                    await _cross(
-                        self._statement(self._raw.remove_listener), channel, on_notification
-                    )
+                    await _cross(self._raw.remove_listener, channel, on_notification)
             send.close()
 
     async def begin(self) -> None:
         """Start a transaction (one round trip); end it with `commit` or `rollback`."""
-        await _cross(self._statement(self._raw.execute), "BEGIN")
+        await _cross(self._raw.execute, "BEGIN")
 
     async def commit(self) -> None:
         """Commit the open transaction."""
-        await _cross(self._statement(self._raw.execute), "COMMIT")
+        await _cross(self._raw.execute, "COMMIT")
 
     async def rollback(self) -> None:
         """Roll back the open transaction, shielded from cancellation and bounded.
@@ -883,7 +650,7 @@ class Connection(_Queries):
             trio.move_on_after(5, shield=True),
             contextlib.suppress(StoreConnectionError, StoreClosed),
         ):
-            await _cross(self._statement(self._raw.execute), "ROLLBACK")
+            await _cross(self._raw.execute, "ROLLBACK")
         if not self.is_closed() and self._raw.is_in_transaction():
             self.terminate()
 
@@ -909,7 +676,7 @@ class Connection(_Queries):
             trio.move_on_after(grace, shield=True),
             contextlib.suppress(StoreConnectionError, StoreClosed),
         ):
-            await _cross(self._statement(self._raw.close))
+            await _cross(self._raw.close)
         if not self.is_closed():
             self.terminate()
 

@@ -27,10 +27,9 @@ resent after it may have committed: a lost connection while a statement is in fl
 the outcome unknown for every request in it, as it does for a lone append, which is why the
 size bound keeps shared statements as small as the largest lone one.
 
-The statement commits before the notification that wakes readers is sent (on the same
-connection, at once, as a follow-up whose answer the connection's next use waits for): a
-failed notification does not unmake the commit, so every request keeps its committed result
-and the store's `Notifier` wakes readers instead (readers poll as well).
+The statement commits before the notification that wakes readers is sent (in the same
+crossing): a failed notification does not unmake the commit, so every request keeps its
+committed result and the store's `Notifier` wakes readers instead (readers poll as well).
 
 The slot holder sends shared statements shielded from its own cancellation: the other
 requests in it belong to other callers, and a shared statement never waits for a lock
@@ -179,17 +178,16 @@ class GroupCommit:
                 await self._send_shared(batch)
 
     async def _run(self, sql: str, args: Sequence[object]) -> list[Record]:
-        # The wake-up for readers is sent on the same connection as soon as the statement
-        # has committed (never inside the appending transaction), and its answer is left to
-        # the connection's next use: the append costs one round trip.
+        # The wake-up for readers follows the commit on the same connection, in the same
+        # crossing: the lowest latency, and it is never inside the appending transaction.
         async with self._pool.acquire() as connection:
             channel = _REFUSED_CHANNEL if self.notifications_fail else self._channel
-            return await connection.fetch_then_notify(sql, args, channel, self._unnotified)
-
-    def _unnotified(self, error: BaseException) -> None:
-        # The statement committed all the same; readers are woken another way.
-        logger.debug("could not notify %s of an append: %s", self._channel, error)
-        self._on_unnotified()
+            rows, notify_error = await connection.fetch_then_notify(sql, args, channel)
+        if notify_error is not None:
+            # Committed all the same; readers are woken another way.
+            logger.debug("could not notify %s of an append: %s", self._channel, notify_error)
+            self._on_unnotified()
+        return rows
 
     async def _send_one(self, request: EncodedAppend) -> AppendResult:
         sql, args = self._statement.single(request)

@@ -1,8 +1,7 @@
 """Wakes the store's readers for events committed outside `PostgresStore.append`.
 
-Appends send their own ``pg_notify`` right after their commit, on the same connection, as a
-follow-up whose answer they do not wait for (see `_group_commit`); when it fails, they poke
-this instead. Events committed some other way (a statement from
+Appends send their own ``pg_notify`` right after their commit, on the same connection and in
+the same crossing (see `_group_commit`). Events committed some other way (a statement from
 ``store.admin.append_statement`` in a transaction the caller holds) ask for one through
 `Notifier.poke`: this sends one ``pg_notify`` from its own task on a pooled connection, folding
 pokes that arrive while one is being sent into the next. A notification is only a wake-up

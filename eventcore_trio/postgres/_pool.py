@@ -12,26 +12,19 @@ use (a cancellation mid-statement, an error raised by the caller's code, a lost 
 one more statement settles it first: asyncpg makes it wait for the server to finish cancelling, so
 the session's state is then known. A session that cannot prove itself idle is terminated
 and a new one opened on demand; connections the server closed while idle are replaced.
-
-An idle connection may still be running a follow-up (an append's notification, whose answer
-the append did not wait for): it is handed out only when no other is idle and the pool is at
-its size, and then its statement waits for the follow-up first.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Concatenate, Final, ParamSpec, TypeVar, final
+from typing import Any, Final, final
 
 import attrs
 import trio
 
 from .._errors import EventCoreError, StoreClosed, StoreConnectionError
 from ._bridge import Connection, Record, connect
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 #: Seconds a connection returned after an interrupted use may take to prove itself idle.
 SETTLE_TIMEOUT: Final = 5.0
@@ -93,31 +86,11 @@ class Pool:
         self._closed = False
 
     async def _take(self) -> Connection:
-        # Called holding a slot. The most recently returned idle connection whose follow-up
-        # (an append's notification, see `Connection.fetch_then_notify`) has ended; else a
-        # new one while the pool may grow, so that a caller does not wait for another's
-        # follow-up (sequential appends alternate between two sessions, each paying one
-        # round trip); else the one whose follow-up started first, which its next statement
-        # waits for inside its own crossing.
-        idle = self._idle
-        for index in range(len(idle) - 1, -1, -1):
-            connection = idle[index]
-            if connection.is_closed():
-                del idle[index]
-            elif not connection.following_up():
-                del idle[index]
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.is_closed():
                 return connection
-        # Every other slot holder has a connection or is opening one: one more for this
-        # holder keeps the pool within its size while the idle ones fit in the free slots.
-        if len(idle) <= self._slots.value:
-            try:
-                return await self._options.connect()
-            except StoreConnectionError:
-                # No new session (the server's connection limit, say): a busy idle one
-                # serves all the same, after its follow-up.
-                if not self._idle:
-                    raise
-        return self._idle.pop(0)
+        return await self._options.connect()
 
     async def _give_back(self, connection: Connection, exc: BaseException | None) -> None:
         # An error the server sent (a conflict, a constraint, a timeout it enforced) came
@@ -143,30 +116,6 @@ class Pool:
         else:
             self._idle.append(connection)
 
-    async def _check_out(self) -> Connection:
-        # A free slot is taken without a scheduling round: the statement's crossing is the
-        # call's checkpoint, and a round here cost a pooled statement a sixth of its rate. A
-        # slot is free only when nobody waits for one (Trio's semaphore hands a released
-        # slot to its first waiter), so taking it at once is as fair as queueing. An already
-        # cancelled caller still stops here, before it takes a connection that would then
-        # need settling.
-        await trio.lowlevel.checkpoint_if_cancelled()
-        try:
-            self._slots.acquire_nowait()
-        except trio.WouldBlock:
-            await self._slots.acquire()
-        try:
-            return await self._take()
-        except BaseException:
-            self._slots.release()
-            raise
-
-    async def _check_in(self, connection: Connection, exc: BaseException | None) -> None:
-        try:
-            await self._give_back(connection, exc)
-        finally:
-            self._slots.release()
-
     @asynccontextmanager
     async def acquire(self) -> AsyncIterator[Connection]:
         """Hold one connection for the block (for several statements in a row).
@@ -174,31 +123,14 @@ class Pool:
         Raises:
             StoreConnectionError: no idle connection, and a new one cannot be opened.
         """
-        connection = await self._check_out()
-        try:
-            yield connection
-        except BaseException as exc:
-            await self._check_in(connection, exc)
-            raise
-        await self._check_in(connection, None)
-
-    async def _one(
-        self,
-        statement: Callable[Concatenate[Connection, str, P], Awaitable[T]],
-        sql: str,
-        *args: P.args,
-        **kwargs: P.kwargs,
-    ) -> T:
-        # `acquire` around one statement, without a context manager's own cost (a few
-        # microseconds of a pooled statement's hundred and fifty).
-        connection = await self._check_out()
-        try:
-            result = await statement(connection, sql, *args, **kwargs)
-        except BaseException as exc:
-            await self._check_in(connection, exc)
-            raise
-        await self._check_in(connection, None)
-        return result
+        async with self._slots:
+            connection = await self._take()
+            try:
+                yield connection
+            except BaseException as exc:
+                await self._give_back(connection, exc)
+                raise
+            await self._give_back(connection, None)
 
     async def fill(self, count: int) -> None:
         """Open connections until *count* are idle (the pool's minimum)."""
@@ -217,20 +149,24 @@ class Pool:
 
     async def fetch(self, sql: str, *args: object) -> list[Record]:
         """Run *sql* on a pooled connection and return all rows."""
-        return await self._one(Connection.fetch, sql, *args)
+        async with self.acquire() as connection:
+            return await connection.fetch(sql, *args)
 
     async def fetchrow(self, sql: str, *args: object) -> Record | None:
         """Run *sql* on a pooled connection and return the first row."""
-        return await self._one(Connection.fetchrow, sql, *args)
+        async with self.acquire() as connection:
+            return await connection.fetchrow(sql, *args)
 
     async def fetchval(self, sql: str, *args: object) -> Any:
         """Run *sql* on a pooled connection and return the first column of the first row."""
-        return await self._one(Connection.fetchval, sql, *args)
+        async with self.acquire() as connection:
+            return await connection.fetchval(sql, *args)
 
     async def execute(self, sql: str, *args: object) -> str:
         """Run *sql* on a pooled connection (several statements when there are no
         arguments)."""
-        return await self._one(Connection.execute, sql, *args)
+        async with self.acquire() as connection:
+            return await connection.execute(sql, *args)
 
 
 @asynccontextmanager
