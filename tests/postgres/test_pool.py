@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from eventcore_trio import DatabaseError, StoreConnectionError
-from eventcore_trio.postgres import _bridge
+from eventcore_trio.postgres import PostgresStore, _bridge
 from eventcore_trio.postgres._pool import Pool, open_pool
 
 from ..helpers import eventually, until_it_works
@@ -195,3 +195,52 @@ async def test_an_unreachable_server_is_a_connection_error() -> None:
                 connect_timeout=2,
             ):
                 pass
+
+
+async def test_a_pooled_statement_is_a_checkpoint_and_a_cancelled_caller_runs_nothing(
+    pool: Pool,
+) -> None:
+    """A free slot is taken without a scheduling round of its own, yet the call stays a
+    checkpoint, and a caller already cancelled neither runs its statement nor costs the
+    session."""
+    before = await _pid(pool)
+    with trio.testing.assert_checkpoints():
+        await pool.fetchval("SELECT 1")
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await pool.fetchval("SELECT set_config('eventcore.pool_test', 'ran', false)")
+    assert scope.cancelled_caught
+    assert not await pool.fetchval("SELECT current_setting('eventcore.pool_test', true)")
+    assert await _pid(pool) == before
+
+
+async def test_a_cancelled_store_call_is_cancelled(store: PostgresStore) -> None:
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await store.admin.fetchval("SELECT 1")
+    assert scope.cancelled_caught
+    with trio.testing.assert_checkpoints():
+        assert await store.admin.fetchval("SELECT 1") == 1
+
+
+async def test_a_caller_cancelled_while_waiting_for_a_slot_leaves_the_bound_intact(
+    pool: Pool,
+) -> None:
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(2):
+            nursery.start_soon(_hold, pool, release)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.move_on_after(0.1) as waiting:
+            await pool.fetchval("SELECT 1")
+        assert waiting.cancelled_caught
+        release.set()
+    async with pool.acquire() as one, pool.acquire() as two:
+        assert one is not two
+        assert not pool._slots.value
+
+
+async def _hold(pool: Pool, release: trio.Event) -> None:
+    async with pool.acquire() as connection:
+        await connection.fetchval("SELECT 1")
+        await release.wait()
