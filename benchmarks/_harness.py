@@ -22,10 +22,11 @@ import trio
 from eventcore_trio import open_postgres_store
 from eventcore_trio.testing import EmbeddedPostgres
 
-from . import _failover, _ours, _partitioned
+from . import _failover, _ours, _partitioned, _status_cost
 
 NAMES = (
     "append_single_sequential",
+    "append_single_same_sql",
     "append_single_concurrent",
     "append_batch_100",
     "catch_up_noop",
@@ -51,7 +52,13 @@ NAMES = (
     "execute_first_command_no_snapshot_ms",
     "bridge_roundtrip",
     "execute_short_stream",
+    "status_cost_1m_ms",
+    "status_cost_10m_ms",
 )
+
+#: Results a ``--quick`` run leaves out unless named with ``--only`` (filling their data
+#: takes minutes).
+FULL_ONLY = frozenset({"status_cost_1m_ms", "status_cost_10m_ms"})
 
 
 @dataclass
@@ -157,6 +164,27 @@ def bench_append_single_sequential(ctx: Context) -> list[Result]:
     )
     result = _throughput("append_single_sequential", ours, baseline)
     return [_with_peer(ctx, result, "append_single_sequential", ctx.sizes.appends)]
+
+
+async def _channel(dsn: str, schema: str) -> str:
+    async with open_postgres_store(dsn, schema=schema) as store:
+        return store.notify_channel
+
+
+def bench_append_single_same_sql(ctx: Context) -> list[Result]:
+    # Our appends against our own statements sent by hand from plain asyncio: the share of
+    # the crossing and the library, apart from what the SQL costs (the floor of the
+    # append_single_sequential ratio is this baseline over that one's).
+    schema = ctx.schema("append_same_sql")
+    ours = trio.run(_ours.append_single_sequential, ctx.dsn, schema, ctx.sizes.appends)
+    baseline = raw(
+        "append_single_same_sql",
+        ctx.dsn,
+        schema,
+        trio.run(_channel, ctx.dsn, schema),
+        ctx.sizes.appends,
+    )
+    return [_throughput("append_single_same_sql", ours, baseline)]
 
 
 def bench_append_single_concurrent(ctx: Context) -> list[Result]:
@@ -421,8 +449,26 @@ def bench_execute_short_stream(ctx: Context) -> list[Result]:
     return [_with_peer(ctx, result, "execute_short_stream", n, SHORT_COMMAND_STREAM)]
 
 
+#: Events behind the one unit of status_cost, by result name; the events table holds the most.
+STATUS_COST_BEHIND = {"status_cost_1m_ms": 1_000_000, "status_cost_10m_ms": 10_000_000}
+
+
+def bench_status_cost(ctx: Context) -> list[Result]:
+    """One ``projection_status()`` call with one unit 1,000,000 and 10,000,000 events behind,
+    against the exact count per unit it made before 0.4 (benchmarks/_status_cost.py)."""
+    behinds = list(STATUS_COST_BEHIND.values())
+    figures = trio.run(
+        _status_cost.status_cost, ctx.dsn, ctx.schema("status_cost"), max(behinds) + 1, behinds
+    )
+    return [
+        Result(name, "ms", ours, baseline, ours / baseline, "lower")
+        for name, (ours, baseline) in zip(STATUS_COST_BEHIND, figures, strict=True)
+    ]
+
+
 BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("append_single_sequential",), bench_append_single_sequential),
+    (("append_single_same_sql",), bench_append_single_same_sql),
     (("append_single_concurrent",), bench_append_single_concurrent),
     (("append_batch_100",), bench_append_batch_100),
     (("catch_up_noop",), bench_catch_up_noop),
@@ -457,6 +503,7 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     ),
     (("bridge_roundtrip",), bench_bridge_roundtrip),
     (("execute_short_stream",), bench_execute_short_stream),
+    (("status_cost_1m_ms", "status_cost_10m_ms"), bench_status_cost),
 ]
 
 
@@ -550,7 +597,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("EVENTCORE_DSN"),
         help="PostgreSQL to run against (default: EVENTCORE_DSN, else an embedded server)",
     )
-    parser.add_argument("--quick", action="store_true", help="small sizes (under two minutes)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="small sizes (under two minutes), without status_cost unless named in --only",
+    )
     parser.add_argument(
         "--only",
         action="append",
@@ -577,6 +628,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     selected = [(names, fn) for names, fn in BENCHMARKS if not only or set(names) & only]
+    if args.quick and not only:
+        selected = [(names, fn) for names, fn in selected if not set(names) <= FULL_ONLY]
     sizes = Sizes.for_mode(args.quick, args.events)
     server: EmbeddedPostgres | None = None
     dsn = args.dsn

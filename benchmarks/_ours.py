@@ -117,7 +117,7 @@ async def catch_up(
 
         async def one(projector_: Any) -> None:
             nonlocal total
-            result = await run_projection(projector_, store, config)
+            result = await run_projection(store, projector_, config)
             total += result.events_applied
 
         started = time.perf_counter()
@@ -158,14 +158,14 @@ async def latency(
         continuous=True, use_notifications=notify, poll_interval=poll_interval
     )
     async with open_postgres_store(dsn, schema=schema) as store, trio.open_nursery() as nursery:
-        await nursery.start(run_projection, ping, store, config)
+        await nursery.start(run_projection, store, ping, config)
         if others:
             await store.admin.execute(
                 f'CREATE TABLE IF NOT EXISTS "{schema}".pings (projector text, key text, '
                 "PRIMARY KEY (projector, key))"
             )
         for index in range(others):
-            await nursery.start(run_projection, _ping_recorder(schema, index), store, config)
+            await nursery.start(run_projection, store, _ping_recorder(schema, index), config)
         for n in range(count):
             key = f"k{n}"
             sent[key] = time.perf_counter()

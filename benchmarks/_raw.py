@@ -92,6 +92,42 @@ async def _append_one(
         )
 
 
+async def append_single_same_sql(dsn: str, schema: str, channel: str, count: int) -> float:
+    """Our own append, by hand: the store's ``append_events`` statement then its
+    ``pg_notify`` on *channel*, on one connection, as `PostgresStore.append` sends them (in
+    *schema*, a store's schema). What our SQL costs without Trio, the crossing or the
+    library: the floor under ``append_single_sequential``. Events/s."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        sql = f'SELECT * FROM "{schema}".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)'
+        payload = json.dumps({"amount": 1})
+
+        async def append(expected: int) -> None:
+            # The arguments `AppendStatement.single` sends for one event on one stream.
+            await conn.fetch(
+                sql,
+                ["same-sql"],
+                [expected],
+                [1],
+                None,
+                None,
+                None,
+                ["Deposited"],
+                [payload],
+                None,
+            )
+            await conn.execute("SELECT pg_notify($1, '')", channel)
+
+        for n in range(WARM_UP):
+            await append(n)
+        started = time.perf_counter()
+        for n in range(WARM_UP, WARM_UP + count):
+            await append(n)
+        return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
 async def append_single_concurrent(dsn: str, schema: str, count: int, tasks: int) -> float:
     """The same from *tasks* concurrent tasks on distinct streams; returns events/s."""
     pool = await asyncpg.create_pool(dsn, min_size=tasks, max_size=tasks)

@@ -73,11 +73,15 @@ from ._status import DeadLetter as DeadLetter
 from ._status import ForeignLock as ForeignLock
 from ._status import HostState as HostState
 from ._status import LeaderInfo as LeaderInfo
+from ._status import LiveHost as LiveHost
 from ._status import OpenTransaction as OpenTransaction
 from ._status import ProjectionState as ProjectionState
 from ._status import ProjectionStatus as ProjectionStatus
 from ._util import fixup_module_metadata
 from ._validation import MAX_EVENT_JSON_BYTES as MAX_EVENT_JSON_BYTES
+from ._versions import MAX_VERSION as MAX_VERSION
+from ._versions import VersionRole as VersionRole
+from ._versions import VersionSwitch as VersionSwitch
 from .commands import CacheStats as CacheStats
 from .commands import Command as Command
 from .commands import EventRegistry as EventRegistry
@@ -104,6 +108,9 @@ from .projection import run_projections as run_projections
 from .projection import wait_for_projections as wait_for_projections
 
 __all__ = [
+    "MAX_VERSION",
+    "VersionRole",
+    "VersionSwitch",
     "CacheStats",
     "EventShape",
     "ProjectionLagging",
@@ -118,6 +125,7 @@ __all__ = [
     "ClusterView",
     "HostMembership",
     "HostState",
+    "LiveHost",
     "Partition",
     "PartitionsChanged",
     "PartitionsMismatch",

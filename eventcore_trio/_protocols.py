@@ -8,7 +8,7 @@ commits whole or not at all.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Literal, Protocol, overload, runtime_checkable
 
@@ -16,8 +16,9 @@ from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, Undeco
 from ._filters import EventFilter
 from ._positions import Position
 from ._snapshots import Snapshot
-from ._status import ClusterView, DeadLetter, ProjectionState, ProjectionStatus
+from ._status import ClusterView, DeadLetter, LiveHost, ProjectionState, ProjectionStatus
 from ._validation import check_expected_version, check_stream_id
+from ._versions import VersionRole, VersionSwitch
 
 if TYPE_CHECKING:
     # The iterator `subscribe` returns: one implementation, in the backends' kit.
@@ -391,6 +392,15 @@ class ProjectionBatch(Protocol):
         """
         ...
 
+    async def run_setup(self, setup: Callable[[Database], Awaitable[None]]) -> None:
+        """Run a projector's setup hook (``async def setup(db)``) in this batch's transaction,
+        one unit of the projection version at a time: its units share one read-model schema,
+        whose DDL two transactions must not run at once.
+
+        .. versionadded:: 0.4
+        """
+        ...
+
     async def flush(self) -> None:
         """Send the writes queued through `db` (``Database.queue``) now; a no-op without any.
 
@@ -474,11 +484,22 @@ class Leadership(Protocol):
         """Return once the lock is lost (its session ended) or released."""
         ...
 
-    def open_batch(self) -> AbstractAsyncContextManager[ProjectionBatch]:
+    def open_batch(
+        self, *, read_model: bool = False
+    ) -> AbstractAsyncContextManager[ProjectionBatch]:
         """Open a transaction on the lock-holding session (fencing: a dead session cannot commit).
+
+        Args:
+            read_model: run the batch in the read-model schema of the unit's projection
+                version (PostgreSQL: created if missing, first on the batch's
+                ``search_path``, so that unqualified names in ``ctx.db`` land there); the
+                memory backend has no schemas and ignores it.
 
         Raises:
             LeadershipLost: the lock is already lost.
+
+        .. versionchanged:: 0.4
+           *read_model*.
         """
         ...
 
@@ -603,6 +624,35 @@ class ProjectorCoordinator(Protocol):
         """
         ...
 
+    async def version_role(self, name: str, version: int) -> VersionRole:
+        """What *version* of projection *name* does now (see `VersionRole`); the runtime asks
+        before a unit of it runs and while it runs.
+
+        While no version of *name* serves, the first one asked about starts serving at once
+        (recorded as a ``"first"`` `VersionSwitch`): there is nothing else to serve.
+
+        Raises:
+            InvalidArgument: *name* is not a projector name, or *version* is not a version.
+
+        .. versionadded:: 0.4
+        """
+        ...
+
+    async def switch_if_caught_up(
+        self, name: str, version: int, units: Sequence[tuple[str, EventFilter]]
+    ) -> VersionRole:
+        """Make *version* of *name* serve, if it is `VersionRole.BUILDING` and has caught up.
+
+        Caught up: each of *units* (every unit of the version, by unit name, with the filter
+        it applies) has no committed matching event after its checkpoint (a unit without a
+        checkpoint: no matching event at all), checked in the same atomic step that records
+        the switch (a ``"caught-up"`` `VersionSwitch`), so readers move from one complete
+        read model to the other. Returns the version's role afterwards.
+
+        .. versionadded:: 0.4
+        """
+        ...
+
     async def recorded_partitions(self, name: str) -> int | None:
         """How many units projection *name* runs as, as recorded here; None if it never ran.
 
@@ -656,6 +706,64 @@ class ProjectionAdmin(Protocol):
     async def dead_letters(self, name: str) -> list[DeadLetter]:
         """The events *name* (every partition of it) skipped and that have not been replayed, in
         position order; a unit name (``"name[2/4]"``) gives that partition's only."""
+        ...
+
+    async def serving_version(self, name: str) -> int | None:
+        """The version of projection *name* whose read model serves reads; None while no
+        version of it has run.
+
+        .. versionadded:: 0.4
+        """
+        ...
+
+    async def version_switches(self, name: str) -> list[VersionSwitch]:
+        """Every change of *name*'s serving version, oldest first (the changelog).
+
+        .. versionadded:: 0.4
+        """
+        ...
+
+    async def serve_version(self, name: str, version: int) -> None:
+        """Make *version* of *name* serve now, whether it caught up or not: an operator's
+        switch (a ``"manual"`` `VersionSwitch`), back to a retained older version too.
+
+        A version it switches back from, and every other version above the new serving one,
+        is withdrawn: it stops and never takes over on its own. The version that serves
+        applies events again once a host runs it (from where it stopped: until then its
+        read model is as old as its checkpoint).
+
+        Raises:
+            ProjectionNotFound: that version of *name* never ran here (or was retired).
+
+        .. versionadded:: 0.4
+        """
+        ...
+
+    async def retire_version(self, name: str, version: int, *, wait: bool = False) -> None:
+        """Drop a version that does not serve: its checkpoints, dead letters, recorded
+        partition count and (PostgreSQL) its read-model schema.
+
+        Raises:
+            InvalidArgument: *version* serves (switch to another first).
+            ProjectionRunning: a unit of it runs and *wait* is False.
+            ProjectionNotFound: that version of *name* never ran here.
+
+        .. versionadded:: 0.4
+        """
+        ...
+
+    async def live_hosts(self) -> list[LiveHost]:
+        """Every live balancing host (registered with `ProjectorCoordinator.register_host`,
+        as `run_projections` does), idle ones and those only standing by included, oldest
+        first: which process it is, since when, and what it last published.
+
+        A host drops out the moment its registration ends (on PostgreSQL: the moment the
+        server ends its membership lock's session, so a killed host too). Processes running
+        a unit without balancing (`run_projection`) are not hosts: `projection_status` names
+        them as leaders.
+
+        .. versionadded:: 0.4
+        """
         ...
 
 

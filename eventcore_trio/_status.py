@@ -15,6 +15,7 @@ from ._errors import CheckpointAhead, PartitionsChanged
 from ._events import RecordedEvent, UndecodableEvent
 from ._partitions import Partition, Unit, plan_repartition, split_parent
 from ._positions import Position
+from ._versions import versioned_name
 
 
 def unit_name(projection: str, partition: int | None, partitions: int) -> str:
@@ -57,10 +58,20 @@ class ProjectionState(enum.Enum):
     #:
     #: .. versionadded:: 0.3
     REPARTITIONING = "repartitioning"
+    #: The unit's projection version was superseded by a higher one that caught up, or
+    #: withdrawn by an operator's switch back (see `VersionRole`): it applies nothing, and
+    #: keeps its checkpoint and read model until it is retired.
+    #:
+    #: .. versionadded:: 0.4
+    SUPERSEDED = "superseded"
 
 
 def unit_state(
-    *, holder: ProjectionState | None, standbys: int, last: ProjectionState | None
+    *,
+    holder: ProjectionState | None,
+    standbys: int,
+    last: ProjectionState | None,
+    superseded: bool = False,
 ) -> ProjectionState:
     """The state `projection_status` shows, the same rule for every backend.
 
@@ -69,9 +80,13 @@ def unit_state(
             REPARTITIONING), or None when nobody holds it.
         standbys: instances waiting to lead (not operators waiting to reset).
         last: the state last recorded for the projection, if any.
+        superseded: the unit's version is superseded or withdrawn (`VersionRole`): when
+            nobody holds its lock, it is SUPERSEDED.
     """
     if holder is not None:
         return holder
+    if superseded:
+        return ProjectionState.SUPERSEDED
     if standbys:
         return ProjectionState.STANDBY
     if last is ProjectionState.FAILED:
@@ -217,8 +232,14 @@ class ProjectionStatus:
         name: the projector name.
         checkpoint: the last position applied, or None before the first batch.
         lag_events: committed matching events after the checkpoint, including those an open
-            event-writing transaction holds back (see ``held_back_by``).
-        lag_seconds: age of the oldest unprocessed matching event; 0 when caught up.
+            event-writing transaction holds back (see ``held_back_by``); an estimate when
+            ``lag_estimated`` is True.
+        lag_seconds: age of the first unprocessed matching event (the next one the
+            projection reads); 0 when caught up. Always exact.
+        lag_estimated: True when ``lag_events`` is an estimate: on PostgreSQL, a lag above
+            10,000 events is estimated (from the density of the first 10,001 and the
+            position of the head), so that status costs the same at any backlog; up to it
+            (and at 0) the count is exact. Always False on the memory store.
         leader: who leads now, or None.
         standbys: how many instances wait to take over.
         state: running, standby, failed or stopped; resetting, replaying or repartitioning
@@ -246,6 +267,10 @@ class ProjectionStatus:
         foreign_locks: sessions from outside the store that hold or await its writer lock,
             this unit's lock, or its other locks (see `ForeignLock`); the same for every
             record but this unit's lock. Empty on the memory store.
+        version: the projection version this unit belongs to (1 for a projector without
+            one); each version has units of its own.
+        serving: whether this version's read model serves reads (see `VersionRole`); True
+            while no version of the projection has run yet.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.2
@@ -254,6 +279,10 @@ class ProjectionStatus:
        ``runnable_by`` and ``lacking_hosts``; units that a live host runs are listed before
        they first run, also those of a partition count that is not (yet) the recorded one;
        ``checkpoint_ahead``; ``foreign_locks``.
+    .. versionchanged:: 0.4
+       ``lag_estimated``; ``lag_seconds`` is the age of the first unprocessed event, not of
+       the oldest (they differ only among events appended concurrently); ``version`` and
+       ``serving``, and the state ``superseded``.
     """
 
     name: str
@@ -273,6 +302,9 @@ class ProjectionStatus:
     lacking_hosts: tuple[LeaderInfo, ...] = ()
     checkpoint_ahead: bool = False
     foreign_locks: tuple[ForeignLock, ...] = ()
+    lag_estimated: bool = False
+    version: int = 1
+    serving: bool = True
 
     @property
     def unrunnable(self) -> bool:
@@ -288,7 +320,7 @@ class ProjectionStatus:
 
         .. versionadded:: 0.2
         """
-        return unit_name(self.name, self.partition, self.partitions)
+        return unit_name(versioned_name(self.name, self.version), self.partition, self.partitions)
 
 
 @final
@@ -387,6 +419,9 @@ def status_json(record: ProjectionStatus) -> dict[str, object]:
         "checkpoint_ahead": record.checkpoint_ahead,
         "lag_events": record.lag_events,
         "lag_seconds": record.lag_seconds,
+        "lag_estimated": record.lag_estimated,
+        "version": record.version,
+        "serving": record.serving,
         "leader": None if record.leader is None else _info_json(record.leader),
         "runnable_by": record.runnable_by,
         "lacking_hosts": [_info_json(info) for info in record.lacking_hosts],
@@ -457,3 +492,41 @@ class ClusterView:
 
     hosts: Mapping[str, HostState]
     held: frozenset[str]
+
+
+@final
+@attrs.frozen(kw_only=True)
+class LiveHost:
+    """A live balancing host as the registry lists it: which process it is, since when, and
+    what it last published (`ProjectionAdmin.live_hosts`).
+
+    A host that leads nothing (idle, or standing by only) is listed too: it is alive and
+    would take units over.
+
+    Attributes:
+        host_id: its registration's id (`HostMembership.host_id`).
+        process: the process: its pid, the machine's host name and the store's application
+            name (on the memory backend: ``"memory host <host_id>"``).
+        joined_at: when it registered (UTC).
+        state: what it published: the units it leads, stands by for and can run.
+
+    .. versionadded:: 0.4
+    """
+
+    host_id: str
+    process: LeaderInfo
+    joined_at: dt.datetime
+    state: HostState
+
+
+def live_host_json(host: LiveHost) -> dict[str, object]:
+    """One `LiveHost` as JSON values (``eventcore-trio status --json``, the dashboard)."""
+    runs = host.state.runs
+    return {
+        "host_id": host.host_id,
+        **_info_json(host.process),
+        "joined_at": host.joined_at.isoformat(),
+        "leading": sorted(host.state.leading),
+        "standing_by": sorted(host.state.standing_by),
+        "runs": None if runs is None else sorted(runs),
+    }

@@ -13,6 +13,7 @@ import orjson
 
 from ._errors import EventEncodeError, InvalidArgument
 from ._partitions import Unit, has_unit_suffix
+from ._versions import has_version_suffix, split_versioned
 
 MAX_STREAM_ID_LENGTH: Final = 255
 MAX_NAME_LENGTH: Final = 120
@@ -97,7 +98,23 @@ def check_projector_name(value: object) -> str:
             f"projector name {name!r} ends like a partition's unit name ('[index/count]'), "
             "which is reserved; rename it"
         )
+    if has_version_suffix(name):
+        raise InvalidArgument(
+            f"projector name {name!r} ends like a projection version's name ('@v<N>'), which "
+            "is reserved; rename it, or give the version as projector(name, version=N)"
+        )
     return name
+
+
+def check_projection_name(value: object) -> str:
+    """Validate a projection's name: a projector's name, or one version of it
+    (``"name@v2"``, see `versioned_name`)."""
+    if isinstance(value, str):
+        base, version = split_versioned(value)
+        if version > 1:
+            check_projector_name(base)
+            return value
+    return check_projector_name(value)
 
 
 def check_expected_version(value: object, *, field: str = "expected_version") -> int | None:

@@ -134,7 +134,7 @@ async def run(store: Store) -> dict[str, int]:
         await execute(store, Withdraw("account-ada", 500), registry=registry)
     except Overdraft as refused:
         print(f"refused: {refused}")
-    await run_projection(track_balances, store)
+    await run_projection(store, track_balances)
     return balances
 
 

@@ -40,6 +40,15 @@ async def tally(event: RecordedEvent, ctx: ProjectionContext) -> None:
 
 TALLY = [tally]
 
+
+@projector("brittle")
+async def brittle(event: RecordedEvent, ctx: ProjectionContext) -> None:
+    # FATAL by default: the host stops it and logs the traceback once (--log-format json).
+    raise RuntimeError("brittle cannot apply anything")
+
+
+WITH_A_FAILURE = [counter, brittle]
+
 # Targets that name something other than projectors (tests/test_cli.py).
 NOT_A_PROJECTOR = "counter"
 MIXED = [counter, 3]

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -20,13 +22,16 @@ import pytest
 from eventcore_trio import (
     EventFilter,
     ForeignLock,
+    HostState,
     LeaderInfo,
+    LiveHost,
     OpenTransaction,
     Position,
     ProjectionState,
     ProjectionStatus,
     RecordedEvent,
     Store,
+    VersionRole,
     open_memory_store,
 )
 from eventcore_trio.cli import (
@@ -257,11 +262,20 @@ class TestCommandLine:
                 ),
             ),
         )
-        lines = status_lines([record])
+        live = LiveHost(
+            host_id="h1",
+            process=host,
+            joined_at=dt.datetime.now(dt.UTC),
+            state=HostState(frozenset({"p"})),
+        )
+        lines = status_lines([record], hosts=[live])
         assert all(line.isprintable() for line in lines)
-        # Header, unit, last error, unrunnable, units per host, held back, the foreign lock
-        # and what to do about it: no line injected.
-        assert len(lines) == 8
+        # Header, unit, last error, unrunnable, live hosts, units per host, held back, the
+        # foreign lock and what to do about it: no line injected.
+        assert len(lines) == 9
+        assert (
+            lines[4] == "live hosts: 1@db\\x1b]0;owned\\x07\\x1b[2J\\r\\nfake line\\u202e (leads 1)"
+        )
         assert lines[1].split()[2] == "1@db\\x1b]0;owned\\x07\\x1b[2J\\r\\nfake"
         assert all("\\x1b[2J\\r\\nfake line\\u202e" in line for line in lines[2:-1])
 
@@ -412,6 +426,63 @@ class TestCommandLine:
             assert exited.value.code == EXIT_USAGE
             assert "DEBUG, INFO, WARNING, ERROR" in capsys.readouterr().err
 
+    def test_log_format(
+        self, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """--log-format (or EVENTCORE_LOG_FORMAT), for run and dashboard: text by default,
+        any case; anything else is exit 2 naming where it came from."""
+        from eventcore_trio.cli._parser import parser
+
+        monkeypatch.delenv("EVENTCORE_LOG_FORMAT", raising=False)
+        assert parser().parse_args(["run", "m:a"]).log_format == "text"
+        assert parser().parse_args(["dashboard", "--log-format", "JSON"]).log_format == "json"
+        monkeypatch.setenv("EVENTCORE_LOG_FORMAT", "json")
+        assert parser().parse_args(["run", "m:a"]).log_format == "json"
+        assert parser().parse_args(["run", "m:a", "--log-format", "text"]).log_format == "text"
+        for command in (["run", "m:a"], ["dashboard"]):
+            monkeypatch.setenv("EVENTCORE_LOG_FORMAT", "xml")
+            with pytest.raises(SystemExit) as exited:
+                main(command)
+            assert exited.value.code == EXIT_USAGE
+            err = capsys.readouterr().err
+            assert "EVENTCORE_LOG_FORMAT" in err
+            assert "must be one of text, json" in err
+            monkeypatch.delenv("EVENTCORE_LOG_FORMAT")
+            with pytest.raises(SystemExit) as exited:
+                main([*command, "--log-format", "logfmt"])
+            assert exited.value.code == EXIT_USAGE
+            assert "'logfmt'" in capsys.readouterr().err
+
+    def test_json_log_lines(self) -> None:
+        """A JSON log line is one line whatever the message holds, with the time in UTC and
+        the traceback's text when there is one."""
+        from eventcore_trio.cli._options import JsonLogFormatter
+
+        formatter = JsonLogFormatter()
+        record = logging.LogRecord(
+            "eventcore_trio.x", logging.INFO, __file__, 1, "a\nb %s", ("c",), None
+        )
+        line = formatter.format(record)
+        assert "\n" not in line
+        parsed = json.loads(line)
+        assert parsed == {
+            "time": parsed["time"],
+            "level": "INFO",
+            "logger": "eventcore_trio.x",
+            "message": "a\nb c",
+        }
+        assert dt.datetime.fromisoformat(parsed["time"]).utcoffset() == dt.timedelta(0)
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            failed = logging.LogRecord(
+                "eventcore_trio.x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info()
+            )
+        parsed = json.loads(formatter.format(failed))
+        assert parsed["level"] == "ERROR"
+        assert parsed["exception"].startswith("Traceback (most recent call last):")
+        assert parsed["exception"].endswith("ValueError: boom")
+
     @pytest.mark.parametrize(
         ("dsn", "shown"),
         [
@@ -497,7 +568,7 @@ class TestOperatorCommands:
             async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
                 for i in range(12):
                     await store.append(f"s-{i}", [NewEvent("E", {})])
-                await run_projection(cli_projectors.spread, store)
+                await run_projection(store, cli_projectors.spread)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(run_projections, store, [cli_projectors.spread])
                     for key, extra in (("table", []), ("json", ["--json"])):
@@ -518,6 +589,7 @@ class TestOperatorCommands:
             "[1/3]",
             "[2/3]",
         ]
+        assert f"live hosts: {os.getpid()}@" in shown["table"]
         assert f"units led per host: {os.getpid()}@" in shown["table"]
         assert shown["table"].rstrip().endswith(" 3")
         records = json.loads(shown["json"])
@@ -547,7 +619,7 @@ class TestOperatorCommands:
         async def run_and_show() -> None:
             async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
                 await store.append("s-1", [NewEvent("E", {})])
-                await run_projection(split, store)
+                await run_projection(store, split)
                 # A live host with the new count (its units would wait for the split).
                 async with store.register_host(runs=[f"split[{i}/4]" for i in range(4)]):
                     for key, extra in (("table", []), ("json", ["--json"])):
@@ -586,7 +658,7 @@ class TestOperatorCommands:
         async def prepare() -> None:
             async with open_postgres_store(postgres_dsn, schema=schema) as store:
                 await store.append("s", [NewEvent("E", {}), NewEvent("E", {"bad": True})])
-                await run_projection(cli_projectors.picky, store)
+                await run_projection(store, cli_projectors.picky)
 
         trio.run(prepare)
         capsys.readouterr()
@@ -677,6 +749,80 @@ class TestOperatorCommands:
             assert process.stderr is not None
             process.stdout.close()
             process.stderr.close()
+
+    @pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+    def test_run_logs_json_lines(self, postgres_dsn: str) -> None:
+        """run --log-format json: every line on stderr is one JSON object with time, level,
+        logger and message; a failure's traceback is in its line's "exception"."""
+        import queue
+        import signal
+
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+
+        where = self._fresh(postgres_dsn)
+
+        async def append() -> None:
+            async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
+                await store.append("s-1", [NewEvent("E", {})])
+
+        trio.run(append)
+        environment = {**dsn_environment(postgres_dsn), "EVENTCORE_SCHEMA": where[-1]}
+        for variable in ("EVENTCORE_LOG_LEVEL", "EVENTCORE_LOG_FORMAT"):
+            environment.pop(variable, None)
+        process = start_interruptible(
+            [
+                *[sys.executable, "-m", "eventcore_trio.cli", "run"],
+                *["tests.cli_projectors:WITH_A_FAILURE", "--log-format", "json"],
+            ],
+            cwd=ROOT,
+            env=environment,
+        )
+        logged: queue.Queue[str] = queue.Queue()
+
+        def read_log() -> None:
+            assert process.stderr is not None
+            for line in process.stderr:
+                logged.put(line)
+
+        reader = threading.Thread(target=read_log, daemon=True)
+        reader.start()
+        lines: list[dict[str, Any]] = []
+        try:
+
+            def seen(level: str, message: str) -> dict[str, Any] | None:
+                return next(
+                    (x for x in lines if x["level"] == level and message in x["message"]), None
+                )
+
+            # The two units start together: their lines come in either order.
+            while not (
+                seen("INFO", "projector counter: leading")
+                and seen("ERROR", "unit brittle stopped: FATAL failure")
+            ):
+                lines.append(json.loads(logged.get(timeout=30)))
+            leading = seen("INFO", "projector counter: leading")
+            stopped = seen("ERROR", "unit brittle stopped: FATAL failure")
+            assert leading is not None
+            assert stopped is not None
+            assert leading["logger"].startswith("eventcore_trio.")
+            assert "RuntimeError: brittle cannot apply anything" in stopped["exception"]
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == EXIT_OK
+        finally:
+            process.kill()
+            process.wait()
+            reader.join(timeout=10)
+            assert process.stdout is not None
+            assert process.stderr is not None
+            process.stdout.close()
+            process.stderr.close()
+        # Every line, those after the ones waited for too.
+        lines.extend(json.loads(line) for line in logged.queue)
+        for line in lines:
+            assert {"time", "level", "logger", "message"} <= line.keys()
+            assert dt.datetime.fromisoformat(line["time"]).utcoffset() == dt.timedelta(0)
 
     @pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
     def test_run_on_a_schema_without_events_warns(self, postgres_dsn: str) -> None:
@@ -819,7 +965,7 @@ class TestOperatorCommands:
         async def prepare() -> None:
             async with open_postgres_store(postgres_dsn, schema=schema) as store:
                 await store.append("s", [NewEvent("E", {"bad": True}) for _ in range(3)])
-                await run_projection(cli_projectors.picky, store)
+                await run_projection(store, cli_projectors.picky)
 
         trio.run(prepare)
         capsys.readouterr()
@@ -876,9 +1022,9 @@ class TestOperatorCommands:
         async def prepare() -> None:
             async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
                 await store.append("s", [NewEvent("E", {"bad": True})])
-                await run_projection(cli_projectors.picky, store)
+                await run_projection(store, cli_projectors.picky)
                 await store.append("t", [NewEvent("E", {"bad": True})])
-                await run_projection(split_picky, store)
+                await run_projection(store, split_picky)
 
         async def letters() -> int:
             async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
@@ -901,6 +1047,93 @@ class TestOperatorCommands:
         assert "--projectors" in err
         assert trio.run(letters) == 2
 
+    def test_versions_serve_and_retire(
+        self, postgres_dsn: str, capsys: pytest.CaptureFixture[str]
+    ) -> None:
+        """Version 1 serves, version 2 builds: status shows both (progress of the building
+        one), `versions` the changelog; retire refuses the serving version (exit 1, the
+        library's words) and asks for confirmation; serve switches by hand and says what it
+        withdraws; a retired version is gone (exit 1 the second time)."""
+        import trio
+
+        from eventcore_trio import NewEvent, open_postgres_store
+        from eventcore_trio.projection import ProjectionContext, projector, run_projection
+
+        @projector("ledger")
+        async def ledger(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            pass
+
+        where = self._fresh(postgres_dsn)
+
+        async def prepare() -> None:
+            async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
+                for i in range(40):
+                    await store.append(f"s-{i}", [NewEvent("E", {})])
+                await run_projection(store, ledger)
+                # Version 2 has applied the first 10 events: it builds.
+                tenth = (await store.read_events(None, limit=10))[-1].position
+                assert await store.version_role("ledger", 2) is VersionRole.BUILDING
+                async with (
+                    store.try_acquire("ledger@v2") as leadership,
+                    leadership.open_batch() as batch,
+                ):
+                    await batch.save_checkpoint(None, tenth)
+
+        trio.run(prepare)
+        capsys.readouterr()
+        assert main(["status", *where]) == EXIT_OK
+        table = capsys.readouterr().out
+        assert "version 1 of ledger: SERVING" in table
+        building = next(line for line in table.splitlines() if "version 2 of ledger" in line)
+        assert "building, 25.0% of the event log applied (30 events to go)" in building
+        assert any(line.startswith("ledger@v2 ") for line in table.splitlines())
+        assert main(["versions", "ledger", "--json", *where]) == EXIT_OK
+        shown = json.loads(capsys.readouterr().out)
+        assert shown["serving"] == 1
+        assert [(v["version"], v["role"]) for v in shown["versions"]] == [
+            (1, "serving"),
+            (2, "building"),
+        ]
+        assert shown["versions"][1]["progress"] == pytest.approx(0.25)
+        assert [(s["from_version"], s["to_version"], s["reason"]) for s in shown["switches"]] == [
+            (None, 1, "first")
+        ]
+
+        assert main(["retire", "ledger", "1", *where]) == EXIT_USAGE  # no terminal, no --yes
+        assert "--yes" in capsys.readouterr().err
+        assert main(["retire", "ledger", "1", "--yes", *where]) == EXIT_FAILED
+        assert "serves reads; switch to another version first" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exited:  # argparse: versions count up from 1
+            main(["retire", "ledger", "0", "--yes", *where])
+        assert exited.value.code == EXIT_USAGE
+        capsys.readouterr()
+
+        assert main(["serve", "ledger", "2", "--yes", *where]) == EXIT_OK
+        said = capsys.readouterr().out
+        assert "version 2 of 'ledger' serves now (before: 1)" in said
+        assert "superseded: version(s) 1" in said
+        assert main(["serve", "ledger", "1", "--yes", *where]) == EXIT_OK
+        assert "withdrawn: version(s) 2" in capsys.readouterr().out
+        assert main(["serve", "ledger", "7", "--yes", *where]) == EXIT_FAILED
+        assert "version 7" in capsys.readouterr().err
+        assert main(["versions", "ledger", *where]) == EXIT_OK
+        listing = capsys.readouterr().out
+        assert "ledger: version 1 serves" in listing
+        assert "version 2 of ledger: withdrawn" in listing
+        assert "v1 -> v2" in listing
+        assert "v2 -> v1" in listing
+        assert "switched by an operator" in listing
+
+        assert main(["retire", "ledger", "2", "--yes", *where]) == EXIT_OK
+        assert "version 2 of 'ledger' retired" in capsys.readouterr().out
+        assert main(["retire", "ledger", "2", "--yes", *where]) == EXIT_FAILED
+        assert "has not run" in capsys.readouterr().err
+        assert main(["status", "--json", *where]) == EXIT_OK
+        assert [(r["version"], r["serving"]) for r in json.loads(capsys.readouterr().out)] == [
+            (1, True)
+        ]
+        assert main(["versions", "nobody", *where]) == EXIT_FAILED
+
     def test_reset_wait_follows_the_rebuild(self, postgres_dsn: str) -> None:
         """reset --wait stays until hosts have rebuilt the projection, then exits 0."""
         import trio
@@ -915,7 +1148,7 @@ class TestOperatorCommands:
         async def prepare() -> None:
             async with open_postgres_store(postgres_dsn, schema=where[-1]) as store:
                 await store.append("s", [NewEvent("E", {}) for _ in range(50)])
-                await run_projection(cli_projectors.picky, store)
+                await run_projection(store, cli_projectors.picky)
 
         trio.run(prepare)
         root = Path(__file__).parent.parent
@@ -1051,7 +1284,7 @@ class TestDemoVerification:
             try:
                 await _open_accounts(store, app, accounts)
                 for projector in make_projectors(app):
-                    await run_projection(projector, store)
+                    await run_projection(store, projector)
                 lines: list[str] = []
                 assert await _verify(store, app, accounts, _Stats(), lines.append)
                 assert lines[-1].startswith("VERIFIED")

@@ -13,13 +13,16 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
 #: Examples that need more than a PostgreSQL server start with this and are run by the test
 #: named in their first line instead (for example through a real PgBouncer).
 ELSEWHERE = "# Run by tests/"
+#: A file of a package the tutorial builds (``# myapp/deploy.py``): it imports its siblings,
+#: so tests/test_tutorial.py writes it into that package and runs it there.
+PACKAGE_FILE = re.compile(r"# \w+/[\w/]+\.py\n")
 
 
 def _examples() -> list[tuple[str, str]]:
     found = []
     for document in DOCUMENTS:
         for number, match in enumerate(BLOCK.finditer(document.read_text()), start=1):
-            if not match[1].startswith(ELSEWHERE):
+            if not match[1].startswith(ELSEWHERE) and not PACKAGE_FILE.match(match[1]):
                 found.append((f"{document.relative_to(ROOT)}#{number}", match[1]))
     return found
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from eventcore_trio import open_postgres_store
+from eventcore_trio import ProjectionState, open_postgres_store
 
 from .conftest import oldest_server_param
 from .fresh_database import fresh_database
@@ -70,8 +70,12 @@ def _cli() -> list[str]:
 async def _caught_up(dsn: str, schema: str) -> bool:
     async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
         units = await store.projection_status()
-    return bool(units) and all(
-        u.leader is not None and u.checkpoint is not None and u.lag_events == 0 for u in units
+    # A version that no longer serves is stopped, not behind: it is not waited for.
+    # A new version has caught up once it serves (it switches when it has).
+    running = [u for u in units if u.state is not ProjectionState.SUPERSEDED]
+    return bool(running) and all(
+        u.leader is not None and u.checkpoint is not None and u.lag_events == 0 and u.serving
+        for u in running
     )
 
 
@@ -83,10 +87,17 @@ async def _wait_caught_up(dsn: str, schema: str, host: subprocess.Popen[str]) ->
     assert not waited.cancelled_caught, "the host did not catch up"
 
 
-async def _loans(dsn: str, schema: str) -> dict[str, str]:
+async def _loans(dsn: str, schema: str) -> tuple[int | None, dict[str, str], bool]:
+    # The serving version, its read model, and whether its rows carry version 2's column.
     async with open_postgres_store(dsn, schema=schema, migrate=False) as store:
-        rows = await store.admin.fetch("SELECT book, member FROM tutorial_loans")
-    return {row["book"]: row["member"] for row in rows}
+        version = await store.serving_version("loans-table")
+        read_model = await store.read_model_schema("loans-table")
+        rows = await store.admin.fetch(f'SELECT * FROM "{read_model}".loans')
+    return (
+        version,
+        {row["book"]: row["member"] for row in rows},
+        all(row.get("since") is not None for row in rows),
+    )
 
 
 class Walkthrough:
@@ -208,7 +219,7 @@ def test_the_tutorial_as_written(postgres_dsn: str, tmp_path: Path) -> None:
 
         # What the steps did, so that a document that loses a step fails here.
         commands = [w[1] for w in walk.done if w[0] == "eventcore-trio"]
-        assert {"migrate", "status", "run", "reset"} <= set(commands), commands
+        assert {"migrate", "status", "run", "versions", "retire"} <= set(commands), commands
         assert ["python", "server.py"] in walk.done
         assert (tmp_path / "myapp" / "projections.py").exists()
         # server.py started a server of its own and a shell on it.
@@ -216,8 +227,8 @@ def test_the_tutorial_as_written(postgres_dsn: str, tmp_path: Path) -> None:
         assert shell_out.endswith("exit 0\n"), shell_out
         assert "schema 'tutorial' is at version" in shell_out
         assert (tmp_path / "shell.dsn").read_text().strip() not in ("", dsn)
-        # The host rebuilt the read model after it was cleared and reset.
+        # Version 2 rebuilt the read model beside version 1 and serves it.
         schema = walk.env["EVENTCORE_SCHEMA"]
         assert schema == "tutorial"
-        assert trio.run(_loans, dsn, schema) == {"dune": "ada"}
+        assert trio.run(_loans, dsn, schema) == (2, {"dune": "ada"}, True)
         assert any("loans-table" in out for out in walk.outputs)

@@ -1,16 +1,16 @@
 """The ``eventcore-trio`` command.
 
 Exit codes: 0 success (``run``: stopped by SIGTERM), 1 the command ran and found a problem (a
-failed verification, a projection that is not found or is running, dead letters that failed
-again), 2 bad usage or configuration (a ``run`` target that cannot be loaded, lock sessions
-behind transaction pooling), 3 the database could not be reached, 130 interrupted (Ctrl-C,
-SIGINT), after a clean shutdown.
+failed verification, a projection that is not found or is running, a version to retire that
+serves, dead letters that failed again), 2 bad usage or configuration (a ``run`` target that
+cannot be loaded, lock sessions behind transaction pooling), 3 the database could not be
+reached, 130 interrupted (Ctrl-C, SIGINT), after a clean shutdown.
 
 `main` turns the command line into one call and any error into its exit code; the commands
 live by family: `_options` (what every command shares, the store options among them),
 `_parser` (every command's arguments and help), `_status`, `_admin` (``migrate``, ``reset``,
-``run``, ``dead-letters``), `_programs` (``demo``, ``torture``, ``dashboard``, ``bench``) and
-`_projectors` (``MODULE:ATTR``).
+``run``, ``dead-letters``), `_versions` (``versions``, ``serve``, ``retire``), `_programs`
+(``demo``, ``torture``, ``dashboard``, ``bench``) and `_projectors` (``MODULE:ATTR``).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from .._errors import (
     UnsupportedPooling,
 )
 from .._tools._processes import run_program
-from . import _admin, _programs
+from . import _admin, _programs, _versions
 from ._options import DASHBOARD_TOKEN_VARIABLE as DASHBOARD_TOKEN_VARIABLE
 from ._options import DEFAULT_STATEMENT_CACHE_SIZE as DEFAULT_STATEMENT_CACHE_SIZE
 from ._options import DSN_VARIABLE as DSN_VARIABLE
@@ -37,6 +37,7 @@ from ._options import EXIT_INTERRUPTED as EXIT_INTERRUPTED
 from ._options import EXIT_OK as EXIT_OK
 from ._options import EXIT_UNREACHABLE as EXIT_UNREACHABLE
 from ._options import EXIT_USAGE as EXIT_USAGE
+from ._options import LOG_FORMAT_VARIABLE as LOG_FORMAT_VARIABLE
 from ._options import LOG_LEVEL_VARIABLE as LOG_LEVEL_VARIABLE
 from ._options import SCHEMA_VARIABLE as SCHEMA_VARIABLE
 from ._options import SESSION_DSN_VARIABLE as SESSION_DSN_VARIABLE
@@ -57,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # host says comes in order with what it logs, and before the process dies.
     if isinstance(sys.stdout, io.TextIOWrapper):
         sys.stdout.reconfigure(line_buffering=True)
-    configure_logging(getattr(args, "log_level", "WARNING"))
+    configure_logging(getattr(args, "log_level", "WARNING"), getattr(args, "log_format", "text"))
     try:
         return _command(args)
     except KeyboardInterrupt:
@@ -89,6 +90,21 @@ def _command(args: argparse.Namespace) -> int:
         if not _admin.confirm_reset(args.name, args.yes):
             return EXIT_FAILED
         run_program(_admin.reset, options, args.name, args.wait)
+    elif command == "versions":
+        return run_program(_versions.versions, options, args.name, args.json)
+    elif command == "serve":
+        question = f"Make version {args.version} of {args.name!r} serve reads now?"
+        if not _versions.confirm(question, "not switched", args.yes):
+            return EXIT_FAILED
+        return run_program(_versions.serve, options, args.name, args.version)
+    elif command == "retire":
+        question = (
+            f"Retire version {args.version} of {args.name!r} (its checkpoints, dead letters "
+            "and read model are dropped)?"
+        )
+        if not _versions.confirm(question, "not retired", args.yes):
+            return EXIT_FAILED
+        return run_program(_versions.retire, options, args.name, args.version, args.wait)
     elif command == "dashboard":
         projectors = load_projectors(args.projectors) if args.projectors else []
         _programs.dashboard(options, args, projectors)

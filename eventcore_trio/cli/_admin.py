@@ -257,7 +257,7 @@ async def replay_letters(options: StoreOptions, name: str, target: str) -> int:
         raise ConfigurationError(f"{target} defines no projector named {name!r}")
     async with options.open() as store:
         try:
-            result = await replay_dead_letters(chosen[0], store)
+            result = await replay_dead_letters(store, chosen[0])
         except PartitionsMismatch as exc:
             # Advice in terms of this command line; nothing was replayed.
             raise ConfigurationError(

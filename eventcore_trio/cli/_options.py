@@ -9,7 +9,9 @@ command line only (`add_explicit_dsn`): without it they start an embedded server
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import getpass
+import json
 import logging
 import math
 import os
@@ -41,6 +43,9 @@ SCHEMA_VARIABLE: Final = "EVENTCORE_SCHEMA"
 #: ``--log-level``'s default, for ``run`` and ``dashboard``.
 LOG_LEVEL_VARIABLE: Final = "EVENTCORE_LOG_LEVEL"
 LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR")
+#: ``--log-format``'s default, for ``run`` and ``dashboard``.
+LOG_FORMAT_VARIABLE: Final = "EVENTCORE_LOG_FORMAT"
+LOG_FORMATS: Final = ("text", "json")
 #: The dashboard's action token, when no --action-token-file is given (the same name as
 #: ``eventcore_trio.dashboard._token.TOKEN_VARIABLE``, which needs the dashboard extra).
 DASHBOARD_TOKEN_VARIABLE: Final = "EVENTCORE_DASHBOARD_TOKEN"
@@ -93,13 +98,65 @@ def _log_level(text: str) -> str:
     return level
 
 
-def configure_logging(level: str = "WARNING") -> None:
-    """Log to stderr: eventcore-trio's loggers at *level*, other libraries' at WARNING (or
-    *level*, when higher): at INFO, asyncpg's and the web server's chatter stays out."""
-    number = logging.getLevelNamesMapping()[level]
-    logging.basicConfig(
-        level=max(number, logging.WARNING), format="%(levelname)s %(name)s: %(message)s"
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    """--log-format: text lines for people, or one JSON object a line for log shippers."""
+    parser.add_argument(
+        "--log-format",
+        metavar="FORMAT",
+        type=_log_format,
+        default=os.environ.get(LOG_FORMAT_VARIABLE) or "text",
+        help="text, or json: one JSON object a line (time, level, logger, message, "
+        f"exception) for log shippers (default: the {LOG_FORMAT_VARIABLE} environment "
+        "variable, else text)",
     )
+
+
+def _log_format(text: str) -> str:
+    log_format = text.strip().lower()
+    if log_format not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"must be one of {', '.join(LOG_FORMATS)} (from --log-format or "
+            f"{LOG_FORMAT_VARIABLE}), got {text!r}"
+        )
+    return log_format
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object a line: ``time`` (ISO 8601, UTC, to the millisecond), ``level``,
+    ``logger``, ``message``, and ``exception`` (the traceback's text) when the record has
+    one. A newline in a message or a traceback is escaped, so a record is always one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, str] = {
+            "time": dt.datetime.fromtimestamp(record.created, dt.UTC).isoformat(
+                timespec="milliseconds"
+            ),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            # Cached as the text formatter does, for any other handler of the record.
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            line["exception"] = record.exc_text
+        if record.stack_info:
+            line["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(line)
+
+
+def configure_logging(level: str = "WARNING", log_format: str = "text") -> None:
+    """Log to stderr: eventcore-trio's loggers at *level*, other libraries' at WARNING (or
+    *level*, when higher): at INFO, asyncpg's and the web server's chatter stays out.
+    *log_format* ``"json"`` writes `JsonLogFormatter` lines instead of text."""
+    number = logging.getLevelNamesMapping()[level]
+    handler = logging.StreamHandler()
+    handler.setFormatter(
+        JsonLogFormatter()
+        if log_format == "json"
+        else logging.Formatter("%(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=max(number, logging.WARNING), handlers=[handler])
     if number != logging.WARNING:
         # WARNING is the root's own level: eventcore-trio's loggers keep inheriting it.
         logging.getLogger("eventcore_trio").setLevel(number)

@@ -12,6 +12,7 @@ from .. import __version__
 from ._options import (
     DASHBOARD_TOKEN_VARIABLE,
     add_explicit_dsn,
+    add_log_format,
     add_log_level,
     add_store_options,
     seconds,
@@ -137,6 +138,7 @@ def _add_dashboard_command(commands: Any) -> None:
     )
     add_store_options(dashboard)
     add_log_level(dashboard, default="WARNING")
+    add_log_format(dashboard)
     dashboard.add_argument(
         "--bind",
         default="127.0.0.1:8000",
@@ -190,6 +192,45 @@ def _add_reset_command(commands: Any) -> None:
     )
 
 
+def _add_version_commands(commands: Any) -> None:
+    versions = commands.add_parser(
+        "versions",
+        help="show which version of a projection serves, and the changelog of switches",
+        description="The version whose read model serves reads, every version with its role "
+        "(serving, building with its progress, superseded, withdrawn), and each switch of "
+        "the serving version: when, from which version to which, at which position, why.",
+    )
+    add_store_options(versions)
+    versions.add_argument("name", help="the projection's name (without a version)")
+    versions.add_argument("--json", action="store_true", help="print JSON")
+    serve = commands.add_parser(
+        "serve",
+        help="make a version of a projection serve now (back to a retained one too)",
+        description="Switch the serving version by hand, whether it caught up or not. "
+        "Versions above it are withdrawn: they stop and never take over on their own. A "
+        "version switched back to applies events again once a host runs it; until then its "
+        "read model is as old as its checkpoint.",
+    )
+    add_store_options(serve)
+    serve.add_argument("name", help="the projection's name (without a version)")
+    serve.add_argument("version", type=whole_number(1), help="the version to serve")
+    serve.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    retire = commands.add_parser(
+        "retire",
+        help="drop a version of a projection that does not serve",
+        description="Drop a version's checkpoints, dead letters, recorded partition count and "
+        "read-model schema. Refused for the serving version (switch first) and while a unit "
+        "of it runs (a superseded version's units stop on their own: --wait waits for that).",
+    )
+    add_store_options(retire)
+    retire.add_argument("name", help="the projection's name (without a version)")
+    retire.add_argument("version", type=whole_number(1), help="the version to drop")
+    retire.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    retire.add_argument(
+        "--wait", action="store_true", help="wait until no unit of that version runs"
+    )
+
+
 def _add_run_command(commands: Any) -> None:
     run = commands.add_parser(
         "run",
@@ -200,6 +241,7 @@ def _add_run_command(commands: Any) -> None:
     )
     add_store_options(run)
     add_log_level(run, default="INFO")
+    add_log_format(run)
     run.add_argument("target", metavar="MODULE:ATTR", help="where the projectors are")
 
 
@@ -261,6 +303,7 @@ def parser() -> argparse.ArgumentParser:
     _add_migrate_command(commands)
     _add_status_command(commands)
     _add_reset_command(commands)
+    _add_version_commands(commands)
     _add_dashboard_command(commands)
     _add_run_command(commands)
     if bench_available():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from typing import Any, Protocol, TypeVar, final, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, final, runtime_checkable
 
 import attrs
 import trio
@@ -22,6 +22,7 @@ from .._events import (
 )
 from .._protocols import EventStore
 from .._typed import EventRegistry
+from .._util import conforms
 from ._cache import StateCache
 from ._states import StateCommand, load_states, state_streams
 
@@ -277,14 +278,14 @@ def _reader(
     # state; a state command loads each stream's state (cache, snapshot, then new events).
     if cache is not None and not isinstance(cache, StateCache):
         raise InvalidArgument(f"cache must be a StateCache, got {type(cache).__name__}")
-    if isinstance(command, Command):
-        fold_command: Command[Any] = command
+    if conforms(command, Command):
+        fold_command = cast("Command[Any]", command)
 
         async def read_folded(_: Collection[str]) -> tuple[Any, Mapping[str, int]]:
             return await _read_state(store, fold_command)
 
         return read_folded
-    if isinstance(command, StateCommand):
+    if conforms(command, StateCommand):
         half_a_fold = [
             name for name in ("initial_state", "evolve") if callable(getattr(command, name, None))
         ]
@@ -304,7 +305,7 @@ def _reader(
                 "execute(), the registry its state classes are registered in"
             )
         state_registry = registry
-        streams = state_streams(command, registry)
+        streams = state_streams(cast(StateCommand, command), registry)
 
         async def read_states(fresh: Collection[str]) -> tuple[Any, Mapping[str, int]]:
             return await load_states(store, state_registry, streams, cache, fresh)

@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 import uuid
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Final, Protocol, cast, runtime_checkable
 
 import attrs
 import trio
@@ -16,7 +16,7 @@ from .._events import RecordedEvent
 from .._protocols import EventStore, SnapshotStore
 from .._snapshots import Snapshot
 from .._typed import STATE_FIELDS_KEY, EventRegistry, StateType
-from .._util import raise_single
+from .._util import conforms, raise_single
 from ._cache import CachedState, StateCache
 
 logger = logging.getLogger("eventcore_trio.commands")
@@ -79,12 +79,12 @@ def state_streams(command: StateCommand, registry: EventRegistry) -> dict[str, S
 
 
 def _snapshot_store(store: EventStore, kind: StateType) -> SnapshotStore:
-    if not isinstance(store, SnapshotStore):
+    if not conforms(store, SnapshotStore):
         raise ConfigurationError(
             f"state {kind.name!r} takes snapshots, but {type(store).__name__} does not keep "
             "them (it is not a SnapshotStore); drop snapshot_every or use a store that does"
         )
-    return store
+    return cast(SnapshotStore, store)
 
 
 def fold(

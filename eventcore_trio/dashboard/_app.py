@@ -139,8 +139,18 @@ def dashboard_app(
         return JSONResponse(state.snapshot(), headers={"cache-control": "no-store"})
 
     async def metrics(request: Request) -> Response:
+        versions = state.versions
+        etas = {
+            (v.name, v.version): eta
+            for v in versions
+            if (eta := state.rebuild_eta(v.name, v.version)) is not None
+        }
         text = prometheus_text(
-            state.statuses, store_up=state.store_up, status_age=state.status_age()
+            state.statuses,
+            store_up=state.store_up,
+            status_age=state.status_age(),
+            versions=versions,
+            etas=etas,
         )
         return Response(text, media_type=CONTENT_TYPE_LATEST)
 
@@ -172,7 +182,7 @@ def dashboard_app(
         if not isinstance(store, Store):
             return _error(400, "this store cannot replay dead letters")
         try:
-            result = await replay_dead_letters(projector, store)
+            result = await replay_dead_letters(store, projector)
         except LeadershipUnavailable:
             return _error(409, f"{name!r} is running; stop its hosts first")
         except PartitionsMismatch as exc:

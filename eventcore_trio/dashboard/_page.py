@@ -26,7 +26,8 @@ PAGE: Final = r"""<!doctype html>
   td.n { text-align: right; font-variant-numeric: tabular-nums; }
   .state-running { color: #12753a; font-weight: 600; }
   .state-failed { color: #b3261e; font-weight: 600; }
-  .state-standby, .state-stopped { color: #6b7280; }
+  .state-standby, .state-stopped, .state-superseded { color: #6b7280; }
+  .serving { color: #12753a; font-size: .85rem; }
   .state-awaiting-split, .state-repartitioning, .state-resetting, .state-replaying {
     color: #8a5a00; }
   .unrunnable { color: #b3261e; font-weight: 600; }
@@ -56,6 +57,10 @@ PAGE: Final = r"""<!doctype html>
 <table id="units"><thead><tr><th>unit</th><th>state</th><th>leader</th><th>checkpoint</th>
 <th>lag events</th><th>lag s</th><th>standbys</th><th>dead letters</th><th></th></tr></thead>
 <tbody></tbody></table>
+<div id="versions" hidden><h2>Versions</h2><ul></ul>
+<p class="lacking">A new version of a projection rebuilds beside the serving one and takes
+over once caught up; a superseded version stops (its read model stays until retired). Rates
+and ETAs are estimates from the last minute of reads.</p></div>
 <h2>Hosts</h2><div id="hosts"></div>
 <h2>Lag (events, last minutes)</h2><svg id="chart" width="720" height="160"></svg>
 <div id="legend"></div>
@@ -147,7 +152,7 @@ async function reset(name) {
 }
 const hostList = (hosts) => hosts.map((h) => esc(h.host) + " pid " + esc(h.pid)).join(", ");
 // A unit no live host can run, naming the hosts that lack it; quieter when some can.
-const runnable = (u) => u.runnable_by === 0 ?
+const runnable = (u) => u.state === "superseded" ? "" : u.runnable_by === 0 ?
   `<div class="unrunnable">no live host runs it (lacking: ${hostList(u.lacking_hosts)})</div>` :
   (u.lacking_hosts.length ? `<div class="lacking">not on ${hostList(u.lacking_hosts)}</div>` :
   "");
@@ -156,9 +161,15 @@ const replayButton = (name) => `<button data-replay="${esc(name)}">replay</butto
 // A unit's last error: red while it is failed, grey once it runs again.
 const lastError = (u) => u.last_error ? `<div class="error${u.state === "failed" ? "" :
   " past"}">${u.state === "failed" ? "" : "last error: "}${esc(u.last_error)}</div>` : "";
+// A live process: a balancing host (idle ones too, with since when) or another leader.
+const plural = (n, word) => `${n} ${word}${n === 1 ? "" : "s"}`;
 const hostLine = (h) => `<div class="host"><span class="bar" style="width:${12 * h.units}px">` +
   `</span>${esc(h.host)} pid ${esc(h.pid)}: ` +
-  (h.units ? `leads ${h.units} unit${h.units === 1 ? "" : "s"}` : "leads nothing") +
+  (h.units ? `leads ${plural(h.units, "unit")}` : "leads nothing") +
+  (h.standing_by ? `, stands by for ${plural(h.standing_by, "unit")}` :
+  (h.units || h.host_id === null ? "" : " (idle)")) +
+  (h.host_id === null ? ` <span class="lacking">(not balancing)</span>` :
+  ` <span class="lacking">since ${esc(when(h.joined_at))}</span>`) +
   (h.lacks.length ? ` <span class="lacking">(cannot run ${h.lacks.map(esc).join(", ")})` +
   `</span>` : "") + `</div>`;
 const moves = (list) => list.map((f) =>
@@ -166,17 +177,39 @@ const moves = (list) => list.map((f) =>
   `${esc(f.to.pid)} ` + (f.from.host === f.to.host ? `on ${esc(f.to.host)}` :
   `(from ${esc(f.from.host)} to ${esc(f.to.host)})`) + `</li>`).join("") ||
   "<li>none seen</li>";
+// A lag as counted, or "~" before an estimate (above 10,000 events on PostgreSQL).
+const lag = (n, estimated) => (estimated ? "~" : "") + Number(n).toLocaleString("en");
+// Seconds as an ETA: "45 s", "12 min", "3 h 20 min".
+function duration(t) {
+  if (t < 90) return Math.max(1, Math.round(t)) + " s";
+  const m = Math.round(t / 60);
+  return m < 90 ? m + " min" : Math.floor(m / 60) + " h " + (m % 60) + " min";
+}
+// One version of a projection: its role, and while it builds how far it got.
+const versionLine = (v) => `<li data-version="${esc(v.name)}@${esc(v.version)}">` +
+  `${esc(v.name)} version ${esc(v.version)}: <span class="state-${esc(v.role)}">` +
+  `${esc(v.role)}</span>` + (v.role === "building" ?
+  ` · ${(100 * (v.progress || 0)).toFixed(1)}% of the event log applied, ` +
+  `${lag(v.lag_events, v.lag_estimated)} events to go` +
+  (v.events_per_second ? `, about ${Math.round(v.events_per_second)} events/s, ETA ` +
+  `~${duration(v.eta_seconds)} (estimate)` : ", rate not known yet") : "") +
+  (v.role === "superseded" || v.role === "withdrawn" ? ` <span class="lacking">(stopped ` +
+  `on purpose; retire it with eventcore-trio retire ${esc(v.name)} ${esc(v.version)})` +
+  `</span>` : "") + `</li>`;
 function draw(s) {
+  const versioned = new Set(s.versions.map((v) => v.name));
   document.getElementById("source").textContent = source(s.source);
   document.getElementById("meta").textContent = "status at " + when(s.generated_at) +
     (s.actions ? " · actions allowed" : " · read-only");
   document.getElementById("stale").textContent = s.error ? "stale: " + s.error : "";
   document.getElementById("actions").hidden = !s.actions;
   document.querySelector("#units tbody").innerHTML = s.units.map((u) =>
-    `<tr data-unit="${esc(u.unit)}"><td>${esc(u.unit)}</td>` +
+    `<tr data-unit="${esc(u.unit)}"><td>${esc(u.unit)}` +
+    `${versioned.has(u.name) && u.serving ? ' <span class="serving">serving</span>' : ""}</td>` +
     `<td class="state-${esc(u.state)}">${esc(u.state)}${runnable(u)}${lastError(u)}</td>` +
     `<td>${u.leader ? esc(u.leader.host) + " pid " + esc(u.leader.pid) : "-"}</td>` +
-    `<td>${esc(u.checkpoint || "-")}</td><td class="n">${u.lag_events}</td>` +
+    `<td>${esc(u.checkpoint || "-")}</td>` +
+    `<td class="n">${lag(u.lag_events, u.lag_estimated)}</td>` +
     `<td class="n">${u.lag_seconds.toFixed(2)}</td><td class="n">${u.standbys}</td>` +
     `<td class="n">${u.dead_letters}</td>` +
     `<td>${s.actions && u.partition === null ? resetButton(u.name) : ""}` +
@@ -188,11 +221,10 @@ function draw(s) {
   for (const button of document.querySelectorAll("button[data-replay]")) {
     button.onclick = () => replay(button.dataset.replay);
   }
-  const unnamed = s.unnamed_hosts ? `<div class="host">and ${s.unnamed_hosts} more live ` +
-    `host${s.unnamed_hosts === 1 ? "" : "s"} leading nothing <span class="lacking">(the ` +
-    `status counts but does not name hosts that can run every unit)</span></div>` : "";
-  document.getElementById("hosts").innerHTML =
-    (s.hosts.map(hostLine).join("") + unnamed) || "no live host";
+  const versions = document.getElementById("versions");
+  versions.hidden = !s.versions.length;
+  versions.querySelector("ul").innerHTML = s.versions.map(versionLine).join("");
+  document.getElementById("hosts").innerHTML = s.hosts.map(hostLine).join("") || "no live host";
   const held = s.held_back_by;
   document.getElementById("held").textContent = held ? `pid ${held.pid} ` +
     `(${held.application_name || "?"}), ${held.state}, since ${when(held.started_at)}: ` +

@@ -1,12 +1,13 @@
 """What the dashboard shows: the latest status of every unit, kept by one polling task.
 
-Requests never touch the database: one task reads `projection_status` once a second and
-keeps the snapshot, a few minutes of lag history, the recent failovers and hand-offs, and
-which database and schema it watches. When the database is down the snapshot keeps its last
-units and says why it is stale; a read that does not answer within `READ_TIMEOUT` counts as
-failed (a silent network partition can hold a query for minutes), and ``/metrics`` reports
-the store down and the snapshot's age instead of the last values. The outage is logged when
-it starts, then at most every `OUTAGE_LOG_INTERVAL` seconds, and when it ends.
+Requests never touch the database: one task reads `projection_status` and `live_hosts` once
+a second and keeps the snapshot, a few minutes of lag history, the recent failovers and
+hand-offs, and which database and schema it watches. When the database is down the snapshot
+keeps its last units and says why it is stale; a read that does not answer within
+`READ_TIMEOUT` counts as failed (a silent network partition can hold a query for minutes),
+and ``/metrics`` reports the store down and the snapshot's age instead of the last values.
+The outage is logged when it starts, then at most every `OUTAGE_LOG_INTERVAL` seconds, and
+when it ends.
 
 Times are UTC, to the second: an operator reads them, and microseconds only add noise.
 """
@@ -17,14 +18,26 @@ import datetime as dt
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Protocol, runtime_checkable
 
 import trio
 
 from .._errors import EventCoreError
+from .._filters import EventFilter
+from .._positions import Position
+from .._progress import VersionSummary, version_summaries, versioned
 from .._protocols import ProjectionAdmin
-from .._status import ForeignLock, LeaderInfo, ProjectionStatus, foreign_lock_json, status_json
+from .._status import (
+    ForeignLock,
+    LeaderInfo,
+    LiveHost,
+    ProjectionState,
+    ProjectionStatus,
+    foreign_lock_json,
+    status_json,
+)
+from .._versions import VersionRole
 
 logger = logging.getLogger("eventcore_trio.dashboard")
 
@@ -41,6 +54,8 @@ READ_TIMEOUT: Final = 10.0
 STALE_AFTER: Final = 15.0
 #: Seconds between the log lines of one outage after its first ("status unavailable").
 OUTAGE_LOG_INTERVAL: Final = 60.0
+#: Seconds of a building version's lag over which its rate (and so its ETA) is measured.
+RATE_WINDOW: Final = 60.0
 
 #: Where a SQL store's queries go, as the server sees the connection (no password there).
 _SOURCE_SQL: Final = (
@@ -63,6 +78,13 @@ def _process(info: LeaderInfo) -> _Process:
 
 class _Admin(Protocol):
     async def fetchrow(self, sql: str, *args: object) -> Any: ...
+
+
+@runtime_checkable
+class _HeadReader(Protocol):
+    # A store that says where its head is (`EventReader.last_position`): for the progress
+    # of a building version.
+    async def last_position(self, filter: EventFilter | None = None) -> Position | None: ...
 
 
 @runtime_checkable
@@ -155,6 +177,8 @@ class DashboardState:
         # Projections whose dead letters the page may replay (the dashboard has their code).
         self.replayable: list[str] = []
         self.statuses: list[ProjectionStatus] = []
+        # The live balancing hosts of the last read (`ProjectionAdmin.live_hosts`).
+        self.hosts: list[LiveHost] = []
         self.updated_at: dt.datetime | None = None
         self.error: str | None = None
         # Which database and schema the store reads (`describe_store`), once known.
@@ -169,21 +193,37 @@ class DashboardState:
         self._clock = clock
         self._created = clock()
         self._read_at: float | None = None
+        # The versions of the last read (`version_summaries`), and each building version's
+        # lag at successive reads, (clock(), lag), for its rate: kept while it builds.
+        self._versions: list[VersionSummary] = []
+        self._lags: dict[tuple[str, int], deque[tuple[float, int]]] = {}
 
-    def update(self, statuses: list[ProjectionStatus]) -> None:
-        """Take a new status read: history, and each unit now led by another process than
-        the one last seen leading it, as a failover or a hand-off.
+    def update(
+        self,
+        statuses: list[ProjectionStatus],
+        hosts: Sequence[LiveHost] = (),
+        head: Position | None = None,
+    ) -> None:
+        """Take a new status read and the live *hosts* read with it: history, and each unit
+        now led by another process than the one last seen leading it, as a failover or a
+        hand-off.
 
         A move is a hand-off when the process that led the unit is still live in this read
-        (it leads another unit, or is a live host that lacks one): a balancer moved the
-        unit, its old leader stopping after its batch. Balancing moves a unit only from a
-        host leading at least two more than another, so the old leader still leads one. A
-        move whose old leader is gone from the read is a failover (it died, or lost its
-        session). A unit's first leader, two hosts starting together included, is neither.
+        (it leads another unit, or is a live host): a balancer moved the unit, its old
+        leader stopping after its batch. A move whose old leader is gone from the read is a
+        failover (it died, or lost its session). A unit's first leader, two hosts starting
+        together included, is neither.
+
+        *head* is the store's last position, for the progress of a building version (its
+        checkpoint against it); its lag at successive updates gives its rate and ETA.
+
+        .. versionchanged:: 0.4
+           *hosts* and *head*.
         """
         now = _now()
         alive = {_process(r.leader) for r in statuses if r.leader is not None}
         alive.update(_process(info) for r in statuses for info in r.lacking_hosts)
+        alive.update(_process(host.process) for host in hosts)
         for record in statuses:
             if record.leader is None:
                 continue
@@ -202,9 +242,80 @@ class DashboardState:
             {"at": now.isoformat(), "lag": {r.unit: r.lag_events for r in statuses}}
         )
         self.statuses = statuses
+        self.hosts = list(hosts)
         self.updated_at = now
         self._read_at = self._clock()
         self.error = None
+        self._versions = version_summaries(statuses, head)
+        building = {
+            (v.name, v.version): v.lag_events
+            for v in self._versions
+            if v.role is VersionRole.BUILDING
+        }
+        for key in list(self._lags):
+            if key not in building:
+                del self._lags[key]
+        for key, lag in building.items():
+            samples = self._lags.setdefault(key, deque())
+            samples.append((self._read_at, lag))
+            while len(samples) > 2 and self._read_at - samples[1][0] >= RATE_WINDOW:
+                samples.popleft()
+
+    def rebuild_rate(self, name: str, version: int) -> float | None:
+        """Events per second by which a building version's lag shrank over the last
+        `RATE_WINDOW` seconds of reads (what it applies less what arrives meanwhile), or
+        None before two reads or while it does not shrink. An estimate.
+
+        .. versionadded:: 0.4
+        """
+        samples = self._lags.get((name, version))
+        if not samples or len(samples) < 2:
+            return None
+        (then, before), (now, lag) = samples[0], samples[-1]
+        if now <= then or lag >= before:
+            return None
+        return (before - lag) / (now - then)
+
+    def rebuild_eta(self, name: str, version: int) -> float | None:
+        """Seconds until a building version catches up at `rebuild_rate`, or None when no
+        rate is known. An estimate.
+
+        .. versionadded:: 0.4
+        """
+        rate = self.rebuild_rate(name, version)
+        summary = next((v for v in self._versions if (v.name, v.version) == (name, version)), None)
+        if rate is None or summary is None:
+            return None
+        return summary.lag_events / rate
+
+    @property
+    def versions(self) -> list[VersionSummary]:
+        """Every version of every projection in the last read: role, lag, progress.
+
+        .. versionadded:: 0.4
+        """
+        return list(self._versions)
+
+    def _versions_json(self) -> list[dict[str, Any]]:
+        # A projection's versions when it has several (or one above 1): the page shows them.
+        names = versioned(self._versions)
+        return [
+            {
+                "name": v.name,
+                "version": v.version,
+                "role": v.role.value,
+                "units": v.units,
+                "lag_events": v.lag_events,
+                "lag_estimated": v.lag_estimated,
+                # Share of the event log applied (building versions only).
+                "progress": v.progress,
+                # Both from successive reads: estimates, None until known.
+                "events_per_second": self.rebuild_rate(v.name, v.version),
+                "eta_seconds": self.rebuild_eta(v.name, v.version),
+            }
+            for v in self._versions
+            if v.name in names
+        ]
 
     def fail(self, error: BaseException) -> None:
         """Keep the last snapshot, marked stale with *error*."""
@@ -229,45 +340,50 @@ class DashboardState:
         """
         return self.error is None and self._read_at is not None and self.status_age() < STALE_AFTER
 
-    def _hosts(self) -> dict[str, Any]:
-        """The live processes the status names, and how many more live hosts it counts.
-
-        Named: every process leading a unit, and every live balancing host lacking one (with
-        the units it cannot run). The status counts the live balancing hosts
-        (``runnable_by`` plus the lacking ones) but does not name a host that leads nothing
-        and can run every unit (idle, or standing by only): ``unnamed`` is at least how many
-        such hosts are live (exact when every leader is a balancing host).
+    def _hosts(self) -> list[dict[str, Any]]:
+        """Every live process: each live balancing host, idle ones too (with what it last
+        published and the units it cannot run), then each process that leads units without
+        balancing (``host_id`` None: `run_projection`, or a host of a version that did not
+        register).
         """
-        led: dict[_Process, int] = {}
-        lacks: dict[_Process, list[str]] = {}
-        live: int | None = None
+        listed = {_process(host.process) for host in self.hosts}
+        units = [record.unit for record in self.statuses]
+        result: list[dict[str, Any]] = [
+            {
+                "host_id": host.host_id,
+                "host": host.process.host,
+                "pid": host.process.pid,
+                "application_name": host.process.application_name,
+                "joined_at": host.joined_at.replace(microsecond=0).isoformat(),
+                "units": len(host.state.leading),
+                "standing_by": len(host.state.standing_by),
+                "lacks": [unit for unit in units if unit not in host.state.can_run],
+            }
+            for host in self.hosts
+        ]
+        others: dict[_Process, tuple[str, int]] = {}
         for record in self.statuses:
-            if record.leader is not None:
-                key = _process(record.leader)
-                led[key] = led.get(key, 0) + 1
-            for info in record.lacking_hosts:
-                lacks.setdefault(_process(info), []).append(record.unit)
-            if record.runnable_by is not None:
-                count = record.runnable_by + len(record.lacking_hosts)
-                live = count if live is None else max(live, count)
-        named = sorted(led.keys() | lacks.keys())
-        return {
-            "named": [
-                {
-                    "host": host,
-                    "pid": pid,
-                    "units": led.get((host, pid), 0),
-                    "lacks": lacks.get((host, pid), []),
-                }
-                for host, pid in named
-            ],
-            "live": live,
-            "unnamed": 0 if live is None else max(0, live - len(named)),
-        }
+            leader = record.leader
+            if leader is not None and _process(leader) not in listed:
+                _, count = others.get(_process(leader), ("", 0))
+                others[_process(leader)] = (leader.application_name, count + 1)
+        result.extend(
+            {
+                "host_id": None,
+                "host": host,
+                "pid": pid,
+                "application_name": application_name,
+                "joined_at": None,
+                "units": count,
+                "standing_by": 0,
+                "lacks": [],
+            }
+            for (host, pid), (application_name, count) in sorted(others.items())
+        )
+        return result
 
     def snapshot(self) -> dict[str, Any]:
         """Everything ``/status.json`` serves."""
-        hosts = self._hosts()
         held = next((r for r in self.statuses if r.held_back_by is not None), None)
         # Each record repeats the store-wide ones: each session and lock once.
         foreign: dict[tuple[int, str, str | None], ForeignLock] = {}
@@ -281,18 +397,24 @@ class DashboardState:
             "actions": self.allow_actions,
             "replayable": self.replayable if self.allow_actions else [],
             "units": [status_json(r) for r in self.statuses],
-            # Leaders and live hosts the status names, each with the units it leads
-            # (maybe 0) and those it cannot run.
-            "hosts": hosts["named"],
-            # Live balancing hosts (None: none is live), and how many of them the status
-            # does not name (at least; they lead nothing and can run every unit).
-            "live_hosts": hosts["live"],
-            "unnamed_hosts": hosts["unnamed"],
+            # Every live balancing host (idle ones too), then every other process leading
+            # units: how many it leads and stands by for, and the units it cannot run.
+            "hosts": self._hosts(),
+            # How many live balancing hosts there are.
+            "live_hosts": len(self.hosts),
             "held_back_by": None if held is None else status_json(held)["held_back_by"],
             # Sessions from outside the store holding or awaiting its locks (PostgreSQL).
             "foreign_locks": [foreign_lock_json(f) for f in foreign.values()],
-            # Units that live balancing hosts exist for but none of them can run.
-            "unrunnable": [r.unit for r in self.statuses if r.unrunnable],
+            # Units that live balancing hosts exist for but none of them can run (not those
+            # of a superseded version: they are meant to stop).
+            "unrunnable": [
+                r.unit
+                for r in self.statuses
+                if r.unrunnable and r.state is not ProjectionState.SUPERSEDED
+            ],
+            # Versions of the projections that have several: which serves, which builds
+            # (progress, rate and ETA), which are superseded or withdrawn.
+            "versions": self._versions_json(),
             # Units that moved because their leader was gone (newest first) ...
             "failovers": list(self._failovers),
             # ... and those a live leader handed to another host.
@@ -307,7 +429,7 @@ async def poll_status(
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Read the store's status into *state* once a second, until cancelled.
+    """Read the store's status and live hosts into *state* once a second, until cancelled.
 
     A failed read (the database restarting, say), or one that takes longer than
     `READ_TIMEOUT` seconds (it is cancelled), marks the snapshot stale and is retried at the
@@ -317,6 +439,9 @@ async def poll_status(
     says which database and schema the store reads (``source`` in ``/status.json``).
 
     .. versionadded:: 0.3
+    .. versionchanged:: 0.4
+       The live hosts too (`ProjectionAdmin.live_hosts`), idle ones included; the store's
+       head, for the progress of a building version.
     """
     outage = _OutageLog()
     started = False
@@ -326,6 +451,8 @@ async def poll_status(
                 if state.source is None:
                     state.source = await describe_store(store)
                 statuses = await store.projection_status()
+                hosts = await store.live_hosts()
+                head = await store.last_position() if isinstance(store, _HeadReader) else None
         except trio.TooSlowError:
             error = TimeoutError(f"the database did not answer within {READ_TIMEOUT:g} s")
             outage.failed(str(error))
@@ -335,7 +462,7 @@ async def poll_status(
             state.fail(exc)
         else:
             outage.succeeded()
-            state.update(statuses)
+            state.update(statuses, hosts, head)
         if not started:
             started = True
             task_status.started()

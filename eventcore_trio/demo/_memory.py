@@ -122,7 +122,7 @@ async def run_demo(
 
             nursery.start_soon(progress)
             config = ProjectionConfig(continuous=True, poll_interval=0.05)
-            await nursery.start(run_projection, projector, store, config)
+            await nursery.start(run_projection, store, projector, config)
             cache = StateCache()
             async with trio.open_nursery() as writing:
                 for w in range(writers):

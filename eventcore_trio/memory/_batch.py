@@ -8,7 +8,7 @@ whole batch becomes visible at once, or (on an error) nothing does.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, final
 
 import trio
@@ -79,6 +79,11 @@ class MemoryBatch:
     def failure(self) -> BaseException | None:
         """Always None: nothing can interrupt a memory batch half-way."""
         return None
+
+    async def run_setup(self, setup: Callable[[Database], Awaitable[None]]) -> None:
+        """Run a setup hook with `db`: which the memory store does not have (it raises
+        `DatabaseNotAvailable`, as a handler's ``ctx.db`` does)."""
+        await setup(self.db)
 
     async def flush(self) -> None:
         """Nothing to send: the memory store has no ``ctx.db``."""

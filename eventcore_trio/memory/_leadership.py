@@ -35,8 +35,10 @@ class MemoryLeadership(LeadershipState):
         super().__init__(name)
         self._state = state
 
-    def open_batch(self) -> MemoryBatch:
+    def open_batch(self, *, read_model: bool = False) -> MemoryBatch:
         """Stage a batch; it is applied when the block ends without an exception.
+
+        *read_model* is accepted for the protocol: the memory store has no schemas.
 
         Raises:
             LeadershipLost: the leadership was lost before or during the batch.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import socket
 import uuid
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
@@ -10,8 +12,8 @@ from typing import final
 import attrs
 import trio
 
-from .._status import ClusterView, HostState
-from ._state import MemoryState
+from .._status import ClusterView, HostState, LeaderInfo, LiveHost
+from ._state import MemoryState, now
 
 
 @final
@@ -67,10 +69,30 @@ async def register(
     """Register a host that runs *runs* (every unit when None) for the block."""
     membership = MemoryMembership(state)
     state.hosts[membership.host_id] = HostState(runs=None if runs is None else frozenset(runs))
+    state.hosts_joined[membership.host_id] = now()
     state.hosts_changed()
     try:
         yield membership
     finally:
         membership._registered = False
         del state.hosts[membership.host_id]
+        del state.hosts_joined[membership.host_id]
         state.hosts_changed()
+
+
+def live_hosts(state: MemoryState) -> list[LiveHost]:
+    """Every registered host, oldest first (the registry keeps registration order): all of
+    them are this process."""
+    return [
+        LiveHost(
+            host_id=host_id,
+            process=LeaderInfo(
+                pid=os.getpid(),
+                host=socket.gethostname(),
+                application_name=f"memory host {host_id}",
+            ),
+            joined_at=state.hosts_joined[host_id],
+            state=host,
+        )
+        for host_id, host in state.hosts.items()
+    ]

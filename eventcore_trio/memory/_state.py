@@ -26,6 +26,7 @@ from .._partitions import Unit, units_of
 from .._positions import Position, position_parts
 from .._snapshots import Snapshot
 from .._status import DeadLetter, HostState, LeaderInfo, ProjectionState
+from .._versions import VersionSwitch
 
 if TYPE_CHECKING:
     from ._leadership import MemoryLeadership
@@ -104,10 +105,19 @@ class MemoryState:
         self.partitions: dict[str, int] = {}
         # Registered hosts and what they published; the event is replaced on every change.
         self.hosts: dict[str, HostState] = {}
+        # When each registered host joined (what `live_hosts` says and orders by).
+        self.hosts_joined: dict[str, dt.datetime] = {}
         self.hosts_event = trio.Event()
         # How many registrations, departures and publications there were.
         self.hosts_changes = 0
         self.dead_letters: dict[str, list[DeadLetter]] = {}
+        # Projection name -> its serving version, the versions withdrawn by a switch back,
+        # and every switch in order (see _versions).
+        self.serving: dict[str, int] = {}
+        self.withdrawn: dict[str, set[int]] = {}
+        self.switches: list[VersionSwitch] = []
+        # Set (and replaced) on every switch, for runners waiting to hear of one.
+        self.versions_event = trio.Event()
         # Set (and replaced) on every append, for wait_for_events.
         self.appended = trio.Event()
         # Ordinal of the last append ("transaction"); the commit part of every position.
@@ -187,6 +197,11 @@ class MemoryState:
         if Unit.parse(name).partition is not None:
             return [name]
         return [unit.name for unit in units_of(name, self.partition_count(name) or 1)]
+
+    def versions_changed(self) -> None:
+        """Wake everyone waiting for a switch of a serving version."""
+        self.versions_event.set()
+        self.versions_event = trio.Event()
 
     def hosts_changed(self) -> None:
         """Wake everyone waiting for a registration, departure or publication."""

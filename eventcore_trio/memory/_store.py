@@ -23,16 +23,18 @@ from .._partitions import check_partitions
 from .._positions import Position
 from .._protocols import OneStreamAppend
 from .._snapshots import Snapshot, check_snapshot
-from .._status import DeadLetter, ProjectionStatus
+from .._status import DeadLetter, LiveHost, ProjectionStatus
 from .._validation import (
     check_name,
+    check_projection_name,
     check_projector_name,
     check_state_name,
     check_stream_id,
     check_version_cursor,
     encode_json_object,
 )
-from . import _reads, _snapshots, _subscriptions
+from .._versions import VersionRole, VersionSwitch, check_version
+from . import _membership, _reads, _snapshots, _subscriptions, _versions
 from ._admin import MemoryAdmin
 from ._appends import apply, check_appends, stage
 from ._leadership import MemoryLeadership, lead, wait_lead
@@ -215,8 +217,29 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
 
     async def recorded_partitions(self, name: str) -> int | None:
         """How many units projection *name* runs as (see `ProjectorCoordinator`)."""
-        check_projector_name(name)
+        check_projection_name(name)
         return (await self._ready()).partition_count(name)
+
+    async def version_role(self, name: str, version: int) -> VersionRole:
+        """What *version* of *name* does now (see `ProjectorCoordinator.version_role`).
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        check_version(version)
+        return _versions.role(await self._ready(), name, version)
+
+    async def switch_if_caught_up(
+        self, name: str, version: int, units: Sequence[tuple[str, EventFilter]]
+    ) -> VersionRole:
+        """Make *version* of *name* serve if it builds and has caught up (see
+        `ProjectorCoordinator.switch_if_caught_up`).
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        check_version(version)
+        return _versions.switch_if_caught_up(await self._ready(), name, version, units)
 
     # -- ProjectionAdmin ----------------------------------------------------------------
 
@@ -233,6 +256,48 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
            units of another partition count.
         """
         return _subscriptions.projection_status(await self._ready())
+
+    async def live_hosts(self) -> list[LiveHost]:
+        """Every registered host, idle ones too, oldest first (see `ProjectionAdmin`); each
+        is this process.
+
+        .. versionadded:: 0.4
+        """
+        return _membership.live_hosts(await self._ready())
+
+    async def serving_version(self, name: str) -> int | None:
+        """The version of *name* that serves reads (see `ProjectionAdmin.serving_version`).
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        return (await self._ready()).serving.get(name)
+
+    async def version_switches(self, name: str) -> list[VersionSwitch]:
+        """*name*'s switches of serving version, oldest first (see `ProjectionAdmin`).
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        return _versions.switches(await self._ready(), name)
+
+    async def serve_version(self, name: str, version: int) -> None:
+        """Make *version* of *name* serve now (see `ProjectionAdmin.serve_version`).
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        check_version(version)
+        _versions.serve(await self._ready(), name, version)
+
+    async def retire_version(self, name: str, version: int, *, wait: bool = False) -> None:
+        """Drop a version that does not serve (see `ProjectionAdmin.retire_version`).
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        check_version(version)
+        await _versions.retire(await self._ready(), name, version, wait=wait)
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters (see `ProjectionAdmin`)."""

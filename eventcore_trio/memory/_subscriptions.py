@@ -6,8 +6,6 @@ it). "Where is a checkpoint written?" Here, and in a batch's commit (`MemoryBatc
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 from collections.abc import Callable
 
 import attrs
@@ -19,7 +17,6 @@ from .._partitions import Unit, partition_of, plan_repartition, split_parent, un
 from .._positions import Position
 from .._status import (
     DeadLetter,
-    LeaderInfo,
     ProjectionState,
     ProjectionStatus,
     ahead_error,
@@ -28,7 +25,9 @@ from .._status import (
     status_order,
     unit_state,
 )
+from .._versions import role_of, split_versioned
 from ._leadership import wait_lead
+from ._membership import live_hosts
 from ._reads import first_after
 from ._state import MemoryState, ProjectionRecord, now
 
@@ -74,17 +73,7 @@ def projection_status(state: MemoryState) -> list[ProjectionStatus]:
     """One record per unit that has run or checkpointed, or that a live host runs (see
     `MemoryStore.projection_status`)."""
     current_time = now()
-    hosts = [
-        (
-            host,
-            LeaderInfo(
-                pid=os.getpid(),
-                host=socket.gethostname(),
-                application_name=f"memory host {host_id}",
-            ),
-        )
-        for host_id, host in sorted(state.hosts.items())
-    ]
+    hosts = [(host.state, host.process) for host in live_hosts(state)]
     runnable = {unit for host, _ in hosts for unit in host.can_run}
     in_use = state.leaders.keys() | {u for u, n in state.waiting.items() if n}
 
@@ -141,9 +130,16 @@ def projection_status(state: MemoryState) -> list[ProjectionStatus]:
             if lag_filter is None or lag_filter.matches(e.stream_id, e.type)
         ]
         unit = unit_state(holder=holder, standbys=state.waiting[name], last=record.state)
+        base, version = split_versioned(parsed.projection)
+        serving = state.serving.get(base)
+        withdrawn = frozenset(state.withdrawn.get(base, ()))
+        if holder is None and not role_of(version, serving, withdrawn).runs:
+            unit = ProjectionState.SUPERSEDED
         result.append(
             ProjectionStatus(
-                name=parsed.projection,
+                name=base,
+                version=version,
+                serving=serving is None or serving == version,
                 partition=None if parsed.partition is None else parsed.partition.index,
                 partitions=parsed.partitions,
                 checkpoint=checkpoint,

@@ -35,6 +35,7 @@ from .._errors import (
 )
 from .._events import AppendResult, RecordedEvent, StreamAppend, UndecodableEvent
 from .._positions import Position, position_parts
+from .._protocols import Database
 from ._appends import AppendStatement, append_result
 from ._bridge import Connection, Record
 from ._dead_letters import dead_letter_arguments
@@ -131,8 +132,15 @@ class PostgresBatch:
         *,
         append_statement: AppendStatement | None = None,
         on_appended: Callable[[], None] | None = None,
+        begin: str | None = None,
+        setup_lock: int | None = None,
     ) -> None:
         self._connection = connection
+        # The key a setup hook runs under (see `run_setup`), for a read-model batch.
+        self._setup_lock = setup_lock
+        # What begins the transaction when it is not a plain BEGIN: a read-model batch's,
+        # which also puts its schema first on the search_path (see `search_path_begin`).
+        self._begin = begin
         self._append_statement = append_statement
         # Wakes readers once a batch that appended events (a reactor's) has committed.
         self._on_appended = on_appended
@@ -174,6 +182,15 @@ class PostgresBatch:
         """The transaction, for the projector's own writes (``ctx.db``)."""
         return self._db
 
+    async def run_setup(self, setup: Callable[[Database], Awaitable[None]]) -> None:
+        """Run a read model's *setup* hook in this transaction, one unit of the version at a
+        time (a transaction-level lock on its read-model schema, held until this batch
+        ends): the units of a version share the schema, and two transactions running
+        ``CREATE TABLE IF NOT EXISTS`` at once fail."""
+        if self._setup_lock is not None:
+            await self._db.execute("SELECT pg_advisory_xact_lock($1)", self._setup_lock)
+        await setup(self._db)
+
     @property
     def failure(self) -> BaseException | None:
         """Why this batch can no longer commit although no handler raised, or None."""
@@ -195,7 +212,11 @@ class PostgresBatch:
             raise self._interrupted_error()
         if not self._begun:
             self._begun = True
-            await self._guarded(self._connection.begin)
+            if self._begin is None:
+                await self._guarded(self._connection.begin)
+            else:
+                # Without arguments: the simple protocol, both statements in one round trip.
+                await self._guarded(self._connection.execute, self._begin)
         return await self._guarded(call, *args)
 
     async def _guarded(self, call: Callable[..., Awaitable[T]], *args: Any) -> T:

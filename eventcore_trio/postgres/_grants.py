@@ -19,10 +19,12 @@ from ._schema import INSUFFICIENT_PRIVILEGE, MAX_IDENTIFIER_BYTES, check_schema_
 # What the runtime role writes, table by table; it reads every table but the marks' secret.
 _WRITES: Final[dict[str, str]] = {
     "subscriptions": "INSERT, UPDATE, DELETE",
-    "projections": "INSERT, UPDATE",
+    "projections": "INSERT, UPDATE, DELETE",
     "hosts": "INSERT, UPDATE, DELETE",
     "dead_letters": "INSERT, UPDATE, DELETE",
     "snapshots": "INSERT, UPDATE, DELETE",
+    "serving_versions": "INSERT, UPDATE",
+    "version_switches": "INSERT",
 }
 _READS: Final = ("schema_migrations", "events", "streams", *_WRITES)
 

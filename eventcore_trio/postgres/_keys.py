@@ -16,7 +16,9 @@ from typing import Literal
 
 
 def lock_key(
-    kind: Literal["projector", "migration", "host", "index", "writer"], schema: str, name: str
+    kind: Literal["projector", "migration", "host", "index", "writer", "read-model"],
+    schema: str,
+    name: str,
 ) -> int:
     """Return the advisory-lock key for *name* of *kind* in *schema*."""
     material = b"\x00".join(
@@ -44,6 +46,13 @@ def host_lock_key(schema: str, host_id: str) -> int:
 def index_lock_key(schema: str) -> int:
     """The session key held while one partition index of *schema* is built."""
     return lock_key("index", schema, "")
+
+
+def read_model_lock_key(schema: str, read_model: str) -> int:
+    """The transaction-level key that a version's setup hook runs under: every unit of the
+    version shares its read-model schema, and DDL such as ``CREATE TABLE IF NOT EXISTS``
+    fails when two transactions run it at once."""
+    return lock_key("read-model", schema, read_model)
 
 
 def writer_lock_key(schema: str) -> int:

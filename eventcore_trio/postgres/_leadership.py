@@ -49,12 +49,15 @@ from .._errors import (
     UnsupportedPooling,
 )
 from .._filters import EventFilter
+from .._partitions import Unit
 from .._status import ProjectionState
 from .._util import background
+from .._versions import read_model_schema_name, split_versioned
 from ._appends import AppendStatement
 from ._batch import PostgresBatch
 from ._bridge import Connection, connect
 from ._fence import CHECK_LOCK, HOLDS_LOCKS, POOLER_HINT, TRY_LOCKS, UNLOCK_HELD, LockProof
+from ._keys import read_model_lock_key
 from ._lock_session import (
     lock_session_settings,
     prepare_lock_session,
@@ -65,6 +68,7 @@ from ._lock_session import (
     warn_proxied_once,
 )
 from ._subscriptions import Subscriptions, report_arguments, report_statement
+from ._versions import create_read_model_schema, search_path_begin
 
 # The client-side check: a ping this often, each bounded by PING_TIMEOUT, so a lost lock is
 # noticed within about a second even when the server never closes the socket.
@@ -110,6 +114,14 @@ class PostgresLeadership(LeadershipState):
         self._context = context
         # Serialises use of the connection between the keepalive and work done under the lock.
         self._connection_lock = trio.Lock()
+        # Whether this leadership made sure its read-model schema exists: nothing drops it
+        # while the lock is held (a reset or a retire takes the lock first).
+        self._schema_ready = False
+
+    def _read_model_schema(self) -> str:
+        # The unit's projection gives the projector's name and the version.
+        name, version = split_versioned(Unit.parse(self.name).projection)
+        return read_model_schema_name(self._context.subscriptions.schema, name, version)
 
     @property
     def lock_key(self) -> int:
@@ -122,18 +134,39 @@ class PostgresLeadership(LeadershipState):
         return self._proof.backend_pid
 
     @asynccontextmanager
-    async def open_batch(self) -> AsyncIterator[PostgresBatch]:
+    async def open_batch(self, *, read_model: bool = False) -> AsyncIterator[PostgresBatch]:
         """Open a transaction on the lock-holding session; commit when the block ends.
 
         The commit is fenced: it happens only if this session still holds the lock.
+
+        Args:
+            read_model: run the batch in the read-model schema of the unit's projection
+                version (`read_model_schema_name`): the schema is created if missing (once
+                per leadership), and the transaction puts it first on its ``search_path``,
+                before the session's own, so that unqualified names in ``ctx.db`` land in
+                it. It costs no extra round trip: the same one that sends BEGIN sets the
+                path, and a batch that writes nothing through ``ctx.db`` sends neither.
 
         Raises:
             LeadershipLost: the lock was lost before the batch or while it ran (the
                 transaction did not commit).
             BatchInterrupted: a statement of the batch was interrupted mid-flight; the
                 batch rolled back.
+            ConfigurationError: *read_model* and the schema is missing, and this role may
+                not create it.
+
+        .. versionchanged:: 0.4
+           *read_model*.
         """
         async with self._use() as connection:
+            begin = setup_lock = None
+            if read_model:
+                schema = self._read_model_schema()
+                if not self._schema_ready:
+                    await create_read_model_schema(connection, schema, self.name)
+                    self._schema_ready = True
+                begin = search_path_begin(schema)
+                setup_lock = read_model_lock_key(self._context.subscriptions.schema, schema)
             batch = PostgresBatch(
                 connection,
                 self._proof,
@@ -141,6 +174,8 @@ class PostgresLeadership(LeadershipState):
                 self.mark_lost,
                 append_statement=self._context.append_statement,
                 on_appended=self._context.on_appended,
+                begin=begin,
+                setup_lock=setup_lock,
             )
             try:
                 async with batch:

@@ -29,7 +29,7 @@ import attrs
 import trio
 
 from .._errors import EventCoreError
-from .._status import ClusterView, HostState, LeaderInfo
+from .._status import ClusterView, HostState, LeaderInfo, LiveHost
 from ._bridge import Record
 from ._fence import LOCK_HELD, SESSION_HOLDS_LOCK
 from ._keys import host_lock_key, projector_lock_key
@@ -119,21 +119,27 @@ def _host_state(row: Record) -> HostState:
     )
 
 
-async def live_hosts(pool: Pool, schema: str) -> list[tuple[HostState, LeaderInfo]]:
-    """What every live host published, and who it is (for status), in host id order."""
+async def live_hosts(pool: Pool, schema: str) -> list[LiveHost]:
+    """Every live host: who it is and what it published, oldest first (host id breaks ties).
+
+    Rows of dead hosts are skipped, not deleted: an operator's read changes nothing (the
+    hosts' own views delete them).
+    """
     live = SESSION_HOLDS_LOCK.format(session="h.backend_pid", key="h.lock_key")
     rows = await pool.fetch(
-        f"SELECT h.leads, h.stands_by, h.runs, h.pid, h.hostname, h.application "
-        f'FROM "{schema}".hosts h WHERE {live} ORDER BY h.host_id'
+        f"SELECT h.host_id, h.joined_at, h.leads, h.stands_by, h.runs, h.pid, h.hostname, "
+        f'h.application FROM "{schema}".hosts h WHERE {live} ORDER BY h.joined_at, h.host_id'
     )
     return [
-        (
-            _host_state(row),
-            LeaderInfo(
+        LiveHost(
+            host_id=row["host_id"],
+            process=LeaderInfo(
                 pid=row["pid"] or 0,
                 host=row["hostname"] or "",
                 application_name=row["application"] or "",
             ),
+            joined_at=row["joined_at"],
+            state=_host_state(row),
         )
         for row in rows
     ]

@@ -8,8 +8,11 @@ at or above today's horizon, so it is read later, never skipped. See docs/postgr
 
 from __future__ import annotations
 
+import datetime as dt
+from collections.abc import Sequence
 from typing import Any, Final, final
 
+import attrs
 import trio
 
 from .._backend._decoding import decode_stored, require_decoded
@@ -24,6 +27,13 @@ EVENT_COLUMNS: Final = (
     "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at"
 )
 
+
+#: Up to how many matching events behind status counts a unit's lag exactly; beyond, it
+#: estimates it (`lag_estimate`). Counting this many costs about a millisecond along an
+#: index (10 ms through a filter no index serves, such as a stream prefix matching a tenth),
+#: ten times that at 100,000, where an exact count of every event behind costs a second per
+#: unit at 10,000,000 (docs/benchmarks.md, "Status cost").
+EXACT_LAG: Final = 10_000
 
 #: Rows of transactions that have all ended: the cheap visibility rule, tried first.
 VISIBLE: Final = "tx < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
@@ -247,18 +257,77 @@ class ReadQueries:
     def lag(
         self, checkpoint: Position | None, event_filter: EventFilter | None
     ) -> tuple[str, list[object]]:
-        """How many committed matching events follow *checkpoint*, and the oldest's time.
+        """What status needs to tell a unit's lag, at a cost that does not grow with it.
 
-        Committed, not visible: events held back by the read horizon are lag too.
+        One row per event type of *event_filter* (one row without types): ``n``, how many
+        committed matching events follow *checkpoint*, counted up to `EXACT_LAG` + 1 along
+        an index (the primary key, the type index, a partition index); ``low`` and
+        ``high``, the least and greatest position among those counted; ``tx``,
+        ``position`` and ``recorded_at`` of the first of them, NULL when none follows; and
+        ``head``, the position of the last event of the store. `lag_estimate` turns the
+        rows into a lag. Committed, not visible: events held back by the read horizon are
+        lag too.
         """
         tx, seq = (0, 0) if checkpoint is None else position_parts(checkpoint)
         args: list[object] = [tx, seq]
-        clauses = ["(tx, position) > ($1, $2)", *filter_clauses(event_filter, args)]
+        types = None if event_filter is None else event_filter.event_types
+        rest = None if event_filter is None else attrs.evolve(event_filter, event_types=None)
+        clauses = ["(tx, position) > ($1, $2)", *filter_clauses(rest, args)]
+        source = ""
+        if types is not None:
+            # One count per type, each an ordered walk of the type index: with
+            # `type = ANY(...)` PostgreSQL (before 17) reads that index in no useful order
+            # and sorts every match after the checkpoint to count the first ones (0.3 s
+            # at 2,500,000 matches, where one type's walk takes 3 ms).
+            args.append(sorted(types))
+            source = f"unnest(${len(args)}::text[]) AS t(type) CROSS JOIN LATERAL "
+            clauses.append("type = t.type")
+        where = " AND ".join(clauses)
+        # The limit is written into the SQL: a parameter would leave the planner guessing
+        # how many rows the count reads.
         return (
-            f"SELECT count(*) AS n, min(recorded_at) AS oldest FROM {self._events} "
-            f"WHERE {' AND '.join(clauses)}",
+            "SELECT w.n, w.low, w.high, f.tx, f.position, f.recorded_at, "
+            f"(SELECT position FROM {self._events} ORDER BY tx DESC, position DESC LIMIT 1) "
+            f"AS head FROM {source}"
+            "(SELECT count(*) AS n, min(position) AS low, max(position) AS high "
+            f"FROM (SELECT position FROM {self._events} WHERE {where} "
+            f"ORDER BY tx, position LIMIT {int(EXACT_LAG) + 1}) AS counted) AS w "
+            f"LEFT JOIN LATERAL (SELECT tx, position, recorded_at FROM {self._events} "
+            f"WHERE {where} ORDER BY tx, position LIMIT 1) AS f ON true",
             args,
         )
+
+
+def lag_estimate(rows: Sequence[Any]) -> tuple[int, bool, dt.datetime | None]:
+    """A unit's lag from the rows of `ReadQueries.lag`: how many events, whether that is an
+    estimate, and when the first of them was recorded (None when none follows).
+
+    Up to `EXACT_LAG` events (of each type) the count is exact. Beyond, the counted events
+    are the first ones after the checkpoint: as many matching events per position as among
+    them (1 for an unfiltered unit, less the gaps that failed appends leave in the
+    sequence; about 1/K for a partition of K), over the positions from the first of them to
+    the head.
+    """
+    # Chosen by measurement (docs/benchmarks.md, "Status cost"): both ends are index
+    # steps, so the cost stays that of counting EXACT_LAG rows, and the density of the
+    # first matches is within a percent on evenly spread events. pg_class.reltuples, the
+    # other cheap figure, is the whole table's, as old as the last ANALYZE, and blind to a
+    # filter. Never below what was counted: an estimate is always above EXACT_LAG.
+    total, estimated = 0, False
+    for row in rows:
+        n: int = row["n"]
+        if n <= EXACT_LAG:
+            total += n
+            continue
+        per_position = n / (row["high"] - row["low"] + 1)
+        total += max(n, round(per_position * (row["head"] - row["low"] + 1)))
+        estimated = True
+    first = min(
+        (row for row in rows if row["tx"] is not None),
+        key=lambda row: (row["tx"], row["position"]),
+        default=None,
+    )
+    return total, estimated, None if first is None else first["recorded_at"]
 
 
 async def read_page(

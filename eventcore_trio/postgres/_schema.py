@@ -138,7 +138,8 @@ async def migrate(pool: Pool, schema: str) -> int:
         ) from exc
 
 
-async def _apply_migrations(pool: Pool, schema: str) -> int:
+async def _apply_migrations(pool: Pool, schema: str, target: int = LATEST_SCHEMA_VERSION) -> int:
+    # *target*: the version to stop at (tests build a schema as an older library left it).
     async with pool.acquire() as conn, conn.transaction():
         # Every statement of a migration resolves names in pg_catalog alone, whatever the
         # role's search_path holds: what another role planted there never runs as the owner.
@@ -164,7 +165,7 @@ async def _apply_migrations(pool: Pool, schema: str) -> int:
             f'SELECT coalesce(max(version), 0) FROM "{schema}".schema_migrations'
         )
         _check_not_newer(schema, current)
-        for version in range(current + 1, LATEST_SCHEMA_VERSION + 1):
+        for version in range(current + 1, target + 1):
             await conn.execute(_render(_MIGRATIONS[version - 1].read_text("utf-8"), schema))
             await conn.execute(
                 f'INSERT INTO "{schema}".schema_migrations (version, library_version) '
@@ -172,7 +173,7 @@ async def _apply_migrations(pool: Pool, schema: str) -> int:
                 version,
                 __version__,
             )
-        return LATEST_SCHEMA_VERSION - int(current)
+        return max(0, target - int(current))
 
 
 #: PostgreSQL's SQLSTATE for a statement the role lacks the privileges for.

@@ -26,11 +26,12 @@ from .._status import (
     status_order,
     unit_state,
 )
+from .._versions import VersionRole, role_of, split_versioned
 from ._admin import foreign_locks
 from ._bridge import Record
 from ._keys import projector_lock_key, writer_lock_key
 from ._pool import Pool
-from ._reads import ReadQueries
+from ._reads import ReadQueries, lag_estimate
 from ._subscriptions import Subscriptions, child_filter, stored_ahead
 
 _NAME: Final = "subscription_name"
@@ -157,6 +158,13 @@ class StatusReport:
                 f"SELECT name, partitions FROM {self._projections_table}"
             )
         }
+        # Which version of each projection serves, and which are withdrawn.
+        serving = {
+            row["name"]: (row["version"], frozenset(row["withdrawn"]))
+            for row in await self._pool.fetch(
+                f'SELECT name, version, withdrawn FROM "{self._schema}".serving_versions'
+            )
+        }
         held_back_by = await self._oldest_open_transaction()
         by_name = {row[_NAME]: row for row in rows}
         runnable = {u for state, _ in hosts for u in state.can_run}
@@ -233,15 +241,26 @@ class StatusReport:
             if checkpoint is not None and ahead:
                 last_error = ahead_error(name, checkpoint, last_error)
                 lag_from = None  # a reset rebuilds from the beginning: all of it is lag
-            lag_events, oldest = await self._lag(lag_from, event_filter)
-            state = unit_state(holder=holder, standbys=unit.standbys, last=last)
+            lag_events, estimated, oldest = await self._lag(lag_from, event_filter)
+            base, version = split_versioned(parsed.projection)
+            served = serving.get(base)
+            role = None if served is None else role_of(version, *served)
+            state = unit_state(
+                holder=holder,
+                standbys=unit.standbys,
+                last=last,
+                superseded=role in (VersionRole.SUPERSEDED, VersionRole.WITHDRAWN),
+            )
             result.append(
                 ProjectionStatus(
-                    name=parsed.projection,
+                    name=base,
+                    version=version,
+                    serving=role is None or role is VersionRole.SERVING,
                     partition=None if parsed.partition is None else parsed.partition.index,
                     partitions=parsed.partitions,
                     checkpoint=checkpoint,
                     lag_events=lag_events,
+                    lag_estimated=estimated,
                     lag_seconds=0.0 if oldest is None else max(0.0, (now - oldest).total_seconds()),
                     leader=leader,
                     standbys=unit.standbys,
@@ -260,11 +279,9 @@ class StatusReport:
 
     async def _lag(
         self, checkpoint: Position | None, event_filter: EventFilter | None
-    ) -> tuple[int, dt.datetime | None]:
+    ) -> tuple[int, bool, dt.datetime | None]:
         sql, args = self._reads.lag(checkpoint, event_filter)
-        row = await self._pool.fetchrow(sql, *args)
-        assert row is not None
-        return int(row["n"]), row["oldest"]
+        return lag_estimate(await self._pool.fetch(sql, *args))
 
     async def _oldest_open_transaction(self) -> OpenTransaction | None:
         # The oldest open transaction that has announced itself as an event writer (holds the

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Final, final
 
@@ -29,21 +29,30 @@ from .._errors import (
 )
 from .._events import AppendResult, RecordedEvent, StreamAppend
 from .._filters import EventFilter
-from .._partitions import check_partitions, units_of
+from .._partitions import Unit, check_partitions, units_of
 from .._positions import Position
 from .._protocols import OneStreamAppend
 from .._snapshots import Snapshot, check_snapshot
-from .._status import DeadLetter, ProjectionStatus
+from .._status import DeadLetter, LiveHost, ProjectionStatus
 from .._validation import (
     check_name,
+    check_projection_name,
     check_projector_name,
     check_state_name,
     check_stream_id,
     check_version_cursor,
 )
+from .._versions import (
+    VersionRole,
+    VersionSwitch,
+    check_version,
+    split_versioned,
+    versioned_name,
+)
 from . import _pool
 from ._admin import PostgresAdmin
 from ._appends import DEFAULT_MAX_APPEND_BYTES, AppendStatement
+from ._bridge import Connection
 from ._fence import LOCKS_IN_USE
 from ._group_commit import GroupCommit
 from ._keys import projector_lock_key
@@ -73,6 +82,7 @@ from ._snapshots import SnapshotTable
 from ._status_report import StatusReport
 from ._subscriptions import Subscriptions
 from ._transaction import Isolation, PostgresTransaction, open_transaction
+from ._versions import Versions, drop_schema_statement, refuse_serving
 
 DSN_ENVIRONMENT_VARIABLE: Final = "EVENTCORE_DSN"
 
@@ -118,6 +128,9 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         self._reads = ReadQueries(schema)
         self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
         self._subscriptions = Subscriptions(pool, schema, system_identifier)
+        self._versions = Versions(pool, self._subscriptions)
+        # Read-model schemas known to exist (see `read_model_schema`).
+        self._read_model_schemas: set[str] = set()
         self._status_report = StatusReport(pool, self._reads, self._subscriptions)
         # Readers' wake-ups, and balancing hosts'; each connects on its first wait.
         listener = functools.partial(Listener, nursery=nursery, options=options)
@@ -508,9 +521,43 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         """How many units projection *name* runs as (see `ProjectorCoordinator`): the count
         in the ``projections`` table; 1 for a projection that checkpointed before counts were
         recorded; None for one that never ran here."""
-        check_projector_name(name)
+        check_projection_name(name)
         self._check_open()
         return await self._subscriptions.partitions(name)
+
+    async def version_role(self, name: str, version: int) -> VersionRole:
+        """What *version* of *name* does now (see `ProjectorCoordinator.version_role`).
+
+        One statement while a version of *name* serves (a read of its ``serving_versions``
+        row); the first version asked about inserts that row, and when two hosts ask at
+        once, one insert wins and the other reads it.
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        check_version(version)
+        self._check_open()
+        return await self._versions.role(name, version)
+
+    async def switch_if_caught_up(
+        self, name: str, version: int, units: Sequence[tuple[str, EventFilter]]
+    ) -> VersionRole:
+        """Make *version* of *name* serve if it builds and has caught up (see
+        `ProjectorCoordinator.switch_if_caught_up`).
+
+        One transaction: it locks *name*'s serving row, reads the units' checkpoints (one
+        beyond the store is not caught up), asks for each unit whether a committed matching
+        event follows it (an ``EXISTS``, one index step each), and records the switch.
+
+        Raises:
+            InvalidArgument: a unit of *units* is not a unit of that version.
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        check_version(version)
+        self._check_open()
+        return await self._versions.switch_if_caught_up(name, version, units)
 
     async def _ensure_partition_index(self, partitions: int) -> None:
         # The index that serves each partition's reads (see _reads.ensure_partition_index).
@@ -581,43 +628,202 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
            another partition count, ``awaiting-split`` and ``repartitioning``.
         """
         self._check_open()
-        return await self._status_report.read(await live_hosts(self._pool, self._schema))
+        hosts = await live_hosts(self._pool, self._schema)
+        return await self._status_report.read([(host.state, host.process) for host in hosts])
+
+    async def live_hosts(self) -> list[LiveHost]:
+        """Every live balancing host, idle ones too, oldest first (see `ProjectionAdmin`).
+
+        A host counts while the server holds its membership lock's session: one statement
+        over the ``hosts`` table and ``pg_locks``, no heartbeat to wait for.
+
+        .. versionadded:: 0.4
+        """
+        self._check_open()
+        return await live_hosts(self._pool, self._schema)
 
     async def reset_projection(self, name: str, *, wait: bool = False) -> None:
         """Forget *name*'s checkpoint and dead letters, so its next run rebuilds from scratch.
 
         Takes the projection's leadership for the reset (every partition's), so it never
         races a running instance; a partitioned projection is reset whole or not at all.
+        Reset whole, a projection version's read-model schema is dropped too (its
+        projector's ``setup`` creates its tables again before the first batch); a single
+        partition's reset (``"name[2/4]"``) leaves the schema the others share alone.
 
         Raises:
             ProjectionRunning: another session leads it and *wait* is False.
             ProjectionNotFound: no projection of that name has run against this store.
+
+        .. versionchanged:: 0.4
+           Drops the read-model schema.
         """
         check_name(name)
         self._check_open()
         if not await self._subscriptions.exists(name):
             raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
-        units = await self._subscriptions.unit_names(name)
+        schema = None
+        if Unit.parse(name).partition is None:
+            schema = self._versions.read_model_schema(*split_versioned(name))
+        await self._under_every_lock(
+            name,
+            lambda: self._subscriptions.unit_names(name),
+            wait=wait,
+            work=lambda connection, units: self._reset(connection, units, schema),
+        )
+
+    async def _reset(self, connection: Connection, units: list[str], schema: str | None) -> None:
+        await self._subscriptions.reset(connection, units)
+        if schema is not None:
+            await connection.execute(drop_schema_statement(schema))
+
+    async def _under_every_lock(
+        self,
+        name: str,
+        units_now: Callable[[], Awaitable[list[str]]],
+        *,
+        wait: bool,
+        work: Callable[[Connection, list[str]], Awaitable[None]],
+    ) -> None:
+        # *work* on the first unit's session, in a transaction committed only while it holds
+        # that lock, with every unit's lock held (in one order, so two operators cannot
+        # deadlock): all of them together, or none. Units change when the partition count
+        # does meanwhile: then again with the new ones.
+        units = await units_now()
         while True:
             try:
                 async with contextlib.AsyncExitStack() as stack:
-                    # Every partition's lock (in one order, so two resets cannot deadlock):
-                    # all of them are reset together, or none.
                     held = [
                         await stack.enter_async_context(
                             self._acquire(unit, wait=wait, role="reset")
                         )
                         for unit in sorted(units)
                     ]
-                    now = await self._subscriptions.unit_names(name)
+                    now = await units_now()
                     if now == units:
-                        # On the first lock's session, committed only while it holds it.
                         async with fenced_transaction(held[0], [held[0].lock_key]) as connection:
-                            await self._subscriptions.reset(connection, units)
+                            await work(connection, units)
                         return
             except LeadershipUnavailable as exc:
                 raise ProjectionRunning(name) from exc
-            units = now  # the partition count changed meanwhile
+            units = now
+
+    async def serving_version(self, name: str) -> int | None:
+        """The version of *name* whose read model serves reads, None while none has run (see
+        `ProjectionAdmin.serving_version`).
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        self._check_open()
+        return await self._versions.serving(name)
+
+    async def version_switches(self, name: str) -> list[VersionSwitch]:
+        """Every change of *name*'s serving version, oldest first (see
+        `ProjectionAdmin.version_switches`): the ``version_switches`` table.
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        self._check_open()
+        return await self._versions.switches(name)
+
+    async def serve_version(self, name: str, version: int) -> None:
+        """Make *version* of *name* serve now (see `ProjectionAdmin.serve_version`); the
+        versions above it that have not been retired are withdrawn.
+
+        Raises:
+            ProjectionNotFound: that version never ran here (no checkpoint row and no
+                recorded partition count), or was retired.
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        check_version(version)
+        self._check_open()
+        await self._versions.serve(name, version)
+
+    async def retire_version(self, name: str, version: int, *, wait: bool = False) -> None:
+        """Drop a version that does not serve: its checkpoints, dead letters, recorded
+        partition count and read-model schema (``DROP SCHEMA ... CASCADE``), see
+        `ProjectionAdmin.retire_version`.
+
+        Takes every unit's lock first, as `reset_projection` does (*wait* as there), so no
+        unit of it runs while it goes.
+
+        Raises:
+            InvalidArgument: *version* serves (switch to another first).
+            ProjectionRunning: a unit of it runs and *wait* is False.
+            ProjectionNotFound: that version of *name* never ran here.
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        check_version(version)
+        self._check_open()
+        if await self._versions.serving(name) == version:
+            raise refuse_serving(name, version)
+
+        async def units_now() -> list[str]:
+            units = await self._versions.retire_units(name, version)
+            if units is None:
+                raise ProjectionNotFound(
+                    f"version {version} of projection {name!r} has not run against this store"
+                )
+            return units
+
+        await self._under_every_lock(
+            versioned_name(name, version),
+            units_now,
+            wait=wait,
+            work=lambda connection, units: self._versions.retire(connection, name, version, units),
+        )
+
+    async def read_model_schema(self, name: str) -> str:
+        """The PostgreSQL schema of the read model that serves reads of projection *name*:
+        that of its serving version (`serving_version`). Read through it, and a new version
+        that rebuilds is never seen half built: the name changes, in one step, once it has
+        caught up.
+
+        Example::
+
+            schema = await store.read_model_schema("balances")
+            row = await store.admin.fetchrow(
+                f'SELECT balance FROM "{schema}".balances WHERE account = $1', "acc-1"
+            )
+
+        Ask for it per query, or cache it for a short while: after a switch the old
+        version's schema keeps its data only until it is retired.
+
+        Raises:
+            ProjectionNotFound: no version of *name* has run against this store, or the
+                serving version has no read-model schema (its projector has no ``setup``
+                hook, so its tables are wherever the connection's ``search_path`` put them).
+
+        .. versionadded:: 0.4
+        """
+        check_projector_name(name)
+        self._check_open()
+        version = await self._versions.serving(name)
+        if version is None:
+            raise ProjectionNotFound(
+                f"no version of projection {name!r} has run against this store"
+            )
+        schema = self._versions.read_model_schema(name, version)
+        if schema not in self._read_model_schemas:
+            if not await self._pool.fetchval(
+                "SELECT EXISTS (SELECT FROM pg_catalog.pg_namespace WHERE nspname = $1)", schema
+            ):
+                raise ProjectionNotFound(
+                    f"version {version} of projection {name!r} serves, but has no read-model "
+                    "schema: its projector has no setup hook, so its tables are where the "
+                    "connection's search_path put them (give it setup=... in a new version "
+                    "to get a schema of its own)"
+                )
+            # A schema, once there, stays while its version serves (retire refuses the
+            # serving version), so this is asked once per version.
+            self._read_model_schemas.add(schema)
+        return schema
 
     async def dead_letters(self, name: str) -> list[DeadLetter]:
         """The events *name* skipped and that were not replayed, in position order."""

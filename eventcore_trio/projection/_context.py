@@ -148,6 +148,8 @@ class ProjectionContext(OneStreamAppend):
 # The event is a RecordedEvent, or the typed object decoded from it with a registry.
 Handler = Callable[[Any, ProjectionContext], Awaitable[None]]
 BatchHandler = Callable[[Sequence[RecordedEvent], ProjectionContext], Awaitable[None]]
+#: A projector's setup hook: ``async def setup(db)``, creating its version's tables.
+SetupHook = Callable[[Database], Awaitable[None]]
 
 
 class HandlerFailed(Exception):
@@ -170,14 +172,23 @@ async def apply_and_commit(
     *,
     then: Callable[[ProjectionBatch], Awaitable[None]],
     use_batch_hook: bool = False,
+    from_start: bool = False,
 ) -> HandlerFailed | None:
     """In one batch of *leadership*: apply *events* to *projector*'s handlers, stage what
     *then* adds (the checkpoint, a dead letter), and commit. Returns None once committed, or
-    the handlers' failure (nothing committed); other errors propagate."""
+    the handlers' failure (nothing committed); other errors propagate (a setup hook's too).
+
+    With *from_start* (the unit has no checkpoint: its first batch, or its first after a
+    reset) the projector's setup hook runs first, in the same transaction.
+    """
     staged = False
     staging: _Staging | None = None
+    read_model = projector.setup is not None
     try:
-        async with leadership.open_batch() as batch:
+        async with leadership.open_batch(read_model=read_model) as batch:
+            if from_start and projector.setup is not None:
+                await batch.run_setup(projector.setup)
+                await batch.flush()
             if events:
                 ctx = ProjectionContext(
                     batch=batch,
@@ -238,6 +249,10 @@ class _Staging:
     async def flush(self) -> None:
         """Send the batch's queued writes."""
         await self._batch.flush()
+
+    async def run_setup(self, setup: SetupHook) -> None:
+        """Run a setup hook in the batch (see `ProjectionBatch.run_setup`)."""
+        await self._batch.run_setup(setup)
 
     async def save_checkpoint(self, expected: Position | None, position: Position) -> None:
         """Move the checkpoint at commit (compare-and-set)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -128,6 +129,12 @@ async def _supervise(
                         return False
             finally:
                 state(False, False)
+            if result.superseded:
+                # Its version no longer runs (a higher one serves, or it was withdrawn): the
+                # lock is released; the unit comes back if an operator serves it again.
+                if not await _until_version_runs(projector, store, config, stop):
+                    return False
+                continue
         except LeadershipLost as exc:
             if _was_healthy(led_since, config):
                 failures = 0
@@ -181,6 +188,26 @@ async def _supervise(
                     )
             ready()
             await trio.sleep(delay)
+
+
+async def _until_version_runs(
+    projector: ResolvedProjector,
+    store: Store,
+    config: ProjectionConfig,
+    stop: trio.Event | None,
+) -> bool:
+    # A superseded unit's host looks again every poll_interval; False once *stop* is set
+    # (a hand-off while it waited).
+    while True:
+        with trio.move_on_after(config.poll_interval):
+            if stop is None:
+                await trio.sleep_forever()
+            await stop.wait()
+            return False
+        with contextlib.suppress(StoreConnectionError):
+            if (await store.version_role(projector.base, projector.version)).runs:
+                logger.info("unit %s: its version serves again; standing by", projector.name)
+                return True
 
 
 def _stopped(unit: str, exc: ProjectionFailed) -> None:

@@ -182,13 +182,19 @@ class ProjectionResult:
         events_applied: events applied and committed.
         dead_letters: events skipped into dead letters.
         checkpoint: the checkpoint at the end.
+        superseded: the run ended because its projection version no longer runs: a higher
+            version caught up and serves, or an operator switched back below it (see
+            `VersionRole`). A continuous run ends so too.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       ``superseded``.
     """
 
     events_applied: int
     dead_letters: int
     checkpoint: Position | None
+    superseded: bool = False
 
 
 class Phase(enum.Enum):
@@ -364,15 +370,14 @@ class ProjectionPipeline:
         )
 
     def _done(self) -> Effect:
-        return self._go(
-            Phase.FINISHED,
-            Done(
-                ProjectionResult(
-                    events_applied=self._applied,
-                    dead_letters=self._dead_lettered,
-                    checkpoint=self._checkpoint,
-                )
-            ),
+        return self._go(Phase.FINISHED, Done(self.result_so_far()))
+
+    def result_so_far(self) -> ProjectionResult:
+        """What the run has done until now (what `Done` reports at the end)."""
+        return ProjectionResult(
+            events_applied=self._applied,
+            dead_letters=self._dead_lettered,
+            checkpoint=self._checkpoint,
         )
 
     def _fail(self, message: str, error: BaseException, failure: Failure | None) -> Effect:

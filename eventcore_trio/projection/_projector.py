@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import enum
 import inspect
+import reprlib
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, final, runtime_checkable
 
@@ -14,9 +16,11 @@ from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._partitions import Partition, check_partitions, units_of
 from .._positions import Position
+from .._protocols import Store
 from .._typed import EventRegistry
 from .._validation import check_projector_name
-from ._context import BatchHandler, Handler, ProjectionContext
+from .._versions import check_version, versioned_name
+from ._context import BatchHandler, Handler, ProjectionContext, SetupHook
 
 
 class FailureStrategy(enum.Enum):
@@ -100,8 +104,12 @@ class FunctionProjector:
         handler: the decorated function.
         registry: the `EventRegistry` its events are decoded with, if any.
         partitions: how many partitions (units) it runs as.
+        version: its projection version (see `projector`).
+        setup: its setup hook, if any (see `projector`).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       ``version`` and ``setup``.
     """
 
     name: str
@@ -110,6 +118,8 @@ class FunctionProjector:
     _on_error: ErrorHandler | None = attrs.field(default=None, alias="on_error")
     registry: EventRegistry | None = attrs.field(default=None, kw_only=True)
     partitions: int = attrs.field(default=1, kw_only=True)
+    version: int = attrs.field(default=1, kw_only=True)
+    setup: SetupHook | None = attrs.field(default=None, kw_only=True)
 
     async def __call__(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
         """Call the handler, exactly as the undecorated function."""
@@ -135,6 +145,8 @@ def projector(
     on_error: ErrorHandler | None = None,
     registry: EventRegistry | None = None,
     partitions: int = 1,
+    version: int = 1,
+    setup: SetupHook | None = None,
 ) -> Callable[[Handler], FunctionProjector]:
     """Make an async function ``handler(event, ctx)`` into a `Projector`.
 
@@ -160,15 +172,35 @@ def projector(
             arrive in order, in one partition; there is no order across partitions. Change
             it only to a multiple (a split, which continues from the checkpoints); anything
             else needs a reset (`PartitionsChanged`).
+        version: the projection version (1 to `MAX_VERSION`; default 1). Changing a
+            projector's logic? Raise its version: the new version is a projection of its own
+            (units, locks, checkpoints, partitions, dead letters) that rebuilds from the
+            start beside the serving one, and takes over serving, in one atomic step, once
+            every unit of it has caught up; the lower version then stops (its data stays
+            until retired). See docs/projections.md, "Changing a projection".
+        setup: ``async def setup(db)``: creates the version's tables (idempotently: each
+            partition runs it, ``CREATE TABLE IF NOT EXISTS``) in the transaction of the
+            version's first batch, and again after a reset. A projector with a setup hook
+            runs its batches in a read-model schema of its own per version (PostgreSQL:
+            first on the batch's ``search_path``, so the unqualified names of ``ctx.db``
+            land there; readers find it with ``store.read_model_schema(name)``).
 
     Raises:
-        InvalidArgument: an invalid name, filter or partition count, or a handler that is
-            not an async function.
+        InvalidArgument: an invalid name, filter, partition count or version, a setup hook
+            that is not an async function, or a handler that is not an async function.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       *version* and *setup*.
     """
     check_projector_name(name)
     check_partitions(partitions)
+    check_version(version, owner=f"projector {name!r}: version")
+    if setup is not None and not inspect.iscoroutinefunction(setup):
+        raise InvalidArgument(
+            f"projector {name!r}: setup must be an async function `async def setup(db)`, "
+            f"got {setup!r}"
+        )
     event_filter = EventFilter(
         event_types=event_types, stream_prefix=stream_prefix, stream_pattern=stream_pattern
     )
@@ -188,6 +220,8 @@ def projector(
             on_error=on_error,
             registry=registry,
             partitions=partitions,
+            version=version,
+            setup=setup,
         )
 
     return decorate
@@ -208,9 +242,19 @@ class ResolvedProjector:
     on_error: ErrorHandler
     # The registry's decode_all: an upcast event may stand for several typed events.
     decode: Callable[[RecordedEvent], tuple[Any, ...]] | None = None
+    # The projection (unit set) its units belong to: the versioned name (see _versions).
     projection: str = attrs.field(kw_only=True)
     partitions: int = attrs.field(default=1, kw_only=True)
     partition: Partition | None = attrs.field(default=None, kw_only=True)
+    # The projector's own name (without a version) and its version.
+    base: str = attrs.field(kw_only=True)
+    version: int = attrs.field(default=1, kw_only=True)
+    setup: SetupHook | None = attrs.field(default=None, kw_only=True)
+
+    @property
+    def unit_filters(self) -> list[tuple[str, EventFilter]]:
+        """Every unit of this projector's version, with the filter it applies."""
+        return [(unit.name, unit.filter) for unit in self.units()]
 
     def units(self) -> list[ResolvedProjector]:
         """One resolved projector per unit (itself when unpartitioned)."""
@@ -288,13 +332,69 @@ def resolve(candidate: object) -> ResolvedProjector:
     registry = getattr(candidate, "registry", None)
     if registry is not None and not isinstance(registry, EventRegistry):
         raise InvalidArgument(f"projector {name!r}: registry must be an EventRegistry")
+    version = getattr(candidate, "version", 1)
+    check_version(version, owner=f"projector {name!r}: version")
+    setup = getattr(candidate, "setup", None)
+    if setup is not None and not inspect.iscoroutinefunction(setup):
+        raise InvalidArgument(
+            f"projector {name!r}: setup must be an async function `async def setup(db)`"
+        )
+    projection = versioned_name(name, version)
     return ResolvedProjector(
-        name=name,
+        name=projection,
         filter=event_filter,
         decode=None if registry is None else registry.decode_all,
         apply=apply,
         apply_batch=apply_batch,
         on_error=on_error or _default_on_error,
-        projection=name,
+        projection=projection,
         partitions=partitions,
+        base=name,
+        version=version,
+        setup=setup,
     )
+
+
+def resolve_call(function: str, first: object, second: object) -> tuple[Store, ResolvedProjector]:
+    """The store and the resolved projector of a ``function(store, projector)`` call.
+
+    The projector-first order of 0.3 is still accepted, with a `DeprecationWarning` that
+    points at the caller of *function*, which must call this directly (its stacklevel counts
+    on it).
+    """
+    if isinstance(first, Store):
+        if isinstance(second, Store):
+            raise InvalidArgument(
+                f"{function}(store, projector) got two stores ({_describe(first)}, then "
+                f"{_describe(second)}); pass the store, then the projector to run"
+            )
+        return first, resolve(second)
+    if isinstance(second, Store):
+        try:
+            resolved = resolve(first)
+        except InvalidArgument as exc:
+            raise InvalidArgument(
+                f"{function}(store, projector) takes the store first, then the projector; "
+                f"got {_describe(first)}, then {_describe(second)}: {exc}"
+            ) from exc
+        # The order of 0.3 and before, accepted for one more release.
+        warnings.warn(
+            f"pass the store first: {function}(store, projector); the old order is removed in 0.5",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return second, resolved
+    raise InvalidArgument(
+        f"{function}(store, projector) takes a store first (open_memory_store() or "
+        f"open_postgres_store(...)), then the projector; got {_describe(first)}, then "
+        f"{_describe(second)}"
+    )
+
+
+def _describe(argument: object) -> str:
+    if isinstance(argument, Store):
+        return f"a store ({type(argument).__name__})"
+    name = getattr(argument, "name", None)
+    if isinstance(name, str) and hasattr(argument, "apply"):
+        return f"projector {name!r}"
+    return f"{reprlib.repr(argument)} ({type(argument).__name__})"

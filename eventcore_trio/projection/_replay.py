@@ -14,7 +14,7 @@ from .._events import RecordedEvent
 from .._protocols import Leadership, ProjectionBatch, Store
 from .._status import ProjectionState
 from ._context import apply_and_commit
-from ._projector import ResolvedProjector, resolve
+from ._projector import ResolvedProjector, resolve_call
 
 logger = logging.getLogger("eventcore_trio.projection")
 
@@ -36,7 +36,7 @@ class ReplayResult:
     failed: int
 
 
-async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
+async def replay_dead_letters(store: Store, projector: object) -> ReplayResult:
     """Apply a projection's dead letters again, each in its own transaction.
 
     The units replayed are the ones the store records for the projection
@@ -61,8 +61,8 @@ async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
     replayed stay replayed) and releases every lock.
 
     Args:
-        projector: the projector as its hosts run it (same name and partition count).
         store: the store the projection runs against.
+        projector: the projector as its hosts run it (same name and partition count).
 
     Returns:
         How many letters were replayed (and deleted) and how many failed again (kept).
@@ -74,7 +74,7 @@ async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
             was replayed.
         DeadLetterNotFound: a letter was gone when its replay resolved it; its batch was
             rolled back.
-        InvalidArgument: *projector* is not a projector.
+        InvalidArgument: *projector* is not a projector, or *store* is not a store.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.3
@@ -83,8 +83,12 @@ async def replay_dead_letters(projector: object, store: Store) -> ReplayResult:
        `LeadershipUnavailable`) while any unit runs. A letter that is gone fails its batch.
        A letter whose commit the database refuses counts as failed again, and the replay
        goes on with the next (it raised `DatabaseError`).
+    .. versionchanged:: 0.4
+       The store comes first, as in `run_projections`: ``replay_dead_letters(store,
+       projector)``. The old order, ``replay_dead_letters(projector, store)``, still works
+       with a `DeprecationWarning`; it is removed in 0.5.
     """
-    resolved = resolve(projector)
+    store, resolved = resolve_call("replay_dead_letters", store, projector)
     name = resolved.projection
     while True:
         recorded = await store.recorded_partitions(name)

@@ -11,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import time
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, final
 
+import attrs
 import trio
 
 from .._errors import (
+    CheckpointAhead,
     EventCoreError,
     InvalidArgument,
     LeadershipLost,
@@ -28,6 +31,7 @@ from .._errors import (
 from .._protocols import Leadership, ProjectionBatch, Store
 from .._status import ProjectionState
 from .._util import background, raise_single, service_nursery, wait_any
+from .._versions import VersionRole
 from ._config import ProjectionConfig
 from ._context import apply_and_commit
 from ._metrics import METRICS
@@ -54,7 +58,7 @@ from ._pipeline import (
     WaitForEvents,
     Woken,
 )
-from ._projector import ResolvedProjector, resolve
+from ._projector import ResolvedProjector, resolve_call
 
 logger = logging.getLogger("eventcore_trio.projection")
 
@@ -77,6 +81,7 @@ async def _apply_batch(
         effect.events,
         then=stage,
         use_batch_hook=effect.use_batch_hook,
+        from_start=effect.expected is None,
     )
     if failed is not None:
         return BatchFailed(failed.index, failed.error)
@@ -165,12 +170,62 @@ class _Prefetch:
         return PageRead(self.page)
 
 
+@final
+class _VersionWatch:
+    """Whether this unit's projection version still runs, and its switch once caught up.
+
+    At most once per ``poll_interval`` (and at the end of a catch-up run) the unit looks:
+    a building version that is caught up (an idle moment) asks the store to make it serve,
+    which checks every unit of the version and switches in one atomic step; otherwise the
+    unit asks how its version stands, also between batches, so that a version kept busy by a
+    steady stream of events still hears that it was superseded. Never a statement per event.
+    """
+
+    def __init__(
+        self, projector: ResolvedProjector, store: Store, role: VersionRole, every: float
+    ) -> None:
+        self._projector = projector
+        self._store = store
+        self.role = role
+        self._every = every
+        # When it last asked for its role, and (building) when it last tried to take over:
+        # at its first idle moment a building version tries at once (it may have caught up
+        # at once); the role it was just told at the start.
+        self._asked = trio.current_time()
+        self._tried = -math.inf
+
+    async def look(self, *, caught_up: bool, now: bool = False) -> bool:
+        """Look again if due (or *now*); returns whether it did (it asked the store)."""
+        projector = self._projector
+        clock = trio.current_time()
+        if caught_up and self.role is VersionRole.BUILDING:
+            if not now and clock - self._tried < self._every:
+                return False
+            self.role = await self._store.switch_if_caught_up(
+                projector.base, projector.version, projector.unit_filters
+            )
+            if self.role is VersionRole.SERVING:
+                logger.info(
+                    "projection %s: version %d caught up and serves now",
+                    projector.base,
+                    projector.version,
+                )
+            self._tried = self._asked = trio.current_time()
+            return True
+        if not now and clock - self._asked < self._every:
+            return False
+        self.role = await self._store.version_role(projector.base, projector.version)
+        self._asked = trio.current_time()
+        return True
+
+
 async def _drive(
     projector: ResolvedProjector,
     store: Store,
     leadership: Leadership,
     config: ProjectionConfig,
     stop: trio.Event | None = None,
+    watch: _VersionWatch | None = None,
 ) -> ProjectionResult | None:
     # Returns None when *stop* is set: between effects, so a batch in flight commits first,
     # and at once from waits and sleeps.
@@ -181,7 +236,7 @@ async def _drive(
     )
     effect = pipeline.start()
     async with service_nursery() as nursery:
-        return await _loop(pipeline, effect, nursery, projector, store, leadership, stop)
+        return await _loop(pipeline, effect, nursery, projector, store, leadership, stop, watch)
 
 
 async def _loop(
@@ -192,6 +247,7 @@ async def _loop(
     store: Store,
     leadership: Leadership,
     stop: trio.Event | None,
+    watch: _VersionWatch | None,
 ) -> ProjectionResult | None:
     # The next page read while a batch commits (see _Prefetch), in *nursery*: cancelled with
     # the run, and never outliving it.
@@ -202,6 +258,23 @@ async def _loop(
             prefetch = None
         if stop is not None and stop.is_set():
             return None
+        # Caught up (an idle moment, the end): a building version may take over. Between
+        # batches (the next read): the version's role is looked at again when due.
+        if (
+            watch is not None
+            and isinstance(effect, Done | WaitForEvents | ReadPage)
+            and prefetch is None
+        ):
+            looked = await watch.look(
+                caught_up=not isinstance(effect, ReadPage), now=isinstance(effect, Done)
+            )
+            if not watch.role.runs:
+                return attrs.evolve(pipeline.result_so_far(), superseded=True)
+            if looked and isinstance(effect, WaitForEvents):
+                # A notification that came while it looked would not wake the wait: read
+                # again first (the next look is a poll_interval away, so this is once).
+                effect = pipeline.resume(Woken())
+                continue
         if isinstance(effect, Done):
             return effect.result
         if isinstance(effect, Fail):
@@ -301,6 +374,31 @@ async def _record_count(
     return False
 
 
+async def _set_up_read_model(
+    projector: ResolvedProjector, store: Store, leadership: Leadership
+) -> None:
+    # A unit that starts from the beginning runs its setup hook before anything else, in a
+    # transaction of its own: its version may serve before it has an event to apply (the
+    # first version serves at once; a version of events not written yet is caught up at
+    # once), and readers must then find the tables. A version below the serving one does
+    # not run, so it sets nothing up.
+    if projector.setup is None:
+        return
+    serving = await store.serving_version(projector.base)
+    if serving is not None and projector.version < serving:
+        return
+    try:
+        if await store.load_checkpoint(projector.name) is not None:
+            return
+    except CheckpointAhead:
+        return  # the run refuses it with its own error, which says what to do
+
+    async def nothing(batch: ProjectionBatch) -> None:
+        pass
+
+    await apply_and_commit(projector, store, leadership, (), then=nothing, from_start=True)
+
+
 async def run_led(
     projector: ResolvedProjector,
     store: Store,
@@ -313,7 +411,15 @@ async def run_led(
     """Run *projector* (one unit) under an already acquired *leadership* (the host's entry
     point). Setting *stop* ends the run gracefully (the batch in flight commits first); it
     then returns None. *on_running* is called once the unit runs, or waits for a change of
-    its projection's partition count (see `_record_count`)."""
+    its projection's partition count (see `_record_count`). A unit of a version that no
+    longer runs (see `VersionRole`) applies nothing and returns at once, ``superseded``."""
+    await _set_up_read_model(projector, store, leadership)
+    role = await store.version_role(projector.base, projector.version)
+    if not role.runs:
+        await leadership.report(ProjectionState.SUPERSEDED, filter=projector.filter)
+        if on_running is not None:
+            on_running()
+        return ProjectionResult(events_applied=0, dead_letters=0, checkpoint=None, superseded=True)
     if not await _record_count(projector, store, leadership, on_waiting=on_running, stop=stop):
         return None
     await leadership.report(ProjectionState.RUNNING, filter=projector.filter)
@@ -322,8 +428,22 @@ async def run_led(
         on_running()
     with trio.CancelScope() as scope:
         async with background(partial(_cancel_when_lost, leadership, scope)):
+            watch = _VersionWatch(projector, store, role, config.poll_interval)
             try:
-                return await _drive(projector, store, leadership, config, stop)
+                result = await _drive(projector, store, leadership, config, stop, watch)
+                if result is not None and result.superseded:
+                    logger.info(
+                        "projection %s: version %d %s; unit %s stops",
+                        projector.base,
+                        projector.version,
+                        "was superseded by a higher one"
+                        if watch.role is VersionRole.SUPERSEDED
+                        else "was withdrawn",
+                        projector.name,
+                    )
+                    with trio.move_on_after(5, shield=True), contextlib.suppress(EventCoreError):
+                        await leadership.report(ProjectionState.SUPERSEDED)
+                return result
             except ProjectionFailed as exc:
                 # The host (or the caller) reports the failure once; this is for debugging.
                 logger.debug("projector %s: %s", projector.name, exc)
@@ -341,8 +461,8 @@ async def run_led(
 
 
 async def run_projection(
-    projector: object,
     store: Store,
+    projector: object,
     config: ProjectionConfig | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
@@ -363,8 +483,8 @@ async def run_projection(
     checkpoint, batches); the result then sums theirs, with the greatest checkpoint.
 
     Args:
-        projector: a `Projector` (``@projector`` function or a class instance).
         store: the store to read from and checkpoint in.
+        projector: a `Projector` (``@projector`` function or a class instance).
         config: a `ProjectionConfig`; defaults apply when None.
 
     Returns:
@@ -374,13 +494,17 @@ async def run_projection(
         LeadershipUnavailable: another instance leads and ``wait_for_leadership`` is False.
         ProjectionFailed: an event failed fatally; the cause is chained.
         LeadershipLost: the lock was lost mid-run; nothing more was committed.
-        InvalidArgument: *projector* is not a projector.
+        InvalidArgument: *projector* is not a projector, or *store* is not a store.
 
     This is a checkpoint; cancelling it rolls back the batch in flight and releases the lock.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       The store comes first, as in `run_projections`: ``run_projection(store, projector)``.
+       The old order, ``run_projection(projector, store)``, still works with a
+       `DeprecationWarning`; it is removed in 0.5.
     """
-    resolved = resolve(projector)
+    store, resolved = resolve_call("run_projection", store, projector)
     if config is None:
         config = ProjectionConfig()
     elif not isinstance(config, ProjectionConfig):
@@ -417,6 +541,7 @@ async def _run_partitioned(
         events_applied=sum(r.events_applied for r in results),
         dead_letters=sum(r.dead_letters for r in results),
         checkpoint=max(checkpoints, default=None),
+        superseded=any(r.superseded for r in results),
     )
 
 

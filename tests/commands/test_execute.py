@@ -242,7 +242,7 @@ class ExecuteContract:
                 [NewEvent("Notified", {"amount": event.amount}, metadata=caused_by(ctx.event))],
             )
 
-        await run_projection(notifier, store)
+        await run_projection(store, notifier)
         (notified,) = await store.read_stream("notifications-b")
         assert notified.metadata["correlation_id"] == result.correlation_id
         assert notified.metadata["causation_id"] == str(deposited.event_id)
@@ -286,7 +286,7 @@ class ExecuteContract:
             assert ctx.event is not None
             seen[ctx.event.event_id] = event
 
-        await run_projection(typed, store)
+        await run_projection(store, typed)
         assert list(seen.values()) == [AccountOpened(5)]
         assert len(failures) == 1
         assert isinstance(failures[0], EventDecodeError)

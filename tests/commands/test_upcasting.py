@@ -193,12 +193,12 @@ class UpcastingContract:
             if event not in applied:
                 applied.append(event)
 
-        await run_projection(items, store)
+        await run_projection(store, items)
         assert seen == {1: [TODAY[0]]}
         [letter] = await store.dead_letters("shop")
         assert letter.event.type == "ItemPriced"
         fail_prices = False
-        replay = await replay_dead_letters(items, store)
+        replay = await replay_dead_letters(store, items)
         assert (replay.replayed, replay.failed) == (1, 0)
         assert seen == {1: [TODAY[0]], 3: TODAY[1:]}
 
@@ -222,7 +222,7 @@ class UpcastingContract:
         async def items(event: object, ctx: ProjectionContext) -> None:
             seen.add(event)
 
-        await run_projection(items, store)
+        await run_projection(store, items)
         assert seen == {ItemAdded("pear", 1)}
         assert sorted(failures) == [1, 2]
         assert all(isinstance(e, EventDecodeError) for e in failures.values())

@@ -98,7 +98,7 @@ async def store() -> AsyncIterator[MemoryStore]:
     """A memory store where ``ledger`` has applied an event (it has a checkpoint)."""
     async with open_memory_store() as store:
         await store.append("acc-1", [NewEvent("Deposited", {})])
-        await run_projection(ledger, store)
+        await run_projection(store, ledger)
         yield store
 
 

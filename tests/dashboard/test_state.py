@@ -15,13 +15,24 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from eventcore_trio import (
     DatabaseError,
+    HostState,
     LeaderInfo,
+    LiveHost,
+    Position,
     ProjectionState,
     ProjectionStatus,
 )
-from eventcore_trio.dashboard import DashboardState, dashboard_app, poll_status, prometheus_metrics
+from eventcore_trio.dashboard import (
+    DashboardState,
+    dashboard_app,
+    poll_status,
+    prometheus_metrics,
+    prometheus_text,
+)
 from eventcore_trio.dashboard._state import OUTAGE_LOG_INTERVAL, READ_TIMEOUT, STALE_AFTER
 from eventcore_trio.memory import MemoryStore, open_memory_store
+
+from .promtool import check_metrics
 
 
 def _running(unit: str) -> ProjectionStatus:
@@ -237,36 +248,92 @@ class TestMoves:
         assert (move["from"]["host"], move["to"]["host"]) == ("m1", "m2")
 
 
-class TestHosts:
-    """Every live host the status names or counts, idle ones too."""
+def _host(pid: int, leading: str = "", standing_by: str = "", runs: str | None = None) -> LiveHost:
+    """A live host process *pid* on machine "h" (units named by single letters)."""
+    return LiveHost(
+        host_id=f"id{pid}",
+        process=LeaderInfo(pid=pid, host="h", application_name="a"),
+        joined_at=dt.datetime(2024, 5, 1, 12, 0, 0, 250_000, tzinfo=dt.UTC),
+        state=HostState(
+            frozenset(leading), frozenset(standing_by), None if runs is None else frozenset(runs)
+        ),
+    )
 
-    def test_leaders_lacking_hosts_and_unnamed_idle_hosts(self) -> None:
-        """Four live balancing hosts: two lead, one leads nothing and lacks a unit (listed
-        with 0 units), one leads nothing and can run everything (counted, not named)."""
+
+class TestHosts:
+    """Every live host, idle ones too, and every other process leading units."""
+
+    def test_every_live_host_is_listed_idle_ones_too(self) -> None:
+        """Four live balancing hosts: two lead, one leads nothing and lacks units, one leads
+        nothing and can run everything (idle): all four listed, in the order read."""
         state = DashboardState()
         state.update(
+            [_led("a", 10), _led("b", 11), _led("c", 10)],
             [
-                _led("a", 10, runnable_by=3, lacking=(12,)),
-                _led("b", 11, runnable_by=3, lacking=(12,)),
-                _led("c", 10, runnable_by=4),
-            ]
+                _host(10, "ac", runs="abc"),
+                _host(11, "b", standing_by="a", runs="abc"),
+                _host(12, runs="c"),
+                _host(13, standing_by="c", runs="abc"),
+            ],
         )
         body = state.snapshot()
-        assert body["hosts"] == [
-            {"host": "h", "pid": 10, "units": 2, "lacks": []},
-            {"host": "h", "pid": 11, "units": 1, "lacks": []},
-            {"host": "h", "pid": 12, "units": 0, "lacks": ["a", "b"]},
+        assert [(h["pid"], h["units"], h["standing_by"], h["lacks"]) for h in body["hosts"]] == [
+            (10, 2, 0, []),
+            (11, 1, 1, []),
+            (12, 0, 0, ["a", "b"]),
+            (13, 0, 1, []),
         ]
+        assert body["hosts"][3] == {
+            "host_id": "id13",
+            "host": "h",
+            "pid": 13,
+            "application_name": "a",
+            "joined_at": "2024-05-01T12:00:00+00:00",
+            "units": 0,
+            "standing_by": 1,
+            "lacks": [],
+        }
         assert body["live_hosts"] == 4
-        assert body["unnamed_hosts"] == 1
 
-    def test_without_balancing_hosts_the_count_is_unknown(self) -> None:
-        """Hosts that do not balance are not counted: leaders only, nothing unnamed."""
+    def test_leaders_that_do_not_balance_are_listed_after_the_hosts(self) -> None:
+        """A process leading units without registering (`run_projection`) is listed with
+        the units it leads and no host id; with no balancing host, it is all there is."""
         state = DashboardState()
+        state.update([_led("a", 10), _led("b", 20), _led("c", 20)], [_host(10, "a", runs="a")])
+        body = state.snapshot()
+        assert [(h["pid"], h["host_id"], h["units"]) for h in body["hosts"]] == [
+            (10, "id10", 1),
+            (20, None, 2),
+        ]
+        assert body["live_hosts"] == 1
         state.update([_led("a", 10)])
         body = state.snapshot()
-        assert [h["pid"] for h in body["hosts"]] == [10]
-        assert (body["live_hosts"], body["unnamed_hosts"]) == (None, 0)
+        assert [(h["pid"], h["host_id"], h["units"]) for h in body["hosts"]] == [(10, None, 1)]
+        assert body["live_hosts"] == 0
+
+    def test_a_move_from_a_live_idle_host_is_a_hand_off(self) -> None:
+        """A unit whose old leader is still a live host, though it now leads nothing, was
+        handed off; once that host is gone too, a move is a failover."""
+        state = DashboardState()
+        state.update([_led("a", 10)], [_host(10, "a"), _host(11)])
+        state.update([_led("a", 11)], [_host(10), _host(11, "a")])
+        assert _moves(state, "handoffs") == [("a", 10, 11)]
+        state.update([_led("a", 12)], [_host(12, "a")])
+        assert _moves(state, "failovers") == [("a", 11, 12)]
+
+    async def test_the_poller_reads_the_live_hosts(self) -> None:
+        """`poll_status` lists a registered host that leads nothing."""
+        async with open_memory_store() as store, trio.open_nursery() as nursery:
+            async with store.register_host(runs=["a"]) as membership:
+                state = DashboardState()
+                await nursery.start(poll_status, store, state)
+                [host] = state.snapshot()["hosts"]
+                assert (host["host_id"], host["units"], host["lacks"]) == (
+                    membership.host_id,
+                    0,
+                    [],
+                )
+            nursery.cancel_scope.cancel()
 
 
 class TestTimesAndSource:
@@ -335,3 +402,104 @@ async def test_an_outage_is_logged_when_it_starts_every_minute_and_when_it_ends(
     assert lines[2].startswith("dashboard: status still unavailable after 120 s (60 more failed")
     # Reads at 0, 1, ..., 150 s failed; the one at 151 s answered.
     assert lines[3] == "dashboard: status available again after 151 s (151 failed reads)"
+
+
+def _version_unit(
+    name: str,
+    version: int,
+    *,
+    state: ProjectionState,
+    serving: bool,
+    lag: int = 0,
+    checkpoint: Position | None = None,
+    estimated: bool = False,
+    runnable_by: int | None = None,
+) -> ProjectionStatus:
+    return ProjectionStatus(
+        name=name,
+        version=version,
+        serving=serving,
+        checkpoint=checkpoint,
+        lag_events=lag,
+        lag_estimated=estimated,
+        lag_seconds=0.0,
+        leader=None,
+        standbys=0,
+        state=state,
+        last_error=None,
+        updated_at=dt.datetime.now(dt.UTC),
+        dead_letters=0,
+        runnable_by=runnable_by,
+    )
+
+
+class TestVersions:
+    """Both versions of a projection: which serves, how far the building one is, its rate
+    and ETA from successive reads; a superseded unit is not an unrunnable one."""
+
+    @staticmethod
+    def _read(lag: int, read: int) -> list[ProjectionStatus]:
+        # Version 1 superseded (and no live host runs it), 2 serving, 3 building: it has
+        # read up to position *read* of 1,000 and has *lag* events to go.
+        return [
+            _version_unit(
+                "ledger", 1, state=ProjectionState.SUPERSEDED, serving=False, runnable_by=0
+            ),
+            _version_unit("ledger", 2, state=ProjectionState.RUNNING, serving=True, runnable_by=1),
+            _version_unit(
+                "ledger",
+                3,
+                state=ProjectionState.RUNNING,
+                serving=False,
+                lag=lag,
+                estimated=lag > 10_000,
+                checkpoint=Position.parse(f"5:{read}"),
+                runnable_by=1,
+            ),
+        ]
+
+    def test_progress_rate_and_eta_of_a_building_version(self) -> None:
+        """The building version's progress is its checkpoint against the head; its rate is
+        how fast its lag shrank between reads, and the ETA its lag at that rate."""
+        clock = FakeClock()
+        state = DashboardState(clock=clock)
+        head = Position.parse("9:1000")
+        state.update(self._read(90_000, 100), head=head)
+        first = {v["version"]: v for v in state.snapshot()["versions"]}
+        assert [first[v]["role"] for v in (1, 2, 3)] == ["superseded", "serving", "building"]
+        assert first[3]["progress"] == pytest.approx(0.1)
+        assert first[3]["lag_estimated"] is True
+        assert first[3]["eta_seconds"] is None  # one read: no rate yet
+        clock.now += 10
+        state.update(self._read(40_000, 600), head=head)
+        building = {v["version"]: v for v in state.snapshot()["versions"]}[3]
+        assert building["progress"] == pytest.approx(0.6)
+        assert building["events_per_second"] == pytest.approx(5_000)
+        assert building["eta_seconds"] == pytest.approx(8)
+        assert first[1]["progress"] is None
+        assert first[2]["progress"] is None
+
+    def test_a_superseded_unit_is_not_unrunnable_and_does_not_page(self) -> None:
+        """No host runs version 1 any more: it is not listed as unrunnable, and /metrics
+        says it is superseded (the alert rules leave it alone) and which version serves."""
+        state = DashboardState()
+        state.update(self._read(5, 999), head=Position.parse("9:1000"))
+        assert state.snapshot()["unrunnable"] == []
+        text = prometheus_text(state.statuses, versions=state.versions)
+        check_metrics(text)
+        families = {f.name: f for f in text_string_to_metric_families(text.decode())}
+
+        def by_version(family: str) -> dict[str, float]:
+            return {s.labels["version"]: s.value for s in families[family].samples}
+
+        assert by_version("eventcore_projection_serving") == {"1": 0, "2": 1, "3": 0}
+        assert by_version("eventcore_projection_superseded") == {"1": 1, "2": 0, "3": 0}
+        assert by_version("eventcore_projection_rebuild_progress") == {"3": 0.999}
+        # The existing names carry the version too.
+        assert by_version("eventcore_projection_running") == {"1": 0, "2": 1, "3": 1}
+
+    def test_a_projection_with_one_version_lists_no_versions(self) -> None:
+        """Version 1 alone is what every projection had before versions: nothing to show."""
+        state = DashboardState()
+        state.update([_running("ledger")])
+        assert state.snapshot()["versions"] == []

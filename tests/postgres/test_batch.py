@@ -125,7 +125,7 @@ class TestInterruptedStatements:
                 return FailureStrategy.RETRY
 
         config = ProjectionConfig(batch_size=4, max_retries=1000, retry_initial_backoff=0.001)
-        result = await run_projection(Timed(), store, config)
+        result = await run_projection(store, Timed(), config)
         rows = await store.admin.fetch(f"SELECT position FROM {table}")
         assert len(rows) == result.events_applied == 40
         events = await store.read_events(None, limit=100)
@@ -150,7 +150,7 @@ class TestFencing:
             await ctx.db.execute("SELECT pg_advisory_unlock_all()")
 
         with pytest.raises(LeadershipLost, match="pg_advisory_unlock_all"):
-            await run_projection(rogue, store)
+            await run_projection(store, rogue)
         assert await store.admin.fetchval(f"SELECT count(*) FROM {table}") == 0
         assert await store.load_checkpoint("rogue") is None
 
@@ -223,7 +223,7 @@ class TestServerTimeouts:
                 await ctx.db.execute(f"INSERT INTO {table} VALUES ($1)", str(event.position))
                 await trio.sleep(0.5)
 
-            result = await run_projection(slow, store)
+            result = await run_projection(store, slow)
             assert result.events_applied == 1
 
     async def test_a_statement_timeout_on_the_pool_is_a_database_error(
@@ -262,7 +262,7 @@ class TestCommitErrors:
                 failures.append(failure)
                 return FailureStrategy.SKIP
 
-        result = await run_projection(Unique(), store, ProjectionConfig(batch_size=10))
+        result = await run_projection(store, Unique(), ProjectionConfig(batch_size=10))
         assert (result.events_applied, result.dead_letters) == (3, 1)
         (failure,) = failures
         assert isinstance(failure.error, DatabaseError)
@@ -293,7 +293,7 @@ class TestQueuedWrites:
         async def queued(event: RecordedEvent, ctx: ProjectionContext) -> None:
             ctx.db.queue(upsert, event.stream_id)
 
-        result = await run_projection(queued, store, ProjectionConfig(batch_size=40))
+        result = await run_projection(store, queued, ProjectionConfig(batch_size=40))
         assert result.events_applied == 250
         rows = await store.admin.fetch(f"SELECT stream, n FROM {table} ORDER BY stream")
         assert {r["stream"]: r["n"] for r in rows} == {
@@ -312,7 +312,7 @@ class TestQueuedWrites:
             ctx.db.queue(f"DELETE FROM {table} WHERE position = $1", "none")
             seen.append(await ctx.db.fetchval(f"SELECT count(*) FROM {table}"))
 
-        await run_projection(reader, store, ProjectionConfig(batch_size=5))
+        await run_projection(store, reader, ProjectionConfig(batch_size=5))
         assert seen == [1, 2, 3, 4, 5]
 
     async def test_a_failing_queued_write_lands_on_its_own_event(
@@ -333,7 +333,7 @@ class TestQueuedWrites:
             key = "dup" if event.data["n"] in (3, 7) else str(event.position)
             ctx.db.queue(f"INSERT INTO {table} VALUES ($1)", key)
 
-        result = await run_projection(picky, store, ProjectionConfig(batch_size=12))
+        result = await run_projection(store, picky, ProjectionConfig(batch_size=12))
         assert result.dead_letters == 1
         assert [getattr(f.event, "data", {}).get("n") for f in failures] == [7]
         assert isinstance(failures[0].error, DatabaseError)
@@ -356,7 +356,7 @@ class TestQueuedWrites:
         async def bad(event: RecordedEvent, ctx: ProjectionContext) -> None:
             ctx.db.queue(b"INSERT", 1)  # type: ignore[arg-type]
 
-        await run_projection(bad, store)
+        await run_projection(store, bad)
         assert [type(e).__name__ for e in errors] == ["InvalidArgument"]
 
 

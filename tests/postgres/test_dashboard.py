@@ -93,8 +93,11 @@ class TestEndpoints:
 
             async def all_running() -> bool:
                 body = (await http.get("/status.json")).json()
-                return len(body["units"]) == 3 and all(
-                    u["state"] == "running" for u in body["units"]
+                # The host's count is what it published, a moment after it leads.
+                return (
+                    len(body["units"]) == 3
+                    and all(u["state"] == "running" for u in body["units"])
+                    and [h["units"] for h in body["hosts"]] == [3]
                 )
 
             await eventually(all_running)
@@ -104,7 +107,9 @@ class TestEndpoints:
                 "audit[1/2]",
                 "ledger",
             ]
-            assert sum(h["units"] for h in body["hosts"]) == 3
+            [host] = body["hosts"]
+            assert (host["pid"], host["lacks"], body["live_hosts"]) == (os.getpid(), [], 1)
+            assert host["host_id"] is not None
             assert body["error"] is None
             assert body["lag_history"]
             metrics = (await http.get("/metrics")).text
@@ -122,7 +127,7 @@ class TestEndpoints:
         """Unknown paths and methods, and every malformed action: 4xx, never a traceback."""
         http, _ = client
         await store.append("acc-1", [NewEvent("Deposited", {})])
-        await run_projection(ledger, store)
+        await run_projection(store, ledger)
         action = ACTION | {"content-type": "application/json"}
         cases = [
             (await http.get("/nope"), 404),
@@ -163,7 +168,7 @@ class TestEndpoints:
         """Forbidden when read-only; refused while running; done once stopped."""
         http, state = client
         await store.append("acc-1", [NewEvent("Deposited", {})])
-        await run_projection(ledger, store)
+        await run_projection(store, ledger)
         action = ACTION
         body = {"projection": "ledger", "confirm": "ledger"}
         state.allow_actions = False
@@ -193,7 +198,7 @@ async def test_replaying_dead_letters_of_the_given_projectors(store: PostgresSto
             raise RuntimeError("not yet")
 
     await store.append("s", [NewEvent("E", {})])
-    await run_projection(fragile, store)
+    await run_projection(store, fragile)
     assert len(await store.dead_letters("fragile")) == 1
     state = DashboardState(allow_actions=True)
     app = dashboard_app(store, state, [fragile], action_token=TOKEN)
@@ -239,7 +244,7 @@ async def test_replaying_with_a_projector_of_another_partition_count_is_refused(
         pass
 
     await store.append("s", [NewEvent("E", {})])
-    await run_projection(split, store)
+    await run_projection(store, split)
     letters = await store.dead_letters("fragile")
     assert len(letters) == 1
     app = dashboard_app(store, DashboardState(allow_actions=True), [unsplit], action_token=TOKEN)
@@ -284,7 +289,7 @@ async def test_a_failed_unit_carries_its_error(
 
     await store.append("s", [NewEvent("E", {})])
     with pytest.raises(ProjectionFailed):
-        await run_projection(brittle, store)
+        await run_projection(store, brittle)
 
     async def failed() -> bool:
         units = (await http.get("/status.json")).json()["units"]
@@ -295,13 +300,68 @@ async def test_a_failed_unit_carries_its_error(
     assert "<b>bad</b> amount" in unit["last_error"]
 
 
+async def test_a_building_version_beside_the_serving_one(
+    store: PostgresStore, client: tuple[httpx.AsyncClient, DashboardState]
+) -> None:
+    """Version 1 serves; version 2 has applied a quarter of the log: /status.json lists
+    both, the building one with its progress; /metrics says which serves. Once version 2
+    catches up and version 1 is superseded, version 1 is neither unrunnable nor failed."""
+    http, _ = client
+
+    @projector("audit")
+    async def audit_v1(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        pass
+
+    @projector("audit", version=2)
+    async def audit_v2(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        pass
+
+    for i in range(40):
+        await store.append(f"a-{i}", [NewEvent("E", {})])
+    await run_projection(store, audit_v1)
+    tenth = (await store.read_events(None, limit=10))[-1].position
+    await store.version_role("audit", 2)
+    async with store.try_acquire("audit@v2") as leadership, leadership.open_batch() as batch:
+        await batch.save_checkpoint(None, tenth)
+
+    async def versions() -> dict[int, dict[str, object]]:
+        body = (await http.get("/status.json")).json()
+        return {v["version"]: v for v in body["versions"] if v["name"] == "audit"}
+
+    async def both() -> bool:
+        return set(await versions()) == {1, 2}
+
+    await eventually(both)
+    shown = await versions()
+    assert (shown[1]["role"], shown[2]["role"]) == ("serving", "building")
+    assert shown[2]["progress"] == pytest.approx(0.25)
+    metrics = (await http.get("/metrics")).text
+    check_metrics(metrics.encode())
+    assert 'eventcore_projection_serving{projector="audit",unit="audit",version="1"} 1.0' in (
+        metrics
+    )
+    assert 'eventcore_projection_rebuild_progress{projector="audit",version="2"} 0.25' in (metrics)
+
+    await run_projection(store, audit_v2)  # catches up and takes over
+
+    async def switched() -> bool:
+        shown = await versions()
+        return shown.get(1, {}).get("role") == "superseded"
+
+    await eventually(switched)
+    body = (await http.get("/status.json")).json()
+    [old] = [u for u in body["units"] if u["unit"] == "audit"]
+    assert (old["state"], old["serving"]) == ("superseded", False)
+    assert "audit" not in body["unrunnable"]
+
+
 @pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 async def test_hosts_starting_together_idle_hosts_and_a_kill(
     store: PostgresStore, postgres_dsn: str
 ) -> None:
     """Four balancing host processes started together over three projectors: no failover
-    (moves between live hosts are hand-offs), all four live hosts known, the idle one
-    counted; after a kill -9 of a leader its unit's move is a failover."""
+    (moves between live hosts are hand-offs), all four live hosts listed, the idle one
+    too; after a kill -9 of a leader its unit's move is a failover."""
     app = await create_applied_table(store)
     state = DashboardState()
     async with trio.open_nursery() as nursery:
@@ -319,9 +379,11 @@ async def test_hosts_starting_together_idle_hosts_and_a_kill(
         await eventually(spread, within=30)
         body = state.snapshot()
         assert body["failovers"] == []
-        named = {h["pid"] for h in body["hosts"]}
-        assert named <= set(hosts.processes)
-        assert len(named) + body["unnamed_hosts"] == 4
+        listed = {h["pid"]: h for h in body["hosts"]}
+        assert set(listed) == set(hosts.processes)
+        assert all(h["host_id"] is not None for h in listed.values())
+        # The one that leads no unit is listed as well (idle, or standing by).
+        assert len(set(listed) - {u["leader"]["pid"] for u in body["units"]}) == 1
         # A move seen meanwhile was between live hosts.
         for move in body["handoffs"]:
             assert move["from"]["pid"] in hosts.processes
@@ -371,7 +433,7 @@ async def test_a_real_server_and_a_database_restart(own_server: EmbeddedPostgres
         trio.open_nursery() as nursery,
     ):
         await store.append("acc-1", [NewEvent("Deposited", {})])
-        await run_projection(ledger, store)
+        await run_projection(store, ledger)
         [url] = await nursery.start(partial(serve_dashboard, store, bind="127.0.0.1:0"))
         async with httpx.AsyncClient(base_url=url) as http:
             assert (await http.get("/status.json")).json()["units"][0]["unit"] == "ledger"
@@ -413,7 +475,7 @@ async def test_a_foreign_host_header_reads_nothing_and_resets_nothing(store: Pos
     rebound its name to 127.0.0.1) gets 400, and its reset changes nothing; the dashboard's
     own names, and a name given with ``allowed_hosts``, work."""
     await store.append("acc-1", [NewEvent("Deposited", {})])
-    await run_projection(ledger, store)
+    await run_projection(store, ledger)
     checkpoint = await store.load_checkpoint("ledger")
     assert checkpoint is not None
     action = ACTION
@@ -489,7 +551,7 @@ async def test_actions_without_the_token_change_nothing(store: PostgresStore) ->
         raise RuntimeError("not yet")
 
     await store.append("s", [NewEvent("E", {})])
-    await run_projection(fragile, store)
+    await run_projection(store, fragile)
 
     async def stored() -> tuple[object, object, int]:
         row = await store.admin.fetchrow(
@@ -548,7 +610,7 @@ async def test_status_names_sessions_from_outside_on_the_stores_locks(
     The store's own shared append is not named. Status, its JSON, the command's table and
     the dashboard's status all say so."""
     await store.append("acc-1", [NewEvent("Deposited", {})])
-    await run_projection(ledger, store)
+    await run_projection(store, ledger)
     role, password = f"nosy_{uuid.uuid4().hex[:8]}", secrets.token_urlsafe(16)
     await store.admin.execute(f"CREATE ROLE {role} LOGIN PASSWORD '{password}'")
     parts = urlsplit(harness.dsn)

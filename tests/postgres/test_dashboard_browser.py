@@ -207,8 +207,9 @@ async def devtools() -> AsyncIterator[DevTools]:
 async def test_the_page_shows_units_and_a_failover(
     store: PostgresStore, harness: PostgresHarness, tmp_path: Path
 ) -> None:
-    """Two host processes: the page lists the unit as running with its leader; after a
-    kill -9 of the leader it lists the failover, to the other host's pid."""
+    """Two host processes: the page lists the unit as running with its leader, and both
+    hosts, the one that leads nothing too; after a kill -9 of the leader it lists the
+    failover, to the other host's pid."""
     app = await _create_app_schema(store)
     await store.append("acc-1", [NewEvent("Deposited", {"n": 0})])
     async with trio.open_nursery() as nursery:
@@ -223,11 +224,19 @@ async def test_the_page_shows_units_and_a_failover(
                 units = (await http.get("/status.json")).json()["units"]
                 return any(u["unit"] == "ledger" and u["state"] == "running" for u in units)
 
+            async def both_hosts_shown() -> bool:
+                hosts = (await http.get("/status.json")).json()["hosts"]
+                return sorted((h["units"], h["standing_by"]) for h in hosts) == [(0, 1), (1, 0)]
+
             await eventually(shown_running)
+            # The host that leads nothing is listed too, standing by.
+            await eventually(both_hosts_shown)
             dom = await browse(url)
             assert 'data-unit="ledger"' in dom
             assert 'class="state-running">running<' in dom
-            assert f"pid {leader}" in dom
+            assert f"pid {leader}: leads 1 unit" in dom
+            [backup] = [h.pid for h in hosts if h.pid != leader]
+            assert f"pid {backup}: leads nothing, stands by for 1 unit" in dom
 
             victim = next(h for h in hosts if h.pid == leader)
             victim.send_signal(signal.SIGKILL)
@@ -252,7 +261,7 @@ async def test_the_page_asks_for_the_token_before_a_reset(store: PostgresStore) 
     a wrong one is refused (and the checkpoint stays), and resets with the right one, which
     it keeps in the tab's sessionStorage, never in the URL."""
     await store.append("acc-1", [NewEvent("Deposited", {})])
-    await run_projection(ledger, store)
+    await run_projection(store, ledger)
     checkpoint = await store.load_checkpoint("ledger")
     assert checkpoint is not None
     serve = partial(
@@ -320,7 +329,7 @@ async def test_the_page_shows_an_error_escaped_the_database_and_utc_times(
 
     await store.append("acc-1", [NewEvent("Deposited", {})])
     with pytest.raises(ProjectionFailed):
-        await run_projection(brittle, store)
+        await run_projection(store, brittle)
     database = await store.admin.fetchval("SELECT current_database()")
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery, devtools() as tools:

@@ -135,7 +135,7 @@ async def test_replay_with_the_old_count_never_applies_a_letter_twice(
     app = await _create_app_schema(store)
     await _append_round(store, BAD_BEFORE_SPLIT)
     # The code before the split: one unit, which dead-letters two events.
-    await run_projection(wide(app, 1, skip_bad=True), store)
+    await run_projection(store, wide(app, 1, skip_bad=True))
     assert len(await store.dead_letters("wide")) == 2
     async with trio.open_nursery() as nursery:
         hosts = {await _start_host(nursery, postgres_dsn, store.schema, app, 2) for _ in range(2)}
@@ -146,10 +146,10 @@ async def test_replay_with_the_old_count_never_applies_a_letter_twice(
         assert sorted(d.partition or 0 for d in letters) == [0, 0, 1, 1]
         for _ in range(2):
             with pytest.raises(PartitionsMismatch) as mismatch:
-                await replay_dead_letters(wide(app, 1, skip_bad=False), store)
+                await replay_dead_letters(store, wide(app, 1, skip_bad=False))
             assert (mismatch.value.recorded, mismatch.value.given) == (2, 1)
         with pytest.raises(ProjectionRunning):
-            await replay_dead_letters(wide(app, 2, skip_bad=False), store)
+            await replay_dead_letters(store, wide(app, 2, skip_bad=False))
         assert await store.dead_letters("wide") == letters
         assert await _running_split(store, hosts)
         nursery.cancel_scope.cancel()
@@ -161,11 +161,11 @@ async def test_replay_with_the_old_count_never_applies_a_letter_twice(
 
     # Nothing runs now: the old count is still refused, and applies nothing.
     with pytest.raises(PartitionsMismatch):
-        await replay_dead_letters(wide(app, 1, skip_bad=False), store)
+        await replay_dead_letters(store, wide(app, 1, skip_bad=False))
     assert await _applied(store, app) == applied
     assert await store.dead_letters("wide") == letters
 
-    result = await replay_dead_letters(wide(app, 2, skip_bad=False), store)
+    result = await replay_dead_letters(store, wide(app, 2, skip_bad=False))
     assert (result.replayed, result.failed) == (4, 0)
     assert await store.dead_letters("wide") == []
     replayed = (await _applied(store, app))[len(applied) :]
@@ -176,7 +176,7 @@ async def test_replay_with_the_old_count_never_applies_a_letter_twice(
     everything = [row[0] for row in await _applied(store, app)]
     assert sorted(everything) == sorted(e.event_id for e in await read_all(store))
 
-    again = await replay_dead_letters(wide(app, 2, skip_bad=False), store)
+    again = await replay_dead_letters(store, wide(app, 2, skip_bad=False))
     assert (again.replayed, again.failed) == (0, 0)
     assert len(await _applied(store, app)) == len(everything)
 
@@ -189,7 +189,7 @@ async def test_a_replay_whose_delete_matches_nothing_fails_and_writes_nothing(
     wrote through ctx.db is rolled back: the letter is never reported as replayed."""
     app = await _create_app_schema(store)
     await _append_round(store, BAD_BEFORE_SPLIT)
-    await run_projection(wide(app, 2, skip_bad=True), store)
+    await run_projection(store, wide(app, 2, skip_bad=True))
     letters = await store.dead_letters("wide")
     assert len(letters) == 2
     applied = await _applied(store, app)
@@ -210,7 +210,7 @@ async def test_a_replay_whose_delete_matches_nothing_fails_and_writes_nothing(
         await store.admin.execute(f"DELETE FROM {table} WHERE event_id = $1", event.event_id)
 
     with pytest.raises(DeadLetterNotFound) as info:
-        await replay_dead_letters(meddled, store)
+        await replay_dead_letters(store, meddled)
     first = min(letters, key=lambda d: (d.partition or 0, d.position))
     assert info.value.dead_letter_id == first.id
     assert info.value.unit == f"wide[{first.partition}/2]"
@@ -227,7 +227,7 @@ async def test_a_replay_that_lost_its_lock_deletes_and_writes_nothing(
     through ctx.db makes the replay fail with LeadershipLost, committing nothing."""
     app = await _create_app_schema(store)
     await _append_round(store, BAD_BEFORE_SPLIT)
-    await run_projection(wide(app, 1, skip_bad=True), store)
+    await run_projection(store, wide(app, 1, skip_bad=True))
     letters = await store.dead_letters("wide")
     assert len(letters) == 2
     applied = await _applied(store, app)
@@ -244,7 +244,7 @@ async def test_a_replay_that_lost_its_lock_deletes_and_writes_nothing(
         await ctx.db.execute("SELECT pg_advisory_unlock_all()")
 
     with pytest.raises(LeadershipLost, match="no longer held"):
-        await replay_dead_letters(unlocking, store)
+        await replay_dead_letters(store, unlocking)
     assert await _applied(store, app) == applied
     assert await store.dead_letters("wide") == letters
 
@@ -295,7 +295,7 @@ async def _letter_per_stream(
 ) -> dict[str, uuid.UUID]:
     """One bad event per stream, each dead-lettered by *partitions* units; their ids."""
     await _append_round(store, set(STREAMS))
-    await run_projection(wide(app, partitions, skip_bad=True), store)
+    await run_projection(store, wide(app, partitions, skip_bad=True))
     letters = await store.dead_letters("wide")
     assert len(letters) == len(STREAMS)
     assert await _applied(store, app) == []
@@ -335,7 +335,7 @@ async def test_two_replays_at_once_apply_each_letter_once(store: PostgresStore) 
 
     async def replay() -> None:
         try:
-            results.append(await replay_dead_letters(replaying(app, 4, gate=gate), store))
+            results.append(await replay_dead_letters(store, replaying(app, 4, gate=gate)))
         except ProjectionRunning as exc:
             results.append(exc)
             refused.set()
@@ -368,7 +368,7 @@ async def test_a_reset_waiting_for_a_replay_runs_after_it(store: PostgresStore) 
     async def replay() -> None:
         failing = frozenset({"order-1"})
         replayed.append(
-            await replay_dead_letters(replaying(app, 2, gate=gate, failing=failing), store)
+            await replay_dead_letters(store, replaying(app, 2, gate=gate, failing=failing))
         )
 
     async def reset_waiting() -> None:
@@ -400,12 +400,12 @@ async def test_a_cancelled_replay_keeps_the_rest_for_the_next(store: PostgresSto
     gate = Gate(at=4)
     with trio.fail_after(30):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(replay_dead_letters, replaying(app, 2, gate=gate), store)
+            nursery.start_soon(replay_dead_letters, store, replaying(app, 2, gate=gate))
             await gate.reached.wait()
             nursery.cancel_scope.cancel()
     assert len(await _applied_once(store, app)) == 3
     assert len(await store.dead_letters("wide")) == len(STREAMS) - 3
-    result = await replay_dead_letters(replaying(app, 2), store)
+    result = await replay_dead_letters(store, replaying(app, 2))
     assert (result.replayed, result.failed) == (len(STREAMS) - 3, 0)
     assert await _applied_once(store, app) == Counter(letters.values())
     assert await store.dead_letters("wide") == []
@@ -424,7 +424,7 @@ async def test_a_split_waits_for_a_replay_then_moves_what_failed_again(
     replayed: list[ReplayResult] = []
 
     async def replay() -> None:
-        replayed.append(await replay_dead_letters(replaying(app, 2, gate=gate, failing=bad), store))
+        replayed.append(await replay_dead_letters(store, replaying(app, 2, gate=gate, failing=bad)))
 
     async def split() -> bool:
         return await store.recorded_partitions("wide") == 4
@@ -449,8 +449,8 @@ async def test_a_split_waits_for_a_replay_then_moves_what_failed_again(
     assert sorted(d.event.stream_id for d in kept) == sorted(bad)
     assert all(d.partition == partition_of(d.event.stream_id, 4).index for d in kept)
     with pytest.raises(PartitionsMismatch):
-        await replay_dead_letters(replaying(app, 2), store)
-    again = await replay_dead_letters(replaying(app, 4), store)
+        await replay_dead_letters(store, replaying(app, 2))
+    again = await replay_dead_letters(store, replaying(app, 4))
     assert (again.replayed, again.failed) == (3, 0)
     assert await _applied_once(store, app) == Counter(letters.values())
     assert await store.dead_letters("wide") == []
@@ -475,7 +475,7 @@ async def test_a_letter_failing_at_commit_is_kept_and_counted(
         uuid.uuid4(),
     )
     before = await store.dead_letters("wide")
-    result = await replay_dead_letters(wide(app, 1, skip_bad=False), store)
+    result = await replay_dead_letters(store, wide(app, 1, skip_bad=False))
     assert (result.replayed, result.failed) == (len(STREAMS) - 1, 1)
     [kept] = await store.dead_letters("wide")
     assert kept == next(d for d in before if d.event.stream_id == "order-3")
@@ -483,6 +483,6 @@ async def test_a_letter_failing_at_commit_is_kept_and_counted(
     assert set(letters.values()) - set(applied) == {kept.event.event_id}
     assert sum(1 for m in caplog.messages if "failed again" in m and "once" in m) == 1
     # Still refused: failed again, still kept.
-    again = await replay_dead_letters(wide(app, 1, skip_bad=False), store)
+    again = await replay_dead_letters(store, wide(app, 1, skip_bad=False))
     assert (again.replayed, again.failed) == (0, 1)
     assert await store.dead_letters("wide") == [kept]

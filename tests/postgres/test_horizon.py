@@ -66,7 +66,7 @@ async def status_after_run(store: PostgresStore) -> list[ProjectionStatus]:
     async def view(event: RecordedEvent, ctx: ProjectionContext) -> None:
         pass
 
-    await run_projection(view, store)
+    await run_projection(store, view)
     return await store.projection_status()
 
 

@@ -272,10 +272,10 @@ class TestStatusOfLockHolders:
             replaying.set()
             await release.wait()
 
-        await run_projection(p, store)
+        await run_projection(store, p)
         rejecting = False
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(replay_dead_letters, p, store)
+            nursery.start_soon(replay_dead_letters, store, p)
             await replaying.wait()
             (status,) = await store.projection_status()
             assert status.state is ProjectionState.REPLAYING

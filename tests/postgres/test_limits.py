@@ -240,7 +240,7 @@ async def test_json_nested_too_deeply_reads_as_undecodable(store: PostgresStore)
     async def deep(event: RecordedEvent, ctx: ProjectionContext) -> None:
         applied.append(event.type)
 
-    await run_projection(deep, store)
+    await run_projection(store, deep)
     assert applied == ["Before", "After"]
     [letter] = await store.dead_letters("deep")
     assert isinstance(letter.event, UndecodableEvent)

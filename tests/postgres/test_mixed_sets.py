@@ -180,7 +180,7 @@ async def test_status_shows_a_unit_no_live_host_can_run(
     command) lists audit as runnable by no live host, naming that host, and lists orders as
     runnable by it."""
     await store.append("s-1", [NewEvent("E", {})])
-    await run_projection(_audit, store)
+    await run_projection(store, _audit)
     (alone,) = [s for s in await store.projection_status() if s.name == "audit"]
     assert alone.runnable_by is None, "no balancing host is live: nothing to say"
     async with trio.open_nursery() as nursery:
@@ -212,7 +212,7 @@ async def test_the_dashboard_shows_a_unit_no_live_host_can_run(store: PostgresSt
     """/status.json lists "audit" as unrunnable, naming the host that lacks it, and /metrics
     says 0 hosts can run it and 1 can run "orders"."""
     await store.append("s-1", [NewEvent("E", {})])
-    await run_projection(_audit, store)
+    await run_projection(store, _audit)
     state = DashboardState()
     transport = httpx.ASGITransport(app=dashboard_app(store, state))
     async with (

@@ -171,7 +171,7 @@ class TestOutboxAndReaders:
 
         config = ProjectionConfig(continuous=True, poll_interval=60)
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_projection, view, store, config)
+            await nursery.start(run_projection, store, view, config)
             async with store.transaction() as tx:
                 result = await tx.append("s", [NewEvent("Woken", {})])
             await wait_for_projections(store, [view], result, timeout=20)
@@ -200,7 +200,7 @@ class TestOutboxAndReaders:
         try:
             config = ProjectionConfig(continuous=True, poll_interval=60)
             async with trio.open_nursery() as nursery:
-                await nursery.start(run_projection, view, store, config)
+                await nursery.start(run_projection, store, view, config)
                 with trio.CancelScope() as scope:
                     async with store.transaction() as tx:
                         await tx.execute("SET LOCAL synchronous_commit = on")

@@ -324,7 +324,7 @@ async def _ran_with_two_partitions(store: PostgresStore) -> None:
         pass
 
     await _append(store, 0, 10)
-    await run_projection(orders, store)
+    await run_projection(store, orders)
 
 
 async def test_a_waiting_split_never_overtakes_a_standby(store: PostgresStore) -> None:

@@ -170,7 +170,7 @@ class TestTransactionPooling:
         async with harness.open_store() as store:
             await store.append("s", [NewEvent("A", {})])
             with pytest.raises(UnsupportedPooling):
-                await run_projection(counted, store)
+                await run_projection(store, counted)
             await store.save_checkpoint(
                 "counted", (await store.read_events(None, limit=1))[0].position
             )
@@ -228,7 +228,7 @@ class TestDocumentedSetup:
         for round_ in range(3):
             async with harness.open_store() as store:
                 await store.append("s", [NewEvent("A", {}), NewEvent("B", {})])
-                result = await run_projection(totals, store)
+                result = await run_projection(store, totals)
                 assert result.events_applied == 2
                 seen = await store.admin.fetchval(f'SELECT count(*) FROM "{harness.schema}".seen')
                 assert seen == 3 * round_ + 2
@@ -237,7 +237,7 @@ class TestDocumentedSetup:
                         nursery.start_soon(store.wait_for_events)
                         await trio.lowlevel.checkpoint()
                         await store.append("s", [NewEvent("C", {})])
-                await run_projection(totals, store)
+                await run_projection(store, totals)
 
 
 class TestSessionPoolingFailover:
@@ -494,7 +494,7 @@ class TestCommandLine:
         schema = "bouncer_cli_reset"
         async with open_postgres_store(postgres_dsn, schema=schema) as store:
             await store.append("s", [NewEvent("E", {}) for _ in range(30)])
-            await run_projection(cli_projectors.picky, store)
+            await run_projection(store, cli_projectors.picky)
         env = _cli_environment(
             EVENTCORE_DSN=bouncer.dsn("app"), EVENTCORE_SESSION_DSN=bouncer.dsn("app_sessions")
         )

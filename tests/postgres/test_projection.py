@@ -93,7 +93,7 @@ class TestTransactional:
                 raise RuntimeError("disk full")
 
         with pytest.raises(ProjectionFailed):
-            await run_projection(ledger, store, ProjectionConfig(batch_size=10))
+            await run_projection(store, ledger, ProjectionConfig(batch_size=10))
         checkpoint = await store.load_checkpoint("ledger")
         applied = await store.admin.fetch(f'SELECT seq FROM "{app}".applied ORDER BY seq')
         assert [r["seq"] for r in applied] == list(range(77))
@@ -111,7 +111,7 @@ class TestTransactional:
         async def noop(event: RecordedEvent, ctx: ProjectionContext) -> None:
             pass
 
-        await run_projection(noop, store)
+        await run_projection(store, noop)
         blocker = await _bridge.connect(
             postgres_dsn, application_name="blocker", connect_timeout=10
         )
@@ -159,7 +159,7 @@ class TestNotifications:
 
         config = ProjectionConfig(continuous=True, poll_interval=0.3)
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_projection, follower, store, config)
+            await nursery.start(run_projection, store, follower, config)
             await store.append("s", [NewEvent("E", {"n": 0})])
             await wait_for(1)
 
@@ -365,7 +365,7 @@ class TestCancellation:
         config = ProjectionConfig(batch_size=7)
         for delay in (0.0, 0.001, 0.002, 0.004, 0.008, 0.016, 0.03, 0.05, 0.08):
             with trio.move_on_after(delay):
-                await run_projection(ledger, store, config)
+                await run_projection(store, ledger, config)
             checkpoint = await store.load_checkpoint("ledger")
             expected = sum(1 for e in events if checkpoint is not None and e.position <= checkpoint)
             assert await store.admin.fetchval(f'SELECT count(*) FROM "{app}".applied') == expected
@@ -381,7 +381,7 @@ class TestCancellation:
             await eventually(session_gone)
             async with store.try_acquire("ledger") as leadership:
                 assert leadership.is_held
-        await run_projection(ledger, store, config)
+        await run_projection(store, ledger, config)
         rows = await store.admin.fetch(f'SELECT seq FROM "{app}".applied ORDER BY id')
         assert [r["seq"] for r in rows] == list(range(150))
 
@@ -407,7 +407,7 @@ class TestFencing:
 
             async def run() -> None:
                 with pytest.raises(LeadershipLost):
-                    await run_projection(sleepy, store)
+                    await run_projection(store, sleepy)
                 lost.set()
 
             nursery.start_soon(run)

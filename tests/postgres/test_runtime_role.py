@@ -181,7 +181,7 @@ async def _run_as_runtime_role(deployment: Deployment) -> bool:
         async def orders(event: RecordedEvent, ctx: ProjectionContext) -> None:
             applied.append(event.stream_id)
 
-        result = await run_projection(orders, store)
+        result = await run_projection(store, orders)
         assert result.events_applied == len(applied) == len(await _all(store))
         return await _partition_index(store)
 

@@ -250,7 +250,7 @@ async def _drive(store: PostgresStore, harness: PostgresHarness) -> None:
         if event.type == "Bad" and failing:
             raise ValueError("bad")
 
-    await run_projection(two, store)
+    await run_projection(store, two)
     assert len(await store.dead_letters("sec")) == 1
     await store.set_partitions("sec", 4)
 
@@ -259,7 +259,7 @@ async def _drive(store: PostgresStore, harness: PostgresHarness) -> None:
         pass
 
     failing = False
-    assert (await replay_dead_letters(four, store)).replayed == 1
+    assert (await replay_dead_letters(store, four)).replayed == 1
     await store.append("d", [NewEvent("Placed", {})])
     async with trio.open_nursery() as nursery:
         await nursery.start(run_projections, store, [four], ProjectionConfig(balance_interval=0.1))

@@ -51,7 +51,7 @@ class TestVerification:
                 ids |= {e.event_id for e in batch if e.event_id}
                 await store.append_atomic([StreamAppend(f"acct-{n}", batch)])
             for projector in projectors(app):
-                await run_projection(projector, store, ProjectionConfig(batch_size=5))
+                await run_projection(store, projector, ProjectionConfig(batch_size=5))
             try:
                 yield store, app, ids
             finally:

@@ -251,7 +251,7 @@ class TestDeadLetterLine:
 
         async with open_memory_store() as store:
             await store.append("s", [NewEvent("Good", {}), NewEvent("Bad", {})])
-            await run_projection(picky, store)
+            await run_projection(store, picky)
             bad = (await store.read_events(None, limit=10))[1]
         lines = [r for r in caplog.records if "dead letter" in r.getMessage()]
         assert [(r.levelname, r.getMessage()) for r in lines] == [

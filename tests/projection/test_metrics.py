@@ -60,7 +60,7 @@ async def test_batches_dead_letters_and_failovers_are_counted(
 
     async with open_memory_store() as store:
         await store.append("s", [NewEvent("E", {})] * 5 + [NewEvent("E", {"bad": True})])
-        await run_projection(metered, store)
+        await run_projection(store, metered)
         (applied,) = _points(reader, "eventcore.projection.events_applied", "metered")
         assert applied.value == 5
         (dead,) = _points(reader, "eventcore.projection.dead_letters", "metered")

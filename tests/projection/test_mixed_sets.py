@@ -134,7 +134,7 @@ async def test_status_shows_a_unit_no_live_host_can_run() -> None:
     async with open_memory_store() as store:
         await store.append("s-1", [NewEvent("E", {})])
         (audit,) = _projectors(applied, "audit")
-        await run_projection(audit, store)  # catch-up: it ran here, then stopped
+        await run_projection(store, audit)  # catch-up: it ran here, then stopped
         before = _by_unit(await store.projection_status())
         assert before["audit"].runnable_by is None, "no balancing host is live"
         assert not before["audit"].unrunnable

@@ -131,7 +131,7 @@ class PartitionContract:
         applied = Applied()
         for round_ in range(3):
             await _append_round(store, round_)
-        result = await run_projection(applied.projector, store, ProjectionConfig(batch_size=7))
+        result = await run_projection(store, applied.projector, ProjectionConfig(batch_size=7))
         assert result.events_applied == 120
         assert set(applied.by_partition) == {0, 1, 2, 3}
         for partition, streams in applied.by_partition.items():
@@ -159,15 +159,15 @@ class PartitionContract:
         """2 -> 4 -> 8: nothing applied twice, nothing skipped, order kept."""
         two = Applied(partitions=2)
         await _append_round(store, 1)
-        await run_projection(two.projector, store)
+        await run_projection(store, two.projector)
         await _append_round(store, 2)
         four = Applied(partitions=4)
-        result = await run_projection(four.projector, store)
+        result = await run_projection(store, four.projector)
         assert result.events_applied == 40
         assert all(v == [2] for v in four.versions().values())
         await _append_round(store, 3)
         eight = Applied(partitions=8)
-        await run_projection(eight.projector, store)
+        await run_projection(store, eight.projector)
         assert all(v == [3] for v in eight.versions().values())
         status = [s for s in await store.projection_status() if s.name == "orders"]
         assert [s.partition for s in status] == list(range(8))
@@ -227,24 +227,24 @@ class PartitionContract:
         """A projection that ran unpartitioned splits into K without replaying anything."""
         one = Applied(partitions=1)
         await _append_round(store, 1)
-        await run_projection(one.projector, store)
+        await run_projection(store, one.projector)
         assert set(one.by_partition) == {None}
         four = Applied(partitions=4)
         await _append_round(store, 2)
-        await run_projection(four.projector, store)
+        await run_projection(store, four.projector)
         assert all(v == [2] for v in four.versions().values())
 
     async def test_other_changes_are_refused_unless_nothing_was_applied(self, store: Store) -> None:
         """4 -> 3 and 4 -> 2 are refused naming reset; after a reset any count is allowed."""
         await _append_round(store, 1)
-        await run_projection(Applied(partitions=4).projector, store)
+        await run_projection(store, Applied(partitions=4).projector)
         for count in (3, 2, 1):
             with pytest.raises(PartitionsChanged, match="eventcore-trio reset orders") as info:
-                await run_projection(Applied(partitions=count).projector, store)
+                await run_projection(store, Applied(partitions=count).projector)
             assert (info.value.current, info.value.requested) == (4, count)
         await store.reset_projection("orders")
         three = Applied(partitions=3)
-        await run_projection(three.projector, store)
+        await run_projection(store, three.projector)
         assert all(v == [1] for v in three.versions().values())
         status = [s for s in await store.projection_status() if s.name == "orders"]
         assert [s.partition for s in status] == [0, 1, 2]
@@ -252,7 +252,7 @@ class PartitionContract:
     async def test_reset_takes_every_partition_or_none(self, store: Store) -> None:
         """While any unit runs, reset is refused and changes nothing; then it resets all."""
         await _append_round(store, 1)
-        await run_projection(Applied().projector, store)
+        await run_projection(store, Applied().projector)
         before = {s.unit: s.checkpoint for s in await store.projection_status()}
         async with store.try_acquire("orders[2/4]"):
             with pytest.raises(ProjectionRunning):
@@ -266,7 +266,7 @@ class PartitionContract:
             sum(1 for stream in STREAMS if partition_of(stream, 4).index == i) for i in range(4)
         ]
         again = Applied()
-        assert (await run_projection(again.projector, store)).events_applied == 40
+        assert (await run_projection(store, again.projector)).events_applied == 40
 
     async def test_reset_while_hosts_run_waits_then_rebuilds(self, store: Store) -> None:
         """reset(wait=True) waits for every running unit to stop; the next host rebuilds."""
@@ -289,25 +289,25 @@ class PartitionContract:
             with trio.fail_after(20):
                 await reset_done.wait()
         rebuilt = Applied()
-        assert (await run_projection(rebuilt.projector, store)).events_applied == 40
+        assert (await run_projection(store, rebuilt.projector)).events_applied == 40
 
     async def test_dead_letters_follow_their_stream_through_a_split(self, store: Store) -> None:
         """Skipped events are listed for the projection, and move to their new partition."""
         await _append_round(store, 1)
         failing = Applied(partitions=2)
         failing.fail_streams = {"order-3", "order-7"}
-        await run_projection(failing.projector, store)
+        await run_projection(store, failing.projector)
         letters = await store.dead_letters("orders")
         assert sorted(d.event.stream_id for d in letters) == ["order-3", "order-7"]
         assert all(d.projection == "orders" for d in letters)
         assert all(d.partition == partition_of(d.event.stream_id, 2).index for d in letters)
-        await run_projection(Applied(partitions=4).projector, store)
+        await run_projection(store, Applied(partitions=4).projector)
         moved = await store.dead_letters("orders")
         assert all(d.partition == partition_of(d.event.stream_id, 4).index for d in moved)
         for d in moved:
             assert [x.id for x in await store.dead_letters(f"orders[{d.partition}/4]")] == [d.id]
         fixed = Applied(partitions=4)
-        result = await replay_dead_letters(fixed.projector, store)
+        result = await replay_dead_letters(store, fixed.projector)
         assert (result.replayed, result.failed) == (2, 0)
         assert await store.dead_letters("orders") == []
 
@@ -320,30 +320,30 @@ class PartitionContract:
         await _append_round(store, 1)
         before_split = Applied(partitions=1)
         before_split.fail_streams = set(ONE_PER_PARTITION)
-        await run_projection(before_split.projector, store)
+        await run_projection(store, before_split.projector)
         await _append_round(store, 2)
         split = Applied(partitions=4)
         split.fail_streams = set(ONE_PER_PARTITION)
-        await run_projection(split.projector, store)
+        await run_projection(store, split.projector)
         letters = await store.dead_letters("orders")
         assert len(letters) == 8  # 4 skipped before the split, 4 by the partitions
         assert {d.partition for d in letters} == {0, 1, 2, 3}
         stale = Applied(partitions=1)
         for _ in range(2):
             with pytest.raises(PartitionsMismatch) as info:
-                await replay_dead_letters(stale.projector, store)
+                await replay_dead_letters(store, stale.projector)
             assert (info.value.name, info.value.recorded, info.value.given) == ("orders", 4, 1)
             assert "partitions=4" in str(info.value)
         assert stale.versions() == {}
         assert await store.dead_letters("orders") == letters
         fixed = Applied(partitions=4)
-        result = await replay_dead_letters(fixed.projector, store)
+        result = await replay_dead_letters(store, fixed.projector)
         assert (result.replayed, result.failed) == (8, 0)
         assert fixed.versions() == {stream: [1, 2] for stream in ONE_PER_PARTITION}
         for partition, streams in fixed.by_partition.items():
             assert all(partition_of(stream, 4).index == partition for stream in streams)
         assert await store.dead_letters("orders") == []
-        again = await replay_dead_letters(fixed.projector, store)
+        again = await replay_dead_letters(store, fixed.projector)
         assert (again.replayed, again.failed) == (0, 0)
         assert fixed.versions() == {stream: [1, 2] for stream in ONE_PER_PARTITION}
 
@@ -355,7 +355,7 @@ class PartitionContract:
         await _append_round(store, 1)
         failing = Applied(partitions=4)
         failing.fail_streams = set(ONE_PER_PARTITION)
-        await run_projection(failing.projector, store)
+        await run_projection(store, failing.projector)
         letters = await store.dead_letters("orders")
         assert len(letters) == 4
         fixed = Applied(partitions=4)
@@ -366,20 +366,20 @@ class PartitionContract:
             await _append_round(store, 2)
             await running.wait_for(40 - 4)
             with pytest.raises(ProjectionRunning) as info:
-                await replay_dead_letters(fixed.projector, store)
+                await replay_dead_letters(store, fixed.projector)
             assert info.value.name == "orders"
             assert "wait=True" not in str(info.value)
             with pytest.raises(PartitionsMismatch):
-                await replay_dead_letters(Applied(partitions=1).projector, store)
+                await replay_dead_letters(store, Applied(partitions=1).projector)
             nursery.cancel_scope.cancel()
         letters = await store.dead_letters("orders")
         assert len(letters) == 8
         async with store.try_acquire("orders[3/4]"):
             with pytest.raises(ProjectionRunning):
-                await replay_dead_letters(fixed.projector, store)
+                await replay_dead_letters(store, fixed.projector)
         assert fixed.versions() == {}
         assert await store.dead_letters("orders") == letters
-        result = await replay_dead_letters(fixed.projector, store)
+        result = await replay_dead_letters(store, fixed.projector)
         assert (result.replayed, result.failed) == (8, 0)
         assert fixed.versions() == {stream: [1, 2] for stream in ONE_PER_PARTITION}
 
@@ -389,13 +389,13 @@ class PartitionContract:
         await _append_round(store, 1)
         failing = Applied(partitions=2)
         failing.fail_streams = set(ONE_PER_PARTITION)
-        await run_projection(failing.projector, store)
+        await run_projection(store, failing.projector)
         letters = await store.dead_letters("orders")
         assert len(letters) == 4
         fixed = Applied(partitions=2)
         splitting = cast(Store, _SplitsAfterFirstLook(store, "orders", 4))
         with pytest.raises(PartitionsMismatch) as info:
-            await replay_dead_letters(fixed.projector, splitting)
+            await replay_dead_letters(splitting, fixed.projector)
         assert (info.value.recorded, info.value.given) == (4, 2)
         assert fixed.versions() == {}
         moved = await store.dead_letters("orders")
@@ -424,7 +424,7 @@ class PartitionContract:
             apply = staticmethod(handler)
 
         with pytest.raises(InvalidArgument, match="partitions=K"):
-            await run_projection(WithPartitionFilter(), store)
+            await run_projection(store, WithPartitionFilter())
 
         class Classy:
             name = "classy"
@@ -433,7 +433,7 @@ class PartitionContract:
             apply = staticmethod(handler)
 
         await store.append("s", [NewEvent("E", {})])
-        assert (await run_projection(Classy(), store)).events_applied == 1
+        assert (await run_projection(store, Classy())).events_applied == 1
         assert [s.partitions for s in await store.projection_status()] == [3, 3, 3]
 
 

@@ -68,7 +68,7 @@ class ReactorContract:
             )
             assert result.stream_versions == {f"shipment-{event.stream_id}": 1}
 
-        await run_projection(ship, store)
+        await run_projection(store, ship)
         paid = {e.event_id: e for e in await read_all(store) if e.type == "Paid"}
         counts = await reactions(store)
         assert counts == Counter({str(i): 1 for i in paid})
@@ -78,7 +78,7 @@ class ReactorContract:
                 assert event.metadata["correlation_id"] == str(cause.event_id)
                 assert event.data["n"] == cause.data["n"]
         # The reactions are events like any other: run again, nothing new is caused.
-        await run_projection(ship, store)
+        await run_projection(store, ship)
         assert await reactions(store) == counts
 
     async def test_a_failed_batch_takes_its_reactions_with_it(self, store: Store) -> None:
@@ -98,7 +98,7 @@ class ReactorContract:
             if attempts < 3:
                 raise RuntimeError("downstream unavailable")
 
-        await run_projection(flaky, store)
+        await run_projection(store, flaky)
         assert attempts == 3
         assert sum((await reactions(store)).values()) == 1
 
@@ -116,7 +116,7 @@ class ReactorContract:
         async def conflicted(event: RecordedEvent, ctx: ProjectionContext) -> None:
             await ctx.append("taken", [NewEvent("Reacted", {})], expected_version=0)
 
-        await run_projection(conflicted, store)
+        await run_projection(store, conflicted)
         assert len(errors) == 1
         assert isinstance(errors[0], VersionConflict)
         assert len(await store.read_stream("taken")) == 1
@@ -139,7 +139,7 @@ class ReactorContract:
                 ]
             )
 
-        await run_projection(fanout, store)
+        await run_projection(store, fanout)
         assert len(refused) == 1
         assert [len(await store.read_stream(s)) for s in ("a", "b")] == [1, 1]
 
@@ -176,7 +176,7 @@ class TestPostgresReactors(ReactorContract):
             cursor.extend(await store.read_events(None, limit=10))
             await ctx.append("reactions", [NewEvent("Reacted", {})])
 
-        await run_projection(react, store)
+        await run_projection(store, react)
         assert [e.type for e in cursor] == ["Paid", "Other"]
         rest = await store.read_events(cursor[-1].position, limit=10)
         assert [e.type for e in rest] == ["Reacted"]

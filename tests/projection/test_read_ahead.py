@@ -99,7 +99,7 @@ async def test_a_page_read_during_a_failed_batch_is_never_used(
                 return FailureStrategy.RETRY
 
         config = ProjectionConfig(batch_size=3, retry_initial_backoff=0.01)
-        result = await run_projection(FailsOnceAtTwo(), store, config)
+        result = await run_projection(store, FailsOnceAtTwo(), config)
         assert result.events_applied == 6
         assert [n for n, _ in applied.values()] == list(range(6))
         failure = reads.log.index(("failed",))
@@ -136,7 +136,7 @@ async def test_the_next_page_is_read_while_the_batch_commits(
             return await original(after, **options)
 
         monkeypatch.setattr(store, "read_events", read_events)
-        result = await run_projection(Recorder(), store, ProjectionConfig(batch_size=3))
+        result = await run_projection(store, Recorder(), ProjectionConfig(batch_size=3))
         assert applied == list(range(10))
         assert result.events_applied == 10
         assert any(ahead), "no page was read ahead"
@@ -170,7 +170,7 @@ async def test_an_empty_page_read_ahead_is_read_again(
 
         config = ProjectionConfig(batch_size=3, continuous=True, poll_interval=60)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(run_projection, AppendsDuringTheBatch(), store, config)
+            nursery.start_soon(run_projection, store, AppendsDuringTheBatch(), config)
             with trio.fail_after(5):
                 await done.wait()
             nursery.cancel_scope.cancel()

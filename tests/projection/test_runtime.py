@@ -111,13 +111,13 @@ class RuntimeContract:
         for chunk in range(20):
             await store.append(f"s{chunk % 7}", numbered(100) + [NewEvent("Other", {"n": -1})] * 3)
         recorder = Recorder(event_types=["E"])
-        result = await run_projection(recorder, store, ProjectionConfig(batch_size=37))
+        result = await run_projection(store, recorder, ProjectionConfig(batch_size=37))
         assert recorder.applied == list(range(100)) * 20
         assert result.events_applied == 2000
-        again = await run_projection(recorder, store, ProjectionConfig(batch_size=37))
+        again = await run_projection(store, recorder, ProjectionConfig(batch_size=37))
         assert again.events_applied == 0
         await store.append("s1", numbered(5))
-        third = await run_projection(recorder, store, ProjectionConfig(batch_size=37))
+        third = await run_projection(store, recorder, ProjectionConfig(batch_size=37))
         assert third.events_applied == 5
         assert recorder.applied[-5:] == list(range(5))
         assert await store.load_checkpoint("recorder") == third.checkpoint
@@ -127,7 +127,7 @@ class RuntimeContract:
         await store.append("s", numbered(50))
         recorder = Recorder(fail_on={30}, failures_before_success=100)
         with pytest.raises(ProjectionFailed) as info:
-            await run_projection(recorder, store, ProjectionConfig(batch_size=8))
+            await run_projection(store, recorder, ProjectionConfig(batch_size=8))
         assert isinstance(info.value.__cause__, ValueError)
         assert info.value.projector == "recorder"
         events = await store.read_stream("s")
@@ -143,7 +143,7 @@ class RuntimeContract:
         """SKIP continues past a dead letter, which can be listed and replayed."""
         await store.append("s", numbered(10))
         recorder = Recorder(fail_on={4}, failures_before_success=1, strategy=FailureStrategy.SKIP)
-        result = await run_projection(recorder, store)
+        result = await run_projection(store, recorder)
         assert recorder.applied == [0, 1, 2, 3, 5, 6, 7, 8, 9]
         assert result.dead_letters == 1
         letters = await store.dead_letters("recorder")
@@ -151,7 +151,7 @@ class RuntimeContract:
         assert letters[0].event.position == (await store.read_stream("s"))[4].position
         assert letters[0].error_message == "cannot apply 4"
         assert letters[0].error_type.endswith("ValueError")
-        replay = await replay_dead_letters(recorder, store)
+        replay = await replay_dead_letters(store, recorder)
         assert (replay.replayed, replay.failed) == (1, 0)
         assert recorder.applied[-1] == 4
         assert await store.dead_letters("recorder") == []
@@ -160,7 +160,7 @@ class RuntimeContract:
         """RETRY rolls back, waits, and applies the event once it succeeds."""
         await store.append("s", numbered(6))
         recorder = Recorder(fail_on={3}, failures_before_success=2, strategy=FailureStrategy.RETRY)
-        await run_projection(recorder, store, FAST)
+        await run_projection(store, recorder, FAST)
         assert recorder.applied == [0, 1, 2, 3, 4, 5]
         assert [f.retries for f in recorder.failures] == [0, 1]
 
@@ -170,7 +170,7 @@ class RuntimeContract:
         recorder = Recorder(fail_on={1}, failures_before_success=99, strategy=FailureStrategy.RETRY)
         config = ProjectionConfig(max_retries=3, retry_initial_backoff=0.01)
         with pytest.raises(ProjectionFailed) as info:
-            await run_projection(recorder, store, config)
+            await run_projection(store, recorder, config)
         assert info.value.retries == 3
         assert recorder.applied == [0]
 
@@ -182,7 +182,7 @@ class RuntimeContract:
         await harness.store_undecodable(store, "broken")
         await store.append("b", numbered(2))
         recorder = Recorder(strategy=FailureStrategy.SKIP)
-        await run_projection(recorder, store)
+        await run_projection(store, recorder)
         assert recorder.applied == [0, 1, 0, 1]
         assert len(recorder.failures) == 1
         assert isinstance(recorder.failures[0].error, EventDecodeError)
@@ -202,7 +202,7 @@ class RuntimeContract:
             pass
 
         with pytest.raises(ProjectionFailed) as info:
-            await run_projection(plain, store)
+            await run_projection(store, plain)
         assert isinstance(info.value.__cause__, EventDecodeError)
 
     async def test_leadership_unavailable_or_waited_for(self, store: Store) -> None:
@@ -211,10 +211,10 @@ class RuntimeContract:
         recorder = Recorder()
         async with store.try_acquire("recorder"):
             with pytest.raises(LeadershipUnavailable, match="wait_for_leadership"):
-                await run_projection(recorder, store)
+                await run_projection(store, recorder)
         async with trio.open_nursery() as nursery, store.try_acquire("recorder"):
             await nursery.start(
-                run_projection, recorder, store, ProjectionConfig(wait_for_leadership=True)
+                run_projection, store, recorder, ProjectionConfig(wait_for_leadership=True)
             )
             assert recorder.applied == []
         assert recorder.applied == [0, 1, 2]
@@ -258,7 +258,7 @@ class RuntimeContract:
 
             async def run() -> None:
                 with pytest.raises(LeadershipLost):
-                    await run_projection(Stuck(), store, ProjectionConfig(batch_size=10))
+                    await run_projection(store, Stuck(), ProjectionConfig(batch_size=10))
                 lost.set()
 
             nursery.start_soon(run)
@@ -273,7 +273,7 @@ class RuntimeContract:
         recorder = Recorder()
         config = ProjectionConfig(continuous=True, poll_interval=60)
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_projection, recorder, store, config)
+            await nursery.start(run_projection, store, recorder, config)
             await store.append("s", numbered(1))
             await recorder.wait_until(lambda r: r.applied == [0])
             nursery.cancel_scope.cancel()
@@ -365,7 +365,7 @@ class RuntimeContract:
         await store.reset_projection("recorder")
         assert await store.load_checkpoint("recorder") is None
         rebuilt = Recorder()
-        result = await run_projection(rebuilt, store)
+        result = await run_projection(store, rebuilt)
         assert rebuilt.applied == [0, 1, 2, 3]
         assert result.events_applied == 4
 
@@ -373,7 +373,7 @@ class RuntimeContract:
         """reset_projection(wait=True) waits for the running instance to stop."""
         recorder = Recorder()
         await store.append("s", numbered(2))
-        await run_projection(recorder, store)
+        await run_projection(store, recorder)
         reset_done = trio.Event()
         async with trio.open_nursery() as nursery:
             async with store.try_acquire("recorder"):
@@ -398,14 +398,14 @@ class RuntimeContract:
         """Lag counts only matching events after the checkpoint."""
         recorder = Recorder(event_types=["E"])
         await store.append("s", numbered(2))
-        await run_projection(recorder, store)
+        await run_projection(store, recorder)
         await store.append("s", numbered(3) + numbered(4, kind="Other"))
         status = {s.name: s for s in await store.projection_status()}["recorder"]
         assert status.lag_events == 3
         assert status.lag_seconds >= 0
         assert status.state is ProjectionState.STOPPED
         assert status.leader is None
-        await run_projection(recorder, store)
+        await run_projection(store, recorder)
         status = {s.name: s for s in await store.projection_status()}["recorder"]
         assert (status.lag_events, status.lag_seconds) == (0, 0.0)
 
@@ -418,7 +418,7 @@ class RuntimeContract:
         instead of applying nothing; after a reset it rebuilds everything."""
         recorder = Recorder(event_types=["E"])
         await store.append("s", numbered(3) + numbered(2, kind="Other"))
-        await run_projection(recorder, store)
+        await run_projection(store, recorder)
         await store.append("s", numbered(2))
         last = (await read_all(store))[-1].position
         tx, seq = position_parts(last)
@@ -434,11 +434,11 @@ class RuntimeContract:
                 await store.load_checkpoint("recorder")
             assert (info.value.position, info.value.stored) == (ahead, True)
             with pytest.raises(CheckpointAhead):
-                await run_projection(recorder, store)
+                await run_projection(store, recorder)
         assert recorder.applied == [0, 1, 2]
         await store.reset_projection("recorder")
         rebuilt = Recorder(event_types=["E"])
-        await run_projection(rebuilt, store)
+        await run_projection(store, rebuilt)
         assert rebuilt.applied == [0, 1, 2, 0, 1]
         status = {s.name: s for s in await store.projection_status()}["recorder"]
         assert (status.checkpoint_ahead, status.lag_events, status.last_error) == (False, 0, None)
@@ -460,7 +460,7 @@ class RuntimeContract:
             ) -> None:
                 batches.append([e.data["n"] for e in events])
 
-        await run_projection(Batching(), store, ProjectionConfig(batch_size=4))
+        await run_projection(store, Batching(), ProjectionConfig(batch_size=4))
         assert batches == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
     async def test_invalid_projectors_and_configs(self, store: Store) -> None:
@@ -470,9 +470,9 @@ class RuntimeContract:
         with pytest.raises(InvalidArgument):
             projector("bad\nname")
         with pytest.raises(InvalidArgument, match="not a projector"):
-            await run_projection(object(), store)
+            await run_projection(store, object())
         with pytest.raises(InvalidArgument, match="ProjectionConfig"):
-            await run_projection(Recorder(), store, {"batch_size": 5})  # type: ignore[arg-type]
+            await run_projection(store, Recorder(), {"batch_size": 5})  # type: ignore[arg-type]
         with pytest.raises(InvalidArgument, match="distinct"):
             await run_projections(store, [Recorder("same"), Recorder("same")])
         # One projector where a list is expected: said, not a TypeError from iterating it.
@@ -496,7 +496,7 @@ class TestMemoryRuntime(RuntimeContract):
             await ctx.db.execute("SELECT 1")
 
         with pytest.raises(ProjectionFailed) as info:
-            await run_projection(needs_db, store)
+            await run_projection(store, needs_db)
         assert isinstance(info.value.__cause__, DatabaseNotAvailable)
         assert "open_postgres_store" in str(info.value.__cause__)
 

@@ -56,7 +56,7 @@ class WaitingContract:
             await execute(store, OpenAccount(account, 100), registry=registry, cache=cache)
         config = ProjectionConfig(continuous=True, poll_interval=0.05)
         async with trio.open_nursery() as nursery:
-            await nursery.start(run_projection, balance_view, store, config)
+            await nursery.start(run_projection, store, balance_view, config)
             for amount in (10, 20, 30):
                 result = await execute(
                     store, Transfer("alice", "bob", amount), registry=registry, cache=cache
@@ -104,7 +104,7 @@ class WaitingContract:
         with pytest.raises(ProjectionLagging) as raised:
             await wait_for_projections(store, [audit], result.position, timeout=0.05)
         assert len(raised.value.lagging) == 4
-        await run_projection(audit, store)
+        await run_projection(store, audit)
         await wait_for_projections(store, [audit], result, timeout=0)
 
     async def test_goes_by_the_units_the_store_records(self, store: Store) -> None:
@@ -118,14 +118,14 @@ class WaitingContract:
         one, two, four = (projector("orders", partitions=n)(nothing) for n in (1, 2, 4))
         for n in range(8):
             await store.append(f"order-{n}", [NewEvent("Placed", {})])
-        await run_projection(two, store)
+        await run_projection(store, two)
         before_split = await store.append("order-1", [NewEvent("Placed", {})])
         unit_of_two = f"orders[{partition_of('order-1', 2).index}/2]"
         # Newer code, hosts not yet split: the two units that run are waited for.
         with pytest.raises(ProjectionLagging) as raised:
             await wait_for_projections(store, [four], before_split, timeout=0)
         assert raised.value.lagging == (unit_of_two,)
-        await run_projection(four, store)  # the split, which applies the write
+        await run_projection(store, four)  # the split, which applies the write
         assert await store.recorded_partitions("orders") == 4
         for old in (two, one):
             await wait_for_projections(store, [old], before_split, timeout=0)

@@ -14,8 +14,8 @@ killed, release on cancellation and on exceptions, bad input refused with nothin
 property-based checks of appends and filters.
 
 It reads as the specification of the protocols, one test per promise, one module per subject:
-`_appends`, `_reads`, `_subscriptions`, `_checkpoints`, `_leadership`, `_bad_input`;
-`StoreContract` is their sum.
+`_appends`, `_reads`, `_subscriptions`, `_checkpoints`, `_leadership`, `_hosts`,
+`_bad_input`, `_versions`; `StoreContract` is their sum.
 """
 
 from __future__ import annotations
@@ -29,12 +29,14 @@ from .._harness import BackendHarness
 from ._appends import AppendContract
 from ._bad_input import BadInputContract
 from ._checkpoints import CheckpointContract
+from ._hosts import HostContract
 from ._leadership import LeadershipContract
 from ._reads import ReadContract
 from ._subscriptions import SubscriptionContract
 from ._support import events as events
 from ._support import follow_until as follow_until
 from ._support import read_all as read_all
+from ._versions import VersionContract
 
 
 @pytest.mark.trio
@@ -44,7 +46,9 @@ class StoreContract(
     SubscriptionContract,
     CheckpointContract,
     LeadershipContract,
+    HostContract,
     BadInputContract,
+    VersionContract,
 ):
     """The contract every backend satisfies; subclass it and provide a ``harness`` fixture.
 

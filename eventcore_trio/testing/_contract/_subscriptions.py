@@ -154,12 +154,18 @@ class SubscriptionContract:
     ) -> None:
         """When no wake-up comes, the subscription reads again every poll interval."""
         spy = _Spy(store, monkeypatch, wake_ups=False)
+
+        async def append_once_waiting() -> None:
+            # After the subscription found nothing and began to wait: only a poll finds it.
+            await spy.until(lambda: spy.waits >= 1)
+            await store.append("s", events("Polled"))
+
         with trio.fail_after(_PATIENCE):
             async with (
                 store.subscribe(poll_interval=0.01) as subscription,
                 trio.open_nursery() as n,
             ):
-                n.start_soon(store.append, "s", events("Polled"))
+                n.start_soon(append_once_waiting)
                 event = await subscription.__anext__()
         assert event.type == "Polled"
         assert spy.waits >= 1
