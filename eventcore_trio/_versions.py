@@ -91,8 +91,9 @@ class VersionRole(enum.Enum):
     #: Lower than the serving version: it stops (its checkpoints and read model stay until
     #: it is retired).
     SUPERSEDED = "superseded"
-    #: Higher than the serving version, but an operator switched back below it: it stops and
-    #: never takes over on its own (serve it by hand, or retire it).
+    #: An operator switched back below it, or retired it: it stops and never takes over on
+    #: its own (a switched-back version may be served by hand again; a retired one never
+    #: runs again).
     WITHDRAWN = "withdrawn"
 
     @property
@@ -128,11 +129,12 @@ class VersionSwitch:
 
 
 def role_of(version: int, serving: int | None, withdrawn: frozenset[int]) -> VersionRole:
-    """The role of *version* when *serving* serves and *withdrawn* are withdrawn."""
+    """The role of *version* when *serving* serves and *withdrawn* are withdrawn (by a switch
+    back, or retired: a retired version is withdrawn for good, below the serving one too)."""
     if serving is None or version == serving:
         return VersionRole.SERVING if serving is not None else VersionRole.BUILDING
-    if version < serving:
-        return VersionRole.SUPERSEDED
     if version in withdrawn:
         return VersionRole.WITHDRAWN
+    if version < serving:
+        return VersionRole.SUPERSEDED
     return VersionRole.BUILDING

@@ -22,6 +22,7 @@ from .._errors import (
     UnsupportedPooling,
 )
 from .._status import ProjectionState
+from ..projection import check_projector
 from ._options import EXIT_FAILED, EXIT_OK, SCHEMA_VARIABLE, StoreOptions
 from ._projectors import load_projectors
 from ._status import printable
@@ -128,7 +129,8 @@ async def reset(options: StoreOptions, name: str, follow: bool) -> None:
 async def run(options: StoreOptions, projectors: list[Any]) -> int:
     from ..projection import run_host
 
-    names = ", ".join(p.name for p in projectors)
+    # Versioned names (a version above 1 runs as "name@vN"), as status shows them.
+    names = ", ".join(check_projector(p) for p in projectors)
     # First, before the store opens (and anything is logged): what runs where.
     print(f"hosting {names} on {options.describe()}; SIGINT or SIGTERM stops", flush=True)
     looked = False

@@ -51,7 +51,8 @@ def serve(state: MemoryState, name: str, version: int) -> None:
     """An operator's switch to *version*, withdrawing every known version above it."""
     if not _has_run(state, name, version):
         raise ProjectionNotFound(
-            f"version {version} of projection {name!r} has not run against this store"
+            f"version {version} of projection {name!r} has not run against this store, or "
+            "was retired"
         )
     if state.serving.get(name) == version:
         return
@@ -70,7 +71,8 @@ async def retire(state: MemoryState, name: str, version: int, *, wait: bool) -> 
         )
     if not _has_run(state, name, version):
         raise ProjectionNotFound(
-            f"version {version} of projection {name!r} has not run against this store"
+            f"version {version} of projection {name!r} has not run against this store, or "
+            "was retired"
         )
     projection = versioned_name(name, version)
     units = _units(state, projection)

@@ -768,7 +768,8 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
             units = await self._versions.retire_units(name, version)
             if units is None:
                 raise ProjectionNotFound(
-                    f"version {version} of projection {name!r} has not run against this store"
+                    f"version {version} of projection {name!r} has not run against this store, "
+                    "or was retired"
                 )
             return units
 
@@ -792,8 +793,9 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
                 f'SELECT balance FROM "{schema}".balances WHERE account = $1', "acc-1"
             )
 
-        Ask for it per query, or cache it for a short while: after a switch the old
-        version's schema keeps its data only until it is retired.
+        Ask for it per query, or cache it for a short while: at a switch the old version
+        stops being updated (its schema is dropped when it is retired), so a cached name
+        goes stale at once.
 
         Raises:
             ProjectionNotFound: no version of *name* has run against this store, or the

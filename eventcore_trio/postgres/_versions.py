@@ -380,7 +380,8 @@ def refuse_serving(name: str, version: int) -> InvalidArgument:
     """The error for retiring the version that serves."""
     return InvalidArgument(
         f"version {version} of projection {name!r} serves reads; switch to another version "
-        "first (serve_version, or let a higher one catch up), then retire it"
+        "first (store.serve_version, or eventcore-trio serve NAME VERSION; or let a higher "
+        "one catch up), then retire it"
     )
 
 

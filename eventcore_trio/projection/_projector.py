@@ -179,11 +179,12 @@ def projector(
             every unit of it has caught up; the lower version then stops (its data stays
             until retired). See docs/projections.md, "Changing a projection".
         setup: ``async def setup(db)``: creates the version's tables (idempotently: each
-            partition runs it, ``CREATE TABLE IF NOT EXISTS``) in the transaction of the
-            version's first batch, and again after a reset. A projector with a setup hook
-            runs its batches in a read-model schema of its own per version (PostgreSQL:
-            first on the batch's ``search_path``, so the unqualified names of ``ctx.db``
-            land there; readers find it with ``store.read_model_schema(name)``).
+            partition runs it, ``CREATE TABLE IF NOT EXISTS``) whenever a unit starts from
+            the beginning: when it starts, in its first batch, and again after a reset. A
+            projector with a setup hook runs its batches in a read-model schema of its own
+            per version (PostgreSQL: first on the batch's ``search_path``, so the
+            unqualified names of ``ctx.db`` land there; readers find it with
+            ``store.read_model_schema(name)``).
 
     Raises:
         InvalidArgument: an invalid name, filter, partition count or version, a setup hook
