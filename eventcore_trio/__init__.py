@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 __version__ = "0.1.0.dev0"
 
 from ._backend._subscription import EventSubscription as EventSubscription
+from ._errors import AppendConditionFailed as AppendConditionFailed
 from ._errors import AppendTooLarge as AppendTooLarge
 from ._errors import AuthenticationFailed as AuthenticationFailed
 from ._errors import BatchInterrupted as BatchInterrupted
@@ -68,6 +69,11 @@ from ._protocols import ProjectionBatch as ProjectionBatch
 from ._protocols import ProjectorCoordinator as ProjectorCoordinator
 from ._protocols import SnapshotStore as SnapshotStore
 from ._protocols import Store as Store
+from ._protocols import TaggedEventStore as TaggedEventStore
+from ._queries import AppendCondition as AppendCondition
+from ._queries import EventQuery as EventQuery
+from ._queries import QueryItem as QueryItem
+from ._queries import QueryResult as QueryResult
 from ._status import ClusterView as ClusterView
 from ._status import DeadLetter as DeadLetter
 from ._status import ForeignLock as ForeignLock
@@ -79,6 +85,7 @@ from ._status import ProjectionState as ProjectionState
 from ._status import ProjectionStatus as ProjectionStatus
 from ._util import fixup_module_metadata
 from ._validation import MAX_EVENT_JSON_BYTES as MAX_EVENT_JSON_BYTES
+from ._validation import MAX_TAGS as MAX_TAGS
 from ._versions import MAX_VERSION as MAX_VERSION
 from ._versions import VersionRole as VersionRole
 from ._versions import VersionSwitch as VersionSwitch
@@ -108,6 +115,13 @@ from .projection import run_projections as run_projections
 from .projection import wait_for_projections as wait_for_projections
 
 __all__ = [
+    "AppendCondition",
+    "AppendConditionFailed",
+    "EventQuery",
+    "QueryItem",
+    "QueryResult",
+    "TaggedEventStore",
+    "MAX_TAGS",
     "MAX_VERSION",
     "VersionRole",
     "VersionSwitch",

@@ -126,6 +126,32 @@ class VersionConflict(EventCoreError):
         return (type(self), (self.stream_id, self.expected, self.actual))
 
 
+class AppendConditionFailed(EventCoreError):
+    """A conditional append found events matching its query after the read it was decided on;
+    nothing was written.
+
+    Read the query again, decide again and retry (`execute` does, under its retry policy).
+
+    Attributes:
+        positions: where the conflicting events are (the first few, in order), as strings
+            (`Position.parse` reads them back).
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, positions: tuple[str, ...]) -> None:
+        shown = ", ".join(positions[:5]) + (" …" if len(positions) > 5 else "")
+        super().__init__(
+            f"{len(positions)} event(s) matching the append condition's query were written "
+            f"after the read it was decided on (at {shown}); nothing was written. Read the "
+            "query again and decide again."
+        )
+        self.positions = positions
+
+    def __reduce__(self) -> tuple[type[AppendConditionFailed], tuple[tuple[str, ...]]]:
+        return (type(self), (self.positions,))
+
+
 class DuplicateEventId(EventCoreError):
     """An appended event reused an ``event_id`` that is already stored; nothing was written.
 

@@ -17,6 +17,7 @@ from ._validation import (
     check_expected_version,
     check_identifier,
     check_stream_id,
+    check_tags,
 )
 
 #: NewEvent's default metadata (no metadata): appends encode it as ``{}`` without looking.
@@ -53,6 +54,10 @@ class NewEvent:
         metadata: a JSON object of metadata such as correlation and causation ids.
         event_id: a unique id; the store generates one when None. Passing your own makes a
             retried append idempotent (a duplicate raises `DuplicateEventId`).
+        tags: strings that queries select events by (`EventQuery`), e.g.
+            ``["username:ada"]``: distinct, 1-255 characters, at most 64; kept sorted.
+            Appending tagged events needs a store that keeps tags (the memory store; the
+            PostgreSQL store refuses them until it does, issue 28).
 
     Raises:
         InvalidArgument: a field has the wrong type or an invalid value. Whether data and
@@ -60,6 +65,8 @@ class NewEvent:
             `EventEncodeError`) before anything is written.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       ``tags``.
     """
 
     type: str = attrs.field(validator=_check_event_type)
@@ -68,6 +75,7 @@ class NewEvent:
         default=NO_METADATA, validator=_check_mapping, kw_only=True
     )
     event_id: uuid.UUID | None = attrs.field(default=None, validator=_check_event_id, kw_only=True)
+    tags: tuple[str, ...] = attrs.field(default=(), converter=check_tags, kw_only=True)
 
 
 @final
@@ -84,8 +92,11 @@ class RecordedEvent:
         data: the decoded JSON data.
         metadata: the decoded JSON metadata.
         recorded_at: when it was stored (timezone-aware, UTC).
+        tags: the tags it was appended with, sorted (none for most events).
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       ``tags``.
     """
 
     event_id: uuid.UUID
@@ -96,6 +107,7 @@ class RecordedEvent:
     data: dict[str, Any]
     metadata: dict[str, Any]
     recorded_at: dt.datetime
+    tags: tuple[str, ...] = ()
 
 
 _new: Final = object.__new__
@@ -116,6 +128,7 @@ _set_type: Final = _slot_setter("type")
 _set_data: Final = _slot_setter("data")
 _set_metadata: Final = _slot_setter("metadata")
 _set_recorded_at: Final = _slot_setter("recorded_at")
+_set_tags: Final = _slot_setter("tags")
 
 
 def trusted_recorded_event(
@@ -127,6 +140,7 @@ def trusted_recorded_event(
     data: dict[str, Any],
     metadata: dict[str, Any],
     recorded_at: dt.datetime,
+    tags: tuple[str, ...] = (),
 ) -> RecordedEvent:
     """Backend helper: a `RecordedEvent` of values a store produced (a row it decoded), the
     same as ``RecordedEvent(...)`` with these fields, built in about half the time: it runs
@@ -140,6 +154,7 @@ def trusted_recorded_event(
     _set_data(event, data)
     _set_metadata(event, metadata)
     _set_recorded_at(event, recorded_at)
+    _set_tags(event, tags)
     return event
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, overload, runtime_chec
 from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from ._filters import EventFilter
 from ._positions import Position
+from ._queries import AppendCondition, EventQuery, QueryResult
 from ._snapshots import Snapshot
 from ._status import ClusterView, DeadLetter, LiveHost, ProjectionState, ProjectionStatus
 from ._validation import check_expected_version, check_stream_id
@@ -763,6 +764,44 @@ class ProjectionAdmin(Protocol):
         them as leaders.
 
         .. versionadded:: 0.4
+        """
+        ...
+
+
+@runtime_checkable
+class TaggedEventStore(Protocol):
+    """Dynamic consistency boundaries: read the events matching a query, append only if none
+    matching it was written since (decision record 14). The memory store implements it; the
+    PostgreSQL store follows (issue 28).
+
+    .. versionadded:: 0.4
+    """
+
+    async def read_query(
+        self, query: EventQuery, *, after: Position | None = None, limit: int | None = None
+    ) -> QueryResult:
+        """The events matching *query* after *after*, in the global order, gap-free (at most
+        *limit*), and the position up to which the read is complete (`QueryResult`)."""
+        ...
+
+    async def append_tagged(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        condition: AppendCondition | None = None,
+        stream_id: str | None = None,
+        expected_version: int | None = None,
+    ) -> AppendResult:
+        """Append *events* (one commit) if *condition* holds: no event matching its query
+        lies after its position. Two decisions whose queries overlap never both succeed.
+
+        Without *stream_id* the events go to a stream of their own (``"$tagged-<uuid>"``);
+        with it, *expected_version* is checked as by `EventStore.append`.
+
+        Raises:
+            AppendConditionFailed: a matching event lies after the condition's position;
+                nothing was written.
+            VersionConflict: *stream_id* is not at *expected_version*.
         """
         ...
 

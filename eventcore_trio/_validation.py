@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -352,3 +352,30 @@ def _check_nul(kind: str, text: str) -> None:
             f"event {kind} contains a NUL character, which PostgreSQL cannot store in JSON; "
             "remove it or encode the value (e.g. base64)"
         )
+
+
+#: The most tags one event may carry.
+MAX_TAGS: Final = 64
+#: The longest tag, in characters.
+MAX_TAG_LENGTH: Final = 255
+
+
+def check_tags(value: object, *, owner: str = "tags") -> tuple[str, ...]:
+    """*value* as tags: distinct strings, validated like other identifiers, sorted.
+
+    Raises:
+        InvalidArgument: not a collection of strings (a lone string is refused too), an
+            empty, too long or control-character tag, or more than `MAX_TAGS`.
+    """
+    if value == ():
+        return ()
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise InvalidArgument(
+            f"{owner} must be a list of strings, got {type(value).__name__}: {value!r:.80}"
+        )
+    tags = tuple(value)
+    if len(tags) > MAX_TAGS:
+        raise InvalidArgument(f"{owner}: {len(tags)} tags; at most {MAX_TAGS} per event")
+    for tag in tags:
+        check_identifier("tag", tag, max_length=MAX_TAG_LENGTH)
+    return tuple(sorted(set(tags)))

@@ -147,6 +147,7 @@ class TestRecordedEvent:
             "data": {"n": 1},
             "metadata": {},
             "recorded_at": dt.datetime.now(dt.UTC),
+            "tags": ("a", "b"),
         }
         assert [f.name for f in attrs.fields(RecordedEvent)] == list(fields)
         trusted = trusted_recorded_event(*fields.values())  # type: ignore[arg-type]

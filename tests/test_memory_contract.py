@@ -1,8 +1,12 @@
 """The backend contract suite, run against the in-memory store."""
 
+from collections.abc import AsyncIterator
+
 import pytest
 
-from eventcore_trio.testing import BackendHarness, MemoryHarness, StoreContract
+from eventcore_trio import open_memory_store
+from eventcore_trio.memory import MemoryStore
+from eventcore_trio.testing import BackendHarness, MemoryHarness, StoreContract, TaggedContract
 
 
 class TestMemoryStore(StoreContract):
@@ -12,3 +16,13 @@ class TestMemoryStore(StoreContract):
     def harness(self) -> BackendHarness:
         """The memory backend's harness."""
         return MemoryHarness()
+
+
+class TestMemoryTags(TaggedContract):
+    """Tags, queries and conditional appends on `open_memory_store` (issue 28)."""
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[MemoryStore]:
+        """A fresh memory store."""
+        async with open_memory_store() as store:
+            yield store

@@ -73,6 +73,7 @@ def decode_stored(
     recorded_at: dt.datetime,
     *,
     known_error: str | None = None,
+    tags: tuple[str, ...] = (),
 ) -> RecordedEvent | UndecodableEvent:
     """A stored event as a `RecordedEvent`, or an `UndecodableEvent` saying why it is not one.
 
@@ -100,6 +101,7 @@ def decode_stored(
                 data,
                 metadata,
                 recorded_at,
+                tags,
             )
     return UndecodableEvent(
         event_id=event_id,

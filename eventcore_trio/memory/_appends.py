@@ -88,6 +88,7 @@ def apply(state: MemoryState, staged: Staged) -> AppendResult:
                     data_json=data_json,
                     metadata_json=metadata_json,
                     recorded_at=recorded_at,
+                    tags=event.tags,
                 )
             )
         versions[request.stream_id] = len(stream)

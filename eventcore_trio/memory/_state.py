@@ -55,6 +55,7 @@ class StoredEvent:
     data_json: str
     metadata_json: str
     recorded_at: dt.datetime
+    tags: tuple[str, ...] = ()
 
     def decode(self) -> RecordedEvent | UndecodableEvent:
         """This event as a `RecordedEvent`, or an `UndecodableEvent` saying why not."""
@@ -67,6 +68,7 @@ class StoredEvent:
             self.data_json,
             self.metadata_json,
             self.recorded_at,
+            tags=self.tags,
         )
 
 

@@ -17,11 +17,12 @@ import trio
 
 from .._backend._reader import Page, ReadEventsBase, Undecodable
 from .._errors import InvalidArgument, LeadershipUnavailable
-from .._events import AppendResult, RecordedEvent, StreamAppend
+from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._filters import EventFilter
 from .._partitions import check_partitions
 from .._positions import Position
 from .._protocols import OneStreamAppend
+from .._queries import AppendCondition, EventQuery, QueryResult
 from .._snapshots import Snapshot, check_snapshot
 from .._status import DeadLetter, LiveHost, ProjectionStatus
 from .._validation import (
@@ -34,7 +35,7 @@ from .._validation import (
     encode_json_object,
 )
 from .._versions import VersionRole, VersionSwitch, check_version
-from . import _membership, _reads, _snapshots, _subscriptions, _versions
+from . import _membership, _queries, _reads, _snapshots, _subscriptions, _versions
 from ._admin import MemoryAdmin
 from ._appends import apply, check_appends, stage
 from ._leadership import MemoryLeadership, lead, wait_lead
@@ -83,6 +84,43 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
         # From here on there is no checkpoint: the append is atomic with respect to other tasks.
         check_appends(state, [staged])
         return apply(state, staged)
+
+    async def read_query(
+        self, query: EventQuery, *, after: Position | None = None, limit: int | None = None
+    ) -> QueryResult:
+        """The events matching *query* after *after* (see `TaggedEventStore.read_query`).
+
+        .. versionadded:: 0.4
+        """
+        if not isinstance(query, EventQuery):
+            raise InvalidArgument(f"query must be an EventQuery, got {type(query).__name__}")
+        if after is not None and not isinstance(after, Position):
+            raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
+        if limit is not None and (type(limit) is not int or limit < 1):
+            raise InvalidArgument(f"limit must be None or a positive int, got {limit!r}")
+        return _queries.read_query(await self._ready(), query, after, limit)
+
+    async def append_tagged(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        condition: AppendCondition | None = None,
+        stream_id: str | None = None,
+        expected_version: int | None = None,
+    ) -> AppendResult:
+        """Append *events* if *condition* holds (see `TaggedEventStore.append_tagged`).
+
+        .. versionadded:: 0.4
+        """
+        if condition is not None and not isinstance(condition, AppendCondition):
+            raise InvalidArgument(
+                f"condition must be an AppendCondition or None, got {type(condition).__name__}"
+            )
+        if stream_id is None and expected_version is not None:
+            raise InvalidArgument("expected_version needs a stream_id")
+        return _queries.append_tagged(
+            await self._ready(), events, condition, stream_id, expected_version
+        )
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
         """Return a stream's events after *after_version* (see `EventStore.read_stream`)."""

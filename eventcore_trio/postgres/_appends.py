@@ -22,7 +22,7 @@ from typing import Any, Final, final
 
 import attrs
 
-from .._errors import AppendTooLarge, VersionConflict
+from .._errors import AppendTooLarge, InvalidArgument, VersionConflict
 from .._events import NO_METADATA, AppendResult, StreamAppend, prepare_appends
 from .._positions import Position
 from .._validation import encode_json_object
@@ -102,6 +102,13 @@ def encode_append(
         # Per event only what depends on its payload (this loop runs once per event); the
         # other arrays are whole-stream copies, made after the payloads pass.
         for event in events:
+            if event.tags:
+                # Until the events table keeps tags, refuse rather than drop them.
+                raise InvalidArgument(
+                    f"event {event.type!r} carries tags {list(event.tags)!r}: the PostgreSQL "
+                    "store does not keep tags yet (dynamic consistency boundaries, issue 28; "
+                    "the memory store does); append it without tags"
+                )
             encoded_data = encode_json_object("data", event.data)
             event_metadata = event.metadata
             encoded_metadata = (

@@ -12,6 +12,7 @@ from .._tools._processes import run_ready_process as run_ready_process
 from .._util import fixup_module_metadata
 from ..projection import wait_caught_up as wait_caught_up
 from ._contract import StoreContract as StoreContract
+from ._contract import TaggedContract as TaggedContract
 from ._contract import events as events
 from ._contract import follow_until as follow_until
 from ._contract import read_all as read_all
@@ -29,6 +30,7 @@ __all__ = [
     "PostgresHarness",
     "RuntimeRoles",
     "StoreContract",
+    "TaggedContract",
     "dsn_with_credentials",
     "events",
     "follow_until",

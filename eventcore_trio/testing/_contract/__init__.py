@@ -36,6 +36,7 @@ from ._subscriptions import SubscriptionContract
 from ._support import events as events
 from ._support import follow_until as follow_until
 from ._support import read_all as read_all
+from ._tags import TaggedContract as TaggedContract
 from ._versions import VersionContract
 
 

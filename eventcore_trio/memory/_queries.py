@@ -1,0 +1,57 @@
+"""Dynamic consistency boundaries: reading the events a query matches, and the conditional
+append. Atomic here as everything else in the memory store: between two Trio checkpoints one
+task checks and writes alone, so two overlapping decisions never both succeed."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from .._errors import AppendConditionFailed
+from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
+from .._positions import Position
+from .._queries import AppendCondition, EventQuery, QueryResult
+from ._appends import apply, check_appends, stage
+from ._reads import first_after
+from ._state import MemoryState
+
+
+def read_query(
+    state: MemoryState, query: EventQuery, after: Position | None, limit: int | None
+) -> QueryResult:
+    """The events matching *query* after *after* (at most *limit*), and how far the read is
+    complete: the last returned event when *limit* cut it short, else the store's last
+    position (every event is visible at once here)."""
+    events: list[RecordedEvent] = []
+    for stored in state.log[first_after(state, after) :]:
+        if query.matches(stored.type, stored.tags):
+            decoded = stored.decode()
+            if isinstance(decoded, RecordedEvent):
+                events.append(decoded)
+            if limit is not None and len(events) == limit:
+                return QueryResult(events=tuple(events), position=stored.position)
+    head = state.positions[-1] if state.positions else None
+    return QueryResult(events=tuple(events), position=head)
+
+
+def append_tagged(
+    state: MemoryState,
+    events: Sequence[NewEvent],
+    condition: AppendCondition | None,
+    stream_id: str | None,
+    expected_version: int | None,
+) -> AppendResult:
+    """Check *condition*, then append *events* as one commit (see `TaggedEventStore`)."""
+    stream = f"$tagged-{uuid.uuid4().hex}" if stream_id is None else stream_id
+    staged = stage([StreamAppend(stream, events, expected_version=expected_version)])
+    if condition is not None:
+        query = condition.fail_if_events_match
+        conflicts = [
+            str(stored.position)
+            for stored in state.log[first_after(state, condition.after) :]
+            if query.matches(stored.type, stored.tags)
+        ]
+        if conflicts:
+            raise AppendConditionFailed(tuple(conflicts))
+    check_appends(state, [staged])
+    return apply(state, staged)
