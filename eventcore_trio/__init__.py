@@ -94,6 +94,7 @@ from .commands import Command as Command
 from .commands import EventRegistry as EventRegistry
 from .commands import EventShape as EventShape
 from .commands import ExecutionResult as ExecutionResult
+from .commands import QueryCommand as QueryCommand
 from .commands import RetryPolicy as RetryPolicy
 from .commands import Snapshot as Snapshot
 from .commands import StateCache as StateCache
@@ -131,6 +132,7 @@ __all__ = [
     "Snapshot",
     "SnapshotStore",
     "StateCache",
+    "QueryCommand",
     "StateCommand",
     "take_snapshot",
     "wait_for_projections",

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Final, TypeVar, final
 
 import attrs
@@ -310,11 +310,23 @@ class EventRegistry:
             )
         return name
 
-    def new_event(self, event: object, *, metadata: Mapping[str, Any] | None = None) -> NewEvent:
-        """Encode a registered event object as a `NewEvent`."""
+    def new_event(
+        self,
+        event: object,
+        *,
+        metadata: Mapping[str, Any] | None = None,
+        tags: Iterable[str] = (),
+    ) -> NewEvent:
+        """Encode a registered event object as a `NewEvent` (with *tags*, for queries).
+
+        .. versionchanged:: 0.4
+           *tags*.
+        """
         if isinstance(event, NewEvent):
             if metadata:
-                return attrs.evolve(event, metadata={**event.metadata, **metadata})
+                event = attrs.evolve(event, metadata={**event.metadata, **metadata})
+            if tags:
+                event = attrs.evolve(event, tags=(*event.tags, *tags))
             return event
         name = self.name_of(event)
         stamped = dict(metadata or {})
@@ -325,6 +337,7 @@ class EventRegistry:
             name,
             attrs.asdict(event),  # type: ignore[arg-type]  # registered: an attrs instance
             metadata=stamped,
+            tags=tuple(tags),
         )
 
     def decode(self, event: RecordedEvent) -> Any:

@@ -12,6 +12,7 @@ from ._command import Command as Command
 from ._command import ExecutionResult as ExecutionResult
 from ._command import RetryPolicy as RetryPolicy
 from ._command import execute as execute
+from ._query_command import QueryCommand as QueryCommand
 from ._states import StateCommand as StateCommand
 from ._states import take_snapshot as take_snapshot
 
@@ -21,6 +22,7 @@ __all__ = [
     "EventShape",
     "Snapshot",
     "StateCache",
+    "QueryCommand",
     "StateCommand",
     "take_snapshot",
     "Command",

@@ -24,6 +24,7 @@ from .._protocols import EventStore
 from .._typed import EventRegistry
 from .._util import conforms
 from ._cache import StateCache
+from ._query_command import QueryCommand, execute_query_command
 from ._states import StateCommand, load_states, state_streams
 
 S = TypeVar("S")
@@ -153,7 +154,7 @@ async def _read_state(store: EventStore, command: Command[Any]) -> tuple[Any, di
 
 async def execute(
     store: EventStore,
-    command: Command[Any] | StateCommand,
+    command: Command[Any] | StateCommand | QueryCommand,
     *,
     retry: RetryPolicy | None = None,
     registry: EventRegistry | None = None,
@@ -213,20 +214,28 @@ async def execute(
     .. versionchanged:: 0.3
         `StateCommand` and *cache*.
     """
-    read = _reader(store, command, registry, cache)
     policy = retry or RetryPolicy()
-    stamp: dict[str, Any] = dict(metadata or {})
-    if caused_by_event is not None:
-        stamp.update(caused_by(caused_by_event))
-    correlation = correlation_id or stamp.get(CORRELATION_ID) or str(uuid.uuid4())
-    stamp[CORRELATION_ID] = correlation
-    stamp[CAUSATION_ID] = causation_id or stamp.get(CAUSATION_ID) or correlation
+    if conforms(command, QueryCommand) and not conforms(command, Command):
+        return await _execute_query(
+            store,
+            cast(QueryCommand, command),
+            policy,
+            metadata,
+            correlation_id,
+            causation_id,
+            caused_by_event,
+            registry,
+        )
+    stream_command = cast("Command[Any] | StateCommand", command)
+    read = _reader(store, stream_command, registry, cache)
+    stamp = _stamp(metadata, correlation_id, causation_id, caused_by_event)
+    correlation = stamp[CORRELATION_ID]
     attempt = 0
     fresh: set[str] = set()
     while True:
         attempt += 1
         state, versions = await read(fresh)
-        decision = command.decide(state)
+        decision = stream_command.decide(state)
         written: dict[str, tuple[NewEvent, ...]] = {}
         for stream_id, produced in decision.items():
             events = tuple(_to_new_event(e, stamp, registry) for e in produced)
@@ -263,6 +272,46 @@ async def execute(
         return ExecutionResult(
             append=result, events=written, attempts=attempt, correlation_id=correlation
         )
+
+
+async def _execute_query(
+    store: EventStore,
+    command: QueryCommand,
+    policy: RetryPolicy,
+    metadata: Mapping[str, Any] | None,
+    correlation_id: str | None,
+    causation_id: str | None,
+    caused_by_event: RecordedEvent | None,
+    registry: EventRegistry | None,
+) -> ExecutionResult:
+    stamp = _stamp(metadata, correlation_id, causation_id, caused_by_event)
+    result, written, attempts = await execute_query_command(
+        store,
+        command,
+        backoff=policy.backoff,
+        max_attempts=policy.max_attempts,
+        to_new_event=lambda event: _to_new_event(event, stamp, registry),
+    )
+    return ExecutionResult(
+        append=result, events=written, attempts=attempts, correlation_id=stamp[CORRELATION_ID]
+    )
+
+
+def _stamp(
+    metadata: Mapping[str, Any] | None,
+    correlation_id: str | None,
+    causation_id: str | None,
+    caused_by_event: RecordedEvent | None,
+) -> dict[str, Any]:
+    # What every written event's metadata gets: the caller's, a correlation id and a
+    # causation id (see `execute`).
+    stamp: dict[str, Any] = dict(metadata or {})
+    if caused_by_event is not None:
+        stamp.update(caused_by(caused_by_event))
+    correlation = correlation_id or stamp.get(CORRELATION_ID) or str(uuid.uuid4())
+    stamp[CORRELATION_ID] = correlation
+    stamp[CAUSATION_ID] = causation_id or stamp.get(CAUSATION_ID) or correlation
+    return stamp
 
 
 Reader = Callable[[Collection[str]], Awaitable[tuple[Any, Mapping[str, int]]]]

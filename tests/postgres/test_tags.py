@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from eventcore_trio import InvalidArgument, NewEvent, StreamAppend
+from eventcore_trio import (
+    ConfigurationError,
+    EventQuery,
+    InvalidArgument,
+    NewEvent,
+    RecordedEvent,
+    StreamAppend,
+    execute,
+)
 from eventcore_trio.postgres import PostgresStore
 
 
@@ -18,4 +26,24 @@ async def test_tagged_events_are_refused_and_nothing_is_written(store: PostgresS
     async with store.transaction() as tx:
         with pytest.raises(InvalidArgument, match="does not keep tags yet"):
             await tx.append("user-3", [tagged])
+    assert await store.last_position() is None
+
+
+class _Claim:
+    def query(self) -> EventQuery:
+        return EventQuery.of(tags=["username:ada"])
+
+    def initial_state(self) -> bool:
+        return False
+
+    def evolve(self, taken: bool, event: RecordedEvent) -> bool:
+        return True
+
+    def decide(self, taken: bool) -> list[NewEvent]:
+        return [NewEvent("UsernameClaimed", {}, tags=["username:ada"])]
+
+
+async def test_a_query_command_is_a_configuration_error(store: PostgresStore) -> None:
+    with pytest.raises(ConfigurationError, match="does not read queries"):
+        await execute(store, _Claim())
     assert await store.last_position() is None
