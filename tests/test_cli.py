@@ -1098,6 +1098,11 @@ class TestOperatorCommands:
         assert [(s["from_version"], s["to_version"], s["reason"]) for s in shown["switches"]] == [
             (None, 1, "first")
         ]
+        # The names status prints work where a projection is named.
+        assert main(["versions", "ledger@v2", "--json", *where]) == EXIT_OK
+        assert json.loads(capsys.readouterr().out)["serving"] == 1
+        assert main(["dead-letters", "list", "ledger@v2", *where]) == EXIT_OK
+        capsys.readouterr()
 
         assert main(["retire", "ledger", "1", *where]) == EXIT_USAGE  # no terminal, no --yes
         assert "--yes" in capsys.readouterr().err

@@ -22,6 +22,7 @@ from .._errors import (
     UnsupportedPooling,
 )
 from .._status import ProjectionState
+from .._versions import versioned_name
 from ..projection import check_projector
 from ._options import EXIT_FAILED, EXIT_OK, SCHEMA_VARIABLE, StoreOptions
 from ._projectors import load_projectors
@@ -219,7 +220,13 @@ async def warn_if_no_events(store: PostgresStore, options: StoreOptions) -> None
 async def list_letters(options: StoreOptions, name: str, as_json: bool) -> None:
     async with options.open() as store:
         letters = await store.dead_letters(name)
-        if not letters and not any(r.name == name for r in await store.projection_status()):
+        # A projection's name, a version's ("name@v2", as status prints it) or a unit's.
+        known = {
+            known_name
+            for r in await store.projection_status()
+            for known_name in (r.name, versioned_name(r.name, r.version), r.unit)
+        }
+        if not letters and name not in known:
             # As `reset` says: a name that never ran is more likely a typo than a clean record.
             raise ProjectionNotFound(f"no projection named {name!r} has run against this store")
     if as_json:

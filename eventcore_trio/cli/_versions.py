@@ -8,7 +8,7 @@ import sys
 from .._errors import ConfigurationError, InvalidArgument, ProjectionNotFound, ProjectionRunning
 from .._progress import VersionSummary, version_summaries
 from .._status import ProjectionStatus
-from .._versions import VersionRole, VersionSwitch
+from .._versions import VersionRole, VersionSwitch, split_versioned
 from ._options import EXIT_FAILED, EXIT_OK, StoreOptions
 from ._status import printable, version_line
 
@@ -69,6 +69,8 @@ def switch_line(switch: VersionSwitch) -> str:
 
 
 async def versions(options: StoreOptions, name: str, as_json: bool) -> int:
+    # A version's name ("name@v2", as status prints it) stands for its projection.
+    name, _ = split_versioned(name)
     async with options.open() as store:
         serving = await store.serving_version(name)
         switches = await store.version_switches(name)
