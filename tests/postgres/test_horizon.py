@@ -218,11 +218,14 @@ async def test_outbox_writers_that_write_first_never_make_a_follower_skip(
     async def follow(seen: list[RecordedEvent], page_size: int) -> None:
         cursor = None
         while True:
+            # Whether the writers had finished before this read began: an empty read that
+            # began earlier may predate their last commits.
+            finished = done.is_set()
             page = await store.read_events(cursor, limit=page_size)
             seen.extend(page)
             if page:
                 cursor = page[-1].position
-            elif done.is_set():
+            elif finished:
                 return
             else:
                 with trio.move_on_after(0.05):
