@@ -16,7 +16,7 @@ import logging
 import math
 import os
 import urllib.parse
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Final
 
@@ -88,14 +88,17 @@ def add_log_level(parser: argparse.ArgumentParser, *, default: str) -> None:
     )
 
 
-def _log_level(text: str) -> str:
-    level = text.strip().upper()
-    if level not in LOG_LEVELS:
+def _one_of(option: str, variable: str, choices: Sequence[str], text: str, value: str) -> str:
+    # An option's value (or its environment variable's), checked against its choices.
+    if value not in choices:
         raise argparse.ArgumentTypeError(
-            f"must be one of {', '.join(LOG_LEVELS)} (from --log-level or "
-            f"{LOG_LEVEL_VARIABLE}), got {text!r}"
+            f"must be one of {', '.join(choices)} (from {option} or {variable}), got {text!r}"
         )
-    return level
+    return value
+
+
+def _log_level(text: str) -> str:
+    return _one_of("--log-level", LOG_LEVEL_VARIABLE, LOG_LEVELS, text, text.strip().upper())
 
 
 def add_log_format(parser: argparse.ArgumentParser) -> None:
@@ -112,13 +115,7 @@ def add_log_format(parser: argparse.ArgumentParser) -> None:
 
 
 def _log_format(text: str) -> str:
-    log_format = text.strip().lower()
-    if log_format not in LOG_FORMATS:
-        raise argparse.ArgumentTypeError(
-            f"must be one of {', '.join(LOG_FORMATS)} (from --log-format or "
-            f"{LOG_FORMAT_VARIABLE}), got {text!r}"
-        )
-    return log_format
+    return _one_of("--log-format", LOG_FORMAT_VARIABLE, LOG_FORMATS, text, text.strip().lower())
 
 
 class JsonLogFormatter(logging.Formatter):

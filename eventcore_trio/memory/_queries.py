@@ -7,6 +7,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+from .._backend._decoding import require_decoded
 from .._errors import AppendConditionFailed
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._positions import Position
@@ -25,9 +26,9 @@ def read_query(
     events: list[RecordedEvent] = []
     for stored in state.log[first_after(state, after) :]:
         if query.matches(stored.type, stored.tags):
-            decoded = stored.decode()
-            if isinstance(decoded, RecordedEvent):
-                events.append(decoded)
+            # As read_events does by default: an event that does not decode is an error,
+            # never silently left out of a decision's read.
+            events.append(require_decoded(stored.decode()))
             if limit is not None and len(events) == limit:
                 return QueryResult(events=tuple(events), position=stored.position)
     head = state.positions[-1] if state.positions else None

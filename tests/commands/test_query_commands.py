@@ -14,6 +14,7 @@ import trio
 
 from eventcore_trio import (
     ConfigurationError,
+    EventDecodeError,
     EventQuery,
     EventRegistry,
     InvalidArgument,
@@ -252,3 +253,11 @@ async def test_a_query_that_is_not_an_event_query_is_refused(store: MemoryStore)
     with pytest.raises(InvalidArgument, match=r"Sloppy.query\(\) returned str"):
         await execute(store, Sloppy("u", "ada"))
     assert await store.last_position() is None
+
+
+async def test_an_undecodable_matching_event_is_an_error_not_a_gap(store: MemoryStore) -> None:
+    """A matching event that does not decode (a foreign writer's) fails the read, as
+    read_events does by default: a decision never reads past it as if it were not there."""
+    store.admin.store_undecodable("foreign")
+    with pytest.raises(EventDecodeError):
+        await store.read_query(EventQuery([QueryItem()]))
