@@ -22,7 +22,7 @@ import trio
 from eventcore_trio import open_postgres_store
 from eventcore_trio.testing import EmbeddedPostgres
 
-from . import _failover, _ours, _partitioned, _status_cost
+from . import _decisions, _failover, _ours, _partitioned, _status_cost
 
 NAMES = (
     "append_single_sequential",
@@ -52,6 +52,9 @@ NAMES = (
     "execute_first_command_no_snapshot_ms",
     "bridge_roundtrip",
     "execute_short_stream",
+    "append_conditional",
+    "read_query_latency_p50_ms",
+    "read_query_latency_p99_ms",
     "status_cost_1m_ms",
     "status_cost_10m_ms",
 )
@@ -88,12 +91,30 @@ class Sizes:
     kills: int
     transfers: int
     roundtrips: int
+    #: append_conditional: the events loaded, then the decisions timed.
+    decision_events: int
+    decisions: int
+    #: read_query_latency: the events in the table, then the reads timed.
+    query_events: int
+    query_reads: int
 
     @classmethod
     def for_mode(cls, quick: bool, events: int | None) -> Sizes:
         if quick:
-            return cls(1_000, 1_600, 10_000, events or 20_000, 60, 20, 3, 300, 5_000)
-        return cls(5_000, 8_000, 50_000, events or 100_000, 300, 50, 10, 2_000, 20_000)
+            return cls(
+                *(1_000, 1_600, 10_000, events or 20_000, 60, 20, 3, 300, 5_000),
+                decision_events=20_000,
+                decisions=300,
+                query_events=50_000,
+                query_reads=300,
+            )
+        return cls(
+            *(5_000, 8_000, 50_000, events or 100_000, 300, 50, 10, 2_000, 20_000),
+            decision_events=100_000,
+            decisions=2_000,
+            query_events=1_000_000,
+            query_reads=2_000,
+        )
 
 
 @dataclass
@@ -449,6 +470,44 @@ def bench_execute_short_stream(ctx: Context) -> list[Result]:
     return [_with_peer(ctx, result, "execute_short_stream", n, SHORT_COMMAND_STREAM)]
 
 
+def bench_append_conditional(ctx: Context) -> list[Result]:
+    """A decision over a query (read_query of three events among the loaded ones, then
+    append_tagged on its condition) against the same decision by hand: a read, then an
+    advisory lock per tag, the check and the insert in one transaction."""
+    n, decisions = ctx.sizes.decision_events, ctx.sizes.decisions
+    warm_up, matches = _decisions.WARM_UP, _decisions.DECISION_MATCHES
+    baseline = raw(
+        "append_conditional", ctx.dsn, ctx.schema("decide_raw"), n, decisions, warm_up, matches
+    )
+    ours = trio.run(_decisions.append_conditional, ctx.dsn, ctx.schema("decide"), n, decisions)
+    return [Result("append_conditional", "decisions/s", ours, baseline, ours / baseline, "higher")]
+
+
+def bench_read_query_latency(ctx: Context) -> list[Result]:
+    """One read_query returning 10 events among `Sizes.query_events`, against the same
+    SELECT by hand on the same tables."""
+    schema = ctx.schema("read_query")
+    trio.run(_decisions.load_query_events, ctx.dsn, schema, ctx.sizes.query_events)
+    courses, warm_up = _decisions.QUERY_COURSES, _decisions.WARM_UP
+    matches = _decisions.QUERY_MATCHES
+
+    def baseline(reads: int) -> list[float]:
+        times: list[float] = raw(
+            "read_query_latency", ctx.dsn, schema, reads, courses, warm_up, matches
+        )
+        return times
+
+    baseline(courses)  # every course once, untimed: the cache as warm for both sides
+    ours = trio.run(_decisions.read_query_latency, ctx.dsn, schema, ctx.sizes.query_reads)
+    base = baseline(ctx.sizes.query_reads)
+    p50 = (statistics.median(ours), statistics.median(base))
+    p99 = (_percentile(ours, 0.99), _percentile(base, 0.99))
+    return [
+        Result("read_query_latency_p50_ms", "ms", p50[0], p50[1], p50[0] / p50[1], "lower"),
+        Result("read_query_latency_p99_ms", "ms", p99[0], p99[1], p99[0] / p99[1], "lower"),
+    ]
+
+
 #: Events behind the one unit of status_cost, by result name; the events table holds the most.
 STATUS_COST_BEHIND = {"status_cost_1m_ms": 1_000_000, "status_cost_10m_ms": 10_000_000}
 
@@ -503,6 +562,8 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     ),
     (("bridge_roundtrip",), bench_bridge_roundtrip),
     (("execute_short_stream",), bench_execute_short_stream),
+    (("append_conditional",), bench_append_conditional),
+    (("read_query_latency_p50_ms", "read_query_latency_p99_ms"), bench_read_query_latency),
     (("status_cost_1m_ms", "status_cost_10m_ms"), bench_status_cost),
 ]
 

@@ -17,9 +17,12 @@ import asyncio
 import contextlib
 import json
 import time
+import uuid
 from typing import Any
 
 import asyncpg
+
+from ._decision_data import CAPACITY, CHUNK, SUBSCRIBED, course_tag, decision_events
 
 RAW_SCHEMA_SQL = """
 CREATE SCHEMA "{s}";
@@ -99,7 +102,7 @@ async def append_single_same_sql(dsn: str, schema: str, channel: str, count: int
     library: the floor under ``append_single_sequential``. Events/s."""
     conn = await asyncpg.connect(dsn)
     try:
-        sql = f'SELECT * FROM "{schema}".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)'
+        sql = f'SELECT * FROM "{schema}".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)'
         payload = json.dumps({"amount": 1})
 
         async def append(expected: int) -> None:
@@ -114,6 +117,7 @@ async def append_single_same_sql(dsn: str, schema: str, channel: str, count: int
                 None,
                 ["Deposited"],
                 [payload],
+                None,
                 None,
             )
             await conn.execute("SELECT pg_notify($1, '')", channel)
@@ -178,6 +182,26 @@ async def _noop(event: dict[str, Any]) -> None:
     return None
 
 
+def _decode(row: asyncpg.Record) -> dict[str, Any]:
+    # A row as a hand-written reader would use it: a dict, JSON decoded.
+    return {
+        "event_id": row["event_id"],
+        "stream_id": row["stream_id"],
+        "stream_version": row["stream_version"],
+        "position": (row["tx"], row["position"]),
+        "type": row["type"],
+        "data": json.loads(row["data"]),
+        "metadata": json.loads(row["metadata"]),
+        "recorded_at": row["recorded_at"],
+    }
+
+
+def _decode_tagged(row: asyncpg.Record) -> dict[str, Any]:
+    event = _decode(row)
+    event["tags"] = row["tags"]
+    return event
+
+
 async def _catch_up_on(
     conn: asyncpg.Connection, schema: str, name: str, batch_size: int, upsert: bool | str
 ) -> int:
@@ -199,16 +223,7 @@ async def _catch_up_on(
         async with conn.transaction():
             batched: list[tuple[str, Any]] = []
             for row in rows:
-                event = {
-                    "event_id": row["event_id"],
-                    "stream_id": row["stream_id"],
-                    "stream_version": row["stream_version"],
-                    "position": (row["tx"], row["position"]),
-                    "type": row["type"],
-                    "data": json.loads(row["data"]),
-                    "metadata": json.loads(row["metadata"]),
-                    "recorded_at": row["recorded_at"],
-                }
+                event = _decode(row)
                 if upsert == "batched":
                     batched.append((event["stream_id"], event["data"]["amount"]))
                 elif upsert:
@@ -471,6 +486,135 @@ async def execute_short_stream(dsn: str, schema: str, count: int, length: int) -
         for name in names[:count]:
             await deposit(name)
         return count / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
+#: The baseline's tags, added to its events table by hand (decisions over a query, issue 28):
+#: the events' tags, and one row per (tag, event) in a B-tree, so that a decision reads one
+#: tag's rows in order. The same shape as eventcore-trio's event_tags.
+RAW_TAGS_SQL = """
+ALTER TABLE "{s}".events ADD COLUMN tags text[] COLLATE "C" NOT NULL DEFAULT '{{}}';
+CREATE TABLE "{s}".event_tags (
+    tag text COLLATE "C" NOT NULL,
+    tx bigint NOT NULL,
+    position bigint NOT NULL,
+    type text COLLATE "C" NOT NULL,
+    PRIMARY KEY (tag, tx, position) INCLUDE (type)
+);
+"""
+
+#: Insert events with their tags (joined by chr(31)) and their event_tags rows: one statement.
+_INSERT_TAGGED = (
+    'WITH e AS (INSERT INTO "{s}".events (stream_id, stream_version, type, data, metadata, '
+    "tags) SELECT x.stream_id, x.version, x.type, x.data, '{{}}', "
+    "string_to_array(x.tags, chr(31)) "
+    "FROM unnest($1::text[], $2::bigint[], $3::text[], $4::jsonb[], $5::text[]) "
+    "WITH ORDINALITY AS x(stream_id, version, type, data, tags, ord) ORDER BY x.ord "
+    "RETURNING tx, position, type, tags) "
+    'INSERT INTO "{s}".event_tags (tag, tx, position, type) '
+    "SELECT g.tag, e.tx, e.position, e.type FROM e, unnest(e.tags) AS g(tag)"
+)
+
+#: One tag's events of some types, in the global order: the read of a decision (and the
+#: SELECT read_query_latency's baseline sends, there against eventcore-trio's own tables).
+_READ_TAG = (
+    "SELECT e.tx, e.position, e.stream_id, e.stream_version, e.event_id, e.type, e.data, "
+    "e.metadata, e.recorded_at, e.tags "
+    'FROM "{s}".event_tags AS t JOIN "{s}".events AS e ON e.tx = t.tx AND e.position = t.position '
+    "WHERE t.tag = $1 AND t.type = ANY($2::text[]) ORDER BY t.tx, t.position"
+)
+
+
+async def append_conditional(
+    dsn: str, schema: str, count: int, decisions: int, warm_up: int, matches: int
+) -> float:
+    """Decisions by hand on a course of its own each, after loading *count* events (the
+    layout of `benchmarks._decision_data`) with one unnest() statement per 1,000: read the
+    course's subscriptions, fold them, then one transaction: an advisory lock per tag of the
+    new event (the course's among them, sorted, so writers of a tag queue on it), check that
+    no subscription came after the read, insert the event and its tag rows. The first
+    *warm_up* decisions are untimed. Decisions/s."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(RAW_SCHEMA_SQL.format(s=schema) + RAW_TAGS_SQL.format(s=schema))
+        insert = _INSERT_TAGGED.format(s=schema)
+        events = decision_events(count, decisions + warm_up, matches)
+        for start in range(0, count, CHUNK):
+            chunk = events[start : start + CHUNK]
+            await conn.execute(
+                insert,
+                [f"load-{start // CHUNK}"] * len(chunk),
+                list(range(1, len(chunk) + 1)),
+                [type_ for type_, _, _ in chunk],
+                [json.dumps(data) for _, _, data in chunk],
+                [chr(31).join(tags) for _, tags, _ in chunk],
+            )
+        for table in ("events", "event_tags"):
+            await conn.execute(f'VACUUM (ANALYZE) "{schema}".{table}')
+        read = _READ_TAG.format(s=schema)
+        lock = "SELECT pg_advisory_xact_lock(hashtext(k)) FROM unnest($1::text[]) AS k ORDER BY k"
+        check = (
+            f'SELECT EXISTS (SELECT FROM "{schema}".event_tags '
+            "WHERE tag = $1 AND type = ANY($2::text[]) AND (tx, position) > ($3, $4))"
+        )
+        types = [SUBSCRIBED]
+
+        async def subscribe(course: int) -> None:
+            tag = course_tag(course)
+            rows = await conn.fetch(read, tag, types)
+            subscribed = [_decode_tagged(row) for row in rows]
+            students = {event["data"]["student"] for event in subscribed}
+            if len(subscribed) != matches or len(students) >= CAPACITY:
+                raise RuntimeError(f"course {course}: {len(subscribed)} subscriptions read")
+            after = subscribed[-1]["position"] if subscribed else (0, 0)
+            student = f"new-{course}"
+            tags = sorted([tag, f"student:{student}"])
+            async with conn.transaction():
+                await conn.execute(lock, tags)
+                if await conn.fetchval(check, tag, types, *after):
+                    raise RuntimeError(f"course {course}: subscribed to since the read")
+                await conn.execute(
+                    insert,
+                    [f"$tagged-{uuid.uuid4().hex}"],
+                    [1],
+                    [SUBSCRIBED],
+                    [json.dumps({"student": student})],
+                    [chr(31).join(tags)],
+                )
+
+        for course in range(decisions, decisions + warm_up):
+            await subscribe(course)
+        started = time.perf_counter()
+        for course in range(decisions):
+            await subscribe(course)
+        return decisions / (time.perf_counter() - started)
+    finally:
+        await conn.close()
+
+
+async def read_query_latency(
+    dsn: str, schema: str, reads: int, courses: int, warm_up: int, matches: int
+) -> list[float]:
+    """*reads* reads of one course's subscriptions by hand (`_READ_TAG`, decoded as the
+    catch-up baseline decodes), on eventcore-trio's tables in *schema*, the courses in turn
+    after *warm_up* untimed reads; each read's time in ms."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        read = _READ_TAG.format(s=schema)
+        tags = [course_tag(course) for course in range(courses)]
+        types = [SUBSCRIBED]
+        for n in range(warm_up):
+            await conn.fetch(read, tags[n % courses], types)
+        times = []
+        for n in range(reads):
+            tag = tags[(n + warm_up) % courses]
+            started = time.perf_counter()
+            events = [_decode_tagged(row) for row in await conn.fetch(read, tag, types)]
+            times.append((time.perf_counter() - started) * 1000)
+            if len(events) != matches:
+                raise RuntimeError(f"read {len(events)} events of {tag}, expected {matches}")
+        return times
     finally:
         await conn.close()
 

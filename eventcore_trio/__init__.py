@@ -43,6 +43,8 @@ from ._errors import RetriesExhausted as RetriesExhausted
 from ._errors import SchemaVersionError as SchemaVersionError
 from ._errors import StoreClosed as StoreClosed
 from ._errors import StoreConnectionError as StoreConnectionError
+from ._errors import SubjectForgottenError as SubjectForgottenError
+from ._errors import SubjectNotFound as SubjectNotFound
 from ._errors import UnsupportedPooling as UnsupportedPooling
 from ._errors import UnsupportedServer as UnsupportedServer
 from ._errors import VersionConflict as VersionConflict
@@ -57,6 +59,10 @@ from ._partitions import MAX_PARTITIONS as MAX_PARTITIONS
 from ._partitions import Partition as Partition
 from ._partitions import partition_of as partition_of
 from ._partitions import stream_hash as stream_hash
+from ._personal._fields import MAX_PERSONAL_FIELDS as MAX_PERSONAL_FIELDS
+from ._personal._fields import SUBJECT_FORGOTTEN as SUBJECT_FORGOTTEN
+from ._personal._forget import ForgetRecord as ForgetRecord
+from ._personal._keys import KeyWrapper as KeyWrapper
 from ._positions import Position as Position
 from ._protocols import CheckpointStore as CheckpointStore
 from ._protocols import Database as Database
@@ -64,6 +70,7 @@ from ._protocols import EventReader as EventReader
 from ._protocols import EventStore as EventStore
 from ._protocols import HostMembership as HostMembership
 from ._protocols import Leadership as Leadership
+from ._protocols import PersonalDataStore as PersonalDataStore
 from ._protocols import ProjectionAdmin as ProjectionAdmin
 from ._protocols import ProjectionBatch as ProjectionBatch
 from ._protocols import ProjectorCoordinator as ProjectorCoordinator
@@ -116,6 +123,13 @@ from .projection import run_projections as run_projections
 from .projection import wait_for_projections as wait_for_projections
 
 __all__ = [
+    "ForgetRecord",
+    "KeyWrapper",
+    "MAX_PERSONAL_FIELDS",
+    "PersonalDataStore",
+    "SUBJECT_FORGOTTEN",
+    "SubjectForgottenError",
+    "SubjectNotFound",
     "AppendCondition",
     "AppendConditionFailed",
     "EventQuery",

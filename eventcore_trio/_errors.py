@@ -572,3 +572,55 @@ class DatabaseError(EventCoreError):
     def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
         super().__init__(message)
         self.sqlstate = sqlstate
+
+
+class SubjectNotFound(EventCoreError, LookupError):
+    """`forget` was asked to forget a subject this store holds no personal data of.
+
+    No event was ever appended with personal fields for it (a typo in the id, or a subject
+    whose events carry no personal fields); nothing was changed and no ``SubjectForgotten``
+    event was written. A subject that was forgotten already is not an error: forgetting it
+    again returns the first forget's record.
+
+    Attributes:
+        subject: the subject asked for.
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(
+            f"this store holds no personal data of subject {subject!r} (no event with personal "
+            "fields was appended for it), so there is nothing to forget and nothing was "
+            "changed. Check the subject's id: it is the subject= the events were appended with"
+        )
+        self.subject = subject
+
+    def __reduce__(self) -> tuple[type[SubjectNotFound], tuple[str]]:
+        return (type(self), (self.subject,))
+
+
+class SubjectForgottenError(EventCoreError):
+    """An append carried personal fields of a subject that was forgotten; nothing was written.
+
+    A forget deletes the subject's key for good: personal data appended for the subject
+    afterwards would be readable again, so the store refuses it (and with it the whole
+    append). Typically a command decided on state folded before the forget; decide again
+    without the personal data, or give the person a new subject id if they come back.
+
+    Attributes:
+        subject: the forgotten subject.
+
+    .. versionadded:: 0.4
+    """
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(
+            f"subject {subject!r} was forgotten, so its personal data can no longer be "
+            "appended; nothing was written. Append the event without personal fields, or "
+            "use a new subject id for a person who comes back (see forget_records)"
+        )
+        self.subject = subject
+
+    def __reduce__(self) -> tuple[type[SubjectForgottenError], tuple[str]]:
+        return (type(self), (self.subject,))

@@ -11,6 +11,7 @@ from typing import Any, Final, final
 import attrs
 
 from ._errors import InvalidArgument
+from ._personal._fields import check_personal_event, check_personal_names, check_subject
 from ._positions import Position
 from ._validation import (
     MAX_EVENT_TYPE_LENGTH,
@@ -36,6 +37,16 @@ def _check_mapping(_: Any, attribute: attrs.Attribute[Any], value: Any) -> None:
         )
 
 
+def _check_personal(instance: NewEvent, _: Any, value: tuple[str, ...]) -> None:
+    # The subject's check too: one call per event, not two, on the path of every append.
+    # attrs runs validators once every field is set: data and subject are there.
+    subject = instance.subject
+    if subject is not None:
+        check_subject(subject)
+    if value:
+        check_personal_event(subject, value, instance.data)
+
+
 def _check_event_id(_: Any, __: Any, value: Any) -> None:
     if value is not None and not isinstance(value, uuid.UUID):
         raise InvalidArgument(
@@ -56,17 +67,26 @@ class NewEvent:
             retried append idempotent (a duplicate raises `DuplicateEventId`).
         tags: strings that queries select events by (`EventQuery`), e.g.
             ``["username:ada"]``: distinct, 1-255 characters, at most 64; kept sorted.
-            Appending tagged events needs a store that keeps tags (the memory store; the
-            PostgreSQL store refuses them until it does, issue 28).
+            Both stores keep them, on every write path.
+        subject: the data subject (the person) the event is about, e.g. ``"customer-42"``:
+            an id (1-244 characters, no control characters), not personal data itself,
+            since it is stored in plain text. `PersonalDataStore.forget` forgets a subject.
+        personal: the top-level keys of *data* that are personal data of *subject*: each
+            must be in *data*; distinct, at most 64; kept sorted. The store seals their
+            values (AES-GCM under the subject's key) before they leave the process, and
+            after a forget they read back absent (see `RecordedEvent.forgotten`). The rest
+            of *data* stays plain. Needs a *subject*, and a store that keeps personal data
+            (the memory store; PostgreSQL follows, issue 29).
 
     Raises:
-        InvalidArgument: a field has the wrong type or an invalid value. Whether data and
-            metadata are JSON-serialisable is checked by ``append`` (raising
-            `EventEncodeError`) before anything is written.
+        InvalidArgument: a field has the wrong type or an invalid value, a personal field
+            is not in *data*, or personal fields have no subject. Whether data and metadata
+            are JSON-serialisable is checked by ``append`` (raising `EventEncodeError`)
+            before anything is written.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.4
-       ``tags``.
+       ``tags``, ``subject`` and ``personal``.
     """
 
     type: str = attrs.field(validator=_check_event_type)
@@ -76,6 +96,11 @@ class NewEvent:
     )
     event_id: uuid.UUID | None = attrs.field(default=None, validator=_check_event_id, kw_only=True)
     tags: tuple[str, ...] = attrs.field(default=(), converter=check_tags, kw_only=True)
+    # Checked by _check_personal.
+    subject: str | None = attrs.field(default=None, kw_only=True)
+    personal: tuple[str, ...] = attrs.field(
+        default=(), converter=check_personal_names, validator=_check_personal, kw_only=True
+    )
 
 
 @final
@@ -93,10 +118,15 @@ class RecordedEvent:
         metadata: the decoded JSON metadata.
         recorded_at: when it was stored (timezone-aware, UTC).
         tags: the tags it was appended with, sorted (none for most events).
+        subject: the data subject it was appended with (`NewEvent.subject`), or None.
+        personal: the names of its personal fields (`NewEvent.personal`), sorted: plain
+            values in *data* while the subject's key exists.
+        forgotten: the personal fields removed from *data* because the subject was
+            forgotten (then every name in *personal*); empty otherwise.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.4
-       ``tags``.
+       ``tags``, ``subject``, ``personal`` and ``forgotten``.
     """
 
     event_id: uuid.UUID
@@ -108,6 +138,9 @@ class RecordedEvent:
     metadata: dict[str, Any]
     recorded_at: dt.datetime
     tags: tuple[str, ...] = ()
+    subject: str | None = None
+    personal: tuple[str, ...] = ()
+    forgotten: tuple[str, ...] = ()
 
 
 _new: Final = object.__new__
@@ -129,6 +162,9 @@ _set_data: Final = _slot_setter("data")
 _set_metadata: Final = _slot_setter("metadata")
 _set_recorded_at: Final = _slot_setter("recorded_at")
 _set_tags: Final = _slot_setter("tags")
+_set_subject: Final = _slot_setter("subject")
+_set_personal: Final = _slot_setter("personal")
+_set_forgotten: Final = _slot_setter("forgotten")
 
 
 def trusted_recorded_event(
@@ -141,6 +177,9 @@ def trusted_recorded_event(
     metadata: dict[str, Any],
     recorded_at: dt.datetime,
     tags: tuple[str, ...] = (),
+    subject: str | None = None,
+    personal: tuple[str, ...] = (),
+    forgotten: tuple[str, ...] = (),
 ) -> RecordedEvent:
     """Backend helper: a `RecordedEvent` of values a store produced (a row it decoded), the
     same as ``RecordedEvent(...)`` with these fields, built in about half the time: it runs
@@ -155,6 +194,9 @@ def trusted_recorded_event(
     _set_metadata(event, metadata)
     _set_recorded_at(event, recorded_at)
     _set_tags(event, tags)
+    _set_subject(event, subject)
+    _set_personal(event, personal)
+    _set_forgotten(event, forgotten)
     return event
 
 

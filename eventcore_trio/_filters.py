@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import final
 
 import attrs
 
 from ._errors import InvalidArgument
 from ._partitions import Partition
-from ._validation import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH, check_identifier
+from ._validation import MAX_EVENT_TYPE_LENGTH, MAX_STREAM_ID_LENGTH, check_identifier, check_tags
 
 
 def _escape(ch: str) -> str:
@@ -115,6 +115,10 @@ def _check_pattern(instance: EventFilter, _: object, value: str | None) -> None:
         glob_to_regex(value)
 
 
+def _to_tags(value: object) -> tuple[str, ...]:
+    return check_tags(value, owner="EventFilter.tags")
+
+
 def _check_partition(_: object, __: object, value: Partition | None) -> None:
     if value is not None and not isinstance(value, Partition):
         raise InvalidArgument(f"partition must be a Partition, got {type(value).__name__}")
@@ -136,17 +140,24 @@ class EventFilter:
         partition: only streams in this `Partition` (by the stable `stream_hash`).
 
             .. versionadded:: 0.2
+        tags: only events carrying every one of these tags (distinct and sorted, checked as
+            `NewEvent`'s tags are); empty (the default) for any tags.
+
+            .. versionadded:: 0.4
 
     Raises:
-        InvalidArgument: a type name, prefix or pattern is invalid.
+        InvalidArgument: a type name, prefix, pattern or tag is invalid.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       *tags*.
     """
 
     event_types: frozenset[str] | None = attrs.field(default=None, converter=_to_event_types)
     stream_prefix: str | None = attrs.field(default=None, validator=_check_prefix)
     stream_pattern: str | None = attrs.field(default=None, validator=_check_pattern)
     partition: Partition | None = attrs.field(default=None, validator=_check_partition)
+    tags: tuple[str, ...] = attrs.field(default=(), converter=_to_tags)
     # The pattern compiled once; derived, so it takes no part in equality or the repr.
     _regex: re.Pattern[str] | None = attrs.field(
         init=False, eq=False, repr=False, hash=False, order=False
@@ -166,6 +177,7 @@ class EventFilter:
             and self.stream_prefix is None
             and self._regex is None
             and self.partition is None
+            and not self.tags
         )
 
     @property
@@ -173,9 +185,16 @@ class EventFilter:
         """The stream pattern as an anchored regular expression, or None."""
         return None if self.stream_pattern is None else glob_to_regex(self.stream_pattern)
 
-    def matches(self, stream_id: str, event_type: str) -> bool:
-        """Whether an event of *event_type* in stream *stream_id* passes this filter."""
+    def matches(self, stream_id: str, event_type: str, tags: Collection[str] = ()) -> bool:
+        """Whether an event of *event_type* in stream *stream_id* carrying *tags* passes this
+        filter.
+
+        .. versionchanged:: 0.4
+           *tags*: a filter with tags passes no event whose tags are not given.
+        """
         if self.event_types is not None and event_type not in self.event_types:
+            return False
+        if self.tags and not all(tag in tags for tag in self.tags):
             return False
         if self.stream_prefix is not None and not stream_id.startswith(self.stream_prefix):
             return False

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, overload, runtime_chec
 
 from ._events import AppendResult, NewEvent, RecordedEvent, StreamAppend, UndecodableEvent
 from ._filters import EventFilter
+from ._personal._forget import ForgetRecord
+from ._personal._keys import KeyWrapper
 from ._positions import Position
 from ._queries import AppendCondition, EventQuery, QueryResult
 from ._snapshots import Snapshot
@@ -771,8 +773,8 @@ class ProjectionAdmin(Protocol):
 @runtime_checkable
 class TaggedEventStore(Protocol):
     """Dynamic consistency boundaries: read the events matching a query, append only if none
-    matching it was written since (decision record 14). The memory store implements it; the
-    PostgreSQL store follows (issue 28).
+    matching it was written since (decision record 14). Both stores implement it; it is part
+    of `Store`'s contract suite (`TaggedContract`).
 
     .. versionadded:: 0.4
     """
@@ -802,6 +804,53 @@ class TaggedEventStore(Protocol):
             AppendConditionFailed: a matching event lies after the condition's position;
                 nothing was written.
             VersionConflict: *stream_id* is not at *expected_version*.
+        """
+        ...
+
+
+@runtime_checkable
+class PersonalDataStore(Protocol):
+    """Personal data that can be forgotten (crypto-shredding): each data subject's personal
+    fields (`NewEvent.personal`) are sealed under a key of its own, and forgetting the
+    subject deletes the key (docs/personal-data.md, decision record 15). The memory store
+    implements it; the PostgreSQL store follows (issue 29).
+
+    .. versionadded:: 0.4
+    """
+
+    async def forget(self, subject: str) -> ForgetRecord:
+        """Forget *subject*: delete its data key, so that its personal fields read back
+        absent from every event (`RecordedEvent.forgotten` names them) and can never be
+        read again from this store; nothing fails to decode.
+
+        In the same step the snapshots of the streams holding its personal events are
+        deleted, a ``SubjectForgotten`` event is appended (stream ``$forgotten-<subject>``,
+        data: the subject, when, host and pid), so that projections in every process can
+        erase what they derived, and the audit record is kept (`forget_records`). This
+        process's state caches (`StateCache`) drop the states of those streams. From then
+        on an append with personal fields of *subject* raises `SubjectForgottenError`.
+
+        Forgetting a forgotten subject again changes nothing and returns the first record.
+
+        Raises:
+            SubjectNotFound: the store holds no personal data of *subject* (it never had a
+                key); nothing changed.
+            InvalidArgument: *subject* is not a valid subject id.
+        """
+        ...
+
+    async def forget_records(self, subject: str | None = None) -> list[ForgetRecord]:
+        """The audit of forgets, oldest first: every one, or *subject*'s (at most one)."""
+        ...
+
+    async def rewrap(self, key_encryption_key: bytes | KeyWrapper) -> int:
+        """Wrap every subject's data key under *key_encryption_key* instead of the current
+        one, then use it for new keys; return how many keys were rewrapped. Rotation: run
+        it once, then open every process with the new key (docs/personal-data.md).
+
+        Raises:
+            ConfigurationError: the new key is not a valid key-encryption key, or a stored
+                key does not unwrap under the current one.
         """
         ...
 

@@ -8,6 +8,7 @@ chosen per decision, not a stream. See docs/commands.md and decision record 14.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Collection, Iterable
 from typing import Final, final
 
@@ -116,8 +117,10 @@ class QueryResult:
     Attributes:
         events: the matching events, in the global order, gap-free.
         position: the point up to which the read is complete: every matching event not in
-            *events* lies after it. Pass it as `AppendCondition.after`. None when the store
-            holds no event at all.
+            *events* lies after it. Pass it as `AppendCondition.after`, or as *after* of the
+            next `read_query` of the same query. The memory store gives the position of its
+            last event (None when it holds none); PostgreSQL one past what its snapshot could
+            see, which need not be an event's.
 
     .. versionadded:: 0.4
     """
@@ -153,3 +156,41 @@ class AppendCondition:
 
     fail_if_events_match: EventQuery = attrs.field(converter=_query)
     after: Position | None = attrs.field(default=None, converter=_after)
+
+
+def check_read_query(query: object, after: object, limit: object) -> None:
+    """The arguments of `TaggedEventStore.read_query`, checked alike by every backend.
+
+    Raises:
+        InvalidArgument: *query* is not an `EventQuery`, *after* not a Position or None,
+            *limit* not None or a positive int.
+    """
+    if not isinstance(query, EventQuery):
+        raise InvalidArgument(f"query must be an EventQuery, got {type(query).__name__}")
+    if after is not None and not isinstance(after, Position):
+        raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
+    if limit is not None and (type(limit) is not int or limit < 1):
+        raise InvalidArgument(f"limit must be None or a positive int, got {limit!r}")
+
+
+def check_append_tagged(
+    condition: object, stream_id: str | None, expected_version: int | None
+) -> None:
+    """The arguments of `TaggedEventStore.append_tagged` other than the events, checked alike
+    by every backend.
+
+    Raises:
+        InvalidArgument: *condition* is not an `AppendCondition` or None, or
+            *expected_version* is given without a *stream_id*.
+    """
+    if condition is not None and not isinstance(condition, AppendCondition):
+        raise InvalidArgument(
+            f"condition must be an AppendCondition or None, got {type(condition).__name__}"
+        )
+    if stream_id is None and expected_version is not None:
+        raise InvalidArgument("expected_version needs a stream_id")
+
+
+def tagged_stream_id(stream_id: str | None) -> str:
+    """The stream of an `append_tagged` call: *stream_id*, or a new ``$tagged-<uuid>``."""
+    return f"$tagged-{uuid.uuid4().hex}" if stream_id is None else stream_id

@@ -20,6 +20,7 @@ from cattrs.gen import make_mapping_unstructure_fn
 
 from ._errors import ConfigurationError, EventDecodeError, InvalidArgument
 from ._events import NewEvent, RecordedEvent
+from ._personal._fields import check_personal_names
 from ._validation import MAX_EVENT_TYPE_LENGTH, check_identifier
 
 T = TypeVar("T")
@@ -138,6 +139,56 @@ def _describe(annotation: object, within: tuple[type[Any], ...]) -> str:
     return name if isinstance(name, str) else repr(annotation)
 
 
+@final
+@attrs.frozen
+class PersonalSpec:
+    """What a registered event class declares about personal data (internal): the field
+    holding the subject's id, and the personal fields."""
+
+    subject: str
+    personal: tuple[str, ...]
+
+
+def _personal_spec(
+    cls: type[Any], name: str, subject: object, personal: object
+) -> PersonalSpec | None:
+    # The declaration checked against the class's fields.
+    owner = f"event type {name!r} ({cls.__qualname__})"
+    try:
+        fields = check_personal_names(personal, owner=f"{owner}: personal")
+    except InvalidArgument as exc:
+        raise ConfigurationError(str(exc)) from None
+    by_name = {field.name: field for field in attrs.fields(cls)}
+    if subject is not None and (not isinstance(subject, str) or subject not in by_name):
+        raise ConfigurationError(
+            f"{owner}: subject={subject!r} must name the field that holds the subject's id "
+            f"(one of {sorted(by_name)!r})"
+        )
+    if fields and subject is None:
+        raise ConfigurationError(
+            f"{owner}: personal fields {list(fields)!r} need subject='<field>', the field "
+            "holding the id of the person they are about"
+        )
+    for field in fields:
+        if field not in by_name:
+            raise ConfigurationError(
+                f"{owner}: personal field {field!r} is not a field of the class "
+                f"(its fields: {sorted(by_name)!r})"
+            )
+        if field == subject:
+            raise ConfigurationError(
+                f"{owner}: {field!r} is the subject field, which is stored in plain text; it "
+                "cannot be personal too (use an id, not personal data, as the subject)"
+            )
+        if by_name[field].default is attrs.NOTHING:
+            raise ConfigurationError(
+                f'{owner}: personal field {field!r} needs a default (e.g. None or ""): '
+                "once its subject is forgotten the field reads back absent, and the "
+                "decoded object gets the default"
+            )
+    return None if subject is None else PersonalSpec(str(subject), fields)
+
+
 def _check_version(owner: str, version: object) -> int:
     if type(version) is not int or version < 1:
         raise ConfigurationError(f"{owner}: version must be an int >= 1, got {version!r}")
@@ -174,6 +225,8 @@ class EventRegistry:
         self._by_class: dict[type[Any], str] = {}
         self._versions: dict[str, int] = {}
         self._upcasters: dict[tuple[str, int], Upcaster] = {}
+        # Classes that declared a subject or personal fields.
+        self._personal: dict[type[Any], PersonalSpec] = {}
         self._states_by_class: dict[type[Any], StateType] = {}
         self._state_names: set[str] = set()
         self._state_upcasters: dict[tuple[str, int], StateUpcaster] = {}
@@ -192,7 +245,14 @@ class EventRegistry:
             ),
         )
 
-    def register(self, name: str, *, version: int = 1) -> Callable[[type[T]], type[T]]:
+    def register(
+        self,
+        name: str,
+        *,
+        version: int = 1,
+        subject: str | None = None,
+        personal: Iterable[str] = (),
+    ) -> Callable[[type[T]], type[T]]:
         """Register an attrs class under *name* (a class decorator).
 
         Args:
@@ -201,13 +261,22 @@ class EventRegistry:
                 the fields change, and register an `upcaster` from the previous version;
                 events are written with it in their metadata (``event_version``, only
                 when above 1).
+            subject: the field holding the id of the data subject the event is about
+                (`NewEvent.subject`); `new_event` reads it from the object.
+            personal: the fields that are personal data of that subject
+                (`NewEvent.personal`): sealed when stored, absent once the subject is
+                forgotten. Each needs a default, which is what `decode` gives the object
+                of a forgotten event.
 
         Raises:
             ConfigurationError: the class is not an attrs class, the name or the class is
-                already registered, or an upcaster claims this version or a later one.
+                already registered, an upcaster claims this version or a later one, or
+                *subject* or *personal* do not name fields as said above.
 
         .. versionchanged:: 0.3
             *version*.
+        .. versionchanged:: 0.4
+            *subject* and *personal*.
         """
         check_identifier("event type", name, max_length=MAX_EVENT_TYPE_LENGTH)
         _check_version(f"event type {name!r}", version)
@@ -235,6 +304,9 @@ class EventRegistry:
                         f"registered at version {version}; upcasters lead to the current "
                         "version, so register the class with a higher version"
                     )
+            spec = _personal_spec(candidate, name, subject, personal)
+            if spec is not None:
+                self._personal[cls] = spec
             self._by_name[name] = cls
             self._by_class[cls] = name
             self._versions[name] = version
@@ -319,8 +391,15 @@ class EventRegistry:
     ) -> NewEvent:
         """Encode a registered event object as a `NewEvent` (with *tags*, for queries).
 
+        A class registered with *subject* and *personal* gives an event with that subject
+        (read from the object) and those personal fields.
+
+        Raises:
+            InvalidArgument: the class is not registered, or its subject field does not
+                hold a valid subject id.
+
         .. versionchanged:: 0.4
-           *tags*.
+           *tags*; the subject and personal fields the class was registered with.
         """
         if isinstance(event, NewEvent):
             if metadata:
@@ -333,11 +412,14 @@ class EventRegistry:
         version = self._versions[name]
         if version > 1:
             stamped[EVENT_VERSION] = version
+        spec = self._personal.get(type(event))
         return NewEvent(
             name,
             attrs.asdict(event),  # type: ignore[arg-type]  # registered: an attrs instance
             metadata=stamped,
             tags=tuple(tags),
+            subject=None if spec is None else getattr(event, spec.subject),
+            personal=() if spec is None else spec.personal,
         )
 
     def decode(self, event: RecordedEvent) -> Any:
@@ -444,8 +526,14 @@ class EventRegistry:
         try:
             return cls(**data)
         except (TypeError, ValueError) as exc:
+            advice = (
+                f"; its personal fields {list(event.forgotten)!r} were forgotten: declare "
+                "them personal, with defaults, in @registry.register(..., personal=[...])"
+                if event.forgotten
+                else ""
+            )
             raise EventDecodeError(
-                f"event at {event.position} does not fit {cls.__qualname__} ({exc})",
+                f"event at {event.position} does not fit {cls.__qualname__} ({exc}){advice}",
                 position=event.position,
             ) from exc
 

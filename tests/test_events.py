@@ -148,6 +148,9 @@ class TestRecordedEvent:
             "metadata": {},
             "recorded_at": dt.datetime.now(dt.UTC),
             "tags": ("a", "b"),
+            "subject": "customer-1",
+            "personal": ("email",),
+            "forgotten": ("email",),
         }
         assert [f.name for f in attrs.fields(RecordedEvent)] == list(fields)
         trusted = trusted_recorded_event(*fields.values())  # type: ignore[arg-type]

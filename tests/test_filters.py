@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eventcore_trio import EventFilter, InvalidArgument, glob_to_regex
+from eventcore_trio import EventFilter, InvalidArgument, RecordedEvent, glob_to_regex
+from eventcore_trio.projection import ProjectionContext, projector
 
 
 class TestGlob:
@@ -101,3 +102,55 @@ class TestEventFilter:
         """Two filters with the same criteria are equal and hash alike."""
         assert EventFilter(stream_pattern="a*") == EventFilter(stream_pattern="a*")
         assert hash(EventFilter(stream_pattern="a*")) == hash(EventFilter(stream_pattern="a*"))
+
+    def test_an_event_passes_tags_when_it_carries_every_one(self) -> None:
+        """Tags are sorted and distinct; an event needs all of them, extra tags are fine,
+        and tags combine with the other criteria by AND. No tags: any event."""
+        event_filter = EventFilter(tags=["y", "x", "y"], event_types=["A"])
+        assert event_filter.tags == ("x", "y")
+        assert not event_filter.is_empty
+        assert event_filter.matches("s", "A", ("x", "y", "z"))
+        assert not event_filter.matches("s", "A", ("x",))
+        assert not event_filter.matches("s", "A")
+        assert not event_filter.matches("s", "B", ("x", "y"))
+        assert EventFilter(tags=[]) == EventFilter()
+        assert EventFilter(tags=[]).is_empty
+
+    @pytest.mark.parametrize(
+        "tags",
+        [
+            "username:ada",
+            [""],
+            ["a\x00b"],
+            ["line\nbreak"],
+            [" padded"],
+            ["x" * 256],
+            [1],
+            [f"t{i}" for i in range(65)],
+        ],
+        ids=[
+            "lone string",
+            "empty",
+            "NUL",
+            "control",
+            "padded",
+            "too long",
+            "not a string",
+            "65 tags",
+        ],
+    )
+    def test_bad_tags_are_refused(self, tags: object) -> None:
+        """Tags are checked as an event's are, in `EventFilter` and in ``@projector``."""
+        with pytest.raises(InvalidArgument, match="tag"):
+            EventFilter(tags=tags)
+        with pytest.raises(InvalidArgument, match="tag"):
+            projector("p", tags=tags)  # type: ignore[arg-type]
+
+    def test_projectors_declare_tags(self) -> None:
+        """``@projector(tags=...)`` puts them in its filter with its other criteria."""
+
+        @projector("p", event_types=["A"], tags=["course:c1"])
+        async def apply(event: RecordedEvent, ctx: ProjectionContext) -> None:
+            pass
+
+        assert apply.filter == EventFilter(event_types=["A"], tags=["course:c1"])

@@ -1,12 +1,17 @@
 """The backend contract suite, run against the in-memory store."""
 
-from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
-from eventcore_trio import open_memory_store
+from eventcore_trio import Store, open_memory_store
 from eventcore_trio.memory import MemoryStore
-from eventcore_trio.testing import BackendHarness, MemoryHarness, StoreContract, TaggedContract
+from eventcore_trio.testing import (
+    BackendHarness,
+    MemoryHarness,
+    PersonalDataContract,
+    StoreContract,
+)
 
 
 class TestMemoryStore(StoreContract):
@@ -18,11 +23,18 @@ class TestMemoryStore(StoreContract):
         return MemoryHarness()
 
 
-class TestMemoryTags(TaggedContract):
-    """Tags, queries and conditional appends on `open_memory_store` (issue 28)."""
+class TestMemoryPersonal(PersonalDataContract):
+    """Personal data on `open_memory_store` (issue 29)."""
 
     @pytest.fixture
-    async def store(self) -> AsyncIterator[MemoryStore]:
-        """A fresh memory store."""
-        async with open_memory_store() as store:
-            yield store
+    def open_store(self) -> Any:
+        """A fresh memory store per open (`open_memory_store`)."""
+        return open_memory_store
+
+    async def stored_text(self, store: Store) -> str:
+        """Everything the memory store keeps, as the repr of its data (events, snapshots,
+        dead letters, wrapped keys, forgets, ...), not this process's unwrapped keys."""
+        assert isinstance(store, MemoryStore)
+        state = store.admin.state
+        tables = {k: v for k, v in vars(state.personal).items() if k != "keyring"}
+        return repr(vars(state)) + repr(tables)

@@ -112,6 +112,7 @@ def test_a_clean_report_is_ok_and_has_the_issue_fields() -> None:
         "outbox_mismatches",
         "follower_missed",
         "follower_repeated",
+        "decision_violations",
         "host_crashes",
         "unrecovered",
     ],

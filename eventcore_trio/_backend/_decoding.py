@@ -4,6 +4,11 @@ A backend stores data and metadata as JSON text (PostgreSQL hands ``jsonb`` back
 memory store keeps the text it validated at append). Reading turns each stored event into a
 `RecordedEvent`, or an `UndecodableEvent` when its JSON is not an object, so a projector's
 ``on_error`` decides and nothing is dropped.
+
+An event with personal fields is stored sealed (see `_personal._envelope`); the backend
+looks up its subject's data key and passes it in, and decoding opens the fields with it, or,
+when the key is gone (the subject was forgotten), leaves them out and names them in
+`RecordedEvent.forgotten`. A field that does not open makes the event undecodable.
 """
 
 from __future__ import annotations
@@ -15,10 +20,12 @@ import uuid
 from typing import Any, Final
 
 import orjson
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .._errors import EventDecodeError, InvalidArgument
 from .._events import RecordedEvent, UndecodableEvent, trusted_recorded_event
 from .._filters import EventFilter
+from .._personal._envelope import open_fields
 from .._positions import Position
 from .._validation import check_limit
 
@@ -74,12 +81,20 @@ def decode_stored(
     *,
     known_error: str | None = None,
     tags: tuple[str, ...] = (),
+    subject: str | None = None,
+    personal: tuple[str, ...] = (),
+    data_key: AESGCM | None = None,
+    keep_sealed: bool = False,
 ) -> RecordedEvent | UndecodableEvent:
     """A stored event as a `RecordedEvent`, or an `UndecodableEvent` saying why it is not one.
 
     Runs once per event read, so it takes plain positional values (no row object) and skips
     the JSON parser for ``{}``. *known_error* marks an event already found undecodable (a dead
     letter keeps the reason).
+
+    An event with *personal* fields (of *subject*) has them opened with *data_key*, the
+    subject's key, or left out when it is None (the subject was forgotten); with
+    *keep_sealed* they stay sealed (what a dead letter keeps).
     """
     error = known_error
     if error is None:
@@ -89,6 +104,11 @@ def decode_stored(
             metadata = {} if raw_metadata == "{}" else _decode_object(raw_metadata)
             if type(data) is not dict or type(metadata) is not dict:
                 raise ValueError("data and metadata must be JSON objects")
+            forgotten: tuple[str, ...] = ()
+            if personal and not keep_sealed:
+                if subject is None:
+                    raise ValueError("personal fields are stored without a subject")
+                forgotten = open_fields(data, subject, personal, data_key)
         except ValueError as exc:
             error = str(exc)
         else:
@@ -102,6 +122,9 @@ def decode_stored(
                 metadata,
                 recorded_at,
                 tags,
+                subject,
+                personal,
+                forgotten,
             )
     return UndecodableEvent(
         event_id=event_id,

@@ -2,15 +2,17 @@
 
 Exit codes: 0 success (``run``: stopped by SIGTERM), 1 the command ran and found a problem (a
 failed verification, a projection that is not found or is running, a version to retire that
-serves, dead letters that failed again), 2 bad usage or configuration (a ``run`` target that
-cannot be loaded, lock sessions behind transaction pooling), 3 the database could not be
-reached, 130 interrupted (Ctrl-C, SIGINT), after a clean shutdown.
+serves, dead letters that failed again, a queried event that does not decode), 2 bad usage or
+configuration (a ``run`` target that cannot be loaded, lock sessions behind transaction
+pooling, a query without criteria), 3 the database could not be reached, 130 interrupted
+(Ctrl-C, SIGINT), after a clean shutdown.
 
 `main` turns the command line into one call and any error into its exit code; the commands
 live by family: `_options` (what every command shares, the store options among them),
-`_parser` (every command's arguments and help), `_status`, `_admin` (``migrate``, ``reset``,
-``run``, ``dead-letters``), `_versions` (``versions``, ``serve``, ``retire``), `_programs`
-(``demo``, ``torture``, ``dashboard``, ``bench``) and `_projectors` (``MODULE:ATTR``).
+`_parser` (every command's arguments and help), `_status`, `_query` (``query``), `_admin`
+(``migrate``, ``reset``, ``run``, ``dead-letters``), `_versions` (``versions``, ``serve``,
+``retire``), `_programs` (``demo``, ``torture``, ``dashboard``, ``bench``) and `_projectors`
+(``MODULE:ATTR``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .._errors import (
     UnsupportedPooling,
 )
 from .._tools._processes import run_program
-from . import _admin, _programs, _versions
+from . import _admin, _programs, _query, _versions
 from ._options import DASHBOARD_TOKEN_VARIABLE as DASHBOARD_TOKEN_VARIABLE
 from ._options import DEFAULT_STATEMENT_CACHE_SIZE as DEFAULT_STATEMENT_CACHE_SIZE
 from ._options import DSN_VARIABLE as DSN_VARIABLE
@@ -45,6 +47,7 @@ from ._options import STATEMENT_CACHE_VARIABLE as STATEMENT_CACHE_VARIABLE
 from ._options import StoreOptions, configure_logging, pooling_message
 from ._parser import parser
 from ._projectors import load_projectors as load_projectors
+from ._query import build_query
 from ._status import status
 
 
@@ -86,6 +89,9 @@ def _command(args: argparse.Namespace) -> int:
         return run_program(_admin.migrate, options, args.grant, args.partition_index)
     if command == "status":
         run_program(status, options, args.json)
+    elif command == "query":
+        event_query = build_query(args.types, args.tags)
+        return run_program(_query.query, options, event_query, args.after, args.limit, args.json)
     elif command == "reset":
         if not _admin.confirm_reset(args.name, args.yes):
             return EXIT_FAILED

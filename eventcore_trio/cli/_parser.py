@@ -174,6 +174,61 @@ def _add_dashboard_command(commands: Any) -> None:
     )
 
 
+def _add_query_command(commands: Any) -> None:
+    from ._query import DEFAULT_LIMIT, MAX_LIMIT, event_type, position, tag
+
+    query = commands.add_parser(
+        "query",
+        help="print the events of some types and tags, as a decision reads them",
+        description="Read the events matching one query item (one of the --type values, any "
+        "type without one; every --tag value) in the global order: each event's position, "
+        "stream, version, type, tags and data, then the position up to which the read is "
+        "complete (pass it to --after to read on). Give --type or --tag: a query matching "
+        "every event would hold every append back while it reads. The read takes the "
+        "query's locks for its statement, as a decision's read does: appends of matching "
+        "events wait for it (docs/operations.md, 'Reading events by tags').",
+    )
+    add_store_options(query)
+    query.add_argument(
+        "--type",
+        dest="types",
+        metavar="TYPE",
+        type=event_type,
+        action="append",
+        default=[],
+        help="an event type the events may have (repeat for several: any of them)",
+    )
+    query.add_argument(
+        "--tag",
+        dest="tags",
+        metavar="TAG",
+        type=tag,
+        action="append",
+        default=[],
+        help="a tag the events must carry (repeat for several: all of them)",
+    )
+    query.add_argument(
+        "--limit",
+        metavar="N",
+        type=whole_number(1, MAX_LIMIT),
+        default=DEFAULT_LIMIT,
+        help=f"at most N events (default: {DEFAULT_LIMIT}; at most {MAX_LIMIT:,}: the read "
+        "holds matching appends back while it runs, so page with --after)",
+    )
+    query.add_argument(
+        "--after",
+        metavar="POSITION",
+        type=position,
+        help="only events after this position (as printed: 1234:5), such as the position an "
+        "earlier query was complete up to",
+    )
+    query.add_argument(
+        "--json",
+        action="store_true",
+        help='print one JSON object: {"events": [...], "position": ...}',
+    )
+
+
 def _add_reset_command(commands: Any) -> None:
     reset = commands.add_parser(
         "reset",
@@ -302,6 +357,7 @@ def parser() -> argparse.ArgumentParser:
     _add_torture_command(commands)
     _add_migrate_command(commands)
     _add_status_command(commands)
+    _add_query_command(commands)
     _add_reset_command(commands)
     _add_version_commands(commands)
     _add_dashboard_command(commands)

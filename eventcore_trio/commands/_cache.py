@@ -6,11 +6,13 @@ import datetime as dt
 import uuid
 import weakref
 from collections import OrderedDict
+from collections.abc import Collection
 from typing import Any, final
 
 import attrs
 
 from .._errors import ConfigurationError
+from .._personal._forget import watch_forgets
 
 
 @final
@@ -70,10 +72,16 @@ class StateCache:
     from the stream's events), and its append checks the expected versions, so a state that
     another process made stale costs a retry, never a wrong decision.
 
+    A forget (`PersonalDataStore.forget`) in this process drops the states of the streams
+    holding the subject's personal events, and they are not kept again: a load that was
+    under way during the forget may have folded the personal data.
+
     Args:
         max_entries: the most states kept per store (default 10,000).
 
     .. versionadded:: 0.3
+    .. versionchanged:: 0.4
+       Forgets drop states.
     """
 
     def __init__(self, max_entries: int = 10_000) -> None:
@@ -84,7 +92,10 @@ class StateCache:
         self._max_entries = max_entries
         self._stores: weakref.WeakKeyDictionary[object, OrderedDict[tuple[str, str], CachedState]]
         self._stores = weakref.WeakKeyDictionary()
+        # Per store, the streams of forgotten subjects' personal events: never kept again.
+        self._forgotten: weakref.WeakKeyDictionary[object, set[str]] = weakref.WeakKeyDictionary()
         self._stats = CacheStats()
+        watch_forgets(self)
 
     @property
     def max_entries(self) -> int:
@@ -115,7 +126,10 @@ class StateCache:
         return found
 
     def put(self, store: object, state: str, stream_id: str, entry: CachedState) -> None:
-        """Keep *entry* unless a state folded further is kept already (another task's)."""
+        """Keep *entry* unless a state folded further is kept already (another task's), or
+        its stream held a forgotten subject's personal events."""
+        if stream_id in self._forgotten.get(store, ()):
+            return
         entries = self._stores.get(store)
         if entries is None:
             entries = self._stores[store] = OrderedDict()
@@ -132,6 +146,15 @@ class StateCache:
         entries = self._stores.get(store)
         if entries is not None:
             entries.pop((state, stream_id), None)
+
+    def forgotten(self, store: object, stream_ids: Collection[str]) -> None:
+        """Drop the states of *stream_ids* of *store*, whose subject was forgotten, and keep
+        none of them again (internal: the store calls it)."""
+        self._forgotten.setdefault(store, set()).update(stream_ids)
+        entries = self._stores.get(store)
+        if entries is not None:
+            for key in [key for key in entries if key[1] in stream_ids]:
+                del entries[key]
 
     def count(self, **increments: int) -> None:
         """Add to the stats (internal)."""

@@ -92,8 +92,7 @@ async def execute_query_command(
     if not conforms(store, TaggedEventStore):
         raise ConfigurationError(
             f"{type(command).__qualname__} decides over a query, but {type(store).__name__} "
-            "does not read queries (TaggedEventStore: the memory store does; the PostgreSQL "
-            "store follows, issue 28)"
+            "does not read queries (TaggedEventStore: the memory and PostgreSQL stores do)"
         )
     tagged = cast(TaggedEventStore, store)
     query = command.query()

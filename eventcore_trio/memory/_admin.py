@@ -47,6 +47,11 @@ class MemoryAdmin:
         ``pg_terminate_backend`` on its lock session would)."""
         revoke(self._state, name)
 
+    def drop_cached_keys(self) -> None:
+        """Drop this process's unwrapped data keys, as a new process would start: the next
+        reads unwrap them again with the key-encryption key."""
+        self._state.personal.keyring.clear()
+
     def store_undecodable(self, stream_id: str) -> Position:
         """Store an event whose data is not a JSON object, as a foreign writer could."""
         return append_undecodable(self._state, stream_id)

@@ -10,8 +10,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from .._errors import DuplicateEventId, VersionConflict
+from .._errors import DuplicateEventId, SubjectForgottenError, VersionConflict
 from .._events import AppendResult, NewEvent, StreamAppend, prepare_appends
+from .._personal._envelope import sealed_data
 from .._positions import Position
 from .._validation import encode_json_object
 from ._state import MemoryState, StoredEvent
@@ -22,11 +23,19 @@ Staged = tuple[list[StreamAppend], list[list[tuple[NewEvent, str, str]]]]
 
 
 def stage(appends: Sequence[StreamAppend]) -> Staged:
-    """*appends* validated and encoded (before any I/O; raises as `append_atomic` does)."""
+    """*appends* validated and encoded (before any I/O; raises as `append_atomic` does).
+
+    Personal fields must be sealed already (`_personal.seal_appends`): `sealed_data`
+    refuses any that are not, so no path stores them in plain text.
+    """
     requests = sorted(prepare_appends(appends), key=lambda a: a.stream_id)
     encoded = [
         [
-            (e, encode_json_object("data", e.data), encode_json_object("metadata", e.metadata))
+            (
+                e,
+                encode_json_object("data", sealed_data(e) if e.personal else e.data),
+                encode_json_object("metadata", e.metadata),
+            )
             for e in request.events
         ]
         for request in requests
@@ -41,6 +50,8 @@ def check_appends(state: MemoryState, batches: Sequence[Staged]) -> dict[str, in
     Raises:
         VersionConflict: a stream is not at a request's expected version.
         DuplicateEventId: an event id is stored already, or given twice.
+        SubjectForgottenError: an event has personal fields of a subject forgotten since
+            they were sealed.
     """
     versions: dict[str, int] = {}
     new_ids: set[uuid.UUID] = set()
@@ -53,6 +64,8 @@ def check_appends(state: MemoryState, batches: Sequence[Staged]) -> dict[str, in
             versions[stream_id] = actual + len(request.events)
         for batch in encoded:
             for event, _, _ in batch:
+                if event.personal and event.subject in state.personal.forgets:
+                    raise SubjectForgottenError(event.subject)
                 if event.event_id is not None:
                     if event.event_id in state.event_ids or event.event_id in new_ids:
                         raise DuplicateEventId(
@@ -74,6 +87,7 @@ def apply(state: MemoryState, staged: Staged) -> AppendResult:
     recorded_at = state.recording_time()
     versions: dict[str, int] = {}
     position: Position | None = None
+    personal = state.personal
     for request, batch in zip(requests, encoded, strict=True):
         stream = state.streams.setdefault(request.stream_id, [])
         for event, data_json, metadata_json in batch:
@@ -89,8 +103,14 @@ def apply(state: MemoryState, staged: Staged) -> AppendResult:
                     metadata_json=metadata_json,
                     recorded_at=recorded_at,
                     tags=event.tags,
+                    subject=event.subject,
+                    personal=event.personal,
+                    keys=personal if event.personal else None,
                 )
             )
+            if event.personal:
+                assert event.subject is not None  # NewEvent refuses personal fields without one
+                personal.note(event.subject, request.stream_id)
         versions[request.stream_id] = len(stream)
     state.wake_readers()
     return AppendResult(position, versions)

@@ -20,6 +20,7 @@ from .._positions import Position
 from .._protocols import Database
 from .._status import DeadLetter
 from ._appends import Staged, apply, check_appends, stage
+from ._personal import seal_appends, sealed_letter_event
 from ._state import MemoryState, now
 
 if TYPE_CHECKING:
@@ -92,7 +93,7 @@ class MemoryBatch:
     async def record_dead_letter(
         self, event: RecordedEvent | UndecodableEvent, error: BaseException, *, retries: int
     ) -> None:
-        """Stage a dead letter for *event*."""
+        """Stage a dead letter for *event* (its personal fields kept sealed)."""
         await trio.lowlevel.checkpoint()
         unit = Unit.parse(self._leadership.name)
         self._dead_letters.append(
@@ -100,7 +101,7 @@ class MemoryBatch:
                 id=uuid.uuid4(),
                 projection=unit.projection,
                 partition=None if unit.partition is None else unit.partition.index,
-                event=event,
+                event=sealed_letter_event(self._state, event),
                 error_type=f"{type(error).__module__}.{type(error).__qualname__}",
                 error_message=str(error),
                 retries=retries,
@@ -131,7 +132,7 @@ class MemoryBatch:
         The result's versions are known now; its position once the batch commits (None
         until then: the memory store numbers positions by commit).
         """
-        staged = stage(appends)
+        staged = stage(await seal_appends(self._state, appends))
         await trio.lowlevel.checkpoint()
         after = check_appends(self._state, [*self._appends, staged])
         self._appends.append(staged)

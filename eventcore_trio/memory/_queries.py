@@ -4,14 +4,13 @@ task checks and writes alone, so two overlapping decisions never both succeed.""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 
 from .._backend._decoding import require_decoded
 from .._errors import AppendConditionFailed
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._positions import Position
-from .._queries import AppendCondition, EventQuery, QueryResult
+from .._queries import AppendCondition, EventQuery, QueryResult, tagged_stream_id
 from ._appends import apply, check_appends, stage
 from ._reads import first_after
 from ._state import MemoryState
@@ -43,7 +42,7 @@ def append_tagged(
     expected_version: int | None,
 ) -> AppendResult:
     """Check *condition*, then append *events* as one commit (see `TaggedEventStore`)."""
-    stream = f"$tagged-{uuid.uuid4().hex}" if stream_id is None else stream_id
+    stream = tagged_stream_id(stream_id)
     staged = stage([StreamAppend(stream, events, expected_version=expected_version)])
     if condition is not None:
         query = condition.fail_if_events_match

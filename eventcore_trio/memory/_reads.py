@@ -38,7 +38,7 @@ def read_page(
     `ReadEventsBase._read_page`)."""
     page: list[RecordedEvent | UndecodableEvent] = []
     for stored in state.log[first_after(state, after) :]:
-        if filter is None or filter.matches(stored.stream_id, stored.type):
+        if filter is None or filter.matches(stored.stream_id, stored.type, stored.tags):
             decoded = stored.decode()
             page.append(require_decoded(decoded) if mode == "raise" else decoded)
             if len(page) == limit:
@@ -49,6 +49,6 @@ def read_page(
 def last_position(state: MemoryState, filter: EventFilter | None) -> Position | None:
     """The position of the last stored event matching *filter*, or None."""
     for stored in reversed(state.log):
-        if filter is None or filter.matches(stored.stream_id, stored.type):
+        if filter is None or filter.matches(stored.stream_id, stored.type, stored.tags):
             return stored.position
     return None

@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, final
 
 import attrs
 import trio
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from .._backend._decoding import decode_stored
 from .._errors import CheckpointAhead, StoreClosed
 from .._events import RecordedEvent, UndecodableEvent
 from .._filters import EventFilter
 from .._partitions import Unit, units_of
+from .._personal._forget import ForgetRecord
+from .._personal._keys import Keyring
 from .._positions import Position, position_parts
 from .._snapshots import Snapshot
 from .._status import DeadLetter, HostState, LeaderInfo, ProjectionState
@@ -56,9 +59,24 @@ class StoredEvent:
     metadata_json: str
     recorded_at: dt.datetime
     tags: tuple[str, ...] = ()
+    # The subject, and the personal fields whose values data_json holds sealed.
+    subject: str | None = None
+    personal: tuple[str, ...] = ()
+    # Where the subject's key is looked up, as a row joined with the keys table would be;
+    # set exactly when *personal* is not empty.
+    keys: PersonalTables | None = attrs.field(default=None, eq=False, repr=False)
 
-    def decode(self) -> RecordedEvent | UndecodableEvent:
-        """This event as a `RecordedEvent`, or an `UndecodableEvent` saying why not."""
+    def decode(self, *, keep_sealed: bool = False) -> RecordedEvent | UndecodableEvent:
+        """This event as a `RecordedEvent`, or an `UndecodableEvent` saying why not: its
+        personal fields opened (without them once its subject is forgotten), or, with
+        *keep_sealed*, still sealed.
+
+        Raises:
+            ConfigurationError: the subject's key does not unwrap (the wrong KEK).
+        """
+        data_key = None
+        if self.keys is not None and self.subject is not None and not keep_sealed:
+            data_key = self.keys.data_key(self.subject)
         return decode_stored(
             self.position,
             self.stream_id,
@@ -69,7 +87,44 @@ class StoredEvent:
             self.metadata_json,
             self.recorded_at,
             tags=self.tags,
+            subject=self.subject,
+            personal=self.personal,
+            data_key=data_key,
+            keep_sealed=keep_sealed,
         )
+
+
+@final
+class PersonalTables:
+    """Personal data, where PostgreSQL will have a keys table: each subject's data key,
+    wrapped; the forgets; which streams hold whose personal events. And this process's
+    `Keyring` (the KEK, and the keys it unwrapped)."""
+
+    def __init__(self, keyring: Keyring) -> None:
+        self.keyring = keyring
+        # Subject -> its data key, wrapped by the KEK; deleted by a forget, never replaced.
+        self.keys: dict[str, bytes] = {}
+        # Subject -> the record of its forget; a subject here has no key and never again
+        # gets one.
+        self.forgets: dict[str, ForgetRecord] = {}
+        # Subject -> the streams holding its personal events, and stream -> the subjects
+        # whose personal events it holds (kept after a forget: see _personal.seal_snapshot).
+        self.streams: dict[str, set[str]] = {}
+        self.subjects: dict[str, set[str]] = {}
+
+    def data_key(self, subject: str) -> AESGCM | None:
+        """*subject*'s data key, or None when it has none (forgotten).
+
+        Raises:
+            ConfigurationError: the key does not unwrap (the wrong KEK).
+        """
+        wrapped = self.keys.get(subject)
+        return None if wrapped is None else self.keyring.open(subject, wrapped)
+
+    def note(self, subject: str, stream_id: str) -> None:
+        """Record that *stream_id* holds personal events of *subject*."""
+        self.streams.setdefault(subject, set()).add(stream_id)
+        self.subjects.setdefault(stream_id, set()).add(subject)
 
 
 @final
@@ -88,7 +143,9 @@ class ProjectionRecord:
 class MemoryState:
     """The data of one `MemoryStore`; see the module docstring."""
 
-    def __init__(self) -> None:
+    def __init__(self, keyring: Keyring | None = None) -> None:
+        # Personal data's keys and records (see PersonalTables).
+        self.personal = PersonalTables(keyring or Keyring(None, max_cached=None))
         # Every event in position order; positions strictly increase along the list.
         self.log: list[StoredEvent] = []
         self.positions: list[Position] = []

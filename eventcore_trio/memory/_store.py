@@ -20,9 +20,18 @@ from .._errors import InvalidArgument, LeadershipUnavailable
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._filters import EventFilter
 from .._partitions import check_partitions
+from .._personal._fields import check_subject
+from .._personal._forget import ForgetRecord, notify_forgotten
+from .._personal._keys import KeyWrapper
 from .._positions import Position
 from .._protocols import OneStreamAppend
-from .._queries import AppendCondition, EventQuery, QueryResult
+from .._queries import (
+    AppendCondition,
+    EventQuery,
+    QueryResult,
+    check_append_tagged,
+    check_read_query,
+)
 from .._snapshots import Snapshot, check_snapshot
 from .._status import DeadLetter, LiveHost, ProjectionStatus
 from .._validation import (
@@ -35,7 +44,7 @@ from .._validation import (
     encode_json_object,
 )
 from .._versions import VersionRole, VersionSwitch, check_version
-from . import _membership, _queries, _reads, _snapshots, _subscriptions, _versions
+from . import _membership, _personal, _queries, _reads, _snapshots, _subscriptions, _versions
 from ._admin import MemoryAdmin
 from ._appends import apply, check_appends, stage
 from ._leadership import MemoryLeadership, lead, wait_lead
@@ -51,7 +60,12 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
     checked by the same contract suite, but it is process-local and lost when closed; its
     leadership is exclusive among the tasks of one process only.
 
+    It keeps personal data as the PostgreSQL store will (`PersonalDataStore`): sealed
+    values, data keys wrapped by the key-encryption key, a forget that deletes the key.
+
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       Personal data (`forget`, `forget_records`, `rewrap`).
     """
 
     def __init__(self, state: MemoryState | None = None) -> None:
@@ -78,8 +92,16 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
     # -- EventStore ---------------------------------------------------------------------
 
     async def append_atomic(self, appends: Sequence[StreamAppend]) -> AppendResult:
-        """Append to several streams, all or none (see `EventStore.append_atomic`)."""
-        staged = stage(appends)
+        """Append to several streams, all or none (see `EventStore.append_atomic`).
+
+        Personal fields are sealed first (their subjects' keys made as needed).
+
+        Raises:
+            ConfigurationError: an event has personal fields and the store has no
+                key-encryption key.
+            SubjectForgottenError: an event has personal fields of a forgotten subject.
+        """
+        staged = stage(await _personal.seal_appends(self._state, appends))
         state = await self._ready()
         # From here on there is no checkpoint: the append is atomic with respect to other tasks.
         check_appends(state, [staged])
@@ -92,12 +114,7 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
 
         .. versionadded:: 0.4
         """
-        if not isinstance(query, EventQuery):
-            raise InvalidArgument(f"query must be an EventQuery, got {type(query).__name__}")
-        if after is not None and not isinstance(after, Position):
-            raise InvalidArgument(f"after must be a Position or None, got {type(after).__name__}")
-        if limit is not None and (type(limit) is not int or limit < 1):
-            raise InvalidArgument(f"limit must be None or a positive int, got {limit!r}")
+        check_read_query(query, after, limit)
         return _queries.read_query(await self._ready(), query, after, limit)
 
     async def append_tagged(
@@ -112,14 +129,10 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
 
         .. versionadded:: 0.4
         """
-        if condition is not None and not isinstance(condition, AppendCondition):
-            raise InvalidArgument(
-                f"condition must be an AppendCondition or None, got {type(condition).__name__}"
-            )
-        if stream_id is None and expected_version is not None:
-            raise InvalidArgument("expected_version needs a stream_id")
+        check_append_tagged(condition, stream_id, expected_version)
+        sealed = await _personal.seal_events(self._state, events)
         return _queries.append_tagged(
-            await self._ready(), events, condition, stream_id, expected_version
+            await self._ready(), sealed, condition, stream_id, expected_version
         )
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
@@ -134,7 +147,9 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
         """The snapshot of *stream_id* under *state* (see `SnapshotStore.read_snapshot`)."""
         check_stream_id(stream_id)
         check_state_name(state)
-        return _snapshots.read(await self._ready(), stream_id, state)
+        ready = await self._ready()
+        # A sealed one is opened; one whose subject was forgotten reads as none.
+        return _personal.open_kept(ready, _snapshots.read(ready, stream_id, state))
 
     async def read_stream_from_snapshot(
         self, stream_id: str, state: str
@@ -149,10 +164,21 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
         return snapshot, await self.read_stream(stream_id, after_version=start)
 
     async def write_snapshot(self, snapshot: Snapshot) -> None:
-        """Keep *snapshot* (see `SnapshotStore.write_snapshot`)."""
+        """Keep *snapshot* (see `SnapshotStore.write_snapshot`).
+
+        The snapshot of a stream holding personal events is kept sealed under their
+        subjects' keys; once one of them was forgotten the stream gets no snapshot (its
+        state is folded from the events, whose personal fields are gone).
+
+        .. versionchanged:: 0.4
+           Sealed for streams with personal events.
+        """
         check_snapshot(snapshot)
         text = encode_json_object("snapshot", snapshot.data)
-        _snapshots.write(await self._ready(), snapshot, text)
+        state = await self._ready()
+        kept = _personal.seal_for_keeping(state, snapshot, text)
+        if kept is not None:
+            _snapshots.write(state, *kept)
 
     async def delete_snapshots(self, stream_id: str | None = None) -> int:
         """Delete snapshots (see `SnapshotStore.delete_snapshots`)."""
@@ -343,6 +369,41 @@ class MemoryStore(ReadEventsBase, OneStreamAppend):
         await _subscriptions.reset_projection(await self._ready(), name, wait=wait)
 
     async def dead_letters(self, name: str) -> list[DeadLetter]:
-        """The events *name* skipped and that were not replayed, in position order."""
+        """The events *name* skipped and that were not replayed, in position order.
+
+        A dead letter keeps an event's personal fields sealed; they are opened when listed
+        (and left out once the subject is forgotten).
+        """
         check_name(name)
-        return _subscriptions.dead_letters(await self._ready(), name)
+        state = await self._ready()
+        return [_personal.open_letter(state, d) for d in _subscriptions.dead_letters(state, name)]
+
+    # -- PersonalDataStore ----------------------------------------------------------------
+
+    async def forget(self, subject: str) -> ForgetRecord:
+        """Forget *subject*'s personal data (see `PersonalDataStore.forget`).
+
+        .. versionadded:: 0.4
+        """
+        check_subject(subject)
+        record, streams = _personal.forget(await self._ready(), subject)
+        if streams:
+            notify_forgotten(self, streams)
+        return record
+
+    async def forget_records(self, subject: str | None = None) -> list[ForgetRecord]:
+        """The audit of forgets (see `PersonalDataStore.forget_records`).
+
+        .. versionadded:: 0.4
+        """
+        if subject is not None:
+            check_subject(subject)
+        return _personal.forget_records(await self._ready(), subject)
+
+    async def rewrap(self, key_encryption_key: bytes | KeyWrapper) -> int:
+        """Wrap every data key under a new key-encryption key (see
+        `PersonalDataStore.rewrap`).
+
+        .. versionadded:: 0.4
+        """
+        return await _personal.rewrap(await self._ready(), key_encryption_key)

@@ -127,7 +127,7 @@ def projection_status(state: MemoryState) -> list[ProjectionStatus]:
         pending = [
             e
             for e in state.log[first_after(state, lag_from) :]
-            if lag_filter is None or lag_filter.matches(e.stream_id, e.type)
+            if lag_filter is None or lag_filter.matches(e.stream_id, e.type, e.tags)
         ]
         unit = unit_state(holder=holder, standbys=state.waiting[name], last=record.state)
         base, version = split_versioned(parsed.projection)

@@ -39,7 +39,7 @@ def switch_if_caught_up(
         if checkpoint is not None and state.ahead(checkpoint):
             return current  # a checkpoint past the store is not caught up: it skips events
         if any(
-            unit_filter.matches(e.stream_id, e.type)
+            unit_filter.matches(e.stream_id, e.type, e.tags)
             for e in state.log[first_after(state, checkpoint) :]
         ):
             return current

@@ -22,8 +22,9 @@ from typing import Any, Final, final
 
 import attrs
 
-from .._errors import AppendTooLarge, InvalidArgument, VersionConflict
+from .._errors import AppendTooLarge, VersionConflict
 from .._events import NO_METADATA, AppendResult, StreamAppend, prepare_appends
+from .._personal._envelope import personal_unsupported
 from .._positions import Position
 from .._validation import encode_json_object
 from ._bridge import Record
@@ -36,6 +37,9 @@ from ._bridge import Record
 #: hundred MB (the payload is copied three or four times on its way to the socket). A
 #: statement this size also holds its streams' locks for the second or so it takes to send.
 DEFAULT_MAX_APPEND_BYTES: Final = 64 * 1024 * 1024
+
+#: What joins an event's tags into the one text the append functions take per event.
+TAG_SEPARATOR: Final = "\x1f"
 
 #: The largest ``max_append_bytes`` accepted: half of PostgreSQL's 1 GB limit on one protocol
 #: message, which must also hold each event's id, version and array overhead.
@@ -60,6 +64,8 @@ class EncodedAppend:
     types: list[str]
     data: list[str]
     metadata: list[str]
+    #: Each event's tags joined by U+001F (tags hold no control characters), "" for none.
+    tags: list[str] = attrs.field(factory=list)
     size: int = 0
 
 
@@ -91,6 +97,7 @@ def encode_append(
     types: list[str] = []
     data: list[str] = []
     metadata: list[str] = []
+    tags: list[str] = []
     add_data, add_metadata = data.append, metadata.append
     size = 0
     for index, request in enumerate(requests, start=1):
@@ -102,13 +109,10 @@ def encode_append(
         # Per event only what depends on its payload (this loop runs once per event); the
         # other arrays are whole-stream copies, made after the payloads pass.
         for event in events:
-            if event.tags:
-                # Until the events table keeps tags, refuse rather than drop them.
-                raise InvalidArgument(
-                    f"event {event.type!r} carries tags {list(event.tags)!r}: the PostgreSQL "
-                    "store does not keep tags yet (dynamic consistency boundaries, issue 28; "
-                    "the memory store does); append it without tags"
-                )
+            if event.subject is not None:
+                # Until the PostgreSQL store seals personal fields, refuse rather than store
+                # them in the clear (issue 29, part 2).
+                raise personal_unsupported(event, "PostgreSQL")
             encoded_data = encode_json_object("data", event.data)
             event_metadata = event.metadata
             encoded_metadata = (
@@ -130,10 +134,21 @@ def encode_append(
         offsets.extend(range(1, len(events) + 1))
         event_ids.extend([event.event_id for event in events])
         types.extend([event.type for event in events])
+        tags.extend([TAG_SEPARATOR.join(event.tags) for event in events])
     if size > max_bytes:  # stream ids alone (streams without events)
         raise AppendTooLarge(size, max_bytes)
     return EncodedAppend(
-        streams, expected, counts, event_stream, offsets, event_ids, types, data, metadata, size
+        streams,
+        expected,
+        counts,
+        event_stream,
+        offsets,
+        event_ids,
+        types,
+        data,
+        metadata,
+        tags,
+        size,
     )
 
 
@@ -146,6 +161,11 @@ def _or_null_metadata(metadata: list[str]) -> list[str] | None:
     return None if metadata.count("{}") == len(metadata) else metadata
 
 
+def or_null_tags(tags: list[str]) -> list[str] | None:
+    """*tags* as the append functions take them: NULL when no event has any."""
+    return tags if any(tags) else None
+
+
 @final
 class AppendStatement:
     """Builds the statements of appends: ``sql, args = statement.single(encoded)`` for one
@@ -155,10 +175,10 @@ class AppendStatement:
         #: The largest encoded append (``max_append_bytes``), and of a shared statement.
         self.max_bytes = max_bytes
         self._single_sql = (
-            f'SELECT * FROM "{schema}".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9)'
+            f'SELECT * FROM "{schema}".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)'
         )
         self._many_sql = (
-            f'SELECT * FROM "{schema}".append_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)'
+            f'SELECT * FROM "{schema}".append_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)'
         )
 
     def __call__(self, appends: Sequence[StreamAppend]) -> tuple[str, list[Any]]:
@@ -189,6 +209,7 @@ class AppendStatement:
             encoded.types,
             encoded.data,
             _or_null_metadata(encoded.metadata),
+            or_null_tags(encoded.tags),
         ]
         return self._single_sql, args
 
@@ -218,6 +239,7 @@ class AppendStatement:
             joined("types"),
             joined("data"),
             _or_null_metadata(joined("metadata")),
+            or_null_tags(joined("tags")),
         ]
         return self._many_sql, args
 

@@ -28,6 +28,7 @@ import trio
 import trio_asyncio
 
 from .._errors import (
+    AppendConditionFailed,
     AuthenticationFailed,
     ConfigurationError,
     DatabaseError,
@@ -47,6 +48,11 @@ T = TypeVar("T")
 # SQLSTATE raised by the append function for an expected-version mismatch; its DETAIL is a
 # JSON object {"stream_id", "expected", "actual"}. Class "EV" is not used by PostgreSQL.
 VERSION_CONFLICT_SQLSTATE: Final = "EV001"
+# A conditional append found events matching its query after the read (migration 8); its
+# DETAIL is their positions, "tx:position,...". And a decision refused at an isolation
+# level whose snapshot predates its locks.
+CONDITION_FAILED_SQLSTATE: Final = "EV005"
+STALE_SNAPSHOT_SQLSTATE: Final = "EV006"
 
 Record = Mapping[str, Any]
 
@@ -90,6 +96,14 @@ def translate_error(exc: BaseException) -> BaseException:
         if sqlstate == VERSION_CONFLICT_SQLSTATE:
             detail = json.loads(getattr(exc, "detail", None) or "{}")
             return VersionConflict(detail["stream_id"], detail["expected"], detail["actual"])
+        if sqlstate == CONDITION_FAILED_SQLSTATE:
+            return AppendConditionFailed(tuple((getattr(exc, "detail", None) or "").split(",")))
+        if sqlstate == STALE_SNAPSHOT_SQLSTATE:
+            return ConfigurationError(
+                f"{exc}: the session runs at a stricter isolation than READ COMMITTED "
+                "(default_transaction_isolation?); decisions over a query need READ COMMITTED, "
+                "set it for this role or database"
+            )
         if isinstance(exc, asyncpg.UniqueViolationError) and "event_id" in (
             getattr(exc, "constraint_name", None) or ""
         ):

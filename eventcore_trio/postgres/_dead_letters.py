@@ -34,6 +34,7 @@ def to_dead_letter(row: Record) -> DeadLetter:
         row["metadata"],
         row["event_recorded_at"],
         known_error=row["decode_error"],
+        tags=tuple(row["tags"]),
     )
     unit = Unit.parse(row[_NAME])
     return DeadLetter(
@@ -53,8 +54,10 @@ def dead_letter_arguments(
 ) -> list[object]:
     """The arguments of `DeadLetterTable.insert` for *event*."""
     tx, seq = position_parts(event.position)
+    tags: tuple[str, ...] = ()
     if isinstance(event, RecordedEvent):
         data, metadata, decode_error = json.dumps(event.data), json.dumps(event.metadata), None
+        tags = event.tags
     else:
         data, metadata, decode_error = event.raw_data, event.raw_metadata, event.error
     return [
@@ -72,6 +75,7 @@ def dead_letter_arguments(
         f"{type(error).__module__}.{type(error).__qualname__}",
         str(error),
         retries,
+        list(tags),
     ]
 
 
@@ -85,8 +89,8 @@ class DeadLetterTable:
         self.insert = (
             f"INSERT INTO {self.table} ({_NAME}, tx, position, event_id, stream_id, "
             "stream_version, type, data, metadata, decode_error, event_recorded_at, "
-            "error_type, error_message, retries) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
+            "error_type, error_message, retries, tags) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
         )
         # Resolving a replayed dead letter: $1 id, $2 unit, $3 the lock session's backend
         # pid, $4 its lock key. Deletes the letter only if it is the unit's and only while

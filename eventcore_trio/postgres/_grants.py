@@ -26,21 +26,25 @@ _WRITES: Final[dict[str, str]] = {
     "serving_versions": "INSERT, UPDATE",
     "version_switches": "INSERT",
 }
-_READS: Final = ("schema_migrations", "events", "streams", *_WRITES)
+_READS: Final = ("schema_migrations", "events", "event_tags", "streams", *_WRITES)
 
-#: The functions a runtime role calls: the two append functions (SECURITY DEFINER), the
-#: announcement of store.transaction() at a stricter isolation, the read horizon and the
-#: partitioning hash (a change of partition count moves dead letters with it).
-RUNTIME_FUNCTIONS: Final = (
+#: What a runtime role may execute: the append functions run as the schema's owner
+#: (SECURITY DEFINER) and are revoked from PUBLIC; the rest run as their caller.
+DEFINER_FUNCTIONS: Final = (
+    "append_events(text[], bigint[], int[], int[], int[], uuid[], text[], jsonb[], jsonb[], "
+    "text[])",
+    "append_many(int[], text[], bigint[], int[], int[], int[], uuid[], text[], jsonb[], jsonb[], "
+    "text[])",
+    "read_query(text[], text[], text[], bigint, bigint, bigint)",
+    "append_conditional(text, bigint, uuid[], text[], jsonb[], jsonb[], text[], text[], text[], "
+    "text[], bigint, bigint)",
+    # Migration 5's, for clients of an earlier version during an upgrade.
     "append_events(text[], bigint[], int[], int[], int[], uuid[], text[], jsonb[], jsonb[])",
     "append_many(int[], text[], bigint[], int[], int[], int[], uuid[], text[], jsonb[], jsonb[])",
     "announce_writer()",
-    "read_horizon()",
-    "stream_hash(text)",
 )
 
-#: The functions that run as the owner: executable only by the roles granted them.
-DEFINER_FUNCTIONS: Final = RUNTIME_FUNCTIONS[:3]
+RUNTIME_FUNCTIONS: Final = (*DEFINER_FUNCTIONS, "read_horizon()", "stream_hash(text)")
 
 
 def quote_identifier(name: str) -> str:

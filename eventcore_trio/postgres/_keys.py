@@ -75,3 +75,17 @@ def stream_lock_space(schema: str) -> int:
         "big",
         signed=True,
     )
+
+
+def tag_lock_space(schema: str) -> int:
+    """The first key of the two-int transaction locks of tags and types (decision record 14).
+
+    Every append takes ``(tag_lock_space(schema), hashtext(type || chr(31) || tag))`` in shared
+    mode for each (type, tag) combination its events carry (an empty string standing for "any
+    type" or "no tag"); a decision over a query takes its query's keys exclusively.
+    """
+    return int.from_bytes(
+        hashlib.blake2b(b"eventcore-trio\x00tags\x00" + schema.encode(), digest_size=4).digest(),
+        "big",
+        signed=True,
+    )

@@ -24,7 +24,7 @@ from ._keys import index_lock_key
 from ._pool import Pool, SessionOptions
 
 EVENT_COLUMNS: Final = (
-    "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at"
+    "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at, tags"
 )
 
 
@@ -75,6 +75,12 @@ def filter_clauses(event_filter: EventFilter | None, args: list[object]) -> list
         clauses.append(
             f"{partition_expression(event_filter.partition.count)} = ${len(args)}::bigint"
         )
+    if event_filter.tags:
+        # A condition on the rows the ordered walk visits, as a stream pattern is, so a page
+        # still stops at its limit; driving the read from event_tags instead would leave the
+        # order, and the plan, to a join (measured: docs/projections.md, "Filtering by tags").
+        args.append(list(event_filter.tags))
+        clauses.append(f"tags @> ${len(args)}::text[]")
     return clauses
 
 
@@ -177,7 +183,9 @@ async def ensure_partition_index(
 def decode_row(row: Any) -> RecordedEvent | UndecodableEvent:
     """An events row (columns in `EVENT_COLUMNS` order, maybe more after) as an event."""
     # By index (an asyncpg Record is also a sequence): this runs once per event read.
-    tx, seq, stream_id, stream_version, event_id, event_type, raw_data, raw_metadata, at = row[:9]
+    (tx, seq, stream_id, stream_version, event_id, event_type, raw_data, raw_metadata, at, tags) = (
+        row[:10]
+    )
     return decode_stored(
         trusted_position(tx, seq),
         stream_id,
@@ -187,6 +195,7 @@ def decode_row(row: Any) -> RecordedEvent | UndecodableEvent:
         raw_data,
         raw_metadata,
         at,
+        tags=tuple(tags) if tags else (),
     )
 
 

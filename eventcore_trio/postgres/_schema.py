@@ -15,7 +15,7 @@ from typing import Final
 
 from .. import __version__
 from .._errors import ConfigurationError, DatabaseError, SchemaVersionError
-from ._keys import migration_lock_key, stream_lock_space, writer_lock_key
+from ._keys import migration_lock_key, stream_lock_space, tag_lock_space, writer_lock_key
 from ._pool import Pool
 
 MINIMUM_SERVER_VERSION_NUM: Final = 130000
@@ -103,6 +103,7 @@ def _render(template: str, schema: str) -> str:
     return template.format(
         s=f'"{schema}"',
         stream_locks=stream_lock_space(schema),
+        tag_locks=tag_lock_space(schema),
         writer_lock=writer_lock_key(schema),
         schema_name=f"'{schema}'",
         floor_setting=f"'eventcore_trio.tx_floor_{schema}'",

@@ -73,7 +73,7 @@ class SnapshotTable:
             "SELECT true AS is_snapshot, NULL::bigint AS tx, NULL::bigint AS position, "
             "$1::text AS stream_id, stream_version, event_id, "
             "state_version::text AS type, data, NULL::jsonb AS metadata, "
-            "taken_at AS recorded_at, event_recorded_at FROM snap "
+            "taken_at AS recorded_at, NULL::text[] AS tags, event_recorded_at FROM snap "
             f"UNION ALL SELECT false, {EVENT_COLUMNS}, NULL::timestamptz FROM {events} "
             "WHERE stream_id = $1 "
             "AND stream_version >= coalesce((SELECT stream_version FROM snap), 1)"

@@ -27,11 +27,19 @@ from .._errors import (
     ProjectionRunning,
     StoreClosed,
 )
-from .._events import AppendResult, RecordedEvent, StreamAppend
+from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._filters import EventFilter
 from .._partitions import Unit, check_partitions, units_of
 from .._positions import Position
 from .._protocols import OneStreamAppend
+from .._queries import (
+    AppendCondition,
+    EventQuery,
+    QueryResult,
+    check_append_tagged,
+    check_read_query,
+    tagged_stream_id,
+)
 from .._snapshots import Snapshot, check_snapshot
 from .._status import DeadLetter, LiveHost, ProjectionStatus
 from .._validation import (
@@ -66,6 +74,7 @@ from ._leadership import (
 from ._listener import Listener
 from ._membership import PostgresMembership, hosts_channel, live_hosts, register_host
 from ._notifier import Notifier
+from ._queries import QueryStatements, conditional_result, query_result, retry_deadlock
 from ._reads import (
     ReadQueries,
     decode_row,
@@ -126,6 +135,7 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         self._unindexed: set[int] = set()
         self._append_statement = AppendStatement(schema, max_append_bytes)
         self._reads = ReadQueries(schema)
+        self._queries = QueryStatements(schema)
         self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
         self._subscriptions = Subscriptions(pool, schema, system_identifier)
         self._versions = Versions(pool, self._subscriptions)
@@ -222,6 +232,58 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         request = self._append_statement.encode(appends)
         self._check_open()
         return await self._group_commit.append(request)
+
+    async def read_query(
+        self, query: EventQuery, *, after: Position | None = None, limit: int | None = None
+    ) -> QueryResult:
+        """The events matching *query* after *after* (at most *limit*), in the global order,
+        and the position up to which the read is complete (see
+        `TaggedEventStore.read_query`).
+
+        One statement: it takes the query's guard locks for an instant (waiting for
+        transactions that may be writing a matching event to end), then reads in a snapshot
+        taken after them (docs/postgres.md, "Decisions over a query").
+
+        .. versionadded:: 0.4
+        """
+        check_read_query(query, after, limit)
+        self._check_open()
+        sql, args = self._queries.read(query, after, limit)
+        rows = await retry_deadlock(lambda: self._pool.fetch(sql, *args))
+        return query_result(rows, after, limit)
+
+    async def append_tagged(
+        self,
+        events: Sequence[NewEvent],
+        *,
+        condition: AppendCondition | None = None,
+        stream_id: str | None = None,
+        expected_version: int | None = None,
+    ) -> AppendResult:
+        """Append *events* as one commit if *condition* holds (see
+        `TaggedEventStore.append_tagged`): no event matching its query lies after its
+        position. Without a condition, the same as `append`.
+
+        The conditional append is one statement in a transaction of its own: it holds the
+        query's guard locks from its check to its commit, so two decisions whose queries
+        overlap never both succeed, and decisions whose queries do not overlap never wait
+        for each other.
+
+        .. versionadded:: 0.4
+        """
+        check_append_tagged(condition, stream_id, expected_version)
+        appends = [
+            StreamAppend(tagged_stream_id(stream_id), events, expected_version=expected_version)
+        ]
+        if condition is None:
+            return await self.append_atomic(appends)
+        encoded = self._append_statement.encode(appends)
+        self._check_open()
+        sql, args = self._queries.append(encoded, condition.fail_if_events_match, condition.after)
+        row = await retry_deadlock(lambda: self._pool.fetchrow(sql, *args))
+        # Its own statement, not a group commit's: wake the readers.
+        self._notifier.poke()
+        return conditional_result(row, encoded)
 
     async def read_stream(self, stream_id: str, *, after_version: int = 0) -> list[RecordedEvent]:
         """Return a stream's events after *after_version* (see `EventStore.read_stream`)."""

@@ -99,18 +99,21 @@ def filter_to_json(event_filter: EventFilter | None) -> str | None:
     """The filter as stored in ``subscriptions.filter`` (read back by status, for lag)."""
     if event_filter is None:
         return None
-    return json.dumps(
-        {
-            "event_types": None
-            if event_filter.event_types is None
-            else sorted(event_filter.event_types),
-            "stream_prefix": event_filter.stream_prefix,
-            "stream_pattern": event_filter.stream_pattern,
-            "partition": None
-            if event_filter.partition is None
-            else [event_filter.partition.index, event_filter.partition.count],
-        }
-    )
+    fields: dict[str, object] = {
+        "event_types": None
+        if event_filter.event_types is None
+        else sorted(event_filter.event_types),
+        "stream_prefix": event_filter.stream_prefix,
+        "stream_pattern": event_filter.stream_pattern,
+        "partition": None
+        if event_filter.partition is None
+        else [event_filter.partition.index, event_filter.partition.count],
+    }
+    if event_filter.tags:
+        # Only when there are tags: a host of an earlier version reads this back too (a
+        # rolling upgrade), and would refuse a key it does not know.
+        fields["tags"] = list(event_filter.tags)
+    return json.dumps(fields)
 
 
 def child_filter(parent: str | None, child: Unit) -> str | None:

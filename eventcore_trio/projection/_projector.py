@@ -142,6 +142,7 @@ def projector(
     event_types: Iterable[str] | None = None,
     stream_prefix: str | None = None,
     stream_pattern: str | None = None,
+    tags: Iterable[str] = (),
     on_error: ErrorHandler | None = None,
     registry: EventRegistry | None = None,
     partitions: int = 1,
@@ -162,6 +163,8 @@ def projector(
         event_types: only these event types; None for all.
         stream_prefix: only streams whose id starts with this literal prefix.
         stream_pattern: only streams whose id matches this glob.
+        tags: only events carrying every one of these tags (combined with the other
+            criteria: all must hold).
         on_error: called with a `Failure`; returns a `FailureStrategy` (default: FATAL).
         registry: decode each event with this `EventRegistry` and pass the typed object to
             the handler (``ctx.event`` keeps the recorded event); an unregistered type or
@@ -192,7 +195,7 @@ def projector(
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.4
-       *version* and *setup*.
+       *version*, *setup* and *tags*.
     """
     check_projector_name(name)
     check_partitions(partitions)
@@ -203,7 +206,10 @@ def projector(
             f"got {setup!r}"
         )
     event_filter = EventFilter(
-        event_types=event_types, stream_prefix=stream_prefix, stream_pattern=stream_pattern
+        event_types=event_types,
+        stream_prefix=stream_prefix,
+        stream_pattern=stream_pattern,
+        tags=tags,
     )
     if on_error is not None and not callable(on_error):
         raise InvalidArgument(f"on_error must be callable, got {type(on_error).__name__}")

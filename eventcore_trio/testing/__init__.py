@@ -11,6 +11,7 @@ from .._tools._leaders import wait_for_leader as wait_for_leader
 from .._tools._processes import run_ready_process as run_ready_process
 from .._util import fixup_module_metadata
 from ..projection import wait_caught_up as wait_caught_up
+from ._contract import PersonalDataContract as PersonalDataContract
 from ._contract import StoreContract as StoreContract
 from ._contract import TaggedContract as TaggedContract
 from ._contract import events as events
@@ -27,6 +28,7 @@ __all__ = [
     "BackendHarness",
     "EmbeddedPostgres",
     "MemoryHarness",
+    "PersonalDataContract",
     "PostgresHarness",
     "RuntimeRoles",
     "StoreContract",

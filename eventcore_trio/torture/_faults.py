@@ -18,7 +18,7 @@ from .._positions import Position
 from .._tools._embedded import EmbeddedPostgres
 from ..postgres import PostgresStore, projector_lock_key
 from ._host_slots import HOST_APPLICATION, HostProcesses
-from ._model import EVENT_TYPE, PROJECTOR_NAME, STREAM_PREFIX
+from ._model import EVENT_TYPE, PROJECTOR_NAME, STREAM_PREFIX, account_tag
 from ._report import DB_FAULTS, LEADER_FAULTS, FaultKind, FaultRecord
 from ._writers import WriteLog
 
@@ -147,8 +147,10 @@ class FaultInjector:
         marker = uuid.uuid4()
 
         async def append() -> Position | None:
+            stream = f"{STREAM_PREFIX}marker"
             result = await control.append(
-                f"{STREAM_PREFIX}marker", [NewEvent(EVENT_TYPE, {"amount": 0}, event_id=marker)]
+                stream,
+                [NewEvent(EVENT_TYPE, {"amount": 0}, event_id=marker, tags=[account_tag(stream)])],
             )
             self.writes.acknowledged.add(marker)
             self.writes.by_path["marker"] += 1

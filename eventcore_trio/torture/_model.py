@@ -41,6 +41,20 @@ EVENT_TYPE: Final = "Posted"
 REACTION_TYPE: Final = "Reacted"
 REACTION_PREFIX: Final = "react-"
 LEDGER_FILTER: Final = EventFilter(event_types=[EVENT_TYPE], stream_prefix=STREAM_PREFIX)
+#: Every posting carries the tag of its account (``account:acct-007``), so that appends take
+#: tag locks under every fault.
+ACCOUNT_TAG_PREFIX: Final = "account:"
+#: The decisions' events: a claim of a seat (``seat:<half seconds>``, its only tag), by a
+#: decision (``metadata["by"] == "decision"``) or by an outbox transaction (``"outbox"``,
+#: in a stream ``seat-<half seconds>``). No projection applies them.
+SEAT_TYPE: Final = "SeatClaimed"
+SEAT_TAG_PREFIX: Final = "seat:"
+SEAT_STREAM_PREFIX: Final = "seat-"
+
+
+def account_tag(stream_id: str) -> str:
+    """The tag every posting to *stream_id* carries."""
+    return f"{ACCOUNT_TAG_PREFIX}{stream_id}"
 
 
 def app_schema_sql(store_schema: str, app: str) -> str:

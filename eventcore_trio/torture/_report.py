@@ -49,6 +49,12 @@ class FaultKind(enum.Enum):
     NOTIFY_FAILURE = "notify-failure"
 
 
+#: The outcomes of the writers' decisions (`TortureReport.decisions`): the claim committed;
+#: the read found the seat claimed; the condition failed (the seat was claimed between the
+#: read and the append); the session went mid-append (the claim may or may not have
+#: committed).
+DECISION_OUTCOMES = ("made", "refused", "condition_failed", "cut_off")
+
 #: Faults after which another session takes the lock: these give the failover figures.
 LEADER_FAULTS = frozenset(
     {
@@ -129,6 +135,7 @@ class Findings:
     outbox_mismatches: int = 0
     follower_missed: int = 0
     follower_repeated: int = 0
+    decision_violations: int = 0
 
 
 @final
@@ -166,13 +173,24 @@ class TortureReport(Findings):
         follower_missed: events in the log that an independent follower paging
             ``read_events`` from its own cursor was never given (a skipped event).
         follower_repeated: events that follower was given more than once.
+        decision_violations: seat claims made by a decision (a conditional append over the
+            seat's claims) that follow another claim of the same seat in the global order:
+            two overlapping decisions that both succeeded, or a decision that missed a claim
+            written before it (an outbox transaction's, say).
         events_by_path: events acknowledged per write path (``append``, ``append_atomic``,
-            ``held``, ``outbox``, plus the recovery markers) and appended by the reactor
-            (``reactor``).
+            ``held``, ``outbox``, ``outbox_claim`` for the seat claims of outbox
+            transactions, ``decision``, plus the recovery markers) and appended by the
+            reactor (``reactor``).
+        decisions: decisions per outcome: ``made`` (the claim committed), ``refused`` (the
+            read found the seat claimed), ``condition_failed`` (`AppendConditionFailed`:
+            claimed between the read and the append), ``cut_off`` (the session went
+            mid-append: unknown outcome).
         host_crashes: host processes that exited without being told to.
         unrecovered: faults after which the projection did not resume within the limit.
 
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       ``decision_violations`` and ``decisions``.
     """
 
     seed: int
@@ -185,6 +203,7 @@ class TortureReport(Findings):
     host_crashes: int
     unrecovered: int
     events_by_path: Mapping[str, int] = attrs.field(factory=dict)
+    decisions: Mapping[str, int] = attrs.field(factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -241,7 +260,9 @@ class TortureReport(Findings):
             "outbox_mismatches": self.outbox_mismatches,
             "follower_missed": self.follower_missed,
             "follower_repeated": self.follower_repeated,
+            "decision_violations": self.decision_violations,
             "events_by_path": dict(sorted(self.events_by_path.items())),
+            "decisions": {o: self.decisions.get(o, 0) for o in DECISION_OUTCOMES},
             "host_crashes": self.host_crashes,
             "unrecovered": self.unrecovered,
             "failover_ms_p50": _round(percentile(self.failover_ms, 50)),
@@ -265,6 +286,7 @@ class TortureReport(Findings):
             f"{len(self.faults)} faults in {self.duration_s:.0f}s (seed {self.seed}): {kinds}",
             "events by write path: "
             + (", ".join(f"{n} {path}" for path, n in data["events_by_path"].items()) or "-"),
+            "decisions: " + ", ".join(f"{n} {o}" for o, n in data["decisions"].items()),
             f"failover p50 {_ms(data['failover_ms_p50'])}, p99 {_ms(data['failover_ms_p99'])}; "
             f"recovery p50 {_ms(data['recovery_ms_p50'])}, p99 {_ms(data['recovery_ms_p99'])}",
         ]
@@ -287,13 +309,14 @@ class TortureReport(Findings):
             "outbox mismatches": self.outbox_mismatches,
             "missed by the follower": self.follower_missed,
             "repeated to the follower": self.follower_repeated,
+            "decision violations": self.decision_violations,
             "host crashes": self.host_crashes,
             "unrecovered faults": self.unrecovered,
         }
         lines.append(", ".join(f"{name} {count}" for name, count in checks.items()))
         lines.append(
             "VERIFIED: nothing lost, nothing applied twice, no checkpoint moved back, never two "
-            "leaders"
+            "leaders, every decision saw the claims before it"
             if self.ok
             else "FAILED: " + ", ".join(name for name, count in checks.items() if count)
         )

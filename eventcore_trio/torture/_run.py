@@ -148,9 +148,12 @@ async def run_torture(
 
     Writers in this process append concurrently through every public write path: single
     and multi-stream appends (shared by group commit), transactions held open for a random
-    moment, and outbox transactions (`PostgresStore.transaction`) that write a row of their
-    own before, between or after their appends; held and outbox transactions sometimes roll
-    back. *hosts* processes host three transactional projections (a ledger, the ledger in
+    moment, outbox transactions (`PostgresStore.transaction`) that write a row of their
+    own before, between or after their appends (and sometimes claim a seat, last), and
+    decisions over a query (`PostgresStore.read_query`, then a conditional
+    `PostgresStore.append_tagged`) competing for the seat of the current half second; every
+    posting carries its account's tag; held and outbox transactions sometimes roll back.
+    *hosts* processes host three transactional projections (a ledger, the ledger in
     partitions, and the ledger as a reactor that appends after writing through ``ctx.db``),
     each through its own `NetworkProxy`, and an independent follower pages ``read_events``.
     Faults are injected one at a time on a seeded schedule, each once the previous one has
@@ -160,7 +163,8 @@ async def run_torture(
     run owns the server, a fast restart and a crash (immediate shutdown) of PostgreSQL. Then
     the writers stop, the projections catch up, and the log is checked against the writers'
     record, the read models, the evidence each projection committed with each batch, the
-    reactions, the outbox rows and what the follower was given.
+    reactions, the outbox rows, the seat claims (a decision's claim must be the first of its
+    seat) and what the follower was given.
 
     Args:
         dsn: the server to use; None starts a throwaway `EmbeddedPostgres` (durable settings),
@@ -283,6 +287,7 @@ async def _run(
                 faults=tuple(injector.faults),
                 host_crashes=processes.crashes,
                 events_by_path={**run.writes.by_path, "reactor": int(reactions)},
+                decisions=dict(run.writes.decisions),
                 **attrs.asdict(findings),
                 unrecovered=sum(1 for f in injector.faults if f.recovery_ms is None)
                 + (0 if caught_up else 1),

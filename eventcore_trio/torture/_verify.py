@@ -10,7 +10,15 @@ from collections.abc import Iterable, Sequence, Set
 import attrs
 
 from ..postgres import PostgresStore
-from ._model import EVENT_TYPE, PROJECTIONS, REACTION_TYPE, REACTOR_NAME, STREAM_PREFIX
+from ._model import (
+    EVENT_TYPE,
+    PROJECTIONS,
+    REACTION_TYPE,
+    REACTOR_NAME,
+    SEAT_TAG_PREFIX,
+    SEAT_TYPE,
+    STREAM_PREFIX,
+)
 from ._report import Findings
 
 
@@ -55,6 +63,24 @@ def count_order_violations(versions_in_applied_order: Iterable[tuple[str, int]])
     return violations
 
 
+def count_decision_violations(claims_in_log_order: Iterable[tuple[str, str | None]]) -> int:
+    """How many claims made by a decision were not the first claim of their seat.
+
+    *claims_in_log_order*: every committed claim as (seat, who claimed it: ``"decision"``,
+    ``"outbox"``), in the global order. A decision claims only when its read found no claim,
+    and only if no claim was written after its read: any claim before its own in the global
+    order was either returned by the read or lies after the read's position, and failed the
+    condition. Claims written unconditionally (by outbox transactions) may follow any claim.
+    """
+    claimed: set[str] = set()
+    violations = 0
+    for seat, by in claims_in_log_order:
+        if by == "decision" and seat in claimed:
+            violations += 1
+        claimed.add(seat)
+    return violations
+
+
 async def verify(
     store: PostgresStore,
     app: str,
@@ -73,7 +99,8 @@ async def verify(
     event id an independent follower of ``read_events`` was given, in order, which must be
     every event of the log exactly once (None: no follower ran). The reactor's events are
     checked when its projection is among *projections*: one per posting whose amount is a
-    multiple of 3.
+    multiple of 3. *acknowledged* and *rolled_back* cover the seat claims too; the ledger
+    checks cover postings only.
     """
     events_table = f'"{store.schema}".events'
     rows = await store.admin.fetch(
@@ -83,12 +110,15 @@ async def verify(
         STREAM_PREFIX,
     )
     logged = {row["event_id"] for row in rows}
+    everything = {
+        row["event_id"] for row in await store.admin.fetch(f"SELECT event_id FROM {events_table}")
+    }
     fold: dict[str, tuple[int, int]] = {}
     for row in rows:
         total, count = fold.get(row["stream_id"], (0, 0))
         fold[row["stream_id"]] = (total + row["amount"], count + 1)
 
-    lost = len(acknowledged - logged)
+    lost = len(acknowledged - everything)
     duplicated = mismatches = double_leaders = order_violations = 0
     for name in projections:
         applied_rows = await store.admin.fetch(
@@ -138,14 +168,22 @@ async def verify(
 
     outbox_rows = await store.admin.fetch(f'SELECT event_ids FROM "{app}".outbox')
     with_row = {event_id for row in outbox_rows for event_id in row["event_ids"]}
-    outbox_mismatches = sum(1 for row in outbox_rows if not set(row["event_ids"]) <= logged) + len(
-        outbox - with_row
+    outbox_mismatches = sum(
+        1 for row in outbox_rows if not set(row["event_ids"]) <= everything
+    ) + len(outbox - with_row)
+
+    claims = await store.admin.fetch(
+        f"SELECT tags, metadata->>'by' AS by FROM {events_table} WHERE type = $1 "
+        "ORDER BY tx, position",
+        SEAT_TYPE,
+    )
+    decision_violations = count_decision_violations(
+        (next((t for t in row["tags"] if t.startswith(SEAT_TAG_PREFIX)), ""), row["by"])
+        for row in claims
     )
 
     follower_missed = follower_repeated = 0
     if followed is not None:
-        every_row = await store.admin.fetch(f"SELECT event_id FROM {events_table}")
-        everything = {row["event_id"] for row in every_row}
         follower_missed = len(everything - set(followed))
         follower_repeated = len(followed) - len(set(followed))
 
@@ -154,7 +192,7 @@ async def verify(
         events=len(logged),
         lost=lost,
         duplicated=duplicated,
-        phantoms=len(rolled_back & logged),
+        phantoms=len(rolled_back & everything),
         checkpoint_regressions=int(regressions),
         double_leaders=double_leaders,
         ledger_mismatches=mismatches,
@@ -164,4 +202,5 @@ async def verify(
         outbox_mismatches=outbox_mismatches,
         follower_missed=follower_missed,
         follower_repeated=follower_repeated,
+        decision_violations=decision_violations,
     )

@@ -3,9 +3,14 @@
 They write the way applications write, through every public write path: one-stream appends
 (``append``), multi-stream appends (``append_atomic``), both shared by group commit when
 several writers append at once; appends in a transaction held open for a moment (``held``);
-and outbox transactions (``outbox``, `PostgresStore.transaction`) that write a row of their
+outbox transactions (``outbox``, `PostgresStore.transaction`) that write a row of their
 own before, between or after their appends, the first case being the late writer of the
-read horizon. (The reactor's appends are made by the hosts: see `_model`.)
+read horizon; and decisions over a query (``decision``: `PostgresStore.read_query`, then
+`PostgresStore.append_tagged` with an `AppendCondition`) that claim the seat of the current
+half second. Every posting carries its account's tag, and a quarter of the outbox
+transactions also claim the current seat, unconditionally and last (``outbox_claim``): the
+late writer that decisions must see or fail on. (The reactor's appends are made by the
+hosts: see `_model`.)
 """
 
 from __future__ import annotations
@@ -18,20 +23,31 @@ from typing import Final
 import attrs
 import trio
 
-from .._errors import StoreConnectionError
+from .._errors import AppendConditionFailed, StoreConnectionError
 from .._events import NewEvent, StreamAppend
+from .._queries import AppendCondition, EventQuery
 from ..postgres import PostgresStore, PostgresTransaction
-from ._model import EVENT_TYPE, STREAM_PREFIX
+from ._model import (
+    EVENT_TYPE,
+    SEAT_STREAM_PREFIX,
+    SEAT_TAG_PREFIX,
+    SEAT_TYPE,
+    STREAM_PREFIX,
+    account_tag,
+)
 
 ACCOUNTS: Final = 40
 #: Shares of the write paths (the rest: one statement through group commit).
-HELD_SHARE: Final = 0.3
-OUTBOX_SHARE: Final = 0.3
+HELD_SHARE: Final = 0.25
+OUTBOX_SHARE: Final = 0.25
+DECISION_SHARE: Final = 0.1
 #: Share of held and outbox transactions that roll back instead of committing.
 ROLLBACK_SHARE: Final = 0.15
+#: Share of outbox transactions that also claim the current seat.
+OUTBOX_CLAIM_SHARE: Final = 0.25
 
 #: The names of the writers' paths in `WriteLog.by_path` and the report.
-WRITE_PATHS: Final = ("append", "append_atomic", "held", "outbox")
+WRITE_PATHS: Final = ("append", "append_atomic", "held", "outbox", "outbox_claim", "decision")
 
 
 @attrs.define
@@ -48,6 +64,8 @@ class WriteLog:
     by_path: Counter[str] = attrs.Factory(Counter)
     #: Event ids acknowledged to outbox writers (each must have its transaction's row).
     outbox: set[uuid.UUID] = attrs.Factory(set)
+    #: Decisions per outcome (`_report.DECISION_OUTCOMES`).
+    decisions: Counter[str] = attrs.Factory(Counter)
 
     def acknowledge(self, ids: set[uuid.UUID], path: str) -> None:
         """The append of *ids* through *path* (`WRITE_PATHS`) was acknowledged."""
@@ -73,10 +91,10 @@ async def write(
     """Append random postings until *stop* is set, recording every outcome in *log*.
 
     Each append goes through one path, chosen at random: one statement (``append`` or
-    ``append_atomic``), a transaction held open for up to 30 ms (``held``), or an outbox
-    transaction writing a row of its own into *app*'s ``outbox`` table (``outbox``); held
-    and outbox transactions roll back 15 % of the time. Connection errors back off, capped
-    at 1 s.
+    ``append_atomic``), a transaction held open for up to 30 ms (``held``), an outbox
+    transaction writing a row of its own into *app*'s ``outbox`` table (``outbox``), or a
+    decision claiming the current seat (``decision``); held and outbox transactions roll
+    back 15 % of the time. Connection errors back off, capped at 1 s.
     """
     rng = random.Random(seed)
     accounts = [f"{STREAM_PREFIX}{n:03d}" for n in range(ACCOUNTS)]
@@ -86,7 +104,12 @@ async def write(
             StreamAppend(
                 stream,
                 [
-                    NewEvent(EVENT_TYPE, {"amount": rng.randint(-100, 100)}, event_id=uuid.uuid4())
+                    NewEvent(
+                        EVENT_TYPE,
+                        {"amount": rng.randint(-100, 100)},
+                        event_id=uuid.uuid4(),
+                        tags=[account_tag(stream)],
+                    )
                     for _ in range(rng.randint(1, 3))
                 ],
             )
@@ -99,6 +122,8 @@ async def write(
                 await _append_held(store, log, appends, ids, rng)
             elif choice < HELD_SHARE + OUTBOX_SHARE:
                 await _append_outbox(store, log, appends, ids, rng, app)
+            elif choice < HELD_SHARE + OUTBOX_SHARE + DECISION_SHARE:
+                await _decide(store, log, rng)
             else:
                 await _append(store, log, appends, ids)
             backoff = 0.05
@@ -169,27 +194,41 @@ async def _append_outbox(
     # comes first half of the time (the transaction then holds an id before it appends).
     row_at = rng.choice((0, 0, 1, len(appends)))
     rolls_back = rng.random() < ROLLBACK_SHARE
+    claim_id = uuid.uuid4() if rng.random() < OUTBOX_CLAIM_SHARE else None
+    written = (ids | {claim_id}) if claim_id else ids
     committing = False
     try:
         async with store.transaction() as tx:
             for index, request in enumerate(appends):
                 if index == row_at:
-                    await _outbox_row(tx, app, ids)
+                    await _outbox_row(tx, app, written)
                 await tx.append(request.stream_id, request.events)
             if row_at == len(appends):
-                await _outbox_row(tx, app, ids)
+                await _outbox_row(tx, app, written)
+            if claim_id:
+                # Last, when the transaction has held an id since its first write, as late
+                # as it can claim: decisions must wait for it, or fail once it commits. (Last
+                # also takes the seat's stream lock after the accounts' in every outbox
+                # transaction, so the shared seat stream adds no lock-order cycle.)
+                seat = _seat()
+                await tx.append(
+                    f"{SEAT_STREAM_PREFIX}{seat.removeprefix(SEAT_TAG_PREFIX)}",
+                    [_claim(seat, claim_id, by="outbox")],
+                )
             await trio.sleep(rng.uniform(0, 0.03))
             if rolls_back:
                 raise _RollBack
             committing = True
     except _RollBack:
-        log.rolled_back |= ids
+        log.rolled_back |= written
         return
     except StoreConnectionError:
-        log.cut_off(ids, committing=committing)
+        log.cut_off(written, committing=committing)
         raise
     log.acknowledge(ids, "outbox")
-    log.outbox |= ids
+    if claim_id:
+        log.acknowledge({claim_id}, "outbox_claim")
+    log.outbox |= written
 
 
 async def _outbox_row(tx: PostgresTransaction, app: str, ids: set[uuid.UUID]) -> None:
@@ -198,3 +237,43 @@ async def _outbox_row(tx: PostgresTransaction, app: str, ids: set[uuid.UUID]) ->
         uuid.uuid4(),
         sorted(ids),
     )
+
+
+async def _decide(store: PostgresStore, log: WriteLog, rng: random.Random) -> None:
+    # A decision as a command makes it: read the seat's claims, decide, append on condition
+    # that nothing matching was written since the read. Writers deciding within the same
+    # half second compete for one seat, with outbox transactions claiming it unconditionally.
+    seat = _seat()
+    # Drawn before the read, so that the writer's later choices do not depend on its outcome.
+    thinking = rng.uniform(0, 0.01)
+    query = EventQuery.of(types=[SEAT_TYPE], tags=[seat])
+    read = await store.read_query(query)
+    if read.events:
+        log.decisions["refused"] += 1
+        return
+    # The time a command takes to fold and decide: the window in which another claim can
+    # commit, which the condition must then see.
+    await trio.sleep(thinking)
+    claim_id = uuid.uuid4()
+    try:
+        await store.append_tagged(
+            [_claim(seat, claim_id, by="decision")],
+            condition=AppendCondition(fail_if_events_match=query, after=read.position),
+        )
+    except AppendConditionFailed:
+        log.decisions["condition_failed"] += 1
+        return
+    except StoreConnectionError:
+        log.decisions["cut_off"] += 1
+        log.cut_off({claim_id}, committing=True)
+        raise
+    log.decisions["made"] += 1
+    log.acknowledge({claim_id}, "decision")
+
+
+def _seat() -> str:
+    return f"{SEAT_TAG_PREFIX}{int(trio.current_time() * 2)}"
+
+
+def _claim(seat: str, event_id: uuid.UUID, *, by: str) -> NewEvent:
+    return NewEvent(SEAT_TYPE, {"seat": seat}, tags=[seat], metadata={"by": by}, event_id=event_id)

@@ -1,6 +1,5 @@
 """Commands over a query (dynamic consistency boundaries, issue 28): a unique username and a
-course capacity, decided under concurrency, on the memory store (the PostgreSQL store
-refuses them until it reads queries)."""
+course capacity, decided under concurrency, on both stores (`QueryCommandContract`)."""
 
 from __future__ import annotations
 
@@ -27,6 +26,10 @@ from eventcore_trio import (
     open_memory_store,
 )
 from eventcore_trio.memory import MemoryStore
+from eventcore_trio.postgres import PostgresStore
+from eventcore_trio.testing import PostgresHarness
+
+TaggedStore = MemoryStore | PostgresStore
 
 
 class UsernameTaken(Exception):
@@ -50,33 +53,6 @@ class ClaimUsername:
         if taken:
             raise UsernameTaken(self.name)
         return [NewEvent("UsernameClaimed", {"user": self.user}, tags=[f"username:{self.name}"])]
-
-
-async def test_sixteen_claims_of_one_username_give_one_claim_each_time() -> None:
-    """Sixteen tasks claim the same username at once, over many usernames: exactly one
-    claim each; the others meet the claim on their retry and are refused by decide."""
-    async with open_memory_store() as store:
-        for name in [f"name-{n}" for n in range(20)]:
-            won: list[str] = []
-            refused: list[str] = []
-
-            async def claim(
-                user: str, name: str = name, won: list[str] = won, refused: list[str] = refused
-            ) -> None:
-                try:
-                    await execute(store, ClaimUsername(user, name))
-                except UsernameTaken:
-                    refused.append(user)
-                else:
-                    won.append(user)
-
-            async with trio.open_nursery() as nursery:
-                for n in range(16):
-                    nursery.start_soon(claim, f"user-{n}")
-            assert len(won) == 1
-            assert len(refused) == 15
-            read = await store.read_query(ClaimUsername("", name).query())
-            assert [e.data["user"] for e in read.events] == won
 
 
 CAPACITY = 10
@@ -112,40 +88,6 @@ class Subscribe:
         ]
 
 
-async def test_forty_students_never_overfill_a_course() -> None:
-    """Forty students subscribe at once to three courses each (of five, capacity 10): no
-    course ever holds more than 10, a course refuses only once it is full, and every
-    subscription a full course did not refuse is there."""
-    rng = random.Random(28)
-    wishes = [
-        (f"student-{n}", course)
-        for n in range(40)
-        for course in rng.sample([f"c{c}" for c in range(5)], 3)
-    ]
-    refused: list[tuple[str, str]] = []
-    async with open_memory_store() as store:
-
-        async def subscribe(student: str, course: str) -> None:
-            try:
-                await execute(
-                    store, Subscribe(student, course), retry=RetryPolicy(max_attempts=100)
-                )
-            except CourseFull:
-                refused.append((student, course))
-
-        async with trio.open_nursery() as nursery:
-            for student, course in wishes:
-                nursery.start_soon(subscribe, student, course)
-        subscribed = Counter(
-            e.data["course"]
-            for e in (await store.read_query(EventQuery.of(types=["StudentSubscribed"]))).events
-        )
-    demand = Counter(course for _, course in wishes)
-    for course, wanted in demand.items():
-        assert subscribed[course] == min(wanted, CAPACITY)
-    assert len(refused) == sum(max(0, wanted - CAPACITY) for wanted in demand.values())
-
-
 registry = EventRegistry()
 
 
@@ -177,24 +119,6 @@ class ChooseNickname:
         return [
             registry.new_event(NicknameChosen(self.nickname), tags=[f"nickname:{self.nickname}"])
         ]
-
-
-async def test_typed_events_metadata_and_a_stream() -> None:
-    """A query command writes typed events with tags, to its own stream, stamped with the
-    correlation id; a decision to write nothing appends nothing."""
-    async with open_memory_store() as store:
-        first = await execute(
-            store, ChooseNickname("ada"), registry=registry, correlation_id="corr-1"
-        )
-        assert first.append is not None
-        [(stream, (event,))] = first.events.items()
-        assert stream == "profiles"
-        assert event.tags == ("nickname:ada",)
-        assert event.metadata["correlation_id"] == "corr-1"
-        again = await execute(store, ChooseNickname("ada"), registry=registry)
-        assert again.append is None
-        [recorded] = await store.read_stream("profiles")
-        assert registry.decode(recorded) == NicknameChosen("ada")
 
 
 async def test_a_condition_that_keeps_failing_exhausts_the_retries(store: MemoryStore) -> None:
@@ -261,3 +185,100 @@ async def test_an_undecodable_matching_event_is_an_error_not_a_gap(store: Memory
     store.admin.store_undecodable("foreign")
     with pytest.raises(EventDecodeError):
         await store.read_query(EventQuery([QueryItem()]))
+
+
+class QueryCommandContract:
+    """Query commands on a store; subclasses give the store."""
+
+    async def test_sixteen_claims_of_one_username_give_one_claim_each_time(
+        self, store: TaggedStore
+    ) -> None:
+        """Sixteen tasks claim the same username at once, over many usernames: exactly one
+        claim each; the others meet the claim on their retry and are refused by decide."""
+        for name in [f"name-{n}" for n in range(20)]:
+            won: list[str] = []
+            refused: list[str] = []
+
+            async def claim(
+                user: str, name: str = name, won: list[str] = won, refused: list[str] = refused
+            ) -> None:
+                try:
+                    await execute(store, ClaimUsername(user, name))
+                except UsernameTaken:
+                    refused.append(user)
+                else:
+                    won.append(user)
+
+            async with trio.open_nursery() as nursery:
+                for n in range(16):
+                    nursery.start_soon(claim, f"user-{n}")
+            assert len(won) == 1
+            assert len(refused) == 15
+            read = await store.read_query(ClaimUsername("", name).query())
+            assert [e.data["user"] for e in read.events] == won
+
+    async def test_forty_students_never_overfill_a_course(self, store: TaggedStore) -> None:
+        """Forty students subscribe at once to three courses each (of five, capacity 10): no
+        course ever holds more than 10, a course refuses only once it is full, and every
+        subscription a full course did not refuse is there."""
+        rng = random.Random(28)
+        wishes = [
+            (f"student-{n}", course)
+            for n in range(40)
+            for course in rng.sample([f"c{c}" for c in range(5)], 3)
+        ]
+        refused: list[tuple[str, str]] = []
+
+        async def subscribe(student: str, course: str) -> None:
+            try:
+                await execute(
+                    store, Subscribe(student, course), retry=RetryPolicy(max_attempts=100)
+                )
+            except CourseFull:
+                refused.append((student, course))
+
+        async with trio.open_nursery() as nursery:
+            for student, course in wishes:
+                nursery.start_soon(subscribe, student, course)
+        subscribed = Counter(
+            e.data["course"]
+            for e in (await store.read_query(EventQuery.of(types=["StudentSubscribed"]))).events
+        )
+        demand = Counter(course for _, course in wishes)
+        for course, wanted in demand.items():
+            assert subscribed[course] == min(wanted, CAPACITY)
+        assert len(refused) == sum(max(0, wanted - CAPACITY) for wanted in demand.values())
+
+    async def test_typed_events_metadata_and_a_stream(self, store: TaggedStore) -> None:
+        """A query command writes typed events with tags, to its own stream, stamped with the
+        correlation id; a decision to write nothing appends nothing."""
+        first = await execute(
+            store, ChooseNickname("ada"), registry=registry, correlation_id="corr-1"
+        )
+        assert first.append is not None
+        [(stream, (event,))] = first.events.items()
+        assert stream == "profiles"
+        assert event.tags == ("nickname:ada",)
+        assert event.metadata["correlation_id"] == "corr-1"
+        again = await execute(store, ChooseNickname("ada"), registry=registry)
+        assert again.append is None
+        [recorded] = await store.read_stream("profiles")
+        assert registry.decode(recorded) == NicknameChosen("ada")
+
+
+class TestMemoryQueryCommands(QueryCommandContract):
+    """On the memory store."""
+
+    @pytest.fixture
+    async def store(self) -> AsyncIterator[MemoryStore]:
+        async with open_memory_store() as store:
+            yield store
+
+
+class TestPostgresQueryCommands(QueryCommandContract):
+    """On PostgreSQL: the guard locks, not one task at a time, keep the decisions apart."""
+
+    @pytest.fixture
+    async def store(self, postgres_dsn: str) -> AsyncIterator[PostgresStore]:
+        async with PostgresHarness(postgres_dsn).open_store() as store:
+            yield store

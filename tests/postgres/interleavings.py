@@ -68,10 +68,12 @@ class Actor:
 
 @attrs.frozen
 class Exploration:
-    """What an exploration did: how many schedules, and the longest one's length."""
+    """What an exploration did: how many schedules, the longest one's length, and the
+    first schedule in which an actor waited for another's lock (None: no actor ever did)."""
 
     schedules: int
     steps: int
+    first_wait: str | None = None
 
 
 class ScheduleFailed(AssertionError):
@@ -134,14 +136,16 @@ async def _settle(monitor: Connection, actor: _Running) -> None:
 
 async def _run_schedule(
     monitor: Connection, actors: Sequence[Actor], prefix: Sequence[int]
-) -> tuple[list[int], list[list[int]]]:
+) -> tuple[list[int], list[list[int]], set[str]]:
     """Run one schedule: *prefix*'s choices first, then the first ready actor each time.
 
-    Returns the choices made and, for each, the actors that were ready then.
+    Returns the choices made, for each the actors that were ready then, and the names of
+    the actors that waited for a lock.
     """
     running = [_Running(actor) for actor in actors]
     choices: list[int] = []
     options: list[list[int]] = []
+    waited: set[str] = set()
     async with trio.open_nursery() as nursery:
         for actor in running:
             nursery.start_soon(actor.run)
@@ -173,7 +177,8 @@ async def _run_schedule(
             for other in running:
                 if other.blocked:
                     await _settle(monitor, other)
-    return choices, options
+            waited.update(a.actor.name for a in running if a.blocked)
+    return choices, options, waited
 
 
 def _next_prefix(choices: list[int], options: list[list[int]]) -> list[int] | None:
@@ -208,10 +213,13 @@ async def explore(
     prefix: list[int] | None = []
     schedules = 0
     longest = 0
+    first_wait: str | None = None
     while prefix is not None and (max_schedules is None or schedules < max_schedules):
         actors = make_actors(schedules)
-        choices, options = await _run_schedule(monitor, actors, prefix)
+        choices, options, waited = await _run_schedule(monitor, actors, prefix)
         description = describe(actors, choices)
+        if waited and first_wait is None:
+            first_wait = f"schedule {schedules + 1} ({description}): {sorted(waited)} waited"
         try:
             await check(schedules, description)
         except AssertionError as exc:
@@ -221,4 +229,4 @@ async def explore(
         schedules += 1
         longest = max(longest, len(choices))
         prefix = _next_prefix(choices, options)
-    return Exploration(schedules=schedules, steps=longest)
+    return Exploration(schedules=schedules, steps=longest, first_wait=first_wait)

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from eventcore_trio import NewEvent, StreamAppend
@@ -17,9 +18,15 @@ from eventcore_trio.postgres import PostgresStore
 from eventcore_trio.projection import ProjectionConfig, run_projection
 from eventcore_trio.testing import EmbeddedPostgres, PostgresHarness, read_all
 from eventcore_trio.torture import FaultKind, run_torture
-from eventcore_trio.torture._model import EVENT_TYPE, app_schema_sql, projectors
-from eventcore_trio.torture._report import Findings
-from eventcore_trio.torture._verify import verify
+from eventcore_trio.torture._model import (
+    EVENT_TYPE,
+    SEAT_TAG_PREFIX,
+    SEAT_TYPE,
+    app_schema_sql,
+    projectors,
+)
+from eventcore_trio.torture._report import DECISION_OUTCOMES, Findings
+from eventcore_trio.torture._verify import count_decision_violations, verify
 
 from ..conftest import oldest_server_param
 from ..helpers import (
@@ -30,6 +37,14 @@ from ..helpers import (
 )
 
 CLEAN = clean_findings(12)
+
+
+def _claim(seat: int, by: str) -> NewEvent:
+    # A seat claim as the writers make them (see torture/_writers.py).
+    tag = f"{SEAT_TAG_PREFIX}{seat}"
+    return NewEvent(
+        SEAT_TYPE, {"seat": tag}, tags=[tag], metadata={"by": by}, event_id=uuid.uuid4()
+    )
 
 
 class TestVerification:
@@ -214,6 +229,41 @@ class TestVerification:
         )
         assert (await self._verify(store, app, ids)).double_leaders == 1
 
+    async def test_a_decision_after_another_claim_of_its_seat(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        # Appended without a condition, one after the other: the log a decision blind to
+        # the claim before it (or two decisions that both succeeded) would leave.
+        claims = [_claim(1, "outbox"), _claim(1, "decision"), _claim(2, "decision")]
+        for claim in claims:
+            await store.append_tagged([claim])
+        claimed = {c.event_id for c in claims if c.event_id}
+        findings = await self._verify(store, app, ids | claimed)
+        assert findings == attrs.evolve(CLEAN, decision_violations=1)
+
+    async def test_claims_after_a_decision_are_no_violation(
+        self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
+    ) -> None:
+        store, app, ids = projected
+        # Outbox transactions claim unconditionally: after a decision's claim is allowed.
+        claims = [_claim(1, "decision"), _claim(1, "outbox"), _claim(1, "outbox")]
+        for claim in claims:
+            await store.append_tagged([claim], stream_id="seat-1")
+        claimed = {c.event_id for c in claims if c.event_id}
+        # Committed with an outbox transaction's own row, which names them.
+        await store.admin.execute(
+            f'INSERT INTO "{app}".outbox VALUES (gen_random_uuid(), $1)', sorted(claimed)
+        )
+        assert await self._verify(store, app, ids | claimed, outbox=claimed) == CLEAN
+        # A claim acknowledged to a writer and missing, one rolled back and present.
+        missing = await self._verify(store, app, ids | claimed | {uuid.uuid4()})
+        assert missing == attrs.evolve(CLEAN, lost=1)
+        phantom = await self._verify(
+            store, app, ids | claimed, rolled_back={c.event_id for c in claims[2:] if c.event_id}
+        )
+        assert phantom == attrs.evolve(CLEAN, phantoms=1)
+
     async def test_a_stream_applied_out_of_order(
         self, projected: tuple[PostgresStore, str, set[uuid.UUID]]
     ) -> None:
@@ -225,6 +275,20 @@ class TestVerification:
         )
         # Versions 1 and 2 each came after version 3.
         assert (await self._verify(store, app, ids)).order_violations == 2
+
+
+def test_decision_violations_count_decisions_that_were_not_first() -> None:
+    claims = [
+        ("seat:1", "outbox"),
+        ("seat:1", "decision"),  # after an outbox claim
+        ("seat:2", "decision"),
+        ("seat:2", "outbox"),
+        ("seat:2", "decision"),  # a second decision on one seat
+        ("seat:3", "decision"),
+        ("seat:1", "outbox"),
+    ]
+    assert count_decision_violations(claims) == 2
+    assert count_decision_violations([]) == 0
 
 
 # The torture run's faults are processes, sessions and networks, alike on every supported
@@ -246,6 +310,9 @@ async def test_a_short_run_with_every_fault_verifies(own_server: EmbeddedPostgre
     assert report.events > 0
     assert len(report.faults) >= 3
     assert all(f.recovery_ms is not None for f in report.faults)
+    # Decisions ran under the faults, and some of them claimed.
+    assert report.events_by_path.get("decision", 0) > 0
+    assert report.decisions["made"] == report.events_by_path["decision"]
     assert report.summary()[-1].startswith("VERIFIED")
 
 
@@ -276,6 +343,8 @@ class TestTortureCommand:
         report = json.loads(captured.out)
         for key in TORTURE_REPORT_FIELDS:
             assert key in report
+        assert report["decision_violations"] == 0
+        assert list(report["decisions"]) == list(DECISION_OUTCOMES)
         assert report["recovered_after_db_restart"] is None
         assert set(report["faults_by_kind"]) <= {"sigkill-leader", "network-drop"}
         assert "VERIFIED" in captured.err

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import assert_type
 
 from eventcore_trio import (
+    PersonalDataStore,
     RecordedEvent,
     Store,
     UndecodableEvent,
@@ -25,6 +26,11 @@ def stores_are_stores(memory: MemoryStore, postgres: PostgresStore) -> None:
     store: Store = memory
     store = postgres
     del store
+
+
+def the_memory_store_keeps_personal_data(memory: MemoryStore) -> None:
+    personal: PersonalDataStore = memory
+    del personal
 
 
 async def opened_stores_are_stores() -> None:

@@ -31,6 +31,7 @@ from ._bad_input import BadInputContract
 from ._checkpoints import CheckpointContract
 from ._hosts import HostContract
 from ._leadership import LeadershipContract
+from ._personal import PersonalDataContract as PersonalDataContract
 from ._reads import ReadContract
 from ._subscriptions import SubscriptionContract
 from ._support import events as events
@@ -50,6 +51,7 @@ class StoreContract(
     HostContract,
     BadInputContract,
     VersionContract,
+    TaggedContract,
 ):
     """The contract every backend satisfies; subclass it and provide a ``harness`` fixture.
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from ..._errors import (
     InvalidArgument,
 )
-from ..._events import RecordedEvent
+from ..._events import NewEvent, RecordedEvent
 from ..._filters import EventFilter
 from ..._positions import Position
 from ..._protocols import Store
@@ -116,6 +116,33 @@ class ReadContract:
             ),
         )
         assert [(e.stream_id, e.type) for e in page] == [("shop/order-1", "Placed")]
+
+    async def test_tag_filter_needs_every_tag_and_applies_before_limit(self, store: Store) -> None:
+        """An event passes a tag filter when it carries every one of its tags (and maybe
+        more), however many events without them come first; tags combine with types, prefix
+        and pattern by AND, and `last_position` honours them."""
+        await store.append("noise", [NewEvent("A", {}, tags=["x"]) for _ in range(12)])
+        await store.append(
+            "shop/order-1",
+            [
+                NewEvent("A", {"n": 1}, tags=["x", "y"]),
+                NewEvent("B", {"n": 2}, tags=["z", "y", "x"]),
+                NewEvent("A", {"n": 3}, tags=["y"]),
+                NewEvent("A", {"n": 4}),
+            ],
+        )
+        await store.append("other/order-2", [NewEvent("A", {"n": 5}, tags=["x", "y"])])
+        await store.append("noise", events("A"))
+        both = EventFilter(tags=["y", "x"])
+        page = await store.read_events(None, limit=3, filter=both)
+        assert [e.data["n"] for e in page] == [1, 2, 5]
+        assert page[1].tags == ("x", "y", "z")
+        typed = await read_all(store, filter=EventFilter(tags=["x", "y"], event_types=["A"]))
+        assert [e.data["n"] for e in typed] == [1, 5]
+        scoped = EventFilter(tags=["y"], stream_prefix="shop/", stream_pattern="*order-?")
+        assert [e.data["n"] for e in await read_all(store, filter=scoped)] == [1, 2, 3]
+        assert await store.last_position(both) == page[-1].position
+        assert await store.last_position(EventFilter(tags=["x", "absent"])) is None
 
     async def test_late_commit_is_never_skipped(
         self, store: Store, harness: BackendHarness

@@ -5,17 +5,19 @@ reads only when its consumer asks, and ends cleanly with its block or its consum
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pytest
 import trio
 
 from ..._errors import EventDecodeError, InvalidArgument
-from ..._events import RecordedEvent, UndecodableEvent
+from ..._events import NewEvent, RecordedEvent, UndecodableEvent
 from ..._filters import EventFilter
 from ..._positions import Position
 from ..._protocols import Store
+from ..._status import ProjectionStatus
+from ...projection import ProjectionContext, projector, run_projection
 from .._harness import BackendHarness
 from ._support import events, read_all
 
@@ -126,6 +128,66 @@ class SubscriptionContract:
                         break
         assert seen == await read_all(store, filter=wanted)
         assert [(e.stream_id, e.type) for e in seen] == [("s", "Wanted")] + [("t", "Wanted")] * 2
+
+    async def test_a_projection_with_a_tag_filter_applies_exactly_the_tagged_events(
+        self, store: Store
+    ) -> None:
+        """A projector declaring tags and types applies exactly the events of those types
+        carrying every one of the tags, whole or in partitions (each stream's events in
+        order); a catch-up run ends at the last of them; status counts lag in them only."""
+        per_run: list[list[tuple[str, int]]] = []
+
+        def course_claims(name: str, partitions: int) -> Any:
+            seen: list[tuple[str, int]] = []
+            per_run.append(seen)
+
+            @projector(name, event_types=["Claimed"], tags=["course:c1"], partitions=partitions)
+            async def apply(event: RecordedEvent, ctx: ProjectionContext) -> None:
+                seen.append((event.stream_id, event.data["n"]))
+
+            return apply
+
+        async def write(streams: range) -> list[tuple[str, int]]:
+            wanted = []
+            for i in streams:
+                stream = f"student-{i}"
+                await store.append(
+                    stream,
+                    [
+                        NewEvent("Claimed", {"n": 1}, tags=["course:c1", f"student:{i}"]),
+                        NewEvent("Claimed", {"n": 2}, tags=["course:c2", f"student:{i}"]),
+                        NewEvent("Left", {"n": 3}, tags=["course:c1", f"student:{i}"]),
+                        NewEvent("Claimed", {"n": 4}),
+                        NewEvent("Claimed", {"n": 5}, tags=["course:c1"]),
+                    ],
+                )
+                wanted += [(stream, 1), (stream, 5)]
+            # Last in the log: events the projections skip.
+            await store.append("noise", [NewEvent("Claimed", {"n": 0}, tags=["course:c2"])])
+            return wanted
+
+        def lag(name: str, records: Sequence[ProjectionStatus]) -> int:
+            return sum(r.lag_events for r in records if r.name == name)
+
+        whole, split = course_claims("c1", 1), course_claims("c1-split", 2)
+        first = await write(range(6))
+        assert (await run_projection(store, whole)).events_applied == len(first)
+        assert (await run_projection(store, split)).events_applied == len(first)
+        assert per_run[0] == first
+        assert sorted(per_run[1]) == sorted(first)
+        for i in range(6):
+            mine = [n for stream, n in per_run[1] if stream == f"student-{i}"]
+            assert mine == [1, 5]
+
+        more = await write(range(6, 9))
+        records = await store.projection_status()
+        assert (lag("c1", records), lag("c1-split", records)) == (len(more), len(more))
+        await run_projection(store, whole)
+        await run_projection(store, split)
+        assert per_run[0] == first + more
+        assert sorted(per_run[1]) == sorted(first + more)
+        records = await store.projection_status()
+        assert (lag("c1", records), lag("c1-split", records)) == (0, 0)
 
     async def test_event_appended_while_waiting_arrives(
         self, store: Store, monkeypatch: pytest.MonkeyPatch

@@ -2,9 +2,7 @@
 which events a query matches, the position a read is complete to, and the condition that
 two overlapping decisions never both meet.
 
-`TaggedContract` is not yet part of `StoreContract`: the memory store implements
-`TaggedEventStore`, the PostgreSQL store follows (issue 28); a backend that has it subclasses
-this too.
+`TaggedContract` is part of `StoreContract`: both stores implement `TaggedEventStore`.
 """
 
 from __future__ import annotations
@@ -72,23 +70,27 @@ class TaggedContract:
     async def test_the_position_is_where_the_read_is_complete(
         self, store: TaggedEventStore
     ) -> None:
-        """Without a limit the read is complete to the store's last event, matching or not;
-        a limit that cuts it short makes it the last event returned; reading on from the
-        position returns the rest."""
+        """The position is at or after every event returned, and every matching event
+        appended after the read lies after it; a limit that cuts the read short makes it the
+        last event returned; reading on from a position returns the rest."""
         empty = await store.read_query(_username("ada"))
         assert empty.events == ()
-        assert empty.position is None
         await store.append_tagged([_claim("ada", n=1)])
-        other = await store.append_tagged([NewEvent("Other", {})])
+        await store.append_tagged([NewEvent("Other", {})])
         result = await store.read_query(_username("ada"))
         assert len(result.events) == 1
-        assert result.position == other.position
-        await store.append_tagged([_claim("ada", n=2), _claim("ada", n=3)])
+        assert result.position is not None
+        assert result.position >= result.events[-1].position
+        later = await store.append_tagged([_claim("ada", n=2), _claim("ada", n=3)])
+        assert later.position is not None
+        assert later.position > result.position
         first = await store.read_query(_username("ada"), limit=2)
         assert [e.data["n"] for e in first.events] == [1, 2]
         assert first.position == first.events[-1].position
         rest = await store.read_query(_username("ada"), after=first.position)
         assert [e.data["n"] for e in rest.events] == [3]
+        since_empty = await store.read_query(_username("ada"), after=empty.position)
+        assert [e.data["n"] for e in since_empty.events] == [1, 2, 3]
 
     async def test_a_condition_fails_on_a_matching_event_after_the_read(
         self, store: TaggedEventStore
@@ -124,13 +126,19 @@ class TaggedContract:
     async def test_only_one_of_sixteen_concurrent_claims_succeeds(
         self, store: TaggedEventStore
     ) -> None:
-        """Sixteen tasks read, then claim the same username at once: exactly one claim."""
+        """Sixteen tasks read, then claim the same username at once (each only if its read
+        found no claim): exactly one claim."""
         won: list[int] = []
         failed: list[int] = []
 
         async def claim(n: int) -> None:
             read = await store.read_query(_username("ada"))
             await trio.lowlevel.checkpoint()
+            if read.events:
+                # Taken already, as read: the decision refuses (a task that reads after
+                # another's claim committed must not append on top of it).
+                failed.append(n)
+                return
             condition = AppendCondition(fail_if_events_match=_username("ada"), after=read.position)
             try:
                 await store.append_tagged([_claim("ada", n=n)], condition=condition)
@@ -173,12 +181,16 @@ class TaggedContract:
             "query-not-a-query",
         ],
     )
-    async def test_bad_tags_and_queries_are_refused(self, bad: Any) -> None:
-        """Tags, queries and conditions are checked where they are made."""
+    async def test_bad_tags_and_queries_are_refused(
+        self, store: TaggedEventStore, bad: Any
+    ) -> None:
+        """Tags, queries and conditions are checked where they are made, before a store
+        sees them."""
         with pytest.raises(InvalidArgument):
             bad()
+        assert (await store.read_query(EventQuery([QueryItem()]))).events == ()
 
-    async def test_bad_arguments_are_refused(self, store: TaggedEventStore) -> None:
+    async def test_bad_query_arguments_are_refused(self, store: TaggedEventStore) -> None:
         """Wrong types and an expected version without a stream: refused, nothing written."""
         with pytest.raises(InvalidArgument):
             await store.read_query("username:ada")  # type: ignore[arg-type]

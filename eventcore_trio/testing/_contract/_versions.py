@@ -10,6 +10,7 @@ import pytest
 import trio
 
 from ..._errors import InvalidArgument, ProjectionNotFound, ProjectionRunning
+from ..._events import NewEvent
 from ..._filters import EventFilter
 from ..._protocols import Store
 from ..._status import ProjectionState
@@ -125,6 +126,17 @@ class VersionContract:
         await store.append("s", events("A"))
         await store.version_role("p", 1)
         units = [("p@v2", EventFilter(event_types=["Nothing"]))]
+        assert await store.switch_if_caught_up("p", 2, units) is VersionRole.SERVING
+
+    async def test_a_unit_filtered_by_tags_waits_only_for_tagged_events(self, store: Store) -> None:
+        """A unit's tags count in whether it caught up: an event carrying them holds the
+        switch back, events without them after its checkpoint do not."""
+        await store.append("s", [NewEvent("A", {}, tags=["t", "u"])])
+        await store.version_role("p", 1)
+        units = [("p@v2", EventFilter(tags=["t"]))]
+        assert await store.switch_if_caught_up("p", 2, units) is VersionRole.BUILDING
+        await _checkpoint_all(store, "p@v2")
+        await store.append("s", [NewEvent("A", {}, tags=["u"]), *events("A")])
         assert await store.switch_if_caught_up("p", 2, units) is VersionRole.SERVING
 
     async def test_switching_back_withdraws_the_versions_above(self, store: Store) -> None:
