@@ -142,9 +142,9 @@ class AppendConditionFailed(EventCoreError):
     def __init__(self, positions: tuple[str, ...]) -> None:
         shown = ", ".join(positions[:5]) + (" …" if len(positions) > 5 else "")
         super().__init__(
-            f"{len(positions)} event(s) matching the append condition's query were written "
-            f"after the read it was decided on (at {shown}); nothing was written. Read the "
-            "query again and decide again."
+            "events matching the append condition's query were written after the read it "
+            f"was decided on (the first at {shown}); nothing was written. Read the query "
+            "again and decide again."
         )
         self.positions = positions
 

@@ -97,8 +97,14 @@ class EventQuery:
 
     @classmethod
     def of(cls, *, types: Iterable[str] = (), tags: Iterable[str] = ()) -> EventQuery:
-        """A query of one item."""
-        return cls([QueryItem(types=tuple(types), tags=tuple(tags))])
+        """A query of one item: ``EventQuery.of(types=[...], tags=[...])`` is
+        ``EventQuery([QueryItem(types=[...], tags=[...])])``.
+
+        Raises:
+            InvalidArgument: as `QueryItem` does (a lone string instead of a list is refused:
+                it would be read as its characters).
+        """
+        return cls([QueryItem(types=types, tags=tags)])
 
     def matches(self, event_type: str, tags: Collection[str]) -> bool:
         """Whether an event of *event_type* carrying *tags* matches any item."""

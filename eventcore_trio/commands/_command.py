@@ -192,7 +192,8 @@ async def execute(
 
     Args:
         store: the store to read from and append to.
-        command: the `Command` or `StateCommand`.
+        command: the `Command`, `StateCommand` or `QueryCommand` (a decision over the
+            events a query matches: see docs/commands.md).
         retry: the `RetryPolicy` for version conflicts (default: `RetryPolicy()`).
         registry: encodes typed event objects that ``decide`` returns.
         metadata: extra metadata for every event written.
@@ -213,8 +214,17 @@ async def execute(
     .. versionadded:: 0.1
     .. versionchanged:: 0.3
         `StateCommand` and *cache*.
+    .. versionchanged:: 0.4
+        `QueryCommand`: read the query, fold, decide, append on the condition that no
+        matching event was written since, retried on `AppendConditionFailed` like a conflict.
     """
     policy = retry or RetryPolicy()
+    if callable(getattr(command, "query", None)) and callable(getattr(command, "streams", None)):
+        raise InvalidArgument(
+            f"{type(command).__qualname__} has both query() and streams(): a command decides "
+            "over a query (a QueryCommand) or over streams (a Command or StateCommand), not "
+            "both; rename one of them"
+        )
     if conforms(command, QueryCommand) and not conforms(command, Command):
         return await _execute_query(
             store,

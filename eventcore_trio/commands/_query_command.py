@@ -110,7 +110,14 @@ async def execute_query_command(
         state = command.initial_state()
         for event in read.events:
             state = command.evolve(state, event)
-        events = tuple(to_new_event(e) for e in command.decide(state))
+        decided = command.decide(state)
+        if isinstance(decided, Mapping | str | bytes):
+            raise InvalidArgument(
+                f"{type(command).__qualname__}.decide() returned {type(decided).__name__}; a "
+                "QueryCommand's decide must return a list of events (it has no streams to "
+                "map them to: stream_id() names one)"
+            )
+        events = tuple(to_new_event(e) for e in decided)
         if not events:
             return None, {}, attempt
         condition = AppendCondition(fail_if_events_match=query, after=read.position)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .._backend._decoding import require_decoded
-from .._errors import AppendConditionFailed
+from .._errors import AppendConditionFailed, InvalidArgument
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._positions import Position
 from .._queries import AppendCondition, EventQuery, QueryResult, tagged_stream_id
@@ -16,12 +16,23 @@ from ._reads import first_after
 from ._state import MemoryState
 
 
+def _refuse_ahead(state: MemoryState, after: Position | None) -> None:
+    # A position past the last event was never given by this store: a condition after it
+    # would pass over events written later (the PostgreSQL store refuses it too).
+    if after is not None and (not state.positions or after > state.positions[-1]):
+        raise InvalidArgument(
+            f"the position {after} is ahead of everything this store has written: pass the "
+            "position of a read_query of this store (QueryResult.position), or None"
+        )
+
+
 def read_query(
     state: MemoryState, query: EventQuery, after: Position | None, limit: int | None
 ) -> QueryResult:
     """The events matching *query* after *after* (at most *limit*), and how far the read is
     complete: the last returned event when *limit* cut it short, else the store's last
     position (every event is visible at once here)."""
+    _refuse_ahead(state, after)
     events: list[RecordedEvent] = []
     for stored in state.log[first_after(state, after) :]:
         if query.matches(stored.type, stored.tags):
@@ -45,6 +56,7 @@ def append_tagged(
     stream = tagged_stream_id(stream_id)
     staged = stage([StreamAppend(stream, events, expected_version=expected_version)])
     if condition is not None:
+        _refuse_ahead(state, condition.after)
         query = condition.fail_if_events_match
         conflicts = [
             str(stored.position)

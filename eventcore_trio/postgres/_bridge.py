@@ -35,6 +35,7 @@ from .._errors import (
     DatabaseNotFound,
     DuplicateEventId,
     EventCoreError,
+    InvalidArgument,
     StoreClosed,
     StoreConnectionError,
     UnsupportedPooling,
@@ -53,6 +54,9 @@ VERSION_CONFLICT_SQLSTATE: Final = "EV001"
 # level whose snapshot predates its locks.
 CONDITION_FAILED_SQLSTATE: Final = "EV005"
 STALE_SNAPSHOT_SQLSTATE: Final = "EV006"
+# A decision's position is ahead of everything the store has written (migration 8): from
+# another store, or made up.
+POSITION_AHEAD_SQLSTATE: Final = "EV008"
 
 Record = Mapping[str, Any]
 
@@ -98,6 +102,11 @@ def translate_error(exc: BaseException) -> BaseException:
             return VersionConflict(detail["stream_id"], detail["expected"], detail["actual"])
         if sqlstate == CONDITION_FAILED_SQLSTATE:
             return AppendConditionFailed(tuple((getattr(exc, "detail", None) or "").split(",")))
+        if sqlstate == POSITION_AHEAD_SQLSTATE:
+            return InvalidArgument(
+                f"{getattr(exc, 'message', exc)}: pass the position of a read_query of this "
+                "store (QueryResult.position), or None"
+            )
         if sqlstate == STALE_SNAPSHOT_SQLSTATE:
             return ConfigurationError(
                 f"{exc}: the session runs at a stricter isolation than READ COMMITTED "

@@ -282,3 +282,28 @@ class TestPostgresQueryCommands(QueryCommandContract):
     async def store(self, postgres_dsn: str) -> AsyncIterator[PostgresStore]:
         async with PostgresHarness(postgres_dsn).open_store() as store:
             yield store
+
+
+async def test_a_command_with_both_a_query_and_streams_is_refused(store: MemoryStore) -> None:
+    """query() and streams() on one class: refused, naming both, before anything is read."""
+
+    class Both(ClaimUsername):
+        def streams(self) -> list[str]:
+            return ["users"]
+
+    with pytest.raises(InvalidArgument, match=r"both query\(\) and streams\(\)"):
+        await execute(store, Both("u", "ada"))
+    assert await store.last_position() is None
+
+
+async def test_decide_returning_a_mapping_is_refused(store: MemoryStore) -> None:
+    """A QueryCommand's decide returns a list (a stream command's habit of a mapping is a
+    clear error, not a decision written under its keys)."""
+
+    class Mapped(ClaimUsername):
+        def decide(self, taken: bool) -> list[NewEvent]:
+            return {"users": super().decide(taken)}  # type: ignore[return-value]
+
+    with pytest.raises(InvalidArgument, match="must return a list of events"):
+        await execute(store, Mapped("u", "ada"))
+    assert await store.last_position() is None

@@ -78,13 +78,14 @@ $fn$;
 -- (p_tag) reads that tag's rows, of one of p_types (joined by chr(31); NULL: any type),
 -- whose event carries every tag of p_tags (joined; '': none besides p_tag); a branch
 -- without a tag and with one type reads that type's events; a branch with neither matches
--- every event. Its guard: the keys of its branches (see the top of this file), and whether
+-- every event. p_after_tx: the tx of the position the read or condition is after (NULL:
+-- none). Its guard: the keys of its branches (see the top of this file), and whether
 -- a branch matches every event (then the writer lock guards it). Checked first: the arrays'
 -- shapes, and READ COMMITTED (at a stricter level the transaction's snapshot predates the
 -- locks, and would miss what they wait for). One function for the three: each call of a
 -- function with a fixed search_path costs tens of microseconds.
 CREATE FUNCTION {s}.query_guard(p_tag text[], p_types text[], p_tags text[],
-                                OUT keys int[], OUT every_event boolean)
+                                p_after_tx bigint, OUT keys int[], OUT every_event boolean)
 LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp AS $fn$
 BEGIN
     IF coalesce(cardinality(p_tag), 0) NOT BETWEEN 1 AND 4096
@@ -106,6 +107,15 @@ BEGIN
                 || ': the transaction''s snapshot predates the locks that make them safe',
             HINT = 'call read_query and append_tagged outside a transaction of your own, or '
                 || 'in one at READ COMMITTED';
+    END IF;
+    -- A position is at most (xmax, 0) of a snapshot taken now: one beyond it was never
+    -- given by this store (a read's position is an event's or a snapshot's xmax), and a
+    -- condition after it would pass over events written later.
+    IF p_after_tx > pg_snapshot_xmax(pg_current_snapshot())::text::bigint THEN
+        RAISE EXCEPTION USING
+            ERRCODE = 'EV008',
+            MESSAGE = format('the position %s:… is ahead of everything this store has '
+                             'written', p_after_tx);
     END IF;
     every_event := EXISTS (SELECT FROM unnest(p_tag, p_types) AS b(tag, types)
                            WHERE b.tag IS NULL AND b.types IS NULL);
@@ -624,7 +634,7 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
 DECLARE
     v_guard record;
 BEGIN
-    v_guard := {s}.query_guard(p_tag, p_types, p_tags);
+    v_guard := {s}.query_guard(p_tag, p_types, p_tags, p_after_tx);
     IF v_guard.every_event THEN
         PERFORM pg_advisory_xact_lock({writer_lock});
     ELSE
@@ -678,7 +688,7 @@ DECLARE
     v_every boolean;
     v_conflicts text;
 BEGIN
-    v_guard := {s}.query_guard(p_query_tag, p_query_types, p_query_tags);
+    v_guard := {s}.query_guard(p_query_tag, p_query_types, p_query_tags, p_after_tx);
     v_carried := {s}.carried_keys(p_type, p_tags);
     v_every := v_guard.every_event;
     IF v_every THEN

@@ -14,6 +14,7 @@ import trio
 
 from ..._errors import AppendConditionFailed, InvalidArgument, VersionConflict
 from ..._events import NewEvent
+from ..._positions import Position
 from ..._protocols import TaggedEventStore
 from ..._queries import AppendCondition, EventQuery, QueryItem
 
@@ -115,6 +116,19 @@ class TaggedContract:
         result = await store.append_tagged([_claim("ada")], condition=condition)
         assert result.position is not None
 
+    async def test_a_position_ahead_of_the_store_is_refused(self, store: TaggedEventStore) -> None:
+        """A position this store never gave (far ahead of its last write: from another
+        store, or made up) is refused by the read and by the condition, and nothing is
+        written: a condition after it would pass over every claim written before it."""
+        await store.append_tagged([_claim("ada")])
+        ahead = Position.parse("9000000000000000000:0")
+        with pytest.raises(InvalidArgument, match="ahead"):
+            await store.read_query(_username("ada"), after=ahead)
+        condition = AppendCondition(fail_if_events_match=_username("ada"), after=ahead)
+        with pytest.raises(InvalidArgument, match="ahead"):
+            await store.append_tagged([_claim("ada", again=True)], condition=condition)
+        assert len((await store.read_query(_username("ada"))).events) == 1
+
     async def test_a_stream_and_its_expected_version_are_checked_too(
         self, store: TaggedEventStore
     ) -> None:
@@ -167,6 +181,8 @@ class TaggedContract:
             lambda: EventQuery([QueryItem(tags=[""])]),
             lambda: EventQuery.of(types=[""]),
             lambda: AppendCondition(fail_if_events_match="x"),
+            lambda: EventQuery.of(tags="username:ada"),
+            lambda: EventQuery.of(types="UsernameClaimed"),
         ],
         ids=[
             "empty-tag",
@@ -179,6 +195,8 @@ class TaggedContract:
             "empty-item-tag",
             "empty-type",
             "query-not-a-query",
+            "lone-string-tags-of",
+            "lone-string-types-of",
         ],
     )
     async def test_bad_tags_and_queries_are_refused(
