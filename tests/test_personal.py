@@ -37,7 +37,6 @@ from eventcore_trio._backend._decoding import decode_stored
 from eventcore_trio._personal._envelope import (
     ENVELOPE_PREFIX,
     open_value,
-    personal_unsupported,
     seal_event,
     seal_value,
     sealed_data,
@@ -503,12 +502,3 @@ class TestMemoryStore:
                 "y",
             ]
             assert new.unwraps == 2
-
-
-def test_the_error_of_a_store_without_personal_data() -> None:
-    """What the PostgreSQL store raises until it keeps personal data: names the event and
-    what to do."""
-    error = personal_unsupported(_event(email="x"), "PostgreSQL")
-    assert isinstance(error, ConfigurationError)
-    assert "'Registered'" in str(error)
-    assert "PostgreSQL store does not keep personal data" in str(error)

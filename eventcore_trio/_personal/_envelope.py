@@ -126,17 +126,6 @@ def sealed_data(event: NewEvent) -> Mapping[str, Any]:
     return data
 
 
-def personal_unsupported(event: NewEvent, store: str) -> ConfigurationError:
-    """The error of a store that does not keep personal data yet, for an event that has a
-    subject (and maybe personal fields): raise it before anything is written."""
-    return ConfigurationError(
-        f"event {event.type!r} has a subject ({event.subject!r}"
-        + (f", personal fields {list(event.personal)!r}" if event.personal else "")
-        + f"): the {store} store does not keep personal data yet (issue 29; the memory "
-        "store does); append it without subject= and personal=, or use the memory store"
-    )
-
-
 def open_fields(
     data: dict[str, Any], subject: str, personal: Sequence[str], aead: AESGCM | None
 ) -> tuple[str, ...]:

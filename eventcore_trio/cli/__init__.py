@@ -2,17 +2,18 @@
 
 Exit codes: 0 success (``run``: stopped by SIGTERM), 1 the command ran and found a problem (a
 failed verification, a projection that is not found or is running, a version to retire that
-serves, dead letters that failed again, a queried event that does not decode), 2 bad usage or
+serves, dead letters that failed again, a queried event that does not decode, a subject to
+forget with no personal data, a subject asked about that is not forgotten), 2 bad usage or
 configuration (a ``run`` target that cannot be loaded, lock sessions behind transaction
-pooling, a query without criteria), 3 the database could not be reached, 130 interrupted
-(Ctrl-C, SIGINT), after a clean shutdown.
+pooling, a query without criteria, an invalid subject id), 3 the database could not be
+reached, 130 interrupted (Ctrl-C, SIGINT), after a clean shutdown.
 
 `main` turns the command line into one call and any error into its exit code; the commands
 live by family: `_options` (what every command shares, the store options among them),
 `_parser` (every command's arguments and help), `_status`, `_query` (``query``), `_admin`
 (``migrate``, ``reset``, ``run``, ``dead-letters``), `_versions` (``versions``, ``serve``,
-``retire``), `_programs` (``demo``, ``torture``, ``dashboard``, ``bench``) and `_projectors`
-(``MODULE:ATTR``).
+``retire``), `_forget` (``forget``, ``forgotten``), `_programs` (``demo``, ``torture``,
+``dashboard``, ``bench``) and `_projectors` (``MODULE:ATTR``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from .._errors import (
     UnsupportedPooling,
 )
 from .._tools._processes import run_program
-from . import _admin, _programs, _query, _versions
+from . import _admin, _forget, _programs, _query, _versions
 from ._options import DASHBOARD_TOKEN_VARIABLE as DASHBOARD_TOKEN_VARIABLE
 from ._options import DEFAULT_STATEMENT_CACHE_SIZE as DEFAULT_STATEMENT_CACHE_SIZE
 from ._options import DSN_VARIABLE as DSN_VARIABLE
@@ -116,6 +117,13 @@ def _command(args: argparse.Namespace) -> int:
         _programs.dashboard(options, args, projectors)
     elif command == "run":
         return run_program(_admin.run, options, load_projectors(args.target))
+    elif command == "forget":
+        question = _forget.forget_question(options, args.subject)
+        if not _versions.confirm(question, "not forgotten", args.yes):
+            return EXIT_FAILED
+        return run_program(_forget.forget, options, args.subject, args.json)
+    elif command == "forgotten":
+        return run_program(_forget.forgotten, options, args.subject, args.json)
     elif command == "dead-letters":
         if args.letters_command == "list":
             run_program(_admin.list_letters, options, args.name, args.json)

@@ -330,6 +330,47 @@ def _add_dead_letters_command(commands: Any) -> None:
     )
 
 
+def _add_forget_commands(commands: Any) -> None:
+    from ._forget import subject
+
+    forget = commands.add_parser(
+        "forget",
+        help="forget a data subject's personal data, for good (crypto-shredding)",
+        description="Delete the subject's data key: its events stay and stay readable, "
+        "without their personal fields, in every process. In the same transaction a "
+        "SubjectForgotten event is appended (projections erase what they derived on it), the "
+        "snapshots of the subject's streams are deleted and the forget is recorded (when, "
+        "host, pid, position of the event). Forgetting a forgotten subject again prints the "
+        "first record and changes nothing. Needs no key-encryption key "
+        "(docs/personal-data.md).",
+    )
+    add_store_options(forget)
+    forget.add_argument(
+        "subject",
+        metavar="SUBJECT",
+        type=subject,
+        help="the subject's id, as its events were appended with (after -- if it starts with -)",
+    )
+    forget.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    forget.add_argument("--json", action="store_true", help="print the record as JSON")
+    forgotten = commands.add_parser(
+        "forgotten",
+        help="list the forgotten subjects: when, by which host and process",
+        description="The audit of forgets, oldest first: when each subject was forgotten, the "
+        "host and process id that forgot it, and the position of its SubjectForgotten event. "
+        "With SUBJECT, that subject's record only; exit 1 if it has not been forgotten.",
+    )
+    add_store_options(forgotten)
+    forgotten.add_argument(
+        "subject",
+        metavar="SUBJECT",
+        type=subject,
+        nargs="?",
+        help="only this subject (exit 1 if not forgotten)",
+    )
+    forgotten.add_argument("--json", action="store_true", help="print JSON")
+
+
 def bench_available() -> bool:
     """Whether ``python -m benchmarks`` here would run this repository's harness: the
     current directory is a clone (the harness is not in the installed package)."""
@@ -366,4 +407,5 @@ def parser() -> argparse.ArgumentParser:
         # Listed only where it can run; elsewhere `eventcore-trio bench` still says why not.
         _add_bench_command(commands)
     _add_dead_letters_command(commands)
+    _add_forget_commands(commands)
     return main

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from itertools import chain, repeat
 from operator import attrgetter, is_not
 from typing import Any, Final, final
@@ -24,7 +24,7 @@ import attrs
 
 from .._errors import AppendTooLarge, VersionConflict
 from .._events import NO_METADATA, AppendResult, StreamAppend, prepare_appends
-from .._personal._envelope import personal_unsupported
+from .._personal._envelope import sealed_data
 from .._positions import Position
 from .._validation import encode_json_object
 from ._bridge import Record
@@ -67,6 +67,10 @@ class EncodedAppend:
     #: Each event's tags joined by U+001F (tags hold no control characters), "" for none.
     tags: list[str] = attrs.field(factory=list)
     size: int = 0
+    #: Each event's subject (None: none), or None when no event has one; then each event's
+    #: personal field names joined by U+001F.
+    subjects: list[str | None] | None = None
+    personal: list[str] | None = None
 
 
 def _utf8_size(text: str) -> int:
@@ -98,6 +102,7 @@ def encode_append(
     data: list[str] = []
     metadata: list[str] = []
     tags: list[str] = []
+    subjects: list[str | None] = []
     add_data, add_metadata = data.append, metadata.append
     size = 0
     for index, request in enumerate(requests, start=1):
@@ -109,11 +114,10 @@ def encode_append(
         # Per event only what depends on its payload (this loop runs once per event); the
         # other arrays are whole-stream copies, made after the payloads pass.
         for event in events:
-            if event.subject is not None:
-                # Until the PostgreSQL store seals personal fields, refuse rather than store
-                # them in the clear (issue 29, part 2).
-                raise personal_unsupported(event, "PostgreSQL")
-            encoded_data = encode_json_object("data", event.data)
+            # A personal field not sealed (a path that forgot to) is refused by sealed_data.
+            encoded_data = encode_json_object(
+                "data", sealed_data(event) if event.personal else event.data
+            )
             event_metadata = event.metadata
             encoded_metadata = (
                 "{}"
@@ -135,6 +139,7 @@ def encode_append(
         event_ids.extend([event.event_id for event in events])
         types.extend([event.type for event in events])
         tags.extend([TAG_SEPARATOR.join(event.tags) for event in events])
+        subjects.extend([event.subject for event in events])
     if size > max_bytes:  # stream ids alone (streams without events)
         raise AppendTooLarge(size, max_bytes)
     return EncodedAppend(
@@ -149,7 +154,20 @@ def encode_append(
         metadata,
         tags,
         size,
+        *_subjects(subjects, requests),
     )
+
+
+def _subjects(
+    subjects: list[str | None], requests: Sequence[StreamAppend]
+) -> tuple[list[str | None] | None, list[str] | None]:
+    # The two arrays of check_subjects (migration 9), NULL when no event has a subject.
+    if subjects.count(None) == len(subjects):
+        return None, None
+    personal = [
+        TAG_SEPARATOR.join(event.personal) for request in requests for event in request.events
+    ]
+    return subjects, personal
 
 
 def _or_null_ids(ids: list[uuid.UUID | None]) -> list[uuid.UUID | None] | None:
@@ -175,11 +193,25 @@ class AppendStatement:
         #: The largest encoded append (``max_append_bytes``), and of a shared statement.
         self.max_bytes = max_bytes
         self._single_sql = (
-            f'SELECT * FROM "{schema}".append_events($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)'
+            f'SELECT * FROM "{schema}".append_events('
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
         )
         self._many_sql = (
             f'SELECT * FROM "{schema}".append_many($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)'
         )
+
+    #: Seals the personal fields of appends (`_personal.PersonalData.seal_appends`), set by
+    #: the store; every write path calls `seal` before `encode`.
+    sealer: Callable[[Sequence[StreamAppend]], Awaitable[Sequence[StreamAppend]]] | None = None
+
+    async def seal(self, appends: Sequence[StreamAppend]) -> Sequence[StreamAppend]:
+        """*appends* with their personal fields sealed (as they are when none has any).
+
+        Raises:
+            ConfigurationError: personal fields and no key-encryption key.
+            SubjectForgottenError: personal fields of a forgotten subject.
+        """
+        return appends if self.sealer is None else await self.sealer(appends)
 
     def __call__(self, appends: Sequence[StreamAppend]) -> tuple[str, list[Any]]:
         """The SQL and arguments for *appends*, validated and encoded.
@@ -210,6 +242,8 @@ class AppendStatement:
             encoded.data,
             _or_null_metadata(encoded.metadata),
             or_null_tags(encoded.tags),
+            encoded.subjects,
+            encoded.personal,
         ]
         return self._single_sql, args
 

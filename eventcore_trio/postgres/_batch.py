@@ -327,7 +327,7 @@ class PostgresBatch:
         """
         if self._append_statement is None:
             raise InvalidArgument("this batch cannot append events")
-        sql, args = self._append_statement(appends)
+        sql, args = self._append_statement(await self._append_statement.seal(appends))
         await self._db.flush()
         row = await self._statement(self._connection.fetchrow, sql, *args)
         self._appended = True

@@ -38,6 +38,7 @@ from .._errors import (
     InvalidArgument,
     StoreClosed,
     StoreConnectionError,
+    SubjectForgottenError,
     UnsupportedPooling,
     VersionConflict,
 )
@@ -57,6 +58,8 @@ STALE_SNAPSHOT_SQLSTATE: Final = "EV006"
 # A decision's position is ahead of everything the store has written (migration 8): from
 # another store, or made up.
 POSITION_AHEAD_SQLSTATE: Final = "EV008"
+# An append carried personal fields of a forgotten subject (migration 9); DETAIL: the subject.
+SUBJECT_FORGOTTEN_SQLSTATE: Final = "EV007"
 
 Record = Mapping[str, Any]
 
@@ -102,6 +105,8 @@ def translate_error(exc: BaseException) -> BaseException:
             return VersionConflict(detail["stream_id"], detail["expected"], detail["actual"])
         if sqlstate == CONDITION_FAILED_SQLSTATE:
             return AppendConditionFailed(tuple((getattr(exc, "detail", None) or "").split(",")))
+        if sqlstate == SUBJECT_FORGOTTEN_SQLSTATE:
+            return SubjectForgottenError(getattr(exc, "detail", None) or "")
         if sqlstate == POSITION_AHEAD_SQLSTATE:
             return InvalidArgument(
                 f"{getattr(exc, 'message', exc)}: pass the position of a read_query of this "

@@ -35,6 +35,10 @@ def to_dead_letter(row: Record) -> DeadLetter:
         row["event_recorded_at"],
         known_error=row["decode_error"],
         tags=tuple(row["tags"]),
+        subject=row["subject"],
+        personal=tuple(row["personal"]),
+        # Opened by the store (PersonalData.open_letters), which looks up the keys.
+        keep_sealed=True,
     )
     unit = Unit.parse(row[_NAME])
     return DeadLetter(
@@ -55,8 +59,14 @@ def dead_letter_arguments(
     """The arguments of `DeadLetterTable.insert` for *event*."""
     tx, seq = position_parts(event.position)
     tags: tuple[str, ...] = ()
+    subject: str | None = None
+    personal: tuple[str, ...] = ()
     if isinstance(event, RecordedEvent):
-        data, metadata, decode_error = json.dumps(event.data), json.dumps(event.metadata), None
+        subject, personal = event.subject, event.personal
+        # Never the opened values: the statement copies the sealed ones from the events
+        # row (see DeadLetterTable.insert).
+        plain = {k: v for k, v in event.data.items() if k not in personal}
+        data, metadata, decode_error = json.dumps(plain), json.dumps(event.metadata), None
         tags = event.tags
     else:
         data, metadata, decode_error = event.raw_data, event.raw_metadata, event.error
@@ -76,6 +86,8 @@ def dead_letter_arguments(
         str(error),
         retries,
         list(tags),
+        subject,
+        list(personal),
     ]
 
 
@@ -86,11 +98,17 @@ class DeadLetterTable:
     def __init__(self, pool: Pool, schema: str) -> None:
         self._pool = pool
         self.table = f'"{schema}".dead_letters'
+        # An event with personal fields keeps them as the events row holds them, sealed
+        # (its data as sent lacks them: it never holds a plain personal value).
         self.insert = (
             f"INSERT INTO {self.table} ({_NAME}, tx, position, event_id, stream_id, "
             "stream_version, type, data, metadata, decode_error, event_recorded_at, "
-            "error_type, error_message, retries, tags) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)"
+            "error_type, error_message, retries, tags, subject, personal) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, "
+            "CASE WHEN cardinality($17::text[]) = 0 THEN $8 ELSE coalesce("
+            f'(SELECT e.data::text FROM "{schema}".events AS e '
+            "WHERE e.tx = $2 AND e.position = $3 AND e.event_id = $4), $8) END, "
+            "$9, $10, $11, $12, $13, $14, $15, $16, $17)"
         )
         # Resolving a replayed dead letter: $1 id, $2 unit, $3 the lock session's backend
         # pid, $4 its lock key. Deletes the letter only if it is the unit's and only while

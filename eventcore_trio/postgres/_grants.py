@@ -25,12 +25,22 @@ _WRITES: Final[dict[str, str]] = {
     "snapshots": "INSERT, UPDATE, DELETE",
     "serving_versions": "INSERT, UPDATE",
     "version_switches": "INSERT",
+    # Keys made on first use; a forget replaces the key by its record, a rewrap rewraps
+    # it (a trigger refuses anything else: migration 9).
+    "subject_keys": "INSERT, UPDATE",
 }
 _READS: Final = ("schema_migrations", "events", "event_tags", "streams", *_WRITES)
 
 #: What a runtime role may execute: the append functions run as the schema's owner
 #: (SECURITY DEFINER) and are revoked from PUBLIC; the rest run as their caller.
 DEFINER_FUNCTIONS: Final = (
+    "append_events(text[], bigint[], int[], int[], int[], uuid[], text[], jsonb[], jsonb[], "
+    "text[], text[], text[])",
+    "read_query(text[], text[], text[], bigint, bigint, bigint, boolean)",
+    "append_conditional(text, bigint, uuid[], text[], jsonb[], jsonb[], text[], text[], text[], "
+    "text[], text[], text[], bigint, bigint)",
+    # Migration 8's: append_many (shared appends, which carry no subject), the others for
+    # clients of an earlier version during an upgrade.
     "append_events(text[], bigint[], int[], int[], int[], uuid[], text[], jsonb[], jsonb[], "
     "text[])",
     "append_many(int[], text[], bigint[], int[], int[], int[], uuid[], text[], jsonb[], jsonb[], "

@@ -122,6 +122,10 @@ class GroupCommit:
     @trio.lowlevel.enable_ki_protection
     async def append(self, request: EncodedAppend) -> AppendResult:
         """Append one encoded request; returns its result or raises its error."""
+        if request.subjects is not None:
+            # Events with a subject go on their own: append_many (migration 8) stores no
+            # subject, and checks no forget.
+            return await self._send_one(request)
         if not self._queue and self._slots.value > 0:
             # Nobody waiting and a slot free: a lone append, exactly as without sharing. The
             # slot is taken without the scheduling round `async with` would add (a free slot

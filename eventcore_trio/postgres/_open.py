@@ -9,11 +9,13 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 from .._errors import ConfigurationError, DatabaseError, UnsupportedServer
+from .._personal._keys import KeyWrapper
 from .._util import service_nursery
 from . import _bridge, _pool
 from ._appends import DEFAULT_MAX_APPEND_BYTES, MAX_APPEND_BYTES_LIMIT
 from ._bridge import Connection
 from ._dsn import normalize_dsn
+from ._personal import make_keyring
 from ._schema import MINIMUM_SERVER_VERSION_NUM, check_schema, check_schema_name
 from ._schema import migrate as migrate_schema
 from ._store import DSN_ENVIRONMENT_VARIABLE, PostgresStore
@@ -87,6 +89,7 @@ async def open_postgres_store(
     session_dsn: str | None = None,
     statement_cache_size: int = 100,
     max_append_bytes: int = DEFAULT_MAX_APPEND_BYTES,
+    key_encryption_key: bytes | KeyWrapper | None = None,
 ) -> AsyncIterator[PostgresStore]:
     """Open a PostgreSQL event store for the duration of an ``async with`` block.
 
@@ -119,13 +122,20 @@ async def open_postgres_store(
             512 MiB): a larger one raises `AppendTooLarge` before any I/O, and concurrent
             appends share a statement only within it. It keeps every statement far below
             PostgreSQL's 1 GB message limit, past which the server drops the session.
+        key_encryption_key: the key that wraps subjects' data keys, for events with
+            personal fields: 32 random bytes, or a `KeyWrapper` (a KMS). None reads
+            ``EVENTCORE_KEY_ENCRYPTION_KEY`` (32 bytes in base64); without either, an
+            append with personal fields raises `ConfigurationError`. One stored key is
+            unwrapped at open, so the wrong one is refused there (see
+            docs/personal-data.md).
 
     Raises:
         ConfigurationError: no DSN, a malformed DSN (a libpq option that asyncpg does not
             read, a setting the server refuses), an invalid option (a schema name with
             PostgreSQL's reserved prefix ``pg_``), a schema that needs migrating by a role
             that may not (run ``eventcore-trio migrate`` as the schema's owner), or one the
-            role may not use (``eventcore-trio migrate --grant ROLE``).
+            role may not use (``eventcore-trio migrate --grant ROLE``), or a
+            key-encryption key that is malformed or cannot unwrap the stored keys.
         StoreConnectionError: the server cannot be reached (`AuthenticationFailed` and
             `DatabaseNotFound` are more specific).
         UnsupportedServer: the server is older than PostgreSQL 13.
@@ -137,6 +147,8 @@ async def open_postgres_store(
        *session_dsn* and *statement_cache_size*; libpq keyword DSNs.
     .. versionchanged:: 0.3
        *max_append_bytes*.
+    .. versionchanged:: 0.4
+       *key_encryption_key*.
     """
     dsn = _resolve_dsn(dsn)
     session_dsn = dsn if session_dsn is None else normalize_dsn(session_dsn, option="session_dsn")
@@ -144,6 +156,7 @@ async def open_postgres_store(
     _check_pool_sizes(min_pool_size, max_pool_size)
     _check_connection_options(connect_timeout, statement_cache_size, application_name)
     _check_max_append_bytes(max_append_bytes)
+    keyring = make_keyring(key_encryption_key)
     options = _pool.SessionOptions(
         dsn,
         application_name,
@@ -175,7 +188,9 @@ async def open_postgres_store(
             system_identifier=system_identifier,
             server_version=version,
             max_append_bytes=max_append_bytes,
+            keyring=keyring,
         )
+        await store._personal.check_key_encryption_key()
         try:
             yield store
         finally:

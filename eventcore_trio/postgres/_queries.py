@@ -20,7 +20,7 @@ from .._events import AppendResult, RecordedEvent
 from .._positions import Position, position_parts
 from .._queries import EventQuery, QueryResult
 from ._appends import TAG_SEPARATOR, EncodedAppend, or_null_tags
-from ._reads import recorded_row
+from ._reads import Keys, recorded_row
 
 logger = logging.getLogger("eventcore_trio.postgres")
 
@@ -98,10 +98,11 @@ class QueryStatements:
     """The statements of one schema's decisions."""
 
     def __init__(self, schema: str) -> None:
-        self._read = f'SELECT * FROM "{schema}".read_query($1, $2, $3, $4, $5, $6)'
+        # Migration 9's overloads: with each event's subject and personal field names.
+        self._read = f'SELECT * FROM "{schema}".read_query($1, $2, $3, $4, $5, $6, true)'
         self._append = (
             f'SELECT * FROM "{schema}".append_conditional('
-            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)"
+            "$1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)"
         )
 
     def read(
@@ -124,19 +125,23 @@ class QueryStatements:
             encoded.data,
             encoded.metadata,
             or_null_tags(encoded.tags),
+            encoded.subjects,
+            encoded.personal,
             *Branches(query).args(),
             tx,
             seq,
         ]
 
 
-def query_result(rows: Sequence[Any], after: Position | None, limit: int | None) -> QueryResult:
+def query_result(
+    rows: Sequence[Any], after: Position | None, limit: int | None, keys: Keys | None = None
+) -> QueryResult:
     """The `QueryResult` of a ``read_query`` statement's rows.
 
     The read is complete up to its last event when *limit* cut it short, else up to the
     snapshot's xmax: every matching event it did not return has a greater position.
     """
-    events: list[RecordedEvent] = [recorded_row(row) for row in rows if row["tx"] is not None]
+    events: list[RecordedEvent] = [recorded_row(row, keys) for row in rows if row["tx"] is not None]
     if limit is not None and len(events) == limit:
         return QueryResult(events=tuple(events), position=events[-1].position)
     position = Position(rows[0]["snapshot_xmax"], 0)

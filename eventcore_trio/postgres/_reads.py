@@ -9,8 +9,8 @@ at or above today's horizon, so it is read later, never skipped. See docs/postgr
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
-from typing import Any, Final, final
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Final, final
 
 import attrs
 import trio
@@ -23,9 +23,17 @@ from .._positions import Position, position_parts, trusted_position
 from ._keys import index_lock_key
 from ._pool import Pool, SessionOptions
 
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 EVENT_COLUMNS: Final = (
-    "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at, tags"
+    "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at, tags, "
+    "subject, personal"
 )
+
+#: The data keys of a page's subjects, by subject (None: forgotten), from
+#: `_personal.PersonalData.keys_for`.
+Keys = Mapping[str, "AESGCM | None"]
 
 
 #: Up to how many matching events behind status counts a unit's lag exactly; beyond, it
@@ -180,12 +188,29 @@ async def ensure_partition_index(
         await connection.close()
 
 
-def decode_row(row: Any) -> RecordedEvent | UndecodableEvent:
-    """An events row (columns in `EVENT_COLUMNS` order, maybe more after) as an event."""
+def decode_row(row: Any, keys: Keys | None = None) -> RecordedEvent | UndecodableEvent:
+    """An events row (columns in `EVENT_COLUMNS` order, maybe more after) as an event; its
+    personal fields opened with *keys* (which must hold its subject: see `Keys`)."""
     # By index (an asyncpg Record is also a sequence): this runs once per event read.
-    (tx, seq, stream_id, stream_version, event_id, event_type, raw_data, raw_metadata, at, tags) = (
-        row[:10]
-    )
+    (
+        tx,
+        seq,
+        stream_id,
+        stream_version,
+        event_id,
+        event_type,
+        raw_data,
+        raw_metadata,
+        at,
+        tags,
+        subject,
+        personal,
+    ) = row[:12]
+    data_key = None
+    if personal:
+        # A path that did not fetch the page's keys is a bug, not a forget.
+        assert keys is not None, "personal event decoded without its subject's key"
+        data_key = keys.get(subject)
     return decode_stored(
         trusted_position(tx, seq),
         stream_id,
@@ -196,12 +221,15 @@ def decode_row(row: Any) -> RecordedEvent | UndecodableEvent:
         raw_metadata,
         at,
         tags=tuple(tags) if tags else (),
+        subject=subject,
+        personal=tuple(personal) if personal else (),
+        data_key=data_key,
     )
 
 
-def recorded_row(row: Any) -> RecordedEvent:
+def recorded_row(row: Any, keys: Keys | None = None) -> RecordedEvent:
     """An events row as a `RecordedEvent`, or `EventDecodeError`."""
-    return require_decoded(decode_row(row))
+    return require_decoded(decode_row(row, keys))
 
 
 @final

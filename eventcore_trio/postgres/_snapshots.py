@@ -17,16 +17,22 @@ from .._events import RecordedEvent
 from .._snapshots import Snapshot
 from .._validation import encode_json_object
 from ._bridge import Record
+from ._personal import PersonalData
 from ._pool import Pool
 from ._reads import EVENT_COLUMNS, recorded_row
 
 
 @final
 class SnapshotTable:
-    """The snapshot statements of one schema, run on the store's pool."""
+    """The snapshot statements of one schema, run on the store's pool.
 
-    def __init__(self, pool: Pool, schema: str, read_stream: str) -> None:
+    The snapshot of a stream holding personal events is kept sealed under the keys of its
+    subjects (`PersonalData.seal_snapshot`), and reads as none once one is forgotten.
+    """
+
+    def __init__(self, pool: Pool, schema: str, read_stream: str, personal: PersonalData) -> None:
         self._pool = pool
+        self._personal = personal
         self._read_stream = read_stream
         table = f'"{schema}".snapshots'
         events = f'"{schema}".events'
@@ -73,7 +79,8 @@ class SnapshotTable:
             "SELECT true AS is_snapshot, NULL::bigint AS tx, NULL::bigint AS position, "
             "$1::text AS stream_id, stream_version, event_id, "
             "state_version::text AS type, data, NULL::jsonb AS metadata, "
-            "taken_at AS recorded_at, NULL::text[] AS tags, event_recorded_at FROM snap "
+            "taken_at AS recorded_at, NULL::text[] AS tags, NULL::text AS subject, "
+            "NULL::text[] AS personal, event_recorded_at FROM snap "
             f"UNION ALL SELECT false, {EVENT_COLUMNS}, NULL::timestamptz FROM {events} "
             "WHERE stream_id = $1 "
             "AND stream_version >= coalesce((SELECT stream_version FROM snap), 1)"
@@ -88,6 +95,8 @@ class SnapshotTable:
         if row is None:
             return None
         data = decode_json_object(row["data"])
+        if data is not None:
+            data = await self._personal.open_snapshot(stream_id, data)
         if data is None:
             return None
         return _snapshot(
@@ -110,27 +119,36 @@ class SnapshotTable:
         if rows and rows[0]["is_snapshot"]:
             head = rows[0]
             data = decode_json_object(head["data"])
+            if data is not None:
+                data = await self._personal.open_snapshot(stream_id, data)
             if data is None:
-                # Not a snapshot this library wrote (edited by hand?): the whole stream.
+                # Not a snapshot this library wrote (edited by hand?), or sealed under the
+                # key of a forgotten subject: the whole stream.
                 events = await self._pool.fetch(self._read_stream, stream_id, 0)
             else:
                 # The snapshot's row carries its fields in the events' columns.
                 snapshot = _snapshot(
                     stream_id, state, head, data, state_version="type", taken_at="recorded_at"
                 )
-        return snapshot, [recorded_row(row) for row in events]
+        keys = await self._personal.keys_for(events)
+        return snapshot, [recorded_row(row, keys) for row in events]
 
     async def write(self, snapshot: Snapshot) -> None:
         """Keep *snapshot* unless a newer one of the same state version is kept (and still
         proven by its stream)."""
         text = encode_json_object("snapshot", snapshot.data)
+        kept = await self._personal.seal_snapshot(snapshot.stream_id, text)
+        if kept is None:
+            # A stream with a forgotten subject's events gets no snapshot again: a state
+            # folded before the forget may hold its personal data.
+            return
         await self._pool.execute(
             self._write,
             snapshot.stream_id,
             snapshot.state,
             snapshot.state_version,
             snapshot.stream_version,
-            text,
+            kept,
             snapshot.event_id,
             snapshot.event_recorded_at,
         )

@@ -30,6 +30,9 @@ from .._errors import (
 from .._events import AppendResult, NewEvent, RecordedEvent, StreamAppend
 from .._filters import EventFilter
 from .._partitions import Unit, check_partitions, units_of
+from .._personal._fields import check_subject
+from .._personal._forget import ForgetRecord, notify_forgotten
+from .._personal._keys import Keyring, KeyWrapper
 from .._positions import Position
 from .._protocols import OneStreamAppend
 from .._queries import (
@@ -74,6 +77,7 @@ from ._leadership import (
 from ._listener import Listener
 from ._membership import PostgresMembership, hosts_channel, live_hosts, register_host
 from ._notifier import Notifier
+from ._personal import PersonalData
 from ._queries import QueryStatements, conditional_result, query_result, retry_deadlock
 from ._reads import (
     ReadQueries,
@@ -111,7 +115,13 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
     leadership uses a dedicated connection of its own, and `wait_for_events` one shared
     LISTEN connection, opened on first use.
 
+    It keeps personal data (`PersonalDataStore`): values sealed in this process, data keys
+    wrapped by the key-encryption key in the ``subject_keys`` table, a forget that deletes
+    the key (docs/personal-data.md).
+
     .. versionadded:: 0.1
+    .. versionchanged:: 0.4
+       Personal data (`forget`, `forget_records`, `rewrap`).
     """
 
     def __init__(
@@ -124,6 +134,7 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         system_identifier: str | None,
         server_version: int,
         max_append_bytes: int = DEFAULT_MAX_APPEND_BYTES,
+        keyring: Keyring | None = None,
     ) -> None:
         self._pool = pool
         # How leaderships, LISTEN sessions and index builds connect.
@@ -134,9 +145,12 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         # Partition counts whose index this role may not build (logged once each).
         self._unindexed: set[int] = set()
         self._append_statement = AppendStatement(schema, max_append_bytes)
+        self._personal = PersonalData(pool, schema, keyring or Keyring(None))
+        # Every write path seals through the append statement (AppendStatement.seal).
+        self._append_statement.sealer = self._personal.seal_appends
         self._reads = ReadQueries(schema)
         self._queries = QueryStatements(schema)
-        self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream)
+        self._snapshots = SnapshotTable(pool, schema, self._reads.read_stream, self._personal)
         self._subscriptions = Subscriptions(pool, schema, system_identifier)
         self._versions = Versions(pool, self._subscriptions)
         # Read-model schemas known to exist (see `read_model_schema`).
@@ -228,8 +242,18 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         One statement, one round trip, one crossing into asyncio, whatever the event count.
         Events larger in all than `max_append_bytes` (all the streams' events together) raise
         `AppendTooLarge`, before any I/O.
+
+        Personal fields are sealed first (their subjects' keys made as needed).
+
+        Raises:
+            ConfigurationError: an event has personal fields and the store has no
+                key-encryption key.
+            SubjectForgottenError: an event has personal fields of a forgotten subject.
+
+        .. versionchanged:: 0.4
+           Personal fields.
         """
-        request = self._append_statement.encode(appends)
+        request = self._append_statement.encode(await self._append_statement.seal(appends))
         self._check_open()
         return await self._group_commit.append(request)
 
@@ -250,7 +274,7 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         self._check_open()
         sql, args = self._queries.read(query, after, limit)
         rows = await retry_deadlock(lambda: self._pool.fetch(sql, *args))
-        return query_result(rows, after, limit)
+        return query_result(rows, after, limit, await self._personal.keys_for(rows))
 
     async def append_tagged(
         self,
@@ -277,7 +301,7 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         ]
         if condition is None:
             return await self.append_atomic(appends)
-        encoded = self._append_statement.encode(appends)
+        encoded = self._append_statement.encode(await self._append_statement.seal(appends))
         self._check_open()
         sql, args = self._queries.append(encoded, condition.fail_if_events_match, condition.after)
         row = await retry_deadlock(lambda: self._pool.fetchrow(sql, *args))
@@ -291,7 +315,8 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         check_version_cursor(after_version)
         self._check_open()
         rows = await self._pool.fetch(self._reads.read_stream, stream_id, after_version)
-        return [recorded_row(row) for row in rows]
+        keys = await self._personal.keys_for(rows)
+        return [recorded_row(row, keys) for row in rows]
 
     def transaction(
         self, *, isolation: Isolation = "read committed"
@@ -378,9 +403,11 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         # primary key (see `read_page`).
         self._check_open()
         rows = await read_page(self._pool, self._reads, after, limit, filter)
+        # The page's subjects' keys, as they are now (a forget elsewhere is seen at once).
+        keys = await self._personal.keys_for(rows)
         if mode == "raise":
-            return [recorded_row(row) for row in rows]
-        return [decode_row(row) for row in rows]
+            return [recorded_row(row, keys) for row in rows]
+        return [decode_row(row, keys) for row in rows]
 
     async def last_position(self, filter: EventFilter | None = None) -> Position | None:
         """The position of the last visible event matching *filter*, or None."""
@@ -893,4 +920,50 @@ class PostgresStore(ReadEventsBase, OneStreamAppend):
         """The events *name* skipped and that were not replayed, in position order."""
         check_name(name)
         self._check_open()
-        return await self._subscriptions.dead_letters(name)
+        return await self._personal.open_letters(await self._subscriptions.dead_letters(name))
+
+    # -- PersonalDataStore ----------------------------------------------------------------
+
+    async def forget(self, subject: str) -> ForgetRecord:
+        """Forget *subject*'s personal data (see `PersonalDataStore.forget`).
+
+        One transaction: the ``SubjectForgotten`` event on ``$forgotten-<subject>``, the
+        subject's key deleted (its row kept, as the audit record and the refusal of its
+        personal data from then on), the snapshots of the streams holding its personal
+        events deleted. Then this process's state caches drop those streams. A concurrent
+        append of the subject's personal data either commits first (and is forgotten with
+        the rest) or is refused (`SubjectForgottenError`).
+
+        .. versionadded:: 0.4
+        """
+        check_subject(subject)
+        self._check_open()
+        record, streams = await self._personal.forget(subject, self.transaction)
+        if streams:
+            notify_forgotten(self, streams)
+        return record
+
+    async def forget_records(self, subject: str | None = None) -> list[ForgetRecord]:
+        """The audit of forgets (see `PersonalDataStore.forget_records`).
+
+        .. versionadded:: 0.4
+        """
+        if subject is not None:
+            check_subject(subject)
+        self._check_open()
+        return await self._personal.forget_records(subject)
+
+    async def rewrap(self, key_encryption_key: bytes | KeyWrapper) -> int:
+        """Wrap every data key under a new key-encryption key (see
+        `PersonalDataStore.rewrap`).
+
+        It goes round until no key is left to rewrap (keys made meanwhile included), then
+        makes new keys under the new KEK. Each round is one statement that replaces a key
+        only if it is still the one rewrapped. Other processes must then be opened with the
+        new KEK: keys they made under the old one after the last round stay under it (run
+        rewrap again from a process that has both, see docs/personal-data.md).
+
+        .. versionadded:: 0.4
+        """
+        self._check_open()
+        return await self._personal.rewrap(key_encryption_key)

@@ -90,7 +90,9 @@ class PostgresTransaction(OneStreamAppend):
             VersionConflict: a stream's version is not its expected version; the
                 transaction can then only roll back.
         """
-        sql, args = self._append_statement(appends)
+        # Personal fields sealed first, their subjects' keys made in transactions of their
+        # own (a key must outlive this transaction's rollback: another may use it).
+        sql, args = self._append_statement(await self._append_statement.seal(appends))
         row = await self._run(self._connection.fetchrow, sql, *args)
         self._appended = True
         return append_result(row, args)
