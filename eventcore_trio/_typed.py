@@ -486,7 +486,7 @@ class EventRegistry:
             except Exception as exc:
                 raise EventDecodeError(
                     f"event at {event.position}: the upcaster for {shape.type!r} version "
-                    f"{shape.version} raised {type(exc).__name__}: {exc}",
+                    f"{shape.version} raised {type(exc).__name__}{_detail(exc, event)}",
                     position=event.position,
                 ) from exc
             pending[0:0] = self._upcast_result(result, shape, event)
@@ -533,7 +533,8 @@ class EventRegistry:
                 else ""
             )
             raise EventDecodeError(
-                f"event at {event.position} does not fit {cls.__qualname__} ({exc}){advice}",
+                f"event at {event.position} does not fit {cls.__qualname__} "
+                f"({type(exc).__name__}{_detail(exc, event)}){advice}",
                 position=event.position,
             ) from exc
 
@@ -675,3 +676,12 @@ class EventRegistry:
         except Exception:
             # A snapshot is a cache: one that no longer fits is folded from events instead.
             return None
+
+
+def _detail(exc: BaseException, event: RecordedEvent) -> str:
+    # An error's text may quote a value it was given (a validator's "'ada@x.org' doesn't
+    # match"), and these messages are stored in plain text (dead letters, a projection's
+    # last error) and logged: for an event with personal fields, only the error's type.
+    if event.personal:
+        return " (its text is left out: the event has personal fields)"
+    return f": {exc}"

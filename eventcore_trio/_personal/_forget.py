@@ -8,7 +8,7 @@ import os
 import socket
 import weakref
 from collections.abc import Collection
-from typing import Protocol, final
+from typing import Final, Protocol, final
 
 import attrs
 
@@ -82,3 +82,8 @@ def notify_forgotten(store: object, stream_ids: Collection[str]) -> None:
     """Tell every listener that *store* forgot the subject of the events of *stream_ids*."""
     for listener in list(_LISTENERS):
         listener.forgotten(store, stream_ids)
+
+
+#: What a forget leaves of the error text of a dead letter of the subject's personal events
+#: (a handler's error may have quoted a personal value).
+REDACTED_ERROR: Final = "(the error's text was removed when the event's subject was forgotten)"

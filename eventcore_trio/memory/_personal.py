@@ -26,7 +26,7 @@ from .._personal._envelope import (
     snapshot_subjects,
 )
 from .._personal._fields import forgotten_stream
-from .._personal._forget import ForgetRecord, forgotten_event, this_process
+from .._personal._forget import REDACTED_ERROR, ForgetRecord, forgotten_event, this_process
 from .._personal._keys import resolve_key_encryption_key
 from .._snapshots import Snapshot
 from .._status import DeadLetter
@@ -195,6 +195,7 @@ def forget(state: MemoryState, subject: str) -> tuple[ForgetRecord, set[str]]:
     streams = tables.streams.pop(subject, set())
     for stream_id in streams:
         _snapshots.delete(state, stream_id)
+    redact_letters(state, subject)
     result = apply(state, staged)
     assert result.position is not None  # one event was written
     record = ForgetRecord(
@@ -245,3 +246,16 @@ async def rewrap(state: MemoryState, key_encryption_key: object) -> int:
             count += 1
     tables.keyring.use(wrapper)
     return count
+
+
+def redact_letters(state: MemoryState, subject: str) -> None:
+    """Replace the error text of *subject*'s personal events' dead letters: a handler's
+    error may quote a value it was given, and the text is kept in plain."""
+    for name, letters in state.dead_letters.items():
+        state.dead_letters[name] = [
+            attrs.evolve(letter, error_message=REDACTED_ERROR)
+            if getattr(letter.event, "subject", None) == subject
+            and getattr(letter.event, "personal", ())
+            else letter
+            for letter in letters
+        ]

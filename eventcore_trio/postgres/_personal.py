@@ -37,7 +37,7 @@ from .._personal._envelope import (
     snapshot_subjects,
 )
 from .._personal._fields import forgotten_stream
-from .._personal._forget import ForgetRecord, forgotten_event, this_process
+from .._personal._forget import REDACTED_ERROR, ForgetRecord, forgotten_event, this_process
 from .._personal._keys import DEFAULT_CACHED_KEYS, Keyring, resolve_key_encryption_key
 from .._positions import Position, position_parts
 from .._status import DeadLetter
@@ -77,6 +77,7 @@ class PersonalData:
         keys = f'"{schema}".subject_keys'
         events = f'"{schema}".events'
         self._snapshots = f'"{schema}".snapshots'
+        self._dead_letters = f'"{schema}".dead_letters'
         self._keys = keys
         # Subject -> its wrapped key, for sealing only (see the module's docstring).
         self._sealing: OrderedDict[str, bytes] = OrderedDict()
@@ -291,6 +292,13 @@ class PersonalData:
                 streams = [r["stream_id"] for r in await tx.fetch(self._subject_streams, subject)]
                 await tx.execute(
                     f"DELETE FROM {self._snapshots} WHERE stream_id = ANY($1::text[])", streams
+                )
+                # A handler's error may have quoted a personal value: its text goes too.
+                await tx.execute(
+                    f"UPDATE {self._dead_letters} SET error_message = $2 "
+                    "WHERE subject = $1 AND cardinality(personal) > 0",
+                    subject,
+                    REDACTED_ERROR,
                 )
             return result.position, streams
 

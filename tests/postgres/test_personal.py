@@ -14,12 +14,14 @@ from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 import trio
 
 from eventcore_trio import (
     ConfigurationError,
     DatabaseError,
+    EventRegistry,
     NewEvent,
     RecordedEvent,
     Snapshot,
@@ -332,3 +334,51 @@ async def test_the_append_function_refuses_malformed_subjects(
             "NULL, NULL, ARRAY['T'], ARRAY['{}'::jsonb], NULL, NULL, ARRAY[NULL::text], "
             "ARRAY['email'])"
         )
+
+
+async def test_error_texts_keep_no_personal_value(
+    kek_store: tuple[bytes, PostgresStore],
+    postgres_server: EmbeddedPostgres | str,
+    postgres_dsn: str,
+) -> None:
+    """A typed event whose personal value fails its class's validator: the decode error the
+    library writes (a dead letter's text) names the field's error type, never the value; a
+    handler's own error that quotes a value is kept until the subject is forgotten, and the
+    forget removes that text too (found by an attack review)."""
+    _, store = kek_store
+    email = _secret()
+    subject = f"c-{uuid.uuid4().hex[:8]}"
+    registry = EventRegistry()
+
+    @registry.register("CustomerRegistered", subject="customer", personal=["email", "name"])
+    @attrs.frozen
+    class Registered:
+        customer: str
+        plan: str
+        email: str = attrs.field(default="", validator=attrs.validators.matches_re(r".+@x\.org"))
+        name: str = ""
+
+    await store.append(subject, [_personal(subject, email, "ada")])
+
+    def skip(failure: Failure) -> FailureStrategy:
+        return FailureStrategy.SKIP
+
+    @projector(name=f"typed_{uuid.uuid4().hex[:8]}", on_error=skip, registry=registry)
+    async def typed(event: Registered, ctx: ProjectionContext) -> None:
+        pass
+
+    @projector(name=f"quotes_{uuid.uuid4().hex[:8]}", on_error=skip)
+    async def quotes(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        raise ValueError(f"cannot mail {event.data['email']}")
+
+    await run_projection(store, typed)
+    await run_projection(store, quotes)
+    [decode_letter] = await store.dead_letters(typed.name)
+    assert "Registered (ValueError (its text is left out" in decode_letter.error_message
+    assert email not in decode_letter.error_message
+    [quoted] = await store.dead_letters(quotes.name)
+    assert email in quoted.error_message  # the handler's own text, until the forget
+    await store.forget(subject)
+    [quoted] = await store.dead_letters(quotes.name)
+    assert email not in quoted.error_message
+    assert email not in await dump(postgres_server, postgres_dsn)
