@@ -57,6 +57,8 @@ NAMES = (
     "read_query_latency_p99_ms",
     "status_cost_1m_ms",
     "status_cost_10m_ms",
+    "append_single_personal",
+    "catch_up_personal",
 )
 
 #: Results a ``--quick`` run leaves out unless named with ``--only`` (filling their data
@@ -508,6 +510,40 @@ def bench_read_query_latency(ctx: Context) -> list[Result]:
     ]
 
 
+def bench_append_single_personal(ctx: Context) -> list[Result]:
+    """append_single_sequential's loop with two personal fields per event, a handful of
+    subjects, against the same loop and fields without them (our plain twin, same run)."""
+    key, n = os.urandom(32), ctx.sizes.appends
+
+    def run(personal: bool) -> float:
+        schema = ctx.schema(f"append_{'personal' if personal else 'plain'}")
+        return trio.run(_ours.append_single_customer, ctx.dsn, schema, n, key, personal)
+
+    plain = run(False)
+    personal = run(True)
+    return [_throughput("append_single_personal", personal, plain)]
+
+
+def bench_catch_up_personal(ctx: Context) -> list[Result]:
+    """catch_up_noop over events with two personal fields each against the same events with
+    the fields plain (our plain twin, same run): one no-op projection each, batch 500."""
+    key, n = os.urandom(32), ctx.sizes.events
+    schemas = {False: ctx.schema("catch_up_plain"), True: ctx.schema("catch_up_personal")}
+    for personal, schema in schemas.items():
+        trio.run(_ours.load_customer_events, ctx.dsn, schema, n, key, personal)
+
+    def run(personal: bool, name: str) -> float:
+        schema = schemas[personal]
+        return trio.run(
+            lambda: _ours.catch_up(ctx.dsn, schema, [name], 500, key_encryption_key=key)
+        )
+
+    for personal in schemas:  # untimed: the server's cache as warm for both
+        run(personal, "warm-up")
+    plain = run(False, "plain")
+    return [_throughput("catch_up_personal", run(True, "personal"), plain)]
+
+
 #: Events behind the one unit of status_cost, by result name; the events table holds the most.
 STATUS_COST_BEHIND = {"status_cost_1m_ms": 1_000_000, "status_cost_10m_ms": 10_000_000}
 
@@ -565,6 +601,8 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("append_conditional",), bench_append_conditional),
     (("read_query_latency_p50_ms", "read_query_latency_p99_ms"), bench_read_query_latency),
     (("status_cost_1m_ms", "status_cost_10m_ms"), bench_status_cost),
+    (("append_single_personal",), bench_append_single_personal),
+    (("catch_up_personal",), bench_catch_up_personal),
 ]
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import trio
 
-from eventcore_trio import NewEvent, RecordedEvent, open_postgres_store
+from eventcore_trio import NewEvent, RecordedEvent, StreamAppend, open_postgres_store
 from eventcore_trio.projection import (
     ProjectionConfig,
     ProjectionContext,
@@ -54,6 +54,56 @@ async def append_batch(dsn: str, schema: str, count: int, size: int) -> float:
         return (count // size) * size / (time.perf_counter() - started)
 
 
+#: The subjects of append_single_personal: a handful, so each key is made once and cached.
+APPEND_SUBJECTS = 5
+#: The subjects (and streams) of catch_up_personal's events, and the events each append
+#: gives one: a page of 500 holds the events of five subjects.
+CATCH_UP_SUBJECTS, EVENTS_PER_SUBJECT_CHUNK = 100, 100
+
+
+def customer_event(n: int, subject: str, personal: bool) -> NewEvent:
+    """The event of the personal-data benchmarks: two personal fields (an email and a name)
+    next to two plain ones; *personal* False gives its plain twin, the same fields unsealed
+    and no subject, so the two differ only in what issue 29 adds."""
+    data = {"amount": 1, "n": n, "email": f"{subject}@example.org", "name": "Ada Lovelace"}
+    if not personal:
+        return NewEvent("CustomerUpdated", data)
+    return NewEvent("CustomerUpdated", data, subject=subject, personal=["email", "name"])
+
+
+async def append_single_customer(
+    dsn: str, schema: str, count: int, key_encryption_key: bytes, personal: bool
+) -> float:
+    """`append_single_sequential`'s loop with `customer_event`s over `APPEND_SUBJECTS`
+    subjects, personal or their plain twins. Events/s."""
+    async with open_postgres_store(
+        dsn, schema=schema, key_encryption_key=key_encryption_key
+    ) as store:
+        started = time.perf_counter()
+        for n in range(count):
+            event = customer_event(n, f"customer-{n % APPEND_SUBJECTS}", personal)
+            await store.append("stream-0", [event], expected_version=n)
+        return count / (time.perf_counter() - started)
+
+
+async def load_customer_events(
+    dsn: str, schema: str, count: int, key_encryption_key: bytes, personal: bool
+) -> None:
+    """Fill *schema* with *count* `customer_event`s (catch_up_personal's data): streams
+    ``customer-<k>``, each event about its stream's customer, 1,000 events per append."""
+    async with open_postgres_store(
+        dsn, schema=schema, key_encryption_key=key_encryption_key
+    ) as store:
+        for chunk in range(0, count, 1000):
+            appends = []
+            for start in range(chunk, min(chunk + 1000, count), EVENTS_PER_SUBJECT_CHUNK):
+                subject = f"customer-{(start // EVENTS_PER_SUBJECT_CHUNK) % CATCH_UP_SUBJECTS}"
+                end = min(start + EVENTS_PER_SUBJECT_CHUNK, count)
+                events = [customer_event(n, subject, personal) for n in range(start, end)]
+                appends.append(StreamAppend(subject, events))
+            await store.append_atomic(appends)
+
+
 async def load_events(dsn: str, schema: str, count: int) -> None:
     """Fill *schema* with *count* Deposited events over 100 accounts (the catch-up data)."""
     async with open_postgres_store(dsn, schema=schema) as store:
@@ -73,11 +123,13 @@ async def catch_up(
     *,
     transactional: bool = False,
     queued: bool = False,
+    key_encryption_key: bytes | None = None,
 ) -> float:
     """Run one catch-up projection per name, concurrently; returns total events/s.
 
     *transactional*: one upsert per event through ``ctx.db`` (a round trip each); with
     *queued*, the same upsert queued (``ctx.db.queue``), sent once per batch.
+    *key_encryption_key*: the store's, for events with personal fields.
     """
 
     def make(name: str) -> Any:
@@ -113,7 +165,12 @@ async def catch_up(
     total = 0
     config = ProjectionConfig(batch_size=batch_size)
     projectors = [make(name) for name in names]
-    async with open_postgres_store(dsn, schema=schema, max_pool_size=max(4, len(names))) as store:
+    async with open_postgres_store(
+        dsn,
+        schema=schema,
+        max_pool_size=max(4, len(names)),
+        key_encryption_key=key_encryption_key,
+    ) as store:
 
         async def one(projector_: Any) -> None:
             nonlocal total
@@ -194,7 +251,7 @@ async def execute_transfer(
     append atomically; with *cached*, a StateCache keeps the accounts' states."""
     import random
 
-    from eventcore_trio import StateCache, StreamAppend
+    from eventcore_trio import StateCache
     from eventcore_trio.demo import AccountOpened, random_transfer, registry
 
     names = [f"acc-{n:03d}" for n in range(accounts)]
@@ -282,7 +339,7 @@ async def execute_short_stream(dsn: str, schema: str, count: int, length: int) -
     """Deposits through execute() without a cache, each on its own stream of *length* events
     (so every command reads exactly *length*: one stream would grow by one per command): read,
     fold into the bank's `Account`, decide, append with the expected version. Commands/s."""
-    from eventcore_trio import StreamAppend, execute
+    from eventcore_trio import execute
     from eventcore_trio.demo import AccountOpened, MoneyDeposited, registry
 
     deposit = _deposit_command()

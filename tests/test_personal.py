@@ -85,7 +85,16 @@ class TestEnvelope:
 
     @pytest.mark.parametrize(
         "value",
-        ["ada@example.org", 2**70, {"street": "Rue de l'Été", "no": [1, 2.5]}, None, True, ""],
+        [
+            "ada@example.org",
+            2**70,
+            -(2**80),
+            "1234567890123456789012",
+            {"street": "Rue de l'Été", "no": [1, 2.5]},
+            None,
+            True,
+            "",
+        ],
     )
     def test_any_json_value_round_trips(self, value: object) -> None:
         """Strings, integers beyond 64 bits, objects, null: opened exactly as sealed."""

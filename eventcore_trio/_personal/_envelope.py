@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import attrs
+import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
@@ -48,6 +51,7 @@ class Sealed(str):
     __slots__ = ()
 
 
+@functools.lru_cache(maxsize=4096)
 def _field_context(subject: str, field: str) -> bytes:
     # Subjects and field names hold no NUL (refused as control characters): the separator
     # is unambiguous.
@@ -76,7 +80,8 @@ def open_value(aead: AESGCM, subject: str, field: str, envelope: object) -> Any:
     if not isinstance(envelope, str) or not envelope.startswith(ENVELOPE_PREFIX):
         raise ValueError(f"personal field {field!r} does not hold a sealed value")
     try:
-        raw = base64.b64decode(envelope[len(ENVELOPE_PREFIX) :], validate=True)
+        # The C function itself (b64decode's wrapper costs as much again, once per field).
+        raw = binascii.a2b_base64(envelope[len(ENVELOPE_PREFIX) :], strict_mode=True)
     except (binascii.Error, ValueError):
         raise ValueError(f"personal field {field!r} holds a malformed sealed value") from None
     if len(raw) < NONCE_BYTES + _TAG_BYTES:
@@ -88,11 +93,26 @@ def open_value(aead: AESGCM, subject: str, field: str, envelope: object) -> Any:
             f"personal field {field!r} does not open under subject {subject!r}'s key (altered, "
             "moved from another field or subject, or sealed under another key)"
         ) from None
-    # The standard parser: exact for integers beyond 64 bits, which orjson is not.
-    decoded = json.loads(plain)
+    decoded = _loads(plain)
     if not isinstance(decoded, dict) or field not in decoded:
         raise ValueError(f"personal field {field!r} opened to something else")
     return decoded[field]
+
+
+#: Runs of digits long enough to be an integer beyond 64 bits.
+_LONG_DIGITS: Final = re.compile(rb"[0-9]{19,}")
+
+
+def _loads(plain: bytes) -> Any:
+    # orjson parses several times faster (this runs for every personal field read); an
+    # integer beyond 64 bits, which it reads inexactly or refuses, goes to the standard
+    # parser, exact for them.
+    if _LONG_DIGITS.search(plain) is None:
+        try:
+            return orjson.loads(plain)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(plain)
 
 
 def seal_event(event: NewEvent, aead: AESGCM) -> NewEvent:
