@@ -260,7 +260,7 @@ RETURNS TABLE (tx bigint, event_position bigint, stream_id text, stream_version 
                event_id uuid, type text, data jsonb, metadata jsonb,
                recorded_at timestamptz, tags text[], subject text, personal text[],
                snapshot_xmax bigint)
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $fn$
+LANGUAGE plpgsql SECURITY DEFINER ROWS 10 SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_column
 BEGIN
     RETURN QUERY
@@ -270,7 +270,10 @@ BEGIN
     FROM {s}.read_query(p_tag, p_types, p_tags, p_after_tx, p_after_position, p_limit)
          WITH ORDINALITY AS r(tx, event_position, stream_id, stream_version, event_id, type,
                               data, metadata, recorded_at, tags, snapshot_xmax, ord)
-    LEFT JOIN {s}.events AS e ON e.tx = r.tx AND e.position = r.event_position
+    -- Looked up by key, row by row (see migration 8's read_query).
+    LEFT JOIN LATERAL (SELECT x.subject, x.personal FROM {s}.events AS x
+                       WHERE x.tx = r.tx AND x.position = r.event_position OFFSET 0) AS e
+        ON true
     ORDER BY r.ord;
 END
 $fn$;
