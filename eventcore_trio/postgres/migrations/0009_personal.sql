@@ -251,8 +251,11 @@ END
 $fn$;
 
 -- As read_query (migration 8), with each event's subject and personal field names (the
--- client opens them); p_personal only tells this overload from migration 8's. It calls
--- migration 8's, whose locks and snapshot it keeps, and looks each event up by its key.
+-- client opens them); p_personal only tells this overload from migration 8's. The whole
+-- body again, not a call of migration 8's: the subject and names must come from the same
+-- snapshot as the events, taken after the locks (a join outside that call would read them
+-- in the calling statement's older snapshot, and miss those of an event a writer committed
+-- while the call waited for its keys).
 CREATE FUNCTION {s}.read_query(p_tag text[], p_types text[], p_tags text[],
                                p_after_tx bigint, p_after_position bigint, p_limit bigint,
                                p_personal boolean)
@@ -262,19 +265,31 @@ RETURNS TABLE (tx bigint, event_position bigint, stream_id text, stream_version 
                snapshot_xmax bigint)
 LANGUAGE plpgsql SECURITY DEFINER ROWS 10 SET search_path = pg_catalog, pg_temp AS $fn$
 #variable_conflict use_column
+DECLARE
+    v_guard record;
 BEGIN
+    v_guard := {s}.query_guard(p_tag, p_types, p_tags, p_after_tx);
+    IF v_guard.every_event THEN
+        PERFORM pg_advisory_xact_lock({writer_lock});
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared({writer_lock});
+        PERFORM pg_advisory_xact_lock_shared({tag_locks}, 0);
+    END IF;
+    PERFORM pg_advisory_xact_lock({tag_locks}, k.key) FROM unnest(v_guard.keys) AS k(key);
     RETURN QUERY
-    SELECT r.tx, r.event_position, r.stream_id, r.stream_version, r.event_id, r.type, r.data,
-           r.metadata, r.recorded_at, r.tags, e.subject::text, e.personal::text[],
-           r.snapshot_xmax
-    FROM {s}.read_query(p_tag, p_types, p_tags, p_after_tx, p_after_position, p_limit)
-         WITH ORDINALITY AS r(tx, event_position, stream_id, stream_version, event_id, type,
-                              data, metadata, recorded_at, tags, snapshot_xmax, ord)
-    -- Looked up by key, row by row (see migration 8's read_query).
-    LEFT JOIN LATERAL (SELECT x.subject, x.personal FROM {s}.events AS x
-                       WHERE x.tx = r.tx AND x.position = r.event_position OFFSET 0) AS e
-        ON true
-    ORDER BY r.ord;
+    SELECT e.tx, e.position, e.stream_id::text, e.stream_version, e.event_id, e.type::text,
+           e.data, e.metadata, e.recorded_at, e.tags::text[], e.subject::text,
+           e.personal::text[], pg_snapshot_xmax(pg_current_snapshot())::text::bigint
+    FROM {s}.query_hits(p_tag, p_types, p_tags, p_after_tx, p_after_position, p_limit) AS h
+    CROSS JOIN LATERAL (SELECT x.* FROM {s}.events AS x
+                        WHERE x.tx = h.tx AND x.position = h.event_position OFFSET 0) AS e
+    ORDER BY e.tx, e.position
+    LIMIT p_limit;
+    IF NOT FOUND THEN
+        RETURN QUERY SELECT NULL::bigint, NULL::bigint, NULL::text, NULL::bigint, NULL::uuid,
+            NULL::text, NULL::jsonb, NULL::jsonb, NULL::timestamptz, NULL::text[], NULL::text,
+            NULL::text[], pg_snapshot_xmax(pg_current_snapshot())::text::bigint;
+    END IF;
 END
 $fn$;
 
