@@ -59,6 +59,7 @@ NAMES = (
     "status_cost_10m_ms",
     "append_single_personal",
     "catch_up_personal",
+    "catch_up_personal_read",
 )
 
 #: Results a ``--quick`` run leaves out unless named with ``--only`` (filling their data
@@ -526,22 +527,31 @@ def bench_append_single_personal(ctx: Context) -> list[Result]:
 
 def bench_catch_up_personal(ctx: Context) -> list[Result]:
     """catch_up_noop over events with two personal fields each against the same events with
-    the fields plain (our plain twin, same run): one no-op projection each, batch 500."""
+    the fields plain (our plain twin, same run): one no-op projection each, batch 500; then
+    the same with a handler reading both personal fields (``catch_up_personal_read``; the
+    twin reads the same fields, plain)."""
     key, n = os.urandom(32), ctx.sizes.events
     schemas = {False: ctx.schema("catch_up_plain"), True: ctx.schema("catch_up_personal")}
     for personal, schema in schemas.items():
         trio.run(_ours.load_customer_events, ctx.dsn, schema, n, key, personal)
 
-    def run(personal: bool, name: str) -> float:
+    def run(personal: bool, name: str, reads: bool = False) -> float:
         schema = schemas[personal]
         return trio.run(
-            lambda: _ours.catch_up(ctx.dsn, schema, [name], 500, key_encryption_key=key)
+            lambda: _ours.catch_up(
+                ctx.dsn, schema, [name], 500, key_encryption_key=key, reads_personal=reads
+            )
         )
 
     for personal in schemas:  # untimed: the server's cache as warm for both
         run(personal, "warm-up")
     plain = run(False, "plain")
-    return [_throughput("catch_up_personal", run(True, "personal"), plain)]
+    sealed = run(True, "personal")
+    plain_read = run(False, "plain_read", reads=True)
+    return [
+        _throughput("catch_up_personal", sealed, plain),
+        _throughput("catch_up_personal_read", run(True, "personal_read", reads=True), plain_read),
+    ]
 
 
 #: Events behind the one unit of status_cost, by result name; the events table holds the most.
@@ -602,7 +612,7 @@ BENCHMARKS: list[tuple[tuple[str, ...], Callable[[Context], list[Result]]]] = [
     (("read_query_latency_p50_ms", "read_query_latency_p99_ms"), bench_read_query_latency),
     (("status_cost_1m_ms", "status_cost_10m_ms"), bench_status_cost),
     (("append_single_personal",), bench_append_single_personal),
-    (("catch_up_personal",), bench_catch_up_personal),
+    (("catch_up_personal", "catch_up_personal_read"), bench_catch_up_personal),
 ]
 
 

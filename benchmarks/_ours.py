@@ -124,12 +124,14 @@ async def catch_up(
     transactional: bool = False,
     queued: bool = False,
     key_encryption_key: bytes | None = None,
+    reads_personal: bool = False,
 ) -> float:
     """Run one catch-up projection per name, concurrently; returns total events/s.
 
     *transactional*: one upsert per event through ``ctx.db`` (a round trip each); with
     *queued*, the same upsert queued (``ctx.db.queue``), sent once per batch.
-    *key_encryption_key*: the store's, for events with personal fields.
+    *key_encryption_key*: the store's, for events with personal fields; with
+    *reads_personal* the handler reads `customer_event`'s email and name (and nothing else).
     """
 
     def make(name: str) -> Any:
@@ -144,6 +146,15 @@ async def catch_up(
                 ctx.db.queue(sql, event.stream_id, event.data["amount"])
 
             return queue_upsert
+        if reads_personal:
+
+            @projector(name)
+            async def reads(event: RecordedEvent, ctx: ProjectionContext) -> None:
+                data = event.data
+                if not (data["email"] and data["name"]):
+                    raise AssertionError("a personal field read back empty")
+
+            return reads
         if not transactional:
 
             @projector(name)

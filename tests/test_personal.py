@@ -9,8 +9,9 @@ import base64
 import datetime as dt
 import json
 import os
+import pickle
 import uuid
-from typing import Any
+from typing import Any, cast
 
 import attrs
 import pytest
@@ -36,10 +37,12 @@ from eventcore_trio import (
 from eventcore_trio._backend._decoding import decode_stored
 from eventcore_trio._personal._envelope import (
     ENVELOPE_PREFIX,
-    open_value,
+    SEALED_WITH_FIRST,
+    open_envelope,
     seal_event,
-    seal_value,
+    seal_fields,
     sealed_data,
+    without_personal,
 )
 from eventcore_trio._personal._keys import (
     KEY_ENCRYPTION_KEY_VARIABLE,
@@ -54,6 +57,16 @@ SUBJECT = "customer-1"
 
 def _key() -> AESGCM:
     return AESGCM(AESGCM.generate_key(bit_length=256))
+
+
+def seal_value(aead: AESGCM, subject: str, field: str, value: Any) -> str:
+    """The envelope of an event whose one personal field *field* holds *value*."""
+    return seal_fields(aead, subject, (field,), {field: value})
+
+
+def open_value(aead: AESGCM, subject: str, field: str, envelope: object) -> Any:
+    """The value sealed by `seal_value`."""
+    return open_envelope(aead, subject, (field,), envelope)[field]
 
 
 def _event(**data: Any) -> NewEvent:
@@ -182,12 +195,108 @@ class TestDecoding:
         assert sealed.data["email"] == data["email"]
         assert sealed.personal == ("email",)
 
-    def test_a_field_that_does_not_open_is_undecodable(self) -> None:
-        """Sealed under another key, or missing: an `UndecodableEvent` saying so."""
-        data = {"email": seal_value(_key(), SUBJECT, "email", "x"), "plan": "p"}
-        for stored in (self._stored(data, _key()), self._stored({"plan": "p"}, _key())):
+    def test_an_event_without_its_envelope_is_undecodable(self) -> None:
+        """The field missing, or holding anything but an envelope: an `UndecodableEvent`
+        saying so, when the event is read."""
+        for data in ({"plan": "p"}, {"email": "ada@example.org"}, {"email": 1}):
+            stored = self._stored(data, _key())
             assert isinstance(stored, UndecodableEvent)
             assert "personal field 'email'" in stored.error
+
+    def test_an_envelope_that_does_not_open_raises_when_data_is_read(self) -> None:
+        """Sealed under another key or altered: the event reads (its other attributes
+        too), and reading its data raises `EventDecodeError` naming its position, every
+        time; `without_personal` still gives the rest without opening anything."""
+        envelope = seal_value(_key(), SUBJECT, "email", "x")
+        altered = envelope[:-6] + ("A" if envelope[-6] != "A" else "B") + envelope[-5:]
+        for sealed in (envelope, altered):
+            stored = self._stored({"email": sealed, "plan": "p"}, _key())
+            assert isinstance(stored, RecordedEvent)
+            assert (stored.type, stored.personal, stored.forgotten) == ("T", ("email",), ())
+            for _ in range(2):
+                with pytest.raises(EventDecodeError, match="personal fields") as caught:
+                    stored.data  # noqa: B018  (the read is the test)
+                assert caught.value.position == Position(1, 1)
+            assert without_personal(stored) == {"plan": "p"}
+
+    def test_opened_when_data_is_first_read(self) -> None:
+        """Reading an event decrypts nothing; its data opens once, on first read, and
+        every attrs tool (eq, repr, evolve, asdict, pickle) sees the opened values."""
+        key = CountingAead(_key())
+        data = {"email": seal_value(key.aead, SUBJECT, "email", "ada@example.org"), "plan": "p"}
+        plain = {"email": "ada@example.org", "plan": "p"}
+        events = [self._stored(data, cast(AESGCM, key)) for _ in range(6)]
+        assert key.decrypts == 0
+        first, *others = events
+        assert (first.data, first.data) == (plain, plain)
+        assert key.decrypts == 1
+
+        def opened(event: RecordedEvent) -> RecordedEvent:
+            # The same event built with plain data: reading the other attributes opens
+            # nothing.
+            return RecordedEvent(
+                event_id=event.event_id,
+                stream_id=event.stream_id,
+                stream_version=event.stream_version,
+                position=event.position,
+                type=event.type,
+                data=dict(plain),
+                metadata=event.metadata,
+                recorded_at=event.recorded_at,
+                subject=event.subject,
+                personal=event.personal,
+            )
+
+        assert others[0] == opened(others[0])
+        assert "ada@example.org" in repr(others[1])
+        assert attrs.evolve(others[2], stream_id="t").data == plain
+        assert attrs.asdict(others[3])["data"] == plain
+        assert pickle.loads(pickle.dumps(others[4])) == opened(others[4])
+        assert key.decrypts == 6
+        assert without_personal(events[0]) == {"plan": "p"}
+        with pytest.raises(AttributeError, match="no attribute 'dat'"):
+            first.dat  # noqa: B018
+
+
+class CountingAead:
+    """An AESGCM that counts its decryptions."""
+
+    def __init__(self, aead: AESGCM) -> None:
+        self.aead = aead
+        self.decrypts = 0
+
+    def decrypt(self, nonce: bytes, data: bytes, associated_data: bytes | None) -> bytes:
+        """Decrypt, counted."""
+        self.decrypts += 1
+        return self.aead.decrypt(nonce, data, associated_data)
+
+
+class TestOneEnvelopePerEvent:
+    """An event's personal fields sealed together: one envelope, bound to all their names."""
+
+    def test_one_envelope_and_markers(self) -> None:
+        """The first field holds the envelope, the others a marker; it opens to every
+        field, integers beyond 64 bits and escaped lone surrogates exactly."""
+        key = _key()
+        values = {"a": -9_999_999_999_999_999_999, "b": "Grüße, 世界 \U0001f600", "c": {"n": 2**70}}
+        event = NewEvent("T", {"plan": "p", **values}, subject=SUBJECT, personal=["c", "a", "b"])
+        data = sealed_data(seal_event(event, key))
+        assert data["a"].startswith(ENVELOPE_PREFIX)
+        assert (data["b"], data["c"], data["plan"]) == (SEALED_WITH_FIRST, SEALED_WITH_FIRST, "p")
+        assert open_envelope(key, SUBJECT, ("a", "b", "c"), data["a"]) == values
+        small = NewEvent("T", {"a": 1, "b": 2}, subject=SUBJECT, personal=["a", "b"])
+        assert open_envelope(key, SUBJECT, ("a", "b"), seal_event(small, key).data["a"]) == {
+            "a": 1,
+            "b": 2,
+        }
+
+    def test_the_names_are_bound(self) -> None:
+        """Opened as other personal fields (one more, one fewer, renamed): `ValueError`."""
+        key = _key()
+        envelope = seal_fields(key, SUBJECT, ("a", "b"), {"a": 1, "b": 2})
+        for names in (("a",), ("a", "b", "c"), ("a", "x"), ("b", "a")):
+            with pytest.raises(ValueError, match="do not open"):
+                open_envelope(key, SUBJECT, names, envelope)
 
 
 class TestKeyEncryptionKey:

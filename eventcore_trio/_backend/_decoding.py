@@ -6,16 +6,17 @@ memory store keeps the text it validated at append). Reading turns each stored e
 ``on_error`` decides and nothing is dropped.
 
 An event with personal fields is stored sealed (see `_personal._envelope`); the backend
-looks up its subject's data key and passes it in, and decoding opens the fields with it, or,
-when the key is gone (the subject was forgotten), leaves them out and names them in
-`RecordedEvent.forgotten`. A field that does not open makes the event undecodable.
+looks up its subject's data key and passes it in, and the event opens the fields with it
+when its data is first read, or, when the key is gone (the subject was forgotten), comes
+without them, naming them in `RecordedEvent.forgotten`. An event without its envelope is
+undecodable; one whose envelope does not open raises `EventDecodeError` when its data is
+read.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import json
-import re
 import uuid
 from typing import Any, Final
 
@@ -25,15 +26,13 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from .._errors import EventDecodeError, InvalidArgument
 from .._events import RecordedEvent, UndecodableEvent, trusted_recorded_event
 from .._filters import EventFilter
-from .._personal._envelope import open_fields
+from .._json import may_hold_long_integer
+from .._personal._envelope import SealedFields, read_fields
 from .._positions import Position
 from .._validation import check_limit
 
 _json_loads: Final = json.loads
 _orjson_loads: Final = orjson.loads
-# Twenty digits in a row may be an integer beyond 64 bits, which orjson would turn into a
-# float, losing digits: such text takes the standard parser, which keeps every digit.
-_long_digits: Final = re.compile("[0-9]{20}").search
 
 
 def _decode_object(text: str) -> Any:
@@ -43,7 +42,7 @@ def _decode_object(text: str) -> Any:
     # orjson parses about seven times faster. What it refuses (numbers beyond a float's range,
     # escaped lone surrogates) or would read inexactly (integers beyond 64 bits) and jsonb can
     # hold goes to the standard parser, whose verdict stands.
-    if len(text) < 20 or _long_digits(text) is None:
+    if not may_hold_long_integer(text):
         try:
             return _orjson_loads(text)
         except ValueError:
@@ -92,9 +91,9 @@ def decode_stored(
     the JSON parser for ``{}``. *known_error* marks an event already found undecodable (a dead
     letter keeps the reason).
 
-    An event with *personal* fields (of *subject*) has them opened with *data_key*, the
-    subject's key, or left out when it is None (the subject was forgotten); with
-    *keep_sealed* they stay sealed (what a dead letter keeps).
+    An event with *personal* fields (of *subject*) opens them with *data_key*, the
+    subject's key, when its data is first read, or comes without them when it is None (the
+    subject was forgotten); with *keep_sealed* they stay sealed (what a dead letter keeps).
     """
     error = known_error
     if error is None:
@@ -105,10 +104,11 @@ def decode_stored(
             if type(data) is not dict or type(metadata) is not dict:
                 raise ValueError("data and metadata must be JSON objects")
             forgotten: tuple[str, ...] = ()
+            sealed: SealedFields | None = None
             if personal and not keep_sealed:
                 if subject is None:
                     raise ValueError("personal fields are stored without a subject")
-                forgotten = open_fields(data, subject, personal, data_key)
+                forgotten, sealed = read_fields(data, subject, personal, data_key, position)
         except ValueError as exc:
             error = str(exc)
         else:
@@ -125,6 +125,7 @@ def decode_stored(
                 subject,
                 personal,
                 forgotten,
+                sealed,
             )
     return UndecodableEvent(
         event_id=event_id,

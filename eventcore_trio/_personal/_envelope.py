@@ -1,16 +1,21 @@
 """The sealed form: personal field values and snapshots encrypted under subjects' data keys.
 
-A personal field's value is stored as an envelope, a string ``"$sealed:1:"`` followed by the
-base64 of a fresh 12-byte nonce and the AES-GCM ciphertext (with its tag) of the JSON object
-``{field: value}``. The associated data binds the subject and the field name, so a sealed
-value opens only as the field of the subject it was sealed for: copied into another field or
-under another subject it fails authentication instead of decoding as someone else's data.
+An event's personal fields are sealed together, in one envelope: the first personal field
+(by name) holds a string ``"$sealed:1:"`` followed by the base64 of a fresh 12-byte nonce
+and the AES-GCM ciphertext (with its tag) of a flag byte and the JSON object of every
+personal field; each other personal field holds `SEALED_WITH_FIRST`. The associated data
+binds the subject and the names of the personal fields, so an envelope opens only as the
+personal fields of the subject it was sealed for: copied to another subject's event, or with
+its field names altered, it fails authentication instead of decoding as someone else's
+data. One envelope per event, not one per field: reading a personal event costs one
+decryption and one parse whatever the number of fields (a catch-up opens every event it
+reads).
 
 Sealing happens in the process, before an event reaches any backend; a backend stores the
 envelopes as ordinary JSON strings and never sees a personal value. What a backend gets from
-`seal_event` carries the envelopes as `Sealed` strings, which `sealed_data` insists on: a
-personal event that reaches a backend unsealed (a path that forgot to seal) is refused
-instead of being stored in plain text.
+`seal_event` carries the envelope and markers as `Sealed` strings, which `sealed_data`
+insists on: a personal event that reaches a backend unsealed (a path that forgot to seal) is
+refused instead of being stored in plain text.
 """
 
 from __future__ import annotations
@@ -20,112 +25,134 @@ import binascii
 import functools
 import json
 import os
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, final
 
 import attrs
 import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
-from .._errors import ConfigurationError
-from .._events import NewEvent, RecordedEvent, UndecodableEvent, trusted_recorded_event
+from .._errors import ConfigurationError, EventDecodeError
+from .._events import (
+    NewEvent,
+    RecordedEvent,
+    UndecodableEvent,
+    trusted_recorded_event,
+    unopened,
+)
+from .._json import may_hold_long_integer
+from .._positions import Position
 from .._validation import encode_json_object
 
-#: The start of every sealed field value: the envelope's format, version 1.
+#: The start of the envelope in an event's first personal field: the format, version 1.
 ENVELOPE_PREFIX: Final = "$sealed:1:"
+#: What every other personal field of the event holds: its value is in the envelope.
+SEALED_WITH_FIRST: Final = "$sealed:1"
 NONCE_BYTES: Final = 12
 _TAG_BYTES: Final = 16
-_FIELD_CONTEXT: Final = b"eventcore-trio personal field v1\x00"
+_PREFIX_LENGTH: Final = len(ENVELOPE_PREFIX)
+_FIELD_CONTEXT: Final = b"eventcore-trio personal fields v1\x00"
 _SNAPSHOT_CONTEXT: Final = b"eventcore-trio snapshot v1\x00"
+#: The plaintext is the fields' JSON, led by a space when the standard parser must read it
+#: (a run of digits long enough to be an integer beyond 64 bits, which orjson reads as a
+#: float): decided once when sealing, inside the authenticated plaintext, so that opening,
+#: which runs for every personal event read, need not search the text.
+_EXACT_JSON: Final = b" "
 #: A sealed snapshot's data: the sealed state, and the subjects whose keys seal it.
 SNAPSHOT_SEALED: Final = "@sealed"
 SNAPSHOT_SUBJECTS: Final = "@subjects"
 
 
 class Sealed(str):
-    """An envelope made by `seal_event`: only these pass `sealed_data`. Not a plain ``str``,
-    so no caller's value can pass for sealed by looking like an envelope."""
+    """An envelope or marker made by `seal_event`: only these pass `sealed_data`. Not a
+    plain ``str``, so no caller's value can pass for sealed by looking like an envelope."""
 
     __slots__ = ()
 
 
+_MARKER: Final = Sealed(SEALED_WITH_FIRST)
+
+
 @functools.lru_cache(maxsize=4096)
-def _field_context(subject: str, field: str) -> bytes:
-    # Subjects and field names hold no NUL (refused as control characters): the separator
-    # is unambiguous.
-    return _FIELD_CONTEXT + subject.encode() + b"\x00" + field.encode()
+def _fields_context(subject: str, personal: tuple[str, ...]) -> bytes:
+    # Subjects and field names hold no NUL (refused as control characters): the separators
+    # are unambiguous.
+    return _FIELD_CONTEXT + "\x00".join((subject, *personal)).encode()
 
 
-def seal_value(aead: AESGCM, subject: str, field: str, value: Any) -> Sealed:
-    """*value* of personal field *field* of *subject*, sealed under the subject's key.
+def seal_fields(
+    aead: AESGCM, subject: str, personal: tuple[str, ...], values: Mapping[str, Any]
+) -> Sealed:
+    """The envelope of *values*, the personal fields *personal* (sorted names) of an event
+    of *subject*, sealed under the subject's key *aead*.
 
     Raises:
-        EventEncodeError: the value is not JSON (as for any event data).
+        EventEncodeError: a value is not JSON (as for any event data).
     """
-    plain = encode_json_object("data", {field: value}).encode()
+    text = encode_json_object("data", {field: values[field] for field in personal})
+    plain = (_EXACT_JSON if may_hold_long_integer(text) else b"") + text.encode()
     nonce = os.urandom(NONCE_BYTES)
-    sealed = aead.encrypt(nonce, plain, _field_context(subject, field))
+    sealed = aead.encrypt(nonce, plain, _fields_context(subject, personal))
     return Sealed(ENVELOPE_PREFIX + base64.b64encode(nonce + sealed).decode("ascii"))
 
 
-def open_value(aead: AESGCM, subject: str, field: str, envelope: object) -> Any:
-    """The value sealed in *envelope*.
+def open_envelope(
+    aead: AESGCM, subject: str, personal: tuple[str, ...], envelope: object
+) -> dict[str, Any]:
+    """The personal fields sealed in *envelope*, by name.
 
     Raises:
-        ValueError: it is no envelope, or it does not open under this key as this field of
-            this subject (tampered with, moved, or sealed under another key).
+        ValueError: it is no envelope, or it does not open under this key as these personal
+            fields of this subject (tampered with, moved, or sealed under another key).
     """
+    first = personal[0]
     if not isinstance(envelope, str) or not envelope.startswith(ENVELOPE_PREFIX):
-        raise ValueError(f"personal field {field!r} does not hold a sealed value")
+        raise ValueError(f"personal field {first!r} does not hold the event's sealed values")
     try:
-        # The C function itself (b64decode's wrapper costs as much again, once per field).
-        raw = binascii.a2b_base64(envelope[len(ENVELOPE_PREFIX) :], strict_mode=True)
+        # The C function itself (b64decode's wrapper costs as much again).
+        raw = binascii.a2b_base64(envelope[_PREFIX_LENGTH:], strict_mode=True)
     except (binascii.Error, ValueError):
-        raise ValueError(f"personal field {field!r} holds a malformed sealed value") from None
-    if len(raw) < NONCE_BYTES + _TAG_BYTES:
-        raise ValueError(f"personal field {field!r} holds a truncated sealed value")
+        raise ValueError(f"personal field {first!r} holds a malformed sealed value") from None
+    if len(raw) <= NONCE_BYTES + _TAG_BYTES:
+        raise ValueError(f"personal field {first!r} holds a truncated sealed value")
     try:
-        plain = aead.decrypt(raw[:NONCE_BYTES], raw[NONCE_BYTES:], _field_context(subject, field))
+        plain = aead.decrypt(
+            raw[:NONCE_BYTES], raw[NONCE_BYTES:], _fields_context(subject, personal)
+        )
     except InvalidTag:
         raise ValueError(
-            f"personal field {field!r} does not open under subject {subject!r}'s key (altered, "
-            "moved from another field or subject, or sealed under another key)"
+            f"personal fields {list(personal)!r} do not open under subject {subject!r}'s key "
+            "(altered, moved from another event or subject, or sealed under another key)"
         ) from None
-    decoded = _loads(plain)
-    if not isinstance(decoded, dict) or field not in decoded:
-        raise ValueError(f"personal field {field!r} opened to something else")
-    return decoded[field]
+    opened = _parse(plain)
+    if type(opened) is not dict or len(opened) != len(personal):
+        raise ValueError(f"personal fields {list(personal)!r} opened to something else")
+    return opened
 
 
-#: Runs of digits long enough to be an integer beyond 64 bits.
-_LONG_DIGITS: Final = re.compile(rb"[0-9]{19,}")
-
-
-def _loads(plain: bytes) -> Any:
-    # orjson parses several times faster (this runs for every personal field read); an
-    # integer beyond 64 bits, which it reads inexactly or refuses, goes to the standard
-    # parser, exact for them.
-    if _LONG_DIGITS.search(plain) is None:
+def _parse(plain: bytes) -> Any:
+    if plain[:1] != _EXACT_JSON:
         try:
             return orjson.loads(plain)
         except orjson.JSONDecodeError:
-            pass
+            pass  # what orjson refuses (an escaped lone surrogate) the standard parser reads
     return json.loads(plain)
 
 
 def seal_event(event: NewEvent, aead: AESGCM) -> NewEvent:
-    """*event* with each personal field's value sealed under its subject's key *aead*."""
+    """*event* with its personal fields sealed under its subject's key *aead*."""
     assert event.subject is not None  # NewEvent refuses personal fields without a subject
+    personal = event.personal
     data = dict(event.data)
-    for field in event.personal:
-        data[field] = seal_value(aead, event.subject, field, data[field])
+    data[personal[0]] = seal_fields(aead, event.subject, personal, data)
+    for field in personal[1:]:
+        data[field] = _MARKER
     return attrs.evolve(event, data=data)
 
 
 def sealed_data(event: NewEvent) -> Mapping[str, Any]:
-    """The data a backend stores for *event*: as it is, with each personal field's envelope.
+    """The data a backend stores for *event*: as it is, with its envelope and markers.
 
     Raises:
         ConfigurationError: a personal field is not sealed: the event came to the backend
@@ -146,24 +173,98 @@ def sealed_data(event: NewEvent) -> Mapping[str, Any]:
     return data
 
 
-def open_fields(
-    data: dict[str, Any], subject: str, personal: Sequence[str], aead: AESGCM | None
-) -> tuple[str, ...]:
-    """Open *data*'s personal fields in place; return the fields removed (all of them when
-    the subject was forgotten: *aead* is None), else ().
+@final
+class SealedFields:
+    """A read event's data with its personal fields still sealed, and the key that opens
+    them: what the event holds until its data is first read (`_events.SealedData`).
+
+    Opening waits for that read because a catch-up reads every event and most projections
+    read no personal field: decrypting and parsing them would be most of what a
+    personal event costs to read. Whether the envelope is there at all is checked when the
+    event is read (`read_fields`), so only an altered envelope is found late.
+    """
+
+    __slots__ = ("aead", "data", "personal", "position", "subject")
+
+    def __init__(
+        self,
+        data: dict[str, Any],
+        subject: str,
+        personal: tuple[str, ...],
+        aead: AESGCM,
+        position: Position,
+    ) -> None:
+        self.data, self.subject, self.personal = data, subject, personal
+        self.aead, self.position = aead, position
+
+    def open(self) -> dict[str, Any]:
+        """The data with the personal fields opened (the stored dict, updated).
+
+        Raises:
+            EventDecodeError: they do not open: the envelope was altered, moved from
+                another event, or sealed under another key.
+        """
+        try:
+            opened = open_envelope(
+                self.aead, self.subject, self.personal, self.data[self.personal[0]]
+            )
+        except ValueError as exc:
+            raise EventDecodeError(
+                f"event at {self.position} cannot be decoded: {exc}", position=self.position
+            ) from None
+        data = self.data
+        data.update(opened)  # every field from the envelope, whatever its marker says
+        return data
+
+
+def read_fields(
+    data: dict[str, Any],
+    subject: str,
+    personal: tuple[str, ...],
+    aead: AESGCM | None,
+    position: Position,
+) -> tuple[tuple[str, ...], SealedFields | None]:
+    """What reading an event finds of its personal fields: the fields removed when its
+    subject was forgotten (*aead* is None; removed from *data* in place), else the
+    `SealedFields` that opens them when the data is first read.
 
     Raises:
-        ValueError: a personal field is missing or does not open (the event is undecodable).
+        ValueError: there is no envelope where it belongs (the event is undecodable).
     """
     if aead is None:
         for field in personal:
             data.pop(field, None)
-        return tuple(personal)
-    for field in personal:
-        if field not in data:
-            raise ValueError(f"personal field {field!r} is missing from the stored data")
-        data[field] = open_value(aead, subject, field, data[field])
+        return personal, None
+    envelope = data.get(personal[0])
+    if not isinstance(envelope, str) or not envelope.startswith(ENVELOPE_PREFIX):
+        raise ValueError(f"personal field {personal[0]!r} does not hold the event's sealed values")
+    return (), SealedFields(data, subject, personal, aead, position)
+
+
+def open_fields(
+    data: dict[str, Any], subject: str, personal: tuple[str, ...], aead: AESGCM | None
+) -> tuple[str, ...]:
+    """Open *data*'s personal fields in place now; return the fields removed (all of them
+    when the subject was forgotten: *aead* is None), else ().
+
+    Raises:
+        ValueError: the envelope is missing or does not open (the event is undecodable).
+    """
+    if aead is None:
+        for field in personal:
+            data.pop(field, None)
+        return personal
+    # Every field takes its value from the envelope, whatever its marker says.
+    data.update(open_envelope(aead, subject, personal, data.get(personal[0])))
     return ()
+
+
+def without_personal(event: RecordedEvent) -> dict[str, Any]:
+    """*event*'s data without its personal fields, which are not opened for it (a dead
+    letter keeps them only sealed, and an event whose fields do not open has the rest)."""
+    sealed = unopened(event)
+    data = event.data if sealed is None else sealed.data
+    return {k: v for k, v in data.items() if k not in event.personal}
 
 
 def open_recorded(event: RecordedEvent, aead: AESGCM | None) -> RecordedEvent | UndecodableEvent:

@@ -24,6 +24,7 @@ from .._personal._envelope import (
     seal_event,
     seal_snapshot,
     snapshot_subjects,
+    without_personal,
 )
 from .._personal._fields import forgotten_stream
 from .._personal._forget import REDACTED_ERROR, ForgetRecord, forgotten_event, this_process
@@ -146,8 +147,7 @@ def sealed_letter_event(
     if index < len(state.log) and state.log[index].event_id == event.event_id:
         return state.log[index].decode(keep_sealed=True)
     # Gone from the log (a restore): keep nothing personal rather than plain values.
-    data = {k: v for k, v in event.data.items() if k not in event.personal}
-    return attrs.evolve(event, data=data, forgotten=event.personal)
+    return attrs.evolve(event, data=without_personal(event), forgotten=event.personal)
 
 
 def open_letter(state: MemoryState, letter: DeadLetter) -> DeadLetter:

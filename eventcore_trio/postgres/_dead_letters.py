@@ -14,6 +14,7 @@ from typing import Final, final
 from .._backend._decoding import decode_stored
 from .._events import RecordedEvent, UndecodableEvent
 from .._partitions import Unit
+from .._personal._envelope import without_personal
 from .._positions import Position, position_parts
 from .._status import DeadLetter
 from ._bridge import Record
@@ -65,7 +66,7 @@ def dead_letter_arguments(
         subject, personal = event.subject, event.personal
         # Never the opened values: the statement copies the sealed ones from the events
         # row (see DeadLetterTable.insert).
-        plain = {k: v for k, v in event.data.items() if k not in personal}
+        plain = without_personal(event)
         data, metadata, decode_error = json.dumps(plain), json.dumps(event.metadata), None
         tags = event.tags
     else:

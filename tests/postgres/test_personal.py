@@ -21,12 +21,14 @@ import trio
 from eventcore_trio import (
     ConfigurationError,
     DatabaseError,
+    EventDecodeError,
     EventRegistry,
     NewEvent,
     RecordedEvent,
     Snapshot,
     StreamAppend,
     SubjectForgottenError,
+    UndecodableEvent,
 )
 from eventcore_trio.postgres import PostgresStore, open_postgres_store
 from eventcore_trio.projection import (
@@ -187,6 +189,55 @@ async def test_a_full_dump_holds_no_personal_value(
         for letter in listed
         if letter.event.stream_id == subject and letter.event.type == "CustomerRegistered"
     )
+
+
+async def test_an_envelope_moved_from_another_event_is_found_when_read(
+    kek_store: tuple[bytes, PostgresStore],
+) -> None:
+    """An envelope copied in the table from another subject's event: the event reads,
+    reading its data raises `EventDecodeError`; a projection reading it hands the failure to
+    `on_error` (here a dead letter, which keeps the fields sealed and lists the event as
+    undecodable); a projection never reading data runs over it to the end."""
+    _, store = kek_store
+    ada, bob = f"c-{uuid.uuid4().hex[:8]}", f"c-{uuid.uuid4().hex[:8]}"
+    await store.append(ada, [_personal(ada, _secret(), _secret())])
+    await store.append(bob, [_personal(bob, _secret(), _secret())])
+    events = f'"{store.schema}".events'
+    await store.admin.execute(
+        # One implicit transaction: the trigger that refuses updates is off only for it.
+        f"BEGIN; ALTER TABLE {events} DISABLE TRIGGER events_immutable; "
+        f"UPDATE {events} SET data = jsonb_set(data, '{{email}}', "
+        f"(SELECT data -> 'email' FROM {events} WHERE stream_id = '{bob}')) "
+        f"WHERE stream_id = '{ada}'; "
+        f"ALTER TABLE {events} ENABLE TRIGGER events_immutable; COMMIT"
+    )
+    [moved] = await store.read_stream(ada)
+    assert (moved.subject, moved.forgotten) == (ada, ())
+    with pytest.raises(EventDecodeError, match="personal fields") as caught:
+        moved.data  # noqa: B018  (the read is the test)
+    assert caught.value.position == moved.position
+    failures: list[Failure] = []
+
+    def skip(failure: Failure) -> FailureStrategy:
+        failures.append(failure)
+        return FailureStrategy.SKIP
+
+    @projector(name=f"reads_{uuid.uuid4().hex[:8]}", on_error=skip)
+    async def reads(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        assert event.data.get("email")
+
+    @projector(name=f"counts_{uuid.uuid4().hex[:8]}")
+    async def counts(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        assert event.subject in (ada, bob)
+
+    last = await store.last_position()
+    for each in (reads, counts):
+        assert (await run_projection(store, each)).checkpoint == last
+    assert [type(f.error) for f in failures] == [EventDecodeError]
+    [letter] = await store.dead_letters(reads.name)
+    assert isinstance(letter.event, UndecodableEvent)
+    assert letter.event.position == moved.position
+    assert "do not open" in letter.event.error
 
 
 async def test_two_stores_agree_on_a_subject_s_first_key(opener: Opener) -> None:

@@ -197,6 +197,8 @@ class BadInputContract:
             "big": 2**70,
             "small": -(2**70),
             "u64": 2**64 - 1,
+            # Nineteen digits, below -2**63: orjson would read it as a float.
+            "i64_under": -9_999_999_999_999_999_999,
             "digits": "123456789012345678901234567890",
             "float": 1e16,
             "tiny": 1.5e-320,
@@ -212,6 +214,7 @@ class BadInputContract:
         (event,) = await store.read_stream("edges")
         assert event.data == data
         assert type(event.data["big"]) is int
+        assert type(event.data["i64_under"]) is int
         with pytest.raises(EventEncodeError):
             await store.append("edges", [NewEvent("E", {"inf": math.inf})])
         with pytest.raises(EventEncodeError):
