@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol, final
 
 import attrs
 
-from ._errors import InvalidArgument
+from ._errors import EventDecodeError, InvalidArgument
 from ._personal._fields import check_personal_event, check_personal_names, check_subject
 from ._positions import Position
 from ._validation import (
@@ -136,14 +136,19 @@ class _OpensOnRead:
                 sealed = unopened(self)
                 if sealed is not None:
                     data = sealed.open()
+                    # Data first: another thread that finds the seal gone finds the data.
                     _set_data(self, data)
-                    _set_sealed(self, None)
+                    _set_sealed(self, None)  # nor the key kept once opened
                     return data
+                try:  # opened meanwhile by another thread
+                    return _data_slot.__get__(self)
+                except AttributeError:
+                    pass
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 @final
-@attrs.frozen(kw_only=True)
+@attrs.frozen(kw_only=True, repr=False)
 class RecordedEvent(_OpensOnRead):
     """An event as stored: its identity, its place in its stream and in the store, its payload.
 
@@ -185,6 +190,18 @@ class RecordedEvent(_OpensOnRead):
     personal: tuple[str, ...] = ()
     forgotten: tuple[str, ...] = ()
 
+    def __repr__(self) -> str:
+        # attrs' form, except that data that does not open is shown as such instead of
+        # raising: failures and logs hold events, and printing them must not fail.
+        fields = []
+        for field in attrs.fields(RecordedEvent):
+            try:
+                value = repr(getattr(self, field.name))
+            except EventDecodeError:
+                value = "<personal fields that do not open>"
+            fields.append(f"{field.name}={value}")
+        return f"RecordedEvent({', '.join(fields)})"
+
 
 _new: Final = object.__new__
 
@@ -208,6 +225,7 @@ _set_tags: Final = _slot_setter("tags")
 _set_subject: Final = _slot_setter("subject")
 _set_personal: Final = _slot_setter("personal")
 _set_forgotten: Final = _slot_setter("forgotten")
+_data_slot: Final = vars(RecordedEvent)["data"]
 _sealed_slot: Final = vars(_OpensOnRead)["_sealed"]
 _set_sealed: Final = _sealed_slot.__set__
 

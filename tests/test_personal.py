@@ -53,6 +53,8 @@ from eventcore_trio._personal._keys import (
 from eventcore_trio.commands._cache import CachedState
 
 SUBJECT = "customer-1"
+#: The event the envelopes of these tests are sealed for.
+EVENT_ID = uuid.UUID(int=7)
 
 
 def _key() -> AESGCM:
@@ -61,12 +63,12 @@ def _key() -> AESGCM:
 
 def seal_value(aead: AESGCM, subject: str, field: str, value: Any) -> str:
     """The envelope of an event whose one personal field *field* holds *value*."""
-    return seal_fields(aead, subject, (field,), {field: value})
+    return seal_fields(aead, EVENT_ID, subject, (field,), {field: value})
 
 
 def open_value(aead: AESGCM, subject: str, field: str, envelope: object) -> Any:
     """The value sealed by `seal_value`."""
-    return open_envelope(aead, subject, (field,), envelope)[field]
+    return open_envelope(aead, EVENT_ID, subject, (field,), envelope)[field]
 
 
 def _event(**data: Any) -> NewEvent:
@@ -152,10 +154,13 @@ class TestEnvelope:
         for unsealed in (event, lookalike):
             with pytest.raises(ConfigurationError, match="not sealed"):
                 sealed_data(unsealed)
-        data = sealed_data(seal_event(event, key))
+        sealed = seal_event(event, key)
+        assert sealed.event_id is not None
+        data = sealed_data(sealed)
         assert type(data["email"]) is str
         assert data["plan"] == "basic"
-        assert open_value(key, SUBJECT, "email", data["email"]) == "ada@example.org"
+        opened = open_envelope(key, sealed.event_id, SUBJECT, ("email",), data["email"])
+        assert opened == {"email": "ada@example.org"}
         plain = NewEvent("Plain", {"a": 1})
         assert sealed_data(plain) is plain.data
 
@@ -168,7 +173,7 @@ class TestDecoding:
             Position(1, 1),
             "s",
             1,
-            uuid.uuid4(),
+            EVENT_ID,
             "T",
             json.dumps(data),
             "{}",
@@ -280,12 +285,16 @@ class TestOneEnvelopePerEvent:
         key = _key()
         values = {"a": -9_999_999_999_999_999_999, "b": "Grüße, 世界 \U0001f600", "c": {"n": 2**70}}
         event = NewEvent("T", {"plan": "p", **values}, subject=SUBJECT, personal=["c", "a", "b"])
-        data = sealed_data(seal_event(event, key))
+        sealed = seal_event(event, key)
+        assert sealed.event_id is not None  # an id made for it: the envelope is bound to it
+        data = sealed_data(sealed)
         assert data["a"].startswith(ENVELOPE_PREFIX)
         assert (data["b"], data["c"], data["plan"]) == (SEALED_WITH_FIRST, SEALED_WITH_FIRST, "p")
-        assert open_envelope(key, SUBJECT, ("a", "b", "c"), data["a"]) == values
+        assert open_envelope(key, sealed.event_id, SUBJECT, ("a", "b", "c"), data["a"]) == values
         small = NewEvent("T", {"a": 1, "b": 2}, subject=SUBJECT, personal=["a", "b"])
-        assert open_envelope(key, SUBJECT, ("a", "b"), seal_event(small, key).data["a"]) == {
+        small = seal_event(attrs.evolve(small, event_id=EVENT_ID), key)
+        assert small.event_id == EVENT_ID  # its own id kept
+        assert open_envelope(key, EVENT_ID, SUBJECT, ("a", "b"), small.data["a"]) == {
             "a": 1,
             "b": 2,
         }
@@ -293,10 +302,19 @@ class TestOneEnvelopePerEvent:
     def test_the_names_are_bound(self) -> None:
         """Opened as other personal fields (one more, one fewer, renamed): `ValueError`."""
         key = _key()
-        envelope = seal_fields(key, SUBJECT, ("a", "b"), {"a": 1, "b": 2})
+        envelope = seal_fields(key, EVENT_ID, SUBJECT, ("a", "b"), {"a": 1, "b": 2})
         for names in (("a",), ("a", "b", "c"), ("a", "x"), ("b", "a")):
             with pytest.raises(ValueError, match="do not open"):
-                open_envelope(key, SUBJECT, names, envelope)
+                open_envelope(key, EVENT_ID, SUBJECT, names, envelope)
+
+    def test_the_event_is_bound(self) -> None:
+        """Opened as another event's (of the same subject, with the same names): an
+        envelope copied between the subject's events does not open."""
+        key = _key()
+        envelope = seal_fields(key, EVENT_ID, SUBJECT, ("a",), {"a": 1})
+        assert open_envelope(key, EVENT_ID, SUBJECT, ("a",), envelope) == {"a": 1}
+        with pytest.raises(ValueError, match="do not open"):
+            open_envelope(key, uuid.UUID(int=8), SUBJECT, ("a",), envelope)
 
 
 class TestKeyEncryptionKey:

@@ -108,7 +108,9 @@ def decode_stored(
             if personal and not keep_sealed:
                 if subject is None:
                     raise ValueError("personal fields are stored without a subject")
-                forgotten, sealed = read_fields(data, subject, personal, data_key, position)
+                forgotten, sealed = read_fields(
+                    data, event_id, subject, personal, data_key, position
+                )
         except ValueError as exc:
             error = str(exc)
         else:

@@ -25,6 +25,7 @@ import binascii
 import functools
 import json
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, final
 
@@ -75,17 +76,26 @@ _MARKER: Final = Sealed(SEALED_WITH_FIRST)
 
 
 @functools.lru_cache(maxsize=4096)
-def _fields_context(subject: str, personal: tuple[str, ...]) -> bytes:
+def _names_context(subject: str, personal: tuple[str, ...]) -> bytes:
     # Subjects and field names hold no NUL (refused as control characters): the separators
     # are unambiguous.
-    return _FIELD_CONTEXT + "\x00".join((subject, *personal)).encode()
+    return _FIELD_CONTEXT + "\x00".join((subject, *personal)).encode() + b"\x00"
+
+
+def _fields_context(event_id: uuid.UUID, subject: str, personal: tuple[str, ...]) -> bytes:
+    # The event's id last, fixed-size: an envelope opens only in the event it was sealed for.
+    return _names_context(subject, personal) + event_id.bytes
 
 
 def seal_fields(
-    aead: AESGCM, subject: str, personal: tuple[str, ...], values: Mapping[str, Any]
+    aead: AESGCM,
+    event_id: uuid.UUID,
+    subject: str,
+    personal: tuple[str, ...],
+    values: Mapping[str, Any],
 ) -> Sealed:
-    """The envelope of *values*, the personal fields *personal* (sorted names) of an event
-    of *subject*, sealed under the subject's key *aead*.
+    """The envelope of *values*, the personal fields *personal* (sorted names) of the event
+    *event_id* of *subject*, sealed under the subject's key *aead*.
 
     Raises:
         EventEncodeError: a value is not JSON (as for any event data).
@@ -93,18 +103,23 @@ def seal_fields(
     text = encode_json_object("data", {field: values[field] for field in personal})
     plain = (_EXACT_JSON if may_hold_long_integer(text) else b"") + text.encode()
     nonce = os.urandom(NONCE_BYTES)
-    sealed = aead.encrypt(nonce, plain, _fields_context(subject, personal))
+    sealed = aead.encrypt(nonce, plain, _fields_context(event_id, subject, personal))
     return Sealed(ENVELOPE_PREFIX + base64.b64encode(nonce + sealed).decode("ascii"))
 
 
 def open_envelope(
-    aead: AESGCM, subject: str, personal: tuple[str, ...], envelope: object
+    aead: AESGCM,
+    event_id: uuid.UUID,
+    subject: str,
+    personal: tuple[str, ...],
+    envelope: object,
 ) -> dict[str, Any]:
     """The personal fields sealed in *envelope*, by name.
 
     Raises:
         ValueError: it is no envelope, or it does not open under this key as these personal
-            fields of this subject (tampered with, moved, or sealed under another key).
+            fields of this event of this subject (tampered with, moved, or sealed under
+            another key).
     """
     first = personal[0]
     if not isinstance(envelope, str) or not envelope.startswith(ENVELOPE_PREFIX):
@@ -118,37 +133,48 @@ def open_envelope(
         raise ValueError(f"personal field {first!r} holds a truncated sealed value")
     try:
         plain = aead.decrypt(
-            raw[:NONCE_BYTES], raw[NONCE_BYTES:], _fields_context(subject, personal)
+            raw[:NONCE_BYTES], raw[NONCE_BYTES:], _fields_context(event_id, subject, personal)
         )
     except InvalidTag:
         raise ValueError(
             f"personal fields {list(personal)!r} do not open under subject {subject!r}'s key "
-            "(altered, moved from another event or subject, or sealed under another key)"
+            "(altered, moved from another event, or sealed under another key)"
         ) from None
     opened = _parse(plain)
-    if type(opened) is not dict or len(opened) != len(personal):
+    if (
+        type(opened) is not dict
+        or len(opened) != len(personal)
+        or not all(map(opened.__contains__, personal))
+    ):
         raise ValueError(f"personal fields {list(personal)!r} opened to something else")
     return opened
 
 
 def _parse(plain: bytes) -> Any:
-    if plain[:1] != _EXACT_JSON:
-        try:
-            return orjson.loads(plain)
-        except orjson.JSONDecodeError:
-            pass  # what orjson refuses (an escaped lone surrogate) the standard parser reads
-    return json.loads(plain)
+    try:
+        if plain[:1] != _EXACT_JSON:
+            try:
+                return orjson.loads(plain)
+            except orjson.JSONDecodeError:
+                pass  # what orjson refuses the standard parser reads, or refuses in turn
+        return json.loads(plain)
+    except RecursionError:
+        # Nested deeper than the parser can follow from where data is first read (maybe
+        # deep in a handler's stack): undecodable, as for any event.
+        raise ValueError("personal fields nested too deeply to decode") from None
 
 
 def seal_event(event: NewEvent, aead: AESGCM) -> NewEvent:
-    """*event* with its personal fields sealed under its subject's key *aead*."""
+    """*event* with its personal fields sealed under its subject's key *aead*, and an id
+    (its own, or a new one): the envelope is bound to it."""
     assert event.subject is not None  # NewEvent refuses personal fields without a subject
     personal = event.personal
+    event_id = event.event_id or uuid.uuid4()
     data = dict(event.data)
-    data[personal[0]] = seal_fields(aead, event.subject, personal, data)
+    data[personal[0]] = seal_fields(aead, event_id, event.subject, personal, data)
     for field in personal[1:]:
         data[field] = _MARKER
-    return attrs.evolve(event, data=data)
+    return attrs.evolve(event, data=data, event_id=event_id)
 
 
 def sealed_data(event: NewEvent) -> Mapping[str, Any]:
@@ -181,24 +207,26 @@ class SealedFields:
     Opening waits for that read because a catch-up reads every event and most projections
     read no personal field: decrypting and parsing them would be most of what a
     personal event costs to read. Whether the envelope is there at all is checked when the
-    event is read (`read_fields`), so only an altered envelope is found late.
+    event is read (`read_fields`), so only an envelope that does not open is found late.
     """
 
-    __slots__ = ("aead", "data", "personal", "position", "subject")
+    __slots__ = ("aead", "data", "event_id", "personal", "position", "subject")
 
     def __init__(
         self,
         data: dict[str, Any],
+        event_id: uuid.UUID,
         subject: str,
         personal: tuple[str, ...],
         aead: AESGCM,
         position: Position,
     ) -> None:
-        self.data, self.subject, self.personal = data, subject, personal
+        self.data, self.event_id, self.subject, self.personal = data, event_id, subject, personal
         self.aead, self.position = aead, position
 
     def open(self) -> dict[str, Any]:
-        """The data with the personal fields opened (the stored dict, updated).
+        """The data with the personal fields opened: a new dict each time (threads may open
+        the same event at once; the sealed data is never changed).
 
         Raises:
             EventDecodeError: they do not open: the envelope was altered, moved from
@@ -206,19 +234,19 @@ class SealedFields:
         """
         try:
             opened = open_envelope(
-                self.aead, self.subject, self.personal, self.data[self.personal[0]]
+                self.aead, self.event_id, self.subject, self.personal, self.data[self.personal[0]]
             )
         except ValueError as exc:
             raise EventDecodeError(
                 f"event at {self.position} cannot be decoded: {exc}", position=self.position
             ) from None
-        data = self.data
-        data.update(opened)  # every field from the envelope, whatever its marker says
-        return data
+        # Every field from the envelope, whatever its marker says.
+        return {**self.data, **opened}
 
 
 def read_fields(
     data: dict[str, Any],
+    event_id: uuid.UUID,
     subject: str,
     personal: tuple[str, ...],
     aead: AESGCM | None,
@@ -238,11 +266,15 @@ def read_fields(
     envelope = data.get(personal[0])
     if not isinstance(envelope, str) or not envelope.startswith(ENVELOPE_PREFIX):
         raise ValueError(f"personal field {personal[0]!r} does not hold the event's sealed values")
-    return (), SealedFields(data, subject, personal, aead, position)
+    return (), SealedFields(data, event_id, subject, personal, aead, position)
 
 
 def open_fields(
-    data: dict[str, Any], subject: str, personal: tuple[str, ...], aead: AESGCM | None
+    data: dict[str, Any],
+    event_id: uuid.UUID,
+    subject: str,
+    personal: tuple[str, ...],
+    aead: AESGCM | None,
 ) -> tuple[str, ...]:
     """Open *data*'s personal fields in place now; return the fields removed (all of them
     when the subject was forgotten: *aead* is None), else ().
@@ -255,7 +287,7 @@ def open_fields(
             data.pop(field, None)
         return personal
     # Every field takes its value from the envelope, whatever its marker says.
-    data.update(open_envelope(aead, subject, personal, data.get(personal[0])))
+    data.update(open_envelope(aead, event_id, subject, personal, data.get(personal[0])))
     return ()
 
 
@@ -274,7 +306,7 @@ def open_recorded(event: RecordedEvent, aead: AESGCM | None) -> RecordedEvent | 
         return event
     data = dict(event.data)
     try:
-        forgotten = open_fields(data, event.subject, event.personal, aead)
+        forgotten = open_fields(data, event.event_id, event.subject, event.personal, aead)
     except ValueError as exc:
         return UndecodableEvent(
             event_id=event.event_id,

@@ -114,6 +114,9 @@ async def query(
     async with options.open() as store:
         try:
             result = await store.read_query(event_query, after=after, limit=limit)
+            for event in result.events:
+                # Personal fields open when data is first read: here, inside the try.
+                event.data  # noqa: B018
         except EventDecodeError as exc:
             # A stored event, not the command line, is at fault: the read found a problem.
             where = "" if exc.position is None else f" at {exc.position}"

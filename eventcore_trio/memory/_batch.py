@@ -20,7 +20,7 @@ from .._positions import Position
 from .._protocols import Database
 from .._status import DeadLetter
 from ._appends import Staged, apply, check_appends, stage
-from ._personal import seal_appends, sealed_letter_event
+from ._personal import redacted_if_forgotten, seal_appends, sealed_letter_event
 from ._state import MemoryState, now
 
 if TYPE_CHECKING:
@@ -159,5 +159,5 @@ class MemoryBatch:
             apply(state, staged)
         letters = state.dead_letters.setdefault(name, [])
         letters[:] = [d for d in letters if d.id not in self._resolved]
-        letters.extend(self._dead_letters)
+        letters.extend(redacted_if_forgotten(state, letter) for letter in self._dead_letters)
         state.projection(name).updated_at = now()

@@ -248,6 +248,19 @@ async def rewrap(state: MemoryState, key_encryption_key: object) -> int:
     return count
 
 
+def redacted_if_forgotten(state: MemoryState, letter: DeadLetter) -> DeadLetter:
+    """*letter*, its error text replaced if its event's subject is forgotten by now (a
+    letter staged before a forget and committed after it, which `redact_letters` missed)."""
+    event = letter.event
+    if (
+        isinstance(event, RecordedEvent)
+        and event.personal
+        and event.subject in state.personal.forgets
+    ):
+        return attrs.evolve(letter, error_message=REDACTED_ERROR)
+    return letter
+
+
 def redact_letters(state: MemoryState, subject: str) -> None:
     """Replace the error text of *subject*'s personal events' dead letters: a handler's
     error may quote a value it was given, and the text is kept in plain."""

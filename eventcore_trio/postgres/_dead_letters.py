@@ -15,6 +15,7 @@ from .._backend._decoding import decode_stored
 from .._events import RecordedEvent, UndecodableEvent
 from .._partitions import Unit
 from .._personal._envelope import without_personal
+from .._personal._forget import REDACTED_ERROR
 from .._positions import Position, position_parts
 from .._status import DeadLetter
 from ._bridge import Record
@@ -89,6 +90,7 @@ def dead_letter_arguments(
         list(tags),
         subject,
         list(personal),
+        REDACTED_ERROR,
     ]
 
 
@@ -100,7 +102,11 @@ class DeadLetterTable:
         self._pool = pool
         self.table = f'"{schema}".dead_letters'
         # An event with personal fields keeps them as the events row holds them, sealed
-        # (its data as sent lacks them: it never holds a plain personal value).
+        # (its data as sent lacks them: it never holds a plain personal value). Its error
+        # text (a handler's, which may quote a value) is replaced by $18 when the subject is
+        # forgotten: a forget replaces the texts of the letters it finds, and the lock on
+        # the subject's key row orders this insert with it (a forget under way commits
+        # first and is seen; a later one waits for this transaction, then finds the letter).
         self.insert = (
             f"INSERT INTO {self.table} ({_NAME}, tx, position, event_id, stream_id, "
             "stream_version, type, data, metadata, decode_error, event_recorded_at, "
@@ -109,7 +115,11 @@ class DeadLetterTable:
             "CASE WHEN cardinality($17::text[]) = 0 THEN $8 ELSE coalesce("
             f'(SELECT e.data::text FROM "{schema}".events AS e '
             "WHERE e.tx = $2 AND e.position = $3 AND e.event_id = $4), $8) END, "
-            "$9, $10, $11, $12, $13, $14, $15, $16, $17)"
+            "$9, $10, $11, $12, "
+            "CASE WHEN cardinality($17::text[]) > 0 AND coalesce("
+            f'(SELECT k.wrapped_key IS NULL FROM "{schema}".subject_keys AS k '
+            "WHERE k.subject = $16 FOR SHARE), false) THEN $18 ELSE $13 END, "
+            "$14, $15, $16, $17)"
         )
         # Resolving a replayed dead letter: $1 id, $2 unit, $3 the lock session's backend
         # pid, $4 its lock key. Deletes the letter only if it is the unit's and only while
