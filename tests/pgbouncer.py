@@ -23,6 +23,7 @@ import subprocess
 import tempfile
 import time
 import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
@@ -54,10 +55,15 @@ def _free_port() -> int:
 
 
 class PgBouncer:
-    """PgBouncer in front of the server at *server_dsn*, with the documented pools."""
+    """PgBouncer in front of the server at *server_dsn*, with the documented pools.
 
-    def __init__(self, server_dsn: str) -> None:
+    *settings* replace documented ``[pgbouncer]`` settings, for a test that makes PgBouncer
+    misbehave on purpose (a server reset that waits, a smaller pool).
+    """
+
+    def __init__(self, server_dsn: str, *, settings: Mapping[str, str] | None = None) -> None:
         self._server = urllib.parse.urlsplit(server_dsn)
+        self._overrides = dict(settings or {})
         self.port = _free_port()
         self._dir = Path(tempfile.mkdtemp(prefix="eventcore-pgbouncer-"))
         self._process: subprocess.Popen[bytes] | None = None
@@ -98,6 +104,7 @@ class PgBouncer:
             modes = [part for part in entry.split() if part.startswith("pool_mode=")]
             config["databases"][pool] = " ".join([*target, *modes])
         settings = config["pgbouncer"]
+        settings.update(self._overrides)
         settings.update(
             {
                 "listen_addr": "127.0.0.1",

@@ -25,7 +25,8 @@ on whichever server session is free. So a lock connection proves what it is (see
 
 A connection found shared is refused with `UnsupportedPooling`, or loses leadership with
 `LeadershipLost` naming the cause, and the lock it left on a pooled session is released (by
-unlocking on that session, or by terminating it).
+unlocking on that session, or by terminating it) before either is raised: the refusal never
+leaves a lock that status would show, or that would keep another instance from leading.
 """
 
 from __future__ import annotations

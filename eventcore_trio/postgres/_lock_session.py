@@ -8,6 +8,7 @@ proxy, and the release of a lock left on a pooled server session.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Final
@@ -176,43 +177,87 @@ async def verify_pinned(connection: Connection, proof: LockProof) -> int | None:
     return None if row["held"] else int(row["pid"])
 
 
-# Statements that try to land on the lock's pooled session before it is terminated instead.
+# Unlocking statements that try to land on the lock's pooled session before that session is
+# terminated instead. The pauses between them (doubling from the first) give a pooler's reset,
+# late on a loaded machine, the chance to free the lock first.
 RELEASE_ATTEMPTS: Final = 5
+RELEASE_FIRST_PAUSE: Final = 0.01
+RELEASE_LONGEST_PAUSE: Final = 0.2
+# All a release may take, shielded (it runs as a leadership ends, cancelled or not).
+RELEASE_TIMEOUT: Final = 10.0
 
 
 async def release_proxied(
     connection: Connection, proof: LockProof, reconnect: Callable[[], Awaitable[Connection]]
 ) -> None:
     """Release the lock of *proof* on a pooled server session that may outlive the
-    connection (see below)."""
+    connection, and return once no server session holds it for *proof* (see below); a lock
+    still held after `RELEASE_TIMEOUT` is logged as a warning."""
     # Behind a proxy, closing the client connection does not end the server session: under
-    # transaction pooling the lock would stay on a pooled session for good. Unlock it where it
-    # is: a statement that runs on that session unlocks, one that runs elsewhere only looks.
-    # If none of a few attempts lands there, end that session as a last resort (which also
-    # ends whatever another client of the pool is running on it at that moment). The lock
-    # connection itself may be gone (a proxy closes clients whose server session died), so
-    # attempts go through a new connection then.
+    # transaction pooling the lock stays on a pooled session until the pooler resets it, after
+    # it has answered the statement that took it (server_reset_query_always), or for good.
+    # Unlock it where it is: a statement that runs on that session unlocks, one that runs
+    # elsewhere only looks. If a few attempts, some time apart, still find it held, end that
+    # session (which also ends whatever another client of the pool is running on it at that
+    # moment), and go on looking until it has ended: the lock outlives pg_terminate_backend
+    # until the backend acts on it, which a backend starved of CPU does late. Returning before
+    # then reported a refusal (or the end of a leadership) while the lock was still held:
+    # status showed a leader, and another instance could not take the lock.
+    #
+    # Only the first statement goes through the lock connection, which under session pooling
+    # is the lock's session itself. Under transaction pooling its cached prepared statements
+    # exist only on the server session that prepared them, until its reset, so later
+    # statements go through a connection without that cache (and so does every statement once
+    # the lock connection is gone: a proxy closes clients whose server session died).
     holds = SESSION_HOLDS_LOCK.format(session="$1::int", key="$2::bigint")
+    unlock = (
+        "SELECT CASE WHEN pg_backend_pid() = $1::int "
+        f"THEN NOT pg_advisory_unlock($2::bigint) AND {holds} ELSE {holds} END"
+    )
+    terminate = f"SELECT CASE WHEN {holds} THEN pg_terminate_backend($1::int) ELSE false END"
     spare: Connection | None = None
-    with trio.move_on_after(10, shield=True):
+    pause = RELEASE_FIRST_PAUSE
+    failures = 0
+    terminated = False
+    with trio.move_on_after(RELEASE_TIMEOUT, shield=True):
         try:
-            for attempt in range(RELEASE_ATTEMPTS + 1):
+            for attempt in itertools.count():
+                if attempt:
+                    await trio.sleep(pause)
+                    pause = min(2 * pause, RELEASE_LONGEST_PAUSE)
                 try:
-                    if connection.is_closed() and (spare is None or spare.is_closed()):
-                        spare = await reconnect()
-                    current = spare if connection.is_closed() and spare is not None else connection
-                    if attempt < RELEASE_ATTEMPTS:
-                        sql = (
-                            "SELECT CASE WHEN pg_backend_pid() = $1::int "
-                            f"THEN NOT pg_advisory_unlock($2::bigint) AND {holds} "
-                            f"ELSE {holds} END"
-                        )
+                    if attempt == 0 and not connection.is_closed():
+                        current = connection
                     else:
-                        sql = f"SELECT pg_terminate_backend($1::int) AND false WHERE {holds}"
-                    if not await current.fetchval(sql, proof.backend_pid, proof.key):
+                        if spare is None or spare.is_closed():
+                            spare = await reconnect()
+                        current = spare
+                    if attempt >= RELEASE_ATTEMPTS and not terminated:
+                        ended = await current.fetchval(terminate, proof.backend_pid, proof.key)
+                        terminated = True
+                        if ended:
+                            logger.warning(
+                                "ended server session %d behind the proxy with "
+                                "pg_terminate_backend: it still held the lock of %r after %d "
+                                "attempts to release it there (transaction pooling?)",
+                                proof.backend_pid,
+                                proof.name,
+                                RELEASE_ATTEMPTS,
+                            )
+                    elif not await current.fetchval(unlock, proof.backend_pid, proof.key):
                         return
                 except EventCoreError as exc:
                     logger.debug("releasing the lock of %s: %s", proof.name, exc)
+                    failures += 1
+                    if failures > RELEASE_ATTEMPTS:
+                        break
         finally:
             if spare is not None:
                 await spare.close()
+    logger.warning(
+        "the lock of %r may still be held by server session %d behind the proxy: it could not "
+        "be released; end that session (SELECT pg_terminate_backend(%d)) if it still holds it",
+        proof.name,
+        proof.backend_pid,
+        proof.backend_pid,
+    )

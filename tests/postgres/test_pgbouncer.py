@@ -6,7 +6,9 @@ pooling, and ``app_sessions``, session pooling) in front of each server under te
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -78,6 +80,75 @@ async def _advisory_locks(store: PostgresStore, key: int) -> list[int]:
 
 def _through_transaction_pooling(bouncer: pgbouncer.PgBouncer, schema: str) -> PostgresHarness:
     return PostgresHarness(bouncer.dsn("app"), schema, statement_cache_size=0)
+
+
+#: The name whose leadership, in the observer's schema, holds back every server reset of
+#: `late_resetting_bouncer` while a test holds it.
+RESET_GATE = "reset_gate"
+GATE_KEY = projector_lock_key("bouncer_observer", RESET_GATE)
+#: What DISCARD ALL does that matters here (which cannot share a query string), after the gate.
+GATED_RESET = (
+    f"SELECT pg_advisory_xact_lock_shared({GATE_KEY}); DEALLOCATE ALL; "
+    "SELECT pg_advisory_unlock_all()"
+)
+
+
+@pytest.fixture
+def late_resetting_bouncer(
+    postgres_server: object, postgres_dsn_for_module: str
+) -> Iterator[pgbouncer.PgBouncer]:
+    """The documented PgBouncer, but its server resets wait while the test leads `RESET_GATE`,
+    and a pool has at most two server sessions.
+
+    A reset runs on a server session after PgBouncer has handed its client the answer, so a
+    session lock taken through transaction pooling outlives that answer until the reset runs:
+    on a loaded machine, for as long as the session's backend does not get the CPU. The gate
+    makes that wait as long as the test needs, and with two sessions a client's third
+    statement waits for one of them meanwhile. The test stops a backend (SIGSTOP), so it needs
+    a server of this machine.
+    """
+    if isinstance(postgres_server, str):
+        pytest.skip("stops a server process: needs a server the suite started")
+    proxy = pgbouncer.PgBouncer(
+        postgres_dsn_for_module,
+        settings={"server_reset_query": GATED_RESET, "default_pool_size": "2"},
+    )
+    proxy.start()
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+
+
+async def _waiting_for(store: PostgresStore, key: int) -> int:
+    """How many sessions wait for advisory lock *key*."""
+    return int(
+        await store.admin.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1 "
+            "AND NOT granted AND ((classid::bigint << 32) | objid::bigint) = $1",
+            key,
+        )
+    )
+
+
+class _ResumeWhenTerminated(logging.Handler):
+    """Resumes the stopped backends once the library says it ended their session (it logs a
+    warning when it does), the way a starved backend runs again some time later."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped: list[int] = []
+        self.terminated = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "pg_terminate_backend" in record.getMessage():
+            self.terminated = True
+            self.resume()
+
+    def resume(self) -> None:
+        for pid in self.stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
 
 
 class TestTransactionPooling:
@@ -171,12 +242,93 @@ class TestTransactionPooling:
             await store.append("s", [NewEvent("A", {})])
             with pytest.raises(UnsupportedPooling):
                 await run_projection(store, counted)
+            assert (
+                await _advisory_locks(direct, projector_lock_key(harness.schema, "counted")) == []
+            )
             await store.save_checkpoint(
                 "counted", (await store.read_events(None, limit=1))[0].position
             )
             (status,) = await store.projection_status()
             assert status.state is ProjectionState.STOPPED
             assert status.leader is None
+
+    async def test_no_lock_outlives_the_refusal_when_the_pooled_session_resets_late(
+        self, late_resetting_bouncer: pgbouncer.PgBouncer, direct: PostgresStore
+    ) -> None:
+        """The session that took the lock through transaction pooling has not run its reset
+        yet, and does not run at all for a while (a loaded machine): the probe lands on
+        another session, the release cannot reach the lock's session and ends it, and the
+        refusal comes only once that session has let go of the lock.
+
+        This made test_status_names_no_leader_from_transaction_pooling fail once on a loaded
+        machine: the release used to return as soon as it had asked the server to end the
+        session, which a backend that does not run does not act on either.
+        """
+        harness = _through_transaction_pooling(late_resetting_bouncer, "bouncer_late_reset")
+        key = projector_lock_key(harness.schema, "counted")
+
+        @projector("counted")
+        async def counted(event: object, ctx: ProjectionContext) -> None:
+            pass
+
+        async def both_waiting_at_the_gate() -> bool:
+            return await _waiting_for(direct, GATE_KEY) == 2
+
+        async def both_reset() -> bool:
+            idle = await direct.admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE state = 'idle' AND query = $1",
+                GATED_RESET,
+            )
+            return bool(idle == 2)
+
+        async def lock_taken() -> bool:
+            return bool(await _advisory_locks(direct, key))
+
+        resume = _ResumeWhenTerminated()
+        logger = logging.getLogger("eventcore_trio.postgres")
+        logger.addHandler(resume)
+        left: list[int] | None = None
+        try:
+            async with harness.open_store() as store:
+                await store.append("s", [NewEvent("A", {})])
+                # Both server sessions of the pool made and idle: two statements at the gate.
+                async with trio.open_nursery() as nursery, direct.try_acquire(RESET_GATE):
+                    for _ in range(2):
+                        nursery.start_soon(
+                            store.admin.execute, "SELECT pg_advisory_xact_lock_shared($1)", GATE_KEY
+                        )
+                    await eventually(both_waiting_at_the_gate)
+                await eventually(both_reset)
+
+                async def refused() -> None:
+                    nonlocal left
+                    with pytest.raises(UnsupportedPooling):
+                        await run_projection(store, counted)
+                    left = await _advisory_locks(direct, key)
+
+                # The gate opens as this block ends (before the nursery waits for refused):
+                # the probe's session is reset then, and the lock's does not run.
+                async with trio.open_nursery() as nursery, direct.try_acquire(RESET_GATE):
+                    # The lock statement runs on one session, whose reset then waits at the
+                    # gate; the probe lands on the other, whose reset waits too; the next
+                    # statement waits for a session.
+                    nursery.start_soon(refused)
+                    await eventually(lock_taken)
+                    (pid,) = await _advisory_locks(direct, key)
+                    os.kill(pid, signal.SIGSTOP)
+                    resume.stopped.append(pid)
+                assert left == []
+                # The way it went: the probe missed, and the session was ended.
+                assert resume.terminated
+                await store.save_checkpoint(
+                    "counted", (await store.read_events(None, limit=1))[0].position
+                )
+                (status,) = await store.projection_status()
+                assert status.state is ProjectionState.STOPPED
+                assert status.leader is None
+        finally:
+            logger.removeHandler(resume)
+            resume.resume()
 
     async def test_a_balancing_host_stops_instead_of_retrying(
         self, bouncer: pgbouncer.PgBouncer
