@@ -244,6 +244,13 @@ class SealedFields:
         return {**self.data, **opened}
 
 
+def _drop(data: dict[str, Any], personal: tuple[str, ...]) -> tuple[str, ...]:
+    # A forgotten subject's event: its personal fields left out, and named.
+    for field in personal:
+        data.pop(field, None)
+    return personal
+
+
 def read_fields(
     data: dict[str, Any],
     event_id: uuid.UUID,
@@ -260,9 +267,7 @@ def read_fields(
         ValueError: there is no envelope where it belongs (the event is undecodable).
     """
     if aead is None:
-        for field in personal:
-            data.pop(field, None)
-        return personal, None
+        return _drop(data, personal), None
     envelope = data.get(personal[0])
     if not isinstance(envelope, str) or not envelope.startswith(ENVELOPE_PREFIX):
         raise ValueError(f"personal field {personal[0]!r} does not hold the event's sealed values")
@@ -283,9 +288,7 @@ def open_fields(
         ValueError: the envelope is missing or does not open (the event is undecodable).
     """
     if aead is None:
-        for field in personal:
-            data.pop(field, None)
-        return personal
+        return _drop(data, personal)
     # Every field takes its value from the envelope, whatever its marker says.
     data.update(open_envelope(aead, event_id, subject, personal, data.get(personal[0])))
     return ()
