@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import traceback
 from collections.abc import Generator, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import _pytest
@@ -42,29 +43,76 @@ def oldest_server_param() -> str:
     return systems[0] if systems else params[0]
 
 
-@pytest.fixture(scope="session", params=server_params())
-def postgres_server(request: pytest.FixtureRequest) -> Iterator[EmbeddedPostgres | str]:
-    """A running PostgreSQL: an EmbeddedPostgres the suite owns, or an external DSN."""
-    if request.param == "external":
-        yield os.environ["EVENTCORE_TEST_DSN"]
-        return
-    bindir: Path | None
-    if request.param == "bundled":
-        bindir = bundled_bindir()
-    else:
-        bindir = system_bindirs()[int(request.param.removeprefix("system-"))]
-    server = EmbeddedPostgres(bindir, settings=FAST_SETTINGS)
-    server.start()
+@pytest.fixture(scope="session")
+def started_servers() -> Iterator[dict[str, EmbeddedPostgres]]:
+    """The servers this process has started, by `server_params` name: each started on first
+    use and kept until the session ends."""
+    servers: dict[str, EmbeddedPostgres] = {}
     try:
-        yield server
+        yield servers
     finally:
-        server.cleanup()
+        with ExitStack() as stack:
+            for server in servers.values():
+                stack.callback(server.cleanup)
+
+
+@pytest.fixture(scope="module", params=server_params())
+def postgres_server(
+    request: pytest.FixtureRequest, started_servers: dict[str, EmbeddedPostgres]
+) -> EmbeddedPostgres | str:
+    """A running PostgreSQL: an EmbeddedPostgres the suite owns, or an external DSN.
+
+    Module-scoped over servers that live for the session: a session-scoped parametrized
+    fixture is torn down whenever the next test wants the other version, and a worker of
+    the suite switched between versions some forty times (a server stopped and another
+    initialised and started each time)."""
+    name: str = request.param
+    if name == "external":
+        return os.environ["EVENTCORE_TEST_DSN"]
+    server = started_servers.get(name)
+    if server is None:
+        bindir: Path | None
+        if name == "bundled":
+            bindir = bundled_bindir()
+        else:
+            bindir = system_bindirs()[int(name.removeprefix("system-"))]
+        server = EmbeddedPostgres(bindir, settings=FAST_SETTINGS)
+        server.start()
+        started_servers[name] = server
+    return server
 
 
 @pytest.fixture
 def postgres_dsn(postgres_server: EmbeddedPostgres | str) -> str:
     """The DSN of the PostgreSQL server under test."""
     return postgres_server if isinstance(postgres_server, str) else postgres_server.dsn
+
+
+#: The modules that keep a worker busiest (from half a minute to four minutes each), longest
+#: first. They start first and the many short modules even out the end, so that both workers
+#: finish together; pytest-xdist's own order (the most tests first, pyproject.toml turns it
+#: off) started a two-minute module of 14 tests among the last.
+LONGEST_MODULES = (
+    "postgres/test_pgbouncer.py",
+    "postgres/test_interleavings.py",
+    "test_cli.py",
+    "postgres/test_contract.py",
+    "postgres/test_network.py",
+    "postgres/test_store.py",
+    "postgres/test_torture.py",
+    "postgres/test_runtime_role.py",
+    "postgres/test_interleavings_dcb.py",
+    "postgres/test_versions_processes.py",
+    "test_pytest_plugin.py",
+)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `LONGEST_MODULES` first, in that order; every other test keeps its place."""
+    here = Path(__file__).parent
+    rank = {here / name: n for n, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path, len(rank)))
 
 
 @pytest.hookimpl(wrapper=True)

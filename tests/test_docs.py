@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import oldest_server_param
+
 ROOT = Path(__file__).parent.parent
 DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -27,13 +29,32 @@ def _examples() -> list[tuple[str, str]]:
     return found
 
 
-@pytest.mark.parametrize(("where", "code"), _examples(), ids=[w for w, _ in _examples()])
+def _torture(code: str) -> bool:
+    # A torture run's faults are processes, sessions and networks, alike on every server
+    # version (tests/postgres/test_torture.py), and it takes seconds: on one server.
+    return "run_torture(" in code
+
+
+EVERYWHERE = [(where, code) for where, code in _examples() if not _torture(code)]
+ON_ONE_SERVER = [(where, code) for where, code in _examples() if _torture(code)]
+
+
+@pytest.mark.parametrize(("where", "code"), EVERYWHERE, ids=[w for w, _ in EVERYWHERE])
 def test_example_runs(
     where: str, code: str, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The example executes without error (PostgreSQL examples use the test server)."""
     monkeypatch.setenv("EVENTCORE_DSN", postgres_dsn)
     exec(compile(code, where, "exec"), {"__name__": "__docs__"})
+
+
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
+@pytest.mark.parametrize(("where", "code"), ON_ONE_SERVER, ids=[w for w, _ in ON_ONE_SERVER])
+def test_torture_example_runs(
+    where: str, code: str, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example executes without error, on the oldest server under test."""
+    test_example_runs(where, code, postgres_dsn, monkeypatch)
 
 
 def test_examples_were_found() -> None:

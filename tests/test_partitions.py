@@ -82,8 +82,12 @@ class TestInPostgres:
     """The SQL function and the stored column compute the same hash as Python."""
 
     @pytest.fixture
-    async def store(self, postgres_dsn: str) -> AsyncIterator[PostgresStore]:
-        async with PostgresHarness(postgres_dsn).open_store() as store:
+    def harness(self, postgres_dsn: str) -> PostgresHarness:
+        return PostgresHarness(postgres_dsn)
+
+    @pytest.fixture
+    async def store(self, harness: PostgresHarness) -> AsyncIterator[PostgresStore]:
+        async with harness.open_store() as store:
             assert isinstance(store, PostgresStore)
             yield store
 
@@ -103,14 +107,15 @@ class TestInPostgres:
     )
     @given(streams=st.lists(st.text(min_size=1, max_size=80), min_size=1, max_size=20))
     async def test_sql_matches_python_for_any_text(
-        self, postgres_dsn: str, streams: list[str]
+        self, harness: PostgresHarness, streams: list[str]
     ) -> None:
         """Any text PostgreSQL can store hashes the same in SQL as in Python."""
         streams = [s for s in streams if "\x00" not in s]
         if not streams:
             return
-        # Each example runs in its own Trio run, so it opens its own store.
-        async with PostgresHarness(postgres_dsn).open_store() as store:
+        # Each example runs in its own Trio run, so it opens its own store, on the schema
+        # the test's examples share (the first migrates it; they only call its function).
+        async with harness.open_store() as store:
             assert isinstance(store, PostgresStore)
             hashes = await store.admin.fetch(
                 f'SELECT s, "{store.schema}".stream_hash(s) AS h FROM unnest($1::text[]) AS s',

@@ -29,6 +29,8 @@ def run(pytester: pytest.Pytester) -> pytest.RunResult:
     return pytester.runpytest_subprocess("-p", "trio", "-q")
 
 
+# The plugin's fixtures, not the server's version, are under test (a session of its own).
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 def test_fixtures_on_both_backends(
     pytester: pytest.Pytester, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -124,7 +124,12 @@ class TestInterruptedStatements:
                 interrupted += 1
                 return FailureStrategy.RETRY
 
-        config = ProjectionConfig(batch_size=4, max_retries=1000, retry_initial_backoff=0.001)
+        # A batch commits only when none of its four statements timed out, which may take
+        # a dozen tries on a busy machine: the delay between them capped at 10 ms, not the
+        # default 10 s, or the retries spent most of a minute asleep.
+        config = ProjectionConfig(
+            batch_size=4, max_retries=1000, retry_initial_backoff=0.001, retry_max_backoff=0.01
+        )
         result = await run_projection(store, Timed(), config)
         rows = await store.admin.fetch(f"SELECT position FROM {table}")
         assert len(rows) == result.events_applied == 40

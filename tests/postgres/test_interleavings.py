@@ -27,6 +27,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import pytest
+import trio
 
 from eventcore_trio import NewEvent, Position, StreamAppend, open_postgres_store
 from eventcore_trio.postgres import PostgresStore
@@ -82,18 +83,27 @@ class Follower:
     async def drain(self, wanted: int) -> None:
         """Read on with ``store.read_events`` until *wanted* events have been seen.
 
-        Every writer has ended by now, so everything committed is readable: a read that
-        brings nothing while events are missing means they were skipped (or never become
-        readable), and the check fails.
+        Every writer has ended by now, so everything committed is readable: reads that bring
+        nothing while events are missing mean they were skipped (or never become readable),
+        and the check fails. Not the first such read alone: a transaction that is no
+        writer's (autovacuum's, any session's in the database) and ends while a read works
+        out its horizon makes that read shorter (``read_horizon``: "costs nothing but a
+        shorter read"), so reads go on for `DRAIN_PATIENCE` seconds first.
         """
-        while len(self.seen) < wanted:
-            page = await self.store.read_events(self.cursor, limit=1000)
-            if not page:
-                return
-            for event in page:
-                assert self.cursor is None or event.position > self.cursor
-                self.cursor = event.position
-                self.seen.append((event.stream_id, event.stream_version, event.position))
+        with trio.move_on_after(DRAIN_PATIENCE):
+            while len(self.seen) < wanted:
+                page = await self.store.read_events(self.cursor, limit=1000)
+                if not page:
+                    await trio.sleep(0.01)
+                for event in page:
+                    assert self.cursor is None or event.position > self.cursor
+                    self.cursor = event.position
+                    self.seen.append((event.stream_id, event.stream_version, event.position))
+
+
+#: How long `Follower.drain` reads on while nothing comes. A read made shorter is followed
+#: by a whole one within milliseconds; the check waits this long only to fail.
+DRAIN_PATIENCE = 2.0
 
 
 class Scenario:

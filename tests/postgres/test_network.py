@@ -216,19 +216,20 @@ def _blackhole(port: int) -> Iterator[None]:
 
 
 # Keepalives, TCP_USER_TIMEOUT and the server's connection check behave alike on every
-# supported version; at about 17 s each, these run on one server (the oldest under test).
+# supported version; at about 17 s, this runs on one server (the oldest under test).
 @pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
-@pytest.mark.parametrize("moment", ["idle", "mid-statement"])
-async def test_a_silently_partitioned_leader_gives_up_and_the_server_frees_its_lock(
-    own_server: EmbeddedPostgres, moment: str
+async def test_silently_partitioned_leaders_give_up_and_the_server_frees_their_locks(
+    own_server: EmbeddedPostgres,
 ) -> None:
-    """A silent partition: the leader idle, or waiting on a long statement.
+    """A silent partition: one leader idle, another waiting on a long statement.
 
-    Unlike a proxy, a firewall leaves keepalive probes unanswered on both sides. The leader
-    must give up on its own (its ping when idle; client-side keepalives while a statement
-    runs, since the ping then waits its turn), and the server must end the session without
-    waiting for the statement (``client_connection_check_interval``) so that a standby takes
-    over. With the kernel's defaults neither happens for minutes.
+    Unlike a proxy, a firewall leaves keepalive probes unanswered on both sides. Each leader
+    must give up on its own (the idle one by its ping; the other by client-side keepalives,
+    since its ping then waits its turn), and the server must end both sessions, the busy one
+    without waiting for its statement (``client_connection_check_interval``), so that
+    standbys take over. With the kernel's defaults neither happens for minutes. The two
+    leaders, each in a store of its own, are cut off by one partition: they wait out the
+    same timers once.
     """
     if _firewall() is None:
         if os.environ.get("CI"):
@@ -244,16 +245,18 @@ async def test_a_silently_partitioned_leader_gives_up_and_the_server_frees_its_l
         )
     )
     async with (
-        open_postgres_store(own_server.dsn, connect_timeout=2) as partitioned,
+        open_postgres_store(own_server.dsn, connect_timeout=2) as idle_store,
+        open_postgres_store(own_server.dsn, connect_timeout=2) as busy_store,
         open_postgres_store(observer_dsn) as observer,
-        partitioned.try_acquire("ledger") as leadership,
+        idle_store.try_acquire("idle") as idle,
+        busy_store.try_acquire("busy") as busy,
         trio.open_nursery() as nursery,
     ):
         outcome: list[BaseException] = []
 
         async def long_batch() -> None:
             try:
-                async with leadership.open_batch() as batch:
+                async with busy.open_batch() as batch:
                     await batch.db.execute("SELECT pg_sleep(120)")
             except LeadershipLost as exc:
                 outcome.append(exc)
@@ -263,24 +266,27 @@ async def test_a_silently_partitioned_leader_gives_up_and_the_server_frees_its_l
                 await observer.admin.fetchval(
                     "SELECT count(*) FROM pg_stat_activity "
                     "WHERE pid = $1 AND wait_event = 'PgSleep'",
-                    leadership.backend_pid,
+                    busy.backend_pid,
                 )
             )
 
-        async def standby_took_over() -> bool:
+        async def standby_took_over(name: str) -> bool:
             try:
-                async with observer.try_acquire("ledger"):
+                async with observer.try_acquire(name):
                     return True
             except LeadershipUnavailable:
                 return False
 
-        if moment == "mid-statement":
-            nursery.start_soon(long_batch)
-            await eventually(sleeping)
+        nursery.start_soon(long_batch)
+        await eventually(sleeping)
         with _blackhole(own_server.port):
             # Both bounds are keepalive-sized (about 15 s); far below the minutes that the
             # kernel's defaults, or the statement's 120 s, would take.
-            with trio.fail_after(45):
-                await leadership.wait_lost()
-            await eventually(standby_took_over, within=45)
-        assert len(outcome) == (1 if moment == "mid-statement" else 0)
+            given_up_by = trio.current_time() + 45
+            for moment, leadership in (("idle", idle), ("mid-statement", busy)):
+                with trio.move_on_at(given_up_by):
+                    await leadership.wait_lost()
+                assert not leadership.is_held, f"the {moment} leader never gave up"
+            await eventually(lambda: standby_took_over("idle"), within=45)
+            await eventually(lambda: standby_took_over("busy"), within=45)
+        assert len(outcome) == 1, "the busy leader's batch did not end in LeadershipLost"

@@ -365,6 +365,8 @@ class TestTortureCommand:
         assert "at least 2" in capsys.readouterr().err
 
 
+# What is tested is the command's own process handling, the same on every server version.
+@pytest.mark.parametrize("postgres_server", [oldest_server_param()], indirect=True)
 def test_ctrl_c_stops_a_run_cleanly(postgres_dsn: str) -> None:
     """SIGINT mid-run: exit 130, no traceback, no host process left behind.
 

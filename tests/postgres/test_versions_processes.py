@@ -191,7 +191,8 @@ async def test_a_new_version_rebuilds_beside_the_serving_one(
     v1 = read_model_schema_name(store.schema, NAME, 1)
     v2 = read_model_schema_name(store.schema, NAME, 2)
     writer = Writer(store)
-    await writer.seed(8_000)
+    # Enough for a rebuild of several seconds (asserted below), beside version 1 serving.
+    await writer.seed(4_000)
     async with trio.open_nursery() as nursery:
         hosts = VersionHosts(nursery, postgres_dsn, store.schema, tmp_path)
         await hosts.start("1:1:200")
