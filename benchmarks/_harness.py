@@ -532,7 +532,8 @@ def bench_catch_up_personal(ctx: Context) -> list[Result]:
     """catch_up_noop over events with two personal fields each against the same events with
     the fields plain (our plain twin, same run): one no-op projection each, batch 500; then
     the same with a handler reading both personal fields (``catch_up_personal_read``; the
-    twin reads the same fields, plain). Each the median of three rounds, taken in turn."""
+    twin reads the same fields, plain). Rates are the medians of five rounds, the ratio
+    the median of the rounds' ratios (each round a pair run back to back)."""
     key, n = os.urandom(32), ctx.sizes.events
     schemas = {False: ctx.schema("catch_up_plain"), True: ctx.schema("catch_up_personal")}
     for personal, schema in schemas.items():
@@ -548,20 +549,33 @@ def bench_catch_up_personal(ctx: Context) -> list[Result]:
 
     for personal in schemas:  # untimed: the server's cache as warm for both
         run(personal, "warm-up")
-    # Three rounds, each side in turn, and the median of each: one catch-up takes a second
-    # or two, and a single pair showed the machine's other work more than the difference.
+    # Five rounds of a pair (the plain twin and the personal side back to back, which goes
+    # first alternating), and the median of the pairs' ratios: one catch-up takes a second
+    # or two, and this shared machine's speed drifts by a third over a minute, more than the
+    # difference measured; a pair's two runs see the same machine.
     rates: dict[tuple[bool, bool], list[float]] = {}
-    for round_ in range(3):
+    ratios: dict[bool, list[float]] = {}
+    for round_ in range(CATCH_UP_PERSONAL_ROUNDS):
         for reads in (False, True):
-            for personal in (False, True):
+            pair = {}
+            for personal in (False, True) if round_ % 2 == 0 else (True, False):
                 name = f"{'personal' if personal else 'plain'}_{'read' if reads else 'noop'}"
-                rate = run(personal, f"{name}_{round_}", reads=reads)
-                rates.setdefault((reads, personal), []).append(rate)
-    median = {key: statistics.median(values) for key, values in rates.items()}
+                pair[personal] = run(personal, f"{name}_{round_}", reads=reads)
+                rates.setdefault((reads, personal), []).append(pair[personal])
+            ratios.setdefault(reads, []).append(pair[True] / pair[False])
+
+    def result(name: str, reads: bool) -> Result:
+        ours, plain = (statistics.median(rates[reads, personal]) for personal in (True, False))
+        return Result(name, "events/s", ours, plain, statistics.median(ratios[reads]), "higher")
+
     return [
-        _throughput("catch_up_personal", median[False, True], median[False, False]),
-        _throughput("catch_up_personal_read", median[True, True], median[True, False]),
+        result("catch_up_personal", reads=False),
+        result("catch_up_personal_read", reads=True),
     ]
+
+
+#: The pairs catch_up_personal runs (see `bench_catch_up_personal`).
+CATCH_UP_PERSONAL_ROUNDS = 5
 
 
 #: Events behind the one unit of status_cost, by result name; the events table holds the most.

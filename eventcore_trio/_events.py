@@ -103,17 +103,12 @@ class NewEvent:
     )
 
 
-class SealedData(Protocol):
-    """What a store keeps in place of a read event's data until the data is first read: its
-    personal fields still sealed (`_personal._envelope.SealedFields`)."""
+class SealedOpener(Protocol):
+    """How a read event's personal fields are opened when its data is first read
+    (`_personal._envelope.open_event`, installed by that module: it depends on this one)."""
 
-    @property
-    def data(self) -> dict[str, Any]:
-        """The data as stored: the personal fields sealed, the others plain."""
-        ...
-
-    def open(self) -> dict[str, Any]:
-        """The data with the personal fields opened.
+    def __call__(self, event: RecordedEvent, sealed: dict[str, Any], key: Any) -> dict[str, Any]:
+        """*event*'s data: *sealed* (as stored) with its personal fields opened with *key*.
 
         Raises:
             EventDecodeError: they do not open (altered, moved, or sealed under another key).
@@ -121,12 +116,28 @@ class SealedData(Protocol):
         ...
 
 
+def _no_opener(event: RecordedEvent, sealed: dict[str, Any], key: Any) -> dict[str, Any]:
+    raise RuntimeError("eventcore_trio._personal._envelope was not imported")
+
+
+_opener: SealedOpener = _no_opener
+
+
+def install_sealed_opener(opener: SealedOpener) -> None:
+    """Make *opener* open the personal fields of read events (see `SealedOpener`)."""
+    global _opener
+    _opener = opener
+
+
 class _OpensOnRead:
-    # RecordedEvent's base, for one slot attrs does not manage: an event read with personal
-    # fields holds them sealed here, and its data slot stays empty until the data is first
-    # read (a projection that never reads them never pays to open them). Outside attrs, so
-    # no attrs tool (asdict, fields, evolve, pickling) sees it: they all read data instead.
-    __slots__ = ("_sealed",)
+    # RecordedEvent's base, for two slots attrs does not manage: an event read with personal
+    # fields holds its stored data (the fields sealed) in _sealed and its subject's key in
+    # _key, and its data slot stays empty until the data is first read (a projection that
+    # never reads them never pays to open them). Two slots rather than one object holding
+    # both: a catch-up reads hundreds of thousands of events, and an object per event is
+    # both its own cost and more for the garbage collector to walk. Outside attrs, so no
+    # attrs tool (asdict, fields, evolve, pickling) sees them: they all read data instead.
+    __slots__ = ("_key", "_sealed")
 
     if not TYPE_CHECKING:  # type checkers would take any attribute name as valid
 
@@ -134,11 +145,14 @@ class _OpensOnRead:
             # Reached only when an attribute is not found: data, for an event not yet opened.
             if name == "data":
                 sealed = unopened(self)
-                if sealed is not None:
-                    data = sealed.open()
+                key = _key_slot.__get__(self) if sealed is not None else None
+                # No key: another thread opened the event between the two reads.
+                if key is not None:
+                    data = _opener(self, sealed, key)
                     # Data first: another thread that finds the seal gone finds the data.
                     _set_data(self, data)
-                    _set_sealed(self, None)  # nor the key kept once opened
+                    _set_sealed(self, None)
+                    _set_key(self, None)  # nor the key kept once opened
                     return data
                 try:  # opened meanwhile by another thread
                     return _data_slot.__get__(self)
@@ -228,12 +242,15 @@ _set_forgotten: Final = _slot_setter("forgotten")
 _data_slot: Final = vars(RecordedEvent)["data"]
 _sealed_slot: Final = vars(_OpensOnRead)["_sealed"]
 _set_sealed: Final = _sealed_slot.__set__
+_key_slot: Final = vars(_OpensOnRead)["_key"]
+_set_key: Final = _key_slot.__set__
 
 
-def unopened(event: object) -> SealedData | None:
-    """The sealed data of a read *event* whose data has not been read yet, else None."""
+def unopened(event: object) -> dict[str, Any] | None:
+    """The data as stored (personal fields sealed) of a read *event* whose data has not
+    been read yet, else None."""
     try:
-        sealed: SealedData | None = _sealed_slot.__get__(event)
+        sealed: dict[str, Any] | None = _sealed_slot.__get__(event)
     except AttributeError:  # never set: an event without personal fields
         return None
     return sealed
@@ -252,22 +269,23 @@ def trusted_recorded_event(
     subject: str | None = None,
     personal: tuple[str, ...] = (),
     forgotten: tuple[str, ...] = (),
-    sealed: SealedData | None = None,
+    key: object = None,
 ) -> RecordedEvent:
     """Backend helper: a `RecordedEvent` of values a store produced (a row it decoded), the
     same as ``RecordedEvent(...)`` with these fields, built in about half the time: it runs
-    once per event read. With *sealed*, its data is *sealed*'s, opened when first read
-    (*data* is not used)."""
+    once per event read. With *key* (its subject's data key), *data* is as stored, its
+    personal fields sealed, and they are opened with *key* when the data is first read."""
     event: RecordedEvent = _new(RecordedEvent)
     _set_event_id(event, event_id)
     _set_stream_id(event, stream_id)
     _set_stream_version(event, stream_version)
     _set_position(event, position)
     _set_type(event, event_type)
-    if sealed is None:
+    if key is None:
         _set_data(event, data)
     else:
-        _set_sealed(event, sealed)
+        _set_sealed(event, data)
+        _set_key(event, key)
     _set_metadata(event, metadata)
     _set_recorded_at(event, recorded_at)
     _set_tags(event, tags)

@@ -31,12 +31,13 @@ from eventcore_trio import (
     execute,
     open_memory_store,
 )
-from eventcore_trio._events import unopened
+from eventcore_trio._events import _key_slot, _sealed_slot, unopened
 from eventcore_trio._personal._envelope import (
     ENVELOPE_PREFIX,
     NONCE_BYTES,
     SEALED_WITH_FIRST,
     _fields_context,
+    open_event,
 )
 from eventcore_trio.memory import MemoryStore
 from eventcore_trio.memory._personal import sealed_letter_event
@@ -204,10 +205,26 @@ class TestThreads:
         async with _store() as store:
             await store.append(SUBJECT, [registered(SUBJECT)])
             event = await _one(store)
-            sealed = unopened(event)
+            sealed, key = unopened(event), _key_slot.__get__(event)
             assert sealed is not None
             assert event.data == PLAIN  # the first thread
-            assert sealed.open() == PLAIN  # the second, which took the slot before
+            assert (
+                open_event(event, sealed, key) == PLAIN
+            )  # the second, which read the slots before
+
+    async def test_a_thread_that_finds_the_seal_but_not_the_key_gets_the_data(self) -> None:
+        """The sealed data and the key are two slots: a thread can read the sealed data,
+        then find the key cleared by another thread that opened the event in between. It
+        must return the opened data (not open with no key, not raise). Replayed here: the
+        state that thread sees, the sealed slot as it read it and the key gone."""
+        async with _store() as store:
+            await store.append(SUBJECT, [registered(SUBJECT)])
+            event = await _one(store)
+            sealed = unopened(event)
+            assert event.data == PLAIN  # the winner, which clears both slots
+            _sealed_slot.__set__(event, sealed)  # what the loser read first
+            losing: Callable[[object, str], object] = getattr(type(event), "__getattr__")  # noqa: B009
+            assert losing(event, "data") == PLAIN
 
     async def test_threads_reading_the_same_events(self) -> None:
         """HOLE (the two above, for real): four worker threads read the data of the same

@@ -27,7 +27,7 @@ from .._errors import EventDecodeError, InvalidArgument
 from .._events import RecordedEvent, UndecodableEvent, trusted_recorded_event
 from .._filters import EventFilter
 from .._json import may_hold_long_integer
-from .._personal._envelope import SealedFields, read_fields
+from .._personal._envelope import read_fields
 from .._positions import Position
 from .._validation import check_limit
 
@@ -104,13 +104,12 @@ def decode_stored(
             if type(data) is not dict or type(metadata) is not dict:
                 raise ValueError("data and metadata must be JSON objects")
             forgotten: tuple[str, ...] = ()
-            sealed: SealedFields | None = None
+            key = None
             if personal and not keep_sealed:
                 if subject is None:
                     raise ValueError("personal fields are stored without a subject")
-                forgotten, sealed = read_fields(
-                    data, event_id, subject, personal, data_key, position
-                )
+                forgotten = read_fields(data, personal, data_key)
+                key = data_key  # None when forgotten: the data is complete as it is
         except ValueError as exc:
             error = str(exc)
         else:
@@ -127,7 +126,7 @@ def decode_stored(
                 subject,
                 personal,
                 forgotten,
-                sealed,
+                key,
             )
     return UndecodableEvent(
         event_id=event_id,

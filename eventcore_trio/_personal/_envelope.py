@@ -27,7 +27,7 @@ import json
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, final
+from typing import Any, Final
 
 import attrs
 import orjson
@@ -39,11 +39,11 @@ from .._events import (
     NewEvent,
     RecordedEvent,
     UndecodableEvent,
+    install_sealed_opener,
     trusted_recorded_event,
     unopened,
 )
 from .._json import may_hold_long_integer
-from .._positions import Position
 from .._validation import encode_json_object
 
 #: The start of the envelope in an event's first personal field: the format, version 1.
@@ -199,49 +199,34 @@ def sealed_data(event: NewEvent) -> Mapping[str, Any]:
     return data
 
 
-@final
-class SealedFields:
-    """A read event's data with its personal fields still sealed, and the key that opens
-    them: what the event holds until its data is first read (`_events.SealedData`).
+def open_event(event: RecordedEvent, sealed: dict[str, Any], key: AESGCM) -> dict[str, Any]:
+    """*event*'s data, read as *sealed* (its personal fields still sealed), with them opened
+    under *key*, its subject's: what reading the data of an event read unopened runs
+    (`_events.install_sealed_opener`). A new dict each time: threads may open the same
+    event at once, and the sealed data is never changed.
 
     Opening waits for that read because a catch-up reads every event and most projections
-    read no personal field: decrypting and parsing them would be most of what a
-    personal event costs to read. Whether the envelope is there at all is checked when the
-    event is read (`read_fields`), so only an envelope that does not open is found late.
+    read no personal field: decrypting and parsing them would be most of what a personal
+    event costs to read. Whether the envelope is there at all is checked when the event is
+    read (`read_fields`), so only an envelope that does not open is found late.
+
+    Raises:
+        EventDecodeError: they do not open: the envelope was altered, moved from another
+            event, or sealed under another key.
     """
+    personal = event.personal
+    assert event.subject is not None  # a read event with personal fields has a subject
+    try:
+        opened = open_envelope(key, event.event_id, event.subject, personal, sealed[personal[0]])
+    except ValueError as exc:
+        raise EventDecodeError(
+            f"event at {event.position} cannot be decoded: {exc}", position=event.position
+        ) from None
+    # Every field from the envelope, whatever its marker says.
+    return {**sealed, **opened}
 
-    __slots__ = ("aead", "data", "event_id", "personal", "position", "subject")
 
-    def __init__(
-        self,
-        data: dict[str, Any],
-        event_id: uuid.UUID,
-        subject: str,
-        personal: tuple[str, ...],
-        aead: AESGCM,
-        position: Position,
-    ) -> None:
-        self.data, self.event_id, self.subject, self.personal = data, event_id, subject, personal
-        self.aead, self.position = aead, position
-
-    def open(self) -> dict[str, Any]:
-        """The data with the personal fields opened: a new dict each time (threads may open
-        the same event at once; the sealed data is never changed).
-
-        Raises:
-            EventDecodeError: they do not open: the envelope was altered, moved from
-                another event, or sealed under another key.
-        """
-        try:
-            opened = open_envelope(
-                self.aead, self.event_id, self.subject, self.personal, self.data[self.personal[0]]
-            )
-        except ValueError as exc:
-            raise EventDecodeError(
-                f"event at {self.position} cannot be decoded: {exc}", position=self.position
-            ) from None
-        # Every field from the envelope, whatever its marker says.
-        return {**self.data, **opened}
+install_sealed_opener(open_event)
 
 
 def _drop(data: dict[str, Any], personal: tuple[str, ...]) -> tuple[str, ...]:
@@ -252,26 +237,22 @@ def _drop(data: dict[str, Any], personal: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def read_fields(
-    data: dict[str, Any],
-    event_id: uuid.UUID,
-    subject: str,
-    personal: tuple[str, ...],
-    aead: AESGCM | None,
-    position: Position,
-) -> tuple[tuple[str, ...], SealedFields | None]:
+    data: dict[str, Any], personal: tuple[str, ...], aead: AESGCM | None
+) -> tuple[str, ...]:
     """What reading an event finds of its personal fields: the fields removed when its
-    subject was forgotten (*aead* is None; removed from *data* in place), else the
-    `SealedFields` that opens them when the data is first read.
+    subject was forgotten (*aead* is None; removed from *data* in place), else () once the
+    envelope is found where it belongs (it is opened when the data is first read:
+    `open_event`).
 
     Raises:
         ValueError: there is no envelope where it belongs (the event is undecodable).
     """
     if aead is None:
-        return _drop(data, personal), None
+        return _drop(data, personal)
     envelope = data.get(personal[0])
     if not isinstance(envelope, str) or not envelope.startswith(ENVELOPE_PREFIX):
         raise ValueError(f"personal field {personal[0]!r} does not hold the event's sealed values")
-    return (), SealedFields(data, event_id, subject, personal, aead, position)
+    return ()
 
 
 def open_fields(
@@ -298,7 +279,7 @@ def without_personal(event: RecordedEvent) -> dict[str, Any]:
     """*event*'s data without its personal fields, which are not opened for it (a dead
     letter keeps them only sealed, and an event whose fields do not open has the rest)."""
     sealed = unopened(event)
-    data = event.data if sealed is None else sealed.data
+    data = event.data if sealed is None else sealed
     return {k: v for k, v in data.items() if k not in event.personal}
 
 
