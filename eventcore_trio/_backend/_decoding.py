@@ -105,11 +105,13 @@ def decode_stored(
                 raise ValueError("data and metadata must be JSON objects")
             forgotten: tuple[str, ...] = ()
             key = None
-            if personal and not keep_sealed:
+            if personal:
+                # Also for a dead letter (kept sealed): it would list the envelope as values.
                 if subject is None:
                     raise ValueError("personal fields are stored without a subject")
-                forgotten = read_fields(data, personal, data_key)
-                key = data_key  # None when forgotten: the data is complete as it is
+                if not keep_sealed:
+                    forgotten = read_fields(data, personal, data_key)
+                    key = data_key  # None when forgotten: the data is complete as it is
         except ValueError as exc:
             error = str(exc)
         else:

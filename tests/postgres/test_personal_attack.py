@@ -287,3 +287,68 @@ async def test_a_dead_letter_written_after_a_forget_elsewhere(
         assert (await run_projection(store, quotes)).dead_letters == 1
     [letter] = await store.dead_letters(quotes.name)
     assert email not in letter.error_message
+
+
+# -- dead letters of events handed over unopened ---------------------------------------------
+
+
+def _failing(subject: str, *, opens: bool) -> Any:
+    """A projector (skipping failures) whose handler fails on every event, after reading
+    the data of *subject*'s when *opens*."""
+
+    def skip(failure: Failure) -> FailureStrategy:
+        return FailureStrategy.SKIP
+
+    @projector(name=f"fails_{uuid.uuid4().hex[:8]}", on_error=skip)
+    async def fails(event: RecordedEvent, ctx: ProjectionContext) -> None:
+        if event.subject == subject and opens:
+            assert event.data["email"]
+        raise ValueError("no")
+
+    return fails
+
+
+async def _letter_of(
+    store: PostgresStore, name: str, subject: str
+) -> RecordedEvent | UndecodableEvent:
+    [letter] = [e for e in await store.dead_letters(name) if e.event.stream_id == subject]
+    return letter.event
+
+
+async def test_a_letter_is_the_same_whether_its_handler_opened_the_event(
+    store: PostgresStore,
+) -> None:
+    """A handler failing before it reads data (the event unopened) and one failing after
+    (opened): neither letter stores a plain value, and both list the same opened event."""
+    subject, email = _subject(), _secret()
+    await store.append(subject, [_registered(subject, email)])
+    listed = []
+    for opens in (False, True):
+        fails = _failing(subject, opens=opens)
+        await run_projection(store, fails)
+        listed.append(await _letter_of(store, fails.name, subject))
+    stored = await store.admin.fetch(
+        f'SELECT data::text FROM "{store.schema}".dead_letters WHERE subject = $1', subject
+    )
+    assert len(stored) == 2
+    assert not [row for row in stored if email in row["data"]]
+    unopened, opened = listed
+    assert isinstance(opened, RecordedEvent)
+    assert unopened == opened
+    assert opened.data["email"] == email
+
+
+async def test_a_letter_whose_subject_was_removed(store: PostgresStore) -> None:
+    """HOLE: ``UPDATE dead_letters SET subject = NULL`` (the names kept): the letter
+    listed as a decoded event whose data held the envelope and the marker as if they were
+    the values, where the events table reads such a row as undecodable."""
+    subject = _subject()
+    await store.append(subject, [_registered(subject, _secret())])
+    fails = _failing(subject, opens=False)
+    await run_projection(store, fails)
+    await store.admin.execute(
+        f'UPDATE "{store.schema}".dead_letters SET subject = NULL WHERE stream_id = $1', subject
+    )
+    letter = await _letter_of(store, fails.name, subject)
+    assert isinstance(letter, UndecodableEvent)
+    assert "without a subject" in letter.error
