@@ -3,10 +3,12 @@ structured concurrency shared by the backends, the projection layer and the comm
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any, NoReturn, TypeVar, TypeVarTuple
+from typing import Any, NoReturn, TypeVar, TypeVarTuple, get_type_hints
 
+import attrs
 import trio
 
 
@@ -24,6 +26,23 @@ def _public_home(module: str) -> str:
         if part.startswith("_"):
             return ".".join(parts[:index])
     return module
+
+
+def _resolve_annotations(cls: type) -> None:
+    # Annotations are strings (postponed evaluation), which typing.get_type_hints, attrs'
+    # resolve_types and cattrs evaluate in the globals of the module the class reports:
+    # once it reports the public one, names such as ``uuid`` or ``Mapping`` are not there.
+    # Resolved now, in the module that defines the class, they need no globals later.
+    own = inspect.get_annotations(cls)
+    if not own:
+        return
+    try:
+        hints = get_type_hints(cls, include_extras=True)
+    except (NameError, TypeError, AttributeError):
+        return  # a name only type checkers import (TYPE_CHECKING): left as it was
+    cls.__annotations__ = {name: hints.get(name, value) for name, value in own.items()}
+    if attrs.has(cls):
+        attrs.resolve_types(cls)
 
 
 # Where each public object was defined, recorded before any namespace renames it.
@@ -53,6 +72,8 @@ def fixup_module_metadata(module_name: str, namespace: dict[str, Any]) -> None:
             return
         if not _is_private_module(defined_in):
             return
+        if isinstance(obj, type):
+            _resolve_annotations(obj)
         obj.__module__ = module_name
         if isinstance(obj, type):
             obj.__name__ = name
