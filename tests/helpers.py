@@ -121,6 +121,7 @@ TORTURE_REPORT_FIELDS = (
     "outbox_mismatches",
     "follower_missed",
     "follower_repeated",
+    "deadlocks",
 )
 
 

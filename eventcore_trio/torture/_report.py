@@ -185,12 +185,15 @@ class TortureReport(Findings):
             read found the seat claimed), ``condition_failed`` (`AppendConditionFailed`:
             claimed between the read and the append), ``cut_off`` (the session went
             mid-append: unknown outcome).
+        deadlocks: outbox transactions PostgreSQL aborted to break a lock cycle (two of
+            them appending the same accounts in opposite orders); their events are counted
+            in *rolled_back* and must not appear.
         host_crashes: host processes that exited without being told to.
         unrecovered: faults after which the projection did not resume within the limit.
 
     .. versionadded:: 0.1
     .. versionchanged:: 0.4
-       ``decision_violations`` and ``decisions``.
+       ``decision_violations``, ``decisions`` and ``deadlocks``.
     """
 
     seed: int
@@ -204,6 +207,7 @@ class TortureReport(Findings):
     unrecovered: int
     events_by_path: Mapping[str, int] = attrs.field(factory=dict)
     decisions: Mapping[str, int] = attrs.field(factory=dict)
+    deadlocks: int = 0
 
     @property
     def ok(self) -> bool:
@@ -263,6 +267,7 @@ class TortureReport(Findings):
             "decision_violations": self.decision_violations,
             "events_by_path": dict(sorted(self.events_by_path.items())),
             "decisions": {o: self.decisions.get(o, 0) for o in DECISION_OUTCOMES},
+            "deadlocks": self.deadlocks,
             "host_crashes": self.host_crashes,
             "unrecovered": self.unrecovered,
             "failover_ms_p50": _round(percentile(self.failover_ms, 50)),
@@ -280,8 +285,8 @@ class TortureReport(Findings):
         kinds = ", ".join(f"{n} {k}" for k, n in data["faults_by_kind"].items())
         lines = [
             f"{self.events} events projected ({self.appended} acknowledged to writers, "
-            f"{self.rolled_back} rolled back, {self.unknown_outcome} appends cut off "
-            "mid-commit) "
+            f"{self.rolled_back} rolled back ({self.deadlocks} outbox transactions aborted "
+            f"as deadlocks), {self.unknown_outcome} appends cut off mid-commit) "
             f"on {self.server}",
             f"{len(self.faults)} faults in {self.duration_s:.0f}s (seed {self.seed}): {kinds}",
             "events by write path: "

@@ -288,6 +288,7 @@ async def _run(
                 host_crashes=processes.crashes,
                 events_by_path={**run.writes.by_path, "reactor": int(reactions)},
                 decisions=dict(run.writes.decisions),
+                deadlocks=run.writes.deadlocks,
                 **attrs.asdict(findings),
                 unrecovered=sum(1 for f in injector.faults if f.recovery_ms is None)
                 + (0 if caught_up else 1),

@@ -11,6 +11,11 @@ half second. Every posting carries its account's tag, and a quarter of the outbo
 transactions also claim the current seat, unconditionally and last (``outbox_claim``): the
 late writer that decisions must see or fail on. (The reactor's appends are made by the
 hosts: see `_model`.)
+
+An outbox transaction appends its accounts in the order it drew them, one statement each, as
+an application may: two of them over the same two accounts in opposite orders can close a
+lock cycle, and PostgreSQL then aborts one (docs/postgres.md, "Deadlocks"). Its events must
+never appear, like a rollback's, and the writer goes on, as an application that retries.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from typing import Final
 import attrs
 import trio
 
-from .._errors import AppendConditionFailed, StoreConnectionError
+from .._errors import AppendConditionFailed, DatabaseError, StoreConnectionError
 from .._events import NewEvent, StreamAppend
 from .._queries import AppendCondition, EventQuery
 from ..postgres import PostgresStore, PostgresTransaction
@@ -46,6 +51,9 @@ ROLLBACK_SHARE: Final = 0.15
 #: Share of outbox transactions that also claim the current seat.
 OUTBOX_CLAIM_SHARE: Final = 0.25
 
+#: PostgreSQL's SQLSTATE for a transaction aborted to break a lock cycle.
+DEADLOCK_DETECTED: Final = "40P01"
+
 #: The names of the writers' paths in `WriteLog.by_path` and the report.
 WRITE_PATHS: Final = ("append", "append_atomic", "held", "outbox", "outbox_claim", "decision")
 
@@ -66,6 +74,9 @@ class WriteLog:
     outbox: set[uuid.UUID] = attrs.Factory(set)
     #: Decisions per outcome (`_report.DECISION_OUTCOMES`).
     decisions: Counter[str] = attrs.Factory(Counter)
+    #: Outbox transactions PostgreSQL aborted to break a lock cycle (their events are
+    #: also in *rolled_back*).
+    deadlocks: int = 0
 
     def acknowledge(self, ids: set[uuid.UUID], path: str) -> None:
         """The append of *ids* through *path* (`WRITE_PATHS`) was acknowledged."""
@@ -220,6 +231,12 @@ async def _append_outbox(
                 raise _RollBack
             committing = True
     except _RollBack:
+        log.rolled_back |= written
+        return
+    except DatabaseError as exc:
+        if exc.sqlstate != DEADLOCK_DETECTED or committing:
+            raise
+        log.deadlocks += 1
         log.rolled_back |= written
         return
     except StoreConnectionError:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import random
 import signal
 import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import attrs
 import pytest
+import trio
 
 from eventcore_trio import NewEvent, StreamAppend
 from eventcore_trio.cli import EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
@@ -27,15 +30,21 @@ from eventcore_trio.torture._model import (
 )
 from eventcore_trio.torture._report import DECISION_OUTCOMES, Findings
 from eventcore_trio.torture._verify import count_decision_violations, verify
+from eventcore_trio.torture._writers import WriteLog, _append_outbox
 
 from ..conftest import oldest_server_param
 from ..helpers import (
     TORTURE_REPORT_FIELDS,
     clean_findings,
     dsn_environment,
+    eventually,
     start_interruptible,
 )
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsLenAndGetItem
+
+T = TypeVar("T")
 CLEAN = clean_findings(12)
 
 
@@ -275,6 +284,69 @@ class TestVerification:
         )
         # Versions 1 and 2 each came after version 3.
         assert (await self._verify(store, app, ids)).order_violations == 2
+
+
+class _FirstChoices(random.Random):
+    """The writer's draws for a plain outbox transaction: its row first, no rollback, no
+    seat claim, no pause."""
+
+    def random(self) -> float:
+        return 0.99
+
+    def choice(self, seq: SupportsLenAndGetItem[T]) -> T:
+        return seq[0]
+
+    def uniform(self, a: float, b: float) -> float:
+        return a
+
+
+async def test_outbox_transactions_in_a_lock_cycle(harness: PostgresHarness) -> None:
+    """Two outbox transactions appending accounts a and b in opposite orders, both let go at
+    once by a transaction that held both accounts: each takes its first account and waits
+    for the other's, and PostgreSQL aborts one. The writer records its events as rolled
+    back (they must never appear) and goes on; the other commits. (A full torture run
+    ended here with the deadlock's error before.)"""
+    app = f"{harness.schema}_app"
+    async with harness.open_store() as store:
+        await store.admin.execute(app_schema_sql(harness.schema, app))
+        log = WriteLog()
+        orders = {"ab": ["acct-a", "acct-b"], "ba": ["acct-b", "acct-a"]}
+        appends = {
+            name: [
+                StreamAppend(stream, [NewEvent(EVENT_TYPE, {"amount": 1}, event_id=uuid.uuid4())])
+                for stream in streams
+            ]
+            for name, streams in orders.items()
+        }
+        ids = {
+            name: {e.event_id for a in al for e in a.events if e.event_id}
+            for name, al in appends.items()
+        }
+
+        async def waiting_for_locks() -> bool:
+            waiting = await store.admin.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            return bool(waiting >= 2)
+
+        async with trio.open_nursery() as nursery, store.transaction() as holder:
+            await holder.append("acct-a", [NewEvent(EVENT_TYPE, {"amount": 0})])
+            await holder.append("acct-b", [NewEvent(EVENT_TYPE, {"amount": 0})])
+            for name in orders:
+                nursery.start_soon(
+                    _append_outbox, store, log, appends[name], ids[name], _FirstChoices(), app
+                )
+            await eventually(waiting_for_locks)
+            # The holder committed: both go, and one of them is aborted.
+
+        assert log.deadlocks == 1
+        committed = [name for name in orders if ids[name] <= log.acknowledged]
+        aborted = [name for name in orders if ids[name] <= log.rolled_back]
+        assert len(committed) == len(aborted) == 1
+        stored = {e.event_id for e in await read_all(store)}
+        assert ids[committed[0]] <= stored
+        assert not ids[aborted[0]] & stored
+        await store.admin.execute(f'DROP SCHEMA "{app}" CASCADE')
 
 
 def test_decision_violations_count_decisions_that_were_not_first() -> None:
