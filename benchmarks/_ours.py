@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
@@ -401,4 +402,7 @@ if __name__ == "__main__":
     import json
     import sys
 
-    print(json.dumps(trio.run(globals()[sys.argv[1]], *json.loads(sys.stdin.read()))))
+    # The keyword arguments come last (see _harness.ours_fresh).
+    *arguments, keywords = json.loads(sys.stdin.read())
+    function = functools.partial(globals()[sys.argv[1]], *arguments, **keywords["__kwargs__"])
+    print(json.dumps(trio.run(function)))
