@@ -26,9 +26,13 @@ from ._pool import Pool, SessionOptions
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+#: The columns of an events row as read, in `decode_row`'s order. Most events have no tags
+#: and no personal fields: an empty array comes back as NULL, which asyncpg hands over as
+#: None instead of decoding an array into a new list (about 0.2 us per row, of the 1.5 us
+#: asyncpg spends on one).
 EVENT_COLUMNS: Final = (
-    "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at, tags, "
-    "subject, personal"
+    "tx, position, stream_id, stream_version, event_id, type, data, metadata, recorded_at, "
+    "NULLIF(tags, '{}') AS tags, subject, NULLIF(personal, '{}') AS personal"
 )
 
 #: The data keys of a page's subjects, by subject (None: forgotten), from
