@@ -80,7 +80,7 @@ class SnapshotTable:
             "$1::text AS stream_id, stream_version, event_id, "
             "state_version::text AS type, data, NULL::jsonb AS metadata, "
             "taken_at AS recorded_at, NULL::text[] AS tags, NULL::text AS subject, "
-            "NULL::text[] AS personal, event_recorded_at FROM snap "
+            "NULL::text AS personal, event_recorded_at FROM snap "
             f"UNION ALL SELECT false, {EVENT_COLUMNS}, NULL::timestamptz FROM {events} "
             "WHERE stream_id = $1 "
             "AND stream_version >= coalesce((SELECT stream_version FROM snap), 1)"
