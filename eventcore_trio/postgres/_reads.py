@@ -395,9 +395,9 @@ async def read_page(
     """Up to *limit* rows after *after*, gap-free, held back by event writers only.
 
     First below the snapshot's xmin, which needs no lock table. When that page is short and
-    committed events wait above the xmin (some transaction, a writer or not, is open), ask
-    for the writers' horizon and read on to it: a statement that starts after the horizon
-    was computed sees every event below it (docs/postgres.md, "The read horizon").
+    committed events may wait above the xmin (some transaction, a writer or not, is open),
+    ask for the writers' horizon and read on to it: a statement that starts after the
+    horizon was computed sees every event below it (docs/postgres.md, "The read horizon").
     """
     sql, args = queries.read_events(after, limit, event_filter)
     rows = list(await pool.fetch(sql, *args))
@@ -407,9 +407,18 @@ async def read_page(
         return rows
     horizon_row = await pool.fetchrow(queries.horizon)
     assert horizon_row is not None
-    if not horizon_row["held_back"]:
-        return rows
     cursor = trusted_position(rows[-1]["tx"], rows[-1]["position"]) if rows else after
+    if (
+        not horizon_row["held_back"]
+        and cursor is not None
+        and position_parts(cursor)[0] >= horizon_row["horizon"]
+    ):
+        return rows  # nothing can lie between the cursor and the horizon
+    # Held back: read on to the writers' horizon. Not held back: every event is below the
+    # horizon statement's xmin, but the first statement's xmin may have been older (a
+    # transaction anywhere in the cluster held it, and ended in between), and the events
+    # between the two are committed: read them too. A short page returned instead would
+    # leave them to the next wake-up (the notification is spent: the next poll).
     sql, args = queries.read_events(cursor, limit - len(rows), event_filter, horizon_row["horizon"])
     return rows + list(await pool.fetch(sql, *args))
 

@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -37,7 +38,7 @@ from eventcore_trio import (
 )
 from eventcore_trio.postgres import LATEST_SCHEMA_VERSION, PostgresStore, _bridge
 from eventcore_trio.postgres._bridge import translate_error
-from eventcore_trio.postgres._reads import ReadQueries
+from eventcore_trio.postgres._reads import ReadQueries, read_page
 from eventcore_trio.testing import PostgresHarness, events, follow_until, read_all
 
 from ..conftest import oldest_server_param
@@ -128,6 +129,45 @@ class TestGapFreeReads:
             await store.append("b", events("After"))
             assert [e.type for e in await read_all(store)] == ["Before"]
         assert [e.type for e in await read_all(store)] == ["Before", "Late", "After"]
+
+    async def test_a_transaction_that_ends_between_the_read_and_the_horizon(
+        self, store: PostgresStore
+    ) -> None:
+        """An unrelated transaction with an id, open when the page statement takes its
+        snapshot (so a committed event lies above that xmin) and ended before the horizon
+        statement (which then finds nothing held back): the page must still hold the
+        event. Before, it came back empty, and a projection woken by the event's
+        notification waited for its next poll (the flaky wake test on a shared server)."""
+        await store.append("a", events("Before"))
+        before = await store.last_position()
+        async with store.admin.connection("unrelated") as unrelated:
+            await unrelated.execute("BEGIN")
+            await unrelated.execute("SELECT pg_current_xact_id()")
+            await store.append("b", events("Committed"))
+            pool = store._pool
+            statements: list[str] = []
+
+            class EndsAfterTheFirstRead:
+                async def fetch(self, sql: str, *args: object) -> list[Any]:
+                    rows = await pool.fetch(sql, *args)
+                    statements.append(sql)
+                    if len(statements) == 1:
+                        await unrelated.execute("COMMIT")
+                    return rows
+
+                async def fetchrow(self, sql: str, *args: object) -> Any:
+                    statements.append(sql)
+                    return await pool.fetchrow(sql, *args)
+
+            rows = await read_page(
+                EndsAfterTheFirstRead(),  # type: ignore[arg-type]
+                ReadQueries(store.schema),
+                before,
+                10,
+                None,
+            )
+        assert len(statements) == 3  # the page, the horizon, the page on to it
+        assert [row["type"] for row in rows] == ["Committed"]
 
 
 class TestPerStreamOrder:
