@@ -264,7 +264,13 @@ class ReadQueries:
             f"coalesce((SELECT max(tx) FROM {self._events}) "
             ">= pg_snapshot_xmin(pg_current_snapshot())::text::bigint, false) AS held"
         )
-        self.horizon = f'SELECT horizon, held_back FROM "{schema}".read_horizon()'
+        # With the newest event this statement sees (one step of a backward index scan),
+        # which tells a reader whether anything can follow its cursor (see `read_page`).
+        self.horizon = (
+            f"SELECT h.horizon, h.held_back, n.tx AS newest_tx, n.position AS newest_position "
+            f'FROM "{schema}".read_horizon() AS h LEFT JOIN LATERAL (SELECT tx, position '
+            f"FROM {self._events} ORDER BY tx DESC, position DESC LIMIT 1) AS n ON true"
+        )
         self.read_stream = (
             f"SELECT {EVENT_COLUMNS} FROM {self._events} "
             "WHERE stream_id = $1 AND stream_version > $2 ORDER BY stream_version"
@@ -408,17 +414,20 @@ async def read_page(
     horizon_row = await pool.fetchrow(queries.horizon)
     assert horizon_row is not None
     cursor = trusted_position(rows[-1]["tx"], rows[-1]["position"]) if rows else after
-    if (
-        not horizon_row["held_back"]
-        and cursor is not None
-        and position_parts(cursor)[0] >= horizon_row["horizon"]
+    newest = horizon_row["newest_tx"], horizon_row["newest_position"]
+    if not horizon_row["held_back"] and (
+        newest[0] is None or (cursor is not None and newest <= position_parts(cursor))
     ):
-        return rows  # nothing can lie between the cursor and the horizon
+        # Nothing below the horizon follows the cursor: an event below it belongs to a
+        # transaction that ended before the horizon statement, which saw the newest one.
+        return rows
     # Held back: read on to the writers' horizon. Not held back: every event is below the
     # horizon statement's xmin, but the first statement's xmin may have been older (a
     # transaction anywhere in the cluster held it, and ended in between), and the events
     # between the two are committed: read them too. A short page returned instead would
-    # leave them to the next wake-up (the notification is spent: the next poll).
+    # leave them to the next wake-up (the notification is spent: the next poll). This
+    # costs a third statement only when some event follows the cursor (for a filtered
+    # reader, one it may not match).
     sql, args = queries.read_events(cursor, limit - len(rows), event_filter, horizon_row["horizon"])
     return rows + list(await pool.fetch(sql, *args))
 

@@ -169,6 +169,32 @@ class TestGapFreeReads:
         assert len(statements) == 3  # the page, the horizon, the page on to it
         assert [row["type"] for row in rows] == ["Committed"]
 
+    async def test_a_caught_up_read_pays_no_third_statement(self, store: PostgresStore) -> None:
+        """A reader whose cursor is the newest event, with nothing held back: the empty
+        page and the horizon statement, and no read on to the horizon (an idle poll)."""
+        await store.append("a", events("Only"))
+        newest = await store.last_position()
+        pool = store._pool
+        statements: list[str] = []
+
+        class Counted:
+            async def fetch(self, sql: str, *args: object) -> list[Any]:
+                statements.append(sql)
+                return await pool.fetch(sql, *args)
+
+            async def fetchrow(self, sql: str, *args: object) -> Any:
+                statements.append(sql)
+                return await pool.fetchrow(sql, *args)
+
+        async with store.admin.connection("unrelated") as unrelated:
+            # An open transaction with an id: the page statement must ask for the horizon.
+            await unrelated.execute("BEGIN")
+            await unrelated.execute("SELECT pg_current_xact_id()")
+            rows = await read_page(Counted(), ReadQueries(store.schema), newest, 10, None)  # type: ignore[arg-type]
+            await unrelated.execute("ROLLBACK")
+        assert rows == []
+        assert len(statements) == 2
+
 
 class TestPerStreamOrder:
     """In the global order, each stream's events come in version order."""
