@@ -147,10 +147,6 @@ def _percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-#: The key of the keyword arguments `ours_fresh` passes (last among the arguments).
-KWARGS = "__kwargs__"
-
-
 def _in_process(module: str, what: str, function: str, *args: Any) -> Any:
     # The arguments (a DSN with a password among them) go through stdin: a command line is
     # visible to every user of the machine.
@@ -172,7 +168,7 @@ def ours_fresh(function: str, *args: Any, **kwargs: Any) -> Any:
     baselines run: in a process holding only what it needs. In the harness's own process
     every full garbage collection also walks the harness's modules (about 22,000 objects),
     which made a no-op catch-up 9 % slower (six alternating pairs)."""
-    return _in_process("benchmarks._ours", "ours", function, *args, {KWARGS: kwargs})
+    return _in_process("benchmarks._ours", "ours", function, *args, {_ours.KWARGS: kwargs})
 
 
 def raw(function: str, *args: Any) -> Any:

@@ -62,6 +62,11 @@ APPEND_SUBJECTS = 5
 CATCH_UP_SUBJECTS, EVENTS_PER_SUBJECT_CHUNK = 100, 100
 
 
+#: The key under which `_harness.ours_fresh` passes keyword arguments (last among the
+#: arguments, to this module's command line entry below).
+KWARGS = "__kwargs__"
+
+
 def customer_event(n: int, subject: str, personal: bool) -> NewEvent:
     """The event of the personal-data benchmarks: two personal fields (an email and a name)
     next to two plain ones; *personal* False gives its plain twin, the same fields unsealed
@@ -404,5 +409,5 @@ if __name__ == "__main__":
 
     # The keyword arguments come last (see _harness.ours_fresh).
     *arguments, keywords = json.loads(sys.stdin.read())
-    function = functools.partial(globals()[sys.argv[1]], *arguments, **keywords["__kwargs__"])
+    function = functools.partial(globals()[sys.argv[1]], *arguments, **keywords[KWARGS])
     print(json.dumps(trio.run(function)))
