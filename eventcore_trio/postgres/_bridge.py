@@ -65,6 +65,8 @@ Record = Mapping[str, Any]
 
 # asyncio's record of each loop's current task, which a crossing joins while it steps its
 # coroutine (see _Crossing).
+#: The frontend's Terminate message ('X', length 4): what asyncpg's close sends first.
+_TERMINATE_MESSAGE: Final = b"X\x00\x00\x00\x04"
 _enter_task: Final = asyncio.tasks._enter_task
 _leave_task: Final = asyncio.tasks._leave_task
 
@@ -527,6 +529,58 @@ def _tune_socket(raw: asyncpg.Connection) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
+#: Arrays of built-in types that asyncpg does not know until it asks the server, by array
+#: OID: (array name, element OID, element name). PostgreSQL never changes these OIDs.
+BUILTIN_ARRAYS: Final = {
+    1000: ("_bool", 16, "bool"),
+    1005: ("_int2", 21, "int2"),
+    1007: ("_int4", 23, "int4"),
+    1016: ("_int8", 20, "int8"),
+    1021: ("_float4", 700, "float4"),
+    1022: ("_float8", 701, "float8"),
+    1231: ("_numeric", 1700, "numeric"),
+    1015: ("_varchar", 1043, "varchar"),
+    1182: ("_date", 1082, "date"),
+    1115: ("_timestamp", 1114, "timestamp"),
+    1185: ("_timestamptz", 1184, "timestamptz"),
+    2951: ("_uuid", 2950, "uuid"),
+    199: ("_json", 114, "json"),
+    3807: ("_jsonb", 3802, "jsonb"),
+}
+
+
+def _preload_array_codecs(raw: asyncpg.Connection) -> None:
+    # asyncpg decodes built-in scalars from a table, but learns most of their arrays (int[],
+    # bigint[], uuid[], jsonb[]: every append's arguments) by introspection, per connection:
+    # about four round trips and a catalog query that a new server process answers slowly,
+    # 10-30 ms paid by the first such statement on each connection. On a standby that takes
+    # over, that was its first statement as leader. The rows the introspection would return
+    # for these types are fixed, so they are given to asyncpg as it would store them. This
+    # reaches into asyncpg's internals: if they change, the connection simply introspects
+    # as before.
+    rows = [
+        {
+            "oid": oid,
+            "ns": "pg_catalog",
+            "name": name,
+            "kind": b"b",
+            "basetype": None,
+            "elemtype": element,
+            "elemdelim": ",",
+            "range_subtype": None,
+            "attrtypoids": None,
+            "attrnames": None,
+            "depth": 0,
+            "basetype_name": None,
+            "elemtype_name": element_name,
+            "range_subtype_name": None,
+        }
+        for oid, (name, element, element_name) in BUILTIN_ARRAYS.items()
+    ]
+    with contextlib.suppress(Exception):
+        raw._protocol.get_settings().register_data_types(rows)
+
+
 def _server_settings(application_name: str, extra: Mapping[str, str]) -> dict[str, str]:
     # PostgreSQL truncates application_name to 63 bytes; cut on a character boundary ourselves.
     name = application_name.encode("utf-8")[:63].decode("utf-8", "ignore")
@@ -713,6 +767,22 @@ class Connection(_Queries):
         if not self.is_closed():
             self._raw.terminate()
 
+    def end_now(self) -> None:
+        """Ask the server to end the session now, without waiting: send the protocol's
+        Terminate message ahead of anything else this connection would send.
+
+        The server ends the session (and so releases its locks, rolling back an open
+        transaction) as soon as it reads the message, after the statement it may be running;
+        it then closes the socket, which `is_closed` and the termination listeners see, and
+        which a later `close` waits for. A graceful `close` alone would first wait for a
+        statement in flight to answer its cancellation, and for a rollback.
+        """
+        if self.is_closed():
+            return
+        transport = self._raw._transport
+        if transport is not None and not transport.is_closing():
+            transport.write(_TERMINATE_MESSAGE)
+
 
 async def connect(
     dsn: str,
@@ -735,4 +805,5 @@ async def connect(
         statement_cache_size=statement_cache_size,
     )
     _tune_socket(raw)
+    _preload_array_codecs(raw)
     return Connection(raw)

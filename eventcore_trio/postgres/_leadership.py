@@ -218,6 +218,24 @@ class PostgresLeadership(LeadershipState):
             yield self._connection
 
     async def _keepalive(self) -> None:
+        try:
+            await self._ping_while_held()
+        finally:
+            self._end_session()
+
+    def _end_session(self) -> None:
+        # The keepalive ends when the holder's block does, or is cancelled with it (a host
+        # stopping on SIGTERM): the lock session ends here, before the holder has unwound (a
+        # statement in flight answering its cancellation, the batch's rollback, the close
+        # and its reply), so that a standby takes over at once, as after a crash. Nothing
+        # more commits: the server rolls back a batch in flight when the session ends.
+        # Behind a proxy the server session outlives the connection, and acquire_leadership
+        # releases the lock on it instead.
+        if not self._proof.proxied:
+            self.mark_lost()
+            self._connection.end_now()
+
+    async def _ping_while_held(self) -> None:
         proof = self._proof
         while self.is_held:
             await trio.sleep(PING_INTERVAL)

@@ -122,13 +122,17 @@ async def wait_for_lock(connection: Connection, key: int) -> tuple[int, bool]:
     # database waits for every older snapshot to go, so it would hang until the leader
     # died. Between slices the wait starts again at once; a lock released in that gap is
     # simply granted to the next slice.
+    #
+    # The statement that is granted the lock also sets lock_timeout back to 0 (computed from
+    # the lock function's row, so only once it is granted): no round trip of its own between
+    # the grant and the new leader's first work.
     await connection.execute("SELECT set_config('lock_timeout', $1, false)", STANDBY_WAIT_SLICE)
     while True:
         try:
             row = await connection.fetchrow(
                 f"SELECT pg_backend_pid() AS pid, CASE WHEN {HOLDS_ANY_ADVISORY_LOCK} "
-                "THEN false ELSE (SELECT true FROM pg_catalog.pg_advisory_lock($1::bigint)) "
-                "END AS acquired",
+                "THEN false ELSE (SELECT pg_catalog.set_config('lock_timeout', '0', false) "
+                "IS NOT NULL FROM pg_catalog.pg_advisory_lock($1::bigint)) END AS acquired",
                 key,
             )
         except DatabaseError as exc:
@@ -137,7 +141,8 @@ async def wait_for_lock(connection: Connection, key: int) -> tuple[int, bool]:
             raise
         break
     assert row is not None
-    await connection.execute("SELECT set_config('lock_timeout', '0', false)")
+    if not row["acquired"]:
+        await connection.execute("SELECT set_config('lock_timeout', '0', false)")
     return int(row["pid"]), bool(row["acquired"])
 
 

@@ -136,6 +136,10 @@ async def _supervise(
                     return False
                 continue
         except LeadershipLost as exc:
+            # Lost while stopping (a stopping leader ends its lock session first, and its
+            # batch may hear of that before it hears of the cancellation): the stop's, not a
+            # loss to report.
+            await trio.lowlevel.checkpoint_if_cancelled()
             if _was_healthy(led_since, config):
                 failures = 0
             failures += 1

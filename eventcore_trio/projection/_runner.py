@@ -18,6 +18,7 @@ from functools import partial
 from typing import Any, final
 
 import attrs
+import outcome
 import trio
 
 from .._errors import (
@@ -28,6 +29,7 @@ from .._errors import (
     ProjectionFailed,
     StoreConnectionError,
 )
+from .._positions import Position
 from .._protocols import Leadership, ProjectionBatch, Store
 from .._status import ProjectionState
 from .._util import background, raise_single, service_nursery, wait_any
@@ -226,9 +228,12 @@ async def _drive(
     config: ProjectionConfig,
     stop: trio.Event | None = None,
     watch: _VersionWatch | None = None,
+    *,
+    checkpoint: outcome.Outcome[Position | None] | None = None,
 ) -> ProjectionResult | None:
     # Returns None when *stop* is set: between effects, so a batch in flight commits first,
-    # and at once from waits and sleeps.
+    # and at once from waits and sleeps. *checkpoint*: the checkpoint already loaded, the
+    # answer to the first effect.
     pipeline = ProjectionPipeline(
         config=config,
         on_error=projector.on_error,
@@ -236,7 +241,9 @@ async def _drive(
     )
     effect = pipeline.start()
     async with service_nursery() as nursery:
-        return await _loop(pipeline, effect, nursery, projector, store, leadership, stop, watch)
+        return await _loop(
+            pipeline, effect, nursery, projector, store, leadership, stop, watch, checkpoint
+        )
 
 
 async def _loop(
@@ -248,10 +255,14 @@ async def _loop(
     leadership: Leadership,
     stop: trio.Event | None,
     watch: _VersionWatch | None,
+    checkpoint: outcome.Outcome[Position | None] | None,
 ) -> ProjectionResult | None:
     # The next page read while a batch commits (see _Prefetch), in *nursery*: cancelled with
     # the run, and never outliving it.
     prefetch: _Prefetch | None = None
+    if checkpoint is not None:
+        assert isinstance(effect, LoadCheckpoint)
+        effect = pipeline.resume(CheckpointLoaded(checkpoint.unwrap()))
     while True:
         if prefetch is not None and effect != prefetch.effect:
             prefetch.scope.cancel()
@@ -374,6 +385,28 @@ async def _record_count(
     return False
 
 
+async def _report_running(
+    projector: ResolvedProjector, store: Store, leadership: Leadership
+) -> outcome.Outcome[Position | None]:
+    # The report goes out on the lock session while the checkpoint is read from the pool: a
+    # new leader (a failover) starts applying one round trip sooner. The checkpoint may be
+    # read this early: the partition count is recorded (nothing rewrites this unit's
+    # checkpoint now), and only this unit's leader writes it while the lock is held. Its
+    # outcome, an error too, is the pipeline's first effect's (see _loop).
+    loaded: list[outcome.Outcome[Position | None]] = []
+
+    async def load() -> None:
+        loaded.append(await outcome.acapture(store.load_checkpoint, projector.name))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(load)
+            await leadership.report(ProjectionState.RUNNING, filter=projector.filter)
+    except BaseExceptionGroup as group:
+        raise_single(group)
+    return loaded[0]
+
+
 async def _set_up_read_model(
     projector: ResolvedProjector, store: Store, leadership: Leadership
 ) -> None:
@@ -422,7 +455,7 @@ async def run_led(
         return ProjectionResult(events_applied=0, dead_letters=0, checkpoint=None, superseded=True)
     if not await _record_count(projector, store, leadership, on_waiting=on_running, stop=stop):
         return None
-    await leadership.report(ProjectionState.RUNNING, filter=projector.filter)
+    checkpoint = await _report_running(projector, store, leadership)
     logger.info("projector %s: leading", projector.name)
     if on_running is not None:
         on_running()
@@ -430,7 +463,9 @@ async def run_led(
         async with background(partial(_cancel_when_lost, leadership, scope)):
             watch = _VersionWatch(projector, store, role, config.poll_interval)
             try:
-                result = await _drive(projector, store, leadership, config, stop, watch)
+                result = await _drive(
+                    projector, store, leadership, config, stop, watch, checkpoint=checkpoint
+                )
                 if result is not None and result.superseded:
                     logger.info(
                         "projection %s: version %d %s; unit %s stops",

@@ -190,6 +190,74 @@ class TestStandbyWaits:
                 await took_over.wait()
             assert trio.current_time() - released < 1
 
+    async def test_a_standby_takes_over_at_lock_timeout_zero(self, store: PostgresStore) -> None:
+        """The statement granted the lock also ends the standby's wait slices: the new
+        leader's session has no lock_timeout (its batches may wait for row locks)."""
+        async with trio.open_nursery() as nursery:
+            waiting = trio.Event()
+            setting: list[str] = []
+
+            async def standby() -> None:
+                async with store.wait_acquire("slices", on_standby=waiting.set) as leadership:
+                    assert isinstance(leadership, PostgresLeadership)
+                    async with leadership._use() as connection:
+                        setting.append(
+                            await connection.fetchval("SELECT current_setting('lock_timeout')")
+                        )
+
+            async with store.try_acquire("slices"):
+                nursery.start_soon(standby)
+                await waiting.wait()
+                await eventually(lambda: _waits_for_a_lock(store))
+        assert setting == ["0"]
+
+    async def test_a_stopping_leader_lets_go_before_it_has_unwound(
+        self, store: PostgresStore
+    ) -> None:
+        """Cancelling the holder ends the lock session at once, while the holder is still
+        unwinding (its batch's rollback, its close), so a standby takes over as after a
+        crash; nothing the holder runs afterwards on that session can commit."""
+        unwound = trio.Event()
+        took_over = trio.Event()
+        holding = trio.Event()
+        rolled_back: list[BaseException] = []
+
+        async def holder(scope: trio.CancelScope) -> None:
+            with scope:
+                async with store.try_acquire("stopping") as leadership:
+                    holding.set()
+                    try:
+                        await trio.sleep_forever()
+                    finally:
+                        # A slow unwinding, shielded: the lock must not wait for it.
+                        with trio.CancelScope(shield=True):
+                            await unwound.wait()
+                            try:
+                                async with leadership.open_batch() as batch:
+                                    await batch.save_checkpoint(None, Position(1, 1))
+                            except LeadershipLost as exc:
+                                rolled_back.append(exc)
+
+        async def standby() -> None:
+            async with store.wait_acquire("stopping"):
+                took_over.set()
+                await unwound.wait()
+
+        async with trio.open_nursery() as nursery:
+            scope = trio.CancelScope()
+            nursery.start_soon(holder, scope)
+            await holding.wait()
+            nursery.start_soon(standby)
+            await eventually(lambda: _waits_for_a_lock(store))
+            scope.cancel()
+            try:
+                with trio.fail_after(5):
+                    await took_over.wait()
+            finally:
+                unwound.set()
+        assert len(rolled_back) == 1
+        assert await store.load_checkpoint("stopping") is None
+
 
 async def _waits_for_a_lock(store: PostgresStore) -> bool:
     waiting = await store.admin.fetchval(

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import datetime
+import decimal
+import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 import trio
 import trio.testing
@@ -244,3 +248,47 @@ async def _hold(pool: Pool, release: trio.Event) -> None:
     async with pool.acquire() as connection:
         await connection.fetchval("SELECT 1")
         await release.wait()
+
+
+# One value per array type the bridge teaches asyncpg, and the SQL type to send it as.
+_ARRAYS: dict[int, tuple[str, list[object]]] = {
+    1000: ("bool[]", [True, False, None]),
+    1005: ("int2[]", [1, -2]),
+    1007: ("int4[]", [1, 2, None]),
+    1016: ("int8[]", [2**40, -1]),
+    1021: ("float4[]", [1.5]),
+    1022: ("float8[]", [2.25, -0.5]),
+    1231: ("numeric[]", [decimal.Decimal("1.10")]),
+    1015: ("varchar[]", ["a", "b,c"]),
+    1182: ("date[]", [datetime.date(2026, 12, 6)]),
+    1115: ("timestamp[]", [datetime.datetime(2026, 12, 6, 1, 2, 3)]),
+    1185: ("timestamptz[]", [datetime.datetime(2026, 12, 6, 1, 2, 3, tzinfo=datetime.UTC)]),
+    2951: ("uuid[]", [uuid.UUID(int=7)]),
+    199: ("json[]", ['{"a": 1}']),
+    3807: ("jsonb[]", ['{"a": 1}']),
+}
+
+
+async def test_arrays_of_builtin_types_need_no_introspection(
+    pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new connection knows these arrays without asking the server (the first append of a
+    connection, or a new leader's first statement, would pay a catalog query), and encodes
+    and decodes them as asyncpg's own introspection would."""
+    assert set(_ARRAYS) == set(_bridge.BUILTIN_ARRAYS)
+    introspected: list[object] = []
+    original = asyncpg.Connection._introspect_types
+
+    async def spy(self: asyncpg.Connection, *args: object) -> object:
+        introspected.append(args[0])
+        return await original(self, *args)
+
+    monkeypatch.setattr(asyncpg.Connection, "_introspect_types", spy)
+    async with pool.acquire() as connection:
+        for oid, (sql_type, value) in _ARRAYS.items():
+            row = await connection.fetchrow(
+                f"SELECT $1::{sql_type} AS value, pg_typeof($1::{sql_type})::oid AS oid", value
+            )
+            assert row is not None
+            assert (row["oid"], row["value"]) == (oid, value)
+    assert introspected == []
