@@ -779,7 +779,9 @@ class Connection(_Queries):
         """
         if self.is_closed():
             return
-        transport = self._raw._transport
+        # asyncpg keeps its transport in a private attribute; without it, the session ends
+        # at the close, as before.
+        transport = getattr(self._raw, "_transport", None)
         if transport is not None and not transport.is_closing():
             transport.write(_TERMINATE_MESSAGE)
 

@@ -211,6 +211,10 @@ class PostgresLeadership(LeadershipState):
         # commit). Raises LeadershipLost instead of running on a session that is gone.
         async with self._connection_lock:
             if not self.is_held:
+                # A holder being cancelled (a stop) hears that, not the loss the stop caused:
+                # the keepalive ends the session as the stop begins, and this task may have
+                # been handed the connection in the same step.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 raise LeadershipLost(
                     self._lost_reason
                     or f"leadership of {self.name!r} was lost; nothing more may be committed"

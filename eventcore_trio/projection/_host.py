@@ -378,6 +378,8 @@ class _Balancer:
                             task_status.started()
                         with trio.move_on_after(self.config.balance_interval):
                             await wait_any(changed.wait, membership.wait_changed)
+                # Lost as the host stops (its lock session ends first): the stop's.
+                await trio.lowlevel.checkpoint_if_cancelled()
                 logger.warning("host: its registration was lost; registering again")
             except UnsupportedPooling:
                 # A transaction-pooling proxy breaks the lock session or the statement cache:

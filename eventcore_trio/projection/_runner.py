@@ -396,7 +396,13 @@ async def _report_running(
     loaded: list[outcome.Outcome[Position | None]] = []
 
     async def load() -> None:
-        loaded.append(await outcome.acapture(store.load_checkpoint, projector.name))
+        # Errors only: a cancellation ends the nursery as usual.
+        try:
+            checkpoint = await store.load_checkpoint(projector.name)
+        except Exception as exc:
+            loaded.append(outcome.Error(exc))
+        else:
+            loaded.append(outcome.Value(checkpoint))
 
     try:
         async with trio.open_nursery() as nursery:
