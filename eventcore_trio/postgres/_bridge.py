@@ -63,10 +63,11 @@ SUBJECT_FORGOTTEN_SQLSTATE: Final = "EV007"
 
 Record = Mapping[str, Any]
 
-# asyncio's record of each loop's current task, which a crossing joins while it steps its
-# coroutine (see _Crossing).
 #: The frontend's Terminate message ('X', length 4): what asyncpg's close sends first.
 _TERMINATE_MESSAGE: Final = b"X\x00\x00\x00\x04"
+
+# asyncio's record of each loop's current task, which a crossing joins while it steps its
+# coroutine (see _Crossing).
 _enter_task: Final = asyncio.tasks._enter_task
 _leave_task: Final = asyncio.tasks._leave_task
 

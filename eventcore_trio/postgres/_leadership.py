@@ -229,12 +229,14 @@ class PostgresLeadership(LeadershipState):
 
     def _end_session(self) -> None:
         # The keepalive ends when the holder's block does, or is cancelled with it (a host
-        # stopping on SIGTERM): the lock session ends here, before the holder has unwound (a
-        # statement in flight answering its cancellation, the batch's rollback, the close
-        # and its reply), so that a standby takes over at once, as after a crash. Nothing
-        # more commits: the server rolls back a batch in flight when the session ends.
-        # Behind a proxy the server session outlives the connection, and acquire_leadership
-        # releases the lock on it instead.
+        # stopping on SIGTERM): the lock session is told to end here, before the holder has
+        # unwound (a statement in flight answering its cancellation, the batch's rollback,
+        # the close and its reply), so that a standby takes over at once, as after a crash.
+        # The server reads the message after the statement it may be running: a COMMIT
+        # already sent completes first (its checkpoint with it), any other open transaction
+        # rolls back, and nothing runs on the session after. Behind a proxy the server
+        # session outlives the connection, and acquire_leadership releases the lock on it
+        # instead.
         if not self._proof.proxied:
             self.mark_lost()
             self._connection.end_now()
