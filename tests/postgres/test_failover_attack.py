@@ -1,6 +1,7 @@
 """Attacks on the faster failover (commit 17881c5): a stopping leader ends its lock session
-first, the standby's granted statement resets lock_timeout, the new leader reads its
-checkpoint while it reports RUNNING, and connections know built-in arrays up front.
+first, the standby's granted statement resets lock_timeout, and the new leader reads its
+checkpoint while it reports RUNNING (the fourth, connections that know built-in arrays up
+front, is tested with the pool in test_pool.py).
 
 Run as a program (``python -m tests.postgres.test_failover_attack host SCHEMA APP``, the DSN in
 EVENTCORE_DSN) it is the host these tests stop: `run_host` with one transactional projector
@@ -9,7 +10,6 @@ that records every Deposited event it applies in APP.applied through ctx.db.
 
 from __future__ import annotations
 
-import decimal
 import functools
 import logging
 import os
@@ -18,13 +18,12 @@ import signal
 import statistics
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
 
-import asyncpg
 import pytest
 import trio
 import trio.testing
@@ -63,6 +62,7 @@ from eventcore_trio.testing import (
 
 from ..conftest import oldest_server_param
 from ..helpers import eventually
+from .test_leadership import _waits_for_a_lock
 from .test_tls import _dsn as _tls_dsn
 from .test_tls import tls_server  # noqa: F401 (a fixture)
 
@@ -110,6 +110,38 @@ def _leaves(exc: BaseException) -> list[str]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
     return [f"{type(exc).__name__}: {str(exc)[:100]}"]
+
+
+def _not_cancelled(exc: BaseException) -> list[str]:
+    # The leaves of what escaped a stopped holder besides its cancellation: the findings.
+    return [leaf for leaf in _leaves(exc) if not leaf.startswith("Cancelled")]
+
+
+async def _deposit(
+    store: PostgresStore, scope: trio.CancelScope, *, streams: int, pause: float, noted: bool
+) -> None:
+    # The tests' writer, until *scope* is cancelled: a Deposited event (and a Noted one,
+    # which the ledger does not apply) per append, over *streams* accounts.
+    with scope:
+        n = 0
+        while True:
+            events = [NewEvent("Deposited", {"n": n})]
+            if noted:
+                events.append(NewEvent("Noted", {"n": n}))
+            await store.append(f"acc-{n % streams}", events)
+            n += 1
+            await trio.sleep(pause)
+
+
+async def _lock_holder(store: PostgresStore) -> str | None:
+    # The application name of the session holding the ledger's lock.
+    name: str | None = await store.admin.fetchval(
+        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
+        "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
+        "AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
+        projector_lock_key(store.schema, "ledger"),
+    )
+    return name
 
 
 async def _applied_schema(store: PostgresStore) -> str:
@@ -207,19 +239,9 @@ class TestSigterm:
             for _ in range(2):
                 await hosts.start()
             writing = trio.CancelScope()
-
-            async def writer() -> None:
-                with writing:
-                    n = 0
-                    while True:
-                        await store.append(
-                            f"acc-{n % 10}",
-                            [NewEvent("Deposited", {"n": n}), NewEvent("Noted", {"n": n})],
-                        )
-                        n += 1
-                        await trio.sleep(0.004)
-
-            nursery.start_soon(writer)
+            nursery.start_soon(
+                partial(_deposit, store, writing, streams=10, pause=0.004, noted=True)
+            )
             for _ in range(ROUNDS):
                 with trio.fail_after(30):
                     leader = await wait_for_leader(store, "ledger")
@@ -278,14 +300,6 @@ def _heavy_ledger(app: str) -> object:
         await ctx.db.fetchval("SELECT $1::int8[]", [n, None])
 
     return ledger
-
-
-async def _waits_for_a_lock(store: PostgresStore) -> bool:
-    return bool(
-        await store.admin.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted)"
-        )
-    )
 
 
 async def _cancel_when_sending(scope: trio.CancelScope) -> None:
@@ -393,58 +407,6 @@ class TestLockSession:
                             await took_over.wait()
 
 
-class TestArrays:
-    """Claim 4: the array codecs a new connection is given up front."""
-
-    async def test_arrays_with_nulls_dimensions_and_no_elements_without_a_statement_cache(
-        self, store: PostgresStore, postgres_dsn: str, monkeypatch: pytest.MonkeyPatch
-    ) -> None:
-        """On a connection without a statement cache (as behind a transaction pooler): NULL
-        elements, two and three dimensions, empty arrays and NULL arrays go both ways as
-        asyncpg's own introspection would have them, and nothing is introspected."""
-        introspected: list[object] = []
-        original = asyncpg.Connection._introspect_types
-
-        async def spy(self: asyncpg.Connection, *args: object) -> object:
-            introspected.append(args[0])
-            return await original(self, *args)
-
-        monkeypatch.setattr(asyncpg.Connection, "_introspect_types", spy)
-        cases: list[tuple[str, object, str | None]] = [
-            ("int4[]", [[1, 2], [3, None]], "{{1,2},{3,NULL}}"),
-            ("int8[]", [], "{}"),
-            ("int8[]", [[]], "{}"),
-            ("int8[]", None, None),
-            ("int2[]", [[[1]], [[2]]], "{{{1}},{{2}}}"),
-            ("bool[]", [None, True], "{NULL,t}"),
-            ("varchar[]", ["a,b", None, "", "NULL", '"q"'], '{"a,b",NULL,"","NULL","\\"q\\""}'),
-            ("jsonb[]", ['{"a": [1, 2]}', None], '{"{\\"a\\": [1, 2]}",NULL}'),
-            ("uuid[]", [[uuid.UUID(int=1)], [None]], None),
-            ("numeric[]", [decimal.Decimal("1.10"), None], "{1.10,NULL}"),
-        ]
-        connection = await _bridge.connect(
-            postgres_dsn, application_name="arrays", connect_timeout=10, statement_cache_size=0
-        )
-        try:
-            for sql_type, value, text in cases:
-                row = await connection.fetchrow(
-                    f"SELECT $1::{sql_type} AS value, $1::{sql_type}::text AS text", value
-                )
-                assert row is not None
-                expected = [] if value == [[]] else value
-                assert row["value"] == expected, sql_type
-                if text is not None:
-                    assert row["text"] == text, sql_type
-            row = await connection.fetchrow(
-                "SELECT '{{1,2},{3,4}}'::int8[] AS a, '{}'::jsonb[] AS b, ARRAY[NULL]::uuid[] AS c"
-            )
-            assert row is not None
-            assert (row["a"], row["b"], row["c"]) == ([[1, 2], [3, 4]], [], [None])
-        finally:
-            await connection.close()
-        assert introspected == []
-
-
 class TestCancelledHolder:
     """What a holder hears when it is cancelled: its cancellation, never a lost lock."""
 
@@ -474,7 +436,7 @@ class TestCancelledHolder:
             except BaseException as exc:
                 # A group too: the keepalive's Cancelled travels with it out of the
                 # leadership's nursery, and the scope strips only the Cancelled.
-                found = [leaf for leaf in _leaves(exc) if not leaf.startswith("Cancelled")]
+                found = _not_cancelled(exc)
                 if not found:
                     raise
                 escaped.extend(found)  # the finding (the test fails below)
@@ -535,7 +497,7 @@ class TestCancelledHolder:
                 with scope:
                     await run_projections(store, [ledger], config, task_status=task_status)
             except BaseException as exc:
-                found = [leaf for leaf in _leaves(exc) if not leaf.startswith("Cancelled")]
+                found = _not_cancelled(exc)
                 if not found:
                     raise
                 escaped.extend(found)  # the finding (the test fails below)
@@ -560,6 +522,67 @@ class TestCancelledHolder:
         assert loud == []
 
 
+class _Turns:
+    """Runners in this process, each on a store of its own, taking turns to lead the
+    ledger: the leading one is cancelled a random moment after it took over (mid-statement,
+    mid-pipeline, mid-commit), and a fresh one starts. What escapes a runner besides its
+    cancellation is kept in `escaped` (and raised)."""
+
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        harness: PostgresHarness,
+        run: Callable[[PostgresStore], Awaitable[object]],
+    ) -> None:
+        self._nursery = nursery
+        self._harness = harness
+        self._run = run
+        self._scopes: dict[str, trio.CancelScope] = {}
+        self._done: dict[str, trio.Event] = {}
+        self.escaped: list[str] = []
+        #: How long each cancelled runner took to end (its store closed).
+        self.unwinding: list[float] = []
+
+    async def _runner(self, tag: str) -> None:
+        scope = self._scopes[tag] = trio.CancelScope()
+        self._done[tag] = trio.Event()
+        try:
+            with scope:
+                async with open_postgres_store(
+                    self._harness.dsn, schema=self._harness.schema, application_name=tag
+                ) as own:
+                    await self._run(own)
+        except BaseException as exc:
+            # The test's own end cancels the runners still going: their Cancelled is no
+            # finding; anything else that escapes one is.
+            self.escaped.extend(_not_cancelled(exc))
+            raise
+        finally:
+            self._done[tag].set()
+
+    async def take(self, store: PostgresStore, turns: int, rng: random.Random) -> None:
+        """Start two runners, then *turns* times cancel the leading one and start another."""
+        for serial in range(2):
+            self._nursery.start_soon(self._runner, f"turn-{serial}")
+        for serial in range(2, turns + 2):
+
+            async def leads() -> bool:
+                holder = await _lock_holder(store)
+                return holder is not None and holder.startswith("turn-")
+
+            await eventually(leads, within=30)
+            holder = await _lock_holder(store)
+            assert holder is not None
+            tag = holder.split()[0]
+            await trio.sleep(rng.uniform(0, 0.25))
+            started = trio.current_time()
+            self._scopes[tag].cancel()
+            with trio.fail_after(10):
+                await self._done[tag].wait()
+            self.unwinding.append(trio.current_time() - started)
+            self._nursery.start_soon(self._runner, f"turn-{serial}")
+
+
 class TestCancelledLeader:
     """Leaders in this process cancelled at many moments, a standby in another store."""
 
@@ -573,72 +596,21 @@ class TestCancelledLeader:
         ledger = _heavy_ledger(app)
         config = ProjectionConfig(batch_size=6, continuous=True, wait_for_leadership=True)
         rng = random.Random(int(os.environ.get("ATTACK_SEED", "1788")))
-        unwinding: list[float] = []
-
-        async def lock_holder() -> str | None:
-            name: str | None = await store.admin.fetchval(
-                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-                "AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
-                projector_lock_key(store.schema, "ledger"),
-            )
-            return name
-
         async with trio.open_nursery() as nursery:
-            scopes: dict[str, trio.CancelScope] = {}
-            done: dict[str, trio.Event] = {}
-
-            async def run(tag: str) -> None:
-                scope = scopes[tag] = trio.CancelScope()
-                done[tag] = trio.Event()
-                try:
-                    with scope:
-                        async with open_postgres_store(
-                            harness.dsn, schema=harness.schema, application_name=tag
-                        ) as own:
-                            await run_projection(own, ledger, config)
-                finally:
-                    done[tag].set()
-
+            turns = _Turns(nursery, harness, lambda own: run_projection(own, ledger, config))
             writing = trio.CancelScope()
-
-            async def writer() -> None:
-                with writing:
-                    n = 0
-                    while True:
-                        await store.append(f"acc-{n % 7}", [NewEvent("Deposited", {"n": n})])
-                        n += 1
-                        await trio.sleep(0.003)
-
-            nursery.start_soon(writer)
-            nursery.start_soon(run, "run-0")
-            nursery.start_soon(run, "run-1")
-            serial = 2
-            for _ in range(ROUNDS * 4):
-
-                async def leads() -> bool:
-                    holder = await lock_holder()
-                    return holder is not None and holder.startswith("run-")
-
-                await eventually(leads, within=30)
-                holder = await lock_holder()
-                assert holder is not None
-                tag = holder.split()[0]
-                await trio.sleep(rng.uniform(0, 0.25))
-                started = trio.current_time()
-                scopes[tag].cancel()
-                with trio.fail_after(10):
-                    await done[tag].wait()
-                unwinding.append(trio.current_time() - started)
-                nursery.start_soon(run, f"run-{serial}")
-                serial += 1
+            nursery.start_soon(
+                partial(_deposit, store, writing, streams=7, pause=0.003, noted=False)
+            )
+            await turns.take(store, ROUNDS * 4, rng)
             writing.cancel()
             await eventually(lambda: _caught_up(store), within=60)
             nursery.cancel_scope.cancel()
         applied = await _verify_exactly_once(store, app)
         print(
-            f"\ncancelled {len(unwinding)} leaders ({applied} events): unwound (store closed) p50 "
-            f"{statistics.median(unwinding):.2f} s, max {max(unwinding):.2f} s"
+            f"\ncancelled {len(turns.unwinding)} leaders ({applied} events): unwound (store "
+            f"closed) p50 {statistics.median(turns.unwinding):.2f} s, "
+            f"max {max(turns.unwinding):.2f} s"
         )
 
     async def test_hosts_cancelled_at_many_moments_stop_quietly(
@@ -659,75 +631,17 @@ class TestCancelledLeader:
         ledger = _heavy_ledger(app)
         config = ProjectionConfig(batch_size=6, poll_interval=0.5)
         rng = random.Random(int(os.environ.get("ATTACK_SEED", "1788")))
-        escaped: list[BaseException] = []
-
-        async def lock_holder() -> str | None:
-            name: str | None = await store.admin.fetchval(
-                "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a USING (pid) "
-                "WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-                "AND ((l.classid::bigint << 32) | l.objid::bigint) = $1",
-                projector_lock_key(store.schema, "ledger"),
-            )
-            return name
-
         async with trio.open_nursery() as nursery:
-            scopes: dict[str, trio.CancelScope] = {}
-            done: dict[str, trio.Event] = {}
-
-            async def host(tag: str) -> None:
-                scope = scopes[tag] = trio.CancelScope()
-                done[tag] = trio.Event()
-                try:
-                    with scope:
-                        async with open_postgres_store(
-                            harness.dsn, schema=harness.schema, application_name=tag
-                        ) as own:
-                            await run_projections(own, [ledger], config)
-                except BaseException as exc:
-                    # The test's own end cancels the hosts still running: their Cancelled
-                    # is no finding; anything else that escapes a host is.
-                    if [leaf for leaf in _leaves(exc) if not leaf.startswith("Cancelled")]:
-                        escaped.append(exc)
-                    raise
-                finally:
-                    done[tag].set()
-
+            turns = _Turns(nursery, harness, lambda own: run_projections(own, [ledger], config))
             writing = trio.CancelScope()
-
-            async def writer() -> None:
-                with writing:
-                    n = 0
-                    while True:
-                        await store.append(f"acc-{n % 7}", [NewEvent("Deposited", {"n": n})])
-                        n += 1
-                        await trio.sleep(0.003)
-
-            nursery.start_soon(writer)
-            nursery.start_soon(host, "host-0")
-            nursery.start_soon(host, "host-1")
-            serial = 2
-            for _ in range(ROUNDS * 4):
-
-                async def leads() -> bool:
-                    holder = await lock_holder()
-                    return holder is not None and holder.startswith("host-")
-
-                await eventually(leads, within=30)
-                holder = await lock_holder()
-                assert holder is not None
-                tag = holder.split()[0]
-                await trio.sleep(rng.uniform(0, 0.25))
-                scopes[tag].cancel()
-                with trio.fail_after(10):
-                    await done[tag].wait()
-                nursery.start_soon(host, f"host-{serial}")
-                serial += 1
+            nursery.start_soon(
+                partial(_deposit, store, writing, streams=7, pause=0.003, noted=False)
+            )
+            await turns.take(store, ROUNDS * 4, rng)
             writing.cancel()
             await eventually(lambda: _caught_up(store), within=60)
             nursery.cancel_scope.cancel()
-        assert escaped == [], [
-            leaf for exc in escaped for leaf in _leaves(exc) if not leaf.startswith("Cancelled")
-        ]
+        assert turns.escaped == []
         loud = [r.getMessage() for r in caplog.records if r.levelno > logging.INFO]
         assert loud == []
         await _verify_exactly_once(store, app)

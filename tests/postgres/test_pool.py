@@ -269,21 +269,27 @@ _ARRAYS: dict[int, tuple[str, list[object]]] = {
 }
 
 
+@pytest.fixture
+def introspected(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """The type OIDs asyncpg asks the server about from now on, one list per question."""
+    asked: list[object] = []
+    original = asyncpg.Connection._introspect_types
+
+    async def spy(self: asyncpg.Connection, *args: object) -> object:
+        asked.append(args[0])
+        return await original(self, *args)
+
+    monkeypatch.setattr(asyncpg.Connection, "_introspect_types", spy)
+    return asked
+
+
 async def test_arrays_of_builtin_types_need_no_introspection(
-    pool: Pool, monkeypatch: pytest.MonkeyPatch
+    pool: Pool, introspected: list[object]
 ) -> None:
     """A new connection knows these arrays without asking the server (the first append of a
     connection, or a new leader's first statement, would pay a catalog query), and encodes
     and decodes them as asyncpg's own introspection would."""
     assert set(_ARRAYS) == set(_bridge.BUILTIN_ARRAYS)
-    introspected: list[object] = []
-    original = asyncpg.Connection._introspect_types
-
-    async def spy(self: asyncpg.Connection, *args: object) -> object:
-        introspected.append(args[0])
-        return await original(self, *args)
-
-    monkeypatch.setattr(asyncpg.Connection, "_introspect_types", spy)
     async with pool.acquire() as connection:
         for oid, (sql_type, value) in _ARRAYS.items():
             row = await connection.fetchrow(
@@ -292,3 +298,45 @@ async def test_arrays_of_builtin_types_need_no_introspection(
             assert row is not None
             assert (row["oid"], row["value"]) == (oid, value)
     assert introspected == []
+
+
+async def test_arrays_with_nulls_dimensions_and_no_elements_without_a_statement_cache(
+    postgres_dsn: str, introspected: list[object]
+) -> None:
+    """On a connection without a statement cache (as behind a transaction pooler): NULL
+    elements, two and three dimensions, empty arrays and NULL arrays go both ways as
+    asyncpg's own introspection would have them, and nothing is introspected."""
+    cases: list[tuple[str, object, str | None]] = [
+        ("int4[]", [[1, 2], [3, None]], "{{1,2},{3,NULL}}"),
+        ("int8[]", [], "{}"),
+        ("int8[]", [[]], "{}"),
+        ("int8[]", None, None),
+        ("int2[]", [[[1]], [[2]]], "{{{1}},{{2}}}"),
+        ("bool[]", [None, True], "{NULL,t}"),
+        ("varchar[]", ["a,b", None, "", "NULL", '"q"'], '{"a,b",NULL,"","NULL","\\"q\\""}'),
+        ("jsonb[]", ['{"a": [1, 2]}', None], '{"{\\"a\\": [1, 2]}",NULL}'),
+        ("uuid[]", [[uuid.UUID(int=1)], [None]], None),
+        ("numeric[]", [decimal.Decimal("1.10"), None], "{1.10,NULL}"),
+    ]
+    async with _bridge.asyncio_loop():
+        connection = await _bridge.connect(
+            postgres_dsn, application_name="arrays", connect_timeout=10, statement_cache_size=0
+        )
+        try:
+            for sql_type, value, text in cases:
+                row = await connection.fetchrow(
+                    f"SELECT $1::{sql_type} AS value, $1::{sql_type}::text AS text", value
+                )
+                assert row is not None
+                expected = [] if value == [[]] else value
+                assert row["value"] == expected, sql_type
+                if text is not None:
+                    assert row["text"] == text, sql_type
+            row = await connection.fetchrow(
+                "SELECT '{{1,2},{3,4}}'::int8[] AS a, '{}'::jsonb[] AS b, ARRAY[NULL]::uuid[] AS c"
+            )
+            assert row is not None
+            assert (row["a"], row["b"], row["c"]) == ([[1, 2], [3, 4]], [], [None])
+        finally:
+            await connection.close()
+        assert introspected == []
