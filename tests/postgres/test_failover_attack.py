@@ -672,7 +672,11 @@ class TestCancelledLeader:
             return bool(
                 await store.admin.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE state = 'active' "
-                    "AND query = 'COMMIT' AND application_name LIKE 'leading %'"
+                    "AND query = 'COMMIT' AND application_name LIKE 'leading %' "
+                    # In the trigger's sleep, which catches the cancellation: a cancel that
+                    # came earlier in the COMMIT would abort it (also correct, but not
+                    # this scenario).
+                    "AND wait_event = 'PgSleep'"
                 )
             )
 
